@@ -1,0 +1,3 @@
+from cai_bench.cli import main
+
+main()
