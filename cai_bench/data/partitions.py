@@ -1,0 +1,383 @@
+"""The partition format: one safetensors file per partition plus a ``manifest.json``.
+
+A partition holds ``images`` f32 [N,5,32,32], ``magnitudes`` f64 [N,5], ``redshift`` f32 [N] and ``object_id``
+i64 [N]. The manifest lists every partition with its sample count, byte size and sha256, and says where the data
+came from. Data sets are written into a temporary sibling directory and renamed into place when complete, so a
+directory with a manifest is always a whole data set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cai_bench.data import synthetic
+from cai_bench.errors import UserError
+from cai_bench.plan import (
+    BYTES_PER_SAMPLE,
+    DataSummary,
+    PartitionRef,
+    data_gb,
+    partition_sizes,
+    samples_for_gb,
+    samples_per_partition,
+)
+
+SCHEMA_VERSION = "1.0"
+MANIFEST = "manifest.json"
+FORMAT = "cai-bench-partition"
+# name -> (safetensors dtype, per-sample shape, numpy dtype)
+FIELDS = {
+    "images": ("F32", (5, 32, 32), np.float32),
+    "magnitudes": ("F64", (5,), np.float64),
+    "redshift": ("F32", (), np.float32),
+    "object_id": ("I64", (), np.int64),
+}
+FLOAT_FIELDS = ("images", "magnitudes", "redshift")
+
+Progress = Callable[[int, int], None]  # (samples written so far, total samples)
+
+
+@dataclass
+class PartitionEntry:
+    file: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    dataset_id: str
+    source: dict
+    samples: int
+    data_gb: float
+    partition_mb: float
+    samples_per_partition: int
+    partitions: list[PartitionEntry]
+    has_labels: bool = True
+    bytes_per_sample: int = BYTES_PER_SAMPLE
+    schema_version: str = SCHEMA_VERSION
+    created_utc: str = ""
+    fields: dict = field(default_factory=lambda: {k: [v[0], list(v[1])] for k, v in FIELDS.items()})
+
+
+@dataclass
+class Partition:
+    """One partition in memory, as torch tensors (shared with the numpy arrays read from the file)."""
+
+    ref: PartitionRef
+    images: torch.Tensor
+    magnitudes: torch.Tensor
+    redshift: torch.Tensor
+    object_id: torch.Tensor
+    load_s: float
+
+    def __len__(self) -> int:
+        return int(self.object_id.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.exists():
+        raise UserError(f"{directory}: no such data directory")
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found; is {directory} a cai-bench data set (cai-bench data synth)?")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: not a cai-bench manifest (expected a JSON object)")
+    version = str(raw.get("schema_version", ""))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise UserError(f"{path}: manifest schema version {version!r} is not supported (this cai-bench reads {SCHEMA_VERSION})")
+    try:
+        entries = [PartitionEntry(**entry) for entry in raw.pop("partitions")]
+        manifest = Manifest(partitions=entries, **raw)
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path}: malformed manifest ({exc})") from None
+    if sum(e.samples for e in manifest.partitions) != manifest.samples:
+        raise UserError(f"{path}: partition sample counts add up to {sum(e.samples for e in entries)}, manifest says {manifest.samples}")
+    return manifest
+
+
+def summarize(directory: Path, manifest: Manifest) -> DataSummary:
+    return DataSummary(
+        path=str(directory),
+        dataset_id=manifest.dataset_id,
+        source=manifest.source,
+        samples=manifest.samples,
+        data_gb=manifest.data_gb,
+        partition_mb=manifest.partition_mb,
+        partitions=len(manifest.partitions),
+        has_labels=manifest.has_labels,
+    )
+
+
+def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[PartitionRef, ...]]:
+    """Read the manifest and check, cheaply, that every file it names is there, whole and well formed.
+
+    Checksums are compared when a partition is read (``read_partition``) or by ``verify_dataset``.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    refs = []
+    for index, entry in enumerate(manifest.partitions):
+        path = directory / entry.file
+        if not path.is_file():
+            raise UserError(f"{path}: partition listed in {directory / MANIFEST} is missing")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise UserError(f"{path}: {size} bytes on disk but the manifest says {entry.bytes} (truncated or replaced?)")
+        check_header(path, entry.samples)
+        refs.append(PartitionRef(str(path), index, entry.samples, entry.bytes, entry.sha256))
+    return manifest, summarize(directory, manifest), tuple(refs)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _header(data: bytes | memoryview, path: Path) -> dict:
+    if len(data) < 8:
+        raise UserError(f"{path}: not a safetensors partition (file too short)")
+    length = int.from_bytes(data[:8], "little")
+    if length <= 0 or 8 + length > len(data):
+        raise UserError(f"{path}: corrupt or truncated partition (bad header length)")
+    try:
+        header = json.loads(bytes(data[8 : 8 + length]))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: corrupt partition (header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt partition (header is not a JSON object)")
+    return header
+
+
+def _check_fields(header: dict, path: Path, expected_samples: int) -> None:
+    names = {k for k in header if k != "__metadata__"}
+    if names != set(FIELDS):
+        missing, extra = sorted(set(FIELDS) - names), sorted(names - set(FIELDS))
+        detail = "; ".join(x for x in (missing and f"missing {missing}", extra and f"unexpected {extra}") if x)
+        raise UserError(f"{path}: not a cai-bench partition ({detail})")
+    for name, (dtype, shape, _) in FIELDS.items():
+        info = header[name]
+        want = [expected_samples, *shape]
+        if info.get("dtype") != dtype:
+            raise UserError(f"{path}: {name} has dtype {info.get('dtype')}, expected {dtype}")
+        if info.get("shape") != want:
+            raise UserError(f"{path}: {name} has shape {info.get('shape')}, expected {want}")
+
+
+def check_header(path: Path, expected_samples: int) -> None:
+    """Read only the header: field names, dtypes and shapes against what the manifest promises."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        data = head + fh.read(min(length, 1 << 20))
+    _check_fields(_header(data, path), path, expected_samples)
+
+
+def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
+    """Read, check (size, checksum, format, finite values) and decode one partition."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    start = time.perf_counter()
+    path = Path(ref.path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read partition ({exc.strerror})") from None
+    if len(data) != ref.bytes:
+        raise UserError(f"{path}: {len(data)} bytes but the manifest says {ref.bytes} (truncated or replaced?)")
+    if verify and hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise UserError(f"{path}: sha256 does not match the manifest (corrupt file); run cai-bench data verify")
+    _check_fields(_header(data, path), path, ref.samples)
+    try:
+        tensors = load_safetensors(data)
+    except SafetensorError as exc:
+        raise UserError(f"{path}: corrupt partition ({exc})") from None
+    for name in FLOAT_FIELDS:
+        finite = torch.isfinite(tensors[name])
+        if not bool(finite.all()):
+            bad = int((~finite).reshape(ref.samples, -1).any(dim=1).nonzero()[0, 0])
+            raise UserError(f"{path}: {name} holds NaN or inf values (first at sample {bad})")
+    return Partition(
+        ref=ref,
+        images=tensors["images"],
+        magnitudes=tensors["magnitudes"],
+        redshift=tensors["redshift"],
+        object_id=tensors["object_id"],
+        load_s=time.perf_counter() - start,
+    )
+
+
+def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:
+    """Check every partition fully (size, sha256, format, values); returns the problems found."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    problems = []
+    for index, entry in enumerate(manifest.partitions):
+        path = directory / entry.file
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        try:
+            read_partition(PartitionRef(str(path), index, entry.samples, entry.bytes, entry.sha256), verify=True)
+        except UserError as exc:
+            problems.append(str(exc))
+    return manifest, problems
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _serialize(batch: synthetic.GalaxyBatch) -> bytes:
+    from safetensors.numpy import save
+
+    arrays = {name: np.ascontiguousarray(getattr(batch, name), dtype=spec[2]) for name, spec in FIELDS.items()}
+    # One metadata entry only: safetensors writes several in no fixed order, and the same seed must give the
+    # same bytes.
+    return save(arrays, metadata={"format": f"{FORMAT}/{SCHEMA_VERSION}"})
+
+
+def _dataset_id(entries: list[PartitionEntry]) -> str:
+    return hashlib.sha256("\n".join(e.sha256 for e in entries).encode()).hexdigest()[:16]
+
+
+def _prepare_output(out: Path, overwrite: bool) -> Path:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out}: exists and is not empty; choose another --out or remove it")
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def write_dataset(
+    out: str | Path,
+    sizes: list[int],
+    take: Callable[[int], synthetic.GalaxyBatch],
+    *,
+    source: dict,
+    partition_mb: float,
+    has_labels: bool = True,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Write partitions of ``sizes`` samples, each from ``take(n)``; only one partition is in memory at a time."""
+    out = Path(out)
+    staging = _prepare_output(out, overwrite)
+    entries: list[PartitionEntry] = []
+    written, total = 0, sum(sizes)
+    digits = max(5, len(str(len(sizes) - 1)))
+    try:
+        for index, size in enumerate(sizes):
+            batch = take(size)
+            if len(batch) != size:
+                raise RuntimeError(f"expected {size} samples for partition {index}, got {len(batch)}")
+            data = _serialize(batch)
+            name = f"part-{index:0{digits}d}.safetensors"
+            (staging / name).write_bytes(data)
+            entries.append(PartitionEntry(name, size, len(data), hashlib.sha256(data).hexdigest()))
+            written += size
+            del batch, data
+            if progress:
+                progress(written, total)
+        manifest = Manifest(
+            dataset_id=_dataset_id(entries),
+            source=source,
+            samples=total,
+            data_gb=data_gb(total),
+            partition_mb=partition_mb,
+            samples_per_partition=samples_per_partition(partition_mb),
+            partitions=entries,
+            has_labels=has_labels,
+            created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def synthesize(
+    out: str | Path, gb: float, partition_mb: float, seed: int = 0, *, overwrite: bool = False, progress: Progress | None = None
+) -> Manifest:
+    """Generate ``gb`` GB of synthetic galaxies from ``seed`` in ``partition_mb`` MB partitions."""
+    samples = samples_for_gb(gb)
+    position = 0
+
+    def take(n: int) -> synthetic.GalaxyBatch:
+        nonlocal position
+        batch = synthetic.generate(seed, position, position + n)
+        position += n
+        return batch
+
+    source = {"kind": "synthetic", "seed": seed, "generator_version": synthetic.GENERATOR_VERSION, "gb": gb}
+    return write_dataset(
+        out, partition_sizes(samples, partition_mb), take, source=source, partition_mb=partition_mb,
+        overwrite=overwrite, progress=progress,
+    )
+
+
+def _stream(refs: tuple[PartitionRef, ...]) -> Iterator[Partition]:
+    for ref in refs:
+        yield read_partition(ref, verify=True)
+
+
+def split(
+    src: str | Path, partition_mb: float, out: str | Path, *, overwrite: bool = False, progress: Progress | None = None
+) -> Manifest:
+    """Re-partition a data set without regenerating it: same samples, same order, new partition size."""
+    src = Path(src)
+    if Path(out).resolve() == src.resolve():
+        raise UserError(f"{out}: --out must differ from the source data set")
+    manifest, _, refs = open_dataset(src)
+    stream = _stream(refs)
+    pending: list[synthetic.GalaxyBatch] = []
+    pending_n = 0
+
+    def take(n: int) -> synthetic.GalaxyBatch:
+        nonlocal pending_n
+        while pending_n < n:
+            part = next(stream)
+            pending.append(
+                synthetic.GalaxyBatch(
+                    part.images.numpy(), part.magnitudes.numpy(), part.redshift.numpy(), part.object_id.numpy()
+                )
+            )
+            pending_n += len(part)
+        fields = ("images", "magnitudes", "redshift", "object_id")
+        merged = synthetic.GalaxyBatch(*(np.concatenate([getattr(b, f) for b in pending]) for f in fields))
+        head = synthetic.GalaxyBatch(*(getattr(merged, f)[:n] for f in fields))
+        rest = synthetic.GalaxyBatch(*(getattr(merged, f)[n:] for f in fields))
+        pending[:] = [rest] if len(rest) else []
+        pending_n = len(rest)
+        return head
+
+    lineage = {"dataset_id": manifest.dataset_id, "partition_mb": manifest.partition_mb}
+    source = {**manifest.source, "split_from": [*manifest.source.get("split_from", []), lineage]}
+    return write_dataset(
+        out, partition_sizes(manifest.samples, partition_mb), take, source=source, partition_mb=partition_mb,
+        has_labels=manifest.has_labels, overwrite=overwrite, progress=progress,
+    )
