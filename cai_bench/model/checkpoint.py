@@ -1,0 +1,152 @@
+"""Loading pcm-AstroMAE weights in the upstream key layout, without executing anything from the file.
+
+Accepted: ``.safetensors`` files and ``.pt``/``.pth`` files that hold a plain state dict (read with
+``torch.load(weights_only=True)``, which refuses every pickled global that is not a tensor building block).
+Loading is strict: a missing, unexpected or wrongly shaped key is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cai_bench.errors import UserError
+
+# Prefixes that wrappers add to every key: DataParallel/DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Containers that training scripts commonly wrap a state dict in.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+# One module, two names: upstream registers the first Inception convolution twice.
+_ALIASED_KEYS = {
+    "inception_model.conv2d_init.weight": "inception_model.vis_inception.0.weight",
+    "inception_model.conv2d_init.bias": "inception_model.vis_inception.0.bias",
+}
+RANDOM_INIT = "random-init"
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a model's weights came from; goes into every record."""
+
+    source: str  # RANDOM_INIT or the file path
+    sha256: str | None = None
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        if self.source == RANDOM_INIT:
+            return {"weights": RANDOM_INIT, "seed": self.seed}
+        return {"weights": self.source, "sha256": self.sha256}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a flat ``{key: tensor}`` mapping from a safetensors or plain-state-dict ``.pt`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{path}: not a plain state dict; it holds pickled objects that are refused ({first_line}); "
+            "save model.state_dict() or convert the file to safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {exc})") from None
+    return _as_flat_state_dict(obj, path)
+
+
+def _as_flat_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise UserError(
+            f"{path}: not a state dict (found {type(obj).__name__}, expected a mapping of names to tensors)"
+        )
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: not a plain state dict: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return dict(obj)
+
+
+def filter_upstream_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path = "weights") -> dict:
+    """Map a foreign checkpoint's keys onto ours (timm-style checkpoint filter).
+
+    Our module names equal upstream's, so the mapping is: drop wrapper prefixes, and make sure the two names
+    of the aliased first convolution carry the same tensor (loading would silently keep only one of them).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    for name, alias in _ALIASED_KEYS.items():
+        if name in out and alias in out and not torch.equal(out[name], out[alias]):
+            raise UserError(f"{path}: {name} and {alias} must hold the same tensor (one module, two names) but differ")
+        if name in out and alias not in out:
+            out[alias] = out[name]
+        elif alias in out and name not in out:
+            out[name] = out[alias]
+    return out
+
+
+def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Strict comparison with the model's own state dict; the error names the offending keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    for label, keys in (("missing key", missing), ("unexpected key", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{label}{'s' if len(keys) > 1 else ''}: {shown}")
+    if problems:
+        raise UserError(f"{path}: does not match pcm-AstroMAE: " + "; ".join(problems))
+    not_float = [k for k, v in state_dict.items() if expected[k].is_floating_point() and not v.is_floating_point()]
+    if not_float:
+        raise UserError(f"{path}: {not_float[0]} holds {state_dict[not_float[0]].dtype}, expected a float tensor")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> WeightsInfo:
+    """Load weights strictly into ``model``; returns where they came from (for the records)."""
+    path = Path(path)
+    state_dict = filter_upstream_state_dict(read_state_dict(path), path)
+    check_keys(model, state_dict, path)
+    expected = model.state_dict()
+    converted = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+    non_finite = [k for k, v in converted.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise UserError(f"{path}: {non_finite[0]} holds NaN or inf values")
+    model.load_state_dict(converted, strict=True)
+    return WeightsInfo(source=str(path), sha256=file_sha256(path))
