@@ -1,0 +1,51 @@
+"""The backend interface and the registry that picks a backend by name.
+
+A backend takes a Plan, starts its workers (``engine.start_worker``), gets every partition to a worker
+(``engine.run_partition``), hands each finished ``PartitionResult`` to ``emit`` as soon as it exists, and reports
+its wall clock. Callers only ever use ``get_backend(name).run(plan, emit)``.
+
+Backends live in their own modules and are imported only when chosen, so a missing optional dependency of
+one backend (boto3, submitit, CUDA) never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cai_bench.engine import PartitionResult
+from cai_bench.errors import UserError
+from cai_bench.model.checkpoint import WeightsInfo
+from cai_bench.plan import Plan
+
+Emit = Callable[[PartitionResult], None]
+
+# name -> module that defines ``create() -> Backend``
+_REGISTRY: dict[str, str] = {
+    "cpu": "cai_bench.backends.cpu",
+}
+
+
+@dataclass
+class BackendRun:
+    wall_s: float  # from the start of dispatch to the last result, start-up of workers included
+    weights: WeightsInfo
+    info: dict = field(default_factory=dict)  # backend facts worth keeping: threads, workers, prefetch depth
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, plan: Plan, emit: Emit) -> BackendRun: ...
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown backend {name!r}; available: {', '.join(available_backends())}")
+    return importlib.import_module(_REGISTRY[name]).create()

@@ -1,0 +1,249 @@
+"""Record schemas, environment capture and the append-only JSON Lines results store."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from cai_bench.engine import WorkerRecord
+from cai_bench.errors import UserError
+from cai_bench.metrics import percentiles, rate
+
+SCHEMA_VERSION = "1.0"
+STORE_FILE = "runs.jsonl"
+_PACKAGES = ("cai-bench", "torch", "torchvision", "timm", "numpy", "safetensors", "typer", "rich", "psutil")
+
+
+@dataclass
+class RunSummary:
+    """Figures of one run, derived from its worker records and wall clock."""
+
+    samples: int
+    bits: int
+    partitions: int
+    workers: int
+    wall_s: float
+    samples_per_s: float  # samples / wall_s
+    throughput_bps: float  # bits / wall_s: what the user gets
+    sum_worker_throughput_bps: float  # sum over workers of their bits / their compute_s: the paper's headline
+    compute_s: float
+    load_s: float
+    wait_s: float
+    startup_s: float
+    batch_latency_p50_s: float | None
+    batch_latency_p90_s: float | None
+    batch_latency_p99_s: float | None
+    peak_rss_bytes: int
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    created_utc: str
+    status: str  # "ok", "failed" or "interrupted"
+    backend: str
+    repeat: int
+    repeats: int
+    plan: dict
+    weights: dict
+    environment: dict
+    summary: RunSummary
+    workers: list[WorkerRecord]
+    backend_info: dict = field(default_factory=dict)
+    error: str | None = None
+    kind: str = "run"
+    schema_version: str = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False)
+
+
+def summarize(workers: list[WorkerRecord], wall_s: float) -> RunSummary:
+    samples = sum(w.samples for w in workers)
+    bits = sum(w.bits for w in workers)
+    latencies = [x for w in workers for x in w.batch_latency_s]
+    lat = percentiles(latencies)
+    # A worker that ran several partitions one after another has one throughput: its bits over its compute.
+    per_worker: dict[tuple, list[float]] = {}
+    for w in workers:
+        totals = per_worker.setdefault((w.host, w.pid, w.worker_id), [0.0, 0.0])
+        totals[0] += w.bits
+        totals[1] += w.compute_s
+    return RunSummary(
+        samples=samples,
+        bits=bits,
+        partitions=len(workers),
+        workers=len(per_worker),
+        wall_s=wall_s,
+        samples_per_s=rate(samples, wall_s),
+        throughput_bps=rate(bits, wall_s),
+        sum_worker_throughput_bps=float(sum(rate(b, c) for b, c in per_worker.values())),
+        compute_s=sum(w.compute_s for w in workers),
+        load_s=sum(w.load_s for w in workers),
+        wait_s=sum(w.wait_s for w in workers),
+        startup_s=sum(w.startup_s for w in workers),
+        batch_latency_p50_s=lat["p50"],
+        batch_latency_p90_s=lat["p90"],
+        batch_latency_p99_s=lat["p99"],
+        peak_rss_bytes=max((w.peak_rss_bytes for w in workers), default=0),
+    )
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> dict:
+    """The tool's own commit when it runs from a checkout; nothing otherwise."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return {}
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": bool(dirty)}
+
+
+@lru_cache(maxsize=1)
+def _static_environment() -> dict:
+    import psutil
+    import torch
+
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    gpus = []
+    if torch.cuda.is_available():
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "host": socket.gethostname(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "cpu_model": _cpu_model(),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "cpu_logical_cores": psutil.cpu_count(logical=True),
+        "cpu_affinity": affinity,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "memory_total_bytes": psutil.virtual_memory().total,
+        "torch_cuda": torch.version.cuda,
+        "gpus": gpus,
+        "gpu_driver": _nvidia_driver() if gpus else None,
+        **_git_commit(),
+    }
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def capture_environment() -> dict:
+    """Where a number was measured: machine, software, and the thread count in force at the time."""
+    import torch
+
+    return {**_static_environment(), "torch_threads": torch.get_num_threads(), "captured_utc": utc_now()}
+
+
+# ---------------------------------------------------------------------------------------------- store
+
+
+class ResultsStore:
+    """``<dir>/runs.jsonl``: one complete JSON record per line, only ever appended to."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / STORE_FILE
+
+    def append(self, record: RunRecord) -> None:
+        # One write() of one whole line on an O_APPEND descriptor: readers never see half a record from us,
+        # and concurrent writers do not interleave within a line.
+        line = (record.to_json() + "\n").encode()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot write results ({exc.strerror})") from None
+        try:
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self) -> list[dict]:
+        """All complete records; a torn last line (a crash mid-write elsewhere) is skipped."""
+        if not self.path.exists():
+            return []
+        records = []
+        lines = self.path.read_bytes().split(b"\n")
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                records.append(json.loads(raw))
+            except json.JSONDecodeError:
+                if number == len(lines):  # the last line, with no newline after it: torn
+                    continue
+                raise UserError(f"{self.path}:{number}: not a JSON record") from None
+        return records
+
+
+def median_spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.median(arr)), float(arr.min()), float(arr.max())
