@@ -116,7 +116,7 @@ def test_a_pickle_that_is_not_a_state_dict_is_refused_without_running_it(tmp_pat
     marker = tmp_path / "executed"
     path = tmp_path / "evil.pt"
     with open(path, "wb") as fh:
-        pickle.dump({"head.weight": _Payload(str(marker))}, fh)
+        pickle.dump({"head.weight": _Payload(str(marker))}, fh, protocol=2)
     with pytest.raises(UserError, match=r"evil\.pt: not a plain state dict"):
         load_weights(build_model(), path)
     assert not marker.exists()

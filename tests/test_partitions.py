@@ -6,7 +6,15 @@ import pytest
 from conftest import TINY_GB, TINY_MB
 from safetensors.numpy import load_file, save_file
 
-from cai_bench.data.partitions import MANIFEST, load_manifest, open_dataset, read_partition, split, synthesize, verify_dataset
+from cai_bench.data.partitions import (
+    MANIFEST,
+    load_manifest,
+    open_dataset,
+    read_partition,
+    split,
+    synthesize,
+    verify_dataset,
+)
 from cai_bench.errors import UserError
 from cai_bench.plan import samples_for_gb
 
@@ -182,7 +190,9 @@ def test_non_finite_values(data_copy, field, value):
     arrays[field].reshape(26, -1)[7, 0] = value
     rewrite_partition(data_copy, 2, arrays)
     _, _, refs = open_dataset(data_copy)
-    with pytest.raises(UserError, match=f"part-00002.safetensors: {field} holds NaN or inf values \\(first at sample 7\\)"):
+    with pytest.raises(
+        UserError, match=f"part-00002.safetensors: {field} holds NaN or inf values \\(first at sample 7\\)"
+    ):
         read_partition(refs[2])
 
 

@@ -1,0 +1,148 @@
+"""Rich rendering: progress bars and summary tables. Only presentation; the figures come from the records."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from cai_bench.engine import WorkerRecord
+from cai_bench.results import RunRecord
+
+# Progress and errors go to stderr, results to stdout. Messages are never wrapped (soft_wrap), so a path or
+# a figure stays on one line in logs and pipes.
+console = Console(stderr=True, soft_wrap=True)
+stdout = Console(soft_wrap=True)
+if not stdout.is_terminal:
+    stdout.width = max(stdout.width, 100)  # logs and pipes: wide enough for the summary table
+
+
+def _bar(*extra) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+class RichRunProgress:
+    """Partitions done / total, samples/s so far and ETA, one bar per repeat."""
+
+    def __init__(self):
+        self._progress = _bar(TextColumn("{task.fields[rate]}"))
+        self._task = None
+        self._samples = 0
+        self._compute = 0.0
+
+    def begin(self, label: str, partitions: int, samples: int) -> None:
+        self._samples, self._compute = 0, 0.0
+        self._progress.start()
+        self._task = self._progress.add_task(label, total=partitions, rate="")
+
+    def advance(self, record: WorkerRecord) -> None:
+        self._samples += record.samples
+        self._compute += record.compute_s
+        rate = f"{self._samples / self._compute:,.0f} samples/s" if self._compute > 0 else ""
+        self._progress.update(self._task, advance=1, rate=rate)
+
+    def end(self) -> None:
+        self._progress.stop()
+
+
+class RichCountProgress:
+    """A plain bar over a count (samples written, partitions verified)."""
+
+    def __init__(self, label: str, unit: str):
+        self._progress = _bar(TaskProgressColumn(), TextColumn(unit))
+        self._label = label
+        self._task = None
+
+    def __enter__(self) -> RichCountProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task(self._label, total=total)
+        self._progress.update(self._task, completed=done, total=total)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:,.1f}"
+
+
+def run_summary_table(records: list[RunRecord]) -> Table:
+    first = records[0]
+    plan, data = first.plan, first.plan["data"]
+    info = first.backend_info
+    threads = f", {info['threads']} threads" if "threads" in info else ""
+    title = (
+        f"{first.backend}{threads} · {data['data_gb']:.3g} GB, {data['samples']:,} samples in "
+        f"{data['partitions']} x {data['partition_mb']:g} MB · batch {plan['batch_size']} · {plan['precision']}"
+    )
+    caption = "Mbps: bits / wall s · p50, p99: batch latency · RSS: peak resident memory"
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    columns = ["repeat", "wall s", "samples", "samples/s", "Mbps", "p50 ms", "p99 ms", "RSS MB"]
+    failed = any(r.status != "ok" for r in records)
+    for name in columns + (["status"] if failed else []):
+        table.add_column(name, justify="left" if name in ("repeat", "status") else "right")
+    for rec in records:
+        s = rec.summary
+        row = [
+            str(rec.repeat),
+            f"{s.wall_s:.2f}",
+            f"{s.samples:,}",
+            f"{s.samples_per_s:,.1f}",
+            f"{s.throughput_bps / 1e6:,.1f}",
+            _ms(s.batch_latency_p50_s),
+            _ms(s.batch_latency_p99_s),
+            _mb(s.peak_rss_bytes),
+        ]
+        table.add_row(*row, *([rec.status] if failed else []))
+    if len(records) > 1:
+        sums = [r.summary for r in records]
+        walls = [s.wall_s for s in sums]
+        rates = [s.samples_per_s for s in sums]
+        mbps = [s.throughput_bps / 1e6 for s in sums]
+        peak = _mb(max(s.peak_rss_bytes for s in sums))
+        medians = [
+            f"{np.median(walls):.2f}",
+            f"{sums[0].samples:,}",
+            f"{np.median(rates):,.1f}",
+            f"{np.median(mbps):,.1f}",
+        ]
+        table.add_row("median", *medians, "", "", peak, style="bold")
+        ranges = [f"{min(v):,.1f}-{max(v):,.1f}" for v in (walls, rates, mbps)]
+        table.add_row("min-max", ranges[0], "", ranges[1], ranges[2], "", "", "")
+    return table
+
+
+def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
