@@ -104,14 +104,17 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise UserError(f"{path}: not a cai-bench manifest (expected a JSON object)")
     version = str(raw.get("schema_version", ""))
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise UserError(f"{path}: manifest schema version {version!r} is not supported (this cai-bench reads {SCHEMA_VERSION})")
+        raise UserError(
+            f"{path}: manifest schema version {version!r} is not supported (this cai-bench reads {SCHEMA_VERSION})"
+        )
     try:
         entries = [PartitionEntry(**entry) for entry in raw.pop("partitions")]
         manifest = Manifest(partitions=entries, **raw)
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}: malformed manifest ({exc})") from None
-    if sum(e.samples for e in manifest.partitions) != manifest.samples:
-        raise UserError(f"{path}: partition sample counts add up to {sum(e.samples for e in entries)}, manifest says {manifest.samples}")
+    counted = sum(e.samples for e in manifest.partitions)
+    if counted != manifest.samples:
+        raise UserError(f"{path}: partition sample counts add up to {counted}, manifest says {manifest.samples}")
     return manifest
 
 
@@ -142,7 +145,9 @@ def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[Pa
             raise UserError(f"{path}: partition listed in {directory / MANIFEST} is missing")
         size = path.stat().st_size
         if size != entry.bytes:
-            raise UserError(f"{path}: {size} bytes on disk but the manifest says {entry.bytes} (truncated or replaced?)")
+            raise UserError(
+                f"{path}: {size} bytes on disk but the manifest says {entry.bytes} (truncated or replaced?)"
+            )
         check_header(path, entry.samples)
         refs.append(PartitionRef(str(path), index, entry.samples, entry.bytes, entry.sha256))
     return manifest, summarize(directory, manifest), tuple(refs)
@@ -259,9 +264,8 @@ def _dataset_id(entries: list[PartitionEntry]) -> str:
 
 
 def _prepare_output(out: Path, overwrite: bool) -> Path:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: exists and is not empty; choose another --out or remove it")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty; choose another --out or remove it")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -321,7 +325,13 @@ def write_dataset(
 
 
 def synthesize(
-    out: str | Path, gb: float, partition_mb: float, seed: int = 0, *, overwrite: bool = False, progress: Progress | None = None
+    out: str | Path,
+    gb: float,
+    partition_mb: float,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Generate ``gb`` GB of synthetic galaxies from ``seed`` in ``partition_mb`` MB partitions."""
     samples = samples_for_gb(gb)
@@ -335,8 +345,13 @@ def synthesize(
 
     source = {"kind": "synthetic", "seed": seed, "generator_version": synthetic.GENERATOR_VERSION, "gb": gb}
     return write_dataset(
-        out, partition_sizes(samples, partition_mb), take, source=source, partition_mb=partition_mb,
-        overwrite=overwrite, progress=progress,
+        out,
+        partition_sizes(samples, partition_mb),
+        take,
+        source=source,
+        partition_mb=partition_mb,
+        overwrite=overwrite,
+        progress=progress,
     )
 
 
@@ -378,6 +393,12 @@ def split(
     lineage = {"dataset_id": manifest.dataset_id, "partition_mb": manifest.partition_mb}
     source = {**manifest.source, "split_from": [*manifest.source.get("split_from", []), lineage]}
     return write_dataset(
-        out, partition_sizes(manifest.samples, partition_mb), take, source=source, partition_mb=partition_mb,
-        has_labels=manifest.has_labels, overwrite=overwrite, progress=progress,
+        out,
+        partition_sizes(manifest.samples, partition_mb),
+        take,
+        source=source,
+        partition_mb=partition_mb,
+        has_labels=manifest.has_labels,
+        overwrite=overwrite,
+        progress=progress,
     )

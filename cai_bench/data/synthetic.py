@@ -192,7 +192,7 @@ def generate(seed: int, start: int, stop: int) -> GalaxyBatch:
         drawn = _cached_block(seed, block)
         lo, hi = max(start - block * BLOCK, 0), min(stop - block * BLOCK, BLOCK)
         pieces.append([drawn.images[lo:hi], drawn.magnitudes[lo:hi], drawn.redshift[lo:hi], drawn.object_id[lo:hi]])
-    return GalaxyBatch(*(np.concatenate(column) for column in zip(*pieces)))
+    return GalaxyBatch(*(np.concatenate(column) for column in zip(*pieces, strict=True)))
 
 
 # Consecutive partitions share their boundary block; keeping the last two drawn avoids drawing it twice.
