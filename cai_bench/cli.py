@@ -85,27 +85,12 @@ def run(
     """Run the model over a data set on one backend and record how long it took."""
     from cai_bench import runner, ui
     from cai_bench.backends import get_backend
-    from cai_bench.data.partitions import open_dataset
     from cai_bench.plan import make_plan
     from cai_bench.results import ResultsStore
 
     get_backend(backend)  # an unknown name fails before any data is generated
-    if data is not None and gb is not None:
-        raise UserError("give either --data DIR or --gb X, not both")
-    if data is None:
-        gb = runner.DEFAULT_GB if gb is None else gb
-        mb = runner.DEFAULT_PARTITION_MB if partition_mb is None else partition_mb
-        if as_json or quiet:
-            data = runner.cached_synthetic(gb, mb, seed)
-        else:
-            with ui.RichCountProgress(f"synthesizing {gb:g} GB", "samples") as bar:
-                data = runner.cached_synthetic(gb, mb, seed, progress=bar)
-    manifest, summary, refs = open_dataset(data)
-    if partition_mb is not None and abs(partition_mb - manifest.partition_mb) > 1e-9:
-        raise UserError(
-            f"{data}: partitioned at {manifest.partition_mb:g} MB, not {partition_mb:g} MB; "
-            f"re-partition it with: cai-bench data split {data} --partition-mb {partition_mb:g} --out DIR"
-        )
+    with ui.RichCountProgress("synthesizing", "samples") as bar:
+        summary, refs = runner.resolve_data(data, gb, partition_mb, seed, None if (as_json or quiet) else bar)
     plan = make_plan(
         backend,
         summary,
@@ -202,11 +187,8 @@ def data_synth(
     from cai_bench.data.partitions import synthesize
 
     start = time.perf_counter()
-    if quiet:
-        manifest = synthesize(out, gb, partition_mb, seed, overwrite=force)
-    else:
-        with ui.RichCountProgress(f"synthesizing {gb:g} GB", "samples") as bar:
-            manifest = synthesize(out, gb, partition_mb, seed, overwrite=force, progress=bar)
+    with ui.RichCountProgress(f"synthesizing {gb:g} GB", "samples") as bar:
+        manifest = synthesize(out, gb, partition_mb, seed, overwrite=force, progress=None if quiet else bar)
     seconds = time.perf_counter() - start
     written = sum(p.bytes for p in manifest.partitions)
     ui.stdout.print(
@@ -227,11 +209,8 @@ def data_split(
     from cai_bench import ui
     from cai_bench.data.partitions import split
 
-    if quiet:
-        manifest = split(src, partition_mb, out, overwrite=force)
-    else:
-        with ui.RichCountProgress(f"splitting into {partition_mb:g} MB", "samples") as bar:
-            manifest = split(src, partition_mb, out, overwrite=force, progress=bar)
+    with ui.RichCountProgress(f"splitting into {partition_mb:g} MB", "samples") as bar:
+        manifest = split(src, partition_mb, out, overwrite=force, progress=None if quiet else bar)
     ui.stdout.print(
         f"{out}: {manifest.samples:,} samples in {len(manifest.partitions)} partitions of {partition_mb:g} MB"
     )

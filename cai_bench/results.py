@@ -14,8 +14,6 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-
 from cai_bench.engine import WorkerRecord
 from cai_bench.errors import UserError
 from cai_bench.metrics import percentiles, rate
@@ -241,9 +239,3 @@ class ResultsStore:
                     continue
                 raise UserError(f"{self.path}:{number}: not a JSON record") from None
         return records
-
-
-def median_spread(values: list[float]) -> tuple[float, float, float]:
-    """(median, min, max)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(np.median(arr)), float(arr.min()), float(arr.max())

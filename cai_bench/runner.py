@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Protocol
 
 from cai_bench.backends import get_backend
-from cai_bench.data.partitions import MANIFEST, synthesize
+from cai_bench.data.partitions import MANIFEST, open_dataset, synthesize
 from cai_bench.data.synthetic import GENERATOR_VERSION
 from cai_bench.engine import PartitionResult, WorkerRecord
+from cai_bench.errors import UserError
 from cai_bench.metrics import reset_peak_rss
 from cai_bench.model.checkpoint import RANDOM_INIT
-from cai_bench.plan import Plan
+from cai_bench.plan import DataSummary, PartitionRef, Plan
 from cai_bench.results import ResultsStore, RunRecord, capture_environment, new_run_id, summarize, utc_now
 
 DEFAULT_GB = 0.1  # 5,231 samples: about half a minute of fp32 inference on two cores
@@ -64,6 +65,28 @@ def cached_synthetic(
     if not (path / MANIFEST).is_file():
         synthesize(path, gb, partition_mb, seed, overwrite=True, progress=progress)
     return path
+
+
+def resolve_data(
+    data: str | Path | None,
+    gb: float | None,
+    partition_mb: float | None,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[DataSummary, tuple[PartitionRef, ...]]:
+    """The data a run uses: a given directory, or synthetic data of ``gb`` (default 0.1 GB) from the cache."""
+    if data is not None and gb is not None:
+        raise UserError("give either --data DIR or --gb X, not both")
+    if data is None:
+        gb = DEFAULT_GB if gb is None else gb
+        data = cached_synthetic(gb, DEFAULT_PARTITION_MB if partition_mb is None else partition_mb, seed, progress)
+    manifest, summary, refs = open_dataset(data)
+    if partition_mb is not None and abs(partition_mb - manifest.partition_mb) > 1e-9:
+        raise UserError(
+            f"{data}: partitioned at {manifest.partition_mb:g} MB, not {partition_mb:g} MB; "
+            f"re-partition it with: cai-bench data split {data} --partition-mb {partition_mb:g} --out DIR"
+        )
+    return summary, refs
 
 
 def _record(plan: Plan, repeat: int, workers: list[WorkerRecord], wall_s: float, status: str, **extra) -> RunRecord:

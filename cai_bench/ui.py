@@ -65,7 +65,7 @@ class RichRunProgress:
 
 
 class RichCountProgress:
-    """A plain bar over a count (samples written, partitions verified)."""
+    """A plain bar over a count (samples written); nothing is drawn unless it is called."""
 
     def __init__(self, label: str, unit: str):
         self._progress = _bar(TaskProgressColumn(), TextColumn(unit))
@@ -73,14 +73,15 @@ class RichCountProgress:
         self._task = None
 
     def __enter__(self) -> RichCountProgress:
-        self._progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._progress.stop()
+        if self._task is not None:
+            self._progress.stop()
 
     def __call__(self, done: int, total: int) -> None:
         if self._task is None:
+            self._progress.start()
             self._task = self._progress.add_task(self._label, total=total)
         self._progress.update(self._task, completed=done, total=total)
 

@@ -36,10 +36,11 @@ class CpuBackend:
         torch.set_num_threads(threads)
         try:
             start = time.perf_counter()
-            worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
-            # One partition ahead: reading overlaps compute, and at most two partitions are ever in memory.
+            # One partition ahead: reading overlaps compute (the first one overlaps the model build), and at
+            # most two partitions are ever in memory.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-prefetch") as reader:
                 pending = reader.submit(load_partition, refs[0], options)
+                worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
                 for position in range(len(refs)):
                     waited = time.perf_counter()
                     partition = pending.result()
