@@ -120,23 +120,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _command_output(*args: str, timeout: float = 10) -> str | None:
+    """Stdout of a helper command (git, nvidia-smi), or None where it is missing or fails."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _git_commit() -> dict:
     """The tool's own commit when it runs from a checkout; nothing otherwise."""
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return {}
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    commit = _command_output("git", "-C", str(root), "rev-parse", "HEAD")
+    dirty = _command_output("git", "-C", str(root), "status", "--porcelain", "--untracked-files=no")
+    if commit is None or dirty is None:
         return {}
     return {"git_commit": commit, "git_dirty": bool(dirty)}
 
@@ -175,17 +174,8 @@ def _static_environment() -> dict:
 
 
 def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out[0] if out else None
+    out = _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+    return out.split()[0] if out else None
 
 
 def capture_environment() -> dict:

@@ -138,19 +138,23 @@ def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[Pa
     """
     directory = Path(directory)
     manifest = load_manifest(directory)
-    refs = []
-    for index, entry in enumerate(manifest.partitions):
-        path = directory / entry.file
+    refs = partition_refs(directory, manifest)
+    for ref in refs:
+        path = Path(ref.path)
         if not path.is_file():
             raise UserError(f"{path}: partition listed in {directory / MANIFEST} is missing")
         size = path.stat().st_size
-        if size != entry.bytes:
-            raise UserError(
-                f"{path}: {size} bytes on disk but the manifest says {entry.bytes} (truncated or replaced?)"
-            )
-        check_header(path, entry.samples)
-        refs.append(PartitionRef(str(path), index, entry.samples, entry.bytes, entry.sha256))
-    return manifest, summarize(directory, manifest), tuple(refs)
+        if size != ref.bytes:
+            raise UserError(f"{path}: {size} bytes on disk but the manifest says {ref.bytes} (truncated or replaced?)")
+        check_header(path, ref.samples)
+    return manifest, summarize(directory, manifest), refs
+
+
+def partition_refs(directory: Path, manifest: Manifest) -> tuple[PartitionRef, ...]:
+    return tuple(
+        PartitionRef(str(directory / e.file), index, e.samples, e.bytes, e.sha256)
+        for index, e in enumerate(manifest.partitions)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -235,13 +239,12 @@ def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:
     directory = Path(directory)
     manifest = load_manifest(directory)
     problems = []
-    for index, entry in enumerate(manifest.partitions):
-        path = directory / entry.file
-        if not path.is_file():
-            problems.append(f"{path}: missing")
+    for ref in partition_refs(directory, manifest):
+        if not Path(ref.path).is_file():
+            problems.append(f"{ref.path}: missing")
             continue
         try:
-            read_partition(PartitionRef(str(path), index, entry.samples, entry.bytes, entry.sha256), verify=True)
+            read_partition(ref, verify=True)
         except UserError as exc:
             problems.append(str(exc))
     return manifest, problems
