@@ -122,9 +122,17 @@ def load_partition(ref: PartitionRef, options: EngineOptions) -> Partition:
 
 
 def run_partition(
-    partition: Partition, worker: WorkerState, options: EngineOptions, wait_s: float = 0.0
+    partition: Partition | PartitionRef, worker: WorkerState, options: EngineOptions, wait_s: float = 0.0
 ) -> PartitionResult:
-    """Run the model over one loaded partition; ``wait_s`` is how long the caller waited to have it."""
+    """Run the model over one partition.
+
+    Given a reference, the partition is read here and the whole read counts as waiting; given a partition a
+    background reader already loaded, ``wait_s`` is how long the caller waited for it.
+    """
+    if isinstance(partition, PartitionRef):
+        started = time.perf_counter()
+        partition = load_partition(partition, options)
+        wait_s = time.perf_counter() - started
     entered = time.perf_counter()
     device = torch.device(options.device)
     n, batch = len(partition), options.batch_size
@@ -174,10 +182,3 @@ def run_partition(
         batch_latency_s=[round(x, 6) for x in latencies],
     )
     return PartitionResult(record, partition.object_id.numpy(), prediction.numpy(), partition.redshift.numpy())
-
-
-def process_partition(ref: PartitionRef, worker: WorkerState, options: EngineOptions) -> PartitionResult:
-    """Load then run one partition, with nothing overlapped: the wait is the whole load."""
-    start = time.perf_counter()
-    partition = load_partition(ref, options)
-    return run_partition(partition, worker, options, wait_s=time.perf_counter() - start)

@@ -23,7 +23,7 @@ from cai_bench.model.checkpoint import RANDOM_INIT
 from cai_bench.plan import DataSummary, PartitionRef, Plan
 from cai_bench.results import ResultsStore, RunRecord, capture_environment, new_run_id, summarize, utc_now
 
-DEFAULT_GB = 0.1  # 5,231 samples: about half a minute of fp32 inference on two cores
+DEFAULT_GB = 0.1  # 5,231 samples: 16-20 s of fp32 inference on the 2-core dev machine
 DEFAULT_PARTITION_MB = 25.0
 
 

@@ -6,7 +6,7 @@ import torch
 
 from cai_bench.backends import available_backends, get_backend
 from cai_bench.data.partitions import open_dataset, read_partition
-from cai_bench.engine import EngineOptions, process_partition, run_partition, start_worker
+from cai_bench.engine import EngineOptions, run_partition, start_worker
 from cai_bench.errors import UserError
 from cai_bench.plan import BITS_PER_SAMPLE, make_plan
 
@@ -41,8 +41,8 @@ def test_run_partition_predicts_what_the_model_predicts(tiny_data, worker_fp32):
 
 def test_predictions_do_not_depend_on_the_batch_size(tiny_data, worker_fp32):
     _, _, refs = open_dataset(tiny_data)
-    small = process_partition(refs[0], worker_fp32, EngineOptions(batch_size=3)).prediction
-    large = process_partition(refs[0], worker_fp32, EngineOptions(batch_size=64)).prediction
+    small = run_partition(refs[0], worker_fp32, EngineOptions(batch_size=3)).prediction
+    large = run_partition(refs[0], worker_fp32, EngineOptions(batch_size=64)).prediction
     np.testing.assert_allclose(small, large, rtol=1e-5, atol=1e-6)
 
 
@@ -51,8 +51,8 @@ def test_startup_is_charged_to_the_first_partition_only(tiny_data):
     options = EngineOptions(batch_size=16)
     worker = start_worker("w1", options)
     assert worker.startup_s >= worker.warmup_batch_s > 0
-    first = process_partition(refs[0], worker, options).record
-    second = process_partition(refs[1], worker, options).record
+    first = run_partition(refs[0], worker, options).record
+    second = run_partition(refs[1], worker, options).record
     assert first.startup_s == worker.startup_s
     assert second.startup_s == 0.0
     assert second.wait_s == pytest.approx(second.load_s, abs=0.05)
@@ -60,9 +60,9 @@ def test_startup_is_charged_to_the_first_partition_only(tiny_data):
 
 def test_bf16_runs_and_stays_near_fp32(tiny_data):
     _, _, refs = open_dataset(tiny_data)
-    fp32 = process_partition(refs[0], start_worker("a", EngineOptions()), EngineOptions())
+    fp32 = run_partition(refs[0], start_worker("a", EngineOptions()), EngineOptions())
     bf16_options = EngineOptions(precision="bf16")
-    bf16 = process_partition(refs[0], start_worker("b", bf16_options), bf16_options)
+    bf16 = run_partition(refs[0], start_worker("b", bf16_options), bf16_options)
     assert bf16.record.precision == "bf16" and bf16.prediction.dtype == np.float32
     spread = np.ptp(fp32.prediction) + 1e-3
     assert np.max(np.abs(bf16.prediction - fp32.prediction)) < 0.1 * spread + 0.02
@@ -93,7 +93,7 @@ def test_cpu_backend_and_engine_agree(tiny_data, worker_fp32):
     plan = _plan(tiny_data, batch_size=8, seed=1)
     emitted = []
     get_backend("cpu").run(plan, emitted.append)
-    direct = process_partition(plan.partitions[2], worker_fp32, EngineOptions(batch_size=8))
+    direct = run_partition(plan.partitions[2], worker_fp32, EngineOptions(batch_size=8))
     np.testing.assert_allclose(emitted[2].prediction, direct.prediction, rtol=1e-5, atol=1e-6)
 
 

@@ -49,12 +49,12 @@ def test_summary_is_derived_from_the_worker_records(tiny_data, tmp_path):
 
 
 def test_sum_of_worker_throughput_counts_each_worker_once(tiny_data):
-    from cai_bench.engine import EngineOptions, process_partition, start_worker
+    from cai_bench.engine import EngineOptions, run_partition, start_worker
 
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=16)
     a, b = start_worker("a", options), start_worker("b", options)
-    records = [process_partition(ref, w, options).record for ref, w in zip(refs, (a, a, b, b), strict=True)]
+    records = [run_partition(ref, w, options).record for ref, w in zip(refs, (a, a, b, b), strict=True)]
     s = summarize(records, wall_s=10.0)
     expected = sum(
         sum(r.bits for r in records if r.worker_id == w) / sum(r.compute_s for r in records if r.worker_id == w)
