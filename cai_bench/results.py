@@ -67,7 +67,7 @@ class RunRecord:
         return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False)
 
 
-def summarize(workers: list[WorkerRecord], wall_s: float) -> RunSummary:
+def summarize_run(workers: list[WorkerRecord], wall_s: float) -> RunSummary:
     samples = sum(w.samples for w in workers)
     bits = sum(w.bits for w in workers)
     latencies = [x for w in workers for x in w.batch_latency_s]

@@ -21,7 +21,7 @@ from cai_bench.errors import UserError
 from cai_bench.metrics import reset_peak_rss
 from cai_bench.model.checkpoint import RANDOM_INIT
 from cai_bench.plan import DataSummary, PartitionRef, Plan
-from cai_bench.results import ResultsStore, RunRecord, capture_environment, new_run_id, summarize, utc_now
+from cai_bench.results import ResultsStore, RunRecord, capture_environment, new_run_id, summarize_run, utc_now
 
 DEFAULT_GB = 0.1  # 5,231 samples: 16-20 s of fp32 inference on the 2-core dev machine
 DEFAULT_PARTITION_MB = 25.0
@@ -99,7 +99,7 @@ def _record(plan: Plan, repeat: int, workers: list[WorkerRecord], wall_s: float,
         repeats=plan.repeats,
         plan=plan.to_record(),
         environment=capture_environment(),
-        summary=summarize(workers, wall_s),
+        summary=summarize_run(workers, wall_s),
         workers=workers,
         **extra,
     )

@@ -6,7 +6,7 @@ from cai_bench import runner
 from cai_bench.data.partitions import MANIFEST, open_dataset
 from cai_bench.errors import UserError
 from cai_bench.plan import make_plan
-from cai_bench.results import SCHEMA_VERSION, ResultsStore, summarize
+from cai_bench.results import SCHEMA_VERSION, ResultsStore, summarize_run
 
 
 def _plan(directory, **options):
@@ -55,7 +55,7 @@ def test_sum_of_worker_throughput_counts_each_worker_once(tiny_data):
     options = EngineOptions(batch_size=16)
     a, b = start_worker("a", options), start_worker("b", options)
     records = [run_partition(ref, w, options).record for ref, w in zip(refs, (a, a, b, b), strict=True)]
-    s = summarize(records, wall_s=10.0)
+    s = summarize_run(records, wall_s=10.0)
     expected = sum(
         sum(r.bits for r in records if r.worker_id == w) / sum(r.compute_s for r in records if r.worker_id == w)
         for w in ("a", "b")

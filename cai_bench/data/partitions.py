@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,7 +118,7 @@ def load_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
-def summarize(directory: Path, manifest: Manifest) -> DataSummary:
+def data_summary(directory: Path, manifest: Manifest) -> DataSummary:
     return DataSummary(
         path=str(directory),
         dataset_id=manifest.dataset_id,
@@ -147,7 +147,7 @@ def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[Pa
         if size != ref.bytes:
             raise UserError(f"{path}: {size} bytes on disk but the manifest says {ref.bytes} (truncated or replaced?)")
         check_header(path, ref.samples)
-    return manifest, summarize(directory, manifest), refs
+    return manifest, data_summary(directory, manifest), refs
 
 
 def partition_refs(directory: Path, manifest: Manifest) -> tuple[PartitionRef, ...]:
@@ -358,11 +358,6 @@ def synthesize(
     )
 
 
-def _stream(refs: tuple[PartitionRef, ...]) -> Iterator[Partition]:
-    for ref in refs:
-        yield read_partition(ref, verify=True)
-
-
 def split(
     src: str | Path, partition_mb: float, out: str | Path, *, overwrite: bool = False, progress: Progress | None = None
 ) -> Manifest:
@@ -371,7 +366,7 @@ def split(
     if Path(out).resolve() == src.resolve():
         raise UserError(f"{out}: --out must differ from the source data set")
     manifest, _, refs = open_dataset(src)
-    stream = _stream(refs)
+    stream = (read_partition(ref, verify=True) for ref in refs)  # one source partition read at a time
     pending: list[synthetic.GalaxyBatch] = []
     pending_n = 0
 
