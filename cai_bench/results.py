@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cai_bench.engine import WorkerRecord
 from cai_bench.errors import UserError
-from cai_bench.metrics import percentiles, rate
+from cai_bench.metrics import allowed_cpus, percentiles, rate
 
 SCHEMA_VERSION = "1.0"
 STORE_FILE = "runs.jsonl"
@@ -154,7 +154,6 @@ def _static_environment() -> dict:
     gpus = []
     if torch.cuda.is_available():
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "host": socket.gethostname(),
         "os": platform.platform(),
@@ -163,7 +162,7 @@ def _static_environment() -> dict:
         "cpu_model": _cpu_model(),
         "cpu_physical_cores": psutil.cpu_count(logical=False),
         "cpu_logical_cores": psutil.cpu_count(logical=True),
-        "cpu_affinity": affinity,
+        "cpu_affinity": allowed_cpus(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "memory_total_bytes": psutil.virtual_memory().total,
         "torch_cuda": torch.version.cuda,
@@ -179,10 +178,8 @@ def _nvidia_driver() -> str | None:
 
 
 def capture_environment() -> dict:
-    """Where a number was measured: machine, software, and the thread count in force at the time."""
-    import torch
-
-    return {**_static_environment(), "torch_threads": torch.get_num_threads(), "captured_utc": utc_now()}
+    """Where a number was measured: machine and software. (The threads a run used are in its backend_info.)"""
+    return {**_static_environment(), "captured_utc": utc_now()}
 
 
 # ---------------------------------------------------------------------------------------------- store

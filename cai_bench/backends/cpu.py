@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,12 +11,13 @@ import torch
 
 from cai_bench.backends.base import BackendRun, Emit
 from cai_bench.engine import EngineOptions, load_partition, run_partition, start_worker
+from cai_bench.metrics import allowed_cpus
 from cai_bench.plan import Plan
 
 
 def default_threads() -> int:
     """Physical cores this process may use: hyper-threads share a core's vector units and rarely help here."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    allowed = allowed_cpus()
     physical = psutil.cpu_count(logical=False) or allowed
     return max(1, min(physical, allowed))
 

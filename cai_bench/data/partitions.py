@@ -73,7 +73,7 @@ class Manifest:
 
 @dataclass
 class Partition:
-    """One partition in memory, as torch tensors (shared with the numpy arrays read from the file)."""
+    """One partition in memory, decoded to torch tensors."""
 
     ref: PartitionRef
     images: torch.Tensor
