@@ -24,8 +24,12 @@ data_app = typer.Typer(
     help="Make, re-partition, inspect and verify partitioned galaxy data sets.", no_args_is_help=True
 )
 model_app = typer.Typer(help="Inspect pcm-AstroMAE.", no_args_is_help=True)
+results_app = typer.Typer(help="List, show and export the records in the results store.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
+app.add_typer(results_app, name="results")
+
+ResultsDir = Annotated[Path, typer.Option("--results", help="Results directory (holds runs.jsonl).")]
 
 _debug = False
 
@@ -126,6 +130,278 @@ def run(
         weights += " (the timings are real; the predicted redshifts are not)"
     ui.stdout.print(f"weights: {weights}")
     ui.stdout.print(f"{len(records)} record(s) appended to {store.path}")
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+def _list(text: str | None, option: str, kind: type) -> list | None:
+    """``"0.05,0.1"`` -> ``[0.05, 0.1]``; a bad item is a UserError naming the option."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [kind(t) for t in items]
+    except ValueError:
+        raise UserError(f"{option} takes a comma-separated list of {kind.__name__} values, got {text!r}") from None
+    if not values:
+        raise UserError(f"{option} needs at least one value")
+    return values
+
+
+def _read_store(store) -> list[dict]:
+    from cai_bench import ui
+
+    records = store.read()
+    for message in store.skipped:
+        ui.console.print(f"warning: {message}", markup=False, highlight=False)
+    return records
+
+
+@app.command()
+def sweep(
+    config: Annotated[
+        Path | None, typer.Option(help="A sweep preset (TOML), e.g. configs/laptop-quick.toml; options override it.")
+    ] = None,
+    backend: Annotated[str | None, typer.Option(help="Where to run [default: cpu].")] = None,
+    gb: Annotated[str | None, typer.Option(help="Data sizes in GB, comma-separated [default: 0.1].")] = None,
+    partition_mb: Annotated[
+        str | None, typer.Option(help="Partition sizes in MB, comma-separated [default: 25].")
+    ] = None,
+    batch_size: Annotated[str | None, typer.Option(help="Batch sizes, comma-separated [default: 512].")] = None,
+    precision: Annotated[str | None, typer.Option(help="Precisions, comma-separated [default: fp32].")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Measured runs per point [default: 3].")] = None,
+    warmup: Annotated[
+        int | None, typer.Option(help="Unrecorded runs before each point's repeats [default: 0].")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads [default: physical cores].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the synthetic data and random-init weights.")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Weights file; default: random init.")] = None,
+    force: Annotated[bool, typer.Option(help="Rerun points the store already holds.")] = False,
+    keep_data: Annotated[
+        bool,
+        typer.Option(help="Keep generated data sets in the cache; --no-keep-data deletes each after its last point."),
+    ] = True,
+    results: ResultsDir = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the point medians as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run a grid of data sizes x partition sizes x batch sizes x precisions; resumes where a previous run stopped.
+
+    Each finished repeat is appended to the store at once; rerunning the same sweep on the same machine runs only
+    what is missing (--force reruns everything).
+    """
+    from cai_bench import report, runner, ui
+    from cai_bench.backends import get_backend
+    from cai_bench.plan import load_sweep_config, make_sweep
+    from cai_bench.results import ResultsStore
+
+    overrides = {
+        "backend": backend,
+        "gb": _list(gb, "--gb", float),
+        "partition_mb": _list(partition_mb, "--partition-mb", float),
+        "batch_size": _list(batch_size, "--batch-size", int),
+        "precision": _list(precision, "--precision", str),
+        "repeats": repeats,
+        "warmup": warmup,
+        "threads": threads,
+        "seed": seed,
+        "weights": str(weights) if weights else None,
+    }
+    table = load_sweep_config(config) if config else {}
+    spec = make_sweep(table, where=f"{config}: " if config else "", overrides=overrides)
+    get_backend(spec.backend)
+    store = ResultsStore(results)
+    _read_store(store)  # a broken or newer store fails here, before anything runs
+    progress = None if (as_json or quiet) else ui.RichSweepProgress()
+    try:
+        outcome = runner.run_sweep(
+            spec,
+            store,
+            force=force,
+            keep_data=keep_data,
+            progress=progress,
+            synth_progress=progress.synthesizing if progress else None,
+        )
+    except KeyboardInterrupt:
+        ui.console.print(
+            f"interrupted; every finished repeat is in {store.path}. Run the same command again to continue."
+        )
+        raise typer.Exit(130) from None
+    keys = {s.key for s in outcome.points}
+    points = [p for p in report.summarize_points(store.read()) if p.key in keys]
+    if as_json:
+        print(report.to_json(points))
+        return
+    skipped = sum(1 for s in outcome.points if s.todo == 0)
+    ui.stdout.print(ui.report_table(points, f"sweep {spec.name}: {len(outcome.points)} points on {spec.backend}"))
+    ui.stdout.print(
+        f"{len(outcome.records)} record(s) appended to {store.path}"
+        + (f"; {skipped} point(s) were already complete (--force reruns them)" if skipped else "")
+    )
+
+
+# ---------------------------------------------------------------------------------------------- report, plot
+
+
+def _backends(text: str | None) -> list[str] | None:
+    return _list(text, "--backend", str)
+
+
+@app.command()
+def report(
+    results: ResultsDir = Path("results"),
+    backend: Annotated[str | None, typer.Option(help="Only these backends, comma-separated.")] = None,
+    baseline: Annotated[str, typer.Option(help="Backend the speedup is measured against.")] = "cpu",
+    fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
+) -> None:
+    """One row per backend x data size x partition size x batch size (x precision, threads, machine): medians
+    over repeats, spread, speedup over the baseline on the same data, peak memory and cost where known."""
+    from cai_bench import report as rep
+    from cai_bench import ui
+    from cai_bench.results import ResultsStore
+
+    if fmt not in rep.FORMATS:
+        raise UserError(f"--format must be one of {', '.join(rep.FORMATS)}, got {fmt!r}")
+    store = ResultsStore(results)
+    points = rep.summarize_points(_read_store(store))
+    rep.add_speedups(points, baseline)
+    points = rep.select(points, _backends(backend))
+    if not points:
+        raise UserError(f"{store.path}: no finished runs to report" + (f" for backend {backend}" if backend else ""))
+    if fmt == "table":
+        ui.stdout.print(ui.report_table(points, f"{store.path}: {len(points)} points"))
+    elif fmt == "markdown":
+        print(rep.to_markdown(points), end="")
+    elif fmt == "csv":
+        print(rep.to_csv([rep.export_row(p) for p in points]), end="")
+    else:
+        print(rep.to_json(points))
+
+
+@app.command()
+def plot(
+    results: ResultsDir = Path("results"),
+    out: Annotated[Path, typer.Option(help="Directory for the figures.")] = Path("results/figures"),
+    reference: Annotated[
+        str | None, typer.Option(help="Draw published results beside ours: 'paper' or a CSV of the same columns.")
+    ] = None,
+    backend: Annotated[str | None, typer.Option(help="Only these backends, comma-separated.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Image formats, comma-separated: png, svg, pdf.")] = "png",
+) -> None:
+    """Scaling figures: time and throughput vs data size, throughput vs batch size, time (and cost) vs partition
+    size, and the per-worker time breakdown."""
+    from cai_bench import plot as plots
+    from cai_bench import report as rep
+    from cai_bench import ui
+    from cai_bench.results import ResultsStore
+
+    formats = _list(fmt, "--format", str)
+    store = ResultsStore(results)
+    points = rep.select(rep.summarize_points(_read_store(store)), _backends(backend))
+    rows = None
+    if reference:
+        path = Path(__file__).resolve().parent.parent / "results/reference/paper-results.csv"
+        rows = plots.load_reference(path if reference == "paper" else reference)
+    written = plots.save_figures(plots.build_figures(points, rows), out, formats)
+    for path in written:
+        ui.stdout.print(str(path), markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@results_app.command("list")
+def results_list(
+    results: ResultsDir = Path("results"),
+    backend: Annotated[str | None, typer.Option(help="Only these backends, comma-separated.")] = None,
+    last: Annotated[int, typer.Option(help="Show the newest N records (0: all).")] = 30,
+) -> None:
+    """The records in the store, newest last: id, status, what ran and how fast, and where."""
+    from rich.table import Table
+
+    from cai_bench import ui
+    from cai_bench.results import ResultsStore, record_row
+
+    store = ResultsStore(results)
+    records = _read_store(store)
+    wanted = _backends(backend)
+    rows = [record_row(r) for r in records if not wanted or r.get("backend") in wanted]
+    shown = rows[-last:] if last > 0 else rows
+    several_machines = len({r["machine"] for r in shown}) > 1
+    table = Table(title=f"{store.path}: {len(shown)} of {len(rows)} records", title_justify="left")
+    headers = ["run id", "status", "backend", "rep", "data GB", "part. MB", "batch", "prec.", "wall s", "samples/s"]
+    for header in headers + (["machine"] if several_machines else []):
+        table.add_column(header, justify="right" if header in ("rep", "data GB", "wall s", "samples/s") else "left")
+    for r in shown:
+        cells = [
+            r["run_id"],
+            r["status"],
+            r["backend"],
+            f"{r['repeat']}/{r['repeats']}",
+            f"{r['data_gb']:.3g}",
+            f"{r['partition_mb']:g}",
+            str(r["batch_size"]),
+            r["precision"],
+            f"{r['wall_s']:.2f}",
+            f"{r['samples_per_s']:,.1f}",
+        ]
+        table.add_row(*cells, *([r["machine"]] if several_machines else []))
+    if not several_machines and shown:
+        table.title += f" · {shown[0]['machine']}"
+    ui.stdout.print(table)
+
+
+def _find_record(records: list[dict], run_id: str, where: Path) -> dict:
+    found = [r for r in records if r.get("run_id", "").startswith(run_id)]
+    if not found:
+        raise UserError(f"{where}: no record with id {run_id!r}; cai-bench results list shows the ids")
+    if len(found) > 1:
+        raise UserError(f"{where}: {len(found)} records start with {run_id!r}; give more of the id")
+    return found[0]
+
+
+@results_app.command("show")
+def results_show(
+    run_id: Annotated[str, typer.Argument(help="A run id, or enough of its start to be unique.")],
+    results: ResultsDir = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="The whole record, per-partition workers included.")] = False,
+) -> None:
+    """One record: its summary, plan and environment (the whole record with --json)."""
+    from cai_bench import ui
+    from cai_bench.results import ResultsStore, record_row
+
+    store = ResultsStore(results)
+    record = _find_record(_read_store(store), run_id, store.path)
+    if as_json:
+        print(json.dumps(record, indent=1))
+        return
+    row = record_row(record)
+    rows = [(k, "-" if v is None else f"{v:,.6g}" if isinstance(v, float) else str(v)) for k, v in row.items()]
+    rows.append(("partitions run", str(len(record.get("workers", [])))))
+    ui.stdout.print(ui.key_value_table(record["run_id"], rows))
+
+
+@results_app.command("export")
+def results_export(
+    results: ResultsDir = Path("results"),
+    csv_format: Annotated[bool, typer.Option("--csv", help="One CSV row per record (the default).")] = True,
+    json_format: Annotated[bool, typer.Option("--json", help="A JSON array of the whole records instead.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Every record, as CSV rows (the summary's figures, plan and machine) or as JSON."""
+    from cai_bench import report as rep
+    from cai_bench.results import ResultsStore, record_row
+
+    records = _read_store(ResultsStore(results))
+    text = json.dumps(records, indent=1) + "\n" if json_format else rep.to_csv([record_row(r) for r in records])
+    if out is None:
+        print(text, end="")
+        return
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write ({exc.strerror})") from None
 
 
 # ---------------------------------------------------------------------------------------------- model

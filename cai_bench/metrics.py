@@ -1,4 +1,4 @@
-"""Measures: throughput, latency percentiles, peak memory."""
+"""Measures: throughput, latency percentiles, peak memory, the spread of repeated measurements."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import resource
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -80,3 +81,44 @@ def allowed_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+# A point whose slowest repeat took more than this many times its fastest is flagged: its median is not to be
+# trusted blindly (a noisy neighbour, thermal throttling, a cold cache in the first repeat).
+NOISY_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median, extremes and interquartile range of one measure over repeats."""
+
+    n: int
+    median: float
+    min: float
+    max: float
+    q1: float
+    q3: float
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @property
+    def max_over_min(self) -> float:
+        return self.max / self.min if self.min > 0 else float("inf")
+
+    @property
+    def noisy(self) -> bool:
+        return self.n > 1 and self.max_over_min > NOISY_RATIO
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "median": self.median, "min": self.min, "max": self.max, "iqr": self.iqr}
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Summary of repeated measurements (quartiles by linear interpolation, as numpy's default)."""
+    if len(values) == 0:
+        raise ValueError("spread() needs at least one value")
+    arr = np.asarray(values, dtype=np.float64)
+    q1, median, q3 = (float(v) for v in np.percentile(arr, (25, 50, 75)))
+    return Spread(n=len(arr), median=median, min=float(arr.min()), max=float(arr.max()), q1=q1, q3=q3)

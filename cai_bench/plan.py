@@ -1,4 +1,6 @@
-"""Sizes as the paper counts them, and the Plan of a run (pure: no I/O here).
+"""Sizes as the paper counts them, the Plan of a run and the SweepSpec of a grid of runs.
+
+Pure apart from reading a sweep config file: nothing here touches data or results.
 
 Facts from ``shared/spec/data-and-measures.md``: "GB"/"MB" are GiB/MiB; one sample is 20,524 bytes
 (image f32 [5,32,32] + magnitudes f64 [5] + redshift f32); 164,160 bits per sample are counted as processed.
@@ -6,8 +8,11 @@ Facts from ``shared/spec/data-and-measures.md``: "GB"/"MB" are GiB/MiB; one samp
 
 from __future__ import annotations
 
+import itertools
 import math
+import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from cai_bench.errors import UserError
 
@@ -146,3 +151,151 @@ def make_plan(
         verify_checksums=verify_checksums,
         backend_options=dict(backend_options or {}),
     )
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a sweep's grid: a synthetic data size, its partitioning, a batch size and a precision."""
+
+    gb: float
+    partition_mb: float
+    batch_size: int
+    precision: str
+
+    def label(self) -> str:
+        return f"{self.gb:g} GB · {self.partition_mb:g} MB · batch {self.batch_size} · {self.precision}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A full product of values; a sweep is the union of its grids (the paper varies one axis at a time)."""
+
+    name: str
+    gb: tuple[float, ...]
+    partition_mb: tuple[float, ...]
+    batch_size: tuple[int, ...]
+    precision: tuple[str, ...] = ("fp32",)
+
+    def points(self) -> list[SweepPoint]:
+        return [SweepPoint(*p) for p in itertools.product(self.gb, self.partition_mb, self.batch_size, self.precision)]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    backend: str
+    grids: tuple[Grid, ...]
+    repeats: int = 3
+    warmup: int = 0
+    threads: int | None = None
+    seed: int = 0
+    weights: str | None = None
+    verify_checksums: bool = True
+    description: str = ""
+
+    def points(self) -> list[SweepPoint]:
+        """Every point once, in the order the grids list them."""
+        return list(dict.fromkeys(p for grid in self.grids for p in grid.points()))
+
+
+AXES = ("gb", "partition_mb", "batch_size", "precision")
+DEFAULT_AXES = {"gb": (0.1,), "partition_mb": (25.0,), "batch_size": (512,), "precision": ("fp32",)}
+_SCALARS = {
+    "name": str,
+    "description": str,
+    "backend": str,
+    "repeats": int,
+    "warmup": int,
+    "threads": int,
+    "seed": int,
+    "weights": str,
+    "verify_checksums": bool,
+}
+_GRID_KEYS = ("name", *AXES)
+_KIND_NAMES = {str: "a string", int: "a whole number", bool: "true or false"}
+
+
+def _axis_values(axis: str, values, where: str) -> tuple:
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{where}{axis} must be a non-empty list, e.g. {axis} = {list(DEFAULT_AXES[axis])}")
+    out = []
+    for value in values:
+        if axis == "precision":
+            if value not in PRECISIONS:
+                raise UserError(f"{where}precision must be among {', '.join(PRECISIONS)}, got {value!r}")
+        elif axis == "batch_size":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{where}batch_size values must be whole numbers of at least 1, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UserError(f"{where}{axis} values must be positive numbers, got {value!r}")
+        else:
+            value = float(value)
+        out.append(value)
+    return tuple(dict.fromkeys(out))
+
+
+def _check_keys(table: dict, known: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise UserError(f"{where}unknown key {key!r} (known: {', '.join(known)})")
+
+
+def make_sweep(
+    config: dict | None = None,
+    *,
+    where: str = "",
+    overrides: dict | None = None,
+) -> SweepSpec:
+    """A validated SweepSpec from a config table (as read from TOML) and command-line overrides.
+
+    An axis given on the command line replaces that axis in every grid; a scalar replaces the config's value.
+    Without any grid, the top-level axes (or the defaults) make one grid.
+    """
+    config = dict(config or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(config, (*_SCALARS, *AXES, "grid"), where)
+    for key, kind in _SCALARS.items():
+        value = config.get(key)
+        # bool is an int in Python, but "repeats = true" is a mistake
+        if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+            raise UserError(f"{where}{key} must be {_KIND_NAMES[kind]}, got {value!r}")
+    top = {axis: _axis_values(axis, config[axis], where) for axis in AXES if axis in config}
+    tables = config.get("grid", [{}])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables) or not tables:
+        raise UserError(f"{where}grid must be a list of tables: [[grid]] sections")
+    grids = []
+    for number, table in enumerate(tables, start=1):
+        at = f"{where}grid {number}: " if "grid" in config else where
+        _check_keys(table, _GRID_KEYS, at)
+        axes = {**DEFAULT_AXES, **top, **{a: _axis_values(a, table[a], at) for a in AXES if a in table}}
+        for axis in AXES:
+            if axis in overrides:
+                axes[axis] = _axis_values(axis, list(overrides[axis]), "")
+        grids.append(Grid(name=str(table.get("name", f"grid {number}")), **axes))
+    scalars = {k: overrides.get(k, config.get(k)) for k in _SCALARS if k in overrides or k in config}
+    spec = SweepSpec(grids=tuple(grids), **{"name": "sweep", "backend": "cpu", **scalars})
+    if spec.repeats < 1:
+        raise UserError(f"{where}repeats must be at least 1, got {spec.repeats}")
+    if spec.warmup < 0:
+        raise UserError(f"{where}warmup must be 0 or more, got {spec.warmup}")
+    if spec.threads is not None and spec.threads < 1:
+        raise UserError(f"{where}threads must be at least 1, got {spec.threads}")
+    return spec
+
+
+def load_sweep_config(path: str | Path) -> dict:
+    """The table of a TOML sweep config (see configs/README.md); a missing or malformed file is a UserError."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - the dev machine runs 3.11
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None

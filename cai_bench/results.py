@@ -19,6 +19,7 @@ from cai_bench.errors import UserError
 from cai_bench.metrics import allowed_cpus, percentiles, rate
 
 SCHEMA_VERSION = "1.0"
+SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 STORE_FILE = "runs.jsonl"
 _PACKAGES = ("cai-bench", "torch", "torchvision", "timm", "numpy", "safetensors", "typer", "rich", "psutil")
 
@@ -43,6 +44,7 @@ class RunSummary:
     batch_latency_p90_s: float | None
     batch_latency_p99_s: float | None
     peak_rss_bytes: int
+    cost_usd: float | None = None  # what the run cost where the backend bills for it (Lambda); None elsewhere
 
 
 @dataclass
@@ -191,6 +193,7 @@ class ResultsStore:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.path = self.directory / STORE_FILE
+        self.skipped: list[str] = []  # what the last read() left out, for the caller to report
 
     def append(self, record: RunRecord) -> None:
         # One write() of one whole line on an O_APPEND descriptor: readers never see half a record from us,
@@ -211,7 +214,12 @@ class ResultsStore:
             os.close(fd)
 
     def read(self) -> list[dict]:
-        """All complete records; a torn last line (a crash mid-write elsewhere) is skipped."""
+        """All complete records, oldest first.
+
+        A torn last line (a writer killed mid-line) is skipped and described in ``self.skipped``; a broken line
+        elsewhere, or a record of a newer schema major version than this cai-bench knows, is a UserError.
+        """
+        self.skipped = []
         if not self.path.exists():
             return []
         records = []
@@ -220,9 +228,107 @@ class ResultsStore:
             if not raw.strip():
                 continue
             try:
-                records.append(json.loads(raw))
-            except json.JSONDecodeError:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 if number == len(lines):  # the last line, with no newline after it: torn
+                    self.skipped.append(f"{self.path}:{number}: skipped a torn last line ({len(raw)} bytes)")
                     continue
                 raise UserError(f"{self.path}:{number}: not a JSON record") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{self.path}:{number}: not a JSON record")
+            version = str(record.get("schema_version", ""))
+            try:
+                major = int(version.split(".")[0])
+            except ValueError:
+                raise UserError(f"{self.path}:{number}: record has no valid schema_version ({version!r})") from None
+            if major > SCHEMA_MAJOR:
+                raise UserError(
+                    f"{self.path}:{number}: record schema {version} is newer than this cai-bench reads "
+                    f"({SCHEMA_MAJOR}.x); upgrade cai-bench to read it"
+                )
+            records.append(record)
         return records
+
+    def runs(self) -> list[dict]:
+        """The records of runs (kind "run") that finished (status "ok"): what reports and plots use."""
+        return [r for r in self.read() if r.get("kind") == "run" and r.get("status") == "ok"]
+
+
+# ---------------------------------------------------------------------------------------------- identities
+
+
+def machine_id(environment: dict) -> str:
+    """Which machine a record comes from: host, CPU model and GPUs (a host name alone can be reused)."""
+    gpus = ",".join(environment.get("gpus") or [])
+    return " | ".join(x for x in (environment.get("host", "?"), environment.get("cpu_model", "?"), gpus) if x)
+
+
+def machine_label(environment: dict) -> str:
+    """A short name for tables and plot titles: host (GPU or CPU model, cores)."""
+    gpus = environment.get("gpus") or []
+    what = f"{len(gpus)}x {gpus[0]}" if gpus else str(environment.get("cpu_model", "?"))
+    for noise in ("(R)", "(TM)", " Processor", " CPU"):
+        what = what.replace(noise, "")
+    cores = environment.get("cpu_physical_cores") or environment.get("cpu_logical_cores")
+    return f"{environment.get('host', '?')} ({' '.join(what.split())}{f', {cores} cores' if cores else ''})"
+
+
+def data_identity(data: dict) -> str:
+    """Which data a plan ran on. Synthetic data is fully given by generator, seed, size and partitioning, so
+    that is its identity (a sweep can tell a point is done without generating its data); other data is
+    identified by the checksums of its partitions (dataset_id)."""
+    source = data.get("source") or {}
+    if source.get("kind") == "synthetic":
+        return (
+            f"synthetic-v{source.get('generator_version')}-seed{source.get('seed')}-"
+            f"{data.get('samples')}x{float(data.get('partition_mb', 0)):g}MB"
+        )
+    return f"dataset-{data.get('dataset_id')}"
+
+
+_NOT_PART_OF_A_POINT = ("repeats", "warmup", "data")
+
+
+def point_key(plan: dict, environment: dict) -> str:
+    """What makes two runs repeats of the same measurement: the plan (but how often it is repeated, and where
+    its data lives) on the same machine. New plan fields take part automatically."""
+    fields = {k: v for k, v in plan.items() if k not in _NOT_PART_OF_A_POINT}
+    fields["data"] = data_identity(plan.get("data") or {})
+    fields["machine"] = machine_id(environment)
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def this_machine() -> dict:
+    """The environment fields that identify this machine (no timestamp), for comparing with records."""
+    return _static_environment()
+
+
+def record_row(record: dict) -> dict:
+    """One record as a flat row (CSV export): identity, plan, where, and the summary's figures."""
+    plan, data, env, summary = record["plan"], record["plan"]["data"], record["environment"], record["summary"]
+    return {
+        "run_id": record["run_id"],
+        "created_utc": record["created_utc"],
+        "kind": record.get("kind"),
+        "status": record["status"],
+        "backend": record["backend"],
+        "repeat": record["repeat"],
+        "repeats": record["repeats"],
+        "data": data_identity(data),
+        "data_gb": data["data_gb"],
+        "samples_planned": data["samples"],
+        "partition_mb": data["partition_mb"],
+        "partitions_planned": data["partitions"],
+        "batch_size": plan["batch_size"],
+        "precision": plan["precision"],
+        "threads": record.get("backend_info", {}).get("threads", plan.get("threads")),
+        "weights": (record.get("weights") or {}).get("weights"),
+        **summary,
+        "machine": machine_label(env),
+        "host": env.get("host"),
+        "cpu_model": env.get("cpu_model"),
+        "gpus": ";".join(env.get("gpus") or []),
+        "torch": (env.get("packages") or {}).get("torch"),
+        "git_commit": env.get("git_commit"),
+        "error": record.get("error"),
+    }

@@ -1,12 +1,15 @@
-"""Runs a Plan on its backend: warm-up runs, measured repeats, one record appended per finished repeat.
+"""Runs a Plan on its backend (warm-up runs, measured repeats, one record appended per finished repeat), and a
+sweep of plans that resumes where an earlier one stopped.
 
 A repeat that fails or is interrupted part-way still leaves a record (status "failed" or "interrupted") with
-the partitions it did finish, so nothing measured is lost; earlier repeats are already in the store.
+the partitions it did finish, so nothing measured is lost; earlier repeats are already in the store. A sweep
+counts only "ok" records as done, so a rerun repeats exactly what is missing.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +23,27 @@ from cai_bench.engine import PartitionResult, WorkerRecord
 from cai_bench.errors import UserError
 from cai_bench.metrics import reset_peak_rss
 from cai_bench.model.checkpoint import RANDOM_INIT
-from cai_bench.plan import DataSummary, PartitionRef, Plan
-from cai_bench.results import ResultsStore, RunRecord, capture_environment, new_run_id, summarize_run, utc_now
+from cai_bench.plan import (
+    DataSummary,
+    PartitionRef,
+    Plan,
+    SweepPoint,
+    SweepSpec,
+    data_gb,
+    make_plan,
+    partition_count,
+    samples_for_gb,
+)
+from cai_bench.results import (
+    ResultsStore,
+    RunRecord,
+    capture_environment,
+    new_run_id,
+    point_key,
+    summarize_run,
+    this_machine,
+    utc_now,
+)
 
 DEFAULT_GB = 0.1  # 5,231 samples: 16-20 s of fp32 inference on the 2-core dev machine
 DEFAULT_PARTITION_MB = 25.0
@@ -33,7 +55,26 @@ class ProgressSink(Protocol):
     def end(self) -> None: ...
 
 
+class SweepProgressSink(ProgressSink, Protocol):
+    def sweep_begin(self, points: int, samples: int) -> None: ...
+    def point_begin(self, number: int, label: str) -> None: ...
+    def point_end(self, skipped: bool) -> None: ...
+    def sweep_end(self) -> None: ...
+
+
 class NoProgress:
+    def sweep_begin(self, points: int, samples: int) -> None:
+        pass
+
+    def point_begin(self, number: int, label: str) -> None:
+        pass
+
+    def point_end(self, skipped: bool) -> None:
+        pass
+
+    def sweep_end(self) -> None:
+        pass
+
     def begin(self, label: str, partitions: int, samples: int) -> None:
         pass
 
@@ -57,11 +98,15 @@ def cache_dir() -> Path:
     return Path(base) / "cai-bench"
 
 
+def synthetic_dir(gb: float, partition_mb: float, seed: int) -> Path:
+    return cache_dir() / "datasets" / f"synthetic-v{GENERATOR_VERSION}-seed{seed}-{gb:g}gb-{partition_mb:g}mb"
+
+
 def cached_synthetic(
     gb: float, partition_mb: float, seed: int, progress: Callable[[int, int], None] | None = None
 ) -> Path:
     """A synthetic data set in the cache, generated on first use and reused after."""
-    path = cache_dir() / "datasets" / f"synthetic-v{GENERATOR_VERSION}-seed{seed}-{gb:g}gb-{partition_mb:g}mb"
+    path = synthetic_dir(gb, partition_mb, seed)
     if not (path / MANIFEST).is_file():
         synthesize(path, gb, partition_mb, seed, overwrite=True, progress=progress)
     return path
@@ -150,9 +195,136 @@ def _run_once(plan: Plan, repeat: int, store: ResultsStore | None, progress: Pro
     return RunOutcome(record, collected)
 
 
-def execute(plan: Plan, store: ResultsStore | None, progress: ProgressSink | None = None) -> list[RunOutcome]:
-    """Warm-up runs (not recorded), then ``plan.repeats`` measured runs, each appended to ``store`` at once."""
+def execute(
+    plan: Plan, store: ResultsStore | None, progress: ProgressSink | None = None, first_repeat: int = 1
+) -> list[RunOutcome]:
+    """Warm-up runs (not recorded), then measured repeats ``first_repeat``..``plan.repeats``, each appended to
+    ``store`` as soon as it finishes."""
     progress = progress or NoProgress()
     for i in range(plan.warmup):
         _run_once(plan, 0, None, progress, f"warm-up {i + 1}/{plan.warmup}")
-    return [_run_once(plan, r, store, progress, f"repeat {r}/{plan.repeats}") for r in range(1, plan.repeats + 1)]
+    return [
+        _run_once(plan, r, store, progress, f"repeat {r}/{plan.repeats}") for r in range(first_repeat, plan.repeats + 1)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class SweepPointState:
+    point: SweepPoint
+    key: str
+    done: int  # "ok" repeats already in the store for this plan on this machine
+    todo: int  # repeats this sweep runs
+
+
+@dataclass
+class SweepOutcome:
+    spec: SweepSpec
+    points: list[SweepPointState]
+    records: list[RunRecord] = field(default_factory=list)  # what this invocation appended
+
+
+def _plan_options(spec: SweepSpec, point: SweepPoint) -> dict:
+    return {
+        "batch_size": point.batch_size,
+        "precision": point.precision,
+        "threads": spec.threads,
+        "repeats": spec.repeats,
+        "warmup": spec.warmup,
+        "weights": spec.weights,
+        "seed": spec.seed,
+        "verify_checksums": spec.verify_checksums,
+    }
+
+
+def _expected_summary(point: SweepPoint, seed: int) -> DataSummary:
+    """What the synthetic data of a point will be, without generating it (its identity is known in advance)."""
+    samples = samples_for_gb(point.gb)
+    return DataSummary(
+        path=str(synthetic_dir(point.gb, point.partition_mb, seed)),
+        dataset_id="",
+        source={"kind": "synthetic", "seed": seed, "generator_version": GENERATOR_VERSION, "gb": point.gb},
+        samples=samples,
+        data_gb=data_gb(samples),
+        partition_mb=point.partition_mb,
+        partitions=partition_count(samples, point.partition_mb),
+    )
+
+
+def sweep_state(spec: SweepSpec, store: ResultsStore, force: bool = False) -> list[SweepPointState]:
+    """Each point of the sweep with the repeats already in the store (for this plan, on this machine).
+
+    Points on the same data run one after another (in the order the grids first name that data), so each
+    data set is needed during one stretch of the sweep only.
+    """
+    machine = this_machine()
+    done: dict[str, int] = {}
+    for record in store.runs():
+        key = point_key(record["plan"], record["environment"])
+        done[key] = done.get(key, 0) + 1
+    states = []
+    points = spec.points()
+    first_use = {}
+    for index, point in enumerate(points):
+        first_use.setdefault((point.gb, point.partition_mb), index)
+    points.sort(key=lambda p: first_use[(p.gb, p.partition_mb)])
+    for point in points:
+        expected = Plan(spec.backend, _expected_summary(point, spec.seed), (), **_plan_options(spec, point))
+        key = point_key(expected.to_record(), machine)
+        have = 0 if force else min(done.get(key, 0), spec.repeats)
+        states.append(SweepPointState(point, key, have, spec.repeats - have))
+    return states
+
+
+def _same_data(a: SweepPoint, b: SweepPoint) -> bool:
+    return (a.gb, a.partition_mb) == (b.gb, b.partition_mb)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    store: ResultsStore,
+    *,
+    force: bool = False,
+    keep_data: bool = True,
+    progress: SweepProgressSink | None = None,
+    synth_progress: Callable[[int, int], None] | None = None,
+) -> SweepOutcome:
+    """Run every point of ``spec`` that lacks repeats in ``store`` (all of them with ``force``).
+
+    Each point's data is generated once into the cache and reused; each finished repeat is appended at once,
+    so an interrupted sweep loses at most the repeat in flight and a rerun continues from there. With
+    ``keep_data=False`` a data set this sweep generated is deleted after its last point (the paper's grid
+    would otherwise keep about 175 GB).
+    """
+    progress = progress or NoProgress()
+    states = sweep_state(spec, store, force)
+    outcome = SweepOutcome(spec, states)
+    runs_per_point = {id(s): s.todo + (spec.warmup if s.todo else 0) for s in states}
+    total = sum(samples_for_gb(s.point.gb) * runs_per_point[id(s)] for s in states)
+    progress.sweep_begin(len(states), total)
+    generated: set[Path] = set()
+    try:
+        for number, state in enumerate(states, start=1):
+            progress.point_begin(number, state.point.label())
+            if state.todo == 0:
+                progress.point_end(skipped=True)
+                continue
+            point = state.point
+            directory = synthetic_dir(point.gb, point.partition_mb, spec.seed)
+            if not (directory / MANIFEST).is_file():
+                generated.add(directory)
+            summary, refs = resolve_data(None, point.gb, point.partition_mb, spec.seed, synth_progress)
+            plan = make_plan(spec.backend, summary, refs, **_plan_options(spec, point))
+            if point_key(plan.to_record(), this_machine()) != state.key:
+                raise RuntimeError(f"{summary.path}: the cached data set is not the one the sweep expected")
+            outcomes = execute(plan, store, progress, first_repeat=state.done + 1)
+            outcome.records.extend(o.record for o in outcomes)
+            progress.point_end(skipped=False)
+            later = states[number:]
+            if not keep_data and directory in generated and not any(_same_data(s.point, point) for s in later):
+                shutil.rmtree(directory, ignore_errors=True)
+    finally:
+        progress.sweep_end()
+    return outcome

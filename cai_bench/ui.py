@@ -23,7 +23,7 @@ from cai_bench.results import RunRecord
 console = Console(stderr=True, soft_wrap=True)
 stdout = Console(soft_wrap=True)
 if not stdout.is_terminal:
-    stdout.width = max(stdout.width, 100)  # logs and pipes: wide enough for the summary table
+    stdout.width = max(stdout.width, 160)  # logs and pipes: wide enough for the report tables
 
 
 def _bar(*extra) -> Progress:
@@ -62,6 +62,61 @@ class RichRunProgress:
 
     def end(self) -> None:
         self._progress.stop()
+
+
+class RichSweepProgress(RichRunProgress):
+    """Two bars: the whole sweep (samples of all points, with points done / total and ETA), and the current run."""
+
+    def __init__(self):
+        super().__init__()
+        self._overall = None
+        self._points = 0
+        self._points_done = 0
+        self._skipped = 0
+        self._label = ""
+        self._synth = None
+
+    def sweep_begin(self, points: int, samples: int) -> None:
+        self._points = points
+        self._progress.start()
+        self._overall = self._progress.add_task("sweep", total=max(samples, 1), rate=self._points_text())
+
+    def _points_text(self) -> str:
+        skipped = f", {self._skipped} already in the store" if self._skipped else ""
+        return f"points {self._points_done}/{self._points}{skipped}"
+
+    def point_begin(self, number: int, label: str) -> None:
+        self._label = label
+
+    def point_end(self, skipped: bool) -> None:
+        self._points_done += 1
+        self._skipped += skipped
+        self._progress.update(self._overall, rate=self._points_text())
+
+    def sweep_end(self) -> None:
+        self._progress.stop()
+
+    def synthesizing(self, done: int, total: int) -> None:
+        """Data generation for a point, as a third bar while it lasts (one live display at a time)."""
+        if self._synth is None:
+            self._synth = self._progress.add_task(f"{self._label}: generating data", total=total, rate="samples")
+        self._progress.update(self._synth, completed=done, total=total)
+        if done >= total:
+            self._progress.remove_task(self._synth)
+            self._synth = None
+
+    def begin(self, label: str, partitions: int, samples: int) -> None:
+        self._samples, self._compute = 0, 0.0
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(f"{self._label}: {label}", total=partitions, rate="")
+
+    def advance(self, record: WorkerRecord) -> None:
+        super().advance(record)
+        self._progress.update(self._overall, advance=record.samples)
+
+    def end(self) -> None:
+        pass
 
 
 class RichCountProgress:
@@ -137,6 +192,23 @@ def run_summary_table(records: list[RunRecord]) -> Table:
         table.add_row("median", *medians, "", "", peak, style="bold")
         ranges = [f"{min(v):,.1f}-{max(v):,.1f}" for v in (walls, rates, mbps)]
         table.add_row("min-max", ranges[0], "", ranges[1], ranges[2], "", "", "")
+    return table
+
+
+def report_table(points: list, title: str) -> Table:
+    """The report's rows; columns with nothing in any row are left out, and one machine goes in the title."""
+    from cai_bench.report import DISPLAY_COLUMNS, NOTES
+
+    columns = [(h, cell) for h, cell in DISPLAY_COLUMNS if any(cell(p) != "-" for p in points)]
+    machines = {p.machine for p in points}
+    if len(machines) == 1:
+        columns = [(h, cell) for h, cell in columns if h != "machine"]
+        title += f" · {machines.pop()}"
+    table = Table(title=title, title_justify="left", caption=NOTES, caption_justify="left")
+    for header, _ in columns:
+        table.add_column(header, justify="left" if header in ("backend", "prec.", "machine") else "right")
+    for p in points:
+        table.add_row(*(cell(p) for _, cell in columns), style="yellow" if p.noisy else None)
     return table
 
 

@@ -63,3 +63,75 @@ def upstream_spec() -> list[tuple[str, tuple[int, ...], str]]:
         dims = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
         rows.append((key, dims, dtype))
     return rows
+
+
+def hand_record(
+    backend: str,
+    wall_s: float,
+    *,
+    host: str = "alpha",
+    cpu: str = "Xeon A",
+    gpus: tuple[str, ...] = (),
+    gb: float = 1.0,
+    partition_mb: float = 25.0,
+    batch_size: int = 512,
+    precision: str = "fp32",
+    threads: int | None = 2,
+    phases: list[tuple[float, float, float, float]] | None = None,
+    status: str = "ok",
+    created: str = "2026-11-27T00:00:00Z",
+    peak_rss: int = 2**30,
+    cost_usd: float | None = None,
+) -> dict:
+    """A run record as the store holds it, built from the real dataclasses with chosen figures.
+
+    ``phases`` is (startup_s, wait_s, load_s, compute_s) per partition, all on one worker.
+    """
+    from dataclasses import asdict
+
+    from cai_bench.engine import WorkerRecord
+    from cai_bench.plan import (
+        BITS_PER_SAMPLE,
+        DataSummary,
+        PartitionRef,
+        data_gb,
+        make_plan,
+        partition_sizes,
+        samples_for_gb,
+    )
+    from cai_bench.results import RunRecord, new_run_id, summarize_run
+
+    samples = samples_for_gb(gb)
+    sizes = partition_sizes(samples, partition_mb)
+    phases = phases or [(0.1, 0.0, 0.2, wall_s / len(sizes) - 0.3)] * len(sizes)
+    refs = tuple(PartitionRef(f"/d/part-{i}", i, n, n * 20524, "0" * 64) for i, n in enumerate(sizes))
+    source = {"kind": "synthetic", "seed": 0, "generator_version": 1, "gb": gb}
+    summary = DataSummary("/d", "abc", source, samples, data_gb(samples), partition_mb, len(sizes))
+    plan = make_plan(backend, summary, refs, batch_size=batch_size, precision=precision, threads=threads, repeats=3)
+    workers = []
+    for (startup, wait, load, compute), ref in zip(phases, refs, strict=True):
+        workers.append(
+            WorkerRecord(
+                "w0", ref.index, ref.path, ref.samples, ref.samples * BITS_PER_SAMPLE, 1, batch_size, precision,
+                "cpu", startup, wait, load, compute, startup + wait + load + compute, ref.samples / compute,
+                ref.samples * BITS_PER_SAMPLE / compute, 0.1, 0.1, 0.1, peak_rss, host, 1,
+            )
+        )  # fmt: skip
+    run_summary = summarize_run(workers, wall_s)
+    run_summary.cost_usd = cost_usd
+    environment = {"host": host, "cpu_model": cpu, "gpus": list(gpus), "cpu_physical_cores": 2}
+    record = RunRecord(
+        run_id=new_run_id(), created_utc=created, status=status, backend=backend, repeat=1, repeats=3,
+        plan=plan.to_record(), weights={"weights": "random-init", "seed": 0}, environment=environment,
+        summary=run_summary, workers=workers, backend_info={"threads": threads},
+    )  # fmt: skip
+    return asdict(record)
+
+
+def write_store(directory: Path, records: list[dict]) -> Path:
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

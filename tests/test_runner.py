@@ -107,9 +107,11 @@ def test_an_interrupted_run_records_the_partitions_it_finished(tiny_data, tmp_pa
 
 def test_store_skips_a_torn_last_line_but_not_a_broken_middle_one(tmp_path):
     store = ResultsStore(tmp_path)
-    store.path.write_text('{"a": 1}\n{"b": 2}\n{"c": ')
-    assert store.read() == [{"a": 1}, {"b": 2}]
-    store.path.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    a, b = '{"a": 1, "schema_version": "1.0"}', '{"b": 2, "schema_version": "1.0"}'
+    store.path.write_text(f'{a}\n{b}\n{{"c": ')
+    assert [r.get("a", r.get("b")) for r in store.read()] == [1, 2]
+    assert store.skipped == [f"{store.path}:3: skipped a torn last line (6 bytes)"]
+    store.path.write_text(f"{a}\nnot json\n{b}\n")
     with pytest.raises(UserError, match="runs.jsonl:2: not a JSON record"):
         store.read()
 

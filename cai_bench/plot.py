@@ -1,0 +1,339 @@
+"""Scaling figures from the results store, optionally beside the paper's published numbers.
+
+Built with matplotlib's object interface (no pyplot, no global state), so figures can be made in tests and
+in threads. Our series are solid lines; the paper's are dashed and grey-blue, each labelled with the kind of time
+it is (the paper mixes Step Functions wall time, profiler CPU time and profiler GPU time), never blended in.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib import ticker
+from matplotlib.figure import Figure
+
+from cai_bench.errors import UserError
+from cai_bench.metrics import spread
+from cai_bench.plan import BITS_PER_SAMPLE, samples_for_gb
+from cai_bench.report import BREAKDOWN, PointReport
+
+FIGURES = (
+    "wall-vs-data-size",
+    "throughput-vs-data-size",
+    "throughput-vs-batch-size",
+    "wall-vs-partition-size",
+    "worker-breakdown",
+)
+IMAGE_FORMATS = ("png", "svg", "pdf")
+
+SYSTEMS = {
+    "cai-lambda": "CAI on AWS Lambda",
+    "hpc-cpu": "HPC CPU",
+    "hpc-gpu": "HPC GPU",
+    "laptop-cpu": "laptop CPU",
+}
+TIME_KINDS = {
+    "map-state-wall": "Step Functions Map-state wall time",
+    "execution-wall": "Step Functions execution wall time",
+    "mean-worker-profiler-cpu": "mean per-function profiler CPU time",
+    "profiler-cpu": "torch profiler CPU time",
+    "profiler-gpu": "torch profiler GPU time",
+}
+REFERENCE_COLUMNS = ("experiment", "system", "data_gb", "partition_mb", "batch_size", "seconds", "seconds_kind", "bits")
+_REFERENCE_COLOURS = ("#4c6a8a", "#8a9bb0", "#2f4f4f", "#a0785a", "#6b8e23")
+
+
+# ---------------------------------------------------------------------------------------------- the paper
+
+
+@dataclass
+class ReferencePoint:
+    x: float
+    runs: list[tuple[float, float]]  # (seconds, bits) of each published run
+
+
+@dataclass
+class ReferenceSeries:
+    label: str
+    points: list[ReferencePoint]
+
+
+def load_reference(path: str | Path) -> list[dict]:
+    """Rows of the paper's published results (results/reference/paper-results.csv)."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such reference file") from None
+    if not rows or any(c not in rows[0] for c in REFERENCE_COLUMNS):
+        raise UserError(f"{path}: not a reference table (needs columns {', '.join(REFERENCE_COLUMNS)})")
+    return rows
+
+
+def _reference_series(
+    rows: list[dict], keep: Callable[[dict], bool], x_column: str, label: Callable[[dict], str]
+) -> list[ReferenceSeries]:
+    series: dict[str, dict[float, ReferencePoint]] = {}
+    for row in rows:
+        if not keep(row):
+            continue
+        x = float(row[x_column])
+        # Where the paper gives no bit count, the data size does: floor(GB * 2^30 / 20,524) samples.
+        bits = float(row["bits"]) if row["bits"] else samples_for_gb(float(row["data_gb"])) * BITS_PER_SAMPLE
+        point = series.setdefault(label(row), {}).setdefault(x, ReferencePoint(x, []))
+        point.runs.append((float(row["seconds"]), bits))
+    return [ReferenceSeries(name, sorted(pts.values(), key=lambda p: p.x)) for name, pts in series.items()]
+
+
+def _paper_label(row: dict, with_partition: bool = True) -> str:
+    system = SYSTEMS.get(row["system"], row["system"])
+    part = f", {float(row['partition_mb']):g} MB" if with_partition and row["partition_mb"] else ""
+    return f"paper: {system}{part} ({TIME_KINDS.get(row['seconds_kind'], row['seconds_kind'])})"
+
+
+def _paper_vs_data_size(rows: list[dict]) -> list[ReferenceSeries]:
+    # The 25 MB Lambda curve stands for CAI here; the other partition sizes are in the partition-size figure.
+    def keep(r):
+        lambda_25 = (
+            r["system"] == "cai-lambda" and r["partition_mb"] == "25.0" and r["seconds_kind"] == "map-state-wall"
+        )
+        return r["experiment"] == "vary-data-size" and (lambda_25 or r["system"] != "cai-lambda")
+
+    return _reference_series(rows, keep, "data_gb", _paper_label)
+
+
+def _paper_vs_batch_size(rows: list[dict]) -> list[ReferenceSeries]:
+    def label(r):
+        return _paper_label(r) + f", {float(r['data_gb']):g} GB"
+
+    return _reference_series(rows, lambda r: r["experiment"] == "vary-batch-size", "batch_size", label)
+
+
+def _paper_vs_partition_size(rows: list[dict]) -> list[ReferenceSeries]:
+    def keep(r):
+        return (
+            r["experiment"] == "vary-data-size"
+            and r["system"] == "cai-lambda"
+            and r["seconds_kind"] == "map-state-wall"
+            and float(r["data_gb"]) == 12.6
+        )
+
+    def label(r):
+        return _paper_label(r, with_partition=False) + ", 12.6 GB"
+
+    return _reference_series(rows, keep, "partition_mb", label)
+
+
+# ---------------------------------------------------------------------------------------------- our series
+
+
+_SERIES_ATTRS = ("backend", "machine", "data_gb", "partition_mb", "batch_size", "precision", "threads")
+_ATTR_TEXT = {
+    "machine": lambda p: f"on {p.machine}",
+    "backend": lambda p: p.backend,
+    "data_gb": lambda p: f"{p.data_gb:.3g} GB",
+    "partition_mb": lambda p: f"{p.partition_mb:g} MB",
+    "batch_size": lambda p: f"batch {p.batch_size}",
+    "precision": lambda p: p.precision,
+    "threads": lambda p: f"{p.threads} threads",
+}
+
+
+def _series(points: list[PointReport], x_attr: str) -> tuple[list[tuple[str, list[PointReport]]], str]:
+    """Points grouped into lines along ``x_attr``, and what all the lines share (for the title).
+
+    A label names only what differs between the lines. Lines of a single point say nothing about scaling, so
+    they are left out when some line has two or more.
+    """
+    attrs = [a for a in _SERIES_ATTRS if a != x_attr]
+    groups: dict[tuple, list[PointReport]] = {}
+    for p in points:
+        groups.setdefault(tuple(getattr(p, a) for a in attrs), []).append(p)
+    if any(len(g) > 1 for g in groups.values()):
+        groups = {k: g for k, g in groups.items() if len(g) > 1}
+    varying = [a for i, a in enumerate(attrs) if len({k[i] for k in groups}) > 1]
+    shown = [a for a in attrs if a in varying or a == "backend"]
+    out = []
+    for group in groups.values():
+        group.sort(key=lambda p: getattr(p, x_attr))
+        out.append(("ours: " + " · ".join(_ATTR_TEXT[a](group[0]) for a in shown), group))
+    out.sort(key=lambda item: item[0])
+    any_group = next(iter(groups.values()))
+    shared = [_ATTR_TEXT[a](any_group[0]) for a in attrs if a not in shown and a != "machine"]
+    return out, ", ".join(shared)
+
+
+def _where(points: list[PointReport]) -> str:
+    machines = sorted({p.machine for p in points})
+    first = min(p.first_utc for p in points)[:10]
+    last = max(p.last_utc for p in points)[:10]
+    when = first if first == last else f"{first} to {last}"
+    shown = "; ".join(machines[:3]) + (f" and {len(machines) - 3} more" if len(machines) > 3 else "")
+    return f"measured on {shown}, {when}"
+
+
+def _title(ax, what: str, points: list[PointReport], reference: bool, shared: str = "") -> None:
+    lines = [what, _where(points) + (f"; all ours at {shared}" if shared else "")]
+    if reference:
+        lines.append("dashed: the paper's published times, each with its kind of time")
+    ax.set_title("\n".join(lines), fontsize=9, loc="left")
+
+
+def _draw_ours(ax, points: list[PointReport], x_attr: str, y: Callable) -> str:
+    """Median with min-max error bars; y(point) -> (median, min, max) in plot units. Returns what the lines share."""
+    series, shared = _series(points, x_attr)
+    for label, group in series:
+        xs = [getattr(p, x_attr) for p in group]
+        meds, lows, highs = zip(*(y(p) for p in group), strict=True)
+        err = [[m - lo for m, lo in zip(meds, lows, strict=True)], [hi - m for m, hi in zip(meds, highs, strict=True)]]
+        ax.errorbar(xs, meds, yerr=err, marker="o", markersize=4, capsize=3, linewidth=1.5, label=label)
+    return shared
+
+
+def _draw_reference(ax, series: list[ReferenceSeries], y: Callable[[float, float], float]) -> None:
+    """The paper's series; y(seconds, bits) -> plot units."""
+    for index, line in enumerate(series):
+        xs = [p.x for p in line.points]
+        stats = [spread([y(seconds, bits) for seconds, bits in p.runs]) for p in line.points]
+        meds = [s.median for s in stats]
+        err = [[s.median - s.min for s in stats], [s.max - s.median for s in stats]]
+        colour = _REFERENCE_COLOURS[index % len(_REFERENCE_COLOURS)]
+        ax.errorbar(
+            xs, meds, yerr=err, color=colour, linestyle="--", marker="s", markersize=4, markerfacecolor="none",
+            capsize=2, linewidth=1, label=line.label,
+        )  # fmt: skip
+
+
+def _finish(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool = True, log_y: bool = True) -> Figure:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_x:
+        ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    for axis, log in ((ax.xaxis, log_x), (ax.yaxis, log_y)):
+        if log:
+            # 1, 2, 5, 10, 20 ... as plain numbers: easier to read off than 4x10^1
+            axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
+def _figure() -> tuple[Figure, object]:
+    fig = Figure(figsize=(11, 5), dpi=100)
+    return fig, fig.subplots()
+
+
+def _spread_of(name: str, scale: float = 1.0) -> Callable[[PointReport], tuple[float, float, float]]:
+    def y(p: PointReport) -> tuple[float, float, float]:
+        s = getattr(p, name)
+        return s.median * scale, s.min * scale, s.max * scale
+
+    return y
+
+
+def _throughput(seconds: float, bits: float) -> float:
+    return bits / seconds
+
+
+def _seconds(seconds: float, bits: float) -> float:
+    return seconds
+
+
+def build_figures(points: list[PointReport], reference: list[dict] | None = None) -> dict[str, Figure]:
+    """Every figure in FIGURES that the points (and reference rows) have data for, by name."""
+    if not points:
+        raise UserError("no finished runs in the results store to plot; run cai-bench run or cai-bench sweep first")
+    ref = reference or []
+    has_ref = bool(ref)
+    figures = {}
+
+    fig, ax = _figure()
+    shared = _draw_ours(ax, points, "data_gb", _spread_of("wall_s"))
+    _draw_reference(ax, _paper_vs_data_size(ref), _seconds)
+    what = "Inference time vs data size (ours: wall clock, median and min-max over repeats)"
+    _title(ax, what, points, has_ref, shared)
+    figures["wall-vs-data-size"] = _finish(fig, ax, "data size (GB)", "seconds")
+
+    fig, ax = _figure()
+    shared = _draw_ours(ax, points, "data_gb", _spread_of("throughput_bps"))
+    _draw_reference(ax, _paper_vs_data_size(ref), _throughput)
+    _title(ax, "Throughput vs data size (ours: bits processed / wall s)", points, has_ref, shared)
+    figures["throughput-vs-data-size"] = _finish(fig, ax, "data size (GB)", "throughput (bits/s)")
+
+    fig, ax = _figure()
+    shared = _draw_ours(ax, points, "batch_size", _spread_of("throughput_bps"))
+    _draw_reference(ax, _paper_vs_batch_size(ref), _throughput)
+    _title(ax, "Throughput vs batch size (ours: bits processed / wall s)", points, has_ref, shared)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    figures["throughput-vs-batch-size"] = _finish(fig, ax, "batch size (samples)", "throughput (bits/s)", log_x=False)
+
+    with_cost = any(p.cost_usd is not None for p in points)
+    fig = Figure(figsize=(11, 8 if with_cost else 5), dpi=100)
+    axes = fig.subplots(2, 1) if with_cost else [fig.subplots()]
+    shared = _draw_ours(axes[0], points, "partition_mb", _spread_of("wall_s"))
+    _draw_reference(axes[0], _paper_vs_partition_size(ref), _seconds)
+    _title(axes[0], "Inference time vs partition size (ours: wall clock)", points, has_ref, shared)
+    if with_cost:
+        costed = [p for p in points if p.cost_usd is not None]
+        shared = _draw_ours(axes[1], costed, "partition_mb", _spread_of("cost_usd"))
+        _title(axes[1], "Cost vs partition size (US dollars per run)", costed, False, shared)
+        _finish(fig, axes[1], "partition size (MB)", "US$ per run")
+    figures["wall-vs-partition-size"] = _finish(fig, axes[0], "partition size (MB)", "seconds")
+
+    figures["worker-breakdown"] = _breakdown(points)
+    return figures
+
+
+def _breakdown(points: list[PointReport]) -> Figure:
+    """Where a worker's time goes, per point: stacked mean seconds per worker in each phase."""
+    fig = Figure(figsize=(11, max(3.0, 1.2 + 0.32 * len(points))), dpi=100)
+    ax = fig.subplots()
+    labels = [
+        f"{p.label()} · {p.precision}" + (f" · {p.machine}" if len({q.machine for q in points}) > 1 else "")
+        for p in points
+    ]
+    left = [0.0] * len(points)
+    for phase in BREAKDOWN:
+        widths = [p.worker_breakdown_s[phase] for p in points]
+        ax.barh(range(len(points)), widths, left=left, label=phase.removesuffix("_s"))
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.set_yticks(range(len(points)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title(
+        "Per-worker time breakdown: mean seconds per worker, median over repeats\n" + _where(points),
+        fontsize=9,
+        loc="left",
+    )
+    ax.set_xlabel("seconds per worker")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figures(figures: dict[str, Figure], out: str | Path, formats: list[str]) -> list[Path]:
+    for fmt in formats:
+        if fmt not in IMAGE_FORMATS:
+            raise UserError(f"--format must be among {', '.join(IMAGE_FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the output directory ({exc.strerror})") from None
+    written = []
+    for name, fig in figures.items():
+        for fmt in formats:
+            path = out / f"{name}.{fmt}"
+            fig.savefig(path, format=fmt)
+            written.append(path)
+    return written

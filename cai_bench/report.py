@@ -1,0 +1,234 @@
+"""Reports from the results store: one row per measured point, with the spread over its repeats.
+
+A point is one plan on one machine (``results.point_key``): backend x data x partition size x batch size x
+precision x threads (...). Its figures are computed from the records alone, so a report is reproducible from
+the store and works on a store that holds records of several machines and backends.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cai_bench.metrics import Spread, spread
+from cai_bench.results import data_identity, machine_id, machine_label, point_key
+
+BREAKDOWN = ("startup_s", "wait_s", "load_s", "compute_s")
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+@dataclass
+class PointReport:
+    key: str
+    machine: str
+    machine_id: str
+    backend: str
+    data: str  # data_identity: which data, whatever directory it was read from
+    data_gb: float
+    samples: int
+    partition_mb: float
+    partitions: int
+    batch_size: int
+    precision: str
+    threads: int | None  # as the backend ran it (the plan may leave it to the backend)
+    repeats: int
+    wall_s: Spread
+    samples_per_s: Spread
+    throughput_bps: Spread  # bits / wall s
+    sum_worker_throughput_bps: Spread  # the paper's measure: sum over workers of bits / own compute s
+    peak_rss_bytes: int  # the highest over repeats
+    cost_usd: Spread | None
+    worker_breakdown_s: dict[str, float]  # mean seconds per worker in each phase, median over repeats
+    run_ids: list[str]
+    first_utc: str
+    last_utc: str
+    speedup: float | None = None  # baseline median wall / this median wall
+    baseline: str | None = None
+    environment: dict = field(default_factory=dict, repr=False)  # of the latest repeat
+
+    @property
+    def noisy(self) -> bool:
+        return self.wall_s.noisy
+
+    def label(self) -> str:
+        return f"{self.backend} · {self.data_gb:.3g} GB · {self.partition_mb:g} MB · batch {self.batch_size}"
+
+
+def _worker_breakdown(record: dict) -> dict[str, float]:
+    """Mean seconds per worker in each phase; a worker that ran several partitions adds them up."""
+    per_worker: dict[tuple, dict[str, float]] = {}
+    for w in record["workers"]:
+        totals = per_worker.setdefault((w.get("host"), w.get("pid"), w.get("worker_id")), dict.fromkeys(BREAKDOWN, 0))
+        for phase in BREAKDOWN:
+            totals[phase] += w.get(phase, 0.0)
+    n = max(len(per_worker), 1)
+    return {phase: sum(t[phase] for t in per_worker.values()) / n for phase in BREAKDOWN}
+
+
+def summarize_points(records: list[dict]) -> list[PointReport]:
+    """One PointReport per point, from finished run records (others are ignored)."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        if record.get("kind") != "run" or record.get("status") != "ok":
+            continue
+        groups.setdefault(point_key(record["plan"], record["environment"]), []).append(record)
+    points = []
+    for key, group in groups.items():
+        group.sort(key=lambda r: r["created_utc"])
+        plan, data, last = group[-1]["plan"], group[-1]["plan"]["data"], group[-1]
+        sums = [r["summary"] for r in group]
+        costs = [s["cost_usd"] for s in sums if s.get("cost_usd") is not None]
+        breakdowns = [_worker_breakdown(r) for r in group]
+        points.append(
+            PointReport(
+                key=key,
+                machine=machine_label(last["environment"]),
+                machine_id=machine_id(last["environment"]),
+                backend=last["backend"],
+                data=data_identity(data),
+                data_gb=data["data_gb"],
+                samples=data["samples"],
+                partition_mb=data["partition_mb"],
+                partitions=data["partitions"],
+                batch_size=plan["batch_size"],
+                precision=plan["precision"],
+                threads=last.get("backend_info", {}).get("threads", plan.get("threads")),
+                repeats=len(group),
+                wall_s=spread([s["wall_s"] for s in sums]),
+                samples_per_s=spread([s["samples_per_s"] for s in sums]),
+                throughput_bps=spread([s["throughput_bps"] for s in sums]),
+                sum_worker_throughput_bps=spread([s["sum_worker_throughput_bps"] for s in sums]),
+                peak_rss_bytes=max(s["peak_rss_bytes"] for s in sums),
+                cost_usd=spread(costs) if len(costs) == len(sums) else None,
+                worker_breakdown_s={p: spread([b[p] for b in breakdowns]).median for p in BREAKDOWN},
+                run_ids=[r["run_id"] for r in group],
+                first_utc=group[0]["created_utc"],
+                last_utc=last["created_utc"],
+                environment=last["environment"],
+            )
+        )
+    points.sort(
+        key=lambda p: (p.backend, p.machine, p.precision, p.data_gb, p.partition_mb, p.batch_size, p.threads or 0)
+    )
+    return points
+
+
+def add_speedups(points: list[PointReport], baseline: str) -> None:
+    """Speedup of each point over the ``baseline`` backend on the same data (the same number of samples).
+
+    Among the baseline's points on that data, the closest is used: same machine first, then the same
+    partitioning, batch size and precision; the chosen one is named in ``PointReport.baseline``.
+    """
+    for point in points:
+        candidates = [b for b in points if b.backend == baseline and b.samples == point.samples]
+        if not candidates:
+            continue
+        best = max(
+            candidates,
+            key=lambda b: (
+                b.machine_id == point.machine_id,
+                b.data == point.data,
+                b.batch_size == point.batch_size,
+                b.precision == point.precision,
+                b.threads == point.threads,
+                b.repeats,
+            ),
+        )
+        point.speedup = best.wall_s.median / point.wall_s.median if point.wall_s.median > 0 else None
+        point.baseline = f"{best.label()} · {best.precision} on {best.machine}"
+
+
+def select(points: list[PointReport], backends: list[str] | None) -> list[PointReport]:
+    return [p for p in points if not backends or p.backend in backends]
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+# (header, cell) for human-readable tables; the CSV and JSON exports keep full precision instead.
+DISPLAY_COLUMNS: list[tuple[str, Callable[[PointReport], str]]] = [
+    ("backend", lambda p: p.backend),
+    ("data GB", lambda p: f"{p.data_gb:.3g}"),
+    ("part. MB", lambda p: f"{p.partition_mb:g} x{p.partitions}"),
+    ("batch", lambda p: str(p.batch_size)),
+    ("prec.", lambda p: p.precision),
+    ("thr.", lambda p: _num(p.threads, "d")),
+    ("n", lambda p: str(p.repeats)),
+    ("wall s", lambda p: f"{p.wall_s.median:,.2f}"),
+    ("min-max", lambda p: f"{p.wall_s.min:,.2f}-{p.wall_s.max:,.2f}" + (" NOISY" if p.noisy else "")),
+    ("samples/s", lambda p: f"{p.samples_per_s.median:,.1f}"),
+    ("Mbps", lambda p: f"{p.throughput_bps.median / 1e6:,.1f}"),
+    ("Mbps Σw", lambda p: f"{p.sum_worker_throughput_bps.median / 1e6:,.1f}"),
+    ("speedup", lambda p: "-" if p.speedup is None else f"{p.speedup:.2f}x"),
+    ("RSS MB", lambda p: f"{p.peak_rss_bytes / 2**20:,.0f}"),
+    ("cost $", lambda p: "-" if p.cost_usd is None else f"{p.cost_usd.median:.4f}"),
+    ("machine", lambda p: p.machine),
+]
+
+NOTES = (
+    "Medians over n repeats; min-max of wall s. NOISY: the slowest repeat took over 1.5x the fastest, so the "
+    "median is not to be trusted blindly. Mbps: bits / wall s, what a user gets. Mbps Σw: the sum over workers of "
+    "bits / own compute s, the paper's headline measure. speedup: the baseline's median wall s / this one's, on the "
+    "same data. RSS MB: the highest peak resident memory of any repeat."
+)
+
+
+def export_row(p: PointReport) -> dict:
+    """A flat row with full precision and units in the names (CSV, JSON)."""
+    row = {
+        "machine": p.machine,
+        "backend": p.backend,
+        "data": p.data,
+        "data_gb": p.data_gb,
+        "samples": p.samples,
+        "partition_mb": p.partition_mb,
+        "partitions": p.partitions,
+        "batch_size": p.batch_size,
+        "precision": p.precision,
+        "threads": p.threads,
+        "repeats": p.repeats,
+    }
+    for name in ("wall_s", "samples_per_s", "throughput_bps", "sum_worker_throughput_bps"):
+        s: Spread = getattr(p, name)
+        row.update({f"{name}_median": s.median, f"{name}_min": s.min, f"{name}_max": s.max, f"{name}_iqr": s.iqr})
+    row.update(
+        {
+            "noisy": p.noisy,
+            "speedup": p.speedup,
+            "baseline": p.baseline,
+            "peak_rss_bytes": p.peak_rss_bytes,
+            "cost_usd_median": None if p.cost_usd is None else p.cost_usd.median,
+            **{f"worker_{k}": v for k, v in p.worker_breakdown_s.items()},
+            "first_utc": p.first_utc,
+            "last_utc": p.last_utc,
+            "run_ids": " ".join(p.run_ids),
+        }
+    )
+    return row
+
+
+def to_markdown(points: list[PointReport]) -> str:
+    headers = [h for h, _ in DISPLAY_COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(p) for _, cell in DISPLAY_COLUMNS) + " |" for p in points]
+    return "\n".join(lines) + "\n\n" + NOTES + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_json(points: list[PointReport]) -> str:
+    return json.dumps([export_row(p) for p in points], indent=1)

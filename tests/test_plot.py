@@ -1,0 +1,98 @@
+"""Figures from hand-made stores of several machines and backends, with and without the paper's curves."""
+
+from pathlib import Path
+
+import pytest
+from conftest import hand_record, write_store
+
+from cai_bench import plot, report
+from cai_bench.errors import UserError
+
+PAPER = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper-results.csv"
+
+
+def sweep_like_records() -> list[dict]:
+    """Two machines: a cpu data-size and batch-size sweep on one, a gpu data-size sweep on the other."""
+    records = []
+    for gb, wall in ((0.05, 10.0), (0.1, 19.0), (0.2, 40.0)):
+        records += [hand_record("cpu", wall * f, gb=gb, host="alpha") for f in (1.0, 1.1)]
+        records += [hand_record("gpu", wall / 20, gb=gb, host="gamma", gpus=("NVIDIA H100",))]
+    for batch, wall in ((32, 15.0), (128, 11.0)):
+        records += [hand_record("cpu", wall, gb=0.05, batch_size=batch, host="alpha")]
+    for part, wall in ((5.0, 12.0), (10.0, 11.0)):
+        records += [hand_record("cpu", wall, gb=0.05, partition_mb=part, host="alpha", cost_usd=wall / 1000)]
+    return records
+
+
+def lines_of(ax) -> dict[str, object]:
+    handles, labels = ax.get_legend_handles_labels()
+    return dict(zip(labels, handles, strict=True))
+
+
+def test_every_figure_is_drawn_with_our_series_and_the_papers_apart():
+    points = report.summarize_points(sweep_like_records())
+    figures = plot.build_figures(points, plot.load_reference(PAPER))
+    assert list(figures) == list(plot.FIGURES)
+
+    ax = figures["wall-vs-data-size"].axes[0]
+    labels = lines_of(ax)
+    ours = [label for label in labels if not label.startswith("paper:")]
+    # one line per backend x machine through the three data sizes; single points are left out
+    assert sorted(ours) == ["ours: cpu · on alpha (Xeon A, 2 cores)", "ours: gpu · on gamma (1x NVIDIA H100, 2 cores)"]
+    cpu_line = labels["ours: cpu · on alpha (Xeon A, 2 cores)"][0]
+    assert list(cpu_line.get_xdata()) == pytest.approx([0.05, 0.1, 0.2], rel=1e-3)  # samples * 20,524 B
+    assert list(cpu_line.get_ydata()) == pytest.approx([10.5, 19.95, 42.0])  # medians of the two repeats
+    paper = [label for label in labels if label.startswith("paper:")]
+    assert "paper: HPC GPU (torch profiler GPU time)" in paper
+    assert "paper: CAI on AWS Lambda, 25 MB (Step Functions Map-state wall time)" in paper
+    assert all("(" in label and "time)" in label for label in paper)  # every paper series names its kind of time
+    assert "alpha" in ax.get_title(loc="left") and "gamma" in ax.get_title(loc="left")
+
+    batch = lines_of(figures["throughput-vs-batch-size"].axes[0])
+    (ours,) = [label for label in batch if not label.startswith("paper:")]
+    assert list(batch[ours][0].get_xdata()) == [32, 128, 512]
+    assert any("Map-state wall time" in label for label in batch)
+
+    partition = figures["wall-vs-partition-size"]
+    assert len(partition.axes) == 2  # cost is known for some points, so it gets its own panel
+    assert any("12.6 GB" in label for label in lines_of(partition.axes[0]))
+
+    breakdown = figures["worker-breakdown"].axes[0]
+    assert [t.get_text() for t in breakdown.get_legend().get_texts()] == ["startup", "wait", "load", "compute"]
+    assert len(breakdown.get_yticklabels()) == len(points)
+
+
+def test_without_reference_only_our_series_are_drawn():
+    figures = plot.build_figures(report.summarize_points(sweep_like_records()))
+    for fig in figures.values():
+        for ax in fig.axes:
+            assert not any(label.startswith("paper:") for label in ax.get_legend_handles_labels()[1])
+    assert len(figures["wall-vs-partition-size"].axes) == 2
+
+
+def test_plot_command_writes_every_figure_in_every_format(cli, tmp_path):
+    write_store(tmp_path / "r", sweep_like_records())
+    out = tmp_path / "figs"
+    code, stdout, _ = cli(
+        "plot", "--results", tmp_path / "r", "--out", out, "--reference", "paper", "--format", "png,svg"
+    )
+    assert code == 0
+    for name in plot.FIGURES:
+        png, svg = out / f"{name}.png", out / f"{name}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in svg.read_bytes()[:500]
+        assert str(png) in stdout
+
+
+def test_plot_errors(cli, tmp_path):
+    code, _, err = cli("plot", "--results", tmp_path)
+    assert code == 2 and "no finished runs" in err
+    write_store(tmp_path, sweep_like_records())
+    code, _, err = cli("plot", "--results", tmp_path, "--out", tmp_path / "f", "--format", "gif")
+    assert code == 2 and "--format" in err
+    code, _, err = cli("plot", "--results", tmp_path, "--reference", tmp_path / "missing.csv")
+    assert code == 2 and "no such reference file" in err
+    with pytest.raises(UserError, match="not a reference table"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("a,b\n1,2\n")
+        plot.load_reference(bad)

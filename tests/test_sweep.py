@@ -1,0 +1,201 @@
+"""Sweeps: presets, grid expansion, and resuming after an interruption or a killed process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import TINY_GB, TINY_MB, hand_record, write_store
+
+from cai_bench.errors import UserError
+from cai_bench.plan import SweepPoint, load_sweep_config, make_sweep
+from cai_bench.results import ResultsStore, point_key
+from cai_bench.runner import run_sweep, sweep_state, synthetic_dir
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = CONFIGS.parent
+
+
+def tiny_sweep(**overrides):
+    axes = {"gb": [TINY_GB], "partition_mb": [TINY_MB], "batch_size": [16, 32], "repeats": 2, "threads": 1}
+    return make_sweep(overrides={**axes, **overrides})
+
+
+def ok_runs(store: ResultsStore) -> list[dict]:
+    return store.runs()
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def test_the_presets_load_and_expand():
+    paper = make_sweep(load_sweep_config(CONFIGS / "paper.toml"))
+    points = paper.points()
+    assert paper.repeats == 3 and paper.name == "paper"
+    # 7 sizes x 4 partition sizes at batch 512, plus batch 32..512 at 1 GB / 25 MB (512 counted once)
+    assert len(points) == 7 * 4 + 5 - 1
+    assert SweepPoint(12.6, 100.0, 512, "fp32") in points and SweepPoint(1.0, 25.0, 32, "fp32") in points
+    quick = make_sweep(load_sweep_config(CONFIGS / "laptop-quick.toml"))
+    assert len(quick.points()) == 7 and max(p.gb for p in quick.points()) <= 0.1
+
+
+def test_command_line_axes_replace_the_configs_and_scalars_override():
+    config = load_sweep_config(CONFIGS / "paper.toml")
+    spec = make_sweep(config, overrides={"gb": [0.1], "backend": "gpu", "repeats": 1})
+    assert {p.gb for p in spec.points()} == {0.1}
+    assert {p.partition_mb for p in spec.points()} == {25.0, 50.0, 75.0, 100.0}
+    assert (spec.backend, spec.repeats, spec.warmup) == ("gpu", 1, 0)
+
+
+def test_defaults_make_one_point():
+    assert make_sweep().points() == [SweepPoint(0.1, 25.0, 512, "fp32")]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("gbs = [1]", "unknown key 'gbs'"),
+        ("[[grid]]\ngb = [1]\nbatch = [2]", "grid 1: unknown key 'batch'"),
+        ("repeats = '3'", "repeats must be a whole number"),
+        ("repeats = true", "repeats must be a whole number"),
+        ("repeats = 0", "repeats must be at least 1"),
+        ("gb = 1", "gb must be a non-empty list"),
+        ("gb = [0]", "gb values must be positive"),
+        ("batch_size = [32.5]", "batch_size values must be whole numbers"),
+        ("precision = ['fp16']", "precision must be among fp32, bf16"),
+        ("grid = 3", "grid must be a list of tables"),
+        ("gb = [1", "not valid TOML"),
+    ],
+)
+def test_bad_configs_are_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(UserError, match=message) as info:
+        make_sweep(load_sweep_config(path), where=f"{path}: ")
+    assert str(path) in str(info.value)
+
+
+def test_a_missing_config_and_a_bad_list_option_exit_2(cli, tmp_path):
+    code, _, err = cli("sweep", "--config", tmp_path / "nope.toml", "--results", tmp_path)
+    assert code == 2 and "no such config file" in err
+    code, _, err = cli("sweep", "--gb", "0.1,big", "--results", tmp_path)
+    assert code == 2 and "--gb takes a comma-separated list of float values" in err
+    code, _, err = cli("sweep", "--backend", "quantum", "--results", tmp_path)
+    assert code == 2 and "quantum" in err
+
+
+def test_points_in_several_grids_run_once_and_points_on_the_same_data_run_together(tmp_path):
+    table = {
+        "grid": [
+            {"gb": [0.1, 0.2], "batch_size": [512]},
+            {"gb": [0.1], "batch_size": [32, 512]},
+        ]
+    }
+    spec = make_sweep(table)
+    assert len(spec.points()) == 3
+    order = [(s.point.gb, s.point.batch_size) for s in sweep_state(spec, ResultsStore(tmp_path))]
+    assert order == [(0.1, 512), (0.1, 32), (0.2, 512)]
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+
+def test_a_rerun_skips_what_the_store_holds_and_force_reruns_it(tmp_path):
+    store = ResultsStore(tmp_path / "r")
+    first = run_sweep(tiny_sweep(), store)
+    assert len(first.records) == 4 and [s.todo for s in first.points] == [2, 2]
+    again = run_sweep(tiny_sweep(), store)
+    assert again.records == [] and [s.done for s in again.points] == [2, 2]
+    assert len(ok_runs(store)) == 4
+    forced = run_sweep(tiny_sweep(repeats=1), store, force=True)
+    assert len(forced.records) == 2 and len(ok_runs(store)) == 6
+
+
+def test_more_repeats_later_runs_only_the_missing_ones(tmp_path):
+    store = ResultsStore(tmp_path / "r")
+    run_sweep(tiny_sweep(repeats=1), store)
+    more = run_sweep(tiny_sweep(repeats=3), store)
+    assert [(r.repeat, r.repeats) for r in more.records] == [(2, 3), (3, 3), (2, 3), (3, 3)]
+
+
+def test_records_of_other_machines_and_unfinished_runs_do_not_count(tmp_path):
+    store = ResultsStore(tmp_path / "r")
+    run_sweep(tiny_sweep(repeats=1, batch_size=[16]), store)
+    (mine,) = store.read()
+    other_machine = json.loads(json.dumps(mine))
+    other_machine["environment"]["host"] = "elsewhere"
+    failed = json.loads(json.dumps(mine))
+    failed["status"] = "failed"
+    write_store(tmp_path / "r", [other_machine, failed, hand_record("cpu", 1.0)])
+    (state,) = sweep_state(tiny_sweep(repeats=1, batch_size=[16]), store)
+    assert state.done == 0 and state.todo == 1
+    assert state.key == point_key(mine["plan"], mine["environment"])
+
+
+def test_no_keep_data_deletes_only_what_the_sweep_generated(tmp_path):
+    store = ResultsStore(tmp_path / "r")
+    kept = synthetic_dir(TINY_GB, TINY_MB, 0)
+    run_sweep(tiny_sweep(repeats=1, batch_size=[16]), store)  # generates and keeps the first data set
+    assert kept.is_dir()
+    spec = tiny_sweep(repeats=1, gb=[TINY_GB, 0.001], batch_size=[16, 32])
+    run_sweep(spec, store, keep_data=False)
+    assert kept.is_dir()
+    assert not synthetic_dir(0.001, TINY_MB, 0).exists()
+    assert len(ok_runs(store)) == 4
+
+
+def _sweep_process(results: Path, cache: Path) -> subprocess.Popen:
+    args = ["--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--batch-size", "8,16,32", "--repeats", "2"]
+    env = {**os.environ, "CAI_BENCH_CACHE": str(cache)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cai_bench", "sweep", *args, "--threads", "1", "-q", "--results", str(results)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_records(path: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_bytes().splitlines()) >= count:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} records in {path} after {timeout} s")
+
+
+def _repeats_per_point(store: ResultsStore) -> Counter:
+    return Counter((r["plan"]["batch_size"], r["repeat"]) for r in store.runs())
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_a_sweep_stopped_mid_point_resumes_with_only_the_missing_repeats(tmp_path, how):
+    results, cache = tmp_path / "r", tmp_path / "cache"
+    store = ResultsStore(results)
+    process = _sweep_process(results, cache)
+    _wait_for_records(store.path, 3, process)  # point 2 of 3 has one of its two repeats: stop it mid-point
+    process.send_signal(how)
+    _, err = process.communicate(timeout=120)
+    before = store.path.read_bytes()
+    kept = ok_runs(store)
+    assert 3 <= len(kept) < 6, "the sweep finished before it could be stopped"
+    if how == signal.SIGINT:
+        assert process.returncode == 130 and "Run the same command again to continue" in err
+    else:
+        assert process.returncode == -signal.SIGKILL
+
+    process = _sweep_process(results, cache)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert store.path.read_bytes().startswith(before)  # nothing measured before was lost or rewritten
+    # every point has exactly repeats 1 and 2, and the second sweep ran only what was missing
+    assert _repeats_per_point(store) == Counter({(b, r): 1 for b in (8, 16, 32) for r in (1, 2)})
+    assert f"{6 - len(kept)} record(s) appended" in out
