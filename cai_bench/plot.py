@@ -220,6 +220,8 @@ def _finish(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool = True, log_y
             axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             axis.set_minor_formatter(ticker.NullFormatter())
+    if ylabel.startswith("throughput"):
+        ax.yaxis.set_major_formatter(ticker.EngFormatter(unit="bps"))
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -267,7 +269,7 @@ def build_figures(points: list[PointReport], reference: list[dict] | None = None
     shared = _draw_ours(ax, points, "data_gb", _spread_of("throughput_bps"))
     _draw_reference(ax, _paper_vs_data_size(ref), _throughput)
     _title(ax, "Throughput vs data size (ours: bits processed / wall s)", points, has_ref, shared)
-    figures["throughput-vs-data-size"] = _finish(fig, ax, "data size (GB)", "throughput (bits/s)")
+    figures["throughput-vs-data-size"] = _finish(fig, ax, "data size (GB)", "throughput (bits per second)")
 
     fig, ax = _figure()
     shared = _draw_ours(ax, points, "batch_size", _spread_of("throughput_bps"))
@@ -275,7 +277,9 @@ def build_figures(points: list[PointReport], reference: list[dict] | None = None
     _title(ax, "Throughput vs batch size (ours: bits processed / wall s)", points, has_ref, shared)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    figures["throughput-vs-batch-size"] = _finish(fig, ax, "batch size (samples)", "throughput (bits/s)", log_x=False)
+    figures["throughput-vs-batch-size"] = _finish(
+        fig, ax, "batch size (samples)", "throughput (bits per second)", log_x=False
+    )
 
     with_cost = any(p.cost_usd is not None for p in points)
     fig = Figure(figsize=(11, 8 if with_cost else 5), dpi=100)

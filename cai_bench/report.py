@@ -214,10 +214,15 @@ def export_row(p: PointReport) -> dict:
     return row
 
 
+def display_columns(points: list[PointReport]) -> list[tuple[str, Callable[[PointReport], str]]]:
+    """The display columns with something in them for these points (no all-"-" cost column on a CPU run)."""
+    return [(h, cell) for h, cell in DISPLAY_COLUMNS if any(cell(p) != "-" for p in points)]
+
+
 def to_markdown(points: list[PointReport]) -> str:
-    headers = [h for h, _ in DISPLAY_COLUMNS]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(p) for _, cell in DISPLAY_COLUMNS) + " |" for p in points]
+    columns = display_columns(points)
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(p) for _, cell in columns) + " |" for p in points]
     return "\n".join(lines) + "\n\n" + NOTES + "\n"
 
 

@@ -197,9 +197,9 @@ def run_summary_table(records: list[RunRecord]) -> Table:
 
 def report_table(points: list, title: str) -> Table:
     """The report's rows; columns with nothing in any row are left out, and one machine goes in the title."""
-    from cai_bench.report import DISPLAY_COLUMNS, NOTES
+    from cai_bench.report import NOTES, display_columns
 
-    columns = [(h, cell) for h, cell in DISPLAY_COLUMNS if any(cell(p) != "-" for p in points)]
+    columns = display_columns(points)
     machines = {p.machine for p in points}
     if len(machines) == 1:
         columns = [(h, cell) for h, cell in columns if h != "machine"]
