@@ -278,10 +278,6 @@ def sweep_state(spec: SweepSpec, store: ResultsStore, force: bool = False) -> li
     return states
 
 
-def _same_data(a: SweepPoint, b: SweepPoint) -> bool:
-    return (a.gb, a.partition_mb) == (b.gb, b.partition_mb)
-
-
 def run_sweep(
     spec: SweepSpec,
     store: ResultsStore,
@@ -301,8 +297,7 @@ def run_sweep(
     progress = progress or NoProgress()
     states = sweep_state(spec, store, force)
     outcome = SweepOutcome(spec, states)
-    runs_per_point = {id(s): s.todo + (spec.warmup if s.todo else 0) for s in states}
-    total = sum(samples_for_gb(s.point.gb) * runs_per_point[id(s)] for s in states)
+    total = sum(samples_for_gb(s.point.gb) * (s.todo + spec.warmup) for s in states if s.todo)
     progress.sweep_begin(len(states), total)
     generated: set[Path] = set()
     try:
@@ -322,8 +317,9 @@ def run_sweep(
             outcomes = execute(plan, store, progress, first_repeat=state.done + 1)
             outcome.records.extend(o.record for o in outcomes)
             progress.point_end(skipped=False)
-            later = states[number:]
-            if not keep_data and directory in generated and not any(_same_data(s.point, point) for s in later):
+            data = (point.gb, point.partition_mb)
+            needed_later = any((s.point.gb, s.point.partition_mb) == data for s in states[number:] if s.todo)
+            if not keep_data and directory in generated and not needed_later:
                 shutil.rmtree(directory, ignore_errors=True)
     finally:
         progress.sweep_end()
