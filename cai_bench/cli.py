@@ -129,7 +129,99 @@ def run(
     if weights == "random-init":
         weights += " (the timings are real; the predicted redshifts are not)"
     ui.stdout.print(f"weights: {weights}")
+    line = _accuracy_line(records[-1].accuracy, " in the last repeat")
+    if line:
+        ui.stdout.print(line, markup=False, highlight=False)
     ui.stdout.print(f"{len(records)} record(s) appended to {store.path}")
+
+
+def _accuracy_line(metrics: dict | None, where: str = "") -> str | None:
+    if not metrics:
+        return None
+    r2 = "-" if metrics["r2"] is None else f"{metrics['r2']:.4f}"
+    line = (
+        f"accuracy over {metrics['samples']:,} objects{where}: MAE {metrics['mae']:.5f}, MSE {metrics['mse']:.6f}, "
+        f"bias {metrics['bias']:.5f}, NMAD {metrics['nmad']:.5f}, R2 {r2}, "
+        f"outliers {metrics['outlier_fraction']:.2%}"
+    )
+    if not metrics.get("meaningful", True):
+        line = "MEANINGLESS " + line
+    return line + (f" ({metrics['note']})" if metrics.get("note") else "")
+
+
+@app.command()
+def predict(
+    data: Annotated[Path, typer.Option(help="A data set directory (cai-bench data import / synth).")],
+    out: Annotated[Path, typer.Option(help="predictions.parquet or predictions.csv")],
+    weights: Annotated[
+        Path | None, typer.Option(help="Weights (.safetensors, or a .pt state dict); default: random init.")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="Where to run.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16 (autocast).")] = "fp32",
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads [default: physical cores].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random-init weights.")] = 0,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Compare each partition's sha256 as it is read.")
+    ] = True,
+    force: Annotated[bool, typer.Option(help="Start again: replace OUT and any unfinished parts.")] = False,
+    results: ResultsDir = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Predict the redshift of every object: object id, predicted and (where known) true redshift.
+
+    Resumable: each finished partition is kept, so rerunning after an interruption predicts only the rest and
+    the file holds every object exactly once. The run is timed and recorded like any run (kind "predict").
+    """
+    from cai_bench import ui
+    from cai_bench.backends import get_backend
+    from cai_bench.data.partitions import open_dataset
+    from cai_bench.plan import make_plan
+    from cai_bench.predict import predict as run_predict
+    from cai_bench.results import ResultsStore
+
+    get_backend(backend)
+    _, summary, refs = open_dataset(data)
+    plan = make_plan(
+        backend,
+        summary,
+        refs,
+        batch_size=batch_size,
+        precision=precision,
+        threads=threads,
+        weights=str(weights) if weights else None,
+        seed=seed,
+        verify_checksums=verify,
+    )
+    progress = None if (as_json or quiet) else ui.RichRunProgress()
+    try:
+        outcome = run_predict(plan, out, ResultsStore(results), force=force, progress=progress)
+    except KeyboardInterrupt:
+        ui.console.print("interrupted; finished partitions are kept. Run the same command again to continue.")
+        raise typer.Exit(130) from None
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "out": str(outcome.out),
+                    "objects": outcome.objects,
+                    "partitions_run": outcome.partitions_run,
+                    "partitions_reused": outcome.partitions_reused,
+                    "accuracy": outcome.accuracy,
+                    "run_ids": [r.run_id for r in outcome.records],
+                },
+                indent=1,
+            )
+        )
+        return
+    if outcome.records:
+        ui.stdout.print(ui.run_summary_table(outcome.records))
+    reused = f" ({outcome.partitions_reused} partitions from an earlier run)" if outcome.partitions_reused else ""
+    ui.stdout.print(f"{outcome.out}: {outcome.objects:,} objects{reused}")
+    line = _accuracy_line(outcome.accuracy)
+    if line:
+        ui.stdout.print(line, markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -288,15 +380,25 @@ def plot(
     ] = None,
     backend: Annotated[str | None, typer.Option(help="Only these backends, comma-separated.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="Image formats, comma-separated: png, svg, pdf.")] = "png",
+    predictions: Annotated[
+        Path | None, typer.Option(help="Instead: predicted vs true redshift from a cai-bench predict file.")
+    ] = None,
 ) -> None:
     """Scaling figures: time and throughput vs data size, throughput vs batch size, time (and cost) vs partition
-    size, and the per-worker time breakdown."""
+    size, and the per-worker time breakdown. With --predictions: predicted vs true redshift."""
     from cai_bench import plot as plots
     from cai_bench import report as rep
     from cai_bench import ui
     from cai_bench.results import ResultsStore
 
     formats = _list(fmt, "--format", str)
+    if predictions is not None:
+        from cai_bench.predict import read_predictions
+
+        figure = plots.predictions_figure(read_predictions(predictions), str(predictions))
+        for path in plots.save_figures({f"{predictions.stem}-vs-true": figure}, out, formats):
+            ui.stdout.print(str(path), markup=False, highlight=False)
+        return
     store = ResultsStore(results)
     points = rep.select(rep.summarize_points(_read_store(store)), _backends(backend))
     rows = None
@@ -446,6 +548,27 @@ def model_info(
     ui.stdout.print(ui.key_value_table("pcm-AstroMAE", rows))
 
 
+@model_app.command("convert")
+def model_convert(
+    src: Annotated[Path, typer.Argument(help="Upstream's pickled model (.pt), a plain state dict, or safetensors.")],
+    out: Annotated[Path, typer.Option(help="The safetensors file to write.")],
+) -> None:
+    """Recover the model's tensors into a safetensors file, without importing or running anything from SRC.
+
+    A whole pickled model (upstream's DataParallel-wrapped ViT_Astro) is read by a restricted unpickler: tensor
+    building blocks are rebuilt, module classes become inert placeholders, any other pickled name is refused.
+    """
+    from cai_bench import ui
+    from cai_bench.model.checkpoint import convert_checkpoint
+
+    done = convert_checkpoint(src, out)
+    ui.stdout.print(
+        f"{done.out}: {done.keys} tensors from the {done.source_kind} {done.source} "
+        f"(sha256 {done.source_sha256[:16]}...); they load strictly into pcm-AstroMAE: "
+        f"cai-bench run --weights {done.out}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -489,6 +612,30 @@ def data_split(
         manifest = split(src, partition_mb, out, overwrite=force, progress=None if quiet else bar)
     ui.stdout.print(
         f"{out}: {manifest.samples:,} samples in {len(manifest.partitions)} partitions of {partition_mb:g} MB"
+    )
+
+
+@data_app.command("import")
+def data_import(
+    sources: Annotated[list[Path], typer.Argument(help="Upstream TensorDataset .pt files, in order.")],
+    partition_mb: Annotated[float, typer.Option(help="Partition size in MB (MiB).")],
+    out: Annotated[Path, typer.Option(help="Directory to create.")],
+    force: Annotated[bool, typer.Option(help="Replace OUT if it already holds files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Convert upstream torch.save(TensorDataset(images, magnitudes, redshift)) files into partitions.
+
+    Read with torch.load(weights_only=True), allowing only TensorDataset; images [N,64,64,5] are permuted and
+    centre-cropped to [N,5,32,32]; one input file is open at a time.
+    """
+    from cai_bench import ui
+    from cai_bench.data.upstream import import_upstream
+
+    with ui.RichCountProgress(f"importing into {partition_mb:g} MB partitions", "samples") as bar:
+        manifest = import_upstream(sources, out, partition_mb, overwrite=force, progress=None if quiet else bar)
+    ui.stdout.print(
+        f"{out}: {manifest.samples:,} samples from {len(sources)} file(s) in {len(manifest.partitions)} partitions "
+        f"of {partition_mb:g} MB; labels: {'yes' if manifest.has_labels else 'no'}"
     )
 
 

@@ -122,3 +122,32 @@ def spread(values: Sequence[float]) -> Spread:
     arr = np.asarray(values, dtype=np.float64)
     q1, median, q3 = (float(v) for v in np.percentile(arr, (25, 50, 75)))
     return Spread(n=len(arr), median=median, min=float(arr.min()), max=float(arr.max()), q1=q1, q3=q3)
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+
+OUTLIER_DZ = 0.05  # |dz| above this counts as an outlier
+
+
+def accuracy(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float | None]:
+    """Redshift accuracy as the upstream evaluation defines it, with dz = (z' - z) / (1 + z):
+
+    MAE = mean|z' - z|, MSE = mean (z' - z)^2, bias = mean dz, NMAD = 1.48 median|dz - median dz|,
+    R2 = 1 - SS_res / SS_tot (None when all true values are equal), outlier fraction = share of |dz| > 0.05.
+    """
+    z_pred = np.asarray(predicted, dtype=np.float64).reshape(-1)
+    z = np.asarray(true, dtype=np.float64).reshape(-1)
+    if len(z) == 0 or len(z) != len(z_pred):
+        raise ValueError(f"accuracy() needs two equally long, non-empty arrays, got {len(z_pred)} and {len(z)}")
+    error = z_pred - z
+    dz = error / (1.0 + z)
+    ss_tot = float(np.sum((z - z.mean()) ** 2))
+    return {
+        "samples": len(z),
+        "mae": float(np.mean(np.abs(error))),
+        "mse": float(np.mean(error**2)),
+        "bias": float(np.mean(dz)),
+        "nmad": float(1.48 * np.median(np.abs(dz - np.median(dz)))),
+        "r2": float(1.0 - np.sum(error**2) / ss_tot) if ss_tot > 0 else None,
+        "outlier_fraction": float(np.mean(np.abs(dz) > OUTLIER_DZ)),
+    }

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
@@ -341,3 +342,44 @@ def save_figures(figures: dict[str, Figure], out: str | Path, formats: list[str]
             fig.savefig(path, format=fmt)
             written.append(path)
     return written
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+
+
+def predictions_figure(columns: dict, title: str) -> Figure:
+    """Predicted against true redshift, each point coloured by how many objects share its neighbourhood, with the
+    y = x line and the accuracy figures in the legend."""
+    from cai_bench.metrics import accuracy
+
+    z = np.asarray(columns["true_redshift"], dtype=np.float64)
+    z_pred = np.asarray(columns["predicted_redshift"], dtype=np.float64)
+    if len(z) == 0:
+        raise UserError(f"{title}: holds no predictions")
+    m = accuracy(z_pred, z)
+    top = max(float(z.max()), float(z_pred.max()), 1e-3) * 1.05
+    low = min(float(z.min()), float(z_pred.min()), 0.0)
+    counts, x_edges, y_edges = np.histogram2d(z, z_pred, bins=120, range=[[low, top], [low, top]])
+    xi = np.clip(np.searchsorted(x_edges, z, side="right") - 1, 0, counts.shape[0] - 1)
+    yi = np.clip(np.searchsorted(y_edges, z_pred, side="right") - 1, 0, counts.shape[1] - 1)
+    density = counts[xi, yi]
+    order = np.argsort(density, kind="stable")  # the densest points on top
+    fig = Figure(figsize=(7, 6.2), dpi=100)
+    ax = fig.subplots()
+    r2 = "-" if m["r2"] is None else f"{m['r2']:.4f}"
+    label = (
+        f"{m['samples']:,} objects\nMAE {m['mae']:.5f}\nMSE {m['mse']:.6f}\nbias {m['bias']:.5f}\n"
+        f"NMAD {m['nmad']:.5f}\nR$^2$ {r2}\noutliers (|dz|>0.05) {m['outlier_fraction']:.2%}"
+    )
+    points = ax.scatter(z[order], z_pred[order], c=density[order], s=3, cmap="viridis", linewidths=0, label=label)
+    ax.plot([low, top], [low, top], color="black", linewidth=1, linestyle="--", label="y = x")
+    fig.colorbar(points, ax=ax, label="objects in the same bin (1/120 of the range)")
+    ax.set_xlim(low, top)
+    ax.set_ylim(low, top)
+    ax.set_aspect("equal")
+    ax.set_xlabel("true redshift")
+    ax.set_ylabel("predicted redshift")
+    ax.set_title(f"Predicted vs true redshift\n{title}", fontsize=9, loc="left")
+    ax.legend(fontsize=8, loc="upper left", markerscale=4)
+    fig.tight_layout()
+    return fig

@@ -61,8 +61,9 @@ class RunRecord:
     summary: RunSummary
     workers: list[WorkerRecord]
     backend_info: dict = field(default_factory=dict)
+    accuracy: dict | None = None  # with labelled data: metrics.accuracy, and whether the weights make it mean anything
     error: str | None = None
-    kind: str = "run"
+    kind: str = "run"  # "run": a timing run; "predict": a (possibly resumed) pass that writes predictions
     schema_version: str = SCHEMA_VERSION
 
     def to_json(self) -> str:

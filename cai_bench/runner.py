@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from cai_bench.backends import get_backend
 from cai_bench.data.partitions import MANIFEST, open_dataset, synthesize
 from cai_bench.data.synthetic import GENERATOR_VERSION
 from cai_bench.engine import PartitionResult, WorkerRecord
 from cai_bench.errors import UserError
-from cai_bench.metrics import reset_peak_rss
+from cai_bench.metrics import accuracy, reset_peak_rss
 from cai_bench.model.checkpoint import RANDOM_INIT
 from cai_bench.plan import (
     DataSummary,
@@ -134,7 +136,31 @@ def resolve_data(
     return summary, refs
 
 
-def _record(plan: Plan, repeat: int, workers: list[WorkerRecord], wall_s: float, status: str, **extra) -> RunRecord:
+def labelled_accuracy(metrics: dict, weights: dict, data: DataSummary) -> dict:
+    """Accuracy figures with whether they mean anything: not with random-init weights, and on synthetic
+    galaxies they describe the synthetic galaxies, not SDSS."""
+    out = dict(metrics)
+    if weights.get("weights") == RANDOM_INIT:
+        out["meaningful"] = False
+        out["note"] = "random-init weights: computed, but they say nothing about the model"
+    else:
+        out["meaningful"] = True
+        if (data.source or {}).get("kind") == "synthetic":
+            out["note"] = "on synthetic galaxies, not SDSS: not comparable with published figures"
+    return out
+
+
+def run_accuracy(plan: Plan, results: list[PartitionResult], weights: dict) -> dict | None:
+    """Accuracy of a run's predictions, when its data has labels."""
+    if not plan.data.has_labels or not results:
+        return None
+    predicted = np.concatenate([r.prediction for r in results])
+    true = np.concatenate([r.redshift for r in results])
+    return labelled_accuracy(accuracy(predicted, true), weights, plan.data)
+
+
+def _record(plan: Plan, repeat: int, results: list[PartitionResult], wall_s: float, status: str, **extra) -> RunRecord:
+    workers = [r.record for r in results]
     return RunRecord(
         run_id=new_run_id(),
         created_utc=utc_now(),
@@ -146,15 +172,26 @@ def _record(plan: Plan, repeat: int, workers: list[WorkerRecord], wall_s: float,
         environment=capture_environment(),
         summary=summarize_run(workers, wall_s),
         workers=workers,
+        accuracy=run_accuracy(plan, results, extra["weights"]),
         **extra,
     )
 
 
-def _run_once(plan: Plan, repeat: int, store: ResultsStore | None, progress: ProgressSink, label: str) -> RunOutcome:
+def _run_once(
+    plan: Plan,
+    repeat: int,
+    store: ResultsStore | None,
+    progress: ProgressSink,
+    label: str,
+    on_result: Callable[[PartitionResult], None] | None = None,
+    kind: str = "run",
+) -> RunOutcome:
     backend = get_backend(plan.backend)
     collected: list[PartitionResult] = []
 
     def emit(result: PartitionResult) -> None:
+        if on_result is not None:
+            on_result(result)
         collected.append(result)
         progress.advance(result.record)
 
@@ -171,24 +208,19 @@ def _run_once(plan: Plan, repeat: int, store: ResultsStore | None, progress: Pro
                 _record(
                     plan,
                     repeat,
-                    [r.record for r in collected],
+                    collected,
                     time.perf_counter() - start,
                     status,
                     weights=weights,
                     error=str(exc) or type(exc).__name__,
+                    kind=kind,
                 )
             )
         raise
     finally:
         progress.end()
     record = _record(
-        plan,
-        repeat,
-        [r.record for r in collected],
-        run.wall_s,
-        "ok",
-        weights=run.weights.to_dict(),
-        backend_info=run.info,
+        plan, repeat, collected, run.wall_s, "ok", weights=run.weights.to_dict(), backend_info=run.info, kind=kind
     )
     if store is not None:
         store.append(record)
@@ -196,15 +228,23 @@ def _run_once(plan: Plan, repeat: int, store: ResultsStore | None, progress: Pro
 
 
 def execute(
-    plan: Plan, store: ResultsStore | None, progress: ProgressSink | None = None, first_repeat: int = 1
+    plan: Plan,
+    store: ResultsStore | None,
+    progress: ProgressSink | None = None,
+    first_repeat: int = 1,
+    *,
+    on_result: Callable[[PartitionResult], None] | None = None,
+    kind: str = "run",
 ) -> list[RunOutcome]:
     """Warm-up runs (not recorded), then measured repeats ``first_repeat``..``plan.repeats``, each appended to
-    ``store`` as soon as it finishes."""
+    ``store`` as soon as it finishes. ``on_result`` sees each partition's result of the measured repeats as it
+    arrives (predict writes it out); the records are of ``kind``."""
     progress = progress or NoProgress()
     for i in range(plan.warmup):
         _run_once(plan, 0, None, progress, f"warm-up {i + 1}/{plan.warmup}")
     return [
-        _run_once(plan, r, store, progress, f"repeat {r}/{plan.repeats}") for r in range(first_repeat, plan.repeats + 1)
+        _run_once(plan, r, store, progress, f"repeat {r}/{plan.repeats}", on_result, kind)
+        for r in range(first_repeat, plan.repeats + 1)
     ]
 
 

@@ -71,7 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"{path}: not a plain state dict; it holds pickled objects that are refused ({first_line}); "
-            "save model.state_dict() or convert the file to safetensors"
+            f"convert it safely with: cai-bench model convert {path} --out weights.safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {exc})") from None
@@ -138,15 +138,85 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: s
         raise UserError(f"{path}: {not_float[0]} holds {state_dict[not_float[0]].dtype}, expected a float tensor")
 
 
-def load_weights(model: nn.Module, path: str | Path) -> WeightsInfo:
-    """Load weights strictly into ``model``; returns where they came from (for the records)."""
-    path = Path(path)
-    state_dict = filter_upstream_state_dict(read_state_dict(path), path)
+def checked_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> dict:
+    """``state_dict`` in the model's dtypes, after a strict key/shape check and a check for NaN and inf."""
     check_keys(model, state_dict, path)
     expected = model.state_dict()
     converted = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
     non_finite = [k for k, v in converted.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if non_finite:
         raise UserError(f"{path}: {non_finite[0]} holds NaN or inf values")
-    model.load_state_dict(converted, strict=True)
+    return converted
+
+
+def load_weights(model: nn.Module, path: str | Path) -> WeightsInfo:
+    """Load weights strictly into ``model``; returns where they came from (for the records)."""
+    path = Path(path)
+    state_dict = filter_upstream_state_dict(read_state_dict(path), path)
+    model.load_state_dict(checked_state_dict(model, state_dict, path), strict=True)
     return WeightsInfo(source=str(path), sha256=file_sha256(path))
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+@dataclass(frozen=True)
+class Conversion:
+    source: str
+    source_sha256: str
+    source_kind: str  # "pickled model", "state dict" or "safetensors"
+    out: str
+    keys: int
+
+
+def _read_any_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensors of a safetensors file, a plain state dict or a whole pickled model, by upstream key."""
+    from cai_bench.model.restricted_unpickler import Placeholder, load_pickled_model, module_state_dict
+
+    if path.suffix == ".safetensors":
+        return read_state_dict(path), "safetensors"
+    obj = load_pickled_model(path)
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], (Mapping, Placeholder)):
+                obj = obj[key]
+                break
+    if isinstance(obj, Placeholder):
+        return module_state_dict(obj, path), "pickled model"
+    return _as_flat_state_dict(obj, path), "state dict"
+
+
+def convert_checkpoint(src: str | Path, out: str | Path) -> Conversion:
+    """Write the pcm-AstroMAE tensors of ``src`` to a safetensors file in upstream key layout.
+
+    ``src`` may be upstream's whole pickled DataParallel model (read without running any of it, see
+    ``restricted_unpickler``), a plain state dict or a safetensors file. The result is checked strictly
+    against our model (every key, shape, finite values) before anything is written.
+    """
+    from safetensors.torch import save_file
+
+    from cai_bench import __version__
+    from cai_bench.model.astromae import build_model
+
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise UserError(f"{src}: file not found")
+    if out.suffix != ".safetensors":
+        raise UserError(f"{out}: --out must end in .safetensors")
+    tensors, kind = _read_any_checkpoint(src)
+    state_dict = filter_upstream_state_dict(tensors, src)
+    checked = checked_state_dict(build_model(), state_dict, src)
+    # safetensors refuses tensors that share memory: each key gets its own contiguous copy
+    converted = {k: v.contiguous().clone() for k, v in checked.items()}
+    digest = file_sha256(src)
+    metadata = {"source": src.name, "source_sha256": digest, "source_kind": kind}
+    metadata["converted_by"] = f"cai-bench {__version__}"
+    staging = out.with_name(f".{out.name}.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(converted, str(staging), metadata=metadata)
+        staging.replace(out)
+    except OSError as exc:
+        staging.unlink(missing_ok=True)
+        raise UserError(f"{out}: cannot write ({exc.strerror})") from None
+    return Conversion(str(src), digest, kind, str(out), len(converted))

@@ -1,0 +1,221 @@
+"""``cai-bench predict``: redshift predictions for every object of a data set, written once each, resumable.
+
+Each finished partition's predictions go to ``<out>.parts/part-<index>.npz`` (temporary file + rename), so an
+interrupted or killed run keeps every partition it finished. A rerun predicts only the partitions without a
+part file, then writes ``<out>`` (Parquet or CSV) from the parts in partition order, renames it into place and
+removes the parts. ``job.json`` in the parts directory records which data, weights and precision the parts come
+from; parts of another job are never mixed in.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cai_bench.engine import PartitionResult
+from cai_bench.errors import UserError
+from cai_bench.metrics import accuracy
+from cai_bench.model.checkpoint import RANDOM_INIT, file_sha256
+from cai_bench.plan import PartitionRef, Plan, make_plan
+from cai_bench.results import ResultsStore, RunRecord
+
+if TYPE_CHECKING:
+    from cai_bench.runner import ProgressSink
+
+FORMATS = {".parquet": "parquet", ".csv": "csv"}
+COLUMNS = ("object_id", "predicted_redshift", "true_redshift")
+JOB_FILE = "job.json"
+
+
+@dataclass
+class PredictOutcome:
+    out: Path
+    objects: int
+    partitions_run: int
+    partitions_reused: int
+    has_labels: bool
+    accuracy: dict | None
+    records: list[RunRecord]
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _part_path(parts: Path, index: int) -> Path:
+    return parts / f"part-{index:06d}.npz"
+
+
+def _job(plan: Plan) -> dict:
+    weights = {"weights": RANDOM_INIT, "seed": plan.seed}
+    if plan.weights:
+        weights = {"weights": Path(plan.weights).name, "sha256": file_sha256(Path(plan.weights))}
+    return {"dataset_id": plan.data.dataset_id, "samples": plan.data.samples, "precision": plan.precision, **weights}
+
+
+def _open_parts(parts: Path, job: dict, force: bool) -> None:
+    """Make sure ``parts`` holds parts of this job only (or none)."""
+    job_file = parts / JOB_FILE
+    if parts.is_dir() and (force or not job_file.is_file()):
+        shutil.rmtree(parts)
+    if job_file.is_file():
+        found = json.loads(job_file.read_text())
+        if found != job:
+            differ = ", ".join(k for k in job if found.get(k) != job[k])
+            raise UserError(
+                f"{parts}: holds predictions of another job (different {differ}); "
+                "rerun with --force to start again, or choose another --out"
+            )
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_atomically(job_file, lambda tmp: tmp.write_text(json.dumps(job, indent=1) + "\n"))
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_part(parts: Path, result: PartitionResult) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, object_id=result.object_id, prediction=result.prediction, redshift=result.redshift)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _write_atomically(_part_path(parts, result.record.partition), write)
+
+
+def _read_part(path: Path, ref: PartitionRef) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        part = {name: npz[name] for name in ("object_id", "prediction", "redshift")}
+    if len(part["object_id"]) != ref.samples:
+        raise UserError(f"{path}: holds {len(part['object_id'])} predictions, partition {ref.index} has {ref.samples}")
+    return part
+
+
+def _done(parts: Path, refs: tuple[PartitionRef, ...]) -> set[int]:
+    return {ref.index for ref in refs if _part_path(parts, ref.index).is_file()}
+
+
+def _iter_parts(parts: Path, refs: tuple[PartitionRef, ...]) -> Iterator[dict[str, np.ndarray]]:
+    for ref in refs:
+        yield _read_part(_part_path(parts, ref.index), ref)
+
+
+@contextmanager
+def _table_writer(path: Path, fmt: str, columns: tuple[str, ...]) -> Iterator[Callable[[list[np.ndarray]], None]]:
+    """A function that appends columns of arrays to a Parquet or CSV file, one chunk at a time."""
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        types = {"object_id": pa.int64(), "predicted_redshift": pa.float32(), "true_redshift": pa.float32()}
+        schema = pa.schema([(name, types[name]) for name in columns])
+        with pq.ParquetWriter(path, schema) as writer:
+            yield lambda arrays: writer.write_table(pa.table(dict(zip(columns, arrays, strict=True)), schema=schema))
+    else:
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            yield lambda arrays: writer.writerows(zip(*(a.tolist() for a in arrays), strict=True))
+
+
+def _assemble(out: Path, parts: Path, refs: tuple[PartitionRef, ...], has_labels: bool) -> tuple[int, dict | None]:
+    """Write ``out`` from the parts (one part in memory at a time), then rename it into place."""
+    columns = COLUMNS if has_labels else COLUMNS[:2]
+    predicted, true = [], []
+
+    def write(tmp: Path) -> None:
+        with _table_writer(tmp, FORMATS[out.suffix], columns) as append:
+            for part in _iter_parts(parts, refs):
+                append([part["object_id"], part["prediction"], part["redshift"]][: len(columns)])
+                predicted.append(part["prediction"])
+                true.append(part["redshift"])
+
+    _write_atomically(out, write)
+    objects = sum(len(p) for p in predicted)
+    metrics = accuracy(np.concatenate(predicted), np.concatenate(true)) if has_labels else None
+    return objects, metrics
+
+
+def predict(
+    plan: Plan,
+    out: str | Path,
+    store: ResultsStore | None,
+    *,
+    force: bool = False,
+    progress: ProgressSink | None = None,
+) -> PredictOutcome:
+    """Predict every partition of ``plan`` that has no part yet, then write ``out`` from all parts."""
+    from cai_bench.runner import execute, labelled_accuracy
+
+    out = Path(out)
+    if out.suffix not in FORMATS:
+        raise UserError(f"{out}: --out must end in .parquet or .csv")
+    if out.exists() and not force:
+        raise UserError(f"{out}: exists; pass --force to predict again, or choose another --out")
+    parts = parts_dir(out)
+    _open_parts(parts, _job(plan), force)
+    done = _done(parts, plan.partitions)
+    todo = tuple(ref for ref in plan.partitions if ref.index not in done)
+    records = []
+    if todo:
+        remaining = make_plan(
+            plan.backend,
+            plan.data,
+            todo,
+            batch_size=plan.batch_size,
+            precision=plan.precision,
+            threads=plan.threads,
+            weights=plan.weights,
+            seed=plan.seed,
+            verify_checksums=plan.verify_checksums,
+            backend_options=plan.backend_options,
+        )
+        outcomes = execute(remaining, store, progress, on_result=lambda r: _write_part(parts, r), kind="predict")
+        records = [o.record for o in outcomes]
+    objects, metrics = _assemble(out, parts, plan.partitions, plan.data.has_labels)
+    shutil.rmtree(parts)
+    if metrics is not None:
+        metrics = labelled_accuracy(metrics, {"weights": plan.weights or RANDOM_INIT}, plan.data)
+    return PredictOutcome(out, objects, len(todo), len(done), plan.data.has_labels, metrics, records)
+
+
+def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
+    """The columns of a predictions file (Parquet or CSV) as arrays."""
+    path = Path(path)
+    if path.suffix not in FORMATS:
+        raise UserError(f"{path}: expected a .parquet or .csv predictions file")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            columns = {name: table.column(name).to_numpy() for name in table.column_names}
+        else:
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            names = list(rows[0]) if rows else []
+            columns = {name: np.array([float(r[name]) for r in rows]) for name in names}
+    except Exception as exc:  # pyarrow and csv raise many kinds; any of them means the file is not readable
+        raise UserError(f"{path}: not a readable predictions file ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in COLUMNS if c not in columns]
+    if missing:
+        raise UserError(f"{path}: lacks column(s) {', '.join(missing)} (true redshifts are needed for this plot)")
+    return columns
