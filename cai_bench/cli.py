@@ -13,6 +13,7 @@ import typer
 
 from cai_bench import __version__
 from cai_bench.errors import UserError
+from cai_bench.metrics import spread
 
 app = typer.Typer(
     help="Benchmark pcm-AstroMAE galaxy-redshift inference across CPU, HPC, GPU and serverless backends.",
@@ -30,6 +31,9 @@ app.add_typer(model_app, name="model")
 app.add_typer(results_app, name="results")
 
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results directory (holds runs.jsonl).")]
+PRECISION_HELP = "auto (bf16 only where a start-up probe finds it faster and within 2e-3 of fp32), fp32 or bf16."
+ENGINE_HELP = "fast (the prepared model; the default) or reference (the upstream-style eager fp32 loop)."
+COMPILE_HELP = "torch.compile the fast engine's model (25-35 s up front on 2 cores; timed as start-up)."
 
 _debug = False
 
@@ -67,8 +71,13 @@ def run(
         float | None, typer.Option(help="Partition size in MB (MiB) for synthetic data [default: 25].")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
-    precision: Annotated[str, typer.Option(help="fp32 or bf16 (autocast).")] = "fp32",
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads [default: physical cores].")] = None,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "fast",
+    compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    threads: Annotated[int | None, typer.Option(help="Threads in all [default: physical cores].")] = None,
+    lanes: Annotated[
+        int | None, typer.Option(help="cpu, fast engine: partitions run at once, threads split between them.")
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Measured runs, each saved as one record.")] = 1,
     warmup: Annotated[int, typer.Option(help="Unrecorded runs before the measured ones.")] = 0,
     weights: Annotated[
@@ -107,6 +116,9 @@ def run(
         weights=str(weights) if weights else None,
         seed=seed,
         verify_checksums=verify,
+        engine=engine,
+        compile=compile_model,
+        backend_options={"lanes": lanes} if lanes else None,
     )
     store = ResultsStore(results)
     progress = None if (as_json or quiet) else ui.RichRunProgress()
@@ -158,7 +170,7 @@ def predict(
     ] = None,
     backend: Annotated[str, typer.Option(help="Where to run.")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
-    precision: Annotated[str, typer.Option(help="fp32 or bf16 (autocast).")] = "fp32",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads [default: physical cores].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random-init weights.")] = 0,
     verify: Annotated[
@@ -224,6 +236,101 @@ def predict(
         ui.stdout.print(line, markup=False, highlight=False)
 
 
+@app.command()
+def bench(
+    data: Annotated[Path | None, typer.Option(help="A data set directory; default: synthetic --gb.")] = None,
+    gb: Annotated[float | None, typer.Option(help="Synthetic data size in GB [default: 0.2].")] = None,
+    partition_mb: Annotated[float | None, typer.Option(help="Partition size in MB [default: 25].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass, both arms.")] = 512,
+    pairs: Annotated[int, typer.Option(help="Measured (reference, fast) pairs.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Unrecorded runs of each arm first.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads [default: physical cores].")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Weights file; default: random init.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data and random-init weights.")] = 0,
+    results: ResultsDir = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """The upstream-style reference loop against the fast path on the same data, alternating A B A B.
+
+    Prints samples/s of each run, the fast/reference ratio of each pair and their median, peak RSS of each arm
+    and the machine; every measured run is also a record in the store.
+    """
+    from rich.table import Table
+
+    from cai_bench import runner, ui
+    from cai_bench.bench import ARMS, run_bench
+    from cai_bench.plan import make_plan
+    from cai_bench.results import ResultsStore, machine_label, this_machine
+
+    if pairs < 1:
+        raise UserError(f"--pairs must be at least 1, got {pairs}")
+    if warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {warmup}")
+    gb = 0.2 if data is None and gb is None else gb
+    with ui.RichCountProgress("synthesizing", "samples") as bar:
+        summary, refs = runner.resolve_data(data, gb, partition_mb, seed, None if (as_json or quiet) else bar)
+    plan = make_plan(
+        "cpu",
+        summary,
+        refs,
+        batch_size=batch_size,
+        threads=threads,
+        repeats=pairs,
+        weights=str(weights) if weights else None,
+        seed=seed,
+    )
+    store = ResultsStore(results)
+    progress = None if (as_json or quiet) else ui.RichRunProgress()
+    try:
+        outcome = run_bench(plan, pairs, warmup, store, progress)
+    except KeyboardInterrupt:
+        ui.console.print(f"interrupted; the finished runs are in {store.path}")
+        raise typer.Exit(130) from None
+    machine = machine_label(this_machine())
+    figures = {
+        "machine": machine,
+        "data": {"samples": summary.samples, "data_gb": summary.data_gb, "partitions": summary.partitions},
+        "batch_size": batch_size,
+        **{f"{arm}_samples_per_s": outcome.samples_per_s(arm) for arm in ARMS},
+        **{f"{arm}_compute_samples_per_s": outcome.compute_samples_per_s(arm) for arm in ARMS},
+        **{f"{arm}_peak_rss_bytes": outcome.peak_rss_bytes(arm) for arm in ARMS},
+        "ratios": outcome.ratios(),
+        "median_ratio": outcome.median_ratio(),
+        "median_compute_ratio": outcome.median_ratio("compute_samples_per_s"),
+        "fast_choices": outcome.records["fast"][-1].backend_info,
+        "run_ids": {arm: [r.run_id for r in outcome.records[arm]] for arm in ARMS},
+    }
+    if as_json:
+        print(json.dumps(figures, indent=1))
+        return
+    title = (
+        f"reference vs fast · {summary.data_gb:.3g} GB, {summary.samples:,} samples in {summary.partitions} "
+        f"partitions · batch {batch_size} · {machine}"
+    )
+    table = Table(title=title, title_justify="left")
+    for header in ("pair", "reference samples/s", "fast samples/s", "fast / reference"):
+        table.add_column(header, justify="right")
+    ref_rates, fast_rates = outcome.samples_per_s("reference"), outcome.samples_per_s("fast")
+    for pair, (r, f, ratio) in enumerate(zip(ref_rates, fast_rates, outcome.ratios(), strict=True), start=1):
+        table.add_row(str(pair), f"{r:,.1f}", f"{f:,.1f}", f"{ratio:.2f}")
+    table.add_row("median", f"{spread(ref_rates).median:,.1f}", f"{spread(fast_rates).median:,.1f}",
+                  f"{outcome.median_ratio():.2f}", style="bold")  # fmt: skip
+    ui.stdout.print(table)
+    choices = outcome.records["fast"][-1].backend_info
+    ui.stdout.print(
+        f"samples/s = samples / wall s of the whole run (start-up and loading included). "
+        f"Forward passes only: median ratio {outcome.median_ratio('compute_samples_per_s'):.2f}."
+    )
+    ui.stdout.print(
+        f"peak RSS: reference {outcome.peak_rss_bytes('reference') / 2**20:,.0f} MB (holds the whole data set), "
+        f"fast {outcome.peak_rss_bytes('fast') / 2**20:,.0f} MB"
+    )
+    shown = {k: v for k, v in choices.items() if k != "precision_probe"}
+    ui.stdout.print(f"fast path: {json.dumps(shown)}", markup=False, highlight=False)
+    ui.stdout.print(f"{2 * pairs} record(s) appended to {store.path}")
+
+
 # ---------------------------------------------------------------------------------------------- sweep
 
 
@@ -261,7 +368,8 @@ def sweep(
         str | None, typer.Option(help="Partition sizes in MB, comma-separated [default: 25].")
     ] = None,
     batch_size: Annotated[str | None, typer.Option(help="Batch sizes, comma-separated [default: 512].")] = None,
-    precision: Annotated[str | None, typer.Option(help="Precisions, comma-separated [default: fp32].")] = None,
+    precision: Annotated[str | None, typer.Option(help="Precisions, comma-separated [default: auto].")] = None,
+    engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
     repeats: Annotated[int | None, typer.Option(help="Measured runs per point [default: 3].")] = None,
     warmup: Annotated[
         int | None, typer.Option(help="Unrecorded runs before each point's repeats [default: 0].")
@@ -299,6 +407,7 @@ def sweep(
         "threads": threads,
         "seed": seed,
         "weights": str(weights) if weights else None,
+        "engine": engine,
     }
     table = load_sweep_config(config) if config else {}
     spec = make_sweep(table, where=f"{config}: " if config else "", overrides=overrides)

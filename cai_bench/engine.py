@@ -1,8 +1,15 @@
-"""The one inference loop every backend runs on its workers.
+"""The one inference loop every backend runs on its workers, and the upstream-style reference loop.
 
-A worker starts once (``start_worker``: build the model, load weights, one small warm-up batch) and then
-processes partitions (``run_partition``): batches of ``batch_size`` through the model under
+A worker starts once (``start_worker``: build the model, load weights, prepare it, one small warm-up batch) and
+then processes partitions (``run_partition``): batches of ``batch_size`` through the model under
 ``torch.inference_mode``, timed, predictions kept. Each partition yields a ``WorkerRecord``.
+
+Two engines:
+    fast       (default) the model prepared for inference (``model/inference.py``: BatchNorm folded,
+               channels_last), precision "auto" (bf16 only where a start-up probe finds it faster and within
+               2e-3 of fp32), optional torch.compile; every choice goes into the record
+    reference  the upstream style, as the baseline: the whole data set read into one TensorDataset up front,
+               a default DataLoader, eager float32 under no_grad (``run_reference``)
 
 Times, per partition (shared/spec/data-and-measures.md):
     startup_s  the worker's start-up, charged to the first partition it runs (later ones are warm, like a
@@ -29,17 +36,23 @@ from cai_bench.data.partitions import Partition, read_partition
 from cai_bench.metrics import peak_rss_bytes, percentiles, rate, trim_heap
 from cai_bench.model.astromae import build_model
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, load_weights
+from cai_bench.model.inference import compile_model, prepare_for_inference
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
 
 WARMUP_BATCH = 16
+ENGINES = ("fast", "reference")
+PRECISION_TOLERANCE = 2e-3  # largest redshift difference from fp32 that a faster precision may cause
+PROBE_BATCH = 64
 
 
 @dataclass(frozen=True)
 class EngineOptions:
     batch_size: int = 512
-    precision: str = "fp32"
+    precision: str = "auto"  # "auto", "fp32" or "bf16"
     device: str = "cpu"
     verify_checksums: bool = True
+    engine: str = "fast"
+    compile: bool = False
 
 
 @dataclass
@@ -49,6 +62,9 @@ class WorkerState:
     weights: WeightsInfo
     startup_s: float
     warmup_batch_s: float
+    precision: str = "fp32"  # what runs: "auto" resolved
+    channels_last: bool = False
+    choices: dict = field(default_factory=dict)  # what the engine chose and measured, for the run record
     units_done: int = 0
 
 
@@ -99,26 +115,154 @@ def _precision_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively (else bf16 is emulated and never worth probing)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _probe_inputs(device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from cai_bench.data.synthetic import generate
+
+    batch = generate(seed=12345, start=0, stop=PROBE_BATCH)  # realistic galaxies, not noise
+    image = torch.from_numpy(batch.images).to(device)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, torch.from_numpy(batch.magnitudes).to(device)
+
+
+def choose_precision(model: nn.Module, device: torch.device, channels_last: bool) -> tuple[str, dict]:
+    """For precision "auto": bf16 if this device has it natively, it runs a probe batch at least 10% faster than
+    fp32 (best of 2 each after a warm-up, alternated), and its predictions stay within PRECISION_TOLERANCE of fp32's."""
+    if not native_bf16(device):
+        return "fp32", {"chose": "fp32", "why": "no native bf16 on this device"}
+    image, magnitude = _probe_inputs(device, channels_last)
+    seconds = {"fp32": [], "bf16": []}
+    outputs = {}
+    with torch.inference_mode():
+        for _ in range(3):
+            for precision in ("fp32", "bf16"):
+                _synchronize(device)
+                start = time.perf_counter()
+                with _precision_context(device, precision):
+                    outputs[precision] = model(image, magnitude).float()
+                _synchronize(device)
+                seconds[precision].append(time.perf_counter() - start)
+    fp32_s, bf16_s = (min(seconds[p][1:]) for p in ("fp32", "bf16"))  # the first of each is a warm-up
+    difference = float((outputs["bf16"] - outputs["fp32"]).abs().max())
+    faster = bf16_s < 0.9 * fp32_s
+    close = difference <= PRECISION_TOLERANCE
+    chose = "bf16" if faster and close else "fp32"
+    why = (
+        "faster and within tolerance" if chose == "bf16" else ("not 10% faster" if not faster else "outside tolerance")
+    )
+    probe = {"chose": chose, "why": why, "fp32_s": fp32_s, "bf16_s": bf16_s, "max_difference": difference}
+    return chose, {**probe, "batch": PROBE_BATCH}
+
+
 def start_worker(worker_id: str, options: EngineOptions, weights: str | None = None, seed: int = 0) -> WorkerState:
-    """Build the model (and load weights) on this worker; timed as the worker's start-up."""
+    """Build the model (and load weights), prepare it for the engine; all of it timed as the worker's start-up.
+
+    The fast engine resolves precision "auto" with a probe and, with ``compile``, compiles during the warm-up on
+    a full batch and a partial one (the last batch of a partition), so no compilation lands in compute time.
+    """
     start = time.perf_counter()
     device = torch.device(options.device)
     model = build_model(seed=seed)
     info = load_weights(model, weights) if weights else WeightsInfo(source=RANDOM_INIT, seed=seed)
     model = model.to(device)
-    # One small batch runs the one-off work (thread pools, kernel selection) before anything is timed as compute.
+    choices: dict = {"engine": options.engine, "precision_requested": options.precision}
+    precision, channels_last = ("fp32" if options.precision == "auto" else options.precision), False
+    if options.engine == "fast":
+        choices.update(prepare_for_inference(model))
+        channels_last = choices["channels_last"]
+        if options.precision == "auto":
+            precision, choices["precision_probe"] = choose_precision(model, device, channels_last)
+    choices["precision"] = precision
+    shapes = [WARMUP_BATCH]
+    if options.compile:
+        model = compile_model(model)
+        shapes = [options.batch_size, max(1, options.batch_size // 2 - 1)]
+    # Warm-up batches run the one-off work (thread pools, kernel selection, compilation) before anything is
+    # timed as compute.
     warm = time.perf_counter()
-    image = torch.zeros(WARMUP_BATCH, 5, 32, 32, device=device)
-    magnitude = torch.full((WARMUP_BATCH, 5), 17.0, dtype=torch.float64, device=device)
-    with torch.inference_mode(), _precision_context(device, options.precision):
-        model(image, magnitude)
+    with torch.inference_mode(), _precision_context(device, precision):
+        for n in shapes:
+            image = torch.zeros(n, 5, 32, 32, device=device)
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            model(image, torch.full((n, 5), 17.0, dtype=torch.float64, device=device))
     _synchronize(device)
     end = time.perf_counter()
-    return WorkerState(worker_id, model, info, startup_s=end - start, warmup_batch_s=end - warm)
+    choices["compile"] = options.compile
+    if options.compile:
+        choices["compile_s"] = end - warm
+    return WorkerState(
+        worker_id,
+        model,
+        info,
+        startup_s=end - start,
+        warmup_batch_s=end - warm,
+        precision=precision,
+        channels_last=channels_last,
+        choices=choices,
+    )
 
 
 def load_partition(ref: PartitionRef, options: EngineOptions) -> Partition:
     return read_partition(ref, verify=options.verify_checksums)
+
+
+def _worker_record(
+    worker: WorkerState,
+    *,
+    partition: int,
+    partition_file: str,
+    samples: int,
+    batch_size: int,
+    device: torch.device,
+    wait_s: float,
+    load_s: float,
+    compute_s: float,
+    own_s: float,
+    latencies: list[float],
+) -> WorkerRecord:
+    """The record of one unit of work; start-up is charged to the worker's first unit only."""
+    startup_s = worker.startup_s if worker.units_done == 0 else 0.0
+    worker.units_done += 1
+    bits = samples * BITS_PER_SAMPLE
+    lat = percentiles(latencies)
+    return WorkerRecord(
+        worker_id=worker.worker_id,
+        partition=partition,
+        partition_file=partition_file,
+        samples=samples,
+        bits=bits,
+        batches=len(latencies),
+        batch_size=batch_size,
+        precision=worker.precision,
+        device=str(device),
+        startup_s=startup_s,
+        wait_s=wait_s,
+        load_s=load_s,
+        compute_s=compute_s,
+        total_s=startup_s + wait_s + own_s,
+        samples_per_s=rate(samples, compute_s),
+        throughput_bps=rate(bits, compute_s),
+        batch_latency_p50_s=lat["p50"],
+        batch_latency_p90_s=lat["p90"],
+        batch_latency_p99_s=lat["p99"],
+        peak_rss_bytes=peak_rss_bytes(),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        batch_latency_s=[round(x, 6) for x in latencies],
+    )
 
 
 def run_partition(
@@ -140,10 +284,12 @@ def run_partition(
     latencies = []
     _synchronize(device)
     compute_start = time.perf_counter()
-    with torch.inference_mode(), _precision_context(device, options.precision):
+    with torch.inference_mode(), _precision_context(device, worker.precision):
         for lo in range(0, n, batch):
             t0 = time.perf_counter()
             image = partition.images[lo : lo + batch].to(device, non_blocking=True)
+            if worker.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
             magnitude = partition.magnitudes[lo : lo + batch].to(device, non_blocking=True)
             out = worker.model(image, magnitude)
             prediction[lo : lo + batch] = out[:, 0].float().cpu()
@@ -151,34 +297,64 @@ def run_partition(
             latencies.append(time.perf_counter() - t0)
     compute_s = time.perf_counter() - compute_start
     trim_heap()
-
-    startup_s = worker.startup_s if worker.units_done == 0 else 0.0
-    worker.units_done += 1
-    bits = n * BITS_PER_SAMPLE
-    lat = percentiles(latencies)
-    record = WorkerRecord(
-        worker_id=worker.worker_id,
+    record = _worker_record(
+        worker,
         partition=partition.ref.index,
         partition_file=os.path.basename(partition.ref.path),
         samples=n,
-        bits=bits,
-        batches=len(latencies),
         batch_size=batch,
-        precision=options.precision,
-        device=str(device),
-        startup_s=startup_s,
+        device=device,
         wait_s=wait_s,
         load_s=partition.load_s,
         compute_s=compute_s,
-        total_s=startup_s + wait_s + (time.perf_counter() - entered),
-        samples_per_s=rate(n, compute_s),
-        throughput_bps=rate(bits, compute_s),
-        batch_latency_p50_s=lat["p50"],
-        batch_latency_p90_s=lat["p90"],
-        batch_latency_p99_s=lat["p99"],
-        peak_rss_bytes=peak_rss_bytes(),
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        batch_latency_s=[round(x, 6) for x in latencies],
+        own_s=time.perf_counter() - entered,
+        latencies=latencies,
     )
     return PartitionResult(record, partition.object_id.numpy(), prediction.numpy(), partition.redshift.numpy())
+
+
+def run_reference(refs: tuple[PartitionRef, ...], worker: WorkerState, options: EngineOptions) -> PartitionResult:
+    """The upstream-style loop, kept as the baseline the fast path is measured against.
+
+    As upstream's evaluation script does it: every partition read into one in-memory TensorDataset first (one
+    ``load_s`` for all), then a default DataLoader (batch ``batch_size``, no worker processes, default
+    collation), eager float32 under ``torch.no_grad``. One record covers the whole data set (partition -1).
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    entered = time.perf_counter()
+    parts = [read_partition(ref, verify=options.verify_checksums) for ref in refs]
+    dataset = TensorDataset(
+        torch.cat([p.images for p in parts]),
+        torch.cat([p.magnitudes for p in parts]),
+        torch.cat([p.redshift for p in parts]),
+    )
+    object_id = torch.cat([p.object_id for p in parts]).numpy()
+    del parts
+    load_s = time.perf_counter() - entered
+    device = torch.device(options.device)
+    predictions, latencies = [], []
+    compute_start = time.perf_counter()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for images, magnitudes, _ in DataLoader(dataset, batch_size=options.batch_size):
+            out = worker.model(images.to(device), magnitudes.to(device))
+            predictions.append(out[:, 0].float().cpu())
+            _synchronize(device)
+            latencies.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+    compute_s = time.perf_counter() - compute_start
+    record = _worker_record(
+        worker,
+        partition=-1,
+        partition_file=f"all {len(refs)} partitions",
+        samples=len(dataset),
+        batch_size=options.batch_size,
+        device=device,
+        wait_s=0.0,
+        load_s=load_s,
+        compute_s=compute_s,
+        own_s=time.perf_counter() - entered,
+        latencies=latencies,
+    )
+    return PartitionResult(record, object_id, torch.cat(predictions).numpy(), dataset.tensors[2].numpy())

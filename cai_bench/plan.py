@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from cai_bench.errors import UserError
@@ -20,7 +20,8 @@ BYTES_PER_SAMPLE = 20_480 + 40 + 4
 BITS_PER_SAMPLE = (20_480 + 40) * 8  # image + magnitudes; the label is not input
 MIB = 1 << 20
 GIB = 1 << 30
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where a start-up probe finds it faster and close enough
+ENGINES = ("fast", "reference")
 
 
 def samples_for_gb(gb: float) -> int:
@@ -93,7 +94,7 @@ class Plan:
     data: DataSummary
     partitions: tuple[PartitionRef, ...]
     batch_size: int = 512
-    precision: str = "fp32"
+    precision: str = "auto"
     threads: int | None = None
     repeats: int = 1
     warmup: int = 0
@@ -101,6 +102,8 @@ class Plan:
     seed: int = 0
     verify_checksums: bool = True
     backend_options: dict = field(default_factory=dict)
+    engine: str = "fast"
+    compile: bool = False
 
     def to_record(self) -> dict:
         """The plan as records keep it: everything but the per-partition list."""
@@ -115,7 +118,7 @@ def make_plan(
     partitions: tuple[PartitionRef, ...],
     *,
     batch_size: int = 512,
-    precision: str = "fp32",
+    precision: str = "auto",
     threads: int | None = None,
     repeats: int = 1,
     warmup: int = 0,
@@ -123,6 +126,8 @@ def make_plan(
     seed: int = 0,
     verify_checksums: bool = True,
     backend_options: dict | None = None,
+    engine: str = "fast",
+    compile: bool = False,
 ) -> Plan:
     """Validate options and build a Plan; every problem is a UserError naming the option."""
     if batch_size < 1:
@@ -135,6 +140,17 @@ def make_plan(
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     if warmup < 0:
         raise UserError(f"--warmup must be 0 or more, got {warmup}")
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    lanes = (backend_options or {}).get("lanes")
+    if lanes is not None and (not isinstance(lanes, int) or lanes < 1):
+        raise UserError(f"--lanes must be at least 1, got {lanes}")
+    if engine == "reference":
+        if precision == "bf16" or compile:
+            raise UserError(
+                "--engine reference is the eager float32 baseline: it takes no --precision bf16 or --compile"
+            )
+        precision = "fp32"
     if not partitions:
         raise UserError(f"{data.path}: the data set has no partitions")
     return Plan(
@@ -150,7 +166,16 @@ def make_plan(
         seed=seed,
         verify_checksums=verify_checksums,
         backend_options=dict(backend_options or {}),
+        engine=engine,
+        compile=compile,
     )
+
+
+def replace_plan(plan: Plan, **changes) -> Plan:
+    """A copy of ``plan`` with some options changed, validated like a new one."""
+    options = {f.name: getattr(plan, f.name) for f in fields(plan)}
+    options.update(changes)
+    return make_plan(options.pop("backend"), options.pop("data"), options.pop("partitions"), **options)
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
@@ -177,7 +202,7 @@ class Grid:
     gb: tuple[float, ...]
     partition_mb: tuple[float, ...]
     batch_size: tuple[int, ...]
-    precision: tuple[str, ...] = ("fp32",)
+    precision: tuple[str, ...] = ("auto",)
 
     def points(self) -> list[SweepPoint]:
         return [SweepPoint(*p) for p in itertools.product(self.gb, self.partition_mb, self.batch_size, self.precision)]
@@ -195,6 +220,8 @@ class SweepSpec:
     weights: str | None = None
     verify_checksums: bool = True
     description: str = ""
+    engine: str = "fast"
+    compile: bool = False
 
     def points(self) -> list[SweepPoint]:
         """Every point once, in the order the grids list them."""
@@ -202,7 +229,7 @@ class SweepSpec:
 
 
 AXES = ("gb", "partition_mb", "batch_size", "precision")
-DEFAULT_AXES = {"gb": (0.1,), "partition_mb": (25.0,), "batch_size": (512,), "precision": ("fp32",)}
+DEFAULT_AXES = {"gb": (0.1,), "partition_mb": (25.0,), "batch_size": (512,), "precision": ("auto",)}
 _SCALARS = {
     "name": str,
     "description": str,
@@ -213,6 +240,8 @@ _SCALARS = {
     "seed": int,
     "weights": str,
     "verify_checksums": bool,
+    "engine": str,
+    "compile": bool,
 }
 _GRID_KEYS = ("name", *AXES)
 _KIND_NAMES = {str: "a string", int: "a whole number", bool: "true or false"}
@@ -283,6 +312,8 @@ def make_sweep(
         raise UserError(f"{where}warmup must be 0 or more, got {spec.warmup}")
     if spec.threads is not None and spec.threads < 1:
         raise UserError(f"{where}threads must be at least 1, got {spec.threads}")
+    if spec.engine not in ENGINES:
+        raise UserError(f"{where}engine must be one of {', '.join(ENGINES)}, got {spec.engine!r}")
     return spec
 
 

@@ -177,7 +177,7 @@ def _record(plan: Plan, repeat: int, results: list[PartitionResult], wall_s: flo
     )
 
 
-def _run_once(
+def run_repeat(
     plan: Plan,
     repeat: int,
     store: ResultsStore | None,
@@ -186,6 +186,8 @@ def _run_once(
     on_result: Callable[[PartitionResult], None] | None = None,
     kind: str = "run",
 ) -> RunOutcome:
+    """One run of ``plan`` on its backend, appended to ``store`` (None: a warm-up, not recorded) as repeat
+    number ``repeat``."""
     backend = get_backend(plan.backend)
     collected: list[PartitionResult] = []
 
@@ -241,9 +243,9 @@ def execute(
     arrives (predict writes it out); the records are of ``kind``."""
     progress = progress or NoProgress()
     for i in range(plan.warmup):
-        _run_once(plan, 0, None, progress, f"warm-up {i + 1}/{plan.warmup}")
+        run_repeat(plan, 0, None, progress, f"warm-up {i + 1}/{plan.warmup}")
     return [
-        _run_once(plan, r, store, progress, f"repeat {r}/{plan.repeats}", on_result, kind)
+        run_repeat(plan, r, store, progress, f"repeat {r}/{plan.repeats}", on_result, kind)
         for r in range(first_repeat, plan.repeats + 1)
     ]
 
@@ -276,6 +278,8 @@ def _plan_options(spec: SweepSpec, point: SweepPoint) -> dict:
         "weights": spec.weights,
         "seed": spec.seed,
         "verify_checksums": spec.verify_checksums,
+        "engine": spec.engine,
+        "compile": spec.compile,
     }
 
 

@@ -82,7 +82,12 @@ def test_cpu_backend_runs_every_partition_once_in_order(tiny_data):
     assert [r.record.partition for r in emitted] == [0, 1, 2, 3]
     ids = np.concatenate([r.object_id for r in emitted])
     assert np.array_equal(ids, np.arange(104))
-    assert run.info == {"threads": 1, "prefetch_partitions": 1}
+    assert {k: run.info[k] for k in ("threads", "lanes", "intra_op_threads", "engine")} == {
+        "threads": 1,
+        "lanes": 1,
+        "intra_op_threads": 1,
+        "engine": "fast",
+    }
     assert run.weights.source == "random-init"
     records = [r.record for r in emitted]
     assert records[0].startup_s > 0 and all(r.startup_s == 0 for r in records[1:])
@@ -107,7 +112,8 @@ def test_unknown_backend_lists_the_available_ones():
     ("options", "message"),
     [
         ({"batch_size": 0}, "--batch-size must be at least 1"),
-        ({"precision": "fp8"}, "--precision must be one of fp32, bf16"),
+        ({"precision": "fp8"}, "--precision must be one of auto, fp32, bf16"),
+        ({"backend_options": {"lanes": 0}}, "--lanes must be at least 1"),
         ({"threads": 0}, "--threads must be at least 1"),
         ({"repeats": 0}, "--repeats must be at least 1"),
         ({"warmup": -1}, "--warmup must be 0 or more"),
@@ -116,3 +122,26 @@ def test_unknown_backend_lists_the_available_ones():
 def test_bad_plan_options(tiny_data, options, message):
     with pytest.raises(UserError, match=message):
         _plan(tiny_data, **options)
+
+
+def test_two_lanes_run_every_partition_once_sharing_one_start_up(tiny_data):
+    plan = _plan(tiny_data, batch_size=10, threads=2)
+    emitted = []
+    run = get_backend("cpu").run(plan, emitted.append)
+    assert (run.info["lanes"], run.info["intra_op_threads"]) == (2, 1)
+    assert sorted(r.record.partition for r in emitted) == [0, 1, 2, 3]
+    ids = np.concatenate([r.object_id for r in sorted(emitted, key=lambda r: r.record.partition)])
+    assert np.array_equal(ids, np.arange(104))
+    records = [r.record for r in emitted]
+    assert {r.worker_id for r in records} == {"cpu-0", "cpu-1"}
+    assert sum(r.startup_s > 0 for r in records) == 1  # one model, one start-up
+
+
+def test_a_bad_partition_stops_all_lanes_with_its_error(data_copy):
+    target = data_copy / "part-00001.safetensors"
+    target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
+    plan = _plan(data_copy, batch_size=10, threads=2)
+    emitted = []
+    with pytest.raises(UserError, match="part-00001.safetensors: sha256 does not match"):
+        get_backend("cpu").run(plan, emitted.append)
+    assert 1 not in [r.record.partition for r in emitted]

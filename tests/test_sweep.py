@@ -39,7 +39,7 @@ def test_the_presets_load_and_expand():
     assert paper.repeats == 3 and paper.name == "paper"
     # 7 sizes x 4 partition sizes at batch 512, plus batch 32..512 at 1 GB / 25 MB (512 counted once)
     assert len(points) == 7 * 4 + 5 - 1
-    assert SweepPoint(12.6, 100.0, 512, "fp32") in points and SweepPoint(1.0, 25.0, 32, "fp32") in points
+    assert SweepPoint(12.6, 100.0, 512, "auto") in points and SweepPoint(1.0, 25.0, 32, "auto") in points
     quick = make_sweep(load_sweep_config(CONFIGS / "laptop-quick.toml"))
     assert len(quick.points()) == 7 and max(p.gb for p in quick.points()) <= 0.1
 
@@ -53,7 +53,7 @@ def test_command_line_axes_replace_the_configs_and_scalars_override():
 
 
 def test_defaults_make_one_point():
-    assert make_sweep().points() == [SweepPoint(0.1, 25.0, 512, "fp32")]
+    assert make_sweep().points() == [SweepPoint(0.1, 25.0, 512, "auto")]
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_defaults_make_one_point():
         ("gb = 1", "gb must be a non-empty list"),
         ("gb = [0]", "gb values must be positive"),
         ("batch_size = [32.5]", "batch_size values must be whole numbers"),
-        ("precision = ['fp16']", "precision must be among fp32, bf16"),
+        ("precision = ['fp16']", "precision must be among auto, fp32, bf16"),
         ("grid = 3", "grid must be a list of tables"),
         ("gb = [1", "not valid TOML"),
     ],

@@ -1,0 +1,154 @@
+"""The fast path against the reference loop: same predictions within 2e-3, every choice recorded."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_GB, TINY_MB
+
+from cai_bench import engine
+from cai_bench.bench import bench_plans
+from cai_bench.data.partitions import open_dataset
+from cai_bench.engine import EngineOptions, run_partition, run_reference, start_worker
+from cai_bench.errors import UserError
+from cai_bench.model.astromae import build_model
+from cai_bench.model.inference import fold_batchnorm, prepare_for_inference
+from cai_bench.plan import make_plan
+
+TOLERANCE = 2e-3
+
+
+def scaled_weights(tmp_path) -> str:
+    """Weights whose outputs land in 0-0.6 like a trained model's, so that 2e-3 is a real bound."""
+    from safetensors.torch import save_file
+
+    state = build_model(seed=4).state_dict()
+    state["concat_block.2.weight"] = state["concat_block.2.weight"] * 0.01
+    state["concat_block.2.bias"] = torch.tensor([0.15])
+    path = tmp_path / "scaled.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path))
+    return str(path)
+
+
+def predictions(refs, options: EngineOptions, weights) -> tuple[np.ndarray, np.ndarray, dict]:
+    worker = start_worker("w", options, weights=weights)
+    if options.engine == "reference":
+        result = run_reference(refs, worker, options)
+        return result.object_id, result.prediction, worker.choices
+    results = [run_partition(ref, worker, options) for ref in refs]
+    return (
+        np.concatenate([r.object_id for r in results]),
+        np.concatenate([r.prediction for r in results]),
+        worker.choices,
+    )
+
+
+@pytest.mark.parametrize("weights", ["random-init", "scaled"])
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_fast_path_predictions_stay_within_2e3_of_eager_fp32(tiny_data, tmp_path, weights, precision):
+    torch.set_num_threads(1)
+    _, _, refs = open_dataset(tiny_data)
+    path = None if weights == "random-init" else scaled_weights(tmp_path)
+    ref_ids, ref_pred, _ = predictions(refs, EngineOptions(batch_size=32, engine="reference", precision="fp32"), path)
+    ids, pred, choices = predictions(refs, EngineOptions(batch_size=32, engine="fast", precision=precision), path)
+    assert ids.tolist() == ref_ids.tolist()
+    assert np.abs(pred - ref_pred).max() <= TOLERANCE
+    if weights == "scaled":
+        assert ref_pred.min() > 0.0 and ref_pred.max() < 0.6  # the bound is tested where outputs are redshifts
+    assert choices["engine"] == "fast" and choices["channels_last"] is True and choices["fold_batchnorm"] == 42
+    assert choices["precision"] == precision if precision != "auto" else choices["precision"] in ("fp32", "bf16")
+
+
+def test_folding_batchnorm_keeps_the_outputs():
+    model = build_model(seed=2).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    images, magnitudes = torch.rand(8, 5, 32, 32), 14 + 6 * torch.rand(8, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        before = model(images, magnitudes)
+        assert fold_batchnorm(model) == 42  # 30 Inception ConvBlocks + 12 PCMs
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        prepare_for_inference(model)  # a second time: nothing left to fold, layout already channels_last
+        after = model(images.contiguous(memory_format=torch.channels_last), magnitudes)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_precision_keeps_fp32_without_native_bf16_or_outside_tolerance(monkeypatch):
+    model = build_model().eval()
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    assert engine.choose_precision(model, torch.device("cpu"), False) == (
+        "fp32",
+        {"chose": "fp32", "why": "no native bf16 on this device"},
+    )
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    monkeypatch.setattr(engine, "PRECISION_TOLERANCE", 0.0)  # bf16 always differs a little: never close enough
+    chose, probe = engine.choose_precision(model, torch.device("cpu"), False)
+    assert chose == "fp32" and probe["max_difference"] > 0 and probe["why"] in ("outside tolerance", "not 10% faster")
+    assert probe["fp32_s"] > 0 and probe["bf16_s"] > 0
+
+
+def test_the_reference_loop_is_one_record_over_the_whole_data_set(tiny_data):
+    _, _, refs = open_dataset(tiny_data)
+    options = EngineOptions(batch_size=40, engine="reference", precision="fp32")
+    worker = start_worker("ref", options)
+    result = run_reference(refs, worker, options)
+    r = result.record
+    assert (r.partition, r.samples, r.batches, r.precision) == (-1, 104, 3, "fp32")  # 40 + 40 + 24
+    assert r.partition_file == "all 4 partitions" and r.load_s > 0 and r.startup_s == worker.startup_s
+    assert result.object_id.tolist() == sorted(result.object_id.tolist())
+
+
+def test_plans_name_their_engine_and_reference_is_fp32_only(tiny_data):
+    _, summary, refs = open_dataset(tiny_data)
+    with pytest.raises(UserError, match="--engine must be one of fast, reference"):
+        make_plan("cpu", summary, refs, engine="turbo")
+    with pytest.raises(UserError, match="eager float32 baseline"):
+        make_plan("cpu", summary, refs, engine="reference", precision="bf16")
+    plans = bench_plans(make_plan("cpu", summary, refs, precision="auto", repeats=2))
+    assert (plans["reference"].engine, plans["reference"].precision) == ("reference", "fp32")
+    assert (plans["fast"].engine, plans["fast"].precision, plans["fast"].repeats) == ("fast", "auto", 2)
+
+
+def test_run_records_every_choice_of_the_fast_path(cli, tiny_data, tmp_path):
+    code, out, _ = cli(
+        "run", "--data", tiny_data, "--batch-size", "16", "--threads", "1", "--json", "--results", tmp_path
+    )
+    (record,) = json.loads(out)
+    assert code == 0
+    assert record["plan"]["engine"] == "fast" and record["plan"]["precision"] == "auto"
+    info = record["backend_info"]
+    assert info["engine"] == "fast" and info["precision_requested"] == "auto" and info["precision"] in ("fp32", "bf16")
+    assert info["fold_batchnorm"] == 42 and info["channels_last"] is True and info["compile"] is False
+    assert all(w["precision"] == info["precision"] for w in record["workers"])
+
+
+def test_bench_alternates_the_two_engines_and_records_every_run(cli, tmp_path):
+    code, out, err = cli(
+        "bench", "--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--pairs", "2", "--warmup", "0",
+        "--batch-size", "16", "--threads", "1", "--results", tmp_path, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    figures = json.loads(out)
+    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["plan"]["engine"] for r in records] == ["reference", "fast", "reference", "fast"]
+    assert [r["repeat"] for r in records] == [1, 1, 2, 2]
+    fast = [r["summary"]["samples_per_s"] for r in records[1::2]]
+    reference = [r["summary"]["samples_per_s"] for r in records[::2]]
+    assert figures["ratios"] == pytest.approx([f / r for f, r in zip(fast, reference, strict=True)])
+    assert figures["median_ratio"] == pytest.approx(float(np.median(figures["ratios"])))
+    assert figures["reference_peak_rss_bytes"] > 0 and "machine" in figures
+
+
+def test_compiled_fast_path_matches_eager(tiny_data):
+    """torch.compile on this CPU: slow to compile (about half a minute), so one test covers it."""
+    torch.set_num_threads(2)
+    _, _, refs = open_dataset(tiny_data)
+    _, eager, _ = predictions(refs[:2], EngineOptions(batch_size=20, engine="fast", precision="fp32"), None)
+    _, compiled, choices = predictions(
+        refs[:2], EngineOptions(batch_size=20, engine="fast", precision="fp32", compile=True), None
+    )
+    assert choices["compile"] is True and choices["compile_s"] > 0
+    assert np.abs(compiled - eager).max() <= TOLERANCE
