@@ -26,6 +26,7 @@ import contextlib
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,7 @@ class EngineOptions:
     verify_checksums: bool = True
     engine: str = "fast"
     compile: bool = False
+    lanes: int = 1  # threads that split each partition between them (each with the process's intra-op threads)
 
 
 @dataclass
@@ -66,6 +68,12 @@ class WorkerState:
     channels_last: bool = False
     choices: dict = field(default_factory=dict)  # what the engine chose and measured, for the run record
     units_done: int = 0
+    lanes: ThreadPoolExecutor | None = None  # with options.lanes > 1: the threads that share each partition
+
+    def close(self) -> None:
+        if self.lanes is not None:
+            self.lanes.shutdown()
+            self.lanes = None
 
 
 @dataclass
@@ -281,20 +289,36 @@ def run_partition(
     device = torch.device(options.device)
     n, batch = len(partition), options.batch_size
     prediction = torch.empty(n, dtype=torch.float32)
-    latencies = []
+    # The partition is split evenly between the lanes, each batching its own share, so no lane idles while
+    # another runs a last, partial batch.
+    bounds = np.linspace(0, n, min(max(options.lanes, 1), n) + 1).round().astype(int)
+    shares = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+    def run_share(lo: int, hi: int) -> list[float]:
+        latencies = []
+        # inference_mode and autocast are per thread: each lane enters them itself
+        with torch.inference_mode(), _precision_context(device, worker.precision):
+            for start in range(lo, hi, batch):
+                stop = min(start + batch, hi)
+                t0 = time.perf_counter()
+                image = partition.images[start:stop].to(device, non_blocking=True)
+                if worker.channels_last:
+                    image = image.contiguous(memory_format=torch.channels_last)
+                magnitude = partition.magnitudes[start:stop].to(device, non_blocking=True)
+                out = worker.model(image, magnitude)
+                prediction[start:stop] = out[:, 0].float().cpu()
+                _synchronize(device)
+                latencies.append(time.perf_counter() - t0)
+        return latencies
+
     _synchronize(device)
     compute_start = time.perf_counter()
-    with torch.inference_mode(), _precision_context(device, worker.precision):
-        for lo in range(0, n, batch):
-            t0 = time.perf_counter()
-            image = partition.images[lo : lo + batch].to(device, non_blocking=True)
-            if worker.channels_last:
-                image = image.contiguous(memory_format=torch.channels_last)
-            magnitude = partition.magnitudes[lo : lo + batch].to(device, non_blocking=True)
-            out = worker.model(image, magnitude)
-            prediction[lo : lo + batch] = out[:, 0].float().cpu()
-            _synchronize(device)
-            latencies.append(time.perf_counter() - t0)
+    if len(shares) == 1:
+        latencies = run_share(*shares[0])
+    else:
+        if worker.lanes is None:
+            worker.lanes = ThreadPoolExecutor(max_workers=options.lanes, thread_name_prefix="cai-lane")
+        latencies = [x for share in worker.lanes.map(lambda b: run_share(*b), shares) for x in share]
     compute_s = time.perf_counter() - compute_start
     trim_heap()
     record = _worker_record(

@@ -124,24 +124,26 @@ def test_bad_plan_options(tiny_data, options, message):
         _plan(tiny_data, **options)
 
 
-def test_two_lanes_run_every_partition_once_sharing_one_start_up(tiny_data):
-    plan = _plan(tiny_data, batch_size=10, threads=2)
-    emitted = []
-    run = get_backend("cpu").run(plan, emitted.append)
+def test_two_lanes_split_each_partition_and_predict_as_one(tiny_data):
+    one, two = [], []
+    get_backend("cpu").run(_plan(tiny_data, batch_size=10, threads=1), one.append)
+    run = get_backend("cpu").run(_plan(tiny_data, batch_size=10, threads=2), two.append)
     assert (run.info["lanes"], run.info["intra_op_threads"]) == (2, 1)
-    assert sorted(r.record.partition for r in emitted) == [0, 1, 2, 3]
-    ids = np.concatenate([r.object_id for r in sorted(emitted, key=lambda r: r.record.partition)])
-    assert np.array_equal(ids, np.arange(104))
-    records = [r.record for r in emitted]
-    assert {r.worker_id for r in records} == {"cpu-0", "cpu-1"}
-    assert sum(r.startup_s > 0 for r in records) == 1  # one model, one start-up
+    assert [r.record.partition for r in two] == [0, 1, 2, 3]
+    # 26 samples in two shares of 13, each in batches of at most 10: 10 + 3 per lane
+    assert all(r.record.batches == 4 and len(r.record.batch_latency_s) == 4 for r in two)
+    assert [r.record.batches for r in one] == [3, 3, 3, 3]
+    np.testing.assert_allclose(
+        np.concatenate([r.prediction for r in two]), np.concatenate([r.prediction for r in one]), atol=1e-6
+    )
+    assert np.array_equal(np.concatenate([r.object_id for r in two]), np.arange(104))
 
 
-def test_a_bad_partition_stops_all_lanes_with_its_error(data_copy):
+def test_a_bad_partition_stops_a_two_lane_run_with_its_error(data_copy):
     target = data_copy / "part-00001.safetensors"
     target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
     plan = _plan(data_copy, batch_size=10, threads=2)
     emitted = []
     with pytest.raises(UserError, match="part-00001.safetensors: sha256 does not match"):
         get_backend("cpu").run(plan, emitted.append)
-    assert 1 not in [r.record.partition for r in emitted]
+    assert [r.record.partition for r in emitted] == [0]

@@ -1,20 +1,16 @@
-"""``cpu``: one process on this machine; the fast engine runs partitions on several lanes at once.
+"""``cpu``: one worker process on this machine, the next partition read in the background.
 
-A lane is a thread that takes the next loaded partition and runs it through the shared model with one intra-op
-thread (``threads`` cores give ``threads`` lanes, at most MAX_LANES). On the 2-core dev machine two lanes of one
-thread each ran the prepared model about 25% faster than one lane of two threads: this model's many small
-operations (16-channel convolutions, element-wise steps) parallelise poorly inside one operation. A reader
-thread keeps the next partitions loaded, at most one per lane ahead, so memory stays bounded. The reference
-engine runs as upstream did: one loop with all threads.
+The fast engine splits each partition between lanes: threads with one intra-op thread each (``threads`` cores
+give ``threads`` lanes, at most MAX_LANES), sharing one model. On the 2-core dev machine two single-threaded
+lanes ran the prepared model about 25% faster than one two-threaded loop: this model's many small operations
+(16-channel convolutions, element-wise steps) parallelise poorly inside one operation. The reference engine
+runs as upstream did: one loop with all threads.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import queue
-import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psutil
@@ -26,7 +22,6 @@ from cai_bench.metrics import allowed_cpus
 from cai_bench.plan import Plan
 
 MAX_LANES = 4  # more lanes hold more partitions and activations in memory for little gain
-_DONE = object()  # end of the partitions, one per lane
 
 
 def default_threads() -> int:
@@ -36,9 +31,9 @@ def default_threads() -> int:
     return max(1, min(physical, allowed))
 
 
-def lane_layout(threads: int, partitions: int, lanes: int | None = None) -> tuple[int, int]:
+def lane_layout(threads: int, lanes: int | None = None) -> tuple[int, int]:
     """(lanes, intra-op threads per lane) for the fast engine; ``lanes`` overrides the default."""
-    lanes = max(1, min(lanes or min(threads, MAX_LANES), partitions))
+    lanes = max(1, lanes or min(threads, MAX_LANES))
     return lanes, max(1, threads // lanes)
 
 
@@ -48,6 +43,10 @@ class CpuBackend:
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         threads = plan.threads or default_threads()
+        if plan.engine == "reference":
+            lanes, intra = 1, threads
+        else:
+            lanes, intra = lane_layout(threads, plan.backend_options.get("lanes"))
         options = EngineOptions(
             batch_size=plan.batch_size,
             precision=plan.precision,
@@ -55,87 +54,39 @@ class CpuBackend:
             verify_checksums=plan.verify_checksums,
             engine=plan.engine,
             compile=plan.compile,
+            lanes=lanes,
         )
+        refs = plan.partitions
         previous_threads = torch.get_num_threads()
+        torch.set_num_threads(intra)
+        info = {"threads": threads, "lanes": lanes, "intra_op_threads": intra}
         try:
-            if plan.engine == "reference":
-                torch.set_num_threads(threads)
-                start = time.perf_counter()
-                worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
-                emit(run_reference(plan.partitions, worker, options))
-                info = {"threads": threads, "lanes": 1, "intra_op_threads": threads, **worker.choices}
-                return BackendRun(time.perf_counter() - start, worker.weights, info)
-            lanes, intra = lane_layout(threads, len(plan.partitions), plan.backend_options.get("lanes"))
-            torch.set_num_threads(intra)
             start = time.perf_counter()
-            worker = _run_lanes(plan, options, lanes, emit)
+            if plan.engine == "reference":
+                worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
+                emit(run_reference(refs, worker, options))
+                return BackendRun(time.perf_counter() - start, worker.weights, {**info, **worker.choices})
+            # One partition ahead: reading overlaps compute (the first one overlaps the model build), and at
+            # most two partitions are ever in memory.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-prefetch") as reader:
+                pending = reader.submit(load_partition, refs[0], options)
+                worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
+                try:
+                    for position in range(len(refs)):
+                        waited = time.perf_counter()
+                        partition = pending.result()
+                        wait_s = time.perf_counter() - waited
+                        if position + 1 < len(refs):
+                            pending = reader.submit(load_partition, refs[position + 1], options)
+                        emit(run_partition(partition, worker, options, wait_s=wait_s))
+                        del partition
+                finally:
+                    worker.close()
             wall_s = time.perf_counter() - start
         finally:
             torch.set_num_threads(previous_threads)
-        info = {"threads": threads, "lanes": lanes, "intra_op_threads": intra, "prefetch_partitions": lanes}
+        info["prefetch_partitions"] = 1
         return BackendRun(wall_s=wall_s, weights=worker.weights, info={**info, **worker.choices})
-
-
-def _run_lanes(plan: Plan, options: EngineOptions, lanes: int, emit: Emit):
-    """Reader thread -> bounded queue of loaded partitions -> ``lanes`` compute threads sharing one model.
-
-    Any failure (a bad partition, Ctrl-C in the caller) sets ``stop``: the reader stops reading, each lane
-    finishes the partition in hand (its result is still emitted) and the first error is raised.
-    """
-    loaded: queue.Queue = queue.Queue(maxsize=lanes)
-    stop = threading.Event()
-    emit_lock = threading.Lock()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                loaded.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def read() -> None:
-        try:
-            for ref in plan.partitions:
-                if not put(load_partition(ref, options)):
-                    return
-        except BaseException as exc:  # handed to a lane, which raises it in the caller
-            put(exc)
-        for _ in range(lanes):
-            put(_DONE)
-
-    def lane(state) -> None:
-        while not stop.is_set():
-            waited = time.perf_counter()
-            try:
-                item = loaded.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            result = run_partition(item, state, options, wait_s=time.perf_counter() - waited)
-            del item
-            with emit_lock:
-                emit(result)
-
-    with ThreadPoolExecutor(max_workers=lanes + 1, thread_name_prefix="cai-cpu") as pool:
-        pool.submit(read)  # reading the first partitions overlaps the model build
-        try:
-            worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
-            # Lanes share the model and its one start-up (charged to lane 0's first partition).
-            others = [dataclasses.replace(worker, worker_id=f"cpu-{i}", units_done=1) for i in range(1, lanes)]
-            futures = [pool.submit(lane, state) for state in [worker, *others]]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in done:
-                future.result()  # the first lane error, if any
-            for future in futures:
-                future.result()
-        finally:
-            stop.set()
-    return worker
 
 
 def create() -> CpuBackend:
