@@ -21,7 +21,7 @@ from cai_bench.engine import EngineOptions, load_partition, run_partition, run_r
 from cai_bench.metrics import allowed_cpus
 from cai_bench.plan import Plan
 
-MAX_LANES = 4  # more lanes hold more partitions and activations in memory for little gain
+MAX_LANES = 4  # each lane holds a batch of activations; more lanes cost memory for little gain
 
 
 def default_threads() -> int:
@@ -43,7 +43,7 @@ class CpuBackend:
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         threads = plan.threads or default_threads()
-        if plan.engine == "reference":
+        if plan.engine == "reference" or plan.compile:  # a compiled model is called from one thread only
             lanes, intra = 1, threads
         else:
             lanes, intra = lane_layout(threads, plan.backend_options.get("lanes"))
