@@ -138,7 +138,7 @@ _ATTR_TEXT = {
     "data_gb": lambda p: f"{p.data_gb:.3g} GB",
     "partition_mb": lambda p: f"{p.partition_mb:g} MB",
     "batch_size": lambda p: f"batch {p.batch_size}",
-    "precision": lambda p: p.precision,
+    "precision": lambda p: "precision auto" if p.precision == "auto" else p.precision,
     "threads": lambda p: f"{p.threads} threads",
 }
 
