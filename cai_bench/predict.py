@@ -25,7 +25,7 @@ from cai_bench.engine import PartitionResult
 from cai_bench.errors import UserError
 from cai_bench.metrics import accuracy
 from cai_bench.model.checkpoint import RANDOM_INIT, file_sha256
-from cai_bench.plan import PartitionRef, Plan, make_plan
+from cai_bench.plan import PartitionRef, Plan, replace_plan
 from cai_bench.results import ResultsStore, RunRecord
 
 if TYPE_CHECKING:
@@ -174,18 +174,7 @@ def predict(
     todo = tuple(ref for ref in plan.partitions if ref.index not in done)
     records = []
     if todo:
-        remaining = make_plan(
-            plan.backend,
-            plan.data,
-            todo,
-            batch_size=plan.batch_size,
-            precision=plan.precision,
-            threads=plan.threads,
-            weights=plan.weights,
-            seed=plan.seed,
-            verify_checksums=plan.verify_checksums,
-            backend_options=plan.backend_options,
-        )
+        remaining = replace_plan(plan, partitions=todo, repeats=1, warmup=0)
         outcomes = execute(remaining, store, progress, on_result=lambda r: _write_part(parts, r), kind="predict")
         records = [o.record for o in outcomes]
     objects, metrics = _assemble(out, parts, plan.partitions, plan.data.has_labels)
