@@ -453,7 +453,9 @@ def _backends(text: str | None) -> list[str] | None:
 def report(
     results: ResultsDir = Path("results"),
     backend: Annotated[str | None, typer.Option(help="Only these backends, comma-separated.")] = None,
-    baseline: Annotated[str, typer.Option(help="Backend the speedup is measured against.")] = "cpu",
+    baseline: Annotated[
+        str, typer.Option(help="Backend (or backend:engine, e.g. cpu:reference) the speedup is measured against.")
+    ] = "cpu",
     fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
 ) -> None:
     """One row per backend x data size x partition size x batch size (x precision, threads, machine): medians

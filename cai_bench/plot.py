@@ -131,10 +131,11 @@ def _paper_vs_partition_size(rows: list[dict]) -> list[ReferenceSeries]:
 # ---------------------------------------------------------------------------------------------- our series
 
 
-_SERIES_ATTRS = ("backend", "machine", "data_gb", "partition_mb", "batch_size", "precision", "threads")
+_SERIES_ATTRS = ("backend", "engine", "machine", "data_gb", "partition_mb", "batch_size", "precision", "threads")
 _ATTR_TEXT = {
     "machine": lambda p: f"on {p.machine}",
     "backend": lambda p: p.backend,
+    "engine": lambda p: f"{p.engine} engine",
     "data_gb": lambda p: f"{p.data_gb:.3g} GB",
     "partition_mb": lambda p: f"{p.partition_mb:g} MB",
     "batch_size": lambda p: f"batch {p.batch_size}",

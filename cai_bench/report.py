@@ -35,6 +35,7 @@ class PointReport:
     precision: str
     threads: int | None  # as the backend ran it (the plan may leave it to the backend)
     repeats: int
+    engine: str  # "fast" or "reference"; "-" for records from before engines were recorded
     wall_s: Spread
     samples_per_s: Spread
     throughput_bps: Spread  # bits / wall s
@@ -97,6 +98,7 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
                 precision=plan["precision"],
                 threads=last.get("backend_info", {}).get("threads", plan.get("threads")),
                 repeats=len(group),
+                engine=plan.get("engine", "-"),
                 wall_s=spread([s["wall_s"] for s in sums]),
                 samples_per_s=spread([s["samples_per_s"] for s in sums]),
                 throughput_bps=spread([s["throughput_bps"] for s in sums]),
@@ -110,20 +112,24 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
                 environment=last["environment"],
             )
         )
-    points.sort(
-        key=lambda p: (p.backend, p.machine, p.precision, p.data_gb, p.partition_mb, p.batch_size, p.threads or 0)
-    )
+    points.sort(key=lambda p: (p.backend, p.engine, p.machine, p.precision, p.data_gb, p.partition_mb, p.batch_size))
     return points
 
 
 def add_speedups(points: list[PointReport], baseline: str) -> None:
-    """Speedup of each point over the ``baseline`` backend on the same data (the same number of samples).
+    """Speedup of each point over the ``baseline`` on the same data (the same number of samples).
 
+    ``baseline`` is a backend name, or ``backend:engine`` (``cpu:reference`` for the upstream-style loop).
     Among the baseline's points on that data, the closest is used: same machine first, then the same
     partitioning, batch size and precision; the chosen one is named in ``PointReport.baseline``.
     """
+    backend, _, engine = baseline.partition(":")
     for point in points:
-        candidates = [b for b in points if b.backend == baseline and b.samples == point.samples]
+        candidates = [
+            b
+            for b in points
+            if b.backend == backend and (not engine or b.engine == engine) and b.samples == point.samples
+        ]
         if not candidates:
             continue
         best = max(
@@ -138,7 +144,7 @@ def add_speedups(points: list[PointReport], baseline: str) -> None:
             ),
         )
         point.speedup = best.wall_s.median / point.wall_s.median if point.wall_s.median > 0 else None
-        point.baseline = f"{best.label()} · {best.precision} on {best.machine}"
+        point.baseline = f"{best.label()} · {best.engine} engine · {best.precision} on {best.machine}"
 
 
 def select(points: list[PointReport], backends: list[str] | None) -> list[PointReport]:
@@ -155,6 +161,7 @@ def _num(value: float | None, fmt: str) -> str:
 # (header, cell) for human-readable tables; the CSV and JSON exports keep full precision instead.
 DISPLAY_COLUMNS: list[tuple[str, Callable[[PointReport], str]]] = [
     ("backend", lambda p: p.backend),
+    ("engine", lambda p: p.engine),
     ("data GB", lambda p: f"{p.data_gb:.3g}"),
     ("part. MB", lambda p: f"{p.partition_mb:g} x{p.partitions}"),
     ("batch", lambda p: str(p.batch_size)),
@@ -185,6 +192,7 @@ def export_row(p: PointReport) -> dict:
     row = {
         "machine": p.machine,
         "backend": p.backend,
+        "engine": p.engine,
         "data": p.data,
         "data_gb": p.data_gb,
         "samples": p.samples,

@@ -206,7 +206,7 @@ def report_table(points: list, title: str) -> Table:
         title += f" · {machines.pop()}"
     table = Table(title=title, title_justify="left", caption=NOTES, caption_justify="left")
     for header, _ in columns:
-        table.add_column(header, justify="left" if header in ("backend", "prec.", "machine") else "right")
+        table.add_column(header, justify="left" if header in ("backend", "engine", "prec.", "machine") else "right")
     for p in points:
         table.add_row(*(cell(p) for _, cell in columns), style="yellow" if p.noisy else None)
     return table

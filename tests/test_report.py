@@ -81,6 +81,16 @@ def test_speedup_is_against_the_baseline_on_the_same_data():
     assert all(p.speedup is None and p.baseline is None for p in fresh)
 
 
+def test_speedup_against_an_engine_of_a_backend():
+    fast, reference = hand_record("cpu", 60.0), hand_record("cpu", 90.0)
+    reference["plan"]["engine"] = "reference"
+    points = report.summarize_points([fast, reference])
+    report.add_speedups(points, "cpu:reference")
+    speedups = {p.engine: p.speedup for p in points}
+    assert speedups == {"fast": pytest.approx(1.5), "reference": pytest.approx(1.0)}
+    assert all("reference engine" in p.baseline for p in points)
+
+
 def test_speedup_prefers_the_same_machine():
     records = [hand_record("cpu", 100.0, host="alpha"), hand_record("cpu", 300.0, host="beta")]
     records += [hand_record("gpu", 10.0, host="beta")]
