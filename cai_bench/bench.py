@@ -19,7 +19,6 @@ ARMS = ("reference", "fast")
 
 @dataclass
 class BenchOutcome:
-    plans: dict[str, Plan]
     records: dict[str, list[RunRecord]] = field(default_factory=lambda: {arm: [] for arm in ARMS})
 
     def samples_per_s(self, arm: str) -> list[float]:
@@ -56,7 +55,7 @@ def run_bench(
 
     progress = progress or NoProgress()
     plans = bench_plans(plan)
-    outcome = BenchOutcome(plans)
+    outcome = BenchOutcome()
     for i in range(warmup):
         for arm in ARMS:
             run_repeat(plans[arm], 0, None, progress, f"{arm}: warm-up {i + 1}/{warmup}")

@@ -41,7 +41,6 @@ from cai_bench.model.inference import compile_model, prepare_for_inference
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
 
 WARMUP_BATCH = 16
-ENGINES = ("fast", "reference")
 PRECISION_TOLERANCE = 2e-3  # largest redshift difference from fp32 that a faster precision may cause
 PROBE_BATCH = 64
 

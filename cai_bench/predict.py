@@ -42,7 +42,6 @@ class PredictOutcome:
     objects: int
     partitions_run: int
     partitions_reused: int
-    has_labels: bool
     accuracy: dict | None
     records: list[RunRecord]
 
@@ -181,7 +180,7 @@ def predict(
     shutil.rmtree(parts)
     if metrics is not None:
         metrics = labelled_accuracy(metrics, {"weights": plan.weights or RANDOM_INIT}, plan.data)
-    return PredictOutcome(out, objects, len(todo), len(done), plan.data.has_labels, metrics, records)
+    return PredictOutcome(out, objects, len(todo), len(done), metrics, records)
 
 
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:

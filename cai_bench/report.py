@@ -11,7 +11,7 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cai_bench.metrics import Spread, spread
 from cai_bench.results import data_identity, machine_id, machine_label, point_key
@@ -48,7 +48,6 @@ class PointReport:
     last_utc: str
     speedup: float | None = None  # baseline median wall / this median wall
     baseline: str | None = None
-    environment: dict = field(default_factory=dict, repr=False)  # of the latest repeat
 
     @property
     def noisy(self) -> bool:
@@ -109,7 +108,6 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
                 run_ids=[r["run_id"] for r in group],
                 first_utc=group[0]["created_utc"],
                 last_utc=last["created_utc"],
-                environment=last["environment"],
             )
         )
     points.sort(key=lambda p: (p.backend, p.engine, p.machine, p.precision, p.data_gb, p.partition_mb, p.batch_size))

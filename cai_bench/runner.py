@@ -263,7 +263,6 @@ class SweepPointState:
 
 @dataclass
 class SweepOutcome:
-    spec: SweepSpec
     points: list[SweepPointState]
     records: list[RunRecord] = field(default_factory=list)  # what this invocation appended
 
@@ -340,7 +339,7 @@ def run_sweep(
     """
     progress = progress or NoProgress()
     states = sweep_state(spec, store, force)
-    outcome = SweepOutcome(spec, states)
+    outcome = SweepOutcome(states)
     total = sum(samples_for_gb(s.point.gb) * (s.todo + spec.warmup) for s in states if s.todo)
     progress.sweep_begin(len(states), total)
     generated: set[Path] = set()

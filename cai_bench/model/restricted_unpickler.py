@@ -115,11 +115,11 @@ _SAFE_GLOBALS = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: Path):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
         import io
 
         super().__init__(io.BytesIO(data))
-        self._archive, self._prefix, self._path = archive, prefix, path
+        self._archive, self._prefix = archive, prefix
         self._storages: dict[str, torch.Tensor] = {}
         self._placeholders: dict[tuple[str, str], type] = {}
 
@@ -191,7 +191,7 @@ def load_pickled_model(path: str | Path) -> object:
         if f"{prefix}/byteorder" in archive.namelist() and archive.read(f"{prefix}/byteorder").strip() != b"little":
             raise UserError(f"{path}: saved on a big-endian machine; re-save it on a little-endian one")
         try:
-            return _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, path).load()
+            return _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix).load()
         except RefusedGlobal as exc:
             raise UserError(
                 f"{path}: refused: the pickle calls {exc}, which is not a tensor or a model class; nothing was run"
