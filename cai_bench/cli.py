@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -28,7 +29,9 @@ model_app = typer.Typer(help="Inspect pcm-AstroMAE.", no_args_is_help=True)
 results_app = typer.Typer(help="List, show and export the records in the results store.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
+hpc_app = typer.Typer(help="SLURM job arrays submitted with --no-wait.", no_args_is_help=True)
 app.add_typer(results_app, name="results")
+app.add_typer(hpc_app, name="hpc")
 
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results directory (holds runs.jsonl).")]
 PRECISION_HELP = "auto (bf16 only where a start-up probe finds it faster and within 2e-3 of fp32), fp32 or bf16."
@@ -87,6 +90,40 @@ def run(
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare each partition's sha256 as it is read.")
     ] = True,
+    cycle_to_gb: Annotated[
+        float | None, typer.Option(help="Reuse the partitions in turn until this many GB have been processed.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="hpc: worker processes on this node, --threads split between them [1].")
+    ] = None,
+    retries: Annotated[
+        int | None, typer.Option(help="hpc: times a partition whose worker crashed or failed is retried [2].")
+    ] = None,
+    slurm: Annotated[bool, typer.Option("--slurm", help="hpc: a SLURM job array over partition groups.")] = False,
+    slurm_executor: Annotated[
+        str | None, typer.Option(help="hpc --slurm: slurm (sbatch) or local (processes here, for tests/laptops).")
+    ] = None,
+    tasks: Annotated[int | None, typer.Option(help="hpc --slurm: array tasks, partitions split evenly.")] = None,
+    partitions_per_task: Annotated[
+        int | None, typer.Option(help="hpc --slurm: partitions per array task [1] (or give --tasks).")
+    ] = None,
+    slurm_partition: Annotated[str | None, typer.Option(help="hpc --slurm: the SLURM partition (queue).")] = None,
+    time_limit: Annotated[
+        str | None, typer.Option("--time", help="hpc --slurm: time limit per task, minutes or [D-]HH:MM[:SS] [60].")
+    ] = None,
+    mem: Annotated[str | None, typer.Option(help="hpc --slurm: memory per task, e.g. 4G or 3500M.")] = None,
+    cpus_per_task: Annotated[
+        int | None, typer.Option(help="hpc --slurm: cores (threads) per task [--threads, else 1].")
+    ] = None,
+    array_parallelism: Annotated[
+        int | None, typer.Option(help="hpc --slurm: tasks running at once [slurm: all; local: cores/cpus-per-task].")
+    ] = None,
+    slurm_option: Annotated[
+        list[str] | None, typer.Option(help="hpc --slurm: KEY=VALUE passed to sbatch as --KEY=VALUE; repeatable.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="hpc --slurm: wait for the array, or submit and leave.")
+    ] = True,
     results: Annotated[
         Path, typer.Option(help="Results directory; records are appended to RESULTS/runs.jsonl.")
     ] = Path("results"),
@@ -101,7 +138,26 @@ def run(
     from cai_bench.plan import make_plan
     from cai_bench.results import ResultsStore
 
-    get_backend(backend)  # an unknown name fails before any data is generated
+    given = {
+        "lanes": lanes,
+        "workers": workers,
+        "retries": retries,
+        "slurm": slurm or None,
+        "slurm_executor": slurm_executor,
+        "tasks": tasks,
+        "partitions_per_task": partitions_per_task,
+        "slurm_partition": slurm_partition,
+        "time_min": _minutes(time_limit) if time_limit is not None else None,
+        "mem_gb": _gigabytes(mem) if mem is not None else None,
+        "cpus_per_task": cpus_per_task,
+        "array_parallelism": array_parallelism,
+        "slurm_options": _key_values(slurm_option) if slurm_option else None,
+        "wait": None if wait else False,
+    }
+    backend_options = {k: v for k, v in given.items() if v is not None}
+    if slurm:
+        backend_options["jobs_dir"] = str(results / "hpc-jobs")  # the tasks write here: a shared filesystem
+    get_backend(backend).check(backend_options)  # before any data is generated
     with ui.RichCountProgress("synthesizing", "samples") as bar:
         summary, refs = runner.resolve_data(data, gb, partition_mb, seed, None if (as_json or quiet) else bar)
     plan = make_plan(
@@ -118,16 +174,50 @@ def run(
         verify_checksums=verify,
         engine=engine,
         compile=compile_model,
-        backend_options={"lanes": lanes} if lanes else None,
+        backend_options=backend_options,
+        cycle_to_gb=cycle_to_gb,
     )
     store = ResultsStore(results)
     progress = None if (as_json or quiet) else ui.RichRunProgress()
+    records = _execute(lambda: [o.record for o in runner.execute(plan, store, progress)], store, as_json)
+    _print_runs(records, store, as_json)
+
+
+def _execute(work, store, as_json: bool) -> list:
+    """Run ``work`` (which records its runs in ``store``) and turn how it ended into what the user sees:
+    submitted and not waited for (exit 0), partitions that failed for good (exit 1), Ctrl-C (exit 130)."""
+    from cai_bench import ui
+    from cai_bench.backends.base import Detached, PartitionsFailed
+
     try:
-        outcomes = runner.execute(plan, store, progress)
+        return work()
+    except Detached as exc:
+        if as_json:
+            print(json.dumps({"submitted": exc.job_id, "collect": exc.collect}))
+        else:
+            ui.stdout.print(f"job {exc.job_id} is submitted (or still running); when it has run, record it with:")
+            ui.stdout.print(f"  {exc.collect}", markup=False, highlight=False)
+        raise typer.Exit(0) from None
+    except PartitionsFailed as exc:
+        ui.console.print(f"error: {exc}", markup=False, highlight=False)
+        for failure in exc.failed:
+            errors = " | ".join(failure["errors"])
+            attempts = f"{failure['attempts']} attempt(s)"
+            ui.console.print(
+                f"  partition {failure['partition']} (unit {failure['unit']}), {attempts}: {errors}",
+                markup=False,
+                highlight=False,
+            )
+        ui.console.print(f"the partitions that finished are kept in a 'failed' record in {store.path}")
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         ui.console.print(f"interrupted; finished repeats and the partitions done so far are in {store.path}")
         raise typer.Exit(130) from None
-    records = [o.record for o in outcomes]
+
+
+def _print_runs(records: list, store, as_json: bool) -> None:
+    from cai_bench import ui
+
     if as_json:
         print(json.dumps([asdict(r) for r in records], indent=1))
         return
@@ -145,6 +235,50 @@ def run(
     if line:
         ui.stdout.print(line, markup=False, highlight=False)
     ui.stdout.print(f"{len(records)} record(s) appended to {store.path}")
+
+
+def _minutes(text: str) -> int:
+    """A SLURM time limit in whole minutes, read as sbatch reads it: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    try:
+        days, _, clock = text.strip().rpartition("-")
+        parts = [int(x) for x in clock.split(":")]
+        if not 1 <= len(parts) <= 3 or min(parts) < 0:
+            raise ValueError
+        if days:
+            hours, mins, secs = [*parts, 0, 0][:3]
+        else:
+            hours, mins, secs = parts if len(parts) == 3 else [0, *parts, 0][:3]
+        seconds = ((int(days or 0) * 24 + hours) * 60 + mins) * 60 + secs
+    except ValueError:
+        raise UserError(f"--time {text!r}: give minutes (90) or as sbatch takes it (1:30:00, 2-00:00:00)") from None
+    if seconds < 60:
+        raise UserError(f"--time {text!r}: at least one minute")
+    return math.ceil(seconds / 60)
+
+
+def _gigabytes(text: str) -> float:
+    """Memory as sbatch writes it: 4G, 3500M, 1T (plain numbers are MB, as sbatch takes them)."""
+    units = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+    value = text.strip().upper().removesuffix("B")
+    unit = value[-1] if value and value[-1] in units else "M"
+    try:
+        number = float(value.rstrip("KMGT"))
+    except ValueError:
+        raise UserError(f"--mem {text!r}: give a size such as 4G or 3500M") from None
+    if not number > 0:
+        raise UserError(f"--mem {text!r}: must be positive")
+    return number * units[unit]
+
+
+def _key_values(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise UserError(f"--slurm-option {item!r}: give KEY=VALUE, e.g. --slurm-option account=astro")
+        out[key] = value
+    return out
 
 
 def _accuracy_line(metrics: dict | None, where: str = "") -> str | None:
@@ -800,6 +934,34 @@ def data_verify(directory: Annotated[Path, typer.Argument(help="Data set directo
     ui.stdout.print(
         f"{directory}: all {len(manifest.partitions)} partitions match the manifest ({manifest.samples:,} samples)"
     )
+
+
+# ---------------------------------------------------------------------------------------------- hpc
+
+
+@hpc_app.command("collect")
+def hpc_collect(
+    job_id: Annotated[str, typer.Argument(help="The job id that run --no-wait printed (or the SLURM array id).")],
+    results: ResultsDir = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Wait for an array submitted with --no-wait to end, then record it as one run (once)."""
+    from cai_bench import runner, ui
+    from cai_bench.backends import slurm
+    from cai_bench.results import ResultsStore
+
+    directory = slurm.find_job(results, job_id)
+    plan = slurm.job_plan(directory)
+    store = ResultsStore(results)
+    progress = None if (as_json or quiet) else ui.RichRunProgress()
+
+    def collect():
+        gather = lambda _, emit: slurm.gather(directory, emit)  # noqa: E731
+        outcome = runner.run_repeat(plan, 1, store, progress or runner.NoProgress(), f"job {job_id}", collect=gather)
+        return [outcome.record]
+
+    _print_runs(_execute(collect, store, as_json), store, as_json)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

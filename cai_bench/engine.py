@@ -26,6 +26,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -334,6 +335,36 @@ def run_partition(
         latencies=latencies,
     )
     return PartitionResult(record, partition.object_id.numpy(), prediction.numpy(), partition.redshift.numpy())
+
+
+def run_partitions(
+    refs: tuple[PartitionRef, ...],
+    options: EngineOptions,
+    emit: Callable[[PartitionResult], None],
+    make_worker: Callable[[], WorkerState],
+) -> WorkerState:
+    """Start a worker (``make_worker``) and run partitions on it one after another, reading ahead.
+
+    The first partition is read while the worker starts, then always one partition ahead: reading overlaps
+    compute, and at most two partitions are in memory. Each result goes to ``emit`` as soon as it exists.
+    Returns the worker, for its weights and choices; the caller closes it.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-prefetch") as reader:
+        pending = reader.submit(load_partition, refs[0], options) if refs else None
+        worker = make_worker()
+        try:
+            for position in range(len(refs)):
+                waited = time.perf_counter()
+                partition = pending.result()
+                wait_s = time.perf_counter() - waited
+                if position + 1 < len(refs):
+                    pending = reader.submit(load_partition, refs[position + 1], options)
+                emit(run_partition(partition, worker, options, wait_s=wait_s))
+                del partition
+        except BaseException:
+            worker.close()
+            raise
+    return worker
 
 
 def run_reference(refs: tuple[PartitionRef, ...], worker: WorkerState, options: EngineOptions) -> PartitionResult:

@@ -104,6 +104,7 @@ class Plan:
     backend_options: dict = field(default_factory=dict)
     engine: str = "fast"
     compile: bool = False
+    cycle_to_gb: float | None = None  # reuse the partitions in turn until this much data has been processed
 
     def to_record(self) -> dict:
         """The plan as records keep it: everything but the per-partition list."""
@@ -128,6 +129,7 @@ def make_plan(
     backend_options: dict | None = None,
     engine: str = "fast",
     compile: bool = False,
+    cycle_to_gb: float | None = None,
 ) -> Plan:
     """Validate options and build a Plan; every problem is a UserError naming the option."""
     if batch_size < 1:
@@ -151,8 +153,14 @@ def make_plan(
                 "--engine reference is the eager float32 baseline: it takes no --precision bf16 or --compile"
             )
         precision = "fp32"
+        if cycle_to_gb is not None:
+            raise UserError("--engine reference holds the whole data set in memory: it takes no --cycle-to-gb")
     if not partitions:
         raise UserError(f"{data.path}: the data set has no partitions")
+    if cycle_to_gb is not None:
+        if not cycle_to_gb > 0:
+            raise UserError(f"--cycle-to-gb must be positive, got {cycle_to_gb}")
+        samples_for_gb(cycle_to_gb)  # at least one sample
     return Plan(
         backend=backend,
         data=data,
@@ -168,7 +176,24 @@ def make_plan(
         backend_options=dict(backend_options or {}),
         engine=engine,
         compile=compile,
+        cycle_to_gb=cycle_to_gb,
     )
+
+
+def work_units(plan: Plan) -> tuple[PartitionRef, ...]:
+    """The partitions a run processes, in order: each once, or with ``cycle_to_gb`` the data set's partitions
+    over and over (as the paper reached 1 TB from its 12.6 GB) until that many GB have been processed. Whole
+    partitions only, so the last one may take the total past the target by less than a partition."""
+    if plan.cycle_to_gb is None:
+        return plan.partitions
+    target = samples_for_gb(plan.cycle_to_gb)
+    units, samples = [], 0
+    for ref in itertools.cycle(plan.partitions):
+        if samples >= target:
+            break
+        units.append(ref)
+        samples += ref.samples
+    return tuple(units)
 
 
 def replace_plan(plan: Plan, **changes) -> Plan:

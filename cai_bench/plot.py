@@ -131,7 +131,17 @@ def _paper_vs_partition_size(rows: list[dict]) -> list[ReferenceSeries]:
 # ---------------------------------------------------------------------------------------------- our series
 
 
-_SERIES_ATTRS = ("backend", "engine", "machine", "data_gb", "partition_mb", "batch_size", "precision", "threads")
+_SERIES_ATTRS = (
+    "backend",
+    "engine",
+    "machine",
+    "data_gb",
+    "partition_mb",
+    "batch_size",
+    "precision",
+    "threads",
+    "workers",
+)
 _ATTR_TEXT = {
     "machine": lambda p: f"on {p.machine}",
     "backend": lambda p: p.backend,
@@ -141,6 +151,7 @@ _ATTR_TEXT = {
     "batch_size": lambda p: f"batch {p.batch_size}",
     "precision": lambda p: "precision auto" if p.precision == "auto" else p.precision,
     "threads": lambda p: f"{p.threads} threads",
+    "workers": lambda p: f"{p.workers} workers",
 }
 
 

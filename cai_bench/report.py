@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cai_bench.metrics import Spread, spread
+from cai_bench.plan import data_gb
 from cai_bench.results import data_identity, machine_id, machine_label, point_key
 
 BREAKDOWN = ("startup_s", "wait_s", "load_s", "compute_s")
@@ -34,6 +35,7 @@ class PointReport:
     batch_size: int
     precision: str
     threads: int | None  # as the backend ran it (the plan may leave it to the backend)
+    workers: int  # worker processes (hpc) or array tasks (hpc --slurm) the backend ran; 1 for cpu
     repeats: int
     engine: str  # "fast" or "reference"; "-" for records from before engines were recorded
     wall_s: Spread
@@ -82,6 +84,10 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
         sums = [r["summary"] for r in group]
         costs = [s["cost_usd"] for s in sums if s.get("cost_usd") is not None]
         breakdowns = [_worker_breakdown(r) for r in group]
+        info = last.get("backend_info") or {}
+        # A run that cycled its partitions processed more than its data set holds: that is its data size
+        cycled = plan.get("cycle_to_gb") is not None
+        samples = sums[-1]["samples"] if cycled else data["samples"]
         points.append(
             PointReport(
                 key=key,
@@ -89,13 +95,14 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
                 machine_id=machine_id(last["environment"]),
                 backend=last["backend"],
                 data=data_identity(data),
-                data_gb=data["data_gb"],
-                samples=data["samples"],
+                data_gb=data_gb(samples) if cycled else data["data_gb"],
+                samples=samples,
                 partition_mb=data["partition_mb"],
                 partitions=data["partitions"],
                 batch_size=plan["batch_size"],
                 precision=plan["precision"],
-                threads=last.get("backend_info", {}).get("threads", plan.get("threads")),
+                threads=info.get("threads", plan.get("threads")),
+                workers=info.get("workers") or info.get("tasks") or last["summary"]["workers"],
                 repeats=len(group),
                 engine=plan.get("engine", "-"),
                 wall_s=spread([s["wall_s"] for s in sums]),
@@ -165,6 +172,7 @@ DISPLAY_COLUMNS: list[tuple[str, Callable[[PointReport], str]]] = [
     ("batch", lambda p: str(p.batch_size)),
     ("prec.", lambda p: p.precision),
     ("thr.", lambda p: _num(p.threads, "d")),
+    ("wkr.", lambda p: "-" if p.workers == 1 else str(p.workers)),
     ("n", lambda p: str(p.repeats)),
     ("wall s", lambda p: f"{p.wall_s.median:,.2f}"),
     ("min-max", lambda p: f"{p.wall_s.min:,.2f}-{p.wall_s.max:,.2f}" + (" NOISY" if p.noisy else "")),
@@ -181,7 +189,8 @@ NOTES = (
     "Medians over n repeats; min-max of wall s. NOISY: the slowest repeat took over 1.5x the fastest, so the "
     "median is not to be trusted blindly. Mbps: bits / wall s, what a user gets. Mbps Σw: the sum over workers of "
     "bits / own compute s, the paper's headline measure. speedup: the baseline's median wall s / this one's, on the "
-    "same data. RSS MB: the highest peak resident memory of any repeat."
+    "same data. RSS MB: the highest peak resident memory of any repeat. thr.: threads in all (per task for SLURM "
+    "arrays); wkr.: worker processes, or array tasks."
 )
 
 
@@ -199,6 +208,7 @@ def export_row(p: PointReport) -> dict:
         "batch_size": p.batch_size,
         "precision": p.precision,
         "threads": p.threads,
+        "workers": p.workers,
         "repeats": p.repeats,
     }
     for name in ("wall_s", "samples_per_s", "throughput_bps", "sum_worker_throughput_bps"):
@@ -221,7 +231,8 @@ def export_row(p: PointReport) -> dict:
 
 
 def display_columns(points: list[PointReport]) -> list[tuple[str, Callable[[PointReport], str]]]:
-    """The display columns with something in them for these points (no all-"-" cost column on a CPU run)."""
+    """The display columns with something in them for these points (no all-"-" cost column on a CPU run, no
+    workers column where every point ran one worker)."""
     return [(h, cell) for h, cell in DISPLAY_COLUMNS if any(cell(p) != "-" for p in points)]
 
 

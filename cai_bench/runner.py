@@ -18,7 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from cai_bench.backends import get_backend
+from cai_bench.backends import BackendRun, get_backend
+from cai_bench.backends.base import Detached, PartitionsFailed
 from cai_bench.data.partitions import MANIFEST, open_dataset, synthesize
 from cai_bench.data.synthetic import GENERATOR_VERSION
 from cai_bench.engine import PartitionResult, WorkerRecord
@@ -35,6 +36,7 @@ from cai_bench.plan import (
     make_plan,
     partition_count,
     samples_for_gb,
+    work_units,
 )
 from cai_bench.results import (
     ResultsStore,
@@ -185,9 +187,11 @@ def run_repeat(
     label: str,
     on_result: Callable[[PartitionResult], None] | None = None,
     kind: str = "run",
+    collect: Callable[[Plan, Callable[[PartitionResult], None]], BackendRun] | None = None,
 ) -> RunOutcome:
     """One run of ``plan`` on its backend, appended to ``store`` (None: a warm-up, not recorded) as repeat
-    number ``repeat``."""
+    number ``repeat``. ``collect`` stands in for the backend's ``run`` where the work ran earlier and only its
+    results are gathered now (``cai-bench hpc collect``)."""
     backend = get_backend(plan.backend)
     collected: list[PartitionResult] = []
 
@@ -198,10 +202,29 @@ def run_repeat(
         progress.advance(result.record)
 
     reset_peak_rss()
-    progress.begin(label, len(plan.partitions), plan.data.samples)
+    units = work_units(plan)
+    progress.begin(label, len(units), sum(ref.samples for ref in units))
     start = time.perf_counter()
     try:
-        run = backend.run(plan, emit)
+        run = (collect or backend.run)(plan, emit)
+    except PartitionsFailed as exc:
+        # The backend finished what it could: its own wall clock and facts go into the record
+        if store is not None:
+            failed = _record(
+                plan,
+                repeat,
+                collected,
+                exc.run.wall_s,
+                "failed",
+                weights=exc.run.weights.to_dict(),
+                backend_info={**exc.run.info, "failed_partitions": exc.failed},
+                error=str(exc),
+                kind=kind,
+            )
+            store.append(failed)
+        raise
+    except Detached:
+        raise  # submitted and not waited for: its record is written when it is collected
     except (Exception, KeyboardInterrupt) as exc:
         if store is not None and collected:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"

@@ -91,6 +91,19 @@ def test_speedup_against_an_engine_of_a_backend():
     assert all("reference engine" in p.baseline for p in points)
 
 
+def test_a_cycled_run_is_reported_at_the_size_it_processed():
+    # 0.5 GB of partitions reused until 1 GB was processed: compared with a plain 1 GB run, not a 0.5 GB one
+    cycled = hand_record("hpc", 50.0, gb=0.5)
+    cycled["plan"]["cycle_to_gb"] = 1.0
+    cycled["summary"]["samples"] = samples_for_gb(1.0)
+    points = report.summarize_points([cycled, hand_record("cpu", 100.0, gb=1.0), hand_record("cpu", 40.0, gb=0.5)])
+    report.add_speedups(points, "cpu")
+    (hpc,) = [p for p in points if p.backend == "hpc"]
+    assert hpc.samples == samples_for_gb(1.0)
+    assert hpc.data_gb == pytest.approx(1.0, abs=1e-4)
+    assert hpc.speedup == pytest.approx(2.0)
+
+
 def test_speedup_prefers_the_same_machine():
     records = [hand_record("cpu", 100.0, host="alpha"), hand_record("cpu", 300.0, host="beta")]
     records += [hand_record("gpu", 10.0, host="beta")]

@@ -25,6 +25,7 @@ Emit = Callable[[PartitionResult], None]
 # name -> module that defines ``create() -> Backend``
 _REGISTRY: dict[str, str] = {
     "cpu": "cai_bench.backends.cpu",
+    "hpc": "cai_bench.backends.hpc",
 }
 
 
@@ -35,10 +36,40 @@ class BackendRun:
     info: dict = field(default_factory=dict)  # backend facts worth keeping: threads, workers, prefetch depth
 
 
+class PartitionsFailed(Exception):
+    """Some partitions failed for good (after any retries); ``run`` holds what the others measured."""
+
+    def __init__(self, run: BackendRun, failed: list[dict]):
+        self.run = run
+        self.failed = failed  # one dict per failed partition: partition, attempts, errors
+        shown = "; ".join(f"partition {f['partition']}: {f['errors'][-1]}" for f in failed[:3])
+        more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+        super().__init__(f"{len(failed)} partition(s) failed: {shown}{more}")
+
+
+class Detached(Exception):
+    """The work was submitted and is not waited for (``--no-wait``); ``collect`` is the command that records it."""
+
+    def __init__(self, job_id: str, collect: str):
+        self.job_id = job_id
+        self.collect = collect
+        super().__init__(f"submitted job {job_id}; record it when it has run with: {collect}")
+
+
 class Backend(Protocol):
     name: str
 
+    def check(self, options: dict) -> None:
+        """Refuse ``Plan.backend_options`` it would ignore or cannot use (UserError), before any work starts."""
+
     def run(self, plan: Plan, emit: Emit) -> BackendRun: ...
+
+
+def refuse_unknown(backend: str, options: dict, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
+        raise UserError(f"{flags}: not an option of --backend {backend}")
 
 
 def available_backends() -> list[str]:

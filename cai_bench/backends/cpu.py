@@ -10,16 +10,15 @@ runs as upstream did: one loop with all threads.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psutil
 import torch
 
-from cai_bench.backends.base import BackendRun, Emit
-from cai_bench.engine import EngineOptions, load_partition, run_partition, run_reference, start_worker
+from cai_bench.backends.base import BackendRun, Emit, refuse_unknown
+from cai_bench.engine import EngineOptions, run_partitions, run_reference, start_worker
 from cai_bench.metrics import allowed_cpus
-from cai_bench.plan import Plan
+from cai_bench.plan import Plan, work_units
 
 MAX_LANES = 4  # each lane holds a batch of activations; more lanes cost memory for little gain
 
@@ -41,6 +40,9 @@ def lane_layout(threads: int, lanes: int | None = None) -> tuple[int, int]:
 class CpuBackend:
     name: str = "cpu"
 
+    def check(self, options: dict) -> None:
+        refuse_unknown(self.name, options, ("lanes",))
+
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         threads = plan.threads or default_threads()
         if plan.engine == "reference" or plan.compile:  # a compiled model is called from one thread only
@@ -56,7 +58,7 @@ class CpuBackend:
             compile=plan.compile,
             lanes=lanes,
         )
-        refs = plan.partitions
+        refs = work_units(plan)
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(intra)
         info = {"threads": threads, "lanes": lanes, "intra_op_threads": intra}
@@ -66,22 +68,10 @@ class CpuBackend:
                 worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
                 emit(run_reference(refs, worker, options))
                 return BackendRun(time.perf_counter() - start, worker.weights, {**info, **worker.choices})
-            # One partition ahead: reading overlaps compute (the first one overlaps the model build), and at
-            # most two partitions are ever in memory.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-prefetch") as reader:
-                pending = reader.submit(load_partition, refs[0], options)
-                worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
-                try:
-                    for position in range(len(refs)):
-                        waited = time.perf_counter()
-                        partition = pending.result()
-                        wait_s = time.perf_counter() - waited
-                        if position + 1 < len(refs):
-                            pending = reader.submit(load_partition, refs[position + 1], options)
-                        emit(run_partition(partition, worker, options, wait_s=wait_s))
-                        del partition
-                finally:
-                    worker.close()
+            worker = run_partitions(
+                refs, options, emit, lambda: start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
+            )
+            worker.close()
             wall_s = time.perf_counter() - start
         finally:
             torch.set_num_threads(previous_threads)

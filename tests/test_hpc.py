@@ -1,0 +1,302 @@
+"""The hpc backend: worker processes on this node (real spawned processes, one killed for real), and SLURM job
+arrays through submitit's local executor (real task processes writing real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cai_bench.backends import get_backend
+from cai_bench.backends.base import PartitionsFailed
+from cai_bench.data.partitions import open_dataset, synthesize
+from cai_bench.plan import make_plan, samples_for_gb, work_units
+from cai_bench.results import ResultsStore
+from cai_bench.runner import execute
+
+pytest.importorskip("submitit")
+
+
+def plan_for(data: Path, backend: str = "hpc", **options):
+    _, summary, refs = open_dataset(data)
+    backend_options = options.pop("backend_options", None)
+    return make_plan(backend, summary, refs, precision="fp32", backend_options=backend_options, **options)
+
+
+def predictions(outcome) -> dict[int, float]:
+    return {int(i): float(p) for r in outcome.results for i, p in zip(r.object_id, r.prediction, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def many_partitions(tmp_path_factory) -> Path:
+    """20 partitions of 26 samples: enough work that a worker is busy when the test kills it."""
+    out = tmp_path_factory.mktemp("many") / "data"
+    synthesize(out, 0.01, 0.52, seed=5)
+    return out
+
+
+def corrupt(data: Path, index: int) -> None:
+    manifest = json.loads((data / "manifest.json").read_text())
+    path = data / manifest["partitions"][index]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+# ---------------------------------------------------------------------------------------------- one node
+
+
+def test_two_workers_predict_what_the_cpu_backend_predicts(tiny_data):
+    cpu = execute(plan_for(tiny_data, "cpu", threads=2), None)[0]
+    hpc = execute(plan_for(tiny_data, threads=2, backend_options={"workers": 2}), None)[0]
+    assert predictions(hpc).keys() == predictions(cpu).keys()
+    ours, theirs = predictions(hpc), predictions(cpu)
+    np.testing.assert_allclose([ours[k] for k in sorted(ours)], [theirs[k] for k in sorted(theirs)], atol=1e-5)
+    record = hpc.record
+    assert sorted(w.partition for w in record.workers) == [0, 1, 2, 3]
+    assert all(w.pid != os.getpid() for w in record.workers)  # the work ran in the worker processes
+    assert {w.worker_id for w in record.workers} <= {"hpc-0", "hpc-1"}
+    assert record.backend_info["workers"] == 2
+    assert record.backend_info["threads_per_worker"] == 1
+    assert record.backend_info["crashes"] == []
+    assert record.summary.wall_s >= max(w.total_s for w in record.workers)
+
+
+def test_a_worker_killed_mid_partition_loses_nothing(many_partitions):
+    plan = plan_for(many_partitions, threads=2, batch_size=2, backend_options={"workers": 2, "retries": 1})
+    seen_pids: list[int] = []
+    killed: list[int] = []
+    emitted: list = []
+
+    def emit(result):
+        emitted.append(result)
+        pid = result.record.pid
+        if pid not in seen_pids:
+            seen_pids.append(pid)
+        # once both workers have finished a partition, both are pulling work: kill the one that did not just
+        # report, which is in the middle of its next partition
+        if not killed and len(seen_pids) == 2:
+            victim = next(p for p in seen_pids if p != pid)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    run = get_backend("hpc").run(plan, emit)
+    units = work_units(plan)
+    assert killed, "the test never saw both workers at work"
+    assert sorted(r.record.partition for r in emitted) == sorted(ref.index for ref in units)  # each exactly once
+    (crash,) = run.info["crashes"]
+    assert crash["pid"] == killed[0] and crash["exit"] == "signal 9"
+    assert crash["partition"] is not None
+    (redo,) = [r for r in emitted if r.record.partition == crash["partition"]]
+    assert redo.record.pid != killed[0]
+    assert run.info["retried"][0]["partition"] == crash["partition"]
+    assert run.info["worker_processes_started"] == 3  # a replacement kept the node busy
+
+
+def test_partitions_that_fail_every_retry_fail_the_run_and_keep_the_rest(cli, data_copy, tmp_path):
+    corrupt(data_copy, 2)
+    args = ["run", "--backend", "hpc", "--workers", "2", "--threads", "2", "--retries", "1", "--precision", "fp32"]
+    code, _, err = cli(*args, "--data", data_copy, "--results", tmp_path / "r", "--quiet")
+    assert code == 1
+    assert "1 partition(s) failed" in err and "partition 2 (unit 2), 2 attempt(s)" in err
+    assert "sha256 does not match" in err
+    (record,) = ResultsStore(tmp_path / "r").read()
+    assert record["status"] == "failed"
+    assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 3]
+    (failure,) = record["backend_info"]["failed_partitions"]
+    assert failure["partition"] == 2 and failure["attempts"] == 2
+    assert record["summary"]["wall_s"] > 0
+
+
+def test_cycle_to_gb_reuses_partitions_until_the_target_is_processed(tiny_data):
+    # 4 partitions of 26 samples; 0.0048 GB is 251 samples: ten partitions (260 samples) reach it
+    assert samples_for_gb(0.0048) == 251
+    plan = plan_for(tiny_data, "cpu", threads=2, cycle_to_gb=0.0048)
+    assert [ref.index for ref in work_units(plan)] == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    outcome = execute(plan, None)[0]
+    assert outcome.record.summary.samples == 260
+    assert outcome.record.summary.partitions == 10
+    assert outcome.record.plan["cycle_to_gb"] == 0.0048
+    hpc = execute(plan_for(tiny_data, threads=2, cycle_to_gb=0.0048, backend_options={"workers": 2}), None)[0]
+    assert sorted(r.record.partition for r in hpc.results) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    assert hpc.record.backend_info["passes_over_data"] == 2.5
+
+
+# ---------------------------------------------------------------------------------------------- SLURM arrays
+
+
+def task_events(results: Path) -> list[list[dict]]:
+    (job,) = (results / "hpc-jobs").iterdir()
+    return [
+        [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted((job / "tasks").glob("task-*.jsonl"))
+    ]
+
+
+def test_a_local_job_array_runs_end_to_end_into_one_complete_record(cli, tiny_data, tmp_path):
+    results = tmp_path / "r"
+    args = ["run", "--backend", "hpc", "--slurm", "--slurm-executor", "local", "--tasks", "2", "--precision", "fp32"]
+    code, out, err = cli(*args, "--data", tiny_data, "--results", results, "--json")
+    assert code == 0, err
+    (record,) = json.loads(out)
+    assert record["status"] == "ok"
+    assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 2, 3]
+    assert {w["worker_id"] for w in record["workers"]} == {"task-0", "task-1"}
+    assert record["summary"]["workers"] == 2 and record["summary"]["samples"] == 104
+    info = record["backend_info"]
+    assert info["executor"] == "local" and info["tasks"] == 2 and info["tasks_started"] == 2
+    assert info["partitions_per_task"] == 2
+    # wall = first task start to last task end, from the tasks' own files; queue wait apart
+    tasks = task_events(results)
+    first_start = min(events[0]["epoch"] for events in tasks)
+    last_end = max(events[-1]["epoch"] for events in tasks)
+    assert all(events[0]["event"] == "start" and events[-1]["event"] == "end" for events in tasks)
+    assert record["summary"]["wall_s"] == pytest.approx(last_end - first_start)
+    job = json.loads(next((results / "hpc-jobs").glob("*/job.json")).read_text())
+    assert info["queue_wait_s"] == pytest.approx(first_start - job["submit_epoch"])
+    assert info["queue_wait_s"] >= 0
+    # the predictions came back with the records: the accuracy is the cpu backend's
+    cpu = execute(plan_for(tiny_data, "cpu", threads=1), None)[0]
+    assert record["accuracy"]["samples"] == 104
+    assert record["accuracy"]["mae"] == pytest.approx(cpu.record.accuracy["mae"], abs=1e-6)
+    assert ResultsStore(results).read()[0]["run_id"] == record["run_id"]
+
+
+def test_no_wait_then_collect_records_the_array_once(cli, tiny_data, tmp_path):
+    results = tmp_path / "r"
+    args = ["run", "--backend", "hpc", "--slurm", "--slurm-executor", "local", "--partitions-per-task", "4"]
+    code, out, err = cli(*args, "--data", tiny_data, "--results", results, "--no-wait", "--precision", "fp32")
+    assert code == 0, err
+    assert "cai-bench hpc collect" in out
+    assert not (results / "runs.jsonl").exists()
+    job_id = next((results / "hpc-jobs").iterdir()).name
+    code, out, err = cli("hpc", "collect", job_id, "--results", results, "--json")
+    assert code == 0, err
+    (record,) = json.loads(out)
+    assert record["status"] == "ok" and record["backend_info"]["tasks"] == 1
+    assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 2, 3]
+    code, _, err = cli("hpc", "collect", job_id, "--results", results)
+    assert code == 2 and "already recorded" in err
+    assert len(ResultsStore(results).read()) == 1
+
+
+def test_a_failing_array_task_keeps_what_the_others_and_itself_finished(cli, data_copy, tmp_path):
+    corrupt(data_copy, 3)  # the second partition of task 1
+    results = tmp_path / "r"
+    args = ["run", "--backend", "hpc", "--slurm", "--slurm-executor", "local", "--tasks", "2", "--precision", "fp32"]
+    code, _, err = cli(*args, "--data", data_copy, "--results", results, "--quiet")
+    assert code == 1
+    assert "partition 3" in err and "sha256 does not match" in err
+    (record,) = ResultsStore(results).read()
+    assert record["status"] == "failed"
+    assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 2]
+    assert [f["partition"] for f in record["backend_info"]["failed_partitions"]] == [3]
+
+
+def test_slurm_submission_carries_every_option_to_sbatch(tiny_data, tmp_path, monkeypatch):
+    """Submit through submitit's real SLURM executor to a stand-in sbatch that keeps the script it is given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kept = tmp_path / "sbatch-script"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {kept}\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for name in ("sbatch", "srun"):
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    options = {
+        "slurm": True,
+        "tasks": 2,
+        "slurm_partition": "debug",
+        "time_min": 90,
+        "mem_gb": 4.0,
+        "cpus_per_task": 2,
+        "array_parallelism": 1,
+        "slurm_options": {"account": "astro"},
+        "wait": False,
+        "jobs_dir": str(tmp_path / "r" / "hpc-jobs"),
+    }
+    backend = get_backend("hpc")
+    backend.check(options)
+    from cai_bench.backends.base import Detached
+
+    with pytest.raises(Detached) as submitted:
+        backend.run(plan_for(tiny_data, backend_options=options), lambda result: None)
+    script = kept.read_text()
+    for line in (
+        "#SBATCH --partition=debug",
+        "#SBATCH --time=90",
+        "#SBATCH --mem=4GB",
+        "#SBATCH --cpus-per-task=2",
+        "#SBATCH --array=0-1%1",
+        "#SBATCH --account=astro",
+    ):
+        assert line in script
+    job = json.loads((tmp_path / "r" / "hpc-jobs" / submitted.value.job_id / "job.json").read_text())
+    assert job["scheduler_job_ids"] == ["4242_0", "4242_1"]
+    assert job["units"] == [[0, 1], [2, 3]]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "cpu", "--workers", "2"], "--workers: not an option of --backend cpu"),
+        (["--backend", "hpc", "--tasks", "2"], "--tasks applies to SLURM arrays: add --slurm"),
+        (["--backend", "hpc", "--workers", "0"], "--workers must be at least 1"),
+        (["--backend", "hpc", "--slurm", "--slurm-executor", "pbs"], "--slurm-executor must be one of slurm, local"),
+        (["--backend", "hpc", "--slurm", "--slurm-executor", "local", "--tasks", "2", "--partitions-per-task", "2"],
+         "give --tasks or --partitions-per-task, not both"),
+        (["--backend", "hpc", "--slurm", "--slurm-executor", "local", "--time", "soon"], "--time 'soon'"),
+        (["--backend", "hpc", "--slurm", "--slurm-executor", "local", "--mem", "lots"], "--mem 'lots'"),
+        (["--backend", "hpc", "--slurm", "--slurm-executor", "local", "--slurm-option", "account"], "KEY=VALUE"),
+        (["--backend", "hpc", "--slurm", "--slurm-executor", "local", "--no-wait", "--repeats", "2"],
+         "--no-wait submits one run"),
+        (["--backend", "hpc", "--workers", "2", "--no-wait"], "--no-wait applies to SLURM arrays"),
+        (["--backend", "cpu", "--engine", "reference", "--cycle-to-gb", "1"], "takes no --cycle-to-gb"),
+    ],
+)  # fmt: skip
+def test_bad_hpc_options_are_one_clear_line_and_exit_2(cli, tiny_data, tmp_path, args, message):
+    code, _, err = cli("run", *args, "--data", tiny_data, "--results", tmp_path / "r", "--quiet")
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r" / "runs.jsonl").exists()
+
+
+def test_no_slurm_on_this_machine_is_said_plainly(cli, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    code, _, err = cli("run", "--backend", "hpc", "--slurm", "--data", tiny_data, "--results", tmp_path / "r")
+    assert code == 2 and "no SLURM here" in err and "--slurm-executor local" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "minutes"), [("90", 90), ("1:30", 2), ("1:30:00", 90), ("2-00:00:00", 2880), ("1-2", 1560)]
+)
+def test_time_limits_read_as_sbatch_reads_them(text, minutes):
+    from cai_bench.cli import _minutes
+
+    assert _minutes(text) == minutes
+
+
+@pytest.mark.parametrize(("text", "gb"), [("4G", 4.0), ("4GB", 4.0), ("3584M", 3.5), ("3584", 3.5), ("1T", 1024.0)])
+def test_memory_sizes_read_as_sbatch_reads_them(text, gb):
+    from cai_bench.cli import _gigabytes
+
+    assert _gigabytes(text) == gb
+
+
+def test_partitions_failed_names_each_failure():
+    from cai_bench.backends.base import BackendRun
+    from cai_bench.model.checkpoint import WeightsInfo
+
+    failed = [{"partition": i, "unit": i, "attempts": 3, "errors": [f"boom {i}"]} for i in range(5)]
+    exc = PartitionsFailed(BackendRun(1.0, WeightsInfo("random-init", seed=0)), failed)
+    assert str(exc).startswith("5 partition(s) failed: partition 0: boom 0; partition 1: boom 1")
+    assert str(exc).endswith("and 2 more")
