@@ -113,6 +113,16 @@ def test_partitions_that_fail_every_retry_fail_the_run_and_keep_the_rest(cli, da
     assert record["summary"]["wall_s"] > 0
 
 
+def test_a_worker_that_cannot_start_is_one_clear_error(cli, tiny_data, tmp_path):
+    weights = tmp_path / "bad.safetensors"
+    weights.write_text("not a weights file")
+    args = ["run", "--backend", "hpc", "--workers", "2", "--weights", weights, "--data", tiny_data]
+    code, _, err = cli(*args, "--results", tmp_path / "r", "--quiet")
+    assert code == 2
+    assert err.startswith("error: worker hpc-") and "could not start" in err and "bad.safetensors" in err
+    assert not (tmp_path / "r" / "runs.jsonl").exists()
+
+
 def test_cycle_to_gb_reuses_partitions_until_the_target_is_processed(tiny_data):
     # 4 partitions of 26 samples; 0.0048 GB is 251 samples: ten partitions (260 samples) reach it
     assert samples_for_gb(0.0048) == 251
