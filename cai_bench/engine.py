@@ -39,7 +39,7 @@ from cai_bench.metrics import peak_rss_bytes, percentiles, rate, trim_heap
 from cai_bench.model.astromae import build_model
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, load_weights
 from cai_bench.model.inference import compile_model, prepare_for_inference
-from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
+from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef, Plan
 
 WARMUP_BATCH = 16
 PRECISION_TOLERANCE = 2e-3  # largest redshift difference from fp32 that a faster precision may cause
@@ -55,6 +55,19 @@ class EngineOptions:
     engine: str = "fast"
     compile: bool = False
     lanes: int = 1  # threads that split each partition between them (each with the process's intra-op threads)
+
+
+def plan_options(plan: Plan, lanes: int = 1, device: str = "cpu") -> EngineOptions:
+    """What a worker needs to know of a plan, with where it runs and how many lanes it splits partitions into."""
+    return EngineOptions(
+        batch_size=plan.batch_size,
+        precision=plan.precision,
+        device=device,
+        verify_checksums=plan.verify_checksums,
+        engine=plan.engine,
+        compile=plan.compile,
+        lanes=lanes,
+    )
 
 
 @dataclass

@@ -288,12 +288,16 @@ def data_identity(data: dict) -> str:
 
 
 _NOT_PART_OF_A_POINT = ("repeats", "warmup", "data")
+# Where a SLURM array's files go and whether the driver waited change nothing that is measured
+_OPTIONS_NOT_PART_OF_A_POINT = ("jobs_dir", "wait")
 
 
 def point_key(plan: dict, environment: dict) -> str:
     """What makes two runs repeats of the same measurement: the plan (but how often it is repeated, and where
     its data lives) on the same machine. New plan fields take part automatically."""
     fields = {k: v for k, v in plan.items() if k not in _NOT_PART_OF_A_POINT}
+    options = fields.get("backend_options") or {}
+    fields["backend_options"] = {k: v for k, v in options.items() if k not in _OPTIONS_NOT_PART_OF_A_POINT}
     fields["data"] = data_identity(plan.get("data") or {})
     fields["machine"] = machine_id(environment)
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)

@@ -310,3 +310,14 @@ def test_partitions_failed_names_each_failure():
     exc = PartitionsFailed(BackendRun(1.0, WeightsInfo("random-init", seed=0)), failed)
     assert str(exc).startswith("5 partition(s) failed: partition 0: boom 0; partition 1: boom 1")
     assert str(exc).endswith("and 2 more")
+
+
+def test_where_array_files_go_is_not_part_of_what_is_measured(tiny_data):
+    from cai_bench.results import point_key, this_machine
+
+    def key(**options):
+        plan = plan_for(tiny_data, backend_options={"slurm": True, "tasks": 2, **options})
+        return point_key(plan.to_record(), this_machine())
+
+    assert key(jobs_dir="a/hpc-jobs") == key(jobs_dir="b/hpc-jobs", wait=False)
+    assert key(jobs_dir="a/hpc-jobs") != key(jobs_dir="a/hpc-jobs", cpus_per_task=2)

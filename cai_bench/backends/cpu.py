@@ -16,7 +16,7 @@ import psutil
 import torch
 
 from cai_bench.backends.base import BackendRun, Emit, refuse_unknown
-from cai_bench.engine import EngineOptions, run_partitions, run_reference, start_worker
+from cai_bench.engine import plan_options, run_partitions, run_reference, start_worker
 from cai_bench.metrics import allowed_cpus
 from cai_bench.plan import Plan, work_units
 
@@ -49,15 +49,7 @@ class CpuBackend:
             lanes, intra = 1, threads
         else:
             lanes, intra = lane_layout(threads, plan.backend_options.get("lanes"))
-        options = EngineOptions(
-            batch_size=plan.batch_size,
-            precision=plan.precision,
-            device="cpu",
-            verify_checksums=plan.verify_checksums,
-            engine=plan.engine,
-            compile=plan.compile,
-            lanes=lanes,
-        )
+        options = plan_options(plan, lanes)
         refs = work_units(plan)
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(intra)

@@ -34,7 +34,7 @@ import torch
 
 from cai_bench.backends.base import BackendRun, Emit, PartitionsFailed, refuse_unknown
 from cai_bench.backends.cpu import default_threads, lane_layout
-from cai_bench.engine import EngineOptions, load_partition, run_partition, start_worker
+from cai_bench.engine import EngineOptions, load_partition, plan_options, run_partition, start_worker
 from cai_bench.errors import UserError
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo
 from cai_bench.plan import PartitionRef, Plan, work_units
@@ -66,18 +66,6 @@ def worker_threads(plan: Plan) -> tuple[int, int, int, int]:
         return workers, per_worker, 1, per_worker
     lanes, intra = lane_layout(per_worker, plan.backend_options.get("lanes"))
     return workers, per_worker, lanes, intra
-
-
-def engine_options(plan: Plan, lanes: int) -> EngineOptions:
-    return EngineOptions(
-        batch_size=plan.batch_size,
-        precision=plan.precision,
-        device="cpu",
-        verify_checksums=plan.verify_checksums,
-        engine=plan.engine,
-        compile=plan.compile,
-        lanes=lanes,
-    )
 
 
 def _noop() -> None:
@@ -381,7 +369,7 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
     retries = DEFAULT_RETRIES if retries is None else retries
     units = work_units(plan)
     context, server_s = worker_context()
-    node = _NodeRun(plan, emit, engine_options(plan, lanes), intra, workers, retries, context=context)
+    node = _NodeRun(plan, emit, plan_options(plan, lanes), intra, workers, retries, context=context)
     node.queue.extend(_Unit(position, ref) for position, ref in enumerate(units))
     start = node.dispatched = time.perf_counter()
     try:

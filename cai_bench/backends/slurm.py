@@ -33,8 +33,14 @@ import torch
 
 from cai_bench.backends.base import BackendRun, Detached, Emit, PartitionsFailed
 from cai_bench.backends.cpu import default_threads, lane_layout
-from cai_bench.backends.hpc import engine_options
-from cai_bench.engine import EngineOptions, PartitionResult, WorkerRecord, run_partitions, start_worker
+from cai_bench.engine import (
+    EngineOptions,
+    PartitionResult,
+    WorkerRecord,
+    plan_options,
+    run_partitions,
+    start_worker,
+)
 from cai_bench.errors import UserError
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo
 from cai_bench.plan import DataSummary, PartitionRef, Plan, work_units
@@ -206,7 +212,7 @@ def run_array(plan: Plan, emit: Emit) -> BackendRun:
     job_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     directory = Path(options["jobs_dir"]).resolve() / job_id
     (directory / "tasks").mkdir(parents=True)
-    engine = engine_options(plan, lanes)
+    engine = plan_options(plan, lanes)
     specs = [
         TaskSpec(
             task=task,
