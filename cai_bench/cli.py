@@ -71,13 +71,13 @@ def run(
         float | None, typer.Option(help="Synthetic data size in GB (GiB), generated once into the cache.")
     ] = None,
     partition_mb: Annotated[
-        float | None, typer.Option(help="Partition size in MB (MiB) for synthetic data [default: 25].")
+        float | None, typer.Option(help="Partition size in MB (MiB) for synthetic data (default: 25).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "fast",
     compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
-    threads: Annotated[int | None, typer.Option(help="Threads in all [default: physical cores].")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads in all (default: physical cores).")] = None,
     lanes: Annotated[
         int | None, typer.Option(help="cpu, fast engine: partitions run at once, threads split between them.")
     ] = None,
@@ -94,10 +94,10 @@ def run(
         float | None, typer.Option(help="Reuse the partitions in turn until this many GB have been processed.")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="hpc: worker processes on this node, --threads split between them [1].")
+        int | None, typer.Option(help="hpc: worker processes on this node, --threads split between them (default: 1).")
     ] = None,
     retries: Annotated[
-        int | None, typer.Option(help="hpc: times a partition whose worker crashed or failed is retried [2].")
+        int | None, typer.Option(help="hpc: times a partition whose worker crashed or failed is retried (default: 2).")
     ] = None,
     slurm: Annotated[bool, typer.Option("--slurm", help="hpc: a SLURM job array over partition groups.")] = False,
     slurm_executor: Annotated[
@@ -105,18 +105,21 @@ def run(
     ] = None,
     tasks: Annotated[int | None, typer.Option(help="hpc --slurm: array tasks, partitions split evenly.")] = None,
     partitions_per_task: Annotated[
-        int | None, typer.Option(help="hpc --slurm: partitions per array task [1] (or give --tasks).")
+        int | None, typer.Option(help="hpc --slurm: partitions per array task (default: 1), or give --tasks.")
     ] = None,
     slurm_partition: Annotated[str | None, typer.Option(help="hpc --slurm: the SLURM partition (queue).")] = None,
     time_limit: Annotated[
-        str | None, typer.Option("--time", help="hpc --slurm: time limit per task, minutes or [D-]HH:MM[:SS] [60].")
+        str | None,
+        typer.Option(
+            "--time", help="hpc --slurm: time limit per task, minutes or D-HH:MM:SS as sbatch takes it (default: 60)."
+        ),
     ] = None,
     mem: Annotated[str | None, typer.Option(help="hpc --slurm: memory per task, e.g. 4G or 3500M.")] = None,
     cpus_per_task: Annotated[
-        int | None, typer.Option(help="hpc --slurm: cores (threads) per task [--threads, else 1].")
+        int | None, typer.Option(help="hpc --slurm: cores (threads) per task (default: --threads, else 1).")
     ] = None,
     array_parallelism: Annotated[
-        int | None, typer.Option(help="hpc --slurm: tasks running at once [slurm: all; local: cores/cpus-per-task].")
+        int | None, typer.Option(help="hpc --slurm: tasks running at once (slurm: all; local: cores/cpus-per-task).")
     ] = None,
     slurm_option: Annotated[
         list[str] | None, typer.Option(help="hpc --slurm: KEY=VALUE passed to sbatch as --KEY=VALUE; repeatable.")
@@ -305,7 +308,7 @@ def predict(
     backend: Annotated[str, typer.Option(help="Where to run.")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads [default: physical cores].")] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: physical cores).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random-init weights.")] = 0,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare each partition's sha256 as it is read.")
@@ -373,12 +376,12 @@ def predict(
 @app.command()
 def bench(
     data: Annotated[Path | None, typer.Option(help="A data set directory; default: synthetic --gb.")] = None,
-    gb: Annotated[float | None, typer.Option(help="Synthetic data size in GB [default: 0.2].")] = None,
-    partition_mb: Annotated[float | None, typer.Option(help="Partition size in MB [default: 25].")] = None,
+    gb: Annotated[float | None, typer.Option(help="Synthetic data size in GB (default: 0.2).")] = None,
+    partition_mb: Annotated[float | None, typer.Option(help="Partition size in MB (default: 25).")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass, both arms.")] = 512,
     pairs: Annotated[int, typer.Option(help="Measured (reference, fast) pairs.")] = 3,
     warmup: Annotated[int, typer.Option(help="Unrecorded runs of each arm first.")] = 1,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads [default: physical cores].")] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: physical cores).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Weights file; default: random init.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data and random-init weights.")] = 0,
     results: ResultsDir = Path("results"),
@@ -496,19 +499,19 @@ def sweep(
     config: Annotated[
         Path | None, typer.Option(help="A sweep preset (TOML), e.g. configs/laptop-quick.toml; options override it.")
     ] = None,
-    backend: Annotated[str | None, typer.Option(help="Where to run [default: cpu].")] = None,
-    gb: Annotated[str | None, typer.Option(help="Data sizes in GB, comma-separated [default: 0.1].")] = None,
+    backend: Annotated[str | None, typer.Option(help="Where to run (default: cpu).")] = None,
+    gb: Annotated[str | None, typer.Option(help="Data sizes in GB, comma-separated (default: 0.1).")] = None,
     partition_mb: Annotated[
-        str | None, typer.Option(help="Partition sizes in MB, comma-separated [default: 25].")
+        str | None, typer.Option(help="Partition sizes in MB, comma-separated (default: 25).")
     ] = None,
-    batch_size: Annotated[str | None, typer.Option(help="Batch sizes, comma-separated [default: 512].")] = None,
-    precision: Annotated[str | None, typer.Option(help="Precisions, comma-separated [default: auto].")] = None,
+    batch_size: Annotated[str | None, typer.Option(help="Batch sizes, comma-separated (default: 512).")] = None,
+    precision: Annotated[str | None, typer.Option(help="Precisions, comma-separated (default: auto).")] = None,
     engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
-    repeats: Annotated[int | None, typer.Option(help="Measured runs per point [default: 3].")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Measured runs per point (default: 3).")] = None,
     warmup: Annotated[
-        int | None, typer.Option(help="Unrecorded runs before each point's repeats [default: 0].")
+        int | None, typer.Option(help="Unrecorded runs before each point's repeats (default: 0).")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads [default: physical cores].")] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: physical cores).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the synthetic data and random-init weights.")] = None,
     weights: Annotated[Path | None, typer.Option(help="Weights file; default: random init.")] = None,
     force: Annotated[bool, typer.Option(help="Rerun points the store already holds.")] = False,
