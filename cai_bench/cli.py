@@ -306,9 +306,12 @@ def predict(
         Path | None, typer.Option(help="Weights (.safetensors, or a .pt state dict); default: random init.")
     ] = None,
     backend: Annotated[str, typer.Option(help="Where to run.")] = "cpu",
+    workers: Annotated[
+        int | None, typer.Option(help="hpc: worker processes on this node, --threads split between them (default: 1).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: physical cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads in all (default: physical cores).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random-init weights.")] = 0,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare each partition's sha256 as it is read.")
@@ -330,7 +333,8 @@ def predict(
     from cai_bench.predict import predict as run_predict
     from cai_bench.results import ResultsStore
 
-    get_backend(backend)
+    backend_options = {"workers": workers} if workers is not None else {}
+    get_backend(backend).check(backend_options)
     _, summary, refs = open_dataset(data)
     plan = make_plan(
         backend,
@@ -342,6 +346,7 @@ def predict(
         weights=str(weights) if weights else None,
         seed=seed,
         verify_checksums=verify,
+        backend_options=backend_options,
     )
     progress = None if (as_json or quiet) else ui.RichRunProgress()
     try:

@@ -161,3 +161,19 @@ def test_run_records_accuracy_labelled_meaningless_with_random_weights(cli, tiny
     (record,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert record["accuracy"]["meaningful"] is False and "random-init" in record["accuracy"]["note"]
     assert set(record["accuracy"]) >= {"mae", "mse", "bias", "nmad", "r2", "outlier_fraction"}
+
+
+def test_predict_on_hpc_workers_writes_what_the_cpu_backend_writes(cli, tiny_data, tmp_path, scaled_weights):
+    common = ["predict", "--data", tiny_data, "--weights", scaled_weights, "--precision", "fp32", "-q"]
+    code, _, err = cli(*common, "--out", tmp_path / "cpu.csv", "--results", tmp_path / "r")
+    assert code == 0, err
+    code, _, err = cli(
+        *common, "--backend", "hpc", "--workers", "2", "--out", tmp_path / "hpc.csv", "--results", tmp_path / "r"
+    )
+    assert code == 0, err
+    cpu, hpc = (np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1) for name in ("cpu", "hpc"))
+    assert hpc[:, 0].tolist() == cpu[:, 0].tolist() == list(range(104))  # every object once, in order
+    np.testing.assert_allclose(hpc[:, 1], cpu[:, 1], atol=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
+    assert [r["backend"] for r in records] == ["cpu", "hpc"]
+    assert records[1]["backend_info"]["workers"] == 2
