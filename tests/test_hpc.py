@@ -151,6 +151,7 @@ def task_events(results: Path) -> list[list[dict]]:
 def test_a_local_job_array_runs_end_to_end_into_one_complete_record(cli, tiny_data, tmp_path):
     results = tmp_path / "r"
     args = ["run", "--backend", "hpc", "--slurm", "--slurm-executor", "local", "--tasks", "2", "--precision", "fp32"]
+    args += ["--array-parallelism", "1"]
     code, out, err = cli(*args, "--data", tiny_data, "--results", results, "--json")
     assert code == 0, err
     (record,) = json.loads(out)
@@ -166,10 +167,12 @@ def test_a_local_job_array_runs_end_to_end_into_one_complete_record(cli, tiny_da
     first_start = min(events[0]["epoch"] for events in tasks)
     last_end = max(events[-1]["epoch"] for events in tasks)
     assert all(events[0]["event"] == "start" and events[-1]["event"] == "end" for events in tasks)
+    assert tasks[1][0]["epoch"] >= tasks[0][-1]["epoch"]  # one at a time: task 1 started after task 0 ended
     assert record["summary"]["wall_s"] == pytest.approx(last_end - first_start)
     job = json.loads(next((results / "hpc-jobs").glob("*/job.json")).read_text())
     assert info["queue_wait_s"] == pytest.approx(first_start - job["submit_epoch"])
     assert info["queue_wait_s"] >= 0
+    assert info["queue_wait_max_s"] == pytest.approx(tasks[1][0]["epoch"] - job["submit_epoch"])
     # the predictions came back with the records: the accuracy is the cpu backend's
     cpu = execute(plan_for(tiny_data, "cpu", threads=1), None)[0]
     assert record["accuracy"]["samples"] == 104
