@@ -186,9 +186,10 @@ def run(
     _print_runs(records, store, as_json)
 
 
-def _execute(work, store, as_json: bool) -> list:
+def _execute(work, store, as_json: bool, interrupted: str | None = None, again: str = ""):
     """Run ``work`` (which records its runs in ``store``) and turn how it ended into what the user sees:
-    submitted and not waited for (exit 0), partitions that failed for good (exit 1), Ctrl-C (exit 130)."""
+    submitted and not waited for (exit 0), partitions that failed for good (exit 1), Ctrl-C (exit 130).
+    ``interrupted`` replaces the Ctrl-C line; ``again`` is said after a failure, where a rerun continues."""
     from cai_bench import ui
     from cai_bench.backends.base import Detached, PartitionsFailed
 
@@ -211,10 +212,12 @@ def _execute(work, store, as_json: bool) -> list:
                 markup=False,
                 highlight=False,
             )
-        ui.console.print(f"the partitions that finished are kept in a 'failed' record in {store.path}")
+        ui.console.print(f"the partitions that finished are kept in a 'failed' record in {store.path}{again}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        ui.console.print(f"interrupted; finished repeats and the partitions done so far are in {store.path}")
+        ui.console.print(
+            interrupted or f"interrupted; finished repeats and the partitions done so far are in {store.path}"
+        )
         raise typer.Exit(130) from None
 
 
@@ -349,11 +352,14 @@ def predict(
         backend_options=backend_options,
     )
     progress = None if (as_json or quiet) else ui.RichRunProgress()
-    try:
-        outcome = run_predict(plan, out, ResultsStore(results), force=force, progress=progress)
-    except KeyboardInterrupt:
-        ui.console.print("interrupted; finished partitions are kept. Run the same command again to continue.")
-        raise typer.Exit(130) from None
+    store = ResultsStore(results)
+    outcome = _execute(
+        lambda: run_predict(plan, out, store, force=force, progress=progress),
+        store,
+        as_json,
+        interrupted="interrupted; finished partitions are kept. Run the same command again to continue.",
+        again="; their predictions too: run the same command again to predict the rest",
+    )
     if as_json:
         print(
             json.dumps(
@@ -557,20 +563,20 @@ def sweep(
     store = ResultsStore(results)
     _read_store(store)  # a broken or newer store fails here, before anything runs
     progress = None if (as_json or quiet) else ui.RichSweepProgress()
-    try:
-        outcome = runner.run_sweep(
+    outcome = _execute(
+        lambda: runner.run_sweep(
             spec,
             store,
             force=force,
             keep_data=keep_data,
             progress=progress,
             synth_progress=progress.synthesizing if progress else None,
-        )
-    except KeyboardInterrupt:
-        ui.console.print(
-            f"interrupted; every finished repeat is in {store.path}. Run the same command again to continue."
-        )
-        raise typer.Exit(130) from None
+        ),
+        store,
+        as_json,
+        interrupted=f"interrupted; every finished repeat is in {store.path}. Run the same command again to continue.",
+        again="; every finished repeat is there too: run the same command again to continue",
+    )
     keys = {s.key for s in outcome.points}
     points = [p for p in report.summarize_points(store.read()) if p.key in keys]
     if as_json:

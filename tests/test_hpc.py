@@ -123,6 +123,18 @@ def test_a_worker_that_cannot_start_is_one_clear_error(cli, tiny_data, tmp_path)
     assert not (tmp_path / "r" / "runs.jsonl").exists()
 
 
+def test_predict_with_a_partition_that_keeps_failing_says_so_and_keeps_the_rest(cli, data_copy, tmp_path):
+    corrupt(data_copy, 1)
+    out = tmp_path / "p.csv"
+    args = ["predict", "--backend", "hpc", "--workers", "2", "--data", data_copy, "--out", out, "--precision", "fp32"]
+    code, _, err = cli(*args, "--results", tmp_path / "r", "--quiet")
+    assert code == 1
+    assert "partition 1 (unit 1), 3 attempt(s)" in err and "run the same command again" in err
+    assert "Traceback" not in err
+    assert not out.exists()  # the file is written whole or not at all; the finished partitions wait as parts
+    assert len(list(out.with_name("p.csv.parts").glob("part-*.npz"))) == 3
+
+
 def test_cycle_to_gb_reuses_partitions_until_the_target_is_processed(tiny_data):
     # 4 partitions of 26 samples; 0.0048 GB is 251 samples: ten partitions (260 samples) reach it
     assert samples_for_gb(0.0048) == 251
