@@ -27,9 +27,9 @@ data_app = typer.Typer(
 )
 model_app = typer.Typer(help="Inspect pcm-AstroMAE.", no_args_is_help=True)
 results_app = typer.Typer(help="List, show and export the records in the results store.", no_args_is_help=True)
+hpc_app = typer.Typer(help="Record SLURM job arrays submitted with --no-wait.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
-hpc_app = typer.Typer(help="SLURM job arrays submitted with --no-wait.", no_args_is_help=True)
 app.add_typer(results_app, name="results")
 app.add_typer(hpc_app, name="hpc")
 
