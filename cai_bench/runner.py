@@ -161,7 +161,15 @@ def run_accuracy(plan: Plan, results: list[PartitionResult], weights: dict) -> d
     return labelled_accuracy(accuracy(predicted, true), weights, plan.data)
 
 
-def _record(plan: Plan, repeat: int, results: list[PartitionResult], wall_s: float, status: str, **extra) -> RunRecord:
+def _record(
+    plan: Plan,
+    repeat: int,
+    results: list[PartitionResult],
+    wall_s: float,
+    status: str,
+    environment: dict | None = None,
+    **extra,
+) -> RunRecord:
     workers = [r.record for r in results]
     return RunRecord(
         run_id=new_run_id(),
@@ -171,7 +179,7 @@ def _record(plan: Plan, repeat: int, results: list[PartitionResult], wall_s: flo
         repeat=repeat,
         repeats=plan.repeats,
         plan=plan.to_record(),
-        environment=capture_environment(),
+        environment={**capture_environment(), **(environment or {})},
         summary=summarize_run(workers, wall_s),
         workers=workers,
         accuracy=run_accuracy(plan, results, extra["weights"]),
@@ -216,6 +224,7 @@ def run_repeat(
                 collected,
                 exc.run.wall_s,
                 "failed",
+                environment=exc.run.environment,
                 weights=exc.run.weights.to_dict(),
                 backend_info={**exc.run.info, "failed_partitions": exc.failed},
                 error=str(exc),
@@ -245,7 +254,15 @@ def run_repeat(
     finally:
         progress.end()
     record = _record(
-        plan, repeat, collected, run.wall_s, "ok", weights=run.weights.to_dict(), backend_info=run.info, kind=kind
+        plan,
+        repeat,
+        collected,
+        run.wall_s,
+        "ok",
+        environment=run.environment,
+        weights=run.weights.to_dict(),
+        backend_info=run.info,
+        kind=kind,
     )
     if store is not None:
         store.append(record)

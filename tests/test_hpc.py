@@ -16,7 +16,7 @@ from cai_bench.backends import get_backend
 from cai_bench.backends.base import PartitionsFailed
 from cai_bench.data.partitions import open_dataset, synthesize
 from cai_bench.plan import make_plan, samples_for_gb, work_units
-from cai_bench.results import ResultsStore
+from cai_bench.results import ResultsStore, this_machine
 from cai_bench.runner import execute
 
 pytest.importorskip("submitit")
@@ -190,6 +190,11 @@ def test_a_local_job_array_runs_end_to_end_into_one_complete_record(cli, tiny_da
     assert record["accuracy"]["samples"] == 104
     assert record["accuracy"]["mae"] == pytest.approx(cpu.record.accuracy["mae"], abs=1e-6)
     assert ResultsStore(results).read()[0]["run_id"] == record["run_id"]
+    # the machine is where the tasks ran (here: this one), as the nodes reported it
+    here = this_machine()
+    assert record["environment"]["nodes"] == [here["host"]]
+    assert record["environment"]["host"] == here["host"]
+    assert record["environment"]["cpu_model"] == here["cpu_model"]
 
 
 def test_no_wait_then_collect_records_the_array_once(cli, tiny_data, tmp_path):
@@ -328,7 +333,7 @@ def test_partitions_failed_names_each_failure():
 
 
 def test_where_array_files_go_is_not_part_of_what_is_measured(tiny_data):
-    from cai_bench.results import point_key, this_machine
+    from cai_bench.results import point_key
 
     def key(**options):
         plan = plan_for(tiny_data, backend_options={"slurm": True, "tasks": 2, **options})

@@ -34,6 +34,9 @@ class BackendRun:
     wall_s: float  # from the start of dispatch to the last result, start-up of workers included
     weights: WeightsInfo
     info: dict = field(default_factory=dict)  # backend facts worth keeping: threads, workers, prefetch depth
+    # Where the work ran, where that is not the driver's machine (the nodes of a SLURM array): these fields
+    # replace the driver's in the record's environment
+    environment: dict | None = None
 
 
 class PartitionsFailed(Exception):

@@ -44,6 +44,7 @@ from cai_bench.engine import (
 from cai_bench.errors import UserError
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo
 from cai_bench.plan import DataSummary, PartitionRef, Plan, work_units
+from cai_bench.results import capture_environment
 
 EXECUTORS = ("slurm", "local")
 DEFAULT_TIME_MIN = 60
@@ -91,10 +92,10 @@ def run_task(spec: TaskSpec) -> int:
 
     def make_worker():
         worker = start_worker(f"task-{spec.task}", spec.options, weights=spec.weights, seed=spec.seed)
-        _append(
-            spec.out,
-            {"event": "ready", "epoch": time.time(), "weights": asdict(worker.weights), "choices": worker.choices},
-        )
+        ready = {"event": "ready", "epoch": time.time(), "weights": asdict(worker.weights), "choices": worker.choices}
+        ready["environment"] = capture_environment()  # the node's, for the record
+        ready["cluster"] = os.environ.get("SLURM_CLUSTER_NAME")
+        _append(spec.out, ready)
         return worker
 
     def emit(result: PartitionResult) -> None:
@@ -379,6 +380,25 @@ def gather(directory: Path, emit: Emit, jobs: list | None = None, waves: _Waves 
     return _backend_run(directory, job, plan, files, emitted)
 
 
+def _nodes_environment(ready: list[dict]) -> dict | None:
+    """The record's machine is the nodes the tasks ran on, not the login node that submitted them.
+
+    Its ``host`` is the cluster's name (stable from one array to the next, whichever nodes the scheduler
+    picked), else the one node all tasks ran on; the nodes themselves are listed apart.
+    """
+    if not ready:
+        return None
+    first = ready[0]["environment"]
+    nodes = sorted({e["environment"]["host"] for e in ready})
+    models = sorted({e["environment"]["cpu_model"] for e in ready})
+    out = {key: first[key] for key in ("os", "python", "packages", "cpu_physical_cores", "cpu_logical_cores")}
+    out |= {key: first[key] for key in ("cpu_affinity", "cpu_capability", "memory_total_bytes", "gpus", "gpu_driver")}
+    out["cpu_model"] = " + ".join(models)
+    out["host"] = ready[0].get("cluster") or (nodes[0] if len(nodes) == 1 else f"{len(nodes)} nodes")
+    out["nodes"] = nodes
+    return out
+
+
 def _result(event: dict) -> PartitionResult:
     return PartitionResult(
         WorkerRecord(**event["record"]),
@@ -421,7 +441,7 @@ def _backend_run(directory: Path, job: dict, plan: Plan, files: list[_TaskFile],
         info["partitions_processed"] = sum(len(u) for u in job["units"])
         info["passes_over_data"] = info["partitions_processed"] / len(plan.partitions)
     weights = WeightsInfo(**ready[0]["weights"]) if ready else WeightsInfo(plan.weights or RANDOM_INIT, seed=plan.seed)
-    run = BackendRun(wall_s=wall_s, weights=weights, info=info)
+    run = BackendRun(wall_s=wall_s, weights=weights, info=info, environment=_nodes_environment(ready))
     job["gathered_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _write_job(directory, job)
     failed = []
