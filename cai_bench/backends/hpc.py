@@ -35,7 +35,7 @@ import torch
 from cai_bench.backends.base import BackendRun, Emit, PartitionsFailed, refuse_unknown
 from cai_bench.backends.cpu import default_threads, lane_layout
 from cai_bench.engine import EngineOptions, load_partition, plan_options, run_partition, start_worker
-from cai_bench.errors import UserError
+from cai_bench.errors import UserError, describe
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo
 from cai_bench.plan import PartitionRef, Plan, work_units
 
@@ -87,10 +87,6 @@ def worker_context() -> tuple[multiprocessing.context.BaseContext, float]:
     return context, time.perf_counter() - started
 
 
-def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-
-
 # ---------------------------------------------------------------------------------------------- worker process
 
 
@@ -109,7 +105,7 @@ def worker_main(
     try:
         worker = start_worker(worker_id, options, weights=weights, seed=seed)
     except Exception as exc:
-        conn.send(("fatal", _describe(exc)))
+        conn.send(("fatal", describe(exc)))
         return
     conn.send(("ready", worker.weights, worker.choices))
     held: deque = deque()  # (unit, future of its partition), in the order they run
@@ -134,7 +130,7 @@ def worker_main(
                 result = run_partition(partition, worker, options, wait_s=wait_s)
             except Exception as exc:
                 held.popleft()
-                conn.send(("failed", unit, _describe(exc)))
+                conn.send(("failed", unit, describe(exc)))
                 continue
             held.popleft()
             del partition

@@ -41,7 +41,7 @@ from cai_bench.engine import (
     run_partitions,
     start_worker,
 )
-from cai_bench.errors import UserError
+from cai_bench.errors import UserError, describe
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo
 from cai_bench.plan import DataSummary, PartitionRef, Plan, work_units
 from cai_bench.results import capture_environment
@@ -114,8 +114,7 @@ def run_task(spec: TaskSpec) -> int:
         worker = run_partitions(tuple(ref for _, ref in spec.units), spec.options, emit, make_worker)
         worker.close()
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        _append(spec.out, {"event": "failed", "epoch": time.time(), "error": message})
+        _append(spec.out, {"event": "failed", "epoch": time.time(), "error": describe(exc)})
         raise
     _append(spec.out, {"event": "end", "epoch": time.time()})
     return len(spec.units)
