@@ -253,6 +253,10 @@ def run_repeat(
         raise
     finally:
         progress.end()
+    info = dict(run.info)
+    if plan.cycle_to_gb is not None:  # the same for every backend: how often the data set was gone through
+        info["partitions_processed"] = len(units)
+        info["passes_over_data"] = len(units) / len(plan.partitions)
     record = _record(
         plan,
         repeat,
@@ -261,7 +265,7 @@ def run_repeat(
         "ok",
         environment=run.environment,
         weights=run.weights.to_dict(),
-        backend_info=run.info,
+        backend_info=info,
         kind=kind,
     )
     if store is not None:

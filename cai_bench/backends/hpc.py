@@ -397,9 +397,6 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
         **node.choices,
         "precisions": sorted(p for p in node.precisions if p),
     }
-    if plan.cycle_to_gb is not None:
-        info["partitions_processed"] = len(units)
-        info["passes_over_data"] = len(units) / len(plan.partitions)
     weights = node.weights or WeightsInfo(source=plan.weights or RANDOM_INIT, seed=plan.seed)
     run = BackendRun(wall_s=wall_s, weights=weights, info=info)
     if node.failed:

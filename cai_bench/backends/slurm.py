@@ -376,7 +376,10 @@ def gather(directory: Path, emit: Emit, jobs: list | None = None, waves: _Waves 
     except KeyboardInterrupt:
         results = directory.parent.parent
         raise Detached(job["job_id"], f"cai-bench hpc collect {job['job_id']} --results {results}") from None
-    return _backend_run(directory, job, plan, files, emitted)
+    # Every task has ended: the job is recorded now (as ok or failed), and a later collect is refused
+    job["gathered_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _write_job(directory, job)
+    return _backend_run(job, plan, files, emitted)
 
 
 def _nodes_environment(ready: list[dict]) -> dict | None:
@@ -407,7 +410,7 @@ def _result(event: dict) -> PartitionResult:
     )
 
 
-def _backend_run(directory: Path, job: dict, plan: Plan, files: list[_TaskFile], emitted: set[int]) -> BackendRun:
+def _backend_run(job: dict, plan: Plan, files: list[_TaskFile], emitted: set[int]) -> BackendRun:
     starts = [e["epoch"] for f in files for e in f.events if e["event"] == "start"]
     ends = [f.events[-1]["epoch"] for f in files if f.events]
     ready = [e for f in files for e in f.events if e["event"] == "ready"]
@@ -436,13 +439,9 @@ def _backend_run(directory: Path, job: dict, plan: Plan, files: list[_TaskFile],
         **(ready[0]["choices"] if ready else {}),
         "precisions": sorted({e["choices"].get("precision") for e in ready} - {None}),
     }
-    if plan.cycle_to_gb is not None:
-        info["partitions_processed"] = sum(len(u) for u in job["units"])
-        info["passes_over_data"] = info["partitions_processed"] / len(plan.partitions)
     weights = WeightsInfo(**ready[0]["weights"]) if ready else WeightsInfo(plan.weights or RANDOM_INIT, seed=plan.seed)
     run = BackendRun(wall_s=wall_s, weights=weights, info=info, environment=_nodes_environment(ready))
-    job["gathered_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _write_job(directory, job)
+    units = work_units(plan)
     failed = []
     for task, (task_file, positions) in enumerate(zip(files, job["units"], strict=True)):
         missing = [p for p in positions if p not in emitted]
@@ -450,7 +449,6 @@ def _backend_run(directory: Path, job: dict, plan: Plan, files: list[_TaskFile],
             continue
         error = next((e["error"] for e in task_file.events if e["event"] == "failed"), None)
         why = error or f"task {task} ended without finishing (killed, timed out or never started)"
-        units = work_units(plan)
         failed += [{"partition": units[p].index, "unit": p, "attempts": 1, "errors": [why]} for p in missing]
     if failed:
         raise PartitionsFailed(run, failed)
