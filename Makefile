@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-hpc clean
+.PHONY: demo test test-probes lint bench bench-hpc clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The suite twice, with the precision probe's answer forced each way: what `make test` does on a machine whose
+# probe picks fp32 (no AMX, like the dev VM) and on one whose probe picks bf16 (AMX, native bf16)
+test-probes: $(STAMP)
+	CAI_BENCH_FORCE_PROBE=fp32 $(BIN)/python -m pytest
+	CAI_BENCH_FORCE_PROBE=bf16 $(BIN)/python -m pytest
 
 # The reference loop against the fast path on 0.2 GB, alternating, 3 pairs after a warm-up of each (~4 min on 2 cores)
 bench: $(STAMP)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from cai_bench.data.partitions import Partition, read_partition
+from cai_bench.errors import UserError
 from cai_bench.metrics import peak_rss_bytes, percentiles, rate, trim_heap
 from cai_bench.model.astromae import build_model
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, load_weights
@@ -44,6 +45,8 @@ from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef, Plan
 WARMUP_BATCH = 16
 PRECISION_TOLERANCE = 2e-3  # largest redshift difference from fp32 that a faster precision may cause
 PROBE_BATCH = 64
+# Set (fp32 or bf16) to replace the precision probe's answer; what the tests use to stand for another machine
+FORCE_PROBE_ENV = "CAI_BENCH_FORCE_PROBE"
 
 
 @dataclass(frozen=True)
@@ -158,11 +161,21 @@ def _probe_inputs(device: torch.device, channels_last: bool) -> tuple[torch.Tens
     return image, torch.from_numpy(batch.magnitudes).to(device)
 
 
-def choose_precision(model: nn.Module, device: torch.device, channels_last: bool) -> tuple[str, dict]:
-    """For precision "auto": bf16 if this device has it natively, it runs a probe batch at least 10% faster than
-    fp32 (best of 2 each after a warm-up, alternated), and its predictions stay within PRECISION_TOLERANCE of fp32's."""
-    if not native_bf16(device):
-        return "fp32", {"chose": "fp32", "why": "no native bf16 on this device"}
+def decide_precision(native: bool, fp32_s: float, bf16_s: float, max_difference: float) -> tuple[str, str]:
+    """The probe's rule, apart from its measurements: bf16 only where the device has it natively, it ran at
+    least 10% faster than fp32, and its predictions stayed within PRECISION_TOLERANCE of fp32's."""
+    if not native:
+        return "fp32", "no native bf16 on this device"
+    if not bf16_s < 0.9 * fp32_s:
+        return "fp32", "not 10% faster"
+    if not max_difference <= PRECISION_TOLERANCE:
+        return "fp32", "outside tolerance"
+    return "bf16", "faster and within tolerance"
+
+
+def time_precisions(model: nn.Module, device: torch.device, channels_last: bool) -> dict:
+    """fp32 and bf16 on one probe batch: best of 2 each after a warm-up, alternated, and how far apart their
+    predictions are."""
     image, magnitude = _probe_inputs(device, channels_last)
     seconds = {"fp32": [], "bf16": []}
     outputs = {}
@@ -175,16 +188,31 @@ def choose_precision(model: nn.Module, device: torch.device, channels_last: bool
                     outputs[precision] = model(image, magnitude).float()
                 _synchronize(device)
                 seconds[precision].append(time.perf_counter() - start)
-    fp32_s, bf16_s = (min(seconds[p][1:]) for p in ("fp32", "bf16"))  # the first of each is a warm-up
-    difference = float((outputs["bf16"] - outputs["fp32"]).abs().max())
-    faster = bf16_s < 0.9 * fp32_s
-    close = difference <= PRECISION_TOLERANCE
-    chose = "bf16" if faster and close else "fp32"
-    why = (
-        "faster and within tolerance" if chose == "bf16" else ("not 10% faster" if not faster else "outside tolerance")
-    )
-    probe = {"chose": chose, "why": why, "fp32_s": fp32_s, "bf16_s": bf16_s, "max_difference": difference}
-    return chose, {**probe, "batch": PROBE_BATCH}
+    return {
+        "fp32_s": min(seconds["fp32"][1:]),  # the first of each is a warm-up
+        "bf16_s": min(seconds["bf16"][1:]),
+        "max_difference": float((outputs["bf16"] - outputs["fp32"]).abs().max()),
+    }
+
+
+def choose_precision(model: nn.Module, device: torch.device, channels_last: bool) -> tuple[str, dict]:
+    """For precision "auto": what ``decide_precision`` makes of this device and a timed probe batch.
+
+    The probe is timed, so on a machine where bf16 is only a little faster its answer can differ between two
+    runs; each run records what it chose and why. FORCE_PROBE_ENV (bf16 or fp32) replaces the answer without
+    probing, so that a test suite can be run as it would on a machine that answers the other way.
+    """
+    forced = os.environ.get(FORCE_PROBE_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise UserError(f"{FORCE_PROBE_ENV}={forced!r}: give fp32 or bf16, or unset it")
+        return forced, {"chose": forced, "why": f"forced by {FORCE_PROBE_ENV}"}
+    native = native_bf16(device)
+    if not native:
+        return "fp32", {"chose": "fp32", "why": decide_precision(False, 0.0, 0.0, 0.0)[1]}
+    measured = time_precisions(model, device, channels_last)
+    chose, why = decide_precision(native, **measured)
+    return chose, {"chose": chose, "why": why, **measured, "batch": PROBE_BATCH}
 
 
 def start_worker(worker_id: str, options: EngineOptions, weights: str | None = None, seed: int = 0) -> WorkerState:

@@ -13,13 +13,13 @@ from cai_bench.plan import BITS_PER_SAMPLE, make_plan
 
 @pytest.fixture(scope="module")
 def worker_fp32():
-    return start_worker("w0", EngineOptions(batch_size=8), seed=1)
+    return start_worker("w0", EngineOptions(batch_size=8, precision="fp32"), seed=1)
 
 
 def test_run_partition_predicts_what_the_model_predicts(tiny_data, worker_fp32):
     _, _, refs = open_dataset(tiny_data)
     partition = read_partition(refs[1])
-    options = EngineOptions(batch_size=8)
+    options = EngineOptions(batch_size=8, precision="fp32")
     result = run_partition(partition, worker_fp32, options, wait_s=0.25)
     with torch.inference_mode():
         expected = worker_fp32.model(partition.images, partition.magnitudes)[:, 0].numpy()
@@ -41,14 +41,14 @@ def test_run_partition_predicts_what_the_model_predicts(tiny_data, worker_fp32):
 
 def test_predictions_do_not_depend_on_the_batch_size(tiny_data, worker_fp32):
     _, _, refs = open_dataset(tiny_data)
-    small = run_partition(refs[0], worker_fp32, EngineOptions(batch_size=3)).prediction
-    large = run_partition(refs[0], worker_fp32, EngineOptions(batch_size=64)).prediction
+    small = run_partition(refs[0], worker_fp32, EngineOptions(batch_size=3, precision="fp32")).prediction
+    large = run_partition(refs[0], worker_fp32, EngineOptions(batch_size=64, precision="fp32")).prediction
     np.testing.assert_allclose(small, large, rtol=1e-5, atol=1e-6)
 
 
 def test_startup_is_charged_to_the_first_partition_only(tiny_data):
     _, _, refs = open_dataset(tiny_data)
-    options = EngineOptions(batch_size=16)
+    options = EngineOptions(batch_size=16, precision="fp32")
     worker = start_worker("w1", options)
     assert worker.startup_s >= worker.warmup_batch_s > 0
     first = run_partition(refs[0], worker, options).record
@@ -60,7 +60,8 @@ def test_startup_is_charged_to_the_first_partition_only(tiny_data):
 
 def test_bf16_runs_and_stays_near_fp32(tiny_data):
     _, _, refs = open_dataset(tiny_data)
-    fp32 = run_partition(refs[0], start_worker("a", EngineOptions()), EngineOptions())
+    fp32_options = EngineOptions(precision="fp32")
+    fp32 = run_partition(refs[0], start_worker("a", fp32_options), fp32_options)
     bf16_options = EngineOptions(precision="bf16")
     bf16 = run_partition(refs[0], start_worker("b", bf16_options), bf16_options)
     assert bf16.record.precision == "bf16" and bf16.prediction.dtype == np.float32
@@ -95,10 +96,10 @@ def test_cpu_backend_runs_every_partition_once_in_order(tiny_data):
 
 
 def test_cpu_backend_and_engine_agree(tiny_data, worker_fp32):
-    plan = _plan(tiny_data, batch_size=8, seed=1)
+    plan = _plan(tiny_data, batch_size=8, seed=1, precision="fp32")
     emitted = []
     get_backend("cpu").run(plan, emitted.append)
-    direct = run_partition(plan.partitions[2], worker_fp32, EngineOptions(batch_size=8))
+    direct = run_partition(plan.partitions[2], worker_fp32, EngineOptions(batch_size=8, precision="fp32"))
     np.testing.assert_allclose(emitted[2].prediction, direct.prediction, rtol=1e-5, atol=1e-6)
 
 
@@ -126,8 +127,8 @@ def test_bad_plan_options(tiny_data, options, message):
 
 def test_two_lanes_split_each_partition_and_predict_as_one(tiny_data):
     one, two = [], []
-    get_backend("cpu").run(_plan(tiny_data, batch_size=10, threads=1), one.append)
-    run = get_backend("cpu").run(_plan(tiny_data, batch_size=10, threads=2), two.append)
+    get_backend("cpu").run(_plan(tiny_data, batch_size=10, threads=1, precision="fp32"), one.append)
+    run = get_backend("cpu").run(_plan(tiny_data, batch_size=10, threads=2, precision="fp32"), two.append)
     assert (run.info["lanes"], run.info["intra_op_threads"]) == (2, 1)
     assert [r.record.partition for r in two] == [0, 1, 2, 3]
     # 26 samples in two shares of 13, each in batches of at most 10: 10 + 3 per lane

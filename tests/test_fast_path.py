@@ -76,7 +76,35 @@ def test_folding_batchnorm_keeps_the_outputs():
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_precision_keeps_fp32_without_native_bf16_or_outside_tolerance(monkeypatch):
+@pytest.mark.parametrize(
+    ("native", "fp32_s", "bf16_s", "difference", "expected"),
+    [
+        (False, 1.0, 0.1, 0.0, ("fp32", "no native bf16 on this device")),
+        (True, 1.0, 0.95, 0.0, ("fp32", "not 10% faster")),
+        (True, 1.0, 0.5, 3e-3, ("fp32", "outside tolerance")),
+        (True, 1.0, 0.5, 1e-4, ("bf16", "faster and within tolerance")),
+        (True, 1.0, 0.899, 2e-3, ("bf16", "faster and within tolerance")),
+    ],
+)
+def test_the_probe_rule_answers_both_ways(native, fp32_s, bf16_s, difference, expected):
+    assert engine.decide_precision(native, fp32_s, bf16_s, difference) == expected
+
+
+@pytest.mark.parametrize("answer", ["fp32", "bf16"])
+def test_auto_follows_what_the_probe_measured(monkeypatch, answer):
+    """The probe's inputs controlled: a device with native bf16 whose timings and differences are chosen."""
+    monkeypatch.delenv(engine.FORCE_PROBE_ENV, raising=False)
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    timings = {"fp32": {"fp32_s": 1.0, "bf16_s": 1.2, "max_difference": 1e-4}, "bf16": {
+        "fp32_s": 1.0, "bf16_s": 0.4, "max_difference": 1e-4}}  # fmt: skip
+    monkeypatch.setattr(engine, "time_precisions", lambda model, device, channels_last: timings[answer])
+    worker = start_worker("w", EngineOptions(batch_size=8, precision="auto"))
+    assert worker.precision == answer == worker.choices["precision"]
+    assert worker.choices["precision_probe"]["chose"] == answer
+
+
+def test_the_real_probe_keeps_fp32_without_native_bf16_or_outside_tolerance(monkeypatch):
+    monkeypatch.delenv(engine.FORCE_PROBE_ENV, raising=False)
     model = build_model().eval()
     monkeypatch.setattr(engine, "native_bf16", lambda device: False)
     assert engine.choose_precision(model, torch.device("cpu"), False) == (
@@ -88,6 +116,17 @@ def test_auto_precision_keeps_fp32_without_native_bf16_or_outside_tolerance(monk
     chose, probe = engine.choose_precision(model, torch.device("cpu"), False)
     assert chose == "fp32" and probe["max_difference"] > 0 and probe["why"] in ("outside tolerance", "not 10% faster")
     assert probe["fp32_s"] > 0 and probe["bf16_s"] > 0
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_the_environment_can_force_the_probe_for_a_test_run(monkeypatch, forced):
+    monkeypatch.setenv(engine.FORCE_PROBE_ENV, forced)
+    monkeypatch.setattr(engine, "time_precisions", lambda *a: pytest.fail("a forced probe measures nothing"))
+    chose, probe = engine.choose_precision(build_model().eval(), torch.device("cpu"), False)
+    assert (chose, probe["why"]) == (forced, f"forced by {engine.FORCE_PROBE_ENV}")
+    monkeypatch.setenv(engine.FORCE_PROBE_ENV, "fp16")
+    with pytest.raises(UserError, match="give fp32 or bf16"):
+        engine.choose_precision(build_model().eval(), torch.device("cpu"), False)
 
 
 def test_the_reference_loop_is_one_record_over_the_whole_data_set(tiny_data):
