@@ -95,12 +95,20 @@ def _write_part(parts: Path, result: PartitionResult) -> None:
             fh.flush()
             os.fsync(fh.fileno())
 
-    _write_atomically(_part_path(parts, result.record.partition), write)
+    try:
+        _write_atomically(_part_path(parts, result.record.partition), write)
+    except OSError as exc:
+        raise UserError(
+            f"{parts}: cannot keep the predictions of partition {result.record.partition} ({exc.strerror})"
+        ) from None
 
 
 def _read_part(path: Path, ref: PartitionRef) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        part = {name: npz[name] for name in ("object_id", "prediction", "redshift")}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            part = {name: npz[name] for name in ("object_id", "prediction", "redshift")}
+    except Exception as exc:  # a damaged part file fails in numpy's or zipfile's own ways
+        raise UserError(f"{path}: unreadable part ({type(exc).__name__}); delete it and run again to redo it") from None
     if len(part["object_id"]) != ref.samples:
         raise UserError(f"{path}: holds {len(part['object_id'])} predictions, partition {ref.index} has {ref.samples}")
     return part
@@ -151,6 +159,27 @@ def _assemble(out: Path, parts: Path, refs: tuple[PartitionRef, ...], has_labels
     return objects, metrics
 
 
+def check_out(out: Path, force: bool) -> None:
+    """Refuse, before anything runs, an --out that cannot become the predictions file."""
+    out = Path(out)
+    if out.suffix not in FORMATS:
+        raise UserError(f"{out}: --out must end in .parquet or .csv")
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; --out names the predictions file to write")
+    if out.exists() and not force:
+        raise UserError(f"{out}: exists; pass --force to predict again, or choose another --out")
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{out}: {parent} is a file, not a directory")
+    probe = parent / f".{out.name}.writable-{os.getpid()}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write there ({exc.strerror})") from None
+
+
 def predict(
     plan: Plan,
     out: str | Path,
@@ -163,12 +192,12 @@ def predict(
     from cai_bench.runner import execute, labelled_accuracy
 
     out = Path(out)
-    if out.suffix not in FORMATS:
-        raise UserError(f"{out}: --out must end in .parquet or .csv")
-    if out.exists() and not force:
-        raise UserError(f"{out}: exists; pass --force to predict again, or choose another --out")
+    check_out(out, force)
     parts = parts_dir(out)
-    _open_parts(parts, _job(plan), force)
+    try:
+        _open_parts(parts, _job(plan), force)
+    except (OSError, ValueError) as exc:  # ValueError: a job.json that is not JSON
+        raise UserError(f"{parts}: cannot use the parts directory ({exc}); remove it or pass --force") from None
     done = _done(parts, plan.partitions)
     todo = tuple(ref for ref in plan.partitions if ref.index not in done)
     records = []
@@ -176,7 +205,12 @@ def predict(
         remaining = replace_plan(plan, partitions=todo, repeats=1, warmup=0)
         outcomes = execute(remaining, store, progress, on_result=lambda r: _write_part(parts, r), kind="predict")
         records = [o.record for o in outcomes]
-    objects, metrics = _assemble(out, parts, plan.partitions, plan.data.has_labels)
+    try:
+        objects, metrics = _assemble(out, parts, plan.partitions, plan.data.has_labels)
+    except OSError as exc:
+        raise UserError(
+            f"{out}: cannot write the predictions ({exc.strerror}); the parts in {parts} are kept"
+        ) from None
     shutil.rmtree(parts)
     if metrics is not None:
         metrics = labelled_accuracy(metrics, {"weights": plan.weights or RANDOM_INIT}, plan.data)

@@ -53,5 +53,5 @@ def test_sizes_that_hold_no_sample_are_errors(bad):
 
 
 def test_partition_size_must_be_positive():
-    with pytest.raises(UserError, match="partition size must be positive"):
+    with pytest.raises(UserError, match="partition size must be a positive, finite number of MB"):
         samples_per_partition(0)

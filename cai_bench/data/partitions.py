@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -89,16 +90,74 @@ class Partition:
 # ---------------------------------------------------------------------------------------------- manifest
 
 
+_MANIFEST_FIELDS = {
+    "dataset_id": (str,),
+    "source": (dict,),
+    "samples": (int,),
+    "data_gb": (int, float),
+    "partition_mb": (int, float),
+    "samples_per_partition": (int,),
+    "partitions": (list,),
+}
+_OPTIONAL_FIELDS = {
+    "has_labels": (bool,),
+    "bytes_per_sample": (int,),
+    "schema_version": (str,),
+    "created_utc": (str,),
+    "fields": (dict,),
+}
+_ENTRY_FIELDS = {"file": (str,), "samples": (int,), "bytes": (int,), "sha256": (str,)}
+
+
+def _wrong_type(value: object, kinds: tuple[type, ...]) -> bool:
+    # bool is an int to Python, never to a manifest
+    return (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds)
+
+
+def _check_entry(entry: object, number: int, path: Path) -> PartitionEntry:
+    if not isinstance(entry, dict):
+        raise UserError(f"{path}: partitions[{number}] is not an object")
+    for name, kinds in _ENTRY_FIELDS.items():
+        if name not in entry:
+            raise UserError(f"{path}: partitions[{number}] has no {name!r}")
+        if _wrong_type(entry[name], kinds):
+            raise UserError(f"{path}: partitions[{number}].{name} is {json.dumps(entry[name])[:40]}, of the wrong type")
+    unknown = sorted(set(entry) - set(_ENTRY_FIELDS))
+    if unknown:
+        raise UserError(f"{path}: partitions[{number}] has unknown field(s) {', '.join(unknown)}")
+    if entry["samples"] < 1 or entry["bytes"] < 8:
+        raise UserError(f"{path}: partitions[{number}] has {entry['samples']} samples in {entry['bytes']} bytes")
+    if len(entry["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in entry["sha256"]):
+        raise UserError(f"{path}: partitions[{number}].sha256 is not a sha256 hex digest")
+    check_partition_name(entry["file"], path.parent, path)
+    return PartitionEntry(**entry)
+
+
+def check_partition_name(name: str, directory: Path, manifest: Path) -> None:
+    """A partition is a plain file name inside its data set's directory: no path, no ``..``, and no symbolic
+    link that leads out of the directory, so that a manifest can never make cai-bench read elsewhere."""
+    plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    if not plain or Path(name).is_absolute():
+        raise UserError(f"{manifest}: partition file {name!r} is not a plain file name inside the data set")
+    target = directory / name
+    if target.is_symlink() and target.resolve().parent != directory.resolve():
+        raise UserError(f"{manifest}: partition file {name!r} is a link that leads outside the data set")
+
+
 def load_manifest(directory: str | Path) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.exists():
         raise UserError(f"{directory}: no such data directory")
+    if not directory.is_dir():
+        raise UserError(f"{directory}: not a directory; a data set is a directory with a {MANIFEST}")
     if not path.is_file():
         raise UserError(f"{path}: manifest not found; is {directory} a cai-bench data set (cai-bench data synth)?")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: not a cai-bench manifest (expected a JSON object)")
@@ -107,11 +166,25 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise UserError(
             f"{path}: manifest schema version {version!r} is not supported (this cai-bench reads {SCHEMA_VERSION})"
         )
-    try:
-        entries = [PartitionEntry(**entry) for entry in raw.pop("partitions")]
-        manifest = Manifest(partitions=entries, **raw)
-    except (KeyError, TypeError) as exc:
-        raise UserError(f"{path}: malformed manifest ({exc})") from None
+    for fields_, optional in ((_MANIFEST_FIELDS, False), (_OPTIONAL_FIELDS, True)):
+        for name, kinds in fields_.items():
+            if name not in raw:
+                if optional:
+                    continue
+                raise UserError(f"{path}: malformed manifest (no {name!r})")
+            if _wrong_type(raw[name], kinds):
+                raise UserError(f"{path}: malformed manifest ({name} is {json.dumps(raw[name])[:40]})")
+    unknown = sorted(set(raw) - set(_MANIFEST_FIELDS) - set(_OPTIONAL_FIELDS))
+    if unknown:
+        raise UserError(f"{path}: malformed manifest (unknown field(s) {', '.join(unknown)})")
+    if not raw["partitions"]:
+        raise UserError(f"{path}: the data set has no partitions")
+    if not (math.isfinite(raw["partition_mb"]) and raw["partition_mb"] > 0):
+        raise UserError(f"{path}: malformed manifest (partition_mb is {raw['partition_mb']})")
+    entries = [_check_entry(entry, number, path) for number, entry in enumerate(raw.pop("partitions"))]
+    if len({e.file for e in entries}) != len(entries):
+        raise UserError(f"{path}: lists a partition file twice")
+    manifest = Manifest(partitions=entries, **raw)
     counted = sum(e.samples for e in manifest.partitions)
     if counted != manifest.samples:
         raise UserError(f"{path}: partition sample counts add up to {counted}, manifest says {manifest.samples}")
@@ -143,7 +216,10 @@ def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[Pa
         path = Path(ref.path)
         if not path.is_file():
             raise UserError(f"{path}: partition listed in {directory / MANIFEST} is missing")
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read partition ({exc.strerror})") from None
         if size != ref.bytes:
             raise UserError(f"{path}: {size} bytes on disk but the manifest says {ref.bytes} (truncated or replaced?)")
         check_header(path, ref.samples)
@@ -183,6 +259,8 @@ def _check_fields(header: dict, path: Path, expected_samples: int) -> None:
         raise UserError(f"{path}: not a cai-bench partition ({detail})")
     for name, (dtype, shape, _) in FIELDS.items():
         info = header[name]
+        if not isinstance(info, dict):
+            raise UserError(f"{path}: corrupt partition (the header's {name} entry is not an object)")
         want = [expected_samples, *shape]
         if info.get("dtype") != dtype:
             raise UserError(f"{path}: {name} has dtype {info.get('dtype')}, expected {dtype}")
@@ -192,10 +270,13 @@ def _check_fields(header: dict, path: Path, expected_samples: int) -> None:
 
 def check_header(path: Path, expected_samples: int) -> None:
     """Read only the header: field names, dtypes and shapes against what the manifest promises."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else 0
-        data = head + fh.read(min(length, 1 << 20))
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            data = head + fh.read(min(length, 1 << 20))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read partition ({exc.strerror})") from None
     _check_fields(_header(data, path), path, expected_samples)
 
 
@@ -217,7 +298,7 @@ def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
     _check_fields(_header(data, path), path, ref.samples)
     try:
         tensors = load_safetensors(data)
-    except SafetensorError as exc:
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise UserError(f"{path}: corrupt partition ({exc})") from None
     for name in FLOAT_FIELDS:
         finite = torch.isfinite(tensors[name])
@@ -267,11 +348,16 @@ def _dataset_id(entries: list[PartitionEntry]) -> str:
 
 
 def _prepare_output(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; --out names the data set directory to create")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty; choose another --out or remove it")
+        raise UserError(f"{out}: exists and is not empty; pass --force to replace it, or choose another --out")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the data set there ({exc.strerror})") from None
     return staging
 
 
@@ -321,6 +407,9 @@ def write_dataset(
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"{out}: cannot write the data set ({exc.strerror})") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -54,7 +54,7 @@ def _load(path: Path) -> tuple[torch.Tensor, ...]:
             raise UserError(
                 f"{path}: refused: the pickle {what} a TensorDataset of tensors does not need; nothing was run"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        except Exception as exc:  # a corrupt file makes the unpickler and zip reader fail in many ways
             raise UserError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {exc})") from None
     tensors = obj.tensors if isinstance(obj, TensorDataset) else obj
     if not isinstance(tensors, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in tensors):

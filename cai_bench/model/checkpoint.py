@@ -63,17 +63,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         try:
             return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as exc:
+        except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
             raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # not a refused name: bytes that are no pickle at all
+            raise UserError(f"{path}: not a readable PyTorch file (UnpicklingError: {exc})") from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"{path}: not a plain state dict; it holds pickled objects that are refused ({first_line}); "
             f"convert it safely with: cai-bench model convert {path} --out weights.safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # a corrupt file makes the unpickler and zip reader fail in many ways
         raise UserError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {exc})") from None
     return _as_flat_state_dict(obj, path)
 
@@ -142,7 +144,13 @@ def checked_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     """``state_dict`` in the model's dtypes, after a strict key/shape check and a check for NaN and inf."""
     check_keys(model, state_dict, path)
     expected = model.state_dict()
-    converted = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+    try:
+        converted = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+    except (RuntimeError, TypeError) as exc:  # tensors that do not convert (quantized, sparse, complex)
+        raise UserError(f"{path}: holds a tensor that is not plain numbers ({exc})") from None
+    odd = next((k for k, v in converted.items() if v.layout != torch.strided or v.is_complex()), None)
+    if odd is not None:
+        raise UserError(f"{path}: {odd} is not a dense tensor of real numbers")
     non_finite = [k for k, v in converted.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if non_finite:
         raise UserError(f"{path}: {non_finite[0]} holds NaN or inf values")
@@ -186,7 +194,7 @@ def _read_any_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return _as_flat_state_dict(obj, path), "state dict"
 
 
-def convert_checkpoint(src: str | Path, out: str | Path) -> Conversion:
+def convert_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False) -> Conversion:
     """Write the pcm-AstroMAE tensors of ``src`` to a safetensors file in upstream key layout.
 
     ``src`` may be upstream's whole pickled DataParallel model (read without running any of it, see
@@ -203,6 +211,10 @@ def convert_checkpoint(src: str | Path, out: str | Path) -> Conversion:
         raise UserError(f"{src}: file not found")
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: --out must end in .safetensors")
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; --out names the .safetensors file to write")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists; pass --force to replace it, or choose another --out")
     tensors, kind = _read_any_checkpoint(src)
     state_dict = filter_upstream_state_dict(tensors, src)
     checked = checked_state_dict(build_model(), state_dict, src)

@@ -179,7 +179,7 @@ def load_pickled_model(path: str | Path) -> object:
         archive = zipfile.ZipFile(path)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # BadZipFile, OSError, and what a damaged directory makes zipfile raise besides
         raise UserError(
             f"{path}: not a PyTorch zip archive (torch.save since torch 1.6); files in the legacy format are not read"
         ) from None
@@ -188,15 +188,17 @@ def load_pickled_model(path: str | Path) -> object:
         if len(pickles) != 1:
             raise UserError(f"{path}: not a PyTorch archive (expected one <name>/data.pkl, found {len(pickles)})")
         prefix = pickles[0].split("/")[0]
-        if f"{prefix}/byteorder" in archive.namelist() and archive.read(f"{prefix}/byteorder").strip() != b"little":
-            raise UserError(f"{path}: saved on a big-endian machine; re-save it on a little-endian one")
         try:
+            if f"{prefix}/byteorder" in archive.namelist() and archive.read(f"{prefix}/byteorder").strip() != b"little":
+                raise UserError(f"{path}: saved on a big-endian machine; re-save it on a little-endian one")
             return _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix).load()
+        except UserError:
+            raise
         except RefusedGlobal as exc:
             raise UserError(
                 f"{path}: refused: the pickle calls {exc}, which is not a tensor or a model class; nothing was run"
             ) from None
-        except (pickle.UnpicklingError, AttributeError, TypeError, ValueError, IndexError, EOFError, RuntimeError) as e:
+        except Exception as e:  # a damaged archive or pickle fails in many ways (CRC, opcodes, text, sizes)
             raise UserError(f"{path}: not a readable pickled model ({type(e).__name__}: {e})") from None
 
 
