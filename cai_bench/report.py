@@ -13,12 +13,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cai_bench.choices import REPORT_FORMATS
 from cai_bench.metrics import Spread, spread
 from cai_bench.plan import data_gb
-from cai_bench.results import data_identity, machine_id, machine_label, point_key
+from cai_bench.results import data_identity, machine_id, machine_label, ran_precision, record_point_key
 
 BREAKDOWN = ("startup_s", "wait_s", "load_s", "compute_s")
-FORMATS = ("table", "markdown", "csv", "json")
+FORMATS = REPORT_FORMATS
 
 
 @dataclass
@@ -50,6 +51,7 @@ class PointReport:
     last_utc: str
     speedup: float | None = None  # baseline median wall / this median wall
     baseline: str | None = None
+    oversubscribed: bool = False  # ran more threads than its process could use (--oversubscribe)
 
     @property
     def noisy(self) -> bool:
@@ -76,7 +78,7 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
     for record in records:
         if record.get("kind") != "run" or record.get("status") != "ok":
             continue
-        groups.setdefault(point_key(record["plan"], record["environment"]), []).append(record)
+        groups.setdefault(record_point_key(record), []).append(record)
     points = []
     for key, group in groups.items():
         group.sort(key=lambda r: r["created_utc"])
@@ -100,7 +102,7 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
                 partition_mb=data["partition_mb"],
                 partitions=data["partitions"],
                 batch_size=plan["batch_size"],
-                precision=plan["precision"],
+                precision=ran_precision(last),
                 threads=info.get("threads", plan.get("threads")),
                 workers=info.get("workers") or info.get("tasks") or last["summary"]["workers"],
                 repeats=len(group),
@@ -115,6 +117,7 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
                 run_ids=[r["run_id"] for r in group],
                 first_utc=group[0]["created_utc"],
                 last_utc=last["created_utc"],
+                oversubscribed=bool(plan.get("oversubscribe")),
             )
         )
     points.sort(key=lambda p: (p.backend, p.engine, p.machine, p.precision, p.data_gb, p.partition_mb, p.batch_size))
@@ -171,7 +174,7 @@ DISPLAY_COLUMNS: list[tuple[str, Callable[[PointReport], str]]] = [
     ("part. MB", lambda p: f"{p.partition_mb:g} x{p.partitions}"),
     ("batch", lambda p: str(p.batch_size)),
     ("prec.", lambda p: p.precision),
-    ("thr.", lambda p: _num(p.threads, "d")),
+    ("thr.", lambda p: _num(p.threads, "d") + (" OVERSUB" if p.oversubscribed else "")),
     ("wkr.", lambda p: "-" if p.workers == 1 else str(p.workers)),
     ("n", lambda p: str(p.repeats)),
     ("wall s", lambda p: f"{p.wall_s.median:,.2f}"),
@@ -190,7 +193,8 @@ NOTES = (
     "median is not to be trusted blindly. Mbps: bits / wall s, what a user gets. Mbps Σw: the sum over workers of "
     "bits / own compute s, the paper's headline measure. speedup: the baseline's median wall s / this one's, on the "
     "same data. RSS MB: the highest peak resident memory of any repeat. thr.: threads in all (per task for SLURM "
-    "arrays); wkr.: worker processes, or array tasks."
+    "arrays); wkr.: worker processes, or array tasks. OVERSUB: more threads than the process could use "
+    "(--oversubscribe), so they shared cores."
 )
 
 
@@ -217,6 +221,7 @@ def export_row(p: PointReport) -> dict:
     row.update(
         {
             "noisy": p.noisy,
+            "oversubscribed": p.oversubscribed,
             "speedup": p.speedup,
             "baseline": p.baseline,
             "peak_rss_bytes": p.peak_rss_bytes,

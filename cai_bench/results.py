@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: appends are still single writes, without the lock
+    fcntl = None
 
 from cai_bench.engine import WorkerRecord
 from cai_bench.errors import UserError
@@ -188,49 +196,237 @@ def capture_environment() -> dict:
 # ---------------------------------------------------------------------------------------------- store
 
 
+def warn(message: str) -> None:
+    """A line on stderr that does not stop the command (the CLI's warnings go the same way)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_NUMBER, _INT = "a number (0 or more)", "a whole number (0 or more)"
+_TEXT, _TABLE, _LIST = "a string", "an object", "a list"
+_LATENCIES = ("batch_latency_p50_s", "batch_latency_p90_s", "batch_latency_p99_s")
+# Optional fields that may also be null
+_NULLABLE = {"threads", "cycle_to_gb", "cost_usd", *_LATENCIES, "accuracy", "error", "backend_info", "weights", "gpus"}
+_LARGEST = 1e18  # more than any measurement holds (a petabyte is 9e15 bits): a larger figure is damage
+
+
+def _is_figure(value: object, kind=_is_number) -> bool:
+    return kind(value) and math.isfinite(value) and 0 <= value < _LARGEST
+
+
+_CHECKS = {
+    _NUMBER: _is_figure,
+    _INT: lambda v: _is_figure(v, _is_int),
+    _TEXT: lambda v: isinstance(v, str),
+    _TABLE: lambda v: isinstance(v, dict),
+    _LIST: lambda v: isinstance(v, list),
+}
+# What reports, plots and listings read of a record: each must be there with its type (None where allowed)
+_RECORD_SHAPE = {
+    "run_id": _TEXT,
+    "created_utc": _TEXT,
+    "status": _TEXT,
+    "backend": _TEXT,
+    "repeat": _INT,
+    "repeats": _INT,
+    "plan": _TABLE,
+    "environment": _TABLE,
+    "summary": _TABLE,
+    "workers": _LIST,
+}
+_OPTIONAL_SHAPE = {"kind": _TEXT, "backend_info": _TABLE, "weights": _TABLE, "accuracy": _TABLE, "error": _TEXT}
+_PLAN_SHAPE = {"batch_size": _INT, "precision": _TEXT, "data": _TABLE}
+_DATA_SHAPE = {"samples": _INT, "data_gb": _NUMBER, "partition_mb": _NUMBER, "partitions": _INT}
+_OPTIONAL_PLAN_SHAPE = {"backend_options": _TABLE, "engine": _TEXT, "threads": _INT, "cycle_to_gb": _NUMBER}
+_OPTIONAL_DATA_SHAPE = {"source": _TABLE, "dataset_id": _TEXT}
+_ENVIRONMENT_SHAPE = {"host": _TEXT, "cpu_model": _TEXT, "gpus": _LIST, "packages": _TABLE}
+_SUMMARY_SHAPE = {
+    **{name: _INT for name in ("samples", "bits", "partitions", "workers", "peak_rss_bytes")},
+    **{
+        name: _NUMBER
+        for name in (
+            "wall_s",
+            "samples_per_s",
+            "throughput_bps",
+            "sum_worker_throughput_bps",
+            "compute_s",
+            "load_s",
+            "wait_s",
+            "startup_s",
+        )
+    },
+}
+_WORKER_SHAPE = {"samples": _INT, **{name: _NUMBER for name in ("startup_s", "wait_s", "load_s", "compute_s")}}
+_OPTIONAL_WORKER_SHAPE = {"precision": _TEXT, "worker_id": _TEXT, "host": _TEXT, "pid": _INT, "partition": _INT}
+
+
+def _shape_problem(table: dict, shape: dict, where: str, optional: bool = False) -> str | None:
+    for name, kind in shape.items():
+        if name not in table:
+            if optional:
+                continue
+            return f"{where}{name} is missing"
+        value = table[name]
+        if value is None and optional and name in _NULLABLE:
+            continue
+        if not _CHECKS[kind](value):
+            return f"{where}{name} is {json.dumps(value, default=str)[:40]}, expected {kind}"
+    return None
+
+
+def record_problem(record: dict) -> str | None:
+    """What makes a JSON object not a run record this cai-bench can report on (None: nothing)."""
+    checks = [
+        (record, _RECORD_SHAPE, "", False),
+        (record, _OPTIONAL_SHAPE, "", True),
+    ]
+    for table, shape, where, optional in checks:
+        problem = _shape_problem(table, shape, where, optional)
+        if problem:
+            return problem
+    plan = record["plan"]
+    problem = _shape_problem(plan, _PLAN_SHAPE, "plan.") or _shape_problem(plan["data"], _DATA_SHAPE, "plan.data.")
+    problem = problem or _shape_problem(plan, _OPTIONAL_PLAN_SHAPE, "plan.", optional=True)
+    problem = problem or _shape_problem(plan["data"], _OPTIONAL_DATA_SHAPE, "plan.data.", optional=True)
+    problem = problem or _shape_problem(record["summary"], _SUMMARY_SHAPE, "summary.")
+    problem = problem or _shape_problem(
+        record["summary"], {"cost_usd": _NUMBER, **dict.fromkeys(_LATENCIES, _NUMBER)}, "summary.", optional=True
+    )
+    if problem:
+        return problem
+    environment = record["environment"]
+    problem = _shape_problem(environment, _ENVIRONMENT_SHAPE, "environment.", True)
+    info = record.get("backend_info") or {}
+    problem = problem or _shape_problem(info, {"threads": _INT, "workers": _INT, "tasks": _INT}, "backend_info.", True)
+    if problem:
+        return problem
+    if not all(isinstance(g, str) for g in environment.get("gpus") or []):
+        return "environment.gpus must list names"
+    for number, worker in enumerate(record["workers"]):
+        if not isinstance(worker, dict):
+            return f"workers[{number}] is not an object"
+        problem = _shape_problem(worker, _WORKER_SHAPE, f"workers[{number}].") or _shape_problem(
+            worker, _OPTIONAL_WORKER_SHAPE, f"workers[{number}].", optional=True
+        )
+        if problem:
+            return problem
+    return None
+
+
 class ResultsStore:
-    """``<dir>/runs.jsonl``: one complete JSON record per line, only ever appended to."""
+    """``<dir>/runs.jsonl``: one complete JSON record per line, only ever appended to.
+
+    Appends take an exclusive lock on the file, so two processes never interleave, and a torn last line (a
+    writer killed mid-line) is moved aside to a file of its own before the next record is written, so that the
+    new record stands on its own line.
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.path = self.directory / STORE_FILE
         self.skipped: list[str] = []  # what the last read() left out, for the caller to report
 
+    def check_writable(self) -> None:
+        """Refuse, before any work, a results directory that cannot take a record."""
+        probe = self.directory / f".writable-{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
+            else:  # nothing recorded yet: leave no empty store behind
+                probe.write_bytes(b"")
+                probe.unlink()
+        except OSError as exc:
+            raise UserError(
+                f"{self.path}: cannot write results here ({exc.strerror}); give another --results"
+            ) from None
+
     def append(self, record: RunRecord) -> None:
-        # One write() of one whole line on an O_APPEND descriptor: readers never see half a record from us,
-        # and concurrent writers do not interleave within a line.
+        # One write() of one whole line on an O_APPEND descriptor under an exclusive lock: readers never see half
+        # a record from us, and concurrent writers do not interleave.
         line = (record.to_json() + "\n").encode()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise UserError(f"{self.path}: cannot write results ({exc.strerror})") from None
+            self._keep_elsewhere(record.run_id, line, exc)
         try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            self._set_aside_torn_tail(fd)
             view = memoryview(line)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
             os.fsync(fd)
+        except OSError as exc:
+            self._keep_elsewhere(record.run_id, line, exc)
         finally:
             os.close(fd)
+
+    def _set_aside_torn_tail(self, fd: int) -> None:
+        """Bytes after the last newline belong to no record: move them to a file of their own, named in a warning."""
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        start, chunk = size, 1 << 16
+        while start > 0:
+            lo = max(0, start - chunk)
+            block = os.pread(fd, start - lo, lo)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                start = lo + newline + 1
+                break
+            start = lo
+        torn = os.pread(fd, size - start, start)
+        aside = self.path.with_name(f"{STORE_FILE}.torn-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
+        aside.write_bytes(torn)
+        os.ftruncate(fd, start)
+        warn(f"{self.path}: its last line was torn ({len(torn)} bytes, no record); moved aside to {aside}")
+
+    def _keep_elsewhere(self, run_id: str, line: bytes, exc: OSError) -> None:
+        """The store cannot take a record: print it, save it in a file of its own, and say where."""
+        sys.stdout.write(line.decode())
+        sys.stdout.flush()
+        fallback = Path(tempfile.gettempdir()) / f"cai-bench-unsaved-{run_id}.jsonl"
+        try:
+            fallback.write_bytes(line)
+            kept = f"printed above and saved in {fallback}; add it later with: cat {fallback} >> {self.path}"
+        except OSError:
+            kept = "printed above (no fallback file could be written either)"
+        raise UserError(
+            f"{self.path}: cannot write the record of run {run_id} ({exc.strerror}); it is {kept}"
+        ) from None
 
     def read(self) -> list[dict]:
         """All complete records, oldest first.
 
         A torn last line (a writer killed mid-line) is skipped and described in ``self.skipped``; a broken line
-        elsewhere, or a record of a newer schema major version than this cai-bench knows, is a UserError.
+        elsewhere, a record that lacks what reports need, or a record of a newer schema major version than this
+        cai-bench knows, is a UserError naming its line.
         """
         self.skipped = []
-        if not self.path.exists():
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot read the results store ({exc.strerror})") from None
         records = []
-        lines = self.path.read_bytes().split(b"\n")
+        lines = data.split(b"\n")
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
             try:
                 record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 if number == len(lines):  # the last line, with no newline after it: torn
                     self.skipped.append(f"{self.path}:{number}: skipped a torn last line ({len(raw)} bytes)")
                     continue
@@ -247,6 +443,9 @@ class ResultsStore:
                     f"{self.path}:{number}: record schema {version} is newer than this cai-bench reads "
                     f"({SCHEMA_MAJOR}.x); upgrade cai-bench to read it"
                 )
+            problem = record_problem(record)
+            if problem:
+                raise UserError(f"{self.path}:{number}: not a valid run record: {problem}")
             records.append(record)
         return records
 
@@ -292,15 +491,33 @@ _NOT_PART_OF_A_POINT = ("repeats", "warmup", "data")
 _OPTIONS_NOT_PART_OF_A_POINT = ("jobs_dir", "wait")
 
 
-def point_key(plan: dict, environment: dict) -> str:
+def ran_precision(record: dict) -> str:
+    """The precision a record's partitions ran in, never "auto": the probe's answer can differ between two runs
+    on one machine, so repeats of "auto" are grouped by what they ran. Workers that resolved "auto" differently
+    in one run give a mixed name (``bf16+fp32``), a point of its own."""
+    ran = {w.get("precision") for w in record.get("workers") or [] if isinstance(w, dict)} - {None}
+    if ran:
+        return "+".join(sorted(str(p) for p in ran))
+    info = record.get("backend_info") or {}
+    return str(info.get("precision") or (record.get("plan") or {}).get("precision"))
+
+
+def point_key(plan: dict, environment: dict, precision: str | None = None) -> str:
     """What makes two runs repeats of the same measurement: the plan (but how often it is repeated, and where
-    its data lives) on the same machine. New plan fields take part automatically."""
+    its data lives) in the precision that ran (``precision``; the plan's where that is not known yet) on the
+    same machine. New plan fields take part automatically."""
     fields = {k: v for k, v in plan.items() if k not in _NOT_PART_OF_A_POINT}
     options = fields.get("backend_options") or {}
     fields["backend_options"] = {k: v for k, v in options.items() if k not in _OPTIONS_NOT_PART_OF_A_POINT}
     fields["data"] = data_identity(plan.get("data") or {})
     fields["machine"] = machine_id(environment)
+    fields["precision"] = precision or plan.get("precision")
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def record_point_key(record: dict) -> str:
+    """The point a stored record is a repeat of."""
+    return point_key(record["plan"], record["environment"], ran_precision(record))
 
 
 def this_machine() -> dict:

@@ -8,15 +8,22 @@ counts only "ok" records as done, so a rerun repeats exactly what is missing.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock between sweeps
+    fcntl = None
 
 from cai_bench.backends import BackendRun, get_backend
 from cai_bench.backends.base import Detached, PartitionsFailed
@@ -24,7 +31,7 @@ from cai_bench.data.partitions import MANIFEST, open_dataset, synthesize
 from cai_bench.data.synthetic import GENERATOR_VERSION
 from cai_bench.engine import PartitionResult, WorkerRecord
 from cai_bench.errors import UserError
-from cai_bench.metrics import accuracy, reset_peak_rss
+from cai_bench.metrics import accuracy, allowed_cpus, reset_peak_rss
 from cai_bench.model.checkpoint import RANDOM_INIT
 from cai_bench.plan import (
     DataSummary,
@@ -32,6 +39,7 @@ from cai_bench.plan import (
     Plan,
     SweepPoint,
     SweepSpec,
+    check_size,
     data_gb,
     make_plan,
     partition_count,
@@ -44,6 +52,7 @@ from cai_bench.results import (
     capture_environment,
     new_run_id,
     point_key,
+    record_point_key,
     summarize_run,
     this_machine,
     utc_now,
@@ -136,6 +145,33 @@ def resolve_data(
             f"re-partition it with: cai-bench data split {data} --partition-mb {partition_mb:g} --out DIR"
         )
     return summary, refs
+
+
+def check_sizes(**options: float | None) -> None:
+    """Refuse size options (``gb=``, ``partition_mb=``, ``cycle_to_gb=``) that are not positive finite numbers,
+    before anything is generated."""
+    for name, value in options.items():
+        if value is not None:
+            check_size(value, "--" + name.replace("_", "-"))
+
+
+def check_threads(threads: int | None, backend_options: dict, oversubscribe: bool) -> None:
+    """Refuse more threads than this process may use, unless ``oversubscribe``: they would take turns on the
+    same cores, and the figures would measure the taking turns. A SLURM array's threads are on its nodes."""
+    if backend_options.get("slurm"):
+        return
+    asked = {
+        "--threads": threads or 0,
+        "--workers": backend_options.get("workers") or 0,
+        "--lanes": backend_options.get("lanes") or 0,
+    }
+    option, wanted = max(asked.items(), key=lambda item: item[1])
+    allowed = allowed_cpus()
+    if wanted > allowed and not oversubscribe:
+        raise UserError(
+            f"{option} {wanted}: this process may use {allowed} CPU(s), so {wanted} threads would share them and "
+            "the figures would measure the sharing; use fewer, or pass --oversubscribe (the point is then marked)"
+        )
 
 
 def labelled_accuracy(metrics: dict, weights: dict, data: DataSummary) -> dict:
@@ -303,18 +339,20 @@ class SweepPointState:
     key: str
     done: int  # "ok" repeats already in the store for this plan on this machine
     todo: int  # repeats this sweep runs
+    precision: str  # what the point runs: its precision, with "auto" resolved once for the whole sweep
 
 
 @dataclass
 class SweepOutcome:
     points: list[SweepPointState]
     records: list[RunRecord] = field(default_factory=list)  # what this invocation appended
+    auto_precision: dict | None = None  # the probe that resolved the sweep's "auto" points, where it ran
 
 
-def _plan_options(spec: SweepSpec, point: SweepPoint) -> dict:
+def _plan_options(spec: SweepSpec, point: SweepPoint, precision: str) -> dict:
     return {
         "batch_size": point.batch_size,
-        "precision": point.precision,
+        "precision": precision,
         "threads": spec.threads,
         "repeats": spec.repeats,
         "warmup": spec.warmup,
@@ -323,7 +361,25 @@ def _plan_options(spec: SweepSpec, point: SweepPoint) -> dict:
         "verify_checksums": spec.verify_checksums,
         "engine": spec.engine,
         "compile": spec.compile,
+        "oversubscribe": spec.oversubscribe,
     }
+
+
+def resolve_auto_precision(spec: SweepSpec) -> tuple[str, dict]:
+    """What "auto" runs as on this machine, probed once for a whole sweep, so that all repeats of a point run
+    the same precision (each run's own probe could answer differently on a machine where bf16 is only a
+    little faster) and the sweep knows which points the store already holds."""
+    import torch
+
+    from cai_bench.engine import choose_precision
+    from cai_bench.model.astromae import build_model
+    from cai_bench.model.inference import prepare_for_inference
+
+    if spec.engine == "reference":
+        return "fp32", {"chose": "fp32", "why": "the reference engine runs fp32"}
+    model = build_model(seed=spec.seed).eval()
+    choices = prepare_for_inference(model)
+    return choose_precision(model, torch.device("cpu"), choices["channels_last"])
 
 
 def _expected_summary(point: SweepPoint, seed: int) -> DataSummary:
@@ -340,29 +396,63 @@ def _expected_summary(point: SweepPoint, seed: int) -> DataSummary:
     )
 
 
-def sweep_state(spec: SweepSpec, store: ResultsStore, force: bool = False) -> list[SweepPointState]:
-    """Each point of the sweep with the repeats already in the store (for this plan, on this machine).
-
-    Points on the same data run one after another (in the order the grids first name that data), so each
-    data set is needed during one stretch of the sweep only.
-    """
-    machine = this_machine()
+def _done_counts(store: ResultsStore) -> dict[str, int]:
     done: dict[str, int] = {}
     for record in store.runs():
-        key = point_key(record["plan"], record["environment"])
+        key = record_point_key(record)
         done[key] = done.get(key, 0) + 1
+    return done
+
+
+def sweep_state(
+    spec: SweepSpec, store: ResultsStore, force: bool = False, auto_as: str | None = None
+) -> list[SweepPointState]:
+    """Each point of the sweep with the repeats already in the store (for this plan, on this machine).
+
+    ``auto_as`` is what "auto" runs as (``resolve_auto_precision``). Points on the same data run one after
+    another (in the order the grids first name that data), so each data set is needed during one stretch of the
+    sweep only.
+    """
+    machine = this_machine()
+    done = _done_counts(store)
     states = []
     points = spec.points()
+    if auto_as is None and any(p.precision == "auto" for p in points):
+        auto_as, _ = resolve_auto_precision(spec)
     first_use = {}
     for index, point in enumerate(points):
         first_use.setdefault((point.gb, point.partition_mb), index)
     points.sort(key=lambda p: first_use[(p.gb, p.partition_mb)])
     for point in points:
-        expected = Plan(spec.backend, _expected_summary(point, spec.seed), (), **_plan_options(spec, point))
+        precision = auto_as if point.precision == "auto" else point.precision
+        options = _plan_options(spec, point, precision)
+        expected = Plan(spec.backend, _expected_summary(point, spec.seed), (), **options)
         key = point_key(expected.to_record(), machine)
         have = 0 if force else min(done.get(key, 0), spec.repeats)
-        states.append(SweepPointState(point, key, have, spec.repeats - have))
+        states.append(SweepPointState(point, key, have, spec.repeats - have, precision))
     return states
+
+
+@contextmanager
+def point_lock(store: ResultsStore, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the lock of one point of ``store``: a second sweep into the same results waits here while the first
+    measures the point (two measurements at once on one machine would also slow each other down)."""
+    locks = store.directory / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock")
+    with open(path, "a+") as fh:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_sweep(
@@ -373,17 +463,23 @@ def run_sweep(
     keep_data: bool = True,
     progress: SweepProgressSink | None = None,
     synth_progress: Callable[[int, int], None] | None = None,
+    on_wait: Callable[[SweepPoint], None] | None = None,
 ) -> SweepOutcome:
     """Run every point of ``spec`` that lacks repeats in ``store`` (all of them with ``force``).
 
     Each point's data is generated once into the cache and reused; each finished repeat is appended at once,
-    so an interrupted sweep loses at most the repeat in flight and a rerun continues from there. With
-    ``keep_data=False`` a data set this sweep generated is deleted after its last point (the paper's grid
-    would otherwise keep about 175 GB).
+    so an interrupted sweep loses at most the repeat in flight and a rerun continues from there. A point is
+    measured under its lock (``point_lock``), and what it lacks is counted again once the lock is held, so two
+    sweeps into one results directory never both measure it. With ``keep_data=False`` a data set this sweep
+    generated is deleted after its last point (the paper's grid would otherwise keep about 175 GB).
     """
     progress = progress or NoProgress()
-    states = sweep_state(spec, store, force)
-    outcome = SweepOutcome(states)
+    probe = None
+    auto_as = None
+    if any(p.precision == "auto" for p in spec.points()):
+        auto_as, probe = resolve_auto_precision(spec)
+    states = sweep_state(spec, store, force, auto_as)
+    outcome = SweepOutcome(states, auto_precision=probe)
     total = sum(samples_for_gb(s.point.gb) * (s.todo + spec.warmup) for s in states if s.todo)
     progress.sweep_begin(len(states), total)
     generated: set[Path] = set()
@@ -394,14 +490,21 @@ def run_sweep(
                 progress.point_end(skipped=True)
                 continue
             point = state.point
-            directory = synthetic_dir(point.gb, point.partition_mb, spec.seed)
-            if not (directory / MANIFEST).is_file():
-                generated.add(directory)
-            summary, refs = resolve_data(None, point.gb, point.partition_mb, spec.seed, synth_progress)
-            plan = make_plan(spec.backend, summary, refs, **_plan_options(spec, point))
-            if point_key(plan.to_record(), this_machine()) != state.key:
-                raise RuntimeError(f"{summary.path}: the cached data set is not the one the sweep expected")
-            outcomes = execute(plan, store, progress, first_repeat=state.done + 1)
+            with point_lock(store, state.key, lambda point=point: on_wait and on_wait(point)):
+                if not force:  # another sweep may have measured it while this one waited or ran other points
+                    state.done = min(_done_counts(store).get(state.key, 0), spec.repeats)
+                    state.todo = spec.repeats - state.done
+                if state.todo == 0:
+                    progress.point_end(skipped=True)
+                    continue
+                directory = synthetic_dir(point.gb, point.partition_mb, spec.seed)
+                if not (directory / MANIFEST).is_file():
+                    generated.add(directory)
+                summary, refs = resolve_data(None, point.gb, point.partition_mb, spec.seed, synth_progress)
+                plan = make_plan(spec.backend, summary, refs, **_plan_options(spec, point, state.precision))
+                if point_key(plan.to_record(), this_machine()) != state.key:
+                    raise RuntimeError(f"{summary.path}: the cached data set is not the one the sweep expected")
+                outcomes = execute(plan, store, progress, first_repeat=state.done + 1)
             outcome.records.extend(o.record for o in outcomes)
             progress.point_end(skipped=False)
             data = (point.gb, point.partition_mb)

@@ -103,7 +103,9 @@ def hand_record(
 
     samples = samples_for_gb(gb)
     sizes = partition_sizes(samples, partition_mb)
-    phases = phases or [(0.1, 0.0, 0.2, wall_s / len(sizes) - 0.3)] * len(sizes)
+    each = wall_s / len(sizes)
+    default = (0.1, 0.0, 0.2, each - 0.3) if each > 0.4 else (0.1 * each, 0.0, 0.2 * each, 0.7 * each)
+    phases = phases or [default] * len(sizes)
     refs = tuple(PartitionRef(f"/d/part-{i}", i, n, n * 20524, "0" * 64) for i, n in enumerate(sizes))
     source = {"kind": "synthetic", "seed": 0, "generator_version": 1, "gb": gb}
     summary = DataSummary("/d", "abc", source, samples, data_gb(samples), partition_mb, len(sizes))

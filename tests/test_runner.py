@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import hand_record
 
 from cai_bench import runner
 from cai_bench.data.partitions import MANIFEST, open_dataset
@@ -107,9 +108,10 @@ def test_an_interrupted_run_records_the_partitions_it_finished(tiny_data, tmp_pa
 
 def test_store_skips_a_torn_last_line_but_not_a_broken_middle_one(tmp_path):
     store = ResultsStore(tmp_path)
-    a, b = '{"a": 1, "schema_version": "1.0"}', '{"b": 2, "schema_version": "1.0"}'
+    first, second = hand_record("cpu", 1.0), hand_record("cpu", 2.0)
+    a, b = json.dumps(first), json.dumps(second)
     store.path.write_text(f'{a}\n{b}\n{{"c": ')
-    assert [r.get("a", r.get("b")) for r in store.read()] == [1, 2]
+    assert [r["run_id"] for r in store.read()] == [first["run_id"], second["run_id"]]
     assert store.skipped == [f"{store.path}:3: skipped a torn last line (6 bytes)"]
     store.path.write_text(f"{a}\nnot json\n{b}\n")
     with pytest.raises(UserError, match="runs.jsonl:2: not a JSON record"):

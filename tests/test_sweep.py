@@ -34,18 +34,21 @@ def ok_runs(store: ResultsStore) -> list[dict]:
 
 
 def test_the_presets_load_and_expand():
-    paper = make_sweep(load_sweep_config(CONFIGS / "paper.toml"))
+    paper = make_sweep(load_sweep_config(CONFIGS / "paper.toml")[0])
     points = paper.points()
     assert paper.repeats == 3 and paper.name == "paper"
     # 7 sizes x 4 partition sizes at batch 512, plus batch 32..512 at 1 GB / 25 MB (512 counted once)
     assert len(points) == 7 * 4 + 5 - 1
     assert SweepPoint(12.6, 100.0, 512, "auto") in points and SweepPoint(1.0, 25.0, 32, "auto") in points
-    quick = make_sweep(load_sweep_config(CONFIGS / "laptop-quick.toml"))
+    quick = make_sweep(load_sweep_config(CONFIGS / "laptop-quick.toml")[0])
     assert len(quick.points()) == 7 and max(p.gb for p in quick.points()) <= 0.1
+    # by name, from the package, wherever the command runs
+    assert load_sweep_config("paper") == (load_sweep_config(CONFIGS / "paper.toml")[0], "paper (preset): ")
+    assert load_sweep_config("laptop-quick.toml")[0] == load_sweep_config(CONFIGS / "laptop-quick.toml")[0]
 
 
 def test_command_line_axes_replace_the_configs_and_scalars_override():
-    config = load_sweep_config(CONFIGS / "paper.toml")
+    config, _ = load_sweep_config(CONFIGS / "paper.toml")
     spec = make_sweep(config, overrides={"gb": [0.1], "backend": "gpu", "repeats": 1})
     assert {p.gb for p in spec.points()} == {0.1}
     assert {p.partition_mb for p in spec.points()} == {25.0, 50.0, 75.0, 100.0}
@@ -76,7 +79,8 @@ def test_bad_configs_are_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text + "\n")
     with pytest.raises(UserError, match=message) as info:
-        make_sweep(load_sweep_config(path), where=f"{path}: ")
+        table, where = load_sweep_config(path)
+        make_sweep(table, where=where)
     assert str(path) in str(info.value)
 
 
