@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -11,9 +12,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer 0.29 carries its own click
 
 from cai_bench import __version__
-from cai_bench.errors import UserError
+from cai_bench.choices import FIGURE_FORMATS, PRECISIONS, BackendName, Engine, Precision, ReportFormat, SlurmExecutor
+from cai_bench.errors import UserError, one_line
 from cai_bench.metrics import spread
 
 app = typer.Typer(
@@ -34,8 +37,9 @@ app.add_typer(results_app, name="results")
 app.add_typer(hpc_app, name="hpc")
 
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results directory (holds runs.jsonl).")]
-PRECISION_HELP = "auto (bf16 only where a start-up probe finds it faster and within 2e-3 of fp32), fp32 or bf16."
-ENGINE_HELP = "fast (the prepared model; the default) or reference (the upstream-style eager fp32 loop)."
+PRECISION_HELP = "auto: bf16 only where a start-up probe finds it faster and within 2e-3 of fp32."
+ENGINE_HELP = "fast: the prepared model; reference: the upstream-style eager fp32 loop."
+OVERSUBSCRIBE_HELP = "Allow more threads than this process may use; the record and report mark the point."
 COMPILE_HELP = "torch.compile the fast engine's model (25-35 s up front on 2 cores; timed as start-up)."
 
 _debug = False
@@ -63,28 +67,27 @@ def _root(
 
 @app.command()
 def run(
-    backend: Annotated[
-        str, typer.Option(help="Where to run (cai-bench run --backend NAME); see the error for the list.")
-    ] = "cpu",
+    backend: Annotated[BackendName, typer.Option(help="Where to run.")] = BackendName.cpu,
     data: Annotated[Path | None, typer.Option(help="A data set directory (cai-bench data synth / split).")] = None,
     gb: Annotated[
         float | None, typer.Option(help="Synthetic data size in GB (GiB), generated once into the cache.")
     ] = None,
     partition_mb: Annotated[
-        float | None, typer.Option(help="Partition size in MB (MiB) for synthetic data (default: 25).")
+        float | None, typer.Option(help="Partition size in MB (MiB) for synthetic data.", show_default="25")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
-    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
-    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "fast",
+    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
+    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine.fast,
     compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
-    threads: Annotated[int | None, typer.Option(help="Threads in all (default: physical cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads in all.", show_default="physical cores")] = None,
+    oversubscribe: Annotated[bool, typer.Option("--oversubscribe", help=OVERSUBSCRIBE_HELP)] = False,
     lanes: Annotated[
         int | None, typer.Option(help="cpu, fast engine: partitions run at once, threads split between them.")
     ] = None,
     repeats: Annotated[int, typer.Option(help="Measured runs, each saved as one record.")] = 1,
     warmup: Annotated[int, typer.Option(help="Unrecorded runs before the measured ones.")] = 0,
     weights: Annotated[
-        Path | None, typer.Option(help="Weights (.safetensors or a .pt state dict); default: random init.")
+        Path | None, typer.Option(help="Weights (.safetensors or a .pt state dict).", show_default="random init")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data and of the random-init weights.")] = 0,
     verify: Annotated[
@@ -94,29 +97,36 @@ def run(
         float | None, typer.Option(help="Reuse the partitions in turn until this many GB have been processed.")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="hpc: worker processes on this node, --threads split between them (default: 1).")
+        int | None,
+        typer.Option(help="hpc: worker processes on this node, --threads split between them.", show_default="1"),
     ] = None,
     retries: Annotated[
-        int | None, typer.Option(help="hpc: times a partition whose worker crashed or failed is retried (default: 2).")
+        int | None,
+        typer.Option(help="hpc: times a partition whose worker crashed or failed is retried.", show_default="2"),
     ] = None,
     slurm: Annotated[bool, typer.Option("--slurm", help="hpc: a SLURM job array over partition groups.")] = False,
     slurm_executor: Annotated[
-        str | None, typer.Option(help="hpc --slurm: slurm (sbatch) or local (processes here, for tests/laptops).")
+        SlurmExecutor | None,
+        typer.Option(
+            help="hpc --slurm: slurm (sbatch) or local (processes here, for tests/laptops).", show_default="slurm"
+        ),
     ] = None,
     tasks: Annotated[int | None, typer.Option(help="hpc --slurm: array tasks, partitions split evenly.")] = None,
     partitions_per_task: Annotated[
-        int | None, typer.Option(help="hpc --slurm: partitions per array task (default: 1), or give --tasks.")
+        int | None, typer.Option(help="hpc --slurm: partitions per array task, or give --tasks.", show_default="1")
     ] = None,
     slurm_partition: Annotated[str | None, typer.Option(help="hpc --slurm: the SLURM partition (queue).")] = None,
     time_limit: Annotated[
         str | None,
         typer.Option(
-            "--time", help="hpc --slurm: time limit per task, minutes or D-HH:MM:SS as sbatch takes it (default: 60)."
+            "--time",
+            help="hpc --slurm: time limit per task, minutes or D-HH:MM:SS as sbatch takes it.",
+            show_default="60",
         ),
     ] = None,
     mem: Annotated[str | None, typer.Option(help="hpc --slurm: memory per task, e.g. 4G or 3500M.")] = None,
     cpus_per_task: Annotated[
-        int | None, typer.Option(help="hpc --slurm: cores (threads) per task (default: --threads, else 1).")
+        int | None, typer.Option(help="hpc --slurm: cores (threads) per task.", show_default="--threads, else 1")
     ] = None,
     array_parallelism: Annotated[
         int | None, typer.Option(help="hpc --slurm: tasks running at once (slurm: all; local: cores/cpus-per-task).")
@@ -146,7 +156,7 @@ def run(
         "workers": workers,
         "retries": retries,
         "slurm": slurm or None,
-        "slurm_executor": slurm_executor,
+        "slurm_executor": slurm_executor.value if slurm_executor else None,
         "tasks": tasks,
         "partitions_per_task": partitions_per_task,
         "slurm_partition": slurm_partition,
@@ -160,30 +170,43 @@ def run(
     backend_options = {k: v for k, v in given.items() if v is not None}
     if slurm:
         backend_options["jobs_dir"] = str(results / "hpc-jobs")  # the tasks write here: a shared filesystem
-    get_backend(backend).check(backend_options)  # before any data is generated
+    # Everything that can be refused is refused before any data is generated or anything runs
+    get_backend(backend.value).check(backend_options)
+    runner.check_sizes(gb=gb, partition_mb=partition_mb, cycle_to_gb=cycle_to_gb)
+    runner.check_threads(threads, backend_options, oversubscribe)
+    store = ResultsStore(results)
+    store.check_writable()
+    if weights:  # refused here, not by every worker once the run has started
+        _check_weights(weights)
     with ui.RichCountProgress("synthesizing", "samples") as bar:
         summary, refs = runner.resolve_data(data, gb, partition_mb, seed, None if (as_json or quiet) else bar)
     plan = make_plan(
-        backend,
+        backend.value,
         summary,
         refs,
         batch_size=batch_size,
-        precision=precision,
+        precision=precision.value,
         threads=threads,
+        oversubscribe=oversubscribe,
         repeats=repeats,
         warmup=warmup,
         weights=str(weights) if weights else None,
         seed=seed,
         verify_checksums=verify,
-        engine=engine,
+        engine=engine.value,
         compile=compile_model,
         backend_options=backend_options,
         cycle_to_gb=cycle_to_gb,
     )
-    store = ResultsStore(results)
     progress = None if (as_json or quiet) else ui.RichRunProgress()
     records = _execute(lambda: [o.record for o in runner.execute(plan, store, progress)], store, as_json)
     _print_runs(records, store, as_json)
+
+
+def _check_weights(path: str | Path) -> None:
+    from cai_bench.model.checkpoint import check_weights_file
+
+    check_weights_file(path)
 
 
 def _execute(work, store, as_json: bool, interrupted: str | None = None, again: str = ""):
@@ -214,11 +237,11 @@ def _execute(work, store, as_json: bool, interrupted: str | None = None, again: 
             )
         ui.console.print(f"the partitions that finished are kept in a 'failed' record in {store.path}{again}")
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         ui.console.print(
             interrupted or f"interrupted; finished repeats and the partitions done so far are in {store.path}"
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupt_exit_code(exc)) from None
 
 
 def _print_runs(records: list, store, as_json: bool) -> None:
@@ -306,15 +329,17 @@ def predict(
     data: Annotated[Path, typer.Option(help="A data set directory (cai-bench data import / synth).")],
     out: Annotated[Path, typer.Option(help="predictions.parquet or predictions.csv")],
     weights: Annotated[
-        Path | None, typer.Option(help="Weights (.safetensors, or a .pt state dict); default: random init.")
+        Path | None, typer.Option(help="Weights (.safetensors, or a .pt state dict).", show_default="random init")
     ] = None,
-    backend: Annotated[str, typer.Option(help="Where to run.")] = "cpu",
+    backend: Annotated[BackendName, typer.Option(help="Where to run.")] = BackendName.cpu,
     workers: Annotated[
-        int | None, typer.Option(help="hpc: worker processes on this node, --threads split between them (default: 1).")
+        int | None,
+        typer.Option(help="hpc: worker processes on this node, --threads split between them.", show_default="1"),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
-    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
-    threads: Annotated[int | None, typer.Option(help="Threads in all (default: physical cores).")] = None,
+    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
+    threads: Annotated[int | None, typer.Option(help="Threads in all.", show_default="physical cores")] = None,
+    oversubscribe: Annotated[bool, typer.Option("--oversubscribe", help=OVERSUBSCRIBE_HELP)] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random-init weights.")] = 0,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare each partition's sha256 as it is read.")
@@ -329,30 +354,37 @@ def predict(
     Resumable: each finished partition is kept, so rerunning after an interruption predicts only the rest and
     the file holds every object exactly once. The run is timed and recorded like any run (kind "predict").
     """
-    from cai_bench import ui
+    from cai_bench import runner, ui
     from cai_bench.backends import get_backend
     from cai_bench.data.partitions import open_dataset
     from cai_bench.plan import make_plan
+    from cai_bench.predict import check_out
     from cai_bench.predict import predict as run_predict
     from cai_bench.results import ResultsStore
 
     backend_options = {"workers": workers} if workers is not None else {}
-    get_backend(backend).check(backend_options)
+    get_backend(backend.value).check(backend_options)
+    runner.check_threads(threads, backend_options, oversubscribe)
+    check_out(out, force)
+    store = ResultsStore(results)
+    store.check_writable()
+    if weights:  # refused here, not by every worker once the run has started
+        _check_weights(weights)
     _, summary, refs = open_dataset(data)
     plan = make_plan(
-        backend,
+        backend.value,
         summary,
         refs,
         batch_size=batch_size,
-        precision=precision,
+        precision=precision.value,
         threads=threads,
+        oversubscribe=oversubscribe,
         weights=str(weights) if weights else None,
         seed=seed,
         verify_checksums=verify,
         backend_options=backend_options,
     )
     progress = None if (as_json or quiet) else ui.RichRunProgress()
-    store = ResultsStore(results)
     outcome = _execute(
         lambda: run_predict(plan, out, store, force=force, progress=progress),
         store,
@@ -386,14 +418,15 @@ def predict(
 
 @app.command()
 def bench(
-    data: Annotated[Path | None, typer.Option(help="A data set directory; default: synthetic --gb.")] = None,
-    gb: Annotated[float | None, typer.Option(help="Synthetic data size in GB (default: 0.2).")] = None,
-    partition_mb: Annotated[float | None, typer.Option(help="Partition size in MB (default: 25).")] = None,
+    data: Annotated[Path | None, typer.Option(help="A data set directory.", show_default="synthetic --gb")] = None,
+    gb: Annotated[float | None, typer.Option(help="Synthetic data size in GB.", show_default="0.2")] = None,
+    partition_mb: Annotated[float | None, typer.Option(help="Partition size in MB.", show_default="25")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass, both arms.")] = 512,
     pairs: Annotated[int, typer.Option(help="Measured (reference, fast) pairs.")] = 3,
     warmup: Annotated[int, typer.Option(help="Unrecorded runs of each arm first.")] = 1,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: physical cores).")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Weights file; default: random init.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads.", show_default="physical cores")] = None,
+    oversubscribe: Annotated[bool, typer.Option("--oversubscribe", help=OVERSUBSCRIBE_HELP)] = False,
+    weights: Annotated[Path | None, typer.Option(help="Weights file.", show_default="random init")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data and random-init weights.")] = 0,
     results: ResultsDir = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")] = False,
@@ -416,6 +449,12 @@ def bench(
     if warmup < 0:
         raise UserError(f"--warmup must be 0 or more, got {warmup}")
     gb = 0.2 if data is None and gb is None else gb
+    runner.check_sizes(gb=gb, partition_mb=partition_mb)
+    runner.check_threads(threads, {}, oversubscribe)
+    store = ResultsStore(results)
+    store.check_writable()
+    if weights:  # refused here, not by every worker once the run has started
+        _check_weights(weights)
     with ui.RichCountProgress("synthesizing", "samples") as bar:
         summary, refs = runner.resolve_data(data, gb, partition_mb, seed, None if (as_json or quiet) else bar)
     plan = make_plan(
@@ -424,17 +463,17 @@ def bench(
         refs,
         batch_size=batch_size,
         threads=threads,
+        oversubscribe=oversubscribe,
         repeats=pairs,
         weights=str(weights) if weights else None,
         seed=seed,
     )
-    store = ResultsStore(results)
     progress = None if (as_json or quiet) else ui.RichRunProgress()
     try:
         outcome = run_bench(plan, pairs, warmup, store, progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         ui.console.print(f"interrupted; the finished runs are in {store.path}")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupt_exit_code(exc)) from None
     machine = machine_label(this_machine())
     figures = {
         "machine": machine,
@@ -508,23 +547,29 @@ def _read_store(store) -> list[dict]:
 @app.command()
 def sweep(
     config: Annotated[
-        Path | None, typer.Option(help="A sweep preset (TOML), e.g. configs/laptop-quick.toml; options override it.")
+        str | None,
+        typer.Option(help="A preset by name (laptop-quick, paper) or a TOML file; options override it."),
     ] = None,
-    backend: Annotated[str | None, typer.Option(help="Where to run (default: cpu).")] = None,
-    gb: Annotated[str | None, typer.Option(help="Data sizes in GB, comma-separated (default: 0.1).")] = None,
+    backend: Annotated[BackendName | None, typer.Option(help="Where to run.", show_default="cpu")] = None,
+    gb: Annotated[str | None, typer.Option(help="Data sizes in GB, comma-separated.", show_default="0.1")] = None,
     partition_mb: Annotated[
-        str | None, typer.Option(help="Partition sizes in MB, comma-separated (default: 25).")
+        str | None, typer.Option(help="Partition sizes in MB, comma-separated.", show_default="25")
     ] = None,
-    batch_size: Annotated[str | None, typer.Option(help="Batch sizes, comma-separated (default: 512).")] = None,
-    precision: Annotated[str | None, typer.Option(help="Precisions, comma-separated (default: auto).")] = None,
-    engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
-    repeats: Annotated[int | None, typer.Option(help="Measured runs per point (default: 3).")] = None,
+    batch_size: Annotated[str | None, typer.Option(help="Batch sizes, comma-separated.", show_default="512")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help=f"Precisions, comma-separated, of {', '.join(PRECISIONS)}.", show_default="auto")
+    ] = None,
+    engine: Annotated[Engine | None, typer.Option(help=ENGINE_HELP, show_default="fast")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Measured runs per point.", show_default="3")] = None,
     warmup: Annotated[
-        int | None, typer.Option(help="Unrecorded runs before each point's repeats (default: 0).")
+        int | None, typer.Option(help="Unrecorded runs before each point's repeats.", show_default="0")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: physical cores).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the synthetic data and random-init weights.")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Weights file; default: random init.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads.", show_default="physical cores")] = None,
+    oversubscribe: Annotated[bool, typer.Option("--oversubscribe", help=OVERSUBSCRIBE_HELP)] = False,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the synthetic data and random-init weights.", show_default="0")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(help="Weights file.", show_default="random init")] = None,
     force: Annotated[bool, typer.Option(help="Rerun points the store already holds.")] = False,
     keep_data: Annotated[
         bool,
@@ -545,7 +590,7 @@ def sweep(
     from cai_bench.results import ResultsStore
 
     overrides = {
-        "backend": backend,
+        "backend": backend.value if backend else None,
         "gb": _list(gb, "--gb", float),
         "partition_mb": _list(partition_mb, "--partition-mb", float),
         "batch_size": _list(batch_size, "--batch-size", int),
@@ -555,12 +600,19 @@ def sweep(
         "threads": threads,
         "seed": seed,
         "weights": str(weights) if weights else None,
-        "engine": engine,
+        "engine": engine.value if engine else None,
+        "oversubscribe": oversubscribe or None,
     }
-    table = load_sweep_config(config) if config else {}
-    spec = make_sweep(table, where=f"{config}: " if config else "", overrides=overrides)
+    table, where = load_sweep_config(config) if config else ({}, "")
+    spec = make_sweep(table, where=where, overrides=overrides)
     get_backend(spec.backend)
+    for point in spec.points():
+        runner.check_sizes(gb=point.gb, partition_mb=point.partition_mb)
+    runner.check_threads(spec.threads, {}, spec.oversubscribe)
     store = ResultsStore(results)
+    store.check_writable()
+    if spec.weights:  # refused here, not by every worker once the run has started
+        _check_weights(spec.weights)
     _read_store(store)  # a broken or newer store fails here, before anything runs
     progress = None if (as_json or quiet) else ui.RichSweepProgress()
     outcome = _execute(
@@ -571,6 +623,9 @@ def sweep(
             keep_data=keep_data,
             progress=progress,
             synth_progress=progress.synthesizing if progress else None,
+            on_wait=lambda point: ui.console.print(
+                f"{point.label()}: another process is measuring this point into {store.directory}; waiting for it"
+            ),
         ),
         store,
         as_json,
@@ -588,6 +643,12 @@ def sweep(
         f"{len(outcome.records)} record(s) appended to {store.path}"
         + (f"; {skipped} point(s) were already complete (--force reruns them)" if skipped else "")
     )
+    if outcome.auto_precision:
+        probe = outcome.auto_precision
+        ui.stdout.print(
+            f"precision auto ran as {probe['chose']} ({probe['why']}): probed once on this machine for the whole "
+            "sweep, so every repeat of a point runs the same precision"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- report, plot
@@ -604,7 +665,7 @@ def report(
     baseline: Annotated[
         str, typer.Option(help="Backend (or backend:engine, e.g. cpu:reference) the speedup is measured against.")
     ] = "cpu",
-    fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
+    fmt: Annotated[ReportFormat, typer.Option("--format", help="How to print the report.")] = ReportFormat.table,
 ) -> None:
     """One row per backend x data size x partition size x batch size (x precision, threads, machine): medians
     over repeats, spread, speedup over the baseline on the same data, peak memory and cost where known."""
@@ -612,8 +673,7 @@ def report(
     from cai_bench import ui
     from cai_bench.results import ResultsStore
 
-    if fmt not in rep.FORMATS:
-        raise UserError(f"--format must be one of {', '.join(rep.FORMATS)}, got {fmt!r}")
+    fmt = fmt.value
     store = ResultsStore(results)
     points = rep.summarize_points(_read_store(store))
     rep.add_speedups(points, baseline)
@@ -633,12 +693,14 @@ def report(
 @app.command()
 def plot(
     results: ResultsDir = Path("results"),
-    out: Annotated[Path, typer.Option(help="Directory for the figures.")] = Path("results/figures"),
+    out_dir: Annotated[Path, typer.Option(help="Directory the figures are written into.")] = Path("results/figures"),
     reference: Annotated[
         str | None, typer.Option(help="Draw published results beside ours: 'paper' or a CSV of the same columns.")
     ] = None,
     backend: Annotated[str | None, typer.Option(help="Only these backends, comma-separated.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="Image formats, comma-separated: png, svg, pdf.")] = "png",
+    fmt: Annotated[
+        str, typer.Option("--format", help=f"Image formats, comma-separated, of {', '.join(FIGURE_FORMATS)}.")
+    ] = "png",
     predictions: Annotated[
         Path | None, typer.Option(help="Instead: predicted vs true redshift from a cai-bench predict file.")
     ] = None,
@@ -655,16 +717,15 @@ def plot(
         from cai_bench.predict import read_predictions
 
         figure = plots.predictions_figure(read_predictions(predictions), str(predictions))
-        for path in plots.save_figures({f"{predictions.stem}-vs-true": figure}, out, formats):
+        for path in plots.save_figures({f"{predictions.stem}-vs-true": figure}, out_dir, formats):
             ui.stdout.print(str(path), markup=False, highlight=False)
         return
     store = ResultsStore(results)
     points = rep.select(rep.summarize_points(_read_store(store)), _backends(backend))
     rows = None
     if reference:
-        path = Path(__file__).resolve().parent.parent / "results/reference/paper-results.csv"
-        rows = plots.load_reference(path if reference == "paper" else reference)
-    written = plots.save_figures(plots.build_figures(points, rows), out, formats)
+        rows = plots.load_reference(reference)
+    written = plots.save_figures(plots.build_figures(points, rows), out_dir, formats)
     for path in written:
         ui.stdout.print(str(path), markup=False, highlight=False)
 
@@ -811,6 +872,7 @@ def model_info(
 def model_convert(
     src: Annotated[Path, typer.Argument(help="Upstream's pickled model (.pt), a plain state dict, or safetensors.")],
     out: Annotated[Path, typer.Option(help="The safetensors file to write.")],
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Recover the model's tensors into a safetensors file, without importing or running anything from SRC.
 
@@ -820,7 +882,7 @@ def model_convert(
     from cai_bench import ui
     from cai_bench.model.checkpoint import convert_checkpoint
 
-    done = convert_checkpoint(src, out)
+    done = convert_checkpoint(src, out, overwrite=force)
     ui.stdout.print(
         f"{done.out}: {done.keys} tensors from the {done.source_kind} {done.source} "
         f"(sha256 {done.source_sha256[:16]}...); they load strictly into pcm-AstroMAE: "
@@ -843,7 +905,10 @@ def data_synth(
     """Generate realistic synthetic SDSS-like galaxies, one partition at a time."""
     from cai_bench import ui
     from cai_bench.data.partitions import synthesize
+    from cai_bench.plan import check_size
 
+    check_size(gb, "--gb")
+    check_size(partition_mb, "--partition-mb")
     start = time.perf_counter()
     with ui.RichCountProgress(f"synthesizing {gb:g} GB", "samples") as bar:
         manifest = synthesize(out, gb, partition_mb, seed, overwrite=force, progress=None if quiet else bar)
@@ -866,7 +931,9 @@ def data_split(
     """Re-partition a data set without regenerating it (same samples, same order)."""
     from cai_bench import ui
     from cai_bench.data.partitions import split
+    from cai_bench.plan import check_size
 
+    check_size(partition_mb, "--partition-mb")
     with ui.RichCountProgress(f"splitting into {partition_mb:g} MB", "samples") as bar:
         manifest = split(src, partition_mb, out, overwrite=force, progress=None if quiet else bar)
     ui.stdout.print(
@@ -889,7 +956,9 @@ def data_import(
     """
     from cai_bench import ui
     from cai_bench.data.upstream import import_upstream
+    from cai_bench.plan import check_size
 
+    check_size(partition_mb, "--partition-mb")
     with ui.RichCountProgress(f"importing into {partition_mb:g} MB partitions", "samples") as bar:
         manifest = import_upstream(sources, out, partition_mb, overwrite=force, progress=None if quiet else bar)
     ui.stdout.print(
@@ -968,6 +1037,7 @@ def hpc_collect(
     directory = slurm.find_job(results, job_id)
     plan = slurm.job_plan(directory)
     store = ResultsStore(results)
+    store.check_writable()
     progress = None if (as_json or quiet) else ui.RichRunProgress()
 
     def collect():
@@ -981,12 +1051,54 @@ def hpc_collect(
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a SLURM time limit, ``timeout``, ``kill``): stops a command as Ctrl-C does, so what finished is
+    recorded as ``interrupted``; the command then exits with 143 (128 + SIGTERM)."""
+
+
+def interrupt_exit_code(exc: BaseException) -> int:
+    return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _fail(message: str, code: int) -> None:
+    """One line on stderr, whatever the message holds (newlines, other libraries' colour codes), and exit."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _help_hint(ctx) -> str:
+    """Where to read more: ``cai-bench data synth --help`` (named by the commands, whatever ran the program)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return f" (see: cai-bench {' '.join([*reversed(names), '--help'])})"
+
+
 def main() -> None:
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as exc:
         if _debug:
             raise
-        message = " ".join(str(exc).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
+    except ClickException as exc:  # the parser's own errors: unknown option, a value that is not a choice
+        if isinstance(exc, NoArgsIsHelpError):  # the help was shown
+            sys.exit(exc.exit_code)
+        _fail(exc.format_message().replace("Value error, ", "") + _help_hint(getattr(exc, "ctx", None)), 2)
+    except KeyboardInterrupt as exc:  # outside a run, which reports its own
+        print("interrupted", file=sys.stderr)
+        sys.exit(interrupt_exit_code(exc))
+    except Exception as exc:
+        if _debug:
+            raise
+        # Not a mistake of the user's that we foresaw: say so on one line, and how to see more
+        _fail(f"unexpected {type(exc).__name__}: {exc} (cai-bench --debug ... shows the traceback)", 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -12,22 +12,29 @@ import itertools
 import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 
+from cai_bench.choices import ENGINES, PRECISIONS
 from cai_bench.errors import UserError
 
 BYTES_PER_SAMPLE = 20_480 + 40 + 4
 BITS_PER_SAMPLE = (20_480 + 40) * 8  # image + magnitudes; the label is not input
 MIB = 1 << 20
 GIB = 1 << 30
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where a start-up probe finds it faster and close enough
-ENGINES = ("fast", "reference")
+
+
+def check_size(value: float, option: str) -> float:
+    """A size option (GB, MB) as a positive, finite number; anything else is a UserError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{option} must be a positive, finite number, got {value}")
+    return float(value)
 
 
 def samples_for_gb(gb: float) -> int:
     """D GB of data holds floor(D * 2^30 / 20,524) samples."""
-    if not gb > 0:
-        raise UserError(f"data size must be positive, got {gb} GB")
+    if not (math.isfinite(gb) and gb > 0):
+        raise UserError(f"data size must be a positive, finite number of GB, got {gb}")
     samples = math.floor(gb * GIB / BYTES_PER_SAMPLE)
     if samples < 1:
         raise UserError(f"{gb} GB is less than one sample ({BYTES_PER_SAMPLE} bytes)")
@@ -36,8 +43,8 @@ def samples_for_gb(gb: float) -> int:
 
 def samples_per_partition(partition_mb: float) -> int:
     """A P MB partition holds at most ceil(P * 2^20 / 20,524) samples."""
-    if not partition_mb > 0:
-        raise UserError(f"partition size must be positive, got {partition_mb} MB")
+    if not (math.isfinite(partition_mb) and partition_mb > 0):
+        raise UserError(f"partition size must be a positive, finite number of MB, got {partition_mb}")
     return math.ceil(partition_mb * MIB / BYTES_PER_SAMPLE)
 
 
@@ -48,6 +55,7 @@ def partition_count(samples: int, partition_mb: float) -> int:
     one fewer for 25, 50 and 100 MB (the paper's real set held slightly more than 12.6 GiB), so samples are
     spread evenly over this count instead; no partition then exceeds ``samples_per_partition``.
     """
+    samples_per_partition(partition_mb)  # a usable size
     count = math.ceil(samples * BYTES_PER_SAMPLE / (partition_mb * MIB))
     return max(1, min(samples, count))
 
@@ -105,6 +113,7 @@ class Plan:
     engine: str = "fast"
     compile: bool = False
     cycle_to_gb: float | None = None  # reuse the partitions in turn until this much data has been processed
+    oversubscribe: bool = False  # more threads than this process may use, on purpose: reports mark the point
 
     def to_record(self) -> dict:
         """The plan as records keep it: everything but the per-partition list."""
@@ -130,6 +139,7 @@ def make_plan(
     engine: str = "fast",
     compile: bool = False,
     cycle_to_gb: float | None = None,
+    oversubscribe: bool = False,
 ) -> Plan:
     """Validate options and build a Plan; every problem is a UserError naming the option."""
     if batch_size < 1:
@@ -158,8 +168,7 @@ def make_plan(
     if not partitions:
         raise UserError(f"{data.path}: the data set has no partitions")
     if cycle_to_gb is not None:
-        if not cycle_to_gb > 0:
-            raise UserError(f"--cycle-to-gb must be positive, got {cycle_to_gb}")
+        check_size(cycle_to_gb, "--cycle-to-gb")
         samples_for_gb(cycle_to_gb)  # at least one sample
     return Plan(
         backend=backend,
@@ -177,6 +186,7 @@ def make_plan(
         engine=engine,
         compile=compile,
         cycle_to_gb=cycle_to_gb,
+        oversubscribe=oversubscribe,
     )
 
 
@@ -247,6 +257,7 @@ class SweepSpec:
     description: str = ""
     engine: str = "fast"
     compile: bool = False
+    oversubscribe: bool = False
 
     def points(self) -> list[SweepPoint]:
         """Every point once, in the order the grids list them."""
@@ -267,6 +278,7 @@ _SCALARS = {
     "verify_checksums": bool,
     "engine": str,
     "compile": bool,
+    "oversubscribe": bool,
 }
 _GRID_KEYS = ("name", *AXES)
 _KIND_NAMES = {str: "a string", int: "a whole number", bool: "true or false"}
@@ -342,16 +354,32 @@ def make_sweep(
     return spec
 
 
-def load_sweep_config(path: str | Path) -> dict:
-    """The table of a TOML sweep config (see configs/README.md); a missing or malformed file is a UserError."""
+def load_sweep_config(name_or_path: str | Path) -> tuple[dict, str]:
+    """The table of a TOML sweep config (see configs/README.md), and how to name it in errors ("FILE: ").
+
+    A preset of the package (``laptop-quick``, ``paper``, with or without ``.toml``) is found by name from any
+    directory; anything else is a file. A missing, unreadable or malformed file is a UserError.
+    """
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - the dev machine runs 3.11
         import tomli as tomllib
+    path = Path(name_or_path)
+    preset = resources.files("cai_bench.configs").joinpath(path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    use_preset = not path.exists() and str(name_or_path) == path.name and preset.is_file()
+    where = f"{path.stem} (preset)" if use_preset else str(path)
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        data = preset.read_bytes() if use_preset else path.read_bytes()
+        return tomllib.loads(data.decode("utf-8")), f"{where}: "
     except FileNotFoundError:
-        raise UserError(f"{path}: no such config file") from None
+        names = sorted(p.name.removesuffix(".toml") for p in resources.files("cai_bench.configs").iterdir()
+                       if p.name.endswith(".toml"))  # fmt: skip
+        raise UserError(f"{path}: no such config file, nor a preset ({', '.join(names)})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a TOML config file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the config ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (TOML must be UTF-8)") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML ({exc})") from None

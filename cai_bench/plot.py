@@ -8,14 +8,17 @@ it is (the paper mixes Step Functions wall time, profiler CPU time and profiler 
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from cai_bench.choices import FIGURE_FORMATS
 from cai_bench.errors import UserError
 from cai_bench.metrics import spread
 from cai_bench.plan import BITS_PER_SAMPLE, samples_for_gb
@@ -28,7 +31,8 @@ FIGURES = (
     "wall-vs-partition-size",
     "worker-breakdown",
 )
-IMAGE_FORMATS = ("png", "svg", "pdf")
+IMAGE_FORMATS = FIGURE_FORMATS
+PAPER_RESULTS = "paper-results.csv"  # in cai_bench/reference/, the package data that --reference paper reads
 
 SYSTEMS = {
     "cai-lambda": "CAI on AWS Lambda",
@@ -63,12 +67,18 @@ class ReferenceSeries:
 
 
 def load_reference(path: str | Path) -> list[dict]:
-    """Rows of the paper's published results (results/reference/paper-results.csv)."""
+    """Rows of a table of published results: ``paper`` names the CAI paper's (package data, so it is there
+    wherever cai-bench is installed), anything else is a CSV file of the same columns."""
     try:
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        if str(path) == "paper":
+            text = resources.files("cai_bench.reference").joinpath(PAPER_RESULTS).read_text()
+        else:
+            text = Path(path).read_text()
+        rows = list(csv.DictReader(io.StringIO(text)))
     except FileNotFoundError:
         raise UserError(f"{path}: no such reference file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: not a readable reference table ({exc})") from None
     if not rows or any(c not in rows[0] for c in REFERENCE_COLUMNS):
         raise UserError(f"{path}: not a reference table (needs columns {', '.join(REFERENCE_COLUMNS)})")
     return rows
@@ -346,12 +356,15 @@ def save_figures(figures: dict[str, Figure], out: str | Path, formats: list[str]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{out}: cannot create the output directory ({exc.strerror})") from None
+        raise UserError(f"{out}: cannot create the --out-dir directory ({exc.strerror})") from None
     written = []
     for name, fig in figures.items():
         for fmt in formats:
             path = out / f"{name}.{fmt}"
-            fig.savefig(path, format=fmt)
+            try:
+                fig.savefig(path, format=fmt)
+            except OSError as exc:
+                raise UserError(f"{path}: cannot write the figure ({exc.strerror})") from None
             written.append(path)
     return written
 

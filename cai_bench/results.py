@@ -505,8 +505,9 @@ def ran_precision(record: dict) -> str:
 def point_key(plan: dict, environment: dict, precision: str | None = None) -> str:
     """What makes two runs repeats of the same measurement: the plan (but how often it is repeated, and where
     its data lives) in the precision that ran (``precision``; the plan's where that is not known yet) on the
-    same machine. New plan fields take part automatically."""
-    fields = {k: v for k, v in plan.items() if k not in _NOT_PART_OF_A_POINT}
+    same machine. New plan fields take part automatically; a field that is off (None, False) counts as absent,
+    so records written before the field existed stay repeats of the same point."""
+    fields = {k: v for k, v in plan.items() if k not in _NOT_PART_OF_A_POINT and v is not None and v is not False}
     options = fields.get("backend_options") or {}
     fields["backend_options"] = {k: v for k, v in options.items() if k not in _OPTIONS_NOT_PART_OF_A_POINT}
     fields["data"] = data_identity(plan.get("data") or {})

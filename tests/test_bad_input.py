@@ -208,3 +208,14 @@ def test_enumerated_options_show_their_choices_and_defaults_one_way(cli, monkeyp
     assert "(default:" not in text and "[default: 512]" in text and "[default: (physical cores)]" in text
     code, out, _ = cli("report", "--help")
     assert "<table|markdown|csv|json>" in " ".join(out.split())
+
+
+def test_oversubscribe_runs_and_the_record_says_so(cli, tiny_data, tmp_path):
+    from cai_bench.metrics import allowed_cpus
+
+    threads = str(allowed_cpus() + 1)
+    code, out, err = cli("run", "--data", tiny_data, "--threads", threads, "--oversubscribe", "--precision", "fp32",
+                         "--batch-size", "32", "--json", "--results", tmp_path)  # fmt: skip
+    assert code == 0, err
+    (record,) = json.loads(out)
+    assert record["plan"]["oversubscribe"] is True and record["backend_info"]["threads"] == int(threads)

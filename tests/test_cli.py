@@ -74,7 +74,9 @@ def test_data_synth_info_verify_split(cli, tmp_path):
 def test_unknown_backend(cli, tiny_data):
     code, _, err = cli("run", "--backend", "quantum", "--data", tiny_data)
     assert code == 2
-    assert one_error_line(err) == "error: unknown backend 'quantum'; available: cpu, hpc"
+    assert one_error_line(err) == (
+        "error: Invalid value for '--backend': 'quantum' is not one of 'cpu', 'hpc'. (see: cai-bench run --help)"
+    )
 
 
 def test_missing_data_path(cli, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from cai_bench.backends import get_backend
 from cai_bench.backends.base import PartitionsFailed
 from cai_bench.data.partitions import open_dataset, synthesize
+from cai_bench.errors import UserError
 from cai_bench.plan import make_plan, samples_for_gb, work_units
 from cai_bench.results import ResultsStore, this_machine
 from cai_bench.runner import execute
@@ -118,9 +119,13 @@ def test_a_worker_that_cannot_start_is_one_clear_error(cli, tiny_data, tmp_path)
     weights.write_text("not a weights file")
     args = ["run", "--backend", "hpc", "--workers", "2", "--weights", weights, "--data", tiny_data]
     code, _, err = cli(*args, "--results", tmp_path / "r", "--quiet")
-    assert code == 2
-    assert err.startswith("error: worker hpc-") and "could not start" in err and "bad.safetensors" in err
+    assert code == 2  # the command refuses the weights before any worker starts
+    assert err.startswith("error: ") and "bad.safetensors: not a readable safetensors file" in err
     assert not (tmp_path / "r" / "runs.jsonl").exists()
+    # and where weights go bad after that check, each worker's start says so
+    plan = plan_for(tiny_data, backend_options={"workers": 2}, weights=str(weights))
+    with pytest.raises(UserError, match=r"worker hpc-\d could not start: .*bad.safetensors"):
+        get_backend("hpc").run(plan, lambda result: None)
 
 
 def test_predict_with_a_partition_that_keeps_failing_says_so_and_keeps_the_rest(cli, data_copy, tmp_path):
@@ -280,7 +285,7 @@ def test_slurm_submission_carries_every_option_to_sbatch(tiny_data, tmp_path, mo
         (["--backend", "cpu", "--workers", "2"], "--workers: not an option of --backend cpu"),
         (["--backend", "hpc", "--tasks", "2"], "--tasks applies to SLURM arrays: add --slurm"),
         (["--backend", "hpc", "--workers", "0"], "--workers must be at least 1"),
-        (["--backend", "hpc", "--slurm", "--slurm-executor", "pbs"], "--slurm-executor must be one of slurm, local"),
+        (["--backend", "hpc", "--slurm", "--slurm-executor", "pbs"], "'pbs' is not one of 'slurm', 'local'"),
         (["--backend", "hpc", "--slurm", "--slurm-executor", "local", "--tasks", "2", "--partitions-per-task", "2"],
          "give --tasks or --partitions-per-task, not both"),
         (["--backend", "hpc", "--slurm", "--slurm-executor", "local", "--time", "soon"], "--time 'soon'"),

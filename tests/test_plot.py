@@ -74,7 +74,7 @@ def test_plot_command_writes_every_figure_in_every_format(cli, tmp_path):
     write_store(tmp_path / "r", sweep_like_records())
     out = tmp_path / "figs"
     code, stdout, _ = cli(
-        "plot", "--results", tmp_path / "r", "--out", out, "--reference", "paper", "--format", "png,svg"
+        "plot", "--results", tmp_path / "r", "--out-dir", out, "--reference", "paper", "--format", "png,svg"
     )
     assert code == 0
     for name in plot.FIGURES:
@@ -88,7 +88,7 @@ def test_plot_errors(cli, tmp_path):
     code, _, err = cli("plot", "--results", tmp_path)
     assert code == 2 and "no finished runs" in err
     write_store(tmp_path, sweep_like_records())
-    code, _, err = cli("plot", "--results", tmp_path, "--out", tmp_path / "f", "--format", "gif")
+    code, _, err = cli("plot", "--results", tmp_path, "--out-dir", tmp_path / "f", "--format", "gif")
     assert code == 2 and "--format" in err
     code, _, err = cli("plot", "--results", tmp_path, "--reference", tmp_path / "missing.csv")
     assert code == 2 and "no such reference file" in err

@@ -207,3 +207,31 @@ def test_results_list_show_export(cli, tmp_path):
     assert {r["status"] for r in rows} == {"ok", "failed", "interrupted"}
     code, out, _ = cli("results", "export", "--json", "--results", tmp_path)
     assert json.loads(out) == records
+
+
+def _ran_as(precision_ran: str, wall_s: float, planned: str = "auto") -> dict:
+    record = hand_record("cpu", wall_s, precision=planned)
+    for worker in record["workers"]:
+        worker["precision"] = precision_ran
+    return record
+
+
+def test_points_are_the_precision_that_ran_never_auto():
+    """Three runs asked for auto: two ran fp32, one bf16 (the probe answered differently once). The bf16 run is
+    a point of its own; the fp32 runs are repeats of the same point as an explicit fp32 run."""
+    records = [_ran_as("fp32", 10.0), _ran_as("bf16", 5.0), _ran_as("fp32", 12.0), _ran_as("fp32", 11.0, "fp32")]
+    points = report.summarize_points(records)
+    by_precision = {p.precision: p for p in points}
+    assert sorted(by_precision) == ["bf16", "fp32"]
+    assert by_precision["fp32"].repeats == 3 and by_precision["fp32"].wall_s.median == 11.0
+    assert by_precision["bf16"].repeats == 1 and by_precision["bf16"].wall_s.median == 5.0
+
+
+def test_oversubscribed_points_are_marked(cli, tmp_path):
+    marked = hand_record("cpu", 3.0, threads=64)
+    marked["plan"]["oversubscribe"] = True
+    write_store(tmp_path, [hand_record("cpu", 2.0), marked])
+    points = report.summarize_points(ResultsStore(tmp_path).read())
+    assert [p.oversubscribed for p in points] == [False, True]
+    code, out, _ = cli("report", "--results", tmp_path, "--format", "markdown")
+    assert code == 0 and "64 OVERSUB" in out and "| 2 |" in out

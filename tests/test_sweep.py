@@ -203,3 +203,30 @@ def test_a_sweep_stopped_mid_point_resumes_with_only_the_missing_repeats(tmp_pat
     # every point has exactly repeats 1 and 2, and the second sweep ran only what was missing
     assert _repeats_per_point(store) == Counter({(b, r): 1 for b in (8, 16, 32) for r in (1, 2)})
     assert f"{6 - len(kept)} record(s) appended" in out
+
+
+def test_auto_points_resume_by_the_precision_they_run_as(tmp_path, monkeypatch):
+    """The sweep probes 'auto' once: repeats measured as fp32 count for an auto point that runs as fp32, and
+    not for one that runs as bf16 (the probe's answer forced each way, as on two kinds of CPU)."""
+    store = ResultsStore(tmp_path / "r")
+    run_sweep(tiny_sweep(repeats=1, batch_size=[16], precision=["fp32"]), store)
+    monkeypatch.setenv("CAI_BENCH_FORCE_PROBE", "fp32")
+    (as_fp32,) = sweep_state(tiny_sweep(repeats=1, batch_size=[16]), store)
+    assert (as_fp32.precision, as_fp32.done, as_fp32.todo) == ("fp32", 1, 0)
+    monkeypatch.setenv("CAI_BENCH_FORCE_PROBE", "bf16")
+    (as_bf16,) = sweep_state(tiny_sweep(repeats=1, batch_size=[16]), store)
+    assert (as_bf16.precision, as_bf16.done) == ("bf16", 0)
+    outcome = run_sweep(tiny_sweep(repeats=1, batch_size=[16]), store)
+    (record,) = outcome.records
+    assert outcome.auto_precision["chose"] == "bf16"
+    assert record.plan["precision"] == "bf16" and {w.precision for w in record.workers} == {"bf16"}
+
+
+def test_records_from_before_a_plan_field_existed_are_still_repeats_of_their_point():
+    record = hand_record("cpu", 1.0)
+    older = json.loads(json.dumps(record))
+    del older["plan"]["oversubscribe"], older["plan"]["cycle_to_gb"]
+    assert point_key(older["plan"], older["environment"]) == point_key(record["plan"], record["environment"])
+    marked = json.loads(json.dumps(record))
+    marked["plan"]["oversubscribe"] = True
+    assert point_key(marked["plan"], marked["environment"]) != point_key(record["plan"], record["environment"])

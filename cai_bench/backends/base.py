@@ -15,18 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cai_bench.choices import BACKEND_MODULES
 from cai_bench.engine import PartitionResult
 from cai_bench.errors import UserError
 from cai_bench.model.checkpoint import WeightsInfo
 from cai_bench.plan import Plan
 
 Emit = Callable[[PartitionResult], None]
-
-# name -> module that defines ``create() -> Backend``
-_REGISTRY: dict[str, str] = {
-    "cpu": "cai_bench.backends.cpu",
-    "hpc": "cai_bench.backends.hpc",
-}
 
 
 @dataclass
@@ -76,10 +71,10 @@ def refuse_unknown(backend: str, options: dict, known: tuple[str, ...]) -> None:
 
 
 def available_backends() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(BACKEND_MODULES)
 
 
 def get_backend(name: str) -> Backend:
-    if name not in _REGISTRY:
+    if name not in BACKEND_MODULES:
         raise UserError(f"unknown backend {name!r}; available: {', '.join(available_backends())}")
-    return importlib.import_module(_REGISTRY[name]).create()
+    return importlib.import_module(BACKEND_MODULES[name]).create()

@@ -100,7 +100,10 @@ def worker_main(
     ("none",) to an ``ahead`` request it cannot serve yet, ("stop",).
     """
     # A Ctrl-C in the terminal reaches every process of the group; the driver alone decides what stops.
+    # SIGTERM too (SLURM sends it to every process of a job step at its time limit): the driver records what
+    # finished and stops the workers itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(intra)
     try:
         worker = start_worker(worker_id, options, weights=weights, seed=seed)

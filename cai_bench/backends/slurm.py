@@ -33,6 +33,7 @@ import torch
 
 from cai_bench.backends.base import BackendRun, Detached, Emit, PartitionsFailed
 from cai_bench.backends.cpu import default_threads, lane_layout
+from cai_bench.choices import SLURM_EXECUTORS
 from cai_bench.engine import (
     EngineOptions,
     PartitionResult,
@@ -46,7 +47,7 @@ from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo
 from cai_bench.plan import DataSummary, PartitionRef, Plan, work_units
 from cai_bench.results import capture_environment
 
-EXECUTORS = ("slurm", "local")
+EXECUTORS = SLURM_EXECUTORS
 DEFAULT_TIME_MIN = 60
 JOB_FILE = "job.json"
 POLL_S = {"local": 0.5, "slurm": 10.0}  # squeue/sacct are shared by everyone on a cluster: ask them rarely

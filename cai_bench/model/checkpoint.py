@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,13 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def unpickler_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler objected to, without the paragraph of advice around it."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    return found.group(1).strip() if found else text[:200] or type(exc).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat ``{key: tensor}`` mapping from a safetensors or plain-state-dict ``.pt`` file."""
     path = Path(path)
@@ -69,10 +77,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" not in str(exc):  # not a refused name: bytes that are no pickle at all
-            raise UserError(f"{path}: not a readable PyTorch file (UnpicklingError: {exc})") from None
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{path}: not a readable PyTorch file ({unpickler_reason(exc)})") from None
         raise UserError(
-            f"{path}: not a plain state dict; it holds pickled objects that are refused ({first_line}); "
+            f"{path}: not a plain state dict; it holds pickled objects that are refused ({unpickler_reason(exc)}); "
             f"convert it safely with: cai-bench model convert {path} --out weights.safetensors"
         ) from None
     except Exception as exc:  # a corrupt file makes the unpickler and zip reader fail in many ways
@@ -155,6 +162,14 @@ def checked_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     if non_finite:
         raise UserError(f"{path}: {non_finite[0]} holds NaN or inf values")
     return converted
+
+
+def check_weights_file(path: str | Path) -> None:
+    """Refuse, before anything runs, weights that ``load_weights`` would refuse in every worker."""
+    from cai_bench.model.astromae import build_model
+
+    path = Path(path)
+    checked_state_dict(build_model(), filter_upstream_state_dict(read_state_dict(path), path), path)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> WeightsInfo:
