@@ -242,28 +242,23 @@ _RECORD_SHAPE = {
     "workers": _LIST,
 }
 _OPTIONAL_SHAPE = {"kind": _TEXT, "backend_info": _TABLE, "weights": _TABLE, "accuracy": _TABLE, "error": _TEXT}
-_PLAN_SHAPE = {"batch_size": _INT, "precision": _TEXT, "data": _TABLE}
-_DATA_SHAPE = {"samples": _INT, "data_gb": _NUMBER, "partition_mb": _NUMBER, "partitions": _INT}
-_OPTIONAL_PLAN_SHAPE = {"backend_options": _TABLE, "engine": _TEXT, "threads": _INT, "cycle_to_gb": _NUMBER}
-_OPTIONAL_DATA_SHAPE = {"source": _TABLE, "dataset_id": _TEXT}
-_ENVIRONMENT_SHAPE = {"host": _TEXT, "cpu_model": _TEXT, "gpus": _LIST, "packages": _TABLE}
-_SUMMARY_SHAPE = {
-    **{name: _INT for name in ("samples", "bits", "partitions", "workers", "peak_rss_bytes")},
-    **{
-        name: _NUMBER
-        for name in (
-            "wall_s",
-            "samples_per_s",
-            "throughput_bps",
-            "sum_worker_throughput_bps",
-            "compute_s",
-            "load_s",
-            "wait_s",
-            "startup_s",
-        )
-    },
-}
-_WORKER_SHAPE = {"samples": _INT, **{name: _NUMBER for name in ("startup_s", "wait_s", "load_s", "compute_s")}}
+_SUMMARY_COUNTS = ("samples", "bits", "partitions", "workers", "peak_rss_bytes")
+_SUMMARY_FIGURES = ("wall_s", "samples_per_s", "throughput_bps", "sum_worker_throughput_bps")
+_PHASES = ("compute_s", "load_s", "wait_s", "startup_s")
+# (where in the record, its fields, whether they may be missing), containers before what they contain
+_SHAPES = (
+    ("", _RECORD_SHAPE, False),
+    ("", _OPTIONAL_SHAPE, True),
+    ("plan", {"batch_size": _INT, "precision": _TEXT, "data": _TABLE}, False),
+    ("plan", {"backend_options": _TABLE, "engine": _TEXT, "threads": _INT, "cycle_to_gb": _NUMBER}, True),
+    ("plan.data", {"samples": _INT, "data_gb": _NUMBER, "partition_mb": _NUMBER, "partitions": _INT}, False),
+    ("plan.data", {"source": _TABLE, "dataset_id": _TEXT}, True),
+    ("summary", {**dict.fromkeys(_SUMMARY_COUNTS, _INT), **dict.fromkeys(_SUMMARY_FIGURES + _PHASES, _NUMBER)}, False),
+    ("summary", {"cost_usd": _NUMBER, **dict.fromkeys(_LATENCIES, _NUMBER)}, True),
+    ("environment", {"host": _TEXT, "cpu_model": _TEXT, "gpus": _LIST, "packages": _TABLE}, True),
+    ("backend_info", {"threads": _INT, "workers": _INT, "tasks": _INT}, True),
+)
+_WORKER_SHAPE = {"samples": _INT, **dict.fromkeys(_PHASES, _NUMBER)}
 _OPTIONAL_WORKER_SHAPE = {"precision": _TEXT, "worker_id": _TEXT, "host": _TEXT, "pid": _INT, "partition": _INT}
 
 
@@ -283,37 +278,21 @@ def _shape_problem(table: dict, shape: dict, where: str, optional: bool = False)
 
 def record_problem(record: dict) -> str | None:
     """What makes a JSON object not a run record this cai-bench can report on (None: nothing)."""
-    checks = [
-        (record, _RECORD_SHAPE, "", False),
-        (record, _OPTIONAL_SHAPE, "", True),
-    ]
-    for table, shape, where, optional in checks:
-        problem = _shape_problem(table, shape, where, optional)
+    for where, shape, optional in _SHAPES:
+        table = record
+        for step in where.split(".") if where else ():
+            table = table.get(step) or {}
+        problem = _shape_problem(table, shape, f"{where}." if where else "", optional)
         if problem:
             return problem
-    plan = record["plan"]
-    problem = _shape_problem(plan, _PLAN_SHAPE, "plan.") or _shape_problem(plan["data"], _DATA_SHAPE, "plan.data.")
-    problem = problem or _shape_problem(plan, _OPTIONAL_PLAN_SHAPE, "plan.", optional=True)
-    problem = problem or _shape_problem(plan["data"], _OPTIONAL_DATA_SHAPE, "plan.data.", optional=True)
-    problem = problem or _shape_problem(record["summary"], _SUMMARY_SHAPE, "summary.")
-    problem = problem or _shape_problem(
-        record["summary"], {"cost_usd": _NUMBER, **dict.fromkeys(_LATENCIES, _NUMBER)}, "summary.", optional=True
-    )
-    if problem:
-        return problem
-    environment = record["environment"]
-    problem = _shape_problem(environment, _ENVIRONMENT_SHAPE, "environment.", True)
-    info = record.get("backend_info") or {}
-    problem = problem or _shape_problem(info, {"threads": _INT, "workers": _INT, "tasks": _INT}, "backend_info.", True)
-    if problem:
-        return problem
-    if not all(isinstance(g, str) for g in environment.get("gpus") or []):
+    if not all(isinstance(g, str) for g in record["environment"].get("gpus") or []):
         return "environment.gpus must list names"
     for number, worker in enumerate(record["workers"]):
         if not isinstance(worker, dict):
             return f"workers[{number}] is not an object"
-        problem = _shape_problem(worker, _WORKER_SHAPE, f"workers[{number}].") or _shape_problem(
-            worker, _OPTIONAL_WORKER_SHAPE, f"workers[{number}].", optional=True
+        where = f"workers[{number}]."
+        problem = _shape_problem(worker, _WORKER_SHAPE, where) or _shape_problem(
+            worker, _OPTIONAL_WORKER_SHAPE, where, optional=True
         )
         if problem:
             return problem
