@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import socket
@@ -25,6 +24,7 @@ except ImportError:  # Windows: appends are still single writes, without the loc
 from cai_bench.engine import WorkerRecord
 from cai_bench.errors import UserError
 from cai_bench.metrics import allowed_cpus, percentiles, rate
+from cai_bench.shapes import INT, LIST, NUMBER, TABLE, TEXT, problem
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
@@ -201,47 +201,23 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_NUMBER, _INT = "a number (0 or more)", "a whole number (0 or more)"
-_TEXT, _TABLE, _LIST = "a string", "an object", "a list"
 _LATENCIES = ("batch_latency_p50_s", "batch_latency_p90_s", "batch_latency_p99_s")
 # Optional fields that may also be null
 _NULLABLE = {"threads", "cycle_to_gb", "cost_usd", *_LATENCIES, "accuracy", "error", "backend_info", "weights", "gpus"}
-_LARGEST = 1e18  # more than any measurement holds (a petabyte is 9e15 bits): a larger figure is damage
-
-
-def _is_figure(value: object, kind=_is_number) -> bool:
-    return kind(value) and math.isfinite(value) and 0 <= value < _LARGEST
-
-
-_CHECKS = {
-    _NUMBER: _is_figure,
-    _INT: lambda v: _is_figure(v, _is_int),
-    _TEXT: lambda v: isinstance(v, str),
-    _TABLE: lambda v: isinstance(v, dict),
-    _LIST: lambda v: isinstance(v, list),
-}
 # What reports, plots and listings read of a record: each must be there with its type (None where allowed)
 _RECORD_SHAPE = {
-    "run_id": _TEXT,
-    "created_utc": _TEXT,
-    "status": _TEXT,
-    "backend": _TEXT,
-    "repeat": _INT,
-    "repeats": _INT,
-    "plan": _TABLE,
-    "environment": _TABLE,
-    "summary": _TABLE,
-    "workers": _LIST,
+    "run_id": TEXT,
+    "created_utc": TEXT,
+    "status": TEXT,
+    "backend": TEXT,
+    "repeat": INT,
+    "repeats": INT,
+    "plan": TABLE,
+    "environment": TABLE,
+    "summary": TABLE,
+    "workers": LIST,
 }
-_OPTIONAL_SHAPE = {"kind": _TEXT, "backend_info": _TABLE, "weights": _TABLE, "accuracy": _TABLE, "error": _TEXT}
+_OPTIONAL_SHAPE = {"kind": TEXT, "backend_info": TABLE, "weights": TABLE, "accuracy": TABLE, "error": TEXT}
 _SUMMARY_COUNTS = ("samples", "bits", "partitions", "workers", "peak_rss_bytes")
 _SUMMARY_FIGURES = ("wall_s", "samples_per_s", "throughput_bps", "sum_worker_throughput_bps")
 _PHASES = ("compute_s", "load_s", "wait_s", "startup_s")
@@ -249,31 +225,17 @@ _PHASES = ("compute_s", "load_s", "wait_s", "startup_s")
 _SHAPES = (
     ("", _RECORD_SHAPE, False),
     ("", _OPTIONAL_SHAPE, True),
-    ("plan", {"batch_size": _INT, "precision": _TEXT, "data": _TABLE}, False),
-    ("plan", {"backend_options": _TABLE, "engine": _TEXT, "threads": _INT, "cycle_to_gb": _NUMBER}, True),
-    ("plan.data", {"samples": _INT, "data_gb": _NUMBER, "partition_mb": _NUMBER, "partitions": _INT}, False),
-    ("plan.data", {"source": _TABLE, "dataset_id": _TEXT}, True),
-    ("summary", {**dict.fromkeys(_SUMMARY_COUNTS, _INT), **dict.fromkeys(_SUMMARY_FIGURES + _PHASES, _NUMBER)}, False),
-    ("summary", {"cost_usd": _NUMBER, **dict.fromkeys(_LATENCIES, _NUMBER)}, True),
-    ("environment", {"host": _TEXT, "cpu_model": _TEXT, "gpus": _LIST, "packages": _TABLE}, True),
-    ("backend_info", {"threads": _INT, "workers": _INT, "tasks": _INT}, True),
+    ("plan", {"batch_size": INT, "precision": TEXT, "data": TABLE}, False),
+    ("plan", {"backend_options": TABLE, "engine": TEXT, "threads": INT, "cycle_to_gb": NUMBER}, True),
+    ("plan.data", {"samples": INT, "data_gb": NUMBER, "partition_mb": NUMBER, "partitions": INT}, False),
+    ("plan.data", {"source": TABLE, "dataset_id": TEXT}, True),
+    ("summary", {**dict.fromkeys(_SUMMARY_COUNTS, INT), **dict.fromkeys(_SUMMARY_FIGURES + _PHASES, NUMBER)}, False),
+    ("summary", {"cost_usd": NUMBER, **dict.fromkeys(_LATENCIES, NUMBER)}, True),
+    ("environment", {"host": TEXT, "cpu_model": TEXT, "gpus": LIST, "packages": TABLE}, True),
+    ("backend_info", {"threads": INT, "workers": INT, "tasks": INT}, True),
 )
-_WORKER_SHAPE = {"samples": _INT, **dict.fromkeys(_PHASES, _NUMBER)}
-_OPTIONAL_WORKER_SHAPE = {"precision": _TEXT, "worker_id": _TEXT, "host": _TEXT, "pid": _INT, "partition": _INT}
-
-
-def _shape_problem(table: dict, shape: dict, where: str, optional: bool = False) -> str | None:
-    for name, kind in shape.items():
-        if name not in table:
-            if optional:
-                continue
-            return f"{where}{name} is missing"
-        value = table[name]
-        if value is None and optional and name in _NULLABLE:
-            continue
-        if not _CHECKS[kind](value):
-            return f"{where}{name} is {json.dumps(value, default=str)[:40]}, expected {kind}"
-    return None
+_WORKER_SHAPE = {"samples": INT, **dict.fromkeys(_PHASES, NUMBER)}
+_OPTIONAL_WORKER_SHAPE = {"precision": TEXT, "worker_id": TEXT, "host": TEXT, "pid": INT, "partition": INT}
 
 
 def record_problem(record: dict) -> str | None:
@@ -282,20 +244,18 @@ def record_problem(record: dict) -> str | None:
         table = record
         for step in where.split(".") if where else ():
             table = table.get(step) or {}
-        problem = _shape_problem(table, shape, f"{where}." if where else "", optional)
-        if problem:
-            return problem
+        found = problem(table, shape, f"{where}." if where else "", optional, _NULLABLE if optional else ())
+        if found:
+            return found
     if not all(isinstance(g, str) for g in record["environment"].get("gpus") or []):
         return "environment.gpus must list names"
     for number, worker in enumerate(record["workers"]):
         if not isinstance(worker, dict):
             return f"workers[{number}] is not an object"
         where = f"workers[{number}]."
-        problem = _shape_problem(worker, _WORKER_SHAPE, where) or _shape_problem(
-            worker, _OPTIONAL_WORKER_SHAPE, where, optional=True
-        )
-        if problem:
-            return problem
+        found = problem(worker, _WORKER_SHAPE, where) or problem(worker, _OPTIONAL_WORKER_SHAPE, where, optional=True)
+        if found:
+            return found
     return None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -32,6 +31,7 @@ from cai_bench.plan import (
     samples_for_gb,
     samples_per_partition,
 )
+from cai_bench.shapes import FLAG, INT, LIST, NUMBER, TABLE, TEXT, problem
 
 SCHEMA_VERSION = "1.0"
 MANIFEST = "manifest.json"
@@ -90,45 +90,34 @@ class Partition:
 # ---------------------------------------------------------------------------------------------- manifest
 
 
-_MANIFEST_FIELDS = {
-    "dataset_id": (str,),
-    "source": (dict,),
-    "samples": (int,),
-    "data_gb": (int, float),
-    "partition_mb": (int, float),
-    "samples_per_partition": (int,),
-    "partitions": (list,),
+_MANIFEST_SHAPE = {
+    "dataset_id": TEXT,
+    "source": TABLE,
+    "samples": INT,
+    "data_gb": NUMBER,
+    "partition_mb": NUMBER,
+    "samples_per_partition": INT,
+    "partitions": LIST,
 }
-_OPTIONAL_FIELDS = {
-    "has_labels": (bool,),
-    "bytes_per_sample": (int,),
-    "schema_version": (str,),
-    "created_utc": (str,),
-    "fields": (dict,),
-}
-_ENTRY_FIELDS = {"file": (str,), "samples": (int,), "bytes": (int,), "sha256": (str,)}
-
-
-def _wrong_type(value: object, kinds: tuple[type, ...]) -> bool:
-    # bool is an int to Python, never to a manifest
-    return (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds)
+_OPTIONAL_SHAPE = {"has_labels": FLAG, "bytes_per_sample": INT, "schema_version": TEXT, "created_utc": TEXT,
+                   "fields": TABLE}  # fmt: skip
+_ENTRY_SHAPE = {"file": TEXT, "samples": INT, "bytes": INT, "sha256": TEXT}
 
 
 def _check_entry(entry: object, number: int, path: Path) -> PartitionEntry:
+    where = f"partitions[{number}]"
     if not isinstance(entry, dict):
-        raise UserError(f"{path}: partitions[{number}] is not an object")
-    for name, kinds in _ENTRY_FIELDS.items():
-        if name not in entry:
-            raise UserError(f"{path}: partitions[{number}] has no {name!r}")
-        if _wrong_type(entry[name], kinds):
-            raise UserError(f"{path}: partitions[{number}].{name} is {json.dumps(entry[name])[:40]}, of the wrong type")
-    unknown = sorted(set(entry) - set(_ENTRY_FIELDS))
+        raise UserError(f"{path}: {where} is not an object")
+    found = problem(entry, _ENTRY_SHAPE, f"{where}.")
+    if found:
+        raise UserError(f"{path}: {found}")
+    unknown = sorted(set(entry) - set(_ENTRY_SHAPE))
     if unknown:
-        raise UserError(f"{path}: partitions[{number}] has unknown field(s) {', '.join(unknown)}")
+        raise UserError(f"{path}: {where} has unknown field(s) {', '.join(unknown)}")
     if entry["samples"] < 1 or entry["bytes"] < 8:
-        raise UserError(f"{path}: partitions[{number}] has {entry['samples']} samples in {entry['bytes']} bytes")
+        raise UserError(f"{path}: {where} has {entry['samples']} samples in {entry['bytes']} bytes")
     if len(entry["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in entry["sha256"]):
-        raise UserError(f"{path}: partitions[{number}].sha256 is not a sha256 hex digest")
+        raise UserError(f"{path}: {where}.sha256 is not a sha256 hex digest")
     check_partition_name(entry["file"], path.parent, path)
     return PartitionEntry(**entry)
 
@@ -166,21 +155,16 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise UserError(
             f"{path}: manifest schema version {version!r} is not supported (this cai-bench reads {SCHEMA_VERSION})"
         )
-    for fields_, optional in ((_MANIFEST_FIELDS, False), (_OPTIONAL_FIELDS, True)):
-        for name, kinds in fields_.items():
-            if name not in raw:
-                if optional:
-                    continue
-                raise UserError(f"{path}: malformed manifest (no {name!r})")
-            if _wrong_type(raw[name], kinds):
-                raise UserError(f"{path}: malformed manifest ({name} is {json.dumps(raw[name])[:40]})")
-    unknown = sorted(set(raw) - set(_MANIFEST_FIELDS) - set(_OPTIONAL_FIELDS))
+    found = problem(raw, _MANIFEST_SHAPE) or problem(raw, _OPTIONAL_SHAPE, optional=True)
+    if found:
+        raise UserError(f"{path}: malformed manifest ({found})")
+    unknown = sorted(set(raw) - set(_MANIFEST_SHAPE) - set(_OPTIONAL_SHAPE))
     if unknown:
         raise UserError(f"{path}: malformed manifest (unknown field(s) {', '.join(unknown)})")
     if not raw["partitions"]:
         raise UserError(f"{path}: the data set has no partitions")
-    if not (math.isfinite(raw["partition_mb"]) and raw["partition_mb"] > 0):
-        raise UserError(f"{path}: malformed manifest (partition_mb is {raw['partition_mb']})")
+    if raw["partition_mb"] == 0:
+        raise UserError(f"{path}: malformed manifest (partition_mb is 0)")
     entries = [_check_entry(entry, number, path) for number, entry in enumerate(raw.pop("partitions"))]
     if len({e.file for e in entries}) != len(entries):
         raise UserError(f"{path}: lists a partition file twice")
