@@ -606,8 +606,6 @@ def sweep(
     table, where = load_sweep_config(config) if config else ({}, "")
     spec = make_sweep(table, where=where, overrides=overrides)
     get_backend(spec.backend)
-    for point in spec.points():
-        runner.check_sizes(gb=point.gb, partition_mb=point.partition_mb)
     runner.check_threads(spec.threads, {}, spec.oversubscribe)
     store = ResultsStore(results)
     store.check_writable()

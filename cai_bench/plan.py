@@ -295,8 +295,8 @@ def _axis_values(axis: str, values, where: str) -> tuple:
         elif axis == "batch_size":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{where}batch_size values must be whole numbers of at least 1, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise UserError(f"{where}{axis} values must be positive numbers, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise UserError(f"{where}{axis} values must be positive, finite numbers, got {value!r}")
         else:
             value = float(value)
         out.append(value)

@@ -31,7 +31,6 @@ FIGURES = (
     "wall-vs-partition-size",
     "worker-breakdown",
 )
-IMAGE_FORMATS = FIGURE_FORMATS
 PAPER_RESULTS = "paper-results.csv"  # in cai_bench/reference/, the package data that --reference paper reads
 
 SYSTEMS = {
@@ -350,8 +349,8 @@ def _breakdown(points: list[PointReport]) -> Figure:
 
 def save_figures(figures: dict[str, Figure], out: str | Path, formats: list[str]) -> list[Path]:
     for fmt in formats:
-        if fmt not in IMAGE_FORMATS:
-            raise UserError(f"--format must be among {', '.join(IMAGE_FORMATS)}, got {fmt!r}")
+        if fmt not in FIGURE_FORMATS:
+            raise UserError(f"--format must be among {', '.join(FIGURE_FORMATS)}, got {fmt!r}")
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -196,8 +196,8 @@ def capture_environment() -> dict:
 # ---------------------------------------------------------------------------------------------- store
 
 
-def warn(message: str) -> None:
-    """A line on stderr that does not stop the command (the CLI's warnings go the same way)."""
+def _warn(message: str) -> None:
+    """A line on stderr that does not stop the command, as the CLI prints its own warnings."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -328,7 +328,7 @@ class ResultsStore:
         aside = self.path.with_name(f"{STORE_FILE}.torn-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
         aside.write_bytes(torn)
         os.ftruncate(fd, start)
-        warn(f"{self.path}: its last line was torn ({len(torn)} bytes, no record); moved aside to {aside}")
+        _warn(f"{self.path}: its last line was torn ({len(torn)} bytes, no record); moved aside to {aside}")
 
     def _keep_elsewhere(self, run_id: str, line: bytes, exc: OSError) -> None:
         """The store cannot take a record: print it, save it in a file of its own, and say where."""

@@ -47,7 +47,6 @@ from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo
 from cai_bench.plan import DataSummary, PartitionRef, Plan, work_units
 from cai_bench.results import capture_environment
 
-EXECUTORS = SLURM_EXECUTORS
 DEFAULT_TIME_MIN = 60
 JOB_FILE = "job.json"
 POLL_S = {"local": 0.5, "slurm": 10.0}  # squeue/sacct are shared by everyone on a cluster: ask them rarely
@@ -173,8 +172,8 @@ def _executor(directory: Path, kind: str, parameters: dict):
 
 def check(options: dict) -> None:
     kind = options.get("slurm_executor") or "slurm"
-    if kind not in EXECUTORS:
-        raise UserError(f"--slurm-executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    if kind not in SLURM_EXECUTORS:
+        raise UserError(f"--slurm-executor must be one of {', '.join(SLURM_EXECUTORS)}, got {kind!r}")
     if "workers" in options or "retries" in options:
         raise UserError("--workers and --retries are for one node; an array has --tasks or --partitions-per-task")
     _groups(1, options.get("tasks"), options.get("partitions_per_task"))
