@@ -1,5 +1,6 @@
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,20 @@ def test_verify_reports_every_bad_partition(data_copy):
     _, problems = verify_dataset(data_copy)
     assert len(problems) == 2
     assert "part-00001" in problems[0] and "sha256 does not match" in problems[0]
+
+
+def test_partitions_are_read_through_the_storage_interface(tiny_data, cli):
+    from cai_bench.data.storage import LocalDirectory, split_ref, storage_for
+
+    storage = storage_for(tiny_data)
+    assert isinstance(storage, LocalDirectory) and "manifest.json" in storage.names()
+    _, _, refs = open_dataset(tiny_data)
+    located, name = split_ref(refs[2].path)
+    assert located == storage and name == Path(refs[2].path).name
+    assert located.read(name) == Path(refs[2].path).read_bytes()
+    assert located.read_head(name, 8) == Path(refs[2].path).read_bytes()[:8]
+    assert located.size("no-such-file") is None
+    code, _, err = cli("data", "info", "s3://bucket/galaxies")
+    assert code == 2 and err.strip() == (
+        "error: s3://bucket/galaxies: this cai-bench reads data sets from local directories only, not s3://"
+    )

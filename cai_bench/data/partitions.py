@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cai_bench.data import synthetic
+from cai_bench.data.storage import MANIFEST, split_ref, storage_for
 from cai_bench.errors import UserError
 from cai_bench.plan import (
     BYTES_PER_SAMPLE,
@@ -34,7 +35,7 @@ from cai_bench.plan import (
 from cai_bench.shapes import FLAG, INT, LIST, NUMBER, TABLE, TEXT, problem
 
 SCHEMA_VERSION = "1.0"
-MANIFEST = "manifest.json"
+MAX_HEADER = 1 << 20  # a partition header is a few hundred bytes; more is not a partition
 FORMAT = "cai-bench-partition"
 # name -> (safetensors dtype, per-sample shape, numpy dtype)
 FIELDS = {
@@ -104,7 +105,7 @@ _OPTIONAL_SHAPE = {"has_labels": FLAG, "bytes_per_sample": INT, "schema_version"
 _ENTRY_SHAPE = {"file": TEXT, "samples": INT, "bytes": INT, "sha256": TEXT}
 
 
-def _check_entry(entry: object, number: int, path: Path) -> PartitionEntry:
+def _check_entry(entry: object, number: int, path: str, directory: str | Path) -> PartitionEntry:
     where = f"partitions[{number}]"
     if not isinstance(entry, dict):
         raise UserError(f"{path}: {where} is not an object")
@@ -118,34 +119,28 @@ def _check_entry(entry: object, number: int, path: Path) -> PartitionEntry:
         raise UserError(f"{path}: {where} has {entry['samples']} samples in {entry['bytes']} bytes")
     if len(entry["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in entry["sha256"]):
         raise UserError(f"{path}: {where}.sha256 is not a sha256 hex digest")
-    check_partition_name(entry["file"], path.parent, path)
+    check_partition_name(entry["file"], directory, path)
     return PartitionEntry(**entry)
 
 
-def check_partition_name(name: str, directory: Path, manifest: Path) -> None:
+def check_partition_name(name: str, directory: str | Path, manifest: str) -> None:
     """A partition is a plain file name inside its data set's directory: no path, no ``..``, and no symbolic
     link that leads out of the directory, so that a manifest can never make cai-bench read elsewhere."""
     plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
     if not plain or Path(name).is_absolute():
         raise UserError(f"{manifest}: partition file {name!r} is not a plain file name inside the data set")
-    target = directory / name
-    if target.is_symlink() and target.resolve().parent != directory.resolve():
+    if storage_for(directory).leads_outside(name):
         raise UserError(f"{manifest}: partition file {name!r} is a link that leads outside the data set")
 
 
 def load_manifest(directory: str | Path) -> Manifest:
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.exists():
-        raise UserError(f"{directory}: no such data directory")
-    if not directory.is_dir():
-        raise UserError(f"{directory}: not a directory; a data set is a directory with a {MANIFEST}")
-    if not path.is_file():
+    storage = storage_for(directory)
+    storage.check()
+    path = storage.where(MANIFEST)
+    if storage.size(MANIFEST) is None:
         raise UserError(f"{path}: manifest not found; is {directory} a cai-bench data set (cai-bench data synth)?")
     try:
-        raw = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+        raw = json.loads(storage.read(MANIFEST))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
@@ -165,7 +160,7 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise UserError(f"{path}: the data set has no partitions")
     if raw["partition_mb"] == 0:
         raise UserError(f"{path}: malformed manifest (partition_mb is 0)")
-    entries = [_check_entry(entry, number, path) for number, entry in enumerate(raw.pop("partitions"))]
+    entries = [_check_entry(entry, n, path, directory) for n, entry in enumerate(raw.pop("partitions"))]
     if len({e.file for e in entries}) != len(entries):
         raise UserError(f"{path}: lists a partition file twice")
     manifest = Manifest(partitions=entries, **raw)
@@ -195,18 +190,17 @@ def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[Pa
     """
     directory = Path(directory)
     manifest = load_manifest(directory)
+    storage = storage_for(directory)
     refs = partition_refs(directory, manifest)
-    for ref in refs:
-        path = Path(ref.path)
-        if not path.is_file():
-            raise UserError(f"{path}: partition listed in {directory / MANIFEST} is missing")
-        try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read partition ({exc.strerror})") from None
+    for ref, entry in zip(refs, manifest.partitions, strict=True):
+        size = storage.size(entry.file)
+        if size is None:
+            raise UserError(f"{ref.path}: partition listed in {storage.where(MANIFEST)} is missing")
         if size != ref.bytes:
-            raise UserError(f"{path}: {size} bytes on disk but the manifest says {ref.bytes} (truncated or replaced?)")
-        check_header(path, ref.samples)
+            raise UserError(
+                f"{ref.path}: {size} bytes on disk but the manifest says {ref.bytes} (truncated or replaced?)"
+            )
+        check_header(ref.path, ref.samples)
     return manifest, data_summary(directory, manifest), refs
 
 
@@ -252,16 +246,12 @@ def _check_fields(header: dict, path: Path, expected_samples: int) -> None:
             raise UserError(f"{path}: {name} has shape {info.get('shape')}, expected {want}")
 
 
-def check_header(path: Path, expected_samples: int) -> None:
+def check_header(path: str | Path, expected_samples: int) -> None:
     """Read only the header: field names, dtypes and shapes against what the manifest promises."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else 0
-            data = head + fh.read(min(length, 1 << 20))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read partition ({exc.strerror})") from None
-    _check_fields(_header(data, path), path, expected_samples)
+    storage, name = split_ref(str(path))
+    data = storage.read_head(name, 8 + MAX_HEADER)
+    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    _check_fields(_header(data[: 8 + min(length, MAX_HEADER)], path), path, expected_samples)
 
 
 def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
@@ -270,11 +260,9 @@ def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
     from safetensors.torch import load as load_safetensors
 
     start = time.perf_counter()
-    path = Path(ref.path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read partition ({exc.strerror})") from None
+    path = ref.path
+    storage, name = split_ref(path)
+    data = storage.read(name)
     if len(data) != ref.bytes:
         raise UserError(f"{path}: {len(data)} bytes but the manifest says {ref.bytes} (truncated or replaced?)")
     if verify and hashlib.sha256(data).hexdigest() != ref.sha256:
@@ -304,8 +292,9 @@ def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:
     directory = Path(directory)
     manifest = load_manifest(directory)
     problems = []
-    for ref in partition_refs(directory, manifest):
-        if not Path(ref.path).is_file():
+    storage = storage_for(directory)
+    for ref, entry in zip(partition_refs(directory, manifest), manifest.partitions, strict=True):
+        if storage.size(entry.file) is None:
             problems.append(f"{ref.path}: missing")
             continue
         try:
