@@ -27,16 +27,13 @@ test-probes: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/cai-bench bench
 
-# One node three ways, interleaved, 3 rounds on 0.2 GB in 10 MB partitions (~5 min on 2 cores): hpc with one
-# single-threaded worker, hpc with one single-threaded worker per core, cpu with all cores in one process
-HPC_BENCH := --gb 0.2 --partition-mb 10 --precision fp32 --results results/hpc-node --quiet
+# One node two ways on 0.2 GB in 10 MB partitions, 3 repeats each (~5 min on 2 cores): the hpc-node preset with
+# one worker process and with one per core, then the cpu backend on the same data as the baseline
+HPC_BENCH := --results results/hpc-node --quiet
 CORES := $(shell $(BIN)/python -c "from cai_bench.backends.cpu import default_threads; print(default_threads())" 2>/dev/null)
 bench-hpc: $(STAMP)
-	for round in 1 2 3; do \
-	  $(BIN)/cai-bench run --backend hpc --workers 1 --threads 1 $(HPC_BENCH) > /dev/null && \
-	  $(BIN)/cai-bench run --backend hpc --workers $(CORES) --threads $(CORES) $(HPC_BENCH) > /dev/null && \
-	  $(BIN)/cai-bench run --backend cpu --threads $(CORES) $(HPC_BENCH) > /dev/null || exit 1; \
-	done
+	$(BIN)/cai-bench sweep --config hpc-node --workers 1,$(CORES) $(HPC_BENCH) > /dev/null
+	$(BIN)/cai-bench run --backend cpu --gb 0.2 --partition-mb 10 --precision fp32 --repeats 3 $(HPC_BENCH) > /dev/null
 	$(BIN)/cai-bench report --results results/hpc-node --baseline cpu
 
 lint: $(STAMP)

@@ -25,5 +25,4 @@ def choice(name: str, values) -> type[enum.Enum]:
 Precision = choice("Precision", PRECISIONS)
 Engine = choice("Engine", ENGINES)
 BackendName = choice("BackendName", BACKEND_MODULES)
-SlurmExecutor = choice("SlurmExecutor", SLURM_EXECUTORS)
 ReportFormat = choice("ReportFormat", REPORT_FORMATS)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-import math
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer 0.29 carries its own click
 
 from cai_bench import __version__
-from cai_bench.choices import FIGURE_FORMATS, PRECISIONS, BackendName, Engine, Precision, ReportFormat, SlurmExecutor
+from cai_bench.choices import FIGURE_FORMATS, PRECISIONS, BackendName, Engine, Precision, ReportFormat, choice
 from cai_bench.errors import UserError, one_line
 from cai_bench.metrics import spread
 
@@ -30,11 +31,9 @@ data_app = typer.Typer(
 )
 model_app = typer.Typer(help="Inspect pcm-AstroMAE.", no_args_is_help=True)
 results_app = typer.Typer(help="List, show and export the records in the results store.", no_args_is_help=True)
-hpc_app = typer.Typer(help="Record SLURM job arrays submitted with --no-wait.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(results_app, name="results")
-app.add_typer(hpc_app, name="hpc")
 
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results directory (holds runs.jsonl).")]
 PRECISION_HELP = "auto: bf16 only where a start-up probe finds it faster and within 2e-3 of fp32."
@@ -43,6 +42,78 @@ OVERSUBSCRIBE_HELP = "Allow more threads than this process may use; the record a
 COMPILE_HELP = "torch.compile the fast engine's model (25-35 s up front on 2 cores; timed as start-up)."
 
 _debug = False
+
+
+# ---------------------------------------------------------------------------------------------- backend options
+
+
+def _option_parameter(option, backends: list[str], sweep: bool) -> inspect.Parameter:
+    """The command-line parameter of one declared backend option (a comma list in a sweep)."""
+    shown = option.default if option.default is not None else None
+    info = {"help": option.help, "show_default": str(shown) if shown not in (None, False) else False}
+    if option.kind is bool:
+        kind = bool
+        names = [option.flag]
+    elif option.kind is dict:
+        kind = list[str] | None
+        names = [option.flag]
+    elif sweep and option.sweepable:
+        kind = str | None
+        names = [option.flag]
+        info["help"] += " Comma-separated values: a sweep axis."
+    elif option.choices:
+        kind = choice(option.name.title().replace("_", ""), option.choices) | None
+        names = [option.flag]
+    else:
+        kind = (str if option.parse else option.kind) | None
+        names = [option.flag]
+    default = False if option.kind is bool else None
+    annotation = Annotated[kind, typer.Option(*names, **info)]
+    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _given_options(values: dict, sweep: bool) -> dict:
+    """What the user gave of the declared options, read as each declares (lists of values in a sweep)."""
+    from cai_bench.backends.base import all_options
+
+    out = {}
+    for name, (option, _) in all_options().items():
+        value = values.get(name)
+        if value is None or value is False:
+            continue
+        if option.kind is dict:
+            out[name] = {k: v for item in value for k, v in option.from_text(item).items()}
+        elif option.kind is bool:
+            out[name] = [True] if sweep else True
+        elif sweep and option.sweepable:
+            out[name] = [option.from_text(t) for t in _list(value, option.flag, str)]
+        else:
+            value = value.value if hasattr(value, "value") else value
+            out[name] = option.from_text(value) if isinstance(value, str) else option.check(value)
+    return out
+
+
+def with_backend_options(sweep: bool = False):
+    """Give a command every option any backend declares, collected into its ``backend_options`` argument: one
+    declaration per option serves run, predict and sweep alike."""
+    from cai_bench.backends.base import all_options
+
+    declared = all_options()
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "backend_options"]
+        extra = [_option_parameter(option, backends, sweep) for option, backends in declared.values()]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {name: kwargs.pop(name, None) for name in declared}
+            return command(**kwargs, backend_options=_given_options(values, sweep))
+
+        wrapper.__signature__ = signature.replace(parameters=own + extra)
+        return wrapper
+
+    return decorate
 
 
 def _version(value: bool) -> None:
@@ -66,6 +137,7 @@ def _root(
 
 
 @app.command()
+@with_backend_options()
 def run(
     backend: Annotated[BackendName, typer.Option(help="Where to run.")] = BackendName.cpu,
     data: Annotated[Path | None, typer.Option(help="A data set directory (cai-bench data synth / split).")] = None,
@@ -81,9 +153,6 @@ def run(
     compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     threads: Annotated[int | None, typer.Option(help="Threads in all.", show_default="physical cores")] = None,
     oversubscribe: Annotated[bool, typer.Option("--oversubscribe", help=OVERSUBSCRIBE_HELP)] = False,
-    lanes: Annotated[
-        int | None, typer.Option(help="cpu, fast engine: partitions run at once, threads split between them.")
-    ] = None,
     repeats: Annotated[int, typer.Option(help="Measured runs, each saved as one record.")] = 1,
     warmup: Annotated[int, typer.Option(help="Unrecorded runs before the measured ones.")] = 0,
     weights: Annotated[
@@ -96,46 +165,8 @@ def run(
     cycle_to_gb: Annotated[
         float | None, typer.Option(help="Reuse the partitions in turn until this many GB have been processed.")
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(help="hpc: worker processes on this node, --threads split between them.", show_default="1"),
-    ] = None,
-    retries: Annotated[
-        int | None,
-        typer.Option(help="hpc: times a partition whose worker crashed or failed is retried.", show_default="2"),
-    ] = None,
-    slurm: Annotated[bool, typer.Option("--slurm", help="hpc: a SLURM job array over partition groups.")] = False,
-    slurm_executor: Annotated[
-        SlurmExecutor | None,
-        typer.Option(
-            help="hpc --slurm: slurm (sbatch) or local (processes here, for tests/laptops).", show_default="slurm"
-        ),
-    ] = None,
-    tasks: Annotated[int | None, typer.Option(help="hpc --slurm: array tasks, partitions split evenly.")] = None,
-    partitions_per_task: Annotated[
-        int | None, typer.Option(help="hpc --slurm: partitions per array task, or give --tasks.", show_default="1")
-    ] = None,
-    slurm_partition: Annotated[str | None, typer.Option(help="hpc --slurm: the SLURM partition (queue).")] = None,
-    time_limit: Annotated[
-        str | None,
-        typer.Option(
-            "--time",
-            help="hpc --slurm: time limit per task, minutes or D-HH:MM:SS as sbatch takes it.",
-            show_default="60",
-        ),
-    ] = None,
-    mem: Annotated[str | None, typer.Option(help="hpc --slurm: memory per task, e.g. 4G or 3500M.")] = None,
-    cpus_per_task: Annotated[
-        int | None, typer.Option(help="hpc --slurm: cores (threads) per task.", show_default="--threads, else 1")
-    ] = None,
-    array_parallelism: Annotated[
-        int | None, typer.Option(help="hpc --slurm: tasks running at once (slurm: all; local: cores/cpus-per-task).")
-    ] = None,
-    slurm_option: Annotated[
-        list[str] | None, typer.Option(help="hpc --slurm: KEY=VALUE passed to sbatch as --KEY=VALUE; repeatable.")
-    ] = None,
     wait: Annotated[
-        bool, typer.Option("--wait/--no-wait", help="hpc --slurm: wait for the array, or submit and leave.")
+        bool, typer.Option("--wait/--no-wait", help="Wait for the run, or submit it and leave (hpc --slurm).")
     ] = True,
     results: Annotated[
         Path, typer.Option(help="Results directory; records are appended to RESULTS/runs.jsonl.")
@@ -144,34 +175,18 @@ def run(
         bool, typer.Option("--json", help="Print the run records as JSON on stdout, nothing else.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    backend_options: dict | None = None,
 ) -> None:
     """Run the model over a data set on one backend and record how long it took."""
     from cai_bench import runner, ui
-    from cai_bench.backends import get_backend
+    from cai_bench.backends.base import check_options, get_backend
     from cai_bench.plan import make_plan
     from cai_bench.results import ResultsStore
 
-    given = {
-        "lanes": lanes,
-        "workers": workers,
-        "retries": retries,
-        "slurm": slurm or None,
-        "slurm_executor": slurm_executor.value if slurm_executor else None,
-        "tasks": tasks,
-        "partitions_per_task": partitions_per_task,
-        "slurm_partition": slurm_partition,
-        "time_min": _minutes(time_limit) if time_limit is not None else None,
-        "mem_gb": _gigabytes(mem) if mem is not None else None,
-        "cpus_per_task": cpus_per_task,
-        "array_parallelism": array_parallelism,
-        "slurm_options": _key_values(slurm_option) if slurm_option else None,
-        "wait": None if wait else False,
-    }
-    backend_options = {k: v for k, v in given.items() if v is not None}
-    if slurm:
-        backend_options["jobs_dir"] = str(results / "hpc-jobs")  # the tasks write here: a shared filesystem
     # Everything that can be refused is refused before any data is generated or anything runs
-    get_backend(backend.value).check(backend_options)
+    backend_options = check_options(get_backend(backend.value), backend_options)
+    if not wait:
+        runner.check_detach(backend.value, backend_options, repeats, warmup)
     runner.check_sizes(gb=gb, partition_mb=partition_mb, cycle_to_gb=cycle_to_gb)
     runner.check_threads(threads, backend_options, oversubscribe)
     store = ResultsStore(results)
@@ -198,6 +213,14 @@ def run(
         backend_options=backend_options,
         cycle_to_gb=cycle_to_gb,
     )
+    if not wait:
+        job_id, collect = runner.submit_plan(plan, store)
+        if as_json:
+            print(json.dumps({"submitted": job_id, "collect": collect}))
+        else:
+            ui.stdout.print(f"job {job_id} is submitted; when it has run, record it with:")
+            ui.stdout.print(f"  {collect}", markup=False, highlight=False)
+        return
     progress = None if (as_json or quiet) else ui.RichRunProgress()
     records = _execute(lambda: [o.record for o in runner.execute(plan, store, progress)], store, as_json)
     _print_runs(records, store, as_json)
@@ -211,20 +234,14 @@ def _check_weights(path: str | Path) -> None:
 
 def _execute(work, store, as_json: bool, interrupted: str | None = None, again: str = ""):
     """Run ``work`` (which records its runs in ``store``) and turn how it ended into what the user sees:
-    submitted and not waited for (exit 0), partitions that failed for good (exit 1), Ctrl-C (exit 130).
-    ``interrupted`` replaces the Ctrl-C line; ``again`` is said after a failure, where a rerun continues."""
+    partitions that failed for good (exit 1), Ctrl-C (exit 130; where the work goes on without us, the command
+    that records it later). ``interrupted`` replaces the Ctrl-C line; ``again`` is said after a failure, where
+    a rerun continues."""
     from cai_bench import ui
-    from cai_bench.backends.base import Detached, PartitionsFailed
+    from cai_bench.backends.base import PartitionsFailed
 
     try:
         return work()
-    except Detached as exc:
-        if as_json:
-            print(json.dumps({"submitted": exc.job_id, "collect": exc.collect}))
-        else:
-            ui.stdout.print(f"job {exc.job_id} is submitted (or still running); when it has run, record it with:")
-            ui.stdout.print(f"  {exc.collect}", markup=False, highlight=False)
-        raise typer.Exit(0) from None
     except PartitionsFailed as exc:
         ui.console.print(f"error: {exc}", markup=False, highlight=False)
         for failure in exc.failed:
@@ -238,9 +255,13 @@ def _execute(work, store, as_json: bool, interrupted: str | None = None, again: 
         ui.console.print(f"the partitions that finished are kept in a 'failed' record in {store.path}{again}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
-        ui.console.print(
-            interrupted or f"interrupted; finished repeats and the partitions done so far are in {store.path}"
-        )
+        if hasattr(exc, "collect"):
+            ui.console.print("interrupted; the job keeps running. When it has run, record it with:")
+            ui.console.print(f"  {exc.collect}", markup=False, highlight=False)
+        else:
+            ui.console.print(
+                interrupted or f"interrupted; finished repeats and the partitions done so far are in {store.path}"
+            )
         raise typer.Exit(interrupt_exit_code(exc)) from None
 
 
@@ -266,50 +287,6 @@ def _print_runs(records: list, store, as_json: bool) -> None:
     ui.stdout.print(f"{len(records)} record(s) appended to {store.path}")
 
 
-def _minutes(text: str) -> int:
-    """A SLURM time limit in whole minutes, read as sbatch reads it: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    try:
-        days, _, clock = text.strip().rpartition("-")
-        parts = [int(x) for x in clock.split(":")]
-        if not 1 <= len(parts) <= 3 or min(parts) < 0:
-            raise ValueError
-        if days:
-            hours, mins, secs = [*parts, 0, 0][:3]
-        else:
-            hours, mins, secs = parts if len(parts) == 3 else [0, *parts, 0][:3]
-        seconds = ((int(days or 0) * 24 + hours) * 60 + mins) * 60 + secs
-    except ValueError:
-        raise UserError(f"--time {text!r}: give minutes (90) or as sbatch takes it (1:30:00, 2-00:00:00)") from None
-    if seconds < 60:
-        raise UserError(f"--time {text!r}: at least one minute")
-    return math.ceil(seconds / 60)
-
-
-def _gigabytes(text: str) -> float:
-    """Memory as sbatch writes it: 4G, 3500M, 1T (plain numbers are MB, as sbatch takes them)."""
-    units = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
-    value = text.strip().upper().removesuffix("B")
-    unit = value[-1] if value and value[-1] in units else "M"
-    try:
-        number = float(value.rstrip("KMGT"))
-    except ValueError:
-        raise UserError(f"--mem {text!r}: give a size such as 4G or 3500M") from None
-    if not number > 0:
-        raise UserError(f"--mem {text!r}: must be positive")
-    return number * units[unit]
-
-
-def _key_values(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().lstrip("-")
-        if not sep or not key:
-            raise UserError(f"--slurm-option {item!r}: give KEY=VALUE, e.g. --slurm-option account=astro")
-        out[key] = value
-    return out
-
-
 def _accuracy_line(metrics: dict | None, where: str = "") -> str | None:
     if not metrics:
         return None
@@ -325,6 +302,7 @@ def _accuracy_line(metrics: dict | None, where: str = "") -> str | None:
 
 
 @app.command()
+@with_backend_options()
 def predict(
     data: Annotated[Path, typer.Option(help="A data set directory (cai-bench data import / synth).")],
     out: Annotated[Path, typer.Option(help="predictions.parquet or predictions.csv")],
@@ -332,10 +310,6 @@ def predict(
         Path | None, typer.Option(help="Weights (.safetensors, or a .pt state dict).", show_default="random init")
     ] = None,
     backend: Annotated[BackendName, typer.Option(help="Where to run.")] = BackendName.cpu,
-    workers: Annotated[
-        int | None,
-        typer.Option(help="hpc: worker processes on this node, --threads split between them.", show_default="1"),
-    ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
     precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
     threads: Annotated[int | None, typer.Option(help="Threads in all.", show_default="physical cores")] = None,
@@ -348,6 +322,7 @@ def predict(
     results: ResultsDir = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    backend_options: dict | None = None,
 ) -> None:
     """Predict the redshift of every object: object id, predicted and (where known) true redshift.
 
@@ -355,15 +330,14 @@ def predict(
     the file holds every object exactly once. The run is timed and recorded like any run (kind "predict").
     """
     from cai_bench import runner, ui
-    from cai_bench.backends import get_backend
+    from cai_bench.backends.base import check_options, get_backend
     from cai_bench.data.partitions import open_dataset
     from cai_bench.plan import make_plan
     from cai_bench.predict import check_out
     from cai_bench.predict import predict as run_predict
     from cai_bench.results import ResultsStore
 
-    backend_options = {"workers": workers} if workers is not None else {}
-    get_backend(backend.value).check(backend_options)
+    backend_options = check_options(get_backend(backend.value), backend_options)
     runner.check_threads(threads, backend_options, oversubscribe)
     check_out(out, force)
     store = ResultsStore(results)
@@ -545,6 +519,7 @@ def _read_store(store) -> list[dict]:
 
 
 @app.command()
+@with_backend_options(sweep=True)
 def sweep(
     config: Annotated[
         str | None,
@@ -578,14 +553,16 @@ def sweep(
     results: ResultsDir = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the point medians as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    backend_options: dict | None = None,
 ) -> None:
-    """Run a grid of data sizes x partition sizes x batch sizes x precisions; resumes where a previous run stopped.
+    """Run a grid of data sizes x partition sizes x batch sizes x precisions (x any backend option given as a
+    comma list); resumes where a previous run stopped.
 
     Each finished repeat is appended to the store at once; rerunning the same sweep on the same machine runs only
     what is missing (--force reruns everything).
     """
     from cai_bench import report, runner, ui
-    from cai_bench.backends import get_backend
+    from cai_bench.backends.base import check_options, get_backend
     from cai_bench.plan import load_sweep_config, make_sweep
     from cai_bench.results import ResultsStore
 
@@ -602,11 +579,14 @@ def sweep(
         "weights": str(weights) if weights else None,
         "engine": engine.value if engine else None,
         "oversubscribe": oversubscribe or None,
+        "backend_options": backend_options,
     }
     table, where = load_sweep_config(config) if config else ({}, "")
     spec = make_sweep(table, where=where, overrides=overrides)
-    get_backend(spec.backend)
-    runner.check_threads(spec.threads, {}, spec.oversubscribe)
+    chosen = get_backend(spec.backend)
+    for point in spec.points():  # every point's options, together, before anything runs
+        options = check_options(chosen, {k: dict(v) if isinstance(v, tuple) else v for k, v in point.backend_options})
+        runner.check_threads(spec.threads, options, spec.oversubscribe)
     store = ResultsStore(results)
     store.check_writable()
     if spec.weights:  # refused here, not by every worker once the run has started
@@ -1020,30 +1000,22 @@ def data_verify(directory: Annotated[Path, typer.Argument(help="Data set directo
 # ---------------------------------------------------------------------------------------------- hpc
 
 
-@hpc_app.command("collect")
-def hpc_collect(
-    job_id: Annotated[str, typer.Argument(help="The job id that run --no-wait printed (or the SLURM array id).")],
+@app.command()
+def collect(
+    job_id: Annotated[str, typer.Argument(help="The job id that run --no-wait printed (or the scheduler's id).")],
     results: ResultsDir = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Wait for an array submitted with --no-wait to end, then record it as one run (once)."""
+    """Follow work submitted with --no-wait (any backend that can detach) to its end and record it, once."""
     from cai_bench import runner, ui
-    from cai_bench.backends import slurm
     from cai_bench.results import ResultsStore
 
-    directory = slurm.find_job(results, job_id)
-    plan = slurm.job_plan(directory)
     store = ResultsStore(results)
     store.check_writable()
     progress = None if (as_json or quiet) else ui.RichRunProgress()
-
-    def collect():
-        gather = lambda _, emit: slurm.gather(directory, emit)  # noqa: E731
-        outcome = runner.run_repeat(plan, 1, store, progress or runner.NoProgress(), f"job {job_id}", collect=gather)
-        return [outcome.record]
-
-    _print_runs(_execute(collect, store, as_json), store, as_json)
+    outcome = _execute(lambda: runner.collect_job(job_id, store, progress), store, as_json)
+    _print_runs([outcome.record], store, as_json)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

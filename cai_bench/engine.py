@@ -27,7 +27,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from cai_bench.data.partitions import Partition, read_partition
-from cai_bench.errors import UserError
+from cai_bench.errors import UserError, describe
 from cai_bench.metrics import peak_rss_bytes, percentiles, rate, trim_heap
 from cai_bench.model.astromae import build_model
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, load_weights
 from cai_bench.model.inference import compile_model, prepare_for_inference
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef, Plan
+from cai_bench.records import PartitionResult, WorkerRecord
 
 WARMUP_BATCH = 16
 PRECISION_TOLERANCE = 2e-3  # largest redshift difference from fp32 that a faster precision may cause
@@ -90,41 +91,6 @@ class WorkerState:
         if self.lanes is not None:
             self.lanes.shutdown()
             self.lanes = None
-
-
-@dataclass
-class WorkerRecord:
-    worker_id: str
-    partition: int
-    partition_file: str
-    samples: int
-    bits: int
-    batches: int
-    batch_size: int
-    precision: str
-    device: str
-    startup_s: float
-    wait_s: float
-    load_s: float
-    compute_s: float
-    total_s: float
-    samples_per_s: float  # samples / compute_s
-    throughput_bps: float  # bits / compute_s: the worker's own throughput, as the paper counts per function
-    batch_latency_p50_s: float | None
-    batch_latency_p90_s: float | None
-    batch_latency_p99_s: float | None
-    peak_rss_bytes: int
-    host: str
-    pid: int
-    batch_latency_s: list[float] = field(default_factory=list)
-
-
-@dataclass
-class PartitionResult:
-    record: WorkerRecord
-    object_id: np.ndarray
-    prediction: np.ndarray  # float32 redshift per object
-    redshift: np.ndarray  # the partition's labels (NaN-free when the data has labels)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -378,34 +344,73 @@ def run_partition(
     return PartitionResult(record, partition.object_id.numpy(), prediction.numpy(), partition.redshift.numpy())
 
 
-def run_partitions(
-    refs: tuple[PartitionRef, ...],
-    options: EngineOptions,
-    emit: Callable[[PartitionResult], None],
-    make_worker: Callable[[], WorkerState],
-) -> WorkerState:
-    """Start a worker (``make_worker``) and run partitions on it one after another, reading ahead.
+# A unit as a worker loop sees it: (its place in the run's list of work, the partition)
+LoopUnit = tuple[int, PartitionRef]
 
-    The first partition is read while the worker starts, then always one partition ahead: reading overlaps
-    compute, and at most two partitions are in memory. Each result goes to ``emit`` as soon as it exists.
-    Returns the worker, for its weights and choices; the caller closes it.
+
+def worker_loop(
+    start: Callable[[], WorkerState],
+    next_units: Callable[[bool], list[LoopUnit]],
+    options: EngineOptions,
+    on_done: Callable[[int, PartitionResult], None],
+    on_failed: Callable[[int, str], None] | None = None,
+) -> WorkerState | None:
+    """The loop every worker runs, whatever carries its units: hpc node processes, SLURM array tasks, the cpu
+    backend, and next GPU device processes and the Lambda handler.
+
+    ``next_units(ahead)`` asks for work: ``ahead=False`` when the worker has nothing (an empty answer ends the
+    loop), ``ahead=True`` while it starts its last unit, to read one more in the background (an empty answer
+    just means not now). The first units are asked for and read while the worker starts (``start``), then one
+    unit is always read ahead, so reading overlaps compute and at most two partitions are in memory.
+
+    A unit that raises goes to ``on_failed`` with its error, and the loop goes on; without ``on_failed`` the
+    error ends the loop. Returns the started worker (None when there was no work), for its weights and choices;
+    the caller closes it.
     """
+
+    held: list[tuple[int, Future]] = []
+    worker = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-prefetch") as reader:
-        pending = reader.submit(load_partition, refs[0], options) if refs else None
-        worker = make_worker()
+
+        def ask(ahead: bool) -> None:
+            for position, ref in next_units(ahead):
+                held.append((position, reader.submit(load_partition, ref, options)))
+
+        ask(ahead=False)
+        if not held:
+            return None
+        worker = start()
         try:
-            for position in range(len(refs)):
-                waited = time.perf_counter()
-                partition = pending.result()
-                wait_s = time.perf_counter() - waited
-                if position + 1 < len(refs):
-                    pending = reader.submit(load_partition, refs[position + 1], options)
-                emit(run_partition(partition, worker, options, wait_s=wait_s))
-                del partition
+            while held:
+                position, pending = held[0]
+                try:
+                    waited = time.perf_counter()
+                    partition = pending.result()
+                    wait_s = time.perf_counter() - waited
+                    if len(held) == 1:
+                        ask(ahead=True)
+                    result = run_partition(partition, worker, options, wait_s=wait_s)
+                except Exception as exc:
+                    held.pop(0)
+                    if on_failed is None:
+                        raise
+                    on_failed(position, describe(exc))
+                else:
+                    held.pop(0)
+                    del partition
+                    on_done(position, result)
+                if not held:
+                    ask(ahead=False)
         except BaseException:
             worker.close()
             raise
     return worker
+
+
+def units_from(units: list[LoopUnit]) -> Callable[[bool], list[LoopUnit]]:
+    """``next_units`` for a worker given its whole list up front: one unit per request, ahead or not."""
+    remaining = list(reversed(units))
+    return lambda ahead: [remaining.pop()] if remaining else []
 
 
 def run_reference(refs: tuple[PartitionRef, ...], worker: WorkerState, options: EngineOptions) -> PartitionResult:

@@ -114,12 +114,25 @@ class Plan:
     compile: bool = False
     cycle_to_gb: float | None = None  # reuse the partitions in turn until this much data has been processed
     oversubscribe: bool = False  # more threads than this process may use, on purpose: reports mark the point
+    work_dir: str | None = None  # where a backend's workers may write (the results directory); not measured
 
     def to_record(self) -> dict:
         """The plan as records keep it: everything but the per-partition list."""
         out = asdict(self)
         out.pop("partitions")
         return out
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    """The whole plan, partitions included, as JSON can hold it (a detached job saves it to collect it later)."""
+    return asdict(plan)
+
+
+def plan_from_dict(data: dict) -> Plan:
+    data = dict(data)
+    data["data"] = DataSummary(**data["data"])
+    data["partitions"] = tuple(PartitionRef(**ref) for ref in data["partitions"])
+    return Plan(**data)
 
 
 def make_plan(
@@ -140,6 +153,7 @@ def make_plan(
     compile: bool = False,
     cycle_to_gb: float | None = None,
     oversubscribe: bool = False,
+    work_dir: str | None = None,
 ) -> Plan:
     """Validate options and build a Plan; every problem is a UserError naming the option."""
     if batch_size < 1:
@@ -187,6 +201,7 @@ def make_plan(
         compile=compile,
         cycle_to_gb=cycle_to_gb,
         oversubscribe=oversubscribe,
+        work_dir=work_dir,
     )
 
 
@@ -218,15 +233,18 @@ def replace_plan(plan: Plan, **changes) -> Plan:
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One point of a sweep's grid: a synthetic data size, its partitioning, a batch size and a precision."""
+    """One point of a sweep's grid: a synthetic data size, its partitioning, a batch size, a precision, and the
+    values of the backend options the sweep sets (sorted (name, value) pairs)."""
 
     gb: float
     partition_mb: float
     batch_size: int
     precision: str
+    backend_options: tuple[tuple[str, object], ...] = ()
 
     def label(self) -> str:
-        return f"{self.gb:g} GB · {self.partition_mb:g} MB · batch {self.batch_size} · {self.precision}"
+        options = "".join(f" · {name.replace('_', '-')} {value}" for name, value in self.backend_options)
+        return f"{self.gb:g} GB · {self.partition_mb:g} MB · batch {self.batch_size} · {self.precision}{options}"
 
 
 @dataclass(frozen=True)
@@ -238,9 +256,12 @@ class Grid:
     partition_mb: tuple[float, ...]
     batch_size: tuple[int, ...]
     precision: tuple[str, ...] = ("auto",)
+    backend_options: tuple[tuple[str, tuple], ...] = ()  # (option, its values): axes like the others
 
     def points(self) -> list[SweepPoint]:
-        return [SweepPoint(*p) for p in itertools.product(self.gb, self.partition_mb, self.batch_size, self.precision)]
+        names = [name for name, _ in self.backend_options]
+        axes = (self.gb, self.partition_mb, self.batch_size, self.precision, *(v for _, v in self.backend_options))
+        return [SweepPoint(*p[:4], tuple(sorted(zip(names, p[4:], strict=True)))) for p in itertools.product(*axes)]
 
 
 @dataclass(frozen=True)
@@ -303,6 +324,32 @@ def _axis_values(axis: str, values, where: str) -> tuple:
     return tuple(dict.fromkeys(out))
 
 
+def _declared_options(backend: str) -> dict:
+    """The options ``backend`` declares, by name; none for a backend this cai-bench does not have (running such
+    a sweep is refused where the backend is looked up)."""
+    from cai_bench.backends.base import get_backend
+
+    try:
+        return {o.name: o for o in get_backend(backend).options}
+    except UserError:
+        return {}
+
+
+def _option_values(option, values, where: str) -> tuple:
+    """A backend option's values in a sweep: a list (an axis), or one value for every point."""
+    values = values if isinstance(values, list) else [values]
+    if not values:
+        raise UserError(f"{where}{option.name} needs at least one value")
+    if len(values) > 1 and not option.sweepable:
+        raise UserError(f"{where}{option.name} takes one value in a sweep, not a list")
+    try:
+        checked = [option.check(v) for v in values]
+    except UserError as exc:
+        raise UserError(f"{where}{exc}") from None
+    # A table (KEY=VALUE options) is held as sorted pairs, so that a point stays hashable
+    return tuple(dict.fromkeys(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in checked))
+
+
 def _check_keys(table: dict, known: tuple[str, ...], where: str) -> None:
     for key in table:
         if key not in known:
@@ -322,25 +369,35 @@ def make_sweep(
     """
     config = dict(config or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    _check_keys(config, (*_SCALARS, *AXES, "grid"), where)
+    option_overrides = overrides.pop("backend_options", {})
+    backend = overrides.get("backend") or config.get("backend") or "cpu"
+    declared = _declared_options(backend)
+    for name in option_overrides:
+        if name not in declared:
+            raise UserError(f"--{name.replace('_', '-')}: not an option of --backend {backend}")
+    _check_keys(config, (*_SCALARS, *AXES, "grid", *declared), where)
     for key, kind in _SCALARS.items():
         value = config.get(key)
         # bool is an int in Python, but "repeats = true" is a mistake
         if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
             raise UserError(f"{where}{key} must be {_KIND_NAMES[kind]}, got {value!r}")
     top = {axis: _axis_values(axis, config[axis], where) for axis in AXES if axis in config}
+    top_options = {name: _option_values(declared[name], config[name], where) for name in declared if name in config}
     tables = config.get("grid", [{}])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables) or not tables:
         raise UserError(f"{where}grid must be a list of tables: [[grid]] sections")
     grids = []
     for number, table in enumerate(tables, start=1):
         at = f"{where}grid {number}: " if "grid" in config else where
-        _check_keys(table, _GRID_KEYS, at)
+        _check_keys(table, (*_GRID_KEYS, *declared), at)
         axes = {**DEFAULT_AXES, **top, **{a: _axis_values(a, table[a], at) for a in AXES if a in table}}
         for axis in AXES:
             if axis in overrides:
                 axes[axis] = _axis_values(axis, list(overrides[axis]), "")
-        grids.append(Grid(name=str(table.get("name", f"grid {number}")), **axes))
+        options = {**top_options, **{n: _option_values(declared[n], table[n], at) for n in declared if n in table}}
+        options |= {n: _option_values(declared[n], v, "") for n, v in option_overrides.items()}
+        name = str(table.get("name", f"grid {number}"))
+        grids.append(Grid(name=name, **axes, backend_options=tuple(sorted(options.items()))))
     scalars = {k: overrides.get(k, config.get(k)) for k in _SCALARS if k in overrides or k in config}
     spec = SweepSpec(grids=tuple(grids), **{"name": "sweep", "backend": "cpu", **scalars})
     if spec.repeats < 1:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cai_bench.engine import PartitionResult
 from cai_bench.errors import UserError
 from cai_bench.metrics import accuracy
 from cai_bench.model.checkpoint import RANDOM_INIT, file_sha256
 from cai_bench.plan import PartitionRef, Plan, replace_plan
+from cai_bench.records import PartitionResult
 from cai_bench.results import ResultsStore, RunRecord
 
 if TYPE_CHECKING:

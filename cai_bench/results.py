@@ -1,4 +1,6 @@
-"""Record schemas, environment capture and the append-only JSON Lines results store."""
+"""Environment capture, the append-only JSON Lines results store, and what identifies a measured point.
+
+The record schemas are in ``records.py``; nothing here imports torch until a run captures its environment."""
 
 from __future__ import annotations
 
@@ -10,8 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -21,100 +21,22 @@ try:
 except ImportError:  # Windows: appends are still single writes, without the lock
     fcntl = None
 
-from cai_bench.engine import WorkerRecord
 from cai_bench.errors import UserError
-from cai_bench.metrics import allowed_cpus, percentiles, rate
+from cai_bench.metrics import allowed_cpus
+from cai_bench.records import (  # noqa: F401 (the record types are named here too)
+    SCHEMA_MAJOR,
+    SCHEMA_VERSION,
+    RunRecord,
+    RunSummary,
+    WorkerRecord,
+    new_run_id,
+    summarize_run,
+    utc_now,
+)
 from cai_bench.shapes import INT, LIST, NUMBER, TABLE, TEXT, problem
 
-SCHEMA_VERSION = "1.0"
-SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 STORE_FILE = "runs.jsonl"
 _PACKAGES = ("cai-bench", "torch", "torchvision", "timm", "numpy", "safetensors", "typer", "rich", "psutil")
-
-
-@dataclass
-class RunSummary:
-    """Figures of one run, derived from its worker records and wall clock."""
-
-    samples: int
-    bits: int
-    partitions: int
-    workers: int
-    wall_s: float
-    samples_per_s: float  # samples / wall_s
-    throughput_bps: float  # bits / wall_s: what the user gets
-    sum_worker_throughput_bps: float  # sum over workers of their bits / their compute_s: the paper's headline
-    compute_s: float
-    load_s: float
-    wait_s: float
-    startup_s: float
-    batch_latency_p50_s: float | None
-    batch_latency_p90_s: float | None
-    batch_latency_p99_s: float | None
-    peak_rss_bytes: int
-    cost_usd: float | None = None  # what the run cost where the backend bills for it (Lambda); None elsewhere
-
-
-@dataclass
-class RunRecord:
-    run_id: str
-    created_utc: str
-    status: str  # "ok", "failed" or "interrupted"
-    backend: str
-    repeat: int
-    repeats: int
-    plan: dict
-    weights: dict
-    environment: dict
-    summary: RunSummary
-    workers: list[WorkerRecord]
-    backend_info: dict = field(default_factory=dict)
-    accuracy: dict | None = None  # with labelled data: metrics.accuracy, and whether the weights make it mean anything
-    error: str | None = None
-    kind: str = "run"  # "run": a timing run; "predict": a (possibly resumed) pass that writes predictions
-    schema_version: str = SCHEMA_VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False)
-
-
-def summarize_run(workers: list[WorkerRecord], wall_s: float) -> RunSummary:
-    samples = sum(w.samples for w in workers)
-    bits = sum(w.bits for w in workers)
-    latencies = [x for w in workers for x in w.batch_latency_s]
-    lat = percentiles(latencies)
-    # A worker that ran several partitions one after another has one throughput: its bits over its compute.
-    per_worker: dict[tuple, list[float]] = {}
-    for w in workers:
-        totals = per_worker.setdefault((w.host, w.pid, w.worker_id), [0.0, 0.0])
-        totals[0] += w.bits
-        totals[1] += w.compute_s
-    return RunSummary(
-        samples=samples,
-        bits=bits,
-        partitions=len(workers),
-        workers=len(per_worker),
-        wall_s=wall_s,
-        samples_per_s=rate(samples, wall_s),
-        throughput_bps=rate(bits, wall_s),
-        sum_worker_throughput_bps=float(sum(rate(b, c) for b, c in per_worker.values())),
-        compute_s=sum(w.compute_s for w in workers),
-        load_s=sum(w.load_s for w in workers),
-        wait_s=sum(w.wait_s for w in workers),
-        startup_s=sum(w.startup_s for w in workers),
-        batch_latency_p50_s=lat["p50"],
-        batch_latency_p90_s=lat["p90"],
-        batch_latency_p99_s=lat["p99"],
-        peak_rss_bytes=max((w.peak_rss_bytes for w in workers), default=0),
-    )
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -396,8 +318,23 @@ class ResultsStore:
 # ---------------------------------------------------------------------------------------------- identities
 
 
+def identity_options(backend: str, options: dict) -> dict:
+    """The backend options that make a measurement what it is, as the backend declares them (workers: yes;
+    retries, where files go: no). Options of a backend this cai-bench does not know all count."""
+    from cai_bench.backends.base import get_backend
+
+    try:
+        declared = {o.name: o.identity for o in get_backend(backend).options}
+    except UserError:
+        return dict(options)
+    return {k: v for k, v in options.items() if declared.get(k, False) and v is not None and v is not False}
+
+
 def machine_id(environment: dict) -> str:
-    """Which machine a record comes from: host, CPU model and GPUs (a host name alone can be reused)."""
+    """Which machine a record comes from: where the backend names it (a SLURM cluster), that name; otherwise
+    host, CPU model and GPUs (a host name alone can be reused)."""
+    if environment.get("machine_id"):
+        return str(environment["machine_id"])
     gpus = ",".join(environment.get("gpus") or [])
     return " | ".join(x for x in (environment.get("host", "?"), environment.get("cpu_model", "?"), gpus) if x)
 
@@ -425,9 +362,7 @@ def data_identity(data: dict) -> str:
     return f"dataset-{data.get('dataset_id')}"
 
 
-_NOT_PART_OF_A_POINT = ("repeats", "warmup", "data")
-# Where a SLURM array's files go and whether the driver waited change nothing that is measured
-_OPTIONS_NOT_PART_OF_A_POINT = ("jobs_dir", "wait")
+_NOT_PART_OF_A_POINT = ("repeats", "warmup", "data", "work_dir")
 
 
 def ran_precision(record: dict) -> str:
@@ -448,7 +383,7 @@ def point_key(plan: dict, environment: dict, precision: str | None = None) -> st
     so records written before the field existed stay repeats of the same point."""
     fields = {k: v for k, v in plan.items() if k not in _NOT_PART_OF_A_POINT and v is not None and v is not False}
     options = fields.get("backend_options") or {}
-    fields["backend_options"] = {k: v for k, v in options.items() if k not in _OPTIONS_NOT_PART_OF_A_POINT}
+    fields["backend_options"] = identity_options(str(plan.get("backend")), options)
     fields["data"] = data_identity(plan.get("data") or {})
     fields["machine"] = machine_id(environment)
     fields["precision"] = precision or plan.get("precision")
@@ -494,3 +429,30 @@ def record_row(record: dict) -> dict:
         "git_commit": env.get("git_commit"),
         "error": record.get("error"),
     }
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+def load(results_dir: str | Path = "results", *, finished_only: bool = False):
+    """The store as two pandas DataFrames, for notebooks: ``(runs, partitions)``.
+
+    ``runs`` has one row per record, its plan, summary, environment and backend facts flattened into columns
+    (``plan.batch_size``, ``summary.wall_s``, ``environment.cpu_model``, ...) beside ``machine`` (a short label)
+    and ``point`` (which measurement it repeats); ``partitions`` has one row per worker record (one partition
+    of one run), with the run's id, backend and repeat. ``finished_only`` keeps timing runs that ended ok.
+    """
+    import pandas as pd
+
+    store = ResultsStore(results_dir)
+    records = store.runs() if finished_only else store.read()
+    rows, partitions = [], []
+    for record in records:
+        flat = {k: v for k, v in record.items() if k != "workers"}
+        flat["machine"] = machine_label(record["environment"])
+        flat["point"] = record_point_key(record)
+        rows.append(flat)
+        run = {"run_id": record["run_id"], "backend": record["backend"], "repeat": record["repeat"]}
+        partitions += [{**run, **worker} for worker in record["workers"]]
+    runs = pd.json_normalize(rows, sep=".") if rows else pd.DataFrame(columns=["run_id"])
+    return runs, pd.DataFrame(partitions, columns=None if partitions else ["run_id"])

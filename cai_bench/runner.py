@@ -8,6 +8,7 @@ counts only "ok" records as done, so a rerun repeats exactly what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -26,10 +27,9 @@ except ImportError:  # Windows: no lock between sweeps
     fcntl = None
 
 from cai_bench.backends import BackendRun, get_backend
-from cai_bench.backends.base import Detached, PartitionsFailed
+from cai_bench.backends.base import Detachable, PartitionsFailed, collect_command, load_job, save_job
 from cai_bench.data.partitions import MANIFEST, open_dataset, synthesize
 from cai_bench.data.synthetic import GENERATOR_VERSION
-from cai_bench.engine import PartitionResult, WorkerRecord
 from cai_bench.errors import UserError
 from cai_bench.metrics import accuracy, allowed_cpus, reset_peak_rss
 from cai_bench.model.checkpoint import RANDOM_INIT
@@ -43,9 +43,11 @@ from cai_bench.plan import (
     data_gb,
     make_plan,
     partition_count,
+    plan_from_dict,
     samples_for_gb,
     work_units,
 )
+from cai_bench.records import PartitionResult, WorkerRecord
 from cai_bench.results import (
     ResultsStore,
     RunRecord,
@@ -197,6 +199,22 @@ def run_accuracy(plan: Plan, results: list[PartitionResult], weights: dict) -> d
     return labelled_accuracy(accuracy(predicted, true), weights, plan.data)
 
 
+def run_environment(plan: Plan, ran_on: dict | None = None) -> dict:
+    """Where a run is recorded as having run: this machine, with what the backend says of where its workers
+    ran (``ran_on``: the nodes of an array), under the name the backend gives that place, where it gives one."""
+    environment = {**capture_environment(), **(ran_on or {})}
+    machine = get_backend(plan.backend).machine(plan)
+    if machine:
+        environment["machine_id"] = machine
+    return environment
+
+
+def plan_machine(plan: Plan) -> dict:
+    """What identifies the machine ``plan`` will run on, before it runs (compared with records' environments)."""
+    machine = get_backend(plan.backend).machine(plan)
+    return {"machine_id": machine} if machine else this_machine()
+
+
 def _record(
     plan: Plan,
     repeat: int,
@@ -204,9 +222,17 @@ def _record(
     wall_s: float,
     status: str,
     environment: dict | None = None,
+    run: BackendRun | None = None,
     **extra,
 ) -> RunRecord:
     workers = [r.record for r in results]
+    summary = summarize_run(workers, wall_s)
+    if run is not None:
+        summary.cost_usd = run.cost_usd
+        typed = {"workers": run.workers, "threads": run.threads}
+        extra["backend_info"] = {**{k: v for k, v in typed.items() if v is not None}, **run.info,
+                                 **extra.get("backend_info", {})}  # fmt: skip
+        extra["weights"] = run.weights.to_dict()
     return RunRecord(
         run_id=new_run_id(),
         created_utc=utc_now(),
@@ -215,8 +241,8 @@ def _record(
         repeat=repeat,
         repeats=plan.repeats,
         plan=plan.to_record(),
-        environment={**capture_environment(), **(environment or {})},
-        summary=summarize_run(workers, wall_s),
+        environment=run_environment(plan, environment),
+        summary=summary,
         workers=workers,
         accuracy=run_accuracy(plan, results, extra["weights"]),
         **extra,
@@ -234,8 +260,8 @@ def run_repeat(
     collect: Callable[[Plan, Callable[[PartitionResult], None]], BackendRun] | None = None,
 ) -> RunOutcome:
     """One run of ``plan`` on its backend, appended to ``store`` (None: a warm-up, not recorded) as repeat
-    number ``repeat``. ``collect`` stands in for the backend's ``run`` where the work ran earlier and only its
-    results are gathered now (``cai-bench hpc collect``)."""
+    number ``repeat``. ``collect`` stands in for the backend's ``run`` where the work was submitted earlier
+    and is followed now (``collect_job``)."""
     backend = get_backend(plan.backend)
     collected: list[PartitionResult] = []
 
@@ -261,52 +287,44 @@ def run_repeat(
                 exc.run.wall_s,
                 "failed",
                 environment=exc.run.environment,
-                weights=exc.run.weights.to_dict(),
-                backend_info={**exc.run.info, "failed_partitions": exc.failed},
+                run=exc.run,
+                backend_info={"failed_partitions": exc.failed},
                 error=str(exc),
                 kind=kind,
             )
             store.append(failed)
         raise
-    except Detached:
-        raise  # submitted and not waited for: its record is written when it is collected
-    except (Exception, KeyboardInterrupt) as exc:
-        if store is not None and collected:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            weights = {"weights": plan.weights or RANDOM_INIT}
-            store.append(
-                _record(
-                    plan,
-                    repeat,
-                    collected,
-                    time.perf_counter() - start,
-                    status,
-                    weights=weights,
-                    error=str(exc) or type(exc).__name__,
-                    kind=kind,
-                )
-            )
+    except KeyboardInterrupt as exc:
+        if hasattr(exc, "collect"):  # detached work goes on without us, and ``collect`` records it whole
+            raise
+        _record_unfinished(plan, repeat, store, collected, start, exc, kind)
+        raise
+    except Exception as exc:
+        _record_unfinished(plan, repeat, store, collected, start, exc, kind)
         raise
     finally:
         progress.end()
-    info = dict(run.info)
+    info = {}
     if plan.cycle_to_gb is not None:  # the same for every backend: how often the data set was gone through
         info["partitions_processed"] = len(units)
         info["passes_over_data"] = len(units) / len(plan.partitions)
     record = _record(
-        plan,
-        repeat,
-        collected,
-        run.wall_s,
-        "ok",
-        environment=run.environment,
-        weights=run.weights.to_dict(),
-        backend_info=info,
-        kind=kind,
+        plan, repeat, collected, run.wall_s, "ok", environment=run.environment, run=run, backend_info=info, kind=kind
     )
     if store is not None:
         store.append(record)
     return RunOutcome(record, collected)
+
+
+def _record_unfinished(plan, repeat, store, collected, start, exc, kind) -> None:
+    """What a run that stopped part-way finished, kept as a "failed" or "interrupted" record."""
+    if store is None or not collected:
+        return
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    weights = {"weights": plan.weights or RANDOM_INIT}
+    elapsed = time.perf_counter() - start
+    error = str(exc) or type(exc).__name__
+    store.append(_record(plan, repeat, collected, elapsed, status, weights=weights, error=error, kind=kind))
 
 
 def execute(
@@ -322,12 +340,58 @@ def execute(
     ``store`` as soon as it finishes. ``on_result`` sees each partition's result of the measured repeats as it
     arrives (predict writes it out); the records are of ``kind``."""
     progress = progress or NoProgress()
+    if plan.work_dir is None and store is not None:
+        plan = dataclasses.replace(plan, work_dir=str(store.directory))
     for i in range(plan.warmup):
         run_repeat(plan, 0, None, progress, f"warm-up {i + 1}/{plan.warmup}")
     return [
         run_repeat(plan, r, store, progress, f"repeat {r}/{plan.repeats}", on_result, kind)
         for r in range(first_repeat, plan.repeats + 1)
     ]
+
+
+def check_detach(backend_name: str, options: dict, repeats: int, warmup: int) -> None:
+    """Refuse ``--no-wait`` before any work where the backend cannot leave its work running."""
+    backend = get_backend(backend_name)
+    if not isinstance(backend, Detachable):
+        raise UserError(f"--no-wait: --backend {backend_name} runs while the command waits; it cannot detach")
+    if repeats > 1 or warmup:
+        raise UserError("--no-wait submits one run: leave out --repeats and --warmup")
+    backend.check_detach(options)
+
+
+def submit_plan(plan: Plan, store: ResultsStore) -> tuple[str, str]:
+    """Submit ``plan`` and leave it running (``--no-wait``); returns its job id and the command that records it."""
+    check_detach(plan.backend, plan.backend_options, plan.repeats, plan.warmup)
+    job = get_backend(plan.backend).submit(dataclasses.replace(plan, work_dir=str(store.directory)))
+    save_job(store.directory, job)
+    return job.job_id, collect_command(job.job_id, store.directory)
+
+
+def collect_job(job_id: str, store: ResultsStore, progress: ProgressSink | None = None) -> RunOutcome:
+    """Follow a submitted job to its end and record it, once (a second collect of the same job is refused)."""
+    job, _ = load_job(store.directory, job_id)
+    if job.state.get("collected_utc"):
+        when = job.state["collected_utc"]
+        raise UserError(f"job {job.job_id} was already recorded ({when}); see: cai-bench results list")
+    backend = get_backend(job.backend)
+    plan = plan_from_dict(job.plan)
+    try:
+        follow = lambda _, emit: backend.collect(job, emit)  # noqa: E731
+        outcome = run_repeat(plan, 1, store, progress or NoProgress(), f"job {job.job_id}", collect=follow)
+    except KeyboardInterrupt as exc:
+        exc.collect = collect_command(job.job_id, store.directory)
+        raise
+    except PartitionsFailed:
+        _mark_collected(store, job)  # it ended, and its failed record is written
+        raise
+    _mark_collected(store, job)
+    return outcome
+
+
+def _mark_collected(store: ResultsStore, job) -> None:
+    job.state["collected_utc"] = utc_now()
+    save_job(store.directory, job)
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
@@ -362,6 +426,7 @@ def _plan_options(spec: SweepSpec, point: SweepPoint, precision: str) -> dict:
         "engine": spec.engine,
         "compile": spec.compile,
         "oversubscribe": spec.oversubscribe,
+        "backend_options": {k: dict(v) if isinstance(v, tuple) else v for k, v in point.backend_options},
     }
 
 
@@ -413,7 +478,6 @@ def sweep_state(
     another (in the order the grids first name that data), so each data set is needed during one stretch of the
     sweep only.
     """
-    machine = this_machine()
     done = _done_counts(store)
     states = []
     points = spec.points()
@@ -427,7 +491,7 @@ def sweep_state(
         precision = auto_as if point.precision == "auto" else point.precision
         options = _plan_options(spec, point, precision)
         expected = Plan(spec.backend, _expected_summary(point, spec.seed), (), **options)
-        key = point_key(expected.to_record(), machine)
+        key = point_key(expected.to_record(), plan_machine(expected))
         have = 0 if force else min(done.get(key, 0), spec.repeats)
         states.append(SweepPointState(point, key, have, spec.repeats - have, precision))
     return states
@@ -502,7 +566,7 @@ def run_sweep(
                     generated.add(directory)
                 summary, refs = resolve_data(None, point.gb, point.partition_mb, spec.seed, synth_progress)
                 plan = make_plan(spec.backend, summary, refs, **_plan_options(spec, point, state.precision))
-                if point_key(plan.to_record(), this_machine()) != state.key:
+                if point_key(plan.to_record(), plan_machine(plan)) != state.key:
                     raise RuntimeError(f"{summary.path}: the cached data set is not the one the sweep expected")
                 outcomes = execute(plan, store, progress, first_repeat=state.done + 1)
             outcome.records.extend(o.record for o in outcomes)

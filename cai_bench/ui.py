@@ -15,7 +15,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cai_bench.engine import WorkerRecord
+from cai_bench.records import WorkerRecord
 from cai_bench.results import RunRecord
 
 # Progress and errors go to stderr, results to stdout. Messages are never wrapped (soft_wrap), so a path or

@@ -89,7 +89,6 @@ def hand_record(
     """
     from dataclasses import asdict
 
-    from cai_bench.engine import WorkerRecord
     from cai_bench.plan import (
         BITS_PER_SAMPLE,
         DataSummary,
@@ -99,7 +98,7 @@ def hand_record(
         partition_sizes,
         samples_for_gb,
     )
-    from cai_bench.results import RunRecord, new_run_id, summarize_run
+    from cai_bench.records import RunRecord, WorkerRecord, new_run_id, summarize_run
 
     samples = samples_for_gb(gb)
     sizes = partition_sizes(samples, partition_mb)

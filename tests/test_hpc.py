@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,10 +160,13 @@ def test_cycle_to_gb_reuses_partitions_until_the_target_is_processed(tiny_data):
 
 def task_events(results: Path) -> list[list[dict]]:
     (job,) = (results / "hpc-jobs").iterdir()
-    return [
-        [json.loads(line) for line in path.read_text().splitlines()]
-        for path in sorted((job / "tasks").glob("task-*.jsonl"))
-    ]
+    paths = sorted((job / "tasks").glob("task-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
+    return [[json.loads(line) for line in path.read_text().splitlines()] for path in paths]
+
+
+def saved_job(results: Path) -> dict:
+    (path,) = (results / "jobs").glob("*.json")
+    return json.loads(path.read_text())
 
 
 def test_a_local_job_array_runs_end_to_end_into_one_complete_record(cli, tiny_data, tmp_path):
@@ -186,10 +190,11 @@ def test_a_local_job_array_runs_end_to_end_into_one_complete_record(cli, tiny_da
     assert all(events[0]["event"] == "start" and events[-1]["event"] == "end" for events in tasks)
     assert tasks[1][0]["epoch"] >= tasks[0][-1]["epoch"]  # one at a time: task 1 started after task 0 ended
     assert record["summary"]["wall_s"] == pytest.approx(last_end - first_start)
-    job = json.loads(next((results / "hpc-jobs").glob("*/job.json")).read_text())
+    job = saved_job(results)["state"]
     assert info["queue_wait_s"] == pytest.approx(first_start - job["submit_epoch"])
     assert info["queue_wait_s"] >= 0
     assert info["queue_wait_max_s"] == pytest.approx(tasks[1][0]["epoch"] - job["submit_epoch"])
+    assert info["rounds"] == 1 and info["retried_units"] == 0
     # the predictions came back with the records: the accuracy is the cpu backend's
     cpu = execute(plan_for(tiny_data, "cpu", threads=1), None)[0]
     assert record["accuracy"]["samples"] == 104
@@ -207,15 +212,15 @@ def test_no_wait_then_collect_records_the_array_once(cli, tiny_data, tmp_path):
     args = ["run", "--backend", "hpc", "--slurm", "--slurm-executor", "local", "--partitions-per-task", "4"]
     code, out, err = cli(*args, "--data", tiny_data, "--results", results, "--no-wait", "--precision", "fp32")
     assert code == 0, err
-    assert "cai-bench hpc collect" in out
+    assert "cai-bench collect" in out
     assert not (results / "runs.jsonl").exists()
     job_id = next((results / "hpc-jobs").iterdir()).name
-    code, out, err = cli("hpc", "collect", job_id, "--results", results, "--json")
+    code, out, err = cli("collect", job_id, "--results", results, "--json")
     assert code == 0, err
     (record,) = json.loads(out)
     assert record["status"] == "ok" and record["backend_info"]["tasks"] == 1
     assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 2, 3]
-    code, _, err = cli("hpc", "collect", job_id, "--results", results)
+    code, _, err = cli("collect", job_id, "--results", results)
     assert code == 2 and "already recorded" in err
     assert len(ResultsStore(results).read()) == 1
 
@@ -224,13 +229,61 @@ def test_a_failing_array_task_keeps_what_the_others_and_itself_finished(cli, dat
     corrupt(data_copy, 3)  # the second partition of task 1
     results = tmp_path / "r"
     args = ["run", "--backend", "hpc", "--slurm", "--slurm-executor", "local", "--tasks", "2", "--precision", "fp32"]
-    code, _, err = cli(*args, "--data", data_copy, "--results", results, "--quiet")
+    code, _, err = cli(*args, "--retries", "1", "--data", data_copy, "--results", results, "--quiet")
     assert code == 1
-    assert "partition 3" in err and "sha256 does not match" in err
+    assert "partition 3" in err and "sha256 does not match" in err and "2 attempt(s)" in err
     (record,) = ResultsStore(results).read()
     assert record["status"] == "failed"
     assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 2]
-    assert [f["partition"] for f in record["backend_info"]["failed_partitions"]] == [3]
+    (failure,) = record["backend_info"]["failed_partitions"]
+    assert failure["partition"] == 3 and failure["attempts"] == 2 and failure["workers"] == ["task-1", "task-2"]
+    assert record["backend_info"]["rounds"] == 2  # the failed partition was resubmitted alone, and failed again
+
+
+def test_a_killed_array_task_is_resubmitted_and_the_run_ends_ok_with_each_partition_once(many_partitions, tmp_path):
+    """20 partitions in 2 tasks; once task 0 has finished one, task 1 is killed for real, mid-work."""
+    options = {"slurm": True, "slurm_executor": "local", "tasks": 2, "array_parallelism": 2, "retries": 1}
+    plan = plan_for(many_partitions, batch_size=2, backend_options=options, work_dir=str(tmp_path / "r"))
+    killed = []
+
+    def kill_task_1(result):
+        if killed:
+            return
+        for _ in range(1200):  # it starts beside task 0: wait until its start line names its pid
+            task_file = next((tmp_path / "r" / "hpc-jobs").glob("*/tasks/task-1.jsonl"), None)
+            lines = task_file.read_text().splitlines() if task_file else []
+            if lines:
+                break
+            time.sleep(0.05)
+        pid = json.loads(lines[0])["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    outcome = execute(plan, ResultsStore(tmp_path / "r"), on_result=kill_task_1)[0]
+    assert killed
+    record = outcome.record
+    assert record.status == "ok"
+    assert sorted(w.partition for w in record.workers) == list(range(20))  # each exactly once
+    info = record.backend_info
+    assert info["rounds"] == 2 and info["retried_units"] >= 1
+    assert [c["worker"] for c in info["crashes"]] == ["task-1"]
+    assert "task-1 ended without finishing" in info["crashes"][0]["error"]
+    rerun = {w.partition for w in record.workers if w.worker_id == "task-2"}
+    assert rerun and rerun <= set(range(10, 20))  # the new array ran what task 1 had not finished
+
+
+def test_a_sweep_of_arrays_resumes_without_repeating_what_it_holds(cli, tmp_path):
+    args = ["sweep", "--backend", "hpc", "--slurm", "--slurm-executor", "local", "--tasks", "1,2", "--gb", "0.002"]
+    args += ["--partition-mb", "0.52", "--repeats", "2", "--precision", "fp32", "--results", tmp_path / "r", "-q"]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    records = ResultsStore(tmp_path / "r").read()
+    assert sorted((r["backend_info"]["tasks"], r["repeat"]) for r in records) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r["environment"]["machine_id"].startswith("slurm-local | ") for r in records)
+    code, out, err = cli(*args)
+    assert "2 point(s) were already complete" in out
+    assert code == 0, err
+    assert len(ResultsStore(tmp_path / "r").read()) == 4  # nothing was run again
 
 
 def test_slurm_submission_carries_every_option_to_sbatch(tiny_data, tmp_path, monkeypatch):
@@ -252,15 +305,10 @@ def test_slurm_submission_carries_every_option_to_sbatch(tiny_data, tmp_path, mo
         "cpus_per_task": 2,
         "array_parallelism": 1,
         "slurm_options": {"account": "astro"},
-        "wait": False,
-        "jobs_dir": str(tmp_path / "r" / "hpc-jobs"),
     }
     backend = get_backend("hpc")
     backend.check(options)
-    from cai_bench.backends.base import Detached
-
-    with pytest.raises(Detached) as submitted:
-        backend.run(plan_for(tiny_data, backend_options=options), lambda result: None)
+    job = backend.submit(plan_for(tiny_data, backend_options=options, work_dir=str(tmp_path / "r")))
     script = kept.read_text()
     for line in (
         "#SBATCH --partition=debug",
@@ -271,9 +319,8 @@ def test_slurm_submission_carries_every_option_to_sbatch(tiny_data, tmp_path, mo
         "#SBATCH --account=astro",
     ):
         assert line in script
-    job = json.loads((tmp_path / "r" / "hpc-jobs" / submitted.value.job_id / "job.json").read_text())
-    assert job["scheduler_job_ids"] == ["4242_0", "4242_1"]
-    assert job["units"] == [[0, 1], [2, 3]]
+    assert job.state["scheduler_ids"] == ["4242_0", "4242_1"]
+    assert [task["units"] for task in job.state["tasks"].values()] == [[0, 1], [2, 3]]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -293,7 +340,8 @@ def test_slurm_submission_carries_every_option_to_sbatch(tiny_data, tmp_path, mo
         (["--backend", "hpc", "--slurm", "--slurm-executor", "local", "--slurm-option", "account"], "KEY=VALUE"),
         (["--backend", "hpc", "--slurm", "--slurm-executor", "local", "--no-wait", "--repeats", "2"],
          "--no-wait submits one run"),
-        (["--backend", "hpc", "--workers", "2", "--no-wait"], "--no-wait applies to SLURM arrays"),
+        (["--backend", "hpc", "--workers", "2", "--no-wait"], "--no-wait submits a SLURM array: add --slurm"),
+        (["--backend", "cpu", "--no-wait"], "--backend cpu runs while the command waits"),
         (["--backend", "cpu", "--engine", "reference", "--cycle-to-gb", "1"], "takes no --cycle-to-gb"),
     ],
 )  # fmt: skip
@@ -315,16 +363,16 @@ def test_no_slurm_on_this_machine_is_said_plainly(cli, tiny_data, tmp_path, monk
     ("text", "minutes"), [("90", 90), ("1:30", 2), ("1:30:00", 90), ("2-00:00:00", 2880), ("1-2", 1560)]
 )
 def test_time_limits_read_as_sbatch_reads_them(text, minutes):
-    from cai_bench.cli import _minutes
+    from cai_bench.backends.slurm_options import minutes as read_minutes
 
-    assert _minutes(text) == minutes
+    assert read_minutes(text) == minutes
 
 
 @pytest.mark.parametrize(("text", "gb"), [("4G", 4.0), ("4GB", 4.0), ("3584M", 3.5), ("3584", 3.5), ("1T", 1024.0)])
 def test_memory_sizes_read_as_sbatch_reads_them(text, gb):
-    from cai_bench.cli import _gigabytes
+    from cai_bench.backends.slurm_options import gigabytes
 
-    assert _gigabytes(text) == gb
+    assert gigabytes(text) == gb
 
 
 def test_partitions_failed_names_each_failure():
@@ -337,12 +385,12 @@ def test_partitions_failed_names_each_failure():
     assert str(exc).endswith("and 2 more")
 
 
-def test_where_array_files_go_is_not_part_of_what_is_measured(tiny_data):
+def test_where_array_files_go_and_retries_are_not_part_of_what_is_measured(tiny_data):
     from cai_bench.results import point_key
 
-    def key(**options):
-        plan = plan_for(tiny_data, backend_options={"slurm": True, "tasks": 2, **options})
+    def key(work_dir="a", **options):
+        plan = plan_for(tiny_data, backend_options={"slurm": True, "tasks": 2, **options}, work_dir=work_dir)
         return point_key(plan.to_record(), this_machine())
 
-    assert key(jobs_dir="a/hpc-jobs") == key(jobs_dir="b/hpc-jobs", wait=False)
-    assert key(jobs_dir="a/hpc-jobs") != key(jobs_dir="a/hpc-jobs", cpus_per_task=2)
+    assert key("a") == key("b", retries=5, time_min=30)
+    assert key("a") != key("a", cpus_per_task=2)

@@ -55,6 +55,30 @@ def test_command_line_axes_replace_the_configs_and_scalars_override():
     assert (spec.backend, spec.repeats, spec.warmup) == ("gpu", 1, 0)
 
 
+def test_backend_options_are_sweep_axes_in_presets_and_on_the_command_line(cli, tmp_path):
+    node = make_sweep(load_sweep_config("hpc-node")[0])
+    assert node.backend == "hpc" and [dict(p.backend_options) for p in node.points()] == [
+        {"workers": 1},
+        {"workers": 2},
+    ]
+    assert "workers 2" in node.points()[1].label()
+    spec = make_sweep(load_sweep_config("hpc-node")[0], overrides={"backend_options": {"workers": [1, 4, 4]}})
+    assert [dict(p.backend_options)["workers"] for p in spec.points()] == [1, 4]
+    grid = {"backend": "hpc", "grid": [{"workers": [1]}, {"workers": 2, "lanes": [1, 2]}]}
+    points = make_sweep(grid).points()
+    assert [dict(p.backend_options) for p in points] == [{"workers": 1}, {"workers": 2, "lanes": 1},
+                                                         {"workers": 2, "lanes": 2}]  # fmt: skip
+    with pytest.raises(UserError, match="--workers must be at least 1, got 0"):
+        make_sweep({"backend": "hpc", "workers": [1, 0]})
+    with pytest.raises(UserError, match="unknown key 'workers'"):
+        make_sweep({"backend": "cpu", "workers": [1, 2]})
+    code, _, err = cli("sweep", "--backend", "cpu", "--workers", "1,2", "--results", tmp_path / "r")
+    assert code == 2 and err.strip() == "error: --workers: not an option of --backend cpu"
+    code, _, err = cli("sweep", "--backend", "hpc", "--workers", "1,two", "--results", tmp_path / "r")
+    assert code == 2 and "--workers must be a whole number, got 'two'" in err
+    assert not (tmp_path / "r" / "runs.jsonl").exists()
+
+
 def test_defaults_make_one_point():
     assert make_sweep().points() == [SweepPoint(0.1, 25.0, 512, "auto")]
 

@@ -13,14 +13,16 @@ import time
 from dataclasses import dataclass
 
 import psutil
-import torch
 
-from cai_bench.backends.base import BackendRun, Emit, refuse_unknown
-from cai_bench.engine import plan_options, run_partitions, run_reference, start_worker
+from cai_bench.backends.base import BackendOption, BackendRun, Emit
 from cai_bench.metrics import allowed_cpus
 from cai_bench.plan import Plan, work_units
 
 MAX_LANES = 4  # each lane holds a batch of activations; more lanes cost memory for little gain
+LANES = BackendOption(
+    "lanes", int, "cpu, hpc, fast engine: partitions split between this many threads.", "threads, at most 4",
+    minimum=1,
+)  # fmt: skip
 
 
 def default_threads() -> int:
@@ -39,11 +41,19 @@ def lane_layout(threads: int, lanes: int | None = None) -> tuple[int, int]:
 @dataclass
 class CpuBackend:
     name: str = "cpu"
+    options: tuple[BackendOption, ...] = (LANES,)
 
     def check(self, options: dict) -> None:
-        refuse_unknown(self.name, options, ("lanes",))
+        pass
+
+    def machine(self, plan: Plan) -> str | None:
+        return None
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
+        import torch
+
+        from cai_bench.engine import plan_options, run_reference, start_worker, units_from, worker_loop
+
         threads = plan.threads or default_threads()
         if plan.engine == "reference" or plan.compile:  # a compiled model is called from one thread only
             lanes, intra = 1, threads
@@ -53,22 +63,26 @@ class CpuBackend:
         refs = work_units(plan)
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(intra)
-        info = {"threads": threads, "lanes": lanes, "intra_op_threads": intra}
+        info = {"lanes": lanes, "intra_op_threads": intra}
         try:
             start = time.perf_counter()
             if plan.engine == "reference":
                 worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
                 emit(run_reference(refs, worker, options))
-                return BackendRun(time.perf_counter() - start, worker.weights, {**info, **worker.choices})
-            worker = run_partitions(
-                refs, options, emit, lambda: start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
+                wall_s = time.perf_counter() - start
+                return BackendRun(wall_s, worker.weights, 1, threads, info={**info, **worker.choices})
+            worker = worker_loop(
+                lambda: start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed),
+                units_from(list(enumerate(refs))),
+                options,
+                lambda position, result: emit(result),
             )
             worker.close()
             wall_s = time.perf_counter() - start
         finally:
             torch.set_num_threads(previous_threads)
         info["prefetch_partitions"] = 1
-        return BackendRun(wall_s=wall_s, weights=worker.weights, info={**info, **worker.choices})
+        return BackendRun(wall_s, worker.weights, workers=1, threads=threads, info={**info, **worker.choices})
 
 
 def create() -> CpuBackend:

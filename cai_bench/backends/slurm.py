@@ -1,17 +1,20 @@
-"""``hpc --slurm``: one SLURM job array over groups of partitions, submitted through submitit.
+"""``hpc --slurm``: SLURM job arrays over groups of partitions, submitted through submitit, as one transport
+of the dispatcher.
 
-Each array task is one worker: it builds the model once, runs its group of partitions (reading one ahead) and
-appends what it measured to its own JSON Lines file in the job's directory under the results directory, which
-must be on a filesystem the nodes share. One line per event: ``start`` (epoch time, host), ``ready`` (weights,
-what the engine chose), ``unit`` (a partition's WorkerRecord with its predictions), then ``end`` or ``failed``.
-A task that is killed keeps every partition it finished.
+Each array task is one worker: it runs the engine's worker loop over the units it was given (reading one
+ahead) and appends what happens to its own JSON Lines file in the job's directory under the results directory,
+which must be on a filesystem the nodes share. One line per event: ``start`` (epoch time, host), ``ready``
+(weights, what the engine chose, the node's environment), ``unit`` (a finished unit, its PartitionResult in
+the wire format in a file of its own beside), ``unit_failed``, then ``end``, or ``failed`` when it could not
+start. A task that is killed keeps every unit it finished.
 
-The driver submits, then (unless ``--no-wait``) reads the task files as they grow, passing each partition on as
-it appears, until every task has ended or its job is gone. ``cai-bench hpc collect JOB`` does the same later.
-The run's wall clock is from the first task's start to the last task's end (the clocks of the nodes are taken
-to agree); the time from submission to the first start is reported apart as queue wait.
+The driver follows the task files and hands what they report to the dispatcher. Units of a task that died or
+failed go back to the queue; once no task of the array is left running, what waits is resubmitted as a
+smaller array, up to ``--retries`` times per unit. The run's wall clock is from the first task's start to the
+last task's end (the clocks of the nodes are taken to agree); the time from submission to the first start is
+reported apart as queue wait.
 
-``--slurm-executor local`` runs the same array with submitit's local executor: each task a process on this
+``--slurm-executor local`` runs the same arrays with submitit's local executor: each task a process on this
 machine, at most ``--array-parallelism`` at once (default: one per ``--cpus-per-task`` cores).
 """
 
@@ -20,40 +23,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import psutil
-import torch
 
-from cai_bench.backends.base import BackendRun, Detached, Emit, PartitionsFailed
+from cai_bench.backends.base import BackendRun, Emit, Job, collect_command, dispatched_run, save_job
 from cai_bench.backends.cpu import default_threads, lane_layout
-from cai_bench.choices import SLURM_EXECUTORS
-from cai_bench.engine import (
-    EngineOptions,
-    PartitionResult,
-    WorkerRecord,
-    plan_options,
-    run_partitions,
-    start_worker,
-)
+from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, apply, drive
+from cai_bench.backends.slurm_options import DEFAULT_TIME_MIN, groups_of
 from cai_bench.errors import UserError, describe
-from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo
-from cai_bench.plan import DataSummary, PartitionRef, Plan, work_units
-from cai_bench.results import capture_environment
+from cai_bench.plan import PartitionRef, Plan, plan_from_dict, plan_to_dict, work_units
+from cai_bench.records import decode_result, encode_result
 
-DEFAULT_TIME_MIN = 60
-JOB_FILE = "job.json"
 POLL_S = {"local": 0.5, "slurm": 10.0}  # squeue/sacct are shared by everyone on a cluster: ask them rarely
 
 
-def jobs_dir(results: Path) -> Path:
-    return Path(results) / "hpc-jobs"
+def arrays_dir(work_dir: str | Path) -> Path:
+    return Path(work_dir) / "hpc-jobs"
 
 
 # ---------------------------------------------------------------------------------------------- array task
@@ -61,16 +51,16 @@ def jobs_dir(results: Path) -> Path:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    task: int
+    task: str  # the worker's name: task-0, task-1, ...
     units: tuple[tuple[int, PartitionRef], ...]  # (place in the run's work list, partition)
-    options: EngineOptions
+    options: object  # EngineOptions
     weights: str | None
     seed: int
     intra: int  # intra-op threads of each lane
-    out: str  # the task's JSON Lines file
+    directory: str  # the job's directory: tasks/<task>.jsonl and units/
 
 
-def _append(path: str, event: dict) -> None:
+def _append(path: Path, event: dict) -> None:
     # One complete line per write, forced to disk: a reader never sees half an event except a torn last line
     with open(path, "a") as fh:
         fh.write(json.dumps(event, separators=(",", ":")) + "\n")
@@ -79,58 +69,57 @@ def _append(path: str, event: dict) -> None:
 
 
 def run_task(spec: TaskSpec) -> int:
-    """One array task, on whatever node the scheduler chose; returns how many partitions it ran."""
-    started = time.time()
+    """One array task, on whatever node the scheduler chose; returns how many units it finished."""
+    import torch
+
+    from cai_bench.engine import start_worker, units_from, worker_loop
+    from cai_bench.results import capture_environment
+
+    directory = Path(spec.directory)
+    out = directory / "tasks" / f"{spec.task}.jsonl"
     job = next(
         (os.environ[k] for k in ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID") if k in os.environ),
         None,
     )
     here = {"host": socket.gethostname(), "pid": os.getpid(), "job": job}
-    _append(spec.out, {"event": "start", "task": spec.task, "epoch": started, **here})
+    _append(out, {"event": "start", "task": spec.task, "epoch": time.time(), **here})
     torch.set_num_threads(spec.intra)
-    positions = iter([position for position, _ in spec.units])
+    finished = 0
 
-    def make_worker():
-        worker = start_worker(f"task-{spec.task}", spec.options, weights=spec.weights, seed=spec.seed)
+    def start():
+        worker = start_worker(spec.task, spec.options, weights=spec.weights, seed=spec.seed)
         ready = {"event": "ready", "epoch": time.time(), "weights": asdict(worker.weights), "choices": worker.choices}
         ready["environment"] = capture_environment()  # the node's, for the record
         ready["cluster"] = os.environ.get("SLURM_CLUSTER_NAME")
-        _append(spec.out, ready)
+        _append(out, ready)
         return worker
 
-    def emit(result: PartitionResult) -> None:
-        unit = {
-            "event": "unit",
-            "unit": next(positions),
-            "epoch": time.time(),
-            "record": asdict(result.record),
-            "object_id": result.object_id.tolist(),
-            "prediction": result.prediction.tolist(),
-            "redshift": result.redshift.tolist(),
-        }
-        _append(spec.out, unit)
+    def on_done(position: int, result) -> None:
+        nonlocal finished
+        # The result's file first, then the line that names it: a reader never finds a line without its file.
+        # A unit run again (a retry) overwrites its own file, never adds a second.
+        name = f"unit-{position:06d}.npz"
+        temporary = directory / "units" / f".{name}.{spec.task}.tmp"
+        temporary.write_bytes(encode_result(result))
+        os.replace(temporary, directory / "units" / name)
+        _append(out, {"event": "unit", "unit": position, "epoch": time.time(), "file": name})
+        finished += 1
+
+    def on_failed(position: int, error: str) -> None:
+        _append(out, {"event": "unit_failed", "unit": position, "epoch": time.time(), "error": error})
 
     try:
-        worker = run_partitions(tuple(ref for _, ref in spec.units), spec.options, emit, make_worker)
-        worker.close()
+        worker = worker_loop(start, units_from(list(spec.units)), spec.options, on_done, on_failed)
     except BaseException as exc:
-        _append(spec.out, {"event": "failed", "epoch": time.time(), "error": describe(exc)})
+        _append(out, {"event": "failed", "epoch": time.time(), "error": describe(exc)})
         raise
-    _append(spec.out, {"event": "end", "epoch": time.time()})
-    return len(spec.units)
+    if worker is not None:
+        worker.close()
+    _append(out, {"event": "end", "epoch": time.time()})
+    return finished
 
 
-# ---------------------------------------------------------------------------------------------- submission
-
-
-def _groups(count: int, tasks: int | None, per_task: int | None) -> list[range]:
-    """Contiguous groups of work units, one per array task."""
-    if tasks is not None and per_task is not None:
-        raise UserError("give --tasks or --partitions-per-task, not both")
-    if (tasks is not None and tasks < 1) or (per_task is not None and per_task < 1):
-        raise UserError("--tasks and --partitions-per-task must be at least 1")
-    per_task = math.ceil(count / min(tasks, count)) if tasks else (per_task or 1)
-    return [range(lo, min(lo + per_task, count)) for lo in range(0, count, per_task)]
+# ---------------------------------------------------------------------------------------------- transport
 
 
 def _parameters(options: dict, executor: str, cpus: int) -> dict:
@@ -149,141 +138,12 @@ def _parameters(options: dict, executor: str, cpus: int) -> dict:
     return parameters
 
 
-def plan_from_json(data: dict) -> Plan:
-    data = dict(data)
-    data["data"] = DataSummary(**data["data"])
-    data["partitions"] = tuple(PartitionRef(**ref) for ref in data["partitions"])
-    return Plan(**data)
-
-
-def _write_job(directory: Path, job: dict) -> None:
-    temporary = directory / (JOB_FILE + ".tmp")
-    temporary.write_text(json.dumps(job, indent=1))
-    os.replace(temporary, directory / JOB_FILE)
-
-
-def _executor(directory: Path, kind: str, parameters: dict):
-    import submitit
-
-    executor = submitit.AutoExecutor(folder=directory / "submitit", cluster=kind)
-    executor.update_parameters(**parameters)
-    return executor
-
-
-def check(options: dict) -> None:
-    kind = options.get("slurm_executor") or "slurm"
-    if kind not in SLURM_EXECUTORS:
-        raise UserError(f"--slurm-executor must be one of {', '.join(SLURM_EXECUTORS)}, got {kind!r}")
-    if "workers" in options or "retries" in options:
-        raise UserError("--workers and --retries are for one node; an array has --tasks or --partitions-per-task")
-    _groups(1, options.get("tasks"), options.get("partitions_per_task"))
-    for name in ("cpus_per_task", "array_parallelism"):
-        if options.get(name) is not None and options[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}")
-    try:
-        import submitit  # noqa: F401
-    except ImportError:
-        raise UserError("--slurm needs submitit: pip install 'cai-bench[hpc]'") from None
-    if kind == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
-        raise UserError(
-            "--slurm: no SLURM here (sbatch/srun not found); run on a login node or add --slurm-executor local"
-        )
-
-
-def run_array(plan: Plan, emit: Emit) -> BackendRun:
-    options = plan.backend_options
-    kind = options.get("slurm_executor") or "slurm"
-    if plan.engine == "reference":
-        raise UserError("--engine reference is the one-process upstream loop: run it with --backend cpu")
-    wait = options.get("wait", True)
-    if not wait and (plan.repeats > 1 or plan.warmup):
-        raise UserError("--no-wait submits one run: leave out --repeats and --warmup")
-    if "jobs_dir" not in options:
-        raise UserError("internal: the SLURM backend needs the results directory (backend option jobs_dir)")
-    units = work_units(plan)
-    groups = _groups(len(units), options.get("tasks"), options.get("partitions_per_task"))
-    cpus = options.get("cpus_per_task") or plan.threads or 1
-    lanes, intra = (1, cpus) if plan.compile else lane_layout(cpus, options.get("lanes"))
-    parameters = _parameters(options, kind, cpus)
-    parallelism = options.get("array_parallelism") or (
-        max(1, default_threads() // cpus) if kind == "local" else len(groups)
-    )
-
-    job_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    directory = Path(options["jobs_dir"]).resolve() / job_id
-    (directory / "tasks").mkdir(parents=True)
-    engine = plan_options(plan, lanes)
-    specs = [
-        TaskSpec(
-            task=task,
-            units=tuple((position, units[position]) for position in group),
-            options=engine,
-            weights=plan.weights,
-            seed=plan.seed,
-            intra=intra,
-            out=str(directory / "tasks" / f"task-{task:05d}.jsonl"),
-        )
-        for task, group in enumerate(groups)
-    ]
-    executor = _executor(directory, kind, parameters)
-    job = {
-        "job_id": job_id,
-        "executor": kind,
-        "submit_epoch": time.time(),
-        "tasks": len(specs),
-        "partitions_per_task": len(groups[0]),
-        "cpus_per_task": cpus,
-        "lanes": lanes,
-        "intra_op_threads": intra,
-        "array_parallelism": parallelism,
-        "parameters": parameters,
-        "units": [[position for position, _ in spec.units] for spec in specs],
-        "plan": asdict(plan),
-        "scheduler_job_ids": [],
-        "gathered_utc": None,
-    }
-    _write_job(directory, job)
-    # SLURM throttles the array itself (%parallelism); the local executor would start every task at once,
-    # so unless the driver leaves, it starts them in waves as earlier ones end.
-    first = specs if kind == "slurm" or not wait else specs[:parallelism]
-    jobs = executor.map_array(run_task, first)
-    job["scheduler_job_ids"] = [j.job_id for j in jobs]
-    _write_job(directory, job)
-    if not wait:
-        results = Path(options["jobs_dir"]).parent
-        raise Detached(job_id, f"cai-bench hpc collect {job_id} --results {results}")
-    waves = _Waves(executor, directory, specs[len(first) :])
-    return gather(directory, emit, jobs=jobs, waves=waves)
-
-
-@dataclass
-class _Waves:
-    """Local tasks not started yet; started as running ones end, so at most ``array_parallelism`` run at once."""
-
-    executor: object
-    directory: Path
-    waiting: list
-
-    def submit(self, n: int) -> list:
-        batch, self.waiting = self.waiting[: max(0, n)], self.waiting[max(0, n) :]
-        if not batch:
-            return []
-        jobs = self.executor.map_array(run_task, batch)
-        job = json.loads((self.directory / JOB_FILE).read_text())
-        job["scheduler_job_ids"] += [j.job_id for j in jobs]
-        _write_job(self.directory, job)
-        return jobs
-
-
-# ---------------------------------------------------------------------------------------------- gathering
-
-
 @dataclass
 class _TaskFile:
     path: Path
     offset: int = 0
     events: list = field(default_factory=list)
-    ended: str | None = None  # "end", "failed", or "gone" when its job ended without either
+    ended: bool = False
 
     def read_new(self) -> list[dict]:
         """Complete lines appended since the last read (a line being written is left for next time)."""
@@ -296,9 +156,6 @@ class _TaskFile:
         self.offset += len(complete)
         events = [json.loads(line) for line in complete.splitlines() if line.strip()]
         self.events += events
-        for event in events:
-            if event["event"] in ("end", "failed"):
-                self.ended = event["event"]
         return events
 
 
@@ -312,74 +169,239 @@ def _job_running(kind: str, job) -> bool:
     return not job.done()
 
 
-def find_job(results: Path, job_id: str) -> Path:
-    """The directory of a submitted array, by our job id or by the scheduler's (array) job id."""
-    root = jobs_dir(results)
-    if (root / job_id / JOB_FILE).is_file():
-        directory = root / job_id
-    else:
-        matches = [
-            path.parent
-            for path in sorted(root.glob(f"*/{JOB_FILE}"))
-            if any(j.split("_")[0] == job_id for j in json.loads(path.read_text())["scheduler_job_ids"])
-        ]
-        if not matches:
-            raise UserError(f"no job {job_id!r} in {root}: give the id that --no-wait printed and the same --results")
-        directory = matches[0]
-    gathered = json.loads((directory / JOB_FILE).read_text()).get("gathered_utc")
-    if gathered:
-        raise UserError(f"job {job_id} was already recorded ({gathered}); see: cai-bench results list")
-    return directory
+@dataclass
+class ArrayTransport:
+    """Array tasks as workers: each wants its group of units at once, and every group wanted in one round is
+    submitted as one array. A round's tasks are created together (``--slurm-executor local``: as many at once
+    as ``array_parallelism``, the rest as earlier ones end); units that come back start a smaller round once
+    no task is left running."""
+
+    plan: Plan
+    job: dict  # the job's state, saved in RESULTS/jobs/<job id>.json as it changes
+    spec: dict  # what every task's TaskSpec shares: engine options, weights, seed, threads
+    executor: object = None  # a submitit executor
+    files: dict = field(default_factory=dict)  # task -> _TaskFile, for every task created
+    jobs: dict = field(default_factory=dict)  # task -> submitit job, once submitted
+    pending: list = field(default_factory=list)  # TaskSpecs wanted and not submitted yet
+    events: list = field(default_factory=list)  # Events made here (want), handed out by the next poll
+    planned: int = 0  # tasks of this round not created yet
+    created: int = 0
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.job["directory"])
+
+    @property
+    def kind(self) -> str:
+        return self.job["executor"]
+
+    def live(self) -> list[str]:
+        return [task for task, f in self.files.items() if not f.ended]
+
+    def start(self, dispatcher: Dispatcher) -> None:
+        if self.files:  # taken up again by collect: the tasks exist already
+            return
+        self.new_round(dispatcher)
+
+    def new_round(self, dispatcher: Dispatcher) -> None:
+        self.planned = math.ceil(len(dispatcher.queue) / self.job["partitions_per_task"])
+        self.job["rounds"] += 1
+        self.launch(dispatcher)
+
+    def launch(self, dispatcher: Dispatcher) -> None:
+        limit = self.job["array_parallelism"] if self.kind == "local" and self.job["wait"] else math.inf
+        while self.planned and dispatcher.queue and len(self.live()) < limit:
+            task = f"task-{self.created}"
+            self.created += 1
+            self.planned -= 1
+            self.files[task] = _TaskFile(self.directory / "tasks" / f"{task}.jsonl")
+            dispatcher.join(task)
+            self.events.append(Event("want", task, count=self.job["partitions_per_task"]))
+
+    def send(self, task: str, units: list[Unit], ahead: bool) -> None:
+        if task in self.jobs or not units:
+            raise RuntimeError(f"internal: {task} was given work after its submission")
+        positions = [u.position for u in units]
+        self.job["tasks"][task] = {"units": positions, "round": self.job["rounds"]}
+        items = tuple((u.position, u.item) for u in units)
+        self.pending.append(TaskSpec(task, items, directory=str(self.directory), **self.spec))
+
+    def submit_pending(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        submitted = self.executor.map_array(run_task, batch)
+        for spec, job in zip(batch, submitted, strict=True):
+            self.jobs[spec.task] = job
+            self.job["tasks"][spec.task]["scheduler_id"] = job.job_id
+        self.job["scheduler_ids"] += [j.job_id for j in submitted]
+        save_job(self.job["results"], _as_job(self.plan, self.job))
+
+    def _event(self, task: str, event: dict) -> Event | None:
+        kind = event["event"]
+        if kind == "unit":
+            data = (self.directory / "units" / event["file"]).read_bytes()
+            return Event("done", task, position=event["unit"], result=decode_result(data))
+        if kind == "unit_failed":
+            return Event("failed", task, position=event["unit"], error=event["error"])
+        if kind == "ready":
+            return Event("ready", task, info=event)
+        if kind == "end":
+            self.files[task].ended = True
+            return Event("left", task)
+        if kind == "failed":
+            self.files[task].ended = True
+            return Event("lost", task, error=event["error"])
+        return None  # start
+
+    def read(self) -> list[Event]:
+        out = []
+        for task in self.live():
+            for event in self.files[task].read_new():
+                made = self._event(task, event)
+                if made is not None:
+                    out.append(made)
+        return out
+
+    def poll(self, timeout_s: float | None) -> list[Event]:
+        if self.events:
+            out, self.events = self.events, []
+            return out
+        self.submit_pending()
+        while True:
+            out = self.read()
+            if out:
+                return out
+            gone = [t for t in self.live() if t in self.jobs and not _job_running(self.kind, self.jobs[t])]
+            if gone:
+                out = self.read()  # what was written just before its job ended
+                for task in gone:
+                    if not self.files[task].ended:
+                        self.files[task].ended = True
+                        why = f"{task} ended without finishing (killed, timed out or never started)"
+                        out.append(Event("lost", task, error=why))
+                return out
+            time.sleep(POLL_S[self.kind])
+
+    def after_exit(self, dispatcher: Dispatcher, task: str) -> None:
+        if self.planned:
+            self.launch(dispatcher)
+        elif dispatcher.queue and not self.live():
+            self.new_round(dispatcher)
+
+    def abandon(self, task: str) -> None:
+        job = self.jobs.get(task)
+        if job is not None:
+            job.cancel(check=False)
+
+    def stop(self, finished: bool) -> None:
+        # Tasks end on their own; cut short, the array goes on, and ``collect`` can take it up again
+        self.submit_pending()
 
 
-def job_plan(directory: Path) -> Plan:
-    return plan_from_json(json.loads((directory / JOB_FILE).read_text())["plan"])
+def _as_job(plan: Plan, state: dict) -> Job:
+    return Job(state["job_id"], plan.backend, plan_to_dict(plan), state)
 
 
-def _rebuilt_jobs(directory: Path, job: dict) -> list:
+def _executor(directory: Path, kind: str, parameters: dict):
     import submitit
 
-    cls = submitit.SlurmJob if job["executor"] == "slurm" else submitit.LocalJob
-    return [cls(folder=directory / "submitit", job_id=job_id) for job_id in job["scheduler_job_ids"]]
+    executor = submitit.AutoExecutor(folder=directory / "submitit", cluster=kind)
+    executor.update_parameters(**parameters)
+    return executor
 
 
-def gather(directory: Path, emit: Emit, jobs: list | None = None, waves: _Waves | None = None) -> BackendRun:
-    """Follow the tasks' files until every task has ended, emitting each partition once; build the BackendRun."""
-    job = json.loads((directory / JOB_FILE).read_text())
-    kind = job["executor"]
-    jobs = list(jobs) if jobs is not None else _rebuilt_jobs(directory, job)
-    plan = plan_from_json(job["plan"])
-    files = [_TaskFile(directory / "tasks" / f"task-{task:05d}.jsonl") for task in range(job["tasks"])]
-    emitted: set[int] = set()
+def _new_job(plan: Plan, wait: bool) -> tuple[dict, Dispatcher]:
+    options = plan.backend_options
+    if plan.engine == "reference":
+        raise UserError("--engine reference is the one-process upstream loop: run it with --backend cpu")
+    if plan.work_dir is None:
+        raise RuntimeError("internal: a SLURM array needs the plan's work_dir (the results directory)")
+    kind = options.get("slurm_executor") or "slurm"
+    units = work_units(plan)
+    per_task = groups_of(len(units), options.get("tasks"), options.get("partitions_per_task"))
+    cpus = options.get("cpus_per_task") or plan.threads or 1
+    lanes, intra = (1, cpus) if plan.compile else lane_layout(cpus, options.get("lanes"))
+    groups = math.ceil(len(units) / per_task)
+    parallelism = options.get("array_parallelism") or (max(1, default_threads() // cpus) if kind == "local" else groups)
+    job_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    directory = arrays_dir(plan.work_dir).resolve() / job_id
+    (directory / "tasks").mkdir(parents=True)
+    (directory / "units").mkdir()
+    job = {
+        "job_id": job_id,
+        "results": plan.work_dir,
+        "directory": str(directory),
+        "executor": kind,
+        "wait": wait,
+        "submit_epoch": time.time(),
+        "partitions_per_task": per_task,
+        "cpus_per_task": cpus,
+        "lanes": lanes,
+        "intra_op_threads": intra,
+        "array_parallelism": parallelism,
+        "parameters": _parameters(options, kind, cpus),
+        "retries": DEFAULT_RETRIES if options.get("retries") is None else options["retries"],
+        "rounds": 0,
+        "tasks": {},
+        "scheduler_ids": [],
+    }
+    return job, Dispatcher(units, lambda result: None, job["retries"])
 
-    def read_all() -> None:
-        for task_file in files:
-            for event in task_file.read_new():
-                if event["event"] == "unit" and event["unit"] not in emitted:
-                    emitted.add(event["unit"])
-                    emit(_result(event))
 
+def _transport(plan: Plan, job: dict) -> ArrayTransport:
+    from cai_bench.engine import plan_options
+
+    spec = {"options": plan_options(plan, job["lanes"]), "weights": plan.weights, "seed": plan.seed}
+    transport = ArrayTransport(plan, job, {**spec, "intra": job["intra_op_threads"]})
+    transport.executor = _executor(Path(job["directory"]), job["executor"], job["parameters"])
+    return transport
+
+
+def run_array(plan: Plan, emit: Emit) -> BackendRun:
+    job, dispatcher = _new_job(plan, wait=True)
+    dispatcher.emit = emit
+    transport = _transport(plan, job)
     try:
-        while True:
-            read_all()
-            if all(f.ended for f in files):
-                break
-            running = [j for j in jobs if _job_running(kind, j)]
-            if waves is not None and waves.waiting:
-                jobs += waves.submit(job["array_parallelism"] - len(running))
-            elif not running:
-                read_all()  # what was written just before the last job ended
-                for task_file in files:
-                    task_file.ended = task_file.ended or "gone"
-                break
-            time.sleep(POLL_S[kind])
-    except KeyboardInterrupt:
-        results = directory.parent.parent
-        raise Detached(job["job_id"], f"cai-bench hpc collect {job['job_id']} --results {results}") from None
-    # Every task has ended: the job is recorded now (as ok or failed), and a later collect is refused
-    job["gathered_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _write_job(directory, job)
-    return _backend_run(job, plan, files, emitted)
+        drive(dispatcher, transport)
+    except KeyboardInterrupt as exc:
+        # The array goes on without the driver: ``collect`` takes it up from its saved state
+        exc.collect = collect_command(job["job_id"], plan.work_dir)
+        raise
+    return _finish(plan, job, dispatcher, transport)
+
+
+def submit(plan: Plan) -> Job:
+    """Submit the first round and leave; ``collect`` follows it (and any retry rounds) later."""
+    job, dispatcher = _new_job(plan, wait=False)
+    transport = _transport(plan, job)
+    transport.start(dispatcher)
+    for event in transport.poll(None):  # the first round's requests for work
+        apply(dispatcher, transport, event)
+    transport.stop(finished=False)
+    return _as_job(plan, job)
+
+
+def collect(saved: Job, emit: Emit) -> BackendRun:
+    """Take up a submitted array where it is: its tasks as workers holding their units, then as ``run_array``."""
+    import submitit
+
+    plan, job = plan_from_dict(saved.plan), dict(saved.state)
+    job["wait"] = True  # from here on the driver waits, so a retry round on the local executor runs in waves
+    transport = _transport(plan, job)
+    dispatcher = Dispatcher(work_units(plan), emit, job["retries"])
+    cls = submitit.SlurmJob if job["executor"] == "slurm" else submitit.LocalJob
+    for task, held in job["tasks"].items():
+        transport.files[task] = _TaskFile(transport.directory / "tasks" / f"{task}.jsonl")
+        transport.jobs[task] = cls(folder=transport.directory / "submitit", job_id=held["scheduler_id"])
+        transport.created += 1
+        dispatcher.join(task)
+        dispatcher.hand_over(task, held["units"])
+    drive(dispatcher, transport)
+    return _finish(plan, job, dispatcher, transport)
+
+
+# ---------------------------------------------------------------------------------------------- the record
 
 
 def _nodes_environment(ready: list[dict]) -> dict | None:
@@ -401,55 +423,33 @@ def _nodes_environment(ready: list[dict]) -> dict | None:
     return out
 
 
-def _result(event: dict) -> PartitionResult:
-    return PartitionResult(
-        WorkerRecord(**event["record"]),
-        np.asarray(event["object_id"], dtype=np.int64),
-        np.asarray(event["prediction"], dtype=np.float32),
-        np.asarray(event["redshift"], dtype=np.float32),
-    )
-
-
-def _backend_run(job: dict, plan: Plan, files: list[_TaskFile], emitted: set[int]) -> BackendRun:
-    starts = [e["epoch"] for f in files for e in f.events if e["event"] == "start"]
-    ends = [f.events[-1]["epoch"] for f in files if f.events]
-    ready = [e for f in files for e in f.events if e["event"] == "ready"]
-    hosts = {e["host"] for f in files for e in f.events if e["event"] == "start"}
+def _finish(plan: Plan, job: dict, dispatcher: Dispatcher, transport: ArrayTransport) -> BackendRun:
+    events = [e for f in transport.files.values() for e in f.events]
+    starts = [e["epoch"] for e in events if e["event"] == "start"]
+    ends = [f.events[-1]["epoch"] for f in transport.files.values() if f.events]
     waits = sorted(s - job["submit_epoch"] for s in starts)
-    wall_s = max(ends) - min(starts) if starts else 0.0
     info = {
         "slurm": True,
         "executor": job["executor"],
         "job_id": job["job_id"],
-        "scheduler_job_ids": job["scheduler_job_ids"],
-        "tasks": job["tasks"],
+        "scheduler_job_ids": job["scheduler_ids"],
+        "tasks": len(job["tasks"]),
         "tasks_started": len(starts),
+        "rounds": job["rounds"],
         "partitions_per_task": job["partitions_per_task"],
         "cpus_per_task": job["cpus_per_task"],
-        "threads": job["cpus_per_task"],
         "lanes": job["lanes"],
         "intra_op_threads": job["intra_op_threads"],
         "array_parallelism": job["array_parallelism"],
         "parameters": job["parameters"],
-        "hosts": len(hosts),
+        "hosts": len({e["host"] for e in events if e["event"] == "start"}),
         "queue_wait_s": waits[0] if waits else None,
         "queue_wait_max_s": waits[-1] if waits else None,
         "submit_to_last_end_s": max(ends) - job["submit_epoch"] if ends else None,
         "wall_clock": "first task start to last task end, epoch clocks of the nodes",
-        **(ready[0]["choices"] if ready else {}),
-        "precisions": sorted({e["choices"].get("precision") for e in ready} - {None}),
     }
-    weights = WeightsInfo(**ready[0]["weights"]) if ready else WeightsInfo(plan.weights or RANDOM_INIT, seed=plan.seed)
-    run = BackendRun(wall_s=wall_s, weights=weights, info=info, environment=_nodes_environment(ready))
-    units = work_units(plan)
-    failed = []
-    for task, (task_file, positions) in enumerate(zip(files, job["units"], strict=True)):
-        missing = [p for p in positions if p not in emitted]
-        if not missing:
-            continue
-        error = next((e["error"] for e in task_file.events if e["event"] == "failed"), None)
-        why = error or f"task {task} ended without finishing (killed, timed out or never started)"
-        failed += [{"partition": units[p].index, "unit": p, "attempts": 1, "errors": [why]} for p in missing]
-    if failed:
-        raise PartitionsFailed(run, failed)
-    return run
+    wall_s = max(ends) - min(starts) if starts else 0.0
+    environment = _nodes_environment(list(dispatcher.ready.values()))
+    return dispatched_run(
+        plan, dispatcher, wall_s, info, workers=len(job["tasks"]), threads=job["cpus_per_task"], environment=environment
+    )

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cai_bench.errors import UserError
+from cai_bench.records import RANDOM_INIT, WeightsInfo  # noqa: F401 (named here for callers)
 
 # Prefixes that wrappers add to every key: DataParallel/DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -28,21 +29,6 @@ _ALIASED_KEYS = {
     "inception_model.conv2d_init.weight": "inception_model.vis_inception.0.weight",
     "inception_model.conv2d_init.bias": "inception_model.vis_inception.0.bias",
 }
-RANDOM_INIT = "random-init"
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Where a model's weights came from; goes into every record."""
-
-    source: str  # RANDOM_INIT or the file path
-    sha256: str | None = None
-    seed: int | None = None
-
-    def to_dict(self) -> dict:
-        if self.source == RANDOM_INIT:
-            return {"weights": RANDOM_INIT, "seed": self.seed}
-        return {"weights": self.source, "sha256": self.sha256}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
