@@ -205,6 +205,9 @@ def test_a_local_job_array_runs_end_to_end_into_one_complete_record(cli, tiny_da
     assert record["environment"]["nodes"] == [here["host"]]
     assert record["environment"]["host"] == here["host"]
     assert record["environment"]["cpu_model"] == here["cpu_model"]
+    # the array was followed to its end and recorded: it cannot be collected into a second record
+    code, _, err = cli("collect", job["job_id"], "--results", results)
+    assert code == 2 and "already recorded" in err
 
 
 def test_no_wait_then_collect_records_the_array_once(cli, tiny_data, tmp_path):

@@ -37,7 +37,7 @@ from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit
 from cai_bench.backends.slurm_options import DEFAULT_TIME_MIN, groups_of
 from cai_bench.errors import UserError, describe
 from cai_bench.plan import PartitionRef, Plan, plan_from_dict, plan_to_dict, work_units
-from cai_bench.records import decode_result, encode_result
+from cai_bench.records import decode_result, encode_result, utc_now
 
 POLL_S = {"local": 0.5, "slurm": 10.0}  # squeue/sacct are shared by everyone on a cluster: ask them rarely
 
@@ -368,6 +368,9 @@ def run_array(plan: Plan, emit: Emit) -> BackendRun:
         # The array goes on without the driver: ``collect`` takes it up from its saved state
         exc.collect = collect_command(job["job_id"], plan.work_dir)
         raise
+    # Followed to its end here and recorded by the caller: a later collect of it is refused
+    job["collected_utc"] = utc_now()
+    save_job(plan.work_dir, _as_job(plan, job))
     return _finish(plan, job, dispatcher, transport)
 
 
