@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import enum
 
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where a start-up probe finds it faster and close enough
+# auto: the fastest precision a start-up probe finds at least 10% faster than fp32 and within 2e-3 of it.
+# tf32 and fp16 are CUDA's (a backend says which it takes: Backend.precisions)
+PRECISIONS = ("auto", "fp32", "bf16", "tf32", "fp16")
+CPU_PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("fast", "reference")
 # backend name -> module that defines ``create() -> Backend``, imported only when chosen
 BACKEND_MODULES = {
     "cpu": "cai_bench.backends.cpu",
     "hpc": "cai_bench.backends.hpc",
+    "gpu": "cai_bench.backends.gpu",
 }
 SLURM_EXECUTORS = ("slurm", "local")
 REPORT_FORMATS = ("table", "markdown", "csv", "json")

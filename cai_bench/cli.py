@@ -36,7 +36,10 @@ app.add_typer(model_app, name="model")
 app.add_typer(results_app, name="results")
 
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results directory (holds runs.jsonl).")]
-PRECISION_HELP = "auto: bf16 only where a start-up probe finds it faster and within 2e-3 of fp32."
+PRECISION_HELP = (
+    "auto: the fastest a start-up probe finds 10% faster than fp32 and within 2e-3 of it (cpu, hpc: bf16; "
+    "gpu: tf32, bf16, fp16). tf32 and fp16 are for --backend gpu."
+)
 ENGINE_HELP = "fast: the prepared model; reference: the upstream-style eager fp32 loop."
 OVERSUBSCRIBE_HELP = "Allow more threads than this process may use; the record and report mark the point."
 COMPILE_HELP = "torch.compile the fast engine's model (25-35 s up front on 2 cores; timed as start-up)."
@@ -147,7 +150,9 @@ def run(
     partition_mb: Annotated[
         float | None, typer.Option(help="Partition size in MB (MiB) for synthetic data.", show_default="25")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Samples per forward pass.", show_default="512; gpu: 4096")
+    ] = None,
     precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
     engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine.fast,
     compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
@@ -179,12 +184,15 @@ def run(
 ) -> None:
     """Run the model over a data set on one backend and record how long it took."""
     from cai_bench import runner, ui
-    from cai_bench.backends.base import check_options, get_backend
+    from cai_bench.backends.base import check_options, check_precision, get_backend
     from cai_bench.plan import make_plan
     from cai_bench.results import ResultsStore
 
     # Everything that can be refused is refused before any data is generated or anything runs
-    backend_options = check_options(get_backend(backend.value), backend_options)
+    chosen = get_backend(backend.value)
+    backend_options = check_options(chosen, backend_options)
+    check_precision(chosen, precision.value)
+    batch_size = batch_size or chosen.default_batch_size
     if not wait:
         runner.check_detach(backend.value, backend_options, repeats, warmup)
     runner.check_sizes(gb=gb, partition_mb=partition_mb, cycle_to_gb=cycle_to_gb)
@@ -310,7 +318,9 @@ def predict(
         Path | None, typer.Option(help="Weights (.safetensors, or a .pt state dict).", show_default="random init")
     ] = None,
     backend: Annotated[BackendName, typer.Option(help="Where to run.")] = BackendName.cpu,
-    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 512,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Samples per forward pass.", show_default="512; gpu: 4096")
+    ] = None,
     precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
     threads: Annotated[int | None, typer.Option(help="Threads in all.", show_default="physical cores")] = None,
     oversubscribe: Annotated[bool, typer.Option("--oversubscribe", help=OVERSUBSCRIBE_HELP)] = False,
@@ -330,14 +340,17 @@ def predict(
     the file holds every object exactly once. The run is timed and recorded like any run (kind "predict").
     """
     from cai_bench import runner, ui
-    from cai_bench.backends.base import check_options, get_backend
+    from cai_bench.backends.base import check_options, check_precision, get_backend
     from cai_bench.data.partitions import open_dataset
     from cai_bench.plan import make_plan
     from cai_bench.predict import check_out
     from cai_bench.predict import predict as run_predict
     from cai_bench.results import ResultsStore
 
-    backend_options = check_options(get_backend(backend.value), backend_options)
+    chosen = get_backend(backend.value)
+    backend_options = check_options(chosen, backend_options)
+    check_precision(chosen, precision.value)
+    batch_size = batch_size or chosen.default_batch_size
     runner.check_threads(threads, backend_options, oversubscribe)
     check_out(out, force)
     store = ResultsStore(results)
@@ -562,7 +575,7 @@ def sweep(
     what is missing (--force reruns everything).
     """
     from cai_bench import report, runner, ui
-    from cai_bench.backends.base import check_options, get_backend
+    from cai_bench.backends.base import check_options, check_precision, get_backend
     from cai_bench.plan import load_sweep_config, make_sweep
     from cai_bench.results import ResultsStore
 
@@ -586,6 +599,7 @@ def sweep(
     chosen = get_backend(spec.backend)
     for point in spec.points():  # every point's options, together, before anything runs
         options = check_options(chosen, {k: dict(v) if isinstance(v, tuple) else v for k, v in point.backend_options})
+        check_precision(chosen, point.precision)
         runner.check_threads(spec.threads, options, spec.oversubscribe)
     store = ResultsStore(results)
     store.check_writable()

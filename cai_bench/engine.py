@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,6 +87,7 @@ class WorkerState:
     choices: dict = field(default_factory=dict)  # what the engine chose and measured, for the run record
     units_done: int = 0
     lanes: ThreadPoolExecutor | None = None  # with options.lanes > 1: the threads that share each partition
+    pipeline: Any = None  # a backend's own per-worker state (the GPU worker's device buffers and streams)
 
     def close(self) -> None:
         if self.lanes is not None:
@@ -100,9 +102,16 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _precision_context(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """Where the precision is an autocast (bf16, fp16); fp32 and tf32 run the float32 model as it is (tf32 is
+    a switch of CUDA's matrix units, set once per worker: ``set_tf32``)."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def set_tf32(enabled: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -234,7 +243,7 @@ def load_partition(ref: PartitionRef, options: EngineOptions) -> Partition:
     return read_partition(ref, verify=options.verify_checksums)
 
 
-def _worker_record(
+def worker_record(
     worker: WorkerState,
     *,
     partition: int,
@@ -247,6 +256,7 @@ def _worker_record(
     compute_s: float,
     own_s: float,
     latencies: list[float],
+    device_stats: dict | None = None,
 ) -> WorkerRecord:
     """The record of one unit of work; start-up is charged to the worker's first unit only."""
     startup_s = worker.startup_s if worker.units_done == 0 else 0.0
@@ -277,6 +287,7 @@ def _worker_record(
         host=socket.gethostname(),
         pid=os.getpid(),
         batch_latency_s=[round(x, 6) for x in latencies],
+        device_stats=device_stats,
     )
 
 
@@ -328,20 +339,18 @@ def run_partition(
         latencies = [x for share in worker.lanes.map(lambda b: run_share(*b), shares) for x in share]
     compute_s = time.perf_counter() - compute_start
     trim_heap()
-    record = _worker_record(
-        worker,
-        partition=partition.ref.index,
-        partition_file=os.path.basename(partition.ref.path),
-        samples=n,
-        batch_size=batch,
-        device=device,
-        wait_s=wait_s,
-        load_s=partition.load_s,
-        compute_s=compute_s,
-        own_s=time.perf_counter() - entered,
-        latencies=latencies,
-    )
+    record = partition_record(
+        worker, partition.ref, entered, samples=n, batch_size=batch, device=device, wait_s=wait_s,
+        load_s=partition.load_s, compute_s=compute_s, latencies=latencies,
+    )  # fmt: skip
     return PartitionResult(record, partition.object_id.numpy(), prediction.numpy(), partition.redshift.numpy())
+
+
+def partition_record(worker: WorkerState, ref: PartitionRef, entered: float, **figures) -> WorkerRecord:
+    """The record of one partition run on ``worker`` that began at ``entered`` (a perf_counter reading);
+    ``figures`` are worker_record's samples, batch_size, device, wait_s, load_s, compute_s, latencies."""
+    own_s = time.perf_counter() - entered
+    return worker_record(worker, partition=ref.index, partition_file=os.path.basename(ref.path), own_s=own_s, **figures)
 
 
 # A unit as a worker loop sees it: (its place in the run's list of work, the partition)
@@ -354,6 +363,10 @@ def worker_loop(
     options: EngineOptions,
     on_done: Callable[[int, PartitionResult], None],
     on_failed: Callable[[int, str], None] | None = None,
+    *,
+    load: Callable[[PartitionRef], Any] | None = None,
+    run: Callable[[Any, WorkerState, float], PartitionResult] | None = None,
+    read_ahead: int = 1,
 ) -> WorkerState | None:
     """The loop every worker runs, whatever carries its units: hpc node processes, SLURM array tasks, the cpu
     backend, and next GPU device processes and the Lambda handler.
@@ -366,15 +379,23 @@ def worker_loop(
     A unit that raises goes to ``on_failed`` with its error, and the loop goes on; without ``on_failed`` the
     error ends the loop. Returns the started worker (None when there was no work), for its weights and choices;
     the caller closes it.
+
+    ``load`` (a reference to what ``run`` takes) and ``run`` (that, the worker and the seconds waited, to a
+    PartitionResult) replace reading and running a partition (the GPU worker reads into pinned buffers and runs
+    padded batches); ``read_ahead`` units are read in the background, each by a thread of its own.
     """
+    load = load or (lambda ref: load_partition(ref, options))
+    run = run or (lambda partition, worker, wait_s: run_partition(partition, worker, options, wait_s=wait_s))
 
     held: list[tuple[int, Future]] = []
     worker = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-prefetch") as reader:
+    with ThreadPoolExecutor(max_workers=read_ahead, thread_name_prefix="cai-prefetch") as reader:
 
-        def ask(ahead: bool) -> None:
-            for position, ref in next_units(ahead):
-                held.append((position, reader.submit(load_partition, ref, options)))
+        def ask(ahead: bool) -> int:
+            units = next_units(ahead)
+            for position, ref in units:
+                held.append((position, reader.submit(load, ref)))
+            return len(units)
 
         ask(ahead=False)
         if not held:
@@ -387,9 +408,9 @@ def worker_loop(
                     waited = time.perf_counter()
                     partition = pending.result()
                     wait_s = time.perf_counter() - waited
-                    if len(held) == 1:
-                        ask(ahead=True)
-                    result = run_partition(partition, worker, options, wait_s=wait_s)
+                    while len(held) <= read_ahead and ask(ahead=True):
+                        pass  # keep ``read_ahead`` units reading behind the one about to run
+                    result = run(partition, worker, wait_s)
                 except Exception as exc:
                     held.pop(0)
                     if on_failed is None:
@@ -444,7 +465,7 @@ def run_reference(refs: tuple[PartitionRef, ...], worker: WorkerState, options: 
             latencies.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
     compute_s = time.perf_counter() - compute_start
-    record = _worker_record(
+    record = worker_record(
         worker,
         partition=-1,
         partition_file=f"all {len(refs)} partitions",

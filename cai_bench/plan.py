@@ -172,10 +172,10 @@ def make_plan(
     if lanes is not None and (not isinstance(lanes, int) or lanes < 1):
         raise UserError(f"--lanes must be at least 1, got {lanes}")
     if engine == "reference":
-        if precision == "bf16" or compile:
-            raise UserError(
-                "--engine reference is the eager float32 baseline: it takes no --precision bf16 or --compile"
-            )
+        if precision not in ("auto", "fp32"):
+            raise UserError(f"--engine reference is the eager float32 baseline: it takes no --precision {precision}")
+        if compile:
+            raise UserError("--engine reference is the eager float32 baseline: it takes no --compile")
         precision = "fp32"
         if cycle_to_gb is not None:
             raise UserError("--engine reference holds the whole data set in memory: it takes no --cycle-to-gb")
@@ -335,6 +335,15 @@ def _declared_options(backend: str) -> dict:
         return {}
 
 
+def _default_batch_size(backend: str) -> int:
+    from cai_bench.backends.base import get_backend
+
+    try:
+        return get_backend(backend).default_batch_size
+    except (UserError, AttributeError):
+        return DEFAULT_AXES["batch_size"][0]
+
+
 def _option_values(option, values, where: str) -> tuple:
     """A backend option's values in a sweep: a list (an axis), or one value for every point."""
     values = values if isinstance(values, list) else [values]
@@ -372,6 +381,7 @@ def make_sweep(
     option_overrides = overrides.pop("backend_options", {})
     backend = overrides.get("backend") or config.get("backend") or "cpu"
     declared = _declared_options(backend)
+    defaults = {**DEFAULT_AXES, "batch_size": (_default_batch_size(backend),)}
     for name in option_overrides:
         if name not in declared:
             raise UserError(f"--{name.replace('_', '-')}: not an option of --backend {backend}")
@@ -390,7 +400,7 @@ def make_sweep(
     for number, table in enumerate(tables, start=1):
         at = f"{where}grid {number}: " if "grid" in config else where
         _check_keys(table, (*_GRID_KEYS, *declared), at)
-        axes = {**DEFAULT_AXES, **top, **{a: _axis_values(a, table[a], at) for a in AXES if a in table}}
+        axes = {**defaults, **top, **{a: _axis_values(a, table[a], at) for a in AXES if a in table}}
         for axis in AXES:
             if axis in overrides:
                 axes[axis] = _axis_values(axis, list(overrides[axis]), "")

@@ -61,6 +61,9 @@ class WorkerRecord:
     host: str
     pid: int
     batch_latency_s: list[float] = field(default_factory=list)
+    # What a device worker measured of the device (GPU: bytes and seconds of host-to-device copies, seconds the
+    # model ran, peak device memory); None on the CPU
+    device_stats: dict | None = None
 
 
 @dataclass

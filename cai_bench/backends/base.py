@@ -117,6 +117,8 @@ class PartitionsFailed(Exception):
 class Backend(Protocol):
     name: str
     options: tuple[BackendOption, ...]
+    precisions: tuple[str, ...]  # the --precision values it runs
+    default_batch_size: int  # --batch-size where none is given
 
     def check(self, options: dict) -> None:
         """Refuse combinations of its options it cannot run (UserError), before any work starts."""
@@ -169,6 +171,13 @@ def check_options(backend: Backend, options: dict) -> dict:
 def _flag(name: str) -> str:
     known = all_options().get(name)
     return known[0].flag if known else "--" + name.replace("_", "-")
+
+
+def check_precision(backend: Backend, precision: str) -> None:
+    """Refuse a precision the backend does not run (tf32 and fp16 are CUDA's), before any work."""
+    if precision not in getattr(backend, "precisions", (precision,)):
+        takes = ", ".join(backend.precisions)
+        raise UserError(f"--precision {precision}: --backend {backend.name} runs {takes}")
 
 
 _REGISTERED: dict[str, Callable[[], Backend]] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import psutil
 
 from cai_bench.backends.base import BackendOption, BackendRun, Emit
+from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.metrics import allowed_cpus
 from cai_bench.plan import Plan, work_units
 
@@ -42,6 +43,8 @@ def lane_layout(threads: int, lanes: int | None = None) -> tuple[int, int]:
 class CpuBackend:
     name: str = "cpu"
     options: tuple[BackendOption, ...] = (LANES,)
+    precisions: tuple[str, ...] = CPU_PRECISIONS
+    default_batch_size: int = 512
 
     def check(self, options: dict) -> None:
         pass

@@ -27,6 +27,7 @@ import contextlib
 import multiprocessing
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ from cai_bench.backends import slurm_options
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, Job, dispatched_run
 from cai_bench.backends.cpu import LANES, default_threads, lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drive
+from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.errors import UserError, describe
 from cai_bench.plan import Plan, work_units
 from cai_bench.records import decode_result, encode_result
@@ -85,25 +87,37 @@ def worker_context() -> tuple[multiprocessing.context.BaseContext, float]:
 # ---------------------------------------------------------------------------------------------- worker process
 
 
+def quiet_signals() -> None:
+    """For a worker process: a Ctrl-C in the terminal reaches every process of the group, and SIGTERM too (SLURM
+    sends it to every process of a job step at its time limit); the driver alone decides what stops, records
+    what finished and stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def worker_main(
     conn: Connection, worker_id: str, options: EngineOptions, weights: str | None, seed: int, intra: int
 ) -> None:
-    """One worker process: the engine's worker loop, its units asked of the driver over ``conn``.
+    """One hpc worker process: the engine's worker loop over units asked of the driver over ``conn``."""
+    quiet_signals()
+    import torch
+
+    from cai_bench.engine import start_worker
+
+    torch.set_num_threads(intra)
+    serve_pipe(conn, lambda: start_worker(worker_id, options, weights=weights, seed=seed), options)
+
+
+def serve_pipe(conn: Connection, start, options: EngineOptions, **loop) -> None:
+    """Run ``engine.worker_loop`` with its units asked of the driver over ``conn``: what every worker process of
+    a NodeTransport runs (``loop`` goes to the worker loop: the GPU worker's own load and run).
 
     To the driver: ("want", ahead), ("ready", weights, choices), ("done", unit, wire bytes), ("failed", unit,
     message), ("fatal", message) when start-up fails. From the driver: ("units", [(unit, ref), ...]), ("none",)
     to a read-ahead it cannot serve yet, ("stop",).
     """
-    # A Ctrl-C in the terminal reaches every process of the group; the driver alone decides what stops.
-    # SIGTERM too (SLURM sends it to every process of a job step at its time limit): the driver records what
-    # finished and stops the workers itself
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    import torch
+    from cai_bench.engine import worker_loop
 
-    from cai_bench.engine import start_worker, worker_loop
-
-    torch.set_num_threads(intra)
     stopped = False
 
     def send(message: tuple) -> None:
@@ -112,8 +126,8 @@ def worker_main(
         except OSError:
             raise _DriverGone() from None
 
-    def start():
-        worker = start_worker(worker_id, options, weights=weights, seed=seed)
+    def started():
+        worker = start()
         send(("ready", asdict(worker.weights), worker.choices))
         return worker
 
@@ -131,11 +145,12 @@ def worker_main(
 
     try:
         worker = worker_loop(
-            start,
+            started,
             next_units,
             options,
             on_done=lambda unit, result: send(("done", unit, encode_result(result))),
             on_failed=lambda unit, error: send(("failed", unit, error)),
+            **loop,
         )
     except _DriverGone:  # the driver stopped (Ctrl-C, SIGTERM): there is no one left to tell anything
         return
@@ -165,10 +180,13 @@ class NodeTransport:
     """Worker processes on this node, each over its own pipe; a dead one is replaced while work remains."""
 
     plan: Plan
-    options: EngineOptions
-    intra: int
     workers_wanted: int
     context: multiprocessing.context.BaseContext
+    # What each worker process runs: ``target(conn, worker_id, *args_for(n))`` for the n-th process started
+    target: Callable = worker_main
+    args_for: Callable[[int], tuple] = tuple
+    prefix: str = "hpc"
+    replace: bool = True  # start a replacement for a worker that died, while work remains
     live: dict = field(default_factory=dict)  # worker id -> _Process
     exits: dict = field(default_factory=dict)  # worker id -> (pid, "signal 9" / "exit code 1")
     started: int = 0  # processes started, replacements included
@@ -176,15 +194,15 @@ class NodeTransport:
     ready_after_s: list = field(default_factory=list)  # dispatch to each worker's "ready": process start, start-up
 
     def spawn(self, dispatcher: Dispatcher) -> None:
-        worker_id = f"hpc-{self.started}"
-        self.started += 1
+        worker_id = f"{self.prefix}-{self.started}"
         ours, theirs = self.context.Pipe()
         process = self.context.Process(
-            target=worker_main,
-            args=(theirs, worker_id, self.options, self.plan.weights, self.plan.seed, self.intra),
+            target=self.target,
+            args=(theirs, worker_id, *self.args_for(self.started)),
             name=f"cai-bench {worker_id}",
             daemon=True,
         )
+        self.started += 1
         process.start()
         theirs.close()
         self.live[worker_id] = _Process(process, ours)
@@ -257,13 +275,24 @@ class NodeTransport:
     def after_exit(self, dispatcher: Dispatcher, worker_id: str) -> None:
         # A replacement keeps the node busy; at most as many as were asked for, so a worker that dies at
         # start-up every time cannot loop forever.
-        if dispatcher.outstanding() and self.started < 2 * self.workers_wanted:
+        if self.replace and dispatcher.outstanding() and self.started < 2 * self.workers_wanted:
             self.spawn(dispatcher)
 
     def abandon(self, worker_id: str) -> None:
         worker = self.live.get(worker_id)
         if worker is not None and worker.process.is_alive():
             worker.process.kill()
+
+    def drive(self, dispatcher: Dispatcher) -> float:
+        """Run the dispatcher's units on these processes; the wall clock, from dispatch to the last result. Each
+        lost worker the dispatcher counted gets its pid and how its process ended."""
+        start = time.perf_counter()
+        drive(dispatcher, self)
+        wall_s = time.perf_counter() - start
+        for crash in dispatcher.lost_workers:
+            crash["worker_id"] = crash["worker"]
+            crash["pid"], crash["exit"] = self.exits.get(crash["worker"], (None, None))
+        return wall_s
 
     def stop(self, finished: bool) -> None:
         """Tell every worker to stop; whichever has not ended soon after is killed. A run cut short kills them at
@@ -290,13 +319,9 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
     retries = plan.backend_options.get("retries")
     dispatcher = Dispatcher(work_units(plan), emit, DEFAULT_RETRIES if retries is None else retries)
     context, server_s = worker_context()
-    transport = NodeTransport(plan, plan_options(plan, lanes), intra, workers, context)
-    start = time.perf_counter()
-    drive(dispatcher, transport)
-    wall_s = time.perf_counter() - start
-    for crash in dispatcher.lost_workers:  # the process's own account of how it ended
-        crash["worker_id"] = crash["worker"]
-        crash["pid"], crash["exit"] = transport.exits.get(crash["worker"], (None, None))
+    options = plan_options(plan, lanes)
+    transport = NodeTransport(plan, workers, context, args_for=lambda n: (options, plan.weights, plan.seed, intra))
+    wall_s = transport.drive(dispatcher)
     info = {
         "threads_per_worker": per_worker,
         "lanes": lanes,
@@ -314,6 +339,8 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
 class HpcBackend:
     name: str = "hpc"
     options: tuple[BackendOption, ...] = NODE_OPTIONS + slurm_options.OPTIONS
+    precisions: tuple[str, ...] = CPU_PRECISIONS
+    default_batch_size: int = 512
 
     def check(self, options: dict) -> None:
         if options.get("slurm"):

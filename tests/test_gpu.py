@@ -1,0 +1,156 @@
+"""The gpu backend. Without CUDA (this machine, CI) it refuses in one line; its whole device-worker path
+(pinned-buffer pool, double-buffered padded batches, device stats, one process per device on the dispatcher)
+runs here on the CPU device, chosen explicitly. Only what needs a real GPU is skipped, and says so."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from cai_bench.backends.gpu import PinnedPool, parse_devices, run_devices
+from cai_bench.data.partitions import open_dataset
+from cai_bench.errors import UserError
+from cai_bench.plan import make_plan
+from cai_bench.runner import execute
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible here)")
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens where no CUDA device is visible")
+
+
+def plan_for(data, backend="gpu", **options):
+    _, summary, refs = open_dataset(data)
+    return make_plan(backend, summary, refs, precision="fp32", **options)
+
+
+def by_object(results) -> dict[int, float]:
+    return {int(i): float(p) for r in results for i, p in zip(r.object_id, r.prediction, strict=True)}
+
+
+@no_cuda
+def test_without_cuda_run_and_sweep_say_so_in_one_line(cli, tiny_data, tmp_path):
+    code, _, err = cli("run", "--backend", "gpu", "--data", tiny_data, "--results", tmp_path / "r")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()]
+    assert "no CUDA device is visible here" in err and "--backend cpu" in err
+    args = ["sweep", "--backend", "gpu", "--batch-size", "1024,4096", "--gb", "0.002", "--results", tmp_path / "r"]
+    code, _, sweep_err = cli(*args)
+    assert code == 2 and sweep_err == err
+    assert not (tmp_path / "r" / "runs.jsonl").exists()
+
+
+def test_the_device_worker_path_on_the_cpu_device_predicts_what_the_cpu_backend_predicts(tiny_data):
+    # 4 partitions of 26 samples in batches of 10: two full batches and a padded one per partition, both slots
+    cpu = execute(plan_for(tiny_data, "cpu", threads=1, batch_size=10), None)[0]
+    emitted = []
+    plan = plan_for(tiny_data, batch_size=10, backend_options={"read_ahead": 2})
+    run = run_devices(plan, emitted.append, ["cpu", "cpu"])  # two device workers, one queue
+    ours, theirs = by_object(emitted), by_object(cpu.results)
+    assert ours.keys() == theirs.keys()
+    np.testing.assert_allclose([ours[k] for k in sorted(ours)], [theirs[k] for k in sorted(theirs)], atol=1e-5)
+    assert sorted(r.record.partition for r in emitted) == [0, 1, 2, 3]
+    for result in emitted:
+        record = result.record
+        assert record.batches == 3 and record.batch_size == 10 and record.device == "cpu"
+        assert len(result.prediction) == record.samples == 26  # the padding's outputs are dropped
+        stats = record.device_stats
+        assert stats["h2d_bytes"] == 26 * 20_520 and stats["h2d_s"] > 0
+        assert 0 < stats["busy_s"] <= record.compute_s
+    assert {r.record.worker_id for r in emitted} <= {"gpu-0", "gpu-1"}
+    assert run.workers == 2 and run.info["devices"] == ["cpu", "cpu"]
+    assert 0 < run.info["busy_fraction"] <= 1 and run.info["h2d_gbps"] > 0
+    assert run.info["precision"] == "fp32" and run.info["cuda_graphs"] is False
+
+
+def test_a_device_worker_that_cannot_run_a_precision_says_so(tiny_data):
+    plan = make_plan("gpu", *open_dataset(tiny_data)[1:], precision="fp16", batch_size=8)
+    with pytest.raises(UserError, match="--precision fp16 needs a CUDA device"):
+        run_devices(plan, lambda result: None, ["cpu"])
+
+
+def test_cpu_backends_refuse_the_cuda_precisions_in_one_line(cli, tiny_data, tmp_path):
+    code, _, err = cli("run", "--backend", "cpu", "--precision", "fp16", "--data", tiny_data, "--results", tmp_path)
+    assert code == 2 and err.strip() == "error: --precision fp16: --backend cpu runs auto, fp32, bf16"
+
+
+def test_the_pinned_pool_hands_out_a_fixed_number_of_reused_buffers():
+    pool = PinnedPool(2, capacity=7, pin=False)
+    first, second = pool.acquire(), pool.acquire()
+    assert first.images.shape == (7, 5, 32, 32) and second.magnitudes.shape == (7, 5)
+    assert first.magnitudes.dtype == torch.float64 and first is not second
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not got  # both buffers are out: the third reader waits
+    pool.release(first)
+    waiter.join(5)
+    assert got == [first]  # and gets the same memory back, not a new buffer
+
+
+@pytest.mark.parametrize(("text", "held"), [("all", "all"), ("0,1", "0+1"), ("1+0", "1+0"), (" 2 ", "2")])
+def test_devices_read_as_given(text, held):
+    assert parse_devices(text) == held
+
+
+@pytest.mark.parametrize("text", ["", "gpu0", "0,0", "-1"])
+def test_bad_devices_are_one_clear_error(text):
+    with pytest.raises(UserError, match="--devices"):
+        parse_devices(text)
+
+
+def test_the_gpu_benchmark_script_runs_end_to_end_shrunk_on_the_cpu(tmp_path, monkeypatch):
+    from cai_bench import bench_gpu
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    figures = bench_gpu.main(["--shrink", "--work-dir", str(tmp_path / "work")])
+    assert figures["device"] == "cpu" and figures["shrunk"] is True
+    assert figures["max_abs_dz"] <= 2e-3
+    assert figures["target_samples"] >= figures["base_samples"] > 0
+    for key in ("wall_s_host_memory", "wall_s_with_disk_reads", "samples_per_s_host_memory", "h2d_gbps"):
+        assert figures[key] > 0
+    written = json.loads((tmp_path / "out" / "bench-gpu.json").read_text())
+    assert written == figures
+
+
+@needs_cuda
+def test_on_a_gpu_the_chosen_precision_stays_within_tolerance_of_fp32(tiny_data):
+    fp32, auto = [], []
+    run_devices(plan_for(tiny_data, batch_size=64), fp32.append, ["cuda:0"])
+    plan = make_plan("gpu", *open_dataset(tiny_data)[1:], precision="auto", batch_size=64)
+    run_devices(plan, auto.append, ["cuda:0"])
+    ours, theirs = by_object(auto), by_object(fp32)
+    assert max(abs(ours[k] - theirs[k]) for k in ours) <= 2e-3
+
+
+def test_a_device_worker_that_dies_loses_only_its_unit_which_another_device_runs(tmp_path):
+    import os
+    import signal
+
+    from cai_bench.data.partitions import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, 0.01, 0.52, seed=5)  # 20 partitions of 26 samples
+    plan = plan_for(data, batch_size=2, backend_options={"retries": 1, "read_ahead": 1})
+    emitted, pids, killed = [], [], []
+
+    def emit(result):
+        emitted.append(result)
+        if result.record.pid not in pids:
+            pids.append(result.record.pid)
+        if not killed and len(pids) == 2:  # both devices at work: kill the one that did not just report
+            victim = next(p for p in pids if p != result.record.pid)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    run = run_devices(plan, emit, ["cpu", "cpu"])
+    assert killed, "the test never saw both device workers at work"
+    assert sorted(r.record.partition for r in emitted) == list(range(20))  # each exactly once
+    (crash,) = run.info["crashes"]
+    assert crash["pid"] == killed[0] and crash["exit"] == "signal 9"
+    assert run.info["workers_started"] == 2  # no replacement on a device that failed: the other took its units
+    redo = [r for r in emitted if r.record.partition == crash["partition"]]
+    assert len(redo) == 1 and redo[0].record.pid != killed[0]
