@@ -345,7 +345,15 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     elif cuda_graphs:
         if device.type != "cuda":
             raise UserError("--cuda-graphs needs a CUDA device")
-        _capture_graphs(worker, context)
+        try:
+            _capture_graphs(worker, context)
+        except Exception as exc:  # a model step that cannot be captured: plain launches, and the record says why
+            from cai_bench.errors import describe
+
+            worker.pipeline.graphs.clear()
+            worker.pipeline.outputs.clear()
+            torch.cuda.synchronize(device)
+            choices["cuda_graphs_error"] = describe(exc)
     with torch.inference_mode(), context():
         for slot in (0, 1, 0):  # both slots, so that compilation sees every buffer it will be given
             _forward(worker, slot)
