@@ -96,17 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     gpu.run_gpu_partition(resident[units[0].index], chosen, options, 0.0)  # the first full pass of the code path
     if cuda:
         torch.cuda.synchronize()
-    busy = copied = copy_s = compute = 0.0
+    totals = gpu.DeviceTotals()
     began = time.perf_counter()
     for ref in units:
-        stats = gpu.run_gpu_partition(resident[ref.index], chosen, options, 0.0).record
-        busy += stats.device_stats["busy_s"]
-        copied += stats.device_stats["h2d_bytes"]
-        copy_s += stats.device_stats["h2d_s"]
-        compute += stats.compute_s
+        totals.add(gpu.run_gpu_partition(resident[ref.index], chosen, options, 0.0).record)
     wall_memory = time.perf_counter() - began
     samples = sum(ref.samples for ref in units)
-    peak = torch.cuda.max_memory_allocated() if cuda else None
     del resident, chosen
 
     # 4. with disk reads: the backend's device worker process, on the dispatcher
@@ -138,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s_host_memory": wall_memory,
         "samples_per_s_host_memory": samples / wall_memory,
         "gbps_host_memory": samples * BITS_PER_SAMPLE / wall_memory / 1e9,
-        "h2d_gbps": copied / copy_s / 1e9 if copy_s else None,
-        "busy_fraction": busy / compute if compute else None,
-        "peak_gpu_memory_bytes": peak,
+        **totals.figures(),  # h2d_gbps, busy_fraction, peak_gpu_memory_bytes, of the host-memory run
         "wall_s_with_disk_reads": run.wall_s,
         "startup_s_with_disk_reads": startup,
         "wall_s_with_disk_reads_after_startup": run.wall_s - startup,

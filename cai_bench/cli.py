@@ -50,28 +50,23 @@ _debug = False
 # ---------------------------------------------------------------------------------------------- backend options
 
 
-def _option_parameter(option, backends: list[str], sweep: bool) -> inspect.Parameter:
+def _option_parameter(option, sweep: bool) -> inspect.Parameter:
     """The command-line parameter of one declared backend option (a comma list in a sweep)."""
-    shown = option.default if option.default is not None else None
-    info = {"help": option.help, "show_default": str(shown) if shown not in (None, False) else False}
+    shown = str(option.default) if option.default not in (None, False) else False
+    info = {"help": option.help, "show_default": shown}
     if option.kind is bool:
         kind = bool
-        names = [option.flag]
     elif option.kind is dict:
         kind = list[str] | None
-        names = [option.flag]
     elif sweep and option.sweepable:
         kind = str | None
-        names = [option.flag]
         info["help"] += " Comma-separated values: a sweep axis."
     elif option.choices:
         kind = choice(option.name.title().replace("_", ""), option.choices) | None
-        names = [option.flag]
     else:
         kind = (str if option.parse else option.kind) | None
-        names = [option.flag]
+    annotation = Annotated[kind, typer.Option(option.flag, **info)]
     default = False if option.kind is bool else None
-    annotation = Annotated[kind, typer.Option(*names, **info)]
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
@@ -106,7 +101,7 @@ def with_backend_options(sweep: bool = False):
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)
         own = [p for p in signature.parameters.values() if p.name != "backend_options"]
-        extra = [_option_parameter(option, backends, sweep) for option, backends in declared.values()]
+        extra = [_option_parameter(option, sweep) for option, _ in declared.values()]
 
         @functools.wraps(command)
         def wrapper(**kwargs):

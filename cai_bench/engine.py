@@ -126,10 +126,13 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _probe_inputs(device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_inputs(
+    device: torch.device, channels_last: bool, size: int = PROBE_BATCH
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The precision probe's batch: ``size`` realistic galaxies (not noise), on ``device``."""
     from cai_bench.data.synthetic import generate
 
-    batch = generate(seed=12345, start=0, stop=PROBE_BATCH)  # realistic galaxies, not noise
+    batch = generate(seed=12345, start=0, stop=size)
     image = torch.from_numpy(batch.images).to(device)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
@@ -151,7 +154,7 @@ def decide_precision(native: bool, fp32_s: float, bf16_s: float, max_difference:
 def time_precisions(model: nn.Module, device: torch.device, channels_last: bool) -> dict:
     """fp32 and bf16 on one probe batch: best of 2 each after a warm-up, alternated, and how far apart their
     predictions are."""
-    image, magnitude = _probe_inputs(device, channels_last)
+    image, magnitude = probe_inputs(device, channels_last)
     seconds = {"fp32": [], "bf16": []}
     outputs = {}
     with torch.inference_mode():
@@ -170,6 +173,16 @@ def time_precisions(model: nn.Module, device: torch.device, channels_last: bool)
     }
 
 
+def forced_precision(allowed: tuple[str, ...]) -> tuple[str, dict] | None:
+    """The probe's answer as FORCE_PROBE_ENV gives it (one of ``allowed``), with why; None when it is not set."""
+    forced = os.environ.get(FORCE_PROBE_ENV, "").strip().lower()
+    if not forced:
+        return None
+    if forced not in allowed:
+        raise UserError(f"{FORCE_PROBE_ENV}={forced!r}: give {' or '.join(allowed)}, or unset it")
+    return forced, {"chose": forced, "why": f"forced by {FORCE_PROBE_ENV}"}
+
+
 def choose_precision(model: nn.Module, device: torch.device, channels_last: bool) -> tuple[str, dict]:
     """For precision "auto": what ``decide_precision`` makes of this device and a timed probe batch.
 
@@ -177,11 +190,9 @@ def choose_precision(model: nn.Module, device: torch.device, channels_last: bool
     runs; each run records what it chose and why. FORCE_PROBE_ENV (bf16 or fp32) replaces the answer without
     probing, so that a test suite can be run as it would on a machine that answers the other way.
     """
-    forced = os.environ.get(FORCE_PROBE_ENV, "").strip().lower()
+    forced = forced_precision(("fp32", "bf16"))
     if forced:
-        if forced not in ("fp32", "bf16"):
-            raise UserError(f"{FORCE_PROBE_ENV}={forced!r}: give fp32 or bf16, or unset it")
-        return forced, {"chose": forced, "why": f"forced by {FORCE_PROBE_ENV}"}
+        return forced
     native = native_bf16(device)
     if not native:
         return "fp32", {"chose": "fp32", "why": decide_precision(False, 0.0, 0.0, 0.0)[1]}

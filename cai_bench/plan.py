@@ -324,24 +324,15 @@ def _axis_values(axis: str, values, where: str) -> tuple:
     return tuple(dict.fromkeys(out))
 
 
-def _declared_options(backend: str) -> dict:
-    """The options ``backend`` declares, by name; none for a backend this cai-bench does not have (running such
-    a sweep is refused where the backend is looked up)."""
+def _known_backend(name: str):
+    """The backend of that name, or None for one this cai-bench does not have (running such a sweep is refused
+    where the backend is looked up)."""
     from cai_bench.backends.base import get_backend
 
     try:
-        return {o.name: o for o in get_backend(backend).options}
+        return get_backend(name)
     except UserError:
-        return {}
-
-
-def _default_batch_size(backend: str) -> int:
-    from cai_bench.backends.base import get_backend
-
-    try:
-        return get_backend(backend).default_batch_size
-    except (UserError, AttributeError):
-        return DEFAULT_AXES["batch_size"][0]
+        return None
 
 
 def _option_values(option, values, where: str) -> tuple:
@@ -380,8 +371,10 @@ def make_sweep(
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     option_overrides = overrides.pop("backend_options", {})
     backend = overrides.get("backend") or config.get("backend") or "cpu"
-    declared = _declared_options(backend)
-    defaults = {**DEFAULT_AXES, "batch_size": (_default_batch_size(backend),)}
+    known = _known_backend(backend)
+    declared = {o.name: o for o in known.options} if known else {}
+    batch = (getattr(known, "default_batch_size", DEFAULT_AXES["batch_size"][0]),)
+    defaults = {**DEFAULT_AXES, "batch_size": batch}
     for name in option_overrides:
         if name not in declared:
             raise UserError(f"--{name.replace('_', '-')}: not an option of --backend {backend}")

@@ -221,7 +221,6 @@ def _record(
     results: list[PartitionResult],
     wall_s: float,
     status: str,
-    environment: dict | None = None,
     run: BackendRun | None = None,
     **extra,
 ) -> RunRecord:
@@ -241,7 +240,7 @@ def _record(
         repeat=repeat,
         repeats=plan.repeats,
         plan=plan.to_record(),
-        environment=run_environment(plan, environment),
+        environment=run_environment(plan, run.environment if run is not None else None),
         summary=summary,
         workers=workers,
         accuracy=run_accuracy(plan, results, extra["weights"]),
@@ -286,7 +285,6 @@ def run_repeat(
                 collected,
                 exc.run.wall_s,
                 "failed",
-                environment=exc.run.environment,
                 run=exc.run,
                 backend_info={"failed_partitions": exc.failed},
                 error=str(exc),
@@ -308,9 +306,7 @@ def run_repeat(
     if plan.cycle_to_gb is not None:  # the same for every backend: how often the data set was gone through
         info["partitions_processed"] = len(units)
         info["passes_over_data"] = len(units) / len(plan.partitions)
-    record = _record(
-        plan, repeat, collected, run.wall_s, "ok", environment=run.environment, run=run, backend_info=info, kind=kind
-    )
+    record = _record(plan, repeat, collected, run.wall_s, "ok", run=run, backend_info=info, kind=kind)
     if store is not None:
         store.append(record)
     return RunOutcome(record, collected)

@@ -20,7 +20,6 @@ synchronous timers), which is how the tests check it here: ``run_devices(plan, e
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 from dataclasses import dataclass, field
@@ -137,12 +136,14 @@ class HostPartition:
 
 def read_into(pool: PinnedPool | None, ref, verify: bool) -> HostPartition:
     """Read, check and decode one partition into a buffer of ``pool`` (a buffer of its own without a pool)."""
+    import torch
+
     from cai_bench.data.partitions import read_partition
 
     started = time.perf_counter()
     partition = read_partition(ref, verify=verify)
     n = len(partition)
-    buffer = pool.acquire() if pool is not None else PinnedPool(1, n, pin=_cuda_available()).acquire()
+    buffer = pool.acquire() if pool is not None else PinnedPool(1, n, pin=torch.cuda.is_available()).acquire()
     try:
         buffer.images[:n].copy_(partition.images)
         buffer.magnitudes[:n].copy_(partition.magnitudes)
@@ -153,12 +154,6 @@ def read_into(pool: PinnedPool | None, ref, verify: bool) -> HostPartition:
     return HostPartition(
         ref, buffer, n, partition.object_id.numpy(), partition.redshift.numpy(), time.perf_counter() - started, pool
     )
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------------------------------------- device side
@@ -263,19 +258,12 @@ def choose_gpu_precision(model, device, channels_last: bool) -> tuple[str, dict]
     3 after a warm-up; the fastest that is at least 10% faster and within PRECISION_TOLERANCE wins."""
     import torch
 
-    from cai_bench.data.synthetic import generate
-    from cai_bench.engine import FORCE_PROBE_ENV, PRECISION_TOLERANCE, set_tf32
+    from cai_bench.engine import PRECISION_TOLERANCE, forced_precision, probe_inputs, set_tf32
 
-    forced = os.environ.get(FORCE_PROBE_ENV, "").strip().lower()
+    forced = forced_precision(PRECISIONS[1:])
     if forced:
-        if forced not in PRECISIONS[1:]:
-            raise UserError(f"{FORCE_PROBE_ENV}={forced!r}: give one of {', '.join(PRECISIONS[1:])}, or unset it")
-        return forced, {"chose": forced, "why": f"forced by {FORCE_PROBE_ENV}"}
-    batch = generate(seed=12345, start=0, stop=PROBE_BATCH)
-    image = torch.from_numpy(batch.images).to(device)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    magnitude = torch.from_numpy(batch.magnitudes).to(device)
+        return forced
+    image, magnitude = probe_inputs(device, channels_last, PROBE_BATCH)
     candidates = ["fp32", "tf32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
     seconds, outputs = {}, {}
     with torch.inference_mode():
@@ -482,6 +470,32 @@ def device_worker_main(conn, worker_id: str, options, weights: str | None, seed:
     )
 
 
+@dataclass
+class DeviceTotals:
+    """The run's device figures, summed over its partitions' records as they arrive."""
+
+    h2d_bytes: int = 0
+    h2d_s: float = 0.0
+    busy_s: float = 0.0
+    compute_s: float = 0.0
+    peak_bytes: int = 0
+
+    def add(self, record) -> None:
+        stats = record.device_stats or {}
+        self.h2d_bytes += stats.get("h2d_bytes", 0)
+        self.h2d_s += stats.get("h2d_s", 0.0)
+        self.busy_s += stats.get("busy_s", 0.0)
+        self.compute_s += record.compute_s
+        self.peak_bytes = max(self.peak_bytes, stats.get("max_memory_allocated_bytes") or 0)
+
+    def figures(self) -> dict:
+        return {
+            "h2d_gbps": self.h2d_bytes / self.h2d_s / 1e9 if self.h2d_s else None,
+            "busy_fraction": self.busy_s / self.compute_s if self.compute_s else None,
+            "peak_gpu_memory_bytes": self.peak_bytes or None,
+        }
+
+
 def run_devices(plan: Plan, emit: Emit, devices: list[str]) -> BackendRun:
     """One worker process per device, on the dispatcher; a device that fails loses only its units, which go to
     the others (no replacement is started on a device that failed)."""
@@ -490,15 +504,10 @@ def run_devices(plan: Plan, emit: Emit, devices: list[str]) -> BackendRun:
 
     options = plan.backend_options
     retries = options.get("retries")
-    stats = {"h2d_bytes": 0, "h2d_s": 0.0, "busy_s": 0.0, "compute_s": 0.0, "peak": 0}
+    totals = DeviceTotals()
 
     def counted(result) -> None:
-        device = result.record.device_stats or {}
-        stats["h2d_bytes"] += device.get("h2d_bytes", 0)
-        stats["h2d_s"] += device.get("h2d_s", 0.0)
-        stats["busy_s"] += device.get("busy_s", 0.0)
-        stats["compute_s"] += result.record.compute_s
-        stats["peak"] = max(stats["peak"], device.get("max_memory_allocated_bytes") or 0)
+        totals.add(result.record)
         emit(result)
 
     units = work_units(plan)
@@ -521,9 +530,7 @@ def run_devices(plan: Plan, emit: Emit, devices: list[str]) -> BackendRun:
     info = {
         "devices": devices,
         "read_ahead": read_ahead,
-        "h2d_gbps": stats["h2d_bytes"] / stats["h2d_s"] / 1e9 if stats["h2d_s"] else None,
-        "busy_fraction": stats["busy_s"] / stats["compute_s"] if stats["compute_s"] else None,
-        "peak_gpu_memory_bytes": stats["peak"] or None,
+        **totals.figures(),
         "worker_ready_after_s": transport.ready_after_s,
         "fork_server_start_s": server_s,
         "start_method": context.get_start_method(),

@@ -346,10 +346,9 @@ class HpcBackend:
         if options.get("slurm"):
             slurm_options.check(options)
             return
-        extra = sorted(set(options) & {o.name for o in slurm_options.OPTIONS})
+        extra = [o for o in slurm_options.OPTIONS if o.name in options]
         if extra:
-            flag = "no-wait" if extra[0] == "wait" else extra[0].replace("_", "-")
-            raise UserError(f"--{flag} applies to SLURM arrays: add --slurm")
+            raise UserError(f"{extra[0].flag} applies to SLURM arrays: add --slurm")
 
     def machine(self, plan: Plan) -> str | None:
         return slurm_options.machine(plan.backend_options) if plan.backend_options.get("slurm") else None
