@@ -26,8 +26,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from cai_bench.data.partitions import Partition, read_partition
-from cai_bench.errors import UserError, describe
+from cai_bench.errors import UserError
 from cai_bench.metrics import peak_rss_bytes, percentiles, rate, trim_heap
 from cai_bench.model.astromae import build_model
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, load_weights
@@ -362,87 +361,6 @@ def partition_record(worker: WorkerState, ref: PartitionRef, entered: float, **f
     ``figures`` are worker_record's samples, batch_size, device, wait_s, load_s, compute_s, latencies."""
     own_s = time.perf_counter() - entered
     return worker_record(worker, partition=ref.index, partition_file=os.path.basename(ref.path), own_s=own_s, **figures)
-
-
-# A unit as a worker loop sees it: (its place in the run's list of work, the partition)
-LoopUnit = tuple[int, PartitionRef]
-
-
-def worker_loop(
-    start: Callable[[], WorkerState],
-    next_units: Callable[[bool], list[LoopUnit]],
-    options: EngineOptions,
-    on_done: Callable[[int, PartitionResult], None],
-    on_failed: Callable[[int, str], None] | None = None,
-    *,
-    load: Callable[[PartitionRef], Any] | None = None,
-    run: Callable[[Any, WorkerState, float], PartitionResult] | None = None,
-    read_ahead: int = 1,
-) -> WorkerState | None:
-    """The loop every worker runs, whatever carries its units: hpc node processes, SLURM array tasks, the cpu
-    backend, and next GPU device processes and the Lambda handler.
-
-    ``next_units(ahead)`` asks for work: ``ahead=False`` when the worker has nothing (an empty answer ends the
-    loop), ``ahead=True`` while it starts its last unit, to read one more in the background (an empty answer
-    just means not now). The first units are asked for and read while the worker starts (``start``), then one
-    unit is always read ahead, so reading overlaps compute and at most two partitions are in memory.
-
-    A unit that raises goes to ``on_failed`` with its error, and the loop goes on; without ``on_failed`` the
-    error ends the loop. Returns the started worker (None when there was no work), for its weights and choices;
-    the caller closes it.
-
-    ``load`` (a reference to what ``run`` takes) and ``run`` (that, the worker and the seconds waited, to a
-    PartitionResult) replace reading and running a partition (the GPU worker reads into pinned buffers and runs
-    padded batches); ``read_ahead`` units are read in the background, each by a thread of its own.
-    """
-    load = load or (lambda ref: load_partition(ref, options))
-    run = run or (lambda partition, worker, wait_s: run_partition(partition, worker, options, wait_s=wait_s))
-
-    held: list[tuple[int, Future]] = []
-    worker = None
-    with ThreadPoolExecutor(max_workers=read_ahead, thread_name_prefix="cai-prefetch") as reader:
-
-        def ask(ahead: bool) -> int:
-            units = next_units(ahead)
-            for position, ref in units:
-                held.append((position, reader.submit(load, ref)))
-            return len(units)
-
-        ask(ahead=False)
-        if not held:
-            return None
-        worker = start()
-        try:
-            while held:
-                position, pending = held[0]
-                try:
-                    waited = time.perf_counter()
-                    partition = pending.result()
-                    wait_s = time.perf_counter() - waited
-                    while len(held) <= read_ahead and ask(ahead=True):
-                        pass  # keep ``read_ahead`` units reading behind the one about to run
-                    result = run(partition, worker, wait_s)
-                except Exception as exc:
-                    held.pop(0)
-                    if on_failed is None:
-                        raise
-                    on_failed(position, describe(exc))
-                else:
-                    held.pop(0)
-                    del partition
-                    on_done(position, result)
-                if not held:
-                    ask(ahead=False)
-        except BaseException:
-            worker.close()
-            raise
-    return worker
-
-
-def units_from(units: list[LoopUnit]) -> Callable[[bool], list[LoopUnit]]:
-    """``next_units`` for a worker given its whole list up front: one unit per request, ahead or not."""
-    remaining = list(reversed(units))
-    return lambda ahead: [remaining.pop()] if remaining else []
 
 
 def run_reference(refs: tuple[PartitionRef, ...], worker: WorkerState, options: EngineOptions) -> PartitionResult:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from cai_bench.backends.base import BackendOption, dispatched_run, register_backend
 from cai_bench.backends.dispatch import Dispatcher, Event, drive
-from cai_bench.engine import plan_options, start_worker, worker_loop
+from cai_bench.engine import plan_options, start_worker
+from cai_bench.loop import worker_loop
 from cai_bench.plan import work_units
 
 # ---- the toy backend, all of it down to the end marker (under 60 lines)

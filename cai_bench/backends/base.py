@@ -1,6 +1,6 @@
 """The backend interface, the options a backend declares, and the registry that picks a backend by name.
 
-A backend takes a Plan, gets every work unit to a worker (``engine.worker_loop`` on each), hands each
+A backend takes a Plan, gets every work unit to a worker (``loop.worker_loop`` on each), hands each
 finished ``PartitionResult`` to ``emit`` as soon as it exists, and reports its wall clock. Backends with
 workers of their own run them under the one dispatcher (``dispatch.py``) and only add a transport. Callers only
 ever use ``get_backend(name).run(plan, emit)``; a backend that can leave work running and be collected later

@@ -55,7 +55,8 @@ class CpuBackend:
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         import torch
 
-        from cai_bench.engine import plan_options, run_reference, start_worker, units_from, worker_loop
+        from cai_bench.engine import plan_options, run_reference, start_worker
+        from cai_bench.loop import units_from, worker_loop
 
         threads = plan.threads or default_threads()
         if plan.engine == "reference" or plan.compile:  # a compiled model is called from one thread only

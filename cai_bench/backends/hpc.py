@@ -116,7 +116,7 @@ def serve_pipe(conn: Connection, start, options: EngineOptions, **loop) -> None:
     message), ("fatal", message) when start-up fails. From the driver: ("units", [(unit, ref), ...]), ("none",)
     to a read-ahead it cannot serve yet, ("stop",).
     """
-    from cai_bench.engine import worker_loop
+    from cai_bench.loop import worker_loop
 
     stopped = False
 

@@ -72,7 +72,8 @@ def run_task(spec: TaskSpec) -> int:
     """One array task, on whatever node the scheduler chose; returns how many units it finished."""
     import torch
 
-    from cai_bench.engine import start_worker, units_from, worker_loop
+    from cai_bench.engine import start_worker
+    from cai_bench.loop import units_from, worker_loop
     from cai_bench.results import capture_environment
 
     directory = Path(spec.directory)

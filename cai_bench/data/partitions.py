@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from cai_bench.data import synthetic
-from cai_bench.data.storage import MANIFEST, split_ref, storage_for
+from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
 from cai_bench.errors import UserError
 from cai_bench.plan import (
     BYTES_PER_SAMPLE,
@@ -33,6 +33,9 @@ from cai_bench.plan import (
     samples_per_partition,
 )
 from cai_bench.shapes import FLAG, INT, LIST, NUMBER, TABLE, TEXT, problem
+
+if TYPE_CHECKING:
+    import torch  # only read_partition decodes to torch; the rest of the format is numpy and bytes
 
 SCHEMA_VERSION = "1.0"
 MAX_HEADER = 1 << 20  # a partition header is a few hundred bytes; more is not a partition
@@ -170,9 +173,9 @@ def load_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
-def data_summary(directory: Path, manifest: Manifest) -> DataSummary:
+def data_summary(location: str, manifest: Manifest) -> DataSummary:
     return DataSummary(
-        path=str(directory),
+        path=location,
         dataset_id=manifest.dataset_id,
         source=manifest.source,
         samples=manifest.samples,
@@ -188,10 +191,9 @@ def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[Pa
 
     Checksums are compared when a partition is read (``read_partition``) or by ``verify_dataset``.
     """
-    directory = Path(directory)
     manifest = load_manifest(directory)
     storage = storage_for(directory)
-    refs = partition_refs(directory, manifest)
+    refs = partition_refs(storage, manifest)
     for ref, entry in zip(refs, manifest.partitions, strict=True):
         size = storage.size(entry.file)
         if size is None:
@@ -201,12 +203,12 @@ def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[Pa
                 f"{ref.path}: {size} bytes on disk but the manifest says {ref.bytes} (truncated or replaced?)"
             )
         check_header(ref.path, ref.samples)
-    return manifest, data_summary(directory, manifest), refs
+    return manifest, data_summary(storage.location, manifest), refs
 
 
-def partition_refs(directory: Path, manifest: Manifest) -> tuple[PartitionRef, ...]:
+def partition_refs(storage: Storage, manifest: Manifest) -> tuple[PartitionRef, ...]:
     return tuple(
-        PartitionRef(str(directory / e.file), index, e.samples, e.bytes, e.sha256)
+        PartitionRef(storage.where(e.file), index, e.samples, e.bytes, e.sha256)
         for index, e in enumerate(manifest.partitions)
     )
 
@@ -254,12 +256,8 @@ def check_header(path: str | Path, expected_samples: int) -> None:
     _check_fields(_header(data[: 8 + min(length, MAX_HEADER)], path), path, expected_samples)
 
 
-def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
-    """Read, check (size, checksum, format, finite values) and decode one partition."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
-
-    start = time.perf_counter()
+def _checked_bytes(ref: PartitionRef, verify: bool) -> bytes:
+    """A partition's bytes, read and checked against its manifest entry (size, sha256, header)."""
     path = ref.path
     storage, name = split_ref(path)
     data = storage.read(name)
@@ -268,15 +266,29 @@ def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
     if verify and hashlib.sha256(data).hexdigest() != ref.sha256:
         raise UserError(f"{path}: sha256 does not match the manifest (corrupt file); run cai-bench data verify")
     _check_fields(_header(data, path), path, ref.samples)
+    return data
+
+
+def _check_finite(ref: PartitionRef, name: str, finite) -> None:
+    if not bool(finite.all()):
+        bad = int(np.asarray(finite).reshape(ref.samples, -1).all(axis=1).argmin())
+        raise UserError(f"{ref.path}: {name} holds NaN or inf values (first at sample {bad})")
+
+
+def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
+    """Read, check (size, checksum, format, finite values) and decode one partition."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    start = time.perf_counter()
+    data = _checked_bytes(ref, verify)
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        raise UserError(f"{path}: corrupt partition ({exc})") from None
+        raise UserError(f"{ref.path}: corrupt partition ({exc})") from None
     for name in FLOAT_FIELDS:
-        finite = torch.isfinite(tensors[name])
-        if not bool(finite.all()):
-            bad = int((~finite).reshape(ref.samples, -1).any(dim=1).nonzero()[0, 0])
-            raise UserError(f"{path}: {name} holds NaN or inf values (first at sample {bad})")
+        _check_finite(ref, name, torch.isfinite(tensors[name]).numpy())
     return Partition(
         ref=ref,
         images=tensors["images"],
@@ -287,13 +299,27 @@ def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
     )
 
 
+def read_partition_arrays(ref: PartitionRef, verify: bool = True) -> dict[str, np.ndarray]:
+    """The same read and checks as ``read_partition``, decoded to numpy arrays: for workers without torch."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_safetensors
+
+    data = _checked_bytes(ref, verify)
+    try:
+        arrays = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise UserError(f"{ref.path}: corrupt partition ({exc})") from None
+    for name in FLOAT_FIELDS:
+        _check_finite(ref, name, np.isfinite(arrays[name]))
+    return arrays
+
+
 def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:
     """Check every partition fully (size, sha256, format, values); returns the problems found."""
-    directory = Path(directory)
     manifest = load_manifest(directory)
     problems = []
     storage = storage_for(directory)
-    for ref, entry in zip(partition_refs(directory, manifest), manifest.partitions, strict=True):
+    for ref, entry in zip(partition_refs(storage, manifest), manifest.partitions, strict=True):
         if storage.size(entry.file) is None:
             problems.append(f"{ref.path}: missing")
             continue
