@@ -220,7 +220,7 @@ def test_partitions_are_read_through_the_storage_interface(tiny_data, cli):
     assert located.read(name) == Path(refs[2].path).read_bytes()
     assert located.read_head(name, 8) == Path(refs[2].path).read_bytes()[:8]
     assert located.size("no-such-file") is None
-    code, _, err = cli("data", "info", "s3://bucket/galaxies")
+    code, _, err = cli("data", "info", "gs://bucket/galaxies")
     assert code == 2 and err.strip() == (
-        "error: s3://bucket/galaxies: this cai-bench reads data sets from local directories only, not s3://"
+        "error: gs://bucket/galaxies: cai-bench reads data sets from local directories and s3:// only"
     )

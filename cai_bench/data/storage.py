@@ -2,7 +2,7 @@
 and its local-directory implementation. Everything that reads a data set goes through ``storage_for``, so a
 store elsewhere (S3, for the Lambda backend) is one more implementation, not a second reader.
 
-A data set is named by a location: a directory path here; ``s3://bucket/prefix`` once S3 storage exists. A
+A data set is named by a location: a directory path, or ``s3://bucket/prefix`` (``data/s3.py``). A
 partition is named by its file name inside the data set; a ``PartitionRef`` holds the two joined
 (``location/name``), which ``split_ref`` takes apart again.
 """
@@ -103,9 +103,11 @@ def storage_for(location: str | os.PathLike) -> Storage:
     url = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/+(.*)", text)
     if url:
         scheme, rest = url.groups()
-        raise UserError(
-            f"{scheme}://{rest}: this cai-bench reads data sets from local directories only, not {scheme}://"
-        )
+        if scheme.lower() == "s3":
+            from cai_bench.data.s3 import S3Prefix
+
+            return S3Prefix.parse(f"s3://{rest}")
+        raise UserError(f"{scheme}://{rest}: cai-bench reads data sets from local directories and s3:// only")
     return LocalDirectory(Path(text))
 
 
