@@ -4,11 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-probes lint bench bench-hpc bench-gpu bench-gpu-dry clean
+.PHONY: demo test test-probes lint bench bench-hpc bench-gpu bench-gpu-dry bench-lambda clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev,hpc]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,hpc,aws]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -44,6 +44,12 @@ bench-gpu: $(STAMP)
 # The same script on tiny data, on the CPU where there is no GPU: checks the script, measures nothing
 bench-gpu-dry: $(STAMP)
 	$(BIN)/python -m cai_bench.bench_gpu --shrink
+
+# The Lambda fan-out machinery without the model: 1,000 invocations of the handler's no-model mode (read and verify
+# a partition, return its record) at concurrency 64 through the emulator and a local S3 (~1 min on 2 cores);
+# every unit exactly once, the wall and the driver's overhead per invocation, as JSON
+bench-lambda: $(STAMP)
+	$(BIN)/python -m cai_bench.bench_lambda --invocations 1000 --concurrency 64 --out results/lambda-fanout/bench.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,6 +15,7 @@ BACKEND_MODULES = {
     "cpu": "cai_bench.backends.cpu",
     "hpc": "cai_bench.backends.hpc",
     "gpu": "cai_bench.backends.gpu",
+    "lambda": "cai_bench.backends.aws_lambda",
 }
 SLURM_EXECUTORS = ("slurm", "local")
 REPORT_FORMATS = ("table", "markdown", "csv", "json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import signal
 import sys
 import time
@@ -34,6 +35,8 @@ results_app = typer.Typer(help="List, show and export the records in the results
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(results_app, name="results")
+lambda_app = typer.Typer(help="The AWS Lambda backend's tools: the local emulator, costs.", no_args_is_help=True)
+app.add_typer(lambda_app, name="lambda")
 
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results directory (holds runs.jsonl).")]
 PRECISION_HELP = (
@@ -280,6 +283,13 @@ def _print_runs(records: list, store, as_json: bool) -> None:
         f"sum over {last.workers} worker(s) of each one's bits / own compute s (the paper's throughput measure): "
         f"{last.sum_worker_throughput_bps / 1e6:,.1f} Mbps in the last repeat"
     )
+    billed = records[-1].backend_info.get("cost")
+    if billed:
+        ui.stdout.print(
+            f"cost: {billed['requests']:,} requests, {billed['billed_gb_s']:,.1f} billed GB-s "
+            f"({billed['architecture']}, prices as of {billed['prices_as_of']}): ${billed['cost_usd']:.4f} "
+            "in the last repeat"
+        )
     weights = records[0].weights.get("weights")
     if weights == "random-init":
         weights += " (the timings are real; the predicted redshifts are not)"
@@ -1004,6 +1014,143 @@ def data_verify(directory: Annotated[Path, typer.Argument(help="Data set directo
     ui.stdout.print(
         f"{directory}: all {len(manifest.partitions)} partitions match the manifest ({manifest.samples:,} samples)"
     )
+
+
+@data_app.command("upload")
+def data_upload(
+    directory: Annotated[Path, typer.Argument(help="Local data set directory.")],
+    destination: Annotated[str, typer.Argument(help="s3://bucket/prefix to copy it to.")],
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="S3 endpoint (an S3-compatible store); default: AWS_ENDPOINT_URL_S3 or AWS.")
+    ] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Objects uploaded at once.")] = 8,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Copy a data set to S3: parallel, multipart, checksummed; objects already there unchanged are skipped, so
+    a rerun resumes. The manifest goes last: a prefix with a manifest holds a whole data set."""
+    from cai_bench import aws, ui
+    from cai_bench.data.s3 import upload_dataset
+
+    aws.parse_s3_url(destination)
+    aws.use_endpoints(endpoint_url, emulated=False)
+    with ui.RichCountProgress(f"uploading to {destination}", "bytes") as bar:
+        done = upload_dataset(directory, destination, jobs=jobs, progress=None if quiet else bar)
+    ui.stdout.print(
+        f"{done.location}: {len(done.uploaded)} object(s) uploaded ({done.bytes_uploaded / 2**20:,.1f} MB), "
+        f"{len(done.skipped)} already there, in {done.seconds:.1f} s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- lambda
+
+
+@lambda_app.command("emulate")
+def lambda_emulate(
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Loopback port of the Invoke API (0: any free one).")
+    ] = 9001,
+    function: Annotated[str, typer.Option(help="The emulated function's name.")] = "cai-bench",
+    memory_mb: Annotated[int, typer.Option(min=128, max=10240, help="Its memory (sets its CPU share too).")] = 10240,
+    timeout_s: Annotated[float, typer.Option(min=1, max=900, help="Its timeout in seconds.")] = 900.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Invocations at once; more get 429.")] = 4,
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="S3 endpoint the function reads and writes; default: a local S3 (moto).")
+    ] = None,
+) -> None:
+    """Serve Lambda's Invoke API on loopback, the real handler behind it, until Ctrl-C; point runs at it with
+    --lambda-endpoint-url and --endpoint-url."""
+    from cai_bench import aws, ui
+    from cai_bench.backends.aws_lambda import emulator as emulation
+
+    aws.check_function_name(function)
+    stops = []
+    try:
+        if endpoint_url is None:
+            local = emulation.start_local_s3()
+            stops.append(local.stop)
+            endpoint_url = local.url
+        extra = {aws.S3_ENDPOINT_ENV: endpoint_url, aws.EMULATED_ENV: "1", "AWS_ACCESS_KEY_ID": "emulated",
+                 "AWS_SECRET_ACCESS_KEY": "emulated", "AWS_DEFAULT_REGION": aws.EMULATED_REGION}  # fmt: skip
+        config = emulation.FunctionConfig(name=function, memory_mb=memory_mb, timeout_s=timeout_s)
+        emulator = emulation.Emulator(config, concurrency=concurrency, extra_env=extra)
+        stops.append(emulator.stop)
+        url = emulator.serve(port=port)
+        ui.stdout.print(
+            f"Lambda Invoke API at {url}, function {function} ({memory_mb} MB, {emulator.threads} CPU(s) each, "
+            f"timeout {timeout_s:g} s, {concurrency} at once); S3 at {endpoint_url}\n"
+            f"run against it: cai-bench run --backend lambda --lambda-endpoint-url {url} --endpoint-url "
+            f"{endpoint_url} --bucket s3://cai-bench --memory-mb {memory_mb}",
+            markup=False, highlight=False,
+        )  # fmt: skip
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for stop in reversed(stops):
+            stop()
+
+
+@lambda_app.command("cost")
+def lambda_cost(
+    workers: Annotated[
+        Path | None, typer.Option(help="Per-function records (JSON list with 'total_cpu_time (seconds)' each).")
+    ] = None,
+    log: Annotated[Path | None, typer.Option(help="A Lambda log: every REPORT line's billed duration.")] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option(min=128, help="Memory of each function (default: the log's).")
+    ] = None,
+    arch: Annotated[str, typer.Option(help="x86_64 or arm64.")] = "x86_64",
+    price_file: Annotated[Path | None, typer.Option(help="JSON price table replacing the built-in one.")] = None,
+) -> None:
+    """What invocations cost: from per-function records (each one's time, rounded up to the millisecond, as its
+    billed duration) or from the REPORT lines of a log."""
+    from cai_bench import ui
+    from cai_bench.backends.aws_lambda import pricing
+    from cai_bench.backends.aws_lambda.report_log import parse_reports
+
+    if (workers is None) == (log is None):
+        raise UserError("give one of --workers FILE or --log FILE")
+    prices = pricing.load_prices(price_file)
+    if workers is not None:
+        if memory_mb is None:
+            raise UserError("--workers needs --memory-mb (the records do not say)")
+        billed = [math.ceil(s * 1000) for s in _worker_seconds(workers)]
+        memory = memory_mb
+    else:
+        try:
+            reports = parse_reports(log.read_text(errors="replace"))
+        except OSError as exc:
+            raise UserError(f"{log}: cannot read ({exc.strerror})") from None
+        if not reports:
+            raise UserError(f"{log}: no REPORT line in it")
+        sizes = {r.memory_size_mb for r in reports}
+        memory = memory_mb or (sizes.pop() if len(sizes) == 1 else 0)
+        if not memory:
+            raise UserError(f"{log}: REPORT lines of several memory sizes; give --memory-mb")
+        billed = [r.billed_duration_ms for r in reports]
+    spent = pricing.cost(billed, memory, arch, prices)
+    ui.stdout.print(
+        f"{spent.requests:,} invocations, {sum(billed) / 1000:,.2f} billed s at {memory:,} MB = "
+        f"{spent.billed_gb_s:,.1f} GB-s: ${spent.duration_usd:.4f} duration + ${spent.request_usd:.6f} requests = "
+        f"${spent.usd:.4f} ({arch}, prices as of {spent.prices_as_of})",
+        markup=False, highlight=False,
+    )  # fmt: skip
+
+
+def _worker_seconds(path: Path) -> list[float]:
+    try:
+        rows = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    key = "total_cpu_time (seconds)"
+    ok = isinstance(rows, list) and rows and all(isinstance(r, dict) and isinstance(r.get(key), int | float)
+                                                 and math.isfinite(r[key]) and r[key] >= 0 for r in rows)  # fmt: skip
+    if not ok:
+        raise UserError(f"{path}: expected a JSON list of records, each with a number {key!r}")
+    return [float(r[key]) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------- hpc

@@ -161,8 +161,9 @@ def run_summary_table(records: list[RunRecord]) -> Table:
     caption = "Mbps: bits / wall s · p50, p99: batch latency · RSS: peak resident memory"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     columns = ["repeat", "wall s", "samples", "samples/s", "Mbps", "p50 ms", "p99 ms", "RSS MB"]
+    costed = any(r.summary.cost_usd is not None for r in records)
     failed = any(r.status != "ok" for r in records)
-    for name in columns + (["status"] if failed else []):
+    for name in columns + (["cost $"] if costed else []) + (["status"] if failed else []):
         table.add_column(name, justify="left" if name in ("repeat", "status") else "right")
     for rec in records:
         s = rec.summary
@@ -176,6 +177,8 @@ def run_summary_table(records: list[RunRecord]) -> Table:
             _ms(s.batch_latency_p99_s),
             _mb(s.peak_rss_bytes),
         ]
+        if costed:
+            row.append("-" if s.cost_usd is None else f"{s.cost_usd:.4f}")
         table.add_row(*row, *([rec.status] if failed else []))
     if len(records) > 1:
         sums = [r.summary for r in records]
@@ -189,9 +192,11 @@ def run_summary_table(records: list[RunRecord]) -> Table:
             f"{np.median(rates):,.1f}",
             f"{np.median(mbps):,.1f}",
         ]
-        table.add_row("median", *medians, "", "", peak, style="bold")
+        costs = [s.cost_usd for s in sums if s.cost_usd is not None]
+        cost = ([f"{np.median(costs):.4f}" if costs else "-"] if costed else []) + ([""] if failed else [])
+        table.add_row("median", *medians, "", "", peak, *cost, style="bold")
         ranges = [f"{min(v):,.1f}-{max(v):,.1f}" for v in (walls, rates, mbps)]
-        table.add_row("min-max", ranges[0], "", ranges[1], ranges[2], "", "", "")
+        table.add_row("min-max", ranges[0], "", ranges[1], ranges[2], "", "", "", *([""] * len(cost)))
     return table
 
 

@@ -136,3 +136,30 @@ def write_store(directory: Path, records: list[dict]) -> Path:
     path = directory / "runs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- S3 on loopback
+
+
+@pytest.fixture(scope="session")
+def local_s3():
+    """moto's S3 server, in a process of its own on a loopback port: the real S3 HTTP API, for the session."""
+    from cai_bench.backends.aws_lambda.emulator import start_local_s3
+
+    server = start_local_s3()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def s3(local_s3, monkeypatch, request):
+    """This process pointed at the loopback S3, with throwaway credentials, and a fresh bucket: its name."""
+    import re
+
+    from cai_bench import aws
+
+    monkeypatch.setenv(aws.S3_ENDPOINT_ENV, local_s3)
+    monkeypatch.setenv(aws.EMULATED_ENV, "1")
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{id(request) % 10**6}"
+    aws.s3_client().create_bucket(Bucket=bucket)
+    return bucket

@@ -75,7 +75,8 @@ def test_unknown_backend(cli, tiny_data):
     code, _, err = cli("run", "--backend", "quantum", "--data", tiny_data)
     assert code == 2
     assert one_error_line(err) == (
-        "error: Invalid value for '--backend': 'quantum' is not one of 'cpu', 'hpc', 'gpu'. (see: cai-bench run --help)"
+        "error: Invalid value for '--backend': 'quantum' is not one of 'cpu', 'hpc', 'gpu', 'lambda'. "
+        "(see: cai-bench run --help)"
     )
 
 

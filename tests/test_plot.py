@@ -56,6 +56,11 @@ def test_every_figure_is_drawn_with_our_series_and_the_papers_apart():
     partition = figures["wall-vs-partition-size"]
     assert len(partition.axes) == 2  # cost is known for some points, so it gets its own panel
     assert any("12.6 GB" in label for label in lines_of(partition.axes[0]))
+    cost_lines = lines_of(partition.axes[1])
+    estimate = cost_lines["paper: CAI cost estimate, 12.6 GB"][0]
+    assert list(estimate.get_xdata()) == [25.0, 100.0] and list(estimate.get_ydata()) == [0.16, 0.38]
+    (ours_cost,) = [label for label in cost_lines if not label.startswith("paper:")]
+    assert list(cost_lines[ours_cost][0].get_ydata()) == pytest.approx([0.012, 0.011])
 
     breakdown = figures["worker-breakdown"].axes[0]
     assert [t.get_text() for t in breakdown.get_legend().get_texts()] == ["startup", "wait", "load", "compute"]

@@ -1,0 +1,523 @@
+"""A local service that speaks Lambda's Invoke HTTP API, with the real handler running behind it in execution
+environments of its own (separate processes), and S3 as moto's server on loopback.
+
+The driver's boto3 client changes only its endpoint. What the emulator does as the service does:
+    Invoke            POST /2015-03-31/functions/{name}/invocations (RequestResponse), the result as the body;
+                      a handler error, a timeout or an out-of-memory kill as a 200 with X-Amz-Function-Error
+                      and Lambda's error JSON; with X-Amz-Log-Type: Tail, the last 4 KB of the log in
+                      X-Amz-Log-Result, ending in a REPORT line in the service's format
+    configuration     GET /2015-03-31/functions/{name}/configuration (and GetFunction)
+    environments      a process each, importing the handler once (a cold start: the REPORT line's Init
+                      Duration is the time from spawn to the import done), reused while warm, one invocation at
+                      a time; a timed-out or killed environment is replaced by a cold one
+    memory            each environment's resident memory watched; past the function's memory it is killed and
+                      the invocation fails with Runtime.OutOfMemory, as on Lambda
+    timeout           "Task timed out after N.00 seconds" (Sandbox.Timedout), and the environment is dropped
+    CPU               as many cores as Lambda allots vCPUs for the memory (one per 1,769 MB, at most 6),
+                      capped by this machine's, pinned with sched_setaffinity
+    concurrency       calls beyond the limit get 429 TooManyRequestsException
+
+``Faults`` lets tests (only) throttle the first calls and make chosen partitions run out of memory, hang, or
+lose their environment mid-unit, a given number of times.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import json
+import math
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+from cai_bench.backends.aws_lambda.report_log import Report, format_report
+from cai_bench.backends.aws_lambda.runtime import _LENGTH
+
+HANDLER = "cai_bench.backends.aws_lambda.handler.handler"
+MB_PER_VCPU = 1769  # Lambda: one vCPU's worth at 1,769 MB, up to 6 vCPUs at 10,240 MB
+MAX_VCPUS = 6
+INIT_TIMEOUT_S = 10.0  # Lambda's limit on the init phase
+LOG_TAIL_BYTES = 4096
+_CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
+_API = re.compile(r"/2015-03-31/functions/(?P<name>[^/?]+)(?P<rest>/invocations|/configuration)?/?(?:\?.*)?$")
+
+
+def vcpus_for(memory_mb: int) -> int:
+    return max(1, min(MAX_VCPUS, math.ceil(memory_mb / MB_PER_VCPU)))
+
+
+@dataclass
+class FunctionConfig:
+    name: str = "cai-bench"
+    memory_mb: int = 10240
+    timeout_s: float = 900.0
+    handler: str = HANDLER
+    architecture: str = "x86_64"
+    environment: dict = field(default_factory=dict)  # the function's environment variables
+
+    def to_api(self, region: str = "us-east-1") -> dict:
+        return {
+            "FunctionName": self.name,
+            "FunctionArn": f"arn:aws:lambda:{region}:000000000000:function:{self.name}",
+            "MemorySize": self.memory_mb,
+            "Timeout": math.ceil(self.timeout_s),
+            "Handler": self.handler,
+            "Architectures": [self.architecture],
+            "PackageType": "Image",
+            "State": "Active",
+            "LastUpdateStatus": "Successful",
+            "Version": "$LATEST",
+        }
+
+
+@dataclass
+class Faults:
+    """Faults to inject, for tests: partition -> how many more invocations that run it suffer the fault."""
+
+    throttle_first: int = 0  # the first K calls get 429
+    oom: dict = field(default_factory=dict)  # the environment grows past its memory before the handler runs
+    hang: dict = field(default_factory=dict)  # it sleeps past the timeout
+    kill: dict = field(default_factory=dict)  # it is SIGKILLed ``kill_after_s`` into the invocation
+    kill_after_s: float = 0.2
+
+    def take(self, partitions: list[int]) -> str | None:
+        for kind in ("oom", "hang", "kill"):
+            table = getattr(self, kind)
+            for p in partitions:
+                if table.get(p, 0) > 0:
+                    table[p] -= 1
+                    return kind
+        return None
+
+
+class EnvironmentGone(Exception):
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why  # "oom", "timeout", "exit"
+
+
+class Environment:
+    """One execution environment: a runtime process holding the imported handler."""
+
+    def __init__(self, config: FunctionConfig, cores: list[int], log_dir: str, extra_env: dict):
+        self.id = uuid.uuid4().hex[:8]
+        self.config = config
+        self.cores = cores
+        self.peak_rss_mb = 0
+        self.killed_for: str | None = None
+        # Never the user's own credentials or profile: the emulated function gets the throwaway ones it is given
+        env = {k: v for k, v in os.environ.items() if k not in _CREDENTIAL_ENV}
+        env.update({**extra_env, **config.environment})
+        threads = str(len(cores))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, AWS_LAMBDA_FUNCTION_NAME=config.name,
+                   AWS_LAMBDA_FUNCTION_MEMORY_SIZE=str(config.memory_mb))  # fmt: skip
+        self.spawned = time.perf_counter()
+        self.log = open(os.path.join(log_dir, f"environment-{self.id}.log"), "ab")  # noqa: SIM115
+        command = [sys.executable, "-m", "cai_bench.backends.aws_lambda.runtime", config.handler, config.name,
+                   str(config.memory_mb)]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, bufsize=0,
+            preexec_fn=self._pin if hasattr(os, "sched_setaffinity") else None,
+        )  # fmt: skip
+
+    def _pin(self) -> None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, self.cores)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self) -> float:
+        """Block until the handler module is imported; the init duration in ms."""
+        message = self._read(time.perf_counter() + INIT_TIMEOUT_S)
+        if not message or not message.get("ready"):
+            raise EnvironmentGone("exit")
+        return (time.perf_counter() - self.spawned) * 1000
+
+    def invoke(self, message: dict, timeout_s: float, kill_after_s: float | None) -> dict:
+        """Run one invocation; its reply, or EnvironmentGone (the process is then dead)."""
+        data = json.dumps(message).encode()
+        try:
+            self.process.stdin.write(_LENGTH.pack(len(data)) + data)
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.kill("exit")
+            raise EnvironmentGone("exit") from None
+        watching = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(watching, kill_after_s), daemon=True)
+        watcher.start()
+        began = time.perf_counter()
+        try:
+            reply = self._read(began + timeout_s)
+        finally:
+            watching.set()
+            watcher.join()
+        if reply is None:
+            # Killed by the watcher (memory), or silent until the deadline, or gone by itself
+            overran = time.perf_counter() - began >= timeout_s
+            self.kill(self.killed_for or ("timeout" if overran else "exit"))
+            raise EnvironmentGone(self.killed_for)
+        self.peak_rss_mb = max(self.peak_rss_mb, int(reply.get("max_rss_mb") or 0))
+        return reply
+
+    def _watch(self, stop: threading.Event, kill_after_s: float | None) -> None:
+        """Kill the environment once it holds more than its memory (or, as a test's fault, after a while)."""
+        import psutil
+
+        try:
+            process = psutil.Process(self.process.pid)
+        except psutil.Error:
+            return
+        began = time.perf_counter()
+        limit = self.config.memory_mb << 20
+        while not stop.wait(0.01):
+            try:
+                rss = process.memory_info().rss
+            except psutil.Error:
+                return
+            self.peak_rss_mb = max(self.peak_rss_mb, rss >> 20)
+            if rss > limit:
+                self.kill("oom")
+                return
+            if kill_after_s is not None and time.perf_counter() - began > kill_after_s:
+                self.kill("exit")
+                return
+
+    def _read(self, deadline: float) -> dict | None:
+        head = self._read_exact(_LENGTH.size, deadline)
+        if head is None:
+            return None
+        body = self._read_exact(_LENGTH.unpack(head)[0], deadline)
+        return None if body is None else json.loads(body)
+
+    def _read_exact(self, n: int, deadline: float) -> bytes | None:
+        out = bytearray()
+        fd = self.process.stdout.fileno()
+        while len(out) < n:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(fd, n - len(out))
+            if not chunk:
+                return None  # the process is gone
+            out += chunk
+        return bytes(out)
+
+    def kill(self, why: str) -> None:
+        if self.killed_for is None:
+            self.killed_for = why
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.log.close()
+
+    def close(self) -> None:
+        """End a warm environment: the runtime exits when its input closes."""
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill("exit")
+        with contextlib.suppress(OSError):
+            self.log.close()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict
+    body: bytes
+
+
+def _error(status: int, kind: str, message: str, **extra) -> Reply:
+    body = json.dumps({"Type": "User", "message": message, **extra}).encode()
+    return Reply(status, {"x-amzn-ErrorType": kind, "Content-Type": "application/json"}, body)
+
+
+class Emulator:
+    """The function and its environments; ``serve`` puts the Invoke API in front of it."""
+
+    def __init__(self, config: FunctionConfig, concurrency: int = 10, faults: Faults | None = None,
+                 extra_env: dict | None = None, region: str = "us-east-1"):  # fmt: skip
+        self.config = config
+        self.concurrency = concurrency
+        self.faults = faults or Faults()
+        self.extra_env = dict(extra_env or {})
+        self.region = region
+        self.lock = threading.Lock()
+        self.idle: list[Environment] = []
+        self.every: list[Environment] = []
+        self.in_flight = 0
+        self.calls = 0
+        self.throttled = 0
+        self.cold_starts = 0
+        self.log_dir = tempfile.mkdtemp(prefix="cai-bench-lambda-")
+        try:
+            cores = sorted(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = list(range(os.cpu_count() or 1))
+        self.threads = min(vcpus_for(config.memory_mb), len(cores))
+        self._cores = itertools.cycle(cores)
+        self.server: ThreadingHTTPServer | None = None
+
+    def _next_cores(self) -> list[int]:
+        return sorted({next(self._cores) for _ in range(self.threads)})
+
+    # -- the Invoke API
+
+    def invoke(self, name: str, payload: bytes, tail: bool) -> Reply:
+        if name != self.config.name:
+            return self._not_found(name)
+        with self.lock:
+            self.calls += 1
+            if self.calls <= self.faults.throttle_first or self.in_flight >= self.concurrency:
+                self.throttled += 1
+                return _error(429, "TooManyRequestsException", "Rate Exceeded.",
+                              Reason="ReservedFunctionConcurrentInvocationLimitExceeded")  # fmt: skip
+            self.in_flight += 1
+            environment = self.idle.pop() if self.idle else None
+        try:
+            return self._run(environment, payload, tail)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _run(self, environment: Environment | None, payload: bytes, tail: bool) -> Reply:
+        request_id = str(uuid.uuid4())
+        try:
+            event = json.loads(payload or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "InvalidRequestContentException", "Could not parse request body into json")
+        partitions = [int(u.get("ref", {}).get("index", -1)) for u in event.get("units", [])] if isinstance(
+            event, dict) else []  # fmt: skip
+        init_ms = None
+        if environment is None:
+            environment = Environment(self.config, self._next_cores(), self.log_dir, self.extra_env)
+            with self.lock:
+                self.every.append(environment)
+                self.cold_starts += 1
+            try:
+                init_ms = environment.wait_ready()
+            except EnvironmentGone:
+                environment.kill("exit")
+                return self._function_error(request_id, "Runtime.ExitError", "Runtime exited without providing "
+                                            "a reason", 0.0, init_ms, environment, tail)  # fmt: skip
+        with self.lock:
+            fault = self.faults.take(partitions)
+        message = {"request_id": request_id, "event": event, "deadline_epoch_s": time.time() + self.config.timeout_s,
+                   "fault": fault if fault in ("oom", "hang") else None}  # fmt: skip
+        started = time.perf_counter()
+        try:
+            reply = environment.invoke(message, self.config.timeout_s,
+                                       self.faults.kill_after_s if fault == "kill" else None)  # fmt: skip
+        except EnvironmentGone as gone:
+            duration_ms = (time.perf_counter() - started) * 1000
+            if gone.why == "timeout":
+                what = ("Sandbox.Timedout", f"RequestId: {request_id} Error: Task timed out after "
+                        f"{self.config.timeout_s:.2f} seconds")  # fmt: skip
+                duration_ms = self.config.timeout_s * 1000
+            elif gone.why == "oom":
+                what = ("Runtime.OutOfMemory", f"RequestId: {request_id} Error: Runtime exited with error: "
+                        "signal: killed")  # fmt: skip
+            else:
+                what = ("Runtime.ExitError", f"RequestId: {request_id} Error: Runtime exited with error: "
+                        "signal: killed")  # fmt: skip
+            return self._function_error(request_id, *what, duration_ms, init_ms, environment, tail)
+        duration_ms = (time.perf_counter() - started) * 1000
+        with self.lock:
+            self.idle.append(environment)
+        report = self._report(request_id, duration_ms, init_ms, environment.peak_rss_mb)
+        log = reply.get("logs", "")
+        if "error" in reply:
+            return self._reply(json.dumps(reply["error"]).encode(), request_id, log, report, tail, "Unhandled")
+        return self._reply(json.dumps(reply["result"]).encode(), request_id, log, report, tail, None)
+
+    def _function_error(self, request_id: str, kind: str, message: str, duration_ms: float, init_ms: float | None,
+                        environment: Environment, tail: bool) -> Reply:  # fmt: skip
+        used = self.config.memory_mb if kind == "Runtime.OutOfMemory" else environment.peak_rss_mb
+        report = self._report(request_id, duration_ms, init_ms, used)
+        body = json.dumps({"errorType": kind, "errorMessage": message}).encode()
+        return self._reply(body, request_id, f"{message}\n", report, tail, "Unhandled")
+
+    def _report(self, request_id: str, duration_ms: float, init_ms: float | None, used_mb: int) -> Report:
+        billed = math.ceil(duration_ms + (init_ms or 0.0))  # an image's init phase is billed, as on Lambda
+        init = None if init_ms is None else round(init_ms, 2)
+        used = min(int(used_mb), self.config.memory_mb)
+        return Report(request_id, round(duration_ms, 2), billed, self.config.memory_mb, used, init)
+
+    def _reply(self, body: bytes, request_id: str, log: str, report: Report, tail: bool, error: str | None) -> Reply:
+        headers = {"Content-Type": "application/json", "X-Amz-Executed-Version": "$LATEST",
+                   "x-amzn-RequestId": request_id}  # fmt: skip
+        if error:
+            headers["X-Amz-Function-Error"] = error
+        if tail:
+            text = f"START RequestId: {request_id} Version: $LATEST\n{log}END RequestId: {request_id}\n"
+            text += format_report(report) + "\n"
+            headers["X-Amz-Log-Result"] = base64.b64encode(text.encode()[-LOG_TAIL_BYTES:]).decode()
+        return Reply(200, headers, body)
+
+    def _not_found(self, name: str) -> Reply:
+        arn = f"arn:aws:lambda:{self.region}:000000000000:function:{name}"
+        return _error(404, "ResourceNotFoundException", f"Function not found: {arn}")
+
+    def configuration(self, name: str) -> Reply:
+        if name != self.config.name:
+            return self._not_found(name)
+        return Reply(200, {"Content-Type": "application/json"}, json.dumps(self.config.to_api(self.region)).encode())
+
+    # -- serving
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start the HTTP API in a background thread; its endpoint URL."""
+        emulator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, reply: Reply) -> None:
+                self.send_response(reply.status)
+                for key, value in reply.headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            def _route(self) -> tuple[str, str] | None:
+                match = _API.match(self.path)
+                if not match:
+                    return None
+                name = unquote(match["name"]).rsplit(":function:", 1)[-1].split(":")[0]
+                return name, match["rest"] or ""
+
+            def do_POST(self) -> None:
+                payload = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                route = self._route()
+                if route is None or route[1] != "/invocations":
+                    self._send(_error(404, "UnknownOperationException", f"no such operation: POST {self.path}"))
+                    return
+                if self.headers.get("X-Amz-Invocation-Type", "RequestResponse") != "RequestResponse":
+                    self._send(_error(400, "InvalidParameterValueException",
+                                      "the emulator runs RequestResponse invocations only"))  # fmt: skip
+                    return
+                self._send(emulator.invoke(route[0], payload, self.headers.get("X-Amz-Log-Type") == "Tail"))
+
+            def do_GET(self) -> None:
+                route = self._route()
+                if route is None or route[1] == "/invocations":
+                    self._send(_error(404, "UnknownOperationException", f"no such operation: GET {self.path}"))
+                    return
+                reply = emulator.configuration(route[0])
+                if route[1] == "" and reply.status == 200:
+                    reply = Reply(200, reply.headers, json.dumps({"Configuration": json.loads(reply.body)}).encode())
+                self._send(reply)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 256
+
+        self.server = Server((host, port), Handler)
+        threading.Thread(target=self.server.serve_forever, name="cai-lambda-emulator", daemon=True).start()
+        return f"http://{host}:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        with self.lock:
+            environments, self.idle = list(self.every), []
+        for environment in environments:
+            if environment.alive:
+                environment.close()
+
+    def stats(self) -> dict:
+        return {"calls": self.calls, "throttled": self.throttled, "cold_starts": self.cold_starts,
+                "threads_per_environment": self.threads, "concurrency": self.concurrency,
+                "memory_mb": self.config.memory_mb, "timeout_s": self.config.timeout_s}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- local S3
+
+
+@dataclass
+class LocalS3:
+    """moto's S3 server in a process of its own on loopback (what --emulate uses when no endpoint is given)."""
+
+    process: subprocess.Popen
+    url: str
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+_S3_SERVER = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
+server.start()
+print("ready", flush=True)
+sys.stdin.read()  # until the parent closes it, or dies
+server.stop()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_s3(timeout_s: float = 30.0) -> LocalS3:
+    """Start moto's server on a free loopback port and wait until it answers."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        from cai_bench.errors import UserError
+
+        raise UserError("--emulate needs moto's server for S3: pip install 'cai-bench[aws]'") from None
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", _S3_SERVER, str(port)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    ready, _, _ = select.select([process.stdout], [], [], timeout_s)
+    if not ready or process.stdout.readline().strip() != "ready":
+        process.kill()
+        from cai_bench.errors import UserError
+
+        raise UserError("the local S3 server (moto) did not start")
+    return LocalS3(process, f"http://127.0.0.1:{port}")

@@ -1,0 +1,198 @@
+"""The Lambda function: ``cai_bench.backends.aws_lambda.handler.handler`` (the image's entry point, and what the
+emulator's execution environments import).
+
+One invocation runs the one worker loop (``loop.worker_loop``) over the units in its event, writes each unit's
+result in the wire format to ``<results>/unit-NNNNNN.npz`` (a retried unit overwrites its own key) and returns
+the records. The model is built once per execution environment, on its first invocation, and kept while the
+environment stays warm; torch is imported only then, so importing this module (the init phase) is light and a
+no-model invocation never imports it.
+
+Event (what the driver sends):
+    run_id       the run's id
+    results      s3://bucket/prefix where the unit results go
+    units        [{"position": int, "ref": PartitionRef fields}]
+    options      EngineOptions fields (batch_size, precision, engine, verify_checksums, compile, lanes)
+    weights      a path in the image, an s3:// key (fetched once to /tmp), or null for random-init weights
+    seed         random-init seed
+    mode         "model" (default) or "no-model": read and verify each partition, return its record, run
+                 nothing (the fan-out machinery measured without the model)
+    hold_s       no-model only: seconds each unit holds its worker, standing in for compute (tests, benches)
+
+Response: {"environment", "request_id", "cold", "ready": {"weights", "choices"}, "done": [{"position", "key",
+"record"}], "failed": [{"position", "error"}]}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from cai_bench.data.s3 import S3Prefix
+from cai_bench.loop import worker_loop
+from cai_bench.metrics import peak_rss_bytes
+from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
+from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo, WorkerRecord, encode_result
+
+ENVIRONMENT_ID = uuid.uuid4().hex[:12]  # this execution environment, for as long as it lives
+_STARTED = time.perf_counter()
+
+
+@dataclass
+class _Warm:
+    """What an execution environment keeps between invocations."""
+
+    workers: dict = field(default_factory=dict)  # (options, weights, seed) -> engine.WorkerState
+    weights_files: dict = field(default_factory=dict)  # s3:// weights -> the local copy in /tmp
+    invocations: int = 0
+
+
+_WARM = _Warm()
+
+
+def result_key(position: int) -> str:
+    return f"unit-{position:06d}.npz"
+
+
+def cpu_threads() -> int:
+    """The CPUs this environment may use: what Lambda allots for its memory (the emulator pins as many)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _weights_file(weights: str | None) -> str | None:
+    if not weights or not weights.startswith("s3:/"):
+        return weights
+    if weights not in _WARM.weights_files:
+        source = S3Prefix.parse(weights.rsplit("/", 1)[0])
+        local = f"/tmp/cai-bench-weights-{uuid.uuid4().hex[:8]}-{weights.rsplit('/', 1)[1]}"
+        with open(local, "wb") as fh:
+            fh.write(source.read(weights.rsplit("/", 1)[1]))
+        _WARM.weights_files[weights] = local
+    return _WARM.weights_files[weights]
+
+
+def _model_worker(event: dict, request_id: str):
+    """The environment's worker for these options, built on first use (import torch, build, load, probe)."""
+    from cai_bench import engine
+
+    threads = cpu_threads()
+    options = engine.EngineOptions(device="cpu", **event["options"])
+    key = (options, event.get("weights"), int(event.get("seed", 0)))
+    if key not in _WARM.workers:  # once per environment: the cold start of the model
+        import torch
+
+        torch.set_num_threads(threads)
+        worker = engine.start_worker(request_id, options, _weights_file(event.get("weights")), seed=key[2])
+        if (event.get("weights") or "").startswith("s3:/"):
+            # Named as the run named them, not by the copy in /tmp
+            worker.weights = replace(worker.weights, source=event["weights"])
+        _WARM.workers[key] = worker
+    worker = _WARM.workers[key]
+    return worker, options
+
+
+@dataclass
+class _NoModelWorker:
+    """Stands where the model worker stands, in no-model mode."""
+
+    worker_id: str
+    weights: WeightsInfo
+    choices: dict
+    units_done: int = 0
+
+    def close(self) -> None:
+        pass
+
+
+def _no_model_run(hold_s: float):
+    from cai_bench.data.partitions import read_partition_arrays
+
+    def load(ref: PartitionRef):
+        started = time.perf_counter()
+        return ref, read_partition_arrays(ref), time.perf_counter() - started
+
+    def run(loaded, worker: _NoModelWorker, wait_s: float) -> PartitionResult:
+        ref, arrays, load_s = loaded
+        entered = time.perf_counter()
+        if hold_s:
+            time.sleep(hold_s)
+        n = int(arrays["object_id"].shape[0])
+        own_s = time.perf_counter() - entered
+        record = WorkerRecord(
+            worker_id=worker.worker_id, partition=ref.index, partition_file=os.path.basename(ref.path), samples=n,
+            bits=n * BITS_PER_SAMPLE, batches=0, batch_size=0, precision="none", device="none", startup_s=0.0,
+            wait_s=wait_s, load_s=load_s, compute_s=0.0, total_s=wait_s + own_s, samples_per_s=0.0,
+            throughput_bps=0.0, batch_latency_p50_s=None, batch_latency_p90_s=None, batch_latency_p99_s=None,
+            peak_rss_bytes=peak_rss_bytes(), host=socket.gethostname(), pid=os.getpid(),
+        )  # fmt: skip
+        worker.units_done += 1
+        return PartitionResult(record, arrays["object_id"], np.full(n, np.nan, np.float32), arrays["redshift"])
+
+    return load, run
+
+
+def handler(event: dict, context) -> dict:
+    request_id = getattr(context, "aws_request_id", None) or uuid.uuid4().hex
+    cold = _WARM.invocations == 0
+    _WARM.invocations += 1
+    results = S3Prefix.parse(event["results"])
+    units = [(int(u["position"]), PartitionRef(**u["ref"])) for u in event["units"]]
+    for _, ref in units:
+        if not ref.path.startswith("s3:/"):
+            raise ValueError(f"{ref.path}: a Lambda function reads partitions from S3 only")
+    remaining = list(reversed(units))
+    done, failed = [], []
+    ready: dict = {}
+    mode = event.get("mode", "model")
+
+    if mode == "no-model":
+        load, run = _no_model_run(float(event.get("hold_s", 0.0)))
+        worker = _NoModelWorker(request_id, WeightsInfo(RANDOM_INIT), {"mode": "no-model"})
+        start, options = (lambda: worker), None
+    elif mode == "model":
+        load = run = None
+        state: dict = {}
+
+        def start():
+            state["worker"], state["options"] = _model_worker(event, request_id)
+            return state["worker"]
+
+        from cai_bench import engine
+
+        options = engine.EngineOptions(device="cpu", **event["options"])
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+
+    def on_done(position: int, result: PartitionResult) -> None:
+        # Each invocation is one function run in the paper's sense: its own throughput is its bits over its
+        # compute, so the record names the invocation, not the environment that ran it.
+        result.record.worker_id = request_id
+        result.record.host = f"lambda:{ENVIRONMENT_ID}"
+        results.write(result_key(position), encode_result(result))
+        done.append({"position": position, "key": results.where(result_key(position)),
+                     "record": asdict(result.record)})  # fmt: skip
+
+    def on_failed(position: int, error: str) -> None:
+        failed.append({"position": position, "error": error})
+
+    started = worker_loop(
+        start, lambda ahead: [remaining.pop()] if remaining else [], options, on_done, on_failed, load=load, run=run
+    )
+    if started is not None:
+        ready = {"weights": asdict(started.weights), "choices": {**started.choices, "threads": cpu_threads()}}
+    return {
+        "environment": ENVIRONMENT_ID,
+        "request_id": request_id,
+        "cold": cold,
+        "ready": ready,
+        "done": done,
+        "failed": failed,
+        "uptime_s": time.perf_counter() - _STARTED,
+    }

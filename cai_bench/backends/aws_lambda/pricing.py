@@ -1,0 +1,100 @@
+"""What a Lambda run costs: billed GB-seconds times the architecture's duration price, plus requests times the
+request price. The prices are one dated table; ``--price-file`` replaces it (another region, a later price list,
+a negotiated rate) with a JSON file of the same shape.
+
+Billed duration is Lambda's own (the REPORT line's ``Billed Duration``: the duration rounded up to the next
+millisecond, with the init phase of a container image included), never recomputed from ``Duration``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai_bench.errors import UserError
+
+# AWS Lambda on-demand prices, us-east-1, first pricing tier (the tier every benchmark-sized run is in), as
+# published on aws.amazon.com/lambda/pricing and used by the CAI paper
+PRICES = {
+    "as_of": "2024-11",
+    "region": "us-east-1",
+    "request_usd": 0.20 / 1_000_000,
+    "gb_second_usd": {"x86_64": 0.0000166667, "arm64": 0.0000133334},
+}
+
+
+@dataclass(frozen=True)
+class Cost:
+    usd: float
+    requests: int
+    billed_gb_s: float
+    duration_usd: float
+    request_usd: float
+    architecture: str
+    prices_as_of: str
+
+    def to_dict(self) -> dict:
+        return {
+            "cost_usd": self.usd,
+            "requests": self.requests,
+            "billed_gb_s": self.billed_gb_s,
+            "duration_usd": self.duration_usd,
+            "request_usd": self.request_usd,
+            "architecture": self.architecture,
+            "prices_as_of": self.prices_as_of,
+        }
+
+
+def load_prices(path: str | Path | None = None) -> dict:
+    """The price table: the built-in one, or a JSON file with the same keys (checked, one line when wrong)."""
+    if path is None:
+        return PRICES
+    try:
+        table = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the price file ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: the price file is not valid JSON ({exc})") from None
+    ok = (
+        isinstance(table, dict)
+        and _price(table.get("request_usd"))
+        and isinstance(table.get("gb_second_usd"), dict)
+        and table["gb_second_usd"]
+        and all(_price(v) for v in table["gb_second_usd"].values())
+    )
+    if not ok:
+        raise UserError(
+            f"{path}: a price file holds request_usd (a number) and gb_second_usd ({{architecture: number}}), and as_of"
+        )
+    return {"as_of": str(table.get("as_of", "unknown")), "region": str(table.get("region", "")), **table}
+
+
+def _price(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def cost(billed_ms: Iterable[float], memory_mb: float, architecture: str = "x86_64", prices: dict = PRICES) -> Cost:
+    """The cost of invocations that were billed ``billed_ms`` each, at ``memory_mb`` of memory.
+
+    Lambda meters memory in MB and charges per GB-second with 1 GB = 1,024 MB."""
+    per_gb_s = prices["gb_second_usd"].get(architecture)
+    if per_gb_s is None:
+        known = ", ".join(sorted(prices["gb_second_usd"]))
+        raise UserError(f"no Lambda price for architecture {architecture!r} (prices for {known})")
+    billed = list(billed_ms)
+    gb_s = sum(billed) / 1000 * memory_mb / 1024
+    duration_usd = gb_s * per_gb_s
+    request_usd = len(billed) * prices["request_usd"]
+    return Cost(duration_usd + request_usd, len(billed), gb_s, duration_usd, request_usd, architecture,
+                prices.get("as_of", "unknown"))  # fmt: skip
+
+
+def estimate(invocations: int, seconds_each: float, memory_gb: float, architecture: str = "x86_64",
+             prices: dict = PRICES) -> Cost:  # fmt: skip
+    """The paper's way of estimating a run: so many invocations of the same duration at ``memory_gb`` (GB as
+    the paper writes memory, 1 GB = 1,024 MB)."""
+    billed_ms = math.ceil(seconds_each * 1000)
+    return cost([billed_ms] * invocations, memory_gb * 1024, architecture, prices)

@@ -1,0 +1,204 @@
+"""The Lambda backend end to end on real protocols: boto3 -> the emulator's Invoke HTTP API -> the handler in
+execution environments of their own (processes) -> S3 on moto's server, and back.
+
+Fault tests run the handler in its no-model mode (read and verify each partition, hold it a while), so a unit
+takes as long as the test needs; the end-to-end tests run the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cai_bench import aws
+from cai_bench.backends.aws_lambda.driver import run_lambda
+from cai_bench.backends.aws_lambda.emulator import Emulator, Faults, FunctionConfig
+from cai_bench.backends.base import PartitionsFailed
+from cai_bench.data.partitions import open_dataset
+from cai_bench.data.s3 import S3Prefix, upload_dataset
+from cai_bench.plan import make_plan
+
+ALL = [0, 1, 2, 3]  # tiny_data's partitions
+
+
+def lambda_plan(data, bucket: str, local_s3: str, **options):
+    _, summary, refs = open_dataset(data)
+    backend_options = {"emulate": True, "endpoint_url": local_s3, "bucket": f"s3://{bucket}", "max_concurrency": 2,
+                       "memory_mb": 512, **options}  # fmt: skip
+    return make_plan("lambda", summary, refs, precision="fp32", backend_options=backend_options)
+
+
+def run_no_model(plan, faults: Faults | None = None, hold_s: float = 0.0):
+    emitted = []
+    run = run_lambda(plan, emitted.append, mode="no-model", hold_s=hold_s, emulator_faults=faults)
+    return run, sorted(r.record.partition for r in emitted)
+
+
+def test_throttled_calls_are_retried_with_backoff(s3, tiny_data, local_s3):
+    run, emitted = run_no_model(lambda_plan(tiny_data, s3, local_s3), Faults(throttle_first=3))
+    assert emitted == ALL
+    assert run.info["throttled"] == 3 and run.info["emulator"]["throttled"] == 3
+    assert run.info["retried_units"] == 0  # no unit ran when it was throttled: nothing is charged
+    assert all(i["report"] is not None for i in run.info["invocations"])
+
+
+def test_an_environment_killed_mid_unit_costs_that_unit_one_attempt(s3, tiny_data, local_s3):
+    run, emitted = run_no_model(lambda_plan(tiny_data, s3, local_s3), Faults(kill={1: 1}, kill_after_s=0.2), 1.0)
+    assert emitted == ALL  # each once: the retry's, and nothing from the killed attempt
+    assert run.info["lost_workers"] == 1 and run.info["crashes"][0]["partition"] == 1
+    died = [i for i in run.info["invocations"] if i["function_error"]]
+    assert len(died) == 1 and died[0]["function_error"].startswith("Runtime.ExitError")
+    assert run.info["retried"][0]["partition"] == 1 and run.info["retried"][0]["attempts"] == 1
+
+
+def test_a_unit_past_its_memory_is_killed_as_lambda_does_and_retried(s3, tiny_data, local_s3):
+    run, emitted = run_no_model(lambda_plan(tiny_data, s3, local_s3, memory_mb=384), Faults(oom={2: 1}))
+    assert emitted == ALL
+    died = [i for i in run.info["invocations"] if i["function_error"]]
+    assert len(died) == 1 and died[0]["function_error"].startswith("Runtime.OutOfMemory")
+    assert died[0]["report"]["max_memory_used_mb"] == died[0]["report"]["memory_size_mb"] == 384
+    assert run.info["memory_mb"] == 384
+
+
+def test_a_unit_past_its_timeout_fails_for_good_and_the_rest_is_kept(s3, tiny_data, local_s3):
+    plan = lambda_plan(tiny_data, s3, local_s3, timeout_s=2.0, retries=1)
+    emitted = []
+    with pytest.raises(PartitionsFailed) as failed:
+        run_lambda(plan, emitted.append, mode="no-model", emulator_faults=Faults(hang={0: 5}))
+    assert sorted(r.record.partition for r in emitted) == [1, 2, 3]
+    (unit,) = failed.value.failed
+    assert unit["partition"] == 0 and unit["attempts"] == 2
+    assert all("Task timed out after 2.00 seconds" in error for error in unit["errors"])
+    timed_out = [i for i in failed.value.run.info["invocations"] if i["function_error"]]
+    assert [i["report"]["duration_ms"] for i in timed_out] == [2000.0, 2000.0]
+    assert failed.value.run.cost_usd > 0  # what was billed is still counted
+
+
+def test_a_partition_corrupted_in_s3_fails_every_attempt_and_the_rest_is_kept(s3, tiny_data, local_s3):
+    upload_dataset(tiny_data, f"s3://{s3}/data")
+    prefix = S3Prefix(s3, "data")
+    _, _, refs = open_dataset(f"s3://{s3}/data")
+    name = Path(refs[1].path).name
+    data = bytearray(prefix.read(name))
+    data[-10] ^= 0xFF  # same size, same header: only the checksum can tell
+    prefix.write(name, bytes(data))
+    _, summary, refs = open_dataset(f"s3://{s3}/data")
+    options = {"emulate": True, "endpoint_url": local_s3, "max_concurrency": 2, "memory_mb": 512, "retries": 2}
+    plan = make_plan("lambda", summary, refs, precision="fp32", backend_options=options)
+    emitted = []
+    with pytest.raises(PartitionsFailed) as failed:
+        run_lambda(plan, emitted.append, mode="no-model")
+    assert sorted(r.record.partition for r in emitted) == [0, 2, 3]
+    (unit,) = failed.value.failed
+    assert unit["partition"] == 1 and unit["attempts"] == 3
+    assert all("sha256 does not match the manifest" in error for error in unit["errors"])
+    assert failed.value.run.info["results"].startswith(f"s3://{s3}/data/runs/")  # beside the data, by default
+
+
+def test_calls_beyond_the_concurrency_limit_get_429_and_are_retried(s3, tiny_data, local_s3, monkeypatch):
+    extra = {aws.S3_ENDPOINT_ENV: local_s3, aws.EMULATED_ENV: "1", "AWS_ACCESS_KEY_ID": "emulated",
+             "AWS_SECRET_ACCESS_KEY": "emulated"}  # fmt: skip
+    emulator = Emulator(FunctionConfig(memory_mb=512), concurrency=1, extra_env=extra)
+    url = emulator.serve()
+    try:
+        plan = lambda_plan(tiny_data, s3, local_s3, emulate=False, lambda_endpoint_url=url, max_concurrency=3)
+        plan.backend_options.pop("emulate")
+        plan.backend_options.pop("memory_mb")
+        run, emitted = run_no_model(plan, hold_s=0.3)
+    finally:
+        emulator.stop()
+    assert emitted == ALL
+    assert emulator.throttled > 0 and run.info["throttled"] == emulator.throttled
+    assert emulator.cold_starts == 1  # one environment at a time, reused warm
+    reports = [i["report"] for i in run.info["invocations"]]
+    assert sum(r["init_duration_ms"] is not None for r in reports) == 1
+    assert run.info["memory_mb"] == 512  # read from the function's configuration
+
+
+def test_every_unit_lands_once_with_many_invokers_and_several_units_each(s3, tiny_data, local_s3):
+    plan = lambda_plan(tiny_data, s3, local_s3, max_concurrency=3, partitions_per_invocation=2)
+    plan = type(plan)(**{**plan.__dict__, "partitions": plan.partitions * 3})  # 12 units over 4 partitions
+    run, emitted = run_no_model(plan)
+    assert emitted == sorted(ALL * 3)
+    assert all(len(i["units"]) <= 2 for i in run.info["invocations"])
+    aws.use_endpoints(local_s3, emulated=True)
+    assert len(S3Prefix.parse(run.info["results"]).objects()) == 12  # one result object per unit
+
+
+# ---------------------------------------------------------------------------------------------- with the model
+
+
+def _records(results: Path) -> list[dict]:
+    return [json.loads(line) for line in (results / "runs.jsonl").read_text().splitlines()]
+
+
+def test_an_emulated_run_goes_through_both_http_apis_end_to_end(cli, s3, local_s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUSERSOWNKEY00000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "users-own-secret-never-to-be-seen-0000000")
+    code, out, err = cli("run", "--backend", "lambda", "--emulate", "--endpoint-url", local_s3, "--bucket",
+                         f"s3://{s3}/cai", "--gb", "0.002", "--partition-mb", "0.52", "--precision", "fp32",
+                         "--max-concurrency", "2", "--memory-mb", "3538", "--results", tmp_path / "r")  # fmt: skip
+    assert code == 0, err
+    (record,) = _records(tmp_path / "r")
+    info, summary = record["backend_info"], record["summary"]
+    assert record["status"] == "ok" and record["backend"] == "lambda" and summary["partitions"] == 4
+    assert record["environment"]["machine_id"].startswith("lambda-emulator | ")
+    assert len(info["invocations"]) == 4 and all(i["report"]["memory_size_mb"] == 3538 for i in info["invocations"])
+    assert 1 <= info["cold_starts"] <= 2 and info["emulator"]["threads_per_environment"] >= 1
+    billed = sum(i["report"]["billed_duration_ms"] for i in info["invocations"])
+    expected = billed / 1000 * 3538 / 1024 * 0.0000166667 + 4 * 0.2e-6
+    assert summary["cost_usd"] == pytest.approx(expected) and info["cost"]["requests"] == 4
+    assert summary["throughput_bps"] > 0 and summary["sum_worker_throughput_bps"] > summary["throughput_bps"]
+    assert summary["workers"] == 4  # each invocation is one function run, with its own throughput
+    assert info["data"].startswith(f"s3://{s3}/cai/datasets/") and info["results"].startswith(f"s3://{s3}/cai/runs/")
+    assert "cost $" in out and "cost: 4 requests" in out
+    everything = (tmp_path / "r" / "runs.jsonl").read_text() + out + err
+    assert "users-own-secret" not in everything and "AKIAUSERSOWNKEY" not in everything
+
+
+def test_predict_on_lambda_writes_what_the_cpu_backend_writes(cli, s3, local_s3, tiny_data, tmp_path):
+    common = ["predict", "--data", tiny_data, "--precision", "fp32", "-q", "--results", tmp_path / "r"]
+    code, _, err = cli(*common, "--out", tmp_path / "cpu.csv")
+    assert code == 0, err
+    code, _, err = cli(*common, "--backend", "lambda", "--emulate", "--endpoint-url", local_s3, "--bucket",
+                       f"s3://{s3}", "--max-concurrency", "2", "--out", tmp_path / "lambda.csv")  # fmt: skip
+    assert code == 0, err
+    cpu, far = (np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1) for name in ("cpu", "lambda"))
+    assert far[:, 0].tolist() == cpu[:, 0].tolist() == list(range(104))
+    np.testing.assert_allclose(far[:, 1], cpu[:, 1], atol=1e-5)
+
+
+def test_a_failed_unit_exits_1_and_every_finished_unit_is_recorded(cli, s3, local_s3, tiny_data, tmp_path):
+    upload_dataset(tiny_data, f"s3://{s3}/data")
+    prefix = S3Prefix(s3, "data")
+    _, _, refs = open_dataset(f"s3://{s3}/data")
+    name = Path(refs[3].path).name
+    data = bytearray(prefix.read(name))
+    data[-1] ^= 0x01
+    prefix.write(name, bytes(data))
+    code, _, err = cli("run", "--backend", "lambda", "--emulate", "--endpoint-url", local_s3, "--data",
+                       f"s3://{s3}/data", "--precision", "fp32", "--max-concurrency", "2", "--retries", "1",
+                       "--results", tmp_path / "r", "-q")  # fmt: skip
+    assert code == 1
+    assert "partition 3" in err and "sha256 does not match" in err
+    (record,) = _records(tmp_path / "r")
+    assert record["status"] == "failed" and sorted(w["partition"] for w in record["workers"]) == [0, 1, 2]
+    assert record["summary"]["cost_usd"] > 0
+
+
+def test_an_emulated_sweep_resumes_and_plots_beside_the_papers_lambda_curves(cli, tmp_path):
+    sweep = ["sweep", "--backend", "lambda", "--emulate", "--gb", "0.002", "--partition-mb", "0.52,1.04",
+             "--precision", "fp32", "--repeats", "1", "--max-concurrency", "2",
+             "--results", tmp_path / "r"]  # fmt: skip
+    code, out, err = cli(*sweep)
+    assert code == 0, err
+    assert "2 record(s) appended" in out
+    code, out, err = cli(*sweep)
+    assert code == 0 and "0 record(s) appended" in out and "2 point(s) were already complete" in out
+    assert all(r["summary"]["cost_usd"] > 0 for r in _records(tmp_path / "r"))
+    code, _, err = cli("plot", "--results", tmp_path / "r", "--out-dir", tmp_path / "f", "--reference", "paper")
+    assert code == 0, err
+    assert (tmp_path / "f" / "wall-vs-partition-size.png").stat().st_size > 10_000
+    assert (tmp_path / "f" / "wall-vs-data-size.png").stat().st_size > 10_000
