@@ -46,6 +46,8 @@ TIME_KINDS = {
     "profiler-cpu": "torch profiler CPU time",
     "profiler-gpu": "torch profiler GPU time",
 }
+# The paper's cost estimates for the whole 12.6 GB set on 10,240 MB functions, by partition size (MB -> US$)
+PAPER_COST_USD = {25.0: 0.16, 100.0: 0.38}
 REFERENCE_COLUMNS = ("experiment", "system", "data_gb", "partition_mb", "batch_size", "seconds", "seconds_kind", "bits")
 _REFERENCE_COLOURS = ("#4c6a8a", "#8a9bb0", "#2f4f4f", "#a0785a", "#6b8e23")
 
@@ -268,6 +270,10 @@ def _throughput(seconds: float, bits: float) -> float:
     return bits / seconds
 
 
+def _usd(usd: float, bits: float) -> float:
+    return usd
+
+
 def _seconds(seconds: float, bits: float) -> float:
     return seconds
 
@@ -312,7 +318,18 @@ def build_figures(points: list[PointReport], reference: list[dict] | None = None
     if with_cost:
         costed = [p for p in points if p.cost_usd is not None]
         shared = _draw_ours(axes[1], costed, "partition_mb", _spread_of("cost_usd"))
-        _title(axes[1], "Cost vs partition size (US dollars per run)", costed, False, shared)
+        if has_ref:
+            estimate = [ReferencePoint(mb, [(usd, 0.0)]) for mb, usd in sorted(PAPER_COST_USD.items())]
+            _draw_reference(axes[1], [ReferenceSeries("paper: CAI cost estimate, 12.6 GB", estimate)], _usd)
+        _title(
+            axes[1],
+            "Cost vs partition size (US dollars per run; dashed: the paper's estimate)"
+            if has_ref
+            else "Cost vs partition size (US dollars per run)",
+            costed,
+            False,
+            shared,
+        )
         _finish(fig, axes[1], "partition size (MB)", "US$ per run")
     figures["wall-vs-partition-size"] = _finish(fig, axes[0], "partition size (MB)", "seconds")
 
