@@ -6,10 +6,11 @@ import functools
 import inspect
 import json
 import math
+import re
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -198,7 +199,7 @@ def run(
     store = ResultsStore(results)
     store.check_writable()
     if weights:  # refused here, not by every worker once the run has started
-        _check_weights(weights)
+        weights = _check_weights(weights, backend.value)
     with ui.RichCountProgress("synthesizing", "samples") as bar:
         summary, refs = runner.resolve_data(data, gb, partition_mb, seed, None if (as_json or quiet) else bar)
     plan = make_plan(
@@ -232,10 +233,23 @@ def run(
     _print_runs(records, store, as_json)
 
 
-def _check_weights(path: str | Path) -> None:
+def _check_weights(path: str | Path, backend: str = "cpu") -> str:
+    """The weights as the plan names them, checked: a local file, or (for Lambda functions, which fetch them)
+    an s3:// object, also when a Path has folded its "//"."""
     from cai_bench.model.checkpoint import check_weights_file
 
+    text = str(path)
+    if re.match(r"[sS]3:/", text):
+        if backend != "lambda":
+            raise UserError(f"{text}: s3:// weights are fetched by Lambda functions only; copy them here first")
+        from cai_bench import aws
+
+        bucket, key = aws.parse_s3_url(text)
+        if not key:
+            raise UserError(f"{text}: name the weights object, s3://bucket/key")
+        return aws.s3_url(bucket, key)
     check_weights_file(path)
+    return text
 
 
 def _execute(work, store, as_json: bool, interrupted: str | None = None, again: str = ""):
@@ -361,7 +375,7 @@ def predict(
     store = ResultsStore(results)
     store.check_writable()
     if weights:  # refused here, not by every worker once the run has started
-        _check_weights(weights)
+        weights = _check_weights(weights, backend.value)
     _, summary, refs = open_dataset(data)
     plan = make_plan(
         backend.value,
@@ -609,7 +623,7 @@ def sweep(
     store = ResultsStore(results)
     store.check_writable()
     if spec.weights:  # refused here, not by every worker once the run has started
-        _check_weights(spec.weights)
+        spec = replace(spec, weights=_check_weights(spec.weights, spec.backend))
     _read_store(store)  # a broken or newer store fails here, before anything runs
     progress = None if (as_json or quiet) else ui.RichSweepProgress()
     outcome = _execute(

@@ -158,16 +158,29 @@ def test_an_emulated_run_goes_through_both_http_apis_end_to_end(cli, s3, local_s
     assert "users-own-secret" not in everything and "AKIAUSERSOWNKEY" not in everything
 
 
-def test_predict_on_lambda_writes_what_the_cpu_backend_writes(cli, s3, local_s3, tiny_data, tmp_path):
+def test_predict_on_lambda_with_weights_from_s3_writes_what_the_cpu_backend_writes(cli, s3, local_s3, tiny_data,
+                                                                                  tmp_path):  # fmt: skip
+    from safetensors.torch import save_file
+
+    from cai_bench.model.astromae import build_model
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in build_model(seed=5).state_dict().items()}, str(weights))
+    S3Prefix(s3, "models").write("w.safetensors", weights.read_bytes())
     common = ["predict", "--data", tiny_data, "--precision", "fp32", "-q", "--results", tmp_path / "r"]
-    code, _, err = cli(*common, "--out", tmp_path / "cpu.csv")
+    code, _, err = cli(*common, "--weights", weights, "--out", tmp_path / "cpu.csv")
     assert code == 0, err
-    code, _, err = cli(*common, "--backend", "lambda", "--emulate", "--endpoint-url", local_s3, "--bucket",
-                       f"s3://{s3}", "--max-concurrency", "2", "--out", tmp_path / "lambda.csv")  # fmt: skip
+    code, _, err = cli(*common, "--weights", f"s3://{s3}/models/w.safetensors", "--backend", "lambda", "--emulate",
+                       "--endpoint-url", local_s3, "--bucket", f"s3://{s3}", "--max-concurrency", "2",
+                       "--out", tmp_path / "lambda.csv")  # fmt: skip
     assert code == 0, err
     cpu, far = (np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1) for name in ("cpu", "lambda"))
     assert far[:, 0].tolist() == cpu[:, 0].tolist() == list(range(104))
     np.testing.assert_allclose(far[:, 1], cpu[:, 1], atol=1e-5)
+    local, remote = (r["weights"] for r in _records(tmp_path / "r"))
+    assert remote == {"weights": f"s3://{s3}/models/w.safetensors", "sha256": local["sha256"]}
+    code, _, err = cli(*common, "--weights", f"s3://{s3}/models/w.safetensors", "--out", tmp_path / "x.csv")
+    assert code == 2 and "s3:// weights are fetched by Lambda functions only" in err
 
 
 def test_a_failed_unit_exits_1_and_every_finished_unit_is_recorded(cli, s3, local_s3, tiny_data, tmp_path):
