@@ -56,7 +56,7 @@ def _part_path(parts: Path, index: int) -> Path:
 
 def _job(plan: Plan) -> dict:
     weights = {"weights": RANDOM_INIT, "seed": plan.seed}
-    if plan.weights and plan.weights.startswith("s3://"):
+    if plan.weights and str(plan.weights).startswith("s3://"):
         weights = {"weights": plan.weights}  # read by the functions: the driver does not fetch it to hash it
     elif plan.weights:
         weights = {"weights": Path(plan.weights).name, "sha256": file_sha256(Path(plan.weights))}

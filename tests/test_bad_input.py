@@ -140,7 +140,9 @@ CASES = {
     "data import --partition-mb 0": "--partition-mb must be a positive, finite number, got 0",
     "preset that is not UTF-8": "bad.toml: not a text file (TOML must be UTF-8)",
     "preset that is a directory": "dir.toml: is a directory, not a TOML config file",
-    "preset that does not exist": "no-such-preset: no such config file, nor a preset (hpc-node, laptop-quick, paper)",
+    "preset that does not exist": (
+        "no-such-preset: no such config file, nor a preset (hpc-node, lambda-emulated, laptop-quick, paper)"
+    ),
     "--results that is a file": "cannot write results here",
     "predict --out under a file": "file is a file, not a directory",
     "predict --out an existing directory with --force": "p.csv: is a directory; --out names the predictions file",

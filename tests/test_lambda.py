@@ -215,3 +215,30 @@ def test_an_emulated_sweep_resumes_and_plots_beside_the_papers_lambda_curves(cli
     assert code == 0, err
     assert (tmp_path / "f" / "wall-vs-partition-size.png").stat().st_size > 10_000
     assert (tmp_path / "f" / "wall-vs-data-size.png").stat().st_size > 10_000
+
+
+def test_the_standalone_emulator_serves_runs_until_interrupted(cli, s3, local_s3, tiny_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from cai_bench.backends.aws_lambda.emulator import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "cai_bench", "lambda", "emulate", "--port", str(port), "--endpoint-url",
+               local_s3, "--memory-mb", "2048", "--concurrency", "2"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = server.stdout.readline()
+        assert first.startswith(f"Lambda Invoke API at http://127.0.0.1:{port}, function cai-bench (2048 MB")
+        code, _, err = cli("run", "--backend", "lambda", "--lambda-endpoint-url", f"http://127.0.0.1:{port}",
+                           "--endpoint-url", local_s3, "--bucket", f"s3://{s3}", "--data", tiny_data,
+                           "--precision", "fp32", "--max-concurrency", "2", "--results", tmp_path / "r",
+                           "-q")  # fmt: skip
+        assert code == 0, err
+        (record,) = _records(tmp_path / "r")
+        assert record["backend_info"]["memory_mb"] == 2048  # the function's, read from its configuration
+        assert record["environment"]["machine_id"].startswith("lambda-emulator | ")
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0

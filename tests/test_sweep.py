@@ -62,6 +62,9 @@ def test_backend_options_are_sweep_axes_in_presets_and_on_the_command_line(cli, 
         {"workers": 2},
     ]
     assert "workers 2" in node.points()[1].label()
+    far = make_sweep(load_sweep_config("lambda-emulated")[0])
+    assert far.backend == "lambda" and len(far.points()) == 4
+    assert all(dict(p.backend_options) == {"emulate": True} for p in far.points())
     spec = make_sweep(load_sweep_config("hpc-node")[0], overrides={"backend_options": {"workers": [1, 4, 4]}})
     assert [dict(p.backend_options)["workers"] for p in spec.points()] == [1, 4]
     grid = {"backend": "hpc", "grid": [{"workers": [1]}, {"workers": 2, "lanes": [1, 2]}]}

@@ -256,8 +256,11 @@ def check_header(path: str | Path, expected_samples: int) -> None:
     _check_fields(_header(data[: 8 + min(length, MAX_HEADER)], path), path, expected_samples)
 
 
-def _checked_bytes(ref: PartitionRef, verify: bool) -> bytes:
-    """A partition's bytes, read and checked against its manifest entry (size, sha256, header)."""
+def _decoded(ref: PartitionRef, verify: bool, load: Callable, finite: Callable) -> dict:
+    """A partition read and checked against its manifest entry (size, sha256, header), decoded by ``load`` and
+    its float fields checked for NaN and inf with ``finite``: one read for torch and for numpy workers."""
+    from safetensors import SafetensorError
+
     path = ref.path
     storage, name = split_ref(path)
     data = storage.read(name)
@@ -266,29 +269,25 @@ def _checked_bytes(ref: PartitionRef, verify: bool) -> bytes:
     if verify and hashlib.sha256(data).hexdigest() != ref.sha256:
         raise UserError(f"{path}: sha256 does not match the manifest (corrupt file); run cai-bench data verify")
     _check_fields(_header(data, path), path, ref.samples)
-    return data
-
-
-def _check_finite(ref: PartitionRef, name: str, finite) -> None:
-    if not bool(finite.all()):
-        bad = int(np.asarray(finite).reshape(ref.samples, -1).all(axis=1).argmin())
-        raise UserError(f"{ref.path}: {name} holds NaN or inf values (first at sample {bad})")
+    try:
+        fields = load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise UserError(f"{path}: corrupt partition ({exc})") from None
+    for field_name in FLOAT_FIELDS:
+        ok = np.asarray(finite(fields[field_name]))
+        if not bool(ok.all()):
+            bad = int(ok.reshape(ref.samples, -1).all(axis=1).argmin())
+            raise UserError(f"{path}: {field_name} holds NaN or inf values (first at sample {bad})")
+    return fields
 
 
 def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
     """Read, check (size, checksum, format, finite values) and decode one partition."""
     import torch
-    from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
     start = time.perf_counter()
-    data = _checked_bytes(ref, verify)
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        raise UserError(f"{ref.path}: corrupt partition ({exc})") from None
-    for name in FLOAT_FIELDS:
-        _check_finite(ref, name, torch.isfinite(tensors[name]).numpy())
+    tensors = _decoded(ref, verify, load_safetensors, lambda t: torch.isfinite(t).numpy())
     return Partition(
         ref=ref,
         images=tensors["images"],
@@ -301,17 +300,9 @@ def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
 
 def read_partition_arrays(ref: PartitionRef, verify: bool = True) -> dict[str, np.ndarray]:
     """The same read and checks as ``read_partition``, decoded to numpy arrays: for workers without torch."""
-    from safetensors import SafetensorError
     from safetensors.numpy import load as load_safetensors
 
-    data = _checked_bytes(ref, verify)
-    try:
-        arrays = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        raise UserError(f"{ref.path}: corrupt partition ({exc})") from None
-    for name in FLOAT_FIELDS:
-        _check_finite(ref, name, np.isfinite(arrays[name]))
-    return arrays
+    return _decoded(ref, verify, load_safetensors, np.isfinite)
 
 
 def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:

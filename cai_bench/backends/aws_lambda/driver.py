@@ -83,6 +83,7 @@ class Invocation:
     report: dict | None = None  # the REPORT line, parsed
     environment: str | None = None
     cold: bool | None = None
+    service_s: float | None = None  # emulated only: how long the emulator held the call, request read to reply
 
     @property
     def overhead_s(self) -> float | None:
@@ -91,6 +92,11 @@ class Invocation:
         if self.report is None:
             return None
         return self.client_s - (self.report["duration_ms"] + (self.report["init_duration_ms"] or 0.0)) / 1000
+
+    @property
+    def client_side_s(self) -> float | None:
+        """Emulated only: the part of that overhead outside the emulator (the driver's threads, boto3, HTTP)."""
+        return None if self.service_s is None else self.client_s - self.service_s
 
 
 @dataclass
@@ -177,6 +183,7 @@ class InvokeTransport:
     def _invoke(self, invoker: _Invoker, units: list[Unit]) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        from cai_bench.backends.aws_lambda.emulator import SERVICE_TIME_HEADER
         from cai_bench.backends.aws_lambda.report_log import report_from_tail
 
         event = {**self.event_base, "units": [{"position": u.position, "ref": asdict(u.item)} for u in units]}
@@ -209,7 +216,10 @@ class InvokeTransport:
         if answer is None:
             self.events.put(Event("lost", invoker.name, error=f"invoke failed: {record.error}"))
             return False
-        record.request_id = answer.get("ResponseMetadata", {}).get("RequestId")
+        metadata = answer.get("ResponseMetadata", {})
+        record.request_id = metadata.get("RequestId")
+        service_ms = metadata.get("HTTPHeaders", {}).get(SERVICE_TIME_HEADER.lower())  # botocore lowers names
+        record.service_s = float(service_ms) / 1000 if service_ms else None
         report = report_from_tail(answer.get("LogResult"))
         record.report = report.to_dict() if report else None
         body = answer["Payload"].read()
@@ -470,6 +480,7 @@ def invocation_summary(invocations: list[Invocation]) -> dict:
     per invocation (its time beyond the function's own Duration)."""
     reported = [i for i in invocations if i.report]
     overheads = sorted(i.overhead_s for i in reported)
+    client_side = sorted(i.client_side_s for i in reported if i.client_side_s is not None)
     inits = [i.report["init_duration_ms"] for i in reported if i.report["init_duration_ms"] is not None]
     return {
         "invocations_made": len(invocations),
@@ -480,9 +491,15 @@ def invocation_summary(invocations: list[Invocation]) -> dict:
         "function_errors": sum(1 for i in invocations if i.function_error),
         "billed_duration_ms": sum(i.report["billed_duration_ms"] for i in reported),
         "overhead_s_median": _median(overheads),
-        "overhead_s_p90": overheads[min(len(overheads) - 1, math.ceil(0.9 * len(overheads)) - 1)] if overheads
-        else None,
-    }  # fmt: skip
+        "overhead_s_p90": _p90(overheads),
+        "overhead_s_mean": sum(overheads) / len(overheads) if overheads else None,
+        "client_side_s_median": _median(client_side),
+        "client_side_s_p90": _p90(client_side),
+    }
+
+
+def _p90(ordered: list[float]) -> float | None:
+    return ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)] if ordered else None
 
 
 def _median(values: list[float]) -> float | None:
@@ -521,7 +538,8 @@ class LambdaBackend:
             from cai_bench.results import machine_id, this_machine
 
             return f"lambda-emulator | {machine_id(this_machine())}"
-        return f"aws-lambda | {options.get('region') or os.environ.get('AWS_REGION') or 'default region'}"
+        region = options.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return f"aws-lambda | {region or 'default region'} | {options.get('function') or DEFAULT_FUNCTION}"
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         return run_lambda(plan, emit)

@@ -51,6 +51,7 @@ MB_PER_VCPU = 1769  # Lambda: one vCPU's worth at 1,769 MB, up to 6 vCPUs at 10,
 MAX_VCPUS = 6
 INIT_TIMEOUT_S = 10.0  # Lambda's limit on the init phase
 LOG_TAIL_BYTES = 4096
+SERVICE_TIME_HEADER = "X-Cai-Bench-Service-Ms"
 _CREDENTIAL_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -420,6 +421,7 @@ class Emulator:
                 return name, match["rest"] or ""
 
             def do_POST(self) -> None:
+                received = time.perf_counter()
                 payload = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 route = self._route()
                 if route is None or route[1] != "/invocations":
@@ -429,7 +431,11 @@ class Emulator:
                     self._send(_error(400, "InvalidParameterValueException",
                                       "the emulator runs RequestResponse invocations only"))  # fmt: skip
                     return
-                self._send(emulator.invoke(route[0], payload, self.headers.get("X-Amz-Log-Type") == "Tail"))
+                reply = emulator.invoke(route[0], payload, self.headers.get("X-Amz-Log-Type") == "Tail")
+                # Not Lambda's: how long the service itself held the call, so that the driver's own overhead
+                # can be told from the emulator's (they share this machine)
+                reply.headers[SERVICE_TIME_HEADER] = f"{(time.perf_counter() - received) * 1000:.3f}"
+                self._send(reply)
 
             def do_GET(self) -> None:
                 route = self._route()
