@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from cai_bench.data.s3 import S3Prefix
-from cai_bench.loop import worker_loop
+from cai_bench.loop import units_from, worker_loop
 from cai_bench.metrics import peak_rss_bytes
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
 from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo, WorkerRecord, encode_result
@@ -67,35 +67,33 @@ def cpu_threads() -> int:
 
 
 def _weights_file(weights: str | None) -> str | None:
+    """A local file of the weights: a path in the image as it is, an s3:// object fetched to /tmp once."""
     if not weights or not weights.startswith("s3:/"):
         return weights
     if weights not in _WARM.weights_files:
-        source = S3Prefix.parse(weights.rsplit("/", 1)[0])
-        local = f"/tmp/cai-bench-weights-{uuid.uuid4().hex[:8]}-{weights.rsplit('/', 1)[1]}"
+        folder, name = weights.rsplit("/", 1)
+        local = f"/tmp/cai-bench-weights-{uuid.uuid4().hex[:8]}-{name}"
         with open(local, "wb") as fh:
-            fh.write(source.read(weights.rsplit("/", 1)[1]))
+            fh.write(S3Prefix.parse(folder).read(name))
         _WARM.weights_files[weights] = local
     return _WARM.weights_files[weights]
 
 
-def _model_worker(event: dict, request_id: str):
+def _model_worker(options, event: dict, request_id: str):
     """The environment's worker for these options, built on first use (import torch, build, load, probe)."""
     from cai_bench import engine
 
-    threads = cpu_threads()
-    options = engine.EngineOptions(device="cpu", **event["options"])
     key = (options, event.get("weights"), int(event.get("seed", 0)))
     if key not in _WARM.workers:  # once per environment: the cold start of the model
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(cpu_threads())
         worker = engine.start_worker(request_id, options, _weights_file(event.get("weights")), seed=key[2])
         if (event.get("weights") or "").startswith("s3:/"):
             # Named as the run named them, not by the copy in /tmp
             worker.weights = replace(worker.weights, source=event["weights"])
         _WARM.workers[key] = worker
-    worker = _WARM.workers[key]
-    return worker, options
+    return _WARM.workers[key]
 
 
 @dataclass
@@ -147,26 +145,19 @@ def handler(event: dict, context) -> dict:
     for _, ref in units:
         if not ref.path.startswith("s3:/"):
             raise ValueError(f"{ref.path}: a Lambda function reads partitions from S3 only")
-    remaining = list(reversed(units))
     done, failed = [], []
     ready: dict = {}
     mode = event.get("mode", "model")
-
     if mode == "no-model":
         load, run = _no_model_run(float(event.get("hold_s", 0.0)))
         worker = _NoModelWorker(request_id, WeightsInfo(RANDOM_INIT), {"mode": "no-model"})
         start, options = (lambda: worker), None
     elif mode == "model":
-        load = run = None
-        state: dict = {}
-
-        def start():
-            state["worker"], state["options"] = _model_worker(event, request_id)
-            return state["worker"]
-
         from cai_bench import engine
 
+        load = run = None  # the engine's: read the partition, run the model over it
         options = engine.EngineOptions(device="cpu", **event["options"])
+        start = lambda: _model_worker(options, event, request_id)  # noqa: E731
     else:
         raise ValueError(f"unknown mode {mode!r}")
 
@@ -182,9 +173,7 @@ def handler(event: dict, context) -> dict:
     def on_failed(position: int, error: str) -> None:
         failed.append({"position": position, "error": error})
 
-    started = worker_loop(
-        start, lambda ahead: [remaining.pop()] if remaining else [], options, on_done, on_failed, load=load, run=run
-    )
+    started = worker_loop(start, units_from(units), options, on_done, on_failed, load=load, run=run)
     if started is not None:
         ready = {"weights": asdict(started.weights), "choices": {**started.choices, "threads": cpu_threads()}}
     return {
