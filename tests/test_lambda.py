@@ -241,4 +241,9 @@ def test_the_standalone_emulator_serves_runs_until_interrupted(cli, s3, local_s3
         assert record["environment"]["machine_id"].startswith("lambda-emulator | ")
     finally:
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=30) == 0
+        try:
+            _, err = server.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    assert server.returncode == 0, err
