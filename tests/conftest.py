@@ -163,3 +163,11 @@ def s3(local_s3, monkeypatch, request):
     bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{id(request) % 10**6}"
     aws.s3_client().create_bucket(Bucket=bucket)
     return bucket
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: a shell's background job (a CI script run with
+    ``&``) starts with SIGINT ignored, and a Python started so never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -222,12 +222,15 @@ def test_the_standalone_emulator_serves_runs_until_interrupted(cli, s3, local_s3
     import subprocess
     import sys
 
+    from conftest import default_sigint
+
     from cai_bench.backends.aws_lambda.emulator import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "cai_bench", "lambda", "emulate", "--port", str(port), "--endpoint-url",
                local_s3, "--memory-mb", "2048", "--concurrency", "2"]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=default_sigint)  # fmt: skip
     try:
         first = server.stdout.readline()
         assert first.startswith(f"Lambda Invoke API at http://127.0.0.1:{port}, function cai-bench (2048 MB")

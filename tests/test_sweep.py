@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import TINY_GB, TINY_MB, hand_record, write_store
+from conftest import TINY_GB, TINY_MB, default_sigint, hand_record, write_store
 
 from cai_bench.errors import UserError
 from cai_bench.plan import SweepPoint, load_sweep_config, make_sweep
@@ -190,6 +190,7 @@ def _sweep_process(results: Path, cache: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
 
 
