@@ -406,7 +406,7 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
     options = plan.backend_options
     function = options.get("function") or DEFAULT_FUNCTION
     emulated = bool(options.get("emulate") or options.get("lambda_endpoint_url"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(aws.os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     concurrency = options.get("max_concurrency") or (cores if emulated else DEFAULT_CONCURRENCY)
     per_invocation = options.get("partitions_per_invocation") or 1
     retries = options.get("retries")
