@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from cai_bench.metrics import percentiles
 from cai_bench.results import machine_id, this_machine
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": run.wall_s,
         "command_s": elapsed,
         "staging_s": info["staging_s"],
-        "handler_duration_ms_median": durations[len(durations) // 2] if durations else None,
+        "handler_duration_ms_median": percentiles(durations, (50,))["p50"],
         "driver_overhead_s_median": info["overhead_s_median"],
         "driver_overhead_s_p90": info["overhead_s_p90"],
         "driver_overhead_s_mean": info["overhead_s_mean"],

@@ -1083,8 +1083,7 @@ def lambda_emulate(
             local = emulation.start_local_s3()
             stops.append(local.stop)
             endpoint_url = local.url
-        extra = {aws.S3_ENDPOINT_ENV: endpoint_url, aws.EMULATED_ENV: "1", "AWS_ACCESS_KEY_ID": "emulated",
-                 "AWS_SECRET_ACCESS_KEY": "emulated", "AWS_DEFAULT_REGION": aws.EMULATED_REGION}  # fmt: skip
+        extra = emulation.emulated_function_env(endpoint_url)
         config = emulation.FunctionConfig(name=function, memory_mb=memory_mb, timeout_s=timeout_s)
         emulator = emulation.Emulator(config, concurrency=concurrency, extra_env=extra)
         stops.append(emulator.stop)

@@ -14,7 +14,7 @@ import pytest
 
 from cai_bench import aws
 from cai_bench.backends.aws_lambda.driver import run_lambda
-from cai_bench.backends.aws_lambda.emulator import Emulator, Faults, FunctionConfig
+from cai_bench.backends.aws_lambda.emulator import Emulator, Faults, FunctionConfig, emulated_function_env
 from cai_bench.backends.base import PartitionsFailed
 from cai_bench.data.partitions import open_dataset
 from cai_bench.data.s3 import S3Prefix, upload_dataset
@@ -98,8 +98,7 @@ def test_a_partition_corrupted_in_s3_fails_every_attempt_and_the_rest_is_kept(s3
 
 
 def test_calls_beyond_the_concurrency_limit_get_429_and_are_retried(s3, tiny_data, local_s3, monkeypatch):
-    extra = {aws.S3_ENDPOINT_ENV: local_s3, aws.EMULATED_ENV: "1", "AWS_ACCESS_KEY_ID": "emulated",
-             "AWS_SECRET_ACCESS_KEY": "emulated"}  # fmt: skip
+    extra = emulated_function_env(local_s3)
     emulator = Emulator(FunctionConfig(memory_mb=512), concurrency=1, extra_env=extra)
     url = emulator.serve()
     try:

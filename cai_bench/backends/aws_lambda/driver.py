@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import queue
 import random
@@ -28,6 +27,7 @@ from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drive
 from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.errors import UserError
+from cai_bench.metrics import allowed_cpus, percentiles
 from cai_bench.plan import PartitionRef, Plan, work_units
 
 DEFAULT_FUNCTION = "cai-bench"
@@ -318,9 +318,7 @@ def start_services(options: dict, function: str, memory_mb: int | None, concurre
         if emulated and lambda_endpoint is None:
             config = emulation.FunctionConfig(name=function, memory_mb=memory_mb or 10240,
                                               timeout_s=float(options.get("timeout_s") or 900.0))  # fmt: skip
-            extra = {aws.S3_ENDPOINT_ENV: os.environ[aws.S3_ENDPOINT_ENV], aws.EMULATED_ENV: "1",
-                     "AWS_ACCESS_KEY_ID": "emulated", "AWS_SECRET_ACCESS_KEY": "emulated",
-                     "AWS_DEFAULT_REGION": aws.EMULATED_REGION}  # fmt: skip
+            extra = emulation.emulated_function_env(os.environ[aws.S3_ENDPOINT_ENV])
             services.emulator = emulation.Emulator(config, concurrency=concurrency, faults=faults, extra_env=extra)
             services.stop.append(services.emulator.stop)
             services.lambda_endpoint = services.emulator.serve()
@@ -406,8 +404,7 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
     options = plan.backend_options
     function = options.get("function") or DEFAULT_FUNCTION
     emulated = bool(options.get("emulate") or options.get("lambda_endpoint_url"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    concurrency = options.get("max_concurrency") or (cores if emulated else DEFAULT_CONCURRENCY)
+    concurrency = options.get("max_concurrency") or (allowed_cpus() if emulated else DEFAULT_CONCURRENCY)
     per_invocation = options.get("partitions_per_invocation") or 1
     retries = options.get("retries")
     prices = pricing.load_prices(options.get("price_file"))
@@ -479,35 +476,24 @@ def invocation_summary(invocations: list[Invocation]) -> dict:
     """What the record says of the invocations in all: counts, cold starts, throttles, and the driver's overhead
     per invocation (its time beyond the function's own Duration)."""
     reported = [i for i in invocations if i.report]
-    overheads = sorted(i.overhead_s for i in reported)
-    client_side = sorted(i.client_side_s for i in reported if i.client_side_s is not None)
+    overheads = [i.overhead_s for i in reported]
+    overhead = percentiles(overheads, (50, 90))
+    client = percentiles([i.client_side_s for i in reported if i.client_side_s is not None], (50, 90))
     inits = [i.report["init_duration_ms"] for i in reported if i.report["init_duration_ms"] is not None]
     return {
         "invocations_made": len(invocations),
         "cold_starts": len(inits),
-        "init_duration_ms_median": _median(inits),
+        "init_duration_ms_median": percentiles(inits, (50,))["p50"],
         "max_memory_used_mb": max((i.report["max_memory_used_mb"] for i in reported), default=None),
         "throttled": sum(i.throttled for i in invocations),
         "function_errors": sum(1 for i in invocations if i.function_error),
         "billed_duration_ms": sum(i.report["billed_duration_ms"] for i in reported),
-        "overhead_s_median": _median(overheads),
-        "overhead_s_p90": _p90(overheads),
+        "overhead_s_median": overhead["p50"],
+        "overhead_s_p90": overhead["p90"],
         "overhead_s_mean": sum(overheads) / len(overheads) if overheads else None,
-        "client_side_s_median": _median(client_side),
-        "client_side_s_p90": _p90(client_side),
+        "client_side_s_median": client["p50"],
+        "client_side_s_p90": client["p90"],
     }
-
-
-def _p90(ordered: list[float]) -> float | None:
-    return ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)] if ordered else None
-
-
-def _median(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 @dataclass

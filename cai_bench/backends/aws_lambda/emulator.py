@@ -44,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 from cai_bench.backends.aws_lambda.report_log import Report, format_report
-from cai_bench.backends.aws_lambda.runtime import _LENGTH
+from cai_bench.backends.aws_lambda.runtime import FRAME, write_message
 
 HANDLER = "cai_bench.backends.aws_lambda.handler.handler"
 MB_PER_VCPU = 1769  # Lambda: one vCPU's worth at 1,769 MB, up to 6 vCPUs at 10,240 MB
@@ -63,6 +63,14 @@ _CREDENTIAL_ENV = (
     "AWS_CONFIG_FILE",
 )
 _API = re.compile(r"/2015-03-31/functions/(?P<name>[^/?]+)(?P<rest>/invocations|/configuration)?/?(?:\?.*)?$")
+
+
+def emulated_function_env(s3_endpoint: str) -> dict:
+    """What an emulated function's environment adds: the loopback S3 and throwaway credentials."""
+    from cai_bench import aws
+
+    return {aws.S3_ENDPOINT_ENV: s3_endpoint, aws.EMULATED_ENV: "1", "AWS_ACCESS_KEY_ID": "emulated",
+            "AWS_SECRET_ACCESS_KEY": "emulated", "AWS_DEFAULT_REGION": aws.EMULATED_REGION}  # fmt: skip
 
 
 def vcpus_for(memory_mb: int) -> int:
@@ -160,10 +168,8 @@ class Environment:
 
     def invoke(self, message: dict, timeout_s: float, kill_after_s: float | None) -> dict:
         """Run one invocation; its reply, or EnvironmentGone (the process is then dead)."""
-        data = json.dumps(message).encode()
         try:
-            self.process.stdin.write(_LENGTH.pack(len(data)) + data)
-            self.process.stdin.flush()
+            write_message(self.process.stdin, message)
         except (BrokenPipeError, OSError):
             self.kill("exit")
             raise EnvironmentGone("exit") from None
@@ -208,10 +214,10 @@ class Environment:
                 return
 
     def _read(self, deadline: float) -> dict | None:
-        head = self._read_exact(_LENGTH.size, deadline)
+        head = self._read_exact(FRAME.size, deadline)
         if head is None:
             return None
-        body = self._read_exact(_LENGTH.unpack(head)[0], deadline)
+        body = self._read_exact(FRAME.unpack(head)[0], deadline)
         return None if body is None else json.loads(body)
 
     def _read_exact(self, n: int, deadline: float) -> bytes | None:

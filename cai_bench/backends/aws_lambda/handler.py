@@ -34,12 +34,11 @@ import numpy as np
 
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.loop import units_from, worker_loop
-from cai_bench.metrics import peak_rss_bytes
+from cai_bench.metrics import allowed_cpus, peak_rss_bytes
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
 from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo, WorkerRecord, encode_result
 
 ENVIRONMENT_ID = uuid.uuid4().hex[:12]  # this execution environment, for as long as it lives
-_STARTED = time.perf_counter()
 
 
 @dataclass
@@ -56,14 +55,6 @@ _WARM = _Warm()
 
 def result_key(position: int) -> str:
     return f"unit-{position:06d}.npz"
-
-
-def cpu_threads() -> int:
-    """The CPUs this environment may use: what Lambda allots for its memory (the emulator pins as many)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _weights_file(weights: str | None) -> str | None:
@@ -87,7 +78,7 @@ def _model_worker(options, event: dict, request_id: str):
     if key not in _WARM.workers:  # once per environment: the cold start of the model
         import torch
 
-        torch.set_num_threads(cpu_threads())
+        torch.set_num_threads(allowed_cpus())  # what Lambda allots for the memory (the emulator pins as many)
         worker = engine.start_worker(request_id, options, _weights_file(event.get("weights")), seed=key[2])
         if (event.get("weights") or "").startswith("s3:/"):
             # Named as the run named them, not by the copy in /tmp
@@ -103,7 +94,6 @@ class _NoModelWorker:
     worker_id: str
     weights: WeightsInfo
     choices: dict
-    units_done: int = 0
 
     def close(self) -> None:
         pass
@@ -130,7 +120,6 @@ def _no_model_run(hold_s: float):
             throughput_bps=0.0, batch_latency_p50_s=None, batch_latency_p90_s=None, batch_latency_p99_s=None,
             peak_rss_bytes=peak_rss_bytes(), host=socket.gethostname(), pid=os.getpid(),
         )  # fmt: skip
-        worker.units_done += 1
         return PartitionResult(record, arrays["object_id"], np.full(n, np.nan, np.float32), arrays["redshift"])
 
     return load, run
@@ -175,7 +164,7 @@ def handler(event: dict, context) -> dict:
 
     started = worker_loop(start, units_from(units), options, on_done, on_failed, load=load, run=run)
     if started is not None:
-        ready = {"weights": asdict(started.weights), "choices": {**started.choices, "threads": cpu_threads()}}
+        ready = {"weights": asdict(started.weights), "choices": {**started.choices, "threads": allowed_cpus()}}
     return {
         "environment": ENVIRONMENT_ID,
         "request_id": request_id,
@@ -183,5 +172,4 @@ def handler(event: dict, context) -> dict:
         "ready": ready,
         "done": done,
         "failed": failed,
-        "uptime_s": time.perf_counter() - _STARTED,
     }

@@ -26,20 +26,20 @@ import time
 import traceback
 from dataclasses import dataclass
 
-_LENGTH = struct.Struct("<I")
+FRAME = struct.Struct("<I")  # the length before each message, both ways
 
 
 def write_message(stream, message: dict) -> None:
     data = json.dumps(message, separators=(",", ":")).encode()
-    stream.write(_LENGTH.pack(len(data)) + data)
+    stream.write(FRAME.pack(len(data)) + data)
     stream.flush()
 
 
 def read_message(stream) -> dict | None:
-    head = stream.read(_LENGTH.size)
-    if len(head) < _LENGTH.size:
+    head = stream.read(FRAME.size)
+    if len(head) < FRAME.size:
         return None
-    (length,) = _LENGTH.unpack(head)
+    (length,) = FRAME.unpack(head)
     data = stream.read(length)
     if len(data) < length:
         return None
