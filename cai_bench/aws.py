@@ -84,7 +84,9 @@ def client(service: str, endpoint_url: str | None = None, region: str | None = N
     config = Config(max_pool_connections=pool, read_timeout=read_timeout_s, connect_timeout=10, retries=retries)
     with _lock:
         session = boto3.session.Session(**(EMULATED_CREDENTIALS if emulated else {}))
-        region = region or session.region_name or (EMULATED_REGION if emulated or service == "s3" else None)
+        # botocore reads AWS_DEFAULT_REGION and profiles; AWS_REGION is what the other SDKs and Lambda itself set
+        region = region or session.region_name or os.environ.get("AWS_REGION") or (
+            EMULATED_REGION if emulated or service == "s3" else None)  # fmt: skip
         if region is None:
             raise UserError(f"no AWS region set for {service}: give --region or set AWS_REGION (or a profile's region)")
         if not emulated and session.get_credentials() is None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from cai_bench import aws
 from cai_bench.data.partitions import synthesize
 
 # A copy of shared/spec/upstream-state-dict.tsv, so that the tests run in any clone.
@@ -163,6 +164,20 @@ def s3(local_s3, monkeypatch, request):
     bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{id(request) % 10**6}"
     aws.s3_client().create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path):
+    """A machine with no AWS configuration at all."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", aws.EMULATED_ENV,
+                 aws.S3_ENDPOINT_ENV, "AWS_REGION", "AWS_DEFAULT_REGION"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to find either
+    aws.client.cache_clear()
+    yield
+    aws.client.cache_clear()
 
 
 def default_sigint() -> None:

@@ -92,20 +92,6 @@ def test_data_upload_on_the_command_line(s3, tiny_data, cli, monkeypatch, local_
     assert code == 0 and "dataset id" in out
 
 
-@pytest.fixture
-def no_credentials(monkeypatch, tmp_path):
-    """A machine with no AWS configuration at all."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", aws.EMULATED_ENV,
-                 aws.S3_ENDPOINT_ENV, "AWS_REGION", "AWS_DEFAULT_REGION"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to find either
-    aws.client.cache_clear()
-    yield
-    aws.client.cache_clear()
-
-
 def test_no_credentials_is_one_line_and_exit_2(no_credentials, tiny_data, cli):
     code, _, err = cli("data", "upload", str(tiny_data), "s3://some-bucket/x")
     assert code == 2 and err.startswith("error: no AWS credentials found") and err.count("\n") == 1
