@@ -36,7 +36,10 @@ results_app = typer.Typer(help="List, show and export the records in the results
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(results_app, name="results")
-lambda_app = typer.Typer(help="The AWS Lambda backend's tools: the local emulator, costs.", no_args_is_help=True)
+lambda_app = typer.Typer(
+    help="The AWS Lambda backend's tools: the image and the function on AWS, the local emulator, costs.",
+    no_args_is_help=True,
+)
 app.add_typer(lambda_app, name="lambda")
 
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results directory (holds runs.jsonl).")]
@@ -693,6 +696,8 @@ def report(
         raise UserError(f"{store.path}: no finished runs to report" + (f" for backend {backend}" if backend else ""))
     if fmt == "table":
         ui.stdout.print(ui.report_table(points, f"{store.path}: {len(points)} points"))
+        for line in rep.memory_lines(points):
+            ui.stdout.print(f"memory: {line}", markup=False, highlight=False)
     elif fmt == "markdown":
         print(rep.to_markdown(points), end="")
     elif fmt == "csv":
@@ -1102,6 +1107,127 @@ def lambda_emulate(
     finally:
         for stop in reversed(stops):
             stop()
+
+
+AwsRegion = Annotated[str | None, typer.Option(help="AWS region (default: AWS_REGION or the profile's).")]
+AwsEndpoint = Annotated[
+    str | None, typer.Option(help="One endpoint for every AWS service (an AWS-compatible service, e.g. moto's).")
+]
+FunctionName = Annotated[str, typer.Option("--name", help="The function's name.")]
+
+
+def _account(region: str | None, endpoint_url: str | None):
+    from cai_bench.backends.aws_lambda.deploy import Account
+
+    return Account(region=region, endpoint_url=endpoint_url)
+
+
+@lambda_app.command("build")
+def lambda_build(
+    repository: Annotated[str, typer.Option(help="Image name, and the ECR repository pushed to.")] = "cai-bench",
+    tag: Annotated[str, typer.Option(help="Image tag.")] = "latest",
+    arch: Annotated[str, typer.Option(help="x86_64 or arm64: the function's architecture.")] = "x86_64",
+    push: Annotated[bool, typer.Option(help="Push to this account's ECR (the repository made if missing).")] = True,
+    context: Annotated[Path, typer.Option(help="The cai-bench source tree to build from.")] = Path("."),
+    region: AwsRegion = None,
+    endpoint_url: AwsEndpoint = None,
+) -> None:
+    """Build the function's container image (deploy/lambda/Dockerfile) and push it to ECR; where Docker is not
+    reachable, print the exact commands instead."""
+    from cai_bench import ui
+    from cai_bench.backends.aws_lambda import deploy as deploying
+
+    image = deploying.ImageBuild(repository, tag, arch, context).check()
+    say = functools.partial(ui.stdout.print, markup=False, highlight=False)
+    if not deploying.docker_reachable():
+        say("Docker is not reachable here; on a machine with Docker and the aws CLI, run:")
+        account, where = "ACCOUNT", region or "REGION"
+        for command in [image.build_command(), *(image.push_commands(account, where) if push else [])]:
+            say("  " + " ".join(command))
+        say(f"then: cai-bench lambda deploy --image-uri {image.uri(account, where)} --role-arn ROLE_ARN")
+        return
+    account = _account(region, endpoint_url) if push else None
+    uri = deploying.build_image(image, account, say)
+    say(f"image {uri}" + (f"\nnext: cai-bench lambda deploy --image-uri {uri} --role-arn ROLE_ARN" if push else ""))
+
+
+@lambda_app.command("deploy")
+def lambda_deploy(
+    image_uri: Annotated[str, typer.Option(help="The image in ECR (from `cai-bench lambda build`).")],
+    role_arn: Annotated[str, typer.Option(help="The function's execution role (deploy/lambda/role-policy.json).")],
+    memory_mb: Annotated[int, typer.Option(help="Memory in MB (128-10240; sets the CPU share too).")] = 10240,
+    timeout_s: Annotated[int, typer.Option(help="Timeout in seconds (1-900).")] = 900,
+    ephemeral_mb: Annotated[int, typer.Option(help="/tmp size in MB (512-10240).")] = 10240,
+    arch: Annotated[str, typer.Option(help="x86_64 or arm64 (the image's).")] = "x86_64",
+    name: FunctionName = "cai-bench",
+    region: AwsRegion = None,
+    endpoint_url: AwsEndpoint = None,
+) -> None:
+    """Create the function from the image, or update it (image, then configuration), and wait until it is active."""
+    from cai_bench import ui
+    from cai_bench.backends.aws_lambda import deploy as deploying
+
+    spec = deploying.FunctionSpec(name, image_uri, role_arn, memory_mb, timeout_s, ephemeral_mb, arch).check()
+    started = time.perf_counter()
+    done = deploying.deploy(_account(region, endpoint_url), spec)
+    c, took = done["configuration"], time.perf_counter() - started
+    ui.stdout.print(
+        f"function {c['FunctionName']} {done['action']} in {took:.1f} s: {c['MemorySize']} MB, "
+        f"timeout {c['Timeout']} s, /tmp {(c.get('EphemeralStorage') or {}).get('Size')} MB, "
+        f"{(c.get('Architectures') or ['x86_64'])[0]}, state {c.get('State')}\nrun it: cai-bench run --backend lambda "
+        f"--function {c['FunctionName']} --bucket s3://BUCKET/cai-bench",
+        markup=False, highlight=False,
+    )  # fmt: skip
+
+
+@lambda_app.command("status")
+def lambda_status(
+    name: FunctionName = "cai-bench",
+    region: AwsRegion = None,
+    endpoint_url: AwsEndpoint = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The status as JSON.")] = False,
+) -> None:
+    """The function's state and configuration, and the state machines cai-bench made for it."""
+    from cai_bench import ui
+    from cai_bench.backends.aws_lambda import deploy as deploying
+
+    found = deploying.status(_account(region, endpoint_url), aws_name(name))
+    if as_json:
+        print(json.dumps(found, indent=2, default=str))
+        return
+    if not found["exists"]:
+        ui.stdout.print(f"function {name}: not deployed", markup=False, highlight=False)
+    else:
+        ui.stdout.print(
+            f"function {name}: {found['state']} (last update {found['last_update']}), {found['memory_mb']} MB, "
+            f"timeout {found['timeout_s']} s, /tmp {found['ephemeral_mb']} MB, {found['architecture']}, image "
+            f"{found['image_uri']}{'' if found['managed'] else ' (not deployed by cai-bench)'}",
+            markup=False, highlight=False,
+        )  # fmt: skip
+    for arn in found["state_machines"]:
+        ui.stdout.print(f"state machine {arn}", markup=False, highlight=False)
+
+
+@lambda_app.command("destroy")
+def lambda_destroy(
+    name: FunctionName = "cai-bench",
+    region: AwsRegion = None,
+    endpoint_url: AwsEndpoint = None,
+) -> None:
+    """Delete the function and what cai-bench made for it (state machines, log group); only what carries
+    cai-bench's tag. Data and results in S3 stay: remove them with the aws CLI when you no longer need them."""
+    from cai_bench import ui
+    from cai_bench.backends.aws_lambda import deploy as deploying
+
+    removed = deploying.destroy(_account(region, endpoint_url), aws_name(name))
+    for line in removed or [f"nothing to remove for function {name}"]:
+        ui.stdout.print(("removed " if removed else "") + line, markup=False, highlight=False)
+
+
+def aws_name(name: str) -> str:
+    from cai_bench import aws
+
+    return aws.check_function_name(name)
 
 
 @lambda_app.command("cost")

@@ -29,8 +29,10 @@ FIGURES = (
     "throughput-vs-data-size",
     "throughput-vs-batch-size",
     "wall-vs-partition-size",
+    "time-and-cost-vs-memory",  # MEMORY_FIGURE: only for a setting measured at two memory sizes or more
     "worker-breakdown",
 )
+MEMORY_FIGURE = "time-and-cost-vs-memory"
 PAPER_RESULTS = "paper-results.csv"  # in cai_bench/reference/, the package data that --reference paper reads
 
 SYSTEMS = {
@@ -152,6 +154,8 @@ _SERIES_ATTRS = (
     "precision",
     "threads",
     "workers",
+    "memory_mb",
+    "orchestrator",
 )
 _ATTR_TEXT = {
     "machine": lambda p: f"on {p.machine}",
@@ -163,16 +167,21 @@ _ATTR_TEXT = {
     "precision": lambda p: "precision auto" if p.precision == "auto" else p.precision,
     "threads": lambda p: f"{p.threads} threads",
     "workers": lambda p: f"{p.workers} workers",
+    "memory_mb": lambda p: "memory: the function's" if p.memory_mb is None else f"{p.memory_mb:,} MB",
+    "orchestrator": lambda p: f"{p.orchestrator or 'no'} orchestrator",
 }
+# A memory sweep's lines: the CPU share, and so threads and environments, follow memory; they do not split lines
+_MEMORY_SERIES = ("backend", "engine", "machine", "data_gb", "partition_mb", "batch_size", "precision", "orchestrator")
 
 
-def _series(points: list[PointReport], x_attr: str) -> tuple[list[tuple[str, list[PointReport]]], str]:
+def _series(points: list[PointReport], x_attr: str, attrs: tuple[str, ...] = _SERIES_ATTRS,
+            ) -> tuple[list[tuple[str, list[PointReport]]], str]:  # fmt: skip
     """Points grouped into lines along ``x_attr``, and what all the lines share (for the title).
 
     A label names only what differs between the lines. Lines of a single point say nothing about scaling, so
     they are left out when some line has two or more.
     """
-    attrs = [a for a in _SERIES_ATTRS if a != x_attr]
+    attrs = [a for a in attrs if a != x_attr]
     groups: dict[tuple, list[PointReport]] = {}
     for p in points:
         groups.setdefault(tuple(getattr(p, a) for a in attrs), []).append(p)
@@ -333,8 +342,49 @@ def build_figures(points: list[PointReport], reference: list[dict] | None = None
         _finish(fig, axes[1], "partition size (MB)", "US$ per run")
     figures["wall-vs-partition-size"] = _finish(fig, axes[0], "partition size (MB)", "seconds")
 
+    memory = _memory(points)
+    if memory is not None:
+        figures[MEMORY_FIGURE] = memory
     figures["worker-breakdown"] = _breakdown(points)
     return figures
+
+
+def _memory(points: list[PointReport]) -> Figure | None:
+    """Time and cost against the function's memory on two axes, as aws-lambda-power-tuning draws them; only for
+    settings measured at two or more memory sizes."""
+    swept = [p for p in points if p.memory_mb is not None and p.cost_usd is not None]
+    series, shared = _series(swept, "memory_mb", _MEMORY_SERIES) if swept else ([], "")
+    series = [(label, group) for label, group in series if len({p.memory_mb for p in group}) > 1]
+    if not series:
+        return None
+    fig, ax = _figure()
+    cost_ax = ax.twinx()
+    for index, (label, group) in enumerate(series):
+        colour = f"C{index % 10}"
+        xs = [p.memory_mb for p in group]
+        for axis, name, style, what in ((ax, "wall_s", "-", "wall s"), (cost_ax, "cost_usd", "--", "US$")):
+            meds, lows, highs = zip(*(_spread_of(name)(p) for p in group), strict=True)
+            err = [[m - lo for m, lo in zip(meds, lows, strict=True)],
+                   [h - m for m, h in zip(meds, highs, strict=True)]]  # fmt: skip
+            axis.errorbar(xs, meds, yerr=err, color=colour, linestyle=style, marker="o" if style == "-" else "s",
+                          markersize=4, capsize=3, linewidth=1.5, label=f"{label} ({what})")  # fmt: skip
+    lines = [p for _, g in series for p in g]
+    _title(ax, "Time (solid, left) and cost (dashed, right) vs the function's memory: medians, min-max over repeats",
+           lines, False, shared)  # fmt: skip
+    cost_ax.set_ylabel("US$ per run")
+    cost_ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0)
+    ticks = sorted({p.memory_mb for p in lines})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    handles = ax.get_legend_handles_labels()
+    more = cost_ax.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="upper left", bbox_to_anchor=(1.08, 1.0),
+              borderaxespad=0)  # fmt: skip
+    ax.set_xlabel("function memory (MB); Lambda's CPU share grows with it: 1 vCPU at 1,769 MB, 6 at 10,240 MB")
+    ax.set_ylabel("seconds (wall)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def _breakdown(points: list[PointReport]) -> Figure:

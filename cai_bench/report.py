@@ -52,6 +52,9 @@ class PointReport:
     speedup: float | None = None  # baseline median wall / this median wall
     baseline: str | None = None
     oversubscribed: bool = False  # ran more threads than its process could use (--oversubscribe)
+    memory_mb: int | None = None  # Lambda: the function's memory (which also sets its CPU share)
+    orchestrator: str | None = None  # Lambda: who made the invocations (direct, stepfunctions)
+    map_state_s: Spread | None = None  # Lambda under Step Functions: the Map state's time, from the history
 
     @property
     def noisy(self) -> bool:
@@ -85,6 +88,7 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
         plan, data, last = group[-1]["plan"], group[-1]["plan"]["data"], group[-1]
         sums = [r["summary"] for r in group]
         costs = [s["cost_usd"] for s in sums if s.get("cost_usd") is not None]
+        map_times = [(r.get("backend_info") or {}).get("map_state_s") for r in group]
         breakdowns = [_worker_breakdown(r) for r in group]
         info = last.get("backend_info") or {}
         # A run that cycled its partitions processed more than its data set holds: that is its data size
@@ -118,6 +122,9 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
                 first_utc=group[0]["created_utc"],
                 last_utc=last["created_utc"],
                 oversubscribed=bool(plan.get("oversubscribe")),
+                memory_mb=info.get("memory_mb"),
+                orchestrator=info.get("orchestrator"),
+                map_state_s=spread(map_times) if map_times and None not in map_times else None,
             )
         )
     points.sort(key=lambda p: (p.backend, p.engine, p.machine, p.precision, p.data_gb, p.partition_mb, p.batch_size))
@@ -174,10 +181,13 @@ DISPLAY_COLUMNS: list[tuple[str, Callable[[PointReport], str]]] = [
     ("part. MB", lambda p: f"{p.partition_mb:g} x{p.partitions}"),
     ("batch", lambda p: str(p.batch_size)),
     ("prec.", lambda p: p.precision),
+    ("mem. MB", lambda p: _num(p.memory_mb, ",d")),
+    ("orch.", lambda p: "-" if p.orchestrator in (None, "direct") else p.orchestrator),
     ("thr.", lambda p: _num(p.threads, "d") + (" OVERSUB" if p.oversubscribed else "")),
     ("wkr.", lambda p: "-" if p.workers == 1 else str(p.workers)),
     ("n", lambda p: str(p.repeats)),
     ("wall s", lambda p: f"{p.wall_s.median:,.2f}"),
+    ("Map s", lambda p: "-" if p.map_state_s is None else f"{p.map_state_s.median:,.2f}"),
     ("min-max", lambda p: f"{p.wall_s.min:,.2f}-{p.wall_s.max:,.2f}" + (" NOISY" if p.noisy else "")),
     ("samples/s", lambda p: f"{p.samples_per_s.median:,.1f}"),
     ("Mbps", lambda p: f"{p.throughput_bps.median / 1e6:,.1f}"),
@@ -194,7 +204,9 @@ NOTES = (
     "bits / own compute s, the paper's headline measure. speedup: the baseline's median wall s / this one's, on the "
     "same data. RSS MB: the highest peak resident memory of any repeat. thr.: threads in all (per task for SLURM "
     "arrays); wkr.: worker processes, or array tasks. OVERSUB: more threads than the process could use "
-    "(--oversubscribe), so they shared cores."
+    "(--oversubscribe), so they shared cores. mem. MB: a Lambda function's memory; orch.: who invoked it, and "
+    "Map s: the Step Functions Map state's time, from the execution history (the paper's measure), beside the "
+    "driver's own wall s."
 )
 
 
@@ -226,6 +238,9 @@ def export_row(p: PointReport) -> dict:
             "baseline": p.baseline,
             "peak_rss_bytes": p.peak_rss_bytes,
             "cost_usd_median": None if p.cost_usd is None else p.cost_usd.median,
+            "memory_mb": p.memory_mb,
+            "orchestrator": p.orchestrator,
+            "map_state_s_median": None if p.map_state_s is None else p.map_state_s.median,
             **{f"worker_{k}": v for k, v in p.worker_breakdown_s.items()},
             "first_utc": p.first_utc,
             "last_utc": p.last_utc,
@@ -241,11 +256,47 @@ def display_columns(points: list[PointReport]) -> list[tuple[str, Callable[[Poin
     return [(h, cell) for h, cell in DISPLAY_COLUMNS if any(cell(p) != "-" for p in points)]
 
 
+# What makes two Lambda points the same setting but for the function's memory
+_SAME_BUT_MEMORY = ("backend", "engine", "machine", "data", "partition_mb", "batch_size", "precision", "orchestrator")
+
+
+def memory_choices(points: list[PointReport]) -> list[dict]:
+    """For every setting measured at two or more memory sizes (with a cost), the fastest and the cheapest, as
+    aws-lambda-power-tuning names them: {"setting": label, "fastest": point, "cheapest": point, "points": n}."""
+    groups: dict[tuple, list[PointReport]] = {}
+    for p in points:
+        if p.memory_mb is not None and p.cost_usd is not None:
+            groups.setdefault(tuple(getattr(p, a) for a in _SAME_BUT_MEMORY), []).append(p)
+    out = []
+    for group in groups.values():
+        if len({p.memory_mb for p in group}) < 2:
+            continue
+        fastest = min(group, key=lambda p: (p.wall_s.median, p.cost_usd.median))
+        cheapest = min(group, key=lambda p: (p.cost_usd.median, p.wall_s.median))
+        label = f"{group[0].label()} · {group[0].precision} · {group[0].orchestrator or 'direct'}"
+        out.append({"setting": label, "fastest": fastest, "cheapest": cheapest, "points": len(group)})
+    return out
+
+
+def memory_lines(points: list[PointReport]) -> list[str]:
+    """``memory_choices`` as sentences for the report."""
+    lines = []
+    for choice in memory_choices(points):
+        f, c = choice["fastest"], choice["cheapest"]
+        lines.append(
+            f"{choice['setting']}: fastest at {f.memory_mb:,} MB ({f.wall_s.median:,.2f} s, ${f.cost_usd.median:.4f}); "
+            f"cheapest at {c.memory_mb:,} MB (${c.cost_usd.median:.4f}, {c.wall_s.median:,.2f} s), "
+            f"of {choice['points']} memory sizes"
+        )
+    return lines
+
+
 def to_markdown(points: list[PointReport]) -> str:
     columns = display_columns(points)
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(p) for _, cell in columns) + " |" for p in points]
-    return "\n".join(lines) + "\n\n" + NOTES + "\n"
+    memory = "".join(f"- {line}\n" for line in memory_lines(points))
+    return "\n".join(lines) + "\n\n" + (f"Memory:\n\n{memory}\n" if memory else "") + NOTES + "\n"
 
 
 def to_csv(rows: list[dict]) -> str:

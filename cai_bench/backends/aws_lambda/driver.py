@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import random
@@ -35,12 +36,19 @@ DEFAULT_CONCURRENCY = 1000  # an account's default concurrency limit
 THROTTLE_RETRIES = 8
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 20.0
+ORCHESTRATORS = ("direct", "stepfunctions")
 
 OPTIONS = (
     BackendOption("function", str, "Name of the Lambda function to invoke.", DEFAULT_FUNCTION, identity=False,
                   sweepable=False, parse=aws.check_function_name),
-    BackendOption("memory_mb", int, "The function's memory in MB (read from its configuration on AWS; sets the "
-                  "emulated function's).", "the function's", minimum=128),
+    BackendOption("memory_mb", int, "The function's memory in MB: on AWS the function is set to it first (one "
+                  "configuration per sweep point); sets the emulated function's, and its CPU share.", "the function's",
+                  minimum=128),
+    BackendOption("orchestrator", str, "Who makes the invocations: the driver itself (direct) or a Step Functions "
+                  "Distributed Map over the partitions in S3, as the paper ran them (stepfunctions).", "direct",
+                  choices=ORCHESTRATORS),
+    BackendOption("state_machine_role_arn", str, "IAM role the state machine runs as (--orchestrator stepfunctions "
+                  "on AWS; see deploy/lambda/).", None, identity=False, sweepable=False),
     BackendOption("max_concurrency", int, "Invocations in flight at once.", f"{DEFAULT_CONCURRENCY} (emulated: cores)",
                   minimum=1),
     BackendOption("partitions_per_invocation", int, "Partitions each invocation runs, one after another.", 1,
@@ -292,6 +300,7 @@ class Services:
     emulated: bool
     stop: list = field(default_factory=list)
     emulator: object = None
+    upstream: str | None = None  # the local moto server this run started (S3, IAM, Step Functions)
 
     def close(self) -> None:
         for stop in reversed(self.stop):
@@ -300,28 +309,34 @@ class Services:
 
 
 def start_services(options: dict, function: str, memory_mb: int | None, concurrency: int, faults=None) -> Services:
-    """The emulator and local S3 that ``--emulate`` asks for (unless endpoints are given), or AWS itself."""
+    """The emulator and local S3 that ``--emulate`` asks for (unless endpoints are given), or AWS itself.
+
+    Emulated Step Functions: moto's server runs the state machine, and the emulator stands in front of it on one
+    port, answering Lambda's calls itself and passing on the rest (S3, Step Functions)."""
     from cai_bench.backends.aws_lambda import emulator as emulation
 
     s3_endpoint = options.get("endpoint_url")
     lambda_endpoint = options.get("lambda_endpoint_url")
     emulated = bool(options.get("emulate")) or lambda_endpoint is not None
+    state_machines = emulated and options.get("orchestrator") == "stepfunctions"
     services = Services(lambda_endpoint, emulated)
     saved = {name: os.environ.get(name) for name in (aws.S3_ENDPOINT_ENV, aws.EMULATED_ENV)}
     services.stop.append(lambda: _restore(saved))  # the process is as it was after the run
     try:
-        if emulated and s3_endpoint is None and not os.environ.get(aws.S3_ENDPOINT_ENV):
-            local = emulation.start_local_s3()
+        front = emulation.free_port() if state_machines else 0
+        if state_machines or (emulated and s3_endpoint is None and not os.environ.get(aws.S3_ENDPOINT_ENV)):
+            local = emulation.start_local_s3(state_machines_via=front if state_machines else None)
             services.stop.append(local.stop)
-            s3_endpoint = local.url
+            s3_endpoint = services.upstream = local.url
         aws.use_endpoints(s3_endpoint, emulated)
         if emulated and lambda_endpoint is None:
             config = emulation.FunctionConfig(name=function, memory_mb=memory_mb or 10240,
                                               timeout_s=float(options.get("timeout_s") or 900.0))  # fmt: skip
             extra = emulation.emulated_function_env(os.environ[aws.S3_ENDPOINT_ENV])
-            services.emulator = emulation.Emulator(config, concurrency=concurrency, faults=faults, extra_env=extra)
+            services.emulator = emulation.Emulator(config, concurrency=concurrency, faults=faults, extra_env=extra,
+                                                   upstream=services.upstream if state_machines else None)  # fmt: skip
             services.stop.append(services.emulator.stop)
-            services.lambda_endpoint = services.emulator.serve()
+            services.lambda_endpoint = services.emulator.serve(port=front)
     except BaseException:
         services.close()
         raise
@@ -420,10 +435,13 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
                             read_timeout_s=float(options.get("timeout_s") or 900.0) + 60)  # fmt: skip
         with aws.one_line_errors(f"Lambda function {function}"):
             configuration = client.get_function_configuration(FunctionName=function)
+        memory_set = False
+        if options.get("memory_mb") and not services.emulated and options["memory_mb"] != configuration["MemorySize"]:
+            from cai_bench.backends.aws_lambda.deploy import set_memory
+
+            memory_set = set_memory(client, function, int(options["memory_mb"]))
+            configuration = client.get_function_configuration(FunctionName=function)
         memory_mb = int(configuration["MemorySize"])
-        if options.get("memory_mb") and not services.emulated and options["memory_mb"] != memory_mb:
-            raise UserError(f"--memory-mb {options['memory_mb']}: function {function} is configured with "
-                            f"{memory_mb} MB; change its configuration (or leave --memory-mb out)")  # fmt: skip
         architecture = (configuration.get("Architectures") or ["x86_64"])[0]
         refs, data_prefix, staging_s = stage(plan.partitions, plan, target)
         staged = replace(plan, partitions=refs)
@@ -442,13 +460,28 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
             "hold_s": hold_s,
         }  # fmt: skip
         dispatcher = Dispatcher(work_units(staged), emit, DEFAULT_RETRIES if retries is None else retries)
-        transport = InvokeTransport(client, function, event_base, results, concurrency, per_invocation, plan.seed)
-        drive(dispatcher, transport)
-        invocations = transport.invocations
-        billed = [i.report["billed_duration_ms"] for i in invocations if i.report]
-        spent = pricing.cost(billed, memory_mb, architecture, prices)
+        orchestrator = options.get("orchestrator") or "direct"
+        if orchestrator == "stepfunctions":
+            transport, orchestration = _map_transport(options, services, region, function, concurrency, run_id,
+                                                      event_base, results, per_invocation)  # fmt: skip
+            drive(dispatcher, transport)
+            for name, ready in transport.ready.items():  # an execution's output comes after its results
+                dispatcher.on_ready(name, ready)
+            invocations, orchestration = [], {**orchestration, **map_summary(transport)}
+            billed, billed_from = _map_billed(transport, services)
+            spent = pricing.cost(billed, memory_mb, architecture, prices, transitions=orchestration["transitions"])
+        else:
+            transport = InvokeTransport(client, function, event_base, results, concurrency, per_invocation, plan.seed)
+            drive(dispatcher, transport)
+            invocations, orchestration = transport.invocations, {}
+            billed, billed_from = [i.report["billed_duration_ms"] for i in invocations if i.report], "REPORT lines"
+            spent = pricing.cost(billed, memory_mb, architecture, prices)
         info = {
             **invocation_summary(invocations),
+            "orchestrator": orchestrator,
+            **orchestration,
+            "billed_from": billed_from,
+            "memory_set": memory_set,
             "function": function,
             "memory_mb": memory_mb,
             "architecture": architecture,
@@ -465,11 +498,62 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
         }
         if services.emulator is not None:
             info["emulator"] = services.emulator.stats()
+            info["cpu_share"] = info["emulator"]["cpu_share"]
         threads = services.emulator.threads if services.emulator is not None else None
         return dispatched_run(plan, dispatcher, transport.wall_s, info, workers=len({i.environment for i in
                               invocations if i.environment}) or None, threads=threads, cost_usd=spent.usd)  # fmt: skip
     finally:
         services.close()
+
+
+def _map_transport(options, services, region, function, concurrency, run_id, event_base, results, per_invocation):
+    """The state machine (created, updated or reused) and a transport that runs executions of it."""
+    from cai_bench.backends.aws_lambda import stepfunctions
+
+    role = options.get("state_machine_role_arn")
+    endpoint = services.upstream if services.emulated else None
+    client = aws.client("stepfunctions", endpoint_url=endpoint, region=region, emulated=services.emulated)
+    if services.emulated and role is None:
+        role = _emulated_role(endpoint, region)
+    arn, action = stepfunctions.ensure_state_machine(client, function, concurrency, role)
+    transport = stepfunctions.MapTransport(client, arn, run_id, event_base, results, per_invocation,
+                                           poll_s=0.25 if services.emulated else 1.0)  # fmt: skip
+    return transport, {"state_machine": arn, "state_machine_action": action}
+
+
+def _emulated_role(endpoint: str, region: str) -> str:
+    iam = aws.client("iam", endpoint_url=endpoint, region=region, emulated=True)
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                                     "Principal": {"Service": "states.amazonaws.com"}}]}  # fmt: skip
+    try:
+        return iam.get_role(RoleName="cai-bench-states")["Role"]["Arn"]
+    except Exception:
+        return iam.create_role(RoleName="cai-bench-states", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+
+
+def map_summary(transport) -> dict:
+    """What the record keeps of the executions: each one, and the Map state's time in all (the paper's)."""
+    executions = [asdict(e) for e in transport.executions]
+    map_times = [e["history"].get("map_state_s") for e in executions]
+    items = sum(e["items"] for e in executions)
+    caught = sum(e["items"] - len(e["invocations"]) for e in executions)  # items with no handler reply
+    return {
+        "executions": executions,
+        "map_state_s": sum(map_times) if map_times and None not in map_times else None,
+        "driver_wall_s": transport.wall_s,
+        # One per item's Task, one more per caught failure, one per execution's Map state (an estimate:
+        # retries inside the state machine add theirs)
+        "transitions": items + caught + len(executions),
+    }
+
+
+def _map_billed(transport, services) -> tuple[list[int], str]:
+    """Billed durations: the emulator's REPORTs; on AWS, the handler's own times (the REPORT lines are in
+    CloudWatch Logs, not in the Map's output), rounded up to the millisecond."""
+    if services.emulator is not None:
+        return [r.billed_duration_ms for r in services.emulator.reports], "the emulator's REPORTs"
+    timings = [i["timing"] for e in transport.executions for i in e.invocations if i.get("timing")]
+    return [math.ceil(t["duration_ms"]) for t in timings], "the handler's own times (an estimate: no init phase)"
 
 
 def invocation_summary(invocations: list[Invocation]) -> dict:
@@ -510,6 +594,13 @@ class LambdaBackend:
             S3Prefix.parse(options["bucket"])
         if options.get("lambda_endpoint_url") and options.get("emulate"):
             raise UserError("--lambda-endpoint-url names a running emulator: leave --emulate out")
+        if options.get("orchestrator") == "stepfunctions":
+            if options.get("lambda_endpoint_url") or (options.get("emulate") and options.get("endpoint_url")):
+                raise UserError("--orchestrator stepfunctions --emulate runs its own local S3 and Step Functions: "
+                                "leave --endpoint-url and --lambda-endpoint-url out")  # fmt: skip
+            if not options.get("emulate") and not options.get("state_machine_role_arn"):
+                raise UserError("--orchestrator stepfunctions on AWS needs --state-machine-role-arn (a role Step "
+                                "Functions can assume: see deploy/lambda/stepfunctions-policy.json)")  # fmt: skip
         if "timeout_s" in options and not options.get("emulate"):
             raise UserError("--timeout-s sets the emulated function's timeout: add --emulate (on AWS it is the "
                             "function's configuration)")  # fmt: skip

@@ -13,9 +13,15 @@ The driver's boto3 client changes only its endpoint. What the emulator does as t
     memory            each environment's resident memory watched; past the function's memory it is killed and
                       the invocation fails with Runtime.OutOfMemory, as on Lambda
     timeout           "Task timed out after N.00 seconds" (Sandbox.Timedout), and the environment is dropped
-    CPU               as many cores as Lambda allots vCPUs for the memory (one per 1,769 MB, at most 6),
-                      capped by this machine's, pinned with sched_setaffinity
+    CPU               Lambda's share for the memory (one vCPU per 1,769 MB, at most 6), capped by this
+                      machine's cores: pinned to as many cores as the share rounds up to (sched_setaffinity),
+                      and a fraction of them by stopping and continuing the environment in 20 ms slices
+                      while it runs an invocation (1,024 MB: 58% of one core), as Lambda's CPU quota does;
+                      the init phase runs unthrottled
     concurrency       calls beyond the limit get 429 TooManyRequestsException
+    other APIs        with ``upstream`` (moto's server), every other request is passed on to it: Step
+                      Functions' interpreter in moto calls Lambda and S3 at one endpoint, this one, so a
+                      Distributed Map's invocations run here
 
 ``Faults`` lets tests (only) throttle the first calls and make chosen partitions run out of memory, hang, or
 lose their environment mid-unit, a given number of times.
@@ -77,6 +83,11 @@ def vcpus_for(memory_mb: int) -> int:
     return max(1, min(MAX_VCPUS, math.ceil(memory_mb / MB_PER_VCPU)))
 
 
+def cpu_share(memory_mb: int, cores: int) -> float:
+    """The vCPUs' worth Lambda gives ``memory_mb``, as far as ``cores`` of this machine go."""
+    return min(memory_mb / MB_PER_VCPU, MAX_VCPUS, cores)
+
+
 @dataclass
 class FunctionConfig:
     name: str = "cai-bench"
@@ -130,10 +141,11 @@ class EnvironmentGone(Exception):
 class Environment:
     """One execution environment: a runtime process holding the imported handler."""
 
-    def __init__(self, config: FunctionConfig, cores: list[int], log_dir: str, extra_env: dict):
+    def __init__(self, config: FunctionConfig, cores: list[int], log_dir: str, extra_env: dict, share: float):
         self.id = uuid.uuid4().hex[:8]
         self.config = config
         self.cores = cores
+        self.duty = min(1.0, share / len(cores))  # the part of its cores' time it may run
         self.peak_rss_mb = 0
         self.killed_for: str | None = None
         # Never the user's own credentials or profile: the emulated function gets the throwaway ones it is given
@@ -174,14 +186,18 @@ class Environment:
             self.kill("exit")
             raise EnvironmentGone("exit") from None
         watching = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(watching, kill_after_s), daemon=True)
-        watcher.start()
+        threads = [threading.Thread(target=self._watch, args=(watching, kill_after_s), daemon=True)]
+        if self.duty < 1.0:
+            threads.append(threading.Thread(target=self._throttle, args=(watching,), daemon=True))
+        for thread in threads:
+            thread.start()
         began = time.perf_counter()
         try:
             reply = self._read(began + timeout_s)
         finally:
             watching.set()
-            watcher.join()
+            for thread in threads:
+                thread.join()
         if reply is None:
             # Killed by the watcher (memory), or silent until the deadline, or gone by itself
             overran = time.perf_counter() - began >= timeout_s
@@ -212,6 +228,20 @@ class Environment:
             if kill_after_s is not None and time.perf_counter() - began > kill_after_s:
                 self.kill("exit")
                 return
+
+    def _throttle(self, stop: threading.Event, slice_s: float = 0.02) -> None:
+        """Let the environment run ``duty`` of each slice, stopped for the rest; running again at the end."""
+        running_s, stopped_s = slice_s * self.duty, slice_s * (1.0 - self.duty)
+        try:
+            while not stop.wait(running_s):
+                self.process.send_signal(signal.SIGSTOP)
+                stop.wait(stopped_s)
+                self.process.send_signal(signal.SIGCONT)
+        except (ProcessLookupError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                self.process.send_signal(signal.SIGCONT)
 
     def _read(self, deadline: float) -> dict | None:
         head = self._read_exact(FRAME.size, deadline)
@@ -275,7 +305,7 @@ class Emulator:
     """The function and its environments; ``serve`` puts the Invoke API in front of it."""
 
     def __init__(self, config: FunctionConfig, concurrency: int = 10, faults: Faults | None = None,
-                 extra_env: dict | None = None, region: str = "us-east-1"):  # fmt: skip
+                 extra_env: dict | None = None, region: str = "us-east-1", upstream: str | None = None):  # fmt: skip
         self.config = config
         self.concurrency = concurrency
         self.faults = faults or Faults()
@@ -288,12 +318,15 @@ class Emulator:
         self.calls = 0
         self.throttled = 0
         self.cold_starts = 0
+        self.upstream = upstream
+        self.reports: list[Report] = []  # every invocation's REPORT: the bill, when no REPORT line reaches the driver
         self.log_dir = tempfile.mkdtemp(prefix="cai-bench-lambda-")
         try:
             cores = sorted(os.sched_getaffinity(0))
         except AttributeError:
             cores = list(range(os.cpu_count() or 1))
         self.threads = min(vcpus_for(config.memory_mb), len(cores))
+        self.cpu_share = cpu_share(config.memory_mb, len(cores))
         self._cores = itertools.cycle(cores)
         self.server: ThreadingHTTPServer | None = None
 
@@ -329,7 +362,7 @@ class Emulator:
             event, dict) else []  # fmt: skip
         init_ms = None
         if environment is None:
-            environment = Environment(self.config, self._next_cores(), self.log_dir, self.extra_env)
+            environment = Environment(self.config, self._next_cores(), self.log_dir, self.extra_env, self.cpu_share)
             with self.lock:
                 self.every.append(environment)
                 self.cold_starts += 1
@@ -380,7 +413,10 @@ class Emulator:
         billed = math.ceil(duration_ms + (init_ms or 0.0))  # an image's init phase is billed, as on Lambda
         init = None if init_ms is None else round(init_ms, 2)
         used = min(int(used_mb), self.config.memory_mb)
-        return Report(request_id, round(duration_ms, 2), billed, self.config.memory_mb, used, init)
+        report = Report(request_id, round(duration_ms, 2), billed, self.config.memory_mb, used, init)
+        with self.lock:
+            self.reports.append(report)
+        return report
 
     def _reply(self, body: bytes, request_id: str, log: str, report: Report, tail: bool, error: str | None) -> Reply:
         headers = {"Content-Type": "application/json", "X-Amz-Executed-Version": "$LATEST",
@@ -429,10 +465,39 @@ class Emulator:
                 name = unquote(match["name"]).rsplit(":function:", 1)[-1].split(":")[0]
                 return name, match["rest"] or ""
 
+            def _pass_on(self, body: bytes | None = None) -> None:
+                import http.client
+                from urllib.parse import urlsplit
+
+                if body is None:
+                    body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                where = urlsplit(emulator.upstream)
+                connection = http.client.HTTPConnection(where.hostname, where.port, timeout=300)
+                try:
+                    connection.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                    answer = connection.getresponse()
+                    data = answer.read()
+                finally:
+                    connection.close()
+                skip = ("content-length", "transfer-encoding", "connection")
+                headers = {k: v for k, v in answer.getheaders() if k.lower() not in skip}
+                self._send(Reply(answer.status, headers, b"" if self.command == "HEAD" else data))
+
+            def do_PUT(self) -> None:
+                if emulator.upstream:
+                    self._pass_on()
+                else:
+                    self._send(_error(404, "UnknownOperationException", f"no such operation: {self.command}"))
+
+            do_DELETE = do_HEAD = do_PUT
+
             def do_POST(self) -> None:
                 received = time.perf_counter()
                 payload = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 route = self._route()
+                if route is None and emulator.upstream:
+                    self._pass_on(payload)
+                    return
                 if route is None or route[1] != "/invocations":
                     self._send(_error(404, "UnknownOperationException", f"no such operation: POST {self.path}"))
                     return
@@ -448,6 +513,9 @@ class Emulator:
 
             def do_GET(self) -> None:
                 route = self._route()
+                if route is None and emulator.upstream:
+                    self._pass_on()
+                    return
                 if route is None or route[1] == "/invocations":
                     self._send(_error(404, "UnknownOperationException", f"no such operation: GET {self.path}"))
                     return
@@ -479,7 +547,8 @@ class Emulator:
 
     def stats(self) -> dict:
         return {"calls": self.calls, "throttled": self.throttled, "cold_starts": self.cold_starts,
-                "threads_per_environment": self.threads, "concurrency": self.concurrency,
+                "threads_per_environment": self.threads, "cpu_share": round(self.cpu_share, 3),
+                "concurrency": self.concurrency,
                 "memory_mb": self.config.memory_mb, "timeout_s": self.config.timeout_s}  # fmt: skip
 
 
@@ -505,6 +574,9 @@ class LocalS3:
 
 _S3_SERVER = """
 import sys
+if sys.argv[2] == "1":  # run state machines: moto's interpreter, calling Lambda and S3 at MOTO_PORT
+    from moto.core.config import default_user_config
+    default_user_config.setdefault("stepfunctions", {})["execute_state_machine"] = True
 from moto.server import ThreadedMotoServer
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
 server.start()
@@ -520,8 +592,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_s3(timeout_s: float = 30.0) -> LocalS3:
-    """Start moto's server on a free loopback port and wait until it answers."""
+def start_local_s3(timeout_s: float = 30.0, state_machines_via: int | None = None) -> LocalS3:
+    """Start moto's server on a free loopback port and wait until it answers. With ``state_machines_via`` (the
+    emulator's port, passing on to this server what is not Lambda's), Step Functions executions really run the
+    state machine, its Lambda and S3 calls going to that port."""
     try:
         import moto.server  # noqa: F401
     except ImportError:
@@ -529,8 +603,12 @@ def start_local_s3(timeout_s: float = 30.0) -> LocalS3:
 
         raise UserError("--emulate needs moto's server for S3: pip install 'cai-bench[aws]'") from None
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", _S3_SERVER, str(port)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    env = dict(os.environ)
+    if state_machines_via is not None:
+        env["MOTO_PORT"] = str(state_machines_via)
+    process = subprocess.Popen([sys.executable, "-c", _S3_SERVER, str(port), "1" if state_machines_via else "0"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=env)  # fmt: skip
     ready, _, _ = select.select([process.stdout], [], [], timeout_s)
     if not ready or process.stdout.readline().strip() != "ready":
         process.kill()

@@ -18,8 +18,12 @@ Event (what the driver sends):
                  nothing (the fan-out machinery measured without the model)
     hold_s       no-model only: seconds each unit holds its worker, standing in for compute (tests, benches)
 
+Under Step Functions (``--orchestrator stepfunctions``) the event is ``{"base": those fields, "units": [...]}``:
+the Map's item, with what every invocation shares.
+
 Response: {"environment", "request_id", "cold", "ready": {"weights", "choices"}, "done": [{"position", "key",
-"record"}], "failed": [{"position", "error"}]}.
+"record"}], "failed": [{"position", "error"}], "timing": {"duration_ms"}} (the handler's own time: what the
+driver has of an invocation when no REPORT line reaches it).
 """
 
 from __future__ import annotations
@@ -126,6 +130,9 @@ def _no_model_run(hold_s: float):
 
 
 def handler(event: dict, context) -> dict:
+    entered = time.perf_counter()
+    if "base" in event:  # a Step Functions Map item
+        event = {**event["base"], "units": event["units"]}
     request_id = getattr(context, "aws_request_id", None) or uuid.uuid4().hex
     cold = _WARM.invocations == 0
     _WARM.invocations += 1
@@ -172,4 +179,5 @@ def handler(event: dict, context) -> dict:
         "ready": ready,
         "done": done,
         "failed": failed,
+        "timing": {"duration_ms": round((time.perf_counter() - entered) * 1000, 3)},
     }

@@ -23,6 +23,8 @@ PRICES = {
     "region": "us-east-1",
     "request_usd": 0.20 / 1_000_000,
     "gb_second_usd": {"x86_64": 0.0000166667, "arm64": 0.0000133334},
+    # Step Functions Standard workflows (a Distributed Map's child executions too): per state transition
+    "state_transition_usd": 0.025 / 1000,
 }
 
 
@@ -35,6 +37,8 @@ class Cost:
     request_usd: float
     architecture: str
     prices_as_of: str
+    transitions: int = 0  # Step Functions state transitions (--orchestrator stepfunctions)
+    transitions_usd: float = 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +49,8 @@ class Cost:
             "request_usd": self.request_usd,
             "architecture": self.architecture,
             "prices_as_of": self.prices_as_of,
+            "transitions": self.transitions,
+            "transitions_usd": self.transitions_usd,
         }
 
 
@@ -76,8 +82,10 @@ def _price(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-def cost(billed_ms: Iterable[float], memory_mb: float, architecture: str = "x86_64", prices: dict = PRICES) -> Cost:
-    """The cost of invocations that were billed ``billed_ms`` each, at ``memory_mb`` of memory.
+def cost(billed_ms: Iterable[float], memory_mb: float, architecture: str = "x86_64", prices: dict = PRICES,
+         transitions: int = 0) -> Cost:  # fmt: skip
+    """The cost of invocations that were billed ``billed_ms`` each, at ``memory_mb`` of memory, plus
+    ``transitions`` Step Functions state transitions.
 
     Lambda meters memory in MB and charges per GB-second with 1 GB = 1,024 MB."""
     per_gb_s = prices["gb_second_usd"].get(architecture)
@@ -88,8 +96,9 @@ def cost(billed_ms: Iterable[float], memory_mb: float, architecture: str = "x86_
     gb_s = sum(billed) / 1000 * memory_mb / 1024
     duration_usd = gb_s * per_gb_s
     request_usd = len(billed) * prices["request_usd"]
-    return Cost(duration_usd + request_usd, len(billed), gb_s, duration_usd, request_usd, architecture,
-                prices.get("as_of", "unknown"))  # fmt: skip
+    transitions_usd = transitions * prices.get("state_transition_usd", PRICES["state_transition_usd"])
+    return Cost(duration_usd + request_usd + transitions_usd, len(billed), gb_s, duration_usd, request_usd,
+                architecture, prices.get("as_of", "unknown"), transitions, transitions_usd)  # fmt: skip
 
 
 def estimate(invocations: int, seconds_each: float, memory_gb: float, architecture: str = "x86_64",

@@ -1,0 +1,375 @@
+"""The paper's orchestration: a Step Functions state machine whose Distributed Map reads the run's invocations
+from S3 and invokes the function once per item, ``MaxConcurrency`` at a time (``--orchestrator stepfunctions``).
+
+The dispatcher keeps the queue and the retries, as for every backend: an execution is one worker, given every
+unit still waiting. Its items file (``<results>/items-N.json``) lists the invocations, each a group of
+``--partitions-per-invocation`` units. While it runs, results are read from S3 as they land; when it ends, the
+Map's output says which units failed and why, and the history gives the Map state's duration. Units that failed
+go back to the queue, and a fresh execution takes them, until their attempts are spent.
+
+The state machine retries only what never ran (throttling, the Lambda service's own errors); a function error
+is caught per item, so the Map always completes and one bad partition does not abort the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from cai_bench import aws
+from cai_bench.backends.dispatch import Dispatcher, Event, Unit
+
+MAP_STATE = "Partitions"
+# Errors of the Lambda service itself (nothing ran): retried inside the state machine, as AWS advises
+SERVICE_ERRORS = ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException",
+                  "Lambda.TooManyRequestsException"]  # fmt: skip
+DONE_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
+
+
+def state_machine_name(function: str) -> str:
+    return f"cai-bench-{function}"[:80]
+
+
+def definition(function: str, max_concurrency: int) -> dict:
+    """The state machine: a Distributed Map over the items file named in the execution's input
+    (``{"items": {"Bucket", "Key"}, "base": event fields shared by every invocation}``)."""
+    invoke = {
+        "Type": "Task",
+        "Resource": "arn:aws:states:::lambda:invoke",
+        "Parameters": {"FunctionName": function, "Payload.$": "$"},
+        "ResultSelector": {
+            "failed.$": "$.Payload.failed",
+            "request_id.$": "$.Payload.request_id",
+            "timing.$": "$.Payload.timing",
+            "ready.$": "$.Payload.ready",
+        },
+        "Retry": [{"ErrorEquals": SERVICE_ERRORS, "IntervalSeconds": 1, "BackoffRate": 2.0, "MaxAttempts": 8}],
+        "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Lost"}],
+        "End": True,
+    }
+    lost = {"Type": "Pass", "Parameters": {"lost.$": "$.units[*].position", "error.$": "$.error"}, "End": True}
+    return {
+        "Comment": "cai-bench: one invocation of the function per item of the run's items file",
+        "StartAt": MAP_STATE,
+        "States": {
+            MAP_STATE: {
+                "Type": "Map",
+                "MaxConcurrency": max_concurrency,
+                "ItemReader": {
+                    "Resource": "arn:aws:states:::s3:getObject",
+                    "ReaderConfig": {"InputType": "JSON"},
+                    "Parameters": {"Bucket.$": "$.items.Bucket", "Key.$": "$.items.Key"},
+                },
+                "ItemSelector": {"base.$": "$.base", "units.$": "$$.Map.Item.Value"},
+                "ItemProcessor": {
+                    "ProcessorConfig": {"Mode": "DISTRIBUTED", "ExecutionType": "STANDARD"},
+                    "StartAt": "Invoke",
+                    "States": {"Invoke": invoke, "Lost": lost},
+                },
+                "End": True,
+            }
+        },
+    }
+
+
+def managed_state_machines(account, function: str) -> list[dict]:
+    """The state machines cai-bench made for ``function`` (its name, and cai-bench's tag)."""
+    from cai_bench.backends.aws_lambda.deploy import MANAGED_TAG
+
+    client = account.client("stepfunctions")
+    name = state_machine_name(function)
+    found = []
+    with aws.one_line_errors("Step Functions: cannot list state machines"):
+        for page in client.get_paginator("list_state_machines").paginate():
+            for machine in page["stateMachines"]:
+                if machine["name"] != name:
+                    continue
+                tags = client.list_tags_for_resource(resourceArn=machine["stateMachineArn"]).get("tags", [])
+                if {"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]} in tags:
+                    found.append(machine)
+    return found
+
+
+def ensure_state_machine(client, function: str, max_concurrency: int, role_arn: str) -> tuple[str, str]:
+    """The state machine for ``function`` at this concurrency: created, updated when its definition differs,
+    or reused as it is. Returns (its ARN, "created" | "updated" | "reused")."""
+    from cai_bench.backends.aws_lambda.deploy import MANAGED_TAG
+
+    name = state_machine_name(function)
+    wanted = definition(function, max_concurrency)
+    with aws.one_line_errors(f"state machine {name}"):
+        for page in client.get_paginator("list_state_machines").paginate():
+            for machine in page["stateMachines"]:
+                if machine["name"] == name:
+                    arn = machine["stateMachineArn"]
+                    described = client.describe_state_machine(stateMachineArn=arn)
+                    if json.loads(described["definition"]) == wanted and described["roleArn"] == role_arn:
+                        return arn, "reused"
+                    client.update_state_machine(stateMachineArn=arn, definition=json.dumps(wanted), roleArn=role_arn)
+                    return arn, "updated"
+        made = client.create_state_machine(name=name, definition=json.dumps(wanted), roleArn=role_arn, type="STANDARD",
+                                           tags=[{"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]}])  # fmt: skip
+    return made["stateMachineArn"], "created"
+
+
+# ---------------------------------------------------------------------------------------------- the history
+
+
+def _seconds(stamp) -> float:
+    """A history timestamp as epoch seconds: boto3 gives datetimes, the wire JSON epoch numbers."""
+    if isinstance(stamp, datetime):
+        return stamp.timestamp()
+    if isinstance(stamp, (int, float)):
+        return float(stamp)
+    return datetime.fromisoformat(str(stamp)).timestamp()
+
+
+def history_events(client, execution_arn: str) -> list[dict]:
+    """Every event of an execution, through every page."""
+    events, token = [], None
+    while True:
+        page = client.get_execution_history(executionArn=execution_arn, maxResults=1000,
+                                            **({"nextToken": token} if token else {}))  # fmt: skip
+        events.extend(page["events"])
+        token = page.get("nextToken")
+        if not token:
+            return events
+
+
+def read_history(events: list[dict], map_state: str = MAP_STATE) -> dict:
+    """What a run's record keeps of an execution's history: the Map state's duration (entered to exited, the
+    paper's measure), the Map Run's (started to its end), the execution's, and how it ended."""
+    entered = exited = run_started = run_ended = started = ended = None
+    out: dict = {"status": None, "map_run_arn": None, "error": None, "cause": None, "items": None}
+    for event in sorted(events, key=lambda e: e["id"]):
+        kind, stamp = event["type"], _seconds(event["timestamp"])
+        if kind == "ExecutionStarted":
+            started = stamp
+        elif kind == "MapStateEntered" and event.get("stateEnteredEventDetails", {}).get("name") == map_state:
+            entered = stamp
+        elif kind == "MapStateExited" and event.get("stateExitedEventDetails", {}).get("name") == map_state:
+            exited = stamp
+        elif kind == "MapStateStarted":
+            out["items"] = event.get("mapStateStartedEventDetails", {}).get("length")
+        elif kind == "MapRunStarted":
+            run_started = stamp
+            out["map_run_arn"] = event.get("mapRunStartedEventDetails", {}).get("mapRunArn")
+        elif kind in ("MapRunSucceeded", "MapRunFailed", "MapRunAborted"):
+            run_ended = stamp
+            details = event.get("mapRunFailedEventDetails") or {}
+            out["error"], out["cause"] = details.get("error"), details.get("cause")
+        elif kind in ("ExecutionSucceeded", "ExecutionFailed", "ExecutionAborted", "ExecutionTimedOut"):
+            ended = stamp
+            out["status"] = {"ExecutionSucceeded": "SUCCEEDED", "ExecutionFailed": "FAILED",
+                             "ExecutionAborted": "ABORTED", "ExecutionTimedOut": "TIMED_OUT"}[kind]  # fmt: skip
+            details = next((v for k, v in event.items() if k.endswith("EventDetails")), {}) or {}
+            out["error"] = out["error"] or details.get("error")
+            out["cause"] = out["cause"] or details.get("cause")
+        elif kind == "MapStateFailed" and exited is None:
+            # A Map state that failed has no Exited event: it ends with the failure
+            exited = stamp
+    out["map_state_s"] = None if entered is None or exited is None else exited - entered
+    out["map_run_s"] = None if run_started is None or run_ended is None else run_ended - run_started
+    out["execution_s"] = None if started is None or ended is None else ended - started
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the transport
+
+
+@dataclass
+class Execution:
+    """One execution, as the record keeps it."""
+
+    name: str
+    arn: str | None = None
+    items: int = 0
+    units: list[int] = field(default_factory=list)
+    status: str | None = None
+    started_s: float = 0.0  # since the run's first start
+    driver_s: float | None = None  # start_execution to the driver seeing it end
+    history: dict = field(default_factory=dict)
+    invocations: list[dict] = field(default_factory=list)  # per item: request id, the handler's own timing
+
+
+class MapTransport:
+    """Executions of the state machine, one at a time, each a worker holding every unit it was given."""
+
+    def __init__(self, client, state_machine_arn: str, run_id: str, event_base: dict, results, per_invocation: int,
+                 poll_s: float = 1.0):  # fmt: skip
+        self.client = client
+        self.state_machine_arn = state_machine_arn
+        self.run_id = run_id
+        self.event_base = event_base
+        self.results = results  # S3Prefix of this run's unit results (and its items files)
+        self.per_invocation = per_invocation
+        self.poll_s = poll_s
+        self.events: queue.Queue = queue.Queue()
+        self.executions: list[Execution] = []
+        self.running: dict[str, Execution] = {}
+        self.followers: list[threading.Thread] = []
+        self.ready: dict[str, dict] = {}  # per execution, what its first invocation chose (weights, precision)
+        self.stopping = threading.Event()
+        self.first_start: float | None = None
+        self.last_end: float | None = None
+
+    # -- Transport
+
+    def start(self, dispatcher: Dispatcher) -> None:
+        if dispatcher.units:
+            self._add(dispatcher)
+
+    def _add(self, dispatcher: Dispatcher) -> None:
+        execution = Execution(f"{self.run_id}-{len(self.executions) + 1}")
+        self.executions.append(execution)
+        self.running[execution.name] = execution
+        dispatcher.join(execution.name)
+        self.events.put(Event("want", execution.name, count=len(dispatcher.units)))
+
+    def poll(self, timeout_s: float | None):
+        out = []
+        with contextlib.suppress(queue.Empty):
+            out.append(self.events.get(timeout=1.0 if timeout_s is None else max(0.0, timeout_s)))
+            while True:
+                out.append(self.events.get_nowait())
+        return out
+
+    def send(self, worker: str, units: list[Unit], ahead: bool) -> None:
+        if units:
+            follower = threading.Thread(target=self._follow, args=(self.running[worker], units), daemon=True,
+                                        name=worker)  # fmt: skip
+            self.followers.append(follower)
+            follower.start()
+
+    def after_exit(self, dispatcher: Dispatcher, worker: str) -> None:
+        self.running.pop(worker, None)
+        if dispatcher.outstanding() and not self.stopping.is_set():
+            self._add(dispatcher)
+
+    def abandon(self, worker: str) -> None:
+        self._stop_execution(self.running.pop(worker, None), "abandoned")
+
+    def stop(self, finished: bool, wait_s: float = 300.0) -> None:
+        if finished:
+            # Every result is in; the execution ends once its last items return: its history holds the Map
+            # state's time, and its output the handler's timings
+            deadline = time.monotonic() + wait_s
+            for follower in self.followers:
+                follower.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.stopping.set()
+        if not finished:  # Ctrl-C or an error: stop paying for what is still running
+            for execution in list(self.running.values()):
+                self._stop_execution(execution, "the run was stopped")
+
+    def _stop_execution(self, execution: Execution | None, why: str) -> None:
+        if execution is not None and execution.arn and execution.status in (None, "RUNNING"):
+            with contextlib.suppress(Exception):
+                self.client.stop_execution(executionArn=execution.arn, error="cai-bench", cause=why)
+
+    # -- one execution
+
+    def _follow(self, execution: Execution, units: list[Unit]) -> None:
+        try:
+            self._run(execution, units)
+        except Exception as exc:  # the service refused or failed: every unit it held goes back, charged once
+            self.events.put(Event("lost", execution.name, error=f"execution {execution.name}: {exc}"))
+
+    def _run(self, execution: Execution, units: list[Unit]) -> None:
+        from cai_bench.backends.aws_lambda.handler import result_key
+
+        groups = [units[i : i + self.per_invocation] for i in range(0, len(units), self.per_invocation)]
+        items = [[{"position": u.position, "ref": asdict(u.item)} for u in group] for group in groups]
+        items_name = f"items-{len(self.executions)}.json"
+        self.results.write(items_name, json.dumps(items).encode())
+        execution.items, execution.units = len(items), [u.position for u in units]
+        payload = {"items": {"Bucket": self.results.bucket, "Key": self.results.key(items_name)},
+                   "base": self.event_base}  # fmt: skip
+        began = time.perf_counter()
+        self.first_start = began if self.first_start is None else self.first_start
+        execution.started_s = began - self.first_start
+        execution.arn = self.client.start_execution(stateMachineArn=self.state_machine_arn, name=execution.name,
+                                                    input=json.dumps(payload))["executionArn"]  # fmt: skip
+        execution.status = "RUNNING"
+        waiting = {u.position for u in units}
+        while True:
+            described = self.client.describe_execution(executionArn=execution.arn)
+            finished = described["status"] in DONE_STATUSES
+            waiting -= self._collect(execution, waiting, result_key)  # what landed so far: progress as it runs
+            if finished or self.stopping.is_set():
+                break
+            time.sleep(self.poll_s)
+        ended = time.perf_counter()
+        self.last_end = ended if self.last_end is None else max(self.last_end, ended)
+        execution.driver_s, execution.status = ended - began, described["status"]
+        with contextlib.suppress(Exception):
+            execution.history = read_history(history_events(self.client, execution.arn))
+        errors = self._item_errors(described.get("output"), execution)
+        ready = next((i["ready"] for i in execution.invocations if i.get("ready")), None)
+        if ready:
+            self.ready[execution.name] = ready
+            self.events.put(Event("ready", execution.name, info=ready))
+        for position in sorted(waiting):
+            why = errors.get(position) or (f"execution {execution.status}: {described.get('error') or ''} "
+                                           f"{described.get('cause') or ''}".strip())  # fmt: skip
+            self.events.put(Event("failed", execution.name, position, error=why))
+        self.events.put(Event("left", execution.name))
+
+    def _collect(self, execution: Execution, waiting: set[int], result_key) -> set[int]:
+        """Units of ``waiting`` whose result is in S3 now: each read and reported done."""
+        from cai_bench.errors import UserError
+        from cai_bench.records import WireFormatError, decode_result
+
+        present = set(self.results.names())
+        landed = set()
+        for position in sorted(waiting):
+            if result_key(position) not in present:
+                continue
+            try:
+                result = decode_result(self.results.read(result_key(position)))
+            except (WireFormatError, UserError):  # half written, or unreadable: looked at again next time
+                continue
+            landed.add(position)
+            self.events.put(Event("done", execution.name, position, result=result))
+        return landed
+
+    @staticmethod
+    def _item_errors(output: str | None, execution: Execution) -> dict[int, str]:
+        """Per unit, why it failed, from the Map's output (one entry per item, in the items file's order)."""
+        errors: dict[int, str] = {}
+        try:
+            entries = json.loads(output or "[]")
+        except ValueError:
+            return errors
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict):
+                continue
+            if "lost" in entry:
+                error = entry.get("error") or {}
+                why = _function_error(error.get("Error"), error.get("Cause"))
+                for position in entry["lost"] or []:
+                    errors[int(position)] = why
+            for failed in entry.get("failed") or []:
+                errors[int(failed["position"])] = failed.get("error") or "failed"
+            if "request_id" in entry:
+                execution.invocations.append({"request_id": entry["request_id"], "timing": entry.get("timing"),
+                                              "ready": entry.get("ready")})  # fmt: skip
+        return errors
+
+    @property
+    def wall_s(self) -> float:
+        if self.first_start is None or self.last_end is None:
+            return 0.0
+        return self.last_end - self.first_start
+
+
+def _function_error(error: str | None, cause: str | None) -> str:
+    """``Error: message`` from a caught Lambda error (its Cause is the function's error JSON, when it has one)."""
+    message = cause or ""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        message = json.loads(cause).get("errorMessage", cause)
+    return f"function error: {error or 'States.TaskFailed'}: {message}".strip()
