@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import re
+import shlex
 import signal
 import sys
 import time
@@ -1094,7 +1095,8 @@ def lambda_emulate(
         stops.append(emulator.stop)
         url = emulator.serve(port=port)
         ui.stdout.print(
-            f"Lambda Invoke API at {url}, function {function} ({memory_mb} MB, {emulator.threads} CPU(s) each, "
+            f"Lambda Invoke API at {url}, function {function} ({memory_mb} MB, {emulator.cpu_share:.2f} vCPUs' worth "
+            "each, "
             f"timeout {timeout_s:g} s, {concurrency} at once); S3 at {endpoint_url}\n"
             f"run against it: cai-bench run --backend lambda --lambda-endpoint-url {url} --endpoint-url "
             f"{endpoint_url} --bucket s3://cai-bench --memory-mb {memory_mb}",
@@ -1140,10 +1142,13 @@ def lambda_build(
     image = deploying.ImageBuild(repository, tag, arch, context).check()
     say = functools.partial(ui.stdout.print, markup=False, highlight=False)
     if not deploying.docker_reachable():
-        say("Docker is not reachable here; on a machine with Docker and the aws CLI, run:")
+        say(
+            "Docker is not reachable here; on a machine with Docker and the aws CLI, run (ACCOUNT: your account "
+            "id, from `aws sts get-caller-identity`):"
+        )
         account, where = "ACCOUNT", region or "REGION"
-        for command in [image.build_command(), *(image.push_commands(account, where) if push else [])]:
-            say("  " + " ".join(command))
+        for line in [shlex.join(image.build_command()), *(image.push_commands(account, where) if push else [])]:
+            say("  " + line)
         say(f"then: cai-bench lambda deploy --image-uri {image.uri(account, where)} --role-arn ROLE_ARN")
         return
     account = _account(region, endpoint_url) if push else None
@@ -1236,6 +1241,13 @@ def lambda_cost(
         Path | None, typer.Option(help="Per-function records (JSON list with 'total_cpu_time (seconds)' each).")
     ] = None,
     log: Annotated[Path | None, typer.Option(help="A Lambda log: every REPORT line's billed duration.")] = None,
+    invocations: Annotated[
+        int | None, typer.Option(min=1, help="Before a run: so many invocations (with --seconds-each, --memory-mb).")
+    ] = None,
+    seconds_each: Annotated[float | None, typer.Option(min=0, help="Billed seconds of each invocation.")] = None,
+    transitions: Annotated[
+        int, typer.Option(min=0, help="Step Functions state transitions to add (one per item, one per Map).")
+    ] = 0,
     memory_mb: Annotated[
         int | None, typer.Option(min=128, help="Memory of each function (default: the log's).")
     ] = None,
@@ -1243,15 +1255,19 @@ def lambda_cost(
     price_file: Annotated[Path | None, typer.Option(help="JSON price table replacing the built-in one.")] = None,
 ) -> None:
     """What invocations cost: from per-function records (each one's time, rounded up to the millisecond, as its
-    billed duration) or from the REPORT lines of a log."""
+    billed duration), from the REPORT lines of a log, or before a run from so many invocations of so long each."""
     from cai_bench import ui
     from cai_bench.backends.aws_lambda import pricing
     from cai_bench.backends.aws_lambda.report_log import parse_reports
 
-    if (workers is None) == (log is None):
-        raise UserError("give one of --workers FILE or --log FILE")
+    if sum(x is not None for x in (workers, log, invocations)) != 1:
+        raise UserError("give one of --workers FILE, --log FILE or --invocations N")
     prices = pricing.load_prices(price_file)
-    if workers is not None:
+    if invocations is not None:
+        if seconds_each is None or memory_mb is None:
+            raise UserError("--invocations needs --seconds-each and --memory-mb")
+        billed, memory = [math.ceil(seconds_each * 1000)] * invocations, memory_mb
+    elif workers is not None:
         if memory_mb is None:
             raise UserError("--workers needs --memory-mb (the records do not say)")
         billed = [math.ceil(s * 1000) for s in _worker_seconds(workers)]
@@ -1268,11 +1284,12 @@ def lambda_cost(
         if not memory:
             raise UserError(f"{log}: REPORT lines of several memory sizes; give --memory-mb")
         billed = [r.billed_duration_ms for r in reports]
-    spent = pricing.cost(billed, memory, arch, prices)
+    spent = pricing.cost(billed, memory, arch, prices, transitions=transitions)
+    steps = f" + ${spent.transitions_usd:.6f} for {transitions:,} state transitions" if transitions else ""
     ui.stdout.print(
         f"{spent.requests:,} invocations, {sum(billed) / 1000:,.2f} billed s at {memory:,} MB = "
-        f"{spent.billed_gb_s:,.1f} GB-s: ${spent.duration_usd:.4f} duration + ${spent.request_usd:.6f} requests = "
-        f"${spent.usd:.4f} ({arch}, prices as of {spent.prices_as_of})",
+        f"{spent.billed_gb_s:,.1f} GB-s: ${spent.duration_usd:.4f} duration + ${spent.request_usd:.6f} requests"
+        f"{steps} = ${spent.usd:.4f} ({arch}, prices as of {spent.prices_as_of})",
         markup=False, highlight=False,
     )  # fmt: skip
 

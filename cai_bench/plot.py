@@ -369,13 +369,17 @@ def _memory(points: list[PointReport]) -> Figure | None:
             axis.errorbar(xs, meds, yerr=err, color=colour, linestyle=style, marker="o" if style == "-" else "s",
                           markersize=4, capsize=3, linewidth=1.5, label=f"{label} ({what})")  # fmt: skip
     lines = [p for _, g in series for p in g]
-    _title(ax, "Time (solid, left) and cost (dashed, right) vs the function's memory: medians, min-max over repeats",
-           lines, False, shared)  # fmt: skip
+    what = "Time (solid, left) and cost (dashed, right) vs the function's memory: medians, min-max over repeats"
+    if any(p.machine_id.startswith("lambda-emulator") for p in lines):
+        what += "\nemulated: each environment's CPU share follows memory up to this machine's cores, no further"
+    _title(ax, what, lines, False, shared)
     cost_ax.set_ylabel("US$ per run")
     cost_ax.set_ylim(bottom=0)
     ax.set_ylim(bottom=0)
     ticks = sorted({p.memory_mb for p in lines})
-    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.set_xscale("log", base=2)  # memory sizes are chosen by doubling: log spacing keeps them apart
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks], rotation=45)
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
     handles = ax.get_legend_handles_labels()
     more = cost_ax.get_legend_handles_labels()
     ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="upper left", bbox_to_anchor=(1.08, 1.0),

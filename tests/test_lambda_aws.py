@@ -21,6 +21,7 @@ from cai_bench.backends.aws_lambda.deploy import DOCKERFILE, Account, docker_rea
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Faults
 from cai_bench.data.partitions import open_dataset
+from cai_bench.errors import UserError
 from cai_bench.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,7 @@ def account(local_s3, monkeypatch, request):
 def _status(cli, account) -> dict:
     code, out, err = cli("lambda", "status", "--name", account["name"], "--endpoint-url", account["endpoint"], "--json")
     assert code == 0, err
+    assert "test-secret-that-never-shows" not in out + err and "AKIATESTTESTTEST" not in out + err
     return json.loads(out)
 
 
@@ -93,7 +95,18 @@ def test_destroy_leaves_a_function_cai_bench_did_not_make(cli, account):
                            Role=account["role"])  # fmt: skip
     code, _, err = cli("lambda", "destroy", "--name", account["name"], "--endpoint-url", account["endpoint"])
     assert code == 2 and "was not deployed by cai-bench" in err and err.count("\n") == 1
+    code, _, err = cli("lambda", "deploy", "--image-uri", IMAGE, "--role-arn", account["role"], "--name",
+                       account["name"], "--endpoint-url", account["endpoint"])  # fmt: skip
+    assert code == 2 and "exists and was not deployed by cai-bench" in err  # nor overwritten
     assert client.get_function(FunctionName=account["name"])["Configuration"]["FunctionName"] == account["name"]
+    sfn = account["account"].client("stepfunctions")
+    sfn.create_state_machine(
+        name=stepfunctions.state_machine_name(account["name"]),
+        roleArn=account["role"],
+        definition=json.dumps({"StartAt": "A", "States": {"A": {"Type": "Pass", "End": True}}}),
+    )
+    with pytest.raises(UserError, match="exists and was not made by cai-bench"):
+        stepfunctions.ensure_state_machine(sfn, account["name"], 4, account["role"])
 
 
 @pytest.mark.parametrize(
@@ -197,6 +210,8 @@ def test_the_paper_orchestration_runs_a_distributed_map_and_keeps_both_times(cli
     # Both times: the Map state's from the history, and the driver's own, which holds it
     assert 0 < info["map_state_s"] <= summary["wall_s"] + 0.5 and info["driver_wall_s"] == summary["wall_s"]
     assert info["billed_from"] == "the emulator's REPORTs" and info["cost"]["requests"] == 4
+    assert info["invocations_made"] == 4 and 1 <= info["cold_starts"] <= 2 and info["max_memory_used_mb"] > 0
+    assert 1 <= info["workers"] <= 2  # execution environments, as for direct runs (the Map's concurrency is 2)
     assert info["cost"]["transitions"] == 4 + 1 and info["cost"]["transitions_usd"] > 0
     assert summary["cost_usd"] == pytest.approx(info["cost"]["cost_usd"])
     assert info["precisions"] == ["fp32"]  # what the functions chose reaches the record

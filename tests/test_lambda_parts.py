@@ -121,3 +121,18 @@ def test_lambda_cost_of_per_function_records_and_of_a_log(cli, tmp_path):
     records.write_text("[{}]")
     code, _, err = cli("lambda", "cost", "--workers", str(records), "--memory-mb", "1024")
     assert code == 2 and "total_cpu_time (seconds)" in err
+
+
+def test_lambda_cost_before_a_run_from_invocations_of_so_long_each(cli):
+    # The paper's 25 MB estimate: 517 invocations of 6.55 s at 2.8 GB (2,867 MB)
+    code, out, _ = cli("lambda", "cost", "--invocations", "517", "--seconds-each", "6.55", "--memory-mb", "2867")
+    assert code == 0 and "517 invocations, 3,386.35 billed s at 2,867 MB" in out and "= $0.1581" in out
+    code, out, _ = cli("lambda", "cost", "--invocations", "4", "--seconds-each", "1", "--memory-mb", "1024",
+                       "--transitions", "5")  # fmt: skip
+    # 4 GB-s, 4 requests, 5 transitions at $0.025 per 1,000
+    assert code == 0 and f"= ${4 * 0.0000166667 + 4 * 0.2e-6 + 5 * 0.000025:.4f}" in out
+    assert "$0.000125 for 5 state transitions" in out
+    code, _, err = cli("lambda", "cost", "--invocations", "4")
+    assert code == 2 and "--seconds-each and --memory-mb" in err
+    code, _, err = cli("lambda", "cost", "--invocations", "4", "--log", "x.log")
+    assert code == 2 and "give one of" in err

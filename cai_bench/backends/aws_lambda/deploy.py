@@ -117,31 +117,29 @@ def deploy(account: Account, spec: FunctionSpec, wait_s: float = 600.0) -> dict:
             _wait(account, spec.name, "function_active_v2", wait_s)
             action = "created"
         else:
-            if existing["Configuration"].get("PackageType") != "Image":
-                raise UserError(f"Lambda function {spec.name} exists and is not a container-image function: "
-                                "choose another --name")  # fmt: skip
+            if not is_managed(existing.get("Tags")) or existing["Configuration"].get("PackageType") != "Image":
+                raise UserError(f"Lambda function {spec.name} exists and was not deployed by cai-bench: choose "
+                                "another --name")  # fmt: skip
             _wait(account, spec.name, "function_updated_v2", wait_s)  # no update may be in progress
             client.update_function_code(FunctionName=spec.name, ImageUri=spec.image_uri, Architectures=[spec.arch])
             _wait(account, spec.name, "function_updated_v2", wait_s)
             client.update_function_configuration(FunctionName=spec.name, **settings)
             _wait(account, spec.name, "function_updated_v2", wait_s)
-            if not is_managed(existing.get("Tags")):
-                client.tag_resource(Resource=existing["Configuration"]["FunctionArn"], Tags=dict([MANAGED_TAG]))
             action = "updated"
         configuration = client.get_function_configuration(FunctionName=spec.name)
     return {"action": action, "configuration": configuration}
 
 
-def set_memory(account_client, name: str, memory_mb: int, wait_s: float = 300.0, delay_s: float = 2.0) -> bool:
+def set_memory(client, name: str, memory_mb: int, wait_s: float = 300.0, delay_s: float = 2.0) -> bool:
     """Give the function ``memory_mb`` (a memory sweep's point: one function configuration per value) and wait
     for the update; False when it already had it."""
     with aws.one_line_errors(f"Lambda function {name}: cannot set its memory to {memory_mb} MB"):
-        if account_client.get_function_configuration(FunctionName=name)["MemorySize"] == memory_mb:
+        if client.get_function_configuration(FunctionName=name)["MemorySize"] == memory_mb:
             return False
         config = {"Delay": delay_s, "MaxAttempts": max(1, int(wait_s / delay_s))}
-        account_client.get_waiter("function_updated_v2").wait(FunctionName=name, WaiterConfig=config)
-        account_client.update_function_configuration(FunctionName=name, MemorySize=memory_mb)
-        account_client.get_waiter("function_updated_v2").wait(FunctionName=name, WaiterConfig=config)
+        client.get_waiter("function_updated_v2").wait(FunctionName=name, WaiterConfig=config)
+        client.update_function_configuration(FunctionName=name, MemorySize=memory_mb)
+        client.get_waiter("function_updated_v2").wait(FunctionName=name, WaiterConfig=config)
     return True
 
 
@@ -229,16 +227,15 @@ class ImageBuild:
         return ["docker", "build", "--platform", PLATFORMS[self.arch], "--provenance=false", "-f",
                 str(self.context / DOCKERFILE), "-t", self.local, str(self.context)]  # fmt: skip
 
-    def push_commands(self, account_id: str, region: str) -> list[list[str]]:
-        """With the aws CLI: what ``lambda build --push`` does through boto3 and docker."""
+    def push_commands(self, account_id: str, region: str) -> list[str]:
+        """Shell lines, with the aws CLI: what ``lambda build --push`` does through boto3 and docker."""
         registry, uri = self.registry(account_id, region), self.uri(account_id, region)
         return [
-            ["aws", "ecr", "create-repository", "--repository-name", self.repository, "--region", region],
-            ["sh", "-c", f"aws ecr get-login-password --region {region} | docker login --username AWS "
-                         f"--password-stdin {registry}"],
-            ["docker", "tag", self.local, uri],
-            ["docker", "push", uri],
-        ]  # fmt: skip
+            f"aws ecr create-repository --repository-name {self.repository} --region {region}",
+            f"aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin {registry}",
+            f"docker tag {self.local} {uri}",
+            f"docker push {uri}",
+        ]
 
 
 def docker_reachable() -> bool:

@@ -498,10 +498,14 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
         }
         if services.emulator is not None:
             info["emulator"] = services.emulator.stats()
+            if orchestrator == "stepfunctions":  # no REPORT line reached the driver; the emulator has them all
+                info.update(report_summary([r.to_dict() for r in services.emulator.reports]))
             info["cpu_share"] = info["emulator"]["cpu_share"]
         threads = services.emulator.threads if services.emulator is not None else None
-        return dispatched_run(plan, dispatcher, transport.wall_s, info, workers=len({i.environment for i in
-                              invocations if i.environment}) or None, threads=threads, cost_usd=spent.usd)  # fmt: skip
+        environments = {i.environment for i in invocations} | {i.get("environment") for e in info.get(
+            "executions", []) for i in e["invocations"]}  # fmt: skip
+        return dispatched_run(plan, dispatcher, transport.wall_s, info, workers=len(environments - {None}) or None,
+                              threads=threads, cost_usd=spent.usd)  # fmt: skip
     finally:
         services.close()
 
@@ -527,7 +531,9 @@ def _emulated_role(endpoint: str, region: str) -> str:
                                                      "Principal": {"Service": "states.amazonaws.com"}}]}  # fmt: skip
     try:
         return iam.get_role(RoleName="cai-bench-states")["Role"]["Arn"]
-    except Exception:
+    except Exception as exc:
+        if aws.error_code(exc) != "NoSuchEntity":
+            raise
         return iam.create_role(RoleName="cai-bench-states", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
 
 
@@ -538,6 +544,7 @@ def map_summary(transport) -> dict:
     items = sum(e["items"] for e in executions)
     caught = sum(e["items"] - len(e["invocations"]) for e in executions)  # items with no handler reply
     return {
+        "invocations_made": items,
         "executions": executions,
         "map_state_s": sum(map_times) if map_times and None not in map_times else None,
         "driver_wall_s": transport.wall_s,
@@ -556,6 +563,17 @@ def _map_billed(transport, services) -> tuple[list[int], str]:
     return [math.ceil(t["duration_ms"]) for t in timings], "the handler's own times (an estimate: no init phase)"
 
 
+def report_summary(reports: list[dict]) -> dict:
+    """What REPORT lines (parsed) say in all: cold starts, their init time, the most memory used, billed time."""
+    inits = [r["init_duration_ms"] for r in reports if r["init_duration_ms"] is not None]
+    return {
+        "cold_starts": len(inits),
+        "init_duration_ms_median": percentiles(inits, (50,))["p50"],
+        "max_memory_used_mb": max((r["max_memory_used_mb"] for r in reports), default=None),
+        "billed_duration_ms": sum(r["billed_duration_ms"] for r in reports),
+    }
+
+
 def invocation_summary(invocations: list[Invocation]) -> dict:
     """What the record says of the invocations in all: counts, cold starts, throttles, and the driver's overhead
     per invocation (its time beyond the function's own Duration)."""
@@ -563,15 +581,11 @@ def invocation_summary(invocations: list[Invocation]) -> dict:
     overheads = [i.overhead_s for i in reported]
     overhead = percentiles(overheads, (50, 90))
     client = percentiles([i.client_side_s for i in reported if i.client_side_s is not None], (50, 90))
-    inits = [i.report["init_duration_ms"] for i in reported if i.report["init_duration_ms"] is not None]
     return {
         "invocations_made": len(invocations),
-        "cold_starts": len(inits),
-        "init_duration_ms_median": percentiles(inits, (50,))["p50"],
-        "max_memory_used_mb": max((i.report["max_memory_used_mb"] for i in reported), default=None),
+        **report_summary([i.report for i in reported]),
         "throttled": sum(i.throttled for i in invocations),
         "function_errors": sum(1 for i in invocations if i.function_error),
-        "billed_duration_ms": sum(i.report["billed_duration_ms"] for i in reported),
         "overhead_s_median": overhead["p50"],
         "overhead_s_p90": overhead["p90"],
         "overhead_s_mean": sum(overheads) / len(overheads) if overheads else None,

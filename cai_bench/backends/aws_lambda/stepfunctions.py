@@ -23,6 +23,7 @@ from datetime import datetime
 
 from cai_bench import aws
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit
+from cai_bench.errors import UserError
 
 MAP_STATE = "Partitions"
 # Errors of the Lambda service itself (nothing ran): retried inside the state machine, as AWS advises
@@ -46,6 +47,7 @@ def definition(function: str, max_concurrency: int) -> dict:
             "failed.$": "$.Payload.failed",
             "request_id.$": "$.Payload.request_id",
             "timing.$": "$.Payload.timing",
+            "environment.$": "$.Payload.environment",
             "ready.$": "$.Payload.ready",
         },
         "Retry": [{"ErrorEquals": SERVICE_ERRORS, "IntervalSeconds": 1, "BackoffRate": 2.0, "MaxAttempts": 8}],
@@ -107,6 +109,10 @@ def ensure_state_machine(client, function: str, max_concurrency: int, role_arn: 
             for machine in page["stateMachines"]:
                 if machine["name"] == name:
                     arn = machine["stateMachineArn"]
+                    tags = client.list_tags_for_resource(resourceArn=arn).get("tags", [])
+                    if {"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]} not in tags:
+                        raise UserError(f"state machine {name} exists and was not made by cai-bench: rename it, "
+                                        "or run with another --function")  # fmt: skip
                     described = client.describe_state_machine(stateMachineArn=arn)
                     if json.loads(described["definition"]) == wanted and described["roleArn"] == role_arn:
                         return arn, "reused"
@@ -276,8 +282,14 @@ class MapTransport:
     def _follow(self, execution: Execution, units: list[Unit]) -> None:
         try:
             self._run(execution, units)
-        except Exception as exc:  # the service refused or failed: every unit it held goes back, charged once
-            self.events.put(Event("lost", execution.name, error=f"execution {execution.name}: {exc}"))
+        except Exception as exc:
+            # The service refused or failed (a permission, a limit): every unit the execution held is charged,
+            # so a refusal that lasts ends the run after --retries more executions, not one per unit
+            execution.status = execution.status or "NOT_STARTED"
+            why = f"execution {execution.name}: {aws.error_code(exc) or type(exc).__name__}: {exc}"
+            for unit in units:
+                self.events.put(Event("failed", execution.name, unit.position, error=why))
+            self.events.put(Event("left", execution.name))
 
     def _run(self, execution: Execution, units: list[Unit]) -> None:
         from cai_bench.backends.aws_lambda.handler import result_key
@@ -321,7 +333,6 @@ class MapTransport:
 
     def _collect(self, execution: Execution, waiting: set[int], result_key) -> set[int]:
         """Units of ``waiting`` whose result is in S3 now: each read and reported done."""
-        from cai_bench.errors import UserError
         from cai_bench.records import WireFormatError, decode_result
 
         present = set(self.results.names())
@@ -357,7 +368,8 @@ class MapTransport:
                 errors[int(failed["position"])] = failed.get("error") or "failed"
             if "request_id" in entry:
                 execution.invocations.append({"request_id": entry["request_id"], "timing": entry.get("timing"),
-                                              "ready": entry.get("ready")})  # fmt: skip
+                                              "ready": entry.get("ready"),
+                                              "environment": entry.get("environment")})  # fmt: skip
         return errors
 
     @property
