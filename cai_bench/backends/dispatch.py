@@ -13,6 +13,8 @@ units it was given and has not finished, the first of which it is running.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -262,6 +264,17 @@ class Dispatcher:
             "lost_workers": len(self.lost_workers),
             "crashes": list(self.lost_workers),
         }
+
+
+def drain(events: queue.Queue, timeout_s: float | None, idle_s: float = 1.0) -> list[Event]:
+    """For transports whose threads put their ``Event``s on a queue: wait for the first (at most ``timeout_s``,
+    or ``idle_s`` so that ``drive`` looks round now and then), then take whatever else is there."""
+    out = []
+    with contextlib.suppress(queue.Empty):
+        out.append(events.get(timeout=idle_s if timeout_s is None else max(0.0, timeout_s)))
+        while True:
+            out.append(events.get_nowait())
+    return out
 
 
 class Transport(Protocol):

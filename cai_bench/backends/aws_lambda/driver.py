@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cai_bench import aws
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_run
-from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drive
+from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drain, drive
 from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.errors import UserError
 from cai_bench.metrics import allowed_cpus, percentiles
@@ -151,12 +151,7 @@ class InvokeTransport:
         self.events.put(Event("want", invoker.name, count=self.per_invocation))
 
     def poll(self, timeout_s: float | None):
-        out = []
-        with contextlib.suppress(queue.Empty):
-            out.append(self.events.get(timeout=1.0 if timeout_s is None else max(0.0, timeout_s)))
-            while True:
-                out.append(self.events.get_nowait())
-        return out
+        return drain(self.events, timeout_s)
 
     def send(self, worker: str, units: list[Unit], ahead: bool) -> None:
         if units:

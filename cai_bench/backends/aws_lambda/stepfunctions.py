@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from cai_bench import aws
-from cai_bench.backends.dispatch import Dispatcher, Event, Unit
+from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
 from cai_bench.errors import UserError
 
 MAP_STATE = "Partitions"
@@ -238,12 +238,7 @@ class MapTransport:
         self.events.put(Event("want", execution.name, count=len(dispatcher.units)))
 
     def poll(self, timeout_s: float | None):
-        out = []
-        with contextlib.suppress(queue.Empty):
-            out.append(self.events.get(timeout=1.0 if timeout_s is None else max(0.0, timeout_s)))
-            while True:
-                out.append(self.events.get_nowait())
-        return out
+        return drain(self.events, timeout_s)
 
     def send(self, worker: str, units: list[Unit], ahead: bool) -> None:
         if units:
