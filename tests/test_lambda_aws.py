@@ -231,6 +231,27 @@ def test_a_unit_lost_under_step_functions_is_retried_in_a_fresh_execution(tiny_d
     assert retried["partition"] == 1 and "Runtime.ExitError" in retried["errors"][0]
 
 
+def test_a_partition_that_fails_in_the_handler_is_retried_by_fresh_executions_then_fails_for_good(data_copy):
+    from cai_bench.backends.base import PartitionsFailed
+
+    _, _, refs = open_dataset(data_copy)
+    path = Path(refs[2].path)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # same size, same header: only the checksum can tell, in the function
+    path.write_bytes(bytes(data))
+    emitted = []
+    with pytest.raises(PartitionsFailed) as failed:
+        run_lambda(_sfn_plan(data_copy, retries=1), emitted.append, mode="no-model")
+    assert sorted(r.record.partition for r in emitted) == [0, 1, 3]
+    (unit,) = failed.value.failed
+    assert unit["partition"] == 2 and unit["attempts"] == 2
+    # The handler's reply said why (from S3: the Map carries none), on each of the two executions
+    assert all("sha256 does not match the manifest" in error for error in unit["errors"])
+    executions = failed.value.run.info["executions"]
+    assert [e["units"] for e in executions] == [[0, 1, 2, 3], [2]]
+    assert all(len(e["invocations"]) == e["items"] for e in executions)  # every invocation replied
+
+
 def test_step_functions_on_aws_needs_a_role_for_the_state_machine(cli, monkeypatch, tiny_data):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTTESTTEST0000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-that-never-shows-0000000000")

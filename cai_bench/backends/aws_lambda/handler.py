@@ -19,7 +19,8 @@ Event (what the driver sends):
     hold_s       no-model only: seconds each unit holds its worker, standing in for compute (tests, benches)
 
 Under Step Functions (``--orchestrator stepfunctions``) the event is ``{"base": those fields, "units": [...]}``:
-the Map's item, with what every invocation shares.
+the Map's item, with what every invocation shares, and ``replies``: the folder under ``results`` where the
+handler writes its response as ``<request id>.json`` (the Map's output is too small to carry them).
 
 Response: {"environment", "request_id", "cold", "ready": {"weights", "choices"}, "done": [{"position", "key",
 "record"}], "failed": [{"position", "error"}], "timing": {"duration_ms"}} (the handler's own time: what the
@@ -28,6 +29,7 @@ driver has of an invocation when no REPORT line reaches it).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -172,7 +174,7 @@ def handler(event: dict, context) -> dict:
     started = worker_loop(start, units_from(units), options, on_done, on_failed, load=load, run=run)
     if started is not None:
         ready = {"weights": asdict(started.weights), "choices": {**started.choices, "threads": allowed_cpus()}}
-    return {
+    reply = {
         "environment": ENVIRONMENT_ID,
         "request_id": request_id,
         "cold": cold,
@@ -181,3 +183,6 @@ def handler(event: dict, context) -> dict:
         "failed": failed,
         "timing": {"duration_ms": round((time.perf_counter() - entered) * 1000, 3)},
     }
+    if event.get("replies"):
+        results.write(f"{event['replies']}/{request_id}.json", json.dumps(reply).encode())
+    return reply

@@ -3,9 +3,14 @@ from S3 and invokes the function once per item, ``MaxConcurrency`` at a time (``
 
 The dispatcher keeps the queue and the retries, as for every backend: an execution is one worker, given every
 unit still waiting. Its items file (``<results>/items-N.json``) lists the invocations, each a group of
-``--partitions-per-invocation`` units. While it runs, results are read from S3 as they land; when it ends, the
-Map's output says which units failed and why, and the history gives the Map state's duration. Units that failed
-go back to the queue, and a fresh execution takes them, until their attempts are spent.
+``--partitions-per-invocation`` units. While it runs, results are read from S3 as they land; when it ends, each
+invocation's reply (which units failed and why, the handler's own time, what it chose), which the handler
+writes to ``<results>/replies/<execution>/``, and the Map's output (the items whose function failed) say what
+became of the rest, and the history gives the Map state's duration. Units that failed go back to the queue, and
+a fresh execution takes them, until their attempts are spent.
+
+The replies go to S3, not through the Map: a Map's output is one state of at most 256 KiB, which a few hundred
+replies would fill. Each item's output is ``{"ok": true}``, or for a caught failure its units and the error.
 
 The state machine retries only what never ran (throttling, the Lambda service's own errors); a function error
 is caught per item, so the Map always completes and one bad partition does not abort the others.
@@ -43,13 +48,7 @@ def definition(function: str, max_concurrency: int) -> dict:
         "Type": "Task",
         "Resource": "arn:aws:states:::lambda:invoke",
         "Parameters": {"FunctionName": function, "Payload.$": "$"},
-        "ResultSelector": {
-            "failed.$": "$.Payload.failed",
-            "request_id.$": "$.Payload.request_id",
-            "timing.$": "$.Payload.timing",
-            "environment.$": "$.Payload.environment",
-            "ready.$": "$.Payload.ready",
-        },
+        "ResultSelector": {"ok": True},  # the reply itself is in S3
         "Retry": [{"ErrorEquals": SERVICE_ERRORS, "IntervalSeconds": 1, "BackoffRate": 2.0, "MaxAttempts": 8}],
         "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Lost"}],
         "End": True,
@@ -294,8 +293,9 @@ class MapTransport:
         items_name = f"items-{len(self.executions)}.json"
         self.results.write(items_name, json.dumps(items).encode())
         execution.items, execution.units = len(items), [u.position for u in units]
+        replies = f"replies/{execution.name}"
         payload = {"items": {"Bucket": self.results.bucket, "Key": self.results.key(items_name)},
-                   "base": self.event_base}  # fmt: skip
+                   "base": {**self.event_base, "replies": replies}}  # fmt: skip
         began = time.perf_counter()
         self.first_start = began if self.first_start is None else self.first_start
         execution.started_s = began - self.first_start
@@ -315,7 +315,8 @@ class MapTransport:
         execution.driver_s, execution.status = ended - began, described["status"]
         with contextlib.suppress(Exception):
             execution.history = read_history(history_events(self.client, execution.arn))
-        errors = self._item_errors(described.get("output"), execution)
+        errors = self._read_replies(execution, replies)
+        errors.update(self._item_errors(described.get("output")))
         ready = next((i["ready"] for i in execution.invocations if i.get("ready")), None)
         if ready:
             self.ready[execution.name] = ready
@@ -343,9 +344,26 @@ class MapTransport:
             self.events.put(Event("done", execution.name, position, result=result))
         return landed
 
+    def _read_replies(self, execution: Execution, folder: str) -> dict[int, str]:
+        """The handler's replies of this execution, into its record; per unit, why it failed."""
+        from cai_bench.data.s3 import S3Prefix
+
+        errors: dict[int, str] = {}
+        replies = S3Prefix(self.results.bucket, self.results.key(folder))
+        for name in sorted(replies.names()):
+            try:
+                reply = json.loads(replies.read(name))
+            except (UserError, ValueError):
+                continue
+            execution.invocations.append({k: reply.get(k) for k in ("request_id", "environment", "cold", "timing",
+                                                                     "ready")})  # fmt: skip
+            for failed in reply.get("failed") or []:
+                errors[int(failed["position"])] = failed.get("error") or "failed"
+        return errors
+
     @staticmethod
-    def _item_errors(output: str | None, execution: Execution) -> dict[int, str]:
-        """Per unit, why it failed, from the Map's output (one entry per item, in the items file's order)."""
+    def _item_errors(output: str | None) -> dict[int, str]:
+        """Per unit, why its function failed, from the Map's output (an entry per item that failed)."""
         errors: dict[int, str] = {}
         try:
             entries = json.loads(output or "[]")
@@ -359,12 +377,6 @@ class MapTransport:
                 why = _function_error(error.get("Error"), error.get("Cause"))
                 for position in entry["lost"] or []:
                     errors[int(position)] = why
-            for failed in entry.get("failed") or []:
-                errors[int(failed["position"])] = failed.get("error") or "failed"
-            if "request_id" in entry:
-                execution.invocations.append({"request_id": entry["request_id"], "timing": entry.get("timing"),
-                                              "ready": entry.get("ready"),
-                                              "environment": entry.get("environment")})  # fmt: skip
         return errors
 
     @property
