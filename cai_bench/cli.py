@@ -1193,10 +1193,10 @@ def lambda_status(
     as_json: Annotated[bool, typer.Option("--json", help="The status as JSON.")] = False,
 ) -> None:
     """The function's state and configuration, and the state machines cai-bench made for it."""
-    from cai_bench import ui
+    from cai_bench import aws, ui
     from cai_bench.backends.aws_lambda import deploy as deploying
 
-    found = deploying.status(_account(region, endpoint_url), aws_name(name))
+    found = deploying.status(_account(region, endpoint_url), aws.check_function_name(name))
     if as_json:
         print(json.dumps(found, indent=2, default=str))
         return
@@ -1221,18 +1221,12 @@ def lambda_destroy(
 ) -> None:
     """Delete the function and what cai-bench made for it (state machines, log group); only what carries
     cai-bench's tag. Data and results in S3 stay: remove them with the aws CLI when you no longer need them."""
-    from cai_bench import ui
+    from cai_bench import aws, ui
     from cai_bench.backends.aws_lambda import deploy as deploying
 
-    removed = deploying.destroy(_account(region, endpoint_url), aws_name(name))
+    removed = deploying.destroy(_account(region, endpoint_url), aws.check_function_name(name))
     for line in removed or [f"nothing to remove for function {name}"]:
         ui.stdout.print(("removed " if removed else "") + line, markup=False, highlight=False)
-
-
-def aws_name(name: str) -> str:
-    from cai_bench import aws
-
-    return aws.check_function_name(name)
 
 
 @lambda_app.command("cost")

@@ -157,7 +157,7 @@ def status(account: Account, name: str) -> dict:
             architecture=(c.get("Architectures") or ["x86_64"])[0], image_uri=(found.get("Code") or {}).get("ImageUri"),
             role=c.get("Role"), last_modified=c.get("LastModified"), managed=is_managed(found.get("Tags")),
         )  # fmt: skip
-    out["state_machines"] = [m["stateMachineArn"] for m in managed_state_machines(account, name)]
+    out["state_machines"] = managed_state_machines(account, name)
     return out
 
 
@@ -167,10 +167,10 @@ def destroy(account: Account, name: str) -> list[str]:
     from cai_bench.backends.aws_lambda.stepfunctions import managed_state_machines
 
     removed = []
-    for machine in managed_state_machines(account, name):
-        with aws.one_line_errors(f"state machine {machine['name']}: cannot delete it"):
-            account.client("stepfunctions").delete_state_machine(stateMachineArn=machine["stateMachineArn"])
-        removed.append(f"state machine {machine['stateMachineArn']}")
+    for arn in managed_state_machines(account, name):
+        with aws.one_line_errors(f"state machine {arn}: cannot delete it"):
+            account.client("stepfunctions").delete_state_machine(stateMachineArn=arn)
+        removed.append(f"state machine {arn}")
     found = get_function(account, name)
     if found is not None:
         if not is_managed(found.get("Tags")):

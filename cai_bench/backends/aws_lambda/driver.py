@@ -187,6 +187,7 @@ class InvokeTransport:
         from botocore.exceptions import BotoCoreError, ClientError
 
         from cai_bench.backends.aws_lambda.emulator import SERVICE_TIME_HEADER
+        from cai_bench.backends.aws_lambda.handler import error_text
         from cai_bench.backends.aws_lambda.report_log import report_from_tail
 
         event = {**self.event_base, "units": [{"position": u.position, "ref": asdict(u.item)} for u in units]}
@@ -227,7 +228,7 @@ class InvokeTransport:
         record.report = report.to_dict() if report else None
         body = answer["Payload"].read()
         if answer.get("FunctionError"):
-            error = _function_error(body)
+            error = error_text(body)
             record.function_error = error
             # What finished before the function died is in S3 under its own key, from this very invocation
             for unit in units:
@@ -257,31 +258,16 @@ class InvokeTransport:
 
     def _read_result(self, position: int, request_id: str | None):
         """A unit's result from S3, if the invocation ``request_id`` wrote it (not an older attempt)."""
-        from cai_bench.backends.aws_lambda.handler import result_key
-        from cai_bench.records import WireFormatError, decode_result
+        from cai_bench.backends.aws_lambda.handler import read_result
 
-        try:
-            data = self.results.read(result_key(position))
-            result = decode_result(data)
-        except (UserError, WireFormatError):
-            return None
-        if result.record.worker_id != request_id:
-            return None
-        return result
+        result = read_result(self.results, position)
+        return result if result is not None and result.record.worker_id == request_id else None
 
     @property
     def wall_s(self) -> float:
         if self.first_sent is None or self.last_answer is None:
             return 0.0
         return self.last_answer - self.first_sent
-
-
-def _function_error(body: bytes) -> str:
-    try:
-        error = json.loads(body)
-        return f"{error.get('errorType', 'Unhandled')}: {error.get('errorMessage', '')}".strip()
-    except (ValueError, AttributeError):
-        return body[:300].decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------------------------- the backend

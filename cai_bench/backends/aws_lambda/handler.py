@@ -39,10 +39,19 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from cai_bench.data.s3 import S3Prefix
+from cai_bench.errors import UserError
 from cai_bench.loop import units_from, worker_loop
 from cai_bench.metrics import allowed_cpus, peak_rss_bytes
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
-from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo, WorkerRecord, encode_result
+from cai_bench.records import (
+    RANDOM_INIT,
+    PartitionResult,
+    WeightsInfo,
+    WireFormatError,
+    WorkerRecord,
+    decode_result,
+    encode_result,
+)
 
 ENVIRONMENT_ID = uuid.uuid4().hex[:12]  # this execution environment, for as long as it lives
 
@@ -61,6 +70,25 @@ _WARM = _Warm()
 
 def result_key(position: int) -> str:
     return f"unit-{position:06d}.npz"
+
+
+def read_result(results: S3Prefix, position: int) -> PartitionResult | None:
+    """A unit's result as an invocation wrote it to ``results``; None when it is not there (or not whole yet)."""
+    try:
+        return decode_result(results.read(result_key(position)))
+    except (UserError, WireFormatError):
+        return None
+
+
+def error_text(payload: bytes | str | None, kind: str | None = None) -> str:
+    """``errorType: errorMessage`` from Lambda's error JSON (a function error's body, or the Cause Step Functions
+    gives it); the text itself, cut short, when it is not that JSON."""
+    try:
+        error = json.loads(payload or "")
+        return f"{error.get('errorType') or kind or 'Unhandled'}: {error.get('errorMessage', '')}".strip()
+    except (ValueError, TypeError, AttributeError):
+        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else str(payload or "")
+        return f"{kind}: {text[:300]}".strip() if kind else text[:300]
 
 
 def _weights_file(weights: str | None) -> str | None:

@@ -78,22 +78,24 @@ def definition(function: str, max_concurrency: int) -> dict:
     }
 
 
-def managed_state_machines(account, function: str) -> list[dict]:
-    """The state machines cai-bench made for ``function`` (its name, and cai-bench's tag)."""
+def _named(client, function: str) -> list[tuple[str, bool]]:
+    """The state machines named for ``function``: (ARN, whether it carries cai-bench's tag)."""
     from cai_bench.backends.aws_lambda.deploy import MANAGED_TAG
 
-    client = account.client("stepfunctions")
-    name = state_machine_name(function)
+    name, tag = state_machine_name(function), {"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]}
     found = []
-    with aws.one_line_errors("Step Functions: cannot list state machines"):
-        for page in client.get_paginator("list_state_machines").paginate():
-            for machine in page["stateMachines"]:
-                if machine["name"] != name:
-                    continue
-                tags = client.list_tags_for_resource(resourceArn=machine["stateMachineArn"]).get("tags", [])
-                if {"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]} in tags:
-                    found.append(machine)
+    for page in client.get_paginator("list_state_machines").paginate():
+        for machine in page["stateMachines"]:
+            if machine["name"] == name:
+                arn = machine["stateMachineArn"]
+                found.append((arn, tag in client.list_tags_for_resource(resourceArn=arn).get("tags", [])))
     return found
+
+
+def managed_state_machines(account, function: str) -> list[str]:
+    """The ARNs of the state machines cai-bench made for ``function`` (its name, and cai-bench's tag)."""
+    with aws.one_line_errors("Step Functions: cannot list state machines"):
+        return [arn for arn, managed in _named(account.client("stepfunctions"), function) if managed]
 
 
 def ensure_state_machine(client, function: str, max_concurrency: int, role_arn: str) -> tuple[str, str]:
@@ -104,19 +106,15 @@ def ensure_state_machine(client, function: str, max_concurrency: int, role_arn: 
     name = state_machine_name(function)
     wanted = definition(function, max_concurrency)
     with aws.one_line_errors(f"state machine {name}"):
-        for page in client.get_paginator("list_state_machines").paginate():
-            for machine in page["stateMachines"]:
-                if machine["name"] == name:
-                    arn = machine["stateMachineArn"]
-                    tags = client.list_tags_for_resource(resourceArn=arn).get("tags", [])
-                    if {"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]} not in tags:
-                        raise UserError(f"state machine {name} exists and was not made by cai-bench: rename it, "
-                                        "or run with another --function")  # fmt: skip
-                    described = client.describe_state_machine(stateMachineArn=arn)
-                    if json.loads(described["definition"]) == wanted and described["roleArn"] == role_arn:
-                        return arn, "reused"
-                    client.update_state_machine(stateMachineArn=arn, definition=json.dumps(wanted), roleArn=role_arn)
-                    return arn, "updated"
+        for arn, managed in _named(client, function):
+            if not managed:
+                raise UserError(f"state machine {name} exists and was not made by cai-bench: rename it, "
+                                "or run with another --function")  # fmt: skip
+            described = client.describe_state_machine(stateMachineArn=arn)
+            if json.loads(described["definition"]) == wanted and described["roleArn"] == role_arn:
+                return arn, "reused"
+            client.update_state_machine(stateMachineArn=arn, definition=json.dumps(wanted), roleArn=role_arn)
+            return arn, "updated"
         made = client.create_state_machine(name=name, definition=json.dumps(wanted), roleArn=role_arn, type="STANDARD",
                                            tags=[{"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]}])  # fmt: skip
     return made["stateMachineArn"], "created"
@@ -286,8 +284,6 @@ class MapTransport:
             self.events.put(Event("left", execution.name))
 
     def _run(self, execution: Execution, units: list[Unit]) -> None:
-        from cai_bench.backends.aws_lambda.handler import result_key
-
         groups = [units[i : i + self.per_invocation] for i in range(0, len(units), self.per_invocation)]
         items = [[{"position": u.position, "ref": asdict(u.item)} for u in group] for group in groups]
         items_name = f"items-{len(self.executions)}.json"
@@ -306,7 +302,7 @@ class MapTransport:
         while True:
             described = self.client.describe_execution(executionArn=execution.arn)
             finished = described["status"] in DONE_STATUSES
-            waiting -= self._collect(execution, waiting, result_key)  # what landed so far: progress as it runs
+            waiting -= self._collect(execution, waiting)  # what landed so far: progress as it runs
             if finished or self.stopping.is_set():
                 break
             time.sleep(self.poll_s)
@@ -327,18 +323,16 @@ class MapTransport:
             self.events.put(Event("failed", execution.name, position, error=why))
         self.events.put(Event("left", execution.name))
 
-    def _collect(self, execution: Execution, waiting: set[int], result_key) -> set[int]:
+    def _collect(self, execution: Execution, waiting: set[int]) -> set[int]:
         """Units of ``waiting`` whose result is in S3 now: each read and reported done."""
-        from cai_bench.records import WireFormatError, decode_result
+        from cai_bench.backends.aws_lambda.handler import read_result, result_key
 
         present = set(self.results.names())
         landed = set()
         for position in sorted(waiting):
-            if result_key(position) not in present:
-                continue
-            try:
-                result = decode_result(self.results.read(result_key(position)))
-            except (WireFormatError, UserError):  # half written, or unreadable: looked at again next time
+            # Not whole yet, or unreadable: looked at again next time
+            result = read_result(self.results, position) if result_key(position) in present else None
+            if result is None:
                 continue
             landed.add(position)
             self.events.put(Event("done", execution.name, position, result=result))
@@ -364,6 +358,8 @@ class MapTransport:
     @staticmethod
     def _item_errors(output: str | None) -> dict[int, str]:
         """Per unit, why its function failed, from the Map's output (an entry per item that failed)."""
+        from cai_bench.backends.aws_lambda.handler import error_text
+
         errors: dict[int, str] = {}
         try:
             entries = json.loads(output or "[]")
@@ -374,7 +370,7 @@ class MapTransport:
                 continue
             if "lost" in entry:
                 error = entry.get("error") or {}
-                why = _function_error(error.get("Error"), error.get("Cause"))
+                why = f"function error: {error_text(error.get('Cause'), error.get('Error') or 'States.TaskFailed')}"
                 for position in entry["lost"] or []:
                     errors[int(position)] = why
         return errors
@@ -384,11 +380,3 @@ class MapTransport:
         if self.first_start is None or self.last_end is None:
             return 0.0
         return self.last_end - self.first_start
-
-
-def _function_error(error: str | None, cause: str | None) -> str:
-    """``Error: message`` from a caught Lambda error (its Cause is the function's error JSON, when it has one)."""
-    message = cause or ""
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        message = json.loads(cause).get("errorMessage", cause)
-    return f"function error: {error or 'States.TaskFailed'}: {message}".strip()
