@@ -7,9 +7,17 @@ import enum
 
 # auto: the fastest precision a start-up probe finds at least 10% faster than fp32 and within 2e-3 of it.
 # tf32 and fp16 are CUDA's (a backend says which it takes: Backend.precisions)
-PRECISIONS = ("auto", "fp32", "bf16", "tf32", "fp16")
-CPU_PRECISIONS = ("auto", "fp32", "bf16")
+# int8 (dynamic quantization of the matrix products) is onnxruntime's, and only by explicit choice: it is kept
+# only where the probe batch stays within the same tolerance
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "tf32", "fp16")
+CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 ENGINES = ("fast", "reference")
+# What runs the model on a CPU worker: torch (the engines above), or an exported model (cai-bench model export)
+# on ONNX Runtime or OpenVINO, in a worker that never imports torch
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+# The precisions each runtime runs, beside "auto" (which every runtime takes)
+RUNTIME_PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+EXPORT_FORMATS = ("onnx", "openvino")
 # backend name -> module that defines ``create() -> Backend``, imported only when chosen
 BACKEND_MODULES = {
     "cpu": "cai_bench.backends.cpu",
@@ -29,5 +37,6 @@ def choice(name: str, values) -> type[enum.Enum]:
 
 Precision = choice("Precision", PRECISIONS)
 Engine = choice("Engine", ENGINES)
+ExportFormat = choice("ExportFormat", EXPORT_FORMATS)
 BackendName = choice("BackendName", BACKEND_MODULES)
 ReportFormat = choice("ReportFormat", REPORT_FORMATS)

@@ -23,75 +23,33 @@ Times, per partition (shared/spec/data-and-measures.md):
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from cai_bench.data.partitions import Partition, read_partition
-from cai_bench.errors import UserError
-from cai_bench.metrics import peak_rss_bytes, percentiles, rate, trim_heap
+from cai_bench.metrics import native_bf16_cpu, trim_heap
 from cai_bench.model.astromae import build_model
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, load_weights
 from cai_bench.model.inference import compile_model, prepare_for_inference
-from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef, Plan
-from cai_bench.records import PartitionResult, WorkerRecord
-
-WARMUP_BATCH = 16
-PRECISION_TOLERANCE = 2e-3  # largest redshift difference from fp32 that a faster precision may cause
-PROBE_BATCH = 64
-# Set (fp32 or bf16) to replace the precision probe's answer; what the tests use to stand for another machine
-FORCE_PROBE_ENV = "CAI_BENCH_FORCE_PROBE"
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    batch_size: int = 512
-    precision: str = "auto"  # "auto", "fp32" or "bf16"
-    device: str = "cpu"
-    verify_checksums: bool = True
-    engine: str = "fast"
-    compile: bool = False
-    lanes: int = 1  # threads that split each partition between them (each with the process's intra-op threads)
-
-
-def plan_options(plan: Plan, lanes: int = 1, device: str = "cpu") -> EngineOptions:
-    """What a worker needs to know of a plan, with where it runs and how many lanes it splits partitions into."""
-    return EngineOptions(
-        batch_size=plan.batch_size,
-        precision=plan.precision,
-        device=device,
-        verify_checksums=plan.verify_checksums,
-        engine=plan.engine,
-        compile=plan.compile,
-        lanes=lanes,
-    )
-
-
-@dataclass
-class WorkerState:
-    worker_id: str
-    model: nn.Module
-    weights: WeightsInfo
-    startup_s: float
-    warmup_batch_s: float
-    precision: str = "fp32"  # what runs: "auto" resolved
-    channels_last: bool = False
-    choices: dict = field(default_factory=dict)  # what the engine chose and measured, for the run record
-    units_done: int = 0
-    lanes: ThreadPoolExecutor | None = None  # with options.lanes > 1: the threads that share each partition
-    pipeline: Any = None  # a backend's own per-worker state (the GPU worker's device buffers and streams)
-
-    def close(self) -> None:
-        if self.lanes is not None:
-            self.lanes.shutdown()
-            self.lanes = None
+from cai_bench.plan import PartitionRef
+from cai_bench.records import PartitionResult
+from cai_bench.worker import (  # noqa: F401 (named here for callers: the engine's vocabulary)
+    FORCE_PROBE_ENV,
+    PRECISION_TOLERANCE,
+    PROBE_BATCH,
+    WARMUP_BATCH,
+    EngineOptions,
+    WorkerState,
+    decide_precision,
+    forced_precision,
+    partition_record,
+    plan_options,
+    worker_record,
+)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -117,12 +75,7 @@ def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bf16 natively (else bf16 is emulated and never worth probing)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return native_bf16_cpu()
 
 
 def probe_inputs(
@@ -136,18 +89,6 @@ def probe_inputs(
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     return image, torch.from_numpy(batch.magnitudes).to(device)
-
-
-def decide_precision(native: bool, fp32_s: float, bf16_s: float, max_difference: float) -> tuple[str, str]:
-    """The probe's rule, apart from its measurements: bf16 only where the device has it natively, it ran at
-    least 10% faster than fp32, and its predictions stayed within PRECISION_TOLERANCE of fp32's."""
-    if not native:
-        return "fp32", "no native bf16 on this device"
-    if not bf16_s < 0.9 * fp32_s:
-        return "fp32", "not 10% faster"
-    if not max_difference <= PRECISION_TOLERANCE:
-        return "fp32", "outside tolerance"
-    return "bf16", "faster and within tolerance"
 
 
 def time_precisions(model: nn.Module, device: torch.device, channels_last: bool) -> dict:
@@ -172,16 +113,6 @@ def time_precisions(model: nn.Module, device: torch.device, channels_last: bool)
     }
 
 
-def forced_precision(allowed: tuple[str, ...]) -> tuple[str, dict] | None:
-    """The probe's answer as FORCE_PROBE_ENV gives it (one of ``allowed``), with why; None when it is not set."""
-    forced = os.environ.get(FORCE_PROBE_ENV, "").strip().lower()
-    if not forced:
-        return None
-    if forced not in allowed:
-        raise UserError(f"{FORCE_PROBE_ENV}={forced!r}: give {' or '.join(allowed)}, or unset it")
-    return forced, {"chose": forced, "why": f"forced by {FORCE_PROBE_ENV}"}
-
-
 def choose_precision(model: nn.Module, device: torch.device, channels_last: bool) -> tuple[str, dict]:
     """For precision "auto": what ``decide_precision`` makes of this device and a timed probe batch.
 
@@ -196,7 +127,7 @@ def choose_precision(model: nn.Module, device: torch.device, channels_last: bool
     if not native:
         return "fp32", {"chose": "fp32", "why": decide_precision(False, 0.0, 0.0, 0.0)[1]}
     measured = time_precisions(model, device, channels_last)
-    chose, why = decide_precision(native, **measured)
+    chose, why = decide_precision(native, **measured, tolerance=PRECISION_TOLERANCE)
     return chose, {"chose": chose, "why": why, **measured, "batch": PROBE_BATCH}
 
 
@@ -211,7 +142,13 @@ def start_worker(worker_id: str, options: EngineOptions, weights: str | None = N
     model = build_model(seed=seed)
     info = load_weights(model, weights) if weights else WeightsInfo(source=RANDOM_INIT, seed=seed)
     model = model.to(device)
-    choices: dict = {"engine": options.engine, "precision_requested": options.precision}
+    choices: dict = {
+        "engine": options.engine,
+        "runtime": "torch",
+        "runtime_version": torch.__version__,
+        "threading": {"lanes": options.lanes, "intra_op_threads": torch.get_num_threads()},
+        "precision_requested": options.precision,
+    }
     precision, channels_last = ("fp32" if options.precision == "auto" else options.precision), False
     if options.engine == "fast":
         choices.update(prepare_for_inference(model))
@@ -251,54 +188,6 @@ def start_worker(worker_id: str, options: EngineOptions, weights: str | None = N
 
 def load_partition(ref: PartitionRef, options: EngineOptions) -> Partition:
     return read_partition(ref, verify=options.verify_checksums)
-
-
-def worker_record(
-    worker: WorkerState,
-    *,
-    partition: int,
-    partition_file: str,
-    samples: int,
-    batch_size: int,
-    device: torch.device,
-    wait_s: float,
-    load_s: float,
-    compute_s: float,
-    own_s: float,
-    latencies: list[float],
-    device_stats: dict | None = None,
-) -> WorkerRecord:
-    """The record of one unit of work; start-up is charged to the worker's first unit only."""
-    startup_s = worker.startup_s if worker.units_done == 0 else 0.0
-    worker.units_done += 1
-    bits = samples * BITS_PER_SAMPLE
-    lat = percentiles(latencies)
-    return WorkerRecord(
-        worker_id=worker.worker_id,
-        partition=partition,
-        partition_file=partition_file,
-        samples=samples,
-        bits=bits,
-        batches=len(latencies),
-        batch_size=batch_size,
-        precision=worker.precision,
-        device=str(device),
-        startup_s=startup_s,
-        wait_s=wait_s,
-        load_s=load_s,
-        compute_s=compute_s,
-        total_s=startup_s + wait_s + own_s,
-        samples_per_s=rate(samples, compute_s),
-        throughput_bps=rate(bits, compute_s),
-        batch_latency_p50_s=lat["p50"],
-        batch_latency_p90_s=lat["p90"],
-        batch_latency_p99_s=lat["p99"],
-        peak_rss_bytes=peak_rss_bytes(),
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        batch_latency_s=[round(x, 6) for x in latencies],
-        device_stats=device_stats,
-    )
 
 
 def run_partition(
@@ -354,13 +243,6 @@ def run_partition(
         load_s=partition.load_s, compute_s=compute_s, latencies=latencies,
     )  # fmt: skip
     return PartitionResult(record, partition.object_id.numpy(), prediction.numpy(), partition.redshift.numpy())
-
-
-def partition_record(worker: WorkerState, ref: PartitionRef, entered: float, **figures) -> WorkerRecord:
-    """The record of one partition run on ``worker`` that began at ``entered`` (a perf_counter reading);
-    ``figures`` are worker_record's samples, batch_size, device, wait_s, load_s, compute_s, latencies."""
-    own_s = time.perf_counter() - entered
-    return worker_record(worker, partition=ref.index, partition_file=os.path.basename(ref.path), own_s=own_s, **figures)
 
 
 def run_reference(refs: tuple[PartitionRef, ...], worker: WorkerState, options: EngineOptions) -> PartitionResult:

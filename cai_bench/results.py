@@ -22,7 +22,7 @@ except ImportError:  # Windows: appends are still single writes, without the loc
     fcntl = None
 
 from cai_bench.errors import UserError
-from cai_bench.metrics import allowed_cpus
+from cai_bench.metrics import allowed_cpus, vector_flags
 from cai_bench.records import (  # noqa: F401 (the record types are named here too)
     SCHEMA_MAJOR,
     SCHEMA_VERSION,
@@ -36,7 +36,10 @@ from cai_bench.records import (  # noqa: F401 (the record types are named here t
 from cai_bench.shapes import INT, LIST, NUMBER, TABLE, TEXT, problem
 
 STORE_FILE = "runs.jsonl"
-_PACKAGES = ("cai-bench", "torch", "torchvision", "timm", "numpy", "safetensors", "typer", "rich", "psutil")
+_PACKAGES = (
+    "cai-bench", "torch", "torchvision", "timm", "numpy", "safetensors", "typer", "rich", "psutil", "onnxruntime",
+    "openvino",
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -73,10 +76,16 @@ def _git_commit() -> dict:
     return {"git_commit": commit, "git_dirty": bool(dirty)}
 
 
-@lru_cache(maxsize=1)
-def _static_environment() -> dict:
+@lru_cache(maxsize=2)
+def _static_environment(with_torch: bool = True) -> dict:
     import psutil
-    import torch
+
+    torch = None
+    if with_torch:
+        try:
+            import torch
+        except ImportError:  # a worker image with an exported model and its runtime only
+            torch = None
 
     versions = {}
     for name in _PACKAGES:
@@ -85,7 +94,7 @@ def _static_environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     gpus = []
-    if torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_available():
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
         "host": socket.gethostname(),
@@ -96,9 +105,10 @@ def _static_environment() -> dict:
         "cpu_physical_cores": psutil.cpu_count(logical=False),
         "cpu_logical_cores": psutil.cpu_count(logical=True),
         "cpu_affinity": allowed_cpus(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability() if torch is not None else None,
+        "cpu_flags": vector_flags(),
         "memory_total_bytes": psutil.virtual_memory().total,
-        "torch_cuda": torch.version.cuda,
+        "torch_cuda": torch.version.cuda if torch is not None else None,
         "gpus": gpus,
         "gpu_driver": _nvidia_driver() if gpus else None,
         **_git_commit(),
@@ -110,9 +120,10 @@ def _nvidia_driver() -> str | None:
     return out.split()[0] if out else None
 
 
-def capture_environment() -> dict:
-    """Where a number was measured: machine and software. (The threads a run used are in its backend_info.)"""
-    return {**_static_environment(), "captured_utc": utc_now()}
+def capture_environment(with_torch: bool = True) -> dict:
+    """Where a number was measured: machine and software. (The threads a run used are in its backend_info.)
+    ``with_torch=False``: for a worker that must not import torch (its torch figures are then None)."""
+    return {**_static_environment(with_torch), "captured_utc": utc_now()}
 
 
 # ---------------------------------------------------------------------------------------------- store
