@@ -1,12 +1,16 @@
-"""``cai-bench bench``: the reference loop and the fast path on the same data, side by side.
+"""``cai-bench bench``: the reference loop and every available runtime on the same data, side by side.
 
-Runs alternate (reference, fast, reference, fast, ...) after unrecorded warm-ups of each, so slow drifts of a
-noisy machine hit both alike; each pair gives a ratio and the median ratio is the answer. Every measured run
-is an ordinary record in the store (its plan says which engine).
+Arms: ``reference`` (the upstream-style loop: eager fp32 torch), ``torch`` (the fast engine), ``onnxruntime``
+and ``openvino`` (an export of the same weights, made once before anything is timed), the last two where
+installed. Runs alternate (reference, torch, onnxruntime, openvino, reference, ...) after unrecorded warm-ups of
+each, so slow drifts of a noisy machine hit every arm alike; each round gives every arm a ratio to the
+reference run of the same round, and the median ratio is the answer. Every measured run is an ordinary record
+in the store (its plan says which engine and runtime).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 from cai_bench.metrics import spread
@@ -14,12 +18,26 @@ from cai_bench.plan import BITS_PER_SAMPLE, Plan, replace_plan
 from cai_bench.results import ResultsStore, RunRecord
 from cai_bench.runner import ProgressSink, run_repeat
 
-ARMS = ("reference", "fast")
+REFERENCE = "reference"
+RUNTIME_ARMS = ("torch", "onnxruntime", "openvino")
+
+
+def available_arms(wanted: list[str] | None = None) -> list[str]:
+    """The reference and the runtimes asked for (default: every one installed here), in a fixed order."""
+    from cai_bench.errors import UserError
+
+    wanted = list(RUNTIME_ARMS) if wanted is None else wanted
+    unknown = [w for w in wanted if w not in RUNTIME_ARMS]
+    if unknown:
+        raise UserError(f"--runtimes takes {', '.join(RUNTIME_ARMS)}, got {', '.join(unknown)}")
+    installed = [a for a in RUNTIME_ARMS if a == "torch" or importlib.util.find_spec(a) is not None]
+    return [REFERENCE, *(a for a in RUNTIME_ARMS if a in wanted and a in installed)]
 
 
 @dataclass
 class BenchOutcome:
-    records: dict[str, list[RunRecord]] = field(default_factory=lambda: {arm: [] for arm in ARMS})
+    arms: list[str]
+    records: dict[str, list[RunRecord]] = field(default_factory=dict)
 
     def samples_per_s(self, arm: str) -> list[float]:
         return [r.summary.samples_per_s for r in self.records[arm]]
@@ -29,38 +47,47 @@ class BenchOutcome:
         each one's samples / its own compute time."""
         return [r.summary.sum_worker_throughput_bps / BITS_PER_SAMPLE for r in self.records[arm]]
 
-    def ratios(self, measure: str = "samples_per_s") -> list[float]:
-        fast, reference = getattr(self, measure)("fast"), getattr(self, measure)("reference")
-        return [f / r for f, r in zip(fast, reference, strict=True) if r > 0]
+    def ratios(self, arm: str, measure: str = "samples_per_s") -> list[float]:
+        """``arm`` against the reference run of the same round."""
+        mine, reference = getattr(self, measure)(arm), getattr(self, measure)(REFERENCE)
+        return [m / r for m, r in zip(mine, reference, strict=True) if r > 0]
 
-    def median_ratio(self, measure: str = "samples_per_s") -> float:
-        return spread(self.ratios(measure)).median
+    def median_ratio(self, arm: str, measure: str = "samples_per_s") -> float:
+        return spread(self.ratios(arm, measure)).median
 
     def peak_rss_bytes(self, arm: str) -> int:
         return max(r.summary.peak_rss_bytes for r in self.records[arm])
 
 
-def bench_plans(plan: Plan) -> dict[str, Plan]:
-    """The two arms on the same data and batch size: the eager fp32 reference and the default fast path."""
-    return {
-        "reference": replace_plan(plan, engine="reference", precision="fp32", compile=False),
-        "fast": replace_plan(plan, engine="fast"),
-    }
+def bench_plans(plan: Plan, arms: list[str]) -> dict[str, Plan]:
+    """Every arm on the same data and batch size: the eager fp32 reference, and each runtime at the plan's
+    precision."""
+    plans = {REFERENCE: replace_plan(plan, engine="reference", precision="fp32", compile=False)}
+    for arm in arms[1:]:
+        options = {k: v for k, v in plan.backend_options.items() if k != "runtime"}
+        plans[arm] = replace_plan(plan, engine="fast", backend_options={**options, "runtime": arm})
+    return plans
 
 
 def run_bench(
-    plan: Plan, pairs: int, warmup: int, store: ResultsStore | None, progress: ProgressSink | None = None
+    plan: Plan,
+    rounds: int,
+    warmup: int,
+    store: ResultsStore | None,
+    progress: ProgressSink | None = None,
+    arms: list[str] | None = None,
 ) -> BenchOutcome:
     from cai_bench.runner import NoProgress
 
     progress = progress or NoProgress()
-    plans = bench_plans(plan)
-    outcome = BenchOutcome()
-    for i in range(warmup):
-        for arm in ARMS:
+    arms = arms or available_arms()
+    plans = bench_plans(plan, arms)
+    outcome = BenchOutcome(arms, {arm: [] for arm in arms})
+    for i in range(warmup):  # also where an export is made, once, before anything is timed
+        for arm in arms:
             run_repeat(plans[arm], 0, None, progress, f"{arm}: warm-up {i + 1}/{warmup}")
-    for pair in range(1, pairs + 1):
-        for arm in ARMS:
-            result = run_repeat(plans[arm], pair, store, progress, f"{arm}: pair {pair}/{pairs}")
+    for number in range(1, rounds + 1):
+        for arm in arms:
+            result = run_repeat(plans[arm], number, store, progress, f"{arm}: round {number}/{rounds}")
             outcome.records[arm].append(result.record)
     return outcome

@@ -19,7 +19,16 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer 0.29 carries its own click
 
 from cai_bench import __version__
-from cai_bench.choices import FIGURE_FORMATS, PRECISIONS, BackendName, Engine, Precision, ReportFormat, choice
+from cai_bench.choices import (
+    FIGURE_FORMATS,
+    PRECISIONS,
+    BackendName,
+    Engine,
+    ExportFormat,
+    Precision,
+    ReportFormat,
+    choice,
+)
 from cai_bench.errors import UserError, one_line
 from cai_bench.metrics import spread
 
@@ -45,8 +54,9 @@ app.add_typer(lambda_app, name="lambda")
 
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results directory (holds runs.jsonl).")]
 PRECISION_HELP = (
-    "auto: the fastest a start-up probe finds 10% faster than fp32 and within 2e-3 of it (cpu, hpc: bf16; "
-    "gpu: tf32, bf16, fp16). tf32 and fp16 are for --backend gpu."
+    "auto: the fastest a start-up probe finds 10% faster than fp32 and within 2e-3 of it (cpu, hpc, lambda: bf16 "
+    "on torch and openvino; gpu: tf32, bf16, fp16). int8: --runtime onnxruntime, kept only within 2e-3 on the "
+    "probe batch. tf32 and fp16 are for --backend gpu."
 )
 ENGINE_HELP = "fast: the prepared model; reference: the upstream-style eager fp32 loop."
 OVERSUBSCRIBE_HELP = "Allow more threads than this process may use; the record and report mark the point."
@@ -252,6 +262,11 @@ def _check_weights(path: str | Path, backend: str = "cpu") -> str:
         if not key:
             raise UserError(f"{text}: name the weights object, s3://bucket/key")
         return aws.s3_url(bucket, key)
+    from cai_bench.runtimes import is_export, read_export
+
+    if is_export(text):  # an exported model: for --runtime onnxruntime or openvino (the plan checks which)
+        read_export(text)
+        return text
     check_weights_file(path)
     return text
 
@@ -431,8 +446,12 @@ def bench(
     data: Annotated[Path | None, typer.Option(help="A data set directory.", show_default="synthetic --gb")] = None,
     gb: Annotated[float | None, typer.Option(help="Synthetic data size in GB.", show_default="0.2")] = None,
     partition_mb: Annotated[float | None, typer.Option(help="Partition size in MB.", show_default="25")] = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per forward pass, both arms.")] = 512,
-    pairs: Annotated[int, typer.Option(help="Measured (reference, fast) pairs.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass, every arm.")] = 512,
+    precision: Annotated[Precision, typer.Option(help="Of every arm but the reference (eager fp32).")] = Precision.auto,
+    runtimes: Annotated[
+        str | None, typer.Option(help="Comma list of torch, onnxruntime, openvino.", show_default="all installed")
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Measured rounds (one run of every arm each).")] = 3,
     warmup: Annotated[int, typer.Option(help="Unrecorded runs of each arm first.")] = 1,
     threads: Annotated[int | None, typer.Option(help="Intra-op threads.", show_default="physical cores")] = None,
     oversubscribe: Annotated[bool, typer.Option("--oversubscribe", help=OVERSUBSCRIBE_HELP)] = False,
@@ -442,22 +461,25 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """The upstream-style reference loop against the fast path on the same data, alternating A B A B.
+    """The upstream-style reference loop against every runtime on the same data, alternating A B C D A B C D.
 
-    Prints samples/s of each run, the fast/reference ratio of each pair and their median, peak RSS of each arm
-    and the machine; every measured run is also a record in the store.
+    Prints samples/s of each run, each arm's ratio to the reference of the same round and their median, peak
+    RSS and what each runtime chose (version, threading, precision), and the machine with its CPU flags; every
+    measured run is also a record in the store.
     """
     from rich.table import Table
 
     from cai_bench import runner, ui
-    from cai_bench.bench import ARMS, run_bench
+    from cai_bench.bench import REFERENCE, available_arms, run_bench
+    from cai_bench.metrics import vector_flags
     from cai_bench.plan import make_plan
     from cai_bench.results import ResultsStore, machine_label, this_machine
 
-    if pairs < 1:
-        raise UserError(f"--pairs must be at least 1, got {pairs}")
+    if rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
     if warmup < 0:
         raise UserError(f"--warmup must be 0 or more, got {warmup}")
+    arms = available_arms(_list(runtimes, "--runtimes", str))
     gb = 0.2 if data is None and gb is None else gb
     runner.check_sizes(gb=gb, partition_mb=partition_mb)
     runner.check_threads(threads, {}, oversubscribe)
@@ -465,6 +487,10 @@ def bench(
     store.check_writable()
     if weights:  # refused here, not by every worker once the run has started
         _check_weights(weights)
+    for arm in arms[1:]:
+        from cai_bench.plan import check_runtime
+
+        check_runtime(arm, precision.value, "fast", False)
     with ui.RichCountProgress("synthesizing", "samples") as bar:
         summary, refs = runner.resolve_data(data, gb, partition_mb, seed, None if (as_json or quiet) else bar)
     plan = make_plan(
@@ -472,60 +498,84 @@ def bench(
         summary,
         refs,
         batch_size=batch_size,
+        precision=precision.value,
         threads=threads,
         oversubscribe=oversubscribe,
-        repeats=pairs,
+        repeats=rounds,
         weights=str(weights) if weights else None,
         seed=seed,
     )
     progress = None if (as_json or quiet) else ui.RichRunProgress()
     try:
-        outcome = run_bench(plan, pairs, warmup, store, progress)
+        outcome = run_bench(plan, rounds, warmup, store, progress, arms)
     except KeyboardInterrupt as exc:
         ui.console.print(f"interrupted; the finished runs are in {store.path}")
         raise typer.Exit(interrupt_exit_code(exc)) from None
     machine = machine_label(this_machine())
+    others = arms[1:]
+
+    def chose(arm: str) -> dict:
+        info = outcome.records[arm][-1].backend_info
+        keep = ("runtime", "runtime_version", "engine", "precision", "threading", "lanes", "intra_op_threads")
+        return {k: info[k] for k in keep if k in info}
+
     figures = {
         "machine": machine,
+        "cpu_flags": vector_flags(),
         "data": {"samples": summary.samples, "data_gb": summary.data_gb, "partitions": summary.partitions},
         "batch_size": batch_size,
-        **{f"{arm}_samples_per_s": outcome.samples_per_s(arm) for arm in ARMS},
-        **{f"{arm}_compute_samples_per_s": outcome.compute_samples_per_s(arm) for arm in ARMS},
-        **{f"{arm}_peak_rss_bytes": outcome.peak_rss_bytes(arm) for arm in ARMS},
-        "ratios": outcome.ratios(),
-        "median_ratio": outcome.median_ratio(),
-        "median_compute_ratio": outcome.median_ratio("compute_samples_per_s"),
-        "fast_choices": outcome.records["fast"][-1].backend_info,
-        "run_ids": {arm: [r.run_id for r in outcome.records[arm]] for arm in ARMS},
+        "precision": precision.value,
+        "arms": {
+            arm: {
+                "samples_per_s": outcome.samples_per_s(arm),
+                "compute_samples_per_s": outcome.compute_samples_per_s(arm),
+                "peak_rss_bytes": outcome.peak_rss_bytes(arm),
+                **(
+                    {}
+                    if arm == REFERENCE
+                    else {
+                        "ratios": outcome.ratios(arm),
+                        "median_ratio": outcome.median_ratio(arm),
+                        "median_compute_ratio": outcome.median_ratio(arm, "compute_samples_per_s"),
+                    }
+                ),
+                "choices": chose(arm),
+                "run_ids": [r.run_id for r in outcome.records[arm]],
+            }
+            for arm in arms
+        },
     }
     if as_json:
         print(json.dumps(figures, indent=1))
         return
     title = (
-        f"reference vs fast · {summary.data_gb:.3g} GB, {summary.samples:,} samples in {summary.partitions} "
-        f"partitions · batch {batch_size} · {machine}"
+        f"reference vs {', '.join(others)} · {summary.data_gb:.3g} GB, {summary.samples:,} samples in "
+        f"{summary.partitions} partitions · batch {batch_size} · precision {precision.value} · {machine}"
     )
     table = Table(title=title, title_justify="left")
-    for header in ("pair", "reference samples/s", "fast samples/s", "fast / reference"):
-        table.add_column(header, justify="right")
-    ref_rates, fast_rates = outcome.samples_per_s("reference"), outcome.samples_per_s("fast")
-    for pair, (r, f, ratio) in enumerate(zip(ref_rates, fast_rates, outcome.ratios(), strict=True), start=1):
-        table.add_row(str(pair), f"{r:,.1f}", f"{f:,.1f}", f"{ratio:.2f}")
-    table.add_row("median", f"{spread(ref_rates).median:,.1f}", f"{spread(fast_rates).median:,.1f}",
-                  f"{outcome.median_ratio():.2f}", style="bold")  # fmt: skip
+    table.add_column("round", justify="right")
+    for arm in arms:
+        table.add_column(f"{arm} samples/s", justify="right")
+    for arm in others:
+        table.add_column(f"{arm} / ref.", justify="right")
+    rates = {arm: outcome.samples_per_s(arm) for arm in arms}
+    for number in range(rounds):
+        ratios = [f"{outcome.ratios(arm)[number]:.2f}" for arm in others]
+        table.add_row(str(number + 1), *(f"{rates[arm][number]:,.1f}" for arm in arms), *ratios)
+    medians = [f"{spread(rates[arm]).median:,.1f}" for arm in arms]
+    table.add_row("median", *medians, *(f"{outcome.median_ratio(arm):.2f}" for arm in others), style="bold")
     ui.stdout.print(table)
-    choices = outcome.records["fast"][-1].backend_info
+    forward = ", ".join(f"{arm} {outcome.median_ratio(arm, 'compute_samples_per_s'):.2f}" for arm in others)
     ui.stdout.print(
-        f"samples/s = samples / wall s of the whole run (start-up and loading included). "
-        f"Forward passes only: median ratio {outcome.median_ratio('compute_samples_per_s'):.2f}."
+        "samples/s = samples / wall s of the whole run (start-up and loading included). "
+        f"Forward passes only, median ratio to the reference: {forward}."
     )
-    ui.stdout.print(
-        f"peak RSS: reference {outcome.peak_rss_bytes('reference') / 2**20:,.0f} MB (holds the whole data set), "
-        f"fast {outcome.peak_rss_bytes('fast') / 2**20:,.0f} MB"
-    )
-    shown = {k: v for k, v in choices.items() if k != "precision_probe"}
-    ui.stdout.print(f"fast path: {json.dumps(shown)}", markup=False, highlight=False)
-    ui.stdout.print(f"{2 * pairs} record(s) appended to {store.path}")
+    rss = ", ".join(f"{arm} {outcome.peak_rss_bytes(arm) / 2**20:,.0f} MB" for arm in arms)
+    ui.stdout.print(f"peak RSS: {rss} (the reference holds the whole data set)")
+    for arm in others:
+        ui.stdout.print(f"{arm}: {json.dumps(chose(arm))}", markup=False, highlight=False)
+    ui.stdout.print(f"CPU flags: {' '.join(figures['cpu_flags']) or 'none read'}")
+    ui.stdout.print(f"{len(arms) * rounds} record(s) appended to {store.path}")
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -658,11 +708,13 @@ def sweep(
         f"{len(outcome.records)} record(s) appended to {store.path}"
         + (f"; {skipped} point(s) were already complete (--force reruns them)" if skipped else "")
     )
-    if outcome.auto_precision:
-        probe = outcome.auto_precision
+    for runtime, probe in (outcome.auto_precisions or {"torch": outcome.auto_precision or {}}).items():
+        if not probe:
+            continue
+        on = f" on {runtime}" if len(outcome.auto_precisions) > 1 else ""
         ui.stdout.print(
-            f"precision auto ran as {probe['chose']} ({probe['why']}): probed once on this machine for the whole "
-            "sweep, so every repeat of a point runs the same precision"
+            f"precision auto ran as {probe['chose']}{on} ({probe['why']}): probed once on this machine for the "
+            "whole sweep, so every repeat of a point runs the same precision"
         )
 
 
@@ -907,6 +959,40 @@ def model_convert(
     )
 
 
+@model_app.command("export")
+def model_export(
+    out: Annotated[Path, typer.Option(help="The export directory to create.")],
+    format: Annotated[ExportFormat, typer.Option(help="onnx (for onnxruntime or openvino) or openvino (its IR).")],
+    weights: Annotated[Path | None, typer.Option(help="The weights to export (default: random-init).")] = None,
+    seed: Annotated[int, typer.Option(help="Random-init seed, without --weights.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it holds files.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print export.json on stdout.")] = False,
+) -> None:
+    """Export the model once, with torch, for --runtime onnxruntime or openvino: checked against torch fp32 on
+    a fixed batch before anything is written, and naming its weights, so records of runs on it still do.
+
+    Run it with --weights OUT; without an export, --runtime onnxruntime or openvino exports into the cache.
+    """
+    from cai_bench import ui
+    from cai_bench.model.export import export_model
+
+    if weights is not None:
+        _check_weights(weights)
+    export, seconds = export_model(str(weights) if weights else None, format.value, out, seed=seed, overwrite=force)
+    if as_json:
+        print(json.dumps(export.meta, indent=1))
+        return
+    size = sum((Path(export.directory) / name).stat().st_size for name in export.files)
+    named = export.weights.source + (f" (sha256 {export.weights.sha256[:16]}...)" if export.weights.sha256 else
+                                     f" (seed {export.weights.seed})")  # fmt: skip
+    ui.stdout.print(
+        f"{export.directory}: {export.format} export of {named}, {size / 2**20:,.1f} MB in {seconds:.1f} s; "
+        f"max |dz| against torch fp32 on {export.check['batch']} galaxies: {export.check['max_abs_dz']:.2g} "
+        f"({export.check['runtime']}). Run it: cai-bench run --runtime "
+        f"{'openvino' if export.format == 'openvino' else 'onnxruntime'} --weights {export.directory}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -1131,6 +1217,9 @@ def lambda_build(
     arch: Annotated[str, typer.Option(help="x86_64 or arm64: the function's architecture.")] = "x86_64",
     push: Annotated[bool, typer.Option(help="Push to this account's ECR (the repository made if missing).")] = True,
     context: Annotated[Path, typer.Option(help="The cai-bench source tree to build from.")] = Path("."),
+    runtime: Annotated[
+        str, typer.Option(help="torch, or onnxruntime / openvino: the image without torch, for an exported model.")
+    ] = "torch",
     region: AwsRegion = None,
     endpoint_url: AwsEndpoint = None,
 ) -> None:
@@ -1139,7 +1228,7 @@ def lambda_build(
     from cai_bench import ui
     from cai_bench.backends.aws_lambda import deploy as deploying
 
-    image = deploying.ImageBuild(repository, tag, arch, context).check()
+    image = deploying.ImageBuild(repository, tag, arch, context, runtime).check()
     say = functools.partial(ui.stdout.print, markup=False, highlight=False)
     if not deploying.docker_reachable():
         say(

@@ -17,7 +17,7 @@ from cai_bench.plan import PartitionRef
 from cai_bench.records import PartitionResult
 
 if TYPE_CHECKING:
-    from cai_bench.engine import EngineOptions
+    from cai_bench.worker import EngineOptions
 
 # A unit as a worker loop sees it: (its place in the run's list of work, the partition)
 LoopUnit = tuple[int, PartitionRef]
@@ -95,6 +95,30 @@ def worker_loop(
             worker.close()
             raise
     return worker
+
+
+def model_worker(
+    worker_id: str, options: EngineOptions, model: str | None, seed: int
+) -> tuple[Callable[[], Any], Callable | None, Callable | None]:
+    """``start``, ``load`` and ``run`` for ``worker_loop`` on ``options.runtime``: the torch engine (``model``: a
+    weights file or None for random-init), or an exported model on ONNX Runtime or OpenVINO (``model``: the
+    export's directory, ``runtimes.model_for_workers``), which never imports torch."""
+    if options.runtime == "torch":
+        from cai_bench import engine
+
+        return (lambda: engine.start_worker(worker_id, options, weights=model, seed=seed)), None, None
+    from cai_bench import runtimes
+
+    return (lambda: runtimes.start_worker(worker_id, options, model)), *loop_functions(options)
+
+
+def loop_functions(options: EngineOptions) -> tuple[Callable | None, Callable | None]:
+    """``load`` and ``run`` for ``worker_loop`` on ``options.runtime`` (None, None: the torch engine's)."""
+    if options.runtime == "torch":
+        return None, None
+    from cai_bench import runtimes
+
+    return runtimes.loop_functions(options)
 
 
 def units_from(units: list[LoopUnit]) -> Callable[[bool], list[LoopUnit]]:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
-from cai_bench.choices import ENGINES, PRECISIONS
+from cai_bench.choices import CPU_PRECISIONS, ENGINES, PRECISIONS, RUNTIME_PRECISIONS, RUNTIMES
 from cai_bench.errors import UserError
 
 BYTES_PER_SAMPLE = 20_480 + 40 + 4
@@ -135,6 +135,22 @@ def plan_from_dict(data: dict) -> Plan:
     return Plan(**data)
 
 
+def check_runtime(runtime: str, precision: str, engine: str, compile: bool) -> None:
+    """Refuse what ``runtime`` cannot run: the reference loop and torch.compile are torch's, and each runtime runs
+    its own precisions (choices.RUNTIME_PRECISIONS)."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime != "torch" and engine == "reference":
+        raise UserError(f"--engine reference is torch's eager loop: it takes no --runtime {runtime}")
+    if runtime != "torch" and compile:
+        raise UserError(f"--compile is torch.compile: it takes no --runtime {runtime}")
+    if precision in CPU_PRECISIONS and precision != "auto" and precision not in RUNTIME_PRECISIONS[runtime]:
+        others = [r for r in RUNTIMES if precision in RUNTIME_PRECISIONS[r]]
+        where = f"; --runtime {' or '.join(others)} runs it" if others else ""
+        runs = ", ".join(RUNTIME_PRECISIONS[runtime])
+        raise UserError(f"--precision {precision}: --runtime {runtime} runs auto, {runs}{where}")
+
+
 def make_plan(
     backend: str,
     data: DataSummary,
@@ -179,6 +195,7 @@ def make_plan(
         precision = "fp32"
         if cycle_to_gb is not None:
             raise UserError("--engine reference holds the whole data set in memory: it takes no --cycle-to-gb")
+    check_runtime((backend_options or {}).get("runtime") or "torch", precision, engine, compile)
     if not partitions:
         raise UserError(f"{data.path}: the data set has no partitions")
     if cycle_to_gb is not None:

@@ -55,12 +55,21 @@ def _part_path(parts: Path, index: int) -> Path:
 
 
 def _job(plan: Plan) -> dict:
+    from cai_bench.runtimes import is_export, read_export
+
     weights = {"weights": RANDOM_INIT, "seed": plan.seed}
     if plan.weights and str(plan.weights).startswith("s3://"):
         weights = {"weights": plan.weights}  # read by the functions: the driver does not fetch it to hash it
+    elif is_export(plan.weights):  # the weights it was exported from
+        named = read_export(plan.weights).weights
+        weights = {"weights": Path(named.source).name, "sha256": named.sha256, "seed": named.seed}
     elif plan.weights:
         weights = {"weights": Path(plan.weights).name, "sha256": file_sha256(Path(plan.weights))}
-    return {"dataset_id": plan.data.dataset_id, "samples": plan.data.samples, "precision": plan.precision, **weights}
+    job = {"dataset_id": plan.data.dataset_id, "samples": plan.data.samples, "precision": plan.precision, **weights}
+    runtime = plan.backend_options.get("runtime") or "torch"
+    if runtime != "torch":  # another runtime's predictions differ in the last digits: parts never mix
+        job["runtime"] = runtime
+    return job
 
 
 def _open_parts(parts: Path, job: dict, force: bool) -> None:

@@ -38,7 +38,9 @@ class PointReport:
     threads: int | None  # as the backend ran it (the plan may leave it to the backend)
     workers: int  # worker processes (hpc) or array tasks (hpc --slurm) the backend ran; 1 for cpu
     repeats: int
-    engine: str  # "fast" or "reference"; "-" for records from before engines were recorded
+    # "fast" or "reference" (torch), or the runtime of an export (onnxruntime, openvino): one column, one
+    # vocabulary; "-" for records from before engines were recorded
+    engine: str
     wall_s: Spread
     samples_per_s: Spread
     throughput_bps: Spread  # bits / wall s
@@ -62,6 +64,11 @@ class PointReport:
 
     def label(self) -> str:
         return f"{self.backend} · {self.data_gb:.3g} GB · {self.partition_mb:g} MB · batch {self.batch_size}"
+
+
+def engine_label(plan: dict) -> str:
+    runtime = (plan.get("backend_options") or {}).get("runtime") or "torch"
+    return runtime if runtime != "torch" else plan.get("engine", "-")
 
 
 def _worker_breakdown(record: dict) -> dict[str, float]:
@@ -110,7 +117,7 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
                 threads=info.get("threads", plan.get("threads")),
                 workers=info.get("workers") or info.get("tasks") or last["summary"]["workers"],
                 repeats=len(group),
-                engine=plan.get("engine", "-"),
+                engine=engine_label(plan),
                 wall_s=spread([s["wall_s"] for s in sums]),
                 samples_per_s=spread([s["samples_per_s"] for s in sums]),
                 throughput_bps=spread([s["throughput_bps"] for s in sums]),

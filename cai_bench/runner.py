@@ -407,6 +407,7 @@ class SweepOutcome:
     points: list[SweepPointState]
     records: list[RunRecord] = field(default_factory=list)  # what this invocation appended
     auto_precision: dict | None = None  # the probe that resolved the sweep's "auto" points, where it ran
+    auto_precisions: dict = field(default_factory=dict)  # runtime -> its probe, where the sweep has several
 
 
 def _plan_options(spec: SweepSpec, point: SweepPoint, precision: str) -> dict:
@@ -426,21 +427,44 @@ def _plan_options(spec: SweepSpec, point: SweepPoint, precision: str) -> dict:
     }
 
 
-def resolve_auto_precision(spec: SweepSpec) -> tuple[str, dict]:
-    """What "auto" runs as on this machine, probed once for a whole sweep, so that all repeats of a point run
-    the same precision (each run's own probe could answer differently on a machine where bf16 is only a
-    little faster) and the sweep knows which points the store already holds."""
+def _point_runtime(point: SweepPoint) -> str:
+    return dict(point.backend_options).get("runtime") or "torch"
+
+
+def resolve_auto_precision(spec: SweepSpec, runtime: str = "torch") -> tuple[str, dict]:
+    """What "auto" runs as on this machine and ``runtime``, probed once for a whole sweep, so that all repeats
+    of a point run the same precision (each run's own probe could answer differently on a machine where bf16 is
+    only a little faster) and the sweep knows which points the store already holds."""
+    if spec.engine == "reference":
+        return "fp32", {"chose": "fp32", "why": "the reference engine runs fp32"}
+    if runtime == "onnxruntime":
+        return "fp32", {"chose": "fp32", "why": "onnxruntime's CPU provider has no bf16; int8 only by explicit choice"}
+    if runtime == "openvino":
+        from cai_bench.backends.cpu import default_threads
+        from cai_bench.runtimes import model_for_workers, read_export, runtime_module
+
+        module = runtime_module("openvino")
+        model, _ = model_for_workers(spec.weights, "openvino", spec.seed)
+        core = module.ov.Core()
+        threads = spec.threads or default_threads()
+        return module.choose_precision(core, core.read_model(read_export(model).model_file), threads)
     import torch
 
     from cai_bench.engine import choose_precision
     from cai_bench.model.astromae import build_model
     from cai_bench.model.inference import prepare_for_inference
 
-    if spec.engine == "reference":
-        return "fp32", {"chose": "fp32", "why": "the reference engine runs fp32"}
     model = build_model(seed=spec.seed).eval()
     choices = prepare_for_inference(model)
     return choose_precision(model, torch.device("cpu"), choices["channels_last"])
+
+
+def resolve_auto_precisions(spec: SweepSpec) -> tuple[dict[str, str], dict[str, dict]]:
+    """``resolve_auto_precision`` for each runtime the sweep's "auto" points run on."""
+    chosen, probes = {}, {}
+    for runtime in sorted({_point_runtime(p) for p in spec.points() if p.precision == "auto"}):
+        chosen[runtime], probes[runtime] = resolve_auto_precision(spec, runtime)
+    return chosen, probes
 
 
 def _expected_summary(point: SweepPoint, seed: int) -> DataSummary:
@@ -466,25 +490,25 @@ def _done_counts(store: ResultsStore) -> dict[str, int]:
 
 
 def sweep_state(
-    spec: SweepSpec, store: ResultsStore, force: bool = False, auto_as: str | None = None
+    spec: SweepSpec, store: ResultsStore, force: bool = False, auto_as: dict[str, str] | None = None
 ) -> list[SweepPointState]:
     """Each point of the sweep with the repeats already in the store (for this plan, on this machine).
 
-    ``auto_as`` is what "auto" runs as (``resolve_auto_precision``). Points on the same data run one after
-    another (in the order the grids first name that data), so each data set is needed during one stretch of the
-    sweep only.
+    ``auto_as`` is what "auto" runs as on each runtime (``resolve_auto_precisions``). Points on the same data
+    run one after another (in the order the grids first name that data), so each data set is needed during one
+    stretch of the sweep only.
     """
     done = _done_counts(store)
     states = []
     points = spec.points()
     if auto_as is None and any(p.precision == "auto" for p in points):
-        auto_as, _ = resolve_auto_precision(spec)
+        auto_as, _ = resolve_auto_precisions(spec)
     first_use = {}
     for index, point in enumerate(points):
         first_use.setdefault((point.gb, point.partition_mb), index)
     points.sort(key=lambda p: first_use[(p.gb, p.partition_mb)])
     for point in points:
-        precision = auto_as if point.precision == "auto" else point.precision
+        precision = auto_as[_point_runtime(point)] if point.precision == "auto" else point.precision
         options = _plan_options(spec, point, precision)
         expected = Plan(spec.backend, _expected_summary(point, spec.seed), (), **options)
         key = point_key(expected.to_record(), plan_machine(expected))
@@ -534,12 +558,13 @@ def run_sweep(
     generated is deleted after its last point (the paper's grid would otherwise keep about 175 GB).
     """
     progress = progress or NoProgress()
-    probe = None
+    probes: dict[str, dict] = {}
     auto_as = None
     if any(p.precision == "auto" for p in spec.points()):
-        auto_as, probe = resolve_auto_precision(spec)
+        auto_as, probes = resolve_auto_precisions(spec)
     states = sweep_state(spec, store, force, auto_as)
-    outcome = SweepOutcome(states, auto_precision=probe)
+    outcome = SweepOutcome(states, auto_precision=probes.get("torch") or next(iter(probes.values()), None))
+    outcome.auto_precisions = probes
     total = sum(samples_for_gb(s.point.gb) * (s.todo + spec.warmup) for s in states if s.todo)
     progress.sweep_begin(len(states), total)
     generated: set[Path] = set()

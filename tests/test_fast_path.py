@@ -146,9 +146,12 @@ def test_plans_name_their_engine_and_reference_is_fp32_only(tiny_data):
         make_plan("cpu", summary, refs, engine="turbo")
     with pytest.raises(UserError, match="eager float32 baseline"):
         make_plan("cpu", summary, refs, engine="reference", precision="bf16")
-    plans = bench_plans(make_plan("cpu", summary, refs, precision="auto", repeats=2))
+    plans = bench_plans(
+        make_plan("cpu", summary, refs, precision="auto", repeats=2), ["reference", "torch", "openvino"]
+    )
     assert (plans["reference"].engine, plans["reference"].precision) == ("reference", "fp32")
-    assert (plans["fast"].engine, plans["fast"].precision, plans["fast"].repeats) == ("fast", "auto", 2)
+    assert (plans["torch"].engine, plans["torch"].precision, plans["torch"].repeats) == ("fast", "auto", 2)
+    assert plans["openvino"].backend_options["runtime"] == "openvino" and plans["openvino"].precision == "auto"
 
 
 def test_run_records_every_choice_of_the_fast_path(cli, tiny_data, tmp_path):
@@ -164,21 +167,30 @@ def test_run_records_every_choice_of_the_fast_path(cli, tiny_data, tmp_path):
     assert all(w["precision"] == info["precision"] for w in record["workers"])
 
 
-def test_bench_alternates_the_two_engines_and_records_every_run(cli, tmp_path):
+def test_bench_alternates_every_runtime_with_the_reference_and_records_every_run(cli, tmp_path):
     code, out, err = cli(
-        "bench", "--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--pairs", "2", "--warmup", "0",
-        "--batch-size", "16", "--threads", "1", "--results", tmp_path, "--json",
+        "bench", "--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--rounds", "2", "--warmup", "0",
+        "--batch-size", "16", "--threads", "1", "--precision", "fp32", "--results", tmp_path, "--json",
     )  # fmt: skip
     assert code == 0, err
     figures = json.loads(out)
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    assert [r["plan"]["engine"] for r in records] == ["reference", "fast", "reference", "fast"]
-    assert [r["repeat"] for r in records] == [1, 1, 2, 2]
-    fast = [r["summary"]["samples_per_s"] for r in records[1::2]]
-    reference = [r["summary"]["samples_per_s"] for r in records[::2]]
-    assert figures["ratios"] == pytest.approx([f / r for f, r in zip(fast, reference, strict=True)])
-    assert figures["median_ratio"] == pytest.approx(float(np.median(figures["ratios"])))
-    assert figures["reference_peak_rss_bytes"] > 0 and "machine" in figures
+    arms = ["reference", "torch", "onnxruntime", "openvino"]  # all three runtimes are installed for the tests
+    assert list(figures["arms"]) == arms
+    ran = [r["plan"]["engine"] if r["plan"]["engine"] == "reference" else r["plan"]["backend_options"].get("runtime")
+           for r in records]  # fmt: skip
+    assert ran == arms * 2
+    assert [r["repeat"] for r in records] == [1] * 4 + [2] * 4
+    reference = [r["summary"]["samples_per_s"] for r in records[::4]]
+    for offset, arm in enumerate(arms[1:], start=1):
+        mine = [r["summary"]["samples_per_s"] for r in records[offset::4]]
+        figure = figures["arms"][arm]
+        assert figure["ratios"] == pytest.approx([m / r for m, r in zip(mine, reference, strict=True)])
+        assert figure["median_ratio"] == pytest.approx(float(np.median(figure["ratios"])))
+        assert figure["choices"]["precision"] == "fp32" and figure["choices"]["runtime"] == arm
+        assert figure["choices"]["threading"]
+    assert figures["arms"]["reference"]["peak_rss_bytes"] > 0 and "machine" in figures
+    assert isinstance(figures["cpu_flags"], list)
 
 
 def test_compiled_fast_path_matches_eager(tiny_data):

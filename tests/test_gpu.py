@@ -73,7 +73,7 @@ def test_a_device_worker_that_cannot_run_a_precision_says_so(tiny_data):
 
 def test_cpu_backends_refuse_the_cuda_precisions_in_one_line(cli, tiny_data, tmp_path):
     code, _, err = cli("run", "--backend", "cpu", "--precision", "fp16", "--data", tiny_data, "--results", tmp_path)
-    assert code == 2 and err.strip() == "error: --precision fp16: --backend cpu runs auto, fp32, bf16"
+    assert code == 2 and err.strip() == "error: --precision fp16: --backend cpu runs auto, fp32, bf16, int8"
 
 
 def test_the_pinned_pool_hands_out_a_fixed_number_of_reused_buffers():

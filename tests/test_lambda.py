@@ -249,3 +249,30 @@ def test_the_standalone_emulator_serves_runs_until_interrupted(cli, s3, local_s3
             server.kill()
             raise
     assert server.returncode == 0, err
+
+
+def test_a_torch_free_function_runs_an_export_staged_in_s3(cli, s3, local_s3, tiny_data, tmp_path):
+    """--runtime onnxruntime on Lambda: the driver exports the weights (here, where torch is) and stages the
+    export in S3; each execution environment fetches it once and never imports torch."""
+    from safetensors.torch import save_file
+
+    from cai_bench.model.astromae import build_model
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in build_model(seed=5).state_dict().items()}, str(weights))
+    common = ["predict", "--data", tiny_data, "--precision", "fp32", "-q", "--results", tmp_path / "r",
+              "--weights", weights]  # fmt: skip
+    code, _, err = cli(*common, "--out", tmp_path / "cpu.csv")
+    assert code == 0, err
+    code, _, err = cli(*common, "--backend", "lambda", "--emulate", "--endpoint-url", local_s3, "--bucket",
+                       f"s3://{s3}", "--max-concurrency", "2", "--runtime", "onnxruntime",
+                       "--out", tmp_path / "lambda.csv")  # fmt: skip
+    assert code == 0, err
+    cpu, far = (np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1) for name in ("cpu", "lambda"))
+    assert far[:, 0].tolist() == cpu[:, 0].tolist() == list(range(104))
+    np.testing.assert_allclose(far[:, 1], cpu[:, 1], atol=1e-5)
+    torch_run, lambda_run = _records(tmp_path / "r")
+    info = lambda_run["backend_info"]
+    assert info["runtime"] == "onnxruntime" and info["torch_imported"] is False and info["export_made"] is True
+    assert lambda_run["weights"] == torch_run["weights"]  # named by the weights, not by the export
+    assert S3Prefix.parse(info["staged_export"]).names() == ["export.json", "model.onnx"]

@@ -97,7 +97,7 @@ def test_defaults_make_one_point():
         ("gb = 1", "gb must be a non-empty list"),
         ("gb = [0]", "gb values must be positive"),
         ("batch_size = [32.5]", "batch_size values must be whole numbers"),
-        ("precision = ['fp8']", "precision must be among auto, fp32, bf16, tf32, fp16"),
+        ("precision = ['fp8']", "precision must be among auto, fp32, bf16, int8, tf32, fp16"),
         ("grid = 3", "grid must be a list of tables"),
         ("gb = [1", "not valid TOML"),
     ],

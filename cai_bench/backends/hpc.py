@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from cai_bench.backends import slurm_options
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, Job, dispatched_run
-from cai_bench.backends.cpu import LANES, default_threads, lane_layout
+from cai_bench.backends.cpu import LANES, RUNTIME, default_threads, lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drive
 from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.errors import UserError, describe
@@ -42,7 +42,7 @@ from cai_bench.plan import Plan, work_units
 from cai_bench.records import decode_result, encode_result
 
 if TYPE_CHECKING:
-    from cai_bench.engine import EngineOptions
+    from cai_bench.worker import EngineOptions
 
 NODE_OPTIONS = (
     BackendOption("workers", int, "hpc: worker processes on this node, --threads split between them.", 1, minimum=1),
@@ -51,6 +51,7 @@ NODE_OPTIONS = (
         DEFAULT_RETRIES, minimum=0, identity=False,
     ),
     LANES,
+    RUNTIME,
 )  # fmt: skip
 STOP_TIMEOUT_S = 10.0
 
@@ -98,14 +99,17 @@ def quiet_signals() -> None:
 def worker_main(
     conn: Connection, worker_id: str, options: EngineOptions, weights: str | None, seed: int, intra: int
 ) -> None:
-    """One hpc worker process: the engine's worker loop over units asked of the driver over ``conn``."""
+    """One hpc worker process: the worker loop over units asked of the driver over ``conn``; ``weights`` is what
+    ``runtimes.model_for_workers`` made ready (an export, for the runtimes other than torch)."""
     quiet_signals()
-    import torch
+    from cai_bench.loop import model_worker
 
-    from cai_bench.engine import start_worker
+    if options.runtime == "torch":
+        import torch
 
-    torch.set_num_threads(intra)
-    serve_pipe(conn, lambda: start_worker(worker_id, options, weights=weights, seed=seed), options)
+        torch.set_num_threads(intra)
+    start, load, run = model_worker(worker_id, options, weights, seed)
+    serve_pipe(conn, start, options, load=load, run=run)
 
 
 def serve_pipe(conn: Connection, start, options: EngineOptions, **loop) -> None:
@@ -313,14 +317,16 @@ class NodeTransport:
 def run_node(plan: Plan, emit: Emit) -> BackendRun:
     if plan.engine == "reference":
         raise UserError("--engine reference is the one-process upstream loop: run it with --backend cpu")
-    from cai_bench.engine import plan_options
+    from cai_bench.runtimes import model_for_workers
+    from cai_bench.worker import plan_options
 
     workers, per_worker, lanes, intra = worker_threads(plan)
     retries = plan.backend_options.get("retries")
     dispatcher = Dispatcher(work_units(plan), emit, DEFAULT_RETRIES if retries is None else retries)
     context, server_s = worker_context()
-    options = plan_options(plan, lanes)
-    transport = NodeTransport(plan, workers, context, args_for=lambda n: (options, plan.weights, plan.seed, intra))
+    options = plan_options(plan, lanes, intra_threads=intra)
+    model, prepared = model_for_workers(plan.weights, options.runtime, plan.seed)
+    transport = NodeTransport(plan, workers, context, args_for=lambda n: (options, model, plan.seed, intra))
     wall_s = transport.drive(dispatcher)
     info = {
         "threads_per_worker": per_worker,
@@ -331,6 +337,7 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
         "prefetch_partitions": 1,
         "start_method": context.get_start_method(),
         "fork_server_start_s": server_s,
+        **prepared,
     }
     return dispatched_run(plan, dispatcher, wall_s, info, workers=workers, threads=workers * per_worker)
 

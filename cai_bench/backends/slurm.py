@@ -70,10 +70,7 @@ def _append(path: Path, event: dict) -> None:
 
 def run_task(spec: TaskSpec) -> int:
     """One array task, on whatever node the scheduler chose; returns how many units it finished."""
-    import torch
-
-    from cai_bench.engine import start_worker
-    from cai_bench.loop import units_from, worker_loop
+    from cai_bench.loop import model_worker, units_from, worker_loop
     from cai_bench.results import capture_environment
 
     directory = Path(spec.directory)
@@ -84,13 +81,17 @@ def run_task(spec: TaskSpec) -> int:
     )
     here = {"host": socket.gethostname(), "pid": os.getpid(), "job": job}
     _append(out, {"event": "start", "task": spec.task, "epoch": time.time(), **here})
-    torch.set_num_threads(spec.intra)
+    if spec.options.runtime == "torch":
+        import torch
+
+        torch.set_num_threads(spec.intra)
     finished = 0
+    begin, load, run = model_worker(spec.task, spec.options, spec.weights, spec.seed)
 
     def start():
-        worker = start_worker(spec.task, spec.options, weights=spec.weights, seed=spec.seed)
+        worker = begin()
         ready = {"event": "ready", "epoch": time.time(), "weights": asdict(worker.weights), "choices": worker.choices}
-        ready["environment"] = capture_environment()  # the node's, for the record
+        ready["environment"] = capture_environment(with_torch=spec.options.runtime == "torch")  # the node's
         ready["cluster"] = os.environ.get("SLURM_CLUSTER_NAME")
         _append(out, ready)
         return worker
@@ -110,7 +111,7 @@ def run_task(spec: TaskSpec) -> int:
         _append(out, {"event": "unit_failed", "unit": position, "epoch": time.time(), "error": error})
 
     try:
-        worker = worker_loop(start, units_from(list(spec.units)), spec.options, on_done, on_failed)
+        worker = worker_loop(start, units_from(list(spec.units)), spec.options, on_done, on_failed, load=load, run=run)
     except BaseException as exc:
         _append(out, {"event": "failed", "epoch": time.time(), "error": describe(exc)})
         raise
@@ -351,9 +352,13 @@ def _new_job(plan: Plan, wait: bool) -> tuple[dict, Dispatcher]:
 
 
 def _transport(plan: Plan, job: dict) -> ArrayTransport:
-    from cai_bench.engine import plan_options
+    from cai_bench.runtimes import model_for_workers
+    from cai_bench.worker import plan_options
 
-    spec = {"options": plan_options(plan, job["lanes"]), "weights": plan.weights, "seed": plan.seed}
+    options = plan_options(plan, job["lanes"], intra_threads=job["intra_op_threads"])
+    # An export is made here, where torch is; the tasks read it where it lies (a filesystem the nodes share)
+    model, _ = model_for_workers(plan.weights, options.runtime, plan.seed)
+    spec = {"options": options, "weights": model, "seed": plan.seed}
     transport = ArrayTransport(plan, job, {**spec, "intra": job["intra_op_threads"]})
     transport.executor = _executor(Path(job["directory"]), job["executor"], job["parameters"])
     return transport

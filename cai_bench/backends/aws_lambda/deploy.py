@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai_bench import aws
+from cai_bench.choices import RUNTIMES
 from cai_bench.errors import UserError
 
 MANAGED_TAG = ("managed-by", "cai-bench")
@@ -199,8 +200,11 @@ class ImageBuild:
     tag: str = "latest"
     arch: str = "x86_64"
     context: Path = Path(".")
+    runtime: str = "torch"  # torch: the Dockerfile's torch target; onnxruntime, openvino: its torch-free target
 
     def check(self) -> ImageBuild:
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"--runtime {self.runtime!r}: one of {', '.join(RUNTIMES)}")
         if not _REPOSITORY.fullmatch(self.repository) or len(self.repository) > 256:
             raise UserError(f"--repository {self.repository!r}: not an ECR repository name (lowercase, digits, "
                             "'.', '_', '-', '/')")  # fmt: skip
@@ -224,8 +228,10 @@ class ImageBuild:
         return f"{self.registry(account_id, region)}/{self.local}"
 
     def build_command(self) -> list[str]:
+        target = ["--target", "torch"] if self.runtime == "torch" else [
+            "--target", "exported", "--build-arg", f"RUNTIME={self.runtime}"]  # fmt: skip
         return ["docker", "build", "--platform", PLATFORMS[self.arch], "--provenance=false", "-f",
-                str(self.context / DOCKERFILE), "-t", self.local, str(self.context)]  # fmt: skip
+                str(self.context / DOCKERFILE), *target, "-t", self.local, str(self.context)]  # fmt: skip
 
     def push_commands(self, account_id: str, region: str) -> list[str]:
         """Shell lines, with the aws CLI: what ``lambda build --push`` does through boto3 and docker."""

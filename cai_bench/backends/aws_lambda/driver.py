@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cai_bench import aws
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_run
+from cai_bench.backends.cpu import RUNTIME
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drain, drive
 from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.errors import UserError
@@ -68,6 +69,7 @@ OPTIONS = (
                   identity=False, sweepable=False),
     BackendOption("timeout_s", float, "The emulated function's timeout in seconds.", 900.0, minimum=1,
                   identity=False, sweepable=False),
+    RUNTIME,
 )  # fmt: skip
 
 
@@ -373,6 +375,26 @@ def stage_weights(weights: str | None, target: str) -> str | None:
     return folder.where(name)
 
 
+def stage_export(directory: str, target: str) -> str:
+    """An export where a function can read it: its files copied (once: the folder is named by the export's
+    metadata, which names the weights and the check) to ``target``/weights/export-<sha>/."""
+    import hashlib
+
+    from cai_bench.data.s3 import S3Prefix
+    from cai_bench.runtimes import EXPORT_META, read_export
+
+    export = read_export(directory)
+    meta = (Path(directory) / EXPORT_META).read_bytes()
+    base = S3Prefix.parse(target)
+    folder = S3Prefix(base.bucket, base.key(f"weights/export-{hashlib.sha256(meta).hexdigest()[:16]}"))
+    for name in export.files:
+        path = Path(directory) / name
+        if folder.size(name) != path.stat().st_size:
+            folder.write(name, path.read_bytes())
+    folder.write(EXPORT_META, meta)  # last: the handler reads the files it names
+    return folder.location
+
+
 def _create_bucket(url: str) -> None:
     from cai_bench.data.s3 import S3Prefix
 
@@ -397,7 +419,10 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
 
     if plan.engine == "reference":
         raise UserError("--engine reference is the one-process upstream loop: run it with --backend cpu")
+    from cai_bench.runtimes import model_for_workers
+
     options = plan.backend_options
+    runtime = options.get("runtime") or "torch"
     function = options.get("function") or DEFAULT_FUNCTION
     emulated = bool(options.get("emulate") or options.get("lambda_endpoint_url"))
     concurrency = options.get("max_concurrency") or (allowed_cpus() if emulated else DEFAULT_CONCURRENCY)
@@ -426,7 +451,10 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
         architecture = (configuration.get("Architectures") or ["x86_64"])[0]
         refs, data_prefix, staging_s = stage(plan.partitions, plan, target)
         staged = replace(plan, partitions=refs)
-        weights = stage_weights(plan.weights, target or data_prefix)
+        # An export the functions need is made here, where torch is, then staged like weights
+        model, prepared = model_for_workers(plan.weights, runtime, plan.seed) if mode == "model" else (plan.weights, {})
+        stage_model = stage_weights if runtime == "torch" or mode != "model" else stage_export
+        weights = stage_model(model, target or data_prefix)
         run_id = new_run_id()
         base = S3Prefix.parse(target or data_prefix)
         results = S3Prefix(base.bucket, base.key(f"runs/{run_id}"))
@@ -434,7 +462,7 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
             "run_id": run_id,
             "results": results.location,
             "options": {"batch_size": plan.batch_size, "precision": plan.precision, "engine": plan.engine,
-                        "verify_checksums": plan.verify_checksums, "compile": plan.compile},
+                        "verify_checksums": plan.verify_checksums, "compile": plan.compile, "runtime": runtime},
             "weights": weights,
             "seed": plan.seed,
             "mode": mode,
@@ -473,6 +501,8 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
             "data": data_prefix,
             "results": results.location,
             "staging_s": staging_s,
+            **prepared,
+            **({"staged_export": weights} if runtime != "torch" and mode == "model" else {}),
             "cost": spent.to_dict(),
             "prices": {k: prices[k] for k in ("as_of", "region") if k in prices},
             "invocations": [asdict(i) for i in invocations],

@@ -11,8 +11,10 @@ Event (what the driver sends):
     run_id       the run's id
     results      s3://bucket/prefix where the unit results go
     units        [{"position": int, "ref": PartitionRef fields}]
-    options      EngineOptions fields (batch_size, precision, engine, verify_checksums, compile, lanes)
-    weights      a path in the image, an s3:// key (fetched once to /tmp), or null for random-init weights
+    options      EngineOptions fields (batch_size, precision, engine, verify_checksums, compile, lanes, runtime)
+    weights      runtime torch: a path in the image, an s3:// key (fetched once to /tmp), or null for random-init
+                 weights; onnxruntime, openvino: an export's directory in the image, or its s3:// folder (its
+                 export.json and the files it names fetched once to /tmp)
     seed         random-init seed
     mode         "model" (default) or "no-model": read and verify each partition, return its record, run
                  nothing (the fan-out machinery measured without the model)
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -40,7 +43,7 @@ import numpy as np
 
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.errors import UserError
-from cai_bench.loop import units_from, worker_loop
+from cai_bench.loop import loop_functions, model_worker, units_from, worker_loop
 from cai_bench.metrics import allowed_cpus, peak_rss_bytes
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
 from cai_bench.records import (
@@ -52,6 +55,7 @@ from cai_bench.records import (
     decode_result,
     encode_result,
 )
+from cai_bench.worker import EngineOptions
 
 ENVIRONMENT_ID = uuid.uuid4().hex[:12]  # this execution environment, for as long as it lives
 
@@ -104,17 +108,41 @@ def _weights_file(weights: str | None) -> str | None:
     return _WARM.weights_files[weights]
 
 
-def _model_worker(options, event: dict, request_id: str):
-    """The environment's worker for these options, built on first use (import torch, build, load, probe)."""
-    from cai_bench import engine
+def _export_folder(weights: str) -> str:
+    """A local copy of an export: a directory in the image as it is, an s3:// folder fetched to /tmp once."""
+    from cai_bench.runtimes import EXPORT_META
 
+    if not weights.startswith("s3:/"):
+        return weights
+    if weights not in _WARM.weights_files:
+        folder = S3Prefix.parse(weights)
+        local = f"/tmp/cai-bench-export-{uuid.uuid4().hex[:8]}"
+        os.makedirs(local)
+        meta = folder.read(EXPORT_META)
+        for name in json.loads(meta).get("files", []):
+            with open(os.path.join(local, os.path.basename(name)), "wb") as fh:
+                fh.write(folder.read(name))
+        with open(os.path.join(local, EXPORT_META), "wb") as fh:  # last: a folder with it is whole
+            fh.write(meta)
+        _WARM.weights_files[weights] = local
+    return _WARM.weights_files[weights]
+
+
+def _model_worker(options, event: dict, request_id: str):
+    """The environment's worker for these options, built on first use: on torch (import torch, build, load,
+    probe), or on an exported model's runtime (compile, probe), which imports no torch."""
     key = (options, event.get("weights"), int(event.get("seed", 0)))
     if key not in _WARM.workers:  # once per environment: the cold start of the model
-        import torch
+        if options.runtime == "torch":
+            import torch
 
-        torch.set_num_threads(allowed_cpus())  # what Lambda allots for the memory (the emulator pins as many)
-        worker = engine.start_worker(request_id, options, _weights_file(event.get("weights")), seed=key[2])
-        if (event.get("weights") or "").startswith("s3:/"):
+            torch.set_num_threads(allowed_cpus())  # what Lambda allots for the memory (the emulator pins as many)
+            model = _weights_file(event.get("weights"))
+        else:
+            model = _export_folder(event.get("weights") or "")
+        start, _, _ = model_worker(request_id, options, model, key[2])
+        worker = start()
+        if options.runtime == "torch" and (event.get("weights") or "").startswith("s3:/"):
             # Named as the run named them, not by the copy in /tmp
             worker.weights = replace(worker.weights, source=event["weights"])
         _WARM.workers[key] = worker
@@ -179,10 +207,10 @@ def handler(event: dict, context) -> dict:
         worker = _NoModelWorker(request_id, WeightsInfo(RANDOM_INIT), {"mode": "no-model"})
         start, options = (lambda: worker), None
     elif mode == "model":
-        from cai_bench import engine
-
-        load = run = None  # the engine's: read the partition, run the model over it
-        options = engine.EngineOptions(device="cpu", **event["options"])
+        options = EngineOptions(device="cpu", **event["options"])
+        if options.runtime != "torch":  # the threads Lambda allots for the memory, shared by the lanes
+            options = replace(options, intra_threads=max(1, allowed_cpus() // max(1, options.lanes)))
+        load, run = loop_functions(options)  # (None, None): the torch engine's
         start = lambda: _model_worker(options, event, request_id)  # noqa: E731
     else:
         raise ValueError(f"unknown mode {mode!r}")
@@ -201,7 +229,9 @@ def handler(event: dict, context) -> dict:
 
     started = worker_loop(start, units_from(units), options, on_done, on_failed, load=load, run=run)
     if started is not None:
-        ready = {"weights": asdict(started.weights), "choices": {**started.choices, "threads": allowed_cpus()}}
+        # torch_imported: whether this environment has imported torch by now (the torch-free worker's proof)
+        choices = {**started.choices, "threads": allowed_cpus(), "torch_imported": "torch" in sys.modules}
+        ready = {"weights": asdict(started.weights), "choices": choices}
     reply = {
         "environment": ENVIRONMENT_ID,
         "request_id": request_id,

@@ -1,0 +1,167 @@
+"""``cai-bench model export``: pcm-AstroMAE exported once, with torch, for the runtimes that run without it.
+
+The export is checked before it is kept: the exported file, run by the runtime that will run it (ONNX Runtime
+for onnx, OpenVINO for openvino), must predict the fixed probe batch within EXPORT_TOLERANCE of torch's eager
+fp32 model, or nothing is written. The largest difference and the weights' identity (the checkpoint's path and
+sha256, or random-init and its seed) go into ``export.json`` beside the model, so records of runs on the export
+still name the weights.
+
+Exported: the eval-mode model as built and loaded (the runtimes fold BatchNorm and pick layouts themselves),
+through torch's ONNX exporter (``torch.export``, opset 18) with a dynamic batch dimension, weights inside the
+file; openvino converts that file to OpenVINO's IR with the weights kept in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cai_bench.errors import UserError
+from cai_bench.model.astromae import build_model
+from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, file_sha256, load_weights
+from cai_bench.runtimes import (
+    EXPORT_KIND,
+    EXPORT_META,
+    EXPORT_VERSION,
+    Export,
+    max_difference,
+    probe_arrays,
+    read_export,
+)
+
+EXPORT_TOLERANCE = 1e-5  # largest redshift difference from torch fp32 an fp32 export may show on the probe batch
+OPSET = 18
+FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
+
+
+def _torch_model(weights: str | None, seed: int) -> tuple[torch.nn.Module, WeightsInfo]:
+    model = build_model(seed=seed)
+    info = load_weights(model, weights) if weights else WeightsInfo(source=RANDOM_INIT, seed=seed)
+    return model.eval(), info
+
+
+def _to_onnx(model: torch.nn.Module, path: Path) -> None:
+    image, magnitude = (torch.from_numpy(a[:2]) for a in probe_arrays(2))
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals: nothing a user can act on
+        torch.onnx.export(
+            model, (image, magnitude), str(path), input_names=["image", "magnitude"], output_names=["redshift"],
+            dynamic_shapes=({0: batch}, {0: batch}), opset_version=OPSET, dynamo=True, external_data=False,
+            verbose=False,
+        )  # fmt: skip
+
+
+def _predict_with_runtime(fmt: str, path: Path, image: np.ndarray, magnitude: np.ndarray) -> tuple[np.ndarray, str]:
+    """The exported file run by the runtime that will run it, in fp32 (one thread: the check needs no speed)."""
+    from cai_bench.runtimes import runtime_module
+
+    runtime = "onnxruntime" if fmt == "onnx" else "openvino"
+    module = runtime_module(runtime)
+    if fmt == "onnx":
+        predict = module.predictor(module.session(str(path), 1))
+    else:
+        core = module.ov.Core()
+        predict = module.predictor(module.compile_model(core, core.read_model(str(path)), "fp32", 1, 1))
+    return predict(image, magnitude), f"{runtime} {module.version()}"
+
+
+def export_model(
+    weights: str | None, fmt: str, out: str | Path, seed: int = 0, overwrite: bool = False
+) -> tuple[Export, float]:
+    """Export ``weights`` (None: random-init from ``seed``) as ``fmt`` into the directory ``out``, checked; returns
+    the export and the seconds it took."""
+    from cai_bench import __version__
+
+    started = time.perf_counter()
+    if fmt not in FILES:
+        raise UserError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; --out names the export directory to create")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty; pass --force to replace it, or choose another --out")
+    model, info = _torch_model(weights, seed)
+    image, magnitude = probe_arrays()
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(image), torch.from_numpy(magnitude))[:, 0].numpy()
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        _to_onnx(model, staging / "model.onnx")
+        if fmt == "openvino":
+            import openvino as ov
+
+            ov.save_model(
+                ov.convert_model(str(staging / "model.onnx")), str(staging / "model.xml"), compress_to_fp16=False
+            )
+            (staging / "model.onnx").unlink()
+        predicted, checked_by = _predict_with_runtime(fmt, staging / FILES[fmt][0], image, magnitude)
+        difference = max_difference(predicted, reference)
+        if not difference <= EXPORT_TOLERANCE:
+            raise UserError(
+                f"the {fmt} export predicts the check batch up to {difference:.3g} away from torch fp32 (over "
+                f"{EXPORT_TOLERANCE:g}); nothing written"
+            )
+        meta = {
+            "kind": EXPORT_KIND,
+            "version": EXPORT_VERSION,
+            "model": "pcm-AstroMAE",
+            "format": fmt,
+            "files": list(FILES[fmt]),
+            "weights": {"source": info.source, "sha256": info.sha256, "seed": info.seed},
+            "inputs": {"image": ["batch", 5, 32, 32, "float32"], "magnitude": ["batch", 5, "float64"]},
+            "outputs": {"redshift": ["batch", 1, "float32"]},
+            "check": {
+                "batch": len(image),
+                "max_abs_dz": difference,
+                "tolerance": EXPORT_TOLERANCE,
+                "against": "torch fp32 eager",
+                "runtime": checked_by,
+            },
+            "exported_with": {"cai_bench": __version__, "torch": torch.__version__, "opset": OPSET},
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (staging / EXPORT_META).write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"{out}: cannot write the export ({exc.strerror})") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return read_export(out), time.perf_counter() - started
+
+
+def cache_key(weights: str | None, fmt: str, seed: int) -> str:
+    """What names an export in the cache: the weights' content (not their path), the format and the versions
+    that made it."""
+    from cai_bench import __version__
+
+    identity = file_sha256(Path(weights)) if weights else f"{RANDOM_INIT}-seed{seed}"
+    text = f"{identity} {fmt} {__version__} {torch.__version__} {OPSET}"
+    return f"{fmt}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def cached_export(weights: str | None, fmt: str, seed: int = 0) -> tuple[Export, float, bool]:
+    """The export of ``weights`` as ``fmt`` from the cache, made there first when missing: (export, seconds it
+    took now, whether it was already there)."""
+    from cai_bench.runner import cache_dir
+
+    directory = cache_dir() / "exports" / cache_key(weights, fmt, seed)
+    if (directory / EXPORT_META).is_file():
+        return read_export(directory), 0.0, True
+    export, seconds = export_model(weights, fmt, directory, seed=seed, overwrite=True)
+    return export, seconds, False
