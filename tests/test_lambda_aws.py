@@ -303,11 +303,37 @@ def test_build_prints_the_exact_commands_where_docker_is_not_reachable(cli, monk
     code, out, err = cli("lambda", "build", "--tag", "v3", "--region", "eu-west-1")
     assert code == 0, err
     assert "Docker is not reachable here" in out
-    assert f"docker build --platform linux/amd64 --provenance=false -f {DOCKERFILE} -t cai-bench:v3 ." in out
+    assert (
+        f"docker build --platform linux/amd64 --provenance=false -f {DOCKERFILE} --target torch -t cai-bench:v3 ."
+        in out
+    )
     assert "aws ecr get-login-password --region eu-west-1 | docker login" in out
     assert "docker push ACCOUNT.dkr.ecr.eu-west-1.amazonaws.com/cai-bench:v3" in out
     code, _, err = cli("lambda", "build", "--context", tmp_path)
     assert code == 2 and "no Dockerfile there" in err
+    code, out, err = cli("lambda", "build", "--tag", "ov", "--runtime", "openvino", "--region", "eu-west-1")
+    assert code == 0, err
+    assert f"-f {DOCKERFILE} --target exported --build-arg RUNTIME=openvino -t cai-bench:ov ." in out
+    code, _, err = cli("lambda", "build", "--runtime", "tensorrt")
+    assert code == 2 and "--runtime 'tensorrt': one of torch, onnxruntime, openvino" in err
+
+
+def test_the_torch_free_image_target_installs_no_torch():
+    """The Dockerfile's stages: the exported one builds on the base (no torch) and checks its handler imports
+    none; only the torch stage installs torch."""
+    stages: dict[str, list[str]] = {}
+    current = None
+    for line in (ROOT / DOCKERFILE).read_text().splitlines():
+        if line.startswith("FROM "):
+            current = line.split()[-1]
+            stages[current] = [line]
+        elif current and line and not line.startswith("#"):
+            stages[current].append(line)
+    assert list(stages) == ["base", "exported", "torch"]  # torch last: the default target, as before
+    assert stages["exported"][0] == "FROM base AS exported" and stages["torch"][0] == "FROM base AS torch"
+    assert not any("torch" in line.split("#")[0] for line in stages["base"] if "pip install" in line)
+    exported = "\n".join(stages["exported"])
+    assert "pip install" in exported and "torch " not in exported and "'torch' not in sys.modules" in exported
 
 
 @pytest.mark.skipif(not (shutil.which("docker") and docker_reachable()), reason="needs a Docker daemon (and the "
