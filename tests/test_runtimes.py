@@ -222,6 +222,14 @@ def test_a_bad_export_directory_is_one_clear_error(exports, tmp_path):
         runtimes.read_export(broken)
     with pytest.raises(UserError, match="a openvino export; --runtime onnxruntime reads onnx"):
         runtimes.read_export(exports["openvino"], "onnxruntime")
+    (broken / "export.json").write_text(json.dumps({**meta, "files": [3]}))
+    with pytest.raises(UserError, match="names 3, which is not a file there"):
+        runtimes.read_export(broken)
+    # A model file that is not one: the runtime's own error, as one line naming the export
+    (broken / "export.json").write_text(json.dumps(meta))
+    (broken / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(UserError, match=r"broken: onnxruntime cannot load the export \("):
+        runtimes.start_worker("w", EngineOptions(runtime="onnxruntime", precision="fp32"), str(broken))
 
 
 def test_a_worker_on_an_export_never_imports_torch(tiny_data, exports):

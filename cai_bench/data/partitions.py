@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +21,7 @@ import numpy as np
 from cai_bench.data import synthetic
 from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
 from cai_bench.errors import UserError
+from cai_bench.files import staged_directory
 from cai_bench.plan import (
     BYTES_PER_SAMPLE,
     DataSummary,
@@ -337,20 +336,6 @@ def _dataset_id(entries: list[PartitionEntry]) -> str:
     return hashlib.sha256("\n".join(e.sha256 for e in entries).encode()).hexdigest()[:16]
 
 
-def _prepare_output(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory; --out names the data set directory to create")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty; pass --force to replace it, or choose another --out")
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as exc:
-        raise UserError(f"{out}: cannot create the data set there ({exc.strerror})") from None
-    return staging
-
-
 def write_dataset(
     out: str | Path,
     sizes: list[int],
@@ -363,12 +348,10 @@ def write_dataset(
     progress: Progress | None = None,
 ) -> Manifest:
     """Write partitions of ``sizes`` samples, each from ``take(n)``; only one partition is in memory at a time."""
-    out = Path(out)
-    staging = _prepare_output(out, overwrite)
     entries: list[PartitionEntry] = []
     written, total = 0, sum(sizes)
     digits = max(5, len(str(len(sizes) - 1)))
-    try:
+    with staged_directory(out, overwrite, "data set") as staging:
         for index, size in enumerate(sizes):
             batch = take(size)
             if len(batch) != size:
@@ -393,16 +376,6 @@ def write_dataset(
             created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"{out}: cannot write the data set ({exc.strerror})") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from cai_bench.errors import UserError
+from cai_bench.files import staged_directory
 from cai_bench.model.astromae import build_model
 from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, file_sha256, load_weights
 from cai_bench.runtimes import (
@@ -84,26 +83,17 @@ def export_model(
     started = time.perf_counter()
     if fmt not in FILES:
         raise UserError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory; --out names the export directory to create")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty; pass --force to replace it, or choose another --out")
-    model, info = _torch_model(weights, seed)
-    image, magnitude = probe_arrays()
-    with torch.inference_mode():
-        reference = model(torch.from_numpy(image), torch.from_numpy(magnitude))[:, 0].numpy()
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
+    with staged_directory(out, overwrite, "export") as staging:  # refuses an unusable --out before any work
+        model, info = _torch_model(weights, seed)
+        image, magnitude = probe_arrays()
+        with torch.inference_mode():
+            reference = model(torch.from_numpy(image), torch.from_numpy(magnitude))[:, 0].numpy()
         _to_onnx(model, staging / "model.onnx")
         if fmt == "openvino":
             import openvino as ov
 
-            ov.save_model(
-                ov.convert_model(str(staging / "model.onnx")), str(staging / "model.xml"), compress_to_fp16=False
-            )
+            converted = ov.convert_model(str(staging / "model.onnx"))
+            ov.save_model(converted, str(staging / "model.xml"), compress_to_fp16=False)
             (staging / "model.onnx").unlink()
         predicted, checked_by = _predict_with_runtime(fmt, staging / FILES[fmt][0], image, magnitude)
         difference = max_difference(predicted, reference)
@@ -132,16 +122,6 @@ def export_model(
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / EXPORT_META).write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"{out}: cannot write the export ({exc.strerror})") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return read_export(out), time.perf_counter() - started
 
 

@@ -90,9 +90,10 @@ def read_export(directory: str | Path, runtime: str | None = None) -> Export:
     if meta.get("format") not in ("onnx", "openvino") or not files:
         raise UserError(f"{directory / EXPORT_META}: no format or no files named")
     for name in files:
-        if "/" in name or "\\" in name or name.startswith(".") or not (directory / name).is_file():
+        plain = isinstance(name, str) and "/" not in name and "\\" not in name and not name.startswith(".")
+        if not plain or not (directory / name).is_file():
             raise UserError(f"{directory}: the export names {name!r}, which is not a file there")
-    weights = meta.get("weights") or {}
+    weights = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
     info = WeightsInfo(weights.get("source", "unknown"), weights.get("sha256"), weights.get("seed"))
     if runtime is not None and meta["format"] not in READS[runtime]:
         reads = " or ".join(READS[runtime])
@@ -178,7 +179,14 @@ def start_worker(worker_id: str, options: EngineOptions, model: str | None) -> W
     check_runtime(options.runtime, options.precision, options.engine, options.compile)
     lanes = max(1, options.lanes)
     threads = options.intra_threads or max(1, allowed_cpus() // lanes)
-    compiled = module.compile_export(export, options.precision, lanes, threads)
+    try:
+        compiled = module.compile_export(export, options.precision, lanes, threads)
+    except UserError:
+        raise
+    except Exception as exc:  # the runtime's own error on a damaged or foreign model file
+        raise UserError(
+            f"{model}: {options.runtime} cannot load the export ({str(exc).splitlines()[0][:200]})"
+        ) from None
     warm = time.perf_counter()
     image, magnitude = probe_arrays(WARMUP_BATCH)
     for predict in compiled.predictors:
