@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from cai_bench import runtimes
@@ -327,3 +328,46 @@ def test_a_sweep_resolves_auto_once_per_runtime(cli, tmp_path, monkeypatch):
     ran = {r["plan"]["backend_options"]["runtime"]: r["plan"]["precision"] for r in records}
     assert ran == {"torch": "bf16", "onnxruntime": "fp32", "openvino": "bf16"}
     assert "auto ran as fp32 on onnxruntime" in out and "auto ran as bf16 on openvino" in out
+
+
+class TinyAstroMAE(torch.nn.Module):
+    """pcm-AstroMAE in miniature, from its own building blocks: a patch embedding and one NormalCell (attention,
+    LayerNorm, GELU MLP, the PCM's grouped convolutions with BatchNorm), an Inception block with average
+    pooling, the float64 magnitudes cast to the image's dtype, and the fusion layer."""
+
+    def __init__(self):
+        from cai_bench.model.astromae import InceptionBlock, NormalCell
+
+        super().__init__()
+        self.patch = torch.nn.Conv2d(5, 16, kernel_size=8, stride=8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16) * 0.1)
+        self.cell = NormalCell(16, num_heads=2, mlp_ratio=2)
+        self.inception = torch.nn.Sequential(torch.nn.AvgPool2d(4), InceptionBlock(5, 4, 4, 4, 4))
+        self.magnitude = torch.nn.Linear(5, 8)
+        self.fuse = torch.nn.Linear(16 + 16 * 8 * 8 + 8, 1)
+
+    def forward(self, image: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(image).flatten(2).transpose(1, 2)
+        tokens = self.cell(torch.cat((self.cls.expand(image.shape[0], -1, -1), tokens), dim=1))
+        pooled = self.inception(image).flatten(1)
+        mags = torch.relu(self.magnitude(magnitude.to(image.dtype) / 20))
+        return self.fuse(torch.cat((tokens[:, 0], pooled, mags), dim=1))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_a_tiny_model_of_the_same_parts_exports_within_1e_5_on_its_runtime(tmp_path, fmt):
+    torch.manual_seed(3)
+    model = TinyAstroMAE()
+    for module in model.modules():  # BatchNorm statistics away from 0 and 1, so that folding them matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    exporting.write_model_files(model, fmt, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(exporting.FILES[fmt])
+    image, magnitude = runtimes.probe_arrays(48)
+    with torch.inference_mode():
+        truth = model(torch.from_numpy(image), torch.from_numpy(magnitude))[:, 0].numpy()
+    predicted, checked_by = exporting.predict_with_runtime(fmt, tmp_path / exporting.FILES[fmt][0], image, magnitude)
+    assert checked_by.startswith("onnxruntime" if fmt == "onnx" else "openvino")
+    assert np.ptp(truth) > 0.1 and np.abs(predicted - truth).max() <= FP32_TOLERANCE

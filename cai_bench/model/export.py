@@ -59,7 +59,18 @@ def _to_onnx(model: torch.nn.Module, path: Path) -> None:
         )  # fmt: skip
 
 
-def _predict_with_runtime(fmt: str, path: Path, image: np.ndarray, magnitude: np.ndarray) -> tuple[np.ndarray, str]:
+def write_model_files(model: torch.nn.Module, fmt: str, folder: Path) -> None:
+    """``model`` (any module taking (image, magnitude) as pcm-AstroMAE does) as ``fmt``'s FILES in ``folder``."""
+    _to_onnx(model, folder / "model.onnx")
+    if fmt == "openvino":
+        import openvino as ov
+
+        converted = ov.convert_model(str(folder / "model.onnx"))
+        ov.save_model(converted, str(folder / "model.xml"), compress_to_fp16=False)  # fp32 weights, as exported
+        (folder / "model.onnx").unlink()
+
+
+def predict_with_runtime(fmt: str, path: Path, image: np.ndarray, magnitude: np.ndarray) -> tuple[np.ndarray, str]:
     """The exported file run by the runtime that will run it, in fp32 (one thread: the check needs no speed)."""
     from cai_bench.runtimes import runtime_module
 
@@ -88,14 +99,12 @@ def export_model(
         image, magnitude = probe_arrays()
         with torch.inference_mode():
             reference = model(torch.from_numpy(image), torch.from_numpy(magnitude))[:, 0].numpy()
-        _to_onnx(model, staging / "model.onnx")
-        if fmt == "openvino":
-            import openvino as ov
-
-            converted = ov.convert_model(str(staging / "model.onnx"))
-            ov.save_model(converted, str(staging / "model.xml"), compress_to_fp16=False)
-            (staging / "model.onnx").unlink()
-        predicted, checked_by = _predict_with_runtime(fmt, staging / FILES[fmt][0], image, magnitude)
+        write_model_files(model, fmt, staging)
+        try:  # on a batch of another size than the one traced: the batch dimension must have stayed dynamic
+            predicted, checked_by = predict_with_runtime(fmt, staging / FILES[fmt][0], image, magnitude)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"the {fmt} export does not run on its runtime ({first}); nothing written") from None
         difference = max_difference(predicted, reference)
         if not difference <= EXPORT_TOLERANCE:
             raise UserError(
