@@ -975,7 +975,10 @@ def model_export(
     """
     from cai_bench import ui
     from cai_bench.model.export import export_model
+    from cai_bench.runtimes import is_export
 
+    if weights is not None and is_export(str(weights)):
+        raise UserError(f"{weights}: already an export; --weights takes the weights file it was made from")
     if weights is not None:
         _check_weights(weights)
     export, seconds = export_model(str(weights) if weights else None, format.value, out, seed=seed, overwrite=force)

@@ -301,6 +301,8 @@ def test_model_export_command(cli, weights_file, tmp_path):
     assert "onnx export of" in out and "--runtime onnxruntime --weights" in out
     code, _, err = cli("model", "export", "--format", "onnx", "--out", tmp_path / "e")
     assert code == 2 and "exists and is not empty; pass --force" in err
+    code, _, err = cli("model", "export", "--weights", tmp_path / "e", "--format", "onnx", "--out", tmp_path / "f")
+    assert code == 2 and "already an export; --weights takes the weights file" in err
     code, _, err = cli("run", "--runtime", "torch", "--weights", tmp_path / "e", "--gb", "0.002", "--results", tmp_path)
     assert code == 2 and "an exported model; run it with --runtime onnxruntime or openvino" in err
 
