@@ -135,11 +135,12 @@ def export_model(
 
 
 def cache_key(weights: str | None, fmt: str, seed: int) -> str:
-    """What names an export in the cache: the weights' content (not their path), the format and the versions
-    that made it."""
+    """What names an export in the cache: the weights (their content and where they are), the format and the
+    versions that made it."""
     from cai_bench import __version__
 
-    identity = file_sha256(Path(weights)) if weights else f"{RANDOM_INIT}-seed{seed}"
+    # The path too: export.json names the weights as the run that made it named them, for every later record
+    identity = f"{Path(weights).resolve()} {file_sha256(Path(weights))}" if weights else f"{RANDOM_INIT}-seed{seed}"
     text = f"{identity} {fmt} {__version__} {torch.__version__} {OPSET}"
     return f"{fmt}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
