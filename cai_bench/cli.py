@@ -472,7 +472,7 @@ def bench(
     from cai_bench import runner, ui
     from cai_bench.bench import REFERENCE, available_arms, run_bench
     from cai_bench.metrics import vector_flags
-    from cai_bench.plan import make_plan
+    from cai_bench.plan import check_runtime, make_plan
     from cai_bench.results import ResultsStore, machine_label, this_machine
 
     if rounds < 1:
@@ -487,9 +487,7 @@ def bench(
     store.check_writable()
     if weights:  # refused here, not by every worker once the run has started
         _check_weights(weights)
-    for arm in arms[1:]:
-        from cai_bench.plan import check_runtime
-
+    for arm in arms[1:]:  # before any data is made (bench_plans checks them again, as every plan is)
         check_runtime(arm, precision.value, "fast", False)
     with ui.RichCountProgress("synthesizing", "samples") as bar:
         summary, refs = runner.resolve_data(data, gb, partition_mb, seed, None if (as_json or quiet) else bar)

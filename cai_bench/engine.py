@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +46,8 @@ from cai_bench.worker import (  # noqa: F401 (named here for callers: the engine
     forced_precision,
     partition_record,
     plan_options,
+    probe_arrays,
+    run_in_lanes,
     worker_record,
 )
 
@@ -81,14 +81,12 @@ def native_bf16(device: torch.device) -> bool:
 def probe_inputs(
     device: torch.device, channels_last: bool, size: int = PROBE_BATCH
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The precision probe's batch: ``size`` realistic galaxies (not noise), on ``device``."""
-    from cai_bench.data.synthetic import generate
-
-    batch = generate(seed=12345, start=0, stop=size)
-    image = torch.from_numpy(batch.images).to(device)
+    """The precision probe's batch (``worker.probe_arrays``) on ``device``."""
+    images, magnitudes = probe_arrays(size)
+    image = torch.from_numpy(images).to(device)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
-    return image, torch.from_numpy(batch.magnitudes).to(device)
+    return image, torch.from_numpy(magnitudes).to(device)
 
 
 def time_precisions(model: nn.Module, device: torch.device, channels_last: bool) -> dict:
@@ -206,12 +204,8 @@ def run_partition(
     device = torch.device(options.device)
     n, batch = len(partition), options.batch_size
     prediction = torch.empty(n, dtype=torch.float32)
-    # The partition is split evenly between the lanes, each batching its own share, so no lane idles while
-    # another runs a last, partial batch.
-    bounds = np.linspace(0, n, min(max(options.lanes, 1), n) + 1).round().astype(int)
-    shares = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
 
-    def run_share(lo: int, hi: int) -> list[float]:
+    def run_share(lane: int, lo: int, hi: int) -> list[float]:
         latencies = []
         # inference_mode and autocast are per thread: each lane enters them itself
         with torch.inference_mode(), _precision_context(device, worker.precision):
@@ -230,12 +224,7 @@ def run_partition(
 
     _synchronize(device)
     compute_start = time.perf_counter()
-    if len(shares) == 1:
-        latencies = run_share(*shares[0])
-    else:
-        if worker.lanes is None:
-            worker.lanes = ThreadPoolExecutor(max_workers=options.lanes, thread_name_prefix="cai-lane")
-        latencies = [x for share in worker.lanes.map(lambda b: run_share(*b), shares) for x in share]
+    latencies = run_in_lanes(worker, n, options.lanes, run_share)
     compute_s = time.perf_counter() - compute_start
     trim_heap()
     record = partition_record(

@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cai_bench.choices import RUNTIMES
 from cai_bench.errors import UserError
 from cai_bench.metrics import peak_rss_bytes, percentiles, rate
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef, Plan
@@ -41,9 +41,7 @@ class EngineOptions:
 def plan_options(plan: Plan, lanes: int = 1, device: str = "cpu", intra_threads: int = 0) -> EngineOptions:
     """What a worker needs to know of a plan, with where it runs, how many lanes it splits partitions into and
     (for the exported-model runtimes, which have no process-wide thread count) how many threads each lane has."""
-    runtime = plan.backend_options.get("runtime") or "torch"
-    if runtime not in RUNTIMES:
-        raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    runtime = plan.backend_options.get("runtime") or "torch"  # checked by make_plan (plan.check_runtime)
     return EngineOptions(
         batch_size=plan.batch_size,
         precision=plan.precision,
@@ -75,6 +73,29 @@ class WorkerState:
         if self.lanes is not None:
             self.lanes.shutdown()
             self.lanes = None
+
+
+def probe_arrays(size: int = PROBE_BATCH):
+    """The precision probe's batch, as numpy arrays: ``size`` realistic galaxies (not noise), the same on every
+    runtime."""
+    from cai_bench.data.synthetic import generate
+
+    batch = generate(seed=12345, start=0, stop=size)
+    return batch.images, batch.magnitudes
+
+
+def run_in_lanes(worker: WorkerState, samples: int, lanes: int, run_share: Callable[[int, int, int], list[float]]):
+    """``run_share(lane, lo, hi)`` over an even split of ``samples`` between up to ``lanes`` lanes, each in a
+    thread of the worker's lane pool (made on first use), so no lane idles while another runs a last, partial
+    batch; returns every batch latency, lane by lane."""
+    count = min(max(lanes, 1), max(samples, 1))
+    bounds = [round(samples * i / count) for i in range(count + 1)]
+    shares = [(lane, bounds[lane], bounds[lane + 1]) for lane in range(count)]
+    if count == 1:
+        return run_share(*shares[0])
+    if worker.lanes is None:
+        worker.lanes = ThreadPoolExecutor(max_workers=count, thread_name_prefix="cai-lane")
+    return [x for share in worker.lanes.map(lambda s: run_share(*s), shares) for x in share]
 
 
 def decide_precision(

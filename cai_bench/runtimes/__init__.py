@@ -20,7 +20,6 @@ import importlib
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +33,12 @@ from cai_bench.plan import PartitionRef, check_runtime
 from cai_bench.records import PartitionResult, WeightsInfo
 from cai_bench.worker import (
     PRECISION_TOLERANCE,
-    PROBE_BATCH,
     WARMUP_BATCH,
     EngineOptions,
     WorkerState,
     partition_record,
+    probe_arrays,
+    run_in_lanes,
 )
 
 EXPORT_META = "export.json"
@@ -135,14 +135,6 @@ def model_for_workers(weights: str | None, runtime: str, seed: int) -> tuple[str
     return export.directory, {"export_made": not cached, "export_s": round(seconds, 3)}
 
 
-def probe_arrays(size: int = PROBE_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """The precision probe's batch, the torch engine's: ``size`` realistic galaxies (not noise)."""
-    from cai_bench.data.synthetic import generate
-
-    batch = generate(seed=12345, start=0, stop=size)
-    return batch.images, batch.magnitudes
-
-
 def judge_explicit(precision: str, max_difference: float, tolerance: float | None = None) -> dict:
     """An explicitly chosen lower precision kept only within ``tolerance`` (default PRECISION_TOLERANCE, read
     when called) of fp32 on the probe batch."""
@@ -224,12 +216,8 @@ def run_partition(
     model: RuntimeModel = worker.model
     n, batch = len(partition), options.batch_size
     prediction = np.empty(n, dtype=np.float32)
-    lanes = min(len(model.predictors), max(n, 1))
-    bounds = np.linspace(0, n, lanes + 1).round().astype(int)
-    shares = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
 
-    def run_share(lane: int) -> list[float]:
-        lo, hi = shares[lane]
+    def run_share(lane: int, lo: int, hi: int) -> list[float]:
         predict, latencies = model.predictors[lane], []
         for start in range(lo, hi, batch):
             stop = min(start + batch, hi)
@@ -239,12 +227,7 @@ def run_partition(
         return latencies
 
     compute_start = time.perf_counter()
-    if len(shares) == 1:
-        latencies = run_share(0)
-    else:
-        if worker.lanes is None:
-            worker.lanes = ThreadPoolExecutor(max_workers=len(model.predictors), thread_name_prefix="cai-lane")
-        latencies = [x for share in worker.lanes.map(run_share, range(len(shares))) for x in share]
+    latencies = run_in_lanes(worker, n, len(model.predictors), run_share)
     compute_s = time.perf_counter() - compute_start
     trim_heap()
     record = partition_record(

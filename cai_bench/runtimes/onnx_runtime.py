@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -61,25 +60,18 @@ def quantize_int8(source: str, out: str) -> None:
 
 
 def compile_export(export: Export, precision: str, lanes: int, threads: int) -> RuntimeModel:
-    path = export.model_file
-    probe: dict = {"chose": "fp32", "why": "onnxruntime's CPU provider has no bf16; int8 only by explicit choice"}
-    folder = None
-    if precision == "int8":
-        folder = tempfile.mkdtemp(prefix="cai-bench-int8-")
-        path = os.path.join(folder, "model-int8.onnx")
-        quantize_int8(export.model_file, path)
+    if precision != "int8":
+        probe = {"chose": "fp32", "why": "onnxruntime's CPU provider has no bf16; int8 only by explicit choice"}
+        sessions = [session(export.model_file, threads) for _ in range(lanes)]
+    else:
+        with tempfile.TemporaryDirectory(prefix="cai-bench-int8-") as folder:  # the sessions hold the model
+            path = os.path.join(folder, "model-int8.onnx")
+            quantize_int8(export.model_file, path)
+            sessions = [session(path, threads) for _ in range(lanes)]
         image, magnitude = probe_arrays()
         reference = predictor(session(export.model_file, threads))(image, magnitude)
-        quantized = predictor(session(path, threads))(image, magnitude)
-        difference = max_difference(quantized, reference)
-        try:
-            probe = {"chose": "int8", **judge_explicit("int8", difference), "batch": len(image)}
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-    sessions = [session(path, threads) for _ in range(lanes)]
-    if folder is not None:  # the sessions hold the model in memory
-        shutil.rmtree(folder, ignore_errors=True)
+        difference = max_difference(predictor(sessions[0])(image, magnitude), reference)
+        probe = {"chose": "int8", **judge_explicit("int8", difference), "batch": len(image)}
     threading = {"sessions": lanes, "intra_op_threads": threads, "inter_op_threads": 1}
     choices = {"runtime_version": version(), "threading": threading, "precision_probe": probe}
     return RuntimeModel([predictor(s) for s in sessions], "int8" if precision == "int8" else "fp32", choices)
