@@ -31,7 +31,7 @@ bench: $(STAMP)
 # One node two ways on 0.2 GB in 10 MB partitions, 3 repeats each (~5 min on 2 cores): the hpc-node preset with
 # one worker process and with one per core, then the cpu backend on the same data as the baseline
 HPC_BENCH := --results results/hpc-node --quiet
-CORES := $(shell $(BIN)/python -c "from cai_bench.backends.cpu import default_threads; print(default_threads())" 2>/dev/null)
+CORES := $(shell $(BIN)/python -c "from cai_bench.machine import default_threads; print(default_threads())" 2>/dev/null)
 bench-hpc: $(STAMP)
 	$(BIN)/cai-bench sweep --config hpc-node --workers 1,$(CORES) $(HPC_BENCH) > /dev/null
 	$(BIN)/cai-bench run --backend cpu --gb 0.2 --partition-mb 10 --precision fp32 --repeats 3 $(HPC_BENCH) > /dev/null

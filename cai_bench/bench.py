@@ -10,13 +10,18 @@ in the store (its plan says which engine and runtime).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 
+from cai_bench.errors import UserError
+from cai_bench.machine import machine_label, this_machine, vector_flags
 from cai_bench.metrics import spread
 from cai_bench.plan import BITS_PER_SAMPLE, Plan, replace_plan
-from cai_bench.results import ResultsStore, RunRecord
-from cai_bench.runner import ProgressSink, run_repeat
+from cai_bench.preflight import check_run
+from cai_bench.records import RunRecord
+from cai_bench.runner import NoProgress, ProgressSink, RunRequest, run_repeat
+from cai_bench.store import ResultsStore
 
 REFERENCE = "reference"
 RUNTIME_ARMS = ("torch", "onnxruntime", "openvino")
@@ -24,8 +29,6 @@ RUNTIME_ARMS = ("torch", "onnxruntime", "openvino")
 
 def available_arms(wanted: list[str] | None = None) -> list[str]:
     """The reference and the runtimes asked for (default: every one installed here), in a fixed order."""
-    from cai_bench.errors import UserError
-
     wanted = list(RUNTIME_ARMS) if wanted is None else wanted
     unknown = [w for w in wanted if w not in RUNTIME_ARMS]
     if unknown:
@@ -77,8 +80,6 @@ def run_bench(
     progress: ProgressSink | None = None,
     arms: list[str] | None = None,
 ) -> BenchOutcome:
-    from cai_bench.runner import NoProgress
-
     progress = progress or NoProgress()
     arms = arms or available_arms()
     plans = bench_plans(plan, arms)
@@ -91,3 +92,59 @@ def run_bench(
             result = run_repeat(plans[arm], number, store, progress, f"{arm}: round {number}/{rounds}")
             outcome.records[arm].append(result.record)
     return outcome
+
+
+@dataclass
+class BenchDone:
+    plan: Plan
+    outcome: BenchOutcome
+    store: ResultsStore
+    figures: dict
+
+
+def bench_command(request: RunRequest, runtimes: list[str] | None = None, progress=None) -> BenchDone:
+    """``cai-bench bench``: the checks, the data (0.2 GB synthetic by default), then ``run_bench`` for
+    ``request.repeats`` rounds after ``request.warmup`` unrecorded runs of each arm, on the cpu backend."""
+    if request.repeats < 1:
+        raise UserError(f"--rounds must be at least 1, got {request.repeats}")
+    if request.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {request.warmup}")
+    arms = available_arms(runtimes)
+    if request.data is None and request.gb is None:
+        request = dataclasses.replace(request, gb=0.2)
+    points = [({"runtime": arm}, request.precision) for arm in arms[1:]] or [({}, request.precision)]
+    ready = check_run("cpu", points, results=request.results, threads=request.threads,
+                      oversubscribe=request.oversubscribe, weights=request.weights, batch_size=request.batch_size,
+                      sizes={"gb": request.gb, "partition_mb": request.partition_mb})  # fmt: skip
+    # Every arm is checked above; the plan itself is the arms' common part (bench_plans sets each one's runtime)
+    plan = request.plan(dataclasses.replace(ready, options=({},)), getattr(progress, "synthesizing", None))
+    outcome = run_bench(plan, request.repeats, request.warmup, ready.store, progress, arms)
+    return BenchDone(plan, outcome, ready.store, bench_figures(plan, outcome))
+
+
+def _chose(record: RunRecord) -> dict:
+    keep = ("runtime", "runtime_version", "engine", "precision", "threading", "lanes", "intra_op_threads")
+    return {k: record.backend_info[k] for k in keep if k in record.backend_info}
+
+
+def bench_figures(plan: Plan, outcome: BenchOutcome) -> dict:
+    """What ``bench --json`` prints: per arm its samples/s, ratios to the reference and what it chose, beside
+    the machine and its CPU flags."""
+
+    def arm_figures(arm: str) -> dict:
+        out = {"samples_per_s": outcome.samples_per_s(arm), "compute_samples_per_s": outcome.compute_samples_per_s(arm),
+               "peak_rss_bytes": outcome.peak_rss_bytes(arm)}  # fmt: skip
+        if arm != REFERENCE:
+            out.update(ratios=outcome.ratios(arm), median_ratio=outcome.median_ratio(arm),
+                       median_compute_ratio=outcome.median_ratio(arm, "compute_samples_per_s"))  # fmt: skip
+        return {**out, "choices": _chose(outcome.records[arm][-1]), "run_ids": [r.run_id for r in outcome.records[arm]]}
+
+    data = plan.data
+    return {
+        "machine": machine_label(this_machine()),
+        "cpu_flags": vector_flags(),
+        "data": {"samples": data.samples, "data_gb": data.data_gb, "partitions": data.partitions},
+        "batch_size": plan.batch_size,
+        "precision": plan.precision,
+        "arms": {arm: arm_figures(arm) for arm in outcome.arms},
+    }

@@ -20,12 +20,21 @@ steps on tiny data, on the CPU where there is no GPU: a dry run of the script, n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+
+from cai_bench.backends import gpu
+from cai_bench.data.partitions import open_dataset, synthesize
+from cai_bench.machine import capture_environment
+from cai_bench.plan import BITS_PER_SAMPLE, make_plan, work_units
+from cai_bench.worker import EngineOptions
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -46,17 +55,48 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _data(args: argparse.Namespace) -> tuple[Path, float]:
+    """The synthetic set on local disk (made once), and the seconds it took to make it now."""
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="cai-bench-gpu-"))
+    data_dir = work / f"synthetic-{args.base_gb:g}gb-{args.partition_mb:g}mb"
+    started = time.perf_counter()
+    if not (data_dir / "manifest.json").is_file():
+        synthesize(data_dir, args.base_gb, args.partition_mb, seed=0, overwrite=True)
+    return data_dir, time.perf_counter() - started
+
+
+def _chosen_against_fp32(refs, options: EngineOptions, cuda_graphs: bool, capacity: int):
+    """The worker of the precision ``auto`` chooses, and its largest difference from fp32 on the first partition."""
+    import torch  # the benchmark runs the device worker's own code, through torch
+
+    chosen = gpu.start_gpu_worker("bench", options, None, 0, cuda_graphs, capacity)
+    reference = gpu.start_gpu_worker("fp32", dataclasses.replace(options, precision="fp32"), None, 0, False, capacity)
+    first = gpu.read_into(None, refs[0], verify=True)
+    ours = gpu.run_gpu_partition(first, chosen, options, 0.0).prediction
+    theirs = gpu.run_gpu_partition(first, reference, options, 0.0).prediction
+    del reference
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return chosen, float(np.abs(ours - theirs).max())
+
+
+def _from_host_memory(refs, units, chosen, options: EngineOptions) -> tuple[float, gpu.DeviceTotals]:
+    """Every partition pinned once, then the cycled units through the worker's pipeline: the wall clock."""
+    import torch  # the benchmark runs the device worker's own code, through torch
+
+    resident = {ref.index: gpu.read_into(None, ref, verify=True) for ref in refs}
+    gpu.run_gpu_partition(resident[units[0].index], chosen, options, 0.0)  # the first full pass of the code path
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    totals = gpu.DeviceTotals()
+    began = time.perf_counter()
+    for ref in units:
+        totals.add(gpu.run_gpu_partition(resident[ref.index], chosen, options, 0.0).record)
+    return time.perf_counter() - began, totals
+
+
 def main(argv: list[str] | None = None) -> dict:
-    import dataclasses
-
-    import numpy as np
-    import torch
-
-    from cai_bench.backends import gpu
-    from cai_bench.data.partitions import open_dataset, synthesize
-    from cai_bench.engine import EngineOptions
-    from cai_bench.plan import BITS_PER_SAMPLE, make_plan, work_units
-    from cai_bench.results import capture_environment
+    import torch  # CUDA, where there is a GPU
 
     args = _arguments(argv)
     cuda = torch.cuda.is_available()
@@ -64,51 +104,22 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("bench-gpu: no CUDA device is visible; --shrink runs a dry run on the CPU")
     device = "cuda:0" if cuda else "cpu"
     cuda_graphs = cuda and not args.no_cuda_graphs
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="cai-bench-gpu-"))
-    data_dir = work / f"synthetic-{args.base_gb:g}gb-{args.partition_mb:g}mb"
-
-    started = time.perf_counter()
-    if not (data_dir / "manifest.json").is_file():
-        synthesize(data_dir, args.base_gb, args.partition_mb, seed=0, overwrite=True)
-    synthesize_s = time.perf_counter() - started
+    data_dir, synthesize_s = _data(args)
     _, summary, refs = open_dataset(data_dir)
     plan = make_plan(
         "gpu", summary, refs, batch_size=args.batch_size, precision="auto", cycle_to_gb=args.target_gb,
         backend_options={"cuda_graphs": cuda_graphs},
     )  # fmt: skip
     units = work_units(plan)
-    capacity = max(ref.samples for ref in refs)
     options = EngineOptions(batch_size=args.batch_size, precision="auto", device=device)
-
-    # 2. the chosen precision against fp32, on the first partition
-    chosen = gpu.start_gpu_worker("bench", options, None, 0, cuda_graphs, capacity)
-    reference = gpu.start_gpu_worker("fp32", dataclasses.replace(options, precision="fp32"), None, 0, False, capacity)
-    first = gpu.read_into(None, refs[0], verify=True)
-    ours = gpu.run_gpu_partition(first, chosen, options, 0.0).prediction
-    theirs = gpu.run_gpu_partition(first, reference, options, 0.0).prediction
-    max_dz = float(np.abs(ours - theirs).max())
-    del reference
-    if cuda:
-        torch.cuda.empty_cache()
-
-    # 3. host memory: every partition pinned once, the cycled units through the pipeline
-    resident = {ref.index: gpu.read_into(None, ref, verify=True) for ref in refs}
-    gpu.run_gpu_partition(resident[units[0].index], chosen, options, 0.0)  # the first full pass of the code path
-    if cuda:
-        torch.cuda.synchronize()
-    totals = gpu.DeviceTotals()
-    began = time.perf_counter()
-    for ref in units:
-        totals.add(gpu.run_gpu_partition(resident[ref.index], chosen, options, 0.0).record)
-    wall_memory = time.perf_counter() - began
-    samples = sum(ref.samples for ref in units)
-    del resident, chosen
-
-    # 4. with disk reads: the backend's device worker process, on the dispatcher
+    # 2. the chosen precision against fp32, on the first partition; 3. host memory; 4. with disk reads
+    chosen, max_dz = _chosen_against_fp32(refs, options, cuda_graphs, max(ref.samples for ref in refs))
+    wall_memory, totals = _from_host_memory(refs, units, chosen, options)
+    del chosen
     emitted = []
     run = gpu.run_devices(plan, emitted.append, [device])
     startup = max(r.record.startup_s for r in emitted)
-
+    samples = sum(ref.samples for ref in units)
     figures = {
         "benchmark": "cai-bench bench-gpu",
         "shrunk": args.shrink,
@@ -139,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s_with_disk_reads_after_startup": run.wall_s - startup,
         "samples_per_s_with_disk_reads": samples / run.wall_s,
     }
+    return _report(figures, max_dz)
+
+
+def _report(figures: dict, max_dz: float) -> dict:
+    """The figures on stdout and in $OUT/bench-gpu.json; exit 1 where the chosen precision is out of tolerance."""
     text = json.dumps(figures, indent=1, default=str)
     print(text)
     if os.environ.get("OUT"):

@@ -18,8 +18,14 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from cai_bench import aws
+from cai_bench.backends.aws_lambda.driver import run_lambda
+from cai_bench.backends.aws_lambda.emulator import start_local_s3
+from cai_bench.data.datasets import resolve_data
+from cai_bench.data.s3 import S3Prefix
+from cai_bench.machine import machine_id, this_machine
 from cai_bench.metrics import percentiles
-from cai_bench.results import machine_id, this_machine
+from cai_bench.plan import make_plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-mb", type=int, default=1769, help="one vCPU's worth per environment")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
-
-    from cai_bench import aws
-    from cai_bench.backends.aws_lambda.driver import run_lambda
-    from cai_bench.backends.aws_lambda.emulator import start_local_s3
-    from cai_bench.data.s3 import S3Prefix
-    from cai_bench.plan import make_plan
-    from cai_bench.runner import resolve_data
 
     summary, refs = resolve_data(None, args.gb, args.partition_mb, seed=0)
     plan = make_plan("lambda", summary, refs, precision="fp32")

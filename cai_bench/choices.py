@@ -1,5 +1,6 @@
 """The values of the enumerated options, importable without torch: the CLI builds its choices from them, and the
-modules that act on a value check it against the same tuple."""
+modules that act on a value check it against the same tuple. (The backends' names are the registry's,
+``backends/registry.py``.)"""
 
 from __future__ import annotations
 
@@ -18,13 +19,6 @@ RUNTIMES = ("torch", "onnxruntime", "openvino")
 # The precisions each runtime runs, beside "auto" (which every runtime takes)
 RUNTIME_PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
 EXPORT_FORMATS = ("onnx", "openvino")
-# backend name -> module that defines ``create() -> Backend``, imported only when chosen
-BACKEND_MODULES = {
-    "cpu": "cai_bench.backends.cpu",
-    "hpc": "cai_bench.backends.hpc",
-    "gpu": "cai_bench.backends.gpu",
-    "lambda": "cai_bench.backends.aws_lambda",
-}
 SLURM_EXECUTORS = ("slurm", "local")
 REPORT_FORMATS = ("table", "markdown", "csv", "json")
 FIGURE_FORMATS = ("png", "svg", "pdf")
@@ -33,10 +27,3 @@ FIGURE_FORMATS = ("png", "svg", "pdf")
 def choice(name: str, values) -> type[enum.Enum]:
     """A str-valued Enum of ``values``, which Typer shows and checks as the option's choices."""
     return enum.Enum(name, {v: v for v in values}, type=str)
-
-
-Precision = choice("Precision", PRECISIONS)
-Engine = choice("Engine", ENGINES)
-ExportFormat = choice("ExportFormat", EXPORT_FORMATS)
-BackendName = choice("BackendName", BACKEND_MODULES)
-ReportFormat = choice("ReportFormat", REPORT_FORMATS)

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from cai_bench.data.partitions import Partition, read_partition
-from cai_bench.metrics import native_bf16_cpu, trim_heap
+from cai_bench.machine import native_bf16_cpu
+from cai_bench.metrics import trim_heap
 from cai_bench.model.astromae import build_model
-from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, load_weights
+from cai_bench.model.checkpoint import load_weights
 from cai_bench.model.inference import compile_model, prepare_for_inference
 from cai_bench.plan import PartitionRef
-from cai_bench.records import PartitionResult
+from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo
 from cai_bench.worker import (  # noqa: F401 (named here for callers: the engine's vocabulary)
     FORCE_PROBE_ENV,
     PRECISION_TOLERANCE,
@@ -127,6 +128,13 @@ def choose_precision(model: nn.Module, device: torch.device, channels_last: bool
     measured = time_precisions(model, device, channels_last)
     chose, why = decide_precision(native, **measured, tolerance=PRECISION_TOLERANCE)
     return chose, {"chose": chose, "why": why, **measured, "batch": PROBE_BATCH}
+
+
+def auto_precision(seed: int) -> tuple[str, dict]:
+    """What precision "auto" runs as on this CPU, probed on the fast engine's model as a worker prepares it."""
+    model = build_model(seed=seed).eval()
+    choices = prepare_for_inference(model)
+    return choose_precision(model, torch.device("cpu"), choices["channels_last"])
 
 
 def start_worker(worker_id: str, options: EngineOptions, weights: str | None = None, seed: int = 0) -> WorkerState:

@@ -1,7 +1,9 @@
-"""Output directories that appear whole or not at all."""
+"""Where cai-bench keeps what it makes (the cache), output directories that appear whole or not at all, and the
+checksum files are named by."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -9,6 +11,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cai_bench.errors import UserError
+
+
+def cache_dir() -> Path:
+    """Generated data sets and model exports: ``CAI_BENCH_CACHE``, else the user's cache directory."""
+    if os.environ.get("CAI_BENCH_CACHE"):
+        return Path(os.environ["CAI_BENCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cai-bench"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager

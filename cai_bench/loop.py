@@ -1,8 +1,11 @@
 """The loop every worker runs, whatever carries its units, importable without torch: a worker that never runs
 the model through torch (the Lambda handler's no-model mode, a worker on another runtime) still runs this loop.
+Beside it, what a driver does for its workers before its clock starts (``prepare_model``, ``auto_precision``)
+and what a worker runs for its runtime (``model_worker``).
 
 ``engine`` supplies the default ``load`` and ``run`` (read a partition, run the model over it) and the
-``WorkerState`` that ``start`` returns; a worker with its own passes them in.
+``WorkerState`` that ``start`` returns; a worker with its own passes them in. ``engine`` and ``model.export``
+import torch, so they are imported only where a worker or a driver runs the model through torch.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cai_bench.errors import describe
+from cai_bench import runtimes
+from cai_bench.errors import UserError, describe
+from cai_bench.model.export_format import is_export, read_export
 from cai_bench.plan import PartitionRef
 from cai_bench.records import PartitionResult
-
-if TYPE_CHECKING:
-    from cai_bench.worker import EngineOptions
+from cai_bench.worker import EngineOptions
 
 # A unit as a worker loop sees it: (its place in the run's list of work, the partition)
 LoopUnit = tuple[int, PartitionRef]
@@ -51,7 +54,7 @@ def worker_loop(
     padded batches); ``read_ahead`` units are read in the background, each by a thread of its own.
     """
     if load is None or run is None:
-        from cai_bench import engine  # torch: only for the workers that run the model through it
+        from cai_bench import engine  # torch: only in the workers that run the model through it
 
         load = load or (lambda ref: engine.load_partition(ref, options))
         run = run or (lambda partition, worker, wait_s: engine.run_partition(partition, worker, options, wait_s=wait_s))
@@ -102,13 +105,11 @@ def model_worker(
 ) -> tuple[Callable[[], Any], Callable | None, Callable | None]:
     """``start``, ``load`` and ``run`` for ``worker_loop`` on ``options.runtime``: the torch engine (``model``: a
     weights file or None for random-init), or an exported model on ONNX Runtime or OpenVINO (``model``: the
-    export's directory, ``runtimes.model_for_workers``), which never imports torch."""
+    export's directory, ``prepare_model``), which never imports torch."""
     if options.runtime == "torch":
-        from cai_bench import engine
+        from cai_bench import engine  # torch: only in the workers that run the model through it
 
         return (lambda: engine.start_worker(worker_id, options, weights=model, seed=seed)), None, None
-    from cai_bench import runtimes
-
     return (lambda: runtimes.start_worker(worker_id, options, model)), *loop_functions(options)
 
 
@@ -116,8 +117,6 @@ def loop_functions(options: EngineOptions) -> tuple[Callable | None, Callable | 
     """``load`` and ``run`` for ``worker_loop`` on ``options.runtime`` (None, None: the torch engine's)."""
     if options.runtime == "torch":
         return None, None
-    from cai_bench import runtimes
-
     return runtimes.loop_functions(options)
 
 
@@ -125,3 +124,36 @@ def units_from(units: list[LoopUnit]) -> Callable[[bool], list[LoopUnit]]:
     """``next_units`` for a worker given its whole list up front: one unit per request, ahead or not."""
     remaining = list(reversed(units))
     return lambda ahead: [remaining.pop()] if remaining else []
+
+
+def prepare_model(weights: str | None, runtime: str, seed: int) -> tuple[str | None, dict]:
+    """What the workers of ``runtime`` load, made ready by the driver before its clock starts: for torch the
+    weights as given; for the others an export, ``weights`` itself where it is one, else the export of
+    ``weights`` (random-init from ``seed`` when None) from the cache, made there first with torch when missing.
+    Returns it with what was done, for the run record."""
+    if runtime == "torch":
+        if is_export(weights):
+            raise UserError(f"{weights}: an exported model; run it with --runtime onnxruntime or openvino")
+        return weights, {}
+    if is_export(weights):
+        read_export(weights, runtime)
+        return weights, {"export_made": False}
+    if weights and str(weights).startswith("s3:/"):
+        raise UserError(f"--runtime {runtime} runs an export: export {weights} here first (cai-bench model export)")
+    try:
+        from cai_bench.model.export import cached_export  # torch, to make the export: only where one is made
+    except ImportError:
+        raise UserError(f"--runtime {runtime} needs an export (--weights EXPORT_DIR), or torch to make one") from None
+    export, seconds, cached = cached_export(weights, "openvino" if runtime == "openvino" else "onnx", seed)
+    return export.directory, {"export_made": not cached, "export_s": round(seconds, 3)}
+
+
+def auto_precision(runtime: str, weights: str | None, seed: int, threads: int) -> tuple[str, dict]:
+    """What precision "auto" runs as on this machine and ``runtime`` (with what the probe measured), asked once
+    by a sweep for all its points: the torch engine's probe, or the export's on its runtime."""
+    if runtime == "torch":
+        from cai_bench import engine  # torch: the probe runs the model through it
+
+        return engine.auto_precision(seed)
+    model, _ = prepare_model(weights, runtime, seed)
+    return runtimes.auto_precision(runtime, model, threads)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import resource
 import sys
 from collections.abc import Sequence
@@ -74,38 +73,6 @@ def peak_rss_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as Linux lists them (empty elsewhere): what the precision probes and the
-    records name (avx512f, avx512_bf16, amx_bf16, ...)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return frozenset(next((line for line in fh if line.startswith(("flags", "Features"))), "").split()[2:])
-    except OSError:
-        return frozenset()
-
-
-# The flags the runtimes' kernels are chosen by: what a record of CPU inference names of its machine
-VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "asimd")
-
-
-def vector_flags() -> list[str]:
-    flags = cpu_flags()
-    return [f for f in VECTOR_FLAGS if f in flags]
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, never faster."""
-    flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def allowed_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), which can be fewer than the machine has."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 # A point whose slowest repeat took more than this many times its fastest is flagged: its median is not to be

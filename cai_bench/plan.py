@@ -1,9 +1,10 @@
 """Sizes as the paper counts them, the Plan of a run and the SweepSpec of a grid of runs.
 
-Pure apart from reading a sweep config file: nothing here touches data or results.
+Pure apart from reading a sweep config file: nothing here touches data, results or backends (what a backend
+declares is handed in by the caller).
 
-Facts from ``shared/spec/data-and-measures.md``: "GB"/"MB" are GiB/MiB; one sample is 20,524 bytes
-(image f32 [5,32,32] + magnitudes f64 [5] + redshift f32); 164,160 bits per sample are counted as processed.
+Sizes as the paper counts them: "GB"/"MB" are GiB/MiB; one sample is 20,524 bytes (image f32 [5,32,32] +
+magnitudes f64 [5] + redshift f32); 164,160 bits per sample are counted as processed (``docs/measurements.md``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 
 from cai_bench.choices import CPU_PRECISIONS, ENGINES, PRECISIONS, RUNTIME_PRECISIONS, RUNTIMES
 from cai_bench.errors import UserError
@@ -341,17 +347,6 @@ def _axis_values(axis: str, values, where: str) -> tuple:
     return tuple(dict.fromkeys(out))
 
 
-def _known_backend(name: str):
-    """The backend of that name, or None for one this cai-bench does not have (running such a sweep is refused
-    where the backend is looked up)."""
-    from cai_bench.backends.base import get_backend
-
-    try:
-        return get_backend(name)
-    except UserError:
-        return None
-
-
 def _option_values(option, values, where: str) -> tuple:
     """A backend option's values in a sweep: a list (an axis), or one value for every point."""
     values = values if isinstance(values, list) else [values]
@@ -373,22 +368,29 @@ def _check_keys(table: dict, known: tuple[str, ...], where: str) -> None:
             raise UserError(f"{where}unknown key {key!r} (known: {', '.join(known)})")
 
 
+def sweep_backend(config: dict | None, overrides: dict | None) -> str:
+    """The backend a sweep runs on: the command line's, the config's, or cpu."""
+    return (overrides or {}).get("backend") or (config or {}).get("backend") or "cpu"
+
+
 def make_sweep(
     config: dict | None = None,
     *,
     where: str = "",
     overrides: dict | None = None,
+    known=None,
 ) -> SweepSpec:
     """A validated SweepSpec from a config table (as read from TOML) and command-line overrides.
 
     An axis given on the command line replaces that axis in every grid; a scalar replaces the config's value.
-    Without any grid, the top-level axes (or the defaults) make one grid.
+    Without any grid, the top-level axes (or the defaults) make one grid. ``known`` is the backend the sweep runs
+    on (``sweep_backend``), whose declared options and default batch size it takes, or None for one this
+    cai-bench does not have (running such a sweep is refused where the backend is looked up).
     """
     config = dict(config or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     option_overrides = overrides.pop("backend_options", {})
-    backend = overrides.get("backend") or config.get("backend") or "cpu"
-    known = _known_backend(backend)
+    backend = sweep_backend(config, overrides)
     declared = {o.name: o for o in known.options} if known else {}
     batch = (getattr(known, "default_batch_size", DEFAULT_AXES["batch_size"][0]),)
     defaults = {**DEFAULT_AXES, "batch_size": batch}
@@ -437,10 +439,6 @@ def load_sweep_config(name_or_path: str | Path) -> tuple[dict, str]:
     A preset of the package (``laptop-quick``, ``paper``, with or without ``.toml``) is found by name from any
     directory; anything else is a file. A missing, unreadable or malformed file is a UserError.
     """
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - the dev machine runs 3.11
-        import tomli as tomllib
     path = Path(name_or_path)
     preset = resources.files("cai_bench.configs").joinpath(path.name if path.suffix == ".toml" else f"{path.name}.toml")
     use_preset = not path.exists() and str(name_or_path) == path.name and preset.is_file()

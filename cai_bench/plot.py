@@ -20,9 +20,11 @@ from matplotlib.figure import Figure
 
 from cai_bench.choices import FIGURE_FORMATS
 from cai_bench.errors import UserError
-from cai_bench.metrics import spread
+from cai_bench.metrics import accuracy, spread
 from cai_bench.plan import BITS_PER_SAMPLE, samples_for_gb
-from cai_bench.report import BREAKDOWN, PointReport
+from cai_bench.predict import read_predictions
+from cai_bench.report import BREAKDOWN, PointReport, read_points
+from cai_bench.store import ResultsStore
 
 FIGURES = (
     "wall-vs-data-size",
@@ -445,8 +447,6 @@ def save_figures(figures: dict[str, Figure], out: str | Path, formats: list[str]
 def predictions_figure(columns: dict, title: str) -> Figure:
     """Predicted against true redshift, each point coloured by how many objects share its neighbourhood, with the
     y = x line and the accuracy figures in the legend."""
-    from cai_bench.metrics import accuracy
-
     z = np.asarray(columns["true_redshift"], dtype=np.float64)
     z_pred = np.asarray(columns["predicted_redshift"], dtype=np.float64)
     if len(z) == 0:
@@ -478,3 +478,20 @@ def predictions_figure(columns: dict, title: str) -> Figure:
     ax.legend(fontsize=8, loc="upper left", markerscale=4)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def plot_command(
+    results: str | Path, out_dir: str | Path, formats: list[str], reference: str | None = None,
+    backends: list[str] | None = None, predictions: str | Path | None = None, warn=None,
+) -> list[Path]:  # fmt: skip
+    """``cai-bench plot``: every figure of the store's points (beside ``reference``'s published ones), or with
+    ``predictions`` the predicted-vs-true figure of a predictions file; the files written."""
+    if predictions is not None:
+        figure = predictions_figure(read_predictions(predictions), str(predictions))
+        return save_figures({f"{Path(predictions).stem}-vs-true": figure}, out_dir, formats)
+    points = read_points(ResultsStore(results), backends, warn=warn)
+    rows = load_reference(reference) if reference else None
+    return save_figures(build_figures(points, rows), out_dir, formats)

@@ -17,19 +17,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cai_bench.errors import UserError
+from cai_bench.files import file_sha256
 from cai_bench.metrics import accuracy
-from cai_bench.model.checkpoint import RANDOM_INIT, file_sha256
+from cai_bench.model.export_format import is_export, read_export
 from cai_bench.plan import PartitionRef, Plan, replace_plan
-from cai_bench.records import PartitionResult
-from cai_bench.results import ResultsStore, RunRecord
-
-if TYPE_CHECKING:
-    from cai_bench.runner import ProgressSink
+from cai_bench.records import RANDOM_INIT, PartitionResult, RunRecord
+from cai_bench.runner import ProgressSink, RunRequest, execute, labelled_accuracy
+from cai_bench.store import ResultsStore
 
 FORMATS = {".parquet": "parquet", ".csv": "csv"}
 COLUMNS = ("object_id", "predicted_redshift", "true_redshift")
@@ -55,8 +53,6 @@ def _part_path(parts: Path, index: int) -> Path:
 
 
 def _job(plan: Plan) -> dict:
-    from cai_bench.runtimes import is_export, read_export
-
     weights = {"weights": RANDOM_INIT, "seed": plan.seed}
     if plan.weights and str(plan.weights).startswith("s3://"):
         weights = {"weights": plan.weights}  # read by the functions: the driver does not fetch it to hash it
@@ -200,8 +196,6 @@ def predict(
     progress: ProgressSink | None = None,
 ) -> PredictOutcome:
     """Predict every partition of ``plan`` that has no part yet, then write ``out`` from all parts."""
-    from cai_bench.runner import execute, labelled_accuracy
-
     out = Path(out)
     check_out(out, force)
     parts = parts_dir(out)
@@ -226,6 +220,13 @@ def predict(
     if metrics is not None:
         metrics = labelled_accuracy(metrics, {"weights": plan.weights or RANDOM_INIT}, plan.data)
     return PredictOutcome(out, objects, len(todo), len(done), metrics, records)
+
+
+def predict_command(request: RunRequest, out: str | Path, force: bool = False, progress=None) -> PredictOutcome:
+    """``cai-bench predict``: the checks (``out`` first), then ``predict`` over the request's data set."""
+    check_out(Path(out), force)
+    ready = request.check()
+    return predict(request.plan(ready), out, ready.store, force=force, progress=progress)
 
 
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:

@@ -7,16 +7,17 @@ the store and works on a store that holds records of several machines and backen
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cai_bench.choices import REPORT_FORMATS
+from cai_bench.errors import UserError
+from cai_bench.machine import machine_id, machine_label
 from cai_bench.metrics import Spread, spread
 from cai_bench.plan import data_gb
-from cai_bench.results import data_identity, machine_id, machine_label, ran_precision, record_point_key
+from cai_bench.results import data_identity, ran_precision, record_point_key
+from cai_bench.store import ResultsStore
 
 BREAKDOWN = ("startup_s", "wait_s", "load_s", "compute_s")
 FORMATS = REPORT_FORMATS
@@ -173,6 +174,29 @@ def select(points: list[PointReport], backends: list[str] | None) -> list[PointR
     return [p for p in points if not backends or p.backend in backends]
 
 
+def read_points(
+    store: ResultsStore, backends: list[str] | None = None, baseline: str | None = None, warn=None
+) -> list[PointReport]:
+    """The store's points (``warn`` gets what a read skipped: a torn last line), each with its speedup over
+    ``baseline`` where one is given, of ``backends`` only where they are given."""
+    points = summarize_points(store.read())
+    for message in store.skipped:
+        (warn or print)(message)
+    if baseline:
+        add_speedups(points, baseline)
+    return select(points, backends)
+
+
+def report_points(results: str, backends: list[str] | None, baseline: str, warn=None) -> tuple[list, ResultsStore]:
+    """``cai-bench report``: the points to show, refused in one line where there are none."""
+    store = ResultsStore(results)
+    points = read_points(store, backends, baseline, warn)
+    if not points:
+        which = f" for backend {','.join(backends)}" if backends else ""
+        raise UserError(f"{store.path}: no finished runs to report{which}")
+    return points, store
+
+
 # ---------------------------------------------------------------------------------------------- rows
 
 
@@ -304,15 +328,6 @@ def to_markdown(points: list[PointReport]) -> str:
     lines += ["| " + " | ".join(cell(p) for _, cell in columns) + " |" for p in points]
     memory = "".join(f"- {line}\n" for line in memory_lines(points))
     return "\n".join(lines) + "\n\n" + (f"Memory:\n\n{memory}\n" if memory else "") + NOTES + "\n"
-
-
-def to_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return out.getvalue()
 
 
 def to_json(points: list[PointReport]) -> str:

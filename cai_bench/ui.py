@@ -1,6 +1,14 @@
-"""Rich rendering: progress bars and summary tables. Only presentation; the figures come from the records."""
+"""Everything the command line shows, in one place: progress bars, tables and the lines each command prints,
+on stdout (results) or stderr (progress, warnings, errors). Only presentation: every figure comes from the
+records and outcomes the commands hand it; ``as_json`` prints the same as JSON, nothing else.
+"""
 
 from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -15,8 +23,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cai_bench.records import WorkerRecord
-from cai_bench.results import RunRecord
+from cai_bench.errors import UserError
+from cai_bench.metrics import spread
+from cai_bench.records import RunRecord, WorkerRecord
+from cai_bench.report import NOTES, display_columns, export_row, memory_lines, to_json, to_markdown
+from cai_bench.results import to_csv
 
 # Progress and errors go to stderr, results to stdout. Messages are never wrapped (soft_wrap), so a path or
 # a figure stays on one line in logs and pipes.
@@ -41,15 +52,28 @@ def _bar(*extra) -> Progress:
 
 
 class RichRunProgress:
-    """Partitions done / total, samples/s so far and ETA, one bar per repeat."""
+    """Partitions done / total, samples/s so far and ETA, one bar per repeat; before them, a bar while synthetic
+    data is generated (``synthesizing``)."""
 
     def __init__(self):
         self._progress = _bar(TextColumn("{task.fields[rate]}"))
         self._task = None
         self._samples = 0
         self._compute = 0.0
+        self._synth = None
+
+    def synthesizing(self, done: int, total: int) -> None:
+        if self._synth is None:
+            self._synth = RichCountProgress("synthesizing", "samples")
+        self._synth(done, total)
+        if done >= total:
+            self._synth.__exit__()
+            self._synth = None
 
     def begin(self, label: str, partitions: int, samples: int) -> None:
+        if self._synth is not None:
+            self._synth.__exit__()
+            self._synth = None
         self._samples, self._compute = 0, 0.0
         self._progress.start()
         self._task = self._progress.add_task(label, total=partitions, rate="")
@@ -202,8 +226,6 @@ def run_summary_table(records: list[RunRecord]) -> Table:
 
 def report_table(points: list, title: str) -> Table:
     """The report's rows; columns with nothing in any row are left out, and one machine goes in the title."""
-    from cai_bench.report import NOTES, display_columns
-
     columns = display_columns(points)
     machines = {p.machine for p in points}
     if len(machines) == 1:
@@ -224,3 +246,435 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def run_progress(quiet: bool) -> RichRunProgress | None:
+    """A run's progress bars, or none (``--quiet``, ``--json``)."""
+    return None if quiet else RichRunProgress()
+
+
+def sweep_progress(quiet: bool) -> RichSweepProgress | None:
+    return None if quiet else RichSweepProgress()
+
+
+def count_progress(label: str, unit: str, quiet: bool):
+    """A bar over a count for a block (``with``), drawn only when called and not ``quiet``."""
+    return RichCountProgress(label, unit) if not quiet else _NoCount()
+
+
+class _NoCount:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def say(text: str) -> None:
+    """One result line on stdout, as it is (no markup, no highlighting)."""
+    stdout.print(text, markup=False, highlight=False)
+
+
+def warn(text: str) -> None:
+    console.print(f"warning: {text}", markup=False, highlight=False)
+
+
+def tell(text: str) -> None:
+    """A line on stderr: what happened to a command, beside its results."""
+    console.print(text, markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def accuracy_line(metrics: dict | None, where: str = "") -> str | None:
+    if not metrics:
+        return None
+    r2 = "-" if metrics["r2"] is None else f"{metrics['r2']:.4f}"
+    line = (
+        f"accuracy over {metrics['samples']:,} objects{where}: MAE {metrics['mae']:.5f}, MSE {metrics['mse']:.6f}, "
+        f"bias {metrics['bias']:.5f}, NMAD {metrics['nmad']:.5f}, R2 {r2}, "
+        f"outliers {metrics['outlier_fraction']:.2%}"
+    )
+    if not metrics.get("meaningful", True):
+        line = "MEANINGLESS " + line
+    return line + (f" ({metrics['note']})" if metrics.get("note") else "")
+
+
+def show_runs(records: list[RunRecord], store_path: Path, as_json: bool) -> None:
+    """The records a command appended: the summary table with what the last repeat cost and reached."""
+    if as_json:
+        print(json.dumps([asdict(r) for r in records], indent=1))
+        return
+    stdout.print(run_summary_table(records))
+    last = records[-1].summary
+    stdout.print(
+        f"sum over {last.workers} worker(s) of each one's bits / own compute s (the paper's throughput measure): "
+        f"{last.sum_worker_throughput_bps / 1e6:,.1f} Mbps in the last repeat"
+    )
+    billed = records[-1].backend_info.get("cost")
+    if billed:
+        stdout.print(
+            f"cost: {billed['requests']:,} requests, {billed['billed_gb_s']:,.1f} billed GB-s "
+            f"({billed['architecture']}, prices as of {billed['prices_as_of']}): ${billed['cost_usd']:.4f} "
+            "in the last repeat"
+        )
+    weights = records[0].weights.get("weights")
+    if weights == "random-init":
+        weights += " (the timings are real; the predicted redshifts are not)"
+    stdout.print(f"weights: {weights}")
+    line = accuracy_line(records[-1].accuracy, " in the last repeat")
+    if line:
+        say(line)
+    stdout.print(f"{len(records)} record(s) appended to {store_path}")
+
+
+def show_run(done, as_json: bool) -> None:
+    """What ``run`` did: its records, or the job it submitted and the command that records it."""
+    if done.submitted is None:
+        show_runs(done.records, done.store.path, as_json)
+        return
+    job_id, collect = done.submitted
+    if as_json:
+        print(json.dumps({"submitted": job_id, "collect": collect}))
+        return
+    stdout.print(f"job {job_id} is submitted; when it has run, record it with:")
+    say(f"  {collect}")
+
+
+def show_partitions_failed(exc, store_path: Path, again: str = "") -> None:
+    """Partitions that failed for good: each, its attempts and their errors, and where the rest was kept."""
+    tell(f"error: {exc}")
+    for failure in exc.failed:
+        errors = " | ".join(failure["errors"])
+        tell(f"  partition {failure['partition']} (unit {failure['unit']}), {failure['attempts']} attempt(s): {errors}")
+    console.print(f"the partitions that finished are kept in a 'failed' record in {store_path}{again}")
+
+
+def show_interrupted(exc, store_path: Path, interrupted: str | None = None) -> None:
+    if hasattr(exc, "collect"):
+        console.print("interrupted; the job keeps running. When it has run, record it with:")
+        tell(f"  {exc.collect}")
+    else:
+        console.print(
+            interrupted or f"interrupted; finished repeats and the partitions done so far are in {store_path}"
+        )
+
+
+def show_predict(outcome, as_json: bool) -> None:
+    if as_json:
+        figures = {"out": str(outcome.out), "objects": outcome.objects, "partitions_run": outcome.partitions_run,
+                   "partitions_reused": outcome.partitions_reused, "accuracy": outcome.accuracy,
+                   "run_ids": [r.run_id for r in outcome.records]}  # fmt: skip
+        print(json.dumps(figures, indent=1))
+        return
+    if outcome.records:
+        stdout.print(run_summary_table(outcome.records))
+    reused = f" ({outcome.partitions_reused} partitions from an earlier run)" if outcome.partitions_reused else ""
+    stdout.print(f"{outcome.out}: {outcome.objects:,} objects{reused}")
+    line = accuracy_line(outcome.accuracy)
+    if line:
+        say(line)
+
+
+# ---------------------------------------------------------------------------------------------- bench, sweep
+
+
+def _bench_table(done) -> Table:
+    outcome, data, figures = done.outcome, done.plan.data, done.figures
+    arms, others = outcome.arms, outcome.arms[1:]
+    title = (
+        f"reference vs {', '.join(others)} · {data.data_gb:.3g} GB, {data.samples:,} samples in "
+        f"{data.partitions} partitions · batch {figures['batch_size']} · precision {figures['precision']} · "
+        f"{figures['machine']}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("round", justify="right")
+    for arm in arms:
+        table.add_column(f"{arm} samples/s", justify="right")
+    for arm in others:
+        table.add_column(f"{arm} / ref.", justify="right")
+    rates = {arm: outcome.samples_per_s(arm) for arm in arms}
+    for number in range(len(rates[arms[0]])):
+        ratios = [f"{outcome.ratios(arm)[number]:.2f}" for arm in others]
+        table.add_row(str(number + 1), *(f"{rates[arm][number]:,.1f}" for arm in arms), *ratios)
+    medians = [f"{spread(rates[arm]).median:,.1f}" for arm in arms]
+    table.add_row("median", *medians, *(f"{outcome.median_ratio(arm):.2f}" for arm in others), style="bold")
+    return table
+
+
+def show_bench(done, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(done.figures, indent=1))
+        return
+    outcome, others = done.outcome, done.outcome.arms[1:]
+    stdout.print(_bench_table(done))
+    forward = ", ".join(f"{arm} {outcome.median_ratio(arm, 'compute_samples_per_s'):.2f}" for arm in others)
+    stdout.print(
+        "samples/s = samples / wall s of the whole run (start-up and loading included). "
+        f"Forward passes only, median ratio to the reference: {forward}."
+    )
+    rss = ", ".join(f"{arm} {outcome.peak_rss_bytes(arm) / 2**20:,.0f} MB" for arm in outcome.arms)
+    stdout.print(f"peak RSS: {rss} (the reference holds the whole data set)")
+    for arm in others:
+        say(f"{arm}: {json.dumps(done.figures['arms'][arm]['choices'])}")
+    stdout.print(f"CPU flags: {' '.join(done.figures['cpu_flags']) or 'none read'}")
+    stdout.print(f"{sum(len(r) for r in outcome.records.values())} record(s) appended to {done.store.path}")
+
+
+def show_sweep(done, as_json: bool) -> None:
+    if as_json:
+        print(to_json(done.points))
+        return
+    outcome, spec = done.outcome, done.spec
+    skipped = sum(1 for s in outcome.points if s.todo == 0)
+    stdout.print(report_table(done.points, f"sweep {spec.name}: {len(outcome.points)} points on {spec.backend}"))
+    stdout.print(
+        f"{len(outcome.records)} record(s) appended to {done.store.path}"
+        + (f"; {skipped} point(s) were already complete (--force reruns them)" if skipped else "")
+    )
+    for runtime, probe in (outcome.auto_precisions or {"torch": outcome.auto_precision or {}}).items():
+        if not probe:
+            continue
+        on = f" on {runtime}" if len(outcome.auto_precisions) > 1 else ""
+        stdout.print(
+            f"precision auto ran as {probe['chose']}{on} ({probe['why']}): probed once on this machine for the "
+            "whole sweep, so every repeat of a point runs the same precision"
+        )
+
+
+def waiting_for(store_directory: Path):
+    """What a sweep says when another process holds a point's lock."""
+    return lambda point: console.print(
+        f"{point.label()}: another process is measuring this point into {store_directory}; waiting for it"
+    )
+
+
+def show_report(points: list, store_path: Path, fmt: str) -> None:
+    if fmt == "table":
+        stdout.print(report_table(points, f"{store_path}: {len(points)} points"))
+        for line in memory_lines(points):
+            say(f"memory: {line}")
+    elif fmt == "markdown":
+        print(to_markdown(points), end="")
+    elif fmt == "csv":
+        print(to_csv([export_row(p) for p in points]), end="")
+    else:
+        print(to_json(points))
+
+
+def show_paths(paths) -> None:
+    for path in paths:
+        say(str(path))
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+_LIST_HEADERS = ["run id", "status", "backend", "rep", "data GB", "part. MB", "batch", "prec.", "wall s", "samples/s"]
+
+
+def show_record_list(rows: list[dict], total: int, store_path: Path) -> None:
+    """``results list``: one row per record, the machine in the title where all share one."""
+    several_machines = len({r["machine"] for r in rows}) > 1
+    table = Table(title=f"{store_path}: {len(rows)} of {total} records", title_justify="left")
+    for header in _LIST_HEADERS + (["machine"] if several_machines else []):
+        table.add_column(header, justify="right" if header in ("rep", "data GB", "wall s", "samples/s") else "left")
+    for r in rows:
+        cells = [r["run_id"], r["status"], r["backend"], f"{r['repeat']}/{r['repeats']}", f"{r['data_gb']:.3g}",
+                 f"{r['partition_mb']:g}", str(r["batch_size"]), r["precision"], f"{r['wall_s']:.2f}",
+                 f"{r['samples_per_s']:,.1f}"]  # fmt: skip
+        table.add_row(*cells, *([r["machine"]] if several_machines else []))
+    if not several_machines and rows:
+        table.title += f" · {rows[0]['machine']}"
+    stdout.print(table)
+
+
+def show_record(record: dict, row: dict, as_json: bool) -> None:
+    """``results show``: the record's flat row, or the whole record."""
+    if as_json:
+        print(json.dumps(record, indent=1))
+        return
+    rows = [(k, "-" if v is None else f"{v:,.6g}" if isinstance(v, float) else str(v)) for k, v in row.items()]
+    rows.append(("partitions run", str(len(record.get("workers", [])))))
+    stdout.print(key_value_table(record["run_id"], rows))
+
+
+def show_export(text: str, out: Path | None) -> None:
+    """``results export``: on stdout, or into ``out``."""
+    if out is None:
+        print(text, end="")
+        return
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write ({exc.strerror})") from None
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def show_model_info(info: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    flops, total, frozen = info["flops_per_sample"], info["parameters"], info["frozen_parameters"]
+    named = f" (sha256 {info['sha256'][:16]}...)" if info.get("sha256") else f" (seed {info.get('seed')})"
+    rows = [
+        ("parameters", f"{total:,}"),
+        ("  frozen (encoder)", f"{frozen:,}"),
+        ("  learnable (heads)", f"{total - frozen:,}"),
+        ("state dict keys", str(info["state_dict_keys"])),
+        ("FLOPs per sample", f"{flops / 1e9:.3f} GFLOP ({flops / 2e6:.1f} M multiply-adds)"),
+        ("weights", info["weights"] + named),
+    ]
+    stdout.print(key_value_table("pcm-AstroMAE", rows))
+
+
+def show_conversion(done) -> None:
+    say(
+        f"{done.out}: {done.keys} tensors from the {done.source_kind} {done.source} "
+        f"(sha256 {done.source_sha256[:16]}...); they load strictly into pcm-AstroMAE: "
+        f"cai-bench run --weights {done.out}"
+    )
+
+
+def show_model_export(export, seconds: float, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(export.meta, indent=1))
+        return
+    size = sum((Path(export.directory) / name).stat().st_size for name in export.files)
+    w = export.weights
+    named = w.source + (f" (sha256 {w.sha256[:16]}...)" if w.sha256 else f" (seed {w.seed})")
+    runtime = "openvino" if export.format == "openvino" else "onnxruntime"
+    say(
+        f"{export.directory}: {export.format} export of {named}, {size / 2**20:,.1f} MB in {seconds:.1f} s; "
+        f"max |dz| against torch fp32 on {export.check['batch']} galaxies: {export.check['max_abs_dz']:.2g} "
+        f"({export.check['runtime']}). Run it: cai-bench run --runtime {runtime} --weights {export.directory}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def show_synthesized(out: Path, manifest, seconds: float) -> None:
+    written = sum(p.bytes for p in manifest.partitions)
+    stdout.print(
+        f"{out}: {manifest.samples:,} samples in {len(manifest.partitions)} partitions, "
+        f"{written / 2**20:,.1f} MB in {seconds:.1f} s ({written / 2**20 / seconds:,.1f} MB/s)"
+    )
+
+
+def show_split(out: Path, manifest, partition_mb: float) -> None:
+    stdout.print(f"{out}: {manifest.samples:,} samples in {len(manifest.partitions)} partitions of {partition_mb:g} MB")
+
+
+def show_imported(out: Path, manifest, files: int, partition_mb: float) -> None:
+    stdout.print(
+        f"{out}: {manifest.samples:,} samples from {files} file(s) in {len(manifest.partitions)} partitions "
+        f"of {partition_mb:g} MB; labels: {'yes' if manifest.has_labels else 'no'}"
+    )
+
+
+def show_data_info(directory: Path, info: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    low, high = info["partition_samples_min"], info["partition_samples_max"]
+    rows = [
+        ("dataset id", info["dataset_id"]),
+        ("source", json.dumps(info["source"])),
+        ("samples", f"{info['samples']:,}"),
+        ("data size", f"{info['data_gb']:.4g} GB"),
+        ("partitions", f"{info['partitions']} x {info['partition_mb']:g} MB ({low:,}-{high:,} samples)"),
+        ("on disk", f"{info['bytes_on_disk'] / 2**20:,.1f} MB"),
+        ("labels", "yes" if info["has_labels"] else "no"),
+        ("created", info["created_utc"]),
+    ]
+    stdout.print(key_value_table(str(directory), rows))
+
+
+def show_verified(directory: Path, manifest, problems: list[str]) -> None:
+    """Every partition that failed verification on stderr, then the one error line; or that all match."""
+    if problems:
+        for problem in problems:
+            tell(problem)
+        raise UserError(f"{directory}: {len(problems)} of {len(manifest.partitions)} partitions failed verification")
+    stdout.print(
+        f"{directory}: all {len(manifest.partitions)} partitions match the manifest ({manifest.samples:,} samples)"
+    )
+
+
+def show_upload(done) -> None:
+    stdout.print(
+        f"{done.location}: {len(done.uploaded)} object(s) uploaded ({done.bytes_uploaded / 2**20:,.1f} MB), "
+        f"{len(done.skipped)} already there, in {done.seconds:.1f} s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- lambda
+
+
+def show_emulator(emulator, url: str, s3_url: str) -> None:
+    config = emulator.config
+    say(
+        f"Lambda Invoke API at {url}, function {config.name} ({config.memory_mb} MB, {emulator.cpu_share:.2f} vCPUs' "
+        f"worth each, timeout {config.timeout_s:g} s, {emulator.concurrency} at once); S3 at {s3_url}\n"
+        f"run against it: cai-bench run --backend lambda --lambda-endpoint-url {url} --endpoint-url "
+        f"{s3_url} --bucket s3://cai-bench --memory-mb {config.memory_mb}"
+    )
+
+
+def show_build_commands(image, region: str | None, push: bool) -> None:
+    """Where Docker is not reachable: the commands that build and push the image elsewhere."""
+    say("Docker is not reachable here; on a machine with Docker and the aws CLI, run (ACCOUNT: your account id, "
+        "from `aws sts get-caller-identity`):")  # fmt: skip
+    account, where = "ACCOUNT", region or "REGION"
+    for line in [shlex.join(image.build_command()), *(image.push_commands(account, where) if push else [])]:
+        say("  " + line)
+    say(f"then: cai-bench lambda deploy --image-uri {image.uri(account, where)} --role-arn ROLE_ARN")
+
+
+def show_built(uri: str, push: bool) -> None:
+    say(f"image {uri}" + (f"\nnext: cai-bench lambda deploy --image-uri {uri} --role-arn ROLE_ARN" if push else ""))
+
+
+def show_deployed(done: dict) -> None:
+    c = done["configuration"]
+    say(
+        f"function {c['FunctionName']} {done['action']} in {done['seconds']:.1f} s: {c['MemorySize']} MB, "
+        f"timeout {c['Timeout']} s, /tmp {(c.get('EphemeralStorage') or {}).get('Size')} MB, "
+        f"{(c.get('Architectures') or ['x86_64'])[0]}, state {c.get('State')}\nrun it: cai-bench run --backend lambda "
+        f"--function {c['FunctionName']} --bucket s3://BUCKET/cai-bench"
+    )
+
+
+def show_function_status(found: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(found, indent=2, default=str))
+        return
+    name = found["function"]
+    if not found["exists"]:
+        say(f"function {name}: not deployed")
+    else:
+        say(
+            f"function {name}: {found['state']} (last update {found['last_update']}), {found['memory_mb']} MB, "
+            f"timeout {found['timeout_s']} s, /tmp {found['ephemeral_mb']} MB, {found['architecture']}, image "
+            f"{found['image_uri']}{'' if found['managed'] else ' (not deployed by cai-bench)'}"
+        )
+    for arn in found["state_machines"]:
+        say(f"state machine {arn}")
+
+
+def show_destroyed(removed: list[str], name: str) -> None:
+    for line in removed or [f"nothing to remove for function {name}"]:
+        say(("removed " if removed else "") + line)
+
+
+def show_cost(spent, billed, arch: str) -> None:
+    steps = f" + ${spent.transitions_usd:.6f} for {spent.transitions:,} state transitions" if spent.transitions else ""
+    say(
+        f"{spent.requests:,} invocations, {sum(billed.billed_ms) / 1000:,.2f} billed s at {billed.memory_mb:,} MB = "
+        f"{spent.billed_gb_s:,.1f} GB-s: ${spent.duration_usd:.4f} duration + ${spent.request_usd:.6f} requests"
+        f"{steps} = ${spent.usd:.4f} ({arch}, prices as of {spent.prices_as_of})"
+    )

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from cai_bench.data.synthetic import generate
 from cai_bench.errors import UserError
 from cai_bench.metrics import peak_rss_bytes, percentiles, rate
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef, Plan
@@ -78,8 +79,6 @@ class WorkerState:
 def probe_arrays(size: int = PROBE_BATCH):
     """The precision probe's batch, as numpy arrays: ``size`` realistic galaxies (not noise), the same on every
     runtime."""
-    from cai_bench.data.synthetic import generate
-
     batch = generate(seed=12345, start=0, stop=size)
     return batch.images, batch.magnitudes
 

@@ -44,7 +44,6 @@ def cli(capsys, monkeypatch):
 
     def invoke(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["cai-bench", *map(str, args)])
-        monkeypatch.setattr(cli_module, "_debug", False)
         code = 0
         try:
             cli_module.main()

@@ -17,9 +17,10 @@ from cai_bench.backends import get_backend
 from cai_bench.backends.base import PartitionsFailed
 from cai_bench.data.partitions import open_dataset, synthesize
 from cai_bench.errors import UserError
+from cai_bench.machine import this_machine
 from cai_bench.plan import make_plan, samples_for_gb, work_units
-from cai_bench.results import ResultsStore, this_machine
 from cai_bench.runner import execute
+from cai_bench.store import ResultsStore
 
 pytest.importorskip("submitit")
 
@@ -380,7 +381,7 @@ def test_memory_sizes_read_as_sbatch_reads_them(text, gb):
 
 def test_partitions_failed_names_each_failure():
     from cai_bench.backends.base import BackendRun
-    from cai_bench.model.checkpoint import WeightsInfo
+    from cai_bench.records import WeightsInfo
 
     failed = [{"partition": i, "unit": i, "attempts": 3, "errors": [f"boom {i}"]} for i in range(5)]
     exc = PartitionsFailed(BackendRun(1.0, WeightsInfo("random-init", seed=0)), failed)

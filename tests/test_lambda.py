@@ -17,7 +17,8 @@ from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Emulator, Faults, FunctionConfig, emulated_function_env
 from cai_bench.backends.base import PartitionsFailed
 from cai_bench.data.partitions import open_dataset
-from cai_bench.data.s3 import S3Prefix, upload_dataset
+from cai_bench.data.s3 import S3Prefix
+from cai_bench.data.upload import upload_dataset
 from cai_bench.plan import make_plan
 
 ALL = [0, 1, 2, 3]  # tiny_data's partitions

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from cai_bench import aws
-from cai_bench.backends.aws_lambda import stepfunctions
-from cai_bench.backends.aws_lambda.deploy import DOCKERFILE, Account, docker_reachable, set_memory
+from cai_bench.backends.aws_lambda import provision, stepfunctions
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Faults
+from cai_bench.backends.aws_lambda.image import DOCKERFILE, docker_reachable
+from cai_bench.backends.aws_lambda.provision import Account, set_memory
 from cai_bench.data.partitions import open_dataset
 from cai_bench.errors import UserError
 from cai_bench.plan import make_plan
@@ -79,7 +80,7 @@ def test_deploy_status_update_and_destroy_against_moto(cli, account):
 
     # What the orchestrator makes for it is listed, and removed with it
     sfn = account["account"].client("stepfunctions")
-    machine, action = stepfunctions.ensure_state_machine(sfn, name, 4, account["role"])
+    machine, action = provision.ensure_state_machine(sfn, name, 4, account["role"])
     assert action == "created" and _status(cli, account)["state_machines"] == [machine]
     code, out, err = cli("lambda", "destroy", "--name", name, "--endpoint-url", endpoint)
     assert code == 0, err
@@ -101,12 +102,12 @@ def test_destroy_leaves_a_function_cai_bench_did_not_make(cli, account):
     assert client.get_function(FunctionName=account["name"])["Configuration"]["FunctionName"] == account["name"]
     sfn = account["account"].client("stepfunctions")
     sfn.create_state_machine(
-        name=stepfunctions.state_machine_name(account["name"]),
+        name=provision.state_machine_name(account["name"]),
         roleArn=account["role"],
         definition=json.dumps({"StartAt": "A", "States": {"A": {"Type": "Pass", "End": True}}}),
     )
     with pytest.raises(UserError, match="exists and was not made by cai-bench"):
-        stepfunctions.ensure_state_machine(sfn, account["name"], 4, account["role"])
+        provision.ensure_state_machine(sfn, account["name"], 4, account["role"])
 
 
 @pytest.mark.parametrize(
@@ -137,14 +138,14 @@ def test_a_memory_sweep_point_sets_the_functions_memory(account):
 
 def test_the_state_machine_is_created_reused_updated_and_started_against_moto(account):
     sfn = account["account"].client("stepfunctions")
-    arn, action = stepfunctions.ensure_state_machine(sfn, account["name"], 8, account["role"])
+    arn, action = provision.ensure_state_machine(sfn, account["name"], 8, account["role"])
     assert action == "created"
-    assert stepfunctions.ensure_state_machine(sfn, account["name"], 8, account["role"]) == (arn, "reused")
-    assert stepfunctions.ensure_state_machine(sfn, account["name"], 64, account["role"]) == (arn, "updated")
+    assert provision.ensure_state_machine(sfn, account["name"], 8, account["role"]) == (arn, "reused")
+    assert provision.ensure_state_machine(sfn, account["name"], 64, account["role"]) == (arn, "updated")
     described = sfn.describe_state_machine(stateMachineArn=arn)
     definition = json.loads(described["definition"])
-    assert definition == stepfunctions.definition(account["name"], 64)
-    mapped = definition["States"][stepfunctions.MAP_STATE]
+    assert definition == provision.definition(account["name"], 64)
+    mapped = definition["States"][provision.MAP_STATE]
     assert mapped["MaxConcurrency"] == 64 and mapped["ItemProcessor"]["ProcessorConfig"]["Mode"] == "DISTRIBUTED"
     assert mapped["ItemReader"]["Resource"] == "arn:aws:states:::s3:getObject"
     invoke = mapped["ItemProcessor"]["States"]["Invoke"]

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from cai_bench.errors import UserError
 from cai_bench.model.astromae import build_model, flops_per_sample
-from cai_bench.model.checkpoint import RANDOM_INIT, load_weights
+from cai_bench.model.checkpoint import load_weights
+from cai_bench.records import RANDOM_INIT
 
 DTYPES = {"torch.float32": torch.float32, "torch.int64": torch.int64}
 

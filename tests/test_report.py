@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import hand_record, write_store
 
-from cai_bench import report
+from cai_bench import report, results
 from cai_bench.errors import UserError
 from cai_bench.metrics import spread
 from cai_bench.plan import BITS_PER_SAMPLE, samples_for_gb
-from cai_bench.results import ResultsStore
+from cai_bench.store import ResultsStore
 
 CPU_WALLS = [100.0, 110.0, 130.0]
 GPU_WALLS = [10.0, 12.0, 11.0, 40.0]  # one slow repeat: max/min 4 > 1.5, so the point is noisy
@@ -116,7 +116,7 @@ def test_speedup_prefers_the_same_machine():
 
 def test_csv_and_json_exports_keep_the_exact_figures():
     points = report.summarize_points(several_machines())
-    rows = list(csv.DictReader(io.StringIO(report.to_csv([report.export_row(p) for p in points]))))
+    rows = list(csv.DictReader(io.StringIO(results.to_csv([report.export_row(p) for p in points]))))
     assert len(rows) == len(points)
     for row, p in zip(rows, points, strict=True):
         assert float(row["wall_s_median"]) == p.wall_s.median

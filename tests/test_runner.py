@@ -4,10 +4,12 @@ import pytest
 from conftest import hand_record
 
 from cai_bench import runner
+from cai_bench.data import datasets
 from cai_bench.data.partitions import MANIFEST, open_dataset
 from cai_bench.errors import UserError
 from cai_bench.plan import make_plan
-from cai_bench.results import SCHEMA_VERSION, ResultsStore, summarize_run
+from cai_bench.records import SCHEMA_VERSION, summarize_run
+from cai_bench.store import ResultsStore
 
 
 def _plan(directory, **options):
@@ -128,8 +130,8 @@ def test_records_are_whole_json_lines(tiny_data, tmp_path):
 
 def test_default_data_is_generated_once_then_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("CAI_BENCH_CACHE", str(tmp_path))
-    first = runner.cached_synthetic(0.001, 0.3, seed=0)
+    first = datasets.cached_synthetic(0.001, 0.3, seed=0)
     stamp = (first / MANIFEST).stat().st_mtime_ns
-    again = runner.cached_synthetic(0.001, 0.3, seed=0)
+    again = datasets.cached_synthetic(0.001, 0.3, seed=0)
     assert again == first and (first / MANIFEST).stat().st_mtime_ns == stamp
     assert first.parent == tmp_path / "datasets"

@@ -20,9 +20,9 @@ from cai_bench import runtimes
 from cai_bench.data.partitions import open_dataset
 from cai_bench.engine import run_partition, start_worker
 from cai_bench.errors import UserError
+from cai_bench.files import file_sha256
 from cai_bench.model import export as exporting
 from cai_bench.model.astromae import build_model
-from cai_bench.model.checkpoint import file_sha256
 from cai_bench.plan import make_plan
 from cai_bench.runtimes import openvino_runtime
 from cai_bench.worker import FORCE_PROBE_ENV, EngineOptions

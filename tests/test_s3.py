@@ -8,8 +8,9 @@ import pytest
 
 from cai_bench import aws
 from cai_bench.data.partitions import open_dataset, read_partition, synthesize, verify_dataset
-from cai_bench.data.s3 import S3Prefix, upload_dataset
+from cai_bench.data.s3 import S3Prefix
 from cai_bench.data.storage import split_ref, storage_for
+from cai_bench.data.upload import upload_dataset
 from cai_bench.errors import UserError
 
 

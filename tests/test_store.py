@@ -14,10 +14,12 @@ from conftest import TINY_GB, TINY_MB, hand_record, write_store
 from test_cli import one_error_line
 
 from cai_bench import runner
+from cai_bench.data import datasets
 from cai_bench.data.partitions import open_dataset
 from cai_bench.errors import UserError
 from cai_bench.plan import make_plan
-from cai_bench.results import ResultsStore, RunRecord, summarize_run
+from cai_bench.records import RunRecord, summarize_run
+from cai_bench.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +65,7 @@ def test_results_that_cannot_be_written_are_refused_before_any_work(cli, tiny_da
         assert "cannot write results here" in one_error_line(err)
     code, _, err = cli("sweep", "--gb", "0.001", "--precision", "fp32", "--results", blocker, "-q")
     assert code == 2 and "cannot write results here" in one_error_line(err)
-    assert not runner.synthetic_dir(0.001, 25.0, 0).exists()  # refused before its data was generated
+    assert not datasets.synthetic_dir(0.001, 25.0, 0).exists()  # refused before its data was generated
 
 
 def test_a_record_that_cannot_be_written_is_printed_and_kept_in_a_fallback_file(tmp_path, monkeypatch, capsys):
@@ -93,7 +95,7 @@ def _sweep(results: Path, cache: Path) -> subprocess.Popen:
 def test_two_sweeps_into_one_results_directory_measure_each_point_once(tmp_path, monkeypatch):
     results, cache = tmp_path / "r", tmp_path / "cache"
     monkeypatch.setenv("CAI_BENCH_CACHE", str(cache))
-    runner.cached_synthetic(TINY_GB, TINY_MB, 0)  # the data exists before either starts
+    datasets.cached_synthetic(TINY_GB, TINY_MB, 0)  # the data exists before either starts
     first = _sweep(results, cache)
     time.sleep(0.5)
     second = _sweep(results, cache)

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from conftest import TINY_GB, TINY_MB, default_sigint, hand_record, write_store
 
+from cai_bench.data.datasets import synthetic_dir
 from cai_bench.errors import UserError
-from cai_bench.plan import SweepPoint, load_sweep_config, make_sweep
-from cai_bench.results import ResultsStore, point_key
-from cai_bench.runner import run_sweep, sweep_state, synthetic_dir
+from cai_bench.plan import SweepPoint, load_sweep_config
+from cai_bench.results import point_key
+from cai_bench.store import ResultsStore
+from cai_bench.sweep import make_sweep, run_sweep, sweep_state
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ROOT = CONFIGS.parent

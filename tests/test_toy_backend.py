@@ -8,8 +8,9 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
-from cai_bench.backends.base import BackendOption, dispatched_run, register_backend
+from cai_bench.backends.base import BackendOption, dispatched_run
 from cai_bench.backends.dispatch import Dispatcher, Event, drive
+from cai_bench.backends.registry import register_backend
 from cai_bench.engine import plan_options, start_worker
 from cai_bench.loop import worker_loop
 from cai_bench.plan import work_units
@@ -79,10 +80,10 @@ class Toy:
 
 
 def test_a_toy_backend_runs_through_run_sweep_and_report(tiny_data, tmp_path):
-    from cai_bench import report, runner
+    from cai_bench import report, runner, sweep
     from cai_bench.data.partitions import open_dataset
-    from cai_bench.plan import make_plan, make_sweep
-    from cai_bench.results import ResultsStore
+    from cai_bench.plan import make_plan
+    from cai_bench.store import ResultsStore
 
     register_backend("toy", Toy)
     _, summary, refs = open_dataset(tiny_data)
@@ -98,17 +99,17 @@ def test_a_toy_backend_runs_through_run_sweep_and_report(tiny_data, tmp_path):
     store = ResultsStore(tmp_path / "r")
     overrides = {"backend": "toy", "gb": [0.002], "partition_mb": [0.52], "precision": ["fp32"], "repeats": 2,
                  "threads": 1, "backend_options": {"workers": [1, 2]}}  # fmt: skip
-    spec = make_sweep(overrides=overrides)
+    spec = sweep.make_sweep(overrides=overrides)
     assert [dict(p.backend_options) for p in spec.points()] == [{"workers": 1}, {"workers": 2}]
-    done = runner.run_sweep(spec, store)
+    done = sweep.run_sweep(spec, store)
     assert len(done.records) == 4
-    assert runner.run_sweep(spec, store).records == []  # everything is there: nothing runs again
+    assert sweep.run_sweep(spec, store).records == []  # everything is there: nothing runs again
     points = report.summarize_points(store.read())
     assert sorted(p.workers for p in points) == [1, 2] and all(p.repeats == 2 for p in points)
 
 
 def test_an_hpc_sweep_over_workers_records_each_point_and_resumes(cli, tmp_path):
-    from cai_bench.results import ResultsStore
+    from cai_bench.store import ResultsStore
 
     args = ["sweep", "--backend", "hpc", "--workers", "1,2", "--gb", "0.01", "--partition-mb", "1", "--repeats", "2"]
     args += ["--precision", "fp32", "--oversubscribe", "--results", tmp_path / "r", "--quiet"]

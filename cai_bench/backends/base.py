@@ -1,19 +1,18 @@
-"""The backend interface, the options a backend declares, and the registry that picks a backend by name.
+"""The backend interface: what a backend declares (its options, precisions, default batch size), what it
+returns (``BackendRun``), work it leaves running (``Job``), and partitions that failed for good.
 
 A backend takes a Plan, gets every work unit to a worker (``loop.worker_loop`` on each), hands each
 finished ``PartitionResult`` to ``emit`` as soon as it exists, and reports its wall clock. Backends with
 workers of their own run them under the one dispatcher (``dispatch.py``) and only add a transport. Callers only
-ever use ``get_backend(name).run(plan, emit)``; a backend that can leave work running and be collected later
-also has ``submit(plan)`` and ``collect(job, emit)``.
+ever use ``registry.get_backend(name).run(plan, emit)``; a backend that can leave work running and be collected
+later also has ``submit(plan)`` and ``collect(job, emit)``.
 
-Backend modules are imported only when chosen or when their options are listed, and import neither torch nor
-the model until they run, so a missing optional dependency of one backend (boto3, submitit, CUDA) never breaks
-another and reports stay light.
+Backend modules import neither torch nor the model until they run, so a missing optional dependency of one
+backend (boto3, submitit, CUDA) never breaks another and reports stay light.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from cai_bench.choices import BACKEND_MODULES
 from cai_bench.errors import UserError
 from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo
 
@@ -126,7 +124,7 @@ class Backend(Protocol):
     def run(self, plan, emit: Emit) -> BackendRun: ...
 
     def machine(self, plan) -> str | None:
-        """Where ``plan`` will run, as records name it (``results.machine_id``); None: this machine."""
+        """Where ``plan`` will run, as records name it (``machine.machine_id``); None: this machine."""
 
 
 @runtime_checkable
@@ -154,62 +152,6 @@ def dispatched_run(plan, dispatcher, wall_s: float, info: dict, **typed) -> Back
     if failures:
         raise PartitionsFailed(run, [f.to_dict() for f in failures])
     return run
-
-
-def check_options(backend: Backend, options: dict) -> dict:
-    """``options`` checked against what ``backend`` declares: an option it does not take is one clear error."""
-    declared = {o.name: o for o in backend.options}
-    unknown = sorted(set(options) - set(declared))
-    if unknown:
-        flags = ", ".join(_flag(name) for name in unknown)
-        raise UserError(f"{flags}: not an option of --backend {backend.name}")
-    checked = {name: declared[name].check(value) for name, value in options.items() if value is not None}
-    backend.check(checked)
-    return checked
-
-
-def _flag(name: str) -> str:
-    known = all_options().get(name)
-    return known[0].flag if known else "--" + name.replace("_", "-")
-
-
-def check_precision(backend: Backend, precision: str) -> None:
-    """Refuse a precision the backend does not run (tf32 and fp16 are CUDA's), before any work."""
-    if precision not in getattr(backend, "precisions", (precision,)):
-        takes = ", ".join(backend.precisions)
-        raise UserError(f"--precision {precision}: --backend {backend.name} runs {takes}")
-
-
-_REGISTERED: dict[str, Callable[[], Backend]] = {}
-
-
-def register_backend(name: str, create: Callable[[], Backend]) -> None:
-    """Add a backend by name, as the built-in ones are (a plugin, a test's toy backend)."""
-    _REGISTERED[name] = create
-
-
-def available_backends() -> list[str]:
-    return sorted({*BACKEND_MODULES, *_REGISTERED})
-
-
-def get_backend(name: str) -> Backend:
-    if name in _REGISTERED:
-        return _REGISTERED[name]()
-    if name not in BACKEND_MODULES:
-        raise UserError(f"unknown backend {name!r}; available: {', '.join(available_backends())}")
-    return importlib.import_module(BACKEND_MODULES[name]).create()
-
-
-def all_options() -> dict[str, tuple[BackendOption, list[str]]]:
-    """Every option any built-in backend declares, with the backends that take it (for the command line)."""
-    out: dict[str, tuple[BackendOption, list[str]]] = {}
-    for name in sorted(BACKEND_MODULES):
-        for option in get_backend(name).options:
-            if option.name in out:
-                out[option.name][1].append(name)
-            else:
-                out[option.name] = (option, [name])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- detached jobs

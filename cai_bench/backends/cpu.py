@@ -1,10 +1,19 @@
-"""``cpu``: one worker process on this machine, the next partition read in the background.
+"""``cpu``: one worker in the command's own process, the next partition read in the background.
 
 The fast engine splits each partition between lanes: threads with one intra-op thread each (``threads`` cores
-give ``threads`` lanes, at most MAX_LANES), sharing one model. On the 2-core dev machine two single-threaded
+give ``threads`` lanes, at most MAX_LANES), sharing one model. On a 2-core AMD EPYC machine two single-threaded
 lanes ran the prepared model about 25% faster than one two-threaded loop: this model's many small operations
 (16-channel convolutions, element-wise steps) parallelise poorly inside one operation. The reference engine
-runs as upstream did: one loop with all threads.
+runs as upstream did: one loop with all threads, over the whole data set at once.
+
+Unlike the other backends, ``cpu`` runs ``loop.worker_loop`` over its list of units directly, not under the
+dispatcher (``dispatch.py``), on purpose: the dispatcher moves units between workers (retries on another worker,
+a replacement for a lost one, read-ahead only while every worker has work), and here there is one worker, in the
+driver's own process. A crash of that worker is a crash of the command, so nothing would be left to retry; a
+partition that raises is, on one local reader, a bad input (a checksum, a size, a dtype, NaN: it fails the same
+way when read again), which stops the run with the one line and exit code 2 that bad input gets, the partitions
+that finished kept in a ``failed`` record; and reads from ``s3://`` are already retried by botocore (standard
+mode, 5 attempts). Use ``--backend hpc --workers 1`` for the same single worker under the dispatcher.
 """
 
 from __future__ import annotations
@@ -13,30 +22,15 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-import psutil
-
 from cai_bench.backends.base import BackendOption, BackendRun, Emit
-from cai_bench.choices import CPU_PRECISIONS, RUNTIMES
-from cai_bench.metrics import allowed_cpus
+from cai_bench.backends.options import LANES, RUNTIME
+from cai_bench.choices import CPU_PRECISIONS
+from cai_bench.loop import model_worker, prepare_model, units_from, worker_loop
+from cai_bench.machine import default_threads
 from cai_bench.plan import Plan, work_units
+from cai_bench.worker import plan_options
 
 MAX_LANES = 4  # each lane holds a batch of activations; more lanes cost memory for little gain
-LANES = BackendOption(
-    "lanes", int, "cpu, hpc: partitions split between this many threads (torch: sharing the model; onnxruntime: a "
-    "session each; openvino: a stream each).", "threads, at most 4",
-    minimum=1,
-)  # fmt: skip
-RUNTIME = BackendOption(
-    "runtime", str, "cpu, hpc, lambda: what runs the model: torch, or an export on onnxruntime or openvino.",
-    "torch", choices=RUNTIMES,
-)  # fmt: skip
-
-
-def default_threads() -> int:
-    """Physical cores this process may use: hyper-threads share a core's vector units and rarely help here."""
-    allowed = allowed_cpus()
-    physical = psutil.cpu_count(logical=False) or allowed
-    return max(1, min(physical, allowed))
 
 
 def lane_layout(threads: int, lanes: int | None = None) -> tuple[int, int]:
@@ -52,7 +46,7 @@ def torch_threads(threads: int | None):
     if threads is None:
         yield
         return
-    import torch
+    import torch  # only where the model runs through it
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -76,10 +70,6 @@ class CpuBackend:
         return None
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
-        from cai_bench.loop import model_worker, units_from, worker_loop
-        from cai_bench.runtimes import model_for_workers
-        from cai_bench.worker import plan_options
-
         threads = plan.threads or default_threads()
         if plan.engine == "reference" or plan.compile:  # a compiled model is called from one thread only
             lanes, intra = 1, threads
@@ -87,13 +77,13 @@ class CpuBackend:
             lanes, intra = lane_layout(threads, plan.backend_options.get("lanes"))
         options = plan_options(plan, lanes, intra_threads=intra)
         # An export the run needs is made before the clock starts, as the data set is: a one-off preparation
-        model, prepared = model_for_workers(plan.weights, options.runtime, plan.seed)
+        model, prepared = prepare_model(plan.weights, options.runtime, plan.seed)
         refs = work_units(plan)
         info = {"lanes": lanes, "intra_op_threads": intra, **prepared}
         with torch_threads(intra if options.runtime == "torch" else None):
             start = time.perf_counter()
             if plan.engine == "reference":
-                from cai_bench.engine import run_reference, start_worker
+                from cai_bench.engine import run_reference, start_worker  # torch: only once the run starts
 
                 worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
                 emit(run_reference(refs, worker, options))

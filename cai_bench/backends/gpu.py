@@ -16,19 +16,30 @@ Timing is by CUDA events: a partition's ``compute_s`` runs from its first copy t
 device; its ``device_stats`` add the seconds the model ran (busy), the seconds and bytes of host-to-device
 copies, and the device's peak memory. The same code runs on the CPU device (streams and events become
 synchronous timers), which is how the tests check it here: ``run_devices(plan, emit, ["cpu"])``.
+
+torch (and the engine and model modules, which import it) is imported inside the functions that use it, so
+that choosing the backend or listing its options never imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import queue
 import time
 from dataclasses import dataclass, field
 
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_run
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher
+from cai_bench.backends.hpc import NodeTransport, quiet_signals, serve_pipe, worker_context
+from cai_bench.backends.options import RETRIES
 from cai_bench.choices import PRECISIONS
-from cai_bench.errors import UserError
+from cai_bench.data.partitions import read_partition
+from cai_bench.errors import UserError, describe
 from cai_bench.plan import BITS_PER_SAMPLE, Plan, work_units
+from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo
+from cai_bench.worker import PRECISION_TOLERANCE, WorkerState, forced_precision, partition_record, plan_options
 
 DEFAULT_BATCH_SIZE = 4096
 PROBE_BATCH = 1024
@@ -61,10 +72,7 @@ OPTIONS = (
         "read_ahead", int, "gpu: partitions read into pinned host buffers ahead of the device.", 2, minimum=1,
         identity=False,
     ),
-    BackendOption(
-        "retries", int, "gpu: times a partition whose device worker died or that failed is retried.",
-        DEFAULT_RETRIES, minimum=0, identity=False,
-    ),
+    RETRIES,
 )  # fmt: skip
 
 
@@ -137,8 +145,6 @@ class HostPartition:
 def read_into(pool: PinnedPool | None, ref, verify: bool) -> HostPartition:
     """Read, check and decode one partition into a buffer of ``pool`` (a buffer of its own without a pool)."""
     import torch
-
-    from cai_bench.data.partitions import read_partition
 
     started = time.perf_counter()
     partition = read_partition(ref, verify=verify)
@@ -215,8 +221,6 @@ def _new_pipeline(device, batch_size: int, channels_last: bool) -> DevicePipelin
 def _autocast(device, precision: str):
     """The precision's autocast, without its cast cache: a CUDA graph must not capture cached weight casts,
     which the cache frees when the context ends (as torch's CUDA graph notes say)."""
-    import contextlib
-
     import torch
 
     if precision not in ("bf16", "fp16"):
@@ -258,7 +262,7 @@ def choose_gpu_precision(model, device, channels_last: bool) -> tuple[str, dict]
     3 after a warm-up; the fastest that is at least 10% faster and within PRECISION_TOLERANCE wins."""
     import torch
 
-    from cai_bench.engine import PRECISION_TOLERANCE, forced_precision, probe_inputs, set_tf32
+    from cai_bench.engine import probe_inputs, set_tf32
 
     forced = forced_precision(PRECISIONS[1:])
     if forced:
@@ -293,13 +297,11 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     A batch never spans two partitions, so the fixed batch is ``--batch-size`` or the largest partition
     (``capacity`` samples, rounded up to a multiple of 8), whichever is smaller: a 25 MB partition (1,277
     galaxies) padded to 4,096 rows would compute three times what it needs."""
-    import functools
-
     import torch
 
-    from cai_bench.engine import WorkerState, set_tf32
+    from cai_bench.engine import set_tf32
     from cai_bench.model.astromae import build_model
-    from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, load_weights
+    from cai_bench.model.checkpoint import load_weights
     from cai_bench.model.inference import prepare_for_inference
 
     started = time.perf_counter()
@@ -336,8 +338,6 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
         try:
             _capture_graphs(worker, context)
         except Exception as exc:  # a model step that cannot be captured: plain launches, and the record says why
-            from cai_bench.errors import describe
-
             worker.pipeline.graphs.clear()
             worker.pipeline.outputs.clear()
             torch.cuda.synchronize(device)
@@ -373,9 +373,6 @@ def _gpu_facts(device) -> dict:
 def run_gpu_partition(partition: HostPartition, worker, options, wait_s: float):
     """The padded, double-buffered batches of one partition on the worker's device; a PartitionResult."""
     import torch
-
-    from cai_bench.engine import partition_record
-    from cai_bench.records import PartitionResult
 
     entered = time.perf_counter()
     pipeline, device = worker.pipeline, worker.pipeline.device
@@ -450,11 +447,7 @@ class DeviceWorkerSpec:
 
 def device_worker_main(conn, worker_id: str, options, weights: str | None, seed: int, spec: DeviceWorkerSpec) -> None:
     """One device worker process: the engine's worker loop, reading into pinned buffers, running padded batches."""
-    import dataclasses
-
     import torch
-
-    from cai_bench.backends.hpc import quiet_signals, serve_pipe
 
     quiet_signals()
     torch.set_num_threads(max(1, spec.read_ahead))  # the host side only decodes and copies
@@ -499,9 +492,6 @@ class DeviceTotals:
 def run_devices(plan: Plan, emit: Emit, devices: list[str]) -> BackendRun:
     """One worker process per device, on the dispatcher; a device that fails loses only its units, which go to
     the others (no replacement is started on a device that failed)."""
-    from cai_bench.backends.hpc import NodeTransport, worker_context
-    from cai_bench.engine import plan_options
-
     options = plan.backend_options
     retries = options.get("retries")
     totals = DeviceTotals()

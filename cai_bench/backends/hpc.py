@@ -30,29 +30,26 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING
 
-from cai_bench.backends import slurm_options
+from cai_bench.backends import slurm, slurm_options
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, Job, dispatched_run
-from cai_bench.backends.cpu import LANES, RUNTIME, default_threads, lane_layout
+from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drive
+from cai_bench.backends.options import LANES, RETRIES, RUNTIME
 from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.errors import UserError, describe
+from cai_bench.loop import model_worker, prepare_model, worker_loop
+from cai_bench.machine import default_threads
 from cai_bench.plan import Plan, work_units
 from cai_bench.records import decode_result, encode_result
-
-if TYPE_CHECKING:
-    from cai_bench.worker import EngineOptions
+from cai_bench.worker import EngineOptions, plan_options
 
 NODE_OPTIONS = (
     BackendOption("workers", int, "hpc: worker processes on this node, --threads split between them.", 1, minimum=1),
-    BackendOption(
-        "retries", int, "hpc: times a partition whose worker died or that failed is retried (--slurm: resubmitted).",
-        DEFAULT_RETRIES, minimum=0, identity=False,
-    ),
+    RETRIES,
     LANES,
     RUNTIME,
-)  # fmt: skip
+)
 STOP_TIMEOUT_S = 10.0
 
 
@@ -102,10 +99,8 @@ def worker_main(
     """One hpc worker process: the worker loop over units asked of the driver over ``conn``; ``weights`` is what
     ``runtimes.model_for_workers`` made ready (an export, for the runtimes other than torch)."""
     quiet_signals()
-    from cai_bench.loop import model_worker
-
     if options.runtime == "torch":
-        import torch
+        import torch  # only in a worker that runs the model through it
 
         torch.set_num_threads(intra)
     start, load, run = model_worker(worker_id, options, weights, seed)
@@ -120,8 +115,6 @@ def serve_pipe(conn: Connection, start, options: EngineOptions, **loop) -> None:
     message), ("fatal", message) when start-up fails. From the driver: ("units", [(unit, ref), ...]), ("none",)
     to a read-ahead it cannot serve yet, ("stop",).
     """
-    from cai_bench.loop import worker_loop
-
     stopped = False
 
     def send(message: tuple) -> None:
@@ -317,15 +310,12 @@ class NodeTransport:
 def run_node(plan: Plan, emit: Emit) -> BackendRun:
     if plan.engine == "reference":
         raise UserError("--engine reference is the one-process upstream loop: run it with --backend cpu")
-    from cai_bench.runtimes import model_for_workers
-    from cai_bench.worker import plan_options
-
     workers, per_worker, lanes, intra = worker_threads(plan)
     retries = plan.backend_options.get("retries")
     dispatcher = Dispatcher(work_units(plan), emit, DEFAULT_RETRIES if retries is None else retries)
     context, server_s = worker_context()
     options = plan_options(plan, lanes, intra_threads=intra)
-    model, prepared = model_for_workers(plan.weights, options.runtime, plan.seed)
+    model, prepared = prepare_model(plan.weights, options.runtime, plan.seed)
     transport = NodeTransport(plan, workers, context, args_for=lambda n: (options, model, plan.seed, intra))
     wall_s = transport.drive(dispatcher)
     info = {
@@ -362,8 +352,6 @@ class HpcBackend:
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         if plan.backend_options.get("slurm"):
-            from cai_bench.backends import slurm
-
             return slurm.run_array(plan, emit)
         return run_node(plan, emit)
 
@@ -372,13 +360,9 @@ class HpcBackend:
             raise UserError("--no-wait submits a SLURM array: add --slurm")
 
     def submit(self, plan: Plan) -> Job:
-        from cai_bench.backends import slurm
-
         return slurm.submit(plan)
 
     def collect(self, job: Job, emit: Emit) -> BackendRun:
-        from cai_bench.backends import slurm
-
         return slurm.collect(job, emit)
 
 

@@ -32,12 +32,15 @@ from pathlib import Path
 import psutil
 
 from cai_bench.backends.base import BackendRun, Emit, Job, collect_command, dispatched_run, save_job
-from cai_bench.backends.cpu import default_threads, lane_layout
+from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, apply, drive
 from cai_bench.backends.slurm_options import DEFAULT_TIME_MIN, groups_of
 from cai_bench.errors import UserError, describe
+from cai_bench.loop import model_worker, prepare_model, units_from, worker_loop
+from cai_bench.machine import capture_environment, default_threads
 from cai_bench.plan import PartitionRef, Plan, plan_from_dict, plan_to_dict, work_units
 from cai_bench.records import decode_result, encode_result, utc_now
+from cai_bench.worker import plan_options
 
 POLL_S = {"local": 0.5, "slurm": 10.0}  # squeue/sacct are shared by everyone on a cluster: ask them rarely
 
@@ -70,9 +73,6 @@ def _append(path: Path, event: dict) -> None:
 
 def run_task(spec: TaskSpec) -> int:
     """One array task, on whatever node the scheduler chose; returns how many units it finished."""
-    from cai_bench.loop import model_worker, units_from, worker_loop
-    from cai_bench.results import capture_environment
-
     directory = Path(spec.directory)
     out = directory / "tasks" / f"{spec.task}.jsonl"
     job = next(
@@ -82,7 +82,7 @@ def run_task(spec: TaskSpec) -> int:
     here = {"host": socket.gethostname(), "pid": os.getpid(), "job": job}
     _append(out, {"event": "start", "task": spec.task, "epoch": time.time(), **here})
     if spec.options.runtime == "torch":
-        import torch
+        import torch  # only in a task that runs the model through it
 
         torch.set_num_threads(spec.intra)
     finished = 0
@@ -306,7 +306,7 @@ def _as_job(plan: Plan, state: dict) -> Job:
 
 
 def _executor(directory: Path, kind: str, parameters: dict):
-    import submitit
+    import submitit  # the [hpc] extra, only where an array is submitted
 
     executor = submitit.AutoExecutor(folder=directory / "submitit", cluster=kind)
     executor.update_parameters(**parameters)
@@ -352,12 +352,9 @@ def _new_job(plan: Plan, wait: bool) -> tuple[dict, Dispatcher]:
 
 
 def _transport(plan: Plan, job: dict) -> ArrayTransport:
-    from cai_bench.runtimes import model_for_workers
-    from cai_bench.worker import plan_options
-
     options = plan_options(plan, job["lanes"], intra_threads=job["intra_op_threads"])
     # An export is made here, where torch is; the tasks read it where it lies (a filesystem the nodes share)
-    model, _ = model_for_workers(plan.weights, options.runtime, plan.seed)
+    model, _ = prepare_model(plan.weights, options.runtime, plan.seed)
     spec = {"options": options, "weights": model, "seed": plan.seed}
     transport = ArrayTransport(plan, job, {**spec, "intra": job["intra_op_threads"]})
     transport.executor = _executor(Path(job["directory"]), job["executor"], job["parameters"])
@@ -393,7 +390,7 @@ def submit(plan: Plan) -> Job:
 
 def collect(saved: Job, emit: Emit) -> BackendRun:
     """Take up a submitted array where it is: its tasks as workers holding their units, then as ``run_array``."""
-    import submitit
+    import submitit  # the [hpc] extra, only where an array is followed
 
     plan, job = plan_from_dict(saved.plan), dict(saved.state)
     job["wait"] = True  # from here on the driver waits, so a retry round on the local executor runs in waves

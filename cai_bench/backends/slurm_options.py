@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 import subprocess
 
 from cai_bench.backends.base import BackendOption
 from cai_bench.choices import SLURM_EXECUTORS
 from cai_bench.errors import UserError
+from cai_bench.machine import machine_id, this_machine
 
 DEFAULT_TIME_MIN = 60
 
@@ -100,7 +102,7 @@ def check(options: dict) -> None:
         raise UserError("--workers is for one node; an array has --tasks or --partitions-per-task")
     groups_of(1, options.get("tasks"), options.get("partitions_per_task"))
     try:
-        import submitit  # noqa: F401
+        import submitit  # noqa: F401 (the [hpc] extra: only whether it is there)
     except ImportError:
         raise UserError("--slurm needs submitit: pip install 'cai-bench[hpc]'") from None
     if kind == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
@@ -121,8 +123,6 @@ def cluster_name() -> str:
         key, _, value = line.partition("=")
         if key.strip() == "ClusterName" and value.strip():
             return value.strip()
-    import socket
-
     return socket.gethostname()
 
 
@@ -130,7 +130,5 @@ def machine(options: dict) -> str:
     """Where an array runs, known before it runs and the same in its record: the cluster and its partition
     (queue), whichever nodes the scheduler then picks; the local executor runs on this machine."""
     if (options.get("slurm_executor") or "slurm") == "local":
-        from cai_bench.results import machine_id, this_machine
-
         return f"slurm-local | {machine_id(this_machine())}"
     return f"slurm | {cluster_name()} | {options.get('slurm_partition') or 'default partition'}"

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
 
 from cai_bench.data import synthetic
 from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
@@ -34,7 +36,7 @@ from cai_bench.plan import (
 from cai_bench.shapes import FLAG, INT, LIST, NUMBER, TABLE, TEXT, problem
 
 if TYPE_CHECKING:
-    import torch  # only read_partition decodes to torch; the rest of the format is numpy and bytes
+    import torch
 
 SCHEMA_VERSION = "1.0"
 MAX_HEADER = 1 << 20  # a partition header is a few hundred bytes; more is not a partition
@@ -205,6 +207,21 @@ def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[Pa
     return manifest, data_summary(storage.location, manifest), refs
 
 
+def dataset_info(directory: str | Path) -> dict:
+    """What ``data info`` shows of a data set, from its manifest (no partition is read)."""
+    manifest, summary, refs = open_dataset(directory)
+    sizes = [r.samples for r in refs]
+    return {
+        **asdict(summary),
+        "bytes_on_disk": sum(r.bytes for r in refs),
+        "samples_per_partition_max": manifest.samples_per_partition,
+        "partition_samples_min": min(sizes),
+        "partition_samples_max": max(sizes),
+        "schema_version": manifest.schema_version,
+        "created_utc": manifest.created_utc,
+    }
+
+
 def partition_refs(storage: Storage, manifest: Manifest) -> tuple[PartitionRef, ...]:
     return tuple(
         PartitionRef(storage.where(e.file), index, e.samples, e.bytes, e.sha256)
@@ -258,8 +275,6 @@ def check_header(path: str | Path, expected_samples: int) -> None:
 def _decoded(ref: PartitionRef, verify: bool, load: Callable, finite: Callable) -> dict:
     """A partition read and checked against its manifest entry (size, sha256, header), decoded by ``load`` and
     its float fields checked for NaN and inf with ``finite``: one read for torch and for numpy workers."""
-    from safetensors import SafetensorError
-
     path = ref.path
     storage, name = split_ref(path)
     data = storage.read(name)
@@ -282,8 +297,8 @@ def _decoded(ref: PartitionRef, verify: bool, load: Callable, finite: Callable) 
 
 def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
     """Read, check (size, checksum, format, finite values) and decode one partition."""
-    import torch
-    from safetensors.torch import load as load_safetensors
+    import torch  # only a torch worker decodes to tensors: the rest of the format is numpy and bytes
+    from safetensors.torch import load as load_safetensors  # (it imports torch too)
 
     start = time.perf_counter()
     tensors = _decoded(ref, verify, load_safetensors, lambda t: torch.isfinite(t).numpy())
@@ -299,9 +314,7 @@ def read_partition(ref: PartitionRef, verify: bool = True) -> Partition:
 
 def read_partition_arrays(ref: PartitionRef, verify: bool = True) -> dict[str, np.ndarray]:
     """The same read and checks as ``read_partition``, decoded to numpy arrays: for workers without torch."""
-    from safetensors.numpy import load as load_safetensors
-
-    return _decoded(ref, verify, load_safetensors, np.isfinite)
+    return _decoded(ref, verify, safetensors.numpy.load, np.isfinite)
 
 
 def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:
@@ -324,12 +337,10 @@ def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:
 
 
 def _serialize(batch: synthetic.GalaxyBatch) -> bytes:
-    from safetensors.numpy import save
-
     arrays = {name: np.ascontiguousarray(getattr(batch, name), dtype=spec[2]) for name, spec in FIELDS.items()}
     # One metadata entry only: safetensors writes several in no fixed order, and the same seed must give the
     # same bytes.
-    return save(arrays, metadata={"format": f"{FORMAT}/{SCHEMA_VERSION}"})
+    return safetensors.numpy.save(arrays, metadata={"format": f"{FORMAT}/{SCHEMA_VERSION}"})
 
 
 def _dataset_id(entries: list[PartitionEntry]) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cai_bench.data.s3 import S3Prefix
 from cai_bench.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -104,8 +105,6 @@ def storage_for(location: str | os.PathLike) -> Storage:
     if url:
         scheme, rest = url.groups()
         if scheme.lower() == "s3":
-            from cai_bench.data.s3 import S3Prefix
-
             return S3Prefix.parse(f"s3://{rest}")
         raise UserError(f"{scheme}://{rest}: cai-bench reads data sets from local directories and s3:// only")
     return LocalDirectory(Path(text))

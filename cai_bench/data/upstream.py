@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from cai_bench.data import synthetic
 from cai_bench.data.partitions import Manifest, Progress, write_dataset
 from cai_bench.errors import UserError
-from cai_bench.model.checkpoint import file_sha256
+from cai_bench.files import file_sha256
 from cai_bench.plan import partition_sizes
 
 CROP = 32

@@ -7,7 +7,6 @@ Loading is strict: a missing, unexpected or wrongly shaped key is an error that 
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from collections.abc import Mapping
@@ -17,8 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cai_bench import __version__
 from cai_bench.errors import UserError
-from cai_bench.records import RANDOM_INIT, WeightsInfo  # noqa: F401 (named here for callers)
+from cai_bench.files import file_sha256
+from cai_bench.model.astromae import build_model, flops_per_sample
+from cai_bench.model.restricted_unpickler import Placeholder, load_pickled_model, module_state_dict
+from cai_bench.records import RANDOM_INIT, WeightsInfo
 
 # Prefixes that wrappers add to every key: DataParallel/DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -29,14 +32,6 @@ _ALIASED_KEYS = {
     "inception_model.conv2d_init.weight": "inception_model.vis_inception.0.weight",
     "inception_model.conv2d_init.bias": "inception_model.vis_inception.0.bias",
 }
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def unpickler_reason(exc: Exception) -> str:
@@ -152,10 +147,27 @@ def checked_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 def check_weights_file(path: str | Path) -> None:
     """Refuse, before anything runs, weights that ``load_weights`` would refuse in every worker."""
-    from cai_bench.model.astromae import build_model
-
     path = Path(path)
     checked_state_dict(build_model(), filter_upstream_state_dict(read_state_dict(path), path), path)
+
+
+def model_info(weights: str | Path | None = None) -> dict:
+    """Parameters (total, frozen, learnable), state-dict keys, FLOPs per sample and the weights' source: what
+    ``model info`` shows, of the model as ``weights`` load into it (random-init without)."""
+    model = build_model()
+    info = load_weights(model, weights) if weights else WeightsInfo(source=RANDOM_INIT, seed=0)
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    frozen = sum(p.numel() for p in params if not p.requires_grad)
+    return {
+        "model": "pcm-AstroMAE",
+        "parameters": total,
+        "frozen_parameters": frozen,
+        "learnable_parameters": total - frozen,
+        "state_dict_keys": len(model.state_dict()),
+        "flops_per_sample": flops_per_sample(model),
+        **info.to_dict(),
+    }
 
 
 def load_weights(model: nn.Module, path: str | Path) -> WeightsInfo:
@@ -180,8 +192,6 @@ class Conversion:
 
 def _read_any_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """Tensors of a safetensors file, a plain state dict or a whole pickled model, by upstream key."""
-    from cai_bench.model.restricted_unpickler import Placeholder, load_pickled_model, module_state_dict
-
     if path.suffix == ".safetensors":
         return read_state_dict(path), "safetensors"
     obj = load_pickled_model(path)
@@ -203,9 +213,6 @@ def convert_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False
     against our model (every key, shape, finite values) before anything is written.
     """
     from safetensors.torch import save_file
-
-    from cai_bench import __version__
-    from cai_bench.model.astromae import build_model
 
     src, out = Path(src), Path(out)
     if not src.is_file():

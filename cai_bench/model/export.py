@@ -22,19 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cai_bench import __version__
 from cai_bench.errors import UserError
-from cai_bench.files import staged_directory
+from cai_bench.files import cache_dir, file_sha256, staged_directory
 from cai_bench.model.astromae import build_model
-from cai_bench.model.checkpoint import RANDOM_INIT, WeightsInfo, file_sha256, load_weights
-from cai_bench.runtimes import (
-    EXPORT_KIND,
-    EXPORT_META,
-    EXPORT_VERSION,
-    Export,
-    max_difference,
-    probe_arrays,
-    read_export,
-)
+from cai_bench.model.checkpoint import load_weights
+from cai_bench.model.export_format import EXPORT_KIND, EXPORT_META, EXPORT_VERSION, Export, is_export, read_export
+from cai_bench.records import RANDOM_INIT, WeightsInfo
+from cai_bench.runtimes import max_difference, runtime_module
+from cai_bench.worker import probe_arrays
 
 EXPORT_TOLERANCE = 1e-5  # largest redshift difference from torch fp32 an fp32 export may show on the probe batch
 OPSET = 18
@@ -63,7 +59,7 @@ def write_model_files(model: torch.nn.Module, fmt: str, folder: Path) -> None:
     """``model`` (any module taking (image, magnitude) as pcm-AstroMAE does) as ``fmt``'s FILES in ``folder``."""
     _to_onnx(model, folder / "model.onnx")
     if fmt == "openvino":
-        import openvino as ov
+        import openvino as ov  # the [openvino] extra, only for this format
 
         converted = ov.convert_model(str(folder / "model.onnx"))
         ov.save_model(converted, str(folder / "model.xml"), compress_to_fp16=False)  # fp32 weights, as exported
@@ -72,8 +68,6 @@ def write_model_files(model: torch.nn.Module, fmt: str, folder: Path) -> None:
 
 def predict_with_runtime(fmt: str, path: Path, image: np.ndarray, magnitude: np.ndarray) -> tuple[np.ndarray, str]:
     """The exported file run by the runtime that will run it, in fp32 (one thread: the check needs no speed)."""
-    from cai_bench.runtimes import runtime_module
-
     runtime = "onnxruntime" if fmt == "onnx" else "openvino"
     module = runtime_module(runtime)
     if fmt == "onnx":
@@ -89,8 +83,6 @@ def export_model(
 ) -> tuple[Export, float]:
     """Export ``weights`` (None: random-init from ``seed``) as ``fmt`` into the directory ``out``, checked; returns
     the export and the seconds it took."""
-    from cai_bench import __version__
-
     started = time.perf_counter()
     if fmt not in FILES:
         raise UserError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}")
@@ -134,11 +126,17 @@ def export_model(
     return read_export(out), time.perf_counter() - started
 
 
+def export_command(weights: str | Path | None, fmt: str, out: str | Path, seed: int = 0,
+                   overwrite: bool = False) -> tuple[Export, float]:  # fmt: skip
+    """``cai-bench model export``: ``export_model``, after refusing an export given as the weights to export."""
+    if weights is not None and is_export(str(weights)):
+        raise UserError(f"{weights}: already an export; --weights takes the weights file it was made from")
+    return export_model(str(weights) if weights else None, fmt, out, seed=seed, overwrite=overwrite)
+
+
 def cache_key(weights: str | None, fmt: str, seed: int) -> str:
     """What names an export in the cache: the weights (their content and where they are), the format and the
     versions that made it."""
-    from cai_bench import __version__
-
     # The path too: export.json names the weights as the run that made it named them, for every later record
     identity = f"{Path(weights).resolve()} {file_sha256(Path(weights))}" if weights else f"{RANDOM_INIT}-seed{seed}"
     text = f"{identity} {fmt} {__version__} {torch.__version__} {OPSET}"
@@ -148,8 +146,6 @@ def cache_key(weights: str | None, fmt: str, seed: int) -> str:
 def cached_export(weights: str | None, fmt: str, seed: int = 0) -> tuple[Export, float, bool]:
     """The export of ``weights`` as ``fmt`` from the cache, made there first when missing: (export, seconds it
     took now, whether it was already there)."""
-    from cai_bench.runner import cache_dir
-
     directory = cache_dir() / "exports" / cache_key(weights, fmt, seed)
     if (directory / EXPORT_META).is_file():
         return read_export(directory), 0.0, True

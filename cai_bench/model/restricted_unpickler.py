@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import io
 import pickle
 import re
 import zipfile
@@ -116,8 +117,6 @@ _SAFE_GLOBALS = {
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
-        import io
-
         super().__init__(io.BytesIO(data))
         self._archive, self._prefix = archive, prefix
         self._storages: dict[str, torch.Tensor] = {}

@@ -17,20 +17,20 @@ choice, and refused, with the difference measured on the probe batch, where it i
 from __future__ import annotations
 
 import importlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from cai_bench.choices import RUNTIMES
 from cai_bench.data.partitions import Partition, read_partition_arrays
 from cai_bench.errors import UserError
-from cai_bench.metrics import allowed_cpus, trim_heap
+from cai_bench.machine import allowed_cpus
+from cai_bench.metrics import trim_heap
+from cai_bench.model.export_format import EXPORT_META, Export, is_export, read_export  # noqa: F401 (named here too)
 from cai_bench.plan import PartitionRef, check_runtime
-from cai_bench.records import PartitionResult, WeightsInfo
+from cai_bench.records import PartitionResult
 from cai_bench.worker import (
     PRECISION_TOLERANCE,
     WARMUP_BATCH,
@@ -41,64 +41,10 @@ from cai_bench.worker import (
     run_in_lanes,
 )
 
-EXPORT_META = "export.json"
-EXPORT_KIND = "cai-bench/model-export"
-EXPORT_VERSION = 1
 # runtime name -> module (imported only when chosen: a missing runtime never breaks another)
 RUNTIME_MODULES = {"onnxruntime": "cai_bench.runtimes.onnx_runtime", "openvino": "cai_bench.runtimes.openvino_runtime"}
 # The Python package each runtime needs, and the extra that installs it
 RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
-# Which export formats a runtime reads
-READS = {"onnxruntime": ("onnx",), "openvino": ("openvino", "onnx")}
-
-
-@dataclass(frozen=True)
-class Export:
-    """An export directory as ``export.json`` describes it."""
-
-    directory: str
-    format: str  # "onnx" or "openvino"
-    files: tuple[str, ...]  # every file of the export, the model file first
-    weights: WeightsInfo
-    check: dict  # {"batch", "max_abs_dz", "runtime", ...}: the export's own check against torch
-    meta: dict
-
-    @property
-    def model_file(self) -> str:
-        return str(Path(self.directory) / self.files[0])
-
-
-def is_export(path: str | None) -> bool:
-    return bool(path) and (Path(path) / EXPORT_META).is_file()
-
-
-def read_export(directory: str | Path, runtime: str | None = None) -> Export:
-    """The export in ``directory``, checked: its metadata, every file it names present, and (given ``runtime``)
-    a format that runtime reads."""
-    directory = Path(directory)
-    try:
-        meta = json.loads((directory / EXPORT_META).read_text())
-    except OSError:
-        raise UserError(f"{directory}: not a model export (no {EXPORT_META}); see cai-bench model export") from None
-    except json.JSONDecodeError:
-        raise UserError(f"{directory / EXPORT_META}: not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("kind") != EXPORT_KIND:
-        raise UserError(f"{directory / EXPORT_META}: not a cai-bench model export")
-    if meta.get("version") != EXPORT_VERSION:
-        raise UserError(f"{directory}: export version {meta.get('version')!r}, this cai-bench reads {EXPORT_VERSION}")
-    files = tuple(meta.get("files") or ())
-    if meta.get("format") not in ("onnx", "openvino") or not files:
-        raise UserError(f"{directory / EXPORT_META}: no format or no files named")
-    for name in files:
-        plain = isinstance(name, str) and "/" not in name and "\\" not in name and not name.startswith(".")
-        if not plain or not (directory / name).is_file():
-            raise UserError(f"{directory}: the export names {name!r}, which is not a file there")
-    weights = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
-    info = WeightsInfo(weights.get("source", "unknown"), weights.get("sha256"), weights.get("seed"))
-    if runtime is not None and meta["format"] not in READS[runtime]:
-        reads = " or ".join(READS[runtime])
-        raise UserError(f"{directory}: a {meta['format']} export; --runtime {runtime} reads {reads}")
-    return Export(str(directory), meta["format"], files, info, dict(meta.get("check") or {}), meta)
 
 
 def runtime_module(runtime: str):
@@ -113,26 +59,12 @@ def runtime_module(runtime: str):
     return importlib.import_module(RUNTIME_MODULES[runtime])
 
 
-def model_for_workers(weights: str | None, runtime: str, seed: int) -> tuple[str | None, dict]:
-    """What the workers of ``runtime`` load, made ready by the driver before its clock starts: for torch the
-    weights as given; for the others an export, ``weights`` itself where it is one, else the export of
-    ``weights`` (random-init from ``seed`` when None) from the cache, made there first with torch when missing.
-    Returns it with what was done, for the run record."""
-    if runtime == "torch":
-        if is_export(weights):
-            raise UserError(f"{weights}: an exported model; run it with --runtime onnxruntime or openvino")
-        return weights, {}
-    if is_export(weights):
-        read_export(weights, runtime)
-        return weights, {"export_made": False}
-    if weights and str(weights).startswith("s3:/"):
-        raise UserError(f"--runtime {runtime} runs an export: export {weights} here first (cai-bench model export)")
-    try:
-        from cai_bench.model.export import cached_export
-    except ImportError:
-        raise UserError(f"--runtime {runtime} needs an export (--weights EXPORT_DIR), or torch to make one") from None
-    export, seconds, cached = cached_export(weights, "openvino" if runtime == "openvino" else "onnx", seed)
-    return export.directory, {"export_made": not cached, "export_s": round(seconds, 3)}
+def auto_precision(runtime: str, model: str, threads: int) -> tuple[str, dict]:
+    """What precision "auto" runs as on ``runtime`` with the export ``model`` on this machine, and why (the
+    probe's figures): what a sweep asks once for all its points."""
+    if runtime == "onnxruntime":
+        return "fp32", {"chose": "fp32", "why": "onnxruntime's CPU provider has no bf16; int8 only by explicit choice"}
+    return runtime_module(runtime).auto_precision(read_export(model, runtime), threads)
 
 
 def judge_explicit(precision: str, max_difference: float, tolerance: float | None = None) -> dict:

@@ -18,7 +18,8 @@ import tempfile
 import numpy as np
 import onnxruntime as ort
 
-from cai_bench.runtimes import Export, RuntimeModel, judge_explicit, max_difference, probe_arrays
+from cai_bench.model.export_format import Export
+from cai_bench.runtimes import RuntimeModel, judge_explicit, max_difference, probe_arrays
 
 QUANTIZED_OPS = ["MatMul", "Gemm"]  # the matrix products: where int8 pays; convolutions stay fp32
 

@@ -14,8 +14,9 @@ import time
 import numpy as np
 import openvino as ov
 
-from cai_bench.metrics import native_bf16_cpu
-from cai_bench.runtimes import Export, RuntimeModel, max_difference, probe_arrays
+from cai_bench.machine import native_bf16_cpu
+from cai_bench.model.export_format import Export
+from cai_bench.runtimes import RuntimeModel, max_difference, probe_arrays
 from cai_bench.worker import PRECISION_TOLERANCE, decide_precision, forced_precision
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision names -> OpenVINO's inference precision hint
@@ -78,6 +79,12 @@ def choose_precision(core: ov.Core, model, threads: int) -> tuple[str, dict]:
     measured = time_precisions(core, model, threads)
     chose, why = decide_precision(native, **measured, tolerance=PRECISION_TOLERANCE)
     return chose, {"chose": chose, "why": why, **measured, "batch": len(probe_arrays()[0])}
+
+
+def auto_precision(export: Export, threads: int) -> tuple[str, dict]:
+    """``choose_precision`` on the export, as a worker with ``threads`` threads would probe it."""
+    core = ov.Core()
+    return choose_precision(core, core.read_model(export.model_file), threads)
 
 
 def compile_export(export: Export, precision: str, lanes: int, threads: int) -> RuntimeModel:

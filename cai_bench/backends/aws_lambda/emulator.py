@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import itertools
 import json
 import math
@@ -47,10 +48,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
+import psutil
+
+from cai_bench import aws
 from cai_bench.backends.aws_lambda.report_log import Report, format_report
 from cai_bench.backends.aws_lambda.runtime import FRAME, write_message
+from cai_bench.errors import UserError
 
 HANDLER = "cai_bench.backends.aws_lambda.handler.handler"
 MB_PER_VCPU = 1769  # Lambda: one vCPU's worth at 1,769 MB, up to 6 vCPUs at 10,240 MB
@@ -73,8 +78,6 @@ _API = re.compile(r"/2015-03-31/functions/(?P<name>[^/?]+)(?P<rest>/invocations|
 
 def emulated_function_env(s3_endpoint: str) -> dict:
     """What an emulated function's environment adds: the loopback S3 and throwaway credentials."""
-    from cai_bench import aws
-
     return {aws.S3_ENDPOINT_ENV: s3_endpoint, aws.EMULATED_ENV: "1", "AWS_ACCESS_KEY_ID": "emulated",
             "AWS_SECRET_ACCESS_KEY": "emulated", "AWS_DEFAULT_REGION": aws.EMULATED_REGION}  # fmt: skip
 
@@ -208,8 +211,6 @@ class Environment:
 
     def _watch(self, stop: threading.Event, kill_after_s: float | None) -> None:
         """Kill the environment once it holds more than its memory (or, as a test's fault, after a while)."""
-        import psutil
-
         try:
             process = psutil.Process(self.process.pid)
         except psutil.Error:
@@ -442,93 +443,8 @@ class Emulator:
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start the HTTP API in a background thread; its endpoint URL."""
-        emulator = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, reply: Reply) -> None:
-                self.send_response(reply.status)
-                for key, value in reply.headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(reply.body)))
-                self.end_headers()
-                self.wfile.write(reply.body)
-
-            def _route(self) -> tuple[str, str] | None:
-                match = _API.match(self.path)
-                if not match:
-                    return None
-                name = unquote(match["name"]).rsplit(":function:", 1)[-1].split(":")[0]
-                return name, match["rest"] or ""
-
-            def _pass_on(self, body: bytes | None = None) -> None:
-                import http.client
-                from urllib.parse import urlsplit
-
-                if body is None:
-                    body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                where = urlsplit(emulator.upstream)
-                connection = http.client.HTTPConnection(where.hostname, where.port, timeout=300)
-                try:
-                    connection.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
-                    answer = connection.getresponse()
-                    data = answer.read()
-                finally:
-                    connection.close()
-                skip = ("content-length", "transfer-encoding", "connection")
-                headers = {k: v for k, v in answer.getheaders() if k.lower() not in skip}
-                self._send(Reply(answer.status, headers, b"" if self.command == "HEAD" else data))
-
-            def do_PUT(self) -> None:
-                if emulator.upstream:
-                    self._pass_on()
-                else:
-                    self._send(_error(404, "UnknownOperationException", f"no such operation: {self.command}"))
-
-            do_DELETE = do_HEAD = do_PUT
-
-            def do_POST(self) -> None:
-                received = time.perf_counter()
-                payload = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                route = self._route()
-                if route is None and emulator.upstream:
-                    self._pass_on(payload)
-                    return
-                if route is None or route[1] != "/invocations":
-                    self._send(_error(404, "UnknownOperationException", f"no such operation: POST {self.path}"))
-                    return
-                if self.headers.get("X-Amz-Invocation-Type", "RequestResponse") != "RequestResponse":
-                    self._send(_error(400, "InvalidParameterValueException",
-                                      "the emulator runs RequestResponse invocations only"))  # fmt: skip
-                    return
-                reply = emulator.invoke(route[0], payload, self.headers.get("X-Amz-Log-Type") == "Tail")
-                # Not Lambda's: how long the service itself held the call, so that the driver's own overhead
-                # can be told from the emulator's (they share this machine)
-                reply.headers[SERVICE_TIME_HEADER] = f"{(time.perf_counter() - received) * 1000:.3f}"
-                self._send(reply)
-
-            def do_GET(self) -> None:
-                route = self._route()
-                if route is None and emulator.upstream:
-                    self._pass_on()
-                    return
-                if route is None or route[1] == "/invocations":
-                    self._send(_error(404, "UnknownOperationException", f"no such operation: GET {self.path}"))
-                    return
-                reply = emulator.configuration(route[0])
-                if route[1] == "" and reply.status == 200:
-                    reply = Reply(200, reply.headers, json.dumps({"Configuration": json.loads(reply.body)}).encode())
-                self._send(reply)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
-
-        self.server = Server((host, port), Handler)
+        self.server = _Server((host, port), _InvokeAPI)
+        self.server.emulator = self
         threading.Thread(target=self.server.serve_forever, name="cai-lambda-emulator", daemon=True).start()
         return f"http://{host}:{self.server.server_address[1]}"
 
@@ -550,6 +466,93 @@ class Emulator:
                 "threads_per_environment": self.threads, "cpu_share": round(self.cpu_share, 3),
                 "concurrency": self.concurrency,
                 "memory_mb": self.config.memory_mb, "timeout_s": self.config.timeout_s}  # fmt: skip
+
+
+class _InvokeAPI(BaseHTTPRequestHandler):
+    """Lambda's Invoke API (and GetFunction), answered by ``server.emulator``; with an upstream, whatever is not
+    Lambda's is passed on to it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, reply: Reply) -> None:
+        self.send_response(reply.status)
+        for key, value in reply.headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    def _route(self) -> tuple[str, str] | None:
+        match = _API.match(self.path)
+        if not match:
+            return None
+        name = unquote(match["name"]).rsplit(":function:", 1)[-1].split(":")[0]
+        return name, match["rest"] or ""
+
+    def _pass_on(self, body: bytes | None = None) -> None:
+        if body is None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        where = urlsplit(self.server.emulator.upstream)
+        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=300)
+        try:
+            connection.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+            answer = connection.getresponse()
+            data = answer.read()
+        finally:
+            connection.close()
+        skip = ("content-length", "transfer-encoding", "connection")
+        headers = {k: v for k, v in answer.getheaders() if k.lower() not in skip}
+        self._send(Reply(answer.status, headers, b"" if self.command == "HEAD" else data))
+
+    def do_PUT(self) -> None:
+        if self.server.emulator.upstream:
+            self._pass_on()
+        else:
+            self._send(_error(404, "UnknownOperationException", f"no such operation: {self.command}"))
+
+    do_DELETE = do_HEAD = do_PUT
+
+    def do_POST(self) -> None:
+        received = time.perf_counter()
+        payload = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        route = self._route()
+        if route is None and self.server.emulator.upstream:
+            self._pass_on(payload)
+            return
+        if route is None or route[1] != "/invocations":
+            self._send(_error(404, "UnknownOperationException", f"no such operation: POST {self.path}"))
+            return
+        if self.headers.get("X-Amz-Invocation-Type", "RequestResponse") != "RequestResponse":
+            self._send(_error(400, "InvalidParameterValueException",
+                              "the emulator runs RequestResponse invocations only"))  # fmt: skip
+            return
+        reply = self.server.emulator.invoke(route[0], payload, self.headers.get("X-Amz-Log-Type") == "Tail")
+        # Not Lambda's: how long the service itself held the call, so that the driver's own overhead
+        # can be told from the emulator's (they share this machine)
+        reply.headers[SERVICE_TIME_HEADER] = f"{(time.perf_counter() - received) * 1000:.3f}"
+        self._send(reply)
+
+    def do_GET(self) -> None:
+        route = self._route()
+        if route is None and self.server.emulator.upstream:
+            self._pass_on()
+            return
+        if route is None or route[1] == "/invocations":
+            self._send(_error(404, "UnknownOperationException", f"no such operation: GET {self.path}"))
+            return
+        reply = self.server.emulator.configuration(route[0])
+        if route[1] == "" and reply.status == 200:
+            reply = Reply(200, reply.headers, json.dumps({"Configuration": json.loads(reply.body)}).encode())
+        self._send(reply)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+    emulator: Emulator
 
 
 # ---------------------------------------------------------------------------------------------- local S3
@@ -597,10 +600,8 @@ def start_local_s3(timeout_s: float = 30.0, state_machines_via: int | None = Non
     emulator's port, passing on to this server what is not Lambda's), Step Functions executions really run the
     state machine, its Lambda and S3 calls going to that port."""
     try:
-        import moto.server  # noqa: F401
+        import moto.server  # noqa: F401 (the [aws] extra: only whether it is there; it runs in its own process)
     except ImportError:
-        from cai_bench.errors import UserError
-
         raise UserError("--emulate needs moto's server for S3: pip install 'cai-bench[aws]'") from None
     port = free_port()
     env = dict(os.environ)
@@ -612,7 +613,26 @@ def start_local_s3(timeout_s: float = 30.0, state_machines_via: int | None = Non
     ready, _, _ = select.select([process.stdout], [], [], timeout_s)
     if not ready or process.stdout.readline().strip() != "ready":
         process.kill()
-        from cai_bench.errors import UserError
-
         raise UserError("the local S3 server (moto) did not start")
     return LocalS3(process, f"http://127.0.0.1:{port}")
+
+
+def serve_standalone(config: FunctionConfig, concurrency: int, endpoint_url: str | None, port: int, announce) -> None:
+    """``cai-bench lambda emulate``: the emulator on its own, on ``port``, with a local S3 unless ``endpoint_url``
+    names one; ``announce(emulator, url, s3_url)`` once it serves, then until Ctrl-C, then everything stopped."""
+    stops = []
+    try:
+        if endpoint_url is None:
+            local = start_local_s3()
+            stops.append(local.stop)
+            endpoint_url = local.url
+        emulator = Emulator(config, concurrency=concurrency, extra_env=emulated_function_env(endpoint_url))
+        stops.append(emulator.stop)
+        announce(emulator, emulator.serve(port=port), endpoint_url)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for stop in reversed(stops):
+            stop()

@@ -7,26 +7,7 @@ the records. The model is built once per execution environment, on its first inv
 environment stays warm; torch is imported only then, so importing this module (the init phase) is light and a
 no-model invocation never imports it.
 
-Event (what the driver sends):
-    run_id       the run's id
-    results      s3://bucket/prefix where the unit results go
-    units        [{"position": int, "ref": PartitionRef fields}]
-    options      EngineOptions fields (batch_size, precision, engine, verify_checksums, compile, lanes, runtime)
-    weights      runtime torch: a path in the image, an s3:// key (fetched once to /tmp), or null for random-init
-                 weights; onnxruntime, openvino: an export's directory in the image, or its s3:// folder (its
-                 export.json and the files it names fetched once to /tmp)
-    seed         random-init seed
-    mode         "model" (default) or "no-model": read and verify each partition, return its record, run
-                 nothing (the fan-out machinery measured without the model)
-    hold_s       no-model only: seconds each unit holds its worker, standing in for compute (tests, benches)
-
-Under Step Functions (``--orchestrator stepfunctions``) the event is ``{"base": those fields, "units": [...]}``:
-the Map's item, with what every invocation shares, and ``replies``: the folder under ``results`` where the
-handler writes its response as ``<request id>.json`` (the Map's output is too small to carry them).
-
-Response: {"environment", "request_id", "cold", "ready": {"weights", "choices"}, "done": [{"position", "key",
-"record"}], "failed": [{"position", "error"}], "timing": {"duration_ms"}} (the handler's own time: what the
-driver has of an invocation when no REPORT line reaches it).
+The event, where results go and the reply are the wire protocol (``wire.py``).
 """
 
 from __future__ import annotations
@@ -41,20 +22,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from cai_bench.backends.aws_lambda.wire import event_units, reply_key, result_key
+from cai_bench.data.partitions import read_partition_arrays
 from cai_bench.data.s3 import S3Prefix
-from cai_bench.errors import UserError
 from cai_bench.loop import loop_functions, model_worker, units_from, worker_loop
-from cai_bench.metrics import allowed_cpus, peak_rss_bytes
+from cai_bench.machine import allowed_cpus
+from cai_bench.metrics import peak_rss_bytes
+from cai_bench.model.export_format import EXPORT_META
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
-from cai_bench.records import (
-    RANDOM_INIT,
-    PartitionResult,
-    WeightsInfo,
-    WireFormatError,
-    WorkerRecord,
-    decode_result,
-    encode_result,
-)
+from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo, WorkerRecord, encode_result
 from cai_bench.worker import EngineOptions
 
 ENVIRONMENT_ID = uuid.uuid4().hex[:12]  # this execution environment, for as long as it lives
@@ -72,29 +48,6 @@ class _Warm:
 _WARM = _Warm()
 
 
-def result_key(position: int) -> str:
-    return f"unit-{position:06d}.npz"
-
-
-def read_result(results: S3Prefix, position: int) -> PartitionResult | None:
-    """A unit's result as an invocation wrote it to ``results``; None when it is not there (or not whole yet)."""
-    try:
-        return decode_result(results.read(result_key(position)))
-    except (UserError, WireFormatError):
-        return None
-
-
-def error_text(payload: bytes | str | None, kind: str | None = None) -> str:
-    """``errorType: errorMessage`` from Lambda's error JSON (a function error's body, or the Cause Step Functions
-    gives it); the text itself, cut short, when it is not that JSON."""
-    try:
-        error = json.loads(payload or "")
-        return f"{error.get('errorType') or kind or 'Unhandled'}: {error.get('errorMessage', '')}".strip()
-    except (ValueError, TypeError, AttributeError):
-        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else str(payload or "")
-        return f"{kind}: {text[:300]}".strip() if kind else text[:300]
-
-
 def _weights_file(weights: str | None) -> str | None:
     """A local file of the weights: a path in the image as it is, an s3:// object fetched to /tmp once."""
     if not weights or not weights.startswith("s3:/"):
@@ -110,8 +63,6 @@ def _weights_file(weights: str | None) -> str | None:
 
 def _export_folder(weights: str) -> str:
     """A local copy of an export: a directory in the image as it is, an s3:// folder fetched to /tmp once."""
-    from cai_bench.runtimes import EXPORT_META
-
     if not weights.startswith("s3:/"):
         return weights
     if weights not in _WARM.weights_files:
@@ -134,7 +85,7 @@ def _model_worker(options, event: dict, request_id: str):
     key = (options, event.get("weights"), int(event.get("seed", 0)))
     if key not in _WARM.workers:  # once per environment: the cold start of the model
         if options.runtime == "torch":
-            import torch
+            import torch  # once per environment, and never where the model runs on another runtime
 
             torch.set_num_threads(allowed_cpus())  # what Lambda allots for the memory (the emulator pins as many)
             model = _weights_file(event.get("weights"))
@@ -162,8 +113,6 @@ class _NoModelWorker:
 
 
 def _no_model_run(hold_s: float):
-    from cai_bench.data.partitions import read_partition_arrays
-
     def load(ref: PartitionRef):
         started = time.perf_counter()
         return ref, read_partition_arrays(ref), time.perf_counter() - started
@@ -195,7 +144,7 @@ def handler(event: dict, context) -> dict:
     cold = _WARM.invocations == 0
     _WARM.invocations += 1
     results = S3Prefix.parse(event["results"])
-    units = [(int(u["position"]), PartitionRef(**u["ref"])) for u in event["units"]]
+    units = event_units(event)
     for _, ref in units:
         if not ref.path.startswith("s3:/"):
             raise ValueError(f"{ref.path}: a Lambda function reads partitions from S3 only")
@@ -242,5 +191,5 @@ def handler(event: dict, context) -> dict:
         "timing": {"duration_ms": round((time.perf_counter() - entered) * 1000, 3)},
     }
     if event.get("replies"):
-        results.write(f"{event['replies']}/{request_id}.json", json.dumps(reply).encode())
+        results.write(reply_key(event["replies"], request_id), json.dumps(reply).encode())
     return reply

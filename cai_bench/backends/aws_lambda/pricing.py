@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai_bench.backends.aws_lambda.report_log import parse_reports
 from cai_bench.errors import UserError
 
 # AWS Lambda on-demand prices, us-east-1, first pricing tier (the tier every benchmark-sized run is in), as
@@ -107,3 +108,68 @@ def estimate(invocations: int, seconds_each: float, memory_gb: float, architectu
     the paper writes memory, 1 GB = 1,024 MB)."""
     billed_ms = math.ceil(seconds_each * 1000)
     return cost([billed_ms] * invocations, memory_gb * 1024, architecture, prices)
+
+
+@dataclass(frozen=True)
+class Billed:
+    """What ``lambda cost`` prices: each invocation's billed milliseconds at one memory size."""
+
+    billed_ms: list[int]
+    memory_mb: int
+
+
+def billed_before_a_run(invocations: int, seconds_each: float | None, memory_mb: int | None) -> Billed:
+    if seconds_each is None or memory_mb is None:
+        raise UserError("--invocations needs --seconds-each and --memory-mb")
+    return Billed([math.ceil(seconds_each * 1000)] * invocations, memory_mb)
+
+
+def billed_from_workers(path: Path, memory_mb: int | None) -> Billed:
+    """Per-function records (a JSON list, each with ``total_cpu_time (seconds)``, as the paper's are): each
+    one's time, rounded up to the millisecond, as its billed duration."""
+    if memory_mb is None:
+        raise UserError("--workers needs --memory-mb (the records do not say)")
+    try:
+        rows = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    key = "total_cpu_time (seconds)"
+    ok = isinstance(rows, list) and rows and all(isinstance(r, dict) and _price(r.get(key)) for r in rows)
+    if not ok:
+        raise UserError(f"{path}: expected a JSON list of records, each with a number {key!r}")
+    return Billed([math.ceil(float(r[key]) * 1000) for r in rows], memory_mb)
+
+
+def billed_from_log(path: Path, memory_mb: int | None) -> Billed:
+    """Every REPORT line's billed duration, at the memory the lines name (or ``memory_mb``)."""
+    try:
+        reports = parse_reports(path.read_text(errors="replace"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    if not reports:
+        raise UserError(f"{path}: no REPORT line in it")
+    sizes = {r.memory_size_mb for r in reports}
+    memory = memory_mb or (sizes.pop() if len(sizes) == 1 else 0)
+    if not memory:
+        raise UserError(f"{path}: REPORT lines of several memory sizes; give --memory-mb")
+    return Billed([r.billed_duration_ms for r in reports], memory)
+
+
+def billed_from(workers: Path | None, log: Path | None, invocations: int | None, seconds_each: float | None,
+                memory_mb: int | None) -> Billed:  # fmt: skip
+    """``lambda cost``'s one source of billed durations: per-function records, a log, or invocations to come."""
+    if sum(x is not None for x in (workers, log, invocations)) != 1:
+        raise UserError("give one of --workers FILE, --log FILE or --invocations N")
+    if invocations is not None:
+        return billed_before_a_run(invocations, seconds_each, memory_mb)
+    if workers is not None:
+        return billed_from_workers(workers, memory_mb)
+    return billed_from_log(log, memory_mb)
+
+
+def price(billed: Billed, architecture: str = "x86_64", price_file: str | Path | None = None,
+          transitions: int = 0) -> Cost:  # fmt: skip
+    """What ``billed`` costs at the built-in prices, or at those of ``price_file``."""
+    return cost(billed.billed_ms, billed.memory_mb, architecture, load_prices(price_file), transitions=transitions)

@@ -1,5 +1,6 @@
-"""The paper's orchestration: a Step Functions state machine whose Distributed Map reads the run's invocations
-from S3 and invokes the function once per item, ``MaxConcurrency`` at a time (``--orchestrator stepfunctions``).
+"""The paper's orchestration as a transport (``--orchestrator stepfunctions``): executions of a Step Functions
+state machine (made by ``provision.ensure_state_machine``) whose Distributed Map reads the run's invocations from
+S3 and invokes the function once per item, ``MaxConcurrency`` at a time; and what the record keeps of them.
 
 The dispatcher keeps the queue and the retries, as for every backend: an execution is one worker, given every
 unit still waiting. Its items file (``<results>/items-N.json``) lists the invocations, each a group of
@@ -27,98 +28,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from cai_bench import aws
+from cai_bench.backends.aws_lambda.provision import MAP_STATE
+from cai_bench.backends.aws_lambda.wire import error_text, read_result, result_key, unit_items
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
+from cai_bench.data.s3 import S3Prefix
 from cai_bench.errors import UserError
 
-MAP_STATE = "Partitions"
-# Errors of the Lambda service itself (nothing ran): retried inside the state machine, as AWS advises
-SERVICE_ERRORS = ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException",
-                  "Lambda.TooManyRequestsException"]  # fmt: skip
 DONE_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
-
-
-def state_machine_name(function: str) -> str:
-    return f"cai-bench-{function}"[:80]
-
-
-def definition(function: str, max_concurrency: int) -> dict:
-    """The state machine: a Distributed Map over the items file named in the execution's input
-    (``{"items": {"Bucket", "Key"}, "base": event fields shared by every invocation}``)."""
-    invoke = {
-        "Type": "Task",
-        "Resource": "arn:aws:states:::lambda:invoke",
-        "Parameters": {"FunctionName": function, "Payload.$": "$"},
-        "ResultSelector": {"ok": True},  # the reply itself is in S3
-        "Retry": [{"ErrorEquals": SERVICE_ERRORS, "IntervalSeconds": 1, "BackoffRate": 2.0, "MaxAttempts": 8}],
-        "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Lost"}],
-        "End": True,
-    }
-    lost = {"Type": "Pass", "Parameters": {"lost.$": "$.units[*].position", "error.$": "$.error"}, "End": True}
-    return {
-        "Comment": "cai-bench: one invocation of the function per item of the run's items file",
-        "StartAt": MAP_STATE,
-        "States": {
-            MAP_STATE: {
-                "Type": "Map",
-                "MaxConcurrency": max_concurrency,
-                "ItemReader": {
-                    "Resource": "arn:aws:states:::s3:getObject",
-                    "ReaderConfig": {"InputType": "JSON"},
-                    "Parameters": {"Bucket.$": "$.items.Bucket", "Key.$": "$.items.Key"},
-                },
-                "ItemSelector": {"base.$": "$.base", "units.$": "$$.Map.Item.Value"},
-                "ItemProcessor": {
-                    "ProcessorConfig": {"Mode": "DISTRIBUTED", "ExecutionType": "STANDARD"},
-                    "StartAt": "Invoke",
-                    "States": {"Invoke": invoke, "Lost": lost},
-                },
-                "End": True,
-            }
-        },
-    }
-
-
-def _named(client, function: str) -> list[tuple[str, bool]]:
-    """The state machines named for ``function``: (ARN, whether it carries cai-bench's tag)."""
-    from cai_bench.backends.aws_lambda.deploy import MANAGED_TAG
-
-    name, tag = state_machine_name(function), {"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]}
-    found = []
-    for page in client.get_paginator("list_state_machines").paginate():
-        for machine in page["stateMachines"]:
-            if machine["name"] == name:
-                arn = machine["stateMachineArn"]
-                found.append((arn, tag in client.list_tags_for_resource(resourceArn=arn).get("tags", [])))
-    return found
-
-
-def managed_state_machines(account, function: str) -> list[str]:
-    """The ARNs of the state machines cai-bench made for ``function`` (its name, and cai-bench's tag)."""
-    with aws.one_line_errors("Step Functions: cannot list state machines"):
-        return [arn for arn, managed in _named(account.client("stepfunctions"), function) if managed]
-
-
-def ensure_state_machine(client, function: str, max_concurrency: int, role_arn: str) -> tuple[str, str]:
-    """The state machine for ``function`` at this concurrency: created, updated when its definition differs,
-    or reused as it is. Returns (its ARN, "created" | "updated" | "reused")."""
-    from cai_bench.backends.aws_lambda.deploy import MANAGED_TAG
-
-    name = state_machine_name(function)
-    wanted = definition(function, max_concurrency)
-    with aws.one_line_errors(f"state machine {name}"):
-        for arn, managed in _named(client, function):
-            if not managed:
-                raise UserError(f"state machine {name} exists and was not made by cai-bench: rename it, "
-                                "or run with another --function")  # fmt: skip
-            described = client.describe_state_machine(stateMachineArn=arn)
-            if json.loads(described["definition"]) == wanted and described["roleArn"] == role_arn:
-                return arn, "reused"
-            client.update_state_machine(stateMachineArn=arn, definition=json.dumps(wanted), roleArn=role_arn)
-            return arn, "updated"
-        made = client.create_state_machine(name=name, definition=json.dumps(wanted), roleArn=role_arn, type="STANDARD",
-                                           tags=[{"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]}])  # fmt: skip
-    return made["stateMachineArn"], "created"
-
 
 # ---------------------------------------------------------------------------------------------- the history
 
@@ -285,7 +201,7 @@ class MapTransport:
 
     def _run(self, execution: Execution, units: list[Unit]) -> None:
         groups = [units[i : i + self.per_invocation] for i in range(0, len(units), self.per_invocation)]
-        items = [[{"position": u.position, "ref": asdict(u.item)} for u in group] for group in groups]
+        items = [unit_items(group) for group in groups]
         items_name = f"items-{len(self.executions)}.json"
         self.results.write(items_name, json.dumps(items).encode())
         execution.items, execution.units = len(items), [u.position for u in units]
@@ -325,8 +241,6 @@ class MapTransport:
 
     def _collect(self, execution: Execution, waiting: set[int]) -> set[int]:
         """Units of ``waiting`` whose result is in S3 now: each read and reported done."""
-        from cai_bench.backends.aws_lambda.handler import read_result, result_key
-
         present = set(self.results.names())
         landed = set()
         for position in sorted(waiting):
@@ -340,8 +254,6 @@ class MapTransport:
 
     def _read_replies(self, execution: Execution, folder: str) -> dict[int, str]:
         """The handler's replies of this execution, into its record; per unit, why it failed."""
-        from cai_bench.data.s3 import S3Prefix
-
         errors: dict[int, str] = {}
         replies = S3Prefix(self.results.bucket, self.results.key(folder))
         for name in sorted(replies.names()):
@@ -358,8 +270,6 @@ class MapTransport:
     @staticmethod
     def _item_errors(output: str | None) -> dict[int, str]:
         """Per unit, why its function failed, from the Map's output (an entry per item that failed)."""
-        from cai_bench.backends.aws_lambda.handler import error_text
-
         errors: dict[int, str] = {}
         try:
             entries = json.loads(output or "[]")
@@ -380,3 +290,20 @@ class MapTransport:
         if self.first_start is None or self.last_end is None:
             return 0.0
         return self.last_end - self.first_start
+
+
+def map_summary(transport) -> dict:
+    """What the record keeps of the executions: each one, and the Map state's time in all (the paper's)."""
+    executions = [asdict(e) for e in transport.executions]
+    map_times = [e["history"].get("map_state_s") for e in executions]
+    items = sum(e["items"] for e in executions)
+    caught = sum(e["items"] - len(e["invocations"]) for e in executions)  # items with no handler reply
+    return {
+        "invocations_made": items,
+        "executions": executions,
+        "map_state_s": sum(map_times) if map_times and None not in map_times else None,
+        "driver_wall_s": transport.wall_s,
+        # One per item's Task, one more per caught failure, one per execution's Map state (an estimate:
+        # retries inside the state machine add theirs)
+        "transitions": items + caught + len(executions),
+    }

@@ -1,32 +1,28 @@
-"""The function on a real account: the container image (``build``), the function made from it (``deploy``),
-what it is now (``status``) and its removal with everything cai-bench made for it (``destroy``).
+"""The function and its state machine on a real account: made (``deploy``, ``ensure_state_machine``), shown
+(``status``) and removed with everything cai-bench made for it (``destroy``). The transports that use them are
+``invoke.py`` and ``stepfunctions.py``; the image the function runs is ``image.py``.
 
 Everything cai-bench creates carries the tag ``managed-by=cai-bench``; ``destroy`` removes only what carries it,
-so it never deletes a function or state machine a user made by hand under the same name.
+so it never deletes a function or state machine a user made by hand under the same name. The state machine is a
+Distributed Map that reads the run's invocations from S3 and invokes the function once per item.
 """
 
 from __future__ import annotations
 
-import base64
+import json
 import re
-import shutil
-import subprocess
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cai_bench import aws
-from cai_bench.choices import RUNTIMES
 from cai_bench.errors import UserError
 
 MANAGED_TAG = ("managed-by", "cai-bench")
 ARCHITECTURES = ("x86_64", "arm64")
-DOCKERFILE = Path("deploy/lambda/Dockerfile")
-PLATFORMS = {"x86_64": "linux/amd64", "arm64": "linux/arm64"}
 _IMAGE_URI = re.compile(
     r"\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+(:[\w.-]{1,128}|@sha256:[0-9a-f]{64})"
 )
 _ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
-_REPOSITORY = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
 
 
 @dataclass(frozen=True)
@@ -104,7 +100,8 @@ def is_managed(tags: dict | None) -> bool:
 
 def deploy(account: Account, spec: FunctionSpec, wait_s: float = 600.0) -> dict:
     """Create the function, or update the one of that name (its image, then its configuration), and wait until
-    it is active and its update is done. Returns {"action": "created"|"updated", "configuration": ...}."""
+    it is active and its update is done. Returns {"action": "created"|"updated", "configuration": ..., "seconds"}."""
+    started = time.perf_counter()
     spec.check()
     client = account.client("lambda")
     existing = get_function(account, spec.name)
@@ -128,7 +125,7 @@ def deploy(account: Account, spec: FunctionSpec, wait_s: float = 600.0) -> dict:
             _wait(account, spec.name, "function_updated_v2", wait_s)
             action = "updated"
         configuration = client.get_function_configuration(FunctionName=spec.name)
-    return {"action": action, "configuration": configuration}
+    return {"action": action, "configuration": configuration, "seconds": time.perf_counter() - started}
 
 
 def set_memory(client, name: str, memory_mb: int, wait_s: float = 300.0, delay_s: float = 2.0) -> bool:
@@ -146,8 +143,6 @@ def set_memory(client, name: str, memory_mb: int, wait_s: float = 300.0, delay_s
 
 def status(account: Account, name: str) -> dict:
     """What there is of the function and of what cai-bench made for it."""
-    from cai_bench.backends.aws_lambda.stepfunctions import managed_state_machines
-
     found = get_function(account, name)
     out: dict = {"function": name, "exists": found is not None}
     if found is not None:
@@ -165,8 +160,6 @@ def status(account: Account, name: str) -> dict:
 def destroy(account: Account, name: str) -> list[str]:
     """Remove the function and what cai-bench made for it (its state machines, its log group); only what
     carries cai-bench's tag. What was removed, one line each."""
-    from cai_bench.backends.aws_lambda.stepfunctions import managed_state_machines
-
     removed = []
     for arn in managed_state_machines(account, name):
         with aws.one_line_errors(f"state machine {arn}: cannot delete it"):
@@ -191,98 +184,101 @@ def destroy(account: Account, name: str) -> list[str]:
     return removed
 
 
-# ---------------------------------------------------------------------------------------------- the image
+# ---------------------------------------------------------------------------------------------- the state machine
+
+MAP_STATE = "Partitions"
+# Errors of the Lambda service itself (nothing ran): retried inside the state machine, as AWS advises
+SERVICE_ERRORS = ["Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException",
+                  "Lambda.TooManyRequestsException"]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ImageBuild:
-    repository: str = "cai-bench"
-    tag: str = "latest"
-    arch: str = "x86_64"
-    context: Path = Path(".")
-    runtime: str = "torch"  # torch: the Dockerfile's torch target; onnxruntime, openvino: its torch-free target
-
-    def check(self) -> ImageBuild:
-        if self.runtime not in RUNTIMES:
-            raise UserError(f"--runtime {self.runtime!r}: one of {', '.join(RUNTIMES)}")
-        if not _REPOSITORY.fullmatch(self.repository) or len(self.repository) > 256:
-            raise UserError(f"--repository {self.repository!r}: not an ECR repository name (lowercase, digits, "
-                            "'.', '_', '-', '/')")  # fmt: skip
-        if not re.fullmatch(r"[\w][\w.-]{0,127}", self.tag):
-            raise UserError(f"--tag {self.tag!r}: not an image tag")
-        if self.arch not in ARCHITECTURES:
-            raise UserError(f"--arch {self.arch!r}: one of {', '.join(ARCHITECTURES)}")
-        if not (self.context / DOCKERFILE).is_file():
-            raise UserError(f"{self.context / DOCKERFILE}: no Dockerfile there; run from a cai-bench checkout or "
-                            "give --context")  # fmt: skip
-        return self
-
-    @property
-    def local(self) -> str:
-        return f"{self.repository}:{self.tag}"
-
-    def registry(self, account_id: str, region: str) -> str:
-        return f"{account_id}.dkr.ecr.{region}.amazonaws.com"
-
-    def uri(self, account_id: str, region: str) -> str:
-        return f"{self.registry(account_id, region)}/{self.local}"
-
-    def build_command(self) -> list[str]:
-        target = ["--target", "torch"] if self.runtime == "torch" else [
-            "--target", "exported", "--build-arg", f"RUNTIME={self.runtime}"]  # fmt: skip
-        return ["docker", "build", "--platform", PLATFORMS[self.arch], "--provenance=false", "-f",
-                str(self.context / DOCKERFILE), *target, "-t", self.local, str(self.context)]  # fmt: skip
-
-    def push_commands(self, account_id: str, region: str) -> list[str]:
-        """Shell lines, with the aws CLI: what ``lambda build --push`` does through boto3 and docker."""
-        registry, uri = self.registry(account_id, region), self.uri(account_id, region)
-        return [
-            f"aws ecr create-repository --repository-name {self.repository} --region {region}",
-            f"aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin {registry}",
-            f"docker tag {self.local} {uri}",
-            f"docker push {uri}",
-        ]
+def state_machine_name(function: str) -> str:
+    return f"cai-bench-{function}"[:80]
 
 
-def docker_reachable() -> bool:
-    """A docker client on PATH whose daemon answers."""
-    if shutil.which("docker") is None:
-        return False
+def definition(function: str, max_concurrency: int) -> dict:
+    """The state machine: a Distributed Map over the items file named in the execution's input
+    (``{"items": {"Bucket", "Key"}, "base": event fields shared by every invocation}``)."""
+    invoke = {
+        "Type": "Task",
+        "Resource": "arn:aws:states:::lambda:invoke",
+        "Parameters": {"FunctionName": function, "Payload.$": "$"},
+        "ResultSelector": {"ok": True},  # the reply itself is in S3
+        "Retry": [{"ErrorEquals": SERVICE_ERRORS, "IntervalSeconds": 1, "BackoffRate": 2.0, "MaxAttempts": 8}],
+        "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Lost"}],
+        "End": True,
+    }
+    lost = {"Type": "Pass", "Parameters": {"lost.$": "$.units[*].position", "error.$": "$.error"}, "End": True}
+    return {
+        "Comment": "cai-bench: one invocation of the function per item of the run's items file",
+        "StartAt": MAP_STATE,
+        "States": {
+            MAP_STATE: {
+                "Type": "Map",
+                "MaxConcurrency": max_concurrency,
+                "ItemReader": {
+                    "Resource": "arn:aws:states:::s3:getObject",
+                    "ReaderConfig": {"InputType": "JSON"},
+                    "Parameters": {"Bucket.$": "$.items.Bucket", "Key.$": "$.items.Key"},
+                },
+                "ItemSelector": {"base.$": "$.base", "units.$": "$$.Map.Item.Value"},
+                "ItemProcessor": {
+                    "ProcessorConfig": {"Mode": "DISTRIBUTED", "ExecutionType": "STANDARD"},
+                    "StartAt": "Invoke",
+                    "States": {"Invoke": invoke, "Lost": lost},
+                },
+                "End": True,
+            }
+        },
+    }
+
+
+def _named(client, function: str) -> list[tuple[str, bool]]:
+    """The state machines named for ``function``: (ARN, whether it carries cai-bench's tag)."""
+    name, tag = state_machine_name(function), {"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]}
+    found = []
+    for page in client.get_paginator("list_state_machines").paginate():
+        for machine in page["stateMachines"]:
+            if machine["name"] == name:
+                arn = machine["stateMachineArn"]
+                found.append((arn, tag in client.list_tags_for_resource(resourceArn=arn).get("tags", [])))
+    return found
+
+
+def managed_state_machines(account, function: str) -> list[str]:
+    """The ARNs of the state machines cai-bench made for ``function`` (its name, and cai-bench's tag)."""
+    with aws.one_line_errors("Step Functions: cannot list state machines"):
+        return [arn for arn, managed in _named(account.client("stepfunctions"), function) if managed]
+
+
+def ensure_state_machine(client, function: str, max_concurrency: int, role_arn: str) -> tuple[str, str]:
+    """The state machine for ``function`` at this concurrency: created, updated when its definition differs,
+    or reused as it is. Returns (its ARN, "created" | "updated" | "reused")."""
+    name = state_machine_name(function)
+    wanted = definition(function, max_concurrency)
+    with aws.one_line_errors(f"state machine {name}"):
+        for arn, managed in _named(client, function):
+            if not managed:
+                raise UserError(f"state machine {name} exists and was not made by cai-bench: rename it, "
+                                "or run with another --function")  # fmt: skip
+            described = client.describe_state_machine(stateMachineArn=arn)
+            if json.loads(described["definition"]) == wanted and described["roleArn"] == role_arn:
+                return arn, "reused"
+            client.update_state_machine(stateMachineArn=arn, definition=json.dumps(wanted), roleArn=role_arn)
+            return arn, "updated"
+        made = client.create_state_machine(name=name, definition=json.dumps(wanted), roleArn=role_arn, type="STANDARD",
+                                           tags=[{"key": MANAGED_TAG[0], "value": MANAGED_TAG[1]}])  # fmt: skip
+    return made["stateMachineArn"], "created"
+
+
+def emulated_role(endpoint: str, region: str) -> str:
+    """The role an emulated state machine runs as (moto checks that one is named, not what it may do)."""
+    iam = aws.client("iam", endpoint_url=endpoint, region=region, emulated=True)
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                                     "Principal": {"Service": "states.amazonaws.com"}}]}  # fmt: skip
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _docker(command: list[str], secret: str | None = None) -> None:
-    done = subprocess.run(command, input=secret, text=True, capture_output=secret is not None)
-    if done.returncode != 0:
-        raise UserError(f"`{' '.join(command[:3])} ...` failed (exit {done.returncode})")
-
-
-def build_image(image: ImageBuild, account: Account | None, say) -> str:
-    """``docker build`` the image, and with ``account`` push it to that account's ECR (repository created when
-    missing): the URI to deploy. ``say`` prints progress."""
-    say(" ".join(image.build_command()))
-    _docker(image.build_command())
-    if account is None:
-        return image.local
-    with aws.one_line_errors("cannot reach ECR"):
-        account_id = account.client("sts").get_caller_identity()["Account"]
-        ecr = account.client("ecr")
-        region = ecr.meta.region_name
-        try:
-            ecr.create_repository(repositoryName=image.repository, tags=[{"Key": MANAGED_TAG[0],
-                                                                          "Value": MANAGED_TAG[1]}])  # fmt: skip
-        except Exception as exc:
-            if aws.error_code(exc) != "RepositoryAlreadyExistsException":
-                raise
-        token = ecr.get_authorization_token()["authorizationData"][0]["authorizationToken"]
-    password = base64.b64decode(token).decode().split(":", 1)[1]
-    registry, uri = image.registry(account_id, region), image.uri(account_id, region)
-    say(f"docker login {registry}")
-    _docker(["docker", "login", "--username", "AWS", "--password-stdin", registry], secret=password)
-    for command in (["docker", "tag", image.local, uri], ["docker", "push", uri]):
-        say(" ".join(command))
-        _docker(command)
-    return uri
+        return iam.get_role(RoleName="cai-bench-states")["Role"]["Arn"]
+    except Exception as exc:
+        if aws.error_code(exc) != "NoSuchEntity":
+            raise
+        return iam.create_role(RoleName="cai-bench-states", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]

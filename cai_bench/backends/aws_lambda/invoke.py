@@ -1,0 +1,253 @@
+"""Direct invocations (``--orchestrator direct``): the Lambda backend's transport on the dispatcher.
+
+Each of ``--max-concurrency`` invokers is a worker to the dispatcher: it asks for
+``--partitions-per-invocation`` units, invokes the function with them (``LogType=Tail``), and reports each unit
+done (its result read back from S3) or failed. Throttling (429) and the service's 5xx are retried here, with
+exponential backoff and full jitter, since no unit ran; a function error (a timeout, an out-of-memory kill, an
+environment that died) loses the invoker like a crashed process: the unit it was running is charged, the ones
+behind it go back as they were, and a fresh invoker takes its place.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+from cai_bench import aws
+from cai_bench.backends.aws_lambda.emulator import SERVICE_TIME_HEADER
+from cai_bench.backends.aws_lambda.report_log import report_from_tail
+from cai_bench.backends.aws_lambda.wire import error_text, read_result, unit_items
+from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
+from cai_bench.metrics import percentiles
+
+THROTTLE_RETRIES = 8
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 20.0
+
+
+def backoff_s(attempt: int, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^attempt)]."""
+    return rng.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+
+@dataclass
+class Invocation:
+    """One call of the function, as the record keeps it."""
+
+    request_id: str | None
+    invoker: str
+    units: list[int]
+    sent_s: float  # since the run's first invoke
+    client_s: float  # from the request sent to the response read, throttled tries included
+    throttled: int = 0  # 429 answers (and 5xx) before this call went through
+    function_error: str | None = None
+    error: str | None = None
+    report: dict | None = None  # the REPORT line, parsed
+    environment: str | None = None
+    cold: bool | None = None
+    service_s: float | None = None  # emulated only: how long the emulator held the call, request read to reply
+
+    @property
+    def overhead_s(self) -> float | None:
+        """The driver's time beyond the function's own (its Duration, and its Init Duration on a cold start):
+        network, queueing, (de)serialising, backoff after throttling."""
+        if self.report is None:
+            return None
+        return self.client_s - (self.report["duration_ms"] + (self.report["init_duration_ms"] or 0.0)) / 1000
+
+    @property
+    def client_side_s(self) -> float | None:
+        """Emulated only: the part of that overhead outside the emulator (the driver's threads, boto3, HTTP)."""
+        return None if self.service_s is None else self.client_s - self.service_s
+
+
+@dataclass
+class _Invoker:
+    name: str
+    inbox: queue.Queue = field(default_factory=queue.Queue)
+    thread: threading.Thread | None = None
+
+
+class InvokeTransport:
+    """Invokers (threads) that each run one synchronous invocation at a time."""
+
+    def __init__(self, client, function: str, event_base: dict, results, invokers: int, per_invocation: int,
+                 seed: int = 0):  # fmt: skip
+        self.client = client
+        self.function = function
+        self.event_base = event_base
+        self.results = results  # S3Prefix of this run's unit results
+        self.count = invokers
+        self.per_invocation = per_invocation
+        self.events: queue.Queue = queue.Queue()
+        self.invokers: dict[str, _Invoker] = {}
+        self.invocations: list[Invocation] = []
+        self.started = 0
+        self.first_sent: float | None = None
+        self.last_answer: float | None = None
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.rng = random.Random(seed)
+
+    # -- Transport
+
+    def start(self, dispatcher: Dispatcher) -> None:
+        for _ in range(min(self.count, len(dispatcher.units))):
+            self._add(dispatcher)
+
+    def _add(self, dispatcher: Dispatcher) -> None:
+        self.started += 1
+        invoker = _Invoker(f"invoker-{self.started}")
+        self.invokers[invoker.name] = invoker
+        dispatcher.join(invoker.name)
+        invoker.thread = threading.Thread(target=self._serve, args=(invoker,), name=invoker.name, daemon=True)
+        invoker.thread.start()
+        self.events.put(Event("want", invoker.name, count=self.per_invocation))
+
+    def poll(self, timeout_s: float | None):
+        return drain(self.events, timeout_s)
+
+    def send(self, worker: str, units: list[Unit], ahead: bool) -> None:
+        if units:
+            self.invokers[worker].inbox.put(units)
+
+    def after_exit(self, dispatcher: Dispatcher, worker: str) -> None:
+        self.invokers.pop(worker, None)
+        if dispatcher.outstanding() and len(self.invokers) < self.count:
+            self._add(dispatcher)
+
+    def abandon(self, worker: str) -> None:
+        self.invokers.pop(worker, None)
+
+    def stop(self, finished: bool) -> None:
+        self.stopping.set()
+        for invoker in list(self.invokers.values()):
+            invoker.inbox.put(None)
+        if finished:
+            for invoker in list(self.invokers.values()):
+                invoker.thread.join(timeout=5)
+
+    # -- one invoker
+
+    def _serve(self, invoker: _Invoker) -> None:
+        while True:
+            units = invoker.inbox.get()
+            if units is None or self.stopping.is_set():
+                return
+            if not self._invoke(invoker, units):
+                return  # lost: a fresh invoker takes its place
+
+    def _invoke(self, invoker: _Invoker, units: list[Unit]) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError  # the [aws] extra: only where a run invokes
+
+        event = {**self.event_base, "units": unit_items(units)}
+        payload = json.dumps(event).encode()
+        sent = time.perf_counter()
+        with self.lock:
+            self.first_sent = sent if self.first_sent is None else self.first_sent
+        record = Invocation(None, invoker.name, [u.position for u in units], sent - self.first_sent, 0.0)
+        answer = None
+        for attempt in range(THROTTLE_RETRIES + 1):
+            try:
+                answer = self.client.invoke(FunctionName=self.function, InvocationType="RequestResponse",
+                                            LogType="Tail", Payload=payload)  # fmt: skip
+                break
+            except (ClientError, BotoCoreError) as exc:
+                code = aws.error_code(exc)
+                status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                transient = code in ("TooManyRequestsException", "ThrottlingException") or status >= 500 or (
+                    isinstance(exc, BotoCoreError))  # fmt: skip
+                if not transient or attempt == THROTTLE_RETRIES or self.stopping.is_set():
+                    record.error = f"{code or type(exc).__name__}: {exc}"
+                    break
+                record.throttled += 1
+                time.sleep(backoff_s(attempt, self.rng))
+        now = time.perf_counter()
+        record.client_s = now - sent
+        with self.lock:
+            self.last_answer = now if self.last_answer is None else max(self.last_answer, now)
+            self.invocations.append(record)
+        if answer is None:
+            self.events.put(Event("lost", invoker.name, error=f"invoke failed: {record.error}"))
+            return False
+        metadata = answer.get("ResponseMetadata", {})
+        record.request_id = metadata.get("RequestId")
+        service_ms = metadata.get("HTTPHeaders", {}).get(SERVICE_TIME_HEADER.lower())  # botocore lowers names
+        record.service_s = float(service_ms) / 1000 if service_ms else None
+        report = report_from_tail(answer.get("LogResult"))
+        record.report = report.to_dict() if report else None
+        body = answer["Payload"].read()
+        if answer.get("FunctionError"):
+            error = error_text(body)
+            record.function_error = error
+            # What finished before the function died is in S3 under its own key, from this very invocation
+            for unit in units:
+                result = self._read_result(unit.position, record.request_id)
+                if result is not None:
+                    self.events.put(Event("done", invoker.name, unit.position, result=result))
+            self.events.put(Event("lost", invoker.name, error=f"function error: {error}"))
+            return False
+        try:
+            reply = json.loads(body)
+            record.environment, record.cold = reply.get("environment"), reply.get("cold")
+            self.events.put(Event("ready", invoker.name, info=reply["ready"]))
+            for done in reply["done"]:
+                result = self._read_result(int(done["position"]), reply["request_id"])
+                if result is None:
+                    self.events.put(Event("failed", invoker.name, int(done["position"]),
+                                          error=f"its result is missing from {done['key']}"))  # fmt: skip
+                else:
+                    self.events.put(Event("done", invoker.name, int(done["position"]), result=result))
+            for failed in reply["failed"]:
+                self.events.put(Event("failed", invoker.name, int(failed["position"]), error=failed["error"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            self.events.put(Event("lost", invoker.name, error=f"the function's answer is not a handler reply ({exc})"))
+            return False
+        self.events.put(Event("want", invoker.name, count=self.per_invocation))
+        return True
+
+    def _read_result(self, position: int, request_id: str | None):
+        """A unit's result from S3, if the invocation ``request_id`` wrote it (not an older attempt)."""
+        result = read_result(self.results, position)
+        return result if result is not None and result.record.worker_id == request_id else None
+
+    @property
+    def wall_s(self) -> float:
+        if self.first_sent is None or self.last_answer is None:
+            return 0.0
+        return self.last_answer - self.first_sent
+
+
+def report_summary(reports: list[dict]) -> dict:
+    """What REPORT lines (parsed) say in all: cold starts, their init time, the most memory used, billed time."""
+    inits = [r["init_duration_ms"] for r in reports if r["init_duration_ms"] is not None]
+    return {
+        "cold_starts": len(inits),
+        "init_duration_ms_median": percentiles(inits, (50,))["p50"],
+        "max_memory_used_mb": max((r["max_memory_used_mb"] for r in reports), default=None),
+        "billed_duration_ms": sum(r["billed_duration_ms"] for r in reports),
+    }
+
+
+def invocation_summary(invocations: list[Invocation]) -> dict:
+    """What the record says of the invocations in all: counts, cold starts, throttles, and the driver's overhead
+    per invocation (its time beyond the function's own Duration)."""
+    reported = [i for i in invocations if i.report]
+    overheads = [i.overhead_s for i in reported]
+    overhead = percentiles(overheads, (50, 90))
+    client = percentiles([i.client_side_s for i in reported if i.client_side_s is not None], (50, 90))
+    return {
+        "invocations_made": len(invocations),
+        **report_summary([i.report for i in reported]),
+        "throttled": sum(i.throttled for i in invocations),
+        "function_errors": sum(1 for i in invocations if i.function_error),
+        "overhead_s_median": overhead["p50"],
+        "overhead_s_p90": overhead["p90"],
+        "overhead_s_mean": sum(overheads) / len(overheads) if overheads else None,
+        "client_side_s_median": client["p50"],
+        "client_side_s_p90": client["p90"],
+    }

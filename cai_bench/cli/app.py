@@ -1,0 +1,91 @@
+"""The Typer applications (the root and its command groups), what every command shares (``--debug``,
+``--version``, help where no command is given), and how the way a measuring command ended becomes what the user
+sees and its exit code."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import typer
+
+from cai_bench import __version__, ui
+from cai_bench.backends.base import PartitionsFailed
+from cai_bench.store import ResultsStore
+
+
+class State:
+    """What the root options set for the command that runs (``--debug``)."""
+
+    debug = False
+
+
+app = typer.Typer(
+    help="Benchmark pcm-AstroMAE galaxy-redshift inference across CPU, HPC, GPU and serverless backends.",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Make, re-partition, inspect, verify and upload partitioned galaxy data sets.")
+model_app = typer.Typer(help="Inspect, convert and export pcm-AstroMAE.")
+results_app = typer.Typer(help="List, show and export the records in the results store.")
+lambda_app = typer.Typer(
+    help="The AWS Lambda backend's tools: the image and the function on AWS, the local emulator, costs."
+)
+
+
+def _help_where_no_command(ctx: typer.Context) -> None:
+    """A command group called alone shows its help, and exits 2 as a command line that asks for nothing does."""
+    if ctx.invoked_subcommand is None:
+        text = ctx.get_help()
+        if text:
+            print(text)
+        raise typer.Exit(2)
+
+
+for group, name in ((data_app, "data"), (model_app, "model"), (results_app, "results"), (lambda_app, "lambda")):
+    group.callback(invoke_without_command=True)(_help_where_no_command)
+    app.add_typer(group, name=name)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cai-bench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    State.debug = debug
+    _help_where_no_command(ctx)
+
+
+# ---------------------------------------------------------------------------------------------- how a run ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a SLURM time limit, ``timeout``, ``kill``): stops a command as Ctrl-C does, so what finished is
+    recorded as ``interrupted``; the command then exits with 143 (128 + SIGTERM)."""
+
+
+def interrupt_exit_code(exc: BaseException) -> int:
+    return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+
+
+def measured(work, results: str | Path, interrupted: str | None = None, again: str = ""):
+    """Run ``work`` (which records its runs in the store under ``results``) and turn how it ended into what the
+    user sees: partitions that failed for good (exit 1), Ctrl-C or SIGTERM (exit 130 or 143; where the work goes
+    on without us, the command that records it later). ``interrupted`` replaces the Ctrl-C line (``{store}``
+    in it: the store's path); ``again`` is said after a failure, where a rerun continues."""
+    store_path = ResultsStore(results).path
+    try:
+        return work()
+    except PartitionsFailed as exc:
+        ui.show_partitions_failed(exc, store_path, again)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt as exc:
+        ui.show_interrupted(exc, store_path, interrupted.format(store=store_path) if interrupted else None)
+        raise typer.Exit(interrupt_exit_code(exc)) from None

@@ -1,0 +1,48 @@
+"""``bench``: the upstream-style reference loop against every runtime on the same data, alternating."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cai_bench import ui
+from cai_bench.bench import bench_command
+from cai_bench.cli import options as o
+from cai_bench.cli.app import app, measured
+from cai_bench.runner import RunRequest
+
+Runtimes = Annotated[
+    str | None, typer.Option(help="Comma list of torch, onnxruntime, openvino.", show_default="all installed")
+]
+Rounds = Annotated[int, typer.Option(help="Measured rounds (one run of every arm each).")]
+BenchGb = Annotated[float | None, typer.Option(help="Synthetic data size in GB.", show_default="0.2")]
+BenchPrecision = Annotated[o.Precision, typer.Option(help="Of every arm but the reference (eager fp32).")]
+BenchWarmup = Annotated[int, typer.Option(help="Unrecorded runs of each arm first.")]
+
+
+@app.command()
+def bench(
+    data: o.DataDir = None, gb: BenchGb = None, partition_mb: o.PartitionMb = None, batch_size: o.BatchSize = None,
+    precision: BenchPrecision = o.Precision.auto, runtimes: Runtimes = None, rounds: Rounds = 3,
+    warmup: BenchWarmup = 1, threads: o.Threads = None, oversubscribe: o.Oversubscribe = False,
+    weights: o.Weights = None, seed: o.Seed = 0, results: o.Results = Path("results"), as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
+) -> None:  # fmt: skip
+    """The upstream-style reference loop against every runtime on the same data, alternating A B C D A B C D.
+
+    Prints samples/s of each run, each arm's ratio to the reference of the same round and their median, peak
+    RSS and what each runtime chose (version, threading, precision), and the machine with its CPU flags; every
+    measured run is also a record in the store.
+    """
+    request = RunRequest(
+        data=data, gb=gb, partition_mb=partition_mb, batch_size=batch_size, precision=precision.value,
+        threads=threads, oversubscribe=oversubscribe, repeats=rounds, warmup=warmup, weights=weights, seed=seed,
+        results=results,
+    )  # fmt: skip
+    progress = ui.run_progress(as_json or quiet)
+    arms = o.comma_list(runtimes, "--runtimes")
+    done = measured(lambda: bench_command(request, arms, progress), results, "interrupted; the finished runs are in "
+                    "{store}")  # fmt: skip
+    ui.show_bench(done, as_json)

@@ -1,0 +1,91 @@
+"""``data synth``, ``split``, ``import``, ``info``, ``verify`` and ``upload``: partitioned galaxy data sets."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cai_bench import ui
+from cai_bench.cli import options as o
+from cai_bench.cli.app import data_app
+from cai_bench.data.partitions import dataset_info, split, synthesize, verify_dataset
+from cai_bench.data.upload import upload
+from cai_bench.plan import check_size
+
+SizeGb = Annotated[float, typer.Option("--gb", help="Data size in GB (GiB).")]
+SizeMb = Annotated[float, typer.Option("--partition-mb", help="Partition size in MB (MiB).")]
+NewDir = Annotated[Path, typer.Option("--out", help="Directory to create.")]
+Replace = Annotated[bool, typer.Option("--force", help="Replace OUT if it already holds files.")]
+Dataset = Annotated[Path, typer.Argument(help="Data set directory.")]
+Sources = Annotated[list[Path], typer.Argument(help="Upstream TensorDataset .pt files, in order.")]
+Destination = Annotated[str, typer.Argument(help="s3://bucket/prefix to copy it to.")]
+Endpoint = Annotated[
+    str | None, typer.Option(help="S3 endpoint (an S3-compatible store); default: AWS_ENDPOINT_URL_S3 or AWS.")
+]
+Jobs = Annotated[int, typer.Option(min=1, help="Objects uploaded at once.")]
+SameSeed = Annotated[int, typer.Option(help="Random seed: the same seed gives the same bytes.")]
+
+
+@data_app.command("synth")
+def data_synth(
+    gb: SizeGb, out: NewDir, partition_mb: SizeMb = 25.0, seed: SameSeed = 0, force: Replace = False,
+    quiet: o.Quiet = False,
+) -> None:  # fmt: skip
+    """Generate realistic synthetic SDSS-like galaxies, one partition at a time."""
+    check_size(gb, "--gb")
+    check_size(partition_mb, "--partition-mb")
+    started = time.perf_counter()
+    with ui.count_progress(f"synthesizing {gb:g} GB", "samples", quiet) as bar:
+        manifest = synthesize(out, gb, partition_mb, seed, overwrite=force, progress=bar)
+    ui.show_synthesized(out, manifest, time.perf_counter() - started)
+
+
+@data_app.command("split")
+def data_split(src: Dataset, partition_mb: SizeMb, out: NewDir, force: Replace = False, quiet: o.Quiet = False) -> None:
+    """Re-partition a data set without regenerating it (same samples, same order)."""
+    check_size(partition_mb, "--partition-mb")
+    with ui.count_progress(f"splitting into {partition_mb:g} MB", "samples", quiet) as bar:
+        manifest = split(src, partition_mb, out, overwrite=force, progress=bar)
+    ui.show_split(out, manifest, partition_mb)
+
+
+@data_app.command("import")
+def data_import(
+    sources: Sources, partition_mb: SizeMb, out: NewDir, force: Replace = False, quiet: o.Quiet = False
+) -> None:
+    """Convert upstream torch.save(TensorDataset(images, magnitudes, redshift)) files into partitions.
+
+    Read with torch.load(weights_only=True), allowing only TensorDataset; images [N,64,64,5] are permuted and
+    centre-cropped to [N,5,32,32]; one input file is open at a time.
+    """
+    from cai_bench.data.upstream import import_upstream  # torch: reads the upstream files
+
+    check_size(partition_mb, "--partition-mb")
+    with ui.count_progress(f"importing into {partition_mb:g} MB partitions", "samples", quiet) as bar:
+        manifest = import_upstream(sources, out, partition_mb, overwrite=force, progress=bar)
+    ui.show_imported(out, manifest, len(sources), partition_mb)
+
+
+@data_app.command("info")
+def data_info(directory: Dataset, as_json: o.AsJson = False) -> None:
+    """What a data set holds, from its manifest (no partition is read)."""
+    ui.show_data_info(directory, dataset_info(directory), as_json)
+
+
+@data_app.command("verify")
+def data_verify(directory: Dataset) -> None:
+    """Read every partition and compare sizes, sha256 checksums, format and values with the manifest."""
+    ui.show_verified(directory, *verify_dataset(directory))
+
+
+@data_app.command("upload")
+def data_upload(
+    directory: Dataset, destination: Destination, endpoint_url: Endpoint = None, jobs: Jobs = 8, quiet: o.Quiet = False
+) -> None:
+    """Copy a data set to S3: parallel, multipart, checksummed; objects already there unchanged are skipped, so
+    a rerun resumes. The manifest goes last: a prefix with a manifest holds a whole data set."""
+    with ui.count_progress(f"uploading to {destination}", "bytes", quiet) as bar:
+        ui.show_upload(upload(directory, destination, endpoint_url, jobs=jobs, progress=bar))
