@@ -225,3 +225,19 @@ def test_the_installed_command_exits_2_without_a_traceback_and_debug_shows_one(t
         [exe, "--debug", "run", "--data", str(tmp_path / "x")], capture_output=True, text=True, timeout=120
     )
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+
+
+def test_run_help_has_one_text_per_option_and_groups_each_backends_own(cli, monkeypatch):
+    """The registry feeds the flags: --retries is one declaration shared by hpc, gpu and lambda, so it has one
+    help text; each backend's own options sit under its name."""
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = cli("run", "--help")
+    assert code == 0
+    flags = [line.split()[1] for line in out.splitlines() if line.startswith("│ --")]
+    assert flags.count("--retries") == 1 and len(flags) == len(set(flags))
+    text = " ".join(out.split())
+    assert "hpc, gpu, lambda: Times a partition whose worker was lost or that failed is tried again" in text
+    for panel in ("Options of several backends", "--backend hpc", "--backend gpu", "--backend lambda"):
+        assert f"─ {panel} ─" in out
+    code, out, _ = cli("sweep", "--help")
+    assert "Comma-separated values: a sweep axis." in " ".join(out.split())

@@ -5,6 +5,7 @@ downloaded; cai-bench itself comes only from the wheel (this checkout is neither
 path), so the presets and the paper's table must be in the wheel and found with importlib.resources.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -43,8 +44,8 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-def _run(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CAI_BENCH_CACHE": str(cwd / "cache"), "PYTHONPATH": ""}
+def _run(venv: Path, cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CAI_BENCH_CACHE": str(cwd / "cache"), "PYTHONPATH": "", **(env or {})}
     return subprocess.run([venv / "bin" / "cai-bench", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
 
@@ -71,3 +72,120 @@ def test_an_installed_cai_bench_plots_sweeps_and_runs_from_any_directory(install
     ran = _run(installed, elsewhere, "run", *small, "--precision", "fp32")
     assert ran.returncode == 0, ran.stderr
     assert len((elsewhere / "results" / "runs.jsonl").read_text().splitlines()) == 2
+
+
+PLUGIN = '''
+"""A backend from another package: each worker a thread running cai-bench's worker loop, on its dispatcher."""
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from cai_bench.backends.base import BackendOption, dispatched_run
+from cai_bench.backends.dispatch import Dispatcher, Event, drain, drive
+from cai_bench.backends.options import RETRIES
+from cai_bench.loop import model_worker, worker_loop
+from cai_bench.plan import work_units
+from cai_bench.worker import plan_options
+
+
+@dataclass
+class Threads:
+    plan: object
+    events: queue.Queue = field(default_factory=queue.Queue)
+    inboxes: dict = field(default_factory=dict)
+
+    def start(self, dispatcher):
+        for n in range(self.plan.backend_options.get("toy_workers") or 1):
+            dispatcher.join(name := f"toy-{n}")
+            self.inboxes[name] = queue.Queue()
+            threading.Thread(target=self.work, args=(name,), daemon=True).start()
+
+    def work(self, name):
+        options = plan_options(self.plan)
+        start, load, run = model_worker(name, options, self.plan.weights, self.plan.seed)
+
+        def next_units(ahead):
+            self.events.put(Event("want", name, ahead=ahead))
+            return self.inboxes[name].get()
+
+        done = lambda position, result: self.events.put(Event("done", name, position=position, result=result))
+        worker_loop(start, next_units, options, done, load=load, run=run).close()
+        self.events.put(Event("left", name))
+
+    def poll(self, timeout_s):
+        return drain(self.events, timeout_s)
+
+    def send(self, name, units, ahead):
+        self.inboxes[name].put([(u.position, u.item) for u in units])
+
+    def after_exit(self, dispatcher, name): ...
+    def abandon(self, name): ...
+
+    def stop(self, finished):
+        for inbox in self.inboxes.values():
+            inbox.put([])
+
+
+@dataclass
+class Toy:
+    name: str = "toy"
+    options: tuple = (BackendOption("toy_workers", int, "Threads as workers.", 1, minimum=1), RETRIES)
+    precisions: tuple = ("auto", "fp32")
+    default_batch_size: int = 32
+
+    def check(self, options): ...
+    def machine(self, plan): ...
+
+    def run(self, plan, emit):
+        dispatcher = Dispatcher(work_units(plan), emit, plan.backend_options.get("retries", 1))
+        started = time.perf_counter()
+        drive(dispatcher, Threads(plan))
+        return dispatched_run(plan, dispatcher, time.perf_counter() - started, {},
+                              workers=plan.backend_options.get("toy_workers") or 1)
+
+
+def create():
+    return Toy()
+'''
+
+PLUGIN_PROJECT = """
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "cai-bench-toy-backend"
+version = "0.1"
+
+[project.entry-points."cai_bench.backends"]
+toy = "toy_backend:create"
+
+[tool.setuptools]
+py-modules = ["toy_backend"]
+"""
+
+
+def test_a_backend_installed_from_another_package_is_a_choice_with_its_options_and_sweeps(installed, tmp_path):
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "toy_backend.py").write_text(PLUGIN)
+    (plugin / "pyproject.toml").write_text(PLUGIN_PROJECT)
+    # Built as cai-bench's own wheel is (this environment's setuptools), installed as a user installs it
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, plugin]
+    subprocess.run(build, check=True, timeout=300, capture_output=True)
+    (wheel,) = tmp_path.glob("cai_bench_toy_backend-*.whl")
+    install = [installed / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", wheel]
+    subprocess.run(install, check=True, timeout=300, capture_output=True)
+    helped = _run(installed, tmp_path, "run", "--help", env={"COLUMNS": "250"})
+    assert helped.returncode == 0, helped.stderr
+    text = " ".join(helped.stdout.split())
+    assert "<cpu|hpc|gpu|lambda|toy>" in text and "─ --backend toy ─" in helped.stdout and "--toy-workers" in text
+    assert "hpc, gpu, lambda, toy: Times a partition" in text  # the shared option, one text for all who take it
+    small = ["--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--precision", "fp32", "--threads", "1", "-q"]
+    swept = _run(installed, tmp_path, "sweep", "--backend", "toy", "--toy-workers", "1,2", "--repeats", "1", *small)
+    assert swept.returncode == 0, swept.stderr
+    assert "2 points on toy" in swept.stdout and "2 record(s) appended" in swept.stdout
+    records = [json.loads(line) for line in (tmp_path / "results" / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["backend_info"]["workers"] for r in records) == [1, 2]
+    assert all(r["backend"] == "toy" and r["summary"]["samples"] == 104 for r in records)

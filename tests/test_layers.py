@@ -129,3 +129,30 @@ def test_the_layers_contract_holds_and_fails_on_an_upward_import(tmp_path):
     broken = _lint_imports(tree)
     assert broken.returncode != 0
     assert "cai_bench.plan -> cai_bench.runner" in broken.stdout
+
+
+def _functions(package: Path):
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield path, node, node.end_lineno - node.lineno + 1
+
+
+def test_no_function_of_the_package_is_over_80_lines_and_no_command_over_40():
+    long = [f"{p.relative_to(ROOT)}:{n.lineno} {n.name} ({lines})" for p, n, lines in _functions(PACKAGE) if lines > 80]
+    assert not long, long
+
+    def is_command(node) -> bool:
+        return any(isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "command" for d in node.decorator_list)
+
+    commands = [f"{p.relative_to(ROOT)}:{n.lineno} {n.name} ({lines})" for p, n, lines in _functions(PACKAGE / "cli")
+                if lines >= 40 and is_command(n)]  # fmt: skip
+    assert not commands, commands
+
+
+def test_the_command_line_uses_no_private_module_of_typer_or_click():
+    for path, node in ((p, n) for p in PACKAGE.rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))):
+        if isinstance(node, ast.ImportFrom | ast.Import):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            private = [n for n in names if n.startswith(("typer._", "click"))]
+            assert not private, f"{path.relative_to(ROOT)}: {private}"

@@ -65,11 +65,11 @@ def parse_devices(text: str) -> str:
 
 OPTIONS = (
     BackendOption(
-        "devices", str, "gpu: CUDA devices, one worker each: 0,1 (0+1 in a sweep) or all.", "all", parse=parse_devices
+        "devices", str, "CUDA devices, one worker each: 0,1 (0+1 in a sweep) or all.", "all", parse=parse_devices
     ),
-    BackendOption("cuda_graphs", bool, "gpu: replay each batch as a CUDA graph captured at start-up.", False),
+    BackendOption("cuda_graphs", bool, "Replay each batch as a CUDA graph captured at start-up.", False),
     BackendOption(
-        "read_ahead", int, "gpu: partitions read into pinned host buffers ahead of the device.", 2, minimum=1,
+        "read_ahead", int, "Partitions read into pinned host buffers ahead of the device.", 2, minimum=1,
         identity=False,
     ),
     RETRIES,

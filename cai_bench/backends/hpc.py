@@ -45,7 +45,7 @@ from cai_bench.records import decode_result, encode_result
 from cai_bench.worker import EngineOptions, plan_options
 
 NODE_OPTIONS = (
-    BackendOption("workers", int, "hpc: worker processes on this node, --threads split between them.", 1, minimum=1),
+    BackendOption("workers", int, "Worker processes on this node, --threads split between them.", 1, minimum=1),
     RETRIES,
     LANES,
     RUNTIME,

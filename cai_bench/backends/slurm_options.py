@@ -62,28 +62,28 @@ def key_values(items: list[str]) -> dict:
 
 
 OPTIONS = (
-    BackendOption("slurm", bool, "hpc: a SLURM job array over partition groups.", False),
+    BackendOption("slurm", bool, "A SLURM job array over partition groups.", False),
     BackendOption(
-        "slurm_executor", str, "hpc --slurm: slurm (sbatch) or local (processes here, for tests/laptops).",
+        "slurm_executor", str, "With --slurm: slurm (sbatch) or local (processes here, for tests/laptops).",
         "slurm", choices=SLURM_EXECUTORS,
     ),
-    BackendOption("tasks", int, "hpc --slurm: array tasks, partitions split evenly.", minimum=1),
-    BackendOption("partitions_per_task", int, "hpc --slurm: partitions per array task, or give --tasks.", 1, minimum=1),
-    BackendOption("slurm_partition", str, "hpc --slurm: the SLURM partition (queue)."),
+    BackendOption("tasks", int, "With --slurm: array tasks, partitions split evenly.", minimum=1),
+    BackendOption("partitions_per_task", int, "With --slurm: partitions per task, or give --tasks.", 1, minimum=1),
+    BackendOption("slurm_partition", str, "With --slurm: the SLURM partition (queue)."),
     BackendOption(
-        "time_min", int, "hpc --slurm: time limit per task, minutes or D-HH:MM:SS as sbatch takes it.",
+        "time_min", int, "With --slurm: time limit per task, minutes or D-HH:MM:SS as sbatch takes it.",
         DEFAULT_TIME_MIN, minimum=1, identity=False, parse=minutes, cli="--time",
     ),
     BackendOption(
-        "mem_gb", float, "hpc --slurm: memory per task, e.g. 4G or 3500M.", identity=False, parse=gigabytes, cli="--mem"
+        "mem_gb", float, "With --slurm: memory per task (4G, 3500M).", identity=False, parse=gigabytes, cli="--mem"
     ),
-    BackendOption("cpus_per_task", int, "hpc --slurm: cores (threads) per task.", "--threads, else 1", minimum=1),
+    BackendOption("cpus_per_task", int, "With --slurm: cores (threads) per task.", "--threads, else 1", minimum=1),
     BackendOption(
-        "array_parallelism", int, "hpc --slurm: tasks running at once (slurm: all; local: cores/cpus-per-task).",
+        "array_parallelism", int, "With --slurm: tasks running at once (slurm: all; local: cores/cpus-per-task).",
         minimum=1,
     ),
     BackendOption(
-        "slurm_options", dict, "hpc --slurm: KEY=VALUE passed to sbatch as --KEY=VALUE; repeatable.",
+        "slurm_options", dict, "With --slurm: kEY=VALUE passed to sbatch as --KEY=VALUE; repeatable.",
         sweepable=False, parse=lambda text: key_values([text]), cli="--slurm-option",
     ),
 )  # fmt: skip
