@@ -6,9 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock between processes
+    fcntl = None
 
 from cai_bench.errors import UserError
 
@@ -27,6 +32,28 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def exclusive(path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the lock file ``path`` (made where missing) for the block: another process asking for it waits until
+    this one is done (``on_wait`` is told first), so that two commands on one machine never make the same thing
+    at once (a point of a sweep, a data set or an export in the cache)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager

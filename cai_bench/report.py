@@ -16,7 +16,7 @@ from cai_bench.errors import UserError
 from cai_bench.machine import machine_id, machine_label
 from cai_bench.metrics import Spread, spread
 from cai_bench.plan import data_gb
-from cai_bench.results import data_identity, ran_precision, record_point_key
+from cai_bench.results import data_identity, ran_precision, read_records, record_point_key
 from cai_bench.store import ResultsStore
 
 BREAKDOWN = ("startup_s", "wait_s", "load_s", "compute_s")
@@ -179,9 +179,7 @@ def read_points(
 ) -> list[PointReport]:
     """The store's points (``warn`` gets what a read skipped: a torn last line), each with its speedup over
     ``baseline`` where one is given, of ``backends`` only where they are given."""
-    points = summarize_points(store.read())
-    for message in store.skipped:
-        (warn or print)(message)
+    points = summarize_points(read_records(store, warn))
     if baseline:
         add_speedups(points, baseline)
     return select(points, backends)

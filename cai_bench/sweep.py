@@ -14,16 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no lock between sweeps
-    fcntl = None
-
 from cai_bench.backends.registry import get_backend
 from cai_bench.data.datasets import resolve_data, synthetic_dir
 from cai_bench.data.partitions import MANIFEST
 from cai_bench.data.synthetic import GENERATOR_VERSION
 from cai_bench.errors import UserError
+from cai_bench.files import exclusive
 from cai_bench.loop import auto_precision
 from cai_bench.machine import default_threads
 from cai_bench.plan import (
@@ -42,7 +38,7 @@ from cai_bench.plan import make_sweep as make_sweep_spec
 from cai_bench.preflight import check_run
 from cai_bench.records import RunRecord
 from cai_bench.report import PointReport, summarize_points
-from cai_bench.results import point_key, record_point_key
+from cai_bench.results import point_key, read_records, record_point_key
 from cai_bench.runner import NoProgress, SweepProgressSink, execute, plan_machine
 from cai_bench.store import ResultsStore
 
@@ -77,6 +73,11 @@ class SweepOutcome:
     records: list[RunRecord] = field(default_factory=list)  # what this invocation appended
     auto_precision: dict | None = None  # the probe that resolved the sweep's "auto" points, where it ran
     auto_precisions: dict = field(default_factory=dict)  # runtime -> its probe, where the sweep has several
+
+
+def _point_options(point: SweepPoint) -> dict:
+    """A point's backend options as a plan holds them (a KEY=VALUE option is kept as sorted pairs in a point)."""
+    return {k: dict(v) if isinstance(v, tuple) else v for k, v in point.backend_options}
 
 
 def _plan_options(spec: SweepSpec, point: SweepPoint, precision: str) -> dict:
@@ -171,22 +172,8 @@ def sweep_state(
 def point_lock(store: ResultsStore, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the lock of one point of ``store``: a second sweep into the same results waits here while the first
     measures the point (two measurements at once on one machine would also slow each other down)."""
-    locks = store.directory / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    path = locks / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock")
-    with open(path, "a+") as fh:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait is not None:
-                    on_wait()
-                fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive(store.directory / ".locks" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock"), on_wait):
+        yield
 
 
 def run_sweep(
@@ -259,10 +246,6 @@ class SweepDone:
     store: ResultsStore
 
 
-def _point_options(point: SweepPoint) -> dict:
-    return {k: dict(v) if isinstance(v, tuple) else v for k, v in point.backend_options}
-
-
 def sweep_command(
     config: str | None,
     overrides: dict,
@@ -282,9 +265,7 @@ def sweep_command(
     ready = check_run(spec.backend, points, results=results, threads=spec.threads, oversubscribe=spec.oversubscribe,
                       weights=spec.weights, engine=spec.engine, compile=spec.compile)  # fmt: skip
     spec = dataclasses.replace(spec, weights=ready.weights)
-    ready.store.read()
-    for message in ready.store.skipped:
-        (warn or print)(message)
+    read_records(ready.store, warn)
     synthesizing = getattr(progress, "synthesizing", None)
     outcome = run_sweep(spec, ready.store, force=force, keep_data=keep_data, progress=progress,
                         synth_progress=synthesizing, on_wait=on_wait)  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 from cai_bench.data.partitions import MANIFEST, open_dataset, synthesize
 from cai_bench.data.synthetic import GENERATOR_VERSION
 from cai_bench.errors import UserError
-from cai_bench.files import cache_dir
+from cai_bench.files import cache_dir, exclusive
 from cai_bench.plan import DataSummary, PartitionRef
 
 DEFAULT_GB = 0.1  # 5,231 samples: 16-20 s of fp32 inference on a 2-core machine
@@ -25,8 +25,10 @@ def cached_synthetic(
 ) -> Path:
     """A synthetic data set in the cache, generated on first use and reused after."""
     path = synthetic_dir(gb, partition_mb, seed)
-    if not (path / MANIFEST).is_file():
-        synthesize(path, gb, partition_mb, seed, overwrite=True, progress=progress)
+    # Another command making the same data set: wait for it, then reuse it
+    with exclusive(cache_dir() / ".locks" / f"{path.name}.lock"):
+        if not (path / MANIFEST).is_file():
+            synthesize(path, gb, partition_mb, seed, overwrite=True, progress=progress)
     return path
 
 

@@ -24,7 +24,7 @@ import torch
 
 from cai_bench import __version__
 from cai_bench.errors import UserError
-from cai_bench.files import cache_dir, file_sha256, staged_directory
+from cai_bench.files import cache_dir, exclusive, file_sha256, staged_directory
 from cai_bench.model.astromae import build_model
 from cai_bench.model.checkpoint import load_weights
 from cai_bench.model.export_format import EXPORT_KIND, EXPORT_META, EXPORT_VERSION, Export, is_export, read_export
@@ -147,7 +147,9 @@ def cached_export(weights: str | None, fmt: str, seed: int = 0) -> tuple[Export,
     """The export of ``weights`` as ``fmt`` from the cache, made there first when missing: (export, seconds it
     took now, whether it was already there)."""
     directory = cache_dir() / "exports" / cache_key(weights, fmt, seed)
-    if (directory / EXPORT_META).is_file():
-        return read_export(directory), 0.0, True
-    export, seconds = export_model(weights, fmt, directory, seed=seed, overwrite=True)
+    # Another command making the same export: wait for it, then reuse it
+    with exclusive(directory.parent / ".locks" / f"{directory.name}.lock"):
+        if (directory / EXPORT_META).is_file():
+            return read_export(directory), 0.0, True
+        export, seconds = export_model(weights, fmt, directory, seed=seed, overwrite=True)
     return export, seconds, False
