@@ -14,14 +14,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cai-bench run --backend cpu
 
+# The suite over the cores (pytest-xdist), the long tests first, the model exports shared by the workers
+# (tests/conftest.py)
+XDIST := -n auto
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
-# The suite twice, with the precision probe's answer forced each way: what `make test` does on a machine whose
-# probe picks fp32 (no AMX, like the dev VM) and on one whose probe picks bf16 (AMX, native bf16)
+# The tests that depend on what the precision probe answers (-m probe), with its answer forced each way: what they
+# do on a machine whose probe picks fp32 (no native bf16) and on one whose probe picks bf16 (AMX, avx512_bf16)
 test-probes: $(STAMP)
-	CAI_BENCH_FORCE_PROBE=fp32 $(BIN)/python -m pytest
-	CAI_BENCH_FORCE_PROBE=bf16 $(BIN)/python -m pytest
+	CAI_BENCH_FORCE_PROBE=fp32 $(BIN)/python -m pytest $(XDIST) -m probe
+	CAI_BENCH_FORCE_PROBE=bf16 $(BIN)/python -m pytest $(XDIST) -m probe
 
 # The reference loop against every runtime (torch's fast engine, ONNX Runtime, OpenVINO) on 0.2 GB in fp32,
 # alternating, 3 rounds after a warm-up of each (~6 min on 2 cores); `cai-bench bench` alone runs precision auto
@@ -52,9 +55,11 @@ bench-gpu-dry: $(STAMP)
 bench-lambda: $(STAMP)
 	$(BIN)/python -m cai_bench.bench_lambda --invocations 1000 --concurrency 64 --out results/lambda-fanout/bench.json
 
+# ruff, and the layers contract (pyproject.toml, [tool.importlinter]): a module imports only from the layers below
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,23 +1,119 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from cai_bench import aws
 from cai_bench.data.partitions import synthesize
+from cai_bench.files import exclusive
+from cai_bench.model.astromae import InceptionBlock, NormalCell, build_model
+from cai_bench.model.export import cached_export
 
-# A copy of shared/spec/upstream-state-dict.tsv, so that the tests run in any clone.
+# The upstream model's state-dict keys, shapes and dtypes, as the upstream checkpoint holds them
 UPSTREAM_KEYS = Path(__file__).resolve().parent / "data" / "upstream-state-dict.tsv"
 TINY_GB = 0.002  # 104 samples
 TINY_MB = 0.52  # 4 partitions of 26 samples
 
 
+class TinyAstroMAE(torch.nn.Module):
+    """pcm-AstroMAE in miniature, from its own building blocks: a patch embedding and one NormalCell (attention,
+    LayerNorm, GELU MLP, the PCM's grouped convolutions with BatchNorm), an Inception block with average
+    pooling, the float64 magnitudes cast to the image's dtype, and the fusion layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(5, 16, kernel_size=8, stride=8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16) * 0.1)
+        self.cell = NormalCell(16, num_heads=2, mlp_ratio=2)
+        self.inception = torch.nn.Sequential(torch.nn.AvgPool2d(4), InceptionBlock(5, 4, 4, 4, 4))
+        self.magnitude = torch.nn.Linear(5, 8)
+        self.fuse = torch.nn.Linear(16 + 16 * 8 * 8 + 8, 1)
+
+    def forward(self, image: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(image).flatten(2).transpose(1, 2)
+        tokens = self.cell(torch.cat((self.cls.expand(image.shape[0], -1, -1), tokens), dim=1))
+        pooled = self.inception(image).flatten(1)
+        mags = torch.relu(self.magnitude(magnitude.to(image.dtype) / 20))
+        return self.fuse(torch.cat((tokens[:, 0], pooled, mags), dim=1))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long tests (``@pytest.mark.long``, each saying why in its docstring) and those that use the model
+    exports start first, so that under pytest-xdist (``make test``: ``-n auto``) no worker is left with a long
+    test at the end while the others idle; without xdist the order changes, not what runs. (The tests marked
+    ``probe`` were found by running the suite with CAI_BENCH_FORCE_PROBE set to a value that is not an answer:
+    every test that asks the probe then fails.)"""
+    items.sort(
+        key=lambda item: (
+            0 if "exports" in getattr(item, "fixturenames", ()) else 1 if item.get_closest_marker("long") else 2
+        )
+    )
+
+
+def _shared(tmp_path_factory, name: str) -> Path:
+    """A directory every worker of this session sees (pytest-xdist's workers each have a base temp dir of
+    their own, side by side)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    """The cache of this test session (of this worker, under pytest-xdist): generated data sets and exports
+    are made once and reused by every test that asks for the same ones. Set for session fixtures too."""
+    patch = pytest.MonkeyPatch()
+    path = tmp_path_factory.getbasetemp() / "cache"
+    # Exports take half a minute each or more: the session's workers share them (the cache locks each one
+    # while it is made, so a second worker waits for it, then reuses it)
+    shared = _shared(tmp_path_factory, "exports")
+    shared.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / "exports").exists():
+        (path / "exports").symlink_to(shared, target_is_directory=True)
+    patch.setenv("CAI_BENCH_CACHE", str(path))
+    yield path
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
+def _isolated_cache(session_cache, monkeypatch):
     """No test reads or writes the user's cache."""
-    monkeypatch.setenv("CAI_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("CAI_BENCH_CACHE", str(session_cache))
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """A full-size pcm-AstroMAE checkpoint in a file: seed 7's random weights with the last layer scaled up, so
+    that the outputs spread over about 0.2 in redshift, like a trained model's, and agreement to 1e-5 is
+    agreement, not two near-constants."""
+    path = _shared(tmp_path_factory, "weights") / "seed7.safetensors"  # one path: the exports are keyed by it
+    with exclusive(path.with_suffix(".lock")):
+        if not path.exists():
+            state = build_model(seed=7).state_dict()
+            state["concat_block.2.weight"] = state["concat_block.2.weight"] * 20
+            save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path.with_suffix(".partial")))
+            path.with_suffix(".partial").rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def exports(weights_file, session_cache) -> dict[str, Path]:
+    """``weights_file`` exported for each runtime, once a session (its workers share them), into the session's
+    cache, where a run with ``--weights weights_file --runtime onnxruntime|openvino`` finds it (an export of the
+    full model takes half a minute or more on 2 cores: the tests share these two)."""
+    made = {}
+    # Workers start from different formats, so that two make the two exports at once instead of one waiting
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    for fmt in ("onnx", "openvino")[:: 1 if worker % 2 == 0 else -1]:
+        export, seconds, cached = cached_export(str(weights_file), fmt)
+        assert cached or seconds > 0
+        made[fmt] = Path(export.directory)
+    return made
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +152,7 @@ def cli(capsys, monkeypatch):
 
 
 def upstream_spec() -> list[tuple[str, tuple[int, ...], str]]:
-    """(key, shape, dtype) of every entry of the upstream state dict, from shared/spec."""
+    """(key, shape, dtype) of every entry of the upstream state dict (``tests/data/upstream-state-dict.tsv``)."""
     rows = []
     for line in UPSTREAM_KEYS.read_text().splitlines()[1:]:
         key, shape, dtype = line.split("\t")

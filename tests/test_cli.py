@@ -20,6 +20,7 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.probe
 def test_run_prints_the_summary_and_appends_a_record(cli, tiny_data, tmp_path):
     code, out, _ = cli("run", "--data", tiny_data, "--batch-size", "16", "--threads", "1", "--results", tmp_path)
     assert code == 0
@@ -29,6 +30,7 @@ def test_run_prints_the_summary_and_appends_a_record(cli, tiny_data, tmp_path):
     assert record["summary"]["samples"] == 104 and record["plan"]["batch_size"] == 16
 
 
+@pytest.mark.probe
 def test_run_json_output_is_the_records(cli, tiny_data, tmp_path):
     code, out, _ = cli("run", "--data", tiny_data, "--repeats", "2", "--json", "--results", tmp_path, "--threads", "1")
     assert code == 0
@@ -37,6 +39,7 @@ def test_run_json_output_is_the_records(cli, tiny_data, tmp_path):
     assert [r["run_id"] for r in printed] == [r["run_id"] for r in stored]
 
 
+@pytest.mark.probe
 def test_run_without_data_generates_the_default_into_the_cache(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("CAI_BENCH_CACHE", str(tmp_path / "cache"))
     code, out, _ = cli("run", "--gb", "0.001", "--partition-mb", "0.3", "-q", "--results", tmp_path / "r")
@@ -165,6 +168,7 @@ def _set_dtype(directory):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
+@pytest.mark.probe
 def test_bad_data_is_one_clear_line_and_earlier_results_stay(cli, data_copy, tmp_path, case):
     results = tmp_path / "results"
     code, _, _ = cli("run", "--data", data_copy, "--results", results, "-q", "--threads", "1")

@@ -74,6 +74,7 @@ def _plan(tiny_data, **options):
     return make_plan("cpu", summary, refs, **options)
 
 
+@pytest.mark.probe
 def test_cpu_backend_runs_every_partition_once_in_order(tiny_data):
     plan = _plan(tiny_data, batch_size=10, threads=1)
     emitted = []
@@ -140,6 +141,7 @@ def test_two_lanes_split_each_partition_and_predict_as_one(tiny_data):
     assert np.array_equal(np.concatenate([r.object_id for r in two]), np.arange(104))
 
 
+@pytest.mark.probe
 def test_a_bad_partition_stops_a_two_lane_run_with_its_error(data_copy):
     target = data_copy / "part-00001.safetensors"
     target.write_bytes(target.read_bytes()[:-10] + b"0123456789")

@@ -148,6 +148,7 @@ def test_fuzzed_partitions_are_read_or_refused(data_copy):
             read_partition(flipped, verify=False)
 
 
+@pytest.mark.probe
 def test_a_sample_of_fuzzed_files_through_the_command_line(cli, data_copy, tmp_path):
     rng = random.Random(1)
     seed = _torch_bytes({"fc_norm.weight": torch.ones(3)})

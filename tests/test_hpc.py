@@ -244,8 +244,10 @@ def test_a_failing_array_task_keeps_what_the_others_and_itself_finished(cli, dat
     assert record["backend_info"]["rounds"] == 2  # the failed partition was resubmitted alone, and failed again
 
 
+@pytest.mark.long
 def test_a_killed_array_task_is_resubmitted_and_the_run_ends_ok_with_each_partition_once(many_partitions, tmp_path):
-    """20 partitions in 2 tasks; once task 0 has finished one, task 1 is killed for real, mid-work."""
+    """20 partitions in 2 tasks; once task 0 has finished one, task 1 is killed for real, mid-work. Over 30 s on
+    2 cores: three task processes, each starting torch and the model, over 20 partitions at batch size 2."""
     options = {"slurm": True, "slurm_executor": "local", "tasks": 2, "array_parallelism": 2, "retries": 1}
     plan = plan_for(many_partitions, batch_size=2, backend_options=options, work_dir=str(tmp_path / "r"))
     killed = []
@@ -276,7 +278,10 @@ def test_a_killed_array_task_is_resubmitted_and_the_run_ends_ok_with_each_partit
     assert rerun and rerun <= set(range(10, 20))  # the new array ran what task 1 had not finished
 
 
+@pytest.mark.long
 def test_a_sweep_of_arrays_resumes_without_repeating_what_it_holds(cli, tmp_path):
+    """Over 30 s on 2 cores: four job arrays (two points, two repeats), six task processes each starting torch and
+    the model, then the sweep again to see that it runs none."""
     args = ["sweep", "--backend", "hpc", "--slurm", "--slurm-executor", "local", "--tasks", "1,2", "--gb", "0.002"]
     args += ["--partition-mb", "0.52", "--repeats", "2", "--precision", "fp32", "--results", tmp_path / "r", "-q"]
     code, _, err = cli(*args)

@@ -58,7 +58,10 @@ def test_the_wheel_holds_the_package_and_its_data(installed, tmp_path):
     assert where.startswith(str(installed)), where
 
 
+@pytest.mark.long
 def test_an_installed_cai_bench_plots_sweeps_and_runs_from_any_directory(installed, tmp_path):
+    """About 30 s on 2 cores: the installed command run as a user runs it, a sweep, a run, a report and a plot, each
+    its own process."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     small = ["--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--threads", "1", "-q"]
@@ -75,62 +78,19 @@ def test_an_installed_cai_bench_plots_sweeps_and_runs_from_any_directory(install
 
 
 PLUGIN = '''
-"""A backend from another package: each worker a thread running cai-bench's worker loop, on its dispatcher."""
-import queue
-import threading
-import time
-from dataclasses import dataclass, field
+"""A backend from another package: cai-bench's cpu backend under its own name, with an option of its own (which
+makes a point of its own, so a sweep can run over it) beside one that several backends share."""
+from dataclasses import dataclass
 
-from cai_bench.backends.base import BackendOption, dispatched_run
-from cai_bench.backends.dispatch import Dispatcher, Event, drain, drive
-from cai_bench.backends.options import RETRIES
-from cai_bench.loop import model_worker, worker_loop
-from cai_bench.plan import work_units
-from cai_bench.worker import plan_options
-
-
-@dataclass
-class Threads:
-    plan: object
-    events: queue.Queue = field(default_factory=queue.Queue)
-    inboxes: dict = field(default_factory=dict)
-
-    def start(self, dispatcher):
-        for n in range(self.plan.backend_options.get("toy_workers") or 1):
-            dispatcher.join(name := f"toy-{n}")
-            self.inboxes[name] = queue.Queue()
-            threading.Thread(target=self.work, args=(name,), daemon=True).start()
-
-    def work(self, name):
-        options = plan_options(self.plan)
-        start, load, run = model_worker(name, options, self.plan.weights, self.plan.seed)
-
-        def next_units(ahead):
-            self.events.put(Event("want", name, ahead=ahead))
-            return self.inboxes[name].get()
-
-        done = lambda position, result: self.events.put(Event("done", name, position=position, result=result))
-        worker_loop(start, next_units, options, done, load=load, run=run).close()
-        self.events.put(Event("left", name))
-
-    def poll(self, timeout_s):
-        return drain(self.events, timeout_s)
-
-    def send(self, name, units, ahead):
-        self.inboxes[name].put([(u.position, u.item) for u in units])
-
-    def after_exit(self, dispatcher, name): ...
-    def abandon(self, name): ...
-
-    def stop(self, finished):
-        for inbox in self.inboxes.values():
-            inbox.put([])
+from cai_bench.backends.base import BackendOption
+from cai_bench.backends.options import LANES
+from cai_bench.backends.registry import get_backend
 
 
 @dataclass
 class Toy:
     name: str = "toy"
-    options: tuple = (BackendOption("toy_workers", int, "Threads as workers.", 1, minimum=1), RETRIES)
+    options: tuple = (BackendOption("toy_label", str, "A label each record keeps."), LANES)
     precisions: tuple = ("auto", "fp32")
     default_batch_size: int = 32
 
@@ -138,11 +98,9 @@ class Toy:
     def machine(self, plan): ...
 
     def run(self, plan, emit):
-        dispatcher = Dispatcher(work_units(plan), emit, plan.backend_options.get("retries", 1))
-        started = time.perf_counter()
-        drive(dispatcher, Threads(plan))
-        return dispatched_run(plan, dispatcher, time.perf_counter() - started, {},
-                              workers=plan.backend_options.get("toy_workers") or 1)
+        run = get_backend("cpu").run(plan, emit)
+        run.info["toy_label"] = plan.backend_options.get("toy_label")
+        return run
 
 
 def create():
@@ -180,12 +138,12 @@ def test_a_backend_installed_from_another_package_is_a_choice_with_its_options_a
     helped = _run(installed, tmp_path, "run", "--help", env={"COLUMNS": "250"})
     assert helped.returncode == 0, helped.stderr
     text = " ".join(helped.stdout.split())
-    assert "<cpu|hpc|gpu|lambda|toy>" in text and "─ --backend toy ─" in helped.stdout and "--toy-workers" in text
-    assert "hpc, gpu, lambda, toy: Times a partition" in text  # the shared option, one text for all who take it
+    assert "<cpu|hpc|gpu|lambda|toy>" in text and "─ --backend toy ─" in helped.stdout and "--toy-label" in text
+    assert "cpu, hpc, toy: Partitions split between" in text  # a shared option: one text, naming all who take it
     small = ["--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--precision", "fp32", "--threads", "1", "-q"]
-    swept = _run(installed, tmp_path, "sweep", "--backend", "toy", "--toy-workers", "1,2", "--repeats", "1", *small)
+    swept = _run(installed, tmp_path, "sweep", "--backend", "toy", "--toy-label", "a,b", "--repeats", "1", *small)
     assert swept.returncode == 0, swept.stderr
     assert "2 points on toy" in swept.stdout and "2 record(s) appended" in swept.stdout
     records = [json.loads(line) for line in (tmp_path / "results" / "runs.jsonl").read_text().splitlines()]
-    assert sorted(r["backend_info"]["workers"] for r in records) == [1, 2]
+    assert sorted(r["backend_info"]["toy_label"] for r in records) == ["a", "b"]
     assert all(r["backend"] == "toy" and r["summary"]["samples"] == 104 for r in records)

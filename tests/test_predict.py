@@ -128,6 +128,7 @@ def test_parts_of_another_job_are_not_mixed_in(tiny_data, tmp_path, monkeypatch,
         predict.predict(plan_for(tiny_data), out, None)
 
 
+@pytest.mark.probe
 def test_predict_command_and_its_plot(cli, tiny_data, tmp_path, scaled_weights):
     out = tmp_path / "p.parquet"
     code, stdout, err = cli(
@@ -154,6 +155,7 @@ def test_prediction_figure_shows_every_object_and_the_metrics(tiny_data, tmp_pat
     assert "MAE 0.03400" in legend and "outliers (|dz|>0.05) 20.00%" in legend and "y = x" in legend
 
 
+@pytest.mark.probe
 def test_run_records_accuracy_labelled_meaningless_with_random_weights(cli, tiny_data, tmp_path):
     code, stdout, _ = cli("run", "--data", tiny_data, "--batch-size", "16", "--threads", "1", "--results", tmp_path)
     assert code == 0

@@ -17,6 +17,7 @@ def _plan(directory, **options):
     return make_plan("cpu", summary, refs, threads=1, batch_size=16, **options)
 
 
+@pytest.mark.probe
 def test_each_repeat_is_appended_warmups_are_not(tiny_data, tmp_path):
     store = ResultsStore(tmp_path / "results")
     outcomes = runner.execute(_plan(tiny_data, repeats=2, warmup=1), store)
@@ -35,6 +36,7 @@ def test_each_repeat_is_appended_warmups_are_not(tiny_data, tmp_path):
     assert env["packages"]["torch"]
 
 
+@pytest.mark.probe
 def test_summary_is_derived_from_the_worker_records(tiny_data, tmp_path):
     store = ResultsStore(tmp_path)
     runner.execute(_plan(tiny_data), store)
@@ -51,6 +53,7 @@ def test_summary_is_derived_from_the_worker_records(tiny_data, tmp_path):
     assert s["startup_s"] == workers[0]["startup_s"] > 0
 
 
+@pytest.mark.probe
 def test_sum_of_worker_throughput_counts_each_worker_once(tiny_data):
     from cai_bench.engine import EngineOptions, run_partition, start_worker
 
@@ -75,6 +78,7 @@ def _corrupt(directory, name):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.probe
 def test_a_run_that_fails_midway_keeps_earlier_results_and_what_it_finished(data_copy, tmp_path):
     store = ResultsStore(tmp_path)
     runner.execute(_plan(data_copy), store)
@@ -91,6 +95,7 @@ def test_a_run_that_fails_midway_keeps_earlier_results_and_what_it_finished(data
     assert "sha256 does not match" in failed["error"]
 
 
+@pytest.mark.probe
 def test_an_interrupted_run_records_the_partitions_it_finished(tiny_data, tmp_path):
     store = ResultsStore(tmp_path)
 
@@ -120,6 +125,7 @@ def test_store_skips_a_torn_last_line_but_not_a_broken_middle_one(tmp_path):
         store.read()
 
 
+@pytest.mark.probe
 def test_records_are_whole_json_lines(tiny_data, tmp_path):
     store = ResultsStore(tmp_path)
     runner.execute(_plan(tiny_data, repeats=2), store)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import TinyAstroMAE
 
 from cai_bench import runtimes
 from cai_bench.data.partitions import open_dataset
@@ -22,35 +22,12 @@ from cai_bench.engine import run_partition, start_worker
 from cai_bench.errors import UserError
 from cai_bench.files import file_sha256
 from cai_bench.model import export as exporting
-from cai_bench.model.astromae import build_model
 from cai_bench.plan import make_plan
+from cai_bench.records import RANDOM_INIT, WeightsInfo
 from cai_bench.runtimes import openvino_runtime
 from cai_bench.worker import FORCE_PROBE_ENV, EngineOptions
 
 FP32_TOLERANCE = 1e-5  # the issue's: each runtime in fp32 against torch fp32
-
-
-@pytest.fixture(scope="session")
-def weights_file(tmp_path_factory) -> Path:
-    """A full-size pcm-AstroMAE checkpoint in a file: seed 7's random weights with the last layer scaled up, so
-    that the outputs spread over about 0.2 in redshift, like a trained model's, and agreement to 1e-5 is
-    agreement, not two near-constants."""
-    state = build_model(seed=7).state_dict()
-    state["concat_block.2.weight"] = state["concat_block.2.weight"] * 20
-    path = tmp_path_factory.mktemp("weights") / "seed7.safetensors"
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="session")
-def exports(weights_file, tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("exports")
-    made = {}
-    for fmt in ("onnx", "openvino"):
-        export, seconds = exporting.export_model(str(weights_file), fmt, folder / fmt)
-        assert seconds > 0
-        made[fmt] = Path(export.directory)
-    return made
 
 
 def torch_fp32(refs, weights) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +70,7 @@ def test_each_runtime_predicts_within_1e_5_of_torch_fp32(tiny_data, weights_file
     assert worker.weights.sha256 == file_sha256(weights_file)  # records name the weights, not the export
 
 
-def test_an_export_outside_its_tolerance_writes_nothing(monkeypatch, tmp_path):
+def test_an_export_outside_its_tolerance_writes_nothing(monkeypatch, tmp_path, tiny_model_exported):
     monkeypatch.setattr(exporting, "EXPORT_TOLERANCE", 0.0)
     monkeypatch.setattr(exporting, "max_difference", lambda a, b: 3e-6)  # what the check measured
     with pytest.raises(UserError, match=r"up to 3e-06 away from torch fp32 \(over 0\); nothing written"):
@@ -281,7 +258,8 @@ def test_run_on_each_runtime_records_what_ran(cli, tiny_data, exports, weights_f
     assert code == 0 and "onnxruntime" in _ and "openvino" in _
 
 
-def test_without_an_export_the_run_exports_into_the_cache_once(cli, tiny_data, tmp_path, monkeypatch):
+def test_without_an_export_the_run_exports_into_the_cache_once(cli, tiny_data, tmp_path, monkeypatch,
+                                                               tiny_model_exported):  # fmt: skip
     monkeypatch.setenv("CAI_BENCH_CACHE", str(tmp_path / "cache"))  # empty: other tests' exports are elsewhere
     common = ["run", "--data", tiny_data, "--runtime", "onnxruntime", "--batch-size", "16", "--json"]
     code, out, err = cli(*common, "--results", tmp_path)
@@ -295,7 +273,7 @@ def test_without_an_export_the_run_exports_into_the_cache_once(cli, tiny_data, t
     assert first["backend_info"]["precision"] == "fp32"  # onnxruntime's auto
 
 
-def test_model_export_command(cli, weights_file, tmp_path):
+def test_model_export_command(cli, weights_file, tmp_path, tiny_model_exported):
     code, out, err = cli("model", "export", "--weights", weights_file, "--format", "onnx", "--out", tmp_path / "e")
     assert code == 0, err
     assert "onnx export of" in out and "--runtime onnxruntime --weights" in out
@@ -321,10 +299,11 @@ def test_hpc_workers_run_an_export(cli, tiny_data, exports, weights_file, tmp_pa
     assert records[1]["backend_info"]["runtime"] == "onnxruntime" and records[1]["backend_info"]["workers"] == 2
 
 
-def test_a_sweep_resolves_auto_once_per_runtime(cli, tmp_path, monkeypatch):
+def test_a_sweep_resolves_auto_once_per_runtime(cli, tmp_path, monkeypatch, weights_file, exports):
     monkeypatch.setenv(FORCE_PROBE_ENV, "bf16")
     code, out, err = cli("sweep", "--gb", "0.002", "--partition-mb", "0.52", "--batch-size", "16", "--runtime",
-                         "torch,onnxruntime,openvino", "--results", tmp_path, "--quiet")  # fmt: skip
+                         "torch,onnxruntime,openvino", "--weights", weights_file, "--results", tmp_path,
+                         "--quiet")  # fmt: skip
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     ran = {r["plan"]["backend_options"]["runtime"]: r["plan"]["precision"] for r in records}
@@ -332,28 +311,20 @@ def test_a_sweep_resolves_auto_once_per_runtime(cli, tmp_path, monkeypatch):
     assert "auto ran as fp32 on onnxruntime" in out and "auto ran as bf16 on openvino" in out
 
 
-class TinyAstroMAE(torch.nn.Module):
-    """pcm-AstroMAE in miniature, from its own building blocks: a patch embedding and one NormalCell (attention,
-    LayerNorm, GELU MLP, the PCM's grouped convolutions with BatchNorm), an Inception block with average
-    pooling, the float64 magnitudes cast to the image's dtype, and the fusion layer."""
+@pytest.fixture
+def tiny_model_exported(monkeypatch):
+    """Exports made of ``TinyAstroMAE`` instead of the full model, through the same code path (exporter, runtime
+    check, export.json, the cache), naming the weights they were asked for: for the tests of what an export does
+    around the model, at a fraction of a full model's export time (seconds, not half a minute)."""
 
-    def __init__(self):
-        from cai_bench.model.astromae import InceptionBlock, NormalCell
+    def tiny(weights, seed):
+        torch.manual_seed(seed)
+        named = (
+            WeightsInfo(str(weights), file_sha256(Path(weights))) if weights else WeightsInfo(RANDOM_INIT, seed=seed)
+        )
+        return TinyAstroMAE().eval(), named
 
-        super().__init__()
-        self.patch = torch.nn.Conv2d(5, 16, kernel_size=8, stride=8)
-        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16) * 0.1)
-        self.cell = NormalCell(16, num_heads=2, mlp_ratio=2)
-        self.inception = torch.nn.Sequential(torch.nn.AvgPool2d(4), InceptionBlock(5, 4, 4, 4, 4))
-        self.magnitude = torch.nn.Linear(5, 8)
-        self.fuse = torch.nn.Linear(16 + 16 * 8 * 8 + 8, 1)
-
-    def forward(self, image: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch(image).flatten(2).transpose(1, 2)
-        tokens = self.cell(torch.cat((self.cls.expand(image.shape[0], -1, -1), tokens), dim=1))
-        pooled = self.inception(image).flatten(1)
-        mags = torch.relu(self.magnitude(magnitude.to(image.dtype) / 20))
-        return self.fuse(torch.cat((tokens[:, 0], pooled, mags), dim=1))
+    monkeypatch.setattr(exporting, "_torch_model", tiny)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])

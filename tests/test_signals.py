@@ -34,7 +34,7 @@ def _records(path: Path) -> list[dict]:
 @pytest.mark.parametrize("to_group", [False, True], ids=["to-the-driver", "to-every-process"])
 def test_sigterm_records_what_finished_and_exits_143(twelve_partitions, tmp_path, backend, to_group):
     store = tmp_path / "runs.jsonl"
-    args = ["run", "--data", twelve_partitions, "--batch-size", "1", "--repeats", "4", "--precision", "fp32", "-q"]
+    args = ["run", "--data", twelve_partitions, "--batch-size", "8", "--repeats", "4", "--precision", "fp32", "-q"]
     process = subprocess.Popen(
         [sys.executable, "-m", "cai_bench", *map(str, args), *backend, "--results", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,

@@ -92,7 +92,9 @@ def _sweep(results: Path, cache: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.mark.long
 def test_two_sweeps_into_one_results_directory_measure_each_point_once(tmp_path, monkeypatch):
+    """About 30 s on 2 cores: two sweep processes at once, on one lock per point."""
     results, cache = tmp_path / "r", tmp_path / "cache"
     monkeypatch.setenv("CAI_BENCH_CACHE", str(cache))
     datasets.cached_synthetic(TINY_GB, TINY_MB, 0)  # the data exists before either starts
@@ -159,7 +161,9 @@ def test_malformed_records_are_one_line_naming_their_line_in_every_reader(cli, t
             assert ":2: " in one_error_line(err), (where, command, err)
 
 
+@pytest.mark.long
 def test_malformed_records_do_not_break_plot(cli, tiny_data, tmp_path):
+    """About 30 s on 2 cores: 25 mutated stores, each plotted (matplotlib draws every figure each time)."""
     record = _valid_record(tiny_data, tmp_path)
     rng = random.Random(5)
     for number, (where, mutated) in enumerate(_mutations(record, rng, 25)):

@@ -122,6 +122,7 @@ def test_a_missing_config_and_a_bad_list_option_exit_2(cli, tmp_path):
     assert code == 2 and "quantum" in err
 
 
+@pytest.mark.probe
 def test_points_in_several_grids_run_once_and_points_on_the_same_data_run_together(tmp_path):
     table = {
         "grid": [
@@ -138,6 +139,7 @@ def test_points_in_several_grids_run_once_and_points_on_the_same_data_run_togeth
 # ---------------------------------------------------------------------------------------------- resuming
 
 
+@pytest.mark.probe
 def test_a_rerun_skips_what_the_store_holds_and_force_reruns_it(tmp_path):
     store = ResultsStore(tmp_path / "r")
     first = run_sweep(tiny_sweep(), store)
@@ -149,6 +151,7 @@ def test_a_rerun_skips_what_the_store_holds_and_force_reruns_it(tmp_path):
     assert len(forced.records) == 2 and len(ok_runs(store)) == 6
 
 
+@pytest.mark.probe
 def test_more_repeats_later_runs_only_the_missing_ones(tmp_path):
     store = ResultsStore(tmp_path / "r")
     run_sweep(tiny_sweep(repeats=1), store)
@@ -156,6 +159,7 @@ def test_more_repeats_later_runs_only_the_missing_ones(tmp_path):
     assert [(r.repeat, r.repeats) for r in more.records] == [(2, 3), (3, 3), (2, 3), (3, 3)]
 
 
+@pytest.mark.probe
 def test_records_of_other_machines_and_unfinished_runs_do_not_count(tmp_path):
     store = ResultsStore(tmp_path / "r")
     run_sweep(tiny_sweep(repeats=1, batch_size=[16]), store)
@@ -170,6 +174,7 @@ def test_records_of_other_machines_and_unfinished_runs_do_not_count(tmp_path):
     assert state.key == point_key(mine["plan"], mine["environment"])
 
 
+@pytest.mark.probe
 def test_no_keep_data_deletes_only_what_the_sweep_generated(tmp_path):
     store = ResultsStore(tmp_path / "r")
     kept = synthetic_dir(TINY_GB, TINY_MB, 0)
@@ -211,7 +216,11 @@ def _repeats_per_point(store: ResultsStore) -> Counter:
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+@pytest.mark.probe
+@pytest.mark.long
 def test_a_sweep_stopped_mid_point_resumes_with_only_the_missing_repeats(tmp_path, how):
+    """About 30 s on 2 cores: two sweep processes, each starting torch and the model and probing the precision,
+    the first stopped for real mid-point."""
     results, cache = tmp_path / "r", tmp_path / "cache"
     store = ResultsStore(results)
     process = _sweep_process(results, cache)
