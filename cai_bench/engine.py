@@ -11,7 +11,7 @@ Two engines:
     reference  the upstream style, as the baseline: the whole data set read into one TensorDataset up front,
                a default DataLoader, eager float32 under no_grad (``run_reference``)
 
-Times, per partition (shared/spec/data-and-measures.md):
+Times, per partition (docs/measurements.md):
     startup_s  the worker's start-up, charged to the first partition it runs (later ones are warm, like a
                warm Lambda invocation, and carry 0)
     load_s     read + checksum + decode of the partition (may overlap the previous partition's compute)

@@ -19,7 +19,7 @@ import psutil
 from cai_bench.records import utc_now
 
 _PACKAGES = (
-    "cai-bench", "torch", "torchvision", "timm", "numpy", "safetensors", "typer", "rich", "psutil", "onnxruntime",
+    "cai-bench", "torch", "numpy", "safetensors", "typer", "rich", "psutil", "onnxruntime",
     "openvino",
 )  # fmt: skip
 # The flags the runtimes' kernels are chosen by: what a record of CPU inference names of its machine

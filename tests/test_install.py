@@ -34,7 +34,7 @@ def installed(tmp_path_factory) -> Path:
             check=True, capture_output=True, text=True,
         ).stdout.strip()
     )  # fmt: skip
-    # This environment's packages (torch, timm, ...) come after the fresh one's own: a path file in a path file's
+    # This environment's packages (torch, numpy, ...) come after the fresh one's own: a path file in a path file's
     # directory is not read, so the editable install of this checkout stays out
     (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(

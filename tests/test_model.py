@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from conftest import upstream_spec
 from safetensors.torch import save_file
 
 from cai_bench.errors import UserError
-from cai_bench.model.astromae import build_model, flops_per_sample
+from cai_bench.model.astromae import PatchEmbed, build_model, flops_per_sample, trunc_normal_
 from cai_bench.model.checkpoint import load_weights
 from cai_bench.records import RANDOM_INIT
 
@@ -160,6 +162,32 @@ def test_random_init_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(a.state_dict()["head.weight"], b.state_dict()["head.weight"])
     assert not torch.equal(a.state_dict()["head.weight"], c.state_dict()["head.weight"])
     assert RANDOM_INIT == "random-init"
+
+
+def test_random_init_draws_a_normal_truncated_at_its_bounds():
+    torch.manual_seed(0)
+    wide = trunc_normal_(torch.empty(200_000), std=0.02)
+    assert abs(wide.mean().item()) < 2e-4 and wide.std().item() == pytest.approx(0.02, rel=0.01)
+    narrow = trunc_normal_(torch.empty(200_000), std=1.0, bound=1.0)  # a standard normal cut at one sigma
+    assert narrow.abs().max().item() <= 1.0 and narrow.abs().max().item() > 0.999
+    assert narrow.std().item() == pytest.approx(0.5396, abs=0.003)  # sqrt(1 - 2 phi(1) / (2 Phi(1) - 1))
+
+
+def test_the_patch_embedding_refuses_an_image_of_another_size():
+    embed = PatchEmbed(32, 8, 5, 16)
+    assert embed(torch.zeros(2, 5, 32, 32)).shape == (2, 16, 16)
+    with pytest.raises(ValueError, match="takes 32x32"):
+        embed(torch.zeros(2, 5, 64, 64))
+
+
+def test_building_the_model_imports_neither_timm_nor_torchs_compiler():
+    """Worker start-up: the model's modules are plain torch; timm would load torchvision and torch._dynamo."""
+    code = (
+        "import sys; from cai_bench.model.astromae import build_model; build_model()\n"
+        "print([m for m in ('timm', 'torchvision', 'torch._dynamo', 'sympy') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_flops_per_sample_is_close_to_the_published_figure():

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import types
-import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,6 @@ import pytest
 import torch
 from conftest import UPSTREAM_KEYS
 from safetensors.torch import load_file
-from timm.layers import Mlp, PatchEmbed
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -32,10 +30,10 @@ UPSTREAM_NAMES = {
     astromae.ConvBlock: ("blocks.photoz", "ConvBlock"),
     astromae.NormalCell: ("NormalCell", "NormalCell"),
     astromae.Attention: ("NormalCell", "Attention"),
-    Mlp: ("NormalCell", "Mlp"),
-    PatchEmbed: ("timm.models.layers.patch_embed", "PatchEmbed"),
+    astromae.Mlp: ("NormalCell", "Mlp"),
+    astromae.PatchEmbed: ("timm.models.layers.patch_embed", "PatchEmbed"),
 }
-THROWAWAY_MODULES = ("blocks", "blocks.model_vit_inception", "blocks.photoz", "NormalCell")
+THROWAWAY_MODULES = ("blocks", "blocks.model_vit_inception", "blocks.photoz", "NormalCell", "timm")
 
 
 @contextmanager
@@ -57,9 +55,7 @@ def upstream_classes(model: nn.Module):
                 if type(m) is cls:
                     m.__class__ = upstream
                     swapped.append((m, cls))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # pickle imports the deprecated timm.models.layers
-            yield
+        yield
     finally:
         for m, cls in swapped:
             m.__class__ = cls

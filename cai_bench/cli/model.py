@@ -1,6 +1,6 @@
 """``model info``, ``convert`` and ``export``: what pcm-AstroMAE is, upstream checkpoints recovered, exports made.
 
-Each command imports the model's modules (torch, timm) when it runs, so that the rest of the command line
+Each command imports the model's modules (torch) when it runs, so that the rest of the command line
 starts without them."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ExportSeed = Annotated[int, typer.Option(help="Random-init seed, without --weigh
 @model_app.command("info")
 def model_info(weights: CheckWeights = None, as_json: o.AsJson = False) -> None:
     """Parameters (total, frozen, learnable), FLOPs per sample and the weights' source."""
-    from cai_bench.model.checkpoint import model_info as facts  # torch and timm: the model is built
+    from cai_bench.model.checkpoint import model_info as facts  # torch: the model is built
 
     ui.show_model_info(facts(weights), as_json)
 

@@ -1,8 +1,8 @@
 """pcm-AstroMAE: the fine-tuned galaxy-redshift model every backend runs.
 
-The shapes and the order of operations follow ``shared/spec/model.md``. Module names are chosen so that
-``state_dict()`` keys equal the upstream checkpoint's keys one for one, which keeps checkpoint loading a plain
-strict ``load_state_dict`` (see ``checkpoint.py``).
+The shapes and the order of operations are the upstream model's (docs/data-and-models.md). Module names are
+chosen so that ``state_dict()`` keys equal the upstream checkpoint's keys one for one, which keeps checkpoint
+loading a plain strict ``load_state_dict`` (see ``checkpoint.py``).
 
 Structure:
     encoder (frozen at fine-tuning): PatchEmbed -> cls token + pos embed -> 12 x NormalCell
@@ -11,9 +11,10 @@ Structure:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 
 IMAGE_SIZE = 32
@@ -29,6 +30,48 @@ MAGNITUDE_WIDTH = 1024
 
 # The encoder is frozen in the fine-tuned model; these prefixes name its parameters.
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float, bound: float = 2.0) -> torch.Tensor:
+    """Fill ``tensor`` from a normal(0, std) truncated to [-bound, bound] by the inverse of its CDF: a uniform draw
+    between the CDF's values at the bounds, mapped back through erfinv. One uniform draw per element, so a seed
+    gives the same random-init weights as the timm and torch releases the model was first written against (torch
+    2.14's own ``trunc_normal_`` redraws by rejection instead)."""
+    low, high = (math.erf(x / (std * math.sqrt(2.0))) for x in (-bound, bound))
+    with torch.no_grad():
+        return tensor.uniform_(low, high).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-bound, bound)
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: one strided convolution, ``[B, C, H, W] -> [B, (H/p)(W/p), dim]`` (timm's
+    ``PatchEmbed``, its ``proj`` key, written here: importing timm loads torchvision and torch's compiler stack,
+    about 3 s of every worker's start-up, for this and ``Mlp``)."""
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        self.image_size = image_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"image of {tuple(x.shape[-2:])} pixels, the model takes {self.image_size}x{self.image_size}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    """The transformer block's MLP: ``fc1`` -> GELU -> ``fc2`` (no dropout at inference)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -70,7 +113,7 @@ class NormalCell(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, dim * mlp_ratio, act_layer=nn.GELU)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
         self.PCM = parallel_conv_module(dim, dim * mlp_ratio, groups=dim // 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
