@@ -5,6 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# The suite's workers (pytest-xdist) and the processes its tests start share the cores: an OpenMP thread of one
+# that spins while it waits for work takes a core from another that has work. Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 from safetensors.torch import save_file
 
@@ -13,11 +18,13 @@ from cai_bench.data.partitions import synthesize
 from cai_bench.files import exclusive
 from cai_bench.model.astromae import InceptionBlock, NormalCell, build_model
 from cai_bench.model.export import cached_export
+from cai_bench.worker import FORCE_PROBE_ENV
 
 # The upstream model's state-dict keys, shapes and dtypes, as the upstream checkpoint holds them
 UPSTREAM_KEYS = Path(__file__).resolve().parent / "data" / "upstream-state-dict.tsv"
 TINY_GB = 0.002  # 104 samples
 TINY_MB = 0.52  # 4 partitions of 26 samples
+PROBE_ANSWERS = ("fp32", "bf16")  # what the precision probe answers on a CPU without and with native bf16
 
 
 class TinyAstroMAE(torch.nn.Module):
@@ -42,12 +49,32 @@ class TinyAstroMAE(torch.nn.Module):
         return self.fuse(torch.cat((tokens[:, 0], pooled, mags), dim=1))
 
 
+def pytest_generate_tests(metafunc):
+    """A test that depends on what the precision probe answers (``@pytest.mark.probe``) runs once under each
+    answer, forced through FORCE_PROBE_ENV (``forced_probe``), as on a CPU without native bf16 and on one with
+    it: its outcome never depends on what this machine's probe would pick. Where FORCE_PROBE_ENV is already set,
+    only under that answer. (The tests marked ``probe`` were found by running the suite with FORCE_PROBE_ENV set
+    to a value that is not an answer: every test that asks the probe then fails.)"""
+    if metafunc.definition.get_closest_marker("probe"):
+        forced = os.environ.get(FORCE_PROBE_ENV)
+        answers = [forced] if forced else list(PROBE_ANSWERS)
+        metafunc.parametrize("forced_probe", answers, indirect=True, ids=[f"probe={a}" for a in answers])
+
+
+@pytest.fixture(autouse=True)
+def forced_probe(request, monkeypatch) -> str | None:
+    """The probe's answer this test runs under (set in FORCE_PROBE_ENV for it and the processes it starts), or
+    None where the test does not depend on the probe."""
+    answer = getattr(request, "param", None)
+    if answer is not None:
+        monkeypatch.setenv(FORCE_PROBE_ENV, answer)
+    return answer
+
+
 def pytest_collection_modifyitems(config, items):
     """The long tests (``@pytest.mark.long``, each saying why in its docstring) and those that use the model
     exports start first, so that under pytest-xdist (``make test``: ``-n auto``) no worker is left with a long
-    test at the end while the others idle; without xdist the order changes, not what runs. (The tests marked
-    ``probe`` were found by running the suite with CAI_BENCH_FORCE_PROBE set to a value that is not an answer:
-    every test that asks the probe then fails.)"""
+    test at the end while the others idle; without xdist the order changes, not what runs."""
     items.sort(
         key=lambda item: (
             0 if "exports" in getattr(item, "fixturenames", ()) else 1 if item.get_closest_marker("long") else 2
