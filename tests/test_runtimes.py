@@ -6,6 +6,7 @@ Exports take 10-15 s each (torch's exporter), so the exports of one weights file
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -327,6 +328,15 @@ def tiny_model_exported(monkeypatch):
     monkeypatch.setattr(exporting, "_torch_model", tiny)
 
 
+class _LogRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_a_tiny_model_of_the_same_parts_exports_within_1e_5_on_its_runtime(tmp_path, fmt):
     torch.manual_seed(3)
@@ -336,7 +346,13 @@ def test_a_tiny_model_of_the_same_parts_exports_within_1e_5_on_its_runtime(tmp_p
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     model.eval()
-    exporting.write_model_files(model, fmt, tmp_path)
+    logged = _LogRecords()
+    logging.getLogger("torch.onnx").addHandler(logged)  # torch's loggers do not propagate to the root's
+    try:
+        exporting.write_model_files(model, fmt, tmp_path)
+    finally:
+        logging.getLogger("torch.onnx").removeHandler(logged)
+    assert not [r.getMessage() for r in logged.records if r.levelno >= logging.WARNING]  # nothing on stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(exporting.FILES[fmt])
     image, magnitude = runtimes.probe_arrays(48)
     with torch.inference_mode():
