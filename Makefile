@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cai-bench run --backend cpu
 
-# The suite over the cores (pytest-xdist), the long tests first, the model exports shared by the workers; each
-# test that depends on what the precision probe answers runs once under each answer (tests/conftest.py)
-XDIST := -n auto
+# The suite over the cores (pytest-xdist; a worker that runs out of tests takes some of another's queue instead
+# of idling while the other finishes), the long tests first, the model exports shared by the workers; each test
+# that depends on what the precision probe answers runs once under each answer (tests/conftest.py)
+XDIST := -n auto --dist worksteal
 test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST)
 

@@ -13,11 +13,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from safetensors.torch import save_file
 
-from cai_bench import aws
-from cai_bench.data.partitions import synthesize
+from cai_bench import aws, runner
+from cai_bench.data.partitions import open_dataset, synthesize
 from cai_bench.files import exclusive
 from cai_bench.model.astromae import InceptionBlock, NormalCell, build_model
 from cai_bench.model.export import cached_export
+from cai_bench.plan import make_plan
+from cai_bench.store import ResultsStore
 from cai_bench.worker import FORCE_PROBE_ENV
 
 # The upstream model's state-dict keys, shapes and dtypes, as the upstream checkpoint holds them
@@ -149,6 +151,16 @@ def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "tiny"
     synthesize(out, TINY_GB, TINY_MB, seed=3)
     return out
+
+
+@pytest.fixture(scope="session")
+def measured_store(tiny_data, tmp_path_factory) -> Path:
+    """A store (its runs.jsonl) holding the record of one real run on ``tiny_data``, measured once a session:
+    tests that check that a bad command leaves earlier results as they were start from a copy of it."""
+    _, summary, refs = open_dataset(tiny_data)
+    store = ResultsStore(tmp_path_factory.mktemp("measured"))
+    runner.execute(make_plan("cpu", summary, refs, threads=1, precision="fp32"), store)
+    return store.path
 
 
 @pytest.fixture

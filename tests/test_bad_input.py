@@ -155,11 +155,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_exit_2(cli, data_copy, tmp_path, case):
+def test_bad_input_is_one_line_and_exit_2(cli, data_copy, tmp_path, measured_store, case):
     results = tmp_path / "kept"
-    code, _, _ = cli("run", "--data", data_copy, "--results", results, "-q", "--threads", "1", "--precision", "fp32")
-    assert code == 0
-    before = (results / "runs.jsonl").read_bytes()
+    results.mkdir()
+    before = shutil.copyfile(measured_store, results / "runs.jsonl").read_bytes()
     args = _setup(case, tmp_path, data_copy)
     if "--results" not in args and args[0] in ("run", "sweep", "predict", "report"):
         args += ["--results", results]
