@@ -274,6 +274,21 @@ def test_without_an_export_the_run_exports_into_the_cache_once(cli, tiny_data, t
     assert first["backend_info"]["precision"] == "fp32"  # onnxruntime's auto
 
 
+def test_the_cached_ir_is_converted_from_the_cached_onnx_export_of_the_same_weights(tmp_path, monkeypatch,
+                                                                                    tiny_model_exported):  # fmt: skip
+    monkeypatch.setenv("CAI_BENCH_CACHE", str(tmp_path / "cache"))
+    exported, real = [], exporting._to_onnx
+    monkeypatch.setattr(exporting, "_to_onnx", lambda model, path: exported.append(path) or real(model, path))
+    onnx, _, _ = exporting.cached_export(None, "onnx", seed=4)
+    ir, _, cached = exporting.cached_export(None, "openvino", seed=4)
+    assert not cached and len(exported) == 1  # torch exported the model once, for both formats
+    meta = json.loads((Path(ir.directory) / "export.json").read_text())
+    assert meta["converted_from"] == str(Path(onnx.directory) / "model.onnx") and meta["check"]["max_abs_dz"] <= 1e-5
+    other, _, _ = exporting.cached_export(None, "openvino", seed=5)  # no ONNX export of these weights: its own
+    assert len(exported) == 2
+    assert json.loads((Path(other.directory) / "export.json").read_text())["converted_from"] is None
+
+
 def test_model_export_command(cli, weights_file, tmp_path, tiny_model_exported):
     code, out, err = cli("model", "export", "--weights", weights_file, "--format", "onnx", "--out", tmp_path / "e")
     assert code == 0, err

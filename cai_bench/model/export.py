@@ -67,15 +67,18 @@ def _to_onnx(model: torch.nn.Module, path: Path) -> None:
         registry_log.setLevel(level)
 
 
-def write_model_files(model: torch.nn.Module, fmt: str, folder: Path) -> None:
-    """``model`` (any module taking (image, magnitude) as pcm-AstroMAE does) as ``fmt``'s FILES in ``folder``."""
-    _to_onnx(model, folder / "model.onnx")
+def write_model_files(model: torch.nn.Module, fmt: str, folder: Path, onnx: Path | None = None) -> None:
+    """``model`` (any module taking (image, magnitude) as pcm-AstroMAE does) as ``fmt``'s FILES in ``folder``;
+    for openvino, ``onnx`` is an ONNX export of the same model to convert instead of exporting it again."""
+    if fmt == "onnx" or onnx is None:
+        onnx = folder / "model.onnx"
+        _to_onnx(model, onnx)
     if fmt == "openvino":
         import openvino as ov  # the [openvino] extra, only for this format
 
-        converted = ov.convert_model(str(folder / "model.onnx"))
+        converted = ov.convert_model(str(onnx))
         ov.save_model(converted, str(folder / "model.xml"), compress_to_fp16=False)  # fp32 weights, as exported
-        (folder / "model.onnx").unlink()
+        (folder / "model.onnx").unlink(missing_ok=True)
 
 
 def predict_with_runtime(fmt: str, path: Path, image: np.ndarray, magnitude: np.ndarray) -> tuple[np.ndarray, str]:
@@ -91,10 +94,10 @@ def predict_with_runtime(fmt: str, path: Path, image: np.ndarray, magnitude: np.
 
 
 def export_model(
-    weights: str | None, fmt: str, out: str | Path, seed: int = 0, overwrite: bool = False
+    weights: str | None, fmt: str, out: str | Path, seed: int = 0, overwrite: bool = False, onnx: Path | None = None
 ) -> tuple[Export, float]:
     """Export ``weights`` (None: random-init from ``seed``) as ``fmt`` into the directory ``out``, checked; returns
-    the export and the seconds it took."""
+    the export and the seconds it took. ``onnx``: see ``write_model_files``."""
     started = time.perf_counter()
     if fmt not in FILES:
         raise UserError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}")
@@ -103,7 +106,7 @@ def export_model(
         image, magnitude = probe_arrays()
         with torch.inference_mode():
             reference = model(torch.from_numpy(image), torch.from_numpy(magnitude))[:, 0].numpy()
-        write_model_files(model, fmt, staging)
+        write_model_files(model, fmt, staging, onnx)
         try:  # on a batch of another size than the one traced: the batch dimension must have stayed dynamic
             predicted, checked_by = predict_with_runtime(fmt, staging / FILES[fmt][0], image, magnitude)
         except Exception as exc:
@@ -132,6 +135,7 @@ def export_model(
                 "runtime": checked_by,
             },
             "exported_with": {"cai_bench": __version__, "torch": torch.__version__, "opset": OPSET},
+            "converted_from": str(onnx) if onnx is not None and fmt != "onnx" else None,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / EXPORT_META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -159,9 +163,13 @@ def cached_export(weights: str | None, fmt: str, seed: int = 0) -> tuple[Export,
     """The export of ``weights`` as ``fmt`` from the cache, made there first when missing: (export, seconds it
     took now, whether it was already there)."""
     directory = cache_dir() / "exports" / cache_key(weights, fmt, seed)
+    # OpenVINO's IR is converted from an ONNX export: the cached one of the same weights, where there is one,
+    # saves exporting the model through torch a second time (most of an export's time)
+    onnx = cache_dir() / "exports" / cache_key(weights, "onnx", seed)
     # Another command making the same export: wait for it, then reuse it
     with exclusive(directory.parent / ".locks" / f"{directory.name}.lock"):
         if (directory / EXPORT_META).is_file():
             return read_export(directory), 0.0, True
-        export, seconds = export_model(weights, fmt, directory, seed=seed, overwrite=True)
+        source = onnx / FILES["onnx"][0] if fmt == "openvino" and (onnx / EXPORT_META).is_file() else None
+        export, seconds = export_model(weights, fmt, directory, seed=seed, overwrite=True, onnx=source)
     return export, seconds, False
