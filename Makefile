@@ -22,16 +22,16 @@ demo: $(STAMP)
 	$(BIN)/cai-bench run --backend cpu
 
 # The suite over the cores (pytest-xdist; a worker that runs out of tests takes some of another's queue instead
-# of idling while the other finishes), the long tests first, the model exports shared by the workers; each test
-# that depends on what the precision probe answers runs once under each answer (tests/conftest.py)
+# of idling while the other finishes), the long tests first, the model exports shared by the workers. The tests
+# that depend on what the precision probe answers run under fp32, its answer on a CPU without native bf16;
+# test-probes runs them under bf16, its answer on one with it (AMX, avx512_bf16). Plain pytest runs each test of
+# those under both (tests/conftest.py).
 XDIST := -n auto --dist worksteal
 test: $(STAMP)
-	$(BIN)/python -m pytest $(XDIST)
+	CAI_BENCH_FORCE_PROBE=fp32 $(BIN)/python -m pytest $(XDIST)
 
-# Only the tests that depend on the precision probe (-m probe), under each of its answers: what they do on a
-# machine whose probe picks fp32 (no native bf16) and on one whose probe picks bf16 (AMX, avx512_bf16)
 test-probes: $(STAMP)
-	$(BIN)/python -m pytest $(XDIST) -m probe
+	CAI_BENCH_FORCE_PROBE=bf16 $(BIN)/python -m pytest $(XDIST) -m probe
 
 # The reference loop against every runtime (torch's fast engine, ONNX Runtime, OpenVINO) on 0.2 GB in fp32,
 # alternating, 3 rounds after a warm-up of each (~6 min on 2 cores); `cai-bench bench` alone runs precision auto
