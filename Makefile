@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-probes lint bench bench-hpc bench-gpu bench-gpu-dry bench-lambda clean
 
-# The packages' bytecode compiled over all the cores (pip compiles one file at a time: 40 of the install's 115 s
-# on 2 cores, against 20 s so), and not left to first imports, which may never save it (PYTHONDONTWRITEBYTECODE):
-# then every process would compile torch and cai_bench again. The few files kept for other Python versions fail
-# quietly, as under pip.
+# Bytecode for the packages and cai_bench, compiled over all the cores: pip compiles one file at a time (40 of the
+# install's 115 s on 2 cores; about 20 s this way). Not left to first imports, which may never save it (with
+# PYTHONDONTWRITEBYTECODE set, every process would compile torch again). The few files kept for other Python
+# versions fail quietly, as under pip.
 BYTECODE := import compileall, sysconfig; \
 	[compileall.compile_dir(d, quiet=2, workers=0) for d in (sysconfig.get_paths()['purelib'], 'cai_bench')]
 $(STAMP): pyproject.toml

@@ -55,8 +55,9 @@ def pytest_generate_tests(metafunc):
     """A test that depends on what the precision probe answers (``@pytest.mark.probe``) runs once under each
     answer, forced through FORCE_PROBE_ENV (``forced_probe``), as on a CPU without native bf16 and on one with
     it: its outcome never depends on what this machine's probe would pick. Where FORCE_PROBE_ENV is already set,
-    only under that answer. (The tests marked ``probe`` were found by running the suite with FORCE_PROBE_ENV set
-    to a value that is not an answer: every test that asks the probe then fails.)"""
+    only under that answer (``make test`` sets fp32, ``make test-probes`` bf16). (The tests marked ``probe`` were
+    found by running the suite with FORCE_PROBE_ENV set to a value that is not an answer: every test that asks
+    the probe then fails.)"""
     if metafunc.definition.get_closest_marker("probe"):
         forced = os.environ.get(FORCE_PROBE_ENV)
         answers = [forced] if forced else list(PROBE_ANSWERS)

@@ -34,9 +34,9 @@ ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
 
 def trunc_normal_(tensor: torch.Tensor, std: float, bound: float = 2.0) -> torch.Tensor:
     """Fill ``tensor`` from a normal(0, std) truncated to [-bound, bound] by the inverse of its CDF: a uniform draw
-    between the CDF's values at the bounds, mapped back through erfinv. One uniform draw per element, so a seed
-    gives the same random-init weights as the timm and torch releases the model was first written against (torch
-    2.14's own ``trunc_normal_`` redraws by rejection instead)."""
+    between the CDF's values at the bounds, mapped back through erfinv. One uniform draw per element, as timm's
+    ``trunc_normal_`` (which built this model before) draws, so a seed's random-init weights stay what they were;
+    torch 2.14's own ``trunc_normal_`` redraws by rejection instead."""
     low, high = (math.erf(x / (std * math.sqrt(2.0))) for x in (-bound, bound))
     with torch.no_grad():
         return tensor.uniform_(low, high).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-bound, bound)
