@@ -19,7 +19,9 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from cai_bench.choices import FIGURE_FORMATS
+from cai_bench.comm_bench import latest_points
 from cai_bench.errors import UserError
+from cai_bench.machine import machine_label
 from cai_bench.metrics import accuracy, spread
 from cai_bench.plan import BITS_PER_SAMPLE, samples_for_gb
 from cai_bench.predict import read_predictions
@@ -492,6 +494,30 @@ def plot_command(
     if predictions is not None:
         figure = predictions_figure(read_predictions(predictions), str(predictions))
         return save_figures({f"{Path(predictions).stem}-vs-true": figure}, out_dir, formats)
-    points = read_points(ResultsStore(results), backends, warn=warn)
+    store = ResultsStore(results)
+    points = read_points(store, backends, warn=warn)
+    comm_points = [] if backends else latest_points(store)
     rows = load_reference(reference) if reference else None
-    return save_figures(build_figures(points, rows), out_dir, formats)
+    figures = build_figures(points, rows) if points or not comm_points else {}
+    return save_figures({**figures, **comm_figures(comm_points)}, out_dir, formats)
+
+
+def comm_figures(records: list[dict]) -> dict[str, Figure]:
+    """``comm bench``'s latency vs world size, one figure per message size, a line per channel and operation
+    (with the interquartile range); a barrier carries nothing, so it is drawn in each."""
+    figures = {}
+    for nbytes in sorted({r["nbytes"] for r in records if r["op"] != "barrier"}) or [0]:
+        fig, ax = _figure()
+        shown = [r for r in records if r["nbytes"] == nbytes or r["op"] == "barrier"]
+        for channel, op in sorted({(r["channel"], r["op"]) for r in shown}):
+            line = sorted((r for r in shown if (r["channel"], r["op"]) == (channel, op)), key=lambda r: r["world_size"])
+            x = [r["world_size"] for r in line]
+            y = np.array([r["median_s"] for r in line]) * 1000
+            low = y - np.array([r.get("q1_s", r["median_s"]) for r in line]) * 1000
+            high = np.array([r.get("q3_s", r["median_s"]) for r in line]) * 1000 - y
+            ax.errorbar(x, y, yerr=[np.maximum(low, 0), np.maximum(high, 0)], marker="o", capsize=3,
+                        label=f"{channel} {op}")  # fmt: skip
+        machines = sorted({machine_label(r["environment"]) for r in shown})
+        ax.set_title(f"collective latency, {nbytes:,} B messages · {'; '.join(machines)}", fontsize=9, loc="left")
+        figures[f"comm-latency-{nbytes}B"] = _finish(fig, ax, "world size (ranks)", "median latency (ms)")
+    return figures if records else {}

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cai_bench.choices import REPORT_FORMATS
+from cai_bench.comm_bench import latest_points
 from cai_bench.errors import UserError
 from cai_bench.machine import machine_id, machine_label
 from cai_bench.metrics import Spread, spread
@@ -185,14 +186,18 @@ def read_points(
     return select(points, backends)
 
 
-def report_points(results: str, backends: list[str] | None, baseline: str, warn=None) -> tuple[list, ResultsStore]:
-    """``cai-bench report``: the points to show, refused in one line where there are none."""
+def report_points(
+    results: str, backends: list[str] | None, baseline: str, warn=None
+) -> tuple[list, ResultsStore, list[dict]]:
+    """``cai-bench report``: the points to show and ``comm bench``'s (only without --backend), refused in one line
+    where there are none."""
     store = ResultsStore(results)
     points = read_points(store, backends, baseline, warn)
-    if not points:
+    comm_points = [] if backends else latest_points(store)
+    if not points and not comm_points:
         which = f" for backend {','.join(backends)}" if backends else ""
         raise UserError(f"{store.path}: no finished runs to report{which}")
-    return points, store
+    return points, store, comm_points
 
 
 # ---------------------------------------------------------------------------------------------- rows

@@ -22,6 +22,7 @@ from cai_bench.records import SCHEMA_MAJOR, RunRecord
 from cai_bench.shapes import INT, LIST, NUMBER, TABLE, TEXT, problem
 
 STORE_FILE = "runs.jsonl"
+COMM_FILE = "comm.jsonl"  # comm bench's points: latency of one collective per channel, world size and size
 
 
 def _warn(message: str) -> None:
@@ -62,6 +63,8 @@ _SHAPES = (
     ("environment", {"host": TEXT, "cpu_model": TEXT, "gpus": LIST, "packages": TABLE}, True),
     ("backend_info", {"threads": INT, "workers": INT, "tasks": INT}, True),
 )
+_COMM_SHAPE = {"run_id": TEXT, "channel": TEXT, "op": TEXT, "world_size": INT, "nbytes": INT, "median_s": NUMBER,
+               "samples_s": LIST, "environment": TABLE}  # fmt: skip
 _WORKER_SHAPE = {"samples": INT, **dict.fromkeys(_PHASES, NUMBER)}
 _OPTIONAL_WORKER_SHAPE = {"precision": TEXT, "worker_id": TEXT, "host": TEXT, "pid": INT, "partition": INT}
 
@@ -116,29 +119,61 @@ class ResultsStore:
             ) from None
 
     def append(self, record: RunRecord) -> None:
+        self._append_line(self.path, (record.to_json() + "\n").encode(), record.run_id)
+
+    def append_comm(self, record: dict) -> None:
+        """A ``comm bench`` point (``comm.jsonl`` beside the runs: its own schema), kept as a run record is."""
+        line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        self._append_line(self.directory / COMM_FILE, line, record["run_id"])
+
+    def read_comm(self) -> list[dict]:
+        """The ``comm bench`` points, oldest first; a torn last line is skipped, a broken one is an error."""
+        path = self.directory / COMM_FILE
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+        points = []
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                point = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if number == len(lines):
+                    continue  # torn by a writer that was killed
+                raise UserError(f"{path}:{number}: not a JSON record") from None
+            found = problem(point, _COMM_SHAPE, "") if isinstance(point, dict) else "not an object"
+            if found:
+                raise UserError(f"{path}:{number}: not a comm bench record: {found}")
+            points.append(point)
+        return points
+
+    def _append_line(self, path: Path, line: bytes, run_id: str) -> None:
         # One write() of one whole line on an O_APPEND descriptor under an exclusive lock: readers never see half
         # a record from us, and concurrent writers do not interleave.
-        line = (record.to_json() + "\n").encode()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
-            self._keep_elsewhere(record.run_id, line, exc)
+            self._keep_elsewhere(run_id, line, exc, path)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            self._set_aside_torn_tail(fd)
+            self._set_aside_torn_tail(fd, path)
             view = memoryview(line)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
             os.fsync(fd)
         except OSError as exc:
-            self._keep_elsewhere(record.run_id, line, exc)
+            self._keep_elsewhere(run_id, line, exc, path)
         finally:
             os.close(fd)
 
-    def _set_aside_torn_tail(self, fd: int) -> None:
+    def _set_aside_torn_tail(self, fd: int, path: Path) -> None:
         """Bytes after the last newline belong to no record: move them to a file of their own, named in a warning."""
         size = os.fstat(fd).st_size
         if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
@@ -153,24 +188,22 @@ class ResultsStore:
                 break
             start = lo
         torn = os.pread(fd, size - start, start)
-        aside = self.path.with_name(f"{STORE_FILE}.torn-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
+        aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
         aside.write_bytes(torn)
         os.ftruncate(fd, start)
-        _warn(f"{self.path}: its last line was torn ({len(torn)} bytes, no record); moved aside to {aside}")
+        _warn(f"{path}: its last line was torn ({len(torn)} bytes, no record); moved aside to {aside}")
 
-    def _keep_elsewhere(self, run_id: str, line: bytes, exc: OSError) -> None:
+    def _keep_elsewhere(self, run_id: str, line: bytes, exc: OSError, path: Path) -> None:
         """The store cannot take a record: print it, save it in a file of its own, and say where."""
         sys.stdout.write(line.decode())
         sys.stdout.flush()
         fallback = Path(tempfile.gettempdir()) / f"cai-bench-unsaved-{run_id}.jsonl"
         try:
             fallback.write_bytes(line)
-            kept = f"printed above and saved in {fallback}; add it later with: cat {fallback} >> {self.path}"
+            kept = f"printed above and saved in {fallback}; add it later with: cat {fallback} >> {path}"
         except OSError:
             kept = "printed above (no fallback file could be written either)"
-        raise UserError(
-            f"{self.path}: cannot write the record of run {run_id} ({exc.strerror}); it is {kept}"
-        ) from None
+        raise UserError(f"{path}: cannot write the record of run {run_id} ({exc.strerror}); it is {kept}") from None
 
     def read(self) -> list[dict]:
         """All complete records, oldest first.

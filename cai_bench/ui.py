@@ -24,6 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from cai_bench.errors import UserError
+from cai_bench.machine import machine_label
 from cai_bench.metrics import spread
 from cai_bench.records import RunRecord, WorkerRecord
 from cai_bench.report import NOTES, display_columns, export_row, memory_lines, to_json, to_markdown
@@ -450,17 +451,44 @@ def waiting_for(store_directory: Path):
     )
 
 
-def show_report(points: list, store_path: Path, fmt: str) -> None:
+def show_report(points: list, store_path: Path, fmt: str, comm_points: list | None = None) -> None:
     if fmt == "table":
-        stdout.print(report_table(points, f"{store_path}: {len(points)} points"))
+        if points:
+            stdout.print(report_table(points, f"{store_path}: {len(points)} points"))
         for line in memory_lines(points):
             say(f"memory: {line}")
+        if comm_points:
+            stdout.print(comm_table(comm_points, f"{store_path.parent / 'comm.jsonl'}: {len(comm_points)} points"))
     elif fmt == "markdown":
         print(to_markdown(points), end="")
     elif fmt == "csv":
         print(to_csv([export_row(p) for p in points]), end="")
     else:
         print(to_json(points))
+
+
+def comm_table(records: list[dict], title: str) -> Table:
+    """``comm bench``'s points: per channel, operation, ranks and size, the median latency and its spread."""
+    machines = {machine_label(r["environment"]) for r in records}
+    table = Table(title=title + (f" · {machines.pop()}" if len(machines) == 1 else ""), title_justify="left")
+    for header in ("channel", "op", "ranks", "bytes", "median ms", "IQR ms", "min-max ms", "connect s"):
+        table.add_column(header, justify="left" if header in ("channel", "op") else "right")
+    for r in records:
+        ms = lambda s: f"{s * 1000:.3g}"  # noqa: E731
+        table.add_row(r["channel"], r["op"], str(r["world_size"]), f"{r['nbytes']:,}", ms(r["median_s"]),
+                      ms(r.get("q3_s", 0) - r.get("q1_s", 0)), f"{ms(r.get('min_s', 0))}-{ms(r.get('max_s', 0))}",
+                      f"{r.get('connect_s', 0):.2f}")  # fmt: skip
+    return table
+
+
+def show_comm_points(points, results: Path) -> None:
+    """``comm bench``: each point as it is stored, then the table of them."""
+    done = []
+    for record in points:
+        done.append(record)
+        tell(f"{record['channel']} {record['op']} x{record['world_size']} {record['nbytes']} B: "
+             f"{record['median_s'] * 1000:.3g} ms")  # fmt: skip
+    stdout.print(comm_table(done, f"{results / 'comm.jsonl'}: {len(done)} points"))
 
 
 def show_paths(paths) -> None:

@@ -319,3 +319,56 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# ---------------------------------------------------------------------------------- the comm layer's services
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server on a loopback port for the session (.ci/run installs Debian's redis-server; elsewhere
+    the tests that need it skip and say so)."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (.ci/run installs it)")
+        pytest.skip("needs redis-server (apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def rendezvous_url():
+    """``cai-bench comm rendezvous`` in a process of its own on a free loopback port."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "cai_bench", "comm", "rendezvous", "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    line = proc.stdout.readline()
+    assert line.startswith("rendezvous listening on "), line
+    yield "direct://" + line.split()[-1]
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -28,6 +28,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Make, re-partition, inspect, verify and upload partitioned galaxy data sets.")
 model_app = typer.Typer(help="Inspect, convert and export pcm-AstroMAE.")
 results_app = typer.Typer(help="List, show and export the records in the results store.")
+comm_app = typer.Typer(help="Collectives between workers: the direct channel's rendezvous server, channel latency.")
 lambda_app = typer.Typer(
     help="The AWS Lambda backend's tools: the image and the function on AWS, the local emulator, costs."
 )
@@ -42,7 +43,8 @@ def _help_where_no_command(ctx: typer.Context) -> None:
         raise typer.Exit(2)
 
 
-for group, name in ((data_app, "data"), (model_app, "model"), (results_app, "results"), (lambda_app, "lambda")):
+for group, name in ((data_app, "data"), (model_app, "model"), (results_app, "results"), (lambda_app, "lambda"),
+                    (comm_app, "comm")):  # fmt: skip
     group.callback(invoke_without_command=True)(_help_where_no_command)
     app.add_typer(group, name=name)
 

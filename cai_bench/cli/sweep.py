@@ -106,8 +106,8 @@ def report(
 ) -> None:
     """One row per backend x data size x partition size x batch size (x precision, threads, machine): medians
     over repeats, spread, speedup over the baseline on the same data, peak memory and cost where known."""
-    points, store = report_points(results, o.comma_list(backend, "--backend"), baseline, warn=ui.warn)
-    ui.show_report(points, store.path, fmt.value)
+    points, store, comm_points = report_points(results, o.comma_list(backend, "--backend"), baseline, warn=ui.warn)
+    ui.show_report(points, store.path, fmt.value, comm_points)
 
 
 @app.command()

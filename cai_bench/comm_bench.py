@@ -1,0 +1,161 @@
+"""``cai-bench comm bench``: the latency of barrier, bcast and allreduce on a channel, per world size and message
+size, with the ranks as processes of this machine (``comm/bench_worker.py``); one record per point in the store's
+``comm.jsonl``, beside the machine it was measured on. What it measured also sets the channel policy's model of
+that channel (``measured_models``) for runs on this machine that give ``--comm-hint``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from cai_bench import comm
+from cai_bench.comm.policy import ChannelModel, models_from
+from cai_bench.comm.s3_channel import purge
+from cai_bench.errors import UserError, one_line
+from cai_bench.machine import capture_environment, machine_id
+from cai_bench.metrics import spread
+from cai_bench.records import SCHEMA_VERSION, new_run_id, utc_now
+from cai_bench.store import ResultsStore
+
+OPS = ("barrier", "bcast", "allreduce")
+
+
+def _ranks(
+    url: str, world_size: int, sizes: list[int], ops: list[str], repeats: int, warmup: int, timeout_s: float
+) -> tuple[str, dict]:
+    """One world: its processes started, waited for, and rank 0's answer."""
+    run_id, key = new_run_id(), comm.new_key()
+    base = {
+        "urls": [url],
+        "world_size": world_size,
+        "run_id": run_id,
+        "key": key,
+        "ops": ops,
+        "sizes": sizes,
+        "repeats": repeats,
+        "warmup": warmup,
+        "timeout_s": timeout_s,
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cai_bench.comm.bench_worker", json.dumps({**base, "rank": r})],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+    deadline = time.monotonic() + timeout_s * (4 + len(ops) * len(sizes) * (repeats + warmup))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        raise UserError(f"comm bench over {url}: {world_size} ranks did not finish in time") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        if url.startswith("s3://"):
+            purge(url, run_id)
+    failed = [(r, err) for r, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=False)) if proc.returncode != 0]
+    if failed:
+        rank, err = failed[0]
+        raise UserError(
+            f"comm bench over {url}, {world_size} ranks: rank {rank} failed: "
+            f"{one_line(err.strip().splitlines()[-1] if err.strip() else 'no message')}"
+        )
+    return run_id, json.loads(outputs[0][0])
+
+
+def comm_bench(
+    urls: list[str],
+    world_sizes: list[int],
+    sizes: list[int],
+    ops: list[str],
+    repeats: int,
+    warmup: int,
+    timeout_s: float,
+    results: str | Path,
+) -> Iterator[dict]:
+    """Each point's record, as it is stored: a world that fails stops the bench, the points before it kept."""
+    for url in urls:
+        comm.check_urls([url])
+    if any(op not in OPS for op in ops):
+        raise UserError(f"--ops: one or more of {', '.join(OPS)}")
+    if any(p < 1 for p in world_sizes) or any(s < 0 for s in sizes) or repeats < 1 or warmup < 0:
+        raise UserError("--world-sizes from 1, --sizes from 0 bytes, --repeats from 1, --warmup from 0")
+    store = ResultsStore(results)
+    store.check_writable()
+    environment = capture_environment(with_torch=False)
+    for url in urls:
+        for world_size in world_sizes:
+            run_id, answer = _ranks(url, world_size, sizes, ops, repeats, warmup, timeout_s)
+            for point in answer["points"]:
+                figures = spread(point["samples_s"])
+                record = {
+                    "kind": "comm",
+                    "schema_version": SCHEMA_VERSION,
+                    "run_id": run_id,
+                    "created_utc": utc_now(),
+                    "channel": url.split("://")[0],
+                    "url": url,
+                    "op": point["op"],
+                    "world_size": world_size,
+                    "nbytes": point["nbytes"],
+                    "repeats": repeats,
+                    "warmup": warmup,
+                    "median_s": figures.median,
+                    "q1_s": figures.q1,
+                    "q3_s": figures.q3,
+                    "min_s": figures.min,
+                    "max_s": figures.max,
+                    "samples_s": point["samples_s"],
+                    "connect_s": answer["connect_s"],
+                    "channel_info": answer["channels"][0],
+                    "environment": environment,
+                }
+                store.append_comm(record)
+                yield record
+
+
+def latest_points(store: ResultsStore, channels: list[str] | None = None) -> list[dict]:
+    """The newest record of each (machine, channel, op, world size, size), sorted for a table."""
+    newest: dict[tuple, dict] = {}
+    for record in store.read_comm():
+        if channels and record["channel"] not in channels:
+            continue
+        key = (
+            machine_id(record["environment"]),
+            record["channel"],
+            record["op"],
+            record["world_size"],
+            record["nbytes"],
+        )
+        newest[key] = record
+    return [newest[k] for k in sorted(newest)]
+
+
+def measured_models(results: str | Path, warn: Callable[[str], None] | None = None) -> dict[str, ChannelModel]:
+    """The policy's channel models with this machine's measurements where ``comm bench`` made them: a message's
+    overhead from bcast between 2 ranks at the smallest size, the bandwidth from the largest."""
+    here = machine_id(capture_environment(with_torch=False))
+    measured: dict[str, dict] = {}
+    for record in ResultsStore(results).read_comm():
+        if record["op"] != "bcast" or record["world_size"] != 2 or machine_id(record["environment"]) != here:
+            continue
+        entry = measured.setdefault(record["channel"], {})
+        entry[record["nbytes"]] = record["median_s"]
+    fields = {}
+    for scheme, by_size in measured.items():
+        small, large = min(by_size), max(by_size)
+        overhead = by_size[small]
+        fields[scheme] = {"overhead_s": overhead, "poll_s": 0.0, "source": "comm bench"}
+        if large > small and by_size[large] > overhead:
+            fields[scheme]["bandwidth_Bps"] = (large - small) / (by_size[large] - overhead)
+    return models_from(fields)
