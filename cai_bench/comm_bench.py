@@ -1,7 +1,7 @@
 """``cai-bench comm bench``: the latency of barrier, bcast and allreduce on a channel, per world size and message
 size, with the ranks as processes of this machine (``comm/bench_worker.py``); one record per point in the store's
 ``comm.jsonl``, beside the machine it was measured on. What it measured also sets the channel policy's model of
-that channel (``measured_models``) for runs on this machine that give ``--comm-hint``.
+that channel (``gathering.measured_models``) for runs on this machine that give ``--comm-hint``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from cai_bench import comm
-from cai_bench.comm.policy import ChannelModel, models_from
 from cai_bench.comm.s3_channel import purge
 from cai_bench.errors import UserError, one_line
 from cai_bench.machine import capture_environment, machine_id
@@ -139,23 +138,3 @@ def latest_points(store: ResultsStore, channels: list[str] | None = None) -> lis
         )
         newest[key] = record
     return [newest[k] for k in sorted(newest)]
-
-
-def measured_models(results: str | Path, warn: Callable[[str], None] | None = None) -> dict[str, ChannelModel]:
-    """The policy's channel models with this machine's measurements where ``comm bench`` made them: a message's
-    overhead from bcast between 2 ranks at the smallest size, the bandwidth from the largest."""
-    here = machine_id(capture_environment(with_torch=False))
-    measured: dict[str, dict] = {}
-    for record in ResultsStore(results).read_comm():
-        if record["op"] != "bcast" or record["world_size"] != 2 or machine_id(record["environment"]) != here:
-            continue
-        entry = measured.setdefault(record["channel"], {})
-        entry[record["nbytes"]] = record["median_s"]
-    fields = {}
-    for scheme, by_size in measured.items():
-        small, large = min(by_size), max(by_size)
-        overhead = by_size[small]
-        fields[scheme] = {"overhead_s": overhead, "poll_s": 0.0, "source": "comm bench"}
-        if large > small and by_size[large] > overhead:
-            fields[scheme]["bandwidth_Bps"] = (large - small) / (by_size[large] - overhead)
-    return models_from(fields)

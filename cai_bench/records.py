@@ -64,6 +64,9 @@ class WorkerRecord:
     # What a device worker measured of the device (GPU: bytes and seconds of host-to-device copies, seconds the
     # model ran, peak device memory); None on the CPU
     device_stats: dict | None = None
+    # --comm: seconds the worker that ran this unit spent in the run's closing collectives (after its units; the
+    # same for every unit of one worker), None without them
+    comm_s: float | None = None
 
 
 @dataclass
@@ -95,6 +98,7 @@ class RunSummary:
     batch_latency_p99_s: float | None
     peak_rss_bytes: int
     cost_usd: float | None = None  # what the run cost where the backend bills for it (Lambda); None elsewhere
+    comm_s: float | None = None  # --comm: the longest any worker spent in the closing collectives; None without
 
 
 @dataclass
@@ -179,6 +183,7 @@ def summarize_run(workers: list[WorkerRecord], wall_s: float) -> RunSummary:
         batch_latency_p90_s=lat["p90"],
         batch_latency_p99_s=lat["p99"],
         peak_rss_bytes=max((w.peak_rss_bytes for w in workers), default=0),
+        comm_s=max((w.comm_s for w in workers if w.comm_s is not None), default=None),
     )
 
 

@@ -172,6 +172,15 @@ def plan_machine(plan: Plan) -> dict:
     return {"machine_id": machine} if machine else this_machine()
 
 
+def _add_comm_seconds(workers: list, run: BackendRun | None) -> None:
+    """--comm where results came before the collectives (hpc's pipes): each record gets its worker's seconds."""
+    ranks = ((run.info.get("comm") or {}).get("ranks") or []) if run is not None else []
+    by_worker = {r["worker"]: r["comm_s"] for r in ranks if r.get("worker") and r.get("comm_s") is not None}
+    for worker in workers:
+        if worker.comm_s is None and worker.worker_id in by_worker:
+            worker.comm_s = by_worker[worker.worker_id]
+
+
 def _record(
     plan: Plan,
     repeat: int,
@@ -182,6 +191,7 @@ def _record(
     **extra,
 ) -> RunRecord:
     workers = [r.record for r in results]
+    _add_comm_seconds(workers, run)
     summary = summarize_run(workers, wall_s)
     if run is not None:
         summary.cost_usd = run.cost_usd

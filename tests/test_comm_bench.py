@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cai_bench.comm_bench import measured_models
+from cai_bench.gathering import measured_models
 from cai_bench.store import COMM_FILE, ResultsStore
 
 

@@ -24,20 +24,27 @@ the run's clock, as the driver's own imports are, and reused by later repeats; i
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
+from cai_bench import comm
 from cai_bench.backends import slurm, slurm_options
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, Job, dispatched_run
 from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drive
-from cai_bench.backends.options import LANES, RETRIES, RUNTIME
+from cai_bench.backends.options import COMM_OPTIONS, LANES, RETRIES, RUNTIME
 from cai_bench.choices import CPU_PRECISIONS
+from cai_bench.comm import CommError
 from cai_bench.errors import UserError, describe
+from cai_bench.gathering import CommConfig, config_for_run, finish_together, read_aggregate
 from cai_bench.loop import model_worker, prepare_model, worker_loop
 from cai_bench.machine import default_threads
 from cai_bench.plan import Plan, work_units
@@ -49,6 +56,7 @@ NODE_OPTIONS = (
     RETRIES,
     LANES,
     RUNTIME,
+    *COMM_OPTIONS,
 )
 STOP_TIMEOUT_S = 10.0
 
@@ -94,28 +102,52 @@ def quiet_signals() -> None:
 
 
 def worker_main(
-    conn: Connection, worker_id: str, options: EngineOptions, weights: str | None, seed: int, intra: int
-) -> None:
+    conn: Connection, worker_id: str, options: EngineOptions, weights: str | None, seed: int, intra: int,
+    together: dict | None = None,
+) -> None:  # fmt: skip
     """One hpc worker process: the worker loop over units asked of the driver over ``conn``; ``weights`` is what
-    ``runtimes.model_for_workers`` made ready (an export, for the runtimes other than torch)."""
+    ``runtimes.model_for_workers`` made ready (an export, for the runtimes other than torch); ``together``: its
+    part in the run's closing collectives (--comm)."""
     quiet_signals()
     if options.runtime == "torch":
         import torch  # only in a worker that runs the model through it
 
         torch.set_num_threads(intra)
     start, load, run = model_worker(worker_id, options, weights, seed)
-    serve_pipe(conn, start, options, load=load, run=run)
+    serve_pipe(conn, start, options, load=load, run=run, together=together and {**together, "worker": worker_id})
 
 
-def serve_pipe(conn: Connection, start, options: EngineOptions, **loop) -> None:
+def _finish_together(together: dict, kept: list) -> None:
+    """The closing collectives of a node worker (``gathering``), once the driver said stop: rank 0 writes the
+    aggregate, each rank what it recorded of them, to the run's folder, where the driver reads them after."""
+    folder = Path(together["folder"])
+    try:
+        aggregate, info = finish_together(CommConfig.from_dict(together), together["rank"], kept)
+    except CommError as exc:
+        info, aggregate = {"rank": together["rank"], "error": str(exc)}, None
+    info["worker"] = together["worker"]
+    if aggregate is not None:
+        (folder / "aggregate.npz.part").write_bytes(aggregate)
+        (folder / "aggregate.npz.part").rename(folder / "aggregate.npz")
+    (folder / f"rank-{together['rank']}.json").write_text(json.dumps(info))
+
+
+def serve_pipe(conn: Connection, start, options: EngineOptions, together: dict | None = None, **loop) -> None:
     """Run ``engine.worker_loop`` with its units asked of the driver over ``conn``: what every worker process of
     a NodeTransport runs (``loop`` goes to the worker loop: the GPU worker's own load and run).
 
     To the driver: ("want", ahead), ("ready", weights, choices), ("done", unit, wire bytes), ("failed", unit,
     message), ("fatal", message) when start-up fails. From the driver: ("units", [(unit, ref), ...]), ("none",)
-    to a read-ahead it cannot serve yet, ("stop",).
+    to a read-ahead it cannot serve yet, ("stop",). With ``together`` (--comm) the worker keeps its results and,
+    once stopped, joins the run's closing collectives.
     """
     stopped = False
+    kept: list = []
+
+    def done(unit: int, result) -> None:
+        send(("done", unit, encode_result(result)))
+        if together is not None:
+            kept.append((unit, result))
 
     def send(message: tuple) -> None:
         try:
@@ -145,7 +177,7 @@ def serve_pipe(conn: Connection, start, options: EngineOptions, **loop) -> None:
             started,
             next_units,
             options,
-            on_done=lambda unit, result: send(("done", unit, encode_result(result))),
+            on_done=done,
             on_failed=lambda unit, error: send(("failed", unit, error)),
             **loop,
         )
@@ -157,6 +189,8 @@ def serve_pipe(conn: Connection, start, options: EngineOptions, **loop) -> None:
         return
     if worker is not None:
         worker.close()
+    if together is not None:
+        _finish_together(together, kept)
 
 
 class _DriverGone(Exception):
@@ -184,6 +218,7 @@ class NodeTransport:
     args_for: Callable[[int], tuple] = tuple
     prefix: str = "hpc"
     replace: bool = True  # start a replacement for a worker that died, while work remains
+    stop_timeout_s: float = STOP_TIMEOUT_S  # how long stopped workers may take to end (--comm: their collectives)
     live: dict = field(default_factory=dict)  # worker id -> _Process
     exits: dict = field(default_factory=dict)  # worker id -> (pid, "signal 9" / "exit code 1")
     started: int = 0  # processes started, replacements included
@@ -297,7 +332,7 @@ class NodeTransport:
         for worker in self.live.values():
             with contextlib.suppress(OSError):  # already gone
                 worker.conn.send(("stop",))
-        deadline = time.monotonic() + (STOP_TIMEOUT_S if finished else 0.0)
+        deadline = time.monotonic() + (self.stop_timeout_s if finished else 0.0)
         for worker in self.live.values():
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
@@ -316,8 +351,12 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
     context, server_s = worker_context()
     options = plan_options(plan, lanes, intra_threads=intra)
     model, prepared = prepare_model(plan.weights, options.runtime, plan.seed)
-    transport = NodeTransport(plan, workers, context, args_for=lambda n: (options, model, plan.seed, intra))
-    wall_s = transport.drive(dispatcher)
+    together = _together(plan, workers)
+    transport = NodeTransport(plan, workers, context, args_for=lambda n: (options, model, plan.seed, intra,
+                                                                          together and together.rank(n)))  # fmt: skip
+    if together is not None:
+        transport.stop_timeout_s += together.config.timeout_s
+    wall_s = transport.drive(dispatcher)  # its end includes the workers' stop, and so their collectives
     info = {
         "threads_per_worker": per_worker,
         "lanes": lanes,
@@ -328,8 +367,45 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
         "start_method": context.get_start_method(),
         "fork_server_start_s": server_s,
         **prepared,
+        **({"comm": together.read()} if together is not None else {}),
     }
     return dispatched_run(plan, dispatcher, wall_s, info, workers=workers, threads=workers * per_worker)
+
+
+@dataclass
+class _NodeTogether:
+    """The driver's side of --comm on a node: the first ``workers`` processes are ranks 0..workers-1 (a
+    replacement for one that died is none: the others name it missing and the units' own results stand), and
+    the folder where rank 0's aggregate lands."""
+
+    config: CommConfig
+    folder: Path
+
+    def rank(self, n: int) -> dict | None:
+        if n >= self.config.world_size:
+            return None
+        return {**self.config.to_dict(), "rank": n, "folder": str(self.folder)}
+
+    def read(self) -> dict:
+        """What the record keeps: rank 0's aggregate summary (read once) and each rank's own account."""
+        ranks = [json.loads(p.read_text()) for p in sorted(self.folder.glob("rank-*.json"))]
+        out = {"channels": list(self.config.urls), "world_size": self.config.world_size, "hint": self.config.hint,
+               "aggregate_reads": 0, "ranks": [{k: v for k, v in r.items() if k in ("rank", "worker",
+                                                "comm_s", "collectives_s", "error")} for r in ranks]}  # fmt: skip
+        aggregate = self.folder / "aggregate.npz"
+        if aggregate.exists():
+            _, summary = read_aggregate(aggregate.read_bytes())
+            out.update({k: v for k, v in summary.items() if k != "format"}, aggregate_reads=1)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return out
+
+
+def _together(plan: Plan, workers: int) -> _NodeTogether | None:
+    config = config_for_run(plan.backend_options, workers, plan.work_dir)
+    if config is None:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix=f"cai-bench-{config.run_id}-", dir=plan.work_dir))
+    return _NodeTogether(config, folder)
 
 
 @dataclass
@@ -340,7 +416,12 @@ class HpcBackend:
     default_batch_size: int = 512
 
     def check(self, options: dict) -> None:
+        if options.get("comm"):
+            comm.check_urls([u.strip() for u in str(options["comm"]).split(",") if u.strip()])
         if options.get("slurm"):
+            if options.get("comm"):
+                raise UserError("--comm runs between a node's worker processes: leave --slurm out (an array's tasks "
+                                "are not all alive at once)")  # fmt: skip
             slurm_options.check(options)
             return
         extra = [o for o in slurm_options.OPTIONS if o.name in options]

@@ -20,3 +20,19 @@ LANES = BackendOption(
     "each; openvino: a stream each).", "threads, at most 4",
     minimum=1,
 )  # fmt: skip
+COMM = BackendOption(
+    "comm", str, "Channels for the workers' closing collectives, comma-separated (direct://HOST:PORT of a "
+    "`cai-bench comm rendezvous`, redis://HOST:PORT/DB, s3://BUCKET/PREFIX): each worker gets a rank, and rank 0 "
+    "gathers the results into one aggregate the driver reads (hpc without --slurm, lambda direct).", None,
+    sweepable=False,
+)  # fmt: skip
+COMM_HINT = BackendOption(
+    "comm_hint", str, "With several --comm channels, which each operation takes: the fastest or the cheapest by "
+    "the channel models (comm bench's figures for this machine where it measured them).", "fast",
+    choices=("fast", "cheap"), identity=False,
+)  # fmt: skip
+COMM_TIMEOUT = BackendOption(
+    "comm_timeout_s", float, "Seconds a worker waits in any one collective before it names the rank missing.", 60.0,
+    minimum=0.1, identity=False, sweepable=False,
+)  # fmt: skip
+COMM_OPTIONS = (COMM, COMM_HINT, COMM_TIMEOUT)

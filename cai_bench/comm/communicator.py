@@ -87,7 +87,7 @@ class Communicator:
         return {
             "rank": self.rank,
             "world_size": self.world_size,
-            "comm_s": round(self.comm_seconds(), 6),
+            "collectives_s": round(self.comm_seconds(), 6),
             "operations": {op: {**e, "seconds": round(e["seconds"], 6)} for op, e in self.stats.items()},
             "channels": [c.info() for c in self.channels],
         }
@@ -167,8 +167,7 @@ class Communicator:
                 gone = channel.missing()
                 raise CommError(
                     f"rank 0: barrier #{self._seq}: {arrived} of {self.world_size} ranks arrived within "
-                    f"{self.timeout_s:g} s"
-                    + (f"; rank(s) {_ranks(gone)} of run {self.run_id} gone" if gone else "")
+                    f"{self.timeout_s:g} s" + (f"; rank(s) {_ranks(gone)} of run {self.run_id} gone" if gone else "")
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.2)

@@ -24,10 +24,12 @@ from cai_bench.backends.aws_lambda.staging import create_bucket, stage, stage_ex
 from cai_bench.backends.aws_lambda.stepfunctions import MapTransport, map_summary
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_run
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, drive
-from cai_bench.backends.options import RETRIES, RUNTIME
+from cai_bench.backends.options import COMM_OPTIONS, RETRIES, RUNTIME
 from cai_bench.choices import CPU_PRECISIONS
+from cai_bench.comm import check_urls
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.errors import UserError
+from cai_bench.gathering import CommConfig, config_for_run
 from cai_bench.loop import prepare_model
 from cai_bench.machine import allowed_cpus, machine_id, this_machine
 from cai_bench.plan import Plan, work_units
@@ -67,6 +69,7 @@ OPTIONS = (
     BackendOption("timeout_s", float, "The emulated function's timeout in seconds.", 900.0, minimum=1,
                   identity=False, sweepable=False),
     RUNTIME,
+    *COMM_OPTIONS,
 )  # fmt: skip
 
 
@@ -209,12 +212,26 @@ class _Driven:
 
 
 def _direct(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event: dict, concurrency: int,
-            per_invocation: int) -> _Driven:  # fmt: skip
+            per_invocation: int, comm: CommConfig | None) -> _Driven:  # fmt: skip
     transport = InvokeTransport(fn.client, fn.name, event, staged.results, concurrency, per_invocation,
-                                staged.plan.seed)  # fmt: skip
+                                staged.plan.seed, comm)  # fmt: skip
     drive(dispatcher, transport)
     billed = [i.report["billed_duration_ms"] for i in transport.invocations if i.report]
-    return _Driven(transport.wall_s, transport.invocations, {}, billed, "REPORT lines")
+    gathered = transport.gathered.summary_for_record()
+    return _Driven(transport.wall_s, transport.invocations, {"comm": gathered} if gathered else {}, billed,
+                   "REPORT lines")  # fmt: skip
+
+
+def _comm_config(plan: Plan, concurrency: int, per_invocation: int) -> CommConfig | None:
+    """--comm's configuration, refused where its ranks could not all be alive at once (every invocation of the
+    run waits for all the others in its collectives)."""
+    if not plan.backend_options.get("comm"):
+        return None
+    world = math.ceil(len(work_units(plan)) / per_invocation)
+    if world > concurrency:
+        raise UserError(f"--comm needs all {world} invocations ({per_invocation} partition(s) each) alive at once, "
+                        f"but --max-concurrency is {concurrency}: raise it or --partitions-per-invocation")  # fmt: skip
+    return config_for_run(plan.backend_options, world, plan.work_dir)
 
 
 def _through_a_map(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event: dict, concurrency: int,
@@ -277,6 +294,7 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
     orchestrator = options.get("orchestrator") or "direct"
     prices = pricing.load_prices(options.get("price_file"))
     function = options.get("function") or DEFAULT_FUNCTION
+    comm = _comm_config(plan, concurrency, per_invocation)
     services = start_services(options, function, options.get("memory_mb"), concurrency, emulator_faults)
     try:
         fn = _function(options, services, concurrency)
@@ -286,7 +304,7 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
         if orchestrator == "stepfunctions":
             driven = _through_a_map(dispatcher, fn, staged, event, concurrency, per_invocation, options, services)
         else:
-            driven = _direct(dispatcher, fn, staged, event, concurrency, per_invocation)
+            driven = _direct(dispatcher, fn, staged, event, concurrency, per_invocation, comm)
         transitions = driven.orchestration.get("transitions", 0)
         spent = pricing.cost(driven.billed_ms, fn.memory_mb, fn.architecture, prices, transitions=transitions)
         info = _run_info(driven, fn, staged, services, spent, prices, concurrency, per_invocation, orchestrator,
@@ -322,6 +340,10 @@ class LambdaBackend:
             if not options.get("emulate") and not options.get("state_machine_role_arn"):
                 raise UserError("--orchestrator stepfunctions on AWS needs --state-machine-role-arn (a role Step "
                                 "Functions can assume: see deploy/lambda/stepfunctions-policy.json)")  # fmt: skip
+        if options.get("comm"):
+            check_urls([u.strip() for u in str(options["comm"]).split(",") if u.strip()])
+        if options.get("comm") and options.get("orchestrator") == "stepfunctions":
+            raise UserError("--comm runs with --orchestrator direct: the Map's items cannot learn their ranks yet")
         if "timeout_s" in options and not options.get("emulate"):
             raise UserError("--timeout-s sets the emulated function's timeout: add --emulate (on AWS it is the "
                             "function's configuration)")  # fmt: skip

@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from cai_bench.backends.aws_lambda.wire import event_units, reply_key, result_key
+from cai_bench.backends.aws_lambda.wire import aggregate_key, event_units, reply_key, result_key
+from cai_bench.comm import CommError
 from cai_bench.data.partitions import read_partition_arrays
 from cai_bench.data.s3 import S3Prefix
+from cai_bench.gathering import CommConfig, finish_together
 from cai_bench.loop import loop_functions, model_worker, units_from, worker_loop
 from cai_bench.machine import allowed_cpus
 from cai_bench.metrics import peak_rss_bytes
@@ -148,7 +150,7 @@ def handler(event: dict, context) -> dict:
     for _, ref in units:
         if not ref.path.startswith("s3:/"):
             raise ValueError(f"{ref.path}: a Lambda function reads partitions from S3 only")
-    done, failed = [], []
+    done, failed, kept = [], [], []
     ready: dict = {}
     mode = event.get("mode", "model")
     if mode == "no-model":
@@ -172,6 +174,8 @@ def handler(event: dict, context) -> dict:
         results.write(result_key(position), encode_result(result))
         done.append({"position": position, "key": results.where(result_key(position)),
                      "record": asdict(result.record)})  # fmt: skip
+        if event.get("comm"):
+            kept.append((position, result))
 
     def on_failed(position: int, error: str) -> None:
         failed.append({"position": position, "error": error})
@@ -190,6 +194,22 @@ def handler(event: dict, context) -> dict:
         "failed": failed,
         "timing": {"duration_ms": round((time.perf_counter() - entered) * 1000, 3)},
     }
+    if event.get("comm"):
+        reply["comm"] = _finish_together(event["comm"], kept, results)
     if event.get("replies"):
         results.write(reply_key(event["replies"], request_id), json.dumps(reply).encode())
     return reply
+
+
+def _finish_together(fields: dict, kept: list, results: S3Prefix) -> dict:
+    """The run's closing collectives (``gathering``): rank 0 writes the aggregate. A failure is reported, not
+    raised: every unit's own result is in S3 already, for the driver to read instead."""
+    config = CommConfig.from_dict(fields)
+    try:
+        aggregate, info = finish_together(config, int(fields["rank"]), kept)
+    except CommError as exc:
+        return {"rank": int(fields["rank"]), "error": str(exc)}
+    if aggregate is not None:
+        results.write(aggregate_key(config.run_id), aggregate)
+        info["aggregate"] = results.where(aggregate_key(config.run_id))
+    return info

@@ -6,6 +6,11 @@ done (its result read back from S3) or failed. Throttling (429) and the service'
 exponential backoff and full jitter, since no unit ran; a function error (a timeout, an out-of-memory kill, an
 environment that died) loses the invoker like a crashed process: the unit it was running is charged, the ones
 behind it go back as they were, and a fresh invoker takes its place.
+
+With ``--comm`` the first invocation of each group of units is rank (its first position // units per
+invocation) of the run's closing collectives (``gathering``); rank 0's aggregate is read once, and every
+invoker takes its units' results from it. An invoker whose collectives failed, or that waited in vain for rank
+0's aggregate, reads its units' own results instead.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from dataclasses import dataclass, field
 from cai_bench import aws
 from cai_bench.backends.aws_lambda.emulator import SERVICE_TIME_HEADER
 from cai_bench.backends.aws_lambda.report_log import report_from_tail
-from cai_bench.backends.aws_lambda.wire import error_text, read_result, unit_items
+from cai_bench.backends.aws_lambda.wire import aggregate_key, error_text, read_result, unit_items
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
+from cai_bench.gathering import CommConfig, read_aggregate
 from cai_bench.metrics import percentiles
 
 THROTTLE_RETRIES = 8
@@ -76,7 +82,7 @@ class InvokeTransport:
     """Invokers (threads) that each run one synchronous invocation at a time."""
 
     def __init__(self, client, function: str, event_base: dict, results, invokers: int, per_invocation: int,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, comm: CommConfig | None = None):  # fmt: skip
         self.client = client
         self.function = function
         self.event_base = event_base
@@ -92,6 +98,7 @@ class InvokeTransport:
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.rng = random.Random(seed)
+        self.gathered = _Gathered(comm, results)
 
     # -- Transport
 
@@ -145,6 +152,9 @@ class InvokeTransport:
         from botocore.exceptions import BotoCoreError, ClientError  # the [aws] extra: only where a run invokes
 
         event = {**self.event_base, "units": unit_items(units)}
+        rank = self.gathered.rank_of(units, self.per_invocation)
+        if rank is not None:
+            event["comm"] = {**self.gathered.config.to_dict(), "rank": rank}
         payload = json.dumps(event).encode()
         sent = time.perf_counter()
         with self.lock:
@@ -184,6 +194,8 @@ class InvokeTransport:
         if answer.get("FunctionError"):
             error = error_text(body)
             record.function_error = error
+            if rank is not None:
+                self.gathered.failed(rank, f"function error: {error}")
             # What finished before the function died is in S3 under its own key, from this very invocation
             for unit in units:
                 result = self._read_result(unit.position, record.request_id)
@@ -195,8 +207,10 @@ class InvokeTransport:
             reply = json.loads(body)
             record.environment, record.cold = reply.get("environment"), reply.get("cold")
             self.events.put(Event("ready", invoker.name, info=reply["ready"]))
+            aggregate = self.gathered.results(rank, reply.get("comm")) if rank is not None else {}
             for done in reply["done"]:
-                result = self._read_result(int(done["position"]), reply["request_id"])
+                result = aggregate.get(int(done["position"])) or self._read_result(int(done["position"]),
+                                                                                    reply["request_id"])  # fmt: skip
                 if result is None:
                     self.events.put(Event("failed", invoker.name, int(done["position"]),
                                           error=f"its result is missing from {done['key']}"))  # fmt: skip
@@ -212,6 +226,7 @@ class InvokeTransport:
 
     def _read_result(self, position: int, request_id: str | None):
         """A unit's result from S3, if the invocation ``request_id`` wrote it (not an older attempt)."""
+        self.gathered.unit_reads += 1
         result = read_result(self.results, position)
         return result if result is not None and result.record.worker_id == request_id else None
 
@@ -220,6 +235,64 @@ class InvokeTransport:
         if self.first_sent is None or self.last_answer is None:
             return 0.0
         return self.last_answer - self.first_sent
+
+
+class _Gathered:
+    """The driver's side of ``--comm``: which invocation is which rank, rank 0's aggregate read once for all."""
+
+    def __init__(self, config: CommConfig | None, results):
+        self.config, self.results_prefix = config, results
+        self.lock = threading.Lock()
+        self.landed = threading.Event()  # rank 0's reply came (with or without its aggregate)
+        self.aggregate: dict = {}
+        self.summary: dict | None = None
+        self.aggregate_reads = self.unit_reads = 0
+        self.by_rank: dict[int, dict] = {}
+
+    def rank_of(self, units: list[Unit], per_invocation: int) -> int | None:
+        """The rank of an invocation of these units: one whole group, on its first attempt; None otherwise (a
+        retry runs alone, its group's collectives long over)."""
+        if self.config is None or any(u.attempts for u in units):
+            return None
+        rank = units[0].position // per_invocation
+        whole = [u.position for u in units] == list(range(rank * per_invocation, rank * per_invocation + len(units)))
+        return rank if whole and rank < self.config.world_size else None
+
+    def failed(self, rank: int, error: str) -> None:
+        with self.lock:
+            self.by_rank[rank] = {"rank": rank, "error": error}
+        if rank == 0:
+            self.landed.set()
+
+    def results(self, rank: int, comm: dict | None) -> dict:
+        """The results of the aggregate (by position) for an invocation of ``rank``; {} where there is none."""
+        comm = comm or {"rank": rank, "error": "the reply says nothing of the collectives"}
+        with self.lock:
+            self.by_rank[rank] = {k: v for k, v in comm.items() if k in ("rank", "comm_s", "collectives_s", "error")}
+            fallbacks = [c for c in comm.get("channels", []) if c.get("fallback_pairs")]
+            if fallbacks:  # a direct pair that could not connect: the record says which went through what
+                self.by_rank[rank]["channels"] = fallbacks
+        if comm.get("aggregate"):
+            try:
+                self.aggregate, self.summary = read_aggregate(
+                    self.results_prefix.read(aggregate_key(self.config.run_id))
+                )
+                self.aggregate_reads += 1
+            finally:
+                self.landed.set()
+        elif rank == 0:
+            self.landed.set()
+        elif "error" not in comm:
+            self.landed.wait(self.config.timeout_s + 60)
+        return self.aggregate
+
+    def summary_for_record(self) -> dict | None:
+        if self.config is None:
+            return None
+        return {"channels": list(self.config.urls), "world_size": self.config.world_size, "hint": self.config.hint,
+                "aggregate_reads": self.aggregate_reads, "unit_reads": self.unit_reads,
+                "ranks": [self.by_rank[r] for r in sorted(self.by_rank)],
+                **({k: v for k, v in self.summary.items() if k != "format"} if self.summary else {})}  # fmt: skip
 
 
 def report_summary(reports: list[dict]) -> dict:

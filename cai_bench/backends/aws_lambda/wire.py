@@ -14,13 +14,17 @@ Event (what the driver sends; under Step Functions the Map's item ``{"base": the
     hold_s       no-model only: seconds each unit holds its worker, standing in for compute (tests, benches)
     replies      Step Functions only: the folder under ``results`` where the handler writes its reply as
                  ``<request id>.json`` (a Map's output is too small to carry them)
+    comm         --comm only: ``gathering.CommConfig`` fields and this invocation's ``rank``; after its units the
+                 function joins the run's closing collectives, and rank 0 writes the aggregate of every rank's
+                 results to ``<results>/aggregate-<comm run id>.npz``
 
 Results: each unit's ``PartitionResult`` in the wire format (``records.encode_result``) at
 ``<results>/unit-NNNNNN.npz``; a retried unit overwrites its own key.
 
 Reply: {"environment", "request_id", "cold", "ready": {"weights", "choices"}, "done": [{"position", "key",
-"record"}], "failed": [{"position", "error"}], "timing": {"duration_ms"}} (the handler's own time: what the driver
-has of an invocation when no REPORT line reaches it).
+"record"}], "failed": [{"position", "error"}], "timing": {"duration_ms"}, "comm": {"rank", "comm_s", "aggregate"
+(rank 0: its key), "error" (the collectives failed: the driver reads the units' own results)}} (timing: the
+handler's own time, what the driver has of an invocation when no REPORT line reaches it).
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ def unit_items(units) -> list[dict]:
 def event_units(event: dict) -> list[tuple[int, PartitionRef]]:
     """An event's ``units`` back as (position, PartitionRef), the worker loop's units."""
     return [(int(u["position"]), PartitionRef(**u["ref"])) for u in event["units"]]
+
+
+def aggregate_key(comm_run_id: str) -> str:
+    return f"aggregate-{comm_run_id}.npz"
 
 
 def reply_key(replies: str, request_id: str) -> str:

@@ -1,0 +1,131 @@
+"""Runs with --comm: an emulated Lambda run and an hpc run give the same per-partition results and accuracy as
+without it, and the driver reads one aggregate; a worker that dies makes the others name it within their
+deadline, and the driver falls back to the units' own results; a run whose ranks cannot all be alive at once
+is refused before anything runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from cai_bench.backends import get_backend
+from cai_bench.backends.aws_lambda.driver import run_lambda
+from cai_bench.backends.aws_lambda.emulator import Faults
+from cai_bench.data.partitions import open_dataset
+from cai_bench.errors import UserError
+from cai_bench.metrics import accuracy
+from cai_bench.plan import make_plan
+
+pytest.importorskip("submitit")
+
+
+def _plan(data, backend: str, **options):
+    _, summary, refs = open_dataset(data)
+    return make_plan(backend, summary, refs, precision="fp32", batch_size=16, threads=2, backend_options=options)
+
+
+def _by_partition(results) -> dict[int, tuple]:
+    return {r.record.partition: (r.object_id.tolist(), r.prediction.tolist(), r.redshift.tolist()) for r in results}
+
+
+def _global(results) -> dict:
+    return accuracy(np.concatenate([r.prediction for r in results]), np.concatenate([r.redshift for r in results]))
+
+
+def _same_accuracy(from_sums: dict, computed: dict) -> None:
+    for name in ("mae", "mse", "bias", "r2", "outlier_fraction"):
+        assert from_sums[name] == pytest.approx(computed[name], rel=1e-9, abs=1e-12), name
+    assert from_sums["samples"] == computed["samples"]
+
+
+@pytest.mark.long
+def test_an_emulated_lambda_run_with_comm_gives_the_same_results_and_its_driver_reads_one_aggregate(
+    s3, tiny_data, local_s3, redis_url
+):
+    """Two emulated Lambda runs of the model (with and without --comm), each starting its execution
+    environments (torch imported in each): about 30 s on 2 cores."""
+    base = {"emulate": True, "endpoint_url": local_s3, "bucket": f"s3://{s3}", "max_concurrency": 4, "memory_mb": 3008}
+    alone, together = [], []
+    run_lambda(_plan(tiny_data, "lambda", **base), alone.append)
+    run = run_lambda(_plan(tiny_data, "lambda", **base, comm=redis_url, comm_timeout_s=30.0), together.append)
+    assert _by_partition(together) == _by_partition(alone)
+    comm = run.info["comm"]
+    assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0  # one object read, not one per unit
+    assert comm["world_size"] == 4 and [r["rank"] for r in comm["ranks"]] == [0, 1, 2, 3]
+    assert not any("error" in r for r in comm["ranks"])
+    _same_accuracy(comm["accuracy"], _global(alone))
+    assert comm["compute_s_sum"] == pytest.approx(sum(r.record.compute_s for r in together))
+    assert comm["compute_s_max"] == pytest.approx(max(r.record.compute_s for r in together))
+    assert all(r.record.comm_s is not None and r.record.comm_s > 0 for r in together)
+
+
+def test_an_hpc_run_with_comm_gives_the_same_results_and_reads_one_aggregate(tiny_data, rendezvous_url, tmp_path):
+    alone, together = [], []
+    get_backend("hpc").run(_plan(tiny_data, "hpc", workers=2), alone.append)
+    plan = _plan(tiny_data, "hpc", workers=2, comm=rendezvous_url, comm_timeout_s=30.0)
+    run = get_backend("hpc").run(plan, together.append)
+    assert _by_partition(together) == _by_partition(alone)
+    comm = run.info["comm"]
+    assert comm["aggregate_reads"] == 1 and comm["world_size"] == 2
+    assert sorted(r["worker"] for r in comm["ranks"]) == ["hpc-0", "hpc-1"]
+    assert all(r["comm_s"] > 0 and "error" not in r for r in comm["ranks"])
+    _same_accuracy(comm["accuracy"], _global(alone))
+    assert comm["operations"]["barrier"]["channel"] == "direct"
+
+
+def test_an_invocation_that_dies_is_named_by_the_other_ranks_and_the_units_own_results_are_read(
+    s3, tiny_data, local_s3, redis_url
+):
+    plan = _plan(tiny_data, "lambda", emulate=True, endpoint_url=local_s3, bucket=f"s3://{s3}", max_concurrency=4,
+                 memory_mb=512, comm=redis_url, comm_timeout_s=3.0)  # fmt: skip
+    emitted = []
+    run = run_lambda(plan, emitted.append, mode="no-model", hold_s=0.5, emulator_faults=Faults(kill={1: 1}))
+    assert sorted(r.record.partition for r in emitted) == [0, 1, 2, 3]  # nothing lost: the retry ran alone
+    comm = run.info["comm"]
+    assert comm["aggregate_reads"] == 0 and comm["unit_reads"] >= 3
+    by_rank = {r["rank"]: r for r in comm["ranks"]}
+    assert by_rank[1]["error"].startswith("function error")
+    for rank in (0, 2, 3):
+        assert "rank(s) 1 of run" in by_rank[rank]["error"], by_rank[rank]
+
+
+def test_an_hpc_worker_killed_mid_run_is_named_and_every_partition_still_comes_back(many_partitions, redis_url):
+    plan = _plan(many_partitions, "hpc", workers=2, retries=1, comm=redis_url, comm_timeout_s=3.0)
+    emitted, killed = [], []
+
+    def emit(result):
+        emitted.append(result)
+        if not killed and result.record.worker_id == "hpc-0":
+            victim = next((r.record.pid for r in emitted if r.record.worker_id == "hpc-1"), None)
+            if victim is not None:
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+
+    run = get_backend("hpc").run(plan, emit)
+    assert killed
+    assert len(emitted) == 20 and len({r.record.partition for r in emitted}) == 20
+    comm = run.info["comm"]
+    assert comm["aggregate_reads"] == 0
+    (survivor,) = [r for r in comm["ranks"] if r["rank"] == 0]
+    assert "rank(s) 1 of run" in survivor["error"]
+
+
+@pytest.fixture(scope="module")
+def many_partitions(tmp_path_factory):
+    from cai_bench.data.partitions import synthesize
+
+    out = tmp_path_factory.mktemp("many") / "data"
+    synthesize(out, 0.01, 0.52, seed=5)
+    return out
+
+
+def test_a_lambda_run_whose_ranks_cannot_all_be_alive_at_once_is_refused_before_anything_runs(tiny_data):
+    plan = _plan(tiny_data, "lambda", emulate=True, max_concurrency=3, comm="redis://127.0.0.1:1/0")
+    with pytest.raises(UserError, match=r"--comm needs all 4 invocations \(1 partition\(s\) each\) alive at once, but "
+                                        r"--max-concurrency is 3"):  # fmt: skip
+        run_lambda(plan, lambda result: pytest.fail("nothing may run"))
+    with pytest.raises(UserError, match="--comm runs with --orchestrator direct"):
+        get_backend("lambda").check({"comm": "redis://x:1/0", "orchestrator": "stepfunctions", "emulate": True})
