@@ -129,3 +129,65 @@ def test_a_lambda_run_whose_ranks_cannot_all_be_alive_at_once_is_refused_before_
         run_lambda(plan, lambda result: pytest.fail("nothing may run"))
     with pytest.raises(UserError, match="--comm runs with --orchestrator direct"):
         get_backend("lambda").check({"comm": "redis://x:1/0", "orchestrator": "stepfunctions", "emulate": True})
+
+
+def test_a_slurm_array_with_comm_gives_the_same_results_and_its_driver_reads_one_aggregate(
+    tiny_data, redis_url, tmp_path
+):
+    slurm = {"slurm": True, "slurm_executor": "local", "tasks": 4, "array_parallelism": 4}
+    alone, together = [], []
+    plan = _plan(tiny_data, "hpc", **slurm)
+    get_backend("hpc").run(type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path / "a")}), alone.append)
+    plan = _plan(tiny_data, "hpc", **slurm, comm=redis_url, comm_timeout_s=30.0)
+    run = get_backend("hpc").run(type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path / "b")}), together.append)
+    assert _by_partition(together) == _by_partition(alone)
+    comm = run.info["comm"]
+    assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0 and comm["world_size"] == 4
+    assert [r["rank"] for r in comm["ranks"]] == [0, 1, 2, 3] and not any("error" in r for r in comm["ranks"])
+    _same_accuracy(comm["accuracy"], _global(alone))
+    assert all(r.record.comm_s > 0 for r in together)
+
+
+def test_an_array_whose_tasks_cannot_all_run_at_once_is_refused_with_comm(tiny_data, tmp_path):
+    plan = _plan(tiny_data, "hpc", slurm=True, slurm_executor="local", tasks=4, array_parallelism=2,
+                 comm="redis://127.0.0.1:1/0")  # fmt: skip
+    plan = type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path)})
+    with pytest.raises(UserError, match=r"--comm needs all 4 array tasks alive at once, but at most 2 run at a time"):
+        get_backend("hpc").run(plan, lambda result: pytest.fail("nothing may run"))
+
+
+def test_an_array_task_killed_after_its_unit_is_named_and_every_unit_is_read_from_its_own_file(
+    tiny_data, redis_url, tmp_path
+):
+    import json
+    import threading
+    import time
+
+    plan = _plan(tiny_data, "hpc", slurm=True, slurm_executor="local", tasks=4, array_parallelism=4,
+                 comm=redis_url, comm_timeout_s=3.0)  # fmt: skip
+    plan = type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path)})
+    killed = []
+
+    def kill_rank_1_after_its_unit():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for path in tmp_path.glob("hpc-jobs/*/tasks/task-1.jsonl"):
+                events = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+                if any(e["event"] == "unit" for e in events):
+                    os.kill(events[0]["pid"], signal.SIGKILL)
+                    killed.append(events[0]["pid"])
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=kill_rank_1_after_its_unit, daemon=True)
+    watcher.start()
+    emitted = []
+    run = get_backend("hpc").run(plan, emitted.append)
+    watcher.join(5)
+    assert killed
+    assert sorted(r.record.partition for r in emitted) == [0, 1, 2, 3]
+    comm = run.info["comm"]
+    assert comm["aggregate_reads"] == 0 and comm["unit_reads"] == 4  # each unit's own file, once
+    by_rank = {r["rank"]: r for r in comm["ranks"]}
+    assert 1 not in by_rank  # it died before it could say anything
+    for rank in (0, 2, 3):
+        assert "rank(s) 1 of run" in by_rank[rank]["error"], by_rank[rank]

@@ -419,9 +419,6 @@ class HpcBackend:
         if options.get("comm"):
             comm.check_urls([u.strip() for u in str(options["comm"]).split(",") if u.strip()])
         if options.get("slurm"):
-            if options.get("comm"):
-                raise UserError("--comm runs between a node's worker processes: leave --slurm out (an array's tasks "
-                                "are not all alive at once)")  # fmt: skip
             slurm_options.check(options)
             return
         extra = [o for o in slurm_options.OPTIONS if o.name in options]

@@ -35,7 +35,9 @@ from cai_bench.backends.base import BackendRun, Emit, Job, collect_command, disp
 from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, apply, drive
 from cai_bench.backends.slurm_options import DEFAULT_TIME_MIN, groups_of
+from cai_bench.comm import CommError
 from cai_bench.errors import UserError, describe
+from cai_bench.gathering import CommConfig, config_for_run, finish_together, read_aggregate
 from cai_bench.loop import model_worker, prepare_model, units_from, worker_loop
 from cai_bench.machine import capture_environment, default_threads
 from cai_bench.plan import PartitionRef, Plan, plan_from_dict, plan_to_dict, work_units
@@ -61,6 +63,7 @@ class TaskSpec:
     seed: int
     intra: int  # intra-op threads of each lane
     directory: str  # the job's directory: tasks/<task>.jsonl and units/
+    together: dict | None = None  # --comm: its rank in the first round's closing collectives (gathering.py)
 
 
 def _append(path: Path, event: dict) -> None:
@@ -80,12 +83,14 @@ def run_task(spec: TaskSpec) -> int:
         None,
     )
     here = {"host": socket.gethostname(), "pid": os.getpid(), "job": job}
-    _append(out, {"event": "start", "task": spec.task, "epoch": time.time(), **here})
+    rank = spec.together["rank"] if spec.together else None
+    _append(out, {"event": "start", "task": spec.task, "epoch": time.time(), "rank": rank, **here})
     if spec.options.runtime == "torch":
         import torch  # only in a task that runs the model through it
 
         torch.set_num_threads(spec.intra)
     finished = 0
+    kept: list = []
     begin, load, run = model_worker(spec.task, spec.options, spec.weights, spec.seed)
 
     def start():
@@ -106,6 +111,8 @@ def run_task(spec: TaskSpec) -> int:
         os.replace(temporary, directory / "units" / name)
         _append(out, {"event": "unit", "unit": position, "epoch": time.time(), "file": name})
         finished += 1
+        if spec.together:
+            kept.append((position, result))
 
     def on_failed(position: int, error: str) -> None:
         _append(out, {"event": "unit_failed", "unit": position, "epoch": time.time(), "error": error})
@@ -117,8 +124,25 @@ def run_task(spec: TaskSpec) -> int:
         raise
     if worker is not None:
         worker.close()
+    if spec.together:
+        _append(out, {"event": "together", "epoch": time.time(), **_finish_together(spec.together, kept, directory)})
     _append(out, {"event": "end", "epoch": time.time()})
     return finished
+
+
+def _finish_together(together: dict, kept: list, directory: Path) -> dict:
+    """A task's part in the closing collectives: rank 0 writes the aggregate beside the units' own files."""
+    config = CommConfig.from_dict(together)
+    try:
+        aggregate, info = finish_together(config, together["rank"], kept)
+    except CommError as exc:
+        return {"rank": together["rank"], "error": str(exc)}
+    if aggregate is not None:
+        name = f"aggregate-{config.run_id}.npz"
+        (directory / "units" / f".{name}.tmp").write_bytes(aggregate)
+        os.replace(directory / "units" / f".{name}.tmp", directory / "units" / name)
+        info["aggregate"] = name
+    return {k: v for k, v in info.items() if k in ("rank", "comm_s", "collectives_s", "aggregate", "channels")}
 
 
 # ---------------------------------------------------------------------------------------------- transport
@@ -161,6 +185,72 @@ class _TaskFile:
         return events
 
 
+@dataclass
+class _ArrayGathered:
+    """The driver's side of --comm on an array: a ranked task's units wait for rank 0's aggregate, read once;
+    where the collectives failed (or rank 0's task died) each waiting unit's own file is read instead. A ranked
+    task's end is held back until its units are done, so the dispatcher never sees it leave holding them."""
+
+    ranked: dict = field(default_factory=dict)  # task -> [(position, own file)] still waiting
+    held_ends: dict = field(default_factory=dict)  # task -> its left/lost Event, held back
+    aggregate: dict | None = None  # position -> PartitionResult, once read
+    summary: dict | None = None
+    root_done: bool = False  # rank 0 said how it went (or its task died): nothing more will come from it
+    by_rank: dict = field(default_factory=dict)
+    aggregate_reads: int = 0
+    unit_reads: int = 0
+
+    def reported(self, task: str, event: dict, transport: ArrayTransport) -> list[Event]:
+        self.by_rank[event["rank"]] = {k: v for k, v in event.items() if k not in ("event", "epoch")}
+        if event.get("aggregate"):
+            data = (transport.directory / "units" / event["aggregate"]).read_bytes()
+            self.aggregate, self.summary = read_aggregate(data)
+            self.aggregate_reads += 1
+        if event["rank"] == 0:
+            self.root_done = True
+            return self.release(list(self.ranked), transport)
+        return self.release([task], transport) if "error" in event or self.root_done else []
+
+    def release(self, tasks: list[str], transport: ArrayTransport) -> list[Event]:
+        """Done events for the waiting units of ``tasks``, from the aggregate where it has them, then any end held."""
+        out = []
+        for task in tasks:
+            for position, name in self.ranked.pop(task, []):
+                kept = (self.aggregate or {}).get(position)
+                out.append(Event("done", task, position=position, result=kept) if kept is not None
+                           else transport._own_result(task, position, name))  # fmt: skip
+            if task in self.held_ends:
+                out.append(self.held_ends.pop(task))
+        return out
+
+    def ending(self, task: str, event: Event, transport: ArrayTransport) -> list[Event]:
+        """A ranked task's end: held back until its units are done. One that died gives what it finished from
+        its own files; if it was rank 0, no aggregate will come, and every waiting task reads its own."""
+        if task not in self.ranked:
+            return [event]
+        if event.kind == "lost":
+            out = self.release([task], transport)
+            if self._rank(task, transport) == 0 and not self.root_done:
+                self.root_done = True
+                out += self.release(list(self.ranked), transport)
+            return [*out, event]
+        self.held_ends[task] = event
+        return self.release([task], transport) if self.root_done else []
+
+    @staticmethod
+    def _rank(task: str, transport: ArrayTransport) -> int | None:
+        starts = [e for e in transport.files[task].events if e["event"] == "start"]
+        return starts[0].get("rank") if starts else None
+
+    def summary_for_record(self, config: dict | None) -> dict | None:
+        if config is None:
+            return None
+        return {"channels": list(config["urls"]), "world_size": config["world_size"], "hint": config["hint"],
+                "aggregate_reads": self.aggregate_reads, "unit_reads": self.unit_reads,
+                "ranks": [self.by_rank[r] for r in sorted(self.by_rank)],
+                **({k: v for k, v in self.summary.items() if k != "format"} if self.summary else {})}  # fmt: skip
+
+
 def _job_running(kind: str, job) -> bool:
     if kind == "local" and getattr(job, "_process", None) is None:
         # rebuilt after the driver left: the local job id is the pid of submitit's controller process
@@ -186,6 +276,7 @@ class ArrayTransport:
     jobs: dict = field(default_factory=dict)  # task -> submitit job, once submitted
     pending: list = field(default_factory=list)  # TaskSpecs wanted and not submitted yet
     events: list = field(default_factory=list)  # Events made here (want), handed out by the next poll
+    gathered: _ArrayGathered = field(default_factory=lambda: _ArrayGathered())
     planned: int = 0  # tasks of this round not created yet
     created: int = 0
 
@@ -226,7 +317,12 @@ class ArrayTransport:
         positions = [u.position for u in units]
         self.job["tasks"][task] = {"units": positions, "round": self.job["rounds"]}
         items = tuple((u.position, u.item) for u in units)
-        self.pending.append(TaskSpec(task, items, directory=str(self.directory), **self.spec))
+        together = self.job.get("together")
+        if together and self.job["rounds"] == 1:  # the first round's groups are the ranks; a retry runs alone
+            together = {**together, "rank": positions[0] // self.job["partitions_per_task"]}
+        else:
+            together = None
+        self.pending.append(TaskSpec(task, items, directory=str(self.directory), together=together, **self.spec))
 
     def submit_pending(self) -> None:
         if not self.pending:
@@ -239,30 +335,37 @@ class ArrayTransport:
         self.job["scheduler_ids"] += [j.job_id for j in submitted]
         save_job(self.job["results"], _as_job(self.plan, self.job))
 
-    def _event(self, task: str, event: dict) -> Event | None:
+    def _event(self, task: str, event: dict) -> list[Event]:
         kind = event["event"]
+        if kind == "start" and event.get("rank") is not None:
+            self.gathered.ranked[task] = []
         if kind == "unit":
-            data = (self.directory / "units" / event["file"]).read_bytes()
-            return Event("done", task, position=event["unit"], result=decode_result(data))
+            if task in self.gathered.ranked:  # its result comes with rank 0's aggregate (or alone, if that fails)
+                self.gathered.ranked[task].append((event["unit"], event["file"]))
+                return []
+            return [self._own_result(task, event["unit"], event["file"])]
+        if kind == "together":
+            return self.gathered.reported(task, event, self)
         if kind == "unit_failed":
-            return Event("failed", task, position=event["unit"], error=event["error"])
+            return [Event("failed", task, position=event["unit"], error=event["error"])]
         if kind == "ready":
-            return Event("ready", task, info=event)
-        if kind == "end":
+            return [Event("ready", task, info=event)]
+        if kind in ("end", "failed"):
             self.files[task].ended = True
-            return Event("left", task)
-        if kind == "failed":
-            self.files[task].ended = True
-            return Event("lost", task, error=event["error"])
-        return None  # start
+            ending = Event("left", task) if kind == "end" else Event("lost", task, error=event["error"])
+            return self.gathered.ending(task, ending, self)
+        return []
+
+    def _own_result(self, task: str, position: int, name: str) -> Event:
+        self.gathered.unit_reads += 1
+        data = (self.directory / "units" / name).read_bytes()
+        return Event("done", task, position=position, result=decode_result(data))
 
     def read(self) -> list[Event]:
         out = []
         for task in self.live():
             for event in self.files[task].read_new():
-                made = self._event(task, event)
-                if made is not None:
-                    out.append(made)
+                out += self._event(task, event)
         return out
 
     def poll(self, timeout_s: float | None) -> list[Event]:
@@ -281,7 +384,7 @@ class ArrayTransport:
                     if not self.files[task].ended:
                         self.files[task].ended = True
                         why = f"{task} ended without finishing (killed, timed out or never started)"
-                        out.append(Event("lost", task, error=why))
+                        out += self.gathered.ending(task, Event("lost", task, error=why), self)
                 return out
             time.sleep(POLL_S[self.kind])
 
@@ -299,6 +402,18 @@ class ArrayTransport:
     def stop(self, finished: bool) -> None:
         # Tasks end on their own; cut short, the array goes on, and ``collect`` can take it up again
         self.submit_pending()
+        if finished and self.job.get("together"):
+            self._hear_every_rank(self.job["together"]["timeout_s"] + 30)
+
+    def _hear_every_rank(self, within_s: float) -> None:
+        """--comm: every unit is in, but ranks may still be saying how their collectives went (those that
+        waited for one that died end within their deadline): read their tasks until they end, for the record."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            self.read()  # the dispatcher is done: only what the ranks report is kept
+            if not [t for t in self.live() if t in self.jobs and _job_running(self.kind, self.jobs[t])]:
+                return
+            time.sleep(POLL_S[self.kind])
 
 
 def _as_job(plan: Plan, state: dict) -> Job:
@@ -326,6 +441,10 @@ def _new_job(plan: Plan, wait: bool) -> tuple[dict, Dispatcher]:
     lanes, intra = (1, cpus) if plan.compile else lane_layout(cpus, options.get("lanes"))
     groups = math.ceil(len(units) / per_task)
     parallelism = options.get("array_parallelism") or (max(1, default_threads() // cpus) if kind == "local" else groups)
+    together = config_for_run(options, groups, plan.work_dir)
+    if together is not None and (kind == "local" or options.get("array_parallelism")) and parallelism < groups:
+        raise UserError(f"--comm needs all {groups} array tasks alive at once, but at most {parallelism} run at a "
+                        f"time (--array-parallelism): raise it, or --partitions-per-task")  # fmt: skip
     job_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     directory = arrays_dir(plan.work_dir).resolve() / job_id
     (directory / "tasks").mkdir(parents=True)
@@ -347,6 +466,7 @@ def _new_job(plan: Plan, wait: bool) -> tuple[dict, Dispatcher]:
         "rounds": 0,
         "tasks": {},
         "scheduler_ids": [],
+        "together": together.to_dict() if together is not None else None,
     }
     return job, Dispatcher(units, lambda result: None, job["retries"])
 
@@ -454,6 +574,9 @@ def _finish(plan: Plan, job: dict, dispatcher: Dispatcher, transport: ArrayTrans
         "submit_to_last_end_s": max(ends) - job["submit_epoch"] if ends else None,
         "wall_clock": "first task start to last task end, epoch clocks of the nodes",
     }
+    gathered = transport.gathered.summary_for_record(job.get("together"))
+    if gathered is not None:
+        info["comm"] = gathered
     wall_s = max(ends) - min(starts) if starts else 0.0
     environment = _nodes_environment(list(dispatcher.ready.values()))
     return dispatched_run(
