@@ -127,8 +127,21 @@ def test_a_lambda_run_whose_ranks_cannot_all_be_alive_at_once_is_refused_before_
     with pytest.raises(UserError, match=r"--comm needs all 4 invocations \(1 partition\(s\) each\) alive at once, but "
                                         r"--max-concurrency is 3"):  # fmt: skip
         run_lambda(plan, lambda result: pytest.fail("nothing may run"))
-    with pytest.raises(UserError, match="--comm runs with --orchestrator direct"):
-        get_backend("lambda").check({"comm": "redis://x:1/0", "orchestrator": "stepfunctions", "emulate": True})
+    with pytest.raises(UserError, match="a channel is direct://HOST:PORT"):
+        get_backend("lambda").check({"comm": "tcp://x:1", "emulate": True})
+
+
+def test_a_step_functions_map_with_comm_gives_every_unit_through_one_aggregate(s3, tiny_data, redis_url):
+    """The Map's items learn their ranks from their units (each handler works its own out)."""
+    plan = _plan(tiny_data, "lambda", emulate=True, orchestrator="stepfunctions", max_concurrency=4, memory_mb=512,
+                 comm=redis_url, comm_timeout_s=30.0)  # fmt: skip
+    emitted = []
+    run = run_lambda(plan, emitted.append, mode="no-model")
+    assert sorted(r.record.partition for r in emitted) == [0, 1, 2, 3]
+    comm = run.info["comm"]
+    assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0 and comm["world_size"] == 4
+    assert [r["rank"] for r in comm["ranks"]] == [0, 1, 2, 3] and not any("error" in r for r in comm["ranks"])
+    assert comm["accuracy"] is None  # no model, no predictions: nothing to sum
 
 
 def test_a_slurm_array_with_comm_gives_the_same_results_and_its_driver_reads_one_aggregate(

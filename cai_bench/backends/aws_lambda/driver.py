@@ -235,7 +235,8 @@ def _comm_config(plan: Plan, concurrency: int, per_invocation: int) -> CommConfi
 
 
 def _through_a_map(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event: dict, concurrency: int,
-                   per_invocation: int, options: dict, services: Services) -> _Driven:  # fmt: skip
+                   per_invocation: int, options: dict, services: Services,
+                   comm: CommConfig | None) -> _Driven:  # fmt: skip
     """The state machine (created, updated or reused), and executions of it as the transport."""
     role = options.get("state_machine_role_arn")
     endpoint = services.upstream if services.emulated else None
@@ -244,11 +245,13 @@ def _through_a_map(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event
         role = emulated_role(endpoint, fn.region)
     arn, action = ensure_state_machine(client, fn.name, concurrency, role)
     transport = MapTransport(client, arn, staged.run_id, event, staged.results, per_invocation,
-                             poll_s=0.25 if services.emulated else 1.0)  # fmt: skip
+                             poll_s=0.25 if services.emulated else 1.0, comm=comm)  # fmt: skip
     drive(dispatcher, transport)
     for name, ready in transport.ready.items():  # an execution's output comes after its results
         dispatcher.on_ready(name, ready)
     orchestration = {"state_machine": arn, "state_machine_action": action, **map_summary(transport)}
+    if comm is not None:
+        orchestration["comm"] = transport.gathered.summary_for_record()
     if services.emulator is not None:
         billed = [r.billed_duration_ms for r in services.emulator.reports]
         return _Driven(transport.wall_s, [], orchestration, billed, "the emulator's REPORTs")
@@ -302,7 +305,8 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
         event = _event_base(plan, staged, runtime, mode, hold_s)
         dispatcher = Dispatcher(work_units(staged.plan), emit, DEFAULT_RETRIES if retries is None else retries)
         if orchestrator == "stepfunctions":
-            driven = _through_a_map(dispatcher, fn, staged, event, concurrency, per_invocation, options, services)
+            driven = _through_a_map(dispatcher, fn, staged, event, concurrency, per_invocation, options, services,
+                                    comm)  # fmt: skip
         else:
             driven = _direct(dispatcher, fn, staged, event, concurrency, per_invocation, comm)
         transitions = driven.orchestration.get("transitions", 0)
@@ -342,8 +346,6 @@ class LambdaBackend:
                                 "Functions can assume: see deploy/lambda/stepfunctions-policy.json)")  # fmt: skip
         if options.get("comm"):
             check_urls([u.strip() for u in str(options["comm"]).split(",") if u.strip()])
-        if options.get("comm") and options.get("orchestrator") == "stepfunctions":
-            raise UserError("--comm runs with --orchestrator direct: the Map's items cannot learn their ranks yet")
         if "timeout_s" in options and not options.get("emulate"):
             raise UserError("--timeout-s sets the emulated function's timeout: add --emulate (on AWS it is the "
                             "function's configuration)")  # fmt: skip

@@ -195,20 +195,22 @@ def handler(event: dict, context) -> dict:
         "timing": {"duration_ms": round((time.perf_counter() - entered) * 1000, 3)},
     }
     if event.get("comm"):
-        reply["comm"] = _finish_together(event["comm"], kept, results)
+        reply["comm"] = _finish_together(event["comm"], kept, results, units)
     if event.get("replies"):
         results.write(reply_key(event["replies"], request_id), json.dumps(reply).encode())
     return reply
 
 
-def _finish_together(fields: dict, kept: list, results: S3Prefix) -> dict:
+def _finish_together(fields: dict, kept: list, results: S3Prefix, units: list) -> dict:
     """The run's closing collectives (``gathering``): rank 0 writes the aggregate. A failure is reported, not
-    raised: every unit's own result is in S3 already, for the driver to read instead."""
+    raised: every unit's own result is in S3 already, for the driver to read instead. Under Step Functions the
+    Map's items carry no rank: an invocation's is its first unit's position over the units per invocation."""
     config = CommConfig.from_dict(fields)
+    rank = int(fields["rank"]) if "rank" in fields else units[0][0] // int(fields["per_invocation"])
     try:
-        aggregate, info = finish_together(config, int(fields["rank"]), kept)
+        aggregate, info = finish_together(config, rank, kept)
     except CommError as exc:
-        return {"rank": int(fields["rank"]), "error": str(exc)}
+        return {"rank": rank, "error": str(exc)}
     if aggregate is not None:
         results.write(aggregate_key(config.run_id), aggregate)
         info["aggregate"] = results.where(aggregate_key(config.run_id))

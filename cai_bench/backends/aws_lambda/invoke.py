@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 from cai_bench import aws
 from cai_bench.backends.aws_lambda.emulator import SERVICE_TIME_HEADER
+from cai_bench.backends.aws_lambda.gathered import Gathered
 from cai_bench.backends.aws_lambda.report_log import report_from_tail
-from cai_bench.backends.aws_lambda.wire import aggregate_key, error_text, read_result, unit_items
+from cai_bench.backends.aws_lambda.wire import error_text, read_result, unit_items
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
-from cai_bench.gathering import CommConfig, read_aggregate
+from cai_bench.gathering import CommConfig
 from cai_bench.metrics import percentiles
 
 THROTTLE_RETRIES = 8
@@ -98,7 +99,7 @@ class InvokeTransport:
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.rng = random.Random(seed)
-        self.gathered = _Gathered(comm, results)
+        self.gathered = Gathered(comm, results)
 
     # -- Transport
 
@@ -235,64 +236,6 @@ class InvokeTransport:
         if self.first_sent is None or self.last_answer is None:
             return 0.0
         return self.last_answer - self.first_sent
-
-
-class _Gathered:
-    """The driver's side of ``--comm``: which invocation is which rank, rank 0's aggregate read once for all."""
-
-    def __init__(self, config: CommConfig | None, results):
-        self.config, self.results_prefix = config, results
-        self.lock = threading.Lock()
-        self.landed = threading.Event()  # rank 0's reply came (with or without its aggregate)
-        self.aggregate: dict = {}
-        self.summary: dict | None = None
-        self.aggregate_reads = self.unit_reads = 0
-        self.by_rank: dict[int, dict] = {}
-
-    def rank_of(self, units: list[Unit], per_invocation: int) -> int | None:
-        """The rank of an invocation of these units: one whole group, on its first attempt; None otherwise (a
-        retry runs alone, its group's collectives long over)."""
-        if self.config is None or any(u.attempts for u in units):
-            return None
-        rank = units[0].position // per_invocation
-        whole = [u.position for u in units] == list(range(rank * per_invocation, rank * per_invocation + len(units)))
-        return rank if whole and rank < self.config.world_size else None
-
-    def failed(self, rank: int, error: str) -> None:
-        with self.lock:
-            self.by_rank[rank] = {"rank": rank, "error": error}
-        if rank == 0:
-            self.landed.set()
-
-    def results(self, rank: int, comm: dict | None) -> dict:
-        """The results of the aggregate (by position) for an invocation of ``rank``; {} where there is none."""
-        comm = comm or {"rank": rank, "error": "the reply says nothing of the collectives"}
-        with self.lock:
-            self.by_rank[rank] = {k: v for k, v in comm.items() if k in ("rank", "comm_s", "collectives_s", "error")}
-            fallbacks = [c for c in comm.get("channels", []) if c.get("fallback_pairs")]
-            if fallbacks:  # a direct pair that could not connect: the record says which went through what
-                self.by_rank[rank]["channels"] = fallbacks
-        if comm.get("aggregate"):
-            try:
-                self.aggregate, self.summary = read_aggregate(
-                    self.results_prefix.read(aggregate_key(self.config.run_id))
-                )
-                self.aggregate_reads += 1
-            finally:
-                self.landed.set()
-        elif rank == 0:
-            self.landed.set()
-        elif "error" not in comm:
-            self.landed.wait(self.config.timeout_s + 60)
-        return self.aggregate
-
-    def summary_for_record(self) -> dict | None:
-        if self.config is None:
-            return None
-        return {"channels": list(self.config.urls), "world_size": self.config.world_size, "hint": self.config.hint,
-                "aggregate_reads": self.aggregate_reads, "unit_reads": self.unit_reads,
-                "ranks": [self.by_rank[r] for r in sorted(self.by_rank)],
-                **({k: v for k, v in self.summary.items() if k != "format"} if self.summary else {})}  # fmt: skip
 
 
 def report_summary(reports: list[dict]) -> dict:

@@ -28,11 +28,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from cai_bench import aws
+from cai_bench.backends.aws_lambda.gathered import Gathered
 from cai_bench.backends.aws_lambda.provision import MAP_STATE
 from cai_bench.backends.aws_lambda.wire import error_text, read_result, result_key, unit_items
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.errors import UserError
+from cai_bench.gathering import CommConfig
 
 DONE_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
 
@@ -114,13 +116,14 @@ class Execution:
     driver_s: float | None = None  # start_execution to the driver seeing it end
     history: dict = field(default_factory=dict)
     invocations: list[dict] = field(default_factory=list)  # per item: request id, the handler's own timing
+    comm_replies: list[dict] = field(default_factory=list)  # --comm: what each item's reply said of it
 
 
 class MapTransport:
     """Executions of the state machine, one at a time, each a worker holding every unit it was given."""
 
     def __init__(self, client, state_machine_arn: str, run_id: str, event_base: dict, results, per_invocation: int,
-                 poll_s: float = 1.0):  # fmt: skip
+                 poll_s: float = 1.0, comm: CommConfig | None = None):  # fmt: skip
         self.client = client
         self.state_machine_arn = state_machine_arn
         self.run_id = run_id
@@ -136,6 +139,7 @@ class MapTransport:
         self.stopping = threading.Event()
         self.first_start: float | None = None
         self.last_end: float | None = None
+        self.gathered = Gathered(comm, results)
 
     # -- Transport
 
@@ -206,8 +210,12 @@ class MapTransport:
         self.results.write(items_name, json.dumps(items).encode())
         execution.items, execution.units = len(items), [u.position for u in units]
         replies = f"replies/{execution.name}"
-        payload = {"items": {"Bucket": self.results.bucket, "Key": self.results.key(items_name)},
-                   "base": {**self.event_base, "replies": replies}}  # fmt: skip
+        base = {**self.event_base, "replies": replies}
+        # --comm: the first execution's items are the ranks (each handler works its own out); a retry runs alone
+        together = self.gathered.config is not None and all(u.attempts == 0 for u in units)
+        if together:
+            base["comm"] = {**self.gathered.config.to_dict(), "per_invocation": self.per_invocation}
+        payload = {"items": {"Bucket": self.results.bucket, "Key": self.results.key(items_name)}, "base": base}
         began = time.perf_counter()
         self.first_start = began if self.first_start is None else self.first_start
         execution.started_s = began - self.first_start
@@ -218,7 +226,8 @@ class MapTransport:
         while True:
             described = self.client.describe_execution(executionArn=execution.arn)
             finished = described["status"] in DONE_STATUSES
-            waiting -= self._collect(execution, waiting)  # what landed so far: progress as it runs
+            if not together:  # with --comm the results come in rank 0's aggregate, once the Map is done
+                waiting -= self._collect(execution, waiting)  # what landed so far: progress as it runs
             if finished or self.stopping.is_set():
                 break
             time.sleep(self.poll_s)
@@ -229,6 +238,9 @@ class MapTransport:
             execution.history = read_history(history_events(self.client, execution.arn))
         errors = self._read_replies(execution, replies)
         errors.update(self._item_errors(described.get("output")))
+        if together:
+            waiting -= self._from_aggregate(execution, waiting)
+            waiting -= self._collect(execution, waiting)  # where the collectives failed: each unit's own result
         ready = next((i["ready"] for i in execution.invocations if i.get("ready")), None)
         if ready:
             self.ready[execution.name] = ready
@@ -239,11 +251,21 @@ class MapTransport:
             self.events.put(Event("failed", execution.name, position, error=why))
         self.events.put(Event("left", execution.name))
 
+    def _from_aggregate(self, execution: Execution, waiting: set[int]) -> set[int]:
+        """Units of ``waiting`` in rank 0's aggregate (read once), reported done; none where there is none."""
+        if not any(r.get("aggregate") for r in execution.comm_replies):
+            return set()
+        aggregate = self.gathered.read_aggregate()
+        for position in sorted(waiting & aggregate.keys()):
+            self.events.put(Event("done", execution.name, position, result=aggregate[position]))
+        return waiting & aggregate.keys()
+
     def _collect(self, execution: Execution, waiting: set[int]) -> set[int]:
         """Units of ``waiting`` whose result is in S3 now: each read and reported done."""
         present = set(self.results.names())
         landed = set()
         for position in sorted(waiting):
+            self.gathered.unit_reads += 1 if result_key(position) in present else 0
             # Not whole yet, or unreadable: looked at again next time
             result = read_result(self.results, position) if result_key(position) in present else None
             if result is None:
@@ -263,6 +285,9 @@ class MapTransport:
                 continue
             execution.invocations.append({k: reply.get(k) for k in ("request_id", "environment", "cold", "timing",
                                                                      "ready")})  # fmt: skip
+            if reply.get("comm"):
+                execution.comm_replies.append(reply["comm"])
+                self.gathered.heard(reply["comm"]["rank"], reply["comm"])
             for failed in reply.get("failed") or []:
                 errors[int(failed["position"])] = failed.get("error") or "failed"
         return errors

@@ -1,0 +1,78 @@
+"""The driver's side of ``--comm`` on Lambda, shared by both transports (direct invocations, Step Functions):
+the ranks of the first invocation of each group of units, rank 0's aggregate read once, each rank's account."""
+
+from __future__ import annotations
+
+import threading
+
+from cai_bench.backends.aws_lambda.wire import aggregate_key
+from cai_bench.backends.dispatch import Unit
+from cai_bench.gathering import CommConfig, read_aggregate
+
+
+class Gathered:
+    """The driver's side of ``--comm`` on Lambda: which invocation is which rank, rank 0's aggregate read once
+    for all, what each rank said of its collectives, and how many results were read one by one instead."""
+
+    def __init__(self, config: CommConfig | None, results):
+        self.config, self.results_prefix = config, results
+        self.lock = threading.Lock()
+        self.landed = threading.Event()  # rank 0's reply came (with or without its aggregate)
+        self.aggregate: dict = {}
+        self.summary: dict | None = None
+        self.aggregate_reads = self.unit_reads = 0
+        self.by_rank: dict[int, dict] = {}
+
+    def rank_of(self, units: list[Unit], per_invocation: int) -> int | None:
+        """The rank of an invocation of these units: one whole group, on its first attempt; None otherwise (a
+        retry runs alone, its group's collectives long over)."""
+        if self.config is None or any(u.attempts for u in units):
+            return None
+        rank = units[0].position // per_invocation
+        whole = [u.position for u in units] == list(range(rank * per_invocation, rank * per_invocation + len(units)))
+        return rank if whole and rank < self.config.world_size else None
+
+    def failed(self, rank: int, error: str) -> None:
+        with self.lock:
+            self.by_rank[rank] = {"rank": rank, "error": error}
+        if rank == 0:
+            self.landed.set()
+
+    def results(self, rank: int, comm: dict | None) -> dict:
+        """The results of the aggregate (by position) for an invocation of ``rank``; {} where there is none. Rank
+        0 reads it; the others wait for rank 0's reply, unless their own collectives failed."""
+        self.heard(rank, comm)
+        if (comm or {}).get("aggregate"):
+            try:
+                self.read_aggregate()
+            finally:
+                self.landed.set()
+        elif rank == 0:
+            self.landed.set()
+        elif comm and "error" not in comm:
+            self.landed.wait(self.config.timeout_s + 60)
+        return self.aggregate
+
+    def read_aggregate(self) -> dict:
+        """Rank 0's aggregate, read once (its units' results by position)."""
+        if self.summary is None:
+            self.aggregate, self.summary = read_aggregate(self.results_prefix.read(aggregate_key(self.config.run_id)))
+            self.aggregate_reads += 1
+        return self.aggregate
+
+    def heard(self, rank: int, comm: dict | None) -> None:
+        """What rank ``rank``'s reply said of its collectives, for the record."""
+        comm = comm or {"rank": rank, "error": "the reply says nothing of the collectives"}
+        with self.lock:
+            self.by_rank[rank] = {k: v for k, v in comm.items() if k in ("rank", "comm_s", "collectives_s", "error")}
+            fallbacks = [c for c in comm.get("channels", []) if c.get("fallback_pairs")]
+            if fallbacks:  # a direct pair that could not connect: the record says which went through what
+                self.by_rank[rank]["channels"] = fallbacks
+
+    def summary_for_record(self) -> dict | None:
+        if self.config is None:
+            return None
+        return {"channels": list(self.config.urls), "world_size": self.config.world_size, "hint": self.config.hint,
+                "aggregate_reads": self.aggregate_reads, "unit_reads": self.unit_reads,
+                "ranks": [self.by_rank[r] for r in sorted(self.by_rank)],
+                **({k: v for k, v in self.summary.items() if k != "format"} if self.summary else {})}  # fmt: skip
