@@ -105,6 +105,9 @@ def finish_together(
         by_rank = communicator.gather(comm_s)
         # collectives_s: inside the operations; comm_s: connecting included, what the run spent on them
         info = {**communicator.info(), "rank": rank, "comm_s": round(time.perf_counter() - started, 6)}
+        fallback = [c for c in info["channels"] if c.get("fallback_pairs")]
+        if fallback:  # direct pairs that could not connect, and what they went through instead
+            info["fallback"] = fallback
     if rank != 0:
         return None, info
     units: dict[str, bytes] = {}
@@ -118,6 +121,25 @@ def finish_together(
                "comm_s_by_rank": [round(s, 6) for s in by_rank], "channels": info["channels"],
                "operations": info["operations"]}  # fmt: skip
     return _pack({"summary": json.dumps(summary).encode(), **units}), info
+
+
+RANK_FIELDS = ("rank", "worker", "comm_s", "collectives_s", "error", "fallback")
+
+
+def rank_account(info: dict) -> dict:
+    """What a run's record keeps of one rank's collectives."""
+    return {k: v for k, v in info.items() if k in RANK_FIELDS}
+
+
+def record_of(config: CommConfig, ranks: list[dict], summary: dict | None, aggregate_reads: int,
+              unit_reads: int | None = None) -> dict:  # fmt: skip
+    """``backend_info.comm``: the channels, how results were read, each rank's account, the aggregate's summary."""
+    accounts = sorted((rank_account(r) for r in ranks), key=lambda r: r["rank"])
+    out = {"channels": list(config.urls), "world_size": config.world_size, "hint": config.hint,
+           "aggregate_reads": aggregate_reads, "ranks": accounts}  # fmt: skip
+    if unit_reads is not None:
+        out["unit_reads"] = unit_reads
+    return {**out, **{k: v for k, v in (summary or {}).items() if k != "format"}}
 
 
 def read_aggregate(data: bytes) -> tuple[dict[int, PartitionResult], dict]:

@@ -245,9 +245,8 @@ def test_a_pair_that_cannot_connect_talks_through_the_fallback_and_the_record_sa
     def rank(r):
         try:
             with comm.connect([behind_nats[r], redis_url], r, 2, run_id, key, 10, connect_timeout_s=1.5) as c:
-                c.hint = "fast"
                 answers[r] = {"sum": c.allreduce(np.arange(3) * (r + 1)), "info": c.info()["channels"][0],
-                              "bcast": c.bcast("ab" if False else 7 if r == 0 else None)}  # fmt: skip
+                              "bcast": c.bcast(7 if r == 0 else None)}  # fmt: skip
         except Exception as exc:
             errors.append(exc)
 
@@ -259,6 +258,26 @@ def test_a_pair_that_cannot_connect_talks_through_the_fallback_and_the_record_sa
         assert got["info"]["fallback_pairs"] == [[0, 1]] and got["info"]["fallback"] == "redis"
         np.testing.assert_array_equal(got["sum"], np.arange(3) * 3)
         assert got["bcast"] == 7
+
+
+def test_a_runs_record_of_its_collectives_names_the_pairs_that_fell_back(rendezvous_url, redis_url):
+    from cai_bench.gathering import CommConfig, finish_together, rank_account
+
+    behind_nats = [_nat(rendezvous_url), _nat(rendezvous_url)]
+    run_id, key = uuid.uuid4().hex[:12], comm.new_key()
+    accounts = [None, None]
+
+    def rank(r):
+        config = CommConfig((behind_nats[r], redis_url), 2, run_id, key, timeout_s=2.0)
+        accounts[r] = rank_account(finish_together(config, r, [])[1])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    for r, account in enumerate(accounts):
+        assert account["rank"] == r and "error" not in account
+        (direct,) = account["fallback"]
+        assert direct["scheme"] == "direct" and direct["fallback_pairs"] == [[0, 1]] and direct["fallback"] == "redis"
 
 
 def test_a_pair_that_cannot_connect_without_a_fallback_is_an_error_naming_the_peer(rendezvous_url):

@@ -71,3 +71,19 @@ def test_bad_comm_bench_input_is_one_line_and_exit_2(cli, tmp_path, args, messag
     code, _out, err = cli("comm", "bench", *args, "--repeats", "1", "--results", str(tmp_path))
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_runs_comm_configuration_carries_this_machines_measured_models_and_a_fresh_key(tmp_path):
+    from cai_bench.gathering import config_for_run
+    from cai_bench.machine import capture_environment
+
+    here = capture_environment(with_torch=False)
+    ResultsStore(tmp_path).append_comm({"run_id": "r", "channel": "s3", "op": "bcast", "world_size": 2, "nbytes": 8,
+                                        "median_s": 0.02, "samples_s": [0.02], "environment": here})  # fmt: skip
+    options = {"comm": "s3://b/p, redis://127.0.0.1:6379/0", "comm_hint": "cheap", "comm_timeout_s": 5.0}
+    first, second = config_for_run(options, 8, str(tmp_path)), config_for_run(options, 8, str(tmp_path))
+    assert first.urls == ("s3://b/p", "redis://127.0.0.1:6379/0") and first.world_size == 8
+    assert first.hint == "cheap" and first.timeout_s == 5.0
+    assert first.models == {"s3": {**first.models["s3"], "overhead_s": 0.02, "poll_s": 0.0, "source": "comm bench"}}
+    assert first.key != second.key and first.run_id != second.run_id
+    assert config_for_run({}, 8, str(tmp_path)) is None

@@ -44,7 +44,7 @@ from cai_bench.backends.options import COMM_OPTIONS, LANES, RETRIES, RUNTIME
 from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.comm import CommError
 from cai_bench.errors import UserError, describe
-from cai_bench.gathering import CommConfig, config_for_run, finish_together, read_aggregate
+from cai_bench.gathering import CommConfig, config_for_run, finish_together, read_aggregate, record_of
 from cai_bench.loop import model_worker, prepare_model, worker_loop
 from cai_bench.machine import default_threads
 from cai_bench.plan import Plan, work_units
@@ -389,15 +389,11 @@ class _NodeTogether:
     def read(self) -> dict:
         """What the record keeps: rank 0's aggregate summary (read once) and each rank's own account."""
         ranks = [json.loads(p.read_text()) for p in sorted(self.folder.glob("rank-*.json"))]
-        out = {"channels": list(self.config.urls), "world_size": self.config.world_size, "hint": self.config.hint,
-               "aggregate_reads": 0, "ranks": [{k: v for k, v in r.items() if k in ("rank", "worker",
-                                                "comm_s", "collectives_s", "error")} for r in ranks]}  # fmt: skip
-        aggregate = self.folder / "aggregate.npz"
+        aggregate, summary = self.folder / "aggregate.npz", None
         if aggregate.exists():
             _, summary = read_aggregate(aggregate.read_bytes())
-            out.update({k: v for k, v in summary.items() if k != "format"}, aggregate_reads=1)
         shutil.rmtree(self.folder, ignore_errors=True)
-        return out
+        return record_of(self.config, ranks, summary, aggregate_reads=int(summary is not None))
 
 
 def _together(plan: Plan, workers: int) -> _NodeTogether | None:

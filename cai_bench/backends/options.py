@@ -23,7 +23,7 @@ LANES = BackendOption(
 COMM = BackendOption(
     "comm", str, "Channels for the workers' closing collectives, comma-separated (direct://HOST:PORT of a "
     "`cai-bench comm rendezvous`, redis://HOST:PORT/DB, s3://BUCKET/PREFIX): each worker gets a rank, and rank 0 "
-    "gathers the results into one aggregate the driver reads (hpc without --slurm, lambda direct).", None,
+    "gathers the results and the accuracy sums into one aggregate the driver reads (docs/comm.md).", None,
     sweepable=False,
 )  # fmt: skip
 COMM_HINT = BackendOption(

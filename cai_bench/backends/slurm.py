@@ -37,7 +37,7 @@ from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit
 from cai_bench.backends.slurm_options import DEFAULT_TIME_MIN, groups_of
 from cai_bench.comm import CommError
 from cai_bench.errors import UserError, describe
-from cai_bench.gathering import CommConfig, config_for_run, finish_together, read_aggregate
+from cai_bench.gathering import CommConfig, config_for_run, finish_together, rank_account, read_aggregate, record_of
 from cai_bench.loop import model_worker, prepare_model, units_from, worker_loop
 from cai_bench.machine import capture_environment, default_threads
 from cai_bench.plan import PartitionRef, Plan, plan_from_dict, plan_to_dict, work_units
@@ -142,7 +142,7 @@ def _finish_together(together: dict, kept: list, directory: Path) -> dict:
         (directory / "units" / f".{name}.tmp").write_bytes(aggregate)
         os.replace(directory / "units" / f".{name}.tmp", directory / "units" / name)
         info["aggregate"] = name
-    return {k: v for k, v in info.items() if k in ("rank", "comm_s", "collectives_s", "aggregate", "channels")}
+    return {**rank_account(info), "aggregate": info.get("aggregate")}
 
 
 # ---------------------------------------------------------------------------------------------- transport
@@ -245,10 +245,8 @@ class _ArrayGathered:
     def summary_for_record(self, config: dict | None) -> dict | None:
         if config is None:
             return None
-        return {"channels": list(config["urls"]), "world_size": config["world_size"], "hint": config["hint"],
-                "aggregate_reads": self.aggregate_reads, "unit_reads": self.unit_reads,
-                "ranks": [self.by_rank[r] for r in sorted(self.by_rank)],
-                **({k: v for k, v in self.summary.items() if k != "format"} if self.summary else {})}  # fmt: skip
+        ranks = list(self.by_rank.values())
+        return record_of(CommConfig.from_dict(config), ranks, self.summary, self.aggregate_reads, self.unit_reads)
 
 
 def _job_running(kind: str, job) -> bool:

@@ -53,11 +53,15 @@ class Communicator:
 
     @contextmanager
     def _call(self, op: str, size_hint: int):
-        """One collective call: its number, its deadline, its channel, and the time it took in ``stats``."""
+        """One collective call: its number (the same on every rank), its channel, its deadline and time."""
         self._seq += 1
+        with self._timed(op, self._pick(op, size_hint)) as channel:
+            yield channel
+
+    @contextmanager
+    def _timed(self, op: str, channel: Channel):
         self._deadline = time.monotonic() + self.timeout_s
         started = time.perf_counter()
-        channel = self._pick(op, size_hint)
         try:
             yield channel
         finally:
@@ -111,7 +115,8 @@ class Communicator:
                 frames.decode(frames.encode("send", 0, self.rank, [value]), self.rank, "send", 0, self.rank)[0]
             )
             return
-        with self._timed_p2p("send") as channel:
+        # Point to point has no call number both ends agree on: it takes the first channel given
+        with self._timed("send", self.channels[0]) as channel:
             self._sent[dst] += 1
             self._put(channel, "send", self._sent[dst], dst, [value])
 
@@ -121,21 +126,9 @@ class Communicator:
             if not self._to_self:
                 raise CommError(f"rank {self.rank} receives from itself, but sent itself nothing")
             return self._to_self.popleft()
-        with self._timed_p2p("recv") as channel:
+        with self._timed("recv", self.channels[0]) as channel:
             self._received[src] += 1
             return self._take(channel, "send", self._received[src], src)[0]
-
-    @contextmanager
-    def _timed_p2p(self, op: str):
-        self._deadline = time.monotonic() + self.timeout_s
-        started = time.perf_counter()
-        channel = self.channels[0]  # both ends must agree without a call number: the first channel given
-        try:
-            yield channel
-        finally:
-            entry = self.stats.setdefault(op, {"calls": 0, "seconds": 0.0, "channel": channel.scheme})
-            entry["calls"] += 1
-            entry["seconds"] += time.perf_counter() - started
 
     def _check_rank(self, rank: int, what: str) -> None:
         if not 0 <= rank < self.world_size:

@@ -7,7 +7,7 @@ import threading
 
 from cai_bench.backends.aws_lambda.wire import aggregate_key
 from cai_bench.backends.dispatch import Unit
-from cai_bench.gathering import CommConfig, read_aggregate
+from cai_bench.gathering import CommConfig, rank_account, read_aggregate, record_of
 
 
 class Gathered:
@@ -64,15 +64,9 @@ class Gathered:
         """What rank ``rank``'s reply said of its collectives, for the record."""
         comm = comm or {"rank": rank, "error": "the reply says nothing of the collectives"}
         with self.lock:
-            self.by_rank[rank] = {k: v for k, v in comm.items() if k in ("rank", "comm_s", "collectives_s", "error")}
-            fallbacks = [c for c in comm.get("channels", []) if c.get("fallback_pairs")]
-            if fallbacks:  # a direct pair that could not connect: the record says which went through what
-                self.by_rank[rank]["channels"] = fallbacks
+            self.by_rank[rank] = rank_account(comm)
 
     def summary_for_record(self) -> dict | None:
         if self.config is None:
             return None
-        return {"channels": list(self.config.urls), "world_size": self.config.world_size, "hint": self.config.hint,
-                "aggregate_reads": self.aggregate_reads, "unit_reads": self.unit_reads,
-                "ranks": [self.by_rank[r] for r in sorted(self.by_rank)],
-                **({k: v for k, v in self.summary.items() if k != "format"} if self.summary else {})}  # fmt: skip
+        return record_of(self.config, list(self.by_rank.values()), self.summary, self.aggregate_reads, self.unit_reads)
