@@ -172,7 +172,7 @@ def _start_ranks(urls: list[str], world_size: int, op: str, timeout_s: float) ->
 
 @pytest.mark.parametrize("op", ["allreduce", "barrier"])
 def test_a_killed_rank_is_named_by_the_others_within_their_deadline(channel_url, op):
-    timeout_s = 4.0
+    timeout_s = 3.0
     procs = _start_ranks([channel_url], 4, op, timeout_s)
     procs[2].kill()
     procs[2].wait()

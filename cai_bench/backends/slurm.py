@@ -341,6 +341,9 @@ class ArrayTransport:
             if task in self.gathered.ranked:  # its result comes with rank 0's aggregate (or alone, if that fails)
                 self.gathered.ranked[task].append((event["unit"], event["file"]))
                 return []
+            kept = (self.gathered.aggregate or {}).get(event["unit"])  # read after rank 0's, in the same pass
+            if kept is not None:
+                return [Event("done", task, position=event["unit"], result=kept)]
             return [self._own_result(task, event["unit"], event["file"])]
         if kind == "together":
             return self.gathered.reported(task, event, self)

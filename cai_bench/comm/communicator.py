@@ -144,27 +144,16 @@ class Communicator:
                     self._put(channel, "barrier", self._seq, (self.rank + distance) % self.world_size, [])
                     self._take(channel, "barrier", self._seq, (self.rank - distance) % self.world_size)
                     distance *= 2
-                return
-            if hasattr(channel, "arrive"):  # S3: everyone writes an object, rank 0 lists them
-                channel.arrive(self._seq)
-                if self.rank == 0:
-                    self._wait_arrivals(channel)
+            elif hasattr(channel, "barrier"):  # the store's own way (Redis: a counter; S3: objects rank 0 lists)
+                if not channel.barrier(self._seq, self._deadline):
+                    gone = channel.missing()
+                    raise CommError(
+                        f"rank {self.rank}: barrier #{self._seq}: not every rank arrived within {self.timeout_s:g} s"
+                        + (f"; rank(s) {_ranks(gone)} of run {self.run_id} are gone" if gone else "")
+                    )
             else:
                 self._collect_at(channel, "barrier", 0, None)
-            self._hand_out(channel, "barrier", 0, [None] * self.world_size)
-
-    def _wait_arrivals(self, channel: Channel) -> None:
-        delay = 0.005
-        while (arrived := channel.arrivals(self._seq)) < self.world_size:
-            if time.monotonic() > self._deadline:
-                gone = channel.missing()
-                raise CommError(
-                    f"rank 0: barrier #{self._seq}: {arrived} of {self.world_size} ranks arrived within "
-                    f"{self.timeout_s:g} s" + (f"; rank(s) {_ranks(gone)} of run {self.run_id} gone" if gone else "")
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.2)
-        channel.clear_arrivals(self._seq)
+                self._hand_out(channel, "barrier", 0, [None] * self.world_size)
 
     def bcast(self, value=None, root: int = 0, size_hint: int = 8):
         self._check_rank(root, "root")

@@ -8,8 +8,9 @@ is what crosses two NATs) both sides end up with the same one. Both send a hello
 a proof of the run's key before anything else.
 
 A pair that has not connected when ``connect_timeout_s`` runs out talks through the fallback channel instead
-(``info()["fallback_pairs"]`` says which); without one, that is an error. A reader thread per connection queues
-its messages; a peer whose connection ends without a goodbye is gone, and the ranks waiting on it are told at once.
+(``info()["fallback_pairs"]`` says which); without one, that is an error. Once connected, the sockets are
+non-blocking and each rank's own thread reads and writes them (no reader threads: one less thread to wake per
+message); a peer whose connection ends without a goodbye is gone, and a rank waiting on it is told at once.
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import queue
+import select
 import socket
 import struct
 import threading
 import time
+from collections import deque
 
 from cai_bench.comm.channel import Channel
 from cai_bench.comm.frames import CommError
 
 _LENGTH = struct.Struct("!I")
-_GONE = object()  # queued when a peer's connection ended without a goodbye
 _GOODBYE = b""
 
 
@@ -104,9 +105,12 @@ class DirectChannel:
         self.url, self.rank, self.world_size, self.run_id, self._key = url, rank, world_size, run_id, key
         self.fallback = fallback
         self._socks: dict[int, socket.socket] = {}
-        self._send_locks: dict[int, threading.Lock] = {}
-        self._inbox: dict[int, queue.Queue] = {r: queue.Queue() for r in range(world_size)}
-        self._gone: set[int] = set()
+        self._peer_of: dict[socket.socket, int] = {}
+        self._inbox: dict[int, deque] = {r: deque() for r in range(world_size)}
+        self._buffers: dict[int, bytearray] = {r: bytearray() for r in range(world_size)}
+        self._ended: set[int] = set()  # connections that ended
+        self._left: set[int] = set()  # peers that said goodbye first
+        self._gone: set[int] = set()  # peers whose connection ended without one: they died
         self._lock = threading.Lock()
         server = parse_direct_url(url)
         self._listener = _shared_port_socket()
@@ -203,58 +207,80 @@ class DirectChannel:
                 and time.monotonic() < deadline
             )
             if keep:
-                sock.settimeout(None)
                 self._socks[peer] = sock
-                self._send_locks[peer] = threading.Lock()
+                self._peer_of[sock] = peer
         if not keep:
             sock.close()
             return
-        threading.Thread(target=self._read_from, args=(peer, sock), daemon=True).start()
-
-    def _read_from(self, peer: int, sock: socket.socket) -> None:
-        inbox = self._inbox[peer]
-        while True:
-            try:
-                frame = _read_frame(sock)
-            except OSError:
-                frame = None
-            if frame is None:  # ended without a goodbye: the peer died
-                self._gone.add(peer)
-                inbox.put(_GONE)
-                return
-            if frame == _GOODBYE:
-                return
-            inbox.put(frame)
+        sock.setblocking(False)  # from here on, each rank's own thread reads and writes, never blocking on one peer
 
     # ----------------------------------------------------------------------------------------- messages
 
     def _direct(self, peer: int) -> bool:
         return peer in self._socks
 
+    def _pump(self, peer: int) -> None:
+        """Whatever ``peer`` has sent by now into its inbox, frame by frame; an end without a goodbye: it died."""
+        sock, buffer = self._socks[peer], self._buffers[peer]
+        while peer not in self._ended:
+            try:
+                chunk = sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._ended.add(peer)
+                if peer not in self._left:
+                    self._gone.add(peer)
+                return
+            buffer += chunk
+            while len(buffer) >= _LENGTH.size and len(buffer) >= _LENGTH.size + _LENGTH.unpack_from(buffer)[0]:
+                size = _LENGTH.unpack_from(buffer)[0]
+                frame = bytes(buffer[_LENGTH.size : _LENGTH.size + size])
+                del buffer[: _LENGTH.size + size]
+                if frame == _GOODBYE:
+                    self._left.add(peer)
+                else:
+                    self._inbox[peer].append(frame)
+
     def send(self, dst: int, frame: bytes) -> None:
+        """Written without blocking on ``dst``: while its socket is full, whatever any peer sends is read, so two
+        ranks sending each other (or a ring of them) large messages at once never wait on each other."""
         if not self._direct(dst):
             self.fallback.send(dst, frame)
             return
+        view, sock = memoryview(_LENGTH.pack(len(frame)) + frame), self._socks[dst]
         try:
-            with self._send_locks[dst]:
-                _write_frame(self._socks[dst], frame)
+            while view:
+                try:
+                    view = view[sock.send(view) :]
+                except (BlockingIOError, InterruptedError):
+                    readable, _, _ = select.select(self._open_sockets(), [sock], [], 1.0)
+                    for peer_sock in readable:
+                        self._pump(self._peer_of[peer_sock])
         except OSError as exc:
             self._gone.add(dst)
             raise CommError(f"rank {self.rank}: rank {dst} is gone (its connection failed: {exc})") from None
 
+    def _open_sockets(self) -> list[socket.socket]:
+        return [sock for peer, sock in self._socks.items() if peer not in self._ended]
+
     def recv(self, src: int, deadline: float) -> bytes | None:
         if not self._direct(src):
             return self.fallback.recv(src, deadline)
-        try:
-            frame = self._inbox[src].get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            return None
-        if frame is _GONE:
-            self._inbox[src].put(_GONE)  # every later wait on it ends at once too
-            return None
-        return frame
+        inbox = self._inbox[src]
+        while not inbox:
+            left = deadline - time.monotonic()
+            if src in self._ended or left <= 0:
+                return None  # it died (or left): every later wait on it ends at once too
+            select.select([self._socks[src]], [], [], left)
+            self._pump(src)
+        return inbox.popleft()
 
     def missing(self) -> list[int]:
+        for peer in list(self._socks):
+            self._pump(peer)  # an end that came while this rank waited on another is seen now
         gone = set(self._gone)
         if self.fallback is not None and self.fallback_pairs:
             gone |= set(self.fallback.missing())
@@ -272,10 +298,10 @@ class DirectChannel:
     def close(self) -> None:
         for peer, sock in list(self._socks.items()):
             try:
-                with self._send_locks[peer]:
-                    _write_frame(sock, _GOODBYE)
+                if peer not in self._ended:
+                    self.send(peer, _GOODBYE)
                 sock.shutdown(socket.SHUT_WR)
-            except OSError:
+            except (OSError, CommError):
                 pass
         for sock in self._socks.values():
             sock.close()

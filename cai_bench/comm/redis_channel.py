@@ -1,6 +1,7 @@
 """``redis://host:port/db``: a message is pushed onto a list per (sender, receiver) and taken with a blocking
-pop, so a receiver waits on the server, not in a polling loop. Keys live under the run's namespace and expire,
-so a run that dies leaves nothing behind for long; a rank's heartbeat is a key that expires unless refreshed."""
+pop, so a receiver waits on the server, not in a polling loop; a barrier is a counter and a release list. Keys
+live under the run's namespace and expire, so a run that dies leaves nothing behind for long; a rank's heartbeat
+is a key that expires unless refreshed."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ class RedisChannel:
             if got is not None:
                 return got[1]
         return None
+
+    def barrier(self, seq: int, deadline: float) -> bool:
+        """Each rank counts itself in; the last to arrive releases the others, who wait in a blocking pop: one
+        round trip each, none of them through one rank."""
+        counter, release = self._key("b", seq), self._key("go", seq)
+        with self._client.pipeline(transaction=True) as pipe:
+            arrived = pipe.incr(counter).expire(counter, self._ttl_s).execute()[0]
+        if arrived == self.world_size:
+            if self.world_size > 1:
+                with self._client.pipeline(transaction=True) as pipe:
+                    pipe.rpush(release, *[b"1"] * (self.world_size - 1)).expire(release, self._ttl_s)
+                    pipe.delete(counter).execute()
+            return True
+        while (left := deadline - time.monotonic()) > 0:
+            if self._client.blpop([release], timeout=max(0.01, min(left, 5.0))) is not None:
+                return True
+        return False
 
     def missing(self) -> list[int]:
         keys = [self._key("alive", r) for r in range(self.world_size)]

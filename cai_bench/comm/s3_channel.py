@@ -42,7 +42,14 @@ class S3Channel:
         self._put(f"m/{self.rank}-{dst}/{self._sent[dst]:09d}", frame)
 
     def recv(self, src: int, deadline: float) -> bytes | None:
-        key = f"{self._root}/m/{src}-{self.rank}/{self._taken[src] + 1:09d}"
+        body = self._poll(f"{self._root}/m/{src}-{self.rank}/{self._taken[src] + 1:09d}", deadline)
+        if body is not None:
+            self._taken[src] += 1
+        return body
+
+    def _poll(self, key: str, deadline: float) -> bytes | None:
+        """The object at ``key`` once it is there (then deleted: its reader is its only reader), or None at
+        ``deadline``."""
         delay = _FIRST_POLL_S
         while True:
             self.requests += 1
@@ -54,19 +61,25 @@ class S3Channel:
                 time.sleep(delay)
                 delay = min(delay * 1.5, _LONGEST_POLL_S)
                 continue
-            self._taken[src] += 1
             self._client.delete_object(Bucket=self.bucket, Key=key)
             return body
 
-    # a barrier: everyone writes, one lists
-    def arrive(self, seq: int) -> None:
-        self._put(f"b/{seq}/{self.rank}", b"")
-
-    def arrivals(self, seq: int) -> int:
-        return len(self._list(f"b/{seq}/"))
-
-    def clear_arrivals(self, seq: int) -> None:
-        self._delete(self._list(f"b/{seq}/"))
+    def barrier(self, seq: int, deadline: float) -> bool:
+        """Everyone writes an object, rank 0 lists them (paginated) until all are there, deletes them and writes
+        each other rank its release, which that rank deletes once read."""
+        self._put(f"b/{seq}/in-{self.rank}", b"")
+        if self.rank != 0:
+            return self._poll(f"{self._root}/b/{seq}/go-{self.rank}", deadline) is not None
+        delay = _FIRST_POLL_S
+        while len(arrived := self._list(f"b/{seq}/in-")) < self.world_size:
+            if time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 1.5, _LONGEST_POLL_S)
+        self._delete(arrived)
+        for rank in range(1, self.world_size):
+            self._put(f"b/{seq}/go-{rank}", b"")
+        return True
 
     def _list(self, under: str) -> list[str]:
         keys = []
