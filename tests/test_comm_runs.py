@@ -177,7 +177,7 @@ def test_an_array_task_killed_after_its_unit_is_named_and_every_unit_is_read_fro
     import time
 
     plan = _plan(tiny_data, "hpc", slurm=True, slurm_executor="local", tasks=4, array_parallelism=4,
-                 comm=redis_url, comm_timeout_s=3.0)  # fmt: skip
+                 comm=redis_url, comm_timeout_s=2.0)  # fmt: skip
     plan = type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path)})
     killed = []
 
