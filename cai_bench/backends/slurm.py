@@ -403,16 +403,19 @@ class ArrayTransport:
     def stop(self, finished: bool) -> None:
         # Tasks end on their own; cut short, the array goes on, and ``collect`` can take it up again
         self.submit_pending()
-        if finished and self.job.get("together"):
-            self._hear_every_rank(self.job["together"]["timeout_s"] + 30)
+        if finished:
+            together = self.job.get("together")
+            self._hear_every_task(30.0 + (together["timeout_s"] if together else 0.0))
 
-    def _hear_every_rank(self, within_s: float) -> None:
-        """--comm: every unit is in, but ranks may still be saying how their collectives went (those that
-        waited for one that died end within their deadline): read their tasks until they end, for the record."""
+    def _hear_every_task(self, within_s: float) -> None:
+        """Every unit is in, but a task may not have written its end yet (the record's wall clock runs to the
+        last task's end), and with --comm ranks may still be saying how their collectives went (those that
+        waited for one that died end within their deadline): read the tasks until they end."""
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
-            self.read()  # the dispatcher is done: only what the ranks report is kept
+            self.read()  # the dispatcher is done: only what the tasks report of themselves is kept
             if not [t for t in self.live() if t in self.jobs and _job_running(self.kind, self.jobs[t])]:
+                self.read()  # what a task wrote just before its job ended
                 return
             time.sleep(POLL_S[self.kind])
 
