@@ -45,20 +45,24 @@ def _same_accuracy(from_sums: dict, computed: dict) -> None:
 def test_an_emulated_lambda_run_with_comm_gives_the_same_results_and_its_driver_reads_one_aggregate(
     s3, tiny_data, local_s3, redis_url
 ):
-    """Two emulated Lambda runs of the model (with and without --comm), each starting its execution
-    environments (torch imported in each): about 30 s on 2 cores."""
-    base = {"emulate": True, "endpoint_url": local_s3, "bucket": f"s3://{s3}", "max_concurrency": 4, "memory_mb": 3008}
+    """Two emulated Lambda runs of the model (with and without --comm), each starting two execution environments
+    (torch imported in each): about 20 s on 2 cores, more under the suite's load."""
+    base = {"emulate": True, "endpoint_url": local_s3, "bucket": f"s3://{s3}", "max_concurrency": 2,
+            "partitions_per_invocation": 2, "memory_mb": 3008}  # fmt: skip
     alone, together = [], []
     run_lambda(_plan(tiny_data, "lambda", **base), alone.append)
     run = run_lambda(_plan(tiny_data, "lambda", **base, comm=redis_url, comm_timeout_s=30.0), together.append)
     assert _by_partition(together) == _by_partition(alone)
     comm = run.info["comm"]
     assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0  # one object read, not one per unit
-    assert comm["world_size"] == 4 and [r["rank"] for r in comm["ranks"]] == [0, 1, 2, 3]
+    assert comm["world_size"] == 2 and [r["rank"] for r in comm["ranks"]] == [0, 1]
     assert not any("error" in r for r in comm["ranks"])
     _same_accuracy(comm["accuracy"], _global(alone))
     assert comm["compute_s_sum"] == pytest.approx(sum(r.record.compute_s for r in together))
-    assert comm["compute_s_max"] == pytest.approx(max(r.record.compute_s for r in together))
+    per_rank: dict[str, float] = {}  # a rank is one invocation: its units' compute, summed
+    for r in together:
+        per_rank[r.record.worker_id] = per_rank.get(r.record.worker_id, 0.0) + r.record.compute_s
+    assert len(per_rank) == 2 and comm["compute_s_max"] == pytest.approx(max(per_rank.values()))
     assert all(r.record.comm_s is not None and r.record.comm_s > 0 for r in together)
 
 
@@ -147,7 +151,7 @@ def test_a_step_functions_map_with_comm_gives_every_unit_through_one_aggregate(s
 def test_a_slurm_array_with_comm_gives_the_same_results_and_its_driver_reads_one_aggregate(
     tiny_data, redis_url, tmp_path
 ):
-    slurm = {"slurm": True, "slurm_executor": "local", "tasks": 4, "array_parallelism": 4}
+    slurm = {"slurm": True, "slurm_executor": "local", "tasks": 2, "array_parallelism": 2}
     alone, together = [], []
     plan = _plan(tiny_data, "hpc", **slurm)
     get_backend("hpc").run(type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path / "a")}), alone.append)
@@ -155,8 +159,8 @@ def test_a_slurm_array_with_comm_gives_the_same_results_and_its_driver_reads_one
     run = get_backend("hpc").run(type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path / "b")}), together.append)
     assert _by_partition(together) == _by_partition(alone)
     comm = run.info["comm"]
-    assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0 and comm["world_size"] == 4
-    assert [r["rank"] for r in comm["ranks"]] == [0, 1, 2, 3] and not any("error" in r for r in comm["ranks"])
+    assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0 and comm["world_size"] == 2
+    assert [r["rank"] for r in comm["ranks"]] == [0, 1] and not any("error" in r for r in comm["ranks"])
     _same_accuracy(comm["accuracy"], _global(alone))
     assert all(r.record.comm_s > 0 for r in together)
 
@@ -176,7 +180,7 @@ def test_an_array_task_killed_after_its_unit_is_named_and_every_unit_is_read_fro
     import threading
     import time
 
-    plan = _plan(tiny_data, "hpc", slurm=True, slurm_executor="local", tasks=4, array_parallelism=4,
+    plan = _plan(tiny_data, "hpc", slurm=True, slurm_executor="local", tasks=2, array_parallelism=2,
                  comm=redis_url, comm_timeout_s=2.0)  # fmt: skip
     plan = type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path)})
     killed = []
@@ -199,8 +203,7 @@ def test_an_array_task_killed_after_its_unit_is_named_and_every_unit_is_read_fro
     assert killed
     assert sorted(r.record.partition for r in emitted) == [0, 1, 2, 3]
     comm = run.info["comm"]
-    assert comm["aggregate_reads"] == 0 and comm["unit_reads"] == 4  # each unit's own file, once
-    by_rank = {r["rank"]: r for r in comm["ranks"]}
+    assert comm["aggregate_reads"] == 0 and comm["unit_reads"] >= 3  # each unit's own file (the killed task's
+    by_rank = {r["rank"]: r for r in comm["ranks"]}  # second unit: its own, or a retry's)
     assert 1 not in by_rank  # it died before it could say anything
-    for rank in (0, 2, 3):
-        assert "rank(s) 1 of run" in by_rank[rank]["error"], by_rank[rank]
+    assert "rank(s) 1 of run" in by_rank[0]["error"], by_rank[0]
