@@ -41,17 +41,18 @@ def _same_accuracy(from_sums: dict, computed: dict) -> None:
     assert from_sums["samples"] == computed["samples"]
 
 
-@pytest.mark.long
 def test_an_emulated_lambda_run_with_comm_gives_the_same_results_and_its_driver_reads_one_aggregate(
-    s3, tiny_data, local_s3, redis_url
+    s3, tiny_data, local_s3, redis_url, weights_file, exports
 ):
-    """Two emulated Lambda runs of the model (with and without --comm), each starting two execution environments
-    (torch imported in each): about 20 s on 2 cores, more under the suite's load."""
+    """Two emulated Lambda runs of the model (with and without --comm) on ONNX Runtime, whose execution
+    environments start without importing torch (the session's export of the weights, from the cache)."""
     base = {"emulate": True, "endpoint_url": local_s3, "bucket": f"s3://{s3}", "max_concurrency": 2,
-            "partitions_per_invocation": 2, "memory_mb": 3008}  # fmt: skip
+            "partitions_per_invocation": 2, "memory_mb": 3008, "runtime": "onnxruntime"}  # fmt: skip
     alone, together = [], []
-    run_lambda(_plan(tiny_data, "lambda", **base), alone.append)
-    run = run_lambda(_plan(tiny_data, "lambda", **base, comm=redis_url, comm_timeout_s=30.0), together.append)
+    plan = _plan(tiny_data, "lambda", **base)
+    run_lambda(type(plan)(**{**plan.__dict__, "weights": str(weights_file)}), alone.append)
+    plan = _plan(tiny_data, "lambda", **base, comm=redis_url, comm_timeout_s=30.0)
+    run = run_lambda(type(plan)(**{**plan.__dict__, "weights": str(weights_file)}), together.append)
     assert _by_partition(together) == _by_partition(alone)
     comm = run.info["comm"]
     assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0  # one object read, not one per unit
@@ -149,14 +150,17 @@ def test_a_step_functions_map_with_comm_gives_every_unit_through_one_aggregate(s
 
 
 def test_a_slurm_array_with_comm_gives_the_same_results_and_its_driver_reads_one_aggregate(
-    tiny_data, redis_url, tmp_path
+    tiny_data, redis_url, tmp_path, weights_file, exports
 ):
-    slurm = {"slurm": True, "slurm_executor": "local", "tasks": 2, "array_parallelism": 2}
+    """On ONNX Runtime: the array tasks start without importing torch (the session's export, from the cache)."""
+    slurm = {"slurm": True, "slurm_executor": "local", "tasks": 2, "array_parallelism": 2, "runtime": "onnxruntime"}
     alone, together = [], []
     plan = _plan(tiny_data, "hpc", **slurm)
-    get_backend("hpc").run(type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path / "a")}), alone.append)
+    plan = type(plan)(**{**plan.__dict__, "weights": str(weights_file), "work_dir": str(tmp_path / "a")})
+    get_backend("hpc").run(plan, alone.append)
     plan = _plan(tiny_data, "hpc", **slurm, comm=redis_url, comm_timeout_s=30.0)
-    run = get_backend("hpc").run(type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path / "b")}), together.append)
+    plan = type(plan)(**{**plan.__dict__, "weights": str(weights_file), "work_dir": str(tmp_path / "b")})
+    run = get_backend("hpc").run(plan, together.append)
     assert _by_partition(together) == _by_partition(alone)
     comm = run.info["comm"]
     assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0 and comm["world_size"] == 2
@@ -174,15 +178,15 @@ def test_an_array_whose_tasks_cannot_all_run_at_once_is_refused_with_comm(tiny_d
 
 
 def test_an_array_task_killed_after_its_unit_is_named_and_every_unit_is_read_from_its_own_file(
-    tiny_data, redis_url, tmp_path
+    tiny_data, redis_url, tmp_path, weights_file, exports
 ):
     import json
     import threading
     import time
 
     plan = _plan(tiny_data, "hpc", slurm=True, slurm_executor="local", tasks=2, array_parallelism=2,
-                 comm=redis_url, comm_timeout_s=2.0)  # fmt: skip
-    plan = type(plan)(**{**plan.__dict__, "work_dir": str(tmp_path)})
+                 runtime="onnxruntime", comm=redis_url, comm_timeout_s=2.0)  # fmt: skip
+    plan = type(plan)(**{**plan.__dict__, "weights": str(weights_file), "work_dir": str(tmp_path)})
     killed = []
 
     def kill_rank_1_after_its_unit():
