@@ -162,6 +162,14 @@ def measured_store(tiny_data, tmp_path_factory) -> Path:
     return store.path
 
 
+@pytest.fixture(scope="session")
+def many_partitions(tmp_path_factory) -> Path:
+    """20 partitions of 26 samples: enough work that a worker is busy when a test kills it."""
+    out = tmp_path_factory.mktemp("many") / "data"
+    synthesize(out, 0.01, 0.52, seed=5)
+    return out
+
+
 @pytest.fixture
 def data_copy(tiny_data, tmp_path) -> Path:
     import shutil

@@ -118,15 +118,6 @@ def test_an_hpc_worker_killed_mid_run_is_named_and_every_partition_still_comes_b
     assert "rank(s) 1 of run" in survivor["error"]
 
 
-@pytest.fixture(scope="module")
-def many_partitions(tmp_path_factory):
-    from cai_bench.data.partitions import synthesize
-
-    out = tmp_path_factory.mktemp("many") / "data"
-    synthesize(out, 0.01, 0.52, seed=5)
-    return out
-
-
 def test_a_lambda_run_whose_ranks_cannot_all_be_alive_at_once_is_refused_before_anything_runs(tiny_data):
     plan = _plan(tiny_data, "lambda", emulate=True, max_concurrency=3, comm="redis://127.0.0.1:1/0")
     with pytest.raises(UserError, match=r"--comm needs all 4 invocations \(1 partition\(s\) each\) alive at once, but "

@@ -15,7 +15,7 @@ import pytest
 
 from cai_bench.backends import get_backend
 from cai_bench.backends.base import PartitionsFailed
-from cai_bench.data.partitions import open_dataset, synthesize
+from cai_bench.data.partitions import open_dataset
 from cai_bench.errors import UserError
 from cai_bench.machine import this_machine
 from cai_bench.plan import make_plan, samples_for_gb, work_units
@@ -33,14 +33,6 @@ def plan_for(data: Path, backend: str = "hpc", **options):
 
 def predictions(outcome) -> dict[int, float]:
     return {int(i): float(p) for r in outcome.results for i, p in zip(r.object_id, r.prediction, strict=True)}
-
-
-@pytest.fixture(scope="module")
-def many_partitions(tmp_path_factory) -> Path:
-    """20 partitions of 26 samples: enough work that a worker is busy when the test kills it."""
-    out = tmp_path_factory.mktemp("many") / "data"
-    synthesize(out, 0.01, 0.52, seed=5)
-    return out
 
 
 def corrupt(data: Path, index: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from cai_bench.backends.base import BackendOption
 from cai_bench.backends.dispatch import DEFAULT_RETRIES
 from cai_bench.choices import RUNTIMES
+from cai_bench.comm.policy import HINTS
 
 RETRIES = BackendOption(
     "retries", int, "Times a partition whose worker was lost or that failed is tried again, on another worker "
@@ -29,7 +30,7 @@ COMM = BackendOption(
 COMM_HINT = BackendOption(
     "comm_hint", str, "With several --comm channels, which each operation takes: the fastest or the cheapest by "
     "the channel models (comm bench's figures for this machine where it measured them).", "fast",
-    choices=("fast", "cheap"), identity=False,
+    choices=HINTS, identity=False,
 )  # fmt: skip
 COMM_TIMEOUT = BackendOption(
     "comm_timeout_s", float, "Seconds a worker waits in any one collective before it names the rank missing.", 60.0,

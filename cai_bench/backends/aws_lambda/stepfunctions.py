@@ -265,10 +265,11 @@ class MapTransport:
         present = set(self.results.names())
         landed = set()
         for position in sorted(waiting):
-            self.gathered.unit_reads += 1 if result_key(position) in present else 0
-            # Not whole yet, or unreadable: looked at again next time
-            result = read_result(self.results, position) if result_key(position) in present else None
-            if result is None:
+            if result_key(position) not in present:
+                continue
+            self.gathered.unit_reads += 1
+            result = read_result(self.results, position)
+            if result is None:  # not whole yet, or unreadable: looked at again next time
                 continue
             landed.add(position)
             self.events.put(Event("done", execution.name, position, result=result))
