@@ -7,11 +7,8 @@ it is (the paper mixes Step Functions wall time, profiler CPU time and profiler 
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ from cai_bench.machine import machine_label
 from cai_bench.metrics import accuracy, spread
 from cai_bench.plan import BITS_PER_SAMPLE, samples_for_gb
 from cai_bench.predict import read_predictions
+from cai_bench.published import load_reference
 from cai_bench.report import BREAKDOWN, PointReport, read_points
 from cai_bench.store import ResultsStore
 
@@ -37,7 +35,6 @@ FIGURES = (
     "worker-breakdown",
 )
 MEMORY_FIGURE = "time-and-cost-vs-memory"
-PAPER_RESULTS = "paper-results.csv"  # in cai_bench/reference/, the package data that --reference paper reads
 
 SYSTEMS = {
     "cai-lambda": "CAI on AWS Lambda",
@@ -54,7 +51,6 @@ TIME_KINDS = {
 }
 # The paper's cost estimates for the whole 12.6 GB set on 10,240 MB functions, by partition size (MB -> US$)
 PAPER_COST_USD = {25.0: 0.16, 100.0: 0.38}
-REFERENCE_COLUMNS = ("experiment", "system", "data_gb", "partition_mb", "batch_size", "seconds", "seconds_kind", "bits")
 _REFERENCE_COLOURS = ("#4c6a8a", "#8a9bb0", "#2f4f4f", "#a0785a", "#6b8e23")
 
 
@@ -71,24 +67,6 @@ class ReferencePoint:
 class ReferenceSeries:
     label: str
     points: list[ReferencePoint]
-
-
-def load_reference(path: str | Path) -> list[dict]:
-    """Rows of a table of published results: ``paper`` names the CAI paper's (package data, so it is there
-    wherever cai-bench is installed), anything else is a CSV file of the same columns."""
-    try:
-        if str(path) == "paper":
-            text = resources.files("cai_bench.reference").joinpath(PAPER_RESULTS).read_text()
-        else:
-            text = Path(path).read_text()
-        rows = list(csv.DictReader(io.StringIO(text)))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such reference file") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{path}: not a readable reference table ({exc})") from None
-    if not rows or any(c not in rows[0] for c in REFERENCE_COLUMNS):
-        raise UserError(f"{path}: not a reference table (needs columns {', '.join(REFERENCE_COLUMNS)})")
-    return rows
 
 
 def _reference_series(
@@ -521,3 +499,67 @@ def comm_figures(records: list[dict]) -> dict[str, Figure]:
         ax.set_title(f"collective latency, {nbytes:,} B messages · {'; '.join(machines)}", fontsize=9, loc="left")
         figures[f"comm-latency-{nbytes}B"] = _finish(fig, ax, "world size (ranks)", "median latency (ms)")
     return figures if records else {}
+
+
+# ---------------------------------------------------------------------------------------------- estimates
+
+
+def _estimate_series(estimates: list) -> dict[str, list]:
+    series: dict[str, list] = {}
+    for e in estimates:
+        memory = f", {e.memory_mb:,} MB functions" if e.memory_mb else ""
+        part = f", {e.partition_mb:g} MB partitions" if e.backend == "lambda" else ""
+        workers = "" if e.backend == "lambda" else f", {e.slots:,} {'GPU' if e.backend == 'gpu' else 'task'}(s)"
+        series.setdefault(f"predicted: {e.backend}{part}{memory}{workers}", []).append(e)
+    return {k: sorted(v, key=lambda e: e.gb) for k, v in series.items()}
+
+
+def estimate_figure(outcome) -> Figure:
+    """Predicted wall (and cost where priced) against data size per backend: the median as a line, up to p90 as
+    a band; the profile's measured points over it, each with what kind of time it is."""
+    priced = any(e.cost_usd_p50 is not None for e in outcome.estimates)
+    fig = Figure(figsize=(12, 5 if not priced else 8.5), dpi=100)
+    axes = fig.subplots(2 if priced else 1, 1, squeeze=False)[:, 0]
+    partitions = {(e.backend, e.partition_mb) for e in outcome.estimates}
+    for label, group in _estimate_series(outcome.estimates).items():
+        xs = [e.gb for e in group]
+        line = axes[0].plot(xs, [e.wall_s_p50 for e in group], marker="o", markersize=3, label=label)[0]
+        axes[0].fill_between(xs, [e.wall_s_p50 for e in group], [e.wall_s_p90 for e in group], alpha=0.2,
+                             color=line.get_color())  # fmt: skip
+        if priced and group[0].cost_usd_p50 is not None:
+            axes[1].plot(xs, [e.cost_usd_p50 for e in group], marker="o", markersize=3, color=line.get_color(),
+                         label=label)  # fmt: skip
+    for index, (what, points) in enumerate(_measured_series(outcome.measured, partitions).items()):
+        colour = _REFERENCE_COLOURS[index % len(_REFERENCE_COLOURS)]
+        axes[0].plot([p["gb"] for p in points], [p["wall_s"] for p in points], linestyle="none", marker="s",
+                     markerfacecolor="none", color=colour, label=what)  # fmt: skip
+    axes[0].set_title(f"estimated from {'; '.join(sorted(outcome.profiles[b]['name'] for b in outcome.profiles))}",
+                      fontsize=9, loc="left")  # fmt: skip
+    if priced:
+        _finish(fig, axes[1], "data size (GB)", "cost (US$, median)")
+    return _finish(fig, axes[0], "data size (GB)", "wall time (s)")
+
+
+def _measured_series(measured: list[dict], partitions: set) -> dict[str, list[dict]]:
+    """The measured points of the estimated backends and partition sizes (any partition size off Lambda)."""
+    series: dict[str, list[dict]] = {}
+    for point in measured:
+        lambda_point = point["backend"] == "lambda"
+        if lambda_point and (point["backend"], point["partition_mb"]) not in partitions:
+            continue
+        if not any(b == point["backend"] for b, _ in partitions):
+            continue
+        source = point["run_id"] if str(point["run_id"]).startswith("paper") else "measured"
+        part = f", {point['partition_mb']:g} MB" if lambda_point else ""
+        series.setdefault(f"{source}: {point['backend']}{part}", []).append(point)
+    return series
+
+
+def save_estimate_figure(outcome, path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        estimate_figure(outcome).savefig(path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the figure ({exc.strerror})") from None
+    return path

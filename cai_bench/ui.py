@@ -706,3 +706,75 @@ def show_cost(spent, billed, arch: str) -> None:
         f"{spent.billed_gb_s:,.1f} GB-s: ${spent.duration_usd:.4f} duration + ${spent.request_usd:.6f} requests"
         f"{steps} = ${spent.usd:.4f} ({arch}, prices as of {spent.prices_as_of})"
     )
+
+
+# ---------------------------------------------------------------------------------------------- estimates
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.4f}" if value < 1 else f"{value:,.2f}"
+
+
+def estimate_table(outcome) -> Table:
+    """``estimate``: per backend, partition size and data size, the units, the workers at once, and median and
+    p90 wall and cost over the trials."""
+    names = sorted({e.profile for e in outcome.estimates})
+    table = Table(title=f"estimate from {'; '.join(names)}", title_justify="left")
+    headers = ("backend", "data GB", "part. MB", "units", "at once", "wall s p50", "wall s p90", "US$ p50", "US$ p90",
+               "GB-s p50", "requests", "transitions")  # fmt: skip
+    for header in headers:
+        table.add_column(header, justify="left" if header == "backend" else "right")
+    for e in outcome.estimates:
+        memory = f" {e.memory_mb:,} MB" if e.memory_mb else ""
+        table.add_row(e.backend + memory, f"{e.gb:g}", f"{e.partition_mb:g}", f"{e.units:,}", f"{e.slots:,}",
+                      f"{e.wall_s_p50:,.1f}", f"{e.wall_s_p90:,.1f}", _usd(e.cost_usd_p50), _usd(e.cost_usd_p90),
+                      "-" if e.billed_gb_s_p50 is None else f"{e.billed_gb_s_p50:,.0f}",
+                      "-" if e.requests is None else f"{e.requests:,}",
+                      "-" if not e.transitions else f"{e.transitions:,}")  # fmt: skip
+    return table
+
+
+def show_estimates(outcome, figure: Path | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({**outcome.to_dict(), "figure": str(figure) if figure else None}, indent=1))
+        return
+    stdout.print(estimate_table(outcome))
+    for backend, facts in outcome.profiles.items():
+        shown = {k: v for k, v in facts.items() if k != "name" and v is not None}
+        say(f"{backend} profile {facts['name']}: " + ", ".join(f"{k} {_fact(v)}" for k, v in shown.items()))
+    took = sum(e.simulated_s for e in outcome.estimates)
+    units = sum(e.units for e in outcome.estimates)
+    trials = outcome.estimates[0].trials
+    say(f"simulated {units:,} units x {trials} trials (seed {outcome.estimates[0].seed}) in {took:.2f} s")
+    if figure:
+        say(f"figure: {figure}")
+
+
+def _fact(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "; ".join(str(v) for v in value)
+    return str(value)
+
+
+def show_checks(checks: list, skipped: list[str], median_error: float | None, source: str, as_json: bool) -> None:
+    """``estimate --validate``: each measured run against its prediction, and the median absolute error."""
+    if as_json:
+        print(json.dumps({"source": source, "checks": [c.to_dict() for c in checks], "skipped": skipped,
+                          "median_abs_error": median_error}, indent=1))  # fmt: skip
+        return
+    table = Table(title=f"{source}: predicted vs measured wall", title_justify="left")
+    for header in ("run", "backend", "data GB", "part. MB", "at once", "measured s", "predicted s p50", "p90",
+                   "error"):  # fmt: skip
+        table.add_column(header, justify="left" if header in ("run", "backend") else "right")
+    for c in checks:
+        error = "calibration" if c.calibration else f"{c.error * 100:+.0f}%"
+        table.add_row(c.what, c.backend, f"{c.gb:.3g}", "-" if c.partition_mb is None else f"{c.partition_mb:g}",
+                      str(c.slots), f"{c.measured_s:,.2f}", f"{c.predicted_s_p50:,.2f}", f"{c.predicted_s_p90:,.2f}",
+                      error)  # fmt: skip
+    stdout.print(table)
+    for line in skipped:
+        say(f"not predicted: {line}")
+    if median_error is not None:
+        say(f"median absolute error: {median_error * 100:.1f}% over {sum(not c.calibration for c in checks)} runs")

@@ -7,6 +7,7 @@ from conftest import hand_record, write_store
 
 from cai_bench import plot, report
 from cai_bench.errors import UserError
+from cai_bench.published import load_reference
 
 PAPER = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper-results.csv"
 
@@ -31,7 +32,7 @@ def lines_of(ax) -> dict[str, object]:
 
 def test_every_figure_is_drawn_with_our_series_and_the_papers_apart():
     points = report.summarize_points(sweep_like_records())
-    figures = plot.build_figures(points, plot.load_reference(PAPER))
+    figures = plot.build_figures(points, load_reference(PAPER))
     assert list(figures) == [f for f in plot.FIGURES if f != plot.MEMORY_FIGURE]  # no memory sweep here
 
     ax = figures["wall-vs-data-size"].axes[0]
@@ -100,4 +101,4 @@ def test_plot_errors(cli, tmp_path):
     with pytest.raises(UserError, match="not a reference table"):
         bad = tmp_path / "bad.csv"
         bad.write_text("a,b\n1,2\n")
-        plot.load_reference(bad)
+        load_reference(bad)
