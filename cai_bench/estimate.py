@@ -26,6 +26,7 @@ from cai_bench.published import (
     paper_function_records,
     published_seconds,
 )
+from cai_bench.results import record_point_key
 from cai_bench.simulate import Profile, Scenario, Simulated, simulate
 from cai_bench.store import ResultsStore
 
@@ -40,6 +41,7 @@ MAP_DEFAULT_CONCURRENCY = 10_000
 # The paper's systems behind each backend, and which of its times the paper profile is calibrated on
 PAPER_SYSTEMS = {"lambda": ("cai-lambda", "map-state-wall"), "hpc": ("hpc-cpu", "profiler-cpu"),
                  "gpu": ("hpc-gpu", "profiler-gpu")}  # fmt: skip
+HOLD_OUTS = ("run", "point")  # --validate: what a run is predicted without
 PAPER_CALIBRATION = (12.6, 25.0)  # data GB, partition MB: the run the per-function records are of
 
 
@@ -392,7 +394,8 @@ def median_abs_error(checks: list[Check]) -> float | None:
     return float(np.median(errors)) if errors else None
 
 
-def validate_store(source: str, trials: int = 200, seed: int = 0, warn=None) -> tuple[list[Check], list[str]]:
+def validate_store(source: str, trials: int = 200, seed: int = 0, warn=None,
+                   hold_out: str = "run") -> tuple[list[Check], list[str]]:  # fmt: skip
     """``validate_store_records`` over the records of the results directory ``source``."""
     store = ResultsStore(source)
     if not store.path.exists():
@@ -400,20 +403,24 @@ def validate_store(source: str, trials: int = 200, seed: int = 0, warn=None) -> 
     records = store.read()
     for message in store.skipped:
         (warn or print)(message)
-    return validate_store_records(records, str(source), trials, seed)
+    return validate_store_records(records, str(source), trials, seed, hold_out)
 
 
-def validate_store_records(records: list[dict], where: str, trials: int = 200,
-                           seed: int = 0) -> tuple[list[Check], list[str]]:  # fmt: skip
-    """Each finished lambda, hpc or gpu run predicted from the profile of the others of its backend (leave one
-    out): the checks, and a line for each run that could not be predicted."""
+def validate_store_records(records: list[dict], where: str, trials: int = 200, seed: int = 0,
+                           hold_out: str = "run") -> tuple[list[Check], list[str]]:  # fmt: skip
+    """Each finished lambda, hpc or gpu run predicted from the profile of the others of its backend: all the
+    others (``hold_out="run"``), or those of other measured points only (``"point"``: its own repeats left out
+    too). The checks, and a line for each run that could not be predicted."""
+    if hold_out not in HOLD_OUTS:
+        raise UserError(f"--hold-out must be one of {', '.join(HOLD_OUTS)}, got {hold_out!r}")
     checks, skipped = [], []
     for backend in BACKENDS:
         runs = _usable_runs(records, backend)
         for run in runs:
-            others = [r for r in runs if r is not run]
+            point = record_point_key(run)
+            others = [r for r in runs if r is not run and (hold_out == "run" or record_point_key(r) != point)]
             if not others:
-                skipped.append(f"{run['run_id']} ({backend}): the only {backend} run, nothing to predict it from")
+                skipped.append(f"{run['run_id']} ({backend}): no other {backend} {hold_out} to predict it from")
                 continue
             profile = profile_from_records(others, backend, where, seed).profile
             sim = _own_run(profile, run, trials, seed)
@@ -483,6 +490,24 @@ def _targets(request: EstimateRequest) -> list[Target]:
     return targets
 
 
+def _profile_facts(backend: str, source: BackendProfile) -> dict:
+    """What a profile is made of, as the command shows it."""
+    where = (
+        {"memory_mb": source.memory_mb}
+        if backend == "lambda"
+        else {"workers": source.slots, "cores_per_worker": source.cores_per_slot}
+    )
+    profile = source.profile
+    return {
+        "name": profile.name,
+        **where,
+        "compute_s_per_sample": profile.compute_s_per_sample,
+        "unit_overhead_s": profile.unit_overhead_s,
+        "run_overhead_s": profile.run_overhead_s,
+        **profile.facts,
+    }
+
+
 def estimate_command(request: EstimateRequest, warn=None) -> EstimateOutcome:
     """Every backend x partition size x data size of ``request``, from each backend's profile."""
     if request.trials < 1:
@@ -494,9 +519,6 @@ def estimate_command(request: EstimateRequest, warn=None) -> EstimateOutcome:
     if request.cores_per_task:
         sources = {b: replace(s, cores_per_slot=request.cores_per_task) for b, s in sources.items()}
     estimates = [estimate(sources[t.backend], t, request.prices, request.trials, request.seed) for t in targets]
-    profiles = {b: {"name": s.profile.name, "slots": s.slots, "cores_per_slot": s.cores_per_slot,
-                    "memory_mb": s.memory_mb, "unit_overhead_s": s.profile.unit_overhead_s,
-                    "run_overhead_s": s.profile.run_overhead_s, "compute_s_per_sample": s.profile.compute_s_per_sample,
-                    **s.profile.facts} for b, s in sources.items()}  # fmt: skip
+    profiles = {b: _profile_facts(b, s) for b, s in sources.items()}
     measured = [m for s in sources.values() for m in s.measured]
     return EstimateOutcome(estimates, profiles, measured)

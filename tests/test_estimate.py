@@ -12,6 +12,7 @@ from conftest import hand_record, write_store
 
 from cai_bench import estimate as est
 from cai_bench.backends.aws_lambda import pricing
+from cai_bench.errors import UserError
 from cai_bench.simulate import Profile, Scenario, simulate
 
 PRICES = est.Prices(pricing.PRICES)
@@ -189,3 +190,15 @@ def test_a_profile_with_no_usable_records_is_one_line_and_exit_2(cli, tmp_path):
     assert code == 2 and "no finished hpc run" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("estimate", "--gb", "1", "--profile", str(tmp_path / "nothing"))
     assert code == 2 and "no results store" in err
+
+
+def test_holding_out_the_point_leaves_a_runs_own_repeats_out_of_its_profile():
+    repeats = [hpc_run(0.05, 8.0), hpc_run(0.05, 9.0)]
+    checks, skipped = est.validate_store_records(repeats, "store", hold_out="run")
+    assert len(checks) == 2 and not skipped
+    checks, skipped = est.validate_store_records(repeats, "store", hold_out="point")
+    assert not checks and len(skipped) == 2 and "no other hpc point" in skipped[0]
+    checks, skipped = est.validate_store_records([*repeats, hpc_run(0.1, 12.0)], "store", hold_out="point")
+    assert len(checks) == 3 and not skipped
+    with pytest.raises(UserError, match="--hold-out must be one of"):
+        est.validate_store_records(repeats, "store", hold_out="machine")

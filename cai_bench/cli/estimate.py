@@ -53,6 +53,9 @@ Validate = Annotated[
     str | None,
     typer.Option(help="Predict each run of this results directory from the others (or the paper's times: paper)."),
 ]
+HoldOut = Annotated[
+    str, typer.Option(help="--validate: predict each run without itself (run) or without all repeats of its point.")
+]
 Figure = Annotated[Path, typer.Option(help="Where the figure goes when there are several sizes or backends.")]
 
 
@@ -63,7 +66,7 @@ def estimate(
     tasks: Tasks = None, orchestrator: Orchestrator = "direct", trials: Trials = 200, seed: SimSeed = 0,
     cores_per_task: CoresPerTask = None, core_hour_price: CoreHour = None, gpu_hour_price: GpuHour = None,
     architecture: Architecture = "x86_64", price_file: PriceFile = None, validate: Validate = None,
-    figure: Figure = Path("results/figures/estimate.png"), as_json: o.AsJson = False,
+    hold_out: HoldOut = "run", figure: Figure = Path("results/figures/estimate.png"), as_json: o.AsJson = False,
 ) -> None:  # fmt: skip
     """Wall time and cost of a run at any scale, simulated from a measured profile: median and p90 over trials.
 
@@ -72,7 +75,7 @@ def estimate(
     """
     if validate is not None:
         checks, skipped = (validate_paper(trials, seed), []) if validate == "paper" else validate_store(
-            validate, trials, seed, ui.warn)  # fmt: skip
+            validate, trials, seed, ui.warn, hold_out)  # fmt: skip
         ui.show_checks(checks, skipped, median_abs_error(checks), validate, as_json)
         return
     if gb is None:
