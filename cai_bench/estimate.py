@@ -490,6 +490,23 @@ def _targets(request: EstimateRequest) -> list[Target]:
     return targets
 
 
+def profile_sources(text: str, backends: tuple[str, ...]) -> dict[str, str]:
+    """``--profile``: one source for every backend (``paper`` or a results directory), or one per backend
+    (``lambda=paper,hpc=results/hpc``)."""
+    if "=" not in text:
+        return dict.fromkeys(backends, text)
+    found = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        backend, _, source = item.partition("=")
+        if backend not in BACKENDS or not source:
+            raise UserError(f"--profile takes paper, a results directory, or backend=source pairs, got {item!r}")
+        found[backend] = source
+    missing = [b for b in backends if b not in found]
+    if missing:
+        raise UserError(f"--profile names no source for {', '.join(missing)}")
+    return found
+
+
 def _profile_facts(backend: str, source: BackendProfile) -> dict:
     """What a profile is made of, as the command shows it."""
     where = (
@@ -515,7 +532,8 @@ def estimate_command(request: EstimateRequest, warn=None) -> EstimateOutcome:
     targets = _targets(request)
     if request.cores_per_task is not None and request.cores_per_task < 1:
         raise UserError(f"--cores-per-task must be at least 1, got {request.cores_per_task}")
-    sources = {b: load_profile(request.profile, b, request.seed, warn) for b in dict.fromkeys(request.backends)}
+    where = profile_sources(request.profile, request.backends)
+    sources = {b: load_profile(where[b], b, request.seed, warn) for b in dict.fromkeys(request.backends)}
     if request.cores_per_task:
         sources = {b: replace(s, cores_per_slot=request.cores_per_task) for b, s in sources.items()}
     estimates = [estimate(sources[t.backend], t, request.prices, request.trials, request.seed) for t in targets]

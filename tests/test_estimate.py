@@ -202,3 +202,12 @@ def test_holding_out_the_point_leaves_a_runs_own_repeats_out_of_its_profile():
     assert len(checks) == 3 and not skipped
     with pytest.raises(UserError, match="--hold-out must be one of"):
         est.validate_store_records(repeats, "store", hold_out="machine")
+
+
+def test_each_backend_may_have_its_own_profile():
+    assert est.profile_sources("paper", ("lambda", "hpc")) == {"lambda": "paper", "hpc": "paper"}
+    assert est.profile_sources("lambda=paper,hpc=r/hpc", ("lambda", "hpc")) == {"lambda": "paper", "hpc": "r/hpc"}
+    with pytest.raises(UserError, match="no source for gpu"):
+        est.profile_sources("lambda=paper", ("lambda", "gpu"))
+    with pytest.raises(UserError, match="backend=source pairs"):
+        est.profile_sources("tpu=paper", ("lambda",))

@@ -27,7 +27,11 @@ Backends = Annotated[str, typer.Option("--backend", help="Comma list of lambda, 
 Gbs = Annotated[str | None, typer.Option("--gb", help="Data sizes in GB (GiB), comma-separated.")]
 PartitionMbs = Annotated[str, typer.Option("--partition-mb", help="Partition sizes in MB (MiB), comma-separated.")]
 Profile = Annotated[
-    str, typer.Option(help="A results directory whose finished runs of each backend are its profile, or paper.")
+    str,
+    typer.Option(
+        help="A results directory whose finished runs of each backend are its profile, paper, or one per "
+        "backend: lambda=paper,hpc=DIR."
+    ),
 ]
 MemoryMb = Annotated[
     int | None, typer.Option(help="Lambda memory in MB; compute scales with its CPU share.", show_default="profile's")
