@@ -62,6 +62,7 @@ class Target:
     map_concurrency: int | None = None  # lambda --orchestrator stepfunctions: the Map's MaxConcurrency
     orchestrator: str = "direct"
     tasks: int | None = None  # hpc: tasks at once (SLURM array parallelism); gpu: devices (default: the profile's)
+    cores_per_task: int | None = None  # hpc: the cores each task computes on (default: the profile's)
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,23 @@ def run_slots(record: dict) -> int:
         emulated = (info.get("emulator") or {}).get("concurrency")
         caps = [c for c in (info.get("max_concurrency"), emulated) if c]
         return max(1, min(caps)) if caps else DEFAULT_QUOTA
-    return max(1, int(info.get("tasks") or info.get("workers") or 1))
+    # Each worker (an hpc process, a SLURM task) may run several partitions at once, one per lane
+    return max(1, int(info.get("tasks") or info.get("workers") or 1)) * max(1, int(info.get("lanes") or 1))
 
 
-def run_vcpus(record: dict) -> float | None:
-    """The CPU share of a Lambda run's functions: the emulator's, or the memory's on AWS."""
+def run_cores_per_slot(record: dict) -> int | None:
+    """The threads each of a run's slots computed with (None where the record does not say)."""
     info = record.get("backend_info") or {}
+    threads = (info.get("threading") or {}).get("intra_op_threads") or info.get("intra_op_threads")
+    return int(threads) if threads else None
+
+
+def run_cpu_share(record: dict) -> float | None:
+    """The CPUs a slot of the run computed on: a Lambda function's vCPUs (the emulator's share, or the memory's on
+    AWS), an hpc slot's threads; None for a GPU, whose speed is not its host's CPUs'."""
+    info = record.get("backend_info") or {}
+    if record.get("backend") == "hpc":
+        return run_cores_per_slot(record)
     if record.get("backend") != "lambda":
         return None
     if info.get("cpu_share"):
@@ -172,7 +184,7 @@ def _unit_draws(runs: list[dict], vcpus: float | None) -> tuple[list, list, list
     scaled to ``vcpus`` where the runs' CPU shares differ."""
     units, colds, warm_gaps = [], [], []
     for record in runs:
-        scale = (run_vcpus(record) or vcpus) / vcpus if vcpus else 1.0
+        scale = (run_cpu_share(record) or vcpus) / vcpus if vcpus else 1.0
         cold_gaps, warm = _invocation_gaps(record)
         warm_gaps += warm
         for w in record["workers"]:
@@ -191,7 +203,7 @@ def profile_from_records(records: list[dict], backend: str, where: str, seed: in
     if not runs:
         raise UserError(f"{where}: no finished {backend} run with usable partition records to build a profile "
                         f"from (run one first, or use --profile paper)")  # fmt: skip
-    shares = [v for v in (run_vcpus(r) for r in runs) if v]
+    shares = [v for v in (run_cpu_share(r) for r in runs) if v]
     vcpus = statistics.median(shares) if shares else None
     units, colds, warm_gaps = _unit_draws(runs, vcpus)
     samples = np.array([u[0] for u in units], dtype=np.float64)
@@ -200,7 +212,7 @@ def profile_from_records(records: list[dict], backend: str, where: str, seed: in
     profile = Profile(
         name=where, compute_s_per_sample=typical, compute_excess_s=compute - typical * samples,
         load_s_per_byte=np.array([u[2] for u in units]), cold_s=np.array(colds or [0.0]),
-        unit_overhead_s=float(np.median(warm_gaps)) if warm_gaps else 0.0, vcpus=vcpus,
+        unit_overhead_s=float(np.median(warm_gaps)) if warm_gaps else 0.0, cpu_share=vcpus,
         facts={"runs": len(runs), "units": len(units), "cold_starts": len(colds),
                "machines": sorted({machine_label(r.get("environment") or {}) for r in runs})},
     )  # fmt: skip
@@ -212,9 +224,7 @@ def profile_from_records(records: list[dict], backend: str, where: str, seed: in
 
 
 def _cores_per_slot(runs: list[dict]) -> int:
-    per = [(r.get("backend_info") or {}).get("threads_per_worker") or (r.get("plan") or {}).get("threads")
-           for r in runs]  # fmt: skip
-    per = [int(p) for p in per if p]
+    per = [c for c in (run_cores_per_slot(r) for r in runs) if c]
     return int(statistics.median(per)) if per else 1
 
 
@@ -227,8 +237,8 @@ def _measured_point(record: dict) -> dict:
 
 def _own_run(profile: Profile, record: dict, trials: int, seed: int) -> Simulated:
     """A stored run simulated as it ran: its units, its workers, its CPU share."""
-    own = run_vcpus(record)
-    factor = profile.vcpus / own if profile.vcpus and own else 1.0
+    own = run_cpu_share(record)
+    factor = profile.cpu_share / own if profile.cpu_share and own else 1.0
     ramp = (LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S) if record.get("backend") == "lambda" else (0, 0.0)
     scenario = Scenario(run_units(record), BYTES_PER_SAMPLE, run_slots(record), *ramp, compute_factor=factor)
     return simulate(profile, scenario, trials, seed)
@@ -260,7 +270,7 @@ def paper_profile(backend: str, seed: int = 0) -> BackendProfile:
     compute = np.array([t for _, t in rows])
     typical = float(np.median(compute / samples))
     profile = Profile("paper (CAI on AWS Lambda)", typical, compute - typical * samples, np.zeros(len(rows)),
-                      np.zeros(1), vcpus=lambda_vcpus(PAPER_FUNCTION_MEMORY_MB))  # fmt: skip
+                      np.zeros(1), cpu_share=lambda_vcpus(PAPER_FUNCTION_MEMORY_MB))  # fmt: skip
     target = statistics.median(published[PAPER_CALIBRATION])
     uncalibrated = _simulate_target(profile, Target("lambda", *PAPER_CALIBRATION), PAPER_FUNCTION_MEMORY_MB, 1, 200,
                                     seed)  # fmt: skip
@@ -294,7 +304,8 @@ def check_target(target: Target) -> None:
     samples_for_gb(target.gb)
     partition_sizes(1, target.partition_mb)
     for name, value in (("--concurrency", target.concurrency), ("--map-concurrency", target.map_concurrency),
-                        ("--tasks", target.tasks), ("--memory-mb", target.memory_mb)):  # fmt: skip
+                        ("--tasks", target.tasks), ("--memory-mb", target.memory_mb),
+                        ("--cores-per-task", target.cores_per_task)):  # fmt: skip
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if target.memory_mb is not None and not 128 <= target.memory_mb <= 10_240:
@@ -316,8 +327,10 @@ def _simulate_target(profile: Profile, target: Target, memory_mb: int | None, de
     units = np.array(partition_sizes(samples_for_gb(target.gb), target.partition_mb), dtype=np.int64)
     slots = target_slots(target, default_slots)
     if target.backend == "lambda":
-        factor = profile.vcpus / lambda_vcpus(memory_mb) if profile.vcpus and memory_mb else 1.0
+        factor = profile.cpu_share / lambda_vcpus(memory_mb) if profile.cpu_share and memory_mb else 1.0
         scenario = Scenario(units, BYTES_PER_SAMPLE, slots, LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S, factor)
+    elif target.backend == "hpc" and target.cores_per_task and profile.cpu_share:
+        scenario = Scenario(units, BYTES_PER_SAMPLE, slots, compute_factor=profile.cpu_share / target.cores_per_task)
     else:
         scenario = Scenario(units, BYTES_PER_SAMPLE, slots)
     return simulate(profile, scenario, trials, seed)
@@ -351,7 +364,7 @@ def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int
     began = time.perf_counter()
     sim = _simulate_target(source.profile, target, memory, source.slots, trials, seed)
     took = time.perf_counter() - began
-    cost = _costs(sim, target, memory, source.cores_per_slot, prices)
+    cost = _costs(sim, target, memory, target.cores_per_task or source.cores_per_slot, prices)
     usd = cost["usd"]
 
     def p(values, q):
@@ -483,7 +496,7 @@ class EstimateOutcome:
 
 def _targets(request: EstimateRequest) -> list[Target]:
     targets = [Target(b, gb, mb, request.memory_mb, request.concurrency, request.map_concurrency,
-                      request.orchestrator, request.tasks)
+                      request.orchestrator, request.tasks, request.cores_per_task)
                for b in request.backends for mb in request.partition_mbs for gb in request.gbs]  # fmt: skip
     for target in targets:
         check_target(target)  # every target before any profile is read
@@ -530,12 +543,8 @@ def estimate_command(request: EstimateRequest, warn=None) -> EstimateOutcome:
     if request.trials < 1:
         raise UserError(f"--trials must be at least 1, got {request.trials}")
     targets = _targets(request)
-    if request.cores_per_task is not None and request.cores_per_task < 1:
-        raise UserError(f"--cores-per-task must be at least 1, got {request.cores_per_task}")
     where = profile_sources(request.profile, request.backends)
     sources = {b: load_profile(where[b], b, request.seed, warn) for b in dict.fromkeys(request.backends)}
-    if request.cores_per_task:
-        sources = {b: replace(s, cores_per_slot=request.cores_per_task) for b, s in sources.items()}
     estimates = [estimate(sources[t.backend], t, request.prices, request.trials, request.seed) for t in targets]
     profiles = {b: _profile_facts(b, s) for b, s in sources.items()}
     measured = [m for s in sources.values() for m in s.measured]

@@ -35,7 +35,7 @@ class Profile:
     cold_s: np.ndarray  # per measured worker start
     unit_overhead_s: float = 0.0  # per unit: time the unit records do not hold (calibrated where unmeasured)
     run_overhead_s: float = 0.0  # per run: what the wall holds beyond its units (calibrated)
-    vcpus: float | None = None  # the CPU share the profile ran with (Lambda: from its memory size)
+    cpu_share: float | None = None  # the CPUs a slot of the profile computed on (Lambda: from its memory size)
     facts: dict = field(default_factory=dict)  # where it came from: runs, records, machine, memory
 
     def __post_init__(self):

@@ -140,7 +140,7 @@ def test_a_lambda_runs_invocations_give_the_cold_and_warm_time_beyond_the_handle
     source = est.profile_from_records([run], "lambda", "store")
     assert list(source.profile.cold_s) == pytest.approx([1.5])  # start-up 1 s + 0.5 s beyond the cold records
     assert source.profile.unit_overhead_s == pytest.approx(0.3)  # the warm invocations' median gap
-    assert source.profile.vcpus == pytest.approx(2.0) and source.memory_mb == 3538
+    assert source.profile.cpu_share == pytest.approx(2.0) and source.memory_mb == 3538
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -211,3 +211,18 @@ def test_each_backend_may_have_its_own_profile():
         est.profile_sources("lambda=paper", ("lambda", "gpu"))
     with pytest.raises(UserError, match="backend=source pairs"):
         est.profile_sources("tpu=paper", ("lambda",))
+
+
+def test_an_hpc_workers_lanes_are_slots_and_its_threads_are_the_cpu_share_compute_scales_with():
+    run = hpc_run(0.05, 8.0)
+    run["backend_info"] = {"workers": 1, "lanes": 2, "threading": {"intra_op_threads": 1}}
+    assert est.run_slots(run) == 2 and est.run_cpu_share(run) == 1
+    source = est.profile_from_records([run], "hpc", "store")
+    assert source.slots == 2 and source.cores_per_slot == 1 and source.profile.cpu_share == 1
+    one = est.estimate(source, est.Target("hpc", 10, 2, tasks=64), PRICES)
+    two = est.estimate(source, est.Target("hpc", 10, 2, tasks=64, cores_per_task=2), PRICES)
+    assert one.slots == 64 and two.wall_s_p50 < 0.75 * one.wall_s_p50  # compute halves; start-up and reads do not
+    priced = est.estimate(
+        source, est.Target("hpc", 10, 2, tasks=64, cores_per_task=2), replace(PRICES, core_hour_usd=1)
+    )
+    assert priced.cost_usd_p50 > 0
