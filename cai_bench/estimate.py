@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from cai_bench.backends.aws_lambda import pricing
+from cai_bench.backends.aws_lambda.emulator import MAX_VCPUS, cpu_share
 from cai_bench.errors import UserError
 from cai_bench.machine import machine_label
 from cai_bench.plan import BYTES_PER_SAMPLE, partition_sizes, samples_for_gb
@@ -32,10 +33,9 @@ from cai_bench.store import ResultsStore
 
 BACKENDS = ("lambda", "hpc", "gpu")
 # AWS Lambda: each function scales by 1,000 execution environments every 10 seconds, up to the account's
-# concurrency quota (1,000 unless raised); one vCPU per 1,769 MB of memory, at most 6 (10,240 MB)
+# concurrency quota (1,000 unless raised)
 LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S = 1000, 10.0
 DEFAULT_QUOTA = 1000
-MB_PER_VCPU, MAX_VCPUS = 1769, 6.0
 # A Distributed Map runs up to 10,000 child executions at once when its MaxConcurrency is not set
 MAP_DEFAULT_CONCURRENCY = 10_000
 # The paper's systems behind each backend, and which of its times the paper profile is calibrated on
@@ -46,8 +46,9 @@ PAPER_CALIBRATION = (12.6, 25.0)  # data GB, partition MB: the run the per-funct
 
 
 def lambda_vcpus(memory_mb: float) -> float:
-    """The CPU share of a function of ``memory_mb``, in vCPUs."""
-    return min(MAX_VCPUS, memory_mb / MB_PER_VCPU)
+    """The CPU share of a function of ``memory_mb``, in vCPUs: one per 1,769 MB, at most 6 (the emulator's rule,
+    on a machine with cores enough)."""
+    return cpu_share(memory_mb, MAX_VCPUS)
 
 
 @dataclass(frozen=True)
