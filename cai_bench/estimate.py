@@ -27,7 +27,7 @@ from cai_bench.published import (
     paper_function_records,
     published_seconds,
 )
-from cai_bench.results import record_point_key
+from cai_bench.results import read_records, record_point_key
 from cai_bench.simulate import Profile, Scenario, Simulated, simulate
 from cai_bench.store import ResultsStore
 
@@ -286,13 +286,15 @@ def load_profile(source: str, backend: str, seed: int = 0, warn=None) -> Backend
     """``paper`` or a results directory's runs of ``backend``."""
     if source == "paper":
         return paper_profile(backend, seed)
+    records = _stored_records(source, "to build a profile from (or use --profile paper)", warn)
+    return profile_from_records(records, backend, str(source), seed)
+
+
+def _stored_records(source: str, purpose: str, warn) -> list[dict]:
     store = ResultsStore(source)
     if not store.path.exists():
-        raise UserError(f"{store.path}: no results store there to build a profile from (or use --profile paper)")
-    records = store.read()
-    for message in store.skipped:
-        (warn or print)(message)
-    return profile_from_records(records, backend, str(source), seed)
+        raise UserError(f"{store.path}: no results store there {purpose}")
+    return read_records(store, warn)
 
 
 # ---------------------------------------------------------------------------------------------- estimates
@@ -411,12 +413,7 @@ def median_abs_error(checks: list[Check]) -> float | None:
 def validate_store(source: str, trials: int = 200, seed: int = 0, warn=None,
                    hold_out: str = "run") -> tuple[list[Check], list[str]]:  # fmt: skip
     """``validate_store_records`` over the records of the results directory ``source``."""
-    store = ResultsStore(source)
-    if not store.path.exists():
-        raise UserError(f"{store.path}: no results store there to validate")
-    records = store.read()
-    for message in store.skipped:
-        (warn or print)(message)
+    records = _stored_records(source, "to validate", warn)
     return validate_store_records(records, str(source), trials, seed, hold_out)
 
 
