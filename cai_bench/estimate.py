@@ -180,22 +180,24 @@ def run_units(record: dict) -> np.ndarray:
     return np.array([w["samples"] for w in workers], dtype=np.int64)
 
 
-def _unit_draws(runs: list[dict], vcpus: float | None) -> tuple[list, list, list]:
-    """Per measured unit (samples, compute s, load s per byte), cold starts, and warm invocation gaps; compute
-    scaled to ``vcpus`` where the runs' CPU shares differ."""
-    units, colds, warm_gaps = [], [], []
-    for record in runs:
-        scale = (run_cpu_share(record) or vcpus) / vcpus if vcpus else 1.0
-        cold_gaps, warm = _invocation_gaps(record)
-        warm_gaps += warm
+def _unit_draws(runs: list[dict], share: float | None) -> tuple[list, list, float]:
+    """Per measured unit (samples, compute s, load s per byte), cold starts, and the per-unit time beyond the
+    records (Lambda: the warm invocations' median gap); compute scaled to ``share`` where the runs' CPU shares
+    differ. A cold invocation's gap beyond the warm one's is its cold start's, beside the handler's start-up."""
+    gaps = [_invocation_gaps(record) for record in runs]
+    warm = [g for _, warm_gaps in gaps for g in warm_gaps]
+    per_unit = float(np.median(warm)) if warm else 0.0
+    units, colds = [], []
+    for record, (cold_gaps, _) in zip(runs, gaps, strict=True):
+        scale = (run_cpu_share(record) or share) / share if share else 1.0
         for w in record["workers"]:
             if not _unit_ok(w):
                 continue
             load_rate = w.get("load_s", 0.0) / (w["samples"] * BYTES_PER_SAMPLE)
             units.append((w["samples"], w["compute_s"] * scale, load_rate))
             if w.get("startup_s", 0.0) > 0:
-                colds.append(w["startup_s"] + cold_gaps.get(w.get("worker_id"), 0.0))
-    return units, colds, warm_gaps
+                colds.append(w["startup_s"] + max(0.0, cold_gaps.get(w.get("worker_id"), per_unit) - per_unit))
+    return units, colds, per_unit
 
 
 def profile_from_records(records: list[dict], backend: str, where: str, seed: int = 0) -> BackendProfile:
@@ -205,19 +207,19 @@ def profile_from_records(records: list[dict], backend: str, where: str, seed: in
         raise UserError(f"{where}: no finished {backend} run with usable partition records to build a profile "
                         f"from (run one first, or use --profile paper)")  # fmt: skip
     shares = [v for v in (run_cpu_share(r) for r in runs) if v]
-    vcpus = statistics.median(shares) if shares else None
-    units, colds, warm_gaps = _unit_draws(runs, vcpus)
+    share = statistics.median(shares) if shares else None
+    units, colds, per_unit = _unit_draws(runs, share)
     samples = np.array([u[0] for u in units], dtype=np.float64)
     compute = np.array([u[1] for u in units])
     typical = float(np.median(compute / samples))
     profile = Profile(
         name=where, compute_s_per_sample=typical, compute_excess_s=compute - typical * samples,
         load_s_per_byte=np.array([u[2] for u in units]), cold_s=np.array(colds or [0.0]),
-        unit_overhead_s=float(np.median(warm_gaps)) if warm_gaps else 0.0, cpu_share=vcpus,
+        unit_overhead_s=per_unit, cpu_share=share,
         facts={"runs": len(runs), "units": len(units), "cold_starts": len(colds),
                "machines": sorted({machine_label(r.get("environment") or {}) for r in runs})},
     )  # fmt: skip
-    overheads = [r["summary"]["wall_s"] - _own_run(profile, r, 200, seed).wall_s.mean() for r in runs]
+    overheads = [r["summary"]["wall_s"] - float(np.median(_own_run(profile, r, 200, seed).wall_s)) for r in runs]
     profile = replace(profile, run_overhead_s=float(np.median(overheads)))
     memory = [(r.get("backend_info") or {}).get("memory_mb") for r in runs]
     return BackendProfile(profile, int(statistics.median(run_slots(r) for r in runs)), _cores_per_slot(runs),
