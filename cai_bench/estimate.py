@@ -126,33 +126,38 @@ def _unit_ok(worker: dict) -> bool:
 
 
 def run_slots(record: dict) -> int:
-    """How many workers a stored run had at once."""
+    """How many workers a stored run had at once (a worker's lanes split each of its partitions: one slot)."""
     info = record.get("backend_info") or {}
     if record.get("backend") == "lambda":
         emulated = (info.get("emulator") or {}).get("concurrency")
         caps = [c for c in (info.get("max_concurrency"), emulated) if c]
         return max(1, min(caps)) if caps else DEFAULT_QUOTA
-    # Each worker (an hpc process, a SLURM task) may run several partitions at once, one per lane
-    return max(1, int(info.get("tasks") or info.get("workers") or 1)) * max(1, int(info.get("lanes") or 1))
+    return max(1, int(info.get("tasks") or info.get("workers") or 1))
 
 
 def run_cores_per_slot(record: dict) -> int | None:
-    """The threads each of a run's slots computed with (None where the record does not say)."""
+    """The threads each worker of a run computed with, all its lanes together (None where the record does not
+    say)."""
     info = record.get("backend_info") or {}
-    threads = (info.get("threading") or {}).get("intra_op_threads") or info.get("intra_op_threads")
-    return int(threads) if threads else None
+    if info.get("threads_per_worker"):
+        return int(info["threads_per_worker"])
+    threading = info.get("threading") or {}
+    threads = threading.get("intra_op_threads")
+    return int(threads) * int(threading.get("lanes") or 1) if threads else None
 
 
 def run_cpu_share(record: dict) -> float | None:
-    """The CPUs a slot of the run computed on: a Lambda function's vCPUs (the emulator's share, or the memory's on
-    AWS), an hpc slot's threads; None for a GPU, whose speed is not its host's CPUs'."""
+    """The CPUs a worker of the run computed on: an hpc worker's threads; a Lambda function's vCPUs (its memory's
+    on AWS; in the emulator its share, as far as the machine's CPUs go between the environments at once); None
+    for a GPU, whose speed is not its host's CPUs'."""
     info = record.get("backend_info") or {}
     if record.get("backend") == "hpc":
         return run_cores_per_slot(record)
     if record.get("backend") != "lambda":
         return None
-    if info.get("cpu_share"):
-        return float(info["cpu_share"])
+    if info.get("emulated") and info.get("cpu_share"):
+        cpus = (record.get("environment") or {}).get("cpu_affinity")
+        return min(float(info["cpu_share"]), cpus / run_slots(record)) if cpus else float(info["cpu_share"])
     return lambda_vcpus(info["memory_mb"]) if info.get("memory_mb") else None
 
 

@@ -214,16 +214,32 @@ def test_each_backend_may_have_its_own_profile():
         est.profile_sources("tpu=paper", ("lambda",))
 
 
-def test_an_hpc_workers_lanes_are_slots_and_its_threads_are_the_cpu_share_compute_scales_with():
-    run = hpc_run(0.05, 8.0)
-    run["backend_info"] = {"workers": 1, "lanes": 2, "threading": {"intra_op_threads": 1}}
-    assert est.run_slots(run) == 2 and est.run_cpu_share(run) == 1
-    source = est.profile_from_records([run], "hpc", "store")
-    assert source.slots == 2 and source.cores_per_slot == 1 and source.profile.cpu_share == 1
-    one = est.estimate(source, est.Target("hpc", 10, 2, tasks=64), PRICES)
+def test_an_hpc_workers_lanes_split_its_partitions_and_its_threads_are_the_cpu_share_compute_scales_with():
+    # One worker of 2 lanes x 1 thread computing at 0.002 s per sample; two workers of 1 thread at 0.004
+    two_lanes = hpc_run(0.05, 4.0)
+    two_lanes["backend_info"] = {"workers": 1, "lanes": 2, "threading": {"lanes": 2, "intra_op_threads": 1}}
+    assert est.run_slots(two_lanes) == 1 and est.run_cpu_share(two_lanes) == 2
+    one_thread = hpc_run(0.05, 4.0, per_sample=0.004)
+    one_thread["backend_info"] = {"workers": 2, "threads_per_worker": 1}
+    source = est.profile_from_records([two_lanes, one_thread], "hpc", "store")
+    # The share of the runs' median (1.5 threads): both runs' compute is the same work per thread
+    assert source.profile.cpu_share == 1.5 and source.profile.compute_s_per_sample == pytest.approx(0.004 / 1.5)
+    assert source.profile.compute_excess_s == pytest.approx(np.zeros(len(source.profile.compute_excess_s)))
+    one = est.estimate(source, est.Target("hpc", 10, 2, tasks=64, cores_per_task=1), PRICES)
     two = est.estimate(source, est.Target("hpc", 10, 2, tasks=64, cores_per_task=2), PRICES)
     assert one.slots == 64 and two.wall_s_p50 < 0.75 * one.wall_s_p50  # compute halves; start-up and reads do not
     priced = est.estimate(
         source, est.Target("hpc", 10, 2, tasks=64, cores_per_task=2), replace(PRICES, core_hour_usd=1)
     )
     assert priced.cost_usd_p50 > 0
+
+
+def test_an_emulated_function_has_no_more_cpus_than_the_machine_shares_between_the_environments_at_once():
+    run = hand_record("lambda", 5.0, gb=0.02, partition_mb=5.0)
+    run["environment"]["cpu_affinity"] = 2
+    run["backend_info"] = {"emulated": True, "cpu_share": 2, "max_concurrency": 2, "memory_mb": 10240}
+    assert est.run_cpu_share(run) == 1.0  # two environments at once on 2 CPUs
+    run["backend_info"]["max_concurrency"] = 1
+    assert est.run_cpu_share(run) == 2.0
+    run["backend_info"]["emulated"] = False  # on AWS: the memory's share
+    assert est.run_cpu_share(run) == pytest.approx(10240 / 1769)
