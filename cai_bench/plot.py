@@ -508,7 +508,7 @@ def _estimate_series(estimates: list) -> dict[str, list]:
     series: dict[str, list] = {}
     for e in estimates:
         memory = f", {e.memory_mb:,} MB functions" if e.memory_mb else ""
-        part = f", {e.partition_mb:g} MB partitions" if e.backend == "lambda" else ""
+        part = f", {e.partition_mb:g} MB partitions"
         workers = "" if e.backend == "lambda" else f", {e.slots:,} {'GPU' if e.backend == 'gpu' else 'task'}(s)"
         series.setdefault(f"predicted: {e.backend}{part}{memory}{workers}", []).append(e)
     return {k: sorted(v, key=lambda e: e.gb) for k, v in series.items()}

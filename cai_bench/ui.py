@@ -777,4 +777,5 @@ def show_checks(checks: list, skipped: list[str], median_error: float | None, so
     for line in skipped:
         say(f"not predicted: {line}")
     if median_error is not None:
-        say(f"median absolute error: {median_error * 100:.1f}% over {sum(not c.calibration for c in checks)} runs")
+        what = "published figures" if source == "paper" else "runs"
+        say(f"median absolute error: {median_error * 100:.1f}% over {sum(not c.calibration for c in checks)} {what}")
