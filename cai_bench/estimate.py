@@ -485,7 +485,8 @@ class EstimateRequest:
     orchestrator: str = "direct"
     trials: int = 200
     seed: int = 0
-    cores_per_task: int | None = None  # hpc: cores each task holds (default: the profile's)
+    cores_per_task: int | None = None  # hpc: cores each task computes on (default: the profile's)
+    gpus: int | None = None  # gpu: devices (default: the profile's)
 
 
 @dataclass
@@ -500,8 +501,9 @@ class EstimateOutcome:
 
 
 def _targets(request: EstimateRequest) -> list[Target]:
+    workers = {"hpc": request.tasks, "gpu": request.gpus}
     targets = [Target(b, gb, mb, request.memory_mb, request.concurrency, request.map_concurrency,
-                      request.orchestrator, request.tasks, request.cores_per_task)
+                      request.orchestrator, workers.get(b), request.cores_per_task)
                for b in request.backends for mb in request.partition_mbs for gb in request.gbs]  # fmt: skip
     for target in targets:
         check_target(target)  # every target before any profile is read

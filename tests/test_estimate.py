@@ -150,13 +150,14 @@ def test_a_lambda_runs_invocations_give_the_cold_and_warm_time_beyond_the_handle
 def test_the_command_prints_a_table_and_draws_the_figure_for_several_sizes(cli, tmp_path):
     figure = tmp_path / "fig.png"
     code, out, err = cli("estimate", "--profile", "paper", "--backend", "lambda,gpu", "--gb", "1,12.6",
-                         "--gpu-hour-price", "2.5", "--figure", str(figure), "--json")  # fmt: skip
+                         "--gpu-hour-price", "2.5", "--gpus", "2", "--tasks", "64", "--figure", str(figure),
+                         "--json")  # fmt: skip
     assert code == 0, err
     found = json.loads(out)
     assert [(e["backend"], e["gb"]) for e in found["estimates"]] == [("lambda", 1.0), ("lambda", 12.6),
                                                                      ("gpu", 1.0), ("gpu", 12.6)]  # fmt: skip
-    gpu = found["estimates"][3]
-    assert gpu["cost_usd_p50"] == pytest.approx(gpu["wall_s_p50"] / 3600 * 2.5)
+    gpu = found["estimates"][3]  # two GPUs (--tasks is hpc's), each held for the whole run
+    assert gpu["slots"] == 2 and gpu["cost_usd_p50"] == pytest.approx(gpu["wall_s_p50"] / 3600 * 2.5 * 2)
     assert figure.stat().st_size > 10_000 and found["figure"] == str(figure)
 
 

@@ -40,14 +40,13 @@ Concurrency = Annotated[int, typer.Option(help="Lambda: the account's concurrenc
 MapConcurrency = Annotated[
     int | None, typer.Option(help="--orchestrator stepfunctions: the Map's MaxConcurrency.", show_default="10000")
 ]
-Tasks = Annotated[
-    int | None, typer.Option(help="hpc: tasks at once (array parallelism); gpu: devices.", show_default="profile's")
-]
+Tasks = Annotated[int | None, typer.Option(help="hpc: tasks at once (array parallelism).", show_default="profile's")]
+Gpus = Annotated[int | None, typer.Option(help="gpu: devices.", show_default="profile's")]
 Orchestrator = Annotated[str, typer.Option(help="Lambda: direct or stepfunctions (adds state transitions).")]
 Trials = Annotated[int, typer.Option(help="Simulated runs; median and p90 over them.")]
 SimSeed = Annotated[int, typer.Option("--seed", help="Seed of the draws: the same seed, the same estimate.")]
 CoresPerTask = Annotated[
-    int | None, typer.Option(help="hpc: cores each task holds, for --core-hour-price.", show_default="profile's")
+    int | None, typer.Option(help="hpc: cores each task computes on (and is priced for).", show_default="profile's")
 ]
 CoreHour = Annotated[float | None, typer.Option(help="hpc: US$ per core-hour (unpriced without it).")]
 GpuHour = Annotated[float | None, typer.Option(help="gpu: US$ per GPU-hour (unpriced without it).")]
@@ -67,15 +66,16 @@ Figure = Annotated[Path, typer.Option(help="Where the figure goes when there are
 def estimate(
     backend: Backends = "lambda", gb: Gbs = None, partition_mb: PartitionMbs = "25", profile: Profile = "results",
     memory_mb: MemoryMb = None, concurrency: Concurrency = DEFAULT_QUOTA, map_concurrency: MapConcurrency = None,
-    tasks: Tasks = None, orchestrator: Orchestrator = "direct", trials: Trials = 200, seed: SimSeed = 0,
-    cores_per_task: CoresPerTask = None, core_hour_price: CoreHour = None, gpu_hour_price: GpuHour = None,
-    architecture: Architecture = "x86_64", price_file: PriceFile = None, validate: Validate = None,
-    hold_out: HoldOut = "run", figure: Figure = Path("results/figures/estimate.png"), as_json: o.AsJson = False,
+    tasks: Tasks = None, gpus: Gpus = None, orchestrator: Orchestrator = "direct", trials: Trials = 200,
+    seed: SimSeed = 0, cores_per_task: CoresPerTask = None, core_hour_price: CoreHour = None,
+    gpu_hour_price: GpuHour = None, architecture: Architecture = "x86_64", price_file: PriceFile = None,
+    validate: Validate = None, hold_out: HoldOut = "run", figure: Figure = Path("results/figures/estimate.png"),
+    as_json: o.AsJson = False,
 ) -> None:  # fmt: skip
     """Wall time and cost of a run at any scale, simulated from a measured profile: median and p90 over trials.
 
     Lambda: the concurrency quota, its scaling rate (1,000 environments every 10 s) and warm reuse, the memory's CPU
-    share, GB-seconds, requests and Step Functions transitions. hpc: tasks at once; gpu: devices.
+    share, GB-seconds, requests and Step Functions transitions. hpc: tasks at once and their cores; gpu: devices.
     """
     if validate is not None:
         checks, skipped = (validate_paper(trials, seed), []) if validate == "paper" else validate_store(
@@ -91,7 +91,7 @@ def estimate(
         tuple(o.comma_list(backend, "--backend")), tuple(o.comma_list(gb, "--gb", float)),
         tuple(o.comma_list(partition_mb, "--partition-mb", float)),
         Prices(pricing.load_prices(price_file), architecture, core_hour_price, gpu_hour_price), profile, memory_mb,
-        concurrency, map_concurrency, tasks, orchestrator, trials, seed, cores_per_task,
+        concurrency, map_concurrency, tasks, orchestrator, trials, seed, cores_per_task, gpus,
     )  # fmt: skip
     outcome = estimate_command(request, ui.warn)
     drawn = None
