@@ -538,6 +538,7 @@ def _profile_facts(backend: str, source: BackendProfile) -> dict:
     return {
         "name": profile.name,
         **where,
+        "cpu_share": profile.cpu_share,
         "compute_s_per_sample": profile.compute_s_per_sample,
         "unit_overhead_s": profile.unit_overhead_s,
         "run_overhead_s": profile.run_overhead_s,
