@@ -307,6 +307,11 @@ def _stored_records(source: str, purpose: str, warn) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- estimates
 
 
+def check_trials(trials: int) -> None:
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}")
+
+
 def check_target(target: Target) -> None:
     """One clear line for a target that cannot be simulated."""
     if target.backend not in BACKENDS:
@@ -368,8 +373,7 @@ def _costs(sim: Simulated, target: Target, memory_mb: int | None, cores: int, pr
 def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int = 200, seed: int = 0) -> Estimate:
     """``target`` simulated ``trials`` times from ``source``: median and p90 wall and cost."""
     check_target(target)
-    if trials < 1:
-        raise UserError(f"--trials must be at least 1, got {trials}")
+    check_trials(trials)
     memory = target.memory_mb or source.memory_mb or (PAPER_FUNCTION_MEMORY_MB if target.backend == "lambda" else None)
     began = time.perf_counter()
     sim = _simulate_target(source.profile, target, memory, source.slots, trials, seed)
@@ -431,6 +435,7 @@ def validate_store_records(records: list[dict], where: str, trials: int = 200, s
     too). The checks, and a line for each run that could not be predicted."""
     if hold_out not in HOLD_OUTS:
         raise UserError(f"--hold-out must be one of {', '.join(HOLD_OUTS)}, got {hold_out!r}")
+    check_trials(trials)
     checks, skipped = [], []
     for backend in BACKENDS:
         runs = _usable_runs(records, backend)
@@ -454,6 +459,7 @@ def validate_store_records(records: list[dict], where: str, trials: int = 200, s
 def validate_paper(trials: int = 200, seed: int = 0) -> list[Check]:
     """Every published time of the paper's data-size experiment at batch 512 predicted from the paper profile,
     which is calibrated on one of them (marked)."""
+    check_trials(trials)
     checks = []
     for backend, (system, kind) in PAPER_SYSTEMS.items():
         source = paper_profile(backend, seed)
@@ -548,8 +554,7 @@ def _profile_facts(backend: str, source: BackendProfile) -> dict:
 
 def estimate_command(request: EstimateRequest, warn=None) -> EstimateOutcome:
     """Every backend x partition size x data size of ``request``, from each backend's profile."""
-    if request.trials < 1:
-        raise UserError(f"--trials must be at least 1, got {request.trials}")
+    check_trials(request.trials)
     targets = _targets(request)
     where = profile_sources(request.profile, request.backends)
     sources = {b: load_profile(where[b], b, request.seed, warn) for b in dict.fromkeys(request.backends)}
