@@ -41,6 +41,8 @@ MAP_DEFAULT_CONCURRENCY = 10_000
 # The paper's systems behind each backend, and which of its times the paper profile is calibrated on
 PAPER_SYSTEMS = {"lambda": ("cai-lambda", "map-state-wall"), "hpc": ("hpc-cpu", "profiler-cpu"),
                  "gpu": ("hpc-gpu", "profiler-gpu")}  # fmt: skip
+# The simulation holds every unit of every trial in memory at once (several float64 arrays of units x trials)
+MAX_SIMULATED_UNITS = 20_000_000
 HOLD_OUTS = ("run", "point")  # --validate: what a run is predicted without
 PAPER_CALIBRATION = (12.6, 25.0)  # data GB, partition MB: the run the per-function records are of
 
@@ -340,6 +342,9 @@ def target_slots(target: Target, default_slots: int) -> int:
 def _simulate_target(profile: Profile, target: Target, memory_mb: int | None, default_slots: int, trials: int,
                      seed: int) -> Simulated:  # fmt: skip
     units = np.array(partition_sizes(samples_for_gb(target.gb), target.partition_mb), dtype=np.int64)
+    if len(units) * trials > MAX_SIMULATED_UNITS:
+        raise UserError(f"{len(units):,} partitions x {trials} trials is more than one simulation holds "
+                        f"({MAX_SIMULATED_UNITS:,} units): use fewer --trials or a larger --partition-mb")  # fmt: skip
     slots = target_slots(target, default_slots)
     if target.backend == "lambda":
         factor = profile.cpu_share / lambda_vcpus(memory_mb) if profile.cpu_share and memory_mb else 1.0

@@ -179,6 +179,7 @@ def test_validate_over_a_store_prints_each_run_and_the_median_error(cli, tmp_pat
         (["--gb", "1", "--memory-mb", "64"], "--memory-mb must be between"),
         (["--backend", "lambda"], "needs --gb"),
         (["--validate", "paper", "--trials", "0"], "--trials must be at least 1"),
+        (["--gb", "1000000", "--partition-mb", "10"], "more than one simulation holds"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cli, args, says):
