@@ -20,7 +20,7 @@ from cai_bench.backends.aws_lambda import pricing
 from cai_bench.backends.aws_lambda.emulator import MAX_VCPUS, cpu_share
 from cai_bench.errors import UserError
 from cai_bench.machine import machine_label
-from cai_bench.plan import BYTES_PER_SAMPLE, partition_sizes, samples_for_gb
+from cai_bench.plan import BYTES_PER_SAMPLE, partition_count, partition_sizes, samples_for_gb
 from cai_bench.published import (
     PAPER_FUNCTION_MEMORY_MB,
     load_reference,
@@ -341,10 +341,12 @@ def target_slots(target: Target, default_slots: int) -> int:
 
 def _simulate_target(profile: Profile, target: Target, memory_mb: int | None, default_slots: int, trials: int,
                      seed: int) -> Simulated:  # fmt: skip
-    units = np.array(partition_sizes(samples_for_gb(target.gb), target.partition_mb), dtype=np.int64)
-    if len(units) * trials > MAX_SIMULATED_UNITS:
-        raise UserError(f"{len(units):,} partitions x {trials} trials is more than one simulation holds "
+    samples = samples_for_gb(target.gb)
+    count = partition_count(samples, target.partition_mb)
+    if count * trials > MAX_SIMULATED_UNITS:
+        raise UserError(f"{count:,} partitions x {trials} trials is more than one simulation holds "
                         f"({MAX_SIMULATED_UNITS:,} units): use fewer --trials or a larger --partition-mb")  # fmt: skip
+    units = np.array(partition_sizes(samples, target.partition_mb), dtype=np.int64)
     slots = target_slots(target, default_slots)
     if target.backend == "lambda":
         factor = profile.cpu_share / lambda_vcpus(memory_mb) if profile.cpu_share and memory_mb else 1.0
