@@ -48,8 +48,11 @@ bench-hpc: $(STAMP)
 	$(BIN)/cai-bench report --results results/hpc-node --baseline cpu
 
 # The paper's 12.6 GB on one GPU (a 1 GB synthetic set cycled to 12.6 GB): correctness of the chosen precision,
-# then the wall with data in host memory and with disk reads; JSON on stdout and in $$OUT/bench-gpu.json
-bench-gpu: $(STAMP)
+# then the wall with data in host memory and with disk reads; JSON on stdout and in $$OUT/bench-gpu.json. It runs
+# the venv as it is and installs nothing, not even where pyproject.toml is newer than the venv: a GPU machine
+# lent for minutes may have no network, and a reinstall there would end the benchmark before it started.
+bench-gpu:
+	@test -x $(BIN)/python || { echo "bench-gpu: no $(VENV) here; make it first (make test) where there is a network"; exit 2; }
 	$(BIN)/python -m cai_bench.bench_gpu
 
 # The same script on tiny data, on the CPU where there is no GPU: checks the script, measures nothing

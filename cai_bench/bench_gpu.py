@@ -55,6 +55,17 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def no_cuda_line() -> str:
+    """What is missing where no CUDA device can run the benchmark, in one line."""
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"bench-gpu: the venv's torch {torch.__version__} is a CPU build; install a CUDA build of torch "
+                "in .venv (--shrink runs a dry run on the CPU)")  # fmt: skip
+    return (f"bench-gpu: torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no CUDA device "
+            "(a driver, CUDA_VISIBLE_DEVICES?); --shrink runs a dry run on the CPU")  # fmt: skip
+
+
 def _data(args: argparse.Namespace) -> tuple[Path, float]:
     """The synthetic set on local disk (made once), and the seconds it took to make it now."""
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="cai-bench-gpu-"))
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _arguments(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.shrink:
-        raise SystemExit("bench-gpu: no CUDA device is visible; --shrink runs a dry run on the CPU")
+        raise SystemExit(no_cuda_line())
     device = "cuda:0" if cuda else "cpu"
     cuda_graphs = cuda and not args.no_cuda_graphs
     data_dir, synthesize_s = _data(args)

@@ -154,3 +154,29 @@ def test_a_device_worker_that_dies_loses_only_its_unit_which_another_device_runs
     assert run.info["workers_started"] == 2  # no replacement on a device that failed: the other took its units
     redo = [r for r in emitted if r.record.partition == crash["partition"]]
     assert len(redo) == 1 and redo[0].record.pid != killed[0]
+
+
+def test_make_bench_gpu_runs_the_venv_as_it_is_even_where_its_install_stamp_is_stale():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    root = Path(__file__).resolve().parent.parent
+    # -W: as if pyproject.toml had just changed, which makes the install stamp stale; -n: print, run nothing
+    stale = subprocess.run(["make", "-n", "-W", "pyproject.toml", "bench-gpu"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout  # fmt: skip
+    assert "cai_bench.bench_gpu" in stale and "pip install" not in stale
+    dry = subprocess.run(["make", "-n", "-W", "pyproject.toml", "bench-gpu-dry"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert "pip install" in dry  # the dry run, on a machine with a network, still installs first
+
+
+@pytest.mark.parametrize(("cuda", "says"), [(None, "is a CPU build"), ("12.8", "sees no CUDA device")])
+def test_where_bench_gpu_cannot_run_it_says_what_is_missing_in_one_line(monkeypatch, cuda, says):
+    from cai_bench import bench_gpu
+
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    line = bench_gpu.no_cuda_line()
+    assert says in line and "\n" not in line
