@@ -12,6 +12,8 @@ import enum
 # only where the probe batch stays within the same tolerance
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "tf32", "fp16")
 CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# A GPU runs no int8 (its torch path has no quantized kernels here): an int8 run would be fp32 under int8's name
+GPU_PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 ENGINES = ("fast", "reference")
 # What runs the model on a CPU worker: torch (the engines above), or an exported model (cai-bench model export)
 # on ONNX Runtime or OpenVINO, in a worker that never imports torch

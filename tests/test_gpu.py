@@ -180,3 +180,18 @@ def test_where_bench_gpu_cannot_run_it_says_what_is_missing_in_one_line(monkeypa
     monkeypatch.setattr(torch.version, "cuda", cuda)
     line = bench_gpu.no_cuda_line()
     assert says in line and "\n" not in line
+
+
+def test_a_gpu_runs_no_int8_neither_asked_for_nor_forced_on_the_probe(monkeypatch, tiny_data):
+    from cai_bench.backends import gpu
+    from cai_bench.backends.registry import check_precision
+    from cai_bench.worker import EngineOptions
+
+    with pytest.raises(UserError, match="--backend gpu runs auto, fp32, tf32, bf16, fp16"):
+        check_precision(gpu.create(), "int8")
+    options = EngineOptions(batch_size=16, precision="int8", device="cpu")
+    with pytest.raises(UserError, match="a device worker runs"):
+        gpu.start_gpu_worker("w", options, None, 0, False, 64)
+    monkeypatch.setenv("CAI_BENCH_FORCE_PROBE", "int8")
+    with pytest.raises(UserError, match="give fp32 or tf32 or bf16 or fp16"):
+        gpu.choose_gpu_precision(None, torch.device("cpu"), True)

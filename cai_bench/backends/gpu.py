@@ -34,7 +34,7 @@ from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher
 from cai_bench.backends.hpc import NodeTransport, quiet_signals, serve_pipe, worker_context
 from cai_bench.backends.options import RETRIES
-from cai_bench.choices import PRECISIONS
+from cai_bench.choices import GPU_PRECISIONS
 from cai_bench.data.partitions import read_partition
 from cai_bench.errors import UserError, describe
 from cai_bench.plan import BITS_PER_SAMPLE, Plan, work_units
@@ -264,7 +264,7 @@ def choose_gpu_precision(model, device, channels_last: bool) -> tuple[str, dict]
 
     from cai_bench.engine import probe_inputs, set_tf32
 
-    forced = forced_precision(PRECISIONS[1:])
+    forced = forced_precision(GPU_PRECISIONS[1:])
     if forced:
         return forced
     image, magnitude = probe_inputs(device, channels_last, PROBE_BATCH)
@@ -321,6 +321,8 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
             precision = "fp32"  # the CPU device only stands in for a GPU in tests
     if device.type != "cuda" and precision in ("tf32", "fp16"):
         raise UserError(f"--precision {precision} needs a CUDA device")
+    if precision not in GPU_PRECISIONS:
+        raise UserError(f"--precision {precision}: a device worker runs {', '.join(GPU_PRECISIONS)}")
     set_tf32(device.type == "cuda" and precision == "tf32")
     choices["precision"] = precision
     context = functools.partial(_autocast, device, precision)
@@ -532,7 +534,7 @@ def run_devices(plan: Plan, emit: Emit, devices: list[str]) -> BackendRun:
 class GpuBackend:
     name: str = "gpu"
     options: tuple[BackendOption, ...] = OPTIONS
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = GPU_PRECISIONS
     default_batch_size: int = DEFAULT_BATCH_SIZE
 
     def check(self, options: dict) -> None:
