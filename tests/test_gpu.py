@@ -195,3 +195,23 @@ def test_a_gpu_runs_no_int8_neither_asked_for_nor_forced_on_the_probe(monkeypatc
     monkeypatch.setenv("CAI_BENCH_FORCE_PROBE", "int8")
     with pytest.raises(UserError, match="give fp32 or tf32 or bf16 or fp16"):
         gpu.choose_gpu_precision(None, torch.device("cpu"), True)
+
+
+def test_tf32_is_set_from_the_precision_of_the_worker_whose_partition_runs(tiny_data):
+    from cai_bench.backends import gpu
+    from cai_bench.worker import EngineOptions
+
+    _, _, refs = open_dataset(tiny_data)
+    options = EngineOptions(batch_size=16, precision="fp32", device="cpu")
+    labelled_tf32 = gpu.start_gpu_worker("a", options, None, 0, False, 64)
+    labelled_tf32.precision = "tf32"  # as a tf32 worker is on a GPU; the CPU device only stands in for one
+    fp32 = gpu.start_gpu_worker("b", options, None, 0, False, 64)  # a later worker, as bench-gpu's reference
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), labelled_tf32, options, 0.0)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), fp32, options, 0.0)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True  # torch's default

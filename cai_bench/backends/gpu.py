@@ -376,7 +376,12 @@ def run_gpu_partition(partition: HostPartition, worker, options, wait_s: float):
     """The padded, double-buffered batches of one partition on the worker's device; a PartitionResult."""
     import torch
 
+    from cai_bench.engine import set_tf32
+
     entered = time.perf_counter()
+    # TF32 is a switch of the whole process: another worker started in it since (bench-gpu's fp32 reference) may
+    # have turned it, so it is set from this worker's precision where its partition runs
+    set_tf32(worker.precision == "tf32")
     pipeline, device = worker.pipeline, worker.pipeline.device
     cuda, batch, n = device.type == "cuda", pipeline.batch_size, partition.n
     host = partition.buffer
