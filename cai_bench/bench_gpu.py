@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s_host_memory": wall_memory,
         "samples_per_s_host_memory": samples / wall_memory,
         "gbps_host_memory": samples * BITS_PER_SAMPLE / wall_memory / 1e9,
-        **totals.figures(),  # h2d_gbps, busy_fraction, peak_gpu_memory_bytes, of the host-memory run
+        # h2d_gbps, busy_fraction (of compute), busy_fraction_of_wall, peak_gpu_memory_bytes: the host-memory run
+        **totals.figures(wall_memory),
         "wall_s_with_disk_reads": run.wall_s,
         "startup_s_with_disk_reads": startup,
         "wall_s_with_disk_reads_after_startup": run.wall_s - startup,

@@ -215,3 +215,18 @@ def test_tf32_is_set_from_the_precision_of_the_worker_whose_partition_runs(tiny_
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True  # torch's default
+
+
+def test_the_devices_busy_time_is_given_over_the_wall_too_gaps_between_partitions_included():
+    from types import SimpleNamespace
+
+    from cai_bench.backends.gpu import DeviceTotals
+
+    totals = DeviceTotals()
+    for busy, compute in ((0.8, 1.0), (0.9, 1.0)):  # two partitions, with a second's gap between them
+        totals.add(SimpleNamespace(compute_s=compute, device_stats={"busy_s": busy, "h2d_bytes": 10, "h2d_s": 1e-9}))
+    figures = totals.figures(wall_s=3.0)
+    assert figures["busy_fraction"] == pytest.approx(0.85) and figures["busy_fraction_of_wall"] == pytest.approx(
+        1.7 / 3
+    )
+    assert totals.figures(wall_s=3.0, devices=2)["busy_fraction_of_wall"] == pytest.approx(1.7 / 6)

@@ -488,10 +488,13 @@ class DeviceTotals:
         self.compute_s += record.compute_s
         self.peak_bytes = max(self.peak_bytes, stats.get("max_memory_allocated_bytes") or 0)
 
-    def figures(self) -> dict:
+    def figures(self, wall_s: float, devices: int = 1) -> dict:
+        """``busy_fraction``: of the partitions' compute time, how much the model ran; ``busy_fraction_of_wall``:
+        of the devices' whole wall clock, gaps between partitions included, how much the model ran."""
         return {
             "h2d_gbps": self.h2d_bytes / self.h2d_s / 1e9 if self.h2d_s else None,
             "busy_fraction": self.busy_s / self.compute_s if self.compute_s else None,
+            "busy_fraction_of_wall": self.busy_s / (wall_s * devices) if wall_s > 0 else None,
             "peak_gpu_memory_bytes": self.peak_bytes or None,
         }
 
@@ -527,7 +530,7 @@ def run_devices(plan: Plan, emit: Emit, devices: list[str]) -> BackendRun:
     info = {
         "devices": devices,
         "read_ahead": read_ahead,
-        **totals.figures(),
+        **totals.figures(wall_s, len(devices)),
         "worker_ready_after_s": transport.ready_after_s,
         "fork_server_start_s": server_s,
         "start_method": context.get_start_method(),
