@@ -230,3 +230,29 @@ def test_the_devices_busy_time_is_given_over_the_wall_too_gaps_between_partition
         1.7 / 3
     )
     assert totals.figures(wall_s=3.0, devices=2)["busy_fraction_of_wall"] == pytest.approx(1.7 / 6)
+
+
+@pytest.mark.parametrize(
+    ("device", "visible", "environment", "local"),
+    [
+        ("cuda:1", None, {"CUDA_VISIBLE_DEVICES": "1"}, "cuda:0"),
+        ("cuda:1", "4,6", {"CUDA_VISIBLE_DEVICES": "6"}, "cuda:0"),  # cuda:N counts the run's visible entries
+        ("cuda:0", "GPU-5b1c", {"CUDA_VISIBLE_DEVICES": "GPU-5b1c"}, "cuda:0"),
+        ("cpu", "3", {}, "cpu"),
+    ],
+)
+def test_each_device_worker_sees_only_its_own_gpu(device, visible, environment, local):
+    from cai_bench.backends.gpu import device_visibility
+
+    assert device_visibility(device, visible) == (environment, local)
+
+
+def test_a_device_workers_records_name_the_device_as_the_run_does(tiny_data):
+    from cai_bench.backends import gpu
+    from cai_bench.worker import EngineOptions
+
+    _, _, refs = open_dataset(tiny_data)
+    options = EngineOptions(batch_size=16, precision="fp32", device="cpu")
+    worker = gpu.start_gpu_worker("w", options, None, 0, False, 64, label="cpu (as cuda:3)")
+    result = gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), worker, options, 0.0)
+    assert result.record.device == "cpu (as cuda:3)" == worker.choices["device"]

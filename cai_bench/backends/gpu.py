@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import queue
 import time
 from dataclasses import dataclass, field
@@ -290,13 +291,15 @@ def choose_gpu_precision(model, device, channels_last: bool) -> tuple[str, dict]
     return chose, {"chose": chose, "why": why, "seconds": seconds, "max_difference": difference, "batch": PROBE_BATCH}
 
 
-def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cuda_graphs: bool, capacity: int):
+def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cuda_graphs: bool, capacity: int,
+                     label: str | None = None):  # fmt: skip
     """Build the model on the device, resolve the precision, make the fixed buffers, compile or capture graphs,
     and run warm-up batches of the full shape: all of it the worker's start-up.
 
     A batch never spans two partitions, so the fixed batch is ``--batch-size`` or the largest partition
     (``capacity`` samples, rounded up to a multiple of 8), whichever is smaller: a 25 MB partition (1,277
-    galaxies) padded to 4,096 rows would compute three times what it needs."""
+    galaxies) padded to 4,096 rows would compute three times what it needs. ``label``: the device as the run
+    names it, where the process sees it under another name (its only visible GPU, ``cuda:0``)."""
     import torch
 
     from cai_bench.engine import set_tf32
@@ -350,7 +353,8 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     end = time.perf_counter()
-    choices.update({"compile": options.compile, "cuda_graphs": bool(worker.pipeline.graphs), "device": str(device)})
+    choices.update({"compile": options.compile, "cuda_graphs": bool(worker.pipeline.graphs),
+                    "device": label or str(device)})  # fmt: skip
     if options.compile or worker.pipeline.graphs:
         choices["compile_or_capture_s"] = end - warm
     if device.type == "cuda":
@@ -435,7 +439,8 @@ def run_gpu_partition(partition: HostPartition, worker, options, wait_s: float):
         "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
     }
     record = partition_record(
-        worker, partition.ref, entered, samples=n, batch_size=batch, device=device, wait_s=wait_s,
+        worker, partition.ref, entered, samples=n, batch_size=batch, device=worker.choices.get("device", device),
+        wait_s=wait_s,
         load_s=partition.load_s, compute_s=compute_s, latencies=latencies, device_stats=stats,
     )  # fmt: skip
     return PartitionResult(record, partition.object_id, result, partition.redshift)
@@ -452,17 +457,31 @@ class DeviceWorkerSpec:
     capacity: int  # samples of the largest partition: the size of each pinned buffer
 
 
+def device_visibility(device: str, visible: str | None) -> tuple[dict[str, str], str]:
+    """What a device worker sets before CUDA starts in it, and the name its device then has: only its own GPU is
+    visible, as ``cuda:0``, so that nothing it does (a pinned allocation, a read before ``set_device``) opens a
+    context on another GPU. ``visible`` is the CUDA_VISIBLE_DEVICES the run started under, whose entries
+    ``cuda:N`` counts."""
+    if not device.startswith("cuda"):
+        return {}, device
+    index = int(device.partition(":")[2] or 0)
+    entries = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    return {"CUDA_VISIBLE_DEVICES": entries[index] if entries else str(index)}, "cuda:0"
+
+
 def device_worker_main(conn, worker_id: str, options, weights: str | None, seed: int, spec: DeviceWorkerSpec) -> None:
     """One device worker process: the engine's worker loop, reading into pinned buffers, running padded batches."""
+    environment, local = device_visibility(spec.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    os.environ.update(environment)  # before any CUDA call of this process: the fork server made none
     import torch
 
     quiet_signals()
     torch.set_num_threads(max(1, spec.read_ahead))  # the host side only decodes and copies
-    options = dataclasses.replace(options, device=spec.device)
+    options = dataclasses.replace(options, device=local)
     pool = PinnedPool(spec.read_ahead + 1, spec.capacity, pin=spec.device.startswith("cuda"))
     serve_pipe(
         conn,
-        lambda: start_gpu_worker(worker_id, options, weights, seed, spec.cuda_graphs, spec.capacity),
+        lambda: start_gpu_worker(worker_id, options, weights, seed, spec.cuda_graphs, spec.capacity, spec.device),
         options,
         load=lambda ref: read_into(pool, ref, options.verify_checksums),
         run=lambda partition, worker, wait_s: run_gpu_partition(partition, worker, options, wait_s),
