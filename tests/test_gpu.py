@@ -106,8 +106,17 @@ def test_the_gpu_benchmark_script_runs_end_to_end_shrunk_on_the_cpu(tmp_path, mo
     from cai_bench import bench_gpu
 
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    disk_pass = []
+    real_run_devices = bench_gpu.gpu.run_devices
+
+    def spied(plan, emit, devices):
+        disk_pass.append(plan.precision)
+        return real_run_devices(plan, emit, devices)
+
+    monkeypatch.setattr(bench_gpu.gpu, "run_devices", spied)
     figures = bench_gpu.main(["--shrink", "--work-dir", str(tmp_path / "work")])
     assert figures["device"] == "cpu" and figures["shrunk"] is True
+    assert disk_pass == [figures["precision"]] and figures["precision"] != "auto"  # chosen once, run by both
     assert figures["max_abs_dz"] <= 2e-3
     assert figures["target_samples"] >= figures["base_samples"] > 0
     for key in ("wall_s_host_memory", "wall_s_with_disk_reads", "samples_per_s_host_memory", "h2d_gbps"):
