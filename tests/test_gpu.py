@@ -265,3 +265,34 @@ def test_a_device_workers_records_name_the_device_as_the_run_does(tiny_data):
     worker = gpu.start_gpu_worker("w", options, None, 0, False, 64, label="cpu (as cuda:3)")
     result = gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), worker, options, 0.0)
     assert result.record.device == "cpu (as cuda:3)" == worker.choices["device"]
+
+
+def test_under_bf16_the_output_layer_computes_in_float32_on_the_same_weights():
+    from cai_bench.model.astromae import build_model
+    from cai_bench.model.inference import Float32Linear, output_in_float32
+
+    model = build_model(seed=3).eval()
+    keys = list(model.state_dict())
+    features = torch.randn(256, 1024)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = model.concat_block[2](features)
+    assert rounded.dtype == torch.bfloat16
+    assert output_in_float32(model) == "concat_block.2" and isinstance(model.concat_block[2], Float32Linear)
+    assert list(model.state_dict()) == keys  # the weights keep their names
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = model.concat_block[2](features)
+    assert kept.dtype == torch.float32
+    exact = features @ model.concat_block[2].weight.T.float() + model.concat_block[2].bias
+    assert torch.allclose(kept, exact, atol=1e-5) and not torch.equal(kept, kept.bfloat16().float())
+
+
+def test_a_bf16_device_worker_runs_its_output_layer_in_float32():
+    from cai_bench.backends import gpu
+    from cai_bench.model.inference import Float32Linear
+    from cai_bench.worker import EngineOptions
+
+    bf16 = gpu.start_gpu_worker("w", EngineOptions(batch_size=16, precision="bf16", device="cpu"), None, 0, False, 64)
+    assert bf16.choices["float32_output_layer"] == "concat_block.2"
+    assert isinstance(bf16.model.concat_block[2], Float32Linear)
+    fp32 = gpu.start_gpu_worker("w", EngineOptions(batch_size=16, precision="fp32", device="cpu"), None, 0, False, 64)
+    assert "float32_output_layer" not in fp32.choices

@@ -305,7 +305,7 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     from cai_bench.engine import set_tf32
     from cai_bench.model.astromae import build_model
     from cai_bench.model.checkpoint import load_weights
-    from cai_bench.model.inference import prepare_for_inference
+    from cai_bench.model.inference import output_in_float32, prepare_for_inference
 
     started = time.perf_counter()
     device = torch.device(options.device)
@@ -327,6 +327,8 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     if precision not in GPU_PRECISIONS:
         raise UserError(f"--precision {precision}: a device worker runs {', '.join(GPU_PRECISIONS)}")
     set_tf32(device.type == "cuda" and precision == "tf32")
+    if precision in ("bf16", "fp16"):  # the output in float32, not rounded to the half type's coarse steps
+        choices["float32_output_layer"] = output_in_float32(model)
     choices["precision"] = precision
     context = functools.partial(_autocast, device, precision)
     worker = WorkerState(worker_id, model, info, 0.0, 0.0, precision, choices["channels_last"], choices)

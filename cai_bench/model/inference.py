@@ -39,6 +39,28 @@ def fold_batchnorm(model: AstroMAE) -> int:
     return folded
 
 
+class Float32Linear(nn.Linear):
+    """A Linear that computes in float32 whatever autocast runs around it: the output layer under bf16 or fp16.
+
+    bf16's step near z = 0.5 is about 0.004, so an output rounded to bf16 alone nearly spends the 2e-3 tolerance;
+    one 1024 x 1 product in float32 costs nothing beside the network."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def output_in_float32(model: AstroMAE) -> str:
+    """Make the model's last layer (``concat_block[2]``, Linear(1024, 1)) a ``Float32Linear`` on the same weights,
+    so the state dict keeps its names; returns which layer, for the run record."""
+    last = model.concat_block[2]
+    if not isinstance(last, Float32Linear):
+        replacement = Float32Linear(last.in_features, last.out_features, device=last.weight.device)
+        replacement.weight, replacement.bias = last.weight, last.bias
+        model.concat_block[2] = replacement
+    return "concat_block.2"
+
+
 def prepare_for_inference(model: AstroMAE, channels_last: bool = True) -> dict:
     """Apply the fast path's transformations in place; returns what was done, for the run record."""
     folded = fold_batchnorm(model)
