@@ -76,12 +76,12 @@ def _data(args: argparse.Namespace) -> tuple[Path, float]:
     return data_dir, time.perf_counter() - started
 
 
-def _chosen_against_fp32(refs, options: EngineOptions, cuda_graphs: bool, capacity: int):
+def _chosen_against_fp32(refs, options: EngineOptions, cuda_graphs: bool):
     """The worker of the precision ``auto`` chooses, and its largest difference from fp32 on the first partition."""
     import torch  # the benchmark runs the device worker's own code, through torch
 
-    chosen = gpu.start_gpu_worker("bench", options, None, 0, cuda_graphs, capacity)
-    reference = gpu.start_gpu_worker("fp32", dataclasses.replace(options, precision="fp32"), None, 0, False, capacity)
+    chosen = gpu.start_gpu_worker("bench", options, None, 0, cuda_graphs)
+    reference = gpu.start_gpu_worker("fp32", dataclasses.replace(options, precision="fp32"), None, 0, False)
     first = gpu.read_into(None, refs[0], verify=True)
     ours = gpu.run_gpu_partition(first, chosen, options, 0.0).prediction
     theirs = gpu.run_gpu_partition(first, reference, options, 0.0).prediction
@@ -92,7 +92,8 @@ def _chosen_against_fp32(refs, options: EngineOptions, cuda_graphs: bool, capaci
 
 
 def _from_host_memory(refs, units, chosen, options: EngineOptions) -> tuple[float, gpu.DeviceTotals]:
-    """Every partition pinned once, then the cycled units through the worker's pipeline: the wall clock."""
+    """Every partition pinned once, then the cycled units through one stream of the worker's batches, as a device
+    worker runs them (batches spanning partitions): the wall clock to the last partition's outputs on the host."""
     import torch  # the benchmark runs the device worker's own code, through torch
 
     resident = {ref.index: gpu.read_into(None, ref, verify=True) for ref in refs}
@@ -100,10 +101,19 @@ def _from_host_memory(refs, units, chosen, options: EngineOptions) -> tuple[floa
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     totals = gpu.DeviceTotals()
+    stream = gpu.PartitionStream(chosen, options)
     began = time.perf_counter()
-    for ref in units:
-        totals.add(gpu.run_gpu_partition(resident[ref.index], chosen, options, 0.0).record)
-    return time.perf_counter() - began, totals
+    finished = []
+    for position, ref in enumerate(units):
+        finished += stream.feed(position, resident[ref.index], 0.0)
+    finished += stream.drain()
+    wall = time.perf_counter() - began
+    failed = [outcome for _, outcome in finished if isinstance(outcome, str)]
+    if failed or len(finished) != len(units):
+        raise SystemExit(f"bench-gpu: {len(units) - len(finished) + len(failed)} partitions failed: {failed[:1]}")
+    for _, result in finished:
+        totals.add(result.record)
+    return wall, totals
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. the chosen precision against fp32, on the first partition; 3. host memory; 4. with disk reads. The
     # precision is chosen once, by the first worker's probe, and both passes run it: a second probe in the disk
     # pass's worker could choose another, and the JSON would give one precision's figures under the other's name.
-    chosen, max_dz = _chosen_against_fp32(refs, options, cuda_graphs, max(ref.samples for ref in refs))
+    chosen, max_dz = _chosen_against_fp32(refs, options, cuda_graphs)
     precision, probe = chosen.precision, chosen.choices.get("precision_probe")
     plan = make_plan(
         "gpu", summary, refs, batch_size=args.batch_size, precision=precision, cycle_to_gb=args.target_gb,

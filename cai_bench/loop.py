@@ -34,8 +34,9 @@ def worker_loop(
     on_failed: Callable[[int, str], None] | None = None,
     *,
     load: Callable[[PartitionRef], Any] | None = None,
-    run: Callable[[Any, Any, float], PartitionResult] | None = None,
+    run: Callable[..., Any] | None = None,
     read_ahead: int = 1,
+    drain: Callable[[Any], list] | None = None,
 ) -> Any:
     """The loop every worker runs, whatever carries its units: hpc node processes, SLURM array tasks, the cpu
     backend, and next GPU device processes and the Lambda handler.
@@ -52,6 +53,10 @@ def worker_loop(
     ``load`` (a reference to what ``run`` takes) and ``run`` (that, the worker and the seconds waited, to a
     PartitionResult) replace reading and running a partition (the GPU worker reads into pinned buffers and runs
     padded batches); ``read_ahead`` units are read in the background, each by a thread of its own.
+
+    With ``drain``, ``run`` streams: called as ``run(partition, worker, wait_s, position)``, it returns the units
+    that finished meanwhile, earlier ones included, as ``(position, PartitionResult or error message)``, and
+    ``drain(worker)`` returns the rest once there is no more work (the GPU worker's batches span partitions).
     """
     if load is None or run is None:
         from cai_bench import engine  # torch: only in the workers that run the model through it
@@ -82,7 +87,8 @@ def worker_loop(
                     wait_s = time.perf_counter() - waited
                     while len(held) <= read_ahead and ask(ahead=True):
                         pass  # keep ``read_ahead`` units reading behind the one about to run
-                    result = run(partition, worker, wait_s)
+                    result = run(partition, worker, wait_s) if drain is None else run(partition, worker, wait_s,
+                                                                                        position)  # fmt: skip
                 except Exception as exc:
                     held.pop(0)
                     if on_failed is None:
@@ -91,13 +97,29 @@ def worker_loop(
                 else:
                     held.pop(0)
                     del partition
-                    on_done(position, result)
+                    if drain is None:
+                        on_done(position, result)
+                    else:
+                        _settle(result, on_done, on_failed)
                 if not held:
+                    if drain is not None:  # before waiting for work: the driver waits for these to finish
+                        _settle(drain(worker), on_done, on_failed)
                     ask(ahead=False)
         except BaseException:
             worker.close()
             raise
     return worker
+
+
+def _settle(finished: list, on_done, on_failed) -> None:
+    """A streaming run's finished units: results to ``on_done``, error messages to ``on_failed``."""
+    for position, outcome in finished:
+        if not isinstance(outcome, str):
+            on_done(position, outcome)
+        elif on_failed is None:
+            raise RuntimeError(outcome)
+        else:
+            on_failed(position, outcome)
 
 
 def model_worker(

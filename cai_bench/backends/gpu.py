@@ -291,15 +291,14 @@ def choose_gpu_precision(model, device, channels_last: bool) -> tuple[str, dict]
     return chose, {"chose": chose, "why": why, "seconds": seconds, "max_difference": difference, "batch": PROBE_BATCH}
 
 
-def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cuda_graphs: bool, capacity: int,
+def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cuda_graphs: bool,
                      label: str | None = None):  # fmt: skip
     """Build the model on the device, resolve the precision, make the fixed buffers, compile or capture graphs,
     and run warm-up batches of the full shape: all of it the worker's start-up.
 
-    A batch never spans two partitions, so the fixed batch is ``--batch-size`` or the largest partition
-    (``capacity`` samples, rounded up to a multiple of 8), whichever is smaller: a 25 MB partition (1,277
-    galaxies) padded to 4,096 rows would compute three times what it needs. ``label``: the device as the run
-    names it, where the process sees it under another name (its only visible GPU, ``cuda:0``)."""
+    The fixed batch is ``--batch-size``: batches span partitions (``PartitionStream``), so only a stream's last
+    batch is padded. ``label``: the device as the run names it, where the process sees it under another name (its
+    only visible GPU, ``cuda:0``)."""
     import torch
 
     from cai_bench.engine import set_tf32
@@ -332,7 +331,7 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     choices["precision"] = precision
     context = functools.partial(_autocast, device, precision)
     worker = WorkerState(worker_id, model, info, 0.0, 0.0, precision, choices["channels_last"], choices)
-    batch = min(options.batch_size, -(-capacity // 8) * 8)
+    batch = options.batch_size
     choices["batch_size_effective"] = batch
     worker.pipeline = _new_pipeline(device, batch, choices["channels_last"])
     warm = time.perf_counter()
@@ -378,74 +377,212 @@ def _gpu_facts(device) -> dict:
     }
 
 
-def run_gpu_partition(partition: HostPartition, worker, options, wait_s: float):
-    """The padded, double-buffered batches of one partition on the worker's device; a PartitionResult."""
-    import torch
+@dataclass
+class _InFlight:
+    """A partition whose rows are on their way through the batches: where its outputs go, and how many are left."""
 
-    from cai_bench.engine import set_tf32
+    position: int  # the unit's place in the run's list of work
+    partition: HostPartition
+    entered: float  # perf_counter when the stream took it
+    wait_s: float
+    prediction: object  # numpy float32 [n]
+    left: int  # rows whose outputs have not come back yet
+    first: _Timer | None = None  # the first copy of its rows begins
+    latencies: list = field(default_factory=list)  # the forward passes of the batches that held its rows
+    h2d_s: float = 0.0  # its rows' share of those batches' copies
+    busy_s: float = 0.0  # its rows' share of those batches' forward passes
 
-    entered = time.perf_counter()
-    # TF32 is a switch of the whole process: another worker started in it since (bench-gpu's fp32 reference) may
-    # have turned it, so it is set from this worker's precision where its partition runs
-    set_tf32(worker.precision == "tf32")
-    pipeline, device = worker.pipeline, worker.pipeline.device
-    cuda, batch, n = device.type == "cuda", pipeline.batch_size, partition.n
-    host = partition.buffer
-    prediction = torch.empty(n, dtype=torch.float32, device=device)
-    spans = []  # per batch: (copy start, copy end, forward start, forward end) timers
-    compute_stream = torch.cuda.current_stream(device) if cuda else None
-    first = _Timer(device)
-    try:
-        first.record(compute_stream)
+
+@dataclass
+class _Batch:
+    """One fixed-size batch in a device slot: which rows of which partitions it holds, its four timers (copy
+    start, copy end, forward start, forward end) and, on a GPU, the event of its outputs being back on the host."""
+
+    segments: list  # (in-flight partition, first row of the partition, rows, first row in the batch)
+    timers: list
+    done: object = None  # torch.cuda.Event on a GPU
+
+
+class PartitionStream:
+    """A device worker's batches, filled across partitions: a partition's rows go into the slot being filled
+    after the rows of the partition before it, a full batch is launched at once, and its outputs come back
+    non-blocking into pinned host memory. A partition is done, and its record built, when the batch holding its
+    last rows is back; the device meanwhile runs the next batch. With 1,276-galaxy partitions and 4,096-row
+    batches the device runs full batches instead of one partition per padded batch, copy -> forward -> copy back
+    in series.
+
+    ``feed`` takes a partition and returns what finished meanwhile; ``drain`` launches the last, padded batch and
+    returns the rest. Each as ``(position, PartitionResult or an error message)``: where a step fails, every
+    partition in flight fails with it (the dispatcher runs them again elsewhere)."""
+
+    def __init__(self, worker, options):
+        import torch
+
+        self.worker, self.options = worker, options
+        self.pipeline = worker.pipeline
+        device = self.pipeline.device
+        self.cuda, self.batch = device.type == "cuda", self.pipeline.batch_size
+        self.compute_stream = torch.cuda.current_stream(device) if self.cuda else None
+        self.host_out = [torch.empty(self.batch, dtype=torch.float32, pin_memory=self.cuda) for _ in range(2)]
+        self.slot, self.filled, self.filling = 0, 0, _Batch([], [])
+        self.launched: list[_Batch | None] = [None, None]  # per slot, its batch whose outputs are not read yet
+        self.in_flight: dict[int, _InFlight] = {}
+
+    def feed(self, position: int, partition: HostPartition, wait_s: float) -> list:
+        import numpy as np
+        import torch
+
+        item = _InFlight(position, partition, time.perf_counter(), wait_s, np.empty(partition.n, np.float32),
+                         partition.n)  # fmt: skip
+        self.in_flight[position] = item
+        try:
+            finished, row = [], 0
+            while row < partition.n:
+                take = min(self.batch - self.filled, partition.n - row)
+                finished += self._copy(item, row, take)
+                row += take
+                if self.filled == self.batch:
+                    self._launch()
+            if self.cuda:  # its rows are on the device (the copy stream runs in order): its buffer is free
+                copied = torch.cuda.Event()
+                copied.record(self.pipeline.copy_stream)
+                copied.synchronize()
+            partition.release()
+            return finished + self._collect(block=False)
+        except Exception as exc:
+            return self._fail(exc)
+
+    def drain(self) -> list:
+        try:
+            if self.filled:
+                self._launch()  # rows past ``filled`` still hold an earlier batch's: outputs dropped
+            return self._collect(block=True)
+        except Exception as exc:
+            return self._fail(exc)
+
+    def _copy(self, item: _InFlight, row: int, rows: int) -> list:
+        """``rows`` rows of ``item`` from ``row`` into the slot being filled, after it: on a GPU on the copy
+        stream, once the slot's previous batch is done with its buffers (its outputs read first)."""
+        import torch
+
+        pipeline, slot, at = self.pipeline, self.slot, self.filled
+        finished = self._read(slot) if at == 0 else []
+        host, timers = item.partition.buffer, [_Timer(pipeline.device), _Timer(pipeline.device)]
+        stream = pipeline.copy_stream
+        with torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext():
+            if self.cuda and at == 0:
+                stream.wait_event(pipeline.free[slot])
+            timers[0].record(stream)
+            pipeline.images[slot][at : at + rows].copy_(host.images[row : row + rows], non_blocking=self.cuda)
+            pipeline.magnitudes64[slot][at : at + rows].copy_(host.magnitudes[row : row + rows], non_blocking=self.cuda)
+            timers[1].record(stream)
+            if self.cuda:
+                pipeline.copied[slot].record(stream)
+        item.first = item.first or timers[0]
+        self.filling.segments.append((item, row, rows, at))
+        self.filling.timers.append(timers)
+        self.filled += rows
+        return finished
+
+    def _launch(self) -> None:
+        """The filled slot's forward pass, its outputs copied back non-blocking; the other slot fills next."""
+        import torch
+
+        from cai_bench.engine import set_tf32
+
+        pipeline, slot, worker, device = self.pipeline, self.slot, self.worker, self.pipeline.device
+        batch, timers = self.filling, [_Timer(device), _Timer(device)]
+        # TF32 is a switch of the whole process: another worker started in it since (bench-gpu's fp32 reference)
+        # may have turned it, so it is set from this worker's precision where its batches run
+        set_tf32(worker.precision == "tf32")
+        if self.cuda:
+            self.compute_stream.wait_event(pipeline.copied[slot])
         with torch.inference_mode(), _autocast(device, worker.precision):
-            for number, start in enumerate(range(0, n, batch)):
-                stop, slot = min(start + batch, n), number % 2
-                rows = stop - start
-                timers = [_Timer(device) for _ in range(4)]
-                if cuda:  # the copy waits for the slot's previous forward pass, on its own stream
-                    pipeline.copy_stream.wait_event(pipeline.free[slot])
-                    with torch.cuda.stream(pipeline.copy_stream):
-                        timers[0].record(pipeline.copy_stream)
-                        pipeline.images[slot][:rows].copy_(host.images[start:stop], non_blocking=True)
-                        pipeline.magnitudes64[slot][:rows].copy_(host.magnitudes[start:stop], non_blocking=True)
-                        timers[1].record(pipeline.copy_stream)
-                        pipeline.copied[slot].record(pipeline.copy_stream)
-                    compute_stream.wait_event(pipeline.copied[slot])
-                else:
-                    timers[0].record()
-                    pipeline.images[slot][:rows].copy_(host.images[start:stop])
-                    pipeline.magnitudes64[slot][:rows].copy_(host.magnitudes[start:stop])
-                    timers[1].record()
-                # Rows past ``rows`` still hold the slot's previous batch: finite values whose outputs are dropped
-                timers[2].record(compute_stream)
-                pipeline.magnitudes[slot].copy_(pipeline.magnitudes64[slot])  # the cast, on the device
-                out = _forward(worker, slot)
-                prediction[start:stop] = out[:rows, 0].float()
-                timers[3].record(compute_stream)
-                if cuda:
-                    pipeline.free[slot].record(compute_stream)
-                spans.append(timers)
-        last = _Timer(device)
-        last.record(compute_stream)
-        result = prediction.cpu().numpy()  # waits for the device
-    finally:
-        if cuda:  # no copy from the host buffer may still be running when another partition is read into it
-            torch.cuda.synchronize(device)
-        partition.release()
-    compute_s = first.elapsed_to(last)
-    latencies = [t[2].elapsed_to(t[3]) for t in spans]
-    stats = {
-        "h2d_bytes": n * BITS_PER_SAMPLE // 8,
-        "h2d_s": sum(t[0].elapsed_to(t[1]) for t in spans),
-        "busy_s": sum(latencies),
-        "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
-    }
-    record = partition_record(
-        worker, partition.ref, entered, samples=n, batch_size=batch, device=worker.choices.get("device", device),
-        wait_s=wait_s,
-        load_s=partition.load_s, compute_s=compute_s, latencies=latencies, device_stats=stats,
-    )  # fmt: skip
-    return PartitionResult(record, partition.object_id, result, partition.redshift)
+            timers[0].record(self.compute_stream)
+            pipeline.magnitudes[slot].copy_(pipeline.magnitudes64[slot])  # the cast, on the device
+            out = _forward(worker, slot)
+            self.host_out[slot][: self.filled].copy_(out[: self.filled, 0].float(), non_blocking=self.cuda)
+            timers[1].record(self.compute_stream)
+        if self.cuda:
+            pipeline.free[slot].record(self.compute_stream)
+            batch.done = torch.cuda.Event()
+            batch.done.record(self.compute_stream)
+        batch.timers = [(t[0], t[1], timers[0], timers[1]) for t in batch.timers]
+        self.launched[slot] = batch
+        self.slot, self.filled, self.filling = 1 - slot, 0, _Batch([], [])
+
+    def _collect(self, block: bool) -> list:
+        """The partitions finished by launched batches that are back (all of them with ``block``), oldest first."""
+        finished = []
+        for slot in (self.slot, 1 - self.slot):  # the older launch is in the slot that fills next
+            batch = self.launched[slot]
+            if batch is not None and (block or batch.done is None or batch.done.query()):
+                finished += self._read(slot)
+        return finished
+
+    def _read(self, slot: int) -> list:
+        """The outputs of ``slot``'s launched batch into their partitions; those now whole, as results."""
+        batch = self.launched[slot]
+        if batch is None:
+            return []
+        if batch.done is not None:
+            batch.done.synchronize()
+        self.launched[slot] = None
+        outputs = self.host_out[slot].numpy()
+        forward = batch.timers[0][2].elapsed_to(batch.timers[0][3])
+        rows_in_batch = sum(rows for _, _, rows, _ in batch.segments)
+        finished = []
+        for (item, row, rows, at), (c0, c1, _, end) in zip(batch.segments, batch.timers, strict=True):
+            item.prediction[row : row + rows] = outputs[at : at + rows]
+            item.left -= rows
+            item.latencies.append(forward)
+            item.h2d_s += c0.elapsed_to(c1)
+            item.busy_s += forward * rows / rows_in_batch
+            if item.left == 0:
+                finished.append((item.position, self._result(item, end)))
+        return finished
+
+    def _result(self, item: _InFlight, end: _Timer) -> PartitionResult:
+        import torch
+
+        self.in_flight.pop(item.position, None)
+        partition, device = item.partition, self.pipeline.device
+        stats = {
+            "h2d_bytes": partition.n * BITS_PER_SAMPLE // 8,
+            "h2d_s": item.h2d_s,
+            "busy_s": item.busy_s,
+            "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device) if self.cuda else None,
+        }
+        record = partition_record(
+            self.worker, partition.ref, item.entered, samples=partition.n, batch_size=self.batch,
+            device=self.worker.choices.get("device", device), wait_s=item.wait_s, load_s=partition.load_s,
+            compute_s=item.first.elapsed_to(end), latencies=item.latencies, device_stats=stats,
+        )  # fmt: skip
+        return PartitionResult(record, partition.object_id, item.prediction, partition.redshift)
+
+    def _fail(self, exc: BaseException) -> list:
+        """Every partition in flight fails with ``exc``; the stream starts empty again."""
+        import torch
+
+        with contextlib.suppress(Exception):
+            if self.cuda:
+                torch.cuda.synchronize(self.pipeline.device)
+        failed = [(position, describe(exc)) for position in self.in_flight]
+        for item in self.in_flight.values():
+            item.partition.release()
+        self.in_flight.clear()
+        self.launched, self.slot, self.filled, self.filling = [None, None], 0, 0, _Batch([], [])
+        return failed
+
+
+def run_gpu_partition(partition: HostPartition, worker, options, wait_s: float):
+    """One partition alone through a stream of its own (its last batch padded); a PartitionResult."""
+    stream = PartitionStream(worker, options)
+    finished = stream.feed(0, partition, wait_s) + stream.drain()
+    outcome = dict(finished)[0]
+    if isinstance(outcome, str):
+        raise RuntimeError(outcome)
+    return outcome
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -481,12 +618,18 @@ def device_worker_main(conn, worker_id: str, options, weights: str | None, seed:
     torch.set_num_threads(max(1, spec.read_ahead))  # the host side only decodes and copies
     options = dataclasses.replace(options, device=local)
     pool = PinnedPool(spec.read_ahead + 1, spec.capacity, pin=spec.device.startswith("cuda"))
+    streams: dict[int, PartitionStream] = {}  # the worker's one stream, made once the worker has started
+
+    def stream_of(worker) -> PartitionStream:
+        return streams.setdefault(id(worker), PartitionStream(worker, options))
+
     serve_pipe(
         conn,
-        lambda: start_gpu_worker(worker_id, options, weights, seed, spec.cuda_graphs, spec.capacity, spec.device),
+        lambda: start_gpu_worker(worker_id, options, weights, seed, spec.cuda_graphs, spec.device),
         options,
         load=lambda ref: read_into(pool, ref, options.verify_checksums),
-        run=lambda partition, worker, wait_s: run_gpu_partition(partition, worker, options, wait_s),
+        run=lambda partition, worker, wait_s, position: stream_of(worker).feed(position, partition, wait_s),
+        drain=lambda worker: stream_of(worker).drain(),
         read_ahead=spec.read_ahead,
     )
 
