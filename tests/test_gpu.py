@@ -345,3 +345,39 @@ def test_where_a_batch_fails_every_partition_in_flight_fails_with_it(tiny_data, 
     monkeypatch.undo()
     again = stream.feed(9, gpu.read_into(None, refs[2], True), 0.0) + stream.drain()  # the stream starts empty
     assert [position for position, _ in again] == [9] and not isinstance(again[0][1], str)
+
+
+def test_a_worker_checks_a_partitions_sha256_on_its_first_read_only(tiny_data):
+    from cai_bench.backends.gpu import once_checked
+
+    _, _, refs = open_dataset(tiny_data)
+    reads = []
+    load = once_checked(lambda ref, verify: reads.append((ref.index, verify)) or ref.index, verify=True)
+    for ref in [*refs[:2], *refs[:2], refs[0]]:  # cycled, as --cycle-to-gb reads them
+        load(ref)
+    assert reads == [(0, True), (1, True), (0, False), (1, False), (0, False)]
+
+    checks = []
+
+    def corrupt_once(ref, verify):  # the first read fails its check: the next one checks again
+        checks.append(verify)
+        if len(checks) == 1:
+            raise ValueError("sha256 mismatch")
+
+    failing = once_checked(corrupt_once, verify=True)
+    with pytest.raises(ValueError):
+        failing(refs[0])
+    failing(refs[0])
+    failing(refs[0])
+    assert checks == [True, True, False]
+    unchecked = once_checked(lambda ref, verify: reads.append((ref.index, verify)), verify=False)
+    unchecked(refs[3])
+    assert reads[-1] == (3, False)
+
+
+def test_reader_threads_are_the_cores_shared_between_the_devices_two_to_eight(monkeypatch):
+    from cai_bench.backends import gpu
+
+    for cores, devices, threads in ((2, 1, 2), (16, 1, 8), (16, 4, 4), (64, 8, 8), (4, 8, 2)):
+        monkeypatch.setattr(gpu, "allowed_cpus", lambda cores=cores: cores)
+        assert gpu.default_read_ahead(devices) == threads

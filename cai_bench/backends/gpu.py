@@ -17,8 +17,9 @@ Each device worker keeps its GPU busy:
 
 Timing is by CUDA events: a partition's ``compute_s`` runs from its first copy to the end of the batch with its
 last rows, both on the device; its ``device_stats`` add its rows' share of the seconds the model ran (busy) and
-of the host-to-device copies, the bytes copied, and the device's peak memory. The same code runs on the CPU device (streams and events become
-synchronous timers), which is how the tests check it here: ``run_devices(plan, emit, ["cpu"])``.
+of the host-to-device copies, the bytes copied, and the device's peak memory. The same code runs on the CPU
+device (streams and events become synchronous timers), which is how the tests check it here:
+``run_devices(plan, emit, ["cpu"])``.
 
 torch (and the engine and model modules, which import it) is imported inside the functions that use it, so
 that choosing the backend or listing its options never imports torch.
@@ -32,6 +33,7 @@ import functools
 import os
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_run
@@ -41,6 +43,7 @@ from cai_bench.backends.options import RETRIES
 from cai_bench.choices import GPU_PRECISIONS
 from cai_bench.data.partitions import read_partition
 from cai_bench.errors import UserError, describe
+from cai_bench.machine import allowed_cpus
 from cai_bench.plan import BITS_PER_SAMPLE, Plan, work_units
 from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo
 from cai_bench.worker import PRECISION_TOLERANCE, WorkerState, forced_precision, partition_record, plan_options
@@ -73,8 +76,8 @@ OPTIONS = (
     ),
     BackendOption("cuda_graphs", bool, "Replay each batch as a CUDA graph captured at start-up.", False),
     BackendOption(
-        "read_ahead", int, "Partitions read into pinned host buffers ahead of the device.", 2, minimum=1,
-        identity=False,
+        "read_ahead", int, "Partitions read (each by a thread) into pinned host buffers ahead of the device.",
+        "the cores per device, 2 to 8", minimum=1, identity=False,
     ),
     RETRIES,
 )  # fmt: skip
@@ -338,6 +341,9 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     choices["batch_size_effective"] = batch
     worker.pipeline = _new_pipeline(device, batch, choices["channels_last"])
     warm = time.perf_counter()
+    if device.type == "cuda":  # every batch has one shape: cuDNN's fastest algorithms, found once at warm-up
+        torch.backends.cudnn.benchmark = True
+        choices["cudnn_benchmark"] = True
     if options.compile:
         mode = "reduce-overhead" if device.type == "cuda" else None  # its own CUDA graphs
         worker.model = torch.compile(worker.model, mode=mode)
@@ -630,11 +636,31 @@ def device_worker_main(conn, worker_id: str, options, weights: str | None, seed:
         conn,
         lambda: start_gpu_worker(worker_id, options, weights, seed, spec.cuda_graphs, spec.device),
         options,
-        load=lambda ref: read_into(pool, ref, options.verify_checksums),
+        load=once_checked(functools.partial(read_into, pool), options.verify_checksums),
         run=lambda partition, worker, wait_s, position: stream_of(worker).feed(position, partition, wait_s),
         drain=lambda worker: stream_of(worker).drain(),
         read_ahead=spec.read_ahead,
     )
+
+
+def default_read_ahead(devices: int) -> int:
+    """Reader threads per device worker: the cores this process may use, shared between the devices, 2 to 8
+    (reading, the sha256 check and decoding are the host's work; a device eats a 25 MB partition in milliseconds)."""
+    return max(2, min(8, allowed_cpus() // max(1, devices)))
+
+
+def once_checked(load: Callable, verify: bool) -> Callable:
+    """``load(ref, verify)`` that checks a partition's sha256 on its first read only: with ``--cycle-to-gb`` a
+    worker reads the same partitions again and again, and a 25 MB hash is some 20 ms of a reader's time."""
+    checked: set[str] = set()
+
+    def loaded(ref):
+        partition = load(ref, verify and ref.path not in checked)
+        if verify:
+            checked.add(ref.path)  # after a read that passed its check
+        return partition
+
+    return loaded
 
 
 @dataclass
@@ -681,7 +707,7 @@ def run_devices(plan: Plan, emit: Emit, devices: list[str]) -> BackendRun:
     dispatcher = Dispatcher(units, counted, DEFAULT_RETRIES if retries is None else retries)
     engine_options = plan_options(plan)
     capacity = max(ref.samples for ref in units)
-    read_ahead = options.get("read_ahead") or 2
+    read_ahead = options.get("read_ahead") or default_read_ahead(len(devices))
     specs = [DeviceWorkerSpec(d, bool(options.get("cuda_graphs")), read_ahead, capacity) for d in devices]
     context, server_s = worker_context()
     transport = NodeTransport(
