@@ -264,9 +264,52 @@ def _capture_graphs(worker, precision_context) -> None:
         pipeline.graphs.append(graph)
 
 
-def choose_gpu_precision(model, device, channels_last: bool) -> tuple[str, dict]:
-    """For precision "auto" on a GPU: each candidate against fp32 on a probe batch of realistic galaxies, best of
-    3 after a warm-up; the fastest that is at least 10% faster and within PRECISION_TOLERANCE wins."""
+def _probe_seconds(model, image, magnitude, precision: str, graphs: bool) -> tuple[float, object, str | None]:
+    """One candidate precision on the probe batch as the worker will run it: replays of a CUDA graph captured
+    for it (``graphs``), else plain launches, timed by CUDA events; best of 3 after a warm-up. Returns the
+    seconds, the output, and why a graph could not be captured (then plain launches were timed)."""
+    import torch
+
+    from cai_bench.engine import set_tf32
+
+    device, why = image.device, None
+    set_tf32(precision == "tf32")
+    run = functools.partial(model, image, magnitude)
+    if graphs:
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), _autocast(device, precision):
+                for _ in range(3):
+                    model(image, magnitude)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with _autocast(device, precision), torch.cuda.graph(graph):
+                captured = model(image, magnitude)
+
+            def run():
+                graph.replay()
+                return captured
+        except Exception as exc:  # a step that cannot be captured: plain launches, as the worker then runs
+            torch.cuda.synchronize(device)
+            why = describe(exc)
+    times, output = [], None
+    for _ in range(4):
+        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began.record()
+        with _autocast(device, precision):
+            output = run().float()
+        ended.record()
+        ended.synchronize()
+        times.append(began.elapsed_time(ended) / 1e3)
+    return min(times[1:]), output.clone(), why
+
+
+def choose_gpu_precision(model, device, channels_last: bool, batch: int = PROBE_BATCH,
+                         graphs: bool = False) -> tuple[str, dict]:  # fmt: skip
+    """For precision "auto" on a GPU: each candidate against fp32 on a probe batch of realistic galaxies (tiled
+    to the worker's ``batch`` rows), run as the worker will run it (``_probe_seconds``); the fastest that is at
+    least 10% faster and within PRECISION_TOLERANCE wins."""
     import torch
 
     from cai_bench.engine import probe_inputs, set_tf32
@@ -275,26 +318,37 @@ def choose_gpu_precision(model, device, channels_last: bool) -> tuple[str, dict]
     if forced:
         return forced
     image, magnitude = probe_inputs(device, channels_last, PROBE_BATCH)
+    repeats = -(-batch // PROBE_BATCH)
+    image = image.repeat(repeats, 1, 1, 1)[:batch].contiguous(memory_format=image_format(channels_last))
+    magnitude = magnitude.repeat(repeats, 1)[:batch].contiguous()
     candidates = ["fp32", "tf32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
-    seconds, outputs = {}, {}
+    seconds, outputs, graph_errors = {}, {}, {}
     with torch.inference_mode():
         for precision in candidates:
-            set_tf32(precision == "tf32")
-            times = []
-            for _ in range(4):
-                torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                with _autocast(device, precision):
-                    outputs[precision] = model(image, magnitude).float()
-                torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-            seconds[precision] = min(times[1:])
+            seconds[precision], outputs[precision], error = _probe_seconds(model, image, magnitude, precision, graphs)
+            if error:
+                graph_errors[precision] = error
     set_tf32(False)
     difference = {p: float((outputs[p] - outputs["fp32"]).abs().max()) for p in candidates}
     good = [p for p in candidates[1:] if seconds[p] < 0.9 * seconds["fp32"] and difference[p] <= PRECISION_TOLERANCE]
     chose = min(good, key=seconds.get) if good else "fp32"
     why = "fastest within tolerance" if good else "nothing 10% faster within tolerance"
-    return chose, {"chose": chose, "why": why, "seconds": seconds, "max_difference": difference, "batch": PROBE_BATCH}
+    timed = "CUDA graph replays" if graphs and not graph_errors else "plain launches"
+    return chose, {
+        "chose": chose,
+        "why": why,
+        "seconds": seconds,
+        "max_difference": difference,
+        "batch": batch,
+        "timed": f"{timed}, CUDA events",
+        **({"graph_errors": graph_errors} if graph_errors else {}),
+    }
+
+
+def image_format(channels_last: bool):
+    import torch
+
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cuda_graphs: bool,
@@ -322,9 +376,13 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     model = model.to(device).eval()
     choices = {"engine": "fast", "precision_requested": options.precision, **prepare_for_inference(model)}
     precision = options.precision
+    if precision in ("auto", "bf16", "fp16"):  # before the probe, which then times what will run
+        float32_output = output_in_float32(model)  # under fp32 and tf32 it computes as the plain layer
     if precision == "auto":
         if device.type == "cuda":
-            precision, choices["precision_probe"] = choose_gpu_precision(model, device, choices["channels_last"])
+            precision, choices["precision_probe"] = choose_gpu_precision(
+                model, device, choices["channels_last"], options.batch_size, cuda_graphs and not options.compile
+            )  # fmt: skip
         else:
             precision = "fp32"  # the CPU device only stands in for a GPU in tests
     if device.type != "cuda" and precision in ("tf32", "fp16"):
@@ -333,7 +391,7 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
         raise UserError(f"--precision {precision}: a device worker runs {', '.join(GPU_PRECISIONS)}")
     set_tf32(device.type == "cuda" and precision == "tf32")
     if precision in ("bf16", "fp16"):  # the output in float32, not rounded to the half type's coarse steps
-        choices["float32_output_layer"] = output_in_float32(model)
+        choices["float32_output_layer"] = float32_output
     choices["precision"] = precision
     context = functools.partial(_autocast, device, precision)
     worker = WorkerState(worker_id, model, info, 0.0, 0.0, precision, choices["channels_last"], choices)
