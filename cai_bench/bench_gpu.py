@@ -83,25 +83,25 @@ def _chosen_against_fp32(refs, options: EngineOptions, cuda_graphs: bool):
     chosen = gpu.start_gpu_worker("bench", options, None, 0, cuda_graphs)
     reference = gpu.start_gpu_worker("fp32", dataclasses.replace(options, precision="fp32"), None, 0, False)
     first = gpu.read_into(None, refs[0], verify=True)
-    ours = gpu.run_gpu_partition(first, chosen, options, 0.0).prediction
-    theirs = gpu.run_gpu_partition(first, reference, options, 0.0).prediction
+    ours = gpu.run_gpu_partition(first, chosen, 0.0).prediction
+    theirs = gpu.run_gpu_partition(first, reference, 0.0).prediction
     del reference
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return chosen, float(np.abs(ours - theirs).max())
 
 
-def _from_host_memory(refs, units, chosen, options: EngineOptions) -> tuple[float, gpu.DeviceTotals]:
+def _from_host_memory(refs, units, chosen) -> tuple[float, gpu.DeviceTotals]:
     """Every partition pinned once, then the cycled units through one stream of the worker's batches, as a device
     worker runs them (batches spanning partitions): the wall clock to the last partition's outputs on the host."""
     import torch  # the benchmark runs the device worker's own code, through torch
 
     resident = {ref.index: gpu.read_into(None, ref, verify=True) for ref in refs}
-    gpu.run_gpu_partition(resident[units[0].index], chosen, options, 0.0)  # the first full pass of the code path
+    gpu.run_gpu_partition(resident[units[0].index], chosen, 0.0)  # the first full pass of the code path
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     totals = gpu.DeviceTotals()
-    stream = gpu.PartitionStream(chosen, options)
+    stream = gpu.PartitionStream(chosen)
     began = time.perf_counter()
     finished = []
     for position, ref in enumerate(units):
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         backend_options={"cuda_graphs": cuda_graphs},
     )  # fmt: skip
     units = work_units(plan)
-    wall_memory, totals = _from_host_memory(refs, units, chosen, options)
+    wall_memory, totals = _from_host_memory(refs, units, chosen)
     del chosen
     emitted = []
     run = gpu.run_devices(plan, emitted.append, [device])

@@ -218,9 +218,9 @@ def test_tf32_is_set_from_the_precision_of_the_worker_whose_partition_runs(tiny_
     fp32 = gpu.start_gpu_worker("b", options, None, 0, False)  # a later worker, as bench-gpu's reference
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), labelled_tf32, options, 0.0)
+        gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), labelled_tf32, 0.0)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), fp32, options, 0.0)
+        gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), fp32, 0.0)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -264,7 +264,7 @@ def test_a_device_workers_records_name_the_device_as_the_run_does(tiny_data):
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=16, precision="fp32", device="cpu")
     worker = gpu.start_gpu_worker("w", options, None, 0, False, label="cpu (as cuda:3)")
-    result = gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), worker, options, 0.0)
+    result = gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), worker, 0.0)
     assert result.record.device == "cpu (as cuda:3)" == worker.choices["device"]
 
 
@@ -308,7 +308,7 @@ def test_batches_span_partitions_and_give_each_its_outputs_once_in_order_equal_t
     units = [*refs, refs[0]]  # the first one twice, as --cycle-to-gb runs it
     options = EngineOptions(batch_size=16, precision="fp32", device="cpu")
     worker = gpu.start_gpu_worker("w", options, None, 0, False)
-    stream = gpu.PartitionStream(worker, options)
+    stream = gpu.PartitionStream(worker)
     finished = []
     for position, ref in enumerate(units):
         finished += stream.feed(position, gpu.read_into(None, ref, True), 0.0)
@@ -333,7 +333,7 @@ def test_where_a_batch_fails_every_partition_in_flight_fails_with_it(tiny_data, 
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=32, precision="fp32", device="cpu")
     worker = gpu.start_gpu_worker("w", options, None, 0, False)
-    stream = gpu.PartitionStream(worker, options)
+    stream = gpu.PartitionStream(worker)
     assert stream.feed(7, gpu.read_into(None, refs[0], True), 0.0) == []  # 26 rows: the batch is not full yet
 
     def broken(worker, slot):

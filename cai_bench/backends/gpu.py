@@ -482,11 +482,10 @@ class PartitionStream:
     returns the rest. Each as ``(position, PartitionResult or an error message)``: where a step fails, every
     partition in flight fails with it (the dispatcher runs them again elsewhere)."""
 
-    def __init__(self, worker, options):
+    def __init__(self, worker):
         import torch
 
-        self.worker, self.options = worker, options
-        self.pipeline = worker.pipeline
+        self.worker, self.pipeline = worker, worker.pipeline
         device = self.pipeline.device
         self.cuda, self.batch = device.type == "cuda", self.pipeline.batch_size
         self.compute_stream = torch.cuda.current_stream(device) if self.cuda else None
@@ -642,9 +641,9 @@ class PartitionStream:
         return failed
 
 
-def run_gpu_partition(partition: HostPartition, worker, options, wait_s: float):
+def run_gpu_partition(partition: HostPartition, worker, wait_s: float):
     """One partition alone through a stream of its own (its last batch padded); a PartitionResult."""
-    stream = PartitionStream(worker, options)
+    stream = PartitionStream(worker)
     finished = stream.feed(0, partition, wait_s) + stream.drain()
     outcome = dict(finished)[0]
     if isinstance(outcome, str):
@@ -688,7 +687,7 @@ def device_worker_main(conn, worker_id: str, options, weights: str | None, seed:
     streams: dict[int, PartitionStream] = {}  # the worker's one stream, made once the worker has started
 
     def stream_of(worker) -> PartitionStream:
-        return streams.setdefault(id(worker), PartitionStream(worker, options))
+        return streams.setdefault(id(worker), PartitionStream(worker))
 
     serve_pipe(
         conn,
