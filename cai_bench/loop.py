@@ -39,30 +39,28 @@ def worker_loop(
     drain: Callable[[Any], list] | None = None,
 ) -> Any:
     """The loop every worker runs, whatever carries its units: hpc node processes, SLURM array tasks, the cpu
-    backend, and next GPU device processes and the Lambda handler.
+    backend, GPU device processes and the Lambda handler.
 
     ``next_units(ahead)`` asks for work: ``ahead=False`` when the worker has nothing (an empty answer ends the
     loop), ``ahead=True`` while it starts its last unit, to read one more in the background (an empty answer
-    just means not now). The first units are asked for and read while the worker starts (``start``), then one
-    unit is always read ahead, so reading overlaps compute and at most two partitions are in memory.
-
-    A unit that raises goes to ``on_failed`` with its error, and the loop goes on; without ``on_failed`` the
-    error ends the loop. Returns the started worker (None when there was no work), for its weights and choices;
-    the caller closes it.
+    just means not now). The first units are read while the worker starts (``start``), then ``read_ahead`` units
+    are read behind the one that runs, each by a thread of its own, so reading overlaps compute. A unit that
+    raises goes to ``on_failed`` with its error, and the loop goes on; without ``on_failed`` the error ends the
+    loop. Returns the started worker (None when there was no work), for its weights and choices; the caller
+    closes it.
 
     ``load`` (a reference to what ``run`` takes) and ``run`` (that, the worker and the seconds waited, to a
-    PartitionResult) replace reading and running a partition (the GPU worker reads into pinned buffers and runs
-    padded batches); ``read_ahead`` units are read in the background, each by a thread of its own.
-
-    With ``drain``, ``run`` streams: called as ``run(partition, worker, wait_s, position)``, it returns the units
-    that finished meanwhile, earlier ones included, as ``(position, PartitionResult or error message)``, and
-    ``drain(worker)`` returns the rest once there is no more work (the GPU worker's batches span partitions).
+    PartitionResult) replace reading and running a partition. With ``drain``, ``run`` streams: called as
+    ``run(partition, worker, wait_s, position)``, it returns the units that finished meanwhile, earlier ones
+    included, as ``(position, PartitionResult or error message)``, and ``drain(worker)`` returns the rest
+    before the worker waits for work (the GPU worker's batches span partitions).
     """
     if load is None or run is None:
         from cai_bench import engine  # torch: only in the workers that run the model through it
 
         load = load or (lambda ref: engine.load_partition(ref, options))
         run = run or (lambda partition, worker, wait_s: engine.run_partition(partition, worker, options, wait_s=wait_s))
+    run = run if drain is not None else _as_stream(run)
 
     held: list[tuple[int, Future]] = []
     worker = None
@@ -87,8 +85,7 @@ def worker_loop(
                     wait_s = time.perf_counter() - waited
                     while len(held) <= read_ahead and ask(ahead=True):
                         pass  # keep ``read_ahead`` units reading behind the one about to run
-                    result = run(partition, worker, wait_s) if drain is None else run(partition, worker, wait_s,
-                                                                                        position)  # fmt: skip
+                    finished = run(partition, worker, wait_s, position)
                 except Exception as exc:
                     held.pop(0)
                     if on_failed is None:
@@ -97,10 +94,7 @@ def worker_loop(
                 else:
                     held.pop(0)
                     del partition
-                    if drain is None:
-                        on_done(position, result)
-                    else:
-                        _settle(result, on_done, on_failed)
+                    _settle(finished, on_done, on_failed)
                 if not held:
                     if drain is not None:  # before waiting for work: the driver waits for these to finish
                         _settle(drain(worker), on_done, on_failed)
@@ -109,6 +103,11 @@ def worker_loop(
             worker.close()
             raise
     return worker
+
+
+def _as_stream(run: Callable) -> Callable:
+    """A plain ``run`` in the streaming form: one unit in, that unit out, nothing held back."""
+    return lambda partition, worker, wait_s, position: [(position, run(partition, worker, wait_s))]
 
 
 def _settle(finished: list, on_done, on_failed) -> None:
