@@ -371,6 +371,7 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
+        torch.backends.cudnn.benchmark = True  # one batch shape: cuDNN's fastest algorithms, found once (probe too)
     model = build_model(seed=seed)
     info = load_weights(model, weights) if weights else WeightsInfo(source=RANDOM_INIT, seed=seed)
     model = model.to(device).eval()
@@ -399,9 +400,6 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     choices["batch_size_effective"] = batch
     worker.pipeline = _new_pipeline(device, batch, choices["channels_last"])
     warm = time.perf_counter()
-    if device.type == "cuda":  # every batch has one shape: cuDNN's fastest algorithms, found once at warm-up
-        torch.backends.cudnn.benchmark = True
-        choices["cudnn_benchmark"] = True
     if options.compile:
         mode = "reduce-overhead" if device.type == "cuda" else None  # its own CUDA graphs
         worker.model = torch.compile(worker.model, mode=mode)
@@ -422,7 +420,7 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
         torch.cuda.synchronize(device)
     end = time.perf_counter()
     choices.update({"compile": options.compile, "cuda_graphs": bool(worker.pipeline.graphs),
-                    "device": label or str(device)})  # fmt: skip
+                    "device": label or str(device), "cudnn_benchmark": device.type == "cuda"})  # fmt: skip
     if options.compile or worker.pipeline.graphs:
         choices["compile_or_capture_s"] = end - warm
     if device.type == "cuda":
