@@ -20,7 +20,7 @@ from cai_bench.backends.aws_lambda import pricing
 from cai_bench.backends.aws_lambda.emulator import MAX_VCPUS, cpu_share
 from cai_bench.errors import UserError
 from cai_bench.machine import machine_label
-from cai_bench.plan import BYTES_PER_SAMPLE, partition_count, partition_sizes, samples_for_gb
+from cai_bench.plan import BYTES_PER_SAMPLE, partition_count, partition_sizes, samples_for_gb, samples_per_partition
 from cai_bench.published import (
     PAPER_FUNCTION_MEMORY_MB,
     load_reference,
@@ -319,7 +319,7 @@ def check_target(target: Target) -> None:
     if target.backend not in BACKENDS:
         raise UserError(f"--backend must be among {', '.join(BACKENDS)}, got {target.backend!r}")
     samples_for_gb(target.gb)
-    partition_sizes(1, target.partition_mb)
+    samples_per_partition(target.partition_mb)
     for name, value in (("--concurrency", target.concurrency), ("--map-concurrency", target.map_concurrency),
                         ("--tasks", target.tasks), ("--memory-mb", target.memory_mb),
                         ("--cores-per-task", target.cores_per_task)):  # fmt: skip
@@ -361,14 +361,10 @@ def _simulate_target(profile: Profile, target: Target, memory_mb: int | None, de
 def _costs(sim: Simulated, target: Target, memory_mb: int | None, cores: int, prices: Prices) -> dict:
     """Per trial cost in US$ (None: not priced), and Lambda's billed GB-s, requests and transitions."""
     if target.backend == "lambda":
-        table = prices.lambda_table
-        per_gb_s = table["gb_second_usd"].get(prices.architecture)
-        if per_gb_s is None:
-            raise UserError(f"no Lambda price for architecture {prices.architecture!r}")
-        gb_s = sim.billed_ms / 1000 * memory_mb / 1024
         transitions = sim.units + 1 if target.orchestrator == "stepfunctions" else 0
-        transition_usd = table.get("state_transition_usd", pricing.PRICES["state_transition_usd"])
-        usd = gb_s * per_gb_s + sim.units * table["request_usd"] + transitions * transition_usd
+        costs = [pricing.total_cost(ms, sim.units, memory_mb, prices.architecture, prices.lambda_table, transitions)
+                 for ms in sim.billed_ms]  # fmt: skip
+        usd, gb_s = np.array([c.usd for c in costs]), np.array([c.billed_gb_s for c in costs])
         return {"usd": usd, "gb_s": gb_s, "requests": sim.units, "transitions": transitions}
     if target.backend == "hpc":  # an array task is billed its own elapsed time on its cores
         usd = None if prices.core_hour_usd is None else sim.busy_s / 3600 * cores * prices.core_hour_usd

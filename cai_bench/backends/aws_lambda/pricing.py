@@ -89,16 +89,22 @@ def cost(billed_ms: Iterable[float], memory_mb: float, architecture: str = "x86_
     ``transitions`` Step Functions state transitions.
 
     Lambda meters memory in MB and charges per GB-second with 1 GB = 1,024 MB."""
+    billed = list(billed_ms)
+    return total_cost(sum(billed), len(billed), memory_mb, architecture, prices, transitions)
+
+
+def total_cost(billed_ms: float, requests: int, memory_mb: float, architecture: str = "x86_64",
+               prices: dict = PRICES, transitions: int = 0) -> Cost:  # fmt: skip
+    """``cost`` of ``requests`` invocations billed ``billed_ms`` in all (the estimate prices simulated runs so)."""
     per_gb_s = prices["gb_second_usd"].get(architecture)
     if per_gb_s is None:
         known = ", ".join(sorted(prices["gb_second_usd"]))
         raise UserError(f"no Lambda price for architecture {architecture!r} (prices for {known})")
-    billed = list(billed_ms)
-    gb_s = sum(billed) / 1000 * memory_mb / 1024
+    gb_s = billed_ms / 1000 * memory_mb / 1024
     duration_usd = gb_s * per_gb_s
-    request_usd = len(billed) * prices["request_usd"]
+    request_usd = requests * prices["request_usd"]
     transitions_usd = transitions * prices.get("state_transition_usd", PRICES["state_transition_usd"])
-    return Cost(duration_usd + request_usd + transitions_usd, len(billed), gb_s, duration_usd, request_usd,
+    return Cost(duration_usd + request_usd + transitions_usd, requests, gb_s, duration_usd, request_usd,
                 architecture, prices.get("as_of", "unknown"), transitions, transitions_usd)  # fmt: skip
 
 
