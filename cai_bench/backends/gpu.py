@@ -244,24 +244,32 @@ def _forward(worker, slot: int):
     return worker.model(pipeline.images[slot], pipeline.magnitudes[slot])
 
 
-def _capture_graphs(worker, precision_context) -> None:
-    """One CUDA graph per slot, captured after warm-up passes on a side stream (as CUDA graphs require)."""
+def _captured(device, precision_context, call) -> tuple[object, object]:
+    """``call()`` as a CUDA graph, captured after warm-up passes on a side stream (as CUDA graphs require): the
+    graph and the output tensor its replays write."""
     import torch
 
-    pipeline, device = worker.pipeline, worker.pipeline.device
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.inference_mode(), precision_context():
-        for slot in range(2):
-            for _ in range(3):
-                worker.model(pipeline.images[slot], pipeline.magnitudes[slot])
+        for _ in range(3):
+            call()
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), precision_context(), torch.cuda.graph(graph):
+        output = call()
+    return graph, output
+
+
+def _capture_graphs(worker, precision_context) -> None:
+    """One CUDA graph per slot, each replaying the model on that slot's buffers."""
+    pipeline = worker.pipeline
     for slot in range(2):
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), precision_context(), torch.cuda.graph(graph):
-            pipeline.outputs.append(worker.model(pipeline.images[slot], pipeline.magnitudes[slot]))
+        call = functools.partial(worker.model, pipeline.images[slot], pipeline.magnitudes[slot])
+        graph, output = _captured(pipeline.device, precision_context, call)
         pipeline.graphs.append(graph)
+        pipeline.outputs.append(output)
 
 
 def _probe_seconds(model, image, magnitude, precision: str, graphs: bool) -> tuple[float, object, str | None]:
@@ -277,15 +285,7 @@ def _probe_seconds(model, image, magnitude, precision: str, graphs: bool) -> tup
     run = functools.partial(model, image, magnitude)
     if graphs:
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side), _autocast(device, precision):
-                for _ in range(3):
-                    model(image, magnitude)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with _autocast(device, precision), torch.cuda.graph(graph):
-                captured = model(image, magnitude)
+            graph, captured = _captured(device, functools.partial(_autocast, device, precision), run)
 
             def run():
                 graph.replay()
