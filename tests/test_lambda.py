@@ -63,6 +63,17 @@ def test_a_unit_past_its_memory_is_killed_as_lambda_does_and_retried(s3, tiny_da
     assert run.info["memory_mb"] == 384
 
 
+def test_max_memory_used_is_the_environments_own_not_the_drivers(s3, tiny_data, local_s3):
+    """An environment is spawned from the driver's process; Linux carries a process's peak RSS across exec into
+    ru_maxrss, so reading that reported the driver's memory as the function's. A driver holding 700 MB more
+    must not move the figure (a no-model environment holds about 100 MB)."""
+    held = np.ones(700 << 20, dtype=np.uint8)  # touched: resident in this process when the environments start
+    run, emitted = run_no_model(lambda_plan(tiny_data, s3, local_s3, memory_mb=2048))
+    assert emitted == ALL and held[-1] == 1
+    used = [i["report"]["max_memory_used_mb"] for i in run.info["invocations"]]
+    assert all(0 < mb < 400 for mb in used), used
+
+
 def test_a_unit_past_its_timeout_fails_for_good_and_the_rest_is_kept(s3, tiny_data, local_s3):
     # 4 s: the others' attempts stay inside it at a 512 MB function's share of a core on a loaded machine
     plan = lambda_plan(tiny_data, s3, local_s3, timeout_s=4.0, retries=1)

@@ -19,12 +19,13 @@ import importlib
 import io
 import json
 import os
-import resource
 import struct
 import sys
 import time
 import traceback
 from dataclasses import dataclass
+
+from cai_bench.metrics import peak_rss_bytes
 
 FRAME = struct.Struct("<I")  # the length before each message, both ways
 
@@ -99,7 +100,9 @@ def main() -> int:
                                    "stackTrace": [line.rstrip() for line in trace[-8:]]}}  # fmt: skip
                 print(f"[ERROR] {type(exc).__name__}: {exc}")
         reply["logs"] = logs.getvalue()[-3000:]
-        reply["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        # The environment's own high-water mark (VmHWM): ru_maxrss would carry the emulator's resident size at
+        # the spawn across exec, and report the driver's memory as the function's
+        reply["max_rss_mb"] = peak_rss_bytes() >> 20
         write_message(protocol_out, reply)
 
 
