@@ -121,6 +121,9 @@ class Plan:
     cycle_to_gb: float | None = None  # reuse the partitions in turn until this much data has been processed
     oversubscribe: bool = False  # more threads than this process may use, on purpose: reports mark the point
     work_dir: str | None = None  # where a backend's workers may write (the results directory); not measured
+    # --runtime auto's answer: what it chose and why, with the probe's figures (runner.resolve_runtime); the
+    # runtime and precision it chose are in backend_options and precision, where identities read them
+    runtime_choice: dict | None = None
 
     def to_record(self) -> dict:
         """The plan as records keep it: everything but the per-partition list."""
@@ -143,7 +146,10 @@ def plan_from_dict(data: dict) -> Plan:
 
 def check_runtime(runtime: str, precision: str, engine: str, compile: bool) -> None:
     """Refuse what ``runtime`` cannot run: the reference loop and torch.compile are torch's, and each runtime runs
-    its own precisions (choices.RUNTIME_PRECISIONS)."""
+    its own precisions (choices.RUNTIME_PRECISIONS); "auto" is resolved to one of them before a worker starts
+    (``runner.resolve_runtime``), the reference loop and torch.compile to torch."""
+    if runtime == "auto":
+        return
     if runtime not in RUNTIMES:
         raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime != "torch" and engine == "reference":
@@ -176,6 +182,7 @@ def make_plan(
     cycle_to_gb: float | None = None,
     oversubscribe: bool = False,
     work_dir: str | None = None,
+    runtime_choice: dict | None = None,
 ) -> Plan:
     """Validate options and build a Plan; every problem is a UserError naming the option."""
     if batch_size < 1:
@@ -225,6 +232,7 @@ def make_plan(
         cycle_to_gb=cycle_to_gb,
         oversubscribe=oversubscribe,
         work_dir=work_dir,
+        runtime_choice=runtime_choice,
     )
 
 

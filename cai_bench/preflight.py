@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cai_bench import aws
 from cai_bench.backends.base import Backend, Detachable
-from cai_bench.backends.registry import check_options, check_precision, get_backend
+from cai_bench.backends.registry import check_options, check_precision, get_backend, requested_runtime
 from cai_bench.errors import UserError
 from cai_bench.machine import allowed_cpus
 from cai_bench.model.export_format import is_export, read_export
@@ -55,6 +55,8 @@ def check_run(
     for options, precision in points:
         options = check_options(chosen, dict(options))
         check_precision(chosen, precision)
+        if requested_runtime(chosen, options) == "auto":
+            options["runtime"] = "auto"  # the backend's default, written out: the plan holds what is to resolve
         check_runtime(options.get("runtime") or "torch", precision, engine, compile)
         checked.append(options)
     if detach is not None:

@@ -25,8 +25,9 @@ def identity_options(backend: str, options: dict) -> dict:
     declared = declared_options(backend)
     if declared is None:
         return dict(options)
-    identity = {o.name for o in declared if o.identity}
-    return {k: v for k, v in options.items() if k in identity and v is not None and v is not False}
+    identity = {o.name: o for o in declared if o.identity}
+    return {k: v for k, v in options.items()
+            if k in identity and v is not None and v is not False and v != identity[k].absent_as}  # fmt: skip
 
 
 def data_identity(data: dict) -> str:
@@ -42,7 +43,7 @@ def data_identity(data: dict) -> str:
     return f"dataset-{data.get('dataset_id')}"
 
 
-_NOT_PART_OF_A_POINT = ("repeats", "warmup", "data", "work_dir")
+_NOT_PART_OF_A_POINT = ("repeats", "warmup", "data", "work_dir", "runtime_choice")
 
 
 def ran_precision(record: dict) -> str:

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from cai_bench.backends.base import BackendRun, PartitionsFailed, collect_command, load_job, save_job
-from cai_bench.backends.registry import get_backend
+from cai_bench.backends.registry import get_backend, requested_runtime
 from cai_bench.data.datasets import resolve_data
 from cai_bench.errors import UserError
 from cai_bench.machine import capture_environment, this_machine
@@ -25,6 +25,7 @@ from cai_bench.metrics import accuracy, reset_peak_rss
 from cai_bench.plan import DataSummary, Plan, make_plan, plan_from_dict, work_units
 from cai_bench.preflight import Ready, check_run
 from cai_bench.records import RANDOM_INIT, PartitionResult, RunRecord, WorkerRecord, new_run_id, summarize_run, utc_now
+from cai_bench.runtime_choice import choose_runtime, fixed_choice
 from cai_bench.store import ResultsStore
 
 
@@ -290,6 +291,30 @@ def _record_unfinished(plan, repeat, store, collected, start, exc, kind) -> None
     store.append(_record(plan, repeat, collected, elapsed, status, weights=weights, error=error, kind=kind))
 
 
+def resolve_runtime(plan: Plan, asked: dict | None = None) -> Plan:
+    """``plan`` with --runtime auto resolved: the runtime and precision the probe chose, with its figures in
+    ``runtime_choice``. ``asked`` keeps the answers of earlier calls (a sweep asks once per distinct probe). Torch
+    without a probe where the probe cannot speak for the workers: the reference loop and torch.compile are
+    torch's, and workers on other machines (SLURM tasks) are not this one; their precision stays as asked."""
+    backend = get_backend(plan.backend)
+    if requested_runtime(backend, plan.backend_options) != "auto":
+        return plan
+    layout = getattr(backend, "worker_layout", lambda _: None)(plan)
+    if plan.engine == "reference" or plan.compile:
+        runtime, precision, probe = fixed_choice("the reference loop and torch.compile are torch's", plan.precision)
+    elif layout is None:
+        runtime, precision, probe = fixed_choice("the workers run on other machines than this probe", plan.precision)
+    else:
+        key = (plan.precision, layout, plan.weights, plan.seed)
+        if asked is None or key not in asked:
+            answer = choose_runtime(plan.weights, plan.seed, layout, plan.precision)
+            asked = {} if asked is None else asked
+            asked[key] = answer
+        runtime, precision, probe = asked[key]
+    options = {**plan.backend_options, "runtime": runtime}
+    return dataclasses.replace(plan, backend_options=options, precision=precision, runtime_choice=probe)
+
+
 def execute(
     plan: Plan,
     store: ResultsStore | None,
@@ -303,6 +328,7 @@ def execute(
     ``store`` as soon as it finishes. ``on_result`` sees each partition's result of the measured repeats as it
     arrives (predict writes it out); the records are of ``kind``."""
     progress = progress or NoProgress()
+    plan = resolve_runtime(plan)
     if plan.work_dir is None and store is not None:
         plan = dataclasses.replace(plan, work_dir=str(store.directory))
     for i in range(plan.warmup):
@@ -316,7 +342,7 @@ def execute(
 def submit_plan(plan: Plan, store: ResultsStore) -> tuple[str, str]:
     """Submit ``plan`` and leave it running (``--no-wait``, checked by ``preflight``); returns its job id and the
     command that records it."""
-    job = get_backend(plan.backend).submit(dataclasses.replace(plan, work_dir=str(store.directory)))
+    job = get_backend(plan.backend).submit(dataclasses.replace(resolve_runtime(plan), work_dir=str(store.directory)))
     save_job(store.directory, job)
     return job.job_id, collect_command(job.job_id, store.directory)
 

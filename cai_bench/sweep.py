@@ -39,7 +39,7 @@ from cai_bench.preflight import check_run
 from cai_bench.records import RunRecord
 from cai_bench.report import PointReport, summarize_points
 from cai_bench.results import point_key, read_records, record_point_key
-from cai_bench.runner import NoProgress, SweepProgressSink, execute, plan_machine
+from cai_bench.runner import NoProgress, SweepProgressSink, execute, plan_machine, resolve_runtime
 from cai_bench.store import ResultsStore
 
 
@@ -65,6 +65,7 @@ class SweepPointState:
     done: int  # "ok" repeats already in the store for this plan on this machine
     todo: int  # repeats this sweep runs
     precision: str  # what the point runs: its precision, with "auto" resolved once for the whole sweep
+    plan_options: dict = field(default_factory=dict)  # make_plan's options for the point, "auto" resolved
 
 
 @dataclass
@@ -73,6 +74,7 @@ class SweepOutcome:
     records: list[RunRecord] = field(default_factory=list)  # what this invocation appended
     auto_precision: dict | None = None  # the probe that resolved the sweep's "auto" points, where it ran
     auto_precisions: dict = field(default_factory=dict)  # runtime -> its probe, where the sweep has several
+    runtime_choices: list[dict] = field(default_factory=list)  # --runtime auto's answers, one per distinct probe
 
 
 def _point_options(point: SweepPoint) -> dict:
@@ -97,10 +99,6 @@ def _plan_options(spec: SweepSpec, point: SweepPoint, precision: str) -> dict:
     }
 
 
-def _point_runtime(point: SweepPoint) -> str:
-    return dict(point.backend_options).get("runtime") or "torch"
-
-
 def resolve_auto_precision(spec: SweepSpec, runtime: str = "torch") -> tuple[str, dict]:
     """What "auto" runs as on this machine and ``runtime``, probed once for a whole sweep, so that all repeats
     of a point run the same precision (each run's own probe could answer differently on a machine where bf16 is
@@ -110,12 +108,32 @@ def resolve_auto_precision(spec: SweepSpec, runtime: str = "torch") -> tuple[str
     return auto_precision(runtime, spec.weights, spec.seed, spec.threads or default_threads())
 
 
-def resolve_auto_precisions(spec: SweepSpec) -> tuple[dict[str, str], dict[str, dict]]:
-    """``resolve_auto_precision`` for each runtime the sweep's "auto" points run on."""
-    chosen, probes = {}, {}
-    for runtime in sorted({_point_runtime(p) for p in spec.points() if p.precision == "auto"}):
-        chosen[runtime], probes[runtime] = resolve_auto_precision(spec, runtime)
-    return chosen, probes
+@dataclass
+class AutoAnswers:
+    """What "auto" runs as in a sweep, asked once per distinct question for all its points, so that every repeat
+    of a point runs the same and the sweep knows which points the store already holds: --runtime auto per probe
+    (``runner.resolve_runtime``), then precision "auto" per runtime where the runtime's answer left it open."""
+
+    spec: SweepSpec
+    runtimes: dict = field(default_factory=dict)  # resolve_runtime's answers
+    precisions: dict = field(default_factory=dict)  # runtime -> (precision, the probe's figures)
+
+    def plan(self, point: SweepPoint) -> Plan:
+        """The plan ``point`` will run (its data as expected, without generating it), "auto" resolved."""
+        options = _plan_options(self.spec, point, point.precision)
+        expected = Plan(self.spec.backend, _expected_summary(point, self.spec.seed), (), **options)
+        expected = resolve_runtime(expected, self.runtimes)
+        if expected.precision == "auto":
+            runtime = expected.backend_options.get("runtime") or "torch"
+            if runtime not in self.precisions:
+                self.precisions[runtime] = resolve_auto_precision(self.spec, runtime)
+            expected = dataclasses.replace(expected, precision=self.precisions[runtime][0])
+        return expected
+
+    def probes(self) -> tuple[dict, list[dict]]:
+        """The precision probes by runtime, and the distinct runtime choices, for the sweep's outcome."""
+        choices = [answer[2] for answer in self.runtimes.values()]
+        return {runtime: probe for runtime, (_, probe) in self.precisions.items()}, choices
 
 
 def _expected_summary(point: SweepPoint, seed: int) -> DataSummary:
@@ -141,30 +159,29 @@ def _done_counts(store: ResultsStore) -> dict[str, int]:
 
 
 def sweep_state(
-    spec: SweepSpec, store: ResultsStore, force: bool = False, auto_as: dict[str, str] | None = None
+    spec: SweepSpec, store: ResultsStore, force: bool = False, answers: AutoAnswers | None = None
 ) -> list[SweepPointState]:
     """Each point of the sweep with the repeats already in the store (for this plan, on this machine).
 
-    ``auto_as`` is what "auto" runs as on each runtime (``resolve_auto_precisions``). Points on the same data
-    run one after another (in the order the grids first name that data), so each data set is needed during one
-    stretch of the sweep only.
+    ``answers`` holds what "auto" runs as (asked here where not given). Points on the same data run one after
+    another (in the order the grids first name that data), so each data set is needed during one stretch of the
+    sweep only.
     """
     done = _done_counts(store)
+    answers = answers or AutoAnswers(spec)
     states = []
     points = spec.points()
-    if auto_as is None and any(p.precision == "auto" for p in points):
-        auto_as, _ = resolve_auto_precisions(spec)
     first_use = {}
     for index, point in enumerate(points):
         first_use.setdefault((point.gb, point.partition_mb), index)
     points.sort(key=lambda p: first_use[(p.gb, p.partition_mb)])
     for point in points:
-        precision = auto_as[_point_runtime(point)] if point.precision == "auto" else point.precision
-        options = _plan_options(spec, point, precision)
-        expected = Plan(spec.backend, _expected_summary(point, spec.seed), (), **options)
+        expected = answers.plan(point)
         key = point_key(expected.to_record(), plan_machine(expected))
         have = 0 if force else min(done.get(key, 0), spec.repeats)
-        states.append(SweepPointState(point, key, have, spec.repeats - have, precision))
+        options = {**_plan_options(spec, point, expected.precision), "backend_options": expected.backend_options,
+                   "runtime_choice": expected.runtime_choice}  # fmt: skip
+        states.append(SweepPointState(point, key, have, spec.repeats - have, expected.precision, options))
     return states
 
 
@@ -195,13 +212,11 @@ def run_sweep(
     generated is deleted after its last point (the paper's grid would otherwise keep about 175 GB).
     """
     progress = progress or NoProgress()
-    probes: dict[str, dict] = {}
-    auto_as = None
-    if any(p.precision == "auto" for p in spec.points()):
-        auto_as, probes = resolve_auto_precisions(spec)
-    states = sweep_state(spec, store, force, auto_as)
+    answers = AutoAnswers(spec)
+    states = sweep_state(spec, store, force, answers)
+    probes, choices = answers.probes()
     outcome = SweepOutcome(states, auto_precision=probes.get("torch") or next(iter(probes.values()), None))
-    outcome.auto_precisions = probes
+    outcome.auto_precisions, outcome.runtime_choices = probes, choices
     total = sum(samples_for_gb(s.point.gb) * (s.todo + spec.warmup) for s in states if s.todo)
     progress.sweep_begin(len(states), total)
     generated: set[Path] = set()
@@ -223,7 +238,7 @@ def run_sweep(
                 if not (directory / MANIFEST).is_file():
                     generated.add(directory)
                 summary, refs = resolve_data(None, point.gb, point.partition_mb, spec.seed, synth_progress)
-                plan = make_plan(spec.backend, summary, refs, **_plan_options(spec, point, state.precision))
+                plan = make_plan(spec.backend, summary, refs, **state.plan_options)
                 if point_key(plan.to_record(), plan_machine(plan)) != state.key:
                     raise RuntimeError(f"{summary.path}: the cached data set is not the one the sweep expected")
                 outcomes = execute(plan, store, progress, first_repeat=state.done + 1)

@@ -320,6 +320,9 @@ def show_runs(records: list[RunRecord], store_path: Path, as_json: bool) -> None
             f"({billed['architecture']}, prices as of {billed['prices_as_of']}): ${billed['cost_usd']:.4f} "
             "in the last repeat"
         )
+    chose = runtime_choice_line(records[0].plan.get("runtime_choice"))
+    if chose:
+        say(chose)
     weights = records[0].weights.get("weights")
     if weights == "random-init":
         weights += " (the timings are real; the predicted redshifts are not)"
@@ -328,6 +331,19 @@ def show_runs(records: list[RunRecord], store_path: Path, as_json: bool) -> None
     if line:
         say(line)
     stdout.print(f"{len(records)} record(s) appended to {store_path}")
+
+
+def runtime_choice_line(choice: dict | None) -> str | None:
+    """What --runtime auto chose and why, with the probe's time of each candidate (None: it was not asked)."""
+    if not choice:
+        return None
+    timed = [
+        f"{c['runtime']} {c['precision']} " + (f"{c['seconds']:.3f} s" if c.get("seconds") is not None else
+                                               f"skipped: {c['skipped']}")
+        for c in choice.get("candidates") or []
+    ]  # fmt: skip
+    probe = f"; probe ({choice['samples']} galaxies, best of the timed passes): {', '.join(timed)}" if timed else ""
+    return f"runtime auto ran as {choice['chose']} {choice['precision']} ({choice['why']}){probe}"
 
 
 def show_run(done, as_json: bool) -> None:
@@ -418,7 +434,11 @@ def show_bench(done, as_json: bool) -> None:
     rss = ", ".join(f"{arm} {outcome.peak_rss_bytes(arm) / 2**20:,.0f} MB" for arm in outcome.arms)
     stdout.print(f"peak RSS: {rss} (the reference holds the whole data set)")
     for arm in others:
-        say(f"{arm}: {json.dumps(done.figures['arms'][arm]['choices'])}")
+        chose = dict(done.figures["arms"][arm]["choices"])
+        default = runtime_choice_line(chose.pop("runtime_choice", None))
+        say(f"{arm}: {json.dumps(chose)}")
+        if default:
+            say(f"{arm} (what `cai-bench run` runs without flags): {default}")
     stdout.print(f"CPU flags: {' '.join(done.figures['cpu_flags']) or 'none read'}")
     stdout.print(f"{sum(len(r) for r in outcome.records.values())} record(s) appended to {done.store.path}")
 
@@ -442,6 +462,8 @@ def show_sweep(done, as_json: bool) -> None:
             f"precision auto ran as {probe['chose']}{on} ({probe['why']}): probed once on this machine for the "
             "whole sweep, so every repeat of a point runs the same precision"
         )
+    for choice in outcome.runtime_choices:
+        say(f"{runtime_choice_line(choice)}; asked once for the whole sweep")
 
 
 def waiting_for(store_directory: Path):

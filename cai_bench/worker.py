@@ -5,6 +5,7 @@ Runtime, OpenVINO) both build on it, so a worker on another runtime never import
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -74,6 +75,23 @@ class WorkerState:
         if self.lanes is not None:
             self.lanes.shutdown()
             self.lanes = None
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads set to ``threads`` while the block runs; None: torch is not touched (a worker on
+    another runtime never imports it)."""
+    if threads is None:
+        yield
+        return
+    import torch  # only where the model runs through it
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def probe_arrays(size: int = PROBE_BATCH):

@@ -19,6 +19,7 @@ from cai_bench.files import exclusive
 from cai_bench.model.astromae import InceptionBlock, NormalCell, build_model
 from cai_bench.model.export import cached_export
 from cai_bench.plan import make_plan
+from cai_bench.runtime_choice import FORCE_RUNTIME_ENV
 from cai_bench.store import ResultsStore
 from cai_bench.worker import FORCE_PROBE_ENV
 
@@ -72,6 +73,15 @@ def forced_probe(request, monkeypatch) -> str | None:
     if answer is not None:
         monkeypatch.setenv(FORCE_PROBE_ENV, answer)
     return answer
+
+
+@pytest.fixture(autouse=True)
+def forced_runtime(monkeypatch) -> str:
+    """--runtime auto's answer in every test (and the processes it starts): torch, unless the test pins another
+    (tests/test_runtime_auto.py pins both ways). What this machine's probe would pick never decides a test, and
+    the suite does not pay a probe of every runtime in each run it makes."""
+    monkeypatch.setenv(FORCE_RUNTIME_ENV, "torch")
+    return "torch"
 
 
 def pytest_collection_modifyitems(config, items):

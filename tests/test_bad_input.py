@@ -209,7 +209,7 @@ def test_enumerated_options_show_their_choices_and_defaults_one_way(cli, monkeyp
         "<auto|fp32|bf16|int8|tf32|fp16>",
         "<fast|reference>",
         "<slurm|local>",
-        "<torch|onnxruntime|openvino>",
+        "<auto|torch|onnxruntime|openvino>",
     ):
         assert choices in text
     assert "(default:" not in text and "[default: (512; gpu: 4096)]" in text and "[default: (physical cores)]" in text

@@ -68,7 +68,9 @@ def test_weights_are_checked_once_as_every_worker_would_load_them(results, tmp_p
 def test_what_passes_is_each_points_options_as_checked_the_default_batch_and_the_store(results):
     ready = preflight.check_run("hpc", [({"workers": 1, "lanes": None}, "fp32"), ({"workers": 2}, "bf16")],
                                 results=results)  # fmt: skip
-    assert ready.backend.name == "hpc" and ready.options == ({"workers": 1}, {"workers": 2})
+    # --runtime's default written out: auto on hpc, resolved by the runner before the run (tests/test_runtime_auto.py)
+    assert ready.backend.name == "hpc" and ready.options == ({"workers": 1, "runtime": "auto"},
+                                                             {"workers": 2, "runtime": "auto"})  # fmt: skip
     assert ready.batch_size == 512 and ready.weights is None
     assert ready.store.path == results / "runs.jsonl" and results.is_dir() and not ready.store.path.exists()
     assert preflight.check_run("cpu", [({}, "auto")], results=results, batch_size=64).batch_size == 64

@@ -44,6 +44,9 @@ class BackendOption:
     sweepable: bool = True  # sweep takes a comma list of values
     parse: Callable[[str], Any] | None = None
     cli: str | None = None  # the flag, where it is not --name-with-dashes (--time for time_min)
+    # What a run without this option ran, where that is a value of it: a record holding it is a repeat of one
+    # without it (records from before it was written out: --runtime torch, before auto resolved it)
+    absent_as: Any = None
 
     @property
     def flag(self) -> str:

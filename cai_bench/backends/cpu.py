@@ -18,7 +18,6 @@ mode, 5 attempts). Use ``--backend hpc --workers 1`` for the same single worker 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -28,7 +27,8 @@ from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.loop import model_worker, prepare_model, units_from, worker_loop
 from cai_bench.machine import default_threads
 from cai_bench.plan import Plan, work_units
-from cai_bench.worker import plan_options
+from cai_bench.runtime_choice import Layout
+from cai_bench.worker import plan_options, torch_threads
 
 MAX_LANES = 4  # each lane holds a batch of activations; more lanes cost memory for little gain
 
@@ -37,23 +37,6 @@ def lane_layout(threads: int, lanes: int | None = None) -> tuple[int, int]:
     """(lanes, intra-op threads per lane) for the fast engine; ``lanes`` overrides the default."""
     lanes = max(1, lanes or min(threads, MAX_LANES))
     return lanes, max(1, threads // lanes)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """torch's intra-op threads set to ``threads`` while the block runs; None: torch is not touched (a worker on
-    another runtime never imports it)."""
-    if threads is None:
-        yield
-        return
-    import torch  # only where the model runs through it
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -68,6 +51,10 @@ class CpuBackend:
 
     def machine(self, plan: Plan) -> str | None:
         return None
+
+    def worker_layout(self, plan: Plan) -> Layout:
+        """The one worker's lanes and threads: what --runtime auto's probe starts each runtime with."""
+        return Layout(*lane_layout(plan.threads or default_threads(), plan.backend_options.get("lanes")))
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         threads = plan.threads or default_threads()

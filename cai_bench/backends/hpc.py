@@ -49,6 +49,7 @@ from cai_bench.loop import model_worker, prepare_model, worker_loop
 from cai_bench.machine import default_threads
 from cai_bench.plan import Plan, work_units
 from cai_bench.records import decode_result, encode_result
+from cai_bench.runtime_choice import Layout
 from cai_bench.worker import EngineOptions, plan_options
 
 NODE_OPTIONS = (
@@ -423,6 +424,14 @@ class HpcBackend:
 
     def machine(self, plan: Plan) -> str | None:
         return slurm_options.machine(plan.backend_options) if plan.backend_options.get("slurm") else None
+
+    def worker_layout(self, plan: Plan) -> Layout | None:
+        """One worker process's lanes and threads, for --runtime auto's probe; None under --slurm, whose tasks run
+        on nodes this driver cannot time."""
+        if plan.backend_options.get("slurm"):
+            return None
+        _, _, lanes, intra = worker_threads(plan)
+        return Layout(lanes, intra)
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         if plan.backend_options.get("slurm"):

@@ -14,8 +14,10 @@ RETRIES = BackendOption(
     DEFAULT_RETRIES, minimum=0, identity=False,
 )  # fmt: skip
 RUNTIME = BackendOption(
-    "runtime", str, "What runs the model: torch, or an export on onnxruntime or openvino.", "torch", choices=RUNTIMES
-)
+    "runtime", str, "What runs the model: torch, or an export on onnxruntime or openvino; auto (cpu, hpc on one "
+    "node): the fastest of those installed, at its precision, by a start-up probe on the worker's threads.",
+    "auto (cpu, hpc); torch (lambda)", choices=("auto", *RUNTIMES), absent_as="torch",
+)  # fmt: skip
 LANES = BackendOption(
     "lanes", int, "Partitions split between this many threads (torch: sharing the model; onnxruntime: a session "
     "each; openvino: a stream each).", "threads, at most 4",

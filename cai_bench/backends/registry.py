@@ -99,6 +99,16 @@ def all_options() -> dict[str, tuple[BackendOption, list[str]]]:
     return out
 
 
+def requested_runtime(backend: Backend, options: dict) -> str:
+    """--runtime as given; without it "auto" where the backend takes --runtime and its workers run on this machine
+    (it declares ``worker_layout``, which the probe starts each runtime with), else torch."""
+    given = options.get("runtime")
+    if given:
+        return given
+    takes = any(o.name == "runtime" for o in backend.options)
+    return "auto" if takes and hasattr(backend, "worker_layout") else "torch"
+
+
 def check_options(backend: Backend, options: dict) -> dict:
     """``options`` checked against what ``backend`` declares: an option it does not take is one clear error."""
     declared = {o.name: o for o in backend.options}

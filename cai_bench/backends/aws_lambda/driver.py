@@ -333,6 +333,9 @@ class LambdaBackend:
     default_batch_size: int = 512
 
     def check(self, options: dict) -> None:
+        if options.get("runtime") == "auto":
+            raise UserError("--runtime auto probes this machine; a Lambda function runs what its image holds: give "
+                            "torch (the default), onnxruntime or openvino")  # fmt: skip
         if options.get("bucket"):
             S3Prefix.parse(options["bucket"])
         if options.get("lambda_endpoint_url") and options.get("emulate"):

@@ -1,0 +1,196 @@
+"""--runtime auto: the rule apart from the timing, the probe on this machine (whatever it picks), the answer pinned
+both ways through CAI_BENCH_FORCE_RUNTIME into the record, the point's identity and a sweep's resume, and where
+auto is torch without a probe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_GB, TINY_MB
+
+from cai_bench import runtime_choice
+from cai_bench.data.partitions import open_dataset
+from cai_bench.errors import UserError
+from cai_bench.plan import make_plan
+from cai_bench.results import point_key, record_point_key
+from cai_bench.runner import resolve_runtime
+from cai_bench.runtime_choice import FORCE_RUNTIME_ENV, Candidate, Layout, candidates_for, decide_runtime
+
+
+def c(runtime: str, precision: str, seconds: float | None, difference: float = 0.0, skipped: str | None = None):
+    return Candidate(runtime, precision, seconds, difference, skipped)
+
+
+@pytest.mark.parametrize(
+    ("candidates", "chosen"),
+    [
+        # not 10% faster than torch fp32: torch stays
+        ([c("torch", "fp32", 1.0), c("onnxruntime", "fp32", 0.95)], ("torch", "fp32")),
+        ([c("torch", "fp32", 1.0), c("onnxruntime", "fp32", 0.85)], ("onnxruntime", "fp32")),
+        # openvino is faster, but not 10% faster than onnxruntime, which it would replace
+        ([c("torch", "fp32", 1.0), c("onnxruntime", "fp32", 0.85), c("openvino", "fp32", 0.8)],
+         ("onnxruntime", "fp32")),
+        # the fastest is outside the tolerance of torch fp32: the next within it wins
+        ([c("torch", "fp32", 1.0), c("openvino", "bf16", 0.3, 0.01), c("torch", "bf16", 0.6, 3e-4)], ("torch", "bf16")),
+        # a slower candidate never wins, however close
+        ([c("onnxruntime", "fp32", 1.2), c("torch", "fp32", 1.0)], ("torch", "fp32")),
+        # no torch (an export given as --weights): the slowest timed candidate is where the rule starts
+        ([c("torch", "fp32", None, skipped="x"), c("onnxruntime", "fp32", 1.0), c("openvino", "fp32", 0.95)],
+         ("onnxruntime", "fp32")),
+    ],
+)  # fmt: skip
+def test_the_rule_takes_a_faster_candidate_only_10_percent_ahead_and_within_tolerance(candidates, chosen):
+    choice, why = decide_runtime(candidates, tolerance=2e-3)
+    assert (choice.runtime, choice.precision) == chosen and why
+
+
+def test_with_nothing_that_started_the_rule_says_what_was_skipped():
+    with pytest.raises(UserError, match="onnxruntime fp32: not installed"):
+        decide_runtime([c("onnxruntime", "fp32", None, skipped="not installed")])
+
+
+def test_candidates_are_each_runtimes_precisions_bf16_only_where_native():
+    assert candidates_for("auto", native_bf16=False) == [
+        ("torch", "fp32"),
+        ("onnxruntime", "fp32"),
+        ("openvino", "fp32"),
+    ]
+    assert set(candidates_for("auto", native_bf16=True)) == {
+        ("torch", "fp32"),
+        ("torch", "bf16"),
+        ("onnxruntime", "fp32"),
+        ("openvino", "fp32"),
+        ("openvino", "bf16"),
+    }
+    assert candidates_for("bf16", native_bf16=False) == [("torch", "bf16"), ("openvino", "bf16")]
+    assert candidates_for("int8", native_bf16=True) == [("onnxruntime", "int8")]  # int8 only when asked for
+
+
+@pytest.mark.parametrize("bad", ["tensorflow", "onnxruntime:bf16", "torch:int8"])
+def test_a_bad_forced_answer_is_one_clear_error(monkeypatch, bad):
+    monkeypatch.setenv(FORCE_RUNTIME_ENV, bad)
+    with pytest.raises(UserError, match=FORCE_RUNTIME_ENV):
+        runtime_choice.forced_runtime()
+
+
+def test_the_probe_times_every_installed_runtime_and_names_a_missing_one(monkeypatch, weights_file, exports):
+    """The real probe on the session's weights (exports already cached), in fp32 so three candidates: each timed
+    candidate ran the probe partition and predicts within the exports' own check of torch; what it chose is the
+    rule's answer on its own figures, whichever that is on this machine. openvino stands for a missing package."""
+    monkeypatch.delenv(FORCE_RUNTIME_ENV)
+    monkeypatch.setattr(runtime_choice, "installed", lambda runtime: runtime != "openvino")
+    runtime, precision, probe = runtime_choice.choose_runtime(str(weights_file), 0, Layout(1, 1), "fp32")
+    weighed = [Candidate(**x) for x in probe["candidates"]]
+    assert [(x.runtime, x.precision) for x in weighed] == [("torch", "fp32"), ("onnxruntime", "fp32"),
+                                                            ("openvino", "fp32")]  # fmt: skip
+    torch_fp32, onnx, openvino = weighed
+    assert torch_fp32.seconds > 0 and onnx.seconds > 0 and torch_fp32.max_difference == 0.0
+    assert onnx.max_difference < 1e-5
+    assert (
+        openvino.seconds is None and "not installed" in openvino.skipped and "cai-bench[openvino]" in openvino.skipped
+    )
+    expected, why = decide_runtime(weighed)
+    assert (runtime, precision) == (expected.runtime, expected.precision) and probe["why"] == why
+    assert probe["samples"] == runtime_choice.PROBE_PER_LANE and probe["requested"] == "auto"
+
+
+def _run(cli, tiny_data, results, *extra):
+    code, out, err = cli("run", "--data", tiny_data, "--batch-size", "16", "--threads", "1", "--json",
+                         "--results", results, *extra)  # fmt: skip
+    assert code == 0, err
+    (record,) = json.loads(out)
+    return record
+
+
+@pytest.mark.parametrize(("forced", "runtime", "precision"),
+                         [("torch:fp32", "torch", "fp32"), ("onnxruntime", "onnxruntime", "fp32")])  # fmt: skip
+def test_the_record_names_what_auto_ran_and_the_point_is_that_runtimes(
+    cli, tiny_data, tmp_path, monkeypatch, weights_file, exports, forced, runtime, precision
+):
+    """Pinned both ways: the record's plan holds the runtime that ran (never auto), the choice and why, and the
+    point is the same as that of a run asked for that runtime by name."""
+    monkeypatch.setenv(FORCE_RUNTIME_ENV, forced)
+    record = _run(cli, tiny_data, tmp_path, "--weights", weights_file)
+    assert record["plan"]["backend_options"]["runtime"] == runtime
+    assert record["backend_info"]["runtime"] == runtime and record["backend_info"]["precision"] == precision
+    choice = record["plan"]["runtime_choice"]
+    assert choice["requested"] == "auto" and choice["chose"] == runtime and FORCE_RUNTIME_ENV in choice["why"]
+    named = _run(cli, tiny_data, tmp_path, "--weights", weights_file, "--runtime", runtime, "--precision", precision)
+    assert named["plan"]["runtime_choice"] is None
+    assert record_point_key(record) == record_point_key(named)
+
+
+def test_a_record_from_before_runtime_was_written_out_is_a_repeat_of_torch(cli, tiny_data, tmp_path):
+    record = _run(cli, tiny_data, tmp_path, "--precision", "fp32")  # auto, pinned to torch by conftest
+    older = json.loads(json.dumps(record))
+    del older["plan"]["backend_options"]["runtime"]
+    older["plan"].pop("runtime_choice")
+    assert record["plan"]["backend_options"]["runtime"] == "torch"
+    assert record_point_key(older) == record_point_key(record)
+
+
+def test_a_sweep_asks_once_and_resumes_by_what_ran(cli, tmp_path, monkeypatch, weights_file, exports):
+    """Two batch sizes under auto pinned to onnxruntime: one answer for both points; the same sweep again finds
+    them done; with the answer torch they are other points, measured anew."""
+    asked = []
+    real = runtime_choice.choose_runtime
+
+    def counting(*args, **kwargs):
+        asked.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("cai_bench.runner.choose_runtime", counting)
+    monkeypatch.setenv(FORCE_RUNTIME_ENV, "onnxruntime")
+    sweep = ("sweep", "--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--batch-size", "16,32", "--repeats", "1",
+             "--threads", "1", "--weights", weights_file, "--results", tmp_path, "--quiet")  # fmt: skip
+    code, out, err = cli(*sweep)
+    assert code == 0, err
+    assert len(asked) == 1
+    assert "runtime auto ran as onnxruntime" in out and "asked once for the whole sweep" in out
+    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["plan"]["backend_options"]["runtime"] for r in records] == ["onnxruntime"] * 2
+    code, out, err = cli(*sweep)
+    assert code == 0 and "2 point(s) were already complete" in out
+    monkeypatch.setenv(FORCE_RUNTIME_ENV, "torch:fp32")
+    code, out, err = cli(*sweep)
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["plan"]["backend_options"]["runtime"] for r in records] == ["onnxruntime"] * 2 + ["torch"] * 2
+
+
+def _plan(tiny_data, backend: str, **changes):
+    _, summary, refs = open_dataset(tiny_data)
+    return make_plan(backend, summary, refs, threads=1, **changes)
+
+
+def test_auto_is_torch_without_a_probe_where_the_probe_cannot_speak_for_the_workers(tiny_data, monkeypatch):
+    monkeypatch.delenv(FORCE_RUNTIME_ENV)
+    monkeypatch.setattr("cai_bench.runner.choose_runtime", lambda *a, **k: pytest.fail("no probe expected"))
+    cases = [
+        (_plan(tiny_data, "cpu", engine="reference", backend_options={"runtime": "auto"}), "torch's"),
+        (_plan(tiny_data, "hpc", backend_options={"runtime": "auto", "slurm": True, "executor": "local"}),
+         "other machines"),
+    ]  # fmt: skip
+    for plan, why in cases:
+        resolved = resolve_runtime(plan)
+        assert resolved.backend_options["runtime"] == "torch" and why in resolved.runtime_choice["why"]
+        assert resolved.precision == plan.precision  # the workers still resolve their own precision
+    explicit = _plan(tiny_data, "cpu", backend_options={"runtime": "openvino"})
+    assert resolve_runtime(explicit) is explicit
+
+
+def test_lambda_takes_no_runtime_auto(cli, tiny_data, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = cli("run", "--backend", "lambda", "--emulate", "--data", tiny_data, "--runtime", "auto",
+                         "--results", tmp_path)  # fmt: skip
+    assert code == 2 and "--runtime auto" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_point_keys_ignore_the_probes_figures(tiny_data):
+    plan = _plan(tiny_data, "cpu", backend_options={"runtime": "openvino"}, precision="bf16")
+    with_choice = make_plan(plan.backend, plan.data, plan.partitions, threads=1, precision="bf16",
+                            backend_options={"runtime": "openvino"}, runtime_choice={"candidates": [1, 2]})  # fmt: skip
+    environment = {"host": "h", "cpu_model": "c"}
+    assert point_key(plan.to_record(), environment) == point_key(with_choice.to_record(), environment)
