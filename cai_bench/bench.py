@@ -20,21 +20,25 @@ from cai_bench.metrics import spread
 from cai_bench.plan import BITS_PER_SAMPLE, Plan, replace_plan
 from cai_bench.preflight import check_run
 from cai_bench.records import RunRecord
-from cai_bench.runner import NoProgress, ProgressSink, RunRequest, run_repeat
+from cai_bench.runner import NoProgress, ProgressSink, RunRequest, resolve_runtime, run_repeat
 from cai_bench.store import ResultsStore
 
 REFERENCE = "reference"
+# What a user gets without flags: --runtime auto and --precision auto, resolved once before the rounds
+DEFAULT = "default"
 RUNTIME_ARMS = ("torch", "onnxruntime", "openvino")
+ARMS = (*RUNTIME_ARMS, DEFAULT)
 
 
 def available_arms(wanted: list[str] | None = None) -> list[str]:
-    """The reference and the runtimes asked for (default: every one installed here), in a fixed order."""
-    wanted = list(RUNTIME_ARMS) if wanted is None else wanted
-    unknown = [w for w in wanted if w not in RUNTIME_ARMS]
+    """The reference and the arms asked for (default: every runtime installed here, and the default path), in
+    a fixed order."""
+    wanted = list(ARMS) if wanted is None else wanted
+    unknown = [w for w in wanted if w not in ARMS]
     if unknown:
-        raise UserError(f"--runtimes takes {', '.join(RUNTIME_ARMS)}, got {', '.join(unknown)}")
-    installed = [a for a in RUNTIME_ARMS if a == "torch" or importlib.util.find_spec(a) is not None]
-    return [REFERENCE, *(a for a in RUNTIME_ARMS if a in wanted and a in installed)]
+        raise UserError(f"--runtimes takes {', '.join(ARMS)}, got {', '.join(unknown)}")
+    installed = [a for a in ARMS if a in ("torch", DEFAULT) or importlib.util.find_spec(a) is not None]
+    return [REFERENCE, *(a for a in ARMS if a in wanted and a in installed)]
 
 
 @dataclass
@@ -63,12 +67,17 @@ class BenchOutcome:
 
 
 def bench_plans(plan: Plan, arms: list[str]) -> dict[str, Plan]:
-    """Every arm on the same data and batch size: the eager fp32 reference, and each runtime at the plan's
-    precision."""
-    plans = {REFERENCE: replace_plan(plan, engine="reference", precision="fp32", compile=False)}
+    """Every arm on the same data and batch size: the eager fp32 reference, each runtime at the plan's
+    precision, and the default path (runtime and precision auto, the probe asked here, once)."""
+    options = {k: v for k, v in plan.backend_options.items() if k != "runtime"}
+    plans = {REFERENCE: replace_plan(plan, engine="reference", precision="fp32", compile=False,
+                                     backend_options={**options, "runtime": "torch"})}  # fmt: skip
     for arm in arms[1:]:
-        options = {k: v for k, v in plan.backend_options.items() if k != "runtime"}
-        plans[arm] = replace_plan(plan, engine="fast", backend_options={**options, "runtime": arm})
+        if arm == DEFAULT:
+            asked = replace_plan(plan, engine="fast", precision="auto", backend_options={**options, "runtime": "auto"})
+            plans[arm] = resolve_runtime(asked)
+        else:
+            plans[arm] = replace_plan(plan, engine="fast", backend_options={**options, "runtime": arm})
     return plans
 
 
@@ -112,7 +121,8 @@ def bench_command(request: RunRequest, runtimes: list[str] | None = None, progre
     arms = available_arms(runtimes)
     if request.data is None and request.gb is None:
         request = dataclasses.replace(request, gb=0.2)
-    points = [({"runtime": arm}, request.precision) for arm in arms[1:]] or [({}, request.precision)]
+    points = [({"runtime": "auto" if arm == DEFAULT else arm}, "auto" if arm == DEFAULT else request.precision)
+              for arm in arms[1:]] or [({}, request.precision)]  # fmt: skip
     ready = check_run("cpu", points, results=request.results, threads=request.threads,
                       oversubscribe=request.oversubscribe, weights=request.weights, batch_size=request.batch_size,
                       sizes={"gb": request.gb, "partition_mb": request.partition_mb})  # fmt: skip
@@ -137,7 +147,9 @@ def bench_figures(plan: Plan, outcome: BenchOutcome) -> dict:
         if arm != REFERENCE:
             out.update(ratios=outcome.ratios(arm), median_ratio=outcome.median_ratio(arm),
                        median_compute_ratio=outcome.median_ratio(arm, "compute_samples_per_s"))  # fmt: skip
-        return {**out, "choices": _chose(outcome.records[arm][-1]), "run_ids": [r.run_id for r in outcome.records[arm]]}
+        last = outcome.records[arm][-1]
+        chose = {**_chose(last), **({"runtime_choice": last.plan["runtime_choice"]} if arm == DEFAULT else {})}
+        return {**out, "choices": chose, "run_ids": [r.run_id for r in outcome.records[arm]]}
 
     data = plan.data
     return {

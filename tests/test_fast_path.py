@@ -15,6 +15,7 @@ from cai_bench.errors import UserError
 from cai_bench.model.astromae import build_model
 from cai_bench.model.inference import fold_batchnorm, prepare_for_inference
 from cai_bench.plan import make_plan
+from cai_bench.runtime_choice import FORCE_RUNTIME_ENV
 
 TOLERANCE = 2e-3
 
@@ -169,10 +170,14 @@ def test_run_records_every_choice_of_the_fast_path(cli, tiny_data, tmp_path):
     assert all(w["precision"] == info["precision"] for w in record["workers"])
 
 
-def test_bench_alternates_every_runtime_with_the_reference_and_records_every_run(cli, tmp_path, weights_file, exports):
+def test_bench_alternates_every_runtime_with_the_reference_and_records_every_run(
+    cli, tmp_path, weights_file, exports, monkeypatch
+):
     """The weights are the session's, whose exports the session has already made: the bench makes none. The first
     test to ask for the exports (this one, as the suite is ordered) waits in its set-up for the session to make them,
-    a minute or more on 2 cores."""
+    a minute or more on 2 cores. The default arm is what ``run`` does without flags, here with --runtime auto's
+    answer pinned to onnxruntime fp32 (the bench runs it as its probe answered, once)."""
+    monkeypatch.setenv(FORCE_RUNTIME_ENV, "onnxruntime:fp32")
     code, out, err = cli(
         "bench", "--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--rounds", "2", "--warmup", "0",
         "--batch-size", "16", "--threads", "1", "--precision", "fp32", "--weights", weights_file,
@@ -181,20 +186,23 @@ def test_bench_alternates_every_runtime_with_the_reference_and_records_every_run
     assert code == 0, err
     figures = json.loads(out)
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    arms = ["reference", "torch", "onnxruntime", "openvino"]  # all three runtimes are installed for the tests
+    arms = ["reference", "torch", "onnxruntime", "openvino", "default"]  # all three runtimes are installed here
     assert list(figures["arms"]) == arms
     ran = [r["plan"]["engine"] if r["plan"]["engine"] == "reference" else r["plan"]["backend_options"].get("runtime")
            for r in records]  # fmt: skip
-    assert ran == arms * 2
-    assert [r["repeat"] for r in records] == [1] * 4 + [2] * 4
-    reference = [r["summary"]["samples_per_s"] for r in records[::4]]
+    assert ran == ["reference", "torch", "onnxruntime", "openvino", "onnxruntime"] * 2
+    assert [r["repeat"] for r in records] == [1] * 5 + [2] * 5
+    reference = [r["summary"]["samples_per_s"] for r in records[::5]]
     for offset, arm in enumerate(arms[1:], start=1):
-        mine = [r["summary"]["samples_per_s"] for r in records[offset::4]]
+        mine = [r["summary"]["samples_per_s"] for r in records[offset::5]]
         figure = figures["arms"][arm]
         assert figure["ratios"] == pytest.approx([m / r for m, r in zip(mine, reference, strict=True)])
         assert figure["median_ratio"] == pytest.approx(float(np.median(figure["ratios"])))
-        assert figure["choices"]["precision"] == "fp32" and figure["choices"]["runtime"] == arm
-        assert figure["choices"]["threading"]
+        assert figure["choices"]["precision"] == "fp32" and figure["choices"]["threading"]
+        assert figure["choices"]["runtime"] == (arm if arm != "default" else "onnxruntime")
+    choice = figures["arms"]["default"]["choices"]["runtime_choice"]
+    assert choice["requested"] == "auto" and choice["chose"] == "onnxruntime" and FORCE_RUNTIME_ENV in choice["why"]
+    assert [r["plan"]["runtime_choice"] is not None for r in records[:5]] == [False, False, False, False, True]
     assert figures["arms"]["reference"]["peak_rss_bytes"] > 0 and "machine" in figures
     assert isinstance(figures["cpu_flags"], list)
 

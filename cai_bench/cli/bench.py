@@ -14,7 +14,12 @@ from cai_bench.cli.app import app, measured
 from cai_bench.runner import RunRequest
 
 Runtimes = Annotated[
-    str | None, typer.Option(help="Comma list of torch, onnxruntime, openvino.", show_default="all installed")
+    str | None,
+    typer.Option(
+        help="Comma list of torch, onnxruntime, openvino, and default (what run does without flags: --runtime "
+        "auto --precision auto, probed once).",
+        show_default="all installed, and default",
+    ),
 ]
 Rounds = Annotated[int, typer.Option(help="Measured rounds (one run of every arm each).")]
 BenchGb = Annotated[float | None, typer.Option(help="Synthetic data size in GB.", show_default="0.2")]
