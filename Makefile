@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-probes lint bench bench-hpc bench-gpu bench-gpu-dry bench-lambda bench-estimate clean
+.PHONY: demo test test-probes lint bench bench-hpc bench-gpu bench-gpu-dry bench-lambda bench-coldstart bench-estimate clean
 
 # Bytecode for the packages and cai_bench, compiled over all the cores: pip compiles one file at a time (40 of the
 # install's 115 s on 2 cores; about 20 s this way). Not left to first imports, which may never save it (with
@@ -64,6 +64,13 @@ bench-gpu-dry: $(STAMP)
 # every unit exactly once, the wall and the driver's overhead per invocation, as JSON
 bench-lambda: $(STAMP)
 	$(BIN)/python -m cai_bench.bench_lambda --invocations 1000 --concurrency 64 --out results/lambda-fanout/bench.json
+
+# A torch-free Lambda worker's cold start, emulated (~4 min on 2 cores): 8 fresh environments for each of ONNX
+# Runtime and OpenVINO, with the export fetched from S3 at the cold start and read from the image
+# (--export-in-image), one 5 MB partition each in fp32 at 3,538 MB (2 vCPUs); medians of the first invocation's
+# Duration and Max Memory Used, as JSON
+bench-coldstart: $(STAMP)
+	$(BIN)/python -m cai_bench.bench_coldstart --cold-starts 8 --out results/lambda-coldstart/bench.json
 
 # The estimator's own speed: 10,000 partitions of 25 MB (244.14 GB) through Lambda's default quota of 1,000, 200
 # simulated runs, from the paper's profile; the last line says how long the simulation took

@@ -4,8 +4,9 @@
 Each trial is one run of the lambda backend through the emulator at concurrency 1 on one partition, so its one
 invocation lands in a fresh execution environment: a cold start. It keeps that invocation's REPORT figures (Init
 Duration, Duration, Max Memory Used) and what the worker did at start-up (where its export came from, how long
-the fetch, the compile and the warm-up took), and prints the medians per runtime as JSON. Trials alternate
-between the runtimes, so a slow spell of the machine hits each alike.
+the fetch, the compile and the warm-up took), and prints the medians per arm as JSON. An arm is a runtime with
+its export fetched from S3 at the cold start (``s3``, as before ``--export-in-image``) or read from the image
+(``image``). Trials alternate between the arms, so a slow spell of the machine hits each alike.
 """
 
 from __future__ import annotations
@@ -54,27 +55,30 @@ def medians(trials: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cai_bench.bench_coldstart", description=__doc__.splitlines()[0])
     parser.add_argument("--runtimes", default="onnxruntime,openvino")
-    parser.add_argument("--cold-starts", type=int, default=6, help="trials per runtime")
+    parser.add_argument("--cold-starts", type=int, default=6, help="trials per arm")
+    parser.add_argument("--export-from", default="s3,image", help="where the export comes from: s3, image or both")
     parser.add_argument("--memory-mb", type=int, default=3538, help="two vCPUs' worth")
     parser.add_argument("--partition-mb", type=float, default=5.0)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--weights", default=None, help="weights file or export (default: random-init)")
     parser.add_argument("--option", action="append", default=[], help="extra backend option KEY=VALUE (JSON value)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
 
     summary, refs = resolve_data(None, args.partition_mb / 1024, args.partition_mb, seed=0)
-    plan = make_plan("lambda", summary, refs[:1], precision=args.precision)
+    plan = make_plan("lambda", summary, refs[:1], precision=args.precision, weights=args.weights)
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.option)}
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    trials: dict[str, list] = {r: [] for r in runtimes}
+    arms = [(runtime, source) for runtime in runtimes for source in args.export_from.split(",")]
+    trials: dict[str, list] = {f"{r} {source}": [] for r, source in arms}
     s3 = start_local_s3()
     try:
         for _ in range(args.cold_starts):
-            for runtime in runtimes:
-                options = {"emulate": True, "endpoint_url": s3.url, "max_concurrency": 1,
-                           "memory_mb": args.memory_mb, "retries": 0, "runtime": runtime, **extra}  # fmt: skip
-                trials[runtime].append(one_cold_start(plan, options))
-                print(runtime, json.dumps(trials[runtime][-1]), file=sys.stderr, flush=True)
+            for runtime, source in arms:
+                options = {"emulate": True, "endpoint_url": s3.url, "max_concurrency": 1, "memory_mb": args.memory_mb,
+                           "retries": 0, "runtime": runtime, "export_in_image": source == "image", **extra}  # fmt: skip
+                trials[f"{runtime} {source}"].append(one_cold_start(plan, options))
+                print(runtime, source, json.dumps(trials[f"{runtime} {source}"][-1]), file=sys.stderr, flush=True)
     finally:
         s3.stop()
     figures = {
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": refs[0].samples,
         "precision": args.precision,
         "options": extra,
-        "runtimes": {r: {"medians": medians(t), "trials": t} for r, t in trials.items()},
+        "arms": {arm: {"medians": medians(t), "trials": t} for arm, t in trials.items()},
     }
     text = json.dumps(figures, indent=1)
     print(text)

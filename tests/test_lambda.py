@@ -7,18 +7,21 @@ takes as long as the test needs; the end-to-end tests run the model."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cai_bench import aws
+from cai_bench.backends.aws_lambda import handler
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Emulator, Faults, FunctionConfig, emulated_function_env
 from cai_bench.backends.base import PartitionsFailed
 from cai_bench.data.partitions import open_dataset
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.data.upload import upload_dataset
+from cai_bench.files import file_sha256
 from cai_bench.plan import make_plan
 
 ALL = [0, 1, 2, 3]  # tiny_data's partitions
@@ -292,3 +295,24 @@ def test_a_torch_free_function_runs_an_export_staged_in_s3(cli, s3, local_s3, ti
     assert info["runtime"] == "onnxruntime" and info["torch_imported"] is False and info["export_made"] is False
     assert lambda_run["weights"] == torch_run["weights"]  # named by the weights, not by the export
     assert S3Prefix.parse(info["staged_export"]).names() == ["export.json", "model.onnx"]
+
+
+def test_an_export_in_the_image_is_read_there_and_checked_against_the_runs_weights(
+    s3, local_s3, tiny_data, weights_file, exports
+):
+    """--export-in-image: no export staged in S3 and nothing fetched at a cold start (emulated, the image is this
+    machine: the run's own export); an image export made from other weights is refused by the function."""
+    plan = lambda_plan(tiny_data, s3, local_s3, runtime="onnxruntime", export_in_image=True)
+    plan = replace(plan, weights=str(weights_file))
+    emitted = []
+    run = run_lambda(plan, emitted.append)
+    assert sorted(r.record.partition for r in emitted) == ALL
+    assert run.info["export_from"] == "image" and "staged_export" not in run.info
+    assert run.info["startup"]["export_from"] == "image" and run.info["torch_imported"] is False
+    assert not S3Prefix.parse(f"s3://{s3}/cai-bench/weights").names()
+    made_from = {"source": "random-init", "sha256": None, "seed": 0}  # a run that names other weights
+    with pytest.raises(ValueError, match="the image's export was made from"):
+        handler._checked_export({"weights": str(exports["onnx"]), "export_weights": made_from})
+    named = {"source": "elsewhere/seed7.safetensors", "sha256": file_sha256(weights_file), "seed": None}
+    folder, figures = handler._checked_export({"weights": str(exports["onnx"]), "export_weights": named})
+    assert folder == str(exports["onnx"]) and figures["export_from"] == "image"

@@ -319,6 +319,26 @@ def test_build_prints_the_exact_commands_where_docker_is_not_reachable(cli, monk
     assert code == 2 and "--runtime 'tensorrt': one of torch, onnxruntime, openvino" in err
 
 
+def test_build_bakes_an_export_from_inside_the_context(cli, monkeypatch, tmp_path, exports):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no docker here
+    context = tmp_path / "tree"
+    (context / DOCKERFILE).parent.mkdir(parents=True)
+    (context / DOCKERFILE).write_text((ROOT / DOCKERFILE).read_text())
+    shutil.copytree(exports["onnx"], context / "exports" / "onnx")
+    code, out, err = cli("lambda", "build", "--context", context, "--runtime", "onnxruntime", "--export",
+                         context / "exports" / "onnx", "--region", "eu-west-1")  # fmt: skip
+    assert code == 0, err
+    assert "--target baked --build-arg RUNTIME=onnxruntime --build-arg EXPORT_DIR=exports/onnx" in " ".join(out.split())
+    for bad, says in ((exports["onnx"], "inside --context"), (context / "exports", "not a model export")):
+        code, _, err = cli("lambda", "build", "--context", context, "--runtime", "onnxruntime", "--export", bad)
+        assert code == 2 and says in err
+    code, _, err = cli("lambda", "build", "--context", context, "--export", context / "exports" / "onnx")
+    assert code == 2 and "add --runtime onnxruntime or openvino" in err
+    code, _, err = cli("lambda", "build", "--context", context, "--runtime", "openvino", "--export",
+                       context / "exports" / "onnx")  # fmt: skip
+    assert code == 0, err  # openvino reads an onnx export too
+
+
 def test_the_torch_free_image_target_installs_no_torch():
     """The Dockerfile's stages: the exported one builds on the base (no torch) and checks its handler imports
     none; only the torch stage installs torch."""
@@ -330,7 +350,10 @@ def test_the_torch_free_image_target_installs_no_torch():
             stages[current] = [line]
         elif current and line and not line.startswith("#"):
             stages[current].append(line)
-    assert list(stages) == ["base", "exported", "torch"]  # torch last: the default target, as before
+    assert list(stages) == ["base", "exported", "baked", "torch"]  # torch last: the default target, as before
+    assert (
+        stages["baked"][0] == "FROM exported AS baked" and "COPY ${EXPORT_DIR} /opt/cai-bench/model" in stages["baked"]
+    )
     assert stages["exported"][0] == "FROM base AS exported" and stages["torch"][0] == "FROM base AS torch"
     assert not any("torch" in line.split("#")[0] for line in stages["base"] if "pip install" in line)
     exported = "\n".join(stages["exported"])

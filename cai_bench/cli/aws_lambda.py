@@ -35,6 +35,10 @@ Context = Annotated[Path, typer.Option(help="The cai-bench source tree to build 
 ImageRuntime = Annotated[
     str, typer.Option(help="torch, or onnxruntime / openvino: the image without torch, for an exported model.")
 ]
+ImageExport = Annotated[
+    Path | None,
+    typer.Option(help="An export (cai-bench model export) to bake into the image, for runs with --export-in-image."),
+]
 ImageUri = Annotated[str, typer.Option(help="The image in ECR (from `cai-bench lambda build`).")]
 RoleArn = Annotated[str, typer.Option(help="The function's execution role (deploy/lambda/role-policy.json).")]
 Memory = Annotated[int, typer.Option(help="Memory in MB (128-10240; sets the CPU share too).")]
@@ -71,11 +75,12 @@ def lambda_emulate(
 @lambda_app.command("build")
 def lambda_build(
     repository: Repository = "cai-bench", tag: Tag = "latest", arch: Arch = "x86_64", push: Push = True,
-    context: Context = Path("."), runtime: ImageRuntime = "torch", region: Region = None, endpoint_url: Endpoint = None,
+    context: Context = Path("."), runtime: ImageRuntime = "torch", export: ImageExport = None, region: Region = None,
+    endpoint_url: Endpoint = None,
 ) -> None:  # fmt: skip
     """Build the function's container image (deploy/lambda/Dockerfile) and push it to ECR; where Docker is not
     reachable, print the exact commands instead."""
-    image = ImageBuild(repository, tag, arch, context, runtime).check()
+    image = ImageBuild(repository, tag, arch, context, runtime, export).check()
     uri = build_where_docker_is(image, push, region, endpoint_url, ui.say)
     if uri is None:
         ui.show_build_commands(image, region, push)

@@ -117,6 +117,7 @@ def start_worker(worker_id: str, options: EngineOptions, model: str | None) -> W
         predict(np.zeros_like(image), magnitude)
     end = time.perf_counter()
     choices = {
+        "startup": {"compile_s": round(warm - start, 4), "warmup_s": round(end - warm, 4)},
         "engine": "exported",
         "runtime": options.runtime,
         "precision_requested": options.precision,

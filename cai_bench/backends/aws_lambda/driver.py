@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from cai_bench import aws
 from cai_bench.backends.aws_lambda import emulator as emulation
 from cai_bench.backends.aws_lambda import pricing
+from cai_bench.backends.aws_lambda.image import IMAGE_EXPORT_DIR
 from cai_bench.backends.aws_lambda.invoke import InvokeTransport, invocation_summary, report_summary
 from cai_bench.backends.aws_lambda.provision import emulated_role, ensure_state_machine, set_memory
 from cai_bench.backends.aws_lambda.staging import create_bucket, stage, stage_export, stage_weights
@@ -32,6 +33,7 @@ from cai_bench.errors import UserError
 from cai_bench.gathering import CommConfig, config_for_run
 from cai_bench.loop import prepare_model
 from cai_bench.machine import allowed_cpus, machine_id, this_machine
+from cai_bench.model.export_format import read_export
 from cai_bench.plan import Plan, work_units
 from cai_bench.records import new_run_id
 
@@ -69,6 +71,10 @@ OPTIONS = (
     BackendOption("timeout_s", float, "The emulated function's timeout in seconds.", 900.0, minimum=1,
                   identity=False, sweepable=False),
     RUNTIME,
+    BackendOption("export_in_image", bool, "onnxruntime, openvino: the function reads its export from its image "
+                  f"({IMAGE_EXPORT_DIR}, where `cai-bench lambda build --export DIR` puts it) instead of fetching it "
+                  "from S3 at each cold start; it checks that the export was made from the run's weights. Emulated, "
+                  "the image is this machine: the run's own export.", False, sweepable=False),
     *COMM_OPTIONS,
 )  # fmt: skip
 
@@ -171,9 +177,10 @@ class _Staged:
     data: str  # the S3 prefix that holds them
     staging_s: float
     weights: str | None  # what the functions load
-    prepared: dict  # whether an export was made for them
+    prepared: dict  # whether an export was made for them, and where the functions read it
     run_id: str
     results: S3Prefix
+    export_weights: dict | None = None  # --export-in-image: the weights the image's export must be made from
 
 
 def _stage(plan: Plan, options: dict, services: Services, runtime: str, mode: str) -> _Staged:
@@ -184,12 +191,19 @@ def _stage(plan: Plan, options: dict, services: Services, runtime: str, mode: st
     refs, data_prefix, staging_s = stage(plan.partitions, plan, target)
     # An export the functions need is made here, where torch is, then staged like weights
     model, prepared = prepare_model(plan.weights, runtime, plan.seed) if mode == "model" else (plan.weights, {})
-    stage_model = stage_weights if runtime == "torch" or mode != "model" else stage_export
-    weights = stage_model(model, target or data_prefix)
+    expects = None
+    if runtime != "torch" and mode == "model" and options.get("export_in_image"):
+        # In the image: no fetch at a cold start. Emulated, the image is this machine, so the export is local
+        weights, expects = (model if services.emulated else IMAGE_EXPORT_DIR), asdict(read_export(model).weights)
+        prepared = {**prepared, "export_from": "image"}
+    else:
+        stage_model = stage_weights if runtime == "torch" or mode != "model" else stage_export
+        weights = stage_model(model, target or data_prefix)
+        prepared = {**prepared, "export_from": "s3"} if runtime != "torch" and mode == "model" else prepared
     run_id = new_run_id()
     base = S3Prefix.parse(target or data_prefix)
     results = S3Prefix(base.bucket, base.key(f"runs/{run_id}"))
-    return _Staged(replace(plan, partitions=refs), data_prefix, staging_s, weights, prepared, run_id, results)
+    return _Staged(replace(plan, partitions=refs), data_prefix, staging_s, weights, prepared, run_id, results, expects)
 
 
 def _event_base(plan: Plan, staged: _Staged, runtime: str, mode: str, hold_s: float) -> dict:
@@ -197,7 +211,8 @@ def _event_base(plan: Plan, staged: _Staged, runtime: str, mode: str, hold_s: fl
     options = {"batch_size": plan.batch_size, "precision": plan.precision, "engine": plan.engine,
                "verify_checksums": plan.verify_checksums, "compile": plan.compile, "runtime": runtime}  # fmt: skip
     return {"run_id": staged.run_id, "results": staged.results.location, "options": options,
-            "weights": staged.weights, "seed": plan.seed, "mode": mode, "hold_s": hold_s}  # fmt: skip
+            "weights": staged.weights, "seed": plan.seed, "mode": mode, "hold_s": hold_s,
+            **({"export_weights": staged.export_weights} if staged.export_weights else {})}  # fmt: skip
 
 
 @dataclass
@@ -262,7 +277,7 @@ def _through_a_map(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event
 
 
 def _run_info(driven: _Driven, fn: _Function, staged: _Staged, services: Services, spent, prices: dict,
-              concurrency: int, per_invocation: int, orchestrator: str, runtime: str, mode: str) -> dict:  # fmt: skip
+              concurrency: int, per_invocation: int, orchestrator: str) -> dict:  # fmt: skip
     info = {
         **invocation_summary(driven.invocations), "orchestrator": orchestrator, **driven.orchestration,
         "billed_from": driven.billed_from, "memory_set": fn.memory_set, "function": fn.name,
@@ -270,7 +285,7 @@ def _run_info(driven: _Driven, fn: _Function, staged: _Staged, services: Service
         "partitions_per_invocation": per_invocation, "emulated": services.emulated,
         "region": fn.region or getattr(fn.client.meta, "region_name", None), "data": staged.data,
         "results": staged.results.location, "staging_s": staged.staging_s, **staged.prepared,
-        **({"staged_export": staged.weights} if runtime != "torch" and mode == "model" else {}),
+        **({"staged_export": staged.weights} if staged.prepared.get("export_from") == "s3" else {}),
         "cost": spent.to_dict(), "prices": {k: prices[k] for k in ("as_of", "region") if k in prices},
         "invocations": [asdict(i) for i in driven.invocations],
     }  # fmt: skip
@@ -311,8 +326,7 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
             driven = _direct(dispatcher, fn, staged, event, concurrency, per_invocation, comm)
         transitions = driven.orchestration.get("transitions", 0)
         spent = pricing.cost(driven.billed_ms, fn.memory_mb, fn.architecture, prices, transitions=transitions)
-        info = _run_info(driven, fn, staged, services, spent, prices, concurrency, per_invocation, orchestrator,
-                         runtime, mode)  # fmt: skip
+        info = _run_info(driven, fn, staged, services, spent, prices, concurrency, per_invocation, orchestrator)
         threads = services.emulator.threads if services.emulator is not None else None
         environments = {i.environment for i in driven.invocations} | {i.get("environment") for e in info.get(
             "executions", []) for i in e["invocations"]}  # fmt: skip
@@ -333,6 +347,8 @@ class LambdaBackend:
     default_batch_size: int = 512
 
     def check(self, options: dict) -> None:
+        if options.get("export_in_image") and options.get("runtime") in (None, "torch"):
+            raise UserError("--export-in-image is for an exported model: add --runtime onnxruntime or openvino")
         if options.get("runtime") == "auto":
             raise UserError("--runtime auto probes this machine; a Lambda function runs what its image holds: give "
                             "torch (the default), onnxruntime or openvino")  # fmt: skip

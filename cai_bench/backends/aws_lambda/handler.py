@@ -30,7 +30,7 @@ from cai_bench.gathering import CommConfig, finish_together
 from cai_bench.loop import loop_functions, model_worker, units_from, worker_loop
 from cai_bench.machine import allowed_cpus
 from cai_bench.metrics import peak_rss_bytes
-from cai_bench.model.export_format import EXPORT_META
+from cai_bench.model.export_format import EXPORT_META, read_export
 from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
 from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo, WorkerRecord, encode_result
 from cai_bench.worker import EngineOptions
@@ -81,20 +81,41 @@ def _export_folder(weights: str) -> str:
     return _WARM.weights_files[weights]
 
 
+def _checked_export(event: dict) -> tuple[str, dict]:
+    """The export's local folder (fetched from S3 once, or in the image), checked against the weights the run
+    names where it read it from the image; with where it came from and how long the fetch took."""
+    weights = event.get("weights") or ""
+    started = time.perf_counter()
+    folder = _export_folder(weights)
+    figures = {"export_from": "s3" if weights.startswith("s3:/") else "image", "fetch_s": time.perf_counter() - started}
+    expected = event.get("export_weights")
+    if expected:
+        found = asdict(read_export(folder).weights)
+        keys = ("sha256",) if expected.get("sha256") else ("source", "seed")
+        if any(found.get(k) != expected.get(k) for k in keys):
+            raise ValueError(
+                f"{folder}: the image's export was made from {found}, but the run names {expected}; build the "
+                "image with this run's export (cai-bench lambda build --export DIR)"
+            )
+    return folder, figures
+
+
 def _model_worker(options, event: dict, request_id: str):
     """The environment's worker for these options, built on first use: on torch (import torch, build, load,
     probe), or on an exported model's runtime (compile, probe), which imports no torch."""
     key = (options, event.get("weights"), int(event.get("seed", 0)))
     if key not in _WARM.workers:  # once per environment: the cold start of the model
+        startup: dict = {}
         if options.runtime == "torch":
             import torch  # once per environment, and never where the model runs on another runtime
 
             torch.set_num_threads(allowed_cpus())  # what Lambda allots for the memory (the emulator pins as many)
             model = _weights_file(event.get("weights"))
         else:
-            model = _export_folder(event.get("weights") or "")
+            model, startup = _checked_export(event)
         start, _, _ = model_worker(request_id, options, model, key[2])
         worker = start()
+        worker.choices["startup"] = {**startup, **worker.choices.get("startup", {})}
         if options.runtime == "torch" and (event.get("weights") or "").startswith("s3:/"):
             # Named as the run named them, not by the copy in /tmp
             worker.weights = replace(worker.weights, source=event["weights"])

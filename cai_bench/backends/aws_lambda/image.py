@@ -14,8 +14,11 @@ from cai_bench import aws
 from cai_bench.backends.aws_lambda.provision import ARCHITECTURES, MANAGED_TAG, Account
 from cai_bench.choices import RUNTIMES
 from cai_bench.errors import UserError
+from cai_bench.model.export_format import read_export
 
 DOCKERFILE = Path("deploy/lambda/Dockerfile")
+# Where the image's own export sits (``lambda build --export DIR``), read by --export-in-image runs
+IMAGE_EXPORT_DIR = "/opt/cai-bench/model"
 PLATFORMS = {"x86_64": "linux/amd64", "arm64": "linux/arm64"}
 _REPOSITORY = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
 
@@ -27,10 +30,13 @@ class ImageBuild:
     arch: str = "x86_64"
     context: Path = Path(".")
     runtime: str = "torch"  # torch: the Dockerfile's torch target; onnxruntime, openvino: its torch-free target
+    export: Path | None = None  # an export to bake in at IMAGE_EXPORT_DIR (the "baked" target), inside the context
 
     def check(self) -> ImageBuild:
         if self.runtime not in RUNTIMES:
             raise UserError(f"--runtime {self.runtime!r}: one of {', '.join(RUNTIMES)}")
+        if self.export is not None:
+            self._check_export()
         if not _REPOSITORY.fullmatch(self.repository) or len(self.repository) > 256:
             raise UserError(f"--repository {self.repository!r}: not an ECR repository name (lowercase, digits, "
                             "'.', '_', '-', '/')")  # fmt: skip
@@ -43,6 +49,16 @@ class ImageBuild:
                             "give --context")  # fmt: skip
         return self
 
+    def _check_export(self) -> None:
+        if self.runtime == "torch":
+            raise UserError("--export bakes an exported model in: add --runtime onnxruntime or openvino")
+        read_export(self.export, self.runtime)
+        try:
+            self.export.resolve().relative_to(self.context.resolve())
+        except ValueError:
+            raise UserError(f"--export {self.export}: docker copies only from inside --context "
+                            f"{self.context}; export into it (cai-bench model export --out ...)") from None  # fmt: skip
+
     @property
     def local(self) -> str:
         return f"{self.repository}:{self.tag}"
@@ -54,8 +70,12 @@ class ImageBuild:
         return f"{self.registry(account_id, region)}/{self.local}"
 
     def build_command(self) -> list[str]:
+        flavour = "exported" if self.export is None else "baked"
         target = ["--target", "torch"] if self.runtime == "torch" else [
-            "--target", "exported", "--build-arg", f"RUNTIME={self.runtime}"]  # fmt: skip
+            "--target", flavour, "--build-arg", f"RUNTIME={self.runtime}"]  # fmt: skip
+        if self.export is not None:
+            inside = self.export.resolve().relative_to(self.context.resolve())
+            target += ["--build-arg", f"EXPORT_DIR={inside.as_posix()}"]
         return ["docker", "build", "--platform", PLATFORMS[self.arch], "--provenance=false", "-f",
                 str(self.context / DOCKERFILE), *target, "-t", self.local, str(self.context)]  # fmt: skip
 
