@@ -305,11 +305,10 @@ def resolve_runtime(plan: Plan, asked: dict | None = None) -> Plan:
     elif layout is None:
         runtime, precision, probe = fixed_choice("the workers run on other machines than this probe", plan.precision)
     else:
+        asked = {} if asked is None else asked
         key = (plan.precision, layout, plan.weights, plan.seed)
-        if asked is None or key not in asked:
-            answer = choose_runtime(plan.weights, plan.seed, layout, plan.precision)
-            asked = {} if asked is None else asked
-            asked[key] = answer
+        if key not in asked:
+            asked[key] = choose_runtime(plan.weights, plan.seed, layout, plan.precision)
         runtime, precision, probe = asked[key]
     options = {**plan.backend_options, "runtime": runtime}
     return dataclasses.replace(plan, backend_options=options, precision=precision, runtime_choice=probe)

@@ -154,15 +154,19 @@ def time_candidates(candidates: list[Candidate], options: EngineOptions, models:
     predictions = {}
     try:
         for _ in range(1 + PROBE_PASSES):
-            for s in started:
-                result = s.run(s.partition, s.worker, 0.0)
+            for s in [s for s in started if s.candidate not in out]:
+                try:
+                    result = s.run(s.partition, s.worker, 0.0)
+                except Exception as exc:  # as above: out of the choice, with why
+                    out[s.candidate] = replace(s.candidate, skipped=f"failed ({str(exc).splitlines()[0][:160]})")
+                    continue
                 s.passes.append(result.record.compute_s)
                 predictions[s.candidate] = np.asarray(result.prediction, np.float64)
     finally:
         for s in started:
             s.worker.close()
     reference = predictions.get(next((c for c in predictions if (c.runtime, c.precision) == BASELINE), None))
-    for s in started:
+    for s in [s for s in started if s.candidate not in out]:
         difference = None if reference is None else float(np.abs(predictions[s.candidate] - reference).max())
         out[s.candidate] = replace(s.candidate, seconds=min(s.passes[1:]), max_difference=difference)
     return [out[c] for c in candidates]
@@ -181,6 +185,8 @@ def choose_runtime(weights: str | None, seed: int, layout: Layout, precision: st
     if forced:
         runtime, forced_precision = forced
         chose = forced_precision or precision
+        if chose not in ("auto", *RUNTIME_PRECISIONS[runtime]):
+            raise UserError(f"{FORCE_RUNTIME_ENV}={runtime}: it runs no --precision {chose}")
         return runtime, chose, {"requested": "auto", "chose": runtime, "precision": chose,
                                 "why": f"forced by {FORCE_RUNTIME_ENV}"}  # fmt: skip
     candidates, models = [], {}

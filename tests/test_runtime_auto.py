@@ -74,6 +74,22 @@ def test_a_bad_forced_answer_is_one_clear_error(monkeypatch, bad):
         runtime_choice.forced_runtime()
 
 
+def test_a_forced_runtime_that_cannot_run_the_asked_precision_is_refused(monkeypatch):
+    monkeypatch.setenv(FORCE_RUNTIME_ENV, "onnxruntime")
+    with pytest.raises(UserError, match="runs no --precision bf16"):
+        runtime_choice.choose_runtime(None, 0, Layout(1, 1), "bf16")
+
+
+def test_a_candidate_that_does_not_start_is_left_out_with_why_and_the_others_timed(tmp_path):
+    options = runtime_choice.EngineOptions(batch_size=runtime_choice.PROBE_PER_LANE, lanes=1, intra_threads=1)
+    wanted = [Candidate("torch", "fp32"), Candidate("onnxruntime", "fp32")]
+    timed = runtime_choice.time_candidates(wanted, options, {"torch": None, "onnxruntime": str(tmp_path)}, seed=0)
+    assert timed[0].seconds > 0 and timed[0].max_difference == 0.0 and timed[0].skipped is None
+    assert timed[1].seconds is None and timed[1].skipped.startswith("did not start") and "not" in timed[1].skipped
+    choice, _ = decide_runtime(timed)
+    assert (choice.runtime, choice.precision) == ("torch", "fp32")
+
+
 def test_the_probe_times_every_installed_runtime_and_names_a_missing_one(monkeypatch, weights_file, exports):
     """The real probe on the session's weights (exports already cached), in fp32 so three candidates: each timed
     candidate ran the probe partition and predicts within the exports' own check of torch; what it chose is the
