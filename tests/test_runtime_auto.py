@@ -177,7 +177,7 @@ def test_a_sweep_asks_once_and_resumes_by_what_ran(cli, tmp_path, monkeypatch, w
 
 def _plan(tiny_data, backend: str, **changes):
     _, summary, refs = open_dataset(tiny_data)
-    return make_plan(backend, summary, refs, threads=1, **changes)
+    return make_plan(backend, summary, refs, **{"threads": 1, **changes})
 
 
 def test_auto_is_torch_without_a_probe_where_the_probe_cannot_speak_for_the_workers(tiny_data, monkeypatch):
@@ -194,6 +194,25 @@ def test_auto_is_torch_without_a_probe_where_the_probe_cannot_speak_for_the_work
         assert resolved.precision == plan.precision  # the workers still resolve their own precision
     explicit = _plan(tiny_data, "cpu", backend_options={"runtime": "openvino"})
     assert resolve_runtime(explicit) is explicit
+
+
+def test_the_probe_starts_each_runtime_as_the_backends_workers_run(tiny_data, monkeypatch):
+    """cpu: one worker on all the threads, in lanes; hpc: each worker process's share. The answer is the probe's,
+    runtime and precision, whatever was asked."""
+    monkeypatch.delenv(FORCE_RUNTIME_ENV)
+    layouts = []
+
+    def probe(weights, seed, layout, precision):
+        layouts.append(layout)
+        return "openvino", "bf16", {"requested": "auto", "chose": "openvino"}
+
+    monkeypatch.setattr("cai_bench.runner.choose_runtime", probe)
+    cpu = resolve_runtime(_plan(tiny_data, "cpu", backend_options={"runtime": "auto"}, threads=2))
+    hpc = resolve_runtime(_plan(tiny_data, "hpc", backend_options={"runtime": "auto", "workers": 2}, threads=2))
+    assert layouts == [Layout(lanes=2, intra_threads=1), Layout(lanes=1, intra_threads=1)]
+    for plan in (cpu, hpc):
+        assert plan.backend_options["runtime"] == "openvino" and plan.precision == "bf16"
+        assert plan.runtime_choice["chose"] == "openvino"
 
 
 def test_lambda_takes_no_runtime_auto(cli, tiny_data, tmp_path):
