@@ -179,9 +179,10 @@ def run_summary_table(records: list[RunRecord]) -> Table:
     plan, data = first.plan, first.plan["data"]
     info = first.backend_info
     threads = f", {info['threads']} threads" if "threads" in info else ""
+    ran = f"{info['runtime']} {plan['precision']}" if info.get("runtime") not in (None, "torch") else plan["precision"]
     title = (
         f"{first.backend}{threads} · {data['data_gb']:.3g} GB, {data['samples']:,} samples in "
-        f"{data['partitions']} x {data['partition_mb']:g} MB · batch {plan['batch_size']} · {plan['precision']}"
+        f"{data['partitions']} x {data['partition_mb']:g} MB · batch {plan['batch_size']} · {ran}"
     )
     caption = "Mbps: bits / wall s · p50, p99: batch latency · RSS: peak resident memory"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
