@@ -191,15 +191,14 @@ def _stage(plan: Plan, options: dict, services: Services, runtime: str, mode: st
     refs, data_prefix, staging_s = stage(plan.partitions, plan, target)
     # An export the functions need is made here, where torch is, then staged like weights
     model, prepared = prepare_model(plan.weights, runtime, plan.seed) if mode == "model" else (plan.weights, {})
-    expects = None
-    if runtime != "torch" and mode == "model" and options.get("export_in_image"):
+    exported, expects = runtime != "torch" and mode == "model", None
+    if exported and options.get("export_in_image"):
         # In the image: no fetch at a cold start. Emulated, the image is this machine, so the export is local
         weights, expects = (model if services.emulated else IMAGE_EXPORT_DIR), asdict(read_export(model).weights)
-        prepared = {**prepared, "export_from": "image"}
     else:
-        stage_model = stage_weights if runtime == "torch" or mode != "model" else stage_export
-        weights = stage_model(model, target or data_prefix)
-        prepared = {**prepared, "export_from": "s3"} if runtime != "torch" and mode == "model" else prepared
+        weights = (stage_export if exported else stage_weights)(model, target or data_prefix)
+    if exported:
+        prepared = {**prepared, "export_from": "image" if expects else "s3"}
     run_id = new_run_id()
     base = S3Prefix.parse(target or data_prefix)
     results = S3Prefix(base.bucket, base.key(f"runs/{run_id}"))

@@ -115,7 +115,8 @@ def _model_worker(options, event: dict, request_id: str):
             model, startup = _checked_export(event)
         start, _, _ = model_worker(request_id, options, model, key[2])
         worker = start()
-        worker.choices["startup"] = {**startup, **worker.choices.get("startup", {})}
+        if startup:  # the export's fetch, before the runtime's own compile and warm-up
+            worker.choices["startup"] = {**startup, **worker.choices.get("startup", {})}
         if options.runtime == "torch" and (event.get("weights") or "").startswith("s3:/"):
             # Named as the run named them, not by the copy in /tmp
             worker.weights = replace(worker.weights, source=event["weights"])
