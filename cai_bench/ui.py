@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cai_bench.compare import ALPHA, TEST_NAME
 from cai_bench.errors import UserError
 from cai_bench.machine import machine_label
 from cai_bench.metrics import spread
@@ -802,3 +804,46 @@ def show_checks(checks: list, skipped: list[str], median_error: float | None, so
     if median_error is not None:
         what = "published figures" if source == "paper" else "runs"
         say(f"median absolute error: {median_error * 100:.1f}% over {sum(not c.calibration for c in checks)} {what}")
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def _comparison_rows(done) -> list[list[str]]:
+    rows = []
+    for p in done.points:
+        verdict = "WORSE" if p.regressed else ("worse, within noise" if p.worse_by > done.factor else "ok")
+        rows.append([p.label, f"{statistics.median(p.baseline):,.4g} ({len(p.baseline)})",
+                     f"{statistics.median(p.candidate):,.4g} ({len(p.candidate)})", f"{p.ratio:.3f}",
+                     f"{p.p_value:.3g}", verdict])  # fmt: skip
+    return rows
+
+
+def show_comparison(done, fmt: str) -> None:
+    """``compare``: a row per matched point (medians with their repeats, ratio, p-value, verdict), then the points
+    one side lacks, and one line of what failed."""
+    if fmt == "json":
+        print(json.dumps(done.to_dict(), indent=1))
+        return
+    columns = ["point", f"baseline {done.metric}", f"candidate {done.metric}", "ratio", "p", "verdict"]
+    rows = _comparison_rows(done)
+    if fmt == "markdown":
+        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        table = Table(title=f"{done.candidate} against {done.baseline}: {done.metric}, factor {done.factor:g}",
+                      title_justify="left")  # fmt: skip
+        for name in columns:
+            table.add_column(name, justify="left" if name in ("point", "verdict") else "right")
+        for row in rows:
+            table.add_row(*row, style="bold red" if row[-1] == "WORSE" else None)
+        stdout.print(table)
+    for side, labels in (("baseline", done.only_baseline), ("candidate", done.only_candidate)):
+        for label in labels:
+            say(f"only in the {side}: {label}")
+    failed = len(done.regressions)
+    say(f"{failed} of {len(done.points)} matched point(s) worse than {done.factor:g}x beyond the noise "
+        f"({TEST_NAME}, p <= {ALPHA:g})" if failed else
+        f"no matched point worse than {done.factor:g}x beyond the noise ({len(done.points)} compared; "
+        f"{TEST_NAME}, p <= {ALPHA:g})")  # fmt: skip

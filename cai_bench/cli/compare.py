@@ -1,0 +1,39 @@
+"""``compare``: the candidate's points against the baseline's, exit 1 where one got worse beyond the noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cai_bench import ui
+from cai_bench.cli import options as o
+from cai_bench.cli.app import app
+from cai_bench.compare import METRICS, compare_command
+from cai_bench.errors import UserError
+
+Side = Annotated[
+    str, typer.Argument(help="A results directory, a git commit the records name, or a filter: backend=hpc,workers=2.")
+]
+Factor = Annotated[float, typer.Option(help="How much worse fails: 1.05 is 5% slower (or dearer, or fewer samples/s).")]
+Metric = Annotated[str, typer.Option(help="wall, samples_per_s or cost.")]
+Format = Annotated[str, typer.Option("--format", help="table, markdown or json.")]
+
+
+@app.command()
+def compare(
+    baseline: Side, candidate: Side, factor: Factor = 1.05, metric: Metric = "wall", fmt: Format = "table",
+    results: o.Results = Path("results"),
+) -> None:  # fmt: skip
+    """Each point both sides measured: both medians, their ratio and whether the difference is beyond the noise of
+    both (Mann-Whitney U, one-sided, p <= 0.05). Exit 1 when a point is worse than --factor beyond the noise;
+    points on one side only are listed, not failed."""
+    if fmt not in ("table", "markdown", "json"):
+        raise UserError(f"--format must be table, markdown or json, got {fmt!r}")
+    if metric not in METRICS:
+        raise UserError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    done = compare_command(baseline, candidate, results, metric, factor, warn=ui.warn)
+    ui.show_comparison(done, fmt)
+    if done.regressions:
+        raise typer.Exit(1)
