@@ -17,7 +17,7 @@ import numpy as np
 
 from cai_bench.metrics import percentiles, rate
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: a unit's ended_epoch_s
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 RANDOM_INIT = "random-init"
 
@@ -67,6 +67,9 @@ class WorkerRecord:
     # --comm: seconds the worker that ran this unit spent in the run's closing collectives (after its units; the
     # same for every unit of one worker), None without them
     comm_s: float | None = None
+    # The wall-clock time (time.time()) the unit ended: where a timeline places it, its total_s before that end.
+    # Comparable between the processes of one machine (and, as far as their clocks agree, between machines)
+    ended_epoch_s: float | None = None
 
 
 @dataclass

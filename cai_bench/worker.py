@@ -184,6 +184,7 @@ def worker_record(
         pid=os.getpid(),
         batch_latency_s=[round(x, 6) for x in latencies],
         device_stats=device_stats,
+        ended_epoch_s=time.time(),
     )
 
 

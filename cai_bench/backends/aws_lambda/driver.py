@@ -232,8 +232,8 @@ def _direct(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event: dict,
     drive(dispatcher, transport)
     billed = [i.report["billed_duration_ms"] for i in transport.invocations if i.report]
     gathered = transport.gathered.summary_for_record()
-    return _Driven(transport.wall_s, transport.invocations, {"comm": gathered} if gathered else {}, billed,
-                   "REPORT lines")  # fmt: skip
+    orchestration = {"first_invoke_epoch_s": transport.first_sent_epoch, **({"comm": gathered} if gathered else {})}
+    return _Driven(transport.wall_s, transport.invocations, orchestration, billed, "REPORT lines")
 
 
 def _comm_config(plan: Plan, concurrency: int, per_invocation: int) -> CommConfig | None:

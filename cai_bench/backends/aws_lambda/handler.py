@@ -153,7 +153,7 @@ def _no_model_run(hold_s: float):
             bits=n * BITS_PER_SAMPLE, batches=0, batch_size=0, precision="none", device="none", startup_s=0.0,
             wait_s=wait_s, load_s=load_s, compute_s=0.0, total_s=wait_s + own_s, samples_per_s=0.0,
             throughput_bps=0.0, batch_latency_p50_s=None, batch_latency_p90_s=None, batch_latency_p99_s=None,
-            peak_rss_bytes=peak_rss_bytes(), host=socket.gethostname(), pid=os.getpid(),
+            peak_rss_bytes=peak_rss_bytes(), host=socket.gethostname(), pid=os.getpid(), ended_epoch_s=time.time(),
         )  # fmt: skip
         return PartitionResult(record, arrays["object_id"], np.full(n, np.nan, np.float32), arrays["redshift"])
 

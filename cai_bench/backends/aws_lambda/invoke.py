@@ -95,6 +95,7 @@ class InvokeTransport:
         self.invocations: list[Invocation] = []
         self.started = 0
         self.first_sent: float | None = None
+        self.first_sent_epoch: float | None = None  # the same moment by the wall clock: where a timeline starts
         self.last_answer: float | None = None
         self.stopping = threading.Event()
         self.lock = threading.Lock()
@@ -159,7 +160,8 @@ class InvokeTransport:
         payload = json.dumps(event).encode()
         sent = time.perf_counter()
         with self.lock:
-            self.first_sent = sent if self.first_sent is None else self.first_sent
+            if self.first_sent is None:
+                self.first_sent, self.first_sent_epoch = sent, time.time()
         record = Invocation(None, invoker.name, [u.position for u in units], sent - self.first_sent, 0.0)
         answer = None
         for attempt in range(THROTTLE_RETRIES + 1):
