@@ -24,7 +24,9 @@ from cai_bench.plan import BITS_PER_SAMPLE, samples_for_gb
 from cai_bench.predict import read_predictions
 from cai_bench.published import load_reference
 from cai_bench.report import BREAKDOWN, PointReport, read_points
+from cai_bench.results import find_record
 from cai_bench.store import ResultsStore
+from cai_bench.timeline import timeline_of
 
 FIGURES = (
     "wall-vs-data-size",
@@ -465,19 +467,27 @@ def predictions_figure(columns: dict, title: str) -> Figure:
 
 def plot_command(
     results: str | Path, out_dir: str | Path, formats: list[str], reference: str | None = None,
-    backends: list[str] | None = None, predictions: str | Path | None = None, warn=None,
+    backends: list[str] | None = None, predictions: str | Path | None = None, warn=None, timeline: str | None = None,
 ) -> list[Path]:  # fmt: skip
-    """``cai-bench plot``: every figure of the store's points (beside ``reference``'s published ones), or with
-    ``predictions`` the predicted-vs-true figure of a predictions file; the files written."""
+    """``cai-bench plot``: every figure of the store's points (beside ``reference``'s published ones) and the
+    timeline of each backend's last run; with ``predictions`` the predicted-vs-true figure of a predictions file;
+    with ``timeline`` (a run id) that run's timeline alone. The files written."""
     if predictions is not None:
         figure = predictions_figure(read_predictions(predictions), str(predictions))
         return save_figures({f"{Path(predictions).stem}-vs-true": figure}, out_dir, formats)
     store = ResultsStore(results)
+    if timeline is not None:
+        record = find_record(store, timeline, warn=warn)
+        figure = timeline_figure(timeline_of(record), machine_label(record["environment"]))
+        return save_figures({f"timeline-{record['backend']}-{record['run_id']}": figure}, out_dir, formats)
     points = read_points(store, backends, warn=warn)
     comm_points = [] if backends else latest_points(store)
     rows = load_reference(reference) if reference else None
     figures = build_figures(points, rows) if points or not comm_points else {}
-    return save_figures({**figures, **comm_figures(comm_points)}, out_dir, formats)
+    runs = [r for r in store.read() if r.get("kind") == "run" and (not backends or r["backend"] in backends)]
+    last = {r["backend"]: r for r in runs}  # each backend's last run, finished or not
+    timelines = timeline_figures(list(last.values()))
+    return save_figures({**figures, **comm_figures(comm_points), **timelines}, out_dir, formats)
 
 
 def comm_figures(records: list[dict]) -> dict[str, Figure]:
@@ -563,3 +573,73 @@ def save_estimate_figure(outcome, path: str | Path) -> Path:
     except OSError as exc:
         raise UserError(f"{path}: cannot write the figure ({exc.strerror})") from None
     return path
+
+
+# ---------------------------------------------------------------------------------------------- timelines
+
+TIMELINE_COLOURS = {"call": "#dddddd", "startup": "#9467bd", "init": "#e377c2", "wait": "#d62728",
+                    "other": "#bcbd22", "compute": "#1f77b4", "load": "#2ca02c", "failed": "#000000"}  # fmt: skip
+TIMELINE_NAMES = {"call": "invocation in flight (driver's view)", "startup": "start-up",
+                  "init": "Init Duration (cold start)", "wait": "wait for data", "other": "own time beside compute",
+                  "compute": "compute", "load": "read (in the background)", "failed": "failed invocation"}  # fmt: skip
+
+
+def _lane_bars(ax, row: int, segments: list) -> None:
+    """One worker's row: its pieces as bars, reads as a thin band above them, retried units hatched."""
+    for segment in segments:
+        y, height = {"load": (row + 0.28, 0.14), "call": (row - 0.36, 0.72)}.get(segment.kind, (row - 0.3, 0.55))
+        ax.broken_barh([(segment.start_s, segment.end_s - segment.start_s)], (y, height),
+                       facecolors=TIMELINE_COLOURS[segment.kind], edgecolor="red" if segment.retried else "none",
+                       hatch="///" if segment.retried else None, linewidth=0.6)  # fmt: skip
+
+
+def timeline_figure(timeline, machine: str = "") -> Figure:
+    """One bar per worker across the run's wall clock, split by ``timeline.KINDS``, with cold starts and throttles
+    marked; beneath it, how many workers were busy."""
+    rows = len(timeline.lanes)
+    fig = Figure(figsize=(11, 2.6 + min(rows, 40) * 0.22), dpi=100)
+    bars, busy = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for row, lane in enumerate(timeline.lanes):
+        _lane_bars(bars, row, lane.segments)
+        for time_s, what in lane.marks:
+            bars.plot([time_s], [row], marker="v" if what == "cold start" else "x", color="black", markersize=5)
+    kinds = sorted({s.kind for lane in timeline.lanes for s in lane.segments}, key=list(TIMELINE_COLOURS).index)
+    handles = [bars.barh([0], [0], color=TIMELINE_COLOURS[k], label=TIMELINE_NAMES[k]) for k in kinds]
+    if any(s.retried for lane in timeline.lanes for s in lane.segments):
+        handles.append(bars.barh([0], [0], color="white", edgecolor="red", hatch="///", label="retried unit"))
+    marks = {what.split()[0] for lane in timeline.lanes for _, what in lane.marks}
+    if "cold" in marks:
+        bars.plot([], [], "v", color="black", label="cold start")
+    if "throttled" in marks:
+        bars.plot([], [], "x", color="black", label="throttled (429), retried with backoff")
+    bars.set_yticks(range(rows), [lane.name[:18] for lane in timeline.lanes], fontsize=6 if rows > 12 else 8)
+    bars.set_ylim(rows - 0.5, -0.7)
+    bars.set_title(f"run {timeline.run_id} · {timeline.backend} · wall {timeline.wall_s:.2f} s"
+                   + (f" · {machine}" if machine else ""), fontsize=9, loc="left")  # fmt: skip
+    bars.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    steps = timeline.running()
+    busy.step([t for t, _ in steps], [n for _, n in steps], where="post", color="#1f77b4")
+    busy.set_ylabel("workers busy" if timeline.backend != "lambda" else "invocations\nin flight", fontsize=8)
+    busy.set_xlabel("seconds from the run's start (its first worker's start; Lambda: its first invoke)")
+    busy.set_ylim(0, max(n for _, n in steps) + 1)
+    busy.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    busy.axvline(timeline.wall_s, color="grey", linestyle=":", linewidth=1)
+    if timeline.notes:
+        fig.text(0.01, 0.005, "; ".join(timeline.notes)[:300], fontsize=7, color="red")
+    fig.tight_layout()
+    return fig
+
+
+def timeline_figures(records: list[dict]) -> dict[str, Figure]:
+    """The timeline of each record, named ``timeline-<backend>-<run id>``; records that hold no unit end times
+    (from before schema 1.1) are left out."""
+    figures = {}
+    for record in records:
+        try:
+            line = timeline_of(record)
+        except UserError:
+            continue
+        figures[f"timeline-{record['backend']}-{record['run_id']}"] = timeline_figure(
+            line, machine_label(record["environment"])
+        )
+    return figures

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -390,3 +391,35 @@ def rendezvous_url():
     yield "direct://" + line.split()[-1]
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def check_timeline(record: dict, lanes: int | None = None, units_overlap: bool = False):
+    """The timeline of a stored run record, checked against the record, and its figure drawn: one compute bar
+    per unit the record holds, each worker's units in the order they ended and never overlapping (but where a
+    worker's batches span units: a GPU's stream), no more workers busy at once than there are lanes, and one drawn
+    bar per piece. Returns the timeline for the caller's own checks (the backend's lanes, its failures)."""
+    from cai_bench.plot import timeline_figure
+    from cai_bench.timeline import timeline_of
+
+    line = timeline_of(record)
+    drawn_units = [s.unit for lane in line.lanes for s in lane.segments if s.unit is not None]
+    assert sorted(set(drawn_units)) == list(range(len(record["workers"])))  # every unit, each on one lane
+    for lane in line.lanes:
+        spans: dict[int, list[float]] = {}
+        for s in (s for s in lane.segments if s.unit is not None and s.kind != "load"):
+            span = spans.setdefault(s.unit, [s.start_s, s.end_s])
+            span[0], span[1] = min(span[0], s.start_s), max(span[1], s.end_s)
+        ordered = sorted(spans.values(), key=lambda span: span[1])
+        ended = [record["workers"][u]["ended_epoch_s"] for u in sorted(spans, key=lambda u: spans[u][1])]
+        assert ended == sorted(ended)  # the lane's units in the order the record says they ended
+        assert units_overlap or all(a[1] <= b[0] + 1e-6 for a, b in itertools.pairwise(ordered)), lane.name
+    assert max(n for _, n in line.running()) <= len(line.lanes)
+    assert all(s.start_s >= -0.05 and s.end_s <= line.wall_s * 1.05 + 0.5 for lane in line.lanes
+               for s in lane.segments if s.kind != "load")  # fmt: skip
+    if lanes is not None:
+        assert len(line.lanes) == lanes
+    figure = timeline_figure(line)
+    drawn = [c for c in figure.axes[0].collections if len(c.get_paths())]
+    assert len(drawn) == sum(len(lane.segments) for lane in line.lanes)
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == [lane.name[:18] for lane in line.lanes]
+    return line

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+from conftest import check_timeline
 
 from cai_bench.backends.gpu import PinnedPool, parse_devices, run_devices
 from cai_bench.data.partitions import open_dataset
@@ -64,6 +66,10 @@ def test_the_device_worker_path_on_the_cpu_device_predicts_what_the_cpu_backend_
     assert run.workers == 2 and run.info["devices"] == ["cpu", "cpu"]
     assert 0 < run.info["busy_fraction"] <= 1 and run.info["h2d_gbps"] > 0
     assert run.info["precision"] == "fp32" and run.info["cuda_graphs"] is False
+    record = {"run_id": "r", "backend": "gpu", "summary": {"wall_s": run.wall_s}, "backend_info": run.info,
+              "workers": [asdict(r.record) for r in emitted]}  # fmt: skip
+    line = check_timeline(record, units_overlap=True)  # a lane per device; its batches span partitions
+    assert {lane.name for lane in line.lanes} == {r.record.worker_id for r in emitted}
 
 
 def test_a_device_worker_that_cannot_run_a_precision_says_so(tiny_data):

@@ -8,10 +8,12 @@ import os
 import signal
 import stat
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import check_timeline
 
 from cai_bench.backends import get_backend
 from cai_bench.backends.base import PartitionsFailed
@@ -60,6 +62,9 @@ def test_two_workers_predict_what_the_cpu_backend_predicts(tiny_data):
     assert record.backend_info["threads_per_worker"] == 1
     assert record.backend_info["crashes"] == []
     assert record.summary.wall_s >= max(w.total_s for w in record.workers)
+    line = check_timeline(asdict(record))  # a lane per worker process that ran a unit
+    assert {lane.name for lane in line.lanes} == {w.worker_id for w in record.workers}
+    assert check_timeline(asdict(cpu.record), lanes=1).lanes[0].name == "cpu-0"  # the cpu worker, lanes inside
 
 
 def test_a_worker_killed_mid_partition_loses_nothing(many_partitions):
@@ -91,6 +96,11 @@ def test_a_worker_killed_mid_partition_loses_nothing(many_partitions):
     assert redo.record.pid != killed[0]
     assert run.info["retried"][0]["partition"] == crash["partition"]
     assert run.info["worker_processes_started"] == 3  # a replacement kept the node busy
+    record = {"run_id": "r", "backend": "hpc", "summary": {"wall_s": run.wall_s}, "backend_info": run.info,
+              "workers": [asdict(r.record) for r in emitted]}  # fmt: skip
+    line = check_timeline(record)
+    retried = {s.unit for lane in line.lanes for s in lane.segments if s.retried}
+    assert len(retried) == 1 and any("lost running partition" in note for note in line.notes)
 
 
 def test_partitions_that_fail_every_retry_fail_the_run_and_keep_the_rest(cli, data_copy, tmp_path):
@@ -188,6 +198,8 @@ def test_a_local_job_array_runs_end_to_end_into_one_complete_record(cli, tiny_da
     assert info["queue_wait_s"] >= 0
     assert info["queue_wait_max_s"] == pytest.approx(tasks[1][0]["epoch"] - job["submit_epoch"])
     assert info["rounds"] == 1 and info["retried_units"] == 0
+    line = check_timeline(record, lanes=2)  # one lane per array task, task 1 after task 0 (array parallelism 1)
+    assert [lane.name for lane in line.lanes] == ["task-0", "task-1"] and max(n for _, n in line.running()) == 1
     # the predictions came back with the records: the accuracy is the cpu backend's
     cpu = execute(plan_for(tiny_data, "cpu", threads=1), None)[0]
     assert record["accuracy"]["samples"] == 104

@@ -7,11 +7,12 @@ takes as long as the test needs; the end-to-end tests run the model."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import check_timeline
 
 from cai_bench import aws
 from cai_bench.backends.aws_lambda import handler
@@ -55,6 +56,30 @@ def test_an_environment_killed_mid_unit_costs_that_unit_one_attempt(s3, tiny_dat
     died = [i for i in run.info["invocations"] if i["function_error"]]
     assert len(died) == 1 and died[0]["function_error"].startswith("Runtime.ExitError")
     assert run.info["retried"][0]["partition"] == 1 and run.info["retried"][0]["attempts"] == 1
+
+
+def test_the_timeline_of_a_lambda_run_marks_cold_starts_throttles_and_the_failed_invocation(s3, tiny_data, local_s3):
+    """A lane per invoker, its invocations from the driver's log: an Init Duration where it was cold, a mark
+    where it was throttled, the invocation whose environment was killed as failed, and its unit, run again
+    elsewhere, hatched as retried."""
+    emitted = []
+    faults = Faults(throttle_first=2, kill={1: 1}, kill_after_s=0.2)
+    run = run_lambda(lambda_plan(tiny_data, s3, local_s3), emitted.append, mode="no-model", hold_s=0.5,
+                     emulator_faults=faults)  # fmt: skip
+    record = {"run_id": "r", "backend": "lambda", "summary": {"wall_s": run.wall_s}, "backend_info": run.info,
+              "workers": [asdict(r.record) for r in emitted]}  # fmt: skip
+    line = check_timeline(record)
+    invokers = {i["invoker"] for i in run.info["invocations"]}
+    assert {lane.name for lane in line.lanes} == invokers
+    marks = [what for lane in line.lanes for _, what in lane.marks]
+    assert marks.count("cold start") == run.info["cold_starts"] and any(m.startswith("throttled") for m in marks)
+    inits = [s for lane in line.lanes for s in lane.segments if s.kind == "init"]
+    assert len(inits) == run.info["cold_starts"]
+    (failed,) = [s for lane in line.lanes for s in lane.segments if s.kind == "failed"]
+    assert failed.end_s > failed.start_s
+    retried = [s for lane in line.lanes for s in lane.segments if s.retried and s.kind != "load"]
+    assert len({s.unit for s in retried}) == 1  # the one unit whose environment was killed, hatched
+    assert min(s.start_s for s in retried) >= failed.start_s  # its retry ran after the attempt that died
 
 
 def test_a_unit_past_its_memory_is_killed_as_lambda_does_and_retried(s3, tiny_data, local_s3):

@@ -110,15 +110,27 @@ def report(
     ui.show_report(points, store.path, fmt.value, comm_points)
 
 
+Timeline = Annotated[
+    str | None,
+    typer.Option(
+        help="A run id (or its start): its timeline alone, a bar per worker split into start-up, read, "
+        "wait and compute, failures marked, and the workers busy over time."
+    ),
+]
+
+
 @app.command()
 def plot(
     results: o.Results = Path("results"), out_dir: OutDir = Path("results/figures"), reference: Reference = None,
     backend: o.BackendList = None, fmt: FigureFormats = "png", predictions: Predictions = None,
+    timeline: Timeline = None,
 ) -> None:  # fmt: skip
     """Scaling figures: time and throughput vs data size, throughput vs batch size, time (and cost) vs partition
-    size, and the per-worker time breakdown. With --predictions: predicted vs true redshift."""
+    size, the per-worker time breakdown, and the timeline of each backend's last run. With --predictions:
+    predicted vs true redshift; with --timeline RUN_ID: that run's timeline."""
     from cai_bench.plot import plot_command  # matplotlib: only for the command that draws
 
     formats = o.comma_list(fmt, "--format")
     backends = o.comma_list(backend, "--backend")
-    ui.show_paths(plot_command(results, out_dir, formats, reference, backends, predictions, warn=ui.warn))
+    ui.show_paths(plot_command(results, out_dir, formats, reference, backends, predictions, warn=ui.warn,
+                               timeline=timeline))  # fmt: skip
