@@ -8,6 +8,8 @@ import math
 
 NUMBER, INT = "a number (0 or more)", "a whole number (0 or more)"
 TEXT, FLAG, TABLE, LIST = "a string", "true or false", "an object", "a list"
+# A partition's index, or -1 for a record that covers the whole data set (the reference loop's one record)
+PARTITION = "a whole number (0 or more), or -1 for the whole data set"
 LARGEST = 1e18  # more than any measurement or data set holds (a petabyte is 9e15 bits): a larger figure is damage
 
 
@@ -22,6 +24,7 @@ def _is_figure(value: object, whole: bool = False) -> bool:
 _CHECKS = {
     NUMBER: _is_figure,
     INT: lambda v: _is_figure(v, whole=True),
+    PARTITION: lambda v: (v == -1 and not isinstance(v, bool)) or _is_figure(v, whole=True),
     TEXT: lambda v: isinstance(v, str),
     FLAG: lambda v: isinstance(v, bool),
     TABLE: lambda v: isinstance(v, dict),

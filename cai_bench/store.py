@@ -19,7 +19,7 @@ except ImportError:  # Windows: appends are still single writes, without the loc
 
 from cai_bench.errors import UserError
 from cai_bench.records import SCHEMA_MAJOR, RunRecord
-from cai_bench.shapes import INT, LIST, NUMBER, TABLE, TEXT, problem
+from cai_bench.shapes import INT, LIST, NUMBER, PARTITION, TABLE, TEXT, problem
 
 STORE_FILE = "runs.jsonl"
 COMM_FILE = "comm.jsonl"  # comm bench's points: latency of one collective per channel, world size and size
@@ -66,7 +66,7 @@ _SHAPES = (
 _COMM_SHAPE = {"run_id": TEXT, "channel": TEXT, "op": TEXT, "world_size": INT, "nbytes": INT, "median_s": NUMBER,
                "samples_s": LIST, "environment": TABLE}  # fmt: skip
 _WORKER_SHAPE = {"samples": INT, **dict.fromkeys(_PHASES, NUMBER)}
-_OPTIONAL_WORKER_SHAPE = {"precision": TEXT, "worker_id": TEXT, "host": TEXT, "pid": INT, "partition": INT}
+_OPTIONAL_WORKER_SHAPE = {"precision": TEXT, "worker_id": TEXT, "host": TEXT, "pid": INT, "partition": PARTITION}
 
 
 def record_problem(record: dict) -> str | None:

@@ -205,6 +205,10 @@ def test_bench_alternates_every_runtime_with_the_reference_and_records_every_run
     assert [r["plan"]["runtime_choice"] is not None for r in records[:5]] == [False, False, False, False, True]
     assert figures["arms"]["reference"]["peak_rss_bytes"] > 0 and "machine" in figures
     assert isinstance(figures["cpu_flags"], list)
+    # the store the bench wrote is read whole: the reference loop's one record covers partition -1
+    code, out, err = cli("report", "--results", tmp_path)
+    assert code == 0, err
+    assert "reference" in out and "onnxruntime" in out
 
 
 @pytest.mark.long
