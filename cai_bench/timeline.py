@@ -14,6 +14,7 @@ ran from its records.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -86,6 +87,18 @@ def unit_segments(unit: dict, origin: float, retried: bool = False, index: int |
     return [Segment(a, b, kind, retried, index) for a, b, kind in pieces if b - a > 0]
 
 
+UNIT_TIMES = ("ended_epoch_s", "total_s", "startup_s", "wait_s", "compute_s", "load_s")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _placeable(unit) -> bool:
+    """A unit whose times are all numbers: one a damaged record garbled is left off the timeline, not drawn."""
+    return isinstance(unit, dict) and all(_number(unit.get(name)) for name in UNIT_TIMES)
+
+
 def _retried_partitions(info: dict) -> set[int]:
     return {int(r["partition"]) for r in info.get("retried") or [] if "partition" in r}
 
@@ -108,7 +121,9 @@ def _lambda_lanes(units: list[tuple[int, dict]], info: dict, retried: set[int]) 
     for index, unit in units:
         by_request.setdefault(unit["worker_id"], []).append((index, unit))
     lanes: dict[str, Lane] = {}
-    for call in sorted(info["invocations"], key=lambda i: i["sent_s"]):
+    calls = [c for c in info["invocations"] if isinstance(c, dict) and _number(c.get("sent_s")) and
+             _number(c.get("client_s"))]  # fmt: skip
+    for call in sorted(calls, key=lambda i: i["sent_s"]):
         lane = lanes.setdefault(call["invoker"], Lane(call["invoker"]))
         start, end = call["sent_s"], call["sent_s"] + call["client_s"]
         init_s = ((call.get("report") or {}).get("init_duration_ms") or 0.0) / 1000
@@ -136,14 +151,23 @@ def _ordered(lanes: list[Lane]) -> list[Lane]:
 
 
 def timeline_of(record: dict) -> Timeline:
-    """The timeline of one stored run record."""
-    units = [(i, w) for i, w in enumerate(record.get("workers") or []) if w.get("ended_epoch_s") is not None]
+    """The timeline of one stored run record; a UserError where the record holds no unit end times, or is damaged
+    where a timeline reads it (the store checks what reports read, not every backend fact)."""
+    units = [(i, w) for i, w in enumerate(record.get("workers") or []) if _placeable(w)]
     if not units:
         raise UserError(f"run {record.get('run_id')}: its records hold no unit end times (written before cai-bench "
                         "kept them, record schema 1.1): no timeline")  # fmt: skip
+    try:
+        return _built(record, units)
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        where = f"run {record.get('run_id')}"
+        raise UserError(f"{where}: its record is damaged where a timeline reads it ({exc!r})") from None
+
+
+def _built(record: dict, units: list[tuple[int, dict]]) -> Timeline:
     info = record.get("backend_info") or {}
     retried = _retried_partitions(info)
-    if info.get("invocations") and info.get("first_invoke_epoch_s"):
+    if isinstance(info.get("invocations"), list) and _number(info.get("first_invoke_epoch_s")):
         lanes = _lambda_lanes(units, info, retried)
     else:
         origin = min(u["ended_epoch_s"] - u["total_s"] for _, u in units)

@@ -43,6 +43,11 @@ def test_plot_draws_a_runs_timeline_and_each_backends_last(cli, measured_store, 
     code, _, err = cli("plot", "--results", results, "--out-dir", tmp_path / "all")
     assert code == 0, err
     assert (tmp_path / "all" / drawn.name).is_file()
+    record["backend_info"]["crashes"] = [7]  # damaged where only a timeline reads it
+    (results / "runs.jsonl").write_text(json.dumps(record) + "\n")
+    code, _, err = cli("plot", "--results", results, "--out-dir", tmp_path / "bad", "--timeline", record["run_id"])
+    assert code == 2 and "damaged where a timeline reads it" in err and len(err.strip().splitlines()) == 1
+    record["backend_info"]["crashes"] = []
     for unit in record["workers"]:
         unit.pop("ended_epoch_s")  # as a record from before schema 1.1 holds it
     (results / "runs.jsonl").write_text(json.dumps(record) + "\n")
