@@ -24,7 +24,8 @@ from functools import cache
 from pathlib import Path
 
 from cai_bench.errors import UserError
-from cai_bench.results import read_records, record_point_key
+from cai_bench.report import engine_label
+from cai_bench.results import ran_precision, read_records, record_point_key
 from cai_bench.store import ResultsStore
 
 ALPHA = 0.05
@@ -126,13 +127,13 @@ def _match_key(record: dict, dropped: tuple[str, ...]) -> str:
 
 
 def _label(record: dict) -> str:
+    """What tells the point apart: backend, data, batch, the precision that ran, engine or runtime, options."""
     plan, data = record["plan"], record["plan"]["data"]
-    options = ",".join(
-        f"{k}={v}" for k, v in sorted((plan.get("backend_options") or {}).items()) if v not in (None, False)
-    )
+    given = sorted((plan.get("backend_options") or {}).items())
+    options = ",".join(f"{k}={v}" for k, v in given if v not in (None, False) and k != "runtime")
     extra = f" · {options}" if options else ""
     return (f"{record['backend']} · {data['data_gb']:.3g} GB · {data['partition_mb']:g} MB · batch "
-            f"{plan['batch_size']} · {plan['precision']}{extra}")  # fmt: skip
+            f"{plan['batch_size']} · {ran_precision(record)} · {engine_label(plan)}{extra}")  # fmt: skip
 
 
 @cache
