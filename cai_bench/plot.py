@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from cai_bench.choices import FIGURE_FORMATS
 from cai_bench.comm_bench import latest_points
@@ -477,9 +479,7 @@ def plot_command(
         return save_figures({f"{Path(predictions).stem}-vs-true": figure}, out_dir, formats)
     store = ResultsStore(results)
     if timeline is not None:
-        record = find_record(store, timeline, warn=warn)
-        figure = timeline_figure(timeline_of(record), machine_label(record["environment"]))
-        return save_figures({f"timeline-{record['backend']}-{record['run_id']}": figure}, out_dir, formats)
+        return save_figures(dict([_timeline_entry(find_record(store, timeline, warn=warn))]), out_dir, formats)
     points = read_points(store, backends, warn=warn)
     comm_points = [] if backends else latest_points(store)
     rows = load_reference(reference) if reference else None
@@ -593,6 +593,21 @@ def _lane_bars(ax, row: int, segments: list) -> None:
                        hatch="///" if segment.retried else None, linewidth=0.6)  # fmt: skip
 
 
+def _timeline_legend(timeline) -> list:
+    """A legend entry for each kind of piece drawn, retried units and each kind of mark, in a fixed order."""
+    kinds = {s.kind for lane in timeline.lanes for s in lane.segments}
+    handles = [Patch(color=colour, label=TIMELINE_NAMES[k]) for k, colour in TIMELINE_COLOURS.items() if k in kinds]
+    if any(s.retried for lane in timeline.lanes for s in lane.segments):
+        handles.append(Patch(facecolor="white", edgecolor="red", hatch="///", label="retried unit"))
+    marks = {what.split()[0] for lane in timeline.lanes for _, what in lane.marks}
+    if "cold" in marks:
+        handles.append(Line2D([], [], marker="v", color="black", linestyle="none", label="cold start"))
+    if "throttled" in marks:
+        handles.append(Line2D([], [], marker="x", color="black", linestyle="none",
+                              label="throttled (429), retried with backoff"))  # fmt: skip
+    return handles
+
+
 def timeline_figure(timeline, machine: str = "") -> Figure:
     """One bar per worker across the run's wall clock, split by ``timeline.KINDS``, with cold starts and throttles
     marked; beneath it, how many workers were busy."""
@@ -603,20 +618,12 @@ def timeline_figure(timeline, machine: str = "") -> Figure:
         _lane_bars(bars, row, lane.segments)
         for time_s, what in lane.marks:
             bars.plot([time_s], [row], marker="v" if what == "cold start" else "x", color="black", markersize=5)
-    kinds = sorted({s.kind for lane in timeline.lanes for s in lane.segments}, key=list(TIMELINE_COLOURS).index)
-    handles = [bars.barh([0], [0], color=TIMELINE_COLOURS[k], label=TIMELINE_NAMES[k]) for k in kinds]
-    if any(s.retried for lane in timeline.lanes for s in lane.segments):
-        handles.append(bars.barh([0], [0], color="white", edgecolor="red", hatch="///", label="retried unit"))
-    marks = {what.split()[0] for lane in timeline.lanes for _, what in lane.marks}
-    if "cold" in marks:
-        bars.plot([], [], "v", color="black", label="cold start")
-    if "throttled" in marks:
-        bars.plot([], [], "x", color="black", label="throttled (429), retried with backoff")
+    bars.legend(handles=_timeline_legend(timeline), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                borderaxespad=0)  # fmt: skip
     bars.set_yticks(range(rows), [lane.name[:18] for lane in timeline.lanes], fontsize=6 if rows > 12 else 8)
     bars.set_ylim(rows - 0.5, -0.7)
     bars.set_title(f"run {timeline.run_id} · {timeline.backend} · wall {timeline.wall_s:.2f} s"
                    + (f" · {machine}" if machine else ""), fontsize=9, loc="left")  # fmt: skip
-    bars.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     steps = timeline.running()
     busy.step([t for t, _ in steps], [n for _, n in steps], where="post", color="#1f77b4")
     busy.set_ylabel("workers busy" if timeline.backend != "lambda" else "invocations\nin flight", fontsize=8)
@@ -624,22 +631,28 @@ def timeline_figure(timeline, machine: str = "") -> Figure:
     busy.set_ylim(0, max(n for _, n in steps) + 1)
     busy.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     busy.axvline(timeline.wall_s, color="grey", linestyle=":", linewidth=1)
+    last = max([timeline.wall_s, *(s.end_s for lane in timeline.lanes for s in lane.segments)])
+    busy.set_xlim(-0.01 * last, last * 1.02)  # room for the marks at the start
     if timeline.notes:
         fig.text(0.01, 0.005, "; ".join(timeline.notes)[:300], fontsize=7, color="red")
     fig.tight_layout()
     return fig
 
 
+def _timeline_entry(record: dict) -> tuple[str, Figure]:
+    """A record's timeline figure and its name, ``timeline-<backend>-<run id>``; a UserError where it has none."""
+    figure = timeline_figure(timeline_of(record), machine_label(record["environment"]))
+    return f"timeline-{record['backend']}-{record['run_id']}", figure
+
+
 def timeline_figures(records: list[dict]) -> dict[str, Figure]:
-    """The timeline of each record, named ``timeline-<backend>-<run id>``; records that hold no unit end times
-    (from before schema 1.1) are left out."""
+    """The timeline of each record; records that hold no unit end times (from before schema 1.1) or are damaged
+    where a timeline reads them are left out."""
     figures = {}
     for record in records:
         try:
-            line = timeline_of(record)
+            name, figure = _timeline_entry(record)
         except UserError:
             continue
-        figures[f"timeline-{record['backend']}-{record['run_id']}"] = timeline_figure(
-            line, machine_label(record["environment"])
-        )
+        figures[name] = figure
     return figures
