@@ -100,12 +100,17 @@ def _matches(record: dict, pairs: dict[str, str]) -> bool:
     return all(str(_field(record, k)).lower() == v.lower() for k, v in pairs.items())
 
 
+def _finished(directory: str | Path, warn=None) -> list[dict]:
+    """The store's timing runs that finished, what reports compare (a torn last line goes to ``warn``)."""
+    records = read_records(ResultsStore(directory), warn)
+    return [r for r in records if r.get("kind") == "run" and r.get("status") == "ok"]
+
+
 def load_side(spec: str, results: str | Path, warn=None) -> Side:
     """The finished timing runs ``spec`` names: a results directory, a git commit in ``results``, or a filter."""
     if Path(spec).is_dir():
-        return Side(spec, ResultsStore(spec).runs())
-    everything = [r for r in read_records(ResultsStore(results), warn) if r.get("kind") == "run"]
-    finished = [r for r in everything if r.get("status") == "ok"]
+        return Side(spec, _finished(spec, warn))
+    finished = _finished(results, warn)
     if "=" in spec:
         pairs = _filter(spec)
         return Side(spec, [r for r in finished if _matches(r, pairs)], tuple(pairs))
