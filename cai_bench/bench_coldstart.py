@@ -28,8 +28,10 @@ STARTUP_FIGURES = ("fetch_s", "compile_s", "warmup_s")
 
 
 def one_cold_start(plan, options: dict) -> dict:
-    """One run of one partition in a fresh environment: its invocation's REPORT and the worker's start-up."""
-    run = run_lambda(replace(plan, backend_options=options), lambda result: None)
+    """One run of one partition in a fresh environment: its invocation's REPORT, the worker's start-up and the
+    batches the partition ran in."""
+    emitted = []
+    run = run_lambda(replace(plan, backend_options=options), emitted.append)
     invocation = run.info["invocations"][0]
     report, startup = invocation["report"], run.info.get("startup") or {}
     return {
@@ -39,6 +41,7 @@ def one_cold_start(plan, options: dict) -> dict:
         "max_memory_used_mb": report["max_memory_used_mb"],
         **{k: startup.get(k) for k in STARTUP_FIGURES},
         "export_from": startup.get("export_from"),
+        "batches": emitted[0].record.batches if emitted else None,
     }
 
 
@@ -60,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-mb", type=int, default=3538, help="two vCPUs' worth")
     parser.add_argument("--partition-mb", type=float, default=5.0)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--batch-size", type=int, default=512, help="galaxies per batch (the run's default: 512)")
     parser.add_argument("--weights", default=None, help="weights file or export (default: random-init)")
     parser.add_argument("--option", action="append", default=[], help="extra backend option KEY=VALUE (JSON value)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
 
     summary, refs = resolve_data(None, args.partition_mb / 1024, args.partition_mb, seed=0)
-    plan = make_plan("lambda", summary, refs[:1], precision=args.precision, weights=args.weights)
+    plan = make_plan(
+        "lambda", summary, refs[:1], batch_size=args.batch_size, precision=args.precision, weights=args.weights
+    )
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.option)}
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     arms = [(runtime, source) for runtime in runtimes for source in args.export_from.split(",")]
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "partition_mb": args.partition_mb,
         "samples": refs[0].samples,
         "precision": args.precision,
+        "batch_size": args.batch_size,
         "options": extra,
         "arms": {arm: {"medians": medians(t), "trials": t} for arm, t in trials.items()},
     }

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import check_timeline
 
-from cai_bench import aws
+from cai_bench import aws, bench_coldstart
 from cai_bench.backends.aws_lambda import handler
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Emulator, Faults, FunctionConfig, emulated_function_env
@@ -341,3 +341,24 @@ def test_an_export_in_the_image_is_read_there_and_checked_against_the_runs_weigh
     named = {"source": "elsewhere/seed7.safetensors", "sha256": file_sha256(weights_file), "seed": None}
     folder, figures = handler._checked_export({"weights": str(exports["onnx"]), "export_weights": named})
     assert folder == str(exports["onnx"]) and figures["export_from"] == "image"
+
+
+def test_the_cold_start_benchmark_runs_each_arm_in_a_fresh_environment_at_the_batch_asked(
+    tmp_path, weights_file, exports, capsys
+):
+    """make bench-coldstart shrunk: one cold start per arm, a 1 MB partition in batches of 16."""
+    out = tmp_path / "cold.json"
+    args = ["--runtimes", "onnxruntime", "--cold-starts", "1", "--partition-mb", "1", "--batch-size", "16",
+            "--weights", str(weights_file), "--out", str(out)]  # fmt: skip
+    assert bench_coldstart.main(args) == 0
+    figures = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == figures and figures["batch_size"] == 16
+    arms = figures["arms"]
+    assert sorted(arms) == ["onnxruntime image", "onnxruntime s3"]
+    for arm, source in (("onnxruntime s3", "s3"), ("onnxruntime image", "image")):
+        (trial,) = arms[arm]["trials"]
+        assert trial["cold"] and trial["export_from"] == source
+        assert trial["batches"] == -(-figures["samples"] // 16) > 1
+        assert trial["max_memory_used_mb"] > 0 and trial["duration_ms"] > 0
+        assert arms[arm]["medians"]["first_invocation_ms"]["median"] == trial["duration_ms"]
+    assert arms["onnxruntime s3"]["trials"][0]["fetch_s"] > arms["onnxruntime image"]["trials"][0]["fetch_s"]
