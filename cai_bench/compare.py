@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cai_bench.errors import UserError
 from cai_bench.report import engine_label
-from cai_bench.results import ran_precision, read_records, record_point_key
+from cai_bench.results import ran_precision, read_finished_runs, record_point_key
 from cai_bench.store import ResultsStore
 
 ALPHA = 0.05
@@ -100,17 +100,11 @@ def _matches(record: dict, pairs: dict[str, str]) -> bool:
     return all(str(_field(record, k)).lower() == v.lower() for k, v in pairs.items())
 
 
-def _finished(directory: str | Path, warn=None) -> list[dict]:
-    """The store's timing runs that finished, what reports compare (a torn last line goes to ``warn``)."""
-    records = read_records(ResultsStore(directory), warn)
-    return [r for r in records if r.get("kind") == "run" and r.get("status") == "ok"]
-
-
 def load_side(spec: str, results: str | Path, warn=None) -> Side:
     """The finished timing runs ``spec`` names: a results directory, a git commit in ``results``, or a filter."""
     if Path(spec).is_dir():
-        return Side(spec, _finished(spec, warn))
-    finished = _finished(results, warn)
+        return Side(spec, read_finished_runs(ResultsStore(spec), warn))
+    finished = read_finished_runs(ResultsStore(results), warn)
     if "=" in spec:
         pairs = _filter(spec)
         return Side(spec, [r for r in finished if _matches(r, pairs)], tuple(pairs))

@@ -110,12 +110,20 @@ def record_row(record: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- listings
 
 
-def read_records(store: ResultsStore, warn=None) -> list[dict]:
-    """Every record of ``store``; ``warn`` gets what the read skipped (a torn last line)."""
-    records = store.read()
+def _reported(records: list[dict], store: ResultsStore, warn) -> list[dict]:
     for message in store.skipped:
         (warn or print)(message)
     return records
+
+
+def read_records(store: ResultsStore, warn=None) -> list[dict]:
+    """Every record of ``store``; ``warn`` gets what the read skipped (a torn last line)."""
+    return _reported(store.read(), store, warn)
+
+
+def read_finished_runs(store: ResultsStore, warn=None) -> list[dict]:
+    """``store.runs()``, the timing runs that finished; ``warn`` gets what the read skipped."""
+    return _reported(store.runs(), store, warn)
 
 
 def listed_rows(store: ResultsStore, backends: list[str] | None, last: int, warn=None) -> tuple[list[dict], int]:
