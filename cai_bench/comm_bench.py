@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cai_bench import comm
 from cai_bench.comm.s3_channel import purge
-from cai_bench.errors import UserError, one_line
+from cai_bench.errors import UserError, one_line, redact
 from cai_bench.machine import capture_environment, machine_id
 from cai_bench.metrics import spread
 from cai_bench.records import SCHEMA_VERSION, new_run_id, utc_now
@@ -40,33 +40,38 @@ def _ranks(
         "warmup": warmup,
         "timeout_s": timeout_s,
     }
+    # The spec (the run's secret in it) goes through each rank's stdin: a command line is anyone's to read (ps)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "cai_bench.comm.bench_worker", json.dumps({**base, "rank": r})],
+            [sys.executable, "-m", "cai_bench.comm.bench_worker"],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for r in range(world_size)
     ]
+    for rank, proc in enumerate(procs):
+        proc.stdin.write(json.dumps({**base, "rank": rank}) + "\n")
+        proc.stdin.flush()
     deadline = time.monotonic() + timeout_s * (4 + len(ops) * len(sizes) * (repeats + warmup))
     outputs = []
     try:
         for proc in procs:
             outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic())))
     except subprocess.TimeoutExpired:
-        raise UserError(f"comm bench over {url}: {world_size} ranks did not finish in time") from None
+        raise UserError(f"comm bench over {redact(url)}: {world_size} ranks did not finish in time") from None
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
         if url.startswith("s3://"):
-            purge(url, run_id)
+            purge(url, comm.space(key, run_id))
     failed = [(r, err) for r, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=False)) if proc.returncode != 0]
     if failed:
         rank, err = failed[0]
         raise UserError(
-            f"comm bench over {url}, {world_size} ranks: rank {rank} failed: "
+            f"comm bench over {redact(url)}, {world_size} ranks: rank {rank} failed: "
             f"{one_line(err.strip().splitlines()[-1] if err.strip() else 'no message')}"
         )
     return run_id, json.loads(outputs[0][0])
@@ -103,7 +108,7 @@ def comm_bench(
                     "run_id": run_id,
                     "created_utc": utc_now(),
                     "channel": url.split("://")[0],
-                    "url": url,
+                    "url": redact(url),
                     "op": point["op"],
                     "world_size": world_size,
                     "nbytes": point["nbytes"],

@@ -4,6 +4,13 @@ import re
 
 # Colour and cursor codes that other libraries put in their messages (Rich panels, some compilers' errors)
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+# The user (and password) part of a URL: redis://:PASSWORD@host, s3://KEY:SECRET@... never shown or stored
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user and password of every URL in it replaced: what may be printed or stored."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 class UserError(Exception):
@@ -13,8 +20,8 @@ class UserError(Exception):
 
 
 def one_line(text: str) -> str:
-    """``text`` on one line, without terminal escape codes: what an error line may hold."""
-    return " ".join(_ANSI.sub("", text).split())
+    """``text`` on one line, without terminal escape codes or passwords in URLs: what an error line may hold."""
+    return " ".join(redact(_ANSI.sub("", text)).split())
 
 
 def describe(exc: BaseException) -> str:

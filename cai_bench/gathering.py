@@ -26,6 +26,7 @@ from cai_bench.store import ResultsStore
 
 AGGREGATE_FORMAT = "cai-bench-aggregate/1"
 _SUMS = ("samples", "abs_error", "sq_error", "dz", "z", "z_sq", "outliers")
+_PACKED = len(_SUMS)  # after the sums, the allreduce carries the bytes every rank will gather, summed
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class CommConfig:
     timeout_s: float = 60.0
     hint: str = "fast"
     models: dict | None = None  # scheme -> ChannelModel fields: comm bench's figures for this machine
+    bind: str | None = None  # where a direct channel listens (--comm-bind); None: where it reaches the server from
 
     def to_dict(self) -> dict:
         return {**asdict(self), "urls": list(self.urls)}
@@ -92,15 +94,18 @@ def finish_together(
     records of them). A CommError (a rank gone, a channel down) is the caller's: it falls back."""
     started = time.perf_counter()
     models = models_from(config.models) if config.models else None
+    mine = _pack({f"unit_{position:09d}": encode_result(result) for position, result in results})
     with comm.connect(list(config.urls), rank, config.world_size, config.run_id, config.key, config.timeout_s,
-                      config.hint, models) as communicator:  # fmt: skip
+                      config.hint, models, bind=config.bind) as communicator:  # fmt: skip
         communicator.barrier()
-        sums = communicator.allreduce(accuracy_sums([r for _, r in results]), "sum", size_hint=8 * len(_SUMS))
+        totals = communicator.allreduce(np.append(accuracy_sums([r for _, r in results]), len(mine)), "sum",
+                                        size_hint=8 * (len(_SUMS) + 1))  # fmt: skip
+        sums, gathered_bytes = totals[:_PACKED], int(totals[_PACKED])
         compute_s = float(sum(r.record.compute_s for _, r in results))
         compute_sum = communicator.reduce(compute_s, "sum")
         compute_max = communicator.reduce(compute_s, "max")
-        mine = _pack({f"unit_{position:09d}": encode_result(result) for position, result in results})
-        packs = communicator.gather(np.frombuffer(mine, np.uint8), size_hint=len(mine))
+        # Every rank passes the same hint (the run's mean share), so all of them take the same channel for it
+        packs = communicator.gather(np.frombuffer(mine, np.uint8), size_hint=gathered_bytes // config.world_size)
         comm_s = time.perf_counter() - started
         by_rank = communicator.gather(comm_s)
         # collectives_s: inside the operations; comm_s: connecting included, what the run spent on them
@@ -123,7 +128,7 @@ def finish_together(
     return _pack({"summary": json.dumps(summary).encode(), **units}), info
 
 
-RANK_FIELDS = ("rank", "worker", "comm_s", "collectives_s", "error", "fallback")
+RANK_FIELDS = ("rank", "worker", "comm_s", "collectives_s", "error", "fallback", "rejected")
 
 
 def rank_account(info: dict) -> dict:
@@ -135,8 +140,12 @@ def record_of(config: CommConfig, ranks: list[dict], summary: dict | None, aggre
               unit_reads: int | None = None) -> dict:  # fmt: skip
     """``backend_info.comm``: the channels, how results were read, each rank's account, the aggregate's summary."""
     accounts = sorted((rank_account(r) for r in ranks), key=lambda r: r["rank"])
-    out = {"channels": list(config.urls), "world_size": config.world_size, "hint": config.hint,
-           "aggregate_reads": aggregate_reads, "ranks": accounts}  # fmt: skip
+    failed = [{"rank": a["rank"], "error": a["error"]} for a in accounts if a.get("error")]
+    dropped = sum(entry.get("dropped", 0) for a in accounts for entry in a.get("rejected") or [])
+    out = {"channels": [comm.redact(u) for u in config.urls], "world_size": config.world_size, "hint": config.hint,
+           "aggregate_reads": aggregate_reads, "ranks": accounts,
+           "collectives": "failed" if failed or summary is None else "ok", "failed_ranks": failed,
+           "dropped_frames": dropped}  # fmt: skip
     if unit_reads is not None:
         out["unit_reads"] = unit_reads
     return {**out, **{k: v for k, v in (summary or {}).items() if k != "format"}}
@@ -174,9 +183,9 @@ def config_for_run(options: dict, world_size: int, work_dir: str | None) -> Comm
     """The run's CommConfig from its backend options (None without --comm): a fresh name and key per run."""
     if not options.get("comm"):
         return None
-    urls = [u.strip() for u in options["comm"].split(",") if u.strip()]
+    urls = comm.split_urls(options["comm"])
     comm.check_urls(urls)
     measured = {s: asdict(m) for s, m in measured_models(work_dir).items() if m.source != "default"}
     return CommConfig(tuple(urls), world_size, f"comm-{time.strftime('%Y%m%dT%H%M%S')}-{comm.new_key()[:8]}",
                       comm.new_key(), float(options.get("comm_timeout_s") or 60.0), options.get("comm_hint") or "fast",
-                      measured or None)  # fmt: skip
+                      measured or None, options.get("comm_bind") or None)  # fmt: skip

@@ -22,7 +22,7 @@ else:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
 from cai_bench.choices import CPU_PRECISIONS, ENGINES, PRECISIONS, RUNTIME_PRECISIONS, RUNTIMES
-from cai_bench.errors import UserError
+from cai_bench.errors import UserError, redact
 
 BYTES_PER_SAMPLE = 20_480 + 40 + 4
 BITS_PER_SAMPLE = (20_480 + 40) * 8  # image + magnitudes; the label is not input
@@ -126,9 +126,10 @@ class Plan:
     runtime_choice: dict | None = None
 
     def to_record(self) -> dict:
-        """The plan as records keep it: everything but the per-partition list."""
+        """The plan as records keep it: everything but the per-partition list, and no password of a URL."""
         out = asdict(self)
         out.pop("partitions")
+        out["backend_options"] = {k: redact(v) if isinstance(v, str) else v for k, v in self.backend_options.items()}
         return out
 
 

@@ -378,12 +378,15 @@ def test_a_run_leaves_on_s3_only_what_its_purge_deletes_and_on_redis_only_keys_t
         threads = [threading.Thread(target=lambda r=r, u=url: _allreduce_once(u, r, run_id, key)) for r in range(3)]
         [t.start() for t in threads]
         [t.join(60) for t in threads]
-    listed = aws.s3_client().list_objects_v2(Bucket=s3, Prefix=f"comm/{run_id}/").get("Contents", [])
-    assert sorted(item["Key"].split(f"{run_id}/")[1] for item in listed) == ["alive/0", "alive/1", "alive/2"]
-    assert purge(f"s3://{s3}/comm", run_id) == 3
+    run_space = comm.space(key, run_id)
+    assert run_space.startswith(f"{run_id}-") and len(run_space) > len(run_id) + 16  # not found from the id alone
+    listed = aws.s3_client().list_objects_v2(Bucket=s3, Prefix="comm/").get("Contents", [])
+    assert sorted(item["Key"].split(f"{run_space}/")[1] for item in listed) == ["alive/0", "alive/1", "alive/2"]
+    assert purge(f"s3://{s3}/comm", run_space) == 3
     assert aws.s3_client().list_objects_v2(Bucket=s3, Prefix="comm/").get("KeyCount", 0) == 0
     client = redis.Redis.from_url(redis_url)
-    left = client.keys(f"cai-bench:{run_id}:*")
+    assert client.keys(f"cai-bench:{run_id}:*") == []
+    left = client.keys(f"cai-bench:{run_space}:*")
     assert left and all(0 < client.ttl(k) <= 600 for k in left)  # each expires; the messages were all taken
 
 

@@ -80,9 +80,9 @@ def test_a_runs_comm_configuration_carries_this_machines_measured_models_and_a_f
     here = capture_environment(with_torch=False)
     ResultsStore(tmp_path).append_comm({"run_id": "r", "channel": "s3", "op": "bcast", "world_size": 2, "nbytes": 8,
                                         "median_s": 0.02, "samples_s": [0.02], "environment": here})  # fmt: skip
-    options = {"comm": "s3://b/p, redis://127.0.0.1:6379/0", "comm_hint": "cheap", "comm_timeout_s": 5.0}
+    options = {"comm": "s3://bucket/p, redis://127.0.0.1:6379/0", "comm_hint": "cheap", "comm_timeout_s": 5.0}
     first, second = config_for_run(options, 8, str(tmp_path)), config_for_run(options, 8, str(tmp_path))
-    assert first.urls == ("s3://b/p", "redis://127.0.0.1:6379/0") and first.world_size == 8
+    assert first.urls == ("s3://bucket/p", "redis://127.0.0.1:6379/0") and first.world_size == 8
     assert first.hint == "cheap" and first.timeout_s == 5.0
     assert first.models == {"s3": {**first.models["s3"], "overhead_s": 0.02, "poll_s": 0.0, "source": "comm bench"}}
     assert first.key != second.key and first.run_id != second.run_id

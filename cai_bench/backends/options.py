@@ -38,4 +38,10 @@ COMM_TIMEOUT = BackendOption(
     "comm_timeout_s", float, "Seconds a worker waits in any one collective before it names the rank missing.", 60.0,
     minimum=0.1, identity=False, sweepable=False,
 )  # fmt: skip
-COMM_OPTIONS = (COMM, COMM_HINT, COMM_TIMEOUT)
+COMM_BIND = BackendOption(
+    "comm_bind", str, "The address a direct:// channel's ranks listen on; by default the one each reaches the "
+    "rendezvous server from (loopback when the server is on loopback). Another only where peers arrive on another "
+    "network than the server's (docs/comm.md).", None,
+    identity=False, sweepable=False,
+)  # fmt: skip
+COMM_OPTIONS = (COMM, COMM_HINT, COMM_TIMEOUT, COMM_BIND)

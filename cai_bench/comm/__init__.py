@@ -2,7 +2,8 @@
 rendezvous server, ``redis://``, ``s3://``), the nine operations written once over point-to-point messages, and a
 policy that picks a channel per operation when several are given.
 
-``connect(urls, rank, world_size, run_id, key)`` is what a worker calls; ``Communicator`` is what it gets.
+``connect(urls, rank, world_size, run_id, key)`` is what a worker calls; ``Communicator`` is what it gets. Every
+message is sealed with the run's secret ``key`` (``seal.py``), on every channel.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import secrets
 
 from cai_bench.comm.communicator import Communicator
-from cai_bench.comm.direct import DirectChannel, parse_direct_url
+from cai_bench.comm.direct import DirectChannel
 from cai_bench.comm.frames import CommError
 from cai_bench.comm.ops import MAX, MIN, PROD, SUM, ReduceOp, user_op
 from cai_bench.comm.policy import HINTS, ChannelModel, default_models
 from cai_bench.comm.redis_channel import RedisChannel
 from cai_bench.comm.s3_channel import S3Channel
+from cai_bench.comm.seal import space
+from cai_bench.comm.urls import check_urls, redact, split_urls
 
 __all__ = [
     "HINTS",
@@ -31,29 +34,11 @@ __all__ = [
     "connect",
     "default_models",
     "new_key",
+    "redact",
+    "space",
+    "split_urls",
     "user_op",
 ]
-
-SCHEMES = ("direct", "redis", "s3")
-
-
-def check_urls(urls: list[str]) -> list[str]:
-    """``urls`` checked without connecting anything: known schemes, each at most once, a direct channel's address."""
-    seen = []
-    for url in urls:
-        scheme = url.split("://", 1)[0] if "://" in url else ""
-        if scheme not in SCHEMES:
-            raise CommError(
-                f"--comm {url!r}: a channel is direct://HOST:PORT, redis://HOST:PORT/DB or s3://BUCKET/PREFIX"
-            )
-        if scheme in seen:
-            raise CommError(f"--comm: {scheme} given twice; give each channel once")
-        if scheme == "direct":
-            parse_direct_url(url)
-        seen.append(scheme)
-    if not urls:
-        raise CommError("--comm needs at least one channel")
-    return seen
 
 
 def new_key() -> str:
@@ -71,23 +56,26 @@ def connect(
     hint: str = "fast",
     models: dict[str, ChannelModel] | None = None,
     connect_timeout_s: float | None = None,
+    bind: str | None = None,
 ) -> Communicator:
     """This rank's communicator over the channels of ``urls``; a direct channel falls back, pair by pair, to the
-    first store channel given."""
+    first store channel given. ``bind``: the address a direct channel listens on (default: the one this machine
+    reaches the rendezvous server from)."""
     schemes = check_urls(urls)
+    if not key:
+        raise CommError("a communicator needs the run's secret (comm.new_key(), handed to every rank)")
     stores = {"redis": RedisChannel, "s3": S3Channel}
-    channels = {
-        s: stores[s](u, rank, world_size, run_id, timeout_s) for s, u in zip(schemes, urls, strict=False) if s in stores
-    }
-    fallback = next(iter(channels.values()), None)
+    channels = {}
     ordered = []
     try:
-        for scheme, url in zip(schemes, urls, strict=False):
+        for scheme, url in zip(schemes, urls, strict=True):
+            if scheme in stores:  # their keys under the run's space: not found from the run id alone
+                channels[scheme] = stores[scheme](url, rank, world_size, space(key, run_id), timeout_s)
+        fallback = next(iter(channels.values()), None)
+        for scheme, url in zip(schemes, urls, strict=True):
             if scheme == "direct":
-                if not key:
-                    raise CommError("a direct channel needs the run's key (comm.new_key(), handed to every rank)")
                 ordered.append(
-                    DirectChannel(url, rank, world_size, run_id, timeout_s, key, fallback, connect_timeout_s)
+                    DirectChannel(url, rank, world_size, run_id, timeout_s, key, fallback, connect_timeout_s, bind)
                 )
             else:
                 ordered.append(channels[scheme])
@@ -95,4 +83,4 @@ def connect(
         for channel in channels.values():
             channel.close()
         raise
-    return Communicator(rank, world_size, ordered, run_id, timeout_s, hint, models)
+    return Communicator(rank, world_size, ordered, run_id, timeout_s, hint, models, secret=key)

@@ -1,4 +1,5 @@
-"""One rank of ``cai-bench comm bench``: ``python -m cai_bench.comm.bench_worker SPEC_JSON``.
+"""One rank of ``cai-bench comm bench``: ``python -m cai_bench.comm.bench_worker``, its spec (JSON, with the run's
+secret) on the first line of stdin.
 
 It connects, then for each operation and message size runs the warm-ups and repeats, each after a barrier so that
 the ranks start together, and times each call. The latency of a repeat is the slowest rank's (the operation is
@@ -60,7 +61,7 @@ def measure(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    spec = json.loads(argv[0])
+    spec = json.loads(argv[0] if argv else sys.stdin.readline())
     try:
         out = measure(spec)
     except comm.CommError as exc:

@@ -1,6 +1,9 @@
-"""What a channel gives the communicator: ordered messages between two ranks, a wait with a deadline, and which
-ranks it knows to be gone. Collectives are written once over this (``communicator.py``); a channel that stores
-messages (Redis, S3) is marked so the collectives go through one rank there, and may do a barrier its own way.
+"""What a channel gives the communicator: ordered messages between two ranks, a send and a wait with a deadline,
+and which ranks it knows to be gone. Collectives are written once over this (``communicator.py``); a channel that
+stores messages (Redis, S3) is marked so the collectives go through one rank there.
+
+A channel raises nothing but ``CommError`` (its service's errors, timeouts and refusals turned into one line that
+names the channel), and ``close`` raises nothing at all: the communicator's caller falls back on any CommError.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ class Channel(Protocol):
     scheme: str  # direct, redis, s3: what the policy and the records call it
     peer_to_peer: bool  # True: trees between the ranks; False: a store, where the collectives go through rank 0
 
-    def send(self, dst: int, frame: bytes) -> None: ...
+    def send(self, dst: int, frame: bytes, deadline: float) -> None:
+        """``frame`` on its way to ``dst``, or a CommError once ``deadline`` (time.monotonic) has passed."""
 
     def recv(self, src: int, deadline: float) -> bytes | None:
         """The next message from ``src`` in the order sent, or None at ``deadline`` (time.monotonic)."""
+
+    def dropped(self, src: int) -> None:
+        """The last frame ``recv`` gave from ``src`` failed its seal: the next ``recv`` waits for the one it
+        stood in for (a store whose messages have numbered names reads that name again)."""
 
     def missing(self) -> list[int]:
         """Ranks this channel knows to be gone: a heartbeat that stopped, a connection closed without goodbye."""

@@ -4,7 +4,11 @@ Between peers (``direct``) the collectives are trees: binomial for bcast, reduce
 doubling for allreduce and scan, dissemination for barrier, so each takes about log2(P) rounds. Over a store
 (``redis``, ``s3``) a message is a request to a service, and every rank can reach every other in one, so they go
 through rank 0 instead: P-1 writes in, P-1 out. Every call is numbered the same way on every rank; each message
-names its call, so a rank that called another operation is an error that names both.
+names its call, so a rank that called another operation is an error that names both. Every message is sealed
+with the run's secret (``seal.py``): a frame that fails the check is dropped and counted, and a rank whose expected
+frame never comes names the channel, the peer and what it dropped.
+
+The channel an operation takes is chosen from its ``size_hint``: every rank must pass the same one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from cai_bench.comm.channel import Channel
 from cai_bench.comm.frames import CommError
 from cai_bench.comm.ops import ReduceOp, as_op, combine
 from cai_bench.comm.policy import ChannelModel, choose_channel, default_models
+from cai_bench.comm.seal import Sealer
 
 
 class Communicator:
@@ -30,9 +35,13 @@ class Communicator:
         timeout_s: float = 60.0,
         hint: str = "fast",
         models: dict[str, ChannelModel] | None = None,
+        secret: str = "",
     ):
         if not 0 <= rank < world_size:
             raise CommError(f"rank {rank} is not in a world of {world_size}")
+        if not secret:
+            raise CommError("a communicator seals its messages with the run's secret (comm.new_key()): none given")
+        self._sealer = Sealer(secret, run_id, rank)
         self.rank, self.world_size, self.run_id, self.timeout_s, self.hint = rank, world_size, run_id, timeout_s, hint
         self.channels = channels if isinstance(channels, list) else [channels]
         self.models = models or default_models()
@@ -70,19 +79,38 @@ class Communicator:
             entry["seconds"] += time.perf_counter() - started
 
     def _put(self, channel: Channel, op: str, seq: int, dst: int, values: list) -> None:
-        channel.send(dst, frames.encode(op, seq, self.rank, values))
+        sealed = self._sealer.seal(channel.scheme, dst, frames.encode(op, seq, self.rank, values))
+        channel.send(dst, sealed, self._deadline)
 
     def _take(self, channel: Channel, op: str, seq: int, src: int) -> list:
-        frame = channel.recv(src, self._deadline)
-        if frame is None:
-            gone = channel.missing()
-            if gone:
-                raise CommError(
-                    f"rank {self.rank}: {op} #{seq} cannot complete: rank(s) {_ranks(gone)} of run "
-                    f"{self.run_id} are gone (waited {self.timeout_s:g} s for rank {src})"
-                )
-            raise CommError(f"rank {self.rank}: {op} #{seq}: nothing from rank {src} within {self.timeout_s:g} s")
-        return frames.decode(frame, self.rank, op, seq, src)
+        """The next frame ``src`` sealed for this rank on ``channel``; frames that fail the seal are dropped."""
+        while True:
+            sealed = channel.recv(src, self._deadline)
+            if sealed is None:
+                raise CommError(self._nothing_from(channel, op, seq, src))
+            frame = self._sealer.open(channel.scheme, src, sealed)
+            if frame is not None:
+                break
+            channel.dropped(src)
+        try:
+            return frames.decode(frame, self.rank, op, seq, src)
+        except CommError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError) as exc:  # sealed by a rank of the run: a bug, said so
+            raise CommError(f"rank {self.rank}: {op} #{seq}: rank {src}'s message over {channel.scheme} could not "
+                            f"be read ({type(exc).__name__}: {exc})") from None  # fmt: skip
+
+    def _nothing_from(self, channel: Channel, op: str, seq: int, src: int) -> str:
+        dropped = self._sealer.rejected_from(channel.scheme, src)
+        dropped_text = f"; dropped {dropped} frame(s) that failed the seal" if dropped else ""
+        gone = channel.missing()
+        if gone:
+            return (
+                f"rank {self.rank}: {op} #{seq} over {channel.scheme} cannot complete: rank(s) {_ranks(gone)} "
+                f"of run {self.run_id} are gone (waited {self.timeout_s:g} s for rank {src}){dropped_text}"
+            )
+        return (f"rank {self.rank}: {op} #{seq}: nothing from rank {src} over {channel.scheme} within "
+                f"{self.timeout_s:g} s{dropped_text}")  # fmt: skip
 
     def comm_seconds(self) -> float:
         return sum(entry["seconds"] for entry in self.stats.values())
@@ -94,6 +122,7 @@ class Communicator:
             "collectives_s": round(self.comm_seconds(), 6),
             "operations": {op: {**e, "seconds": round(e["seconds"], 6)} for op, e in self.stats.items()},
             "channels": [c.info() for c in self.channels],
+            "rejected": self._sealer.report(),
         }
 
     def close(self) -> None:
@@ -144,14 +173,7 @@ class Communicator:
                     self._put(channel, "barrier", self._seq, (self.rank + distance) % self.world_size, [])
                     self._take(channel, "barrier", self._seq, (self.rank - distance) % self.world_size)
                     distance *= 2
-            elif hasattr(channel, "barrier"):  # the store's own way (Redis: a counter; S3: objects rank 0 lists)
-                if not channel.barrier(self._seq, self._deadline):
-                    gone = channel.missing()
-                    raise CommError(
-                        f"rank {self.rank}: barrier #{self._seq}: not every rank arrived within {self.timeout_s:g} s"
-                        + (f"; rank(s) {_ranks(gone)} of run {self.run_id} are gone" if gone else "")
-                    )
-            else:
+            else:  # sealed messages through rank 0: a store's own counter could be bumped by anyone who reaches it
                 self._collect_at(channel, "barrier", 0, None)
                 self._hand_out(channel, "barrier", 0, [None] * self.world_size)
 

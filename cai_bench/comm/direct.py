@@ -4,8 +4,14 @@ Each rank binds one port (SO_REUSEADDR and SO_REUSEPORT) and uses it for everyth
 the server from there (so the server sees the address its peers must use, after any NAT) and connects to every
 peer from there, while the peer connects to it from its own. Between two fixed ports there is only one TCP
 connection, so whichever way it forms (an accept, a connect, or both connects at once: a simultaneous open, which
-is what crosses two NATs) both sides end up with the same one. Both send a hello naming the run, their rank and
-a proof of the run's key before anything else.
+is what crosses two NATs) both sides end up with the same one. Before anything else both sides prove they hold
+the run's secret, challenge and response: each sends a hello (the run, its rank, a fresh nonce), then a tag over
+both ranks and both nonces; a hello or tag longer than a few hundred bytes, or one that is not what it should be,
+closes the connection, so nothing that has not proved itself makes a rank hold more than that.
+
+The port is bound to the address this rank reaches the rendezvous server from (loopback when the server is on
+loopback), so no other interface hears it; ``bind`` (``--comm-bind``) names another where peers arrive elsewhere
+(a node whose fast network is not the one the server is on). The server sees a token derived from the secret.
 
 A pair that has not connected when ``connect_timeout_s`` runs out talks through the fallback channel instead
 (``info()["fallback_pairs"]`` says which); without one, that is an error. Once connected, the sockets are
@@ -15,9 +21,9 @@ message); a peer whose connection ends without a goodbye is gone, and a rank wai
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
+import secrets
 import select
 import socket
 import struct
@@ -27,24 +33,40 @@ from collections import deque
 
 from cai_bench.comm.channel import Channel
 from cai_bench.comm.frames import CommError
+from cai_bench.comm.seal import derive
+from cai_bench.comm.urls import parse_direct_url
 
 _LENGTH = struct.Struct("!I")
 _GOODBYE = b""
+_HELLO_MAX = 256  # bytes of a hello or a tag: all a connection may send before its peer has proved itself
+_CLOSE_S = 5.0  # how long a goodbye may take to leave
 
 
-def parse_direct_url(url: str) -> tuple[str, int]:
-    body = url[len("direct://") :] if url.startswith("direct://") else ""
-    host, _, port = body.rstrip("/").rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CommError(f"{url!r}: write direct://HOST:PORT (the rendezvous server, cai-bench comm rendezvous)")
-    return host, int(port)
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _shared_port_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _shared_port_socket(family: socket.AddressFamily) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     return sock
+
+
+def resolve(server: tuple[str, int]) -> tuple[str, int]:
+    """The rendezvous server's address as a numeric (host, port)."""
+    try:
+        info = socket.getaddrinfo(server[0], server[1], type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CommError(f"direct://{server[0]}:{server[1]}: cannot resolve the rendezvous server ({exc})") from None
+    return info[0][4][0], info[0][4][1]
+
+
+def local_address(server: tuple[str, int]) -> str:
+    """The address of the interface this machine reaches ``server`` from (no packet is sent)."""
+    with socket.socket(_family(server[0]), socket.SOCK_DGRAM) as probe:
+        probe.connect(server)
+        return probe.getsockname()[0]
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -58,17 +80,38 @@ def _read_exact(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _read_frame(sock: socket.socket) -> bytes | None:
+def _read_small_frame(sock: socket.socket) -> bytes | None:
+    """A frame of at most ``_HELLO_MAX`` bytes; None for anything longer (unread) or a connection that ended."""
     head = _read_exact(sock, _LENGTH.size)
-    return None if head is None else _read_exact(sock, _LENGTH.unpack(head)[0])
+    if head is None or _LENGTH.unpack(head)[0] > _HELLO_MAX:
+        return None
+    return _read_exact(sock, _LENGTH.unpack(head)[0])
 
 
 def _write_frame(sock: socket.socket, frame: bytes) -> None:
     sock.sendall(_LENGTH.pack(len(frame)) + frame)
 
 
-def proof(key: str, run_id: str, rank: int) -> str:
-    return hmac.new(key.encode(), f"{run_id}:{rank}".encode(), hashlib.sha256).hexdigest()
+def response(key: bytes, sender: int, receiver: int, sender_nonce: bytes, receiver_nonce: bytes) -> bytes:
+    """The tag ``sender`` answers ``receiver``'s challenge with: both ranks and both nonces under the run's key,
+    so it proves the secret for this connection only (a captured one fails on the next, whose nonces differ)."""
+    return hmac.digest(key, f"{sender}>{receiver}:".encode() + sender_nonce + receiver_nonce, "sha256")
+
+
+def parse_hello(data: bytes | None, run_id: str, world_size: int, me: int) -> tuple[int, bytes] | None:
+    """(the peer's rank, its nonce) from a hello of this run; None for anything else."""
+    try:
+        hello = json.loads(data) if data else None
+        if not isinstance(hello, dict) or hello.get("run") != run_id:
+            return None
+        rank, nonce = hello.get("rank"), hello.get("nonce")
+        if type(rank) is not int or not 0 <= rank < world_size or rank == me:
+            return None
+        if not isinstance(nonce, str) or len(nonce) != 32:
+            return None
+        return rank, bytes.fromhex(nonce)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
 
 
 def rendezvous(server: tuple[str, int], sock: socket.socket, request: dict, timeout_s: float) -> dict:
@@ -81,10 +124,30 @@ def rendezvous(server: tuple[str, int], sock: socket.socket, request: dict, time
         if not chunk:
             raise CommError(f"rendezvous {server[0]}:{server[1]} closed the connection")
         line += chunk
-    answer = json.loads(line)
+        if len(line) > 1 << 24:
+            raise CommError(f"rendezvous {server[0]}:{server[1]}: an answer over 16 MiB; is it a rendezvous server?")
+    try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict):
+        raise CommError(
+            f"rendezvous {server[0]}:{server[1]}: its answer is not a JSON object; is it a rendezvous server?"
+        )
     if "error" in answer:
-        raise CommError(f"rendezvous {server[0]}:{server[1]}: {answer['error']}")
+        raise CommError(f"rendezvous {server[0]}:{server[1]}: {str(answer['error'])[:300]}")
     return answer
+
+
+def _peer_addresses(answer: dict, world_size: int, url: str) -> dict[int, tuple[str, int]]:
+    """The server's ``peers`` answer as {rank: (host, port)}, every rank of the world there and well formed."""
+    try:
+        peers = {int(r): (str(a[0]), int(a[1])) for r, a in answer["peers"].items()}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        peers = {}
+    if sorted(peers) != list(range(world_size)):
+        raise CommError(f"{url}: the rendezvous server's list of peers is not one address per rank")
+    return peers
 
 
 class DirectChannel:
@@ -101,8 +164,10 @@ class DirectChannel:
         key: str,
         fallback: Channel | None = None,
         connect_timeout_s: float | None = None,
+        bind: str | None = None,
     ):
-        self.url, self.rank, self.world_size, self.run_id, self._key = url, rank, world_size, run_id, key
+        self.url, self.rank, self.world_size, self.run_id = url, rank, world_size, run_id
+        self._handshake_key = derive(key, "direct", run_id)
         self.fallback = fallback
         self._socks: dict[int, socket.socket] = {}
         self._peer_of: dict[socket.socket, int] = {}
@@ -112,26 +177,33 @@ class DirectChannel:
         self._left: set[int] = set()  # peers that said goodbye first
         self._gone: set[int] = set()  # peers whose connection ended without one: they died
         self._lock = threading.Lock()
-        server = parse_direct_url(url)
-        self._listener = _shared_port_socket()
-        self._listener.bind(("0.0.0.0", 0))
-        self._port = self._listener.getsockname()[1]
-        self._listener.listen(max(8, world_size))
-        self._control = _shared_port_socket()
-        self._control.bind(("0.0.0.0", self._port))
+        server = resolve(parse_direct_url(url))
+        self._family = _family(server[0])
+        self._listener = self._control = None
         try:
+            self.bound = bind or local_address(server)
+            self._listener = _shared_port_socket(self._family)
+            self._listener.bind((self.bound, 0))
+            self._port = self._listener.getsockname()[1]
+            self._listener.listen(max(8, world_size))
+            self._control = _shared_port_socket(self._family)
+            self._control.bind((self.bound, self._port))
             self._control.settimeout(min(10.0, timeout_s))
             self._control.connect(server)
-            base = {"run": run_id, "key": key}
+            # The server sees a token of the run, never the secret itself
+            base = {"run": run_id, "key": derive(key, "rendezvous", run_id).hex()}
             self.public = rendezvous(
                 server, self._control, {**base, "op": "register", "rank": rank, "world": world_size}, timeout_s
             )["address"]
             peers = rendezvous(server, self._control, {**base, "op": "peers", "timeout": timeout_s}, timeout_s)
-        except OSError as exc:
-            self._listener.close()
-            self._control.close()
-            raise CommError(f"{url}: cannot reach the rendezvous server ({exc})") from None
-        self.addresses = {int(r): (h, p) for r, (h, p) in peers["peers"].items()}
+        except (OSError, CommError) as exc:
+            for sock in (self._listener, self._control):
+                if sock is not None:
+                    sock.close()
+            if isinstance(exc, CommError):
+                raise
+            raise CommError(f"{url}: cannot reach the rendezvous server from {bind or 'here'} ({exc})") from None
+        self.addresses = _peer_addresses(peers, world_size, url)
         self._connect_all(connect_timeout_s if connect_timeout_s is not None else min(timeout_s, 20.0))
 
     # ---------------------------------------------------------------------------------------- connecting
@@ -166,9 +238,9 @@ class DirectChannel:
     def _dial(self, peer: int, deadline: float) -> None:
         delay = 0.005
         while time.monotonic() < deadline and peer not in self._socks:
-            sock = _shared_port_socket()
+            sock = _shared_port_socket(self._family)
             try:
-                sock.bind(("0.0.0.0", self._port))
+                sock.bind((self.bound, self._port))
                 sock.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
                 sock.connect(self.addresses[peer])
             except OSError:  # refused (not listening yet, or behind a NAT that drops it), or the pair already joined
@@ -179,29 +251,12 @@ class DirectChannel:
             self._greet(sock, peer, deadline)
 
     def _greet(self, sock: socket.socket, expected: int | None, deadline: float) -> None:
-        """Hellos both ways; the connection is kept for the peer it proves to be, if that pair has none yet."""
-        try:
-            sock.settimeout(max(0.05, deadline - time.monotonic()))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _write_frame(
-                sock,
-                json.dumps(
-                    {"run": self.run_id, "rank": self.rank, "proof": proof(self._key, self.run_id, self.rank)}
-                ).encode(),
-            )
-            hello = json.loads(_read_frame(sock) or b"{}")
-            peer = int(hello.get("rank", -1))
-            valid = (
-                hello.get("run") == self.run_id
-                and 0 <= peer < self.world_size
-                and peer != self.rank
-                and hmac.compare_digest(str(hello.get("proof", "")), proof(self._key, self.run_id, peer))
-            )
-        except (OSError, ValueError):
-            valid = False
+        """Challenge and response both ways; the connection is kept for the peer it proves to be, if that pair
+        has none yet. Anything else (no proof, a wrong one, a hello too long or of the wrong shape) closes it."""
+        peer = self._prove(sock, deadline)
         with self._lock:
             keep = (
-                valid
+                peer is not None
                 and (expected is None or peer == expected)
                 and peer not in self._socks
                 and time.monotonic() < deadline
@@ -213,6 +268,24 @@ class DirectChannel:
             sock.close()
             return
         sock.setblocking(False)  # from here on, each rank's own thread reads and writes, never blocking on one peer
+
+    def _prove(self, sock: socket.socket, deadline: float) -> int | None:
+        """The rank the other end proved to be, or None."""
+        nonce = secrets.token_bytes(16)
+        try:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _write_frame(sock, json.dumps({"run": self.run_id, "rank": self.rank, "nonce": nonce.hex()}).encode())
+            hello = parse_hello(_read_small_frame(sock), self.run_id, self.world_size, self.rank)
+            if hello is None:
+                return None
+            peer, their_nonce = hello
+            _write_frame(sock, response(self._handshake_key, self.rank, peer, nonce, their_nonce))
+            answer = _read_small_frame(sock) or b""
+            proved = hmac.compare_digest(answer, response(self._handshake_key, peer, self.rank, their_nonce, nonce))
+        except OSError:
+            return None
+        return peer if proved else None
 
     # ----------------------------------------------------------------------------------------- messages
 
@@ -244,11 +317,12 @@ class DirectChannel:
                 else:
                     self._inbox[peer].append(frame)
 
-    def send(self, dst: int, frame: bytes) -> None:
+    def send(self, dst: int, frame: bytes, deadline: float) -> None:
         """Written without blocking on ``dst``: while its socket is full, whatever any peer sends is read, so two
-        ranks sending each other (or a ring of them) large messages at once never wait on each other."""
+        ranks sending each other (or a ring of them) large messages at once never wait on each other. A peer
+        that stops reading makes it fail at ``deadline``."""
         if not self._direct(dst):
-            self.fallback.send(dst, frame)
+            self.fallback.send(dst, frame, deadline)
             return
         view, sock = memoryview(_LENGTH.pack(len(frame)) + frame), self._socks[dst]
         try:
@@ -256,12 +330,22 @@ class DirectChannel:
                 try:
                     view = view[sock.send(view) :]
                 except (BlockingIOError, InterruptedError):
-                    readable, _, _ = select.select(self._open_sockets(), [sock], [], 1.0)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise CommError(
+                            f"rank {self.rank}: rank {dst} took nothing more over direct for the whole timeout "
+                            f"({len(view)} bytes of a message unsent)"
+                        ) from None
+                    readable, _, _ = select.select(self._open_sockets(), [sock], [], min(1.0, left))
                     for peer_sock in readable:
                         self._pump(self._peer_of[peer_sock])
         except OSError as exc:
             self._gone.add(dst)
             raise CommError(f"rank {self.rank}: rank {dst} is gone (its connection failed: {exc})") from None
+
+    def dropped(self, src: int) -> None:
+        if not self._direct(src):
+            self.fallback.dropped(src)
 
     def _open_sockets(self) -> list[socket.socket]:
         return [sock for peer, sock in self._socks.items() if peer not in self._ended]
@@ -291,15 +375,17 @@ class DirectChannel:
             "scheme": self.scheme,
             "url": self.url,
             "public_address": list(self.public),
+            "bound": self.bound,
             "fallback_pairs": [list(p) for p in self.fallback_pairs],
             "fallback": self.fallback.scheme if self.fallback is not None and self.fallback_pairs else None,
         }
 
     def close(self) -> None:
+        deadline = time.monotonic() + _CLOSE_S  # a peer that stopped reading does not hold this rank's exit
         for peer, sock in list(self._socks.items()):
             try:
                 if peer not in self._ended:
-                    self.send(peer, _GOODBYE)
+                    self.send(peer, _GOODBYE, deadline)
                 sock.shutdown(socket.SHUT_WR)
             except (OSError, CommError):
                 pass

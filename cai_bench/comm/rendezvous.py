@@ -3,9 +3,13 @@ for its peers, the server records the address it sees (the rank's public address
 whole run's addresses to every rank of that run once all have come. Then the ranks connect to each other from
 those ports (``direct.py``).
 
-A run is its id and a key that its ranks share: the first rank to register sets the key (the server keeps its
-SHA-256), and a client without it can neither read the run's addresses nor register a rank in it; a rank
-registered by a connection still open cannot be taken over. Entries expire ``ttl_s`` after they were made.
+A run is its id and a key that its ranks share (a token derived from the run's secret, never the secret): the
+first rank to register sets the key (the server keeps its SHA-256), and a client without it can neither read the
+run's addresses nor register a rank in it; a rank registered by a connection still open cannot be taken over.
+Entries expire ``ttl_s`` after they were made.
+
+Every request is checked field by field (a wrong type or size is an error answer, never a traceback); a client's
+wait is capped (``MAX_WAIT_S``), and so are the runs and the connections the server holds at once.
 
 The protocol: one JSON object per line each way. ``{"op": "register", "run", "key", "rank", "world"}`` answers
 ``{"address": [host, port]}``; ``{"op": "peers", "run", "key", "timeout"}`` answers ``{"peers": {rank: [host,
@@ -18,10 +22,34 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 
 MAX_LINE = 4096
+MAX_WAIT_S = 900.0  # a peers request waits at most this long, whatever it asks (Lambda's longest timeout)
+MAX_RUNS = 1000
+MAX_CONNECTIONS = 2048
+MAX_WORLD = 100_000
+_TEXT_MAX = 128  # a run id or key longer than this is not one of ours
+
+
+def _text(request: dict, name: str) -> str | None:
+    value = request.get(name)
+    return value if isinstance(value, str) and 0 < len(value) <= _TEXT_MAX else None
+
+
+def _whole(request: dict, name: str) -> int | None:
+    value = request.get(name)
+    return value if type(value) is int else None
+
+
+def _wait_s(request: dict) -> float | None:
+    value = request.get("timeout", 30)
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        return None
+    return min(float(value), MAX_WAIT_S)
 
 
 @dataclass
@@ -43,6 +71,7 @@ class Rendezvous:
     def __init__(self, ttl_s: float = 600.0):
         self.ttl_s = ttl_s
         self.runs: dict[str, _Run] = {}
+        self.connections = 0
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -52,17 +81,19 @@ class Rendezvous:
                 del self.runs[run_id]
 
     def _run(self, request: dict, create: bool) -> _Run | str:
-        run_id, key = str(request.get("run", "")), str(request.get("key", ""))
-        if not run_id or not key:
-            return "a request names its run and carries the run's key"
+        run_id, key = _text(request, "run"), _text(request, "key")
+        if run_id is None or key is None:
+            return f"a request names its run and carries the run's key (strings of 1 to {_TEXT_MAX} characters)"
         digest = hashlib.sha256(key.encode()).digest()
         run = self.runs.get(run_id)
         if run is None:
             if not create:
                 return f"no run {run_id!r} here"
-            world = int(request.get("world", 0))
-            if not 1 <= world <= 100_000:
-                return f"world {world}: a run has 1 to 100000 ranks"
+            world = _whole(request, "world")
+            if world is None or not 1 <= world <= MAX_WORLD:
+                return f"world {request.get('world')!r:.40}: a run has 1 to {MAX_WORLD} ranks (a whole number)"
+            if len(self.runs) >= MAX_RUNS:
+                return f"this server holds {MAX_RUNS} runs already; try again when some have ended"
             run = self.runs[run_id] = _Run(digest, world)
         if not hmac.compare_digest(run.key_digest, digest):
             return f"run {run_id!r} belongs to another key"
@@ -73,9 +104,10 @@ class Rendezvous:
         run = self._run(request, create=True)
         if isinstance(run, str):
             return {"error": run}
-        rank = int(request.get("rank", -1))
-        if not 0 <= rank < run.world or int(request.get("world", run.world)) != run.world:
-            return {"error": f"rank {rank} of world {request.get('world')}: the run has {run.world} ranks"}
+        rank = _whole(request, "rank")
+        if rank is None or not 0 <= rank < run.world or request.get("world", run.world) != run.world:
+            return {"error": f"rank {request.get('rank')!r:.40} of world {request.get('world')!r:.40}: the run has "
+                             f"{run.world} ranks"}  # fmt: skip
         held = run.entries.get(rank)
         if held is not None and held.writer is not writer and not held.writer.is_closing():
             return {"error": f"rank {rank} of run {request['run']!r} is registered by another connection"}
@@ -89,8 +121,11 @@ class Rendezvous:
         run = self._run(request, create=False)
         if isinstance(run, str):
             return {"error": run}
+        wait_s = _wait_s(request)
+        if wait_s is None:
+            return {"error": f"timeout {request.get('timeout')!r:.40}: a number of seconds, 0 or more"}
         try:
-            await asyncio.wait_for(run.complete.wait(), timeout=float(request.get("timeout", 30)))
+            await asyncio.wait_for(run.complete.wait(), timeout=wait_s)
         except asyncio.TimeoutError:
             return {
                 "error": f"{len(run.entries)} of {run.world} ranks registered; missing "
@@ -99,27 +134,38 @@ class Rendezvous:
         return {"peers": {str(r): list(e.address) for r, e in run.entries.items()}}
 
     async def serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
+            if self.connections > MAX_CONNECTIONS:
+                writer.write(b'{"error": "too many connections to this rendezvous server; try again later"}\n')
+                await writer.drain()
+                return
             while line := await reader.readline():
                 if len(line) > MAX_LINE:
                     break
-                try:
-                    request = json.loads(line)
-                    op = request.get("op")
-                except (ValueError, AttributeError):
-                    request, op = {}, None
-                if op == "register":
-                    reply = self.register(request, writer)
-                elif op == "peers":
-                    reply = await self.peers(request)
-                else:
-                    reply = {"error": "unknown request: op is register or peers"}
-                writer.write(json.dumps(reply).encode() + b"\n")
+                writer.write(json.dumps(await self.answer(line, writer)).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            pass
+            pass  # a client gone, or a line longer than the reader's limit: the connection ends
+        except Exception as exc:  # one client's fault never ends the server nor prints a traceback
+            print(f"rendezvous: dropped a client: {type(exc).__name__}: {exc}"[:300], file=sys.stderr, flush=True)
         finally:
+            self.connections -= 1
             writer.close()
+
+    async def answer(self, line: bytes, writer: asyncio.StreamWriter) -> dict:
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError):
+            request = None
+        if not isinstance(request, dict):
+            return {"error": "a request is one JSON object per line"}
+        op = request.get("op")
+        if op == "register":
+            return self.register(request, writer)
+        if op == "peers":
+            return await self.peers(request)
+        return {"error": "unknown request: op is register or peers"}
 
 
 async def serve(host: str, port: int, ttl_s: float, ready=None) -> None:

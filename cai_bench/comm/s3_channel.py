@@ -1,15 +1,23 @@
 """``s3://bucket/prefix``: a message is an object named by its sender, receiver and number, read by polling with
-a growing interval (S3 cannot block), and deleted by its reader. A barrier is an object per rank that rank 0 lists
-(paginated). A rank's heartbeat is an object holding the time it last beat ("left" once it closed). All of it
-lives under ``<prefix>/<run id>/``; the run's driver deletes what is left once every rank is done (``purge``)."""
+a growing interval (S3 cannot block), and deleted by its reader. A rank's heartbeat is an object holding the time
+it last beat ("left" once it closed). All of it lives under ``<prefix>/<run space>/`` (the run's id and a token
+from its secret, ``seal.space``); whoever runs the channel deletes what is left once every rank is done (``purge``).
+
+Anyone who may write to the bucket can write objects there: the frames are sealed, and what is not the run's is
+dropped by the communicator. Every S3 error (AccessDenied, SlowDown past botocore's retries, a connection that
+failed) is a CommError naming the channel and the request."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 from cai_bench import aws
 from cai_bench.comm.channel import Heartbeat, heartbeat_interval
+from cai_bench.comm.frames import CommError
+from cai_bench.errors import UserError
 
 _FIRST_POLL_S, _LONGEST_POLL_S = 0.002, 0.1
 
@@ -18,17 +26,26 @@ class S3Channel:
     scheme = "s3"
     peer_to_peer = False
 
-    def __init__(self, url: str, rank: int, world_size: int, run_id: str, timeout_s: float):
+    def __init__(self, url: str, rank: int, world_size: int, run_space: str, timeout_s: float):
         self.url, self.rank, self.world_size = url, rank, world_size
-        self.bucket, prefix = aws.parse_s3_url(url)
-        self._root = f"{prefix}/{run_id}" if prefix else run_id
-        self._client = aws.s3_client()
-        self._sent: dict[int, int] = defaultdict(int)
-        self._taken: dict[int, int] = defaultdict(int)
-        self._beat_s = heartbeat_interval(timeout_s)
         self.requests = 0
-        with aws.one_line_errors(f"S3 channel {url}"):
+        with self._errors("cannot start"):
+            self.bucket, prefix = aws.parse_s3_url(url)
+            self._root = f"{prefix}/{run_space}" if prefix else run_space
+            self._client = aws.s3_client()
+            self._sent: dict[int, int] = defaultdict(int)
+            self._taken: dict[int, int] = defaultdict(int)
+            self._beat_s = heartbeat_interval(timeout_s)
             self._heartbeat = Heartbeat(self._beat, self._beat_s)
+
+    @contextmanager
+    def _errors(self, doing: str):
+        """botocore's errors (and a bad URL) as one CommError line naming this channel."""
+        try:
+            with aws.one_line_errors(f"S3 channel {self.url}: {doing}"):
+                yield
+        except UserError as exc:
+            raise CommError(str(exc)) from None
 
     def _put(self, key: str, body: bytes) -> None:
         self.requests += 1
@@ -37,15 +54,21 @@ class S3Channel:
     def _beat(self) -> None:
         self._put(f"alive/{self.rank}", repr(time.time()).encode())
 
-    def send(self, dst: int, frame: bytes) -> None:
+    def send(self, dst: int, frame: bytes, deadline: float) -> None:
         self._sent[dst] += 1
-        self._put(f"m/{self.rank}-{dst}/{self._sent[dst]:09d}", frame)
+        with self._errors(f"rank {self.rank} could not send to rank {dst}"):
+            self._put(f"m/{self.rank}-{dst}/{self._sent[dst]:09d}", frame)
 
     def recv(self, src: int, deadline: float) -> bytes | None:
-        body = self._poll(f"{self._root}/m/{src}-{self.rank}/{self._taken[src] + 1:09d}", deadline)
+        """The next object of ``src`` to this rank, read and deleted."""
+        with self._errors(f"rank {self.rank} could not read from rank {src}"):
+            body = self._poll(f"{self._root}/m/{src}-{self.rank}/{self._taken[src] + 1:09d}", deadline)
         if body is not None:
             self._taken[src] += 1
         return body
+
+    def dropped(self, src: int) -> None:
+        self._taken[src] -= 1  # a forger's object stood under the number; the sender's own may still come there
 
     def _poll(self, key: str, deadline: float) -> bytes | None:
         """The object at ``key`` once it is there (then deleted: its reader is its only reader), or None at
@@ -64,46 +87,16 @@ class S3Channel:
             self._client.delete_object(Bucket=self.bucket, Key=key)
             return body
 
-    def barrier(self, seq: int, deadline: float) -> bool:
-        """Everyone writes an object, rank 0 lists them (paginated) until all are there, deletes them and writes
-        each other rank its release, which that rank deletes once read."""
-        self._put(f"b/{seq}/in-{self.rank}", b"")
-        if self.rank != 0:
-            return self._poll(f"{self._root}/b/{seq}/go-{self.rank}", deadline) is not None
-        delay = _FIRST_POLL_S
-        while len(arrived := self._list(f"b/{seq}/in-")) < self.world_size:
-            if time.monotonic() + delay > deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 1.5, _LONGEST_POLL_S)
-        self._delete(arrived)
-        for rank in range(1, self.world_size):
-            self._put(f"b/{seq}/go-{rank}", b"")
-        return True
-
-    def _list(self, under: str) -> list[str]:
-        keys = []
-        for page in self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=f"{self._root}/{under}"
-        ):
-            self.requests += 1
-            keys += [item["Key"] for item in page.get("Contents", [])]
-        return keys
-
-    def _delete(self, keys: list[str]) -> None:
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            chunk = [{"Key": k} for k in keys[start : start + 1000]]
-            self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
-
     def missing(self) -> list[int]:
         stale_after = time.time() - 3 * self._beat_s
         gone = []
         for rank in range(self.world_size):
-            try:
-                beat = self._client.get_object(Bucket=self.bucket, Key=f"{self._root}/alive/{rank}")["Body"].read()
-            except self._client.exceptions.NoSuchKey:
-                beat = b"0"
-            if beat != b"left" and float(beat) < stale_after:
+            with self._errors("cannot read the ranks' heartbeats"):
+                try:
+                    beat = self._client.get_object(Bucket=self.bucket, Key=f"{self._root}/alive/{rank}")["Body"].read()
+                except self._client.exceptions.NoSuchKey:
+                    beat = b"0"
+            if beat != b"left" and _beat_time(beat) < stale_after:
                 gone.append(rank)
         return gone
 
@@ -114,13 +107,23 @@ class S3Channel:
         # Its heartbeat says it left (not gone: a rank that gave up waiting is not the one that died); a message
         # it sent may not be read yet, and what a rank that died never read goes with the run's purge
         self._heartbeat.stop()
-        self._put(f"alive/{self.rank}", b"left")
+        with contextlib.suppress(Exception):  # closing must not fail the run: the heartbeat goes stale instead
+            self._put(f"alive/{self.rank}", b"left")
 
 
-def purge(url: str, run_id: str) -> int:
-    """Delete everything a run left under ``url`` (once every rank has closed): the count of objects deleted."""
+def _beat_time(beat: bytes) -> float:
+    """When a heartbeat object says its rank last beat; 0 (long ago) for anything that is not a time."""
+    try:
+        return float(beat.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return 0.0
+
+
+def purge(url: str, run_space: str) -> int:
+    """Delete everything a run left under ``url`` (once every rank has closed): the count of objects deleted.
+    ``run_space`` is the run's ``seal.space``."""
     bucket, prefix = aws.parse_s3_url(url)
-    root = f"{prefix}/{run_id}/" if prefix else f"{run_id}/"
+    root = f"{prefix}/{run_space}/" if prefix else f"{run_space}/"
     client = aws.s3_client()
     keys = [
         item["Key"]

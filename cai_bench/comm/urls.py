@@ -1,0 +1,91 @@
+"""The ``--comm`` channels' URLs: checked whole before a run starts (so a typo costs one line, not a run), and
+shown or stored only with any password taken out."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from cai_bench import aws
+from cai_bench.comm.frames import CommError
+from cai_bench.errors import UserError, redact
+
+SCHEMES = ("direct", "redis", "s3")
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def _port(text: str, url: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise CommError(f"--comm {redact(url)!r}: the port must be a number from 1 to 65535")
+    return int(text)
+
+
+def parse_direct_url(url: str) -> tuple[str, int]:
+    """``direct://HOST:PORT`` or ``direct://[IPV6]:PORT`` as (host, port)."""
+    body = url[len("direct://") :].rstrip("/") if url.startswith("direct://") else ""
+    bracketed = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", body)
+    if bracketed:
+        host, port = bracketed.groups()
+    else:
+        host, _, port = body.rpartition(":")
+        if ":" in host or (host and not _HOST.fullmatch(host)):
+            host = ""
+    if not host or not port:
+        raise CommError(
+            f"--comm {redact(url)!r}: write direct://HOST:PORT or direct://[IPV6]:PORT (the rendezvous server, "
+            "cai-bench comm rendezvous)"
+        )
+    return host, _port(port, url)
+
+
+def check_redis_url(url: str) -> None:
+    """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, DB a whole number."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    host = parts.hostname or ""
+    if not host or port == -1 or (port is not None and not 0 < port < 65536) or (
+        not _HOST.fullmatch(host) and ":" not in host
+    ):  # fmt: skip
+        raise CommError(f"--comm {redact(url)!r}: write redis://HOST:PORT/DB")
+    db = parts.path.strip("/")
+    if db and not (db.isdigit() and int(db) < 2**31):
+        raise CommError(
+            f"--comm {redact(url)!r}: the database ({db!r}) must be a whole number, as in redis://HOST:6379/0"
+        )
+    if parts.query or parts.fragment:
+        raise CommError(f"--comm {redact(url)!r}: a Redis channel takes no query or fragment")
+
+
+def check_s3_url(url: str) -> None:
+    try:
+        aws.parse_s3_url(url)
+    except UserError as exc:
+        raise CommError(f"--comm {redact(url)!r}: {exc}") from None
+    if not aws.parse_s3_url(url)[0]:
+        raise CommError(f"--comm {url!r}: write s3://BUCKET/PREFIX")
+
+
+def check_urls(urls: list[str]) -> list[str]:
+    """``urls`` checked without connecting anything: their schemes (each at most once) and every part of each."""
+    seen = []
+    for url in urls:
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme not in SCHEMES:
+            raise CommError(
+                f"--comm {redact(url)!r}: a channel is direct://HOST:PORT, redis://HOST:PORT/DB or s3://BUCKET/PREFIX"
+            )
+        if scheme in seen:
+            raise CommError(f"--comm: {scheme} given twice; give each channel once")
+        {"direct": parse_direct_url, "redis": check_redis_url, "s3": check_s3_url}[scheme](url)
+        seen.append(scheme)
+    if not urls:
+        raise CommError("--comm needs at least one channel")
+    return seen
+
+
+def split_urls(text: str) -> list[str]:
+    """The channels of a ``--comm`` value."""
+    return [u.strip() for u in str(text).split(",") if u.strip()]
