@@ -4,6 +4,7 @@ checksum files are named by."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -16,6 +17,17 @@ except ImportError:  # Windows: no lock between processes
     fcntl = None
 
 from cai_bench.errors import UserError
+
+
+def loads_json(data: bytes | str, where: str):
+    """JSON read from a file or a request: anything that is not JSON, a number of more digits than Python turns
+    into an int (4,300), or nesting deeper than the parser's recursion allows, is one UserError naming ``where``."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as exc:  # not JSON (JSONDecodeError, UnicodeDecodeError), or an integer past the digit limit
+        raise UserError(f"{where}: not valid JSON ({str(exc)[:200]})") from None
 
 
 def cache_dir() -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cai_bench.errors import UserError
-from cai_bench.files import file_sha256
+from cai_bench.files import file_sha256, loads_json
 from cai_bench.metrics import accuracy
 from cai_bench.model.export_format import is_export, read_export
 from cai_bench.plan import PartitionRef, Plan, replace_plan
@@ -74,7 +74,7 @@ def _open_parts(parts: Path, job: dict, force: bool) -> None:
     if parts.is_dir() and (force or not job_file.is_file()):
         shutil.rmtree(parts)
     if job_file.is_file():
-        found = json.loads(job_file.read_text())
+        found = loads_json(job_file.read_bytes(), str(job_file))
         if found != job:
             differ = ", ".join(k for k in job if found.get(k) != job[k])
             raise UserError(

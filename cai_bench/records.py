@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -17,7 +18,7 @@ import numpy as np
 
 from cai_bench.metrics import percentiles, rate
 
-SCHEMA_VERSION = "1.1"  # 1.1: a unit's ended_epoch_s
+SCHEMA_VERSION = "1.2"  # 1.1: a unit's ended_epoch_s; 1.2: non_finite
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 RANDOM_INIT = "random-init"
 
@@ -122,9 +123,16 @@ class RunRecord:
     error: str | None = None
     kind: str = "run"  # "run": a timing run; "predict": a (possibly resumed) pass that writes predictions
     schema_version: str = SCHEMA_VERSION
+    # The record's note of numbers JSON cannot hold (inf, nan): where each was (a dotted path) and what it was;
+    # each is stored as null, so that nothing else of what the run measured is lost with it
+    non_finite: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False)
+        data = asdict(self)
+        found: dict[str, str] = {}
+        data = finite_only(data, "", found)
+        data["non_finite"] = {**self.non_finite, **found}
+        return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> RunRecord:
@@ -133,6 +141,18 @@ class RunRecord:
         out["summary"] = RunSummary(**_known(RunSummary, data["summary"]))
         out["workers"] = [worker_record(w) for w in data["workers"]]
         return cls(**out)
+
+
+def finite_only(value, path: str, found: dict[str, str]):
+    """``value`` with every float that is not finite replaced by None, each one's path and value put in ``found``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found[path] = repr(value)
+        return None
+    if isinstance(value, dict):
+        return {k: finite_only(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_only(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
 
 
 @dataclass(frozen=True)
@@ -214,7 +234,8 @@ def encode_result(result: PartitionResult) -> bytes:
     Binary rather than JSON float lists: a 25 MB partition's 1,277 predictions stay 5 KB, and what is read back
     is exactly what the worker computed.
     """
-    header = json.dumps({"format": WIRE_FORMAT, "record": asdict(result.record)}, allow_nan=False).encode()
+    # Infinity and NaN cross as JSON's extensions (Python reads them back): the driver's record notes them
+    header = json.dumps({"format": WIRE_FORMAT, "record": asdict(result.record)}).encode()
     arrays = {name: np.ascontiguousarray(getattr(result, name), dtype=kind) for name, kind in _ARRAYS.items()}
     buffer = io.BytesIO()
     np.savez(buffer, header=np.frombuffer(header, dtype=np.uint8), **arrays)

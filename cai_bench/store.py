@@ -70,12 +70,16 @@ _OPTIONAL_WORKER_SHAPE = {"precision": TEXT, "worker_id": TEXT, "host": TEXT, "p
 
 
 def record_problem(record: dict) -> str | None:
-    """What makes a JSON object not a run record this cai-bench can report on (None: nothing)."""
+    """What makes a JSON object not a run record this cai-bench can report on (None: nothing). A field the
+    record's ``non_finite`` names (a number JSON cannot hold, stored as null) may be null."""
+    nulled = record.get("non_finite") if isinstance(record.get("non_finite"), dict) else {}
     for where, shape, optional in _SHAPES:
         table = record
         for step in where.split(".") if where else ():
             table = table.get(step) or {}
-        found = problem(table, shape, f"{where}." if where else "", optional, _NULLABLE if optional else ())
+        prefix = f"{where}." if where else ""
+        nullable = (_NULLABLE if optional else set()) | {n for n in shape if f"{prefix}{n}" in nulled}
+        found = problem(table, shape, prefix, optional, nullable)
         if found:
             return found
     if not all(isinstance(g, str) for g in record["environment"].get("gpus") or []):
@@ -84,10 +88,26 @@ def record_problem(record: dict) -> str | None:
         if not isinstance(worker, dict):
             return f"workers[{number}] is not an object"
         where = f"workers[{number}]."
-        found = problem(worker, _WORKER_SHAPE, where) or problem(worker, _OPTIONAL_WORKER_SHAPE, where, optional=True)
+        nullable = {n for n in _WORKER_SHAPE if f"{where}{n}" in nulled}
+        found = problem(worker, _WORKER_SHAPE, where, nullable=nullable) or problem(
+            worker, _OPTIONAL_WORKER_SHAPE, where, optional=True
+        )
         if found:
             return found
     return None
+
+
+def _refuse_outside(path: Path) -> None:
+    """A store file that is a link to somewhere outside the store's directory is refused: appending (or cutting a
+    torn last line) would change a file that is not the store's."""
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    if target.parent != path.parent.resolve():
+        raise UserError(
+            f"{path} is a link to {target}, outside the results directory; cai-bench writes only its own files "
+            "there: remove the link or give another --results"
+        )
 
 
 class ResultsStore:
@@ -105,6 +125,8 @@ class ResultsStore:
 
     def check_writable(self) -> None:
         """Refuse, before any work, a results directory that cannot take a record."""
+        for path in (self.path, self.directory / COMM_FILE):
+            _refuse_outside(path)
         probe = self.directory / f".writable-{os.getpid()}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -141,7 +163,7 @@ class ResultsStore:
                 continue
             try:
                 point = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # not JSON, an integer past the digit limit, too deep
                 if number == len(lines):
                     continue  # torn by a writer that was killed
                 raise UserError(f"{path}:{number}: not a JSON record") from None
@@ -156,9 +178,12 @@ class ResultsStore:
         # a record from us, and concurrent writers do not interleave.
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            _refuse_outside(path)
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
-            self._keep_elsewhere(run_id, line, exc, path)
+            self._keep_elsewhere(run_id, line, exc.strerror, path)
+        except UserError as exc:
+            self._keep_elsewhere(run_id, line, str(exc), path)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -169,7 +194,7 @@ class ResultsStore:
                 view = view[written:]
             os.fsync(fd)
         except OSError as exc:
-            self._keep_elsewhere(run_id, line, exc, path)
+            self._keep_elsewhere(run_id, line, exc.strerror, path)
         finally:
             os.close(fd)
 
@@ -193,7 +218,7 @@ class ResultsStore:
         os.ftruncate(fd, start)
         _warn(f"{path}: its last line was torn ({len(torn)} bytes, no record); moved aside to {aside}")
 
-    def _keep_elsewhere(self, run_id: str, line: bytes, exc: OSError, path: Path) -> None:
+    def _keep_elsewhere(self, run_id: str, line: bytes, why: str, path: Path) -> None:
         """The store cannot take a record: print it, save it in a file of its own, and say where."""
         sys.stdout.write(line.decode())
         sys.stdout.flush()
@@ -203,7 +228,7 @@ class ResultsStore:
             kept = f"printed above and saved in {fallback}; add it later with: cat {fallback} >> {path}"
         except OSError:
             kept = "printed above (no fallback file could be written either)"
-        raise UserError(f"{path}: cannot write the record of run {run_id} ({exc.strerror}); it is {kept}") from None
+        raise UserError(f"{path}: cannot write the record of run {run_id} ({why}); it is {kept}") from None
 
     def read(self) -> list[dict]:
         """All complete records, oldest first.
@@ -226,7 +251,7 @@ class ResultsStore:
                 continue
             try:
                 record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # not JSON, an integer past the digit limit, too deep
                 if number == len(lines):  # the last line, with no newline after it: torn
                     self.skipped.append(f"{self.path}:{number}: skipped a torn last line ({len(raw)} bytes)")
                     continue
@@ -250,5 +275,27 @@ class ResultsStore:
         return records
 
     def runs(self) -> list[dict]:
-        """The records of runs (kind "run") that finished (status "ok"): what reports and plots use."""
-        return [r for r in self.read() if r.get("kind") == "run" and r.get("status") == "ok"]
+        """The records of runs (kind "run") that finished (status "ok"): what reports and plots use. One whose
+        figures reports need were not finite numbers stays in the store, left out here and said in ``skipped``."""
+        kept = []
+        for record in self.read():
+            if record.get("kind") != "run" or record.get("status") != "ok":
+                continue
+            lost = _unreportable(record)
+            if lost:
+                self.skipped.append(f"{self.path}: run {record['run_id']} is kept but not reported: its {lost}")
+                continue
+            kept.append(record)
+        return kept
+
+
+_REPORTED = {f"summary.{name}" for name in (*_SUMMARY_COUNTS, *_SUMMARY_FIGURES, *_PHASES)}
+
+
+def _unreportable(record: dict) -> str | None:
+    """Which figure a report needs the record stored as null because it was not a finite number; None: none."""
+    for path, value in (record.get("non_finite") or {}).items():
+        in_a_worker = path.startswith("workers[") and path.rsplit(".", 1)[-1] in _WORKER_SHAPE
+        if path in _REPORTED or in_a_worker:
+            return f"{path} was {value}"
+    return None

@@ -333,7 +333,29 @@ def show_runs(records: list[RunRecord], store_path: Path, as_json: bool) -> None
     line = accuracy_line(records[-1].accuracy, " in the last repeat")
     if line:
         say(line)
+    line = comm_line(records[-1].backend_info.get("comm"))
+    if line:
+        say(line)
+    for record in records:
+        if record.non_finite:
+            noted = ", ".join(f"{path} ({value})" for path, value in record.non_finite.items())
+            say(f"repeat {record.repeat}: not finite numbers, stored as null (the record notes them): {noted}")
     stdout.print(f"{len(records)} record(s) appended to {store_path}")
+
+
+def comm_line(comm: dict | None) -> str | None:
+    """What the run's closing collectives (--comm) came to, in the last repeat: done, or failed and why."""
+    if not comm:
+        return None
+    channels = ", ".join(str(c).split("://")[0] for c in comm.get("channels") or [])
+    dropped = comm.get("dropped_frames") or 0
+    dropped_text = f"; dropped {dropped} frame(s) that failed the seal (not this run's)" if dropped else ""
+    head = f"collectives over {channels}, {comm.get('world_size')} rank(s)"
+    if comm.get("collectives") != "failed":
+        return f"{head}: done{dropped_text}"
+    failed = comm.get("failed_ranks") or []
+    why = f"rank {failed[0]['rank']}: {failed[0]['error']}" if failed else "no aggregate was read"
+    return f"{head}: FAILED ({why}); each unit's own result was read instead{dropped_text}"
 
 
 def runtime_choice_line(choice: dict | None) -> str | None:

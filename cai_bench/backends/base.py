@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from cai_bench.errors import UserError
+from cai_bench.files import loads_json
 from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo
 
 Emit = Callable[[PartitionResult], None]
@@ -181,12 +182,19 @@ def load_job(results: str | Path, job_id: str) -> tuple[Job, Path]:
     paths = sorted(directory.glob("*.json")) if directory.is_dir() else []
     found = [p for p in paths if p.stem.startswith(job_id)]
     if not found:
-        found = [p for p in paths if job_id in json.loads(p.read_text())["state"].get("scheduler_ids", [])]
+        found = [p for p in paths if job_id in _job_file(p)["state"].get("scheduler_ids", [])]
     if len(found) != 1:
         what = "no job" if not found else f"{len(found)} jobs match"
         raise UserError(f"{what} {job_id!r} in {directory}: give the id that --no-wait printed and the same --results")
-    data = json.loads(found[0].read_text())
+    data = _job_file(found[0])
     return Job(data["job_id"], data["backend"], data["plan"], data["state"]), found[0]
+
+
+def _job_file(path: Path) -> dict:
+    data = loads_json(path.read_bytes(), str(path))
+    if not isinstance(data, dict) or not isinstance(data.get("state"), dict) or "plan" not in data:
+        raise UserError(f"{path}: not a cai-bench job file")
+    return data
 
 
 def collect_command(job_id: str, results: str | Path) -> str:

@@ -352,7 +352,8 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
     context, server_s = worker_context()
     options = plan_options(plan, lanes, intra_threads=intra)
     model, prepared = prepare_model(plan.weights, options.runtime, plan.seed)
-    together = _together(plan, workers)
+    # The ranks are the processes that will start: no more than there are units (the transport starts no more)
+    together = _together(plan, min(workers, dispatcher.outstanding()))
     transport = NodeTransport(plan, workers, context, args_for=lambda n: (options, model, plan.seed, intra,
                                                                           together and together.rank(n)))  # fmt: skip
     if together is not None:
@@ -414,7 +415,7 @@ class HpcBackend:
 
     def check(self, options: dict) -> None:
         if options.get("comm"):
-            comm.check_urls([u.strip() for u in str(options["comm"]).split(",") if u.strip()])
+            comm.check_urls(comm.split_urls(options["comm"]))
         if options.get("slurm"):
             slurm_options.check(options)
             return

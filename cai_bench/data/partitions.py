@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from cai_bench.data import synthetic
 from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
 from cai_bench.errors import UserError
-from cai_bench.files import staged_directory
+from cai_bench.files import loads_json, staged_directory
 from cai_bench.plan import (
     BYTES_PER_SAMPLE,
     DataSummary,
@@ -143,10 +143,7 @@ def load_manifest(directory: str | Path) -> Manifest:
     path = storage.where(MANIFEST)
     if storage.size(MANIFEST) is None:
         raise UserError(f"{path}: manifest not found; is {directory} a cai-bench data set (cai-bench data synth)?")
-    try:
-        raw = json.loads(storage.read(MANIFEST))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    raw = loads_json(storage.read(MANIFEST), str(path))
     if not isinstance(raw, dict):
         raise UserError(f"{path}: not a cai-bench manifest (expected a JSON object)")
     version = str(raw.get("schema_version", ""))
@@ -238,10 +235,7 @@ def _header(data: bytes | memoryview, path: Path) -> dict:
     length = int.from_bytes(data[:8], "little")
     if length <= 0 or 8 + length > len(data):
         raise UserError(f"{path}: corrupt or truncated partition (bad header length)")
-    try:
-        header = json.loads(bytes(data[8 : 8 + length]))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: corrupt partition (header is not valid JSON)") from None
+    header = loads_json(bytes(data[8 : 8 + length]), f"{path}: the partition's header")
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt partition (header is not a JSON object)")
     return header

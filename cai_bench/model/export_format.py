@@ -6,11 +6,12 @@ on a fixed batch. Reading one needs neither torch nor a runtime: ``model/export.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from cai_bench.errors import UserError
+from cai_bench.files import loads_json
 from cai_bench.records import WeightsInfo
 
 EXPORT_META = "export.json"
@@ -45,11 +46,10 @@ def read_export(directory: str | Path, runtime: str | None = None) -> Export:
     a format that runtime reads."""
     directory = Path(directory)
     try:
-        meta = json.loads((directory / EXPORT_META).read_text())
+        text = (directory / EXPORT_META).read_bytes()
     except OSError:
         raise UserError(f"{directory}: not a model export (no {EXPORT_META}); see cai-bench model export") from None
-    except json.JSONDecodeError:
-        raise UserError(f"{directory / EXPORT_META}: not valid JSON") from None
+    meta = loads_json(text, str(directory / EXPORT_META))
     if not isinstance(meta, dict) or meta.get("kind") != EXPORT_KIND:
         raise UserError(f"{directory / EXPORT_META}: not a cai-bench model export")
     if meta.get("version") != EXPORT_VERSION:
@@ -61,9 +61,31 @@ def read_export(directory: str | Path, runtime: str | None = None) -> Export:
         plain = isinstance(name, str) and "/" not in name and "\\" not in name and not name.startswith(".")
         if not plain or not (directory / name).is_file():
             raise UserError(f"{directory}: the export names {name!r}, which is not a file there")
+    check = meta.get("check") or {}
+    problem = _check_problem(check)
+    if problem:
+        raise UserError(
+            f"{directory / EXPORT_META}: its check {problem}; export the model again (cai-bench model export)"
+        )
     weights = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
     info = WeightsInfo(weights.get("source", "unknown"), weights.get("sha256"), weights.get("seed"))
     if runtime is not None and meta["format"] not in READS[runtime]:
         reads = " or ".join(READS[runtime])
         raise UserError(f"{directory}: a {meta['format']} export; --runtime {runtime} reads {reads}")
-    return Export(str(directory), meta["format"], files, info, dict(meta.get("check") or {}), meta)
+    return Export(str(directory), meta["format"], files, info, dict(check), meta)
+
+
+def _check_problem(check) -> str | None:
+    """What is wrong with an export's record of its check against torch (None: nothing): the largest difference
+    and the tolerance are finite numbers of 0 or more, the batch a whole number."""
+    if not isinstance(check, dict):
+        return "is not a table"
+    for name in ("max_abs_dz", "tolerance"):
+        value = check.get(name)
+        if value is not None and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ):
+            return f"{name} is {value!r:.40}, not a finite number of 0 or more"
+    if check.get("batch") is not None and (type(check["batch"]) is not int or check["batch"] < 0):
+        return f"batch is {check['batch']!r:.40}, not a whole number"
+    return None

@@ -27,7 +27,7 @@ from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, drive
 from cai_bench.backends.options import COMM_OPTIONS, RETRIES, RUNTIME
 from cai_bench.choices import CPU_PRECISIONS
-from cai_bench.comm import check_urls
+from cai_bench.comm import check_urls, split_urls
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.errors import UserError
 from cai_bench.gathering import CommConfig, config_for_run
@@ -363,7 +363,9 @@ class LambdaBackend:
                 raise UserError("--orchestrator stepfunctions on AWS needs --state-machine-role-arn (a role Step "
                                 "Functions can assume: see deploy/lambda/stepfunctions-policy.json)")  # fmt: skip
         if options.get("comm"):
-            check_urls([u.strip() for u in str(options["comm"]).split(",") if u.strip()])
+            check_urls(split_urls(options["comm"]))
+        if options.get("price_file"):  # read now, so that a bad one costs a line, not a measured run
+            pricing.load_prices(options["price_file"])
         if "timeout_s" in options and not options.get("emulate"):
             raise UserError("--timeout-s sets the emulated function's timeout: add --emulate (on AWS it is the "
                             "function's configuration)")  # fmt: skip
@@ -371,6 +373,10 @@ class LambdaBackend:
             # Credentials and region, before any data is made: building a client makes no call yet
             aws.client("lambda", region=options.get("region"))
             aws.client("s3", endpoint_url=options.get("endpoint_url"), region=options.get("region"))
+        if options.get("endpoint_url"):
+            # Every S3 request of the run goes there, from here on: the data's manifest and partitions, which the
+            # driver reads before the backend runs, included (they would otherwise go to AWS itself)
+            aws.use_endpoints(options["endpoint_url"], bool(options.get("emulate")))
 
     def machine(self, plan: Plan) -> str | None:
         options = plan.backend_options

@@ -297,6 +297,26 @@ class Reply:
     body: bytes
 
 
+# Lambda's own limit of a synchronous invocation's payload; what the emulator passes on to moto (S3, Step
+# Functions under --orchestrator stepfunctions) may be a partition, hence the larger one
+MAX_INVOKE_BYTES = 6 * 1024 * 1024
+MAX_PASSED_ON_BYTES = 1 << 30
+
+
+def _partitions_named(event) -> list[int]:
+    """The partitions an event's units name (what injected faults are keyed by); -1 or none where it is not shaped
+    as the driver's events are."""
+    units = event.get("units") if isinstance(event, dict) else None
+    if not isinstance(units, list):
+        return []
+    found = []
+    for unit in units:
+        ref = unit.get("ref") if isinstance(unit, dict) else None
+        index = ref.get("index") if isinstance(ref, dict) else None
+        found.append(index if type(index) is int else -1)
+    return found
+
+
 def _error(status: int, kind: str, message: str, **extra) -> Reply:
     body = json.dumps({"Type": "User", "message": message, **extra}).encode()
     return Reply(status, {"x-amzn-ErrorType": kind, "Content-Type": "application/json"}, body)
@@ -357,10 +377,9 @@ class Emulator:
         request_id = str(uuid.uuid4())
         try:
             event = json.loads(payload or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, an integer past the digit limit, nested too deep
             return _error(400, "InvalidRequestContentException", "Could not parse request body into json")
-        partitions = [int(u.get("ref", {}).get("index", -1)) for u in event.get("units", [])] if isinstance(
-            event, dict) else []  # fmt: skip
+        partitions = _partitions_named(event)
         init_ms = None
         if environment is None:
             environment = Environment(self.config, self._next_cores(), self.log_dir, self.extra_env, self.cpu_share)
@@ -492,9 +511,25 @@ class _InvokeAPI(BaseHTTPRequestHandler):
         name = unquote(match["name"]).rsplit(":function:", 1)[-1].split(":")[0]
         return name, match["rest"] or ""
 
+    def _body(self, limit: int) -> bytes | None:
+        """The request's body, or None once a 400 or 413 has answered a Content-Length that is not a whole number
+        of bytes, or is over ``limit`` (the body is then left unread, and the connection closed)."""
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 15):
+            self.close_connection = True
+            self._send(_error(400, "InvalidRequestContentException", "Content-Length must be a whole number of bytes"))
+            return None
+        if int(text) > limit:
+            self.close_connection = True
+            self._send(_error(413, "RequestTooLargeException", f"a request body of {text} bytes; at most {limit}"))
+            return None
+        return self.rfile.read(int(text))
+
     def _pass_on(self, body: bytes | None = None) -> None:
         if body is None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = self._body(MAX_PASSED_ON_BYTES)
+            if body is None:
+                return
         where = urlsplit(self.server.emulator.upstream)
         connection = http.client.HTTPConnection(where.hostname, where.port, timeout=300)
         try:
@@ -517,8 +552,10 @@ class _InvokeAPI(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         received = time.perf_counter()
-        payload = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         route = self._route()
+        payload = self._body(MAX_PASSED_ON_BYTES if route is None else MAX_INVOKE_BYTES)
+        if payload is None:
+            return
         if route is None and self.server.emulator.upstream:
             self._pass_on(payload)
             return

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cai_bench.backends.aws_lambda.report_log import parse_reports
 from cai_bench.errors import UserError
+from cai_bench.files import loads_json
 
 # AWS Lambda on-demand prices, us-east-1, first pricing tier (the tier every benchmark-sized run is in), as
 # published on aws.amazon.com/lambda/pricing and used by the CAI paper
@@ -60,27 +61,48 @@ def load_prices(path: str | Path | None = None) -> dict:
     if path is None:
         return PRICES
     try:
-        table = json.loads(Path(path).read_text())
+        text = Path(path).read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read the price file ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: the price file is not valid JSON ({exc})") from None
-    ok = (
-        isinstance(table, dict)
-        and _price(table.get("request_usd"))
-        and isinstance(table.get("gb_second_usd"), dict)
-        and table["gb_second_usd"]
-        and all(_price(v) for v in table["gb_second_usd"].values())
-    )
-    if not ok:
-        raise UserError(
-            f"{path}: a price file holds request_usd (a number) and gb_second_usd ({{architecture: number}}), and as_of"
-        )
+    table = loads_json(text, f"{path} (the price file)")
+    problem = _price_table_problem(table)
+    if problem:
+        raise UserError(f"{path}: the price file is not usable: {problem}")
     return {"as_of": str(table.get("as_of", "unknown")), "region": str(table.get("region", "")), **table}
 
 
+# No AWS price of a request, a GB-second or a state transition comes near a dollar: a price file that says so is
+# a mistake (a price per million, a misplaced exponent), and its costs would be nonsense or overflow
+MOST_USD = 1.0
+
+
 def _price(value) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 <= value <= MOST_USD)  # fmt: skip
+
+
+def _seconds(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _price_table_problem(table) -> str | None:
+    """What is wrong with a price file's table (None: nothing): each price a number from 0 to MOST_USD."""
+    shape = "a price file holds request_usd (a number), gb_second_usd ({architecture: number}), and as_of"
+    if not isinstance(table, dict):
+        return shape
+    per_gb_s = table.get("gb_second_usd")
+    if not isinstance(per_gb_s, dict) or not per_gb_s:
+        return shape
+    prices = {"request_usd": table.get("request_usd"), **{f"gb_second_usd.{k}": v for k, v in per_gb_s.items()}}
+    if "state_transition_usd" in table:
+        prices["state_transition_usd"] = table["state_transition_usd"]
+    for name, value in prices.items():
+        if not _price(value):
+            return f"{name} is {json.dumps(value)[:40]}: a price in USD is a number from 0 to {MOST_USD:g}"
+    for name in ("as_of", "region"):
+        if name in table and not isinstance(table[name], str):
+            return f"{name} is {json.dumps(table[name])[:40]}: a text"
+    return None
 
 
 def cost(billed_ms: Iterable[float], memory_mb: float, architecture: str = "x86_64", prices: dict = PRICES,
@@ -136,13 +158,12 @@ def billed_from_workers(path: Path, memory_mb: int | None) -> Billed:
     if memory_mb is None:
         raise UserError("--workers needs --memory-mb (the records do not say)")
     try:
-        rows = json.loads(path.read_text())
+        text = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    rows = loads_json(text, str(path))
     key = "total_cpu_time (seconds)"
-    ok = isinstance(rows, list) and rows and all(isinstance(r, dict) and _price(r.get(key)) for r in rows)
+    ok = isinstance(rows, list) and rows and all(isinstance(r, dict) and _seconds(r.get(key)) for r in rows)
     if not ok:
         raise UserError(f"{path}: expected a JSON list of records, each with a number {key!r}")
     return Billed([math.ceil(float(r[key]) * 1000) for r in rows], memory_mb)
