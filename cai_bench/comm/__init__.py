@@ -17,7 +17,7 @@ from cai_bench.comm.ops import MAX, MIN, PROD, SUM, ReduceOp, user_op
 from cai_bench.comm.policy import HINTS, ChannelModel, default_models
 from cai_bench.comm.redis_channel import RedisChannel
 from cai_bench.comm.s3_channel import S3Channel
-from cai_bench.comm.seal import space
+from cai_bench.comm.seal import derive, space
 from cai_bench.comm.urls import check_urls, redact, split_urls
 
 __all__ = [
@@ -70,7 +70,8 @@ def connect(
     try:
         for scheme, url in zip(schemes, urls, strict=True):
             if scheme in stores:  # their keys under the run's space: not found from the run id alone
-                channels[scheme] = stores[scheme](url, rank, world_size, space(key, run_id), timeout_s)
+                names = derive(key, "names", run_id)
+                channels[scheme] = stores[scheme](url, rank, world_size, space(key, run_id), timeout_s, names)
         fallback = next(iter(channels.values()), None)
         for scheme, url in zip(schemes, urls, strict=True):
             if scheme == "direct":

@@ -25,7 +25,8 @@ class RedisChannel:
     scheme = "redis"
     peer_to_peer = False
 
-    def __init__(self, url: str, rank: int, world_size: int, run_space: str, timeout_s: float):
+    def __init__(self, url: str, rank: int, world_size: int, run_space: str, timeout_s: float, names: bytes = b""):
+        """``names``: unused here (a list's name is its pair's; the frames' seals keep others' pushes out)."""
         try:
             import redis  # the redis extra: only where a run talks through Redis
         except ImportError:

@@ -3,13 +3,15 @@ a growing interval (S3 cannot block), and deleted by its reader. A rank's heartb
 it last beat ("left" once it closed). All of it lives under ``<prefix>/<run space>/`` (the run's id and a token
 from its secret, ``seal.space``); whoever runs the channel deletes what is left once every rank is done (``purge``).
 
-Anyone who may write to the bucket can write objects there: the frames are sealed, and what is not the run's is
-dropped by the communicator. Every S3 error (AccessDenied, SlowDown past botocore's retries, a connection that
+Each message's name ends in a tag made from the run's secret, so nobody else can place an object where a rank
+will look before the sender has written it (whoever may write to the bucket can still overwrite one once it is
+listed: the seal then fails, the communicator drops it and the rank names the peer when nothing else comes). Every S3 error (AccessDenied, SlowDown past botocore's retries, a connection that
 failed) is a CommError naming the channel and the request."""
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -26,8 +28,8 @@ class S3Channel:
     scheme = "s3"
     peer_to_peer = False
 
-    def __init__(self, url: str, rank: int, world_size: int, run_space: str, timeout_s: float):
-        self.url, self.rank, self.world_size = url, rank, world_size
+    def __init__(self, url: str, rank: int, world_size: int, run_space: str, timeout_s: float, names: bytes):
+        self.url, self.rank, self.world_size, self._names = url, rank, world_size, names
         self.requests = 0
         with self._errors("cannot start"):
             self.bucket, prefix = aws.parse_s3_url(url)
@@ -57,15 +59,19 @@ class S3Channel:
     def send(self, dst: int, frame: bytes, deadline: float) -> None:
         self._sent[dst] += 1
         with self._errors(f"rank {self.rank} could not send to rank {dst}"):
-            self._put(f"m/{self.rank}-{dst}/{self._sent[dst]:09d}", frame)
+            self._put(self._message(self.rank, dst, self._sent[dst]), frame)
 
     def recv(self, src: int, deadline: float) -> bytes | None:
         """The next object of ``src`` to this rank, read and deleted."""
         with self._errors(f"rank {self.rank} could not read from rank {src}"):
-            body = self._poll(f"{self._root}/m/{src}-{self.rank}/{self._taken[src] + 1:09d}", deadline)
+            body = self._poll(f"{self._root}/{self._message(src, self.rank, self._taken[src] + 1)}", deadline)
         if body is not None:
             self._taken[src] += 1
         return body
+
+    def _message(self, src: int, dst: int, number: int) -> str:
+        tag = hmac.digest(self._names, f"{src}-{dst}-{number}".encode(), "sha256").hex()[:20]
+        return f"m/{src}-{dst}/{number:09d}-{tag}"
 
     def dropped(self, src: int) -> None:
         self._taken[src] -= 1  # a forger's object stood under the number; the sender's own may still come there
