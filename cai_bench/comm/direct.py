@@ -6,8 +6,9 @@ peer from there, while the peer connects to it from its own. Between two fixed p
 connection, so whichever way it forms (an accept, a connect, or both connects at once: a simultaneous open, which
 is what crosses two NATs) both sides end up with the same one. Before anything else both sides prove they hold
 the run's secret, challenge and response: each sends a hello (the run, its rank, a fresh nonce), then a tag over
-both ranks and both nonces; a connection that does not come from the address the server saw for the rank it
-claims, a hello or tag longer than a few hundred bytes, or one that is not what it should be, closes it, so nothing that has not proved itself makes a rank hold more than that.
+both ranks and both nonces. A connection that does not come from the address the server saw for the rank it
+claims, a hello or tag longer than a few hundred bytes, or one that is not what it should be, is closed: nothing
+that has not proved itself makes a rank hold more than that.
 
 The port is bound to the address this rank reaches the rendezvous server from (loopback when the server is on
 loopback), so no other interface hears it; ``bind`` (``--comm-bind``) names another where peers arrive elsewhere

@@ -19,10 +19,12 @@ port]}}`` once every rank has registered; an error answers ``{"error": "..."}``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -147,6 +149,8 @@ class Rendezvous:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass  # a client gone, or a line longer than the reader's limit: the connection ends
+        except asyncio.CancelledError:
+            pass  # the server is stopping: end quietly (a cancelled client task is logged as an error otherwise)
         except Exception as exc:  # one client's fault never ends the server nor prints a traceback
             print(f"rendezvous: dropped a client: {type(exc).__name__}: {exc}"[:300], file=sys.stderr, flush=True)
         finally:
@@ -169,10 +173,16 @@ class Rendezvous:
 
 
 async def serve(host: str, port: int, ttl_s: float, ready=None) -> None:
-    """Serve until cancelled; ``ready(bound_port)`` once listening."""
+    """Serve until cancelled, or until SIGTERM or SIGINT (then it returns, so that the process ends cleanly, with
+    no client's callback interrupted mid-write); ``ready(bound_port)`` once listening."""
     rendezvous = Rendezvous(ttl_s)
     server = await asyncio.start_server(rendezvous.serve_client, host, port, limit=MAX_LINE * 2)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
+            loop.add_signal_handler(number, stop.set)
     if ready is not None:
         ready(server.sockets[0].getsockname()[1])
     async with server:
-        await server.serve_forever()
+        await stop.wait()

@@ -5,8 +5,9 @@ from its secret, ``seal.space``); whoever runs the channel deletes what is left 
 
 Each message's name ends in a tag made from the run's secret, so nobody else can place an object where a rank
 will look before the sender has written it (whoever may write to the bucket can still overwrite one once it is
-listed: the seal then fails, the communicator drops it and the rank names the peer when nothing else comes). Every S3 error (AccessDenied, SlowDown past botocore's retries, a connection that
-failed) is a CommError naming the channel and the request."""
+listed: the seal then fails, the communicator drops it and the rank names the peer when nothing else comes).
+Every S3 error (AccessDenied, SlowDown past botocore's retries, a connection that failed) is a CommError naming
+the channel and the request."""
 
 from __future__ import annotations
 

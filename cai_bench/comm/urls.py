@@ -46,9 +46,9 @@ def check_redis_url(url: str) -> None:
     except ValueError:
         port = -1
     host = parts.hostname or ""
-    if not host or port == -1 or (port is not None and not 0 < port < 65536) or (
-        not _HOST.fullmatch(host) and ":" not in host
-    ):  # fmt: skip
+    if port == -1 or (port is not None and not 0 < port < 65536):
+        raise CommError(f"--comm {redact(url)!r}: the port must be a number from 1 to 65535")
+    if not host or (not _HOST.fullmatch(host) and ":" not in host):
         raise CommError(f"--comm {redact(url)!r}: write redis://HOST:PORT/DB")
     db = parts.path.strip("/")
     if db and not (db.isdigit() and int(db) < 2**31):

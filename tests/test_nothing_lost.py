@@ -1,0 +1,352 @@
+"""Nothing measured is lost and bad input is one line: records with numbers JSON cannot hold, a store linked
+elsewhere, JSON with huge integers or deep nesting, bad --comm and --price-file values (refused before any
+partition runs), passwords in URLs (never printed or stored), the emulator's bad lengths, the rendezvous
+server's bad requests, and --endpoint-url for the data of an emulated run."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cai_bench.records import PartitionResult, RunRecord, decode_result, encode_result
+from cai_bench.store import ResultsStore
+
+HUGE_INT = "1" + "0" * 5000
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _one_line_error(code: int, err: str) -> str:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------- numbers JSON cannot hold
+
+
+def test_a_record_with_numbers_json_cannot_hold_is_written_with_them_as_null_and_named(measured_store, tmp_path):
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    shutil.copy(measured_store, store_dir / "runs.jsonl")
+    store = ResultsStore(store_dir)
+    (measured,) = store.read()
+    record = RunRecord.from_dict(measured)
+    record.run_id = "with-infinities"
+    record.summary = replace(record.summary, cost_usd=math.inf)
+    record.backend_info = {**record.backend_info, "export": {"max_abs_dz": math.nan}}
+    # a unit whose record crossed a process boundary with an infinite rate: the wire keeps it as it was
+    infinite = replace(record.workers[0], samples_per_s=math.inf)
+    crossed = decode_result(encode_result(PartitionResult(infinite, np.zeros(1, np.int64), np.zeros(1), np.zeros(1))))
+    assert math.isinf(crossed.record.samples_per_s)
+    record.workers[0] = crossed.record
+    store.append(record)
+    second = RunRecord.from_dict(measured)
+    second.run_id = "wall-not-finite"
+    second.summary = replace(second.summary, wall_s=math.inf)
+    store.append(second)
+
+    stored = [json.loads(line) for line in (store_dir / "runs.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in stored] == [measured["run_id"], "with-infinities", "wall-not-finite"]
+    kept = stored[1]
+    assert kept["summary"]["cost_usd"] is None and kept["backend_info"]["export"]["max_abs_dz"] is None
+    assert kept["non_finite"] == {"summary.cost_usd": "inf", "backend_info.export.max_abs_dz": "nan",
+                                  "workers[0].samples_per_s": "inf"}  # fmt: skip
+    assert kept["summary"]["wall_s"] == measured["summary"]["wall_s"]  # everything else as measured
+    assert [r["run_id"] for r in store.read()] == [measured["run_id"], "with-infinities", "wall-not-finite"]
+    # reports take the first (its figures are there); the one without a wall is kept, named, not reported
+    assert [r["run_id"] for r in store.runs()] == [measured["run_id"], "with-infinities"]
+    assert any("wall-not-finite" in s and "summary.wall_s was inf" in s for s in store.skipped)
+
+
+# ------------------------------------------------------------------------------------------------- the store
+
+
+def test_a_store_linked_to_a_file_outside_its_directory_is_refused_and_that_file_left_as_it_was(
+    cli, tiny_data, tmp_path
+):
+    outside = tmp_path / "elsewhere" / "notes.txt"
+    outside.parent.mkdir()
+    outside.write_bytes(b"someone's notes\nwith a last line and no newline")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "runs.jsonl").symlink_to(outside)
+    code, _, err = cli("run", "--data", tiny_data, "--threads", "1", "--precision", "fp32", "--results", results)
+    line = _one_line_error(code, err)
+    assert "outside the results directory" in line
+    assert outside.read_bytes() == b"someone's notes\nwith a last line and no newline"
+    with pytest.raises(Exception, match="outside the results directory"):  # and the store itself refuses too
+        ResultsStore(results).append(RunRecord.from_dict(json.loads(Path(_any_record(tmp_path)).read_text())))
+    assert outside.read_bytes() == b"someone's notes\nwith a last line and no newline"
+
+
+def _any_record(tmp_path: Path) -> Path:
+    from tests.conftest import hand_record
+
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(hand_record("cpu", 1.0)))
+    return path
+
+
+# ------------------------------------------------------------------------- huge integers and deep nesting
+
+
+@pytest.mark.parametrize("poison", [HUGE_INT, DEEP], ids=["5000-digit integer", "100000 nested brackets"])
+def test_json_with_huge_integers_or_deep_nesting_is_one_line_and_exit_2_wherever_it_is_read(
+    cli, poison, measured_store, tiny_data, tmp_path
+):
+    # A store whose first line holds it (a later line is a good record)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "runs.jsonl").write_text('{"a": ' + poison + "}\n" + measured_store.read_text())
+    assert "runs.jsonl:1" in _one_line_error(*cli("report", "--results", store)[::2])
+    # A data set's manifest
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "manifest.json").write_text('{"schema_version": ' + poison + "}")
+    line = _one_line_error(*cli("run", "--data", data, "--threads", "1", "--results", tmp_path / "r")[::2])
+    assert "manifest.json" in line
+    # An export's export.json
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "export.json").write_text('{"kind": ' + poison + "}")
+    line = _one_line_error(*cli("run", "--data", tiny_data, "--runtime", "onnxruntime", "--weights", export,
+                                "--threads", "1", "--results", tmp_path / "r")[::2])  # fmt: skip
+    assert "export.json" in line
+    # A price file
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"request_usd": ' + poison + "}")
+    line = _one_line_error(*cli("lambda", "cost", "--invocations", "3", "--seconds-each", "1", "--memory-mb",
+                                "1024", "--price-file", prices)[::2])  # fmt: skip
+    assert "prices.json" in line
+    assert not (tmp_path / "r" / "runs.jsonl").exists()
+
+
+def test_an_exports_check_that_is_not_a_finite_number_is_refused_before_the_run(cli, tiny_data, tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"not read: refused before")
+    meta = {"kind": "cai-bench-export", "version": 1, "format": "onnx", "files": ["model.onnx"],
+            "check": {"batch": 8, "max_abs_dz": float("inf"), "tolerance": 2e-3}}  # fmt: skip
+    from cai_bench.model import export_format
+
+    meta["kind"], meta["version"] = export_format.EXPORT_KIND, export_format.EXPORT_VERSION
+    (export / "export.json").write_text(json.dumps(meta))
+    code, _, err = cli("run", "--data", tiny_data, "--runtime", "onnxruntime", "--weights", export, "--threads", "1",
+                       "--results", tmp_path / "r")  # fmt: skip
+    assert "max_abs_dz is inf" in _one_line_error(code, err)
+    assert not (tmp_path / "r" / "runs.jsonl").exists()
+
+
+# -------------------------------------------------------------------------- options checked before the run
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("s3://", "not a valid S3 bucket name"),
+        ("s3://Bad..Bucket/x", "not a valid S3 bucket name"),
+        ("redis://host/abc", "must be a whole number"),
+        ("redis://:pw@host:99999/0", "port"),
+        ("direct://[::1]", "direct://[IPV6]:PORT"),
+        ("direct://host:0", "port must be a number from 1 to 65535"),
+        ("tcp://host:1", "a channel is direct://HOST:PORT"),
+    ],
+)
+def test_a_bad_comm_url_is_one_line_before_any_partition_runs(cli, tiny_data, tmp_path, value, says):
+    code, out, err = cli("run", "--backend", "hpc", "--workers", "2", "--comm", value, "--data", tiny_data,
+                         "--results", tmp_path)  # fmt: skip
+    line = _one_line_error(code, err)
+    assert says in line, line
+    assert "pw" not in line
+    assert not (tmp_path / "runs.jsonl").exists() and out == ""
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ({"request_usd": 2e-7, "gb_second_usd": {"x86_64": 1e308}}, "gb_second_usd.x86_64 is 1e+308"),
+        (
+            {"request_usd": 2e-7, "gb_second_usd": {"x86_64": 1.6e-5}, "state_transition_usd": "abc"},
+            'state_transition_usd is "abc"',
+        ),
+        ({"request_usd": True, "gb_second_usd": {"x86_64": 1.6e-5}}, "request_usd is true"),
+        ({"request_usd": 2e-7, "gb_second_usd": {"x86_64": 1.6e-5}, "as_of": 2024}, "as_of is 2024"),
+    ],
+)
+def test_a_bad_price_file_is_one_line_before_any_partition_runs(cli, tiny_data, tmp_path, table, says, s3, local_s3):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps(table))
+    code, out, err = cli("run", "--backend", "lambda", "--emulate", "--endpoint-url", local_s3, "--bucket",
+                         f"s3://{s3}", "--price-file", prices, "--data", tiny_data, "--results", tmp_path)  # fmt: skip
+    assert says in _one_line_error(code, err)
+    assert not (tmp_path / "runs.jsonl").exists() and out == ""
+
+
+# ---------------------------------------------------------------------------------------- secrets in URLs
+
+
+def _redis_with_password(password: str) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--requirepass", password], stdout=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return server, port
+
+
+def test_a_redis_password_is_used_but_never_printed_nor_stored(cli, tiny_data, tmp_path, redis_url):
+    password = "hunter2-s3cret"
+    server, port = _redis_with_password(password)
+    try:
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        code, out, err = cli("run", "--backend", "hpc", "--workers", "2", "--threads", "2", "--precision", "fp32",
+                             "--comm", url, "--comm-timeout-s", "20", "--data", tiny_data,
+                             "--results", tmp_path)  # fmt: skip
+        assert code == 0, err
+        stored = (tmp_path / "runs.jsonl").read_text()
+        (record,) = [json.loads(line) for line in stored.splitlines()]
+        assert record["backend_info"]["comm"]["collectives"] == "ok"  # the password was used: Redis let it in
+        assert [c["url"] for c in record["backend_info"]["comm"]["channels"]] == [f"redis://***@127.0.0.1:{port}/0"]
+        assert record["plan"]["backend_options"]["comm"] == f"redis://***@127.0.0.1:{port}/0"
+        code, exported, _ = cli("results", "export", "--results", tmp_path, "--json")
+        assert code == 0
+        # A wrong one: the error says so, without the password it was given
+        code, out2, err2 = cli("run", "--backend", "hpc", "--workers", "2", "--threads", "2", "--precision", "fp32",
+                               "--comm", url.replace(password, "wrong-pass"), "--comm-timeout-s", "5", "--data",
+                               tiny_data, "--results", tmp_path)  # fmt: skip
+        assert code == 0, err2  # the units were measured: the run stands on their own results
+        failed = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])["backend_info"]["comm"]
+        assert failed["collectives"] == "failed"
+        assert "WRONGPASS" in json.dumps(failed) or "AuthenticationError" in json.dumps(failed), failed
+        everything = stored + out + err + exported + out2 + err2 + (tmp_path / "runs.jsonl").read_text()
+        assert password not in everything and "wrong-pass" not in everything
+        assert "Traceback" not in err + err2
+    finally:
+        server.kill()
+        server.wait()
+
+
+# ----------------------------------------------------------------------------------- the emulator's requests
+
+
+def _raw_request(port: int, head: str, body: bytes = b"") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_the_emulator_answers_bad_or_huge_lengths_with_an_error_and_goes_on_serving(capfd):
+    from cai_bench.backends.aws_lambda.emulator import Emulator, FunctionConfig
+
+    emulator = Emulator(FunctionConfig(name="f", memory_mb=512, timeout_s=5), concurrency=1)
+    port = int(emulator.serve().rsplit(":", 1)[1])
+    try:
+        path = "/2015-03-31/functions/f/invocations"
+        huge = _raw_request(port, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {10**12}\r\n\r\n", b"{}")
+        assert huge.startswith(b"HTTP/1.0 413") or huge.startswith(b"HTTP/1.1 413"), huge[:80]
+        negative = _raw_request(port, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", b"{}")
+        assert b" 400 " in negative.split(b"\r\n")[0], negative[:80]
+        digits = _raw_request(port, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {HUGE_INT}\r\n\r\n")
+        assert b" 400 " in digits.split(b"\r\n")[0], digits[:80]
+        deep = DEEP.encode()
+        nested = _raw_request(port, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(deep)}\r\n\r\n", deep)
+        assert b" 400 " in nested.split(b"\r\n")[0] and b"Could not parse" in nested, nested[:200]
+    finally:
+        emulator.stop()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------------- the rendezvous server
+
+
+def test_the_rendezvous_server_answers_bad_requests_with_an_error_and_never_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "cai_bench", "comm", "rendezvous", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        requests = [
+            {"op": "register", "run": "r", "key": "k", "rank": 0, "world": [2]},
+            {"op": "register", "run": "r", "key": "k", "rank": [0], "world": 2},
+            {"op": "register", "run": "r", "key": "k", "rank": "0", "world": 2},
+            {"op": "register", "run": ["r"], "key": "k", "rank": 0, "world": 2},
+            {"op": "register", "run": "r", "key": {"k": 1}, "rank": 0, "world": 2},
+            {"op": "register", "run": "r", "key": "k", "rank": 0, "world": 10**30},
+            {"op": "peers", "run": "r", "key": "k", "timeout": "forever"},
+            {"op": "peers", "run": "r", "key": "k", "timeout": -1},
+            [1, 2, 3],
+            "register",
+        ]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            for request in requests:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+                answer = json.loads(reader.readline())
+                assert set(answer) == {"error"}, (request, answer)
+            # A client-chosen wait is capped, and a real request still works on the same connection
+            sock.sendall(
+                json.dumps({"op": "register", "run": "r2", "key": "k", "rank": 0, "world": 1}).encode() + b"\n"
+            )
+            assert "address" in json.loads(reader.readline())
+            started = time.monotonic()
+            sock.sendall(json.dumps({"op": "peers", "run": "r2", "key": "k", "timeout": 1e9}).encode() + b"\n")
+            assert "peers" in json.loads(reader.readline()) and time.monotonic() - started < 5
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "Traceback" not in err, err
+
+
+def test_the_rendezvous_server_caps_what_a_client_waits_for():
+    from cai_bench.comm import rendezvous
+
+    assert rendezvous._wait_s({"timeout": 1e12}) == rendezvous.MAX_WAIT_S
+    assert rendezvous._wait_s({"timeout": float("nan")}) is None
+    assert rendezvous._wait_s({"timeout": True}) is None
+
+
+# --------------------------------------------------------------------------------------- --endpoint-url
+
+
+def test_endpoint_url_carries_the_data_requests_of_an_emulated_run_too(cli, tiny_data, tmp_path, s3, local_s3,
+                                                                        no_credentials):  # fmt: skip
+    """No AWS configuration at all: every S3 request (the manifest and partitions included) must go to the
+    loopback endpoint, or the run fails for want of credentials or region."""
+    from cai_bench import aws
+    from cai_bench.data.upload import upload_dataset
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(aws.S3_ENDPOINT_ENV, local_s3)
+        patch.setenv(aws.EMULATED_ENV, "1")
+        aws.client.cache_clear()
+        upload_dataset(tiny_data, f"s3://{s3}/data")
+    aws.client.cache_clear()
+    code, out, err = cli("run", "--backend", "lambda", "--emulate", "--endpoint-url", local_s3, "--bucket",
+                         f"s3://{s3}", "--data", f"s3://{s3}/data", "--max-concurrency", "1", "--memory-mb", "3008",
+                         "--precision", "fp32", "--results", tmp_path)  # fmt: skip
+    assert code == 0, err
+    assert "4 partition" in out or "record(s) appended" in out
+    (record,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert record["plan"]["data"]["partitions"] == 4 and record["summary"]["partitions"] == 4
