@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cai_bench import comm
 from cai_bench.comm.s3_channel import purge
+from cai_bench.comm.seal import Sealer
 from cai_bench.errors import UserError, one_line, redact
 from cai_bench.machine import capture_environment, machine_id
 from cai_bench.metrics import spread
@@ -101,31 +102,46 @@ def comm_bench(
         for world_size in world_sizes:
             run_id, answer = _ranks(url, world_size, sizes, ops, repeats, warmup, timeout_s)
             for point in answer["points"]:
-                figures = spread(point["samples_s"])
-                record = {
-                    "kind": "comm",
-                    "schema_version": SCHEMA_VERSION,
-                    "run_id": run_id,
-                    "created_utc": utc_now(),
-                    "channel": url.split("://")[0],
-                    "url": redact(url),
-                    "op": point["op"],
-                    "world_size": world_size,
-                    "nbytes": point["nbytes"],
-                    "repeats": repeats,
-                    "warmup": warmup,
-                    "median_s": figures.median,
-                    "q1_s": figures.q1,
-                    "q3_s": figures.q3,
-                    "min_s": figures.min,
-                    "max_s": figures.max,
-                    "samples_s": point["samples_s"],
-                    "connect_s": answer["connect_s"],
-                    "channel_info": answer["channels"][0],
-                    "environment": environment,
-                }
+                record = _record(run_id, url.split("://")[0], point, world_size, repeats, warmup, environment)
+                record.update(url=redact(url), connect_s=answer["connect_s"], channel_info=answer["channels"][0])
                 store.append_comm(record)
                 yield record
+    run_id = new_run_id()
+    for point in seal_points(sizes, repeats):  # what the seal adds to every message above, on its own
+        record = _record(run_id, "seal", point, 1, repeats, 0, environment)
+        store.append_comm(record)
+        yield record
+
+
+def _record(run_id: str, channel: str, point: dict, world_size: int, repeats: int, warmup: int,
+            environment: dict) -> dict:  # fmt: skip
+    figures = spread(point["samples_s"])
+    return {
+        "kind": "comm", "schema_version": SCHEMA_VERSION, "run_id": run_id, "created_utc": utc_now(),
+        "channel": channel, "op": point["op"], "world_size": world_size, "nbytes": point["nbytes"],
+        "repeats": repeats, "warmup": warmup, "median_s": figures.median, "q1_s": figures.q1, "q3_s": figures.q3,
+        "min_s": figures.min, "max_s": figures.max, "samples_s": point["samples_s"], "environment": environment,
+    }  # fmt: skip
+
+
+def seal_points(sizes: list[int], repeats: int) -> list[dict]:
+    """The cost of authenticating one message of each size, in this process: a sender's seal and its receiver's
+    check (HMAC-SHA256 over the frame, and the copy each makes). A sample is the mean of a batch of messages, so
+    that microseconds are not left to the clock's resolution."""
+    key, points = comm.new_key(), []
+    for nbytes in sizes:
+        sender, receiver = Sealer(key, "comm-bench", 0), Sealer(key, "comm-bench", 1)
+        frame = bytes(max(1, nbytes))
+        batch = max(1, min(1000, (1 << 24) // max(1, nbytes)))
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(batch):
+                if receiver.open("direct", 0, sender.seal("direct", 1, frame)) is None:
+                    raise RuntimeError("internal: a frame sealed with the run's key failed its own check")
+            samples.append((time.perf_counter() - started) / batch)
+        points.append({"op": "seal+open", "nbytes": nbytes, "samples_s": samples})
+    return points
 
 
 def latest_points(store: ResultsStore, channels: list[str] | None = None) -> list[dict]:

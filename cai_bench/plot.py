@@ -481,7 +481,8 @@ def plot_command(
     if timeline is not None:
         return save_figures(dict([_timeline_entry(find_record(store, timeline, warn=warn))]), out_dir, formats)
     points = read_points(store, backends, warn=warn)
-    comm_points = [] if backends else latest_points(store)
+    # The seal's own cost is a line of the report, not a channel's latency over ranks
+    comm_points = [] if backends else [p for p in latest_points(store) if p["channel"] != "seal"]
     rows = load_reference(reference) if reference else None
     figures = build_figures(points, rows) if points or not comm_points else {}
     runs = [r for r in store.read() if r.get("kind") == "run" and (not backends or r["backend"] in backends)]

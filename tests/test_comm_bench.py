@@ -15,7 +15,12 @@ def test_comm_bench_stores_a_point_per_op_world_and_size_that_report_and_plot_sh
     code, out, err = cli("comm", "bench", "--channel", redis_url, "--world-sizes", "1,3", "--sizes", "8,4096",
                          "--repeats", "3", "--warmup", "1", "--results", str(results))  # fmt: skip
     assert code == 0, err
-    points = ResultsStore(results).read_comm()
+    every = ResultsStore(results).read_comm()
+    points = [p for p in every if p["channel"] != "seal"]
+    # what the seal adds to each message of each size, measured on its own
+    assert sorted((p["op"], p["world_size"], p["nbytes"]) for p in every if p["channel"] == "seal") == [
+        ("seal+open", 1, 8), ("seal+open", 1, 4096)]  # fmt: skip
+    assert all(0 < p["median_s"] < 0.01 for p in every if p["channel"] == "seal")
     assert sorted({(p["op"], p["world_size"], p["nbytes"]) for p in points}) == sorted(
         [("barrier", 1, 0), ("barrier", 3, 0)] + [(op, p, n) for op in ("bcast", "allreduce") for p in (1, 3)
                                                   for n in (8, 4096)])  # fmt: skip
@@ -24,7 +29,7 @@ def test_comm_bench_stores_a_point_per_op_world_and_size_that_report_and_plot_sh
         assert p["environment"]["cpu_model"] and p["channel"] == "redis"
     code, out, err = cli("report", "--results", str(results))
     assert code == 0, err
-    assert "comm.jsonl: 10 points" in out and "allreduce" in out
+    assert "comm.jsonl: 12 points" in out and "allreduce" in out and "seal+open" in out
     code, out, err = cli("plot", "--results", str(results), "--out-dir", str(tmp_path / "figs"))
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["comm-latency-4096B.png", "comm-latency-8B.png"]

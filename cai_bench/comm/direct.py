@@ -55,11 +55,13 @@ def _shared_port_socket(family: socket.AddressFamily) -> socket.socket:
 
 
 def resolve(server: tuple[str, int]) -> tuple[str, int]:
-    """The rendezvous server's address as a numeric (host, port)."""
+    """The rendezvous server's address as a numeric (host, port): IPv4 first for a name (as before IPv6 was taken),
+    so that ``localhost`` reaches a server on 127.0.0.1."""
     try:
         info = socket.getaddrinfo(server[0], server[1], type=socket.SOCK_STREAM)
     except OSError as exc:
         raise CommError(f"direct://{server[0]}:{server[1]}: cannot resolve the rendezvous server ({exc})") from None
+    info.sort(key=lambda entry: entry[0] != socket.AF_INET)
     return info[0][4][0], info[0][4][1]
 
 
