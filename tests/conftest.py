@@ -351,22 +351,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_url():
-    """A real redis-server on a loopback port for the session (.ci/run installs Debian's redis-server; elsewhere
-    the tests that need it skip and say so)."""
-    import shutil
+def start_redis(*options: str):
+    """A real redis-server on a free loopback port (``options``: more of its own, ``--requirepass PW`` say), once
+    it answers: (its process, its port). The caller stops it."""
     import socket
     import subprocess
     import time
 
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        pytest.skip("needs redis-server (apt-get install redis-server)")
     port = _free_port()
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
+                             "--appendonly", "no", *options], stdout=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -374,9 +368,51 @@ def redis_url():
             break
         except OSError:
             time.sleep(0.05)
+    return proc, port
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server on a loopback port for the session (.ci/run installs Debian's redis-server; elsewhere
+    the tests that need it skip and say so)."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (.ci/run installs it)")
+        pytest.skip("needs redis-server (apt-get install redis-server)")
+    proc, port = start_redis()
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def in_threads(urls: list[str], world_size: int, program, timeout_s: float = 10.0, **connect) -> list:
+    """``program(communicator)`` on every rank, each a thread with its own communicator; their answers, or the
+    first error raised."""
+    import threading
+    import uuid
+
+    from cai_bench import comm
+
+    run_id, key = uuid.uuid4().hex[:12], comm.new_key()
+    answers, errors = [None] * world_size, []
+
+    def rank(r: int) -> None:
+        try:
+            with comm.connect(urls, r, world_size, run_id, key, timeout_s, **connect) as communicator:
+                answers[r] = program(communicator)
+        except Exception as exc:
+            errors.append((r, exc))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    if errors:
+        raise errors[0][1]
+    return answers
 
 
 @pytest.fixture(scope="session")

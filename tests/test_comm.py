@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import in_threads
 
 from cai_bench import comm
 from cai_bench.comm.direct import rendezvous
@@ -32,29 +33,6 @@ def channel_url(request) -> str:
     if request.param == "redis":
         return request.getfixturevalue("redis_url")
     return f"s3://{request.getfixturevalue('s3')}/comm"
-
-
-def in_threads(urls: list[str], world_size: int, program, timeout_s: float = 10.0, **connect) -> list:
-    """``program(communicator)`` on every rank, each a thread with its own communicator; their answers, or the
-    first error raised."""
-    run_id, key = uuid.uuid4().hex[:12], comm.new_key()
-    answers, errors = [None] * world_size, []
-
-    def rank(r: int) -> None:
-        try:
-            with comm.connect(urls, r, world_size, run_id, key, timeout_s, **connect) as communicator:
-                answers[r] = program(communicator)
-        except Exception as exc:
-            errors.append((r, exc))
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    if errors:
-        raise errors[0][1]
-    return answers
 
 
 def _inputs(rank: int) -> dict:

@@ -17,8 +17,10 @@ from collections import Counter
 import numpy as np
 import psutil
 import pytest
+from conftest import in_threads, start_redis
 
 from cai_bench import comm
+from cai_bench.backends.aws_lambda import driver
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.wire import read_result
 from cai_bench.comm import frames
@@ -37,9 +39,19 @@ def _forged_frame(src: int) -> bytes:
     return frames.encode("allreduce", 2, src, [np.full(8, 1e6)])
 
 
+def _push_into(client, space: str, world: int, stranger: str, pushed: Counter) -> None:
+    """Into every pair's list of a run: junk, an unsealed forged frame, and a frame sealed with another key."""
+    for src in range(world):
+        for dst in range(world):
+            if src != dst:
+                sealed_elsewhere = Sealer(stranger, space, src).seal("redis", dst, _forged_frame(src))
+                client.rpush(f"{space}:m:{src}:{dst}", b"junk" * 16, _forged_frame(src), sealed_elsewhere)
+                pushed.update(["junk", "forged", "other key"])
+
+
 def _redis_attacker(url: str, stop: threading.Event, pushed: Counter) -> None:
-    """Another client of the same server: it finds every run's keys by scanning, and pushes into every pair's
-    list junk, unsealed forged frames, frames sealed with another key, and copies of any frame it can see."""
+    """Another client of the same server: it finds every run's keys by scanning, pushes into every pair's list
+    junk, unsealed forged frames and frames sealed with another key, and pushes again any frame it sees there."""
     client = redis.Redis.from_url(url)
     stranger = comm.new_key()
     while not stop.is_set():
@@ -48,20 +60,11 @@ def _redis_attacker(url: str, stop: threading.Event, pushed: Counter) -> None:
             space, rank = key.decode().rsplit(":alive:", 1)
             spaces.setdefault(space, set()).add(int(rank))
         for space, ranks in spaces.items():
-            world = max(ranks) + 1
-            for src in range(world):
-                for dst in range(world):
-                    if src == dst:
-                        continue
-                    key = f"{space}:m:{src}:{dst}"
-                    for frame in client.lrange(key, 0, -1):  # whatever waits there now, pushed again later
-                        client.rpush(key, frame)
-                        pushed["replayed"] += 1
-                    sealed_elsewhere = Sealer(stranger, space, src).seal("redis", dst, _forged_frame(src))
-                    client.rpush(key, b"junk" * 16, _forged_frame(src), sealed_elsewhere)
-                    pushed["junk"] += 1
-                    pushed["forged"] += 1
-                    pushed["other key"] += 1
+            for key in client.scan_iter(match=f"{space}:m:*"):
+                for frame in client.lrange(key, 0, -1):  # whatever waits there now, pushed again later
+                    client.rpush(key, frame)
+                    pushed["replayed"] += 1
+            _push_into(client, space, max(ranks) + 1, stranger, pushed)
         time.sleep(0.01)
     client.close()
 
@@ -113,12 +116,26 @@ def _own_results_stand(run, emitted: list) -> None:
 
 @pytest.mark.parametrize("channel", ["redis", "s3"])
 def test_a_live_lambda_run_under_attack_on_its_channel_keeps_its_own_measurements(
-    channel, s3, tiny_data, local_s3, redis_url
+    channel, s3, tiny_data, local_s3, redis_url, monkeypatch
 ):
     url = redis_url if channel == "redis" else f"s3://{s3}/comm"
     plan = _plan(tiny_data, "lambda", emulate=True, endpoint_url=local_s3, bucket=f"s3://{s3}", max_concurrency=4,
                  memory_mb=512, comm=url, comm_timeout_s=30.0)  # fmt: skip
     stop, pushed = threading.Event(), Counter()
+    if channel == "redis":
+        # Scanning finds a run's lists only once its ranks have connected, a race with their first reads: the
+        # attacker is also told the run's names as soon as the driver makes them (from the secret, which it never
+        # uses to seal), so that junk waits in every list before any rank reads, whatever the machine's speed
+        made = driver.config_for_run
+
+        def seeded(options, world_size, work_dir):
+            config = made(options, world_size, work_dir)
+            client = redis.Redis.from_url(redis_url)
+            _push_into(client, f"cai-bench:{comm.space(config.key, config.run_id)}", world_size, comm.new_key(), pushed)
+            client.close()
+            return config
+
+        monkeypatch.setattr(driver, "config_for_run", seeded)
     attack = _redis_attacker if channel == "redis" else _s3_attacker
     attacker = threading.Thread(target=attack, args=(redis_url if channel == "redis" else s3, stop, pushed))
     attacker.start()
@@ -147,25 +164,6 @@ def test_a_live_lambda_run_under_attack_on_its_channel_keeps_its_own_measurement
         assert comm_record["dropped_frames"] == sum(reasons.values()) > 0
 
 
-def _world(urls: list[str], world_size: int, program, timeout_s: float = 10.0, **connect) -> list:
-    run_id, key = uuid.uuid4().hex[:12], comm.new_key()
-    answers, errors = [None] * world_size, []
-
-    def rank(r: int) -> None:
-        try:
-            with comm.connect(urls, r, world_size, run_id, key, timeout_s, **connect) as communicator:
-                answers[r] = program(communicator)
-        except Exception as exc:
-            errors.append((r, exc))
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
-    [t.start() for t in threads]
-    [t.join(120) for t in threads]
-    if errors:
-        raise errors[0][1]
-    return answers
-
-
 def test_a_frame_seen_on_the_wire_and_pushed_again_is_dropped_as_replayed(redis_url, monkeypatch):
     """A tap on the ranks' sends stands for an attacker watching the server (MONITOR): each frame it saw is
     pushed again after the ranks took the first, and every copy is dropped as a replay."""
@@ -188,7 +186,7 @@ def test_a_frame_seen_on_the_wire_and_pushed_again_is_dropped_as_replayed(redis_
         c.barrier()
         return first, c.allreduce(np.arange(3) * (c.rank + 1)), c.info()["rejected"]
 
-    answers = _world([redis_url], 3, program)
+    answers = in_threads([redis_url], 3, program)
     assert [a[0] for a in answers] == [6, 6, 6]
     for _, total, _ in answers:
         np.testing.assert_array_equal(total, np.arange(3) * 6)
@@ -229,11 +227,8 @@ def test_a_stolen_frame_replaced_by_junk_fails_the_wait_in_one_line_naming_chann
     assert "dropped 1 frame(s) that failed the seal" in error
 
 
-def test_a_killed_redis_is_one_commerror_line_naming_the_channel(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
-    _wait_for_port(port)
+def test_a_killed_redis_is_one_commerror_line_naming_the_channel(redis_url):
+    server, port = start_redis()  # a server of this test's own (redis_url: the fixture checks it can be had)
     url = f"redis://127.0.0.1:{port}/0"
     connected, errors = threading.Barrier(3), []
 
@@ -260,23 +255,6 @@ def test_a_killed_redis_is_one_commerror_line_naming_the_channel(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the direct channel
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, host: str = "127.0.0.1") -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {host}:{port}")
 
 
 def _length_bomb(address) -> int:
@@ -363,7 +341,7 @@ def test_a_ranks_port_takes_nothing_from_a_client_without_the_secret(rendezvous_
 
     attacker = threading.Thread(target=attack)
     attacker.start()
-    answers = _world([rendezvous_url], 3, lambda c: (c.allreduce(np.arange(4) + c.rank), c.info()["channels"][0]),
+    answers = in_threads([rendezvous_url], 3, lambda c: (c.allreduce(np.arange(4) + c.rank), c.info()["channels"][0]),
                      connect_timeout_s=15)  # fmt: skip
     attacker.join(60)
     for total, info in answers:
@@ -427,7 +405,7 @@ def test_an_ipv6_rendezvous_address_is_parsed_and_used(tmp_path):
         port = int(line.rsplit(":", 1)[-1])
         url = f"direct://[::1]:{port}"
         assert comm.check_urls([url]) == ["direct"]
-        answers = _world([url], 3, lambda c: (c.allreduce(c.rank + 1), c.info()["channels"][0]["bound"]))
+        answers = in_threads([url], 3, lambda c: (c.allreduce(c.rank + 1), c.info()["channels"][0]["bound"]))
         assert answers == [(6, "::1")] * 3
     finally:
         proc.terminate()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import hand_record, start_redis
 
 from cai_bench.records import PartitionResult, RunRecord, decode_result, encode_result
 from cai_bench.store import ResultsStore
@@ -92,8 +93,6 @@ def test_a_store_linked_to_a_file_outside_its_directory_is_refused_and_that_file
 
 
 def _any_record(tmp_path: Path) -> Path:
-    from tests.conftest import hand_record
-
     path = tmp_path / "record.json"
     path.write_text(json.dumps(hand_record("cpu", 1.0)))
     return path
@@ -197,25 +196,9 @@ def test_a_bad_price_file_is_one_line_before_any_partition_runs(cli, tiny_data, 
 # ---------------------------------------------------------------------------------------- secrets in URLs
 
 
-def _redis_with_password(password: str) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--requirepass", password], stdout=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return server, port
-
-
 def test_a_redis_password_is_used_but_never_printed_nor_stored(cli, tiny_data, tmp_path, redis_url):
     password = "hunter2-s3cret"
-    server, port = _redis_with_password(password)
+    server, port = start_redis("--requirepass", password)
     try:
         url = f"redis://:{password}@127.0.0.1:{port}/0"
         code, out, err = cli("run", "--backend", "hpc", "--workers", "2", "--threads", "2", "--precision", "fp32",

@@ -235,7 +235,7 @@ def _header(data: bytes | memoryview, path: Path) -> dict:
     length = int.from_bytes(data[:8], "little")
     if length <= 0 or 8 + length > len(data):
         raise UserError(f"{path}: corrupt or truncated partition (bad header length)")
-    header = loads_json(bytes(data[8 : 8 + length]), f"{path}: the partition's header")
+    header = loads_json(bytes(data[8 : 8 + length]), f"{path}: corrupt partition, its header")
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt partition (header is not a JSON object)")
     return header
