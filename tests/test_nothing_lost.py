@@ -228,6 +228,28 @@ def test_a_redis_password_is_used_but_never_printed_nor_stored(cli, tiny_data, t
         server.wait()
 
 
+def test_a_killed_redis_fails_the_collectives_in_the_record_and_nothing_else(tiny_data, tmp_path, redis_url):
+    """The units are measured, the record says which ranks could not finish their collectives and why, and no
+    stream of the command or its worker processes (one process tree, its own stdout and stderr) carries a
+    traceback."""
+    server, port = start_redis()
+    server.kill()
+    server.wait()
+    done = subprocess.run([sys.executable, "-m", "cai_bench", "run", "--backend", "hpc", "--workers", "2", "--threads",
+                           "2", "--precision", "fp32", "--comm", f"redis://127.0.0.1:{port}/0", "--comm-timeout-s",
+                           "3", "--data", str(tiny_data), "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (record,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert record["status"] == "ok" and record["summary"]["partitions"] == 4  # every unit measured and kept
+    comm_record = record["backend_info"]["comm"]
+    assert comm_record["collectives"] == "failed" and [f["rank"] for f in comm_record["failed_ranks"]] == [0, 1]
+    assert all("cannot reach Redis" in f["error"] and "ConnectionError" in f["error"]
+               for f in comm_record["failed_ranks"])  # fmt: skip
+    assert "collectives over redis, 2 rank(s): FAILED (rank 0:" in done.stderr + done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 # ----------------------------------------------------------------------------------- the emulator's requests
 
 
