@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import psutil
@@ -22,7 +23,7 @@ from conftest import in_threads, start_redis
 from cai_bench import comm
 from cai_bench.backends.aws_lambda import driver
 from cai_bench.backends.aws_lambda.driver import run_lambda
-from cai_bench.backends.aws_lambda.wire import read_result
+from cai_bench.backends.aws_lambda.wire import result_key
 from cai_bench.comm import frames
 from cai_bench.comm.direct import DirectChannel
 from cai_bench.comm.redis_channel import RedisChannel
@@ -30,6 +31,7 @@ from cai_bench.comm.seal import Sealer
 from cai_bench.data.partitions import open_dataset
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.plan import make_plan
+from cai_bench.records import decode_result
 
 redis = pytest.importorskip("redis")
 
@@ -105,8 +107,7 @@ def _own_results_stand(run, emitted: list) -> None:
     assert len(emitted) == 4
     for result in emitted:
         position = result.record.partition  # one unit per partition here: its position is its partition
-        own = read_result(results, position)
-        assert own is not None
+        own = decode_result(results.read(result_key(position)))
         assert result.record.worker_id == own.record.worker_id
         assert (result.record.compute_s, result.record.load_s, result.record.samples) == (
             own.record.compute_s, own.record.load_s, own.record.samples)  # fmt: skip
@@ -410,3 +411,48 @@ def test_an_ipv6_rendezvous_address_is_parsed_and_used(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# --------------------------------------------------------------------------------- a Lambda run's S3 objects
+
+
+def test_a_result_object_replaced_in_the_bucket_is_refused_and_its_unit_run_again(s3, tiny_data, local_s3):
+    """Another client of the bucket replaces each unit's result as soon as it lands, once, with a forged one (the
+    real object's metadata copied over): the driver reads none of them, the units are run again, and every
+    result the run keeps is one its own invocations wrote."""
+    from cai_bench import aws
+    from cai_bench.records import PartitionResult, encode_result
+
+    plan = _plan(tiny_data, "lambda", emulate=True, endpoint_url=local_s3, bucket=f"s3://{s3}", max_concurrency=2,
+                 partitions_per_invocation=2, memory_mb=512, retries=3)  # fmt: skip
+    stop, replaced = threading.Event(), []
+
+    def forger():
+        client, seen = aws.s3_client(), set()
+        while not stop.is_set():
+            for entry in client.list_objects_v2(Bucket=s3).get("Contents", []):
+                key = entry["Key"]
+                if "/unit-" not in key or key in seen:
+                    continue
+                seen.add(key)
+                real = client.get_object(Bucket=s3, Key=key)
+                honest = decode_result(real["Body"].read())
+                forged = replace(honest.record, worker_id="forger", compute_s=123.0)
+                body = encode_result(PartitionResult(forged, honest.object_id, honest.prediction, honest.redshift))
+                client.put_object(Bucket=s3, Key=key, Body=body, Metadata=real.get("Metadata") or {})
+                replaced.append(key)
+            time.sleep(0.005)
+
+    attacker = threading.Thread(target=forger)
+    attacker.start()
+    emitted = []
+    try:
+        run = run_lambda(plan, emitted.append, mode="no-model", hold_s=0.6)
+    finally:
+        stop.set()
+        attacker.join(30)
+    assert replaced, "the forger replaced nothing"
+    assert sorted(r.record.partition for r in emitted) == [0, 1, 2, 3]
+    assert not [r for r in emitted if r.record.worker_id == "forger" or r.record.compute_s == 123.0]
+    errors = [e for unit in run.info["retried"] for e in unit["errors"]]
+    assert errors and all("failed its seal: not written by this run's functions" in e for e in errors), errors

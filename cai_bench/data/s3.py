@@ -69,8 +69,13 @@ class S3Prefix:
         return None if found is None else int(found["ContentLength"])
 
     def read(self, name: str) -> bytes:
+        return self.read_with_metadata(name)[0]
+
+    def read_with_metadata(self, name: str) -> tuple[bytes, dict[str, str]]:
+        """An object's bytes and its user metadata (``x-amz-meta-*``, names without that prefix)."""
         with aws.one_line_errors(f"{self.where(name)}: cannot read"):
-            return aws.s3_client().get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
+            reply = aws.s3_client().get_object(Bucket=self.bucket, Key=self.key(name))
+            return reply["Body"].read(), dict(reply.get("Metadata") or {})
 
     def read_head(self, name: str, limit: int) -> bytes:
         with aws.one_line_errors(f"{self.where(name)}: cannot read"):
@@ -80,7 +85,8 @@ class S3Prefix:
     def leads_outside(self, name: str) -> bool:
         return False  # S3 has no links: a key names exactly one object
 
-    def write(self, name: str, data: bytes) -> None:
-        """One object, replaced whole where it exists (a retried unit overwrites its own result)."""
+    def write(self, name: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+        """One object, replaced whole where it exists (a retried unit overwrites its own result); ``metadata``:
+        its user metadata."""
         with aws.one_line_errors(f"{self.where(name)}: cannot write"):
-            aws.s3_client().put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
+            aws.s3_client().put_object(Bucket=self.bucket, Key=self.key(name), Body=data, Metadata=metadata or {})

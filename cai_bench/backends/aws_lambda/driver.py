@@ -23,6 +23,7 @@ from cai_bench.backends.aws_lambda.invoke import InvokeTransport, invocation_sum
 from cai_bench.backends.aws_lambda.provision import emulated_role, ensure_state_machine, set_memory
 from cai_bench.backends.aws_lambda.staging import create_bucket, stage, stage_export, stage_weights
 from cai_bench.backends.aws_lambda.stepfunctions import MapTransport, map_summary
+from cai_bench.backends.aws_lambda.wire import new_secret
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_run
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, drive
 from cai_bench.backends.options import COMM_OPTIONS, RETRIES, RUNTIME
@@ -209,7 +210,7 @@ def _event_base(plan: Plan, staged: _Staged, runtime: str, mode: str, hold_s: fl
     """What every invocation of the run is sent beside its units (``wire.py``)."""
     options = {"batch_size": plan.batch_size, "precision": plan.precision, "engine": plan.engine,
                "verify_checksums": plan.verify_checksums, "compile": plan.compile, "runtime": runtime}  # fmt: skip
-    return {"run_id": staged.run_id, "results": staged.results.location, "options": options,
+    return {"run_id": staged.run_id, "results": staged.results.location, "options": options, "secret": new_secret(),
             "weights": staged.weights, "seed": plan.seed, "mode": mode, "hold_s": hold_s,
             **({"export_weights": staged.export_weights} if staged.export_weights else {})}  # fmt: skip
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from cai_bench.backends.aws_lambda.wire import aggregate_key
+from cai_bench.backends.aws_lambda.wire import ForgedObject, aggregate_key, read_sealed
 from cai_bench.backends.dispatch import Unit
 from cai_bench.gathering import CommConfig, rank_account, read_aggregate, record_of
 
@@ -14,14 +14,16 @@ class Gathered:
     """The driver's side of ``--comm`` on Lambda: which invocation is which rank, rank 0's aggregate read once
     for all, what each rank said of its collectives, and how many results were read one by one instead."""
 
-    def __init__(self, config: CommConfig | None, results):
-        self.config, self.results_prefix = config, results
+    def __init__(self, config: CommConfig | None, results, sealing: tuple[str, str]):
+        """``sealing``: the run's secret for its objects and the run's id (``wire.read_sealed``)."""
+        self.config, self.results_prefix, self.sealing = config, results, sealing
         self.lock = threading.Lock()
         self.landed = threading.Event()  # rank 0's reply came (with or without its aggregate)
         self.aggregate: dict = {}
         self.summary: dict | None = None
         self.aggregate_reads = self.unit_reads = 0
         self.by_rank: dict[int, dict] = {}
+        self.forged = False  # the aggregate's object failed its seal
 
     def rank_of(self, units: list[Unit], per_invocation: int) -> int | None:
         """The rank of an invocation of these units: one whole group, on its first attempt; None otherwise (a
@@ -54,9 +56,16 @@ class Gathered:
         return self.aggregate
 
     def read_aggregate(self) -> dict:
-        """Rank 0's aggregate, read once (its units' results by position)."""
-        if self.summary is None:
-            self.aggregate, self.summary = read_aggregate(self.results_prefix.read(aggregate_key(self.config.run_id)))
+        """Rank 0's aggregate, read once (its units' results by position); {} where the object there is not this
+        run's (rank 0's account then says so, and every unit's own result is read instead)."""
+        if self.summary is None and not self.forged:
+            try:
+                data = read_sealed(self.results_prefix, aggregate_key(self.config.run_id), *self.sealing)
+            except ForgedObject as exc:
+                self.forged = True
+                self.failed(0, str(exc))
+                return {}
+            self.aggregate, self.summary = read_aggregate(data)
             self.aggregate_reads += 1
         return self.aggregate
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from cai_bench.backends.aws_lambda.wire import aggregate_key, event_units, reply_key, result_key
+from cai_bench.backends.aws_lambda.wire import aggregate_key, event_units, reply_key, result_key, write_sealed
 from cai_bench.comm import CommError
 from cai_bench.data.partitions import read_partition_arrays
 from cai_bench.data.s3 import S3Prefix
@@ -193,7 +193,7 @@ def handler(event: dict, context) -> dict:
         # compute, so the record names the invocation, not the environment that ran it.
         result.record.worker_id = request_id
         result.record.host = f"lambda:{ENVIRONMENT_ID}"
-        results.write(result_key(position), encode_result(result))
+        write_sealed(results, result_key(position), encode_result(result), event["secret"], event["run_id"])
         done.append({"position": position, "key": results.where(result_key(position)),
                      "record": asdict(result.record)})  # fmt: skip
         if event.get("comm"):
@@ -217,16 +217,18 @@ def handler(event: dict, context) -> dict:
         "timing": {"duration_ms": round((time.perf_counter() - entered) * 1000, 3)},
     }
     if event.get("comm"):
-        reply["comm"] = _finish_together(event["comm"], kept, results, units)
+        reply["comm"] = _finish_together(event, kept, results, units)
     if event.get("replies"):
-        results.write(reply_key(event["replies"], request_id), json.dumps(reply).encode())
+        write_sealed(results, reply_key(event["replies"], request_id), json.dumps(reply).encode(), event["secret"],
+                     event["run_id"])  # fmt: skip
     return reply
 
 
-def _finish_together(fields: dict, kept: list, results: S3Prefix, units: list) -> dict:
+def _finish_together(event: dict, kept: list, results: S3Prefix, units: list) -> dict:
     """The run's closing collectives (``gathering``): rank 0 writes the aggregate. A failure is reported, not
     raised: every unit's own result is in S3 already, for the driver to read instead. Under Step Functions the
     Map's items carry no rank: an invocation's is its first unit's position over the units per invocation."""
+    fields = event["comm"]
     config = CommConfig.from_dict(fields)
     rank = int(fields["rank"]) if "rank" in fields else units[0][0] // int(fields["per_invocation"])
     try:
@@ -234,6 +236,6 @@ def _finish_together(fields: dict, kept: list, results: S3Prefix, units: list) -
     except CommError as exc:
         return {"rank": rank, "error": str(exc)}
     if aggregate is not None:
-        results.write(aggregate_key(config.run_id), aggregate)
+        write_sealed(results, aggregate_key(config.run_id), aggregate, event["secret"], event["run_id"])
         info["aggregate"] = results.where(aggregate_key(config.run_id))
     return info

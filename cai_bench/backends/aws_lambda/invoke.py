@@ -26,7 +26,7 @@ from cai_bench import aws
 from cai_bench.backends.aws_lambda.emulator import SERVICE_TIME_HEADER
 from cai_bench.backends.aws_lambda.gathered import Gathered
 from cai_bench.backends.aws_lambda.report_log import report_from_tail
-from cai_bench.backends.aws_lambda.wire import error_text, read_result, unit_items
+from cai_bench.backends.aws_lambda.wire import ForgedObject, error_text, read_result, unit_items
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
 from cai_bench.gathering import CommConfig
 from cai_bench.metrics import percentiles
@@ -100,7 +100,8 @@ class InvokeTransport:
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.rng = random.Random(seed)
-        self.gathered = Gathered(comm, results)
+        self.sealing = (event_base["secret"], event_base["run_id"])  # what the handler seals its objects with
+        self.gathered = Gathered(comm, results, self.sealing)
 
     # -- Transport
 
@@ -201,7 +202,10 @@ class InvokeTransport:
                 self.gathered.failed(rank, f"function error: {error}")
             # What finished before the function died is in S3 under its own key, from this very invocation
             for unit in units:
-                result = self._read_result(unit.position, record.request_id)
+                try:
+                    result = self._read_result(unit.position, record.request_id)
+                except ForgedObject:
+                    result = None  # not this run's: the unit is charged with the rest
                 if result is not None:
                     self.events.put(Event("done", invoker.name, unit.position, result=result))
             self.events.put(Event("lost", invoker.name, error=f"function error: {error}"))
@@ -212,13 +216,17 @@ class InvokeTransport:
             self.events.put(Event("ready", invoker.name, info=reply["ready"]))
             aggregate = self.gathered.results(rank, reply.get("comm")) if rank is not None else {}
             for done in reply["done"]:
-                result = aggregate.get(int(done["position"])) or self._read_result(int(done["position"]),
-                                                                                    reply["request_id"])  # fmt: skip
+                position = int(done["position"])
+                try:
+                    result = aggregate.get(position) or self._read_result(position, reply["request_id"])
+                except ForgedObject as exc:  # not this run's object: the unit is tried again, which rewrites it
+                    self.events.put(Event("failed", invoker.name, position, error=str(exc)))
+                    continue
                 if result is None:
-                    self.events.put(Event("failed", invoker.name, int(done["position"]),
+                    self.events.put(Event("failed", invoker.name, position,
                                           error=f"its result is missing from {done['key']}"))  # fmt: skip
                 else:
-                    self.events.put(Event("done", invoker.name, int(done["position"]), result=result))
+                    self.events.put(Event("done", invoker.name, position, result=result))
             for failed in reply["failed"]:
                 self.events.put(Event("failed", invoker.name, int(failed["position"]), error=failed["error"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -230,7 +238,7 @@ class InvokeTransport:
     def _read_result(self, position: int, request_id: str | None):
         """A unit's result from S3, if the invocation ``request_id`` wrote it (not an older attempt)."""
         self.gathered.unit_reads += 1
-        result = read_result(self.results, position)
+        result = read_result(self.results, position, *self.sealing)
         return result if result is not None and result.record.worker_id == request_id else None
 
     @property

@@ -30,7 +30,14 @@ from datetime import datetime
 from cai_bench import aws
 from cai_bench.backends.aws_lambda.gathered import Gathered
 from cai_bench.backends.aws_lambda.provision import MAP_STATE
-from cai_bench.backends.aws_lambda.wire import error_text, read_result, result_key, unit_items
+from cai_bench.backends.aws_lambda.wire import (
+    ForgedObject,
+    error_text,
+    read_result,
+    read_sealed,
+    result_key,
+    unit_items,
+)
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.errors import UserError
@@ -139,7 +146,8 @@ class MapTransport:
         self.stopping = threading.Event()
         self.first_start: float | None = None
         self.last_end: float | None = None
-        self.gathered = Gathered(comm, results)
+        self.sealing = (event_base["secret"], event_base["run_id"])  # what the handler seals its objects with
+        self.gathered = Gathered(comm, results, self.sealing)
 
     # -- Transport
 
@@ -268,7 +276,10 @@ class MapTransport:
             if result_key(position) not in present:
                 continue
             self.gathered.unit_reads += 1
-            result = read_result(self.results, position)
+            try:
+                result = read_result(self.results, position, *self.sealing)
+            except ForgedObject:
+                result = None  # not this run's: looked at again (the unit's retry overwrites it), else it fails
             if result is None:  # not whole yet, or unreadable: looked at again next time
                 continue
             landed.add(position)
@@ -280,8 +291,8 @@ class MapTransport:
         errors: dict[int, str] = {}
         replies = S3Prefix(self.results.bucket, self.results.key(folder))
         for name in sorted(replies.names()):
-            try:
-                reply = json.loads(replies.read(name))
+            try:  # a reply that is not this run's (ForgedObject) is passed over as an unreadable one is
+                reply = json.loads(read_sealed(replies, name, *self.sealing))
             except (UserError, ValueError):
                 continue
             execution.invocations.append({k: reply.get(k) for k in ("request_id", "environment", "cold", "timing",

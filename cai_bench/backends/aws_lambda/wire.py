@@ -18,8 +18,13 @@ Event (what the driver sends; under Step Functions the Map's item ``{"base": the
                  function joins the run's closing collectives, and rank 0 writes the aggregate of every rank's
                  results to ``<results>/aggregate-<comm run id>.npz``
 
+    secret       the run's secret for its objects in S3 (``seal_metadata``): never stored, never in a record
+
 Results: each unit's ``PartitionResult`` in the wire format (``records.encode_result``) at
-``<results>/unit-NNNNNN.npz``; a retried unit overwrites its own key.
+``<results>/unit-NNNNNN.npz``; a retried unit overwrites its own key. Every object the handler writes for the
+driver (a unit's result, rank 0's aggregate, a Step Functions reply) carries a tag in its user metadata: a
+HMAC-SHA256 of its name and bytes under a key derived from the run's secret. The driver reads none without it,
+so whoever else may write to the bucket cannot replace a result with one of their own.
 
 Reply: {"environment", "request_id", "cold", "ready": {"weights", "choices"}, "done": [{"position", "key",
 "record"}], "failed": [{"position", "error"}], "timing": {"duration_ms"}, "comm": {"rank", "comm_s", "aggregate"
@@ -29,23 +34,59 @@ handler's own time, what the driver has of an invocation when no REPORT line rea
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
 from dataclasses import asdict
 
+from cai_bench.comm.seal import derive
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.errors import UserError
 from cai_bench.plan import PartitionRef
 from cai_bench.records import PartitionResult, WireFormatError, decode_result
+
+SEAL_METADATA = "cai-bench-seal"  # x-amz-meta-cai-bench-seal: the object's tag
+
+
+class ForgedObject(WireFormatError):
+    """An object where the run's handler writes, whose tag is missing or wrong: not written by this run."""
+
+
+def new_secret() -> str:
+    """A run's secret for its objects in S3, made by the driver and sent in each event."""
+    return secrets.token_hex(16)
+
+
+def _tag(secret: str, run_id: str, name: str, data: bytes) -> str:
+    mac = hmac.new(derive(secret, "objects", run_id), name.encode() + b"\n", "sha256")
+    mac.update(data)
+    return mac.hexdigest()
+
+
+def write_sealed(prefix: S3Prefix, name: str, data: bytes, secret: str, run_id: str) -> None:
+    """``data`` at ``name`` with its tag in the object's metadata."""
+    prefix.write(name, data, {SEAL_METADATA: _tag(secret, run_id, prefix.key(name), data)})
+
+
+def read_sealed(prefix: S3Prefix, name: str, secret: str, run_id: str) -> bytes:
+    """The object at ``name``, checked against its tag; ForgedObject where it is not this run's."""
+    data, metadata = prefix.read_with_metadata(name)
+    if not hmac.compare_digest(metadata.get(SEAL_METADATA, ""), _tag(secret, run_id, prefix.key(name), data)):
+        raise ForgedObject(f"{prefix.where(name)} failed its seal: not written by this run's functions")
+    return data
 
 
 def result_key(position: int) -> str:
     return f"unit-{position:06d}.npz"
 
 
-def read_result(results: S3Prefix, position: int) -> PartitionResult | None:
-    """A unit's result as an invocation wrote it to ``results``; None when it is not there (or not whole yet)."""
+def read_result(results: S3Prefix, position: int, secret: str, run_id: str) -> PartitionResult | None:
+    """A unit's result as an invocation wrote it to ``results``; None when it is not there (or not whole yet).
+    ForgedObject where the object there is not this run's."""
     try:
-        return decode_result(results.read(result_key(position)))
+        return decode_result(read_sealed(results, result_key(position), secret, run_id))
+    except ForgedObject:
+        raise
     except (UserError, WireFormatError):
         return None
 
