@@ -79,6 +79,8 @@ def test_an_hpc_run_with_comm_gives_the_same_results_and_reads_one_aggregate(tin
     assert all(r["comm_s"] > 0 and "error" not in r for r in comm["ranks"])
     _same_accuracy(comm["accuracy"], _global(alone))
     assert comm["operations"]["barrier"]["channel"] == "direct"
+    # The collectives run while the workers stop, after the last result: apart from the wall, not inside it
+    assert max(r["comm_s"] for r in comm["ranks"]) <= run.info["workers_stop_s"] + 0.05
 
 
 def test_an_invocation_that_dies_is_named_by_the_other_ranks_and_the_units_own_results_are_read(

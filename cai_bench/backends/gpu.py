@@ -782,6 +782,7 @@ def run_devices(plan: Plan, emit: Emit, devices: list[str]) -> BackendRun:
         "worker_ready_after_s": transport.ready_after_s,
         "fork_server_start_s": server_s,
         "start_method": context.get_start_method(),
+        "workers_stop_s": round(transport.stop_s, 6),  # after the last result, apart from the wall
     }
     return dispatched_run(plan, dispatcher, wall_s, info, workers=len(devices))
 

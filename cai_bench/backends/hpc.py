@@ -220,6 +220,8 @@ class NodeTransport:
     prefix: str = "hpc"
     replace: bool = True  # start a replacement for a worker that died, while work remains
     stop_timeout_s: float = STOP_TIMEOUT_S  # how long stopped workers may take to end (--comm: their collectives)
+    stopping: float | None = None  # when the dispatch ended and the workers were told to stop (perf_counter)
+    stop_s: float = 0.0  # how long they took to end after that
     live: dict = field(default_factory=dict)  # worker id -> _Process
     exits: dict = field(default_factory=dict)  # worker id -> (pid, "signal 9" / "exit code 1")
     started: int = 0  # processes started, replacements included
@@ -321,7 +323,11 @@ class NodeTransport:
         lost worker the dispatcher counted gets its pid and how its process ended."""
         start = time.perf_counter()
         drive(dispatcher, self)
-        wall_s = time.perf_counter() - start
+        end = time.perf_counter()
+        # The workers' stop comes after the last result: kept apart from the wall (with --comm it is their closing
+        # collectives, whose time each rank records as comm_s)
+        self.stop_s = end - (self.stopping or end)
+        wall_s = (self.stopping or end) - start
         for crash in dispatcher.lost_workers:
             crash["worker_id"] = crash["worker"]
             crash["pid"], crash["exit"] = self.exits.get(crash["worker"], (None, None))
@@ -330,6 +336,7 @@ class NodeTransport:
     def stop(self, finished: bool) -> None:
         """Tell every worker to stop; whichever has not ended soon after is killed. A run cut short kills them at
         once: what they would still send has no reader."""
+        self.stopping = time.perf_counter()
         for worker in self.live.values():
             with contextlib.suppress(OSError):  # already gone
                 worker.conn.send(("stop",))
@@ -358,7 +365,7 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
                                                                           together and together.rank(n)))  # fmt: skip
     if together is not None:
         transport.stop_timeout_s += together.config.timeout_s
-    wall_s = transport.drive(dispatcher)  # its end includes the workers' stop, and so their collectives
+    wall_s = transport.drive(dispatcher)  # to the last result: the workers' stop (their collectives) is apart
     info = {
         "threads_per_worker": per_worker,
         "lanes": lanes,
@@ -368,6 +375,7 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
         "prefetch_partitions": 1,
         "start_method": context.get_start_method(),
         "fork_server_start_s": server_s,
+        "workers_stop_s": round(transport.stop_s, 6),
         **prepared,
         **({"comm": together.read()} if together is not None else {}),
     }
