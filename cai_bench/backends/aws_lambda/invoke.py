@@ -202,12 +202,9 @@ class InvokeTransport:
                 self.gathered.failed(rank, f"function error: {error}")
             # What finished before the function died is in S3 under its own key, from this very invocation
             for unit in units:
-                try:
-                    result = self._read_result(unit.position, record.request_id)
-                except ForgedObject:
-                    result = None  # not this run's: the unit is charged with the rest
-                if result is not None:
-                    self.events.put(Event("done", invoker.name, unit.position, result=result))
+                event = self._done_event(invoker.name, {"position": unit.position}, {}, record.request_id)
+                if event.kind == "done":  # the rest are charged with the function's error
+                    self.events.put(event)
             self.events.put(Event("lost", invoker.name, error=f"function error: {error}"))
             return False
         try:
@@ -216,17 +213,7 @@ class InvokeTransport:
             self.events.put(Event("ready", invoker.name, info=reply["ready"]))
             aggregate = self.gathered.results(rank, reply.get("comm")) if rank is not None else {}
             for done in reply["done"]:
-                position = int(done["position"])
-                try:
-                    result = aggregate.get(position) or self._read_result(position, reply["request_id"])
-                except ForgedObject as exc:  # not this run's object: the unit is tried again, which rewrites it
-                    self.events.put(Event("failed", invoker.name, position, error=str(exc)))
-                    continue
-                if result is None:
-                    self.events.put(Event("failed", invoker.name, position,
-                                          error=f"its result is missing from {done['key']}"))  # fmt: skip
-                else:
-                    self.events.put(Event("done", invoker.name, position, result=result))
+                self.events.put(self._done_event(invoker.name, done, aggregate, reply["request_id"]))
             for failed in reply["failed"]:
                 self.events.put(Event("failed", invoker.name, int(failed["position"]), error=failed["error"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -234,6 +221,19 @@ class InvokeTransport:
             return False
         self.events.put(Event("want", invoker.name, count=self.per_invocation))
         return True
+
+    def _done_event(self, invoker: str, done: dict, aggregate: dict, request_id: str | None) -> Event:
+        """The event of a unit an invocation reports done: its result (from the aggregate, else its own object),
+        or why it failed: missing, or an object that is not this run's (the unit is tried again, which rewrites
+        it)."""
+        position = int(done["position"])
+        try:
+            result = aggregate.get(position) or self._read_result(position, request_id)
+        except ForgedObject as exc:
+            return Event("failed", invoker, position, error=str(exc))
+        if result is None:
+            return Event("failed", invoker, position, error=f"its result is missing from {done.get('key')}")
+        return Event("done", invoker, position, result=result)
 
     def _read_result(self, position: int, request_id: str | None):
         """A unit's result from S3, if the invocation ``request_id`` wrote it (not an older attempt)."""
