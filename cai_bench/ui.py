@@ -347,7 +347,9 @@ def comm_line(comm: dict | None) -> str | None:
     """What the run's closing collectives (--comm) came to, in the last repeat: done, or failed and why."""
     if not comm:
         return None
-    channels = ", ".join(str(c).split("://")[0] for c in comm.get("channels") or [])
+    # The channels as URLs, or (where rank 0's aggregate was read) as what each channel recorded of itself
+    schemes = [c.get("scheme") if isinstance(c, dict) else str(c).split("://")[0] for c in comm.get("channels") or []]
+    channels = ", ".join(str(s) for s in schemes)
     dropped = comm.get("dropped_frames") or 0
     dropped_text = f"; dropped {dropped} frame(s) that failed the seal (not this run's)" if dropped else ""
     head = f"collectives over {channels}, {comm.get('world_size')} rank(s)"

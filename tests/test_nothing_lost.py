@@ -208,6 +208,7 @@ def test_a_redis_password_is_used_but_never_printed_nor_stored(cli, tiny_data, t
         stored = (tmp_path / "runs.jsonl").read_text()
         (record,) = [json.loads(line) for line in stored.splitlines()]
         assert record["backend_info"]["comm"]["collectives"] == "ok"  # the password was used: Redis let it in
+        assert "collectives over redis, 2 rank(s): done" in out + err
         assert [c["url"] for c in record["backend_info"]["comm"]["channels"]] == [f"redis://***@127.0.0.1:{port}/0"]
         assert record["plan"]["backend_options"]["comm"] == f"redis://***@127.0.0.1:{port}/0"
         code, exported, _ = cli("results", "export", "--results", tmp_path, "--json")
