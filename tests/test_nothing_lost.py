@@ -160,6 +160,8 @@ def test_an_exports_check_that_is_not_a_finite_number_is_refused_before_the_run(
         ("redis://:pw@host:99999/0", "port"),
         ("direct://[::1]", "direct://[IPV6]:PORT"),
         ("direct://host:0", "port must be a number from 1 to 65535"),
+        pytest.param("direct://host:" + "9" * 5000, "port must be a number from 1 to 65535", id="5000-digit port"),
+        pytest.param("redis://host:6379/" + "1" * 5000, "must be a whole number", id="5000-digit database"),
         ("tcp://host:1", "a channel is direct://HOST:PORT"),
     ],
 )

@@ -15,7 +15,7 @@ _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
 def _port(text: str, url: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
         raise CommError(f"--comm {redact(url)!r}: the port must be a number from 1 to 65535")
     return int(text)
 
@@ -51,7 +51,7 @@ def check_redis_url(url: str) -> None:
     if not host or (not _HOST.fullmatch(host) and ":" not in host):
         raise CommError(f"--comm {redact(url)!r}: write redis://HOST:PORT/DB")
     db = parts.path.strip("/")
-    if db and not (db.isdigit() and int(db) < 2**31):
+    if db and not (db.isascii() and db.isdigit() and len(db) <= 10 and int(db) < 2**31):
         raise CommError(
             f"--comm {redact(url)!r}: the database ({db!r}) must be a whole number, as in redis://HOST:6379/0"
         )
@@ -60,12 +60,11 @@ def check_redis_url(url: str) -> None:
 
 
 def check_s3_url(url: str) -> None:
+    """``s3://BUCKET/PREFIX``: a bucket name S3 would take (an empty one included: ``s3://`` is refused)."""
     try:
         aws.parse_s3_url(url)
     except UserError as exc:
         raise CommError(f"--comm {redact(url)!r}: {exc}") from None
-    if not aws.parse_s3_url(url)[0]:
-        raise CommError(f"--comm {url!r}: write s3://BUCKET/PREFIX")
 
 
 def check_urls(urls: list[str]) -> list[str]:
