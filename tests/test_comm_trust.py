@@ -101,6 +101,19 @@ def _plan(data, backend: str, **options):
     return make_plan(backend, summary, refs, precision="fp32", batch_size=16, threads=2, backend_options=options)
 
 
+def _run_under_attack(plan, hold_s: float, stop: threading.Event, attack, *args) -> tuple:
+    """A no-model emulated Lambda run while ``attack(*args)`` runs in a thread (until ``stop``): (its BackendRun,
+    the results it emitted)."""
+    attacker = threading.Thread(target=attack, args=args)
+    attacker.start()
+    emitted = []
+    try:
+        return run_lambda(plan, emitted.append, mode="no-model", hold_s=hold_s), emitted
+    finally:
+        stop.set()
+        attacker.join(30)
+
+
 def _own_results_stand(run, emitted: list) -> None:
     """Every unit the run emitted is what its invocation wrote to S3 itself, before any collective."""
     results = S3Prefix.parse(run.info["results"])
@@ -138,14 +151,7 @@ def test_a_live_lambda_run_under_attack_on_its_channel_keeps_its_own_measurement
 
         monkeypatch.setattr(driver, "config_for_run", seeded)
     attack = _redis_attacker if channel == "redis" else _s3_attacker
-    attacker = threading.Thread(target=attack, args=(redis_url if channel == "redis" else s3, stop, pushed))
-    attacker.start()
-    emitted = []
-    try:
-        run = run_lambda(plan, emitted.append, mode="no-model", hold_s=0.5)
-    finally:
-        stop.set()
-        attacker.join(30)
+    run, emitted = _run_under_attack(plan, 0.5, stop, attack, redis_url if channel == "redis" else s3, stop, pushed)
     assert pushed["junk"] > 0 and pushed["replayed"] > 0, pushed  # the attacker did reach the run's channel
     comm_record = run.info["comm"]
     assert comm_record["collectives"] == "ok" and comm_record["aggregate_reads"] == 1, comm_record
@@ -443,14 +449,7 @@ def test_a_result_object_replaced_in_the_bucket_is_refused_and_its_unit_run_agai
                 replaced.append(key)
             time.sleep(0.005)
 
-    attacker = threading.Thread(target=forger)
-    attacker.start()
-    emitted = []
-    try:
-        run = run_lambda(plan, emitted.append, mode="no-model", hold_s=0.6)
-    finally:
-        stop.set()
-        attacker.join(30)
+    run, emitted = _run_under_attack(plan, 0.6, stop, forger)
     assert replaced, "the forger replaced nothing"
     assert sorted(r.record.partition for r in emitted) == [0, 1, 2, 3]
     assert not [r for r in emitted if r.record.worker_id == "forger" or r.record.compute_s == 123.0]
