@@ -65,13 +65,15 @@ def connect(
     if not key:
         raise CommError("a communicator needs the run's secret (comm.new_key(), handed to every rank)")
     stores = {"redis": RedisChannel, "s3": S3Channel}
+    # A store's keys live under the run's space and (S3) carry tags made with ``names``: neither is found from the
+    # run id alone
+    run_space, names = space(key, run_id), derive(key, "names", run_id)
     channels = {}
     ordered = []
     try:
         for scheme, url in zip(schemes, urls, strict=True):
-            if scheme in stores:  # their keys under the run's space: not found from the run id alone
-                names = derive(key, "names", run_id)
-                channels[scheme] = stores[scheme](url, rank, world_size, space(key, run_id), timeout_s, names)
+            if scheme in stores:
+                channels[scheme] = stores[scheme](url, rank, world_size, run_space, timeout_s, names)
         fallback = next(iter(channels.values()), None)
         for scheme, url in zip(schemes, urls, strict=True):
             if scheme == "direct":
