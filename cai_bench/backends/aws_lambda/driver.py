@@ -120,7 +120,8 @@ def start_services(options: dict, function: str, memory_mb: int | None, concurre
         aws.use_endpoints(s3_endpoint, emulated)
         if emulated and lambda_endpoint is None:
             config = emulation.FunctionConfig(name=function, memory_mb=memory_mb or 10240,
-                                              timeout_s=float(options.get("timeout_s") or 900.0))  # fmt: skip
+                                              timeout_s=float(options.get("timeout_s") or 900.0),
+                                              image=options.get("runtime") or "torch")  # fmt: skip
             extra = emulation.emulated_function_env(os.environ[aws.S3_ENDPOINT_ENV])
             services.emulator = emulation.Emulator(config, concurrency=concurrency, faults=faults, extra_env=extra,
                                                    upstream=services.upstream if state_machines else None)  # fmt: skip

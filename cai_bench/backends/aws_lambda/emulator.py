@@ -7,9 +7,11 @@ The driver's boto3 client changes only its endpoint. What the emulator does as t
                       and Lambda's error JSON; with X-Amz-Log-Type: Tail, the last 4 KB of the log in
                       X-Amz-Log-Result, ending in a REPORT line in the service's format
     configuration     GET /2015-03-31/functions/{name}/configuration (and GetFunction)
-    environments      a process each, importing the handler once (a cold start: the REPORT line's Init
-                      Duration is the time from spawn to the import done), reused while warm, one invocation at
-                      a time; a timed-out or killed environment is replaced by a cold one
+    environments      a process each, the image's own runtime (python -m awslambdaric HANDLER) on the image's
+                      dependency set (image_python.py), pulling invocations from a Runtime API of its own
+                      (runtime_api.py); a cold start's Init Duration is the time from spawn to its first
+                      next; reused while warm, one invocation at a time; a timed-out or killed environment is
+                      replaced by a cold one
     memory            each environment's resident memory watched; past the function's memory it is killed and
                       the invocation fails with Runtime.OutOfMemory, as on Lambda
     timeout           "Task timed out after N.00 seconds" (Sandbox.Timedout), and the environment is dropped
@@ -24,7 +26,9 @@ The driver's boto3 client changes only its endpoint. What the emulator does as t
                       Distributed Map's invocations run here
 
 ``Faults`` lets tests (only) throttle the first calls and make chosen partitions run out of memory, hang, or
-lose their environment mid-unit, a given number of times.
+lose their environment mid-unit, a given number of times, all from outside the environment (its code is the
+image's): out of memory lowers that invocation's limit below what the environment holds, so the watcher kills
+it as it kills one that grew; a hang stops the process (SIGSTOP) once it has taken the event.
 """
 
 from __future__ import annotations
@@ -48,13 +52,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import psutil
 
 from cai_bench import aws
+from cai_bench.backends.aws_lambda.image_python import ImagePython, image_python
 from cai_bench.backends.aws_lambda.report_log import Report, format_report
-from cai_bench.backends.aws_lambda.runtime import FRAME, write_message
+from cai_bench.backends.aws_lambda.runtime_api import Invocation, RuntimeAPI
 from cai_bench.errors import UserError
 
 HANDLER = "cai_bench.backends.aws_lambda.handler.handler"
@@ -99,6 +105,7 @@ class FunctionConfig:
     handler: str = HANDLER
     architecture: str = "x86_64"
     environment: dict = field(default_factory=dict)  # the function's environment variables
+    image: str = "torch"  # the image's flavour (deploy/lambda/Dockerfile): torch, onnxruntime, openvino
 
     def to_api(self, region: str = "us-east-1") -> dict:
         return {
@@ -120,8 +127,8 @@ class Faults:
     """Faults to inject, for tests: partition -> how many more invocations that run it suffer the fault."""
 
     throttle_first: int = 0  # the first K calls get 429
-    oom: dict = field(default_factory=dict)  # the environment grows past its memory before the handler runs
-    hang: dict = field(default_factory=dict)  # it sleeps past the timeout
+    oom: dict = field(default_factory=dict)  # its limit drops below what it holds once it takes the event
+    hang: dict = field(default_factory=dict)  # it is stopped once it takes the event, and so runs past the timeout
     kill: dict = field(default_factory=dict)  # it is SIGKILLed ``kill_after_s`` into the invocation
     kill_after_s: float = 0.2
 
@@ -136,35 +143,67 @@ class Faults:
 
 
 class EnvironmentGone(Exception):
-    def __init__(self, why: str):
+    def __init__(self, why: str, init_error: tuple[str, bytes] | None = None):
         super().__init__(why)
-        self.why = why  # "oom", "timeout", "exit"
+        self.why = why  # "oom", "timeout", "exit", "init" (the runtime posted an init error)
+        self.init_error = init_error
+
+
+@dataclass
+class Outcome:
+    """What one invocation's runtime answered: its payload, typed as an error or not, and its log."""
+
+    payload: bytes
+    error_type: str | None
+    log: str
+
+
+def _function_environment(config: FunctionConfig, extra_env: dict, api: str, region: str, threads: int,
+                          image: ImagePython | None) -> dict:  # fmt: skip
+    """The variables an environment starts with: Lambda's own, the function's, the emulator's."""
+    # Never the user's own credentials or profile: the emulated function gets the throwaway ones it is given
+    env = {k: v for k, v in os.environ.items() if k not in _CREDENTIAL_ENV}
+    if image is not None:  # the image's interpreter sees its own site-packages, nothing of this one's
+        for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP", "PYTHONUSERBASE"):
+            env.pop(name, None)
+    env.update({**extra_env, **config.environment})
+    env.update(
+        AWS_LAMBDA_RUNTIME_API=api, _HANDLER=config.handler, AWS_LAMBDA_FUNCTION_NAME=config.name,
+        AWS_LAMBDA_FUNCTION_MEMORY_SIZE=str(config.memory_mb), AWS_LAMBDA_FUNCTION_VERSION="$LATEST",
+        AWS_LAMBDA_LOG_GROUP_NAME=f"/aws/lambda/{config.name}",
+        AWS_LAMBDA_LOG_STREAM_NAME=time.strftime("%Y/%m/%d/[$LATEST]") + uuid.uuid4().hex,
+        AWS_LAMBDA_INITIALIZATION_TYPE="on-demand", AWS_REGION=region, AWS_DEFAULT_REGION=region,
+        LAMBDA_TASK_ROOT=os.getcwd(), TZ=":UTC", PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    )  # fmt: skip
+    return env
 
 
 class Environment:
-    """One execution environment: a runtime process holding the imported handler."""
+    """One execution environment: the image's runtime interface client (``python -m awslambdaric HANDLER``, the
+    image's ENTRYPOINT and CMD) in a process, and the Runtime API it pulls its invocations from."""
 
-    def __init__(self, config: FunctionConfig, cores: list[int], log_dir: str, extra_env: dict, share: float):
+    def __init__(self, config: FunctionConfig, cores: list[int], log_dir: str, extra_env: dict, share: float,
+                 region: str = "us-east-1", image: ImagePython | None = None):  # fmt: skip
         self.id = uuid.uuid4().hex[:8]
         self.config = config
+        self.region = region
         self.cores = cores
         self.duty = min(1.0, share / len(cores))  # the part of its cores' time it may run
         self.peak_rss_mb = 0
         self.killed_for: str | None = None
-        # Never the user's own credentials or profile: the emulated function gets the throwaway ones it is given
-        env = {k: v for k, v in os.environ.items() if k not in _CREDENTIAL_ENV}
-        env.update({**extra_env, **config.environment})
-        threads = str(len(cores))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, AWS_LAMBDA_FUNCTION_NAME=config.name,
-                   AWS_LAMBDA_FUNCTION_MEMORY_SIZE=str(config.memory_mb))  # fmt: skip
+        self.api = RuntimeAPI()
+        env = _function_environment(config, extra_env, self.api.address, region, len(cores), image)
         self.spawned = time.perf_counter()
-        self.log = open(os.path.join(log_dir, f"environment-{self.id}.log"), "ab")  # noqa: SIM115
-        command = [sys.executable, "-m", "cai_bench.backends.aws_lambda.runtime", config.handler, config.name,
-                   str(config.memory_mb)]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, bufsize=0,
-            preexec_fn=self._pin if hasattr(os, "sched_setaffinity") else None,
-        )  # fmt: skip
+        self.log_path = os.path.join(log_dir, f"environment-{self.id}.log")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115
+        python = image.python if image is not None else sys.executable
+        self.command = [python, "-m", "awslambdaric", config.handler]
+        # Its own session: a Ctrl-C at the driver's terminal is the driver's, not the function's
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+                                        env=env, start_new_session=True,
+                                        preexec_fn=self._pin if hasattr(os, "sched_setaffinity") else None)  # fmt: skip
+        self.api.pid = self.process.pid
 
     def _pin(self) -> None:
         with contextlib.suppress(OSError):
@@ -175,41 +214,47 @@ class Environment:
         return self.process.poll() is None
 
     def wait_ready(self) -> float:
-        """Block until the handler module is imported; the init duration in ms."""
-        message = self._read(time.perf_counter() + INIT_TIMEOUT_S)
-        if not message or not message.get("ready"):
-            raise EnvironmentGone("exit")
-        return (time.perf_counter() - self.spawned) * 1000
+        """Block until the runtime asks for its first event (its init phase done); the init duration in ms."""
+        if not self.api.wait_ready(time.perf_counter() + INIT_TIMEOUT_S, lambda: self.alive):
+            why = "init" if self.api.init_error is not None else "exit"
+            self.kill(why)
+            raise EnvironmentGone(why, self.api.init_error)
+        return (self.api.ready_at - self.spawned) * 1000
 
-    def invoke(self, message: dict, timeout_s: float, kill_after_s: float | None) -> dict:
-        """Run one invocation; its reply, or EnvironmentGone (the process is then dead)."""
-        try:
-            write_message(self.process.stdin, message)
-        except (BrokenPipeError, OSError):
-            self.kill("exit")
-            raise EnvironmentGone("exit") from None
+    def invoke(self, invocation: Invocation, timeout_s: float, fault: str | None, kill_after_s: float) -> Outcome:
+        """Run one invocation; what the runtime answered, or EnvironmentGone (the process is then dead)."""
+        log_from = os.path.getsize(self.log_path)
         watching = threading.Event()
-        threads = [threading.Thread(target=self._watch, args=(watching, kill_after_s), daemon=True)]
-        if self.duty < 1.0:
+        watch = threading.Thread(target=self._watch, args=(watching, invocation, fault, kill_after_s), daemon=True)
+        threads = [watch]
+        if self.duty < 1.0 and fault != "hang":
             threads.append(threading.Thread(target=self._throttle, args=(watching,), daemon=True))
         for thread in threads:
             thread.start()
         began = time.perf_counter()
+        self.api.hand_out(invocation)
         try:
-            reply = self._read(began + timeout_s)
+            while not invocation.answered.wait(0.05):
+                if not self.alive or self.killed_for or time.perf_counter() - began >= timeout_s:
+                    break
         finally:
             watching.set()
             for thread in threads:
                 thread.join()
-        if reply is None:
-            # Killed by the watcher (memory), or silent until the deadline, or gone by itself
+        if not invocation.answered.is_set():
             overran = time.perf_counter() - began >= timeout_s
             self.kill(self.killed_for or ("timeout" if overran else "exit"))
             raise EnvironmentGone(self.killed_for)
-        self.peak_rss_mb = max(self.peak_rss_mb, int(reply.get("max_rss_mb") or 0))
-        return reply
+        self.peak_rss_mb = max(self.peak_rss_mb, _high_water_mb(self.process.pid))
+        return Outcome(invocation.payload, invocation.error_type, self._log_since(log_from))
 
-    def _watch(self, stop: threading.Event, kill_after_s: float | None) -> None:
+    def _log_since(self, offset: int) -> str:
+        """What the environment printed since ``offset`` of its log (stdout and stderr, unbuffered)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return log.read()[-3000:].decode(errors="replace")
+
+    def _watch(self, stop: threading.Event, invocation: Invocation, fault: str | None, kill_after_s: float) -> None:
         """Kill the environment once it holds more than its memory (or, as a test's fault, after a while)."""
         try:
             process = psutil.Process(self.process.pid)
@@ -223,10 +268,16 @@ class Environment:
             except psutil.Error:
                 return
             self.peak_rss_mb = max(self.peak_rss_mb, rss >> 20)
+            if fault == "oom" and invocation.taken_at is not None:
+                limit = 0  # the fault: this invocation's limit is below what the environment holds
+            if fault == "hang" and invocation.taken_at is not None:
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    self.process.send_signal(signal.SIGSTOP)  # silent from here on, as a handler that hangs
+                fault = None
             if rss > limit:
                 self.kill("oom")
                 return
-            if kill_after_s is not None and time.perf_counter() - began > kill_after_s:
+            if fault == "kill" and time.perf_counter() - began > kill_after_s:
                 self.kill("exit")
                 return
 
@@ -240,32 +291,6 @@ class Environment:
                 self.process.send_signal(signal.SIGCONT)
         except (ProcessLookupError, OSError):
             pass
-        finally:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                self.process.send_signal(signal.SIGCONT)
-
-    def _read(self, deadline: float) -> dict | None:
-        head = self._read_exact(FRAME.size, deadline)
-        if head is None:
-            return None
-        body = self._read_exact(FRAME.unpack(head)[0], deadline)
-        return None if body is None else json.loads(body)
-
-    def _read_exact(self, n: int, deadline: float) -> bytes | None:
-        out = bytearray()
-        fd = self.process.stdout.fileno()
-        while len(out) < n:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                return None
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                return None
-            chunk = os.read(fd, n - len(out))
-            if not chunk:
-                return None  # the process is gone
-            out += chunk
-        return bytes(out)
 
     def kill(self, why: str) -> None:
         if self.killed_for is None:
@@ -273,21 +298,43 @@ class Environment:
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.SIGKILL)
         self.process.wait()
-        self.log.close()
+        self._release()
 
     def close(self, wait_s: float = 5.0) -> None:
-        """End a warm environment: the runtime exits when its input closes; killed if it has not ``wait_s`` later
+        """End a warm environment: SIGTERM, as Lambda ends one; killed if it has not exited ``wait_s`` later
         (``wait_s=0``: only tell it)."""
-        with contextlib.suppress(OSError):
-            self.process.stdin.close()
+        with contextlib.suppress(ProcessLookupError, OSError):
+            self.process.send_signal(signal.SIGCONT)
+            self.process.send_signal(signal.SIGTERM)
         if wait_s <= 0 and self.process.poll() is None:
             return
         try:
             self.process.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             self.kill("exit")
+        self._release()
+
+    def _release(self) -> None:
         with contextlib.suppress(OSError):
             self.log.close()
+        if not self.api.closed:
+            self.api.close()
+
+
+def _high_water_mb(pid: int) -> int:
+    """The process's resident high-water mark (VmHWM), read from outside: what Lambda reports as Max Memory
+    Used. Not ru_maxrss of the emulator's children: that would carry the emulator's own size across exec."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) >> 10
+    except (OSError, ValueError):
+        pass
+    try:
+        return psutil.Process(pid).memory_info().rss >> 20
+    except psutil.Error:
+        return 0
 
 
 @dataclass
@@ -326,7 +373,8 @@ class Emulator:
     """The function and its environments; ``serve`` puts the Invoke API in front of it."""
 
     def __init__(self, config: FunctionConfig, concurrency: int = 10, faults: Faults | None = None,
-                 extra_env: dict | None = None, region: str = "us-east-1", upstream: str | None = None):  # fmt: skip
+                 extra_env: dict | None = None, region: str = "us-east-1", upstream: str | None = None,
+                 dockerfile: Path | None = None):  # fmt: skip
         self.config = config
         self.concurrency = concurrency
         self.faults = faults or Faults()
@@ -350,6 +398,8 @@ class Emulator:
         self.cpu_share = cpu_share(config.memory_mb, len(cores))
         self._cores = itertools.cycle(cores)
         self.server: ThreadingHTTPServer | None = None
+        # The image's own dependency set for its environments (None where there is no Dockerfile to read)
+        self.image = image_python(config.image, dockerfile)
 
     def _next_cores(self) -> list[int]:
         return sorted({next(self._cores) for _ in range(self.threads)})
@@ -382,24 +432,23 @@ class Emulator:
         partitions = _partitions_named(event)
         init_ms = None
         if environment is None:
-            environment = Environment(self.config, self._next_cores(), self.log_dir, self.extra_env, self.cpu_share)
+            environment = Environment(self.config, self._next_cores(), self.log_dir, self.extra_env, self.cpu_share,
+                                      self.region, self.image)  # fmt: skip
             with self.lock:
                 self.every.append(environment)
                 self.cold_starts += 1
             try:
                 init_ms = environment.wait_ready()
-            except EnvironmentGone:
-                environment.kill("exit")
-                return self._function_error(request_id, "Runtime.ExitError", "Runtime exited without providing "
-                                            "a reason", 0.0, init_ms, environment, tail)  # fmt: skip
+            except EnvironmentGone as gone:
+                return self._init_failed(request_id, gone, environment, tail)
         with self.lock:
             fault = self.faults.take(partitions)
-        message = {"request_id": request_id, "event": event, "deadline_epoch_s": time.time() + self.config.timeout_s,
-                   "fault": fault if fault in ("oom", "hang") else None}  # fmt: skip
+        arn = self.config.to_api(self.region)["FunctionArn"]
+        invocation = Invocation(request_id, payload or b"{}", int((time.time() + self.config.timeout_s) * 1000), arn,
+                                f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Sampled=0")  # fmt: skip
         started = time.perf_counter()
         try:
-            reply = environment.invoke(message, self.config.timeout_s,
-                                       self.faults.kill_after_s if fault == "kill" else None)  # fmt: skip
+            outcome = environment.invoke(invocation, self.config.timeout_s, fault, self.faults.kill_after_s)
         except EnvironmentGone as gone:
             duration_ms = (time.perf_counter() - started) * 1000
             if gone.why == "timeout":
@@ -417,10 +466,21 @@ class Emulator:
         with self.lock:
             self.idle.append(environment)
         report = self._report(request_id, duration_ms, init_ms, environment.peak_rss_mb)
-        log = reply.get("logs", "")
-        if "error" in reply:
-            return self._reply(json.dumps(reply["error"]).encode(), request_id, log, report, tail, "Unhandled")
-        return self._reply(json.dumps(reply["result"]).encode(), request_id, log, report, tail, None)
+        error = "Unhandled" if outcome.error_type is not None else None
+        return self._reply(outcome.payload, request_id, outcome.log, report, tail, error)
+
+    def _init_failed(self, request_id: str, gone: EnvironmentGone, environment: Environment, tail: bool) -> Reply:
+        """The runtime failed its init phase (Lambda's error as the runtime posted it) or exited without a word."""
+        if gone.init_error is None:
+            return self._function_error(request_id, "Runtime.ExitError", "Runtime exited without providing a "
+                                        "reason", 0.0, None, environment, tail)  # fmt: skip
+        kind, body = gone.init_error
+        try:
+            message = str(json.loads(body).get("errorMessage") or "")
+        except (ValueError, AttributeError, RecursionError):
+            message = body[:1000].decode(errors="replace")
+        init_ms = (time.perf_counter() - environment.spawned) * 1000
+        return self._function_error(request_id, kind, message, 0.0, init_ms, environment, tail)
 
     def _function_error(self, request_id: str, kind: str, message: str, duration_ms: float, init_ms: float | None,
                         environment: Environment, tail: bool) -> Reply:  # fmt: skip
@@ -481,7 +541,9 @@ class Emulator:
             environment.close(wait_s=max(0.0, deadline - time.monotonic()))
 
     def stats(self) -> dict:
+        image = self.image.describe() if self.image else {"flavour": None, "python": sys.executable}
         return {"calls": self.calls, "throttled": self.throttled, "cold_starts": self.cold_starts,
+                "image": image["flavour"], "image_packages": image.get("packages"),
                 "threads_per_environment": self.threads, "cpu_share": round(self.cpu_share, 3),
                 "concurrency": self.concurrency,
                 "memory_mb": self.config.memory_mb, "timeout_s": self.config.timeout_s}  # fmt: skip
