@@ -352,6 +352,10 @@ def collect_job(job_id: str, store: ResultsStore, progress: ProgressSink | None 
     if job.state.get("collected_utc"):
         when = job.state["collected_utc"]
         raise UserError(f"job {job.job_id} was already recorded ({when}); see: cai-bench results list")
+    if job.state.get("cancelled_utc"):
+        when = job.state["cancelled_utc"]
+        raise UserError(f"job {job.job_id} was cancelled at an interrupt ({when}); what its tasks finished is in its "
+                        "interrupted record: run the same command again to continue")  # fmt: skip
     backend = get_backend(job.backend)
     plan = plan_from_dict(job.plan)
     try:

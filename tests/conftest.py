@@ -459,3 +459,65 @@ def check_timeline(record: dict, lanes: int | None = None, units_overlap: bool =
     assert len(drawn) == sum(len(lane.segments) for lane in line.lanes)
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == [lane.name[:18] for lane in line.lanes]
     return line
+
+
+# ---------------------------------------------------------------------------------- a real SLURM cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+SLURM_DIR = Path(os.environ.get("CAI_BENCH_SLURM_DIR") or "/tmp/cai-bench-slurm")
+# Set by .ci/run: there the cluster must start, and a test that would skip for want of it fails instead
+REQUIRE_SLURM_ENV = "CAI_BENCH_REQUIRE_SLURM"
+
+
+def _slurm_answers(conf: Path) -> bool:
+    import subprocess
+
+    if not conf.is_file():
+        return False
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0 and any(s in done.stdout for s in ("idle", "mixed", "allocated"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The one-node SLURM cluster of scripts/slurm-local.sh (munged, MariaDB, slurmdbd, slurmctld, slurmd on
+    loopback): the one already up (.ci/run starts it), else started here, once for the session's workers, and
+    stopped when the session ends (pytest_sessionfinish). Its slurm.conf path; SLURM_CONF is set to it."""
+    import subprocess
+
+    conf = SLURM_DIR / "etc" / "slurm.conf"
+    why = None
+    with exclusive(SLURM_DIR.parent / f"{SLURM_DIR.name}.lock"):
+        if not _slurm_answers(conf):
+            if os.geteuid() != 0:
+                why = "the local SLURM cluster runs its daemons as root (scripts/slurm-local.sh up)"
+            else:
+                env = {**os.environ, "CAI_BENCH_SLURM_DIR": str(SLURM_DIR)}
+                done = subprocess.run([str(ROOT / "scripts" / "slurm-local.sh"), "up"], env=env, capture_output=True,
+                                      text=True, timeout=900)  # fmt: skip
+                if done.returncode != 0 or not _slurm_answers(conf):
+                    why = f"scripts/slurm-local.sh up failed: {done.stderr.strip()[-500:]}"
+                else:
+                    (SLURM_DIR / "started-by-tests").touch()
+    if why is not None:
+        if os.environ.get(REQUIRE_SLURM_ENV):
+            pytest.fail(f"{REQUIRE_SLURM_ENV} is set, but {why}")
+        pytest.skip(why)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SLURM_CONF", str(conf))
+    yield conf
+    patch.undo()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The cluster the tests started themselves is stopped once, by the session's controller (not each worker)."""
+    import subprocess
+
+    if hasattr(session.config, "workerinput") or not (SLURM_DIR / "started-by-tests").exists():
+        return
+    env = {**os.environ, "CAI_BENCH_SLURM_DIR": str(SLURM_DIR)}
+    subprocess.run([str(ROOT / "scripts" / "slurm-local.sh"), "down"], env=env, capture_output=True, timeout=120)

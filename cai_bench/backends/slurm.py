@@ -24,6 +24,7 @@ import json
 import math
 import os
 import socket
+import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from cai_bench.backends.base import BackendRun, Emit, Job, collect_command, dispatched_run, save_job
+from cai_bench.backends.base import BackendRun, Emit, Job, dispatched_run, save_job
 from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, apply, drive
 from cai_bench.backends.slurm_options import DEFAULT_TIME_MIN, groups_of
@@ -150,7 +151,8 @@ def _finish_together(together: dict, kept: list, directory: Path) -> dict:
 
 def _parameters(options: dict, executor: str, cpus: int) -> dict:
     """submitit parameters: the shared ones, then SLURM's own (which the local executor has no use for)."""
-    parameters = {"timeout_min": options.get("time_min") or DEFAULT_TIME_MIN, "cpus_per_task": cpus}
+    timeout_min = options.get("time_min") or DEFAULT_TIME_MIN
+    parameters = {"timeout_min": timeout_min, "cpus_per_task": cpus}
     parameters["name"] = "cai-bench"
     if options.get("mem_gb"):
         parameters["mem_gb"] = options["mem_gb"]
@@ -159,6 +161,9 @@ def _parameters(options: dict, executor: str, cpus: int) -> dict:
             parameters["slurm_partition"] = options["slurm_partition"]
         if options.get("array_parallelism"):
             parameters["slurm_array_parallelism"] = options["array_parallelism"]
+        # submitit's warning signal comes 90 s before the limit by default: at the start of a task of a minute or
+        # two, which it would then stop as timed out. A tenth of the limit, at most those 90 s
+        parameters["slurm_signal_delay_s"] = min(90, max(5, int(timeout_min * 6)))
         if options.get("slurm_options"):
             parameters["slurm_additional_parameters"] = dict(options["slurm_options"])
     return parameters
@@ -353,7 +358,9 @@ class ArrayTransport:
             return [Event("ready", task, info=event)]
         if kind in ("end", "failed"):
             self.files[task].ended = True
-            ending = Event("left", task) if kind == "end" else Event("lost", task, error=event["error"])
+            ending = (
+                Event("left", task) if kind == "end" else Event("lost", task, error=self._why(task, event["error"]))
+            )
             return self.gathered.ending(task, ending, self)
         return []
 
@@ -378,16 +385,64 @@ class ArrayTransport:
             out = self.read()
             if out:
                 return out
-            gone = [t for t in self.live() if t in self.jobs and not _job_running(self.kind, self.jobs[t])]
+            gone = [task for task, running in self.running().items() if not running]
             if gone:
                 out = self.read()  # what was written just before its job ended
                 for task in gone:
                     if not self.files[task].ended:
                         self.files[task].ended = True
-                        why = f"{task} ended without finishing (killed, timed out or never started)"
+                        why = self._why(task, f"{task} ended without finishing (the scheduler says "
+                                                  f"{_state_of(self.jobs[task])})")  # fmt: skip
                         out += self.gathered.ending(task, Event("lost", task, error=why), self)
                 return out
             time.sleep(POLL_S[self.kind])
+
+    def _why(self, task: str, error: str) -> str:
+        """A task's end in words, saying so first when it was its time limit: SLURM's TIMEOUT, or submitit's own
+        stop just before the limit (its signal, then "timed-out and not checkpointable")."""
+        if "TIMEOUT" in error or "timed-out" in error:
+            return f"{task} timed out at its time limit ({self.job['parameters']['timeout_min']} min): {error}"
+        return error
+
+    def running(self) -> dict[str, bool]:
+        """Each live submitted task: whether its job still runs (or waits to). On SLURM one sacct call answers
+        for the whole array, through submitit's watcher, not one call per task."""
+        tasks = [t for t in self.live() if t in self.jobs]
+        if self.kind == "slurm" and tasks:
+            watcher = self.jobs[tasks[0]].watcher
+            watcher.update()
+            return {t: not watcher.is_done(self.jobs[t].job_id, mode="cache") for t in tasks}
+        return {t: _job_running(self.kind, self.jobs[t]) for t in tasks}
+
+    def cancel(self, within_s: float = 120.0) -> list[str]:
+        """Cancel every task still running or waiting (scancel on SLURM, in one call), and wait up to
+        ``within_s`` until none runs: a task goes on until SLURM's KillWait ends it (submitit lets it ignore
+        SIGTERM), and what it finishes by then is kept. The tasks cancelled."""
+        tasks = [task for task, running in self.running().items() if running]
+        if not tasks:
+            return []
+        ids = [self.jobs[t].job_id for t in tasks]
+        if self.kind == "slurm":
+            subprocess.run(["scancel", *ids], check=False, capture_output=True, timeout=60)
+        else:
+            for task in tasks:
+                self.jobs[task].cancel(check=False)
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline and self._still_running(tasks, ids):
+            time.sleep(0.5)
+        return tasks
+
+    def _still_running(self, tasks: list[str], ids: list[str]) -> bool:
+        if self.kind != "slurm":
+            return any(_job_running(self.kind, self.jobs[t]) for t in tasks)
+        # squeue, not sacct: a cancelled task is CANCELLED in the accounting at once, and COMPLETING in the
+        # queue until its processes are gone
+        try:
+            done = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True,
+                                  timeout=60)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return done.returncode == 0 and bool(done.stdout.strip())
 
     def after_exit(self, dispatcher: Dispatcher, task: str) -> None:
         if self.planned:
@@ -414,7 +469,7 @@ class ArrayTransport:
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             self.read()  # the dispatcher is done: only what the tasks report of themselves is kept
-            if not [t for t in self.live() if t in self.jobs and _job_running(self.kind, self.jobs[t])]:
+            if not any(self.running().values()):
                 self.read()  # what a task wrote just before its job ended
                 return
             time.sleep(POLL_S[self.kind])
@@ -491,14 +546,25 @@ def run_array(plan: Plan, emit: Emit) -> BackendRun:
     transport = _transport(plan, job)
     try:
         drive(dispatcher, transport)
-    except KeyboardInterrupt as exc:
-        # The array goes on without the driver: ``collect`` takes it up from its saved state
-        exc.collect = collect_command(job["job_id"], plan.work_dir)
+    except KeyboardInterrupt:
+        _cancel_at_interrupt(plan, job, dispatcher, transport)
         raise
     # Followed to its end here and recorded by the caller: a later collect of it is refused
     job["collected_utc"] = utc_now()
     save_job(plan.work_dir, _as_job(plan, job))
     return _finish(plan, job, dispatcher, transport)
+
+
+def _cancel_at_interrupt(plan: Plan, job: dict, dispatcher: Dispatcher, transport: ArrayTransport) -> None:
+    """Ctrl-C (or SIGTERM) of a driver that follows its array: the array is cancelled (scancel), and the units its
+    tasks finished before that are handed on, for the run's "interrupted" record. ``--no-wait`` is the way to
+    leave an array running."""
+    job["cancelled"] = transport.cancel()
+    job["cancelled_utc"] = utc_now()
+    for event in transport.read():  # what the tasks wrote before they were stopped
+        if event.kind == "done":
+            dispatcher.done(event.worker, event.position, event.result)
+    save_job(plan.work_dir, _as_job(plan, job))
 
 
 def submit(plan: Plan) -> Job:
@@ -532,6 +598,51 @@ def collect(saved: Job, emit: Emit) -> BackendRun:
 
 
 # ---------------------------------------------------------------------------------------------- the record
+
+
+def _state_of(job) -> str:
+    try:
+        return str(job.state)
+    except Exception as exc:  # the scheduler's own tools failing (sacct down) must not lose the run
+        return f"unknown ({type(exc).__name__})"
+
+
+_SACCT_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "Elapsed", "NodeList")
+
+
+_UNSETTLED = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
+def scheduler_view(kind: str, jobs: dict, settle_s: float = 30.0) -> dict:
+    """What the scheduler says of each task: on SLURM sacct's state, exit code, start, end and nodes (one call,
+    asked again for up to ``settle_s`` while a task that wrote its end is still RUNNING there: the accounting
+    hears of an end a moment after the task); with the local executor, submitit's state of the process."""
+    if kind != "slurm" or not jobs:
+        return {task: {"state": _state_of(job)} for task, job in sorted(jobs.items())}
+    deadline = time.monotonic() + settle_s
+    while True:
+        view = _sacct_view(jobs)
+        states = [v.get("state", "").split(" ")[0] for v in view.values() if isinstance(v, dict)]
+        if "error" in view or not any(s in _UNSETTLED for s in states) or time.monotonic() > deadline:
+            return view
+        time.sleep(0.5)
+
+
+def _sacct_view(jobs: dict) -> dict:
+    by_id = {job.job_id: task for task, job in jobs.items()}
+    command = ["sacct", "-X", "-n", "--parsable2", "-o", ",".join(_SACCT_FIELDS), "-j", ",".join(by_id)]
+    try:
+        lines = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"error": f"sacct: {describe(exc)}"}
+    view = {}
+    for line in lines:
+        fields = dict(zip(_SACCT_FIELDS, line.split("|"), strict=False))
+        task = by_id.get(fields.get("JobID", ""))
+        if task is not None:
+            view[task] = {key.lower(): value for key, value in fields.items() if key != "JobID"}
+            view[task]["job_id"] = fields["JobID"]
+    return dict(sorted(view.items()))
 
 
 def _nodes_environment(ready: list[dict]) -> dict | None:
@@ -578,6 +689,7 @@ def _finish(plan: Plan, job: dict, dispatcher: Dispatcher, transport: ArrayTrans
         "submit_to_last_end_s": max(ends) - job["submit_epoch"] if ends else None,
         "wall_clock": "first task start to last task end, epoch clocks of the nodes",
     }
+    info["scheduler"] = scheduler_view(job["executor"], {t: j for t, j in transport.jobs.items()})
     gathered = transport.gathered.summary_for_record(job.get("together"))
     if gathered is not None:
         info["comm"] = gathered

@@ -1,0 +1,208 @@
+"""``hpc --slurm`` against a real SLURM cluster (scripts/slurm-local.sh: munged, MariaDB, slurmdbd, slurmctld and
+slurmd on loopback), through submitit's SLURM executor, as users run it: sbatch, array parallelism, time limits,
+a killed task, scancel at Ctrl-C, sacct's states in the records, --no-wait then collect, --comm over the array.
+
+Each test is long (array tasks start Python and the model); they run first, beside the rest of the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, default_sigint
+
+from cai_bench.backends import slurm
+from cai_bench.data.partitions import open_dataset
+from cai_bench.plan import make_plan
+from cai_bench.runner import execute
+from cai_bench.store import ResultsStore
+
+pytest.importorskip("submitit")
+pytestmark = pytest.mark.long
+
+
+@pytest.fixture(autouse=True)
+def _cluster(slurm_cluster, monkeypatch):
+    # The driver asks sacct for its tasks every POLL_S (10 s on a shared cluster); this one is the tests' own
+    monkeypatch.setitem(slurm.POLL_S, "slurm", 1.0)
+    return slurm_cluster
+
+
+def _sacct(job_ids: list[str]) -> dict[str, dict]:
+    fields = ["JobID", "State", "Start", "End"]
+    out = subprocess.run(["sacct", "-X", "-n", "--parsable2", "-o", ",".join(fields), "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return {line.split("|")[0]: dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines()}
+
+
+def _in_queue(ids: list[str]) -> set[str]:
+    """The tasks slurmctld knows of (pending, running or lately ended), one line each."""
+    out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i", "-j", ",".join(ids)], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return set(out.split())
+
+
+def _task_events(results: Path, task: str) -> list[dict]:
+    events = []
+    for path in results.glob(f"hpc-jobs/*/tasks/{task}.jsonl"):
+        events += [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return events
+
+
+def _wait_for(what, timeout_s: float = 180.0, every_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = what()
+        if found:
+            return found
+        time.sleep(every_s)
+    raise AssertionError(f"not within {timeout_s} s")
+
+
+def test_an_array_matches_a_node_run_and_the_scheduler_keeps_its_parallelism(cli, tiny_data, tmp_path):
+    """2 tasks at --array-parallelism 1: the same predictions as one node's workers; sacct shows task 1 starting
+    only once task 0 ended, and both COMPLETED, in the record."""
+    base = ["--data", tiny_data, "--precision", "fp32", "--json"]
+    code, out, err = cli("run", "--backend", "hpc", "--workers", "2", *base, "--results", tmp_path / "node")
+    assert code == 0, err
+    (node,) = json.loads(out)
+    array = ["run", "--backend", "hpc", "--slurm", "--tasks", "2", "--array-parallelism", "1", "--time", "5"]
+    code, out, err = cli(*array, *base, "--results", tmp_path / "array")
+    assert code == 0, err
+    (record,) = json.loads(out)
+    assert record["status"] == "ok" and record["backend_info"]["executor"] == "slurm"
+    assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 2, 3]
+    assert record["accuracy"] == pytest.approx(node["accuracy"], abs=1e-6)
+    assert record["summary"]["samples"] == node["summary"]["samples"] == 104
+    scheduler = record["backend_info"]["scheduler"]
+    assert [scheduler[t]["state"] for t in ("task-0", "task-1")] == ["COMPLETED", "COMPLETED"]
+    # the limit is the scheduler's: its array spec, and its tasks' times as sacct has them
+    (script,) = (tmp_path / "array").glob("hpc-jobs/*/submitit/*submission.sh")
+    assert "#SBATCH --array=0-1%1" in script.read_text()
+    assert scheduler["task-1"]["start"] >= scheduler["task-0"]["end"]
+    assert record["environment"]["host"] == "cai-local"  # the cluster's name, from the tasks' SLURM_CLUSTER_NAME
+
+
+def test_no_wait_then_collect_with_comm_over_the_array(cli, tiny_data, tmp_path, redis_url):
+    """Submitted and left: squeue or sacct knows the array; collect follows it to one record, whose two tasks
+    were the ranks of the closing collectives (rank 0's aggregate read once)."""
+    results = tmp_path / "r"
+    args = ["run", "--backend", "hpc", "--slurm", "--tasks", "2", "--precision", "fp32", "--comm", redis_url]
+    code, out, err = cli(*args, "--data", tiny_data, "--results", results, "--no-wait")
+    assert code == 0, err
+    assert "cai-bench collect" in out and not (results / "runs.jsonl").exists()
+    (saved,) = (results / "jobs").glob("*.json")
+    ids = json.loads(saved.read_text())["state"]["scheduler_ids"]
+    assert len(ids) == 2 and _in_queue(ids) == set(ids)  # the scheduler has them, whatever their state now
+    job_id = next((results / "hpc-jobs").iterdir()).name
+    code, out, err = cli("collect", job_id, "--results", results, "--json")
+    assert code == 0, err
+    (record,) = json.loads(out)
+    assert record["status"] == "ok" and sorted(w["partition"] for w in record["workers"]) == [0, 1, 2, 3]
+    comm = record["backend_info"]["comm"]
+    assert comm["world_size"] == 2 and comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0
+    assert [r["rank"] for r in comm["ranks"]] == [0, 1] and not any("error" in r for r in comm["ranks"])
+    assert {s["state"] for s in record["backend_info"]["scheduler"].values()} == {"COMPLETED"}
+
+
+def test_a_task_past_its_time_limit_and_one_killed_mid_unit_are_retried(many_partitions, tmp_path):
+    """20 partitions in 2 tasks with a time limit of 1 minute. Task 1's first partition is a FIFO nobody writes
+    (a read that never returns, as on a hung filesystem), so the task runs into its limit; task 0 is killed
+    (SIGKILL) in the partition after its first. The record says which timed out and which was killed, sacct's
+    states beside, and a second array runs what they left (the partition a file again); each partition once.
+    Over a minute: SLURM's time limits are whole minutes."""
+    data = tmp_path / "data"
+    shutil.copytree(many_partitions, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    options = {"slurm": True, "tasks": 2, "retries": 1, "time_min": 1, "array_parallelism": 2}
+    _, summary, refs = open_dataset(data)
+    plan = make_plan("hpc", summary, refs, precision="fp32", batch_size=2, backend_options=options,
+                     work_dir=str(tmp_path / "r"))  # fmt: skip
+    stuck = data / manifest["partitions"][10]["file"]
+    kept = stuck.read_bytes()
+    stuck.unlink()
+    os.mkfifo(stuck)
+    faults = []
+
+    def fault():
+        events = _wait_for(lambda: [e for e in _task_events(tmp_path / "r", "task-0") if e["event"] == "unit"], 300)
+        os.kill(_task_events(tmp_path / "r", "task-0")[0]["pid"], signal.SIGKILL)
+        faults.append(events[0]["unit"])
+        # Task 1 ends at its limit: the partition is a file again before the next array reads it
+        _wait_for(lambda: any(e["event"] in ("failed", "end") for e in _task_events(tmp_path / "r", "task-1")) or
+                  _task_events(tmp_path / "r", "task-2"), 300, 0.02)  # fmt: skip
+        stuck.unlink()
+        stuck.write_bytes(kept)
+        faults.append("restored")
+
+    watcher = threading.Thread(target=fault, daemon=True)
+    watcher.start()
+    record = execute(plan, ResultsStore(tmp_path / "r"))[0].record
+    watcher.join(5)
+    assert faults[-1] == "restored" and record.status == "ok"
+    assert sorted(w.partition for w in record.workers) == list(range(20))
+    info = record.backend_info
+    assert info["rounds"] == 2 and info["retried_units"] >= 1
+    states = {task: view["state"] for task, view in info["scheduler"].items()}
+    assert states["task-0"] in ("FAILED", "CANCELLED") and states["task-1"] in ("TIMEOUT", "FAILED")
+    assert {states[t] for t in states if t not in ("task-0", "task-1")} == {"COMPLETED"}
+    crashes = {c["worker"]: c["error"] for c in info["crashes"]}
+    assert set(crashes) == {"task-0", "task-1"}
+    assert "task-0 ended without finishing (the scheduler says" in crashes["task-0"]
+    assert "timed out" in crashes["task-1"] and "timed out" not in crashes["task-0"]
+    assert {w.partition for w in record.workers if w.worker_id == "task-1"} == set()  # it never finished one
+    assert {w.partition for w in record.workers if w.worker_id not in ("task-0", "task-1")} >= set(range(10, 20))
+
+
+def test_ctrl_c_cancels_the_array_and_keeps_the_finished_partitions(many_partitions, tmp_path):
+    """The driver in a process of its own, given SIGINT once a task has finished a partition (and while task 1
+    hangs on partition 15): scancel ends the array (nothing of it left in squeue, CANCELLED in sacct), the record is "interrupted" with what finished,
+    and collect refuses the cancelled job."""
+    results, data = tmp_path / "r", tmp_path / "data"
+    shutil.copytree(many_partitions, data)
+    stuck = data / json.loads((data / "manifest.json").read_text())["partitions"][15]["file"]
+    args = ["run", "--backend", "hpc", "--slurm", "--tasks", "2", "--data", data, "--batch-size", "2",
+            "--precision", "fp32", "--results", results, "-q"]  # fmt: skip
+    driver = subprocess.Popen([sys.executable, "-m", "cai_bench", *map(str, args)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)  # fmt: skip
+    killer = threading.Timer(300, driver.kill)
+    killer.start()
+    try:
+        # Partition 15 a FIFO nobody writes, once the driver has checked the data: task 1 hangs there, so the
+        # array is still running at the interrupt, however fast the rest goes
+        _wait_for(lambda: list(results.glob("hpc-jobs/*/tasks")))
+        stuck.unlink()
+        os.mkfifo(stuck)
+        _wait_for(lambda: any(e["event"] == "unit" for t in ("task-0", "task-1") for e in _task_events(results, t)))
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        killer.cancel()
+    assert driver.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    (record,) = ResultsStore(results).read()
+    assert record["status"] == "interrupted" and 0 < len(record["workers"]) < 20
+    assert 15 not in {w["partition"] for w in record["workers"]}
+    (saved,) = (results / "jobs").glob("*.json")
+    state = json.loads(saved.read_text())["state"]
+    ids = state["scheduler_ids"]
+    assert state["cancelled"] and state["cancelled_utc"]
+    squeue = ["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)]
+    # nothing of the array left running or waiting, once its tasks' ends are through (COMPLETING a moment)
+    _wait_for(lambda: subprocess.run(squeue, capture_output=True, text=True).stdout.strip() == "", 30, 0.2)
+    assert "CANCELLED" in {s["State"].split()[0] for s in _wait_for(lambda: _sacct(ids), 30).values()}
+    finished = {w["partition"] for w in record["workers"]}
+    in_files = {e["unit"] for t in ("task-0", "task-1") for e in _task_events(results, t) if e["event"] == "unit"}
+    assert finished == in_files  # every partition a task wrote before it was cancelled, and no other
+    job_id = next((results / "hpc-jobs").iterdir()).name
+    code = subprocess.run([sys.executable, "-m", "cai_bench", "collect", job_id, "--results", str(results)],
+                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert code.returncode == 2 and "cancelled" in code.stderr
