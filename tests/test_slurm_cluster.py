@@ -164,8 +164,8 @@ def test_a_task_past_its_time_limit_and_one_killed_mid_unit_are_retried(many_par
 
 def test_ctrl_c_cancels_the_array_and_keeps_the_finished_partitions(many_partitions, tmp_path):
     """The driver in a process of its own, given SIGINT once a task has finished a partition (and while task 1
-    hangs on partition 15): scancel ends the array (nothing of it left in squeue, CANCELLED in sacct), the record is "interrupted" with what finished,
-    and collect refuses the cancelled job."""
+    hangs on partition 15): scancel ends the array (nothing of it left in squeue, CANCELLED in sacct), the
+    record is "interrupted" with what finished, and collect refuses the cancelled job."""
     results, data = tmp_path / "r", tmp_path / "data"
     shutil.copytree(many_partitions, data)
     stuck = data / json.loads((data / "manifest.json").read_text())["partitions"][15]["file"]
