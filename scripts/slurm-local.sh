@@ -104,7 +104,9 @@ KillWait=5
 MinJobAge=600
 InactiveLimit=0
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+# Up to 4 jobs share a CPU: the tests' arrays run beside each other (an array with --comm needs all its tasks at
+# once) on a machine of 2 CPUs; --array-parallelism still limits an array's own tasks
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
     cat > "$DIR/etc/slurmdbd.conf" <<CONF
 AuthType=auth/munge

@@ -615,15 +615,17 @@ _UNSETTLED = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPE
 
 def scheduler_view(kind: str, jobs: dict, settle_s: float = 30.0) -> dict:
     """What the scheduler says of each task: on SLURM sacct's state, exit code, start, end and nodes (one call,
-    asked again for up to ``settle_s`` while a task that wrote its end is still RUNNING there: the accounting
-    hears of an end a moment after the task); with the local executor, submitit's state of the process."""
+    asked again for up to ``settle_s`` while a task is missing or still RUNNING there: the accounting hears of a
+    start and an end a moment after the task); with the local executor, submitit's state of the process."""
     if kind != "slurm" or not jobs:
         return {task: {"state": _state_of(job)} for task, job in sorted(jobs.items())}
     deadline = time.monotonic() + settle_s
     while True:
         view = _sacct_view(jobs)
         states = [v.get("state", "").split(" ")[0] for v in view.values() if isinstance(v, dict)]
-        if "error" in view or not any(s in _UNSETTLED for s in states) or time.monotonic() > deadline:
+        # A task sacct does not list yet (an array's pending tasks are one row until they start) is unsettled too
+        settled = len(view) == len(jobs) and not any(s in _UNSETTLED for s in states)
+        if "error" in view or settled or time.monotonic() > deadline:
             return view
         time.sleep(0.5)
 
