@@ -116,6 +116,11 @@ def session_cache(tmp_path_factory):
     path.mkdir(parents=True, exist_ok=True)
     if not (path / "exports").exists():
         (path / "exports").symlink_to(shared, target_is_directory=True)
+    # The Lambda image's interpreters (links into this venv) likewise: made by one worker, used by all
+    images = _shared(tmp_path_factory, "image-python")
+    images.mkdir(parents=True, exist_ok=True)
+    if not (path / "image-python").exists():
+        (path / "image-python").symlink_to(images, target_is_directory=True)
     patch.setenv("CAI_BENCH_CACHE", str(path))
     yield path
     patch.undo()

@@ -627,7 +627,7 @@ def scheduler_view(kind: str, jobs: dict, settle_s: float = 30.0) -> dict:
         settled = len(view) == len(jobs) and not any(s in _UNSETTLED for s in states)
         if "error" in view or settled or time.monotonic() > deadline:
             return view
-        time.sleep(0.5)
+        time.sleep(min(POLL_S["slurm"], 2.0))  # sacct is everyone's on a cluster: not faster than this
 
 
 def _sacct_view(jobs: dict) -> dict:
@@ -691,7 +691,7 @@ def _finish(plan: Plan, job: dict, dispatcher: Dispatcher, transport: ArrayTrans
         "submit_to_last_end_s": max(ends) - job["submit_epoch"] if ends else None,
         "wall_clock": "first task start to last task end, epoch clocks of the nodes",
     }
-    info["scheduler"] = scheduler_view(job["executor"], {t: j for t, j in transport.jobs.items()})
+    info["scheduler"] = scheduler_view(job["executor"], dict(transport.jobs))
     gathered = transport.gathered.summary_for_record(job.get("together"))
     if gathered is not None:
         info["comm"] = gathered

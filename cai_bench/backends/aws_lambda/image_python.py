@@ -1,5 +1,6 @@
 """The image's Python for emulated functions: an interpreter whose site-packages hold what the function's image
-installs (the Dockerfile's ``*_PACKAGES`` lists and what those packages require) and nothing else.
+installs (the Dockerfile's ``*_PACKAGES`` lists and what those packages require) and nothing else, made once
+per machine in the cache (``CAI_BENCH_CACHE``), per the versions it links.
 
 An emulated execution environment runs on it, so a dependency the Dockerfile forgot, or a torch import in a
 torch-free function, fails here as it would on AWS, not first there. Nothing is downloaded: the packages are this
@@ -9,14 +10,12 @@ holds at a version the Dockerfile does not take, is one error line."""
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import importlib.metadata as metadata
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from cai_bench.errors import UserError
+from cai_bench.files import cache_dir, exclusive
 
 # The checkout's Dockerfile; a package installed from a wheel has none, and its emulator runs this interpreter
 DOCKERFILE = Path(__file__).resolve().parents[3] / "deploy" / "lambda" / "Dockerfile"
@@ -140,36 +140,36 @@ def build_image_python(dockerfile: Path, flavour: str, where: Path) -> ImagePyth
     key = hashlib.sha256("\n".join((*packages, str(package_source), sys.executable)).encode()).hexdigest()[:16]
     home = where / f"{flavour}-{key}"
     python = home / "bin" / "python"
-    if not (home / ".complete").exists():
-        shutil.rmtree(home, ignore_errors=True)
-        # No pip, no system site-packages: only what is linked in below
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
-        site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   check=True, capture_output=True, text=True).stdout.strip())  # fmt: skip
-        for distribution in distributions:
-            _link_distribution(distribution, site)
-        (site / "cai_bench").symlink_to(package_source)  # the Dockerfile's COPY cai_bench
-        (home / ".complete").write_text("\n".join(packages) + "\n")
+    with exclusive(where / f"{home.name}.lock"):  # another process making the same one waits, then takes it
+        if not (home / ".complete").exists():
+            _make(home, python, distributions, packages, package_source)
     return ImagePython(str(python), flavour, packages)
+
+
+def _make(home: Path, python: Path, distributions: list, packages: tuple, package_source: Path) -> None:
+    shutil.rmtree(home, ignore_errors=True)  # a make cut short before: from scratch
+    # No pip, no system site-packages: only what is linked in below
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home)], check=True, stdout=subprocess.DEVNULL)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())  # fmt: skip
+    for distribution in distributions:
+        _link_distribution(distribution, site)
+    (site / "cai_bench").symlink_to(package_source)  # the Dockerfile's COPY cai_bench
+    (home / ".complete").write_text("\n".join(packages) + "\n")  # last: what is there is whole
 
 
 _BUILT: dict[tuple[str, str], ImagePython] = {}
 _LOCK = threading.Lock()
-_WHERE: list[Path] = []
 
 
 def image_python(flavour: str, dockerfile: Path | None = None) -> ImagePython | None:
-    """The image's Python for ``flavour``, made once per process under a temporary folder; None where there is no
-    Dockerfile to read (an installed package, not a checkout)."""
+    """The image's Python for ``flavour``, made once per machine (per its packages' versions) in the cache; None
+    where there is no Dockerfile to read (an installed package, not a checkout)."""
     dockerfile = dockerfile or DOCKERFILE
     if not dockerfile.is_file():
         return None
     with _LOCK:
         key = (str(dockerfile), flavour)
         if key not in _BUILT:
-            if not _WHERE:
-                _WHERE.append(Path(tempfile.mkdtemp(prefix="cai-bench-image-python-")))
-                atexit.register(shutil.rmtree, _WHERE[0], True)
-            _BUILT[key] = build_image_python(dockerfile, flavour, _WHERE[0])
+            _BUILT[key] = build_image_python(dockerfile, flavour, cache_dir() / "image-python")
         return _BUILT[key]
