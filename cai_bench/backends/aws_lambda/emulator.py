@@ -291,6 +291,9 @@ class Environment:
                 self.process.send_signal(signal.SIGCONT)
         except (ProcessLookupError, OSError):
             pass
+        finally:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                self.process.send_signal(signal.SIGCONT)
 
     def kill(self, why: str) -> None:
         if self.killed_for is None:
