@@ -216,3 +216,49 @@ def test_the_role_policy_allows_every_s3_action_the_handler_and_its_collectives_
     # The same check on a copy without the comm prefix's statements fails, naming what is missing
     cut = {**policy, "Statement": [s for s in policy["Statement"] if "comm" not in json.dumps(s)]}
     assert any("PREFIX/comm/" in line for line in _missing(cut))
+
+
+def test_the_runtime_api_refuses_a_wrong_request_id_a_bad_length_and_a_late_init_error():
+    """The API on its own, with this test's process as the environment (its peer check then passes)."""
+    import os
+    import threading
+
+    from cai_bench.backends.aws_lambda.runtime_api import MAX_RESPONSE_BYTES, Invocation, RuntimeAPI
+
+    api = RuntimeAPI()
+    api.pid = os.getpid()
+    host, port = api.address.split(":")
+
+    def call(method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            answer = connection.getresponse()
+            return answer.status, {**dict(answer.getheaders()), "body": answer.read()}
+        finally:
+            connection.close()
+
+    try:
+        invocation = Invocation("0" * 8 + "-0000-0000-0000-" + "0" * 12, b'{"x": 1}', 123, "arn:f", "Root=1-a-b")
+        threading.Timer(0.2, api.hand_out, (invocation,)).start()
+        status, got = call("GET", "/2018-06-01/runtime/invocation/next")  # held until the event is handed out
+        assert status == 200 and got["body"] == b'{"x": 1}'
+        assert got["Lambda-Runtime-Aws-Request-Id"] == invocation.request_id
+        assert got["Lambda-Runtime-Deadline-Ms"] == "123" and got["Lambda-Runtime-Invoked-Function-Arn"] == "arn:f"
+        other = "1" * 8 + "-0000-0000-0000-" + "1" * 12
+        assert call("POST", f"/2018-06-01/runtime/invocation/{other}/response", b"{}")[0] == 400
+        assert not invocation.answered.is_set()
+        late = call("POST", "/2018-06-01/runtime/init/error", b"{}", {"Lambda-Runtime-Function-Error-Type": "X"})
+        assert late[0] == 403  # the init phase ended with the first next
+        bad = call("POST", f"/2018-06-01/runtime/invocation/{invocation.request_id}/response", b"{}",
+                   {"Content-Length": "12x"})  # fmt: skip
+        assert bad[0] == 400
+        big = call("POST", f"/2018-06-01/runtime/invocation/{invocation.request_id}/response", b"",
+                   {"Content-Length": str(MAX_RESPONSE_BYTES + 1)})  # fmt: skip
+        assert big[0] == 413 and not invocation.answered.is_set()
+        path = f"/2018-06-01/runtime/invocation/{invocation.request_id}/error"
+        done = call("POST", path, b'{"errorType": "E"}', {"Lambda-Runtime-Function-Error-Type": "Unhandled"})
+        assert done[0] == 202 and invocation.answered.is_set() and invocation.error_type == "Unhandled"
+        assert call("POST", path, b"{}")[0] == 400  # answered once: the id is no longer current
+    finally:
+        api.close()
