@@ -100,7 +100,7 @@ MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
 # A job past its time limit gets SIGTERM, then SIGKILL this many seconds later
-KillWait=5
+KillWait=2
 MinJobAge=600
 InactiveLimit=0
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
