@@ -60,7 +60,7 @@ import psutil
 from cai_bench import aws
 from cai_bench.backends.aws_lambda.image_python import ImagePython, image_python
 from cai_bench.backends.aws_lambda.report_log import Report, format_report
-from cai_bench.backends.aws_lambda.runtime_api import Invocation, RuntimeAPI
+from cai_bench.backends.aws_lambda.runtime_api import Invocation, RuntimeAPI, refused_length
 from cai_bench.errors import UserError
 
 HANDLER = "cai_bench.backends.aws_lambda.handler.handler"
@@ -579,16 +579,14 @@ class _InvokeAPI(BaseHTTPRequestHandler):
     def _body(self, limit: int) -> bytes | None:
         """The request's body, or None once a 400 or 413 has answered a Content-Length that is not a whole number
         of bytes, or is over ``limit`` (the body is then left unread, and the connection closed)."""
-        text = (self.headers.get("Content-Length") or "0").strip()
-        if not (text.isascii() and text.isdigit() and len(text) <= 15):
+        refused = refused_length(self.headers.get("Content-Length"), limit)
+        if refused is not None:
             self.close_connection = True
-            self._send(_error(400, "InvalidRequestContentException", "Content-Length must be a whole number of bytes"))
+            status, message = refused
+            kind = "InvalidRequestContentException" if status == 400 else "RequestTooLargeException"
+            self._send(_error(status, kind, message))
             return None
-        if int(text) > limit:
-            self.close_connection = True
-            self._send(_error(413, "RequestTooLargeException", f"a request body of {text} bytes; at most {limit}"))
-            return None
-        return self.rfile.read(int(text))
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _pass_on(self, body: bytes | None = None) -> None:
         if body is None:

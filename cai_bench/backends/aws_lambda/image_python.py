@@ -95,10 +95,9 @@ def _installed(requirement: Requirement, wanted_by: str) -> metadata.Distributio
     return distribution
 
 
-def _link_distribution(distribution: metadata.Distribution, site: Path) -> int:
-    """Link each installed file of ``distribution`` (and its bytecode) into ``site``; how many."""
+def _link_distribution(distribution: metadata.Distribution, site: Path) -> None:
+    """Link each installed file of ``distribution`` (and its bytecode) into ``site``."""
     root = Path(distribution.locate_file("")).resolve()
-    linked = 0
     for entry in distribution.files or ():
         source = Path(distribution.locate_file(entry)).resolve()
         try:
@@ -115,8 +114,6 @@ def _link_distribution(distribution: metadata.Distribution, site: Path) -> int:
             if origin.is_file() and not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(origin)
-                linked += 1
-    return linked
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,17 @@ MAX_RESPONSE_BYTES = 6 * 1024 * 1024  # Lambda's limit of a synchronous invocati
 _INVOCATION = re.compile(rf"{PREFIX}/invocation/(?P<id>[0-9a-f-]{{36}})/(?P<what>response|error)")
 
 
+def refused_length(header: str | None, limit: int) -> tuple[int, str] | None:
+    """Why a request's Content-Length is refused, as (status, message): 400 where it is not a whole number of
+    bytes, 413 where it is over ``limit``; None where the body may be read. Both of the emulator's servers ask."""
+    text = (header or "0").strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 15):
+        return 400, "Content-Length must be a whole number of bytes"
+    if int(text) > limit:
+        return 413, f"a request body of {text} bytes; at most {limit}"
+    return None
+
+
 @dataclass
 class Invocation:
     """One event handed to the runtime and, once it answers, its outcome."""
@@ -169,17 +180,14 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _body(self) -> bytes | None:
-        text = (self.headers.get("Content-Length") or "0").strip()
-        if not (text.isascii() and text.isdigit() and len(text) <= 15):
-            self.close_connection = True
-            self._send(400, {"errorType": "InvalidRequest", "errorMessage": "Content-Length is not a byte count"})
+        refused = refused_length(self.headers.get("Content-Length"), MAX_RESPONSE_BYTES)
+        if refused is not None:
+            self.close_connection = True  # the body is left unread
+            status, message = refused
+            kind = "InvalidRequest" if status == 400 else "RequestEntityTooLarge"
+            self._send(status, {"errorType": kind, "errorMessage": message})
             return None
-        if int(text) > MAX_RESPONSE_BYTES:
-            self.close_connection = True
-            self._send(413, {"errorType": "RequestEntityTooLarge",
-                             "errorMessage": f"{text} bytes; at most {MAX_RESPONSE_BYTES}"})  # fmt: skip
-            return None
-        return self.rfile.read(int(text))
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def do_GET(self) -> None:
         if not self._allowed():
