@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s_host_memory": wall_memory,
         "samples_per_s_host_memory": samples / wall_memory,
         "gbps_host_memory": samples * BITS_PER_SAMPLE / wall_memory / 1e9,
-        # h2d_gbps, busy_fraction (of compute), busy_fraction_of_wall, peak_gpu_memory_bytes: the host-memory run
+        # h2d_gbps, device_busy_s (the union of the batches' forward passes), device_active_s (of the partitions'
+        # latencies), busy_fraction (busy over active), busy_fraction_of_wall, peak_gpu_memory_bytes (since start-up):
+        # the host-memory run
         **totals.figures(wall_memory),
         "wall_s_with_disk_reads": run.wall_s,
         "startup_s_with_disk_reads": startup,

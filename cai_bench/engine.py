@@ -73,9 +73,10 @@ def set_tf32(enabled: bool) -> None:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bf16 natively (else bf16 is emulated and never worth probing)."""
+    """Whether the device computes bf16 natively (else bf16 is emulated and never worth probing). On a GPU, plain
+    ``is_bf16_supported()`` counts emulation too: bf16 would be labelled native on a T4 or V100."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return native_bf16_cpu()
 
 

@@ -101,7 +101,7 @@ def finish_together(
         totals = communicator.allreduce(np.append(accuracy_sums([r for _, r in results]), len(mine)), "sum",
                                         size_hint=8 * (len(_SUMS) + 1))  # fmt: skip
         sums, gathered_bytes = totals[:_PACKED], int(totals[_PACKED])
-        compute_s = float(sum(r.record.compute_s for _, r in results))
+        compute_s = float(sum(r.record.own_compute_s for _, r in results))
         compute_sum = communicator.reduce(compute_s, "sum")
         compute_max = communicator.reduce(compute_s, "max")
         # Every rank passes the same hint (the run's mean share), so all of them take the same channel for it

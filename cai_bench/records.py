@@ -53,8 +53,8 @@ class WorkerRecord:
     load_s: float
     compute_s: float
     total_s: float
-    samples_per_s: float  # samples / compute_s
-    throughput_bps: float  # bits / compute_s: the worker's own throughput, as the paper counts per function
+    samples_per_s: float  # samples / own compute (busy_s where set, else compute_s)
+    throughput_bps: float  # bits / own compute: the worker's own throughput, as the paper counts per function
     batch_latency_p50_s: float | None
     batch_latency_p90_s: float | None
     batch_latency_p99_s: float | None
@@ -71,6 +71,14 @@ class WorkerRecord:
     # The wall-clock time (time.time()) the unit ended: where a timeline places it, its total_s before that end.
     # Comparable between the processes of one machine (and, as far as their clocks agree, between machines)
     ended_epoch_s: float | None = None
+    # A device unit's share of its device's busy time (the union of the batches' forward passes); its compute_s
+    # is then a latency that overlaps its neighbours'. None elsewhere: compute_s is the unit's own
+    busy_s: float | None = None
+
+    @property
+    def own_compute_s(self) -> float:
+        """What the unit's compute adds to its worker's: its busy time on a device, else its compute time."""
+        return self.compute_s if self.busy_s is None else self.busy_s
 
 
 @dataclass
@@ -92,8 +100,8 @@ class RunSummary:
     wall_s: float
     samples_per_s: float  # samples / wall_s
     throughput_bps: float  # bits / wall_s: what the user gets
-    sum_worker_throughput_bps: float  # sum over workers of their bits / their compute_s: the paper's headline
-    compute_s: float
+    sum_worker_throughput_bps: float  # sum over workers of their bits / their own compute: the paper's headline
+    compute_s: float  # the units' own compute summed (on a device: its busy time, which adds up)
     load_s: float
     wait_s: float
     startup_s: float
@@ -188,7 +196,7 @@ def summarize_run(workers: list[WorkerRecord], wall_s: float) -> RunSummary:
     for w in workers:
         totals = per_worker.setdefault((w.host, w.pid, w.worker_id), [0.0, 0.0])
         totals[0] += w.bits
-        totals[1] += w.compute_s
+        totals[1] += w.own_compute_s
     return RunSummary(
         samples=samples,
         bits=bits,
@@ -198,7 +206,7 @@ def summarize_run(workers: list[WorkerRecord], wall_s: float) -> RunSummary:
         samples_per_s=rate(samples, wall_s),
         throughput_bps=rate(bits, wall_s),
         sum_worker_throughput_bps=float(sum(rate(b, c) for b, c in per_worker.values())),
-        compute_s=sum(w.compute_s for w in workers),
+        compute_s=sum(w.own_compute_s for w in workers),
         load_s=sum(w.load_s for w in workers),
         wait_s=sum(w.wait_s for w in workers),
         startup_s=sum(w.startup_s for w in workers),

@@ -153,8 +153,11 @@ def worker_record(
     own_s: float,
     latencies: list[float],
     device_stats: dict | None = None,
+    busy_s: float | None = None,
 ) -> WorkerRecord:
-    """The record of one unit of work; start-up is charged to the worker's first unit only."""
+    """The record of one unit of work; start-up is charged to the worker's first unit only. ``busy_s``: a device
+    unit's share of the device's busy time, which its rates are of (its ``compute_s`` is a latency that overlaps
+    its neighbours')."""
     startup_s = worker.startup_s if worker.units_done == 0 else 0.0
     worker.units_done += 1
     bits = samples * BITS_PER_SAMPLE
@@ -174,8 +177,8 @@ def worker_record(
         load_s=load_s,
         compute_s=compute_s,
         total_s=startup_s + wait_s + own_s,
-        samples_per_s=rate(samples, compute_s),
-        throughput_bps=rate(bits, compute_s),
+        samples_per_s=rate(samples, compute_s if busy_s is None else busy_s),
+        throughput_bps=rate(bits, compute_s if busy_s is None else busy_s),
         batch_latency_p50_s=lat["p50"],
         batch_latency_p90_s=lat["p90"],
         batch_latency_p99_s=lat["p99"],
@@ -184,6 +187,7 @@ def worker_record(
         pid=os.getpid(),
         batch_latency_s=[round(x, 6) for x in latencies],
         device_stats=device_stats,
+        busy_s=busy_s,
         ended_epoch_s=time.time(),
     )
 

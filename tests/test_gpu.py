@@ -240,7 +240,7 @@ def test_the_devices_busy_time_is_given_over_the_wall_too_gaps_between_partition
 
     totals = DeviceTotals()
     for busy, compute in ((0.8, 1.0), (0.9, 1.0)):  # two partitions, with a second's gap between them
-        totals.add(SimpleNamespace(compute_s=compute, device_stats={"busy_s": busy, "h2d_bytes": 10, "h2d_s": 1e-9}))
+        totals.add(SimpleNamespace(device_stats={"busy_s": busy, "active_s": compute, "h2d_bytes": 10, "h2d_s": 1e-9}))
     figures = totals.figures(wall_s=3.0)
     assert figures["busy_fraction"] == pytest.approx(0.85) and figures["busy_fraction_of_wall"] == pytest.approx(
         1.7 / 3
@@ -387,3 +387,73 @@ def test_reader_threads_are_the_cores_shared_between_the_devices_two_to_eight(mo
     for cores, devices, threads in ((2, 1, 2), (16, 1, 8), (16, 4, 4), (64, 8, 8), (4, 8, 2)):
         monkeypatch.setattr(gpu, "allowed_cpus", lambda cores=cores: cores)
         assert gpu.default_read_ahead(devices) == threads
+
+
+def test_a_union_of_intervals_grows_by_what_each_new_one_extends_it():
+    from cai_bench.backends.gpu import DeviceUnion
+
+    union = DeviceUnion()
+    # [0, 2], [1, 3] overlapping, [3, 3.5] touching, [1.5, 2.5] inside, [5, 6] after a gap
+    added = [union.add(a, b) for a, b in ((0, 2), (1, 3), (3, 3.5), (1.5, 2.5), (5, 6))]
+    assert added == pytest.approx([2, 1, 0.5, 0, 1]) and union.total == pytest.approx(4.5)
+
+
+def test_partitions_sharing_batches_split_the_devices_busy_time_and_their_parts_add_up_to_it(tiny_data, monkeypatch):
+    """On the CPU stand-in: 26-row partitions in 16-row batches, so each partition's latency overlaps its
+    neighbours'. The device's busy time, clocked here around every forward pass, is what the partitions' parts add
+    up to; their latencies add up to more."""
+    import time
+
+    from cai_bench.backends import gpu
+    from cai_bench.records import summarize_run
+    from cai_bench.worker import EngineOptions
+
+    _, _, refs = open_dataset(tiny_data)
+    worker = gpu.start_gpu_worker("w", EngineOptions(batch_size=16, precision="fp32", device="cpu"), None, 0, False)
+    forwards, plain = [], gpu._forward
+
+    def clocked(worker, slot):
+        began = time.perf_counter()
+        out = plain(worker, slot)
+        forwards.append(time.perf_counter() - began)
+        return out
+
+    monkeypatch.setattr(gpu, "_forward", clocked)
+    stream, finished = gpu.PartitionStream(worker), []
+    for position, ref in enumerate(refs):
+        finished += stream.feed(position, gpu.read_into(None, ref, True), 0.0)
+    finished += stream.drain()
+    records = [result.record for _, result in finished]
+    totals = gpu.DeviceTotals()
+    for record in records:
+        totals.add(record)
+    parts = sum(r.busy_s for r in records)
+    assert len(forwards) == 7  # 104 rows in batches of 16
+    assert parts == pytest.approx(stream.busy.total, rel=1e-9) == pytest.approx(totals.busy_s, rel=1e-9)
+    # the stream's batch clock holds the forward pass and the cast and copy-out around it
+    assert sum(forwards) <= parts <= sum(forwards) * 1.5 + 0.01
+    assert sum(r.compute_s for r in records) > 1.2 * parts  # latencies overlap: their sum counts batches twice
+    assert totals.active_s == pytest.approx(stream.active.total) and parts <= totals.active_s
+    assert totals.figures(wall_s=10.0)["busy_fraction"] == pytest.approx(parts / totals.active_s)
+    summary = summarize_run(records, wall_s=10.0)  # the run's compute and rates are of busy time
+    assert summary.compute_s == pytest.approx(parts)
+    assert all(r.samples_per_s == pytest.approx(r.samples / r.busy_s) for r in records)
+
+
+def test_the_gpu_precision_probe_times_its_candidates_taking_turns(monkeypatch):
+    from cai_bench.backends import gpu
+
+    order = []
+    monkeypatch.setattr(gpu, "_time_once", lambda run, device, p: (order.append(p) or {"a": 2.0, "b": 1.0}[p],
+                                                                    torch.zeros(1)))  # fmt: skip
+    seconds, outputs = gpu._probe_seconds({"a": None, "b": None}, torch.device("cpu"), rounds=3)
+    assert order == ["a", "b", "a", "b", "a", "b"] and seconds == {"a": 2.0, "b": 1.0} and set(outputs) == {"a", "b"}
+
+
+def test_bf16_is_native_on_a_gpu_only_without_emulation(monkeypatch):
+    from cai_bench import engine
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or including_emulation)  # fmt: skip
+    assert engine.native_bf16(torch.device("cuda:0")) is False and asked == [False]

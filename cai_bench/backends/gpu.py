@@ -15,9 +15,13 @@ Each device worker keeps its GPU busy:
 - precision ``auto`` is resolved on the device by a probe: the fastest of tf32, bf16 and fp16 that is at least
   10% faster than fp32 and within 2e-3 of it, else fp32.
 
-Timing is by CUDA events: a partition's ``compute_s`` runs from its first copy to the end of the batch with its
-last rows, both on the device; its ``device_stats`` add its rows' share of the seconds the model ran (busy) and
-of the host-to-device copies, the bytes copied, and the device's peak memory. The same code runs on the CPU
+Timing is by CUDA events: a partition's ``compute_s`` is its latency, from its first copy to the end of the batch
+with its last rows, both on the device. Batches span partitions, so neighbours' latencies overlap and do not add
+up: the device's own time is measured apart, as unions of intervals on the device's clock. Its busy time is the
+union of its batches' forward passes, each batch's part shared between the partitions by rows (the record's
+``busy_s``: the parts add up to the device's busy time); its active time is the union of the partitions'
+latencies, each partition adding what it extends that union by. ``device_stats`` holds both, with the
+host-to-device copies, the bytes copied, and the device's peak memory since start-up. The same code runs on the CPU
 device (streams and events become synchronous timers), which is how the tests check it here:
 ``run_devices(plan, emit, ["cpu"])``.
 
@@ -272,10 +276,10 @@ def _capture_graphs(worker, precision_context) -> None:
         pipeline.outputs.append(output)
 
 
-def _probe_seconds(model, image, magnitude, precision: str, graphs: bool) -> tuple[float, object, str | None]:
+def _probe_runner(model, image, magnitude, precision: str, graphs: bool) -> tuple[Callable, str | None]:
     """One candidate precision on the probe batch as the worker will run it: replays of a CUDA graph captured
-    for it (``graphs``), else plain launches, timed by CUDA events; best of 3 after a warm-up. Returns the
-    seconds, the output, and why a graph could not be captured (then plain launches were timed)."""
+    for it (``graphs``), else plain launches. Returns the call, and why a graph could not be captured (then
+    plain launches are timed)."""
     import torch
 
     from cai_bench.engine import set_tf32
@@ -293,26 +297,46 @@ def _probe_seconds(model, image, magnitude, precision: str, graphs: bool) -> tup
         except Exception as exc:  # a step that cannot be captured: plain launches, as the worker then runs
             torch.cuda.synchronize(device)
             why = describe(exc)
-    times, output = [], None
-    for _ in range(4):
-        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        began.record()
-        with _autocast(device, precision):
-            output = run().float()
-        ended.record()
-        ended.synchronize()
-        times.append(began.elapsed_time(ended) / 1e3)
-    return min(times[1:]), output.clone(), why
+    return run, why
+
+
+def _time_once(run, device, precision: str) -> tuple[float, object]:
+    """One pass of ``run`` under ``precision``, timed by CUDA events: seconds and the output."""
+    import torch
+
+    from cai_bench.engine import set_tf32
+
+    set_tf32(precision == "tf32")
+    began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    began.record()
+    with _autocast(device, precision):
+        output = run().float()
+    ended.record()
+    ended.synchronize()
+    return began.elapsed_time(ended) / 1e3, output
+
+
+def _probe_seconds(runners: dict, device, rounds: int = 4) -> tuple[dict, dict]:
+    """The candidates take turns, a pass each per round (as the CPU probe does), so that a GPU still clocking up
+    does not favour the ones timed last; each one's best pass after its first. Seconds and outputs."""
+    times: dict[str, list[float]] = {p: [] for p in runners}
+    outputs = {}
+    for _ in range(rounds):
+        for precision, run in runners.items():
+            seconds, output = _time_once(run, device, precision)
+            times[precision].append(seconds)
+            outputs[precision] = output.clone()
+    return {p: min(t[1:]) for p, t in times.items()}, outputs
 
 
 def choose_gpu_precision(model, device, channels_last: bool, batch: int = PROBE_BATCH,
                          graphs: bool = False) -> tuple[str, dict]:  # fmt: skip
     """For precision "auto" on a GPU: each candidate against fp32 on a probe batch of realistic galaxies (tiled
-    to the worker's ``batch`` rows), run as the worker will run it (``_probe_seconds``); the fastest that is at
-    least 10% faster and within PRECISION_TOLERANCE wins."""
+    to the worker's ``batch`` rows), run as the worker will run it (``_probe_runner``), timed taking turns
+    (``_probe_seconds``); the fastest that is at least 10% faster and within PRECISION_TOLERANCE wins."""
     import torch
 
-    from cai_bench.engine import probe_inputs, set_tf32
+    from cai_bench.engine import native_bf16, probe_inputs, set_tf32
 
     forced = forced_precision(GPU_PRECISIONS[1:])
     if forced:
@@ -321,13 +345,12 @@ def choose_gpu_precision(model, device, channels_last: bool, batch: int = PROBE_
     repeats = -(-batch // PROBE_BATCH)
     image = image.repeat(repeats, 1, 1, 1)[:batch].contiguous(memory_format=image_format(channels_last))
     magnitude = magnitude.repeat(repeats, 1)[:batch].contiguous()
-    candidates = ["fp32", "tf32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
-    seconds, outputs, graph_errors = {}, {}, {}
+    bf16 = native_bf16(device)
+    candidates = ["fp32", "tf32", "fp16"] + (["bf16"] if bf16 else [])
     with torch.inference_mode():
-        for precision in candidates:
-            seconds[precision], outputs[precision], error = _probe_seconds(model, image, magnitude, precision, graphs)
-            if error:
-                graph_errors[precision] = error
+        made = {p: _probe_runner(model, image, magnitude, p, graphs) for p in candidates}
+        seconds, outputs = _probe_seconds({p: run for p, (run, _) in made.items()}, device)
+    graph_errors = {p: why for p, (_, why) in made.items() if why}
     set_tf32(False)
     difference = {p: float((outputs[p] - outputs["fp32"]).abs().max()) for p in candidates}
     good = [p for p in candidates[1:] if seconds[p] < 0.9 * seconds["fp32"] and difference[p] <= PRECISION_TOLERANCE]
@@ -340,7 +363,8 @@ def choose_gpu_precision(model, device, channels_last: bool, batch: int = PROBE_
         "seconds": seconds,
         "max_difference": difference,
         "batch": batch,
-        "timed": f"{timed}, CUDA events",
+        "timed": f"{timed}, CUDA events, candidates taking turns",
+        "bf16": "native" if bf16 else "not a candidate: no bf16 in hardware (emulated only)",
         **({"graph_errors": graph_errors} if graph_errors else {}),
     }
 
@@ -370,7 +394,6 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     device = torch.device(options.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.cuda.reset_peak_memory_stats(device)
         torch.backends.cudnn.benchmark = True  # one batch shape: cuDNN's fastest algorithms, found once (probe too)
     model = build_model(seed=seed)
     info = load_weights(model, weights) if weights else WeightsInfo(source=RANDOM_INIT, seed=seed)
@@ -425,6 +448,9 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
         choices["compile_or_capture_s"] = end - warm
     if device.type == "cuda":
         choices.update(_gpu_facts(device))
+        # The probe, the graph capture and the warm-up peak apart: the records' peak is the run's own
+        choices["startup_peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     worker.startup_s, worker.warmup_batch_s = end - started, end - warm
     return worker
 
@@ -443,6 +469,21 @@ def _gpu_facts(device) -> dict:
 
 
 @dataclass
+class DeviceUnion:
+    """The length of a union of intervals on one clock, grown one interval at a time, intervals given in the order
+    of their starts (a stream's batches, a stream's partitions): ``add`` returns what the interval extends it by."""
+
+    until: float = float("-inf")  # where the union so far ends
+    total: float = 0.0
+
+    def add(self, start: float, end: float) -> float:
+        added = max(0.0, end - max(start, self.until))
+        self.until = max(self.until, end)
+        self.total += added
+        return added
+
+
+@dataclass
 class _InFlight:
     """A partition whose rows are on their way through the batches: where its outputs go, and how many are left."""
 
@@ -455,7 +496,7 @@ class _InFlight:
     first: _Timer | None = None  # the first copy of its rows begins
     latencies: list = field(default_factory=list)  # the forward passes of the batches that held its rows
     h2d_s: float = 0.0  # its rows' share of those batches' copies
-    busy_s: float = 0.0  # its rows' share of those batches' forward passes
+    busy_s: float = 0.0  # its rows' share of what those batches' forward passes add to the device's busy union
 
 
 @dataclass
@@ -491,6 +532,10 @@ class PartitionStream:
         self.slot, self.filled, self.filling = 0, 0, _Batch([], [])
         self.launched: list[_Batch | None] = [None, None]  # per slot, its batch whose outputs are not read yet
         self.in_flight: dict[int, _InFlight] = {}
+        self.origin = _Timer(device)  # the device clock's zero, which the unions are measured on
+        self.origin.record(self.compute_stream)
+        self.busy = DeviceUnion()  # the batches' forward passes
+        self.active = DeviceUnion()  # the partitions' latencies
 
     def feed(self, position: int, partition: HostPartition, wait_s: float) -> list:
         import numpy as np
@@ -593,7 +638,9 @@ class PartitionStream:
             batch.done.synchronize()
         self.launched[slot] = None
         outputs = self.host_out[slot].numpy()
-        forward = batch.timers[0][2].elapsed_to(batch.timers[0][3])
+        began, ended = batch.timers[0][2], batch.timers[0][3]
+        forward = began.elapsed_to(ended)
+        added = self.busy.add(self.origin.elapsed_to(began), self.origin.elapsed_to(ended))
         rows_in_batch = sum(rows for _, _, rows, _ in batch.segments)
         finished = []
         for (item, row, rows, at), (c0, c1, _, end) in zip(batch.segments, batch.timers, strict=True):
@@ -601,7 +648,7 @@ class PartitionStream:
             item.left -= rows
             item.latencies.append(forward)
             item.h2d_s += c0.elapsed_to(c1)
-            item.busy_s += forward * rows / rows_in_batch
+            item.busy_s += added * rows / rows_in_batch
             if item.left == 0:
                 finished.append((item.position, self._result(item, end)))
         return finished
@@ -615,12 +662,13 @@ class PartitionStream:
             "h2d_bytes": partition.n * BITS_PER_SAMPLE // 8,
             "h2d_s": item.h2d_s,
             "busy_s": item.busy_s,
+            "active_s": self.active.add(self.origin.elapsed_to(item.first), self.origin.elapsed_to(end)),
             "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device) if self.cuda else None,
         }
         record = partition_record(
             self.worker, partition.ref, item.entered, samples=partition.n, batch_size=self.batch,
             device=self.worker.choices.get("device", device), wait_s=item.wait_s, load_s=partition.load_s,
-            compute_s=item.first.elapsed_to(end), latencies=item.latencies, device_stats=stats,
+            compute_s=item.first.elapsed_to(end), latencies=item.latencies, device_stats=stats, busy_s=item.busy_s,
         )  # fmt: skip
         return PartitionResult(record, partition.object_id, item.prediction, partition.redshift)
 
@@ -720,12 +768,13 @@ def once_checked(load: Callable, verify: bool) -> Callable:
 
 @dataclass
 class DeviceTotals:
-    """The run's device figures, summed over its partitions' records as they arrive."""
+    """The run's device figures, summed over its partitions' records as they arrive: their parts of the devices'
+    busy and active unions add up to those unions."""
 
     h2d_bytes: int = 0
     h2d_s: float = 0.0
     busy_s: float = 0.0
-    compute_s: float = 0.0
+    active_s: float = 0.0
     peak_bytes: int = 0
 
     def add(self, record) -> None:
@@ -733,15 +782,17 @@ class DeviceTotals:
         self.h2d_bytes += stats.get("h2d_bytes", 0)
         self.h2d_s += stats.get("h2d_s", 0.0)
         self.busy_s += stats.get("busy_s", 0.0)
-        self.compute_s += record.compute_s
+        self.active_s += stats.get("active_s", 0.0)
         self.peak_bytes = max(self.peak_bytes, stats.get("max_memory_allocated_bytes") or 0)
 
     def figures(self, wall_s: float, devices: int = 1) -> dict:
-        """``busy_fraction``: of the partitions' compute time, how much the model ran; ``busy_fraction_of_wall``:
-        of the devices' whole wall clock, gaps between partitions included, how much the model ran."""
+        """``busy_fraction``: of the time a device had partitions in flight, how much the model ran;
+        ``busy_fraction_of_wall``: of the devices' whole wall clock, gaps between partitions included."""
         return {
             "h2d_gbps": self.h2d_bytes / self.h2d_s / 1e9 if self.h2d_s else None,
-            "busy_fraction": self.busy_s / self.compute_s if self.compute_s else None,
+            "device_busy_s": self.busy_s,
+            "device_active_s": self.active_s,
+            "busy_fraction": self.busy_s / self.active_s if self.active_s else None,
             "busy_fraction_of_wall": self.busy_s / (wall_s * devices) if wall_s > 0 else None,
             "peak_gpu_memory_bytes": self.peak_bytes or None,
         }
