@@ -5,11 +5,15 @@ A profile comes from one backend's finished runs. Its units give compute per sam
 straggler's delay), load per byte and cold starts; what the unit records do not hold is calibrated: per run
 (the measured wall beyond the simulated one, the median over the profile's runs) for a results store, per
 function for the paper (its published Map-state time of 12.6 GB in 25 MB partitions beyond the simulated one).
+
+Every estimate names its kind of time (wall clock, or compute only where a profile holds nothing else) and
+carries an interval made from the model's own error on measured runs of its backend (``uncertainty.py``).
 ``docs/estimate.md`` says what the model assumes and where it stops being right.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +34,8 @@ from cai_bench.published import (
 from cai_bench.results import read_records, record_point_key
 from cai_bench.simulate import Profile, Scenario, Simulated, simulate
 from cai_bench.store import ResultsStore
+from cai_bench.uncertainty import ModelError, Point
+from cai_bench.uncertainty import interval as uncertainty_interval
 
 BACKENDS = ("lambda", "hpc", "gpu")
 # AWS Lambda: each function scales by 1,000 execution environments every 10 seconds, up to the account's
@@ -45,6 +51,16 @@ PAPER_SYSTEMS = {"lambda": ("cai-lambda", "map-state-wall"), "hpc": ("hpc-cpu", 
 MAX_SIMULATED_UNITS = 20_000_000
 HOLD_OUTS = ("run", "point")  # --validate: what a run is predicted without
 PAPER_CALIBRATION = (12.6, 25.0)  # data GB, partition MB: the run the per-function records are of
+# The kinds of time a profile predicts: never two in one answer
+WALL, COMPUTE = "wall", "compute"
+TIME_KINDS = {
+    WALL: "wall clock: from the start of dispatch to the last result",
+    COMPUTE: "compute only (torch profiler): no start-up, no reading, no orchestration",
+}
+# SLURM arrays, where the profile's runs cannot say: a one-node cluster reads its own disk, so a parallel file
+# system's bandwidth shared by every task at once is an assumption (a modest Lustre or GPFS); --shared-read-gbps
+DEFAULT_SHARED_READ_GBPS = 10.0
+GB = 1e9  # bandwidths in decimal GB/s, as file systems quote them
 
 
 def lambda_vcpus(memory_mb: float) -> float:
@@ -66,6 +82,9 @@ class Target:
     orchestrator: str = "direct"
     tasks: int | None = None  # hpc: tasks at once (SLURM array parallelism); gpu: devices (default: the profile's)
     cores_per_task: int | None = None  # hpc: the cores each task computes on (default: the profile's)
+    array_tasks: int | None = None  # hpc: the SLURM array's size (default: the profile's kind of run)
+    launch_per_s: float | None = None  # hpc arrays: tasks the scheduler starts per second (default: measured)
+    shared_read_gbps: float | None = None  # hpc arrays: what all tasks at once read together, GB/s
 
 
 @dataclass(frozen=True)
@@ -86,36 +105,67 @@ class Estimate:
     partition_mb: float
     units: int
     slots: int
-    wall_s_p50: float
+    time_kind: str  # WALL or COMPUTE: every time of this estimate is of this kind
+    wall_s_p50: float  # the simulation's median (of the kind above, which the names keep for the JSON's users)
     wall_s_p90: float
+    wall_s_low: float | None  # the interval with the model's error (None: too few validation points)
+    wall_s_high: float | None
+    interval: str  # how the interval was made and how often it covered
     cost_usd_p50: float | None
-    cost_usd_p90: float | None
+    cost_usd_high: float | None  # the cost of a run as long as wall_s_high (the same factor on every duration)
+    cost: dict  # the itemised cost of the median-cost trial
+    prices: dict  # the price assumptions used
     billed_gb_s_p50: float | None
     requests: int | None
     transitions: int | None
     memory_mb: int | None
+    array_tasks: int | None  # hpc arrays: the array's size (slots: the tasks at once)
     profile: str
     trials: int
     seed: int
     simulated_s: float  # how long the simulation itself took
+    samples: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def label(self) -> str:
+        """backend and its setting, as a table row or a figure's legend names it."""
+        if self.backend == "lambda":
+            return f"lambda {self.memory_mb:,} MB x{self.slots:,}"
+        if self.array_tasks:
+            return f"hpc array {self.array_tasks:,} tasks, {self.slots:,} at once"
+        return f"{self.backend} x{self.slots:,}"
 
 
 # ---------------------------------------------------------------------------------------------- profiles
 
 
 @dataclass(frozen=True)
+class ArrayFacts:
+    """What SLURM runs say of how a cluster starts an array: the tasks it launched per second (None: as many as
+    ran at once started together) and each array's shape."""
+
+    launch_per_s: float | None
+    runs: int
+
+
+@dataclass(frozen=True)
 class BackendProfile:
-    """A profile with what the estimate needs beside it: how many workers its runs had, cores per worker, the
-    Lambda memory it ran at, and the measured points (data GB, partition MB, wall s, cost) to draw."""
+    """A profile with what the estimate needs beside it: how many workers its runs had, cores per worker (what a
+    task occupies and is priced for; None where the source does not say), the Lambda memory it ran at, the kind
+    of time it predicts, SLURM array facts, the model's error on measured runs, and the measured points (data GB,
+    partition MB, wall s, cost) to draw."""
 
     profile: Profile
     slots: int
-    cores_per_slot: int
+    cores_per_slot: int | None
     memory_mb: int | None
     measured: tuple[dict, ...]
+    time_kind: str = WALL
+    array: ArrayFacts | None = None
+    error: ModelError | None = None
 
 
 def _usable_runs(records: list[dict], backend: str) -> list[dict]:
@@ -134,7 +184,30 @@ def run_slots(record: dict) -> int:
         emulated = (info.get("emulator") or {}).get("concurrency")
         caps = [c for c in (info.get("max_concurrency"), emulated) if c]
         return max(1, min(caps)) if caps else DEFAULT_QUOTA
+    if info.get("slurm"):
+        return max(1, min(int(info.get("array_parallelism") or info["tasks"]), int(info["tasks"])))
     return max(1, int(info.get("tasks") or info.get("workers") or 1))
+
+
+def run_groups(record: dict) -> tuple[int, ...] | None:
+    """A SLURM array run's units per task, in order (None: not an array)."""
+    info = record.get("backend_info") or {}
+    if not info.get("slurm"):
+        return None
+    units = len(run_units(record))
+    per_task = max(1, int(info.get("partitions_per_task") or 1))
+    return tuple(min(per_task, units - start) for start in range(0, units, per_task))
+
+
+def array_launch_rate(record: dict) -> float | None:
+    """Tasks per second the scheduler started, from the first tasks that could start together (their own start
+    events: the interpreter up); None where they started within 10 ms of each other or too few did."""
+    info = record.get("backend_info") or {}
+    offsets = sorted(info.get("task_start_offsets_s") or [])
+    together = min(len(offsets), int(info.get("array_parallelism") or len(offsets)))
+    if together < 2 or offsets[together - 1] - offsets[0] < 0.01:
+        return None
+    return (together - 1) / (offsets[together - 1] - offsets[0])
 
 
 def run_cores_per_slot(record: dict) -> int | None:
@@ -181,6 +254,13 @@ def _invocation_gaps(record: dict) -> tuple[dict, list[float]]:
     return cold, warm
 
 
+def unit_compute_s(worker: dict) -> float:
+    """A unit's own compute: on a device, its share of the device's busy time (its ``compute_s`` there is a
+    latency that overlaps its neighbours'); elsewhere its compute time."""
+    busy = worker.get("busy_s")
+    return float(busy) if busy is not None else float(worker["compute_s"])
+
+
 def run_units(record: dict) -> np.ndarray:
     """A stored run's units' samples, in partition order."""
     workers = sorted((w for w in record["workers"] if _unit_ok(w)), key=lambda w: w.get("partition", 0))
@@ -201,7 +281,7 @@ def _unit_draws(runs: list[dict], share: float | None) -> tuple[list, list, floa
             if not _unit_ok(w):
                 continue
             load_rate = w.get("load_s", 0.0) / (w["samples"] * BYTES_PER_SAMPLE)
-            units.append((w["samples"], w["compute_s"] * scale, load_rate))
+            units.append((w["samples"], unit_compute_s(w) * scale, load_rate))
             if w.get("startup_s", 0.0) > 0:
                 colds.append(w["startup_s"] + max(0.0, cold_gaps.get(w.get("worker_id"), per_unit) - per_unit))
     return units, colds, per_unit
@@ -226,11 +306,17 @@ def profile_from_records(records: list[dict], backend: str, where: str, seed: in
         facts={"runs": len(runs), "units": len(units), "cold_starts": len(colds),
                "machines": sorted({machine_label(r.get("environment") or {}) for r in runs})},
     )  # fmt: skip
-    overheads = [r["summary"]["wall_s"] - float(np.median(_own_run(profile, r, 200, seed).wall_s)) for r in runs]
+    arrays = [r for r in runs if run_groups(r)]
+    rates = [v for v in (array_launch_rate(r) for r in arrays) if v]
+    array = ArrayFacts(statistics.median(rates) if rates else None, len(arrays)) if arrays else None
+    launch = array.launch_per_s if array else None
+    overheads = [r["summary"]["wall_s"] - float(np.median(_own_run(profile, r, 200, seed, launch).wall_s))
+                 for r in runs]  # fmt: skip
     profile = replace(profile, run_overhead_s=float(np.median(overheads)))
     memory = [(r.get("backend_info") or {}).get("memory_mb") for r in runs]
     return BackendProfile(profile, int(statistics.median(run_slots(r) for r in runs)), _cores_per_slot(runs),
-                          next((m for m in memory if m), None), tuple(_measured_point(r) for r in runs))  # fmt: skip
+                          next((m for m in memory if m), None), tuple(_measured_point(r) for r in runs),
+                          array=array)  # fmt: skip
 
 
 def _cores_per_slot(runs: list[dict]) -> int:
@@ -245,12 +331,18 @@ def _measured_point(record: dict) -> dict:
             "run_id": record.get("run_id")}  # fmt: skip
 
 
-def _own_run(profile: Profile, record: dict, trials: int, seed: int) -> Simulated:
-    """A stored run simulated as it ran: its units, its workers, its CPU share."""
+def _own_run(profile: Profile, record: dict, trials: int, seed: int, launch_per_s: float | None = None) -> Simulated:
+    """A stored run simulated as it ran: its units, its workers, its CPU share; an array's groups, launched at
+    ``launch_per_s``."""
     own = run_cpu_share(record)
     factor = profile.cpu_share / own if profile.cpu_share and own else 1.0
-    ramp = (LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S) if record.get("backend") == "lambda" else (0, 0.0)
-    scenario = Scenario(run_units(record), BYTES_PER_SAMPLE, run_slots(record), *ramp, compute_factor=factor)
+    groups = run_groups(record)
+    if record.get("backend") == "lambda":
+        rate = (LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S)
+    else:
+        rate = (1, 1.0 / launch_per_s) if groups and launch_per_s else (0, 0.0)
+    scenario = Scenario(run_units(record), BYTES_PER_SAMPLE, run_slots(record), *rate, compute_factor=factor,
+                        groups=groups)  # fmt: skip
     return simulate(profile, scenario, trials, seed)
 
 
@@ -274,7 +366,9 @@ def paper_profile(backend: str, seed: int = 0) -> BackendProfile:
         rate = seconds / samples_for_gb(PAPER_CALIBRATION[0])
         profile = Profile(f"paper ({system})", rate, np.zeros(1), np.zeros(1), np.zeros(1),
                           facts={"calibrated_on": f"{PAPER_CALIBRATION[0]} GB: {seconds} s ({kind})"})  # fmt: skip
-        return BackendProfile(profile, 1, 1, None, measured)
+        # A worker is the paper's whole node or GPU, whose cores the paper does not give: priced only where
+        # --cores-per-task says them; its times are the profiler's, so are its estimates
+        return BackendProfile(profile, 1, None, None, measured, COMPUTE)
     rows = paper_function_records()
     samples = np.array([s for s, _ in rows], dtype=np.float64)
     compute = np.array([t for _, t in rows])
@@ -292,11 +386,24 @@ def paper_profile(backend: str, seed: int = 0) -> BackendProfile:
 
 
 def load_profile(source: str, backend: str, seed: int = 0, warn=None) -> BackendProfile:
-    """``paper`` or a results directory's runs of ``backend``."""
+    """``paper`` or a results directory's runs of ``backend``, with the model's error on its validation points:
+    the paper's other published times of that backend, or each stored run predicted from the others."""
     if source == "paper":
-        return paper_profile(backend, seed)
+        checks = [c for c in validate_paper(seed=seed, backends=(backend,)) if not c.calibration]
+        system, kind = PAPER_SYSTEMS[backend]
+        made_from = f"the paper's {len(checks)} other published {system} times ({kind}), calibration excluded"
+        return replace(paper_profile(backend, seed), error=model_error(checks, made_from))
     records = _stored_records(source, "to build a profile from (or use --profile paper)", warn)
-    return profile_from_records(records, backend, str(source), seed)
+    profile = profile_from_records(records, backend, str(source), seed)
+    checks, _ = validate_store_records(records, str(source), seed=seed, backends=(backend,))
+    made_from = f"{len(checks)} {backend} run(s) of {source}, each predicted from the others"
+    return replace(profile, error=model_error(checks, made_from))
+
+
+def model_error(checks: list[Check], made_from: str) -> ModelError:
+    points = tuple(Point(c.measured_s, c.predicted_s_p10, c.predicted_s_p50, c.predicted_s_p90) for c in checks
+                   if not c.calibration)  # fmt: skip
+    return ModelError(points, made_from)
 
 
 def _stored_records(source: str, purpose: str, warn) -> list[dict]:
@@ -322,9 +429,13 @@ def check_target(target: Target) -> None:
     samples_per_partition(target.partition_mb)
     for name, value in (("--concurrency", target.concurrency), ("--map-concurrency", target.map_concurrency),
                         ("--tasks", target.tasks), ("--memory-mb", target.memory_mb),
-                        ("--cores-per-task", target.cores_per_task)):  # fmt: skip
+                        ("--cores-per-task", target.cores_per_task),
+                        ("--array-tasks", target.array_tasks)):  # fmt: skip
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    for name, value in (("--launch-per-s", target.launch_per_s), ("--shared-read-gbps", target.shared_read_gbps)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{name} must be a positive number, got {value}")
     if target.memory_mb is not None and not 128 <= target.memory_mb <= 10_240:
         raise UserError(f"--memory-mb must be between 128 and 10240 (Lambda's range), got {target.memory_mb}")
     if target.orchestrator not in ("direct", "stepfunctions"):
@@ -339,8 +450,26 @@ def target_slots(target: Target, default_slots: int) -> int:
     return target.concurrency
 
 
+def is_array(target: Target, array: ArrayFacts | None) -> bool:
+    """hpc as a SLURM array: asked for (--array-tasks), or the profile's runs were arrays."""
+    return target.backend == "hpc" and (target.array_tasks is not None or array is not None)
+
+
+def _array_scenario(units: np.ndarray, target: Target, slots: int, array: ArrayFacts | None,
+                    factor: float) -> Scenario:  # fmt: skip
+    """An array of ``--array-tasks`` tasks (default: one per task at once), each given an even group of units,
+    ``slots`` at once, launched at the measured rate, reading through the shared bandwidth."""
+    tasks = min(target.array_tasks or slots, len(units))
+    per_task = math.ceil(len(units) / tasks)
+    groups = tuple(min(per_task, len(units) - start) for start in range(0, len(units), per_task))
+    launch = target.launch_per_s or (array.launch_per_s if array else None)
+    shared = (target.shared_read_gbps or DEFAULT_SHARED_READ_GBPS) * GB
+    return Scenario(units, BYTES_PER_SAMPLE, slots, *((1, 1.0 / launch) if launch else (0, 0.0)),
+                    compute_factor=factor, groups=groups, shared_read_bytes_per_s=shared)  # fmt: skip
+
+
 def _simulate_target(profile: Profile, target: Target, memory_mb: int | None, default_slots: int, trials: int,
-                     seed: int) -> Simulated:  # fmt: skip
+                     seed: int, array: ArrayFacts | None = None) -> Simulated:  # fmt: skip
     samples = samples_for_gb(target.gb)
     count = partition_count(samples, target.partition_mb)
     if count * trials > MAX_SIMULATED_UNITS:
@@ -348,49 +477,107 @@ def _simulate_target(profile: Profile, target: Target, memory_mb: int | None, de
                         f"({MAX_SIMULATED_UNITS:,} units): use fewer --trials or a larger --partition-mb")  # fmt: skip
     units = np.array(partition_sizes(samples, target.partition_mb), dtype=np.int64)
     slots = target_slots(target, default_slots)
-    if target.backend == "lambda":
-        factor = profile.cpu_share / lambda_vcpus(memory_mb) if profile.cpu_share and memory_mb else 1.0
-        scenario = Scenario(units, BYTES_PER_SAMPLE, slots, LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S, factor)
+    factor = 1.0
+    if target.backend == "lambda" and profile.cpu_share and memory_mb:
+        factor = profile.cpu_share / lambda_vcpus(memory_mb)
     elif target.backend == "hpc" and target.cores_per_task and profile.cpu_share:
-        scenario = Scenario(units, BYTES_PER_SAMPLE, slots, compute_factor=profile.cpu_share / target.cores_per_task)
+        factor = profile.cpu_share / target.cores_per_task
+    if target.backend == "lambda":
+        scenario = Scenario(units, BYTES_PER_SAMPLE, slots, LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S, factor)
+    elif is_array(target, array):
+        scenario = _array_scenario(units, target, slots, array, factor)
     else:
-        scenario = Scenario(units, BYTES_PER_SAMPLE, slots)
+        scenario = Scenario(units, BYTES_PER_SAMPLE, slots, compute_factor=factor)
     return simulate(profile, scenario, trials, seed)
 
 
-def _costs(sim: Simulated, target: Target, memory_mb: int | None, cores: int, prices: Prices) -> dict:
-    """Per trial cost in US$ (None: not priced), and Lambda's billed GB-s, requests and transitions."""
+def price_assumptions(target: Target, cores: int | None, prices: Prices, array: bool) -> dict:
+    """What the cost of ``target`` is priced at, as the table shows it."""
     if target.backend == "lambda":
-        transitions = sim.units + 1 if target.orchestrator == "stepfunctions" else 0
-        costs = [pricing.total_cost(ms, sim.units, memory_mb, prices.architecture, prices.lambda_table, transitions)
-                 for ms in sim.billed_ms]  # fmt: skip
-        usd, gb_s = np.array([c.usd for c in costs]), np.array([c.billed_gb_s for c in costs])
-        return {"usd": usd, "gb_s": gb_s, "requests": sim.units, "transitions": transitions}
-    if target.backend == "hpc":  # an array task is billed its own elapsed time on its cores
-        usd = None if prices.core_hour_usd is None else sim.busy_s / 3600 * cores * prices.core_hour_usd
-    else:  # the GPUs are held for the whole run
-        usd = None if prices.gpu_hour_usd is None else sim.wall_s / 3600 * sim.slots * prices.gpu_hour_usd
-    return {"usd": usd, "gb_s": None, "requests": None, "transitions": None}
+        table = prices.lambda_table
+        keys = ("request_usd", "state_transition_usd", "s3_get_usd", "s3_put_usd", "as_of", "region")
+        return {"architecture": prices.architecture, "gb_second_usd": table["gb_second_usd"].get(prices.architecture),
+                **{k: table.get(k, pricing.PRICES.get(k)) for k in keys}}  # fmt: skip
+    if target.backend == "hpc":
+        held = "each array task's own elapsed time" if array else "every worker for the whole wall"
+        return {"core_hour_usd": prices.core_hour_usd, "cores_per_task": cores, "billed": f"{held}, on its cores"}
+    return {"gpu_hour_usd": prices.gpu_hour_usd, "billed": "each GPU with its share of its host, for the whole wall"}
+
+
+def _lambda_items(sim: Simulated, target: Target, memory_mb: int, prices: Prices) -> dict:
+    """Per trial: Lambda's GB-seconds at the architecture's price, requests, Step Functions transitions, and S3
+    requests (a GET per partition and per environment's weights, a PUT per result)."""
+    table = prices.lambda_table
+    transitions = sim.units + 1 if target.orchestrator == "stepfunctions" else 0
+    costs = [pricing.total_cost(ms, sim.units, memory_mb, prices.architecture, table, transitions)
+             for ms in sim.billed_ms]  # fmt: skip
+    gets, puts = sim.units + sim.created, np.full(len(sim.wall_s), sim.units)
+    s3_usd = gets * table.get("s3_get_usd", pricing.PRICES["s3_get_usd"]) + puts * table.get(
+        "s3_put_usd", pricing.PRICES["s3_put_usd"])  # fmt: skip
+    return {
+        "usd": np.array([c.usd for c in costs]) + s3_usd,
+        "billed_gb_s": np.array([c.billed_gb_s for c in costs]),
+        "duration_usd": np.array([c.duration_usd for c in costs]),
+        "requests": np.full(len(costs), sim.units),
+        "request_usd": np.array([c.request_usd for c in costs]),
+        "transitions": np.full(len(costs), transitions),
+        "transitions_usd": np.array([c.transitions_usd for c in costs]),
+        "s3_gets": gets.astype(float),
+        "s3_puts": puts.astype(float),
+        "s3_usd": s3_usd,
+    }
+
+
+def _cost_items(sim: Simulated, target: Target, memory_mb: int | None, cores: int | None, array: bool,
+                prices: Prices) -> dict:  # fmt: skip
+    """Per trial, each item of the cost; ``usd`` None where unpriced. A task is priced for what it occupies:
+    an array task its cores for its own elapsed time, a node's workers their cores for the whole wall, a GPU
+    (with its host) for the whole wall."""
+    if target.backend == "lambda":
+        return _lambda_items(sim, target, memory_mb, prices)
+    if target.backend == "hpc":
+        held = sim.busy_s if array else sim.wall_s * sim.slots
+        core_hours = None if cores is None else held * cores / 3600
+        usd = None if core_hours is None or prices.core_hour_usd is None else core_hours * prices.core_hour_usd
+        return {"usd": usd, "core_hours": core_hours}
+    gpu_hours = sim.wall_s * sim.slots / 3600
+    return {"usd": None if prices.gpu_hour_usd is None else gpu_hours * prices.gpu_hour_usd, "gpu_hours": gpu_hours}
+
+
+def _median_trial(items: dict, sim: Simulated) -> dict:
+    """The items of the trial whose cost is the median (their sum is that cost), or of the median wall."""
+    key = items["usd"] if items["usd"] is not None else sim.wall_s
+    at = int(np.argsort(key)[(len(key) - 1) // 2])
+    return {name: (None if values is None else float(values[at])) for name, values in items.items()}
 
 
 def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int = 200, seed: int = 0) -> Estimate:
-    """``target`` simulated ``trials`` times from ``source``: median and p90 wall and cost."""
+    """``target`` simulated ``trials`` times from ``source``: the median, p90 and the interval with the model's
+    error, and the itemised cost."""
     check_target(target)
     check_trials(trials)
     memory = target.memory_mb or source.memory_mb or (PAPER_FUNCTION_MEMORY_MB if target.backend == "lambda" else None)
     began = time.perf_counter()
-    sim = _simulate_target(source.profile, target, memory, source.slots, trials, seed)
+    sim = _simulate_target(source.profile, target, memory, source.slots, trials, seed, source.array)
     took = time.perf_counter() - began
-    cost = _costs(sim, target, memory, target.cores_per_task or source.cores_per_slot, prices)
-    usd = cost["usd"]
-
-    def p(values, q):
-        return None if values is None else float(np.percentile(values, q))
-
+    array = is_array(target, source.array)
+    cores = target.cores_per_task or source.cores_per_slot
+    items = _median_trial(_cost_items(sim, target, memory, cores, array, prices), sim)
+    samples = int(np.sum(partition_sizes(samples_for_gb(target.gb), target.partition_mb)))
+    if items["usd"] is not None:
+        items["usd_per_million_galaxies"] = items["usd"] / samples * 1e6
+    p10, p50, p90 = (float(np.percentile(sim.wall_s, q)) for q in (10, 50, 90))
+    error = source.error or ModelError((), "no validation")
+    low, high = uncertainty_interval(p10, p50, p90, error.factor)
+    usd = items["usd"]
     return Estimate(
-        target.backend, target.gb, target.partition_mb, sim.units, sim.slots, p(sim.wall_s, 50), p(sim.wall_s, 90),
-        p(usd, 50), p(usd, 90), p(cost["gb_s"], 50), cost["requests"], cost["transitions"],
-        memory if target.backend == "lambda" else None, source.profile.name, trials, seed, took,
+        target.backend, target.gb, target.partition_mb, sim.units, sim.slots, source.time_kind, p50, p90, low, high,
+        error.describe(), usd, None if usd is None or high is None else usd * high / p50, items,
+        price_assumptions(target, cores, prices, array), items.get("billed_gb_s"),
+        None if items.get("requests") is None else int(items["requests"]),
+        None if items.get("transitions") is None else int(items["transitions"]),
+        memory if target.backend == "lambda" else None, int(sim.created[0]) if array else None,
+        source.profile.name, trials, seed, took, samples,
     )  # fmt: skip
 
 
@@ -410,6 +597,8 @@ class Check:
     predicted_s_p50: float
     predicted_s_p90: float
     calibration: bool = False  # the point the profile was calibrated on: its error says nothing
+    predicted_s_p10: float | None = None
+    time_kind: str = WALL
 
     @property
     def error(self) -> float:
@@ -419,9 +608,22 @@ class Check:
         return {**asdict(self), "error": self.error}
 
 
+def _check(what: str, backend: str, gb: float, mb: float | None, sim: Simulated, measured_s: float,
+           calibration: bool = False, kind: str = WALL) -> Check:  # fmt: skip
+    p10, p50, p90 = (float(np.percentile(sim.wall_s, q)) for q in (10, 50, 90))
+    return Check(what, backend, gb, mb, sim.slots, measured_s, p50, p90, calibration, p10, kind)
+
+
 def median_abs_error(checks: list[Check]) -> float | None:
     errors = [abs(c.error) for c in checks if not c.calibration]
     return float(np.median(errors)) if errors else None
+
+
+def errors_by_backend(checks: list[Check], made_from: str) -> dict[str, ModelError]:
+    """Per backend, the model's error on its checks (the calibration points left out): median absolute error,
+    the interval's factor and its leave-one-out coverage."""
+    backends = dict.fromkeys(c.backend for c in checks)
+    return {b: model_error([c for c in checks if c.backend == b], made_from) for b in backends}
 
 
 def validate_store(source: str, trials: int = 200, seed: int = 0, warn=None,
@@ -431,8 +633,8 @@ def validate_store(source: str, trials: int = 200, seed: int = 0, warn=None,
     return validate_store_records(records, str(source), trials, seed, hold_out)
 
 
-def validate_store_records(records: list[dict], where: str, trials: int = 200, seed: int = 0,
-                           hold_out: str = "run") -> tuple[list[Check], list[str]]:  # fmt: skip
+def validate_store_records(records: list[dict], where: str, trials: int = 200, seed: int = 0, hold_out: str = "run",
+                           backends: tuple[str, ...] = BACKENDS) -> tuple[list[Check], list[str]]:  # fmt: skip
     """Each finished lambda, hpc or gpu run predicted from the profile of the others of its backend: all the
     others (``hold_out="run"``), or those of other measured points only (``"point"``: its own repeats left out
     too). The checks, and a line for each run that could not be predicted."""
@@ -440,7 +642,7 @@ def validate_store_records(records: list[dict], where: str, trials: int = 200, s
         raise UserError(f"--hold-out must be one of {', '.join(HOLD_OUTS)}, got {hold_out!r}")
     check_trials(trials)
     checks, skipped = [], []
-    for backend in BACKENDS:
+    for backend in backends:
         runs = _usable_runs(records, backend)
         for run in runs:
             point = record_point_key(run)
@@ -448,32 +650,33 @@ def validate_store_records(records: list[dict], where: str, trials: int = 200, s
             if not others:
                 skipped.append(f"{run['run_id']} ({backend}): no other {backend} {hold_out} to predict it from")
                 continue
-            profile = profile_from_records(others, backend, where, seed).profile
-            sim = _own_run(profile, run, trials, seed)
+            source = profile_from_records(others, backend, where, seed)
+            launch = source.array.launch_per_s if source.array else None
+            sim = _own_run(source.profile, run, trials, seed, launch)
             data = run["plan"]["data"]
-            checks.append(Check(run["run_id"], backend, data["data_gb"], data["partition_mb"], run_slots(run),
-                                run["summary"]["wall_s"], float(np.median(sim.wall_s)),
-                                float(np.percentile(sim.wall_s, 90))))  # fmt: skip
-    if not checks and not skipped:
+            kind = "slurm array" if run_groups(run) else backend
+            checks.append(_check(f"{run['run_id']} ({kind})", backend, data["data_gb"], data["partition_mb"], sim,
+                                 run["summary"]["wall_s"]))  # fmt: skip
+    if not checks and not skipped and backends == BACKENDS:
         raise UserError(f"{where}: no finished lambda, hpc or gpu run with partition records to validate")
     return checks, skipped
 
 
-def validate_paper(trials: int = 200, seed: int = 0) -> list[Check]:
+def validate_paper(trials: int = 200, seed: int = 0, backends: tuple[str, ...] = BACKENDS) -> list[Check]:
     """Every published time of the paper's data-size experiment at batch 512 predicted from the paper profile,
     which is calibrated on one of them (marked)."""
     check_trials(trials)
     checks = []
-    for backend, (system, kind) in PAPER_SYSTEMS.items():
+    for backend in backends:
+        system, kind = PAPER_SYSTEMS[backend]
         source = paper_profile(backend, seed)
         published = published_seconds(load_reference("paper"), system, kind)
         for (gb, mb), seconds in _by_partition(published):
             target = Target(backend, gb, mb or 25.0, orchestrator="stepfunctions" if backend == "lambda" else "direct")
             sim = _simulate_target(source.profile, target, source.memory_mb, source.slots, trials, seed)
             calibration = (gb, mb) == PAPER_CALIBRATION or (backend != "lambda" and gb == PAPER_CALIBRATION[0])
-            checks.append(Check(f"paper {system} ({kind}), median of {len(seconds)}", backend, gb, mb, sim.slots,
-                                statistics.median(seconds), float(np.median(sim.wall_s)),
-                                float(np.percentile(sim.wall_s, 90)), calibration))  # fmt: skip
+            checks.append(_check(f"paper {system} ({kind}), median of {len(seconds)}", backend, gb, mb, sim,
+                                 statistics.median(seconds), calibration, source.time_kind))  # fmt: skip
     return checks
 
 
@@ -482,20 +685,26 @@ def validate_paper(trials: int = 200, seed: int = 0) -> list[Check]:
 
 @dataclass(frozen=True)
 class EstimateRequest:
+    """Every combination of its lists is a target: backends x partition sizes x data sizes, and per backend its
+    settings (Lambda memory and concurrency, hpc tasks at once, gpu devices)."""
+
     backends: tuple[str, ...]
     gbs: tuple[float, ...]
     partition_mbs: tuple[float, ...]
     prices: Prices
     profile: str = "results"
-    memory_mb: int | None = None
-    concurrency: int = DEFAULT_QUOTA
+    memory_mbs: tuple[int | None, ...] = (None,)
+    concurrencies: tuple[int, ...] = (DEFAULT_QUOTA,)
     map_concurrency: int | None = None
-    tasks: int | None = None
+    tasks: tuple[int | None, ...] = (None,)
     orchestrator: str = "direct"
     trials: int = 200
     seed: int = 0
     cores_per_task: int | None = None  # hpc: cores each task computes on (default: the profile's)
-    gpus: int | None = None  # gpu: devices (default: the profile's)
+    gpus: tuple[int | None, ...] = (None,)  # gpu: devices (default: the profile's)
+    array_tasks: int | None = None  # hpc: the array's size
+    launch_per_s: float | None = None
+    shared_read_gbps: float | None = None
 
 
 @dataclass
@@ -506,14 +715,25 @@ class EstimateOutcome:
 
     def to_dict(self) -> dict:
         return {"estimates": [e.to_dict() for e in self.estimates], "profiles": self.profiles,
-                "measured": self.measured}  # fmt: skip
+                "measured": self.measured, "time_kinds": TIME_KINDS}  # fmt: skip
+
+
+def _settings(request: EstimateRequest, backend: str) -> list[dict]:
+    """Each combination of ``backend``'s own settings in ``request``."""
+    if backend == "lambda":
+        return [{"memory_mb": m, "concurrency": c} for m in request.memory_mbs for c in request.concurrencies]
+    if backend == "hpc":
+        return [{"tasks": t, "cores_per_task": request.cores_per_task, "array_tasks": request.array_tasks,
+                 "launch_per_s": request.launch_per_s, "shared_read_gbps": request.shared_read_gbps}
+                for t in request.tasks]  # fmt: skip
+    return [{"tasks": g} for g in request.gpus]
 
 
 def _targets(request: EstimateRequest) -> list[Target]:
-    workers = {"hpc": request.tasks, "gpu": request.gpus}
-    targets = [Target(b, gb, mb, request.memory_mb, request.concurrency, request.map_concurrency,
-                      request.orchestrator, workers.get(b), request.cores_per_task)
-               for b in request.backends for mb in request.partition_mbs for gb in request.gbs]  # fmt: skip
+    targets = [Target(b, gb, mb, map_concurrency=request.map_concurrency, orchestrator=request.orchestrator,
+                      **setting)
+               for b in request.backends for setting in _settings(request, b) for mb in request.partition_mbs
+               for gb in request.gbs]  # fmt: skip
     for target in targets:
         check_target(target)  # every target before any profile is read
     return targets
@@ -544,23 +764,32 @@ def _profile_facts(backend: str, source: BackendProfile) -> dict:
         else {"workers": source.slots, "cores_per_worker": source.cores_per_slot}
     )
     profile = source.profile
+    array = {"array_runs": source.array.runs, "array_launch_per_s": source.array.launch_per_s} if source.array else {}
     return {
         "name": profile.name,
+        "time_kind": source.time_kind,
         **where,
         "cpu_share": profile.cpu_share,
         "compute_s_per_sample": profile.compute_s_per_sample,
         "unit_overhead_s": profile.unit_overhead_s,
         "run_overhead_s": profile.run_overhead_s,
+        **array,
         **profile.facts,
+        "model_error": source.error.to_dict() if source.error else None,
     }
 
 
-def estimate_command(request: EstimateRequest, warn=None) -> EstimateOutcome:
-    """Every backend x partition size x data size of ``request``, from each backend's profile."""
+def load_sources(request: EstimateRequest, warn=None) -> dict[str, BackendProfile]:
+    where = profile_sources(request.profile, request.backends)
+    return {b: load_profile(where[b], b, request.seed, warn) for b in dict.fromkeys(request.backends)}
+
+
+def estimate_command(request: EstimateRequest, warn=None,
+                     sources: dict[str, BackendProfile] | None = None) -> EstimateOutcome:  # fmt: skip
+    """Every target of ``request``, each from its backend's profile."""
     check_trials(request.trials)
     targets = _targets(request)
-    where = profile_sources(request.profile, request.backends)
-    sources = {b: load_profile(where[b], b, request.seed, warn) for b in dict.fromkeys(request.backends)}
+    sources = sources or load_sources(request, warn)
     estimates = [estimate(sources[t.backend], t, request.prices, request.trials, request.seed) for t in targets]
     profiles = {b: _profile_facts(b, s) for b, s in sources.items()}
     measured = [m for s in sources.values() for m in s.measured]

@@ -521,34 +521,91 @@ def _estimate_series(estimates: list) -> dict[str, list]:
         memory = f", {e.memory_mb:,} MB functions" if e.memory_mb else ""
         part = f", {e.partition_mb:g} MB partitions"
         workers = "" if e.backend == "lambda" else f", {e.slots:,} {'GPU' if e.backend == 'gpu' else 'task'}(s)"
-        series.setdefault(f"predicted: {e.backend}{part}{memory}{workers}", []).append(e)
+        kind = "" if e.time_kind == "wall" else " (compute only)"
+        series.setdefault(f"predicted: {e.backend}{part}{memory}{workers}{kind}", []).append(e)
     return {k: sorted(v, key=lambda e: e.gb) for k, v in series.items()}
 
 
+_KIND_AXIS = {"wall": "wall time (s)", "compute": "compute time only (s), torch profiler"}
+
+
 def estimate_figure(outcome) -> Figure:
-    """Predicted wall (and cost where priced) against data size per backend: the median as a line, up to p90 as
-    a band; the profile's measured points over it, each with what kind of time it is."""
+    """Predicted time (and cost where priced) against data size per backend: the median as a line, the interval
+    with the model's error as a band; the profile's measured points over it. Each kind of time on its own axes."""
     priced = any(e.cost_usd_p50 is not None for e in outcome.estimates)
-    fig = Figure(figsize=(12, 5 if not priced else 8.5), dpi=100)
-    axes = fig.subplots(2 if priced else 1, 1, squeeze=False)[:, 0]
+    kinds = [k for k in _KIND_AXIS if any(e.time_kind == k for e in outcome.estimates)]
+    rows = len(kinds) + priced
+    fig = Figure(figsize=(12, 1.5 + 3.5 * rows), dpi=100)
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+    time_axes = dict(zip(kinds, axes, strict=False))
     partitions = {(e.backend, e.partition_mb) for e in outcome.estimates}
+    banded = set()
     for label, group in _estimate_series(outcome.estimates).items():
-        xs = [e.gb for e in group]
-        line = axes[0].plot(xs, [e.wall_s_p50 for e in group], marker="o", markersize=3, label=label)[0]
-        axes[0].fill_between(xs, [e.wall_s_p50 for e in group], [e.wall_s_p90 for e in group], alpha=0.2,
-                             color=line.get_color())  # fmt: skip
+        ax, xs = time_axes[group[0].time_kind], [e.gb for e in group]
+        line = ax.plot(xs, [e.wall_s_p50 for e in group], marker="o", markersize=3, label=label)[0]
+        if all(e.wall_s_low is not None for e in group):
+            ax.fill_between(
+                xs,
+                [e.wall_s_low for e in group],
+                [e.wall_s_high for e in group],
+                alpha=0.15,
+                color=line.get_color(),
+                label=None if ax in banded else "80% interval (model error)",
+            )
+            banded.add(ax)
         if priced and group[0].cost_usd_p50 is not None:
-            axes[1].plot(xs, [e.cost_usd_p50 for e in group], marker="o", markersize=3, color=line.get_color(),
-                         label=label)  # fmt: skip
+            axes[-1].plot(xs, [e.cost_usd_p50 for e in group], marker="o", markersize=3, color=line.get_color(),
+                          label=label)  # fmt: skip
+    kind_of = {e.backend: e.time_kind for e in outcome.estimates}
     for index, (what, points) in enumerate(_measured_series(outcome.measured, partitions).items()):
         colour = _REFERENCE_COLOURS[index % len(_REFERENCE_COLOURS)]
-        axes[0].plot([p["gb"] for p in points], [p["wall_s"] for p in points], linestyle="none", marker="s",
-                     markerfacecolor="none", color=colour, label=what)  # fmt: skip
+        time_axes[kind_of[points[0]["backend"]]].plot(
+            [p["gb"] for p in points], [p["wall_s"] for p in points], linestyle="none", marker="s",
+            markerfacecolor="none", color=colour, label=what)  # fmt: skip
     axes[0].set_title(f"estimated from {'; '.join(sorted(outcome.profiles[b]['name'] for b in outcome.profiles))}",
                       fontsize=9, loc="left")  # fmt: skip
     if priced:
-        _finish(fig, axes[1], "data size (GB)", "cost (US$, median)")
-    return _finish(fig, axes[0], "data size (GB)", "wall time (s)")
+        _finish(fig, axes[-1], "data size (GB)", "cost (US$, median)")
+    for kind, ax in list(time_axes.items())[1:]:
+        _finish(fig, ax, "data size (GB)", _KIND_AXIS[kind])
+    return _finish(fig, axes[0], "data size (GB)", _KIND_AXIS[kinds[0]])
+
+
+def decision_figure(decision) -> Figure:
+    """``estimate --deadline``: each candidate's upper bound of time against its median cost, the frontier
+    joined, the deadline and the budget as lines; those that miss hollow."""
+    fig, ax = _figure()
+    markers, colours = {"lambda": "o", "hpc": "s", "gpu": "^"}, {"lambda": "C0", "hpc": "C1", "gpu": "C2"}
+    for backend in dict.fromkeys(c.estimate.backend for c in decision.candidates):
+        for meets in (True, False):
+            shown = [c.estimate for c in decision.candidates if c.estimate.backend == backend and c.meets == meets
+                     and c.estimate.wall_s_high is not None and c.estimate.cost_usd_p50 is not None]  # fmt: skip
+            if shown:
+                ax.plot([e.wall_s_high for e in shown], [e.cost_usd_p50 for e in shown], linestyle="none",
+                        marker=markers[backend], color=colours[backend], markerfacecolor=None if meets else "none",
+                        label=f"{backend}, {'meets' if meets else 'misses'}")  # fmt: skip
+    edge = sorted((c.estimate for c in decision.candidates if c.frontier), key=lambda e: e.wall_s_high)
+    if edge:
+        ax.plot([e.wall_s_high for e in edge], [e.cost_usd_p50 for e in edge], color="grey", linewidth=1,
+                label="frontier (nothing faster and cheaper)")  # fmt: skip
+    if decision.deadline_s is not None:
+        ax.axvline(decision.deadline_s, color="red", linestyle="--", linewidth=1, label="deadline")
+    if decision.budget_usd is not None:
+        ax.axhline(decision.budget_usd, color="red", linestyle=":", linewidth=1, label="budget")
+    if decision.chosen:
+        chosen = decision.chosen.estimate
+        ax.plot([chosen.wall_s_high], [chosen.cost_usd_p50], marker="*", markersize=14, color="gold",
+                markeredgecolor="black", linestyle="none", label=f"cheapest that meets: {chosen.label}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    gb = decision.candidates[0].estimate.gb if decision.candidates else 0
+    ax.set_title(f"{gb:g} GB: every setting, wall clock upper bound (80% interval) against median cost",
+                 fontsize=9, loc="left")  # fmt: skip
+    return _finish(fig, ax, "wall time, upper bound of the 80% interval (s)", "cost, median (US$)")
+
+
+def save_decision_figure(decision, path: str | Path) -> Path:
+    return _save(decision_figure(decision), path)
 
 
 def _measured_series(measured: list[dict], partitions: set) -> dict[str, list[dict]]:
@@ -567,10 +624,14 @@ def _measured_series(measured: list[dict], partitions: set) -> dict[str, list[di
 
 
 def save_estimate_figure(outcome, path: str | Path) -> Path:
+    return _save(estimate_figure(outcome), path)
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        estimate_figure(outcome).savefig(path)
+        figure.savefig(path)
     except OSError as exc:
         raise UserError(f"{path}: cannot write the figure ({exc.strerror})") from None
     return path

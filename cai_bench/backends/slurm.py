@@ -688,6 +688,8 @@ def _finish(plan: Plan, job: dict, dispatcher: Dispatcher, transport: ArrayTrans
         "hosts": len({e["host"] for e in events if e["event"] == "start"}),
         "queue_wait_s": waits[0] if waits else None,
         "queue_wait_max_s": waits[-1] if waits else None,
+        # each task's start (its interpreter up) after the first's: the launch rate the estimate models
+        "task_start_offsets_s": [round(w - waits[0], 6) for w in waits],
         "submit_to_last_end_s": max(ends) - job["submit_epoch"] if ends else None,
         "wall_clock": "first task start to last task end, epoch clocks of the nodes",
     }

@@ -27,6 +27,9 @@ PRICES = {
     "gb_second_usd": {"x86_64": 0.0000166667, "arm64": 0.0000133334},
     # Step Functions Standard workflows (a Distributed Map's child executions too): per state transition
     "state_transition_usd": 0.025 / 1000,
+    # S3 Standard requests (the estimate's reads of partitions and weights, and writes of results)
+    "s3_get_usd": 0.0004 / 1000,
+    "s3_put_usd": 0.005 / 1000,
 }
 
 
@@ -94,8 +97,9 @@ def _price_table_problem(table) -> str | None:
     if not isinstance(per_gb_s, dict) or not per_gb_s:
         return shape
     prices = {"request_usd": table.get("request_usd"), **{f"gb_second_usd.{k}": v for k, v in per_gb_s.items()}}
-    if "state_transition_usd" in table:
-        prices["state_transition_usd"] = table["state_transition_usd"]
+    for optional in ("state_transition_usd", "s3_get_usd", "s3_put_usd"):
+        if optional in table:
+            prices[optional] = table[optional]
     for name, value in prices.items():
         if not _price(value):
             return f"{name} is {json.dumps(value)[:40]}: a price in USD is a number from 0 to {MOST_USD:g}"
