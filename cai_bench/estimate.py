@@ -173,6 +173,24 @@ def _usable_runs(records: list[dict], backend: str) -> list[dict]:
             and r.get("kind", "run") == "run" and any(_unit_ok(w) for w in r.get("workers") or [])]  # fmt: skip
 
 
+ARRAY_GROUP = "hpc (SLURM array)"
+
+
+def run_group(record: dict) -> str:
+    """Which runs a run is profiled and validated with: its backend's, an hpc node's apart from SLURM arrays'."""
+    return ARRAY_GROUP if record.get("backend") == "hpc" and (record.get("backend_info") or {}).get("slurm") else (
+        record["backend"])  # fmt: skip
+
+
+def profile_runs(records: list[dict], backend: str, prefer_array: bool = False) -> list[dict]:
+    """The usable runs of ``backend`` one profile is made of: for hpc, a node's runs, or SLURM arrays' where
+    ``prefer_array`` (each where there are no runs of the other)."""
+    runs = _usable_runs(records, backend)
+    arrays = [r for r in runs if run_group(r) == ARRAY_GROUP]
+    nodes = [r for r in runs if run_group(r) != ARRAY_GROUP]
+    return (arrays or nodes) if prefer_array else (nodes or arrays)
+
+
 def _unit_ok(worker: dict) -> bool:
     return worker.get("samples", 0) > 0 and worker.get("compute_s", 0) > 0 and worker.get("device") != "none"
 
@@ -385,18 +403,21 @@ def paper_profile(backend: str, seed: int = 0) -> BackendProfile:
     return BackendProfile(profile, 1, 1, PAPER_FUNCTION_MEMORY_MB, measured)
 
 
-def load_profile(source: str, backend: str, seed: int = 0, warn=None) -> BackendProfile:
-    """``paper`` or a results directory's runs of ``backend``, with the model's error on its validation points:
-    the paper's other published times of that backend, or each stored run predicted from the others."""
+def load_profile(source: str, backend: str, seed: int = 0, warn=None, prefer_array: bool = False) -> BackendProfile:
+    """``paper`` or a results directory's runs of ``backend`` (``profile_runs``), with the model's error on its
+    validation points: the paper's other published times of that backend, or each stored run predicted from the
+    others of its group."""
     if source == "paper":
         checks = [c for c in validate_paper(seed=seed, backends=(backend,)) if not c.calibration]
         system, kind = PAPER_SYSTEMS[backend]
         made_from = f"the paper's {len(checks)} other published {system} times ({kind}), calibration excluded"
         return replace(paper_profile(backend, seed), error=model_error(checks, made_from))
     records = _stored_records(source, "to build a profile from (or use --profile paper)", warn)
-    profile = profile_from_records(records, backend, str(source), seed)
-    checks, _ = validate_store_records(records, str(source), seed=seed, backends=(backend,))
-    made_from = f"{len(checks)} {backend} run(s) of {source}, each predicted from the others"
+    runs = profile_runs(records, backend, prefer_array) or records  # none: profile_from_records says so
+    profile = profile_from_records(runs, backend, str(source), seed)
+    checks, _ = validate_store_records(runs, str(source), seed=seed, backends=(backend,))
+    group = run_group(runs[0]) if runs else backend
+    made_from = f"{len(checks)} {group} run(s) of {source}, each predicted from the others"
     return replace(profile, error=model_error(checks, made_from))
 
 
@@ -599,6 +620,7 @@ class Check:
     calibration: bool = False  # the point the profile was calibrated on: its error says nothing
     predicted_s_p10: float | None = None
     time_kind: str = WALL
+    group: str = ""  # which runs it was predicted from (run_group): its backend's by default
 
     @property
     def error(self) -> float:
@@ -609,9 +631,9 @@ class Check:
 
 
 def _check(what: str, backend: str, gb: float, mb: float | None, sim: Simulated, measured_s: float,
-           calibration: bool = False, kind: str = WALL) -> Check:  # fmt: skip
+           calibration: bool = False, kind: str = WALL, group: str = "") -> Check:  # fmt: skip
     p10, p50, p90 = (float(np.percentile(sim.wall_s, q)) for q in (10, 50, 90))
-    return Check(what, backend, gb, mb, sim.slots, measured_s, p50, p90, calibration, p10, kind)
+    return Check(what, backend, gb, mb, sim.slots, measured_s, p50, p90, calibration, p10, kind, group or backend)
 
 
 def median_abs_error(checks: list[Check]) -> float | None:
@@ -620,10 +642,11 @@ def median_abs_error(checks: list[Check]) -> float | None:
 
 
 def errors_by_backend(checks: list[Check], made_from: str) -> dict[str, ModelError]:
-    """Per backend, the model's error on its checks (the calibration points left out): median absolute error,
-    the interval's factor and its leave-one-out coverage."""
-    backends = dict.fromkeys(c.backend for c in checks)
-    return {b: model_error([c for c in checks if c.backend == b], made_from) for b in backends}
+    """Per group of runs (a backend; SLURM arrays apart from an hpc node's runs), the model's error on its checks
+    (the calibration points left out): median absolute error, the interval's factor and its leave-one-out
+    coverage."""
+    groups = dict.fromkeys(c.group or c.backend for c in checks)
+    return {g: model_error([c for c in checks if (c.group or c.backend) == g], made_from) for g in groups}
 
 
 def validate_store(source: str, trials: int = 200, seed: int = 0, warn=None,
@@ -635,9 +658,10 @@ def validate_store(source: str, trials: int = 200, seed: int = 0, warn=None,
 
 def validate_store_records(records: list[dict], where: str, trials: int = 200, seed: int = 0, hold_out: str = "run",
                            backends: tuple[str, ...] = BACKENDS) -> tuple[list[Check], list[str]]:  # fmt: skip
-    """Each finished lambda, hpc or gpu run predicted from the profile of the others of its backend: all the
-    others (``hold_out="run"``), or those of other measured points only (``"point"``: its own repeats left out
-    too). The checks, and a line for each run that could not be predicted."""
+    """Each finished lambda, hpc or gpu run predicted from the profile of the others of its group (``run_group``:
+    its backend, SLURM arrays apart): all the others (``hold_out="run"``), or those of other measured points only
+    (``"point"``: its own repeats left out too). The checks, and a line for each run that could not be
+    predicted."""
     if hold_out not in HOLD_OUTS:
         raise UserError(f"--hold-out must be one of {', '.join(HOLD_OUTS)}, got {hold_out!r}")
     check_trials(trials)
@@ -645,18 +669,18 @@ def validate_store_records(records: list[dict], where: str, trials: int = 200, s
     for backend in backends:
         runs = _usable_runs(records, backend)
         for run in runs:
-            point = record_point_key(run)
-            others = [r for r in runs if r is not run and (hold_out == "run" or record_point_key(r) != point)]
+            point, group = record_point_key(run), run_group(run)
+            others = [r for r in runs if r is not run and run_group(r) == group
+                      and (hold_out == "run" or record_point_key(r) != point)]  # fmt: skip
             if not others:
-                skipped.append(f"{run['run_id']} ({backend}): no other {backend} {hold_out} to predict it from")
+                skipped.append(f"{run['run_id']} ({group}): no other {group} {hold_out} to predict it from")
                 continue
             source = profile_from_records(others, backend, where, seed)
             launch = source.array.launch_per_s if source.array else None
             sim = _own_run(source.profile, run, trials, seed, launch)
             data = run["plan"]["data"]
-            kind = "slurm array" if run_groups(run) else backend
-            checks.append(_check(f"{run['run_id']} ({kind})", backend, data["data_gb"], data["partition_mb"], sim,
-                                 run["summary"]["wall_s"]))  # fmt: skip
+            checks.append(_check(run["run_id"], backend, data["data_gb"], data["partition_mb"], sim,
+                                 run["summary"]["wall_s"], group=group))  # fmt: skip
     if not checks and not skipped and backends == BACKENDS:
         raise UserError(f"{where}: no finished lambda, hpc or gpu run with partition records to validate")
     return checks, skipped
@@ -781,7 +805,8 @@ def _profile_facts(backend: str, source: BackendProfile) -> dict:
 
 def load_sources(request: EstimateRequest, warn=None) -> dict[str, BackendProfile]:
     where = profile_sources(request.profile, request.backends)
-    return {b: load_profile(where[b], b, request.seed, warn) for b in dict.fromkeys(request.backends)}
+    array = request.array_tasks is not None
+    return {b: load_profile(where[b], b, request.seed, warn, array) for b in dict.fromkeys(request.backends)}
 
 
 def estimate_command(request: EstimateRequest, warn=None,

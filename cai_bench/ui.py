@@ -899,12 +899,12 @@ def show_checks(checks: list, skipped: list[str], errors: dict, source: str, as_
                           "by_backend": {b: e.to_dict() for b, e in errors.items()}}, indent=1))  # fmt: skip
         return
     table = Table(title=f"{source}: predicted vs measured", title_justify="left")
-    for header in ("run", "backend", "time", "data GB", "part. MB", "at once", "measured s", "predicted s p50",
+    for header in ("run", "runs of", "time", "data GB", "part. MB", "at once", "measured s", "predicted s p50",
                    "p90", "error"):  # fmt: skip
-        table.add_column(header, justify="left" if header in ("run", "backend", "time") else "right")
+        table.add_column(header, justify="left" if header in ("run", "runs of", "time") else "right")
     for c in checks:
         error = "calibration" if c.calibration else f"{c.error * 100:+.0f}%"
-        table.add_row(c.what, c.backend, _KIND_SHORT[c.time_kind], f"{c.gb:.3g}",
+        table.add_row(c.what, c.group or c.backend, _KIND_SHORT[c.time_kind], f"{c.gb:.3g}",
                       "-" if c.partition_mb is None else f"{c.partition_mb:g}", str(c.slots), f"{c.measured_s:,.2f}",
                       f"{c.predicted_s_p50:,.2f}", f"{c.predicted_s_p90:,.2f}", error)  # fmt: skip
     stdout.print(table)
