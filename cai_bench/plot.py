@@ -599,9 +599,27 @@ def decision_figure(decision) -> Figure:
     ax.set_xscale("log")
     ax.set_yscale("log")
     gb = decision.candidates[0].estimate.gb if decision.candidates else 0
-    ax.set_title(f"{gb:g} GB: every setting, wall clock upper bound (80% interval) against median cost",
-                 fontsize=9, loc="left")  # fmt: skip
+    sources = "; ".join(f"{b} {'; '.join(f['machines']) if f.get('machines') else f['name']}"
+                        for b, f in decision.outcome.profiles.items())  # fmt: skip
+    ax.set_title(f"{gb:g} GB: every setting, wall clock upper bound (80% interval) against median cost\n"
+                 f"profiles: {sources}\n" + _price_note([c.estimate for c in decision.candidates]), fontsize=8,
+                 loc="left")  # fmt: skip
     return _finish(fig, ax, "wall time, upper bound of the 80% interval (s)", "cost, median (US$)")
+
+
+def _price_note(estimates: list) -> str:
+    """The prices each backend's costs assume, short enough for a title line."""
+    notes = {}
+    for e in estimates:
+        p = e.prices
+        if e.backend == "lambda":
+            notes["lambda"] = (f"lambda {p['architecture']} USD {p['gb_second_usd']:.4g}/GB-s, "
+                               f"{p['request_usd'] * 1e6:.2g}/M requests, S3, transitions ({p['as_of']})")  # fmt: skip
+        elif e.backend == "hpc":
+            notes["hpc"] = f"hpc USD {p['core_hour_usd']}/core-hour x {p['cores_per_task']} core(s) per task"
+        else:
+            notes["gpu"] = f"gpu USD {p['gpu_hour_usd']}/GPU-hour with its host"
+    return "prices: " + "; ".join(notes.values())
 
 
 def save_decision_figure(decision, path: str | Path) -> Path:

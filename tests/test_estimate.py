@@ -411,7 +411,7 @@ def test_slurm_runs_make_an_array_profile_with_the_launch_rate_their_tasks_start
     slower = est.estimate(source, replace(target, shared_read_gbps=0.001), PRICES)
     assert slower.wall_s_p50 > 2 * e.wall_s_p50  # 1 GB through 1 MB/s shared
     checks, _ = est.validate_store_records(runs, "store", trials=20)
-    assert len(checks) == 3 and all("slurm array" in c.what for c in checks)
+    assert len(checks) == 3 and all(c.group == est.ARRAY_GROUP for c in checks)
 
 
 def test_a_gpu_profile_takes_each_units_busy_time_not_its_overlapping_latency():

@@ -113,32 +113,20 @@ def estimate(
     figure: Figure = Path("results/figures/estimate.png"), as_json: o.AsJson = False,
 ) -> None:  # fmt: skip
     """Time and cost of a run at any scale, simulated from a measured profile, with an interval that holds the
-    model's own error on measured runs.
+    model's own error on measured runs; --deadline and --budget rank the settings by cost.
 
-    Lambda: the concurrency quota, its scaling rate (1,000 environments every 10 s) and warm reuse, the memory's CPU
-    share, GB-seconds, requests, Step Functions transitions and S3 requests. hpc: tasks at once and their cores, or
-    a SLURM array (launch rate, per-task start-up, shared read bandwidth); gpu: devices. --deadline and --budget
-    rank the settings by cost.
+    Lambda: quota, scaling rate, memory, GB-s, requests, transitions, S3. hpc: tasks, or a SLURM array. gpu: devices.
     """
     if validate is not None:
-        checks, skipped = (validate_paper(trials, seed), []) if validate == "paper" else validate_store(
-            validate, trials, seed, ui.warn, hold_out)  # fmt: skip
-        ui.show_checks(checks, skipped, errors_by_backend(checks, _made_from(validate, hold_out)), validate, as_json)
+        _validate(validate, trials, seed, hold_out, as_json)
         return
-    if gb is None:
-        raise UserError("estimate needs --gb (the data sizes to estimate), or --validate")
-    for price in (core_hour_price, gpu_hour_price):
-        if price is not None and price < 0:
-            raise UserError(f"a price must not be negative, got {price}")
     deciding = deadline is not None or budget is not None
-    request = EstimateRequest(
-        tuple(o.comma_list(backend, "--backend")), tuple(o.comma_list(gb, "--gb", float)),
-        tuple(o.comma_list(partition_mb or ("25,50,100" if deciding else "25"), "--partition-mb", float)),
-        Prices(pricing.load_prices(price_file), architecture, core_hour_price, gpu_hour_price), profile,
-        _ints(memory_mb or ("2048,4096,10240" if deciding else None), "--memory-mb"),
-        tuple(o.comma_list(concurrency, "--concurrency", int)), map_concurrency, _ints(tasks, "--tasks"),
-        orchestrator, trials, seed, cores_per_task, _ints(gpus, "--gpus"), array_tasks, launch_per_s,
-        shared_read_gbps,
+    request = _request(
+        deciding, backend=backend, gb=gb, partition_mb=partition_mb, profile=profile, memory_mb=memory_mb,
+        concurrency=concurrency, map_concurrency=map_concurrency, tasks=tasks, gpus=gpus, array_tasks=array_tasks,
+        launch_per_s=launch_per_s, shared_read_gbps=shared_read_gbps, orchestrator=orchestrator, trials=trials,
+        seed=seed, cores_per_task=cores_per_task, core_hour_price=core_hour_price, gpu_hour_price=gpu_hour_price,
+        architecture=architecture, price_file=price_file,
     )  # fmt: skip
     if deciding:
         decision = decide(request, None if deadline is None else parse_deadline(deadline),
@@ -147,6 +135,10 @@ def estimate(
 
         ui.show_decision(decision, save_decision_figure(decision, figure), as_json)
         return
+    _estimates(request, figure, as_json)
+
+
+def _estimates(request: EstimateRequest, figure: Path, as_json: bool) -> None:
     outcome = estimate_command(request, ui.warn)
     drawn = None
     if len(outcome.estimates) > 1:
@@ -154,6 +146,33 @@ def estimate(
 
         drawn = save_estimate_figure(outcome, figure)
     ui.show_estimates(outcome, drawn, as_json)
+
+
+def _validate(source: str, trials: int, seed: int, hold_out: str, as_json: bool) -> None:
+    checks, skipped = (validate_paper(trials, seed), []) if source == "paper" else validate_store(
+        source, trials, seed, ui.warn, hold_out)  # fmt: skip
+    ui.show_checks(checks, skipped, errors_by_backend(checks, _made_from(source, hold_out)), source, as_json)
+
+
+def _request(deciding: bool, **given) -> EstimateRequest:
+    """The options as a request: every list parsed; with --deadline or --budget, more partition sizes and Lambda
+    memories to rank by default."""
+    if given["gb"] is None:
+        raise UserError("estimate needs --gb (the data sizes to estimate), or --validate")
+    for price in (given["core_hour_price"], given["gpu_hour_price"]):
+        if price is not None and price < 0:
+            raise UserError(f"a price must not be negative, got {price}")
+    prices = Prices(pricing.load_prices(given["price_file"]), given["architecture"], given["core_hour_price"],
+                    given["gpu_hour_price"])  # fmt: skip
+    return EstimateRequest(
+        tuple(o.comma_list(given["backend"], "--backend")), tuple(o.comma_list(given["gb"], "--gb", float)),
+        tuple(o.comma_list(given["partition_mb"] or ("25,50,100" if deciding else "25"), "--partition-mb", float)),
+        prices, given["profile"], _ints(given["memory_mb"] or ("2048,4096,10240" if deciding else None), "--memory-mb"),
+        tuple(o.comma_list(given["concurrency"], "--concurrency", int)), given["map_concurrency"],
+        _ints(given["tasks"], "--tasks"), given["orchestrator"], given["trials"], given["seed"],
+        given["cores_per_task"], _ints(given["gpus"], "--gpus"), given["array_tasks"], given["launch_per_s"],
+        given["shared_read_gbps"],
+    )  # fmt: skip
 
 
 def _made_from(source: str, hold_out: str) -> str:
