@@ -128,6 +128,9 @@ def test_the_gpu_benchmark_script_runs_end_to_end_shrunk_on_the_cpu(tmp_path, mo
     assert figures["target_samples"] >= figures["base_samples"] > 0
     for key in ("wall_s_host_memory", "wall_s_with_disk_reads", "samples_per_s_host_memory", "h2d_gbps"):
         assert figures[key] > 0
+    # busy time as the records' parts add it up: the union of the forward passes, within the active time
+    assert 0 < figures["device_busy_s"] <= figures["device_active_s"] <= figures["wall_s_host_memory"]
+    assert figures["busy_fraction"] == pytest.approx(figures["device_busy_s"] / figures["device_active_s"])
     written = json.loads((tmp_path / "out" / "bench-gpu.json").read_text())
     assert written == figures
 
