@@ -144,8 +144,8 @@ class Estimate:
 
 @dataclass(frozen=True)
 class ArrayFacts:
-    """What SLURM runs say of how a cluster starts an array: the tasks it launched per second (None: as many as
-    ran at once started together) and each array's shape."""
+    """What SLURM runs say of how a cluster starts an array: the tasks it launched per second (None: those that
+    could start together did, within 10 ms), and how many array runs the profile holds."""
 
     launch_per_s: float | None
     runs: int

@@ -134,8 +134,8 @@ def simulate(profile: Profile, scenario: Scenario, trials: int, seed: int) -> Si
         runs = [_array(per_task[t], cold[t], create, scenario.slots) for t in range(trials)]
     ends, cold_used, created = (np.array(column) for column in zip(*runs, strict=True))
     busy = durations.sum(axis=1) + cold_used
-    # Billed per invocation: a unit's duration, with its cold start where it had one (rounding a sum of
-    # durations up once instead would miss up to 1 ms per unit)
+    # Billed per invocation, each unit's duration rounded up to the millisecond (rounding their sum once would miss
+    # up to 1 ms per unit); the cold starts are added rounded up together, within 1 ms a run of rounding each
     billed = np.ceil(durations * 1000.0).sum(axis=1) + np.ceil(cold_used * 1000.0)
     return Simulated(ends + profile.run_overhead_s, busy, billed, created, len(scenario.unit_samples),
                      min(scenario.slots, scenario.items))  # fmt: skip
