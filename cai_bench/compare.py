@@ -7,10 +7,15 @@ record's backend, a plan field or a backend option, each value as the command li
 matched by identity (``results.point_key``: the plan in the precision that ran, on the same machine), less the
 keys either side's filter names, so ``workers=1`` and ``workers=2`` compare the same points with one change.
 
-Each matched point's repeats are compared by the Mann-Whitney U test, one-sided, exact (no ties) or by its normal
-approximation: a point is worse beyond the noise when the candidate's median is worse than the factor allows
-and p <= ALPHA. Three repeats a side is the fewest that can reach it (p = 1/20). Points on one side only are
-listed, never failed.
+Each matched point's repeats are compared by the Mann-Whitney U test, one-sided: exact (every assignment of the
+pooled values to the two sides counted, ties included) up to 25 repeats a side, else its normal approximation. A
+point is worse beyond the noise when the candidate's median is worse than the factor allows and p <= ALPHA.
+
+A gate that cannot fail is not a pass: with n and m repeats the smallest p is 1 / C(n + m, n), so fewer than
+three a side can never reach ALPHA (1/20 at three). Such points are reported with the repeats they need; a
+comparison where no point matched, or none could fail, is refused (one line, exit 2) and says why: which side is
+empty, or which identity keys (the machine, a plan field) differ between the sides and how to match across them
+(``--across KEY``). Points on one side only are listed, never failed.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class PointComparison:
     worse_by: float  # the ratio in the worse direction: above 1 is worse, whatever the metric
     p_value: float  # that the candidate is not worse, by TEST_NAME
     regressed: bool  # worse than the factor allows, beyond the noise
+    can_fail: bool = True  # enough repeats for p to reach ALPHA at all
+    needs: str | None = None  # where it cannot: the repeats it needs
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Comparison:
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "candidate": self.candidate, "metric": self.metric, "factor": self.factor,
                 "test": TEST_NAME, "alpha": ALPHA, "points": [vars(p) for p in self.points],
+                "cannot_fail": sum(not p.can_fail for p in self.points),
                 "only_baseline": self.only_baseline, "only_candidate": self.only_candidate,
                 "regressions": len(self.regressions)}  # fmt: skip
 
@@ -136,38 +144,55 @@ def _label(record: dict) -> str:
 
 
 @cache
-def _u_counts(n: int, m: int) -> tuple[int, ...]:
-    """How many orderings of n x's and m y's give each U (the number of (x, y) pairs with x > y), 0..n*m."""
-    if n == 0 or m == 0:
-        return (1,)
-    # the largest of all is an x (it beats every y: U gains m) or a y (U gains nothing)
-    with_x, with_y = _u_counts(n - 1, m), _u_counts(n, m - 1)
-    counts = [0] * (n * m + 1)
-    for u, c in enumerate(with_x):
-        counts[u + m] += c
-    for u, c in enumerate(with_y):
-        counts[u] += c
-    return tuple(counts)
+def _u2_counts(groups: tuple[int, ...], n: int) -> dict[int, int]:
+    """Over every way to pick which ``n`` of the pooled values are x's (the values in ascending ``groups`` of tied
+    ones), how many give each 2U (two points per (x, y) pair with x > y, one per tie)."""
+    states: dict[tuple[int, int], int] = {(0, 0): 1}  # (x's so far, 2U) -> ways
+    seen = 0
+    for tied in groups:
+        nxt: dict[tuple[int, int], int] = {}
+        for (xs, u2), ways in states.items():
+            ys = seen - xs
+            for picked in range(max(0, tied - (sum(groups) - n - ys)), min(tied, n - xs) + 1):
+                gain = picked * 2 * ys + picked * (tied - picked)  # beats every smaller y, ties the tied y's
+                key = (xs + picked, u2 + gain)
+                nxt[key] = nxt.get(key, 0) + ways * math.comb(tied, picked)
+        states, seen = nxt, seen + tied
+    return {u2: ways for (xs, u2), ways in states.items() if xs == n}
 
 
 def p_greater(xs: list[float], ys: list[float]) -> float:
-    """One-sided p-value that the xs are not larger than the ys (Mann-Whitney U): exact without ties and for up
-    to 25 values a side, else the normal approximation with the tie correction."""
+    """One-sided p-value that the xs are not larger than the ys (Mann-Whitney U): exact, ties included, for up to
+    25 values a side (every assignment of the pooled values counted), else the normal approximation with the tie
+    correction."""
     n, m = len(xs), len(ys)
     if not n or not m:
         return 1.0
-    u = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in xs for y in ys)
-    tied = len(set(xs) | set(ys)) < n + m
-    if not tied and n <= 25 and m <= 25:
-        counts = _u_counts(n, m)
-        return sum(counts[math.ceil(u) :]) / math.comb(n + m, n)
+    u2 = sum(2 if x > y else 1 if x == y else 0 for x in xs for y in ys)
     values = sorted(xs + ys)
+    if n <= 25 and m <= 25:
+        groups = tuple(values.count(v) for v in sorted(set(values)))
+        counts = _u2_counts(groups, n)
+        return sum(ways for u, ways in counts.items() if u >= u2) / math.comb(n + m, n)
     ties = sum(t**3 - t for t in (values.count(v) for v in set(values)))
     variance = n * m / 12 * ((n + m + 1) - ties / ((n + m) * (n + m - 1)))
     if variance <= 0:
         return 1.0
-    z = (u - n * m / 2 - 0.5) / math.sqrt(variance)  # continuity-corrected
+    z = (u2 / 2 - n * m / 2 - 0.5) / math.sqrt(variance)  # continuity-corrected
     return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def smallest_p(n: int, m: int) -> float:
+    """The smallest one-sided p that n and m repeats can give: one assignment of C(n + m, n)."""
+    return 1 / math.comb(n + m, n)
+
+
+def repeats_needed(n: int, m: int) -> str:
+    """What n and m repeats would need for p to reach ALPHA: more on the smaller side, or both to three."""
+    more = next(k for k in range(max(n, m), 100) if smallest_p(min(n, m), k) <= ALPHA)
+    if more < 100 and min(n, m) > 0:
+        return f"{min(n, m)} and {more} repeats, or 3 a side (now {n} and {m}: p >= {smallest_p(n, m):.2g})"
+    return f"3 repeats a side (now {n} and {m})"
 
 
 def _values(records: list[dict], metric: str) -> list[float]:
@@ -183,16 +208,21 @@ def compare_point(label: str, baseline: list[float], candidate: list[float], met
     worse_by = (1 / ratio if ratio else math.inf) if more_is_better else ratio
     worse, better = (baseline, candidate) if more_is_better else (candidate, baseline)
     p = p_greater(worse, better)  # the worse direction's values larger than the other's
-    return PointComparison(label, baseline, candidate, ratio, worse_by, p, worse_by > factor and p <= ALPHA)
+    can_fail = smallest_p(len(baseline), len(candidate)) <= ALPHA
+    needs = None if can_fail else repeats_needed(len(baseline), len(candidate))
+    return PointComparison(label, baseline, candidate, ratio, worse_by, p, worse_by > factor and p <= ALPHA, can_fail,
+                           needs)  # fmt: skip
 
 
-def compare(baseline: Side, candidate: Side, metric: str = "wall", factor: float = 1.05) -> Comparison:
-    """Every point of both sides, matched by identity (less what the filters name), compared on ``metric``."""
+def compare(baseline: Side, candidate: Side, metric: str = "wall", factor: float = 1.05,
+            across: tuple[str, ...] = ()) -> Comparison:  # fmt: skip
+    """Every point of both sides, matched by identity (less what the filters name and ``across``), compared on
+    ``metric``; refused where nothing was compared or nothing could fail (``_refusal``)."""
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if not (factor >= 1.0 and math.isfinite(factor)):
         raise UserError(f"--factor must be 1 or more (1.05: 5% worse fails), got {factor}")
-    dropped = tuple(sorted(set(baseline.filtered) | set(candidate.filtered)))
+    dropped = tuple(sorted(set(baseline.filtered) | set(candidate.filtered) | set(across)))
     groups: dict[str, dict[str, list[dict]]] = {}
     for name, side in (("baseline", baseline), ("candidate", candidate)):
         for record in side.records:
@@ -207,12 +237,47 @@ def compare(baseline: Side, candidate: Side, metric: str = "wall", factor: float
             out.only_baseline.append(label)
         elif after:
             out.only_candidate.append(label)
-    if not out.points and not out.only_baseline and not out.only_candidate:
-        raise UserError(f"no finished runs with a {metric} figure on either side ({baseline.label}, {candidate.label})")
+    problem = _refusal(out, baseline, candidate, dropped)
+    if problem:
+        raise UserError(problem)
     return out
 
 
+def _refusal(out: Comparison, baseline: Side, candidate: Side, dropped: tuple[str, ...]) -> str | None:
+    """Why the comparison proves nothing (None where it can): a side with nothing, no point on both sides (and
+    which identity keys keep them apart), or no point with repeats enough to fail."""
+    for side, labels in ((baseline, out.only_baseline), (candidate, out.only_candidate)):
+        if not side.records or not (labels or out.points):
+            return f"{side.label}: no finished run with a {out.metric} figure there: nothing to compare"
+    if not out.points:
+        differ = _keys_apart(baseline.records, candidate.records, dropped)
+        how = f"; to compare across them: --across {','.join(differ)}" if differ else ""
+        apart = f": the sides differ in {', '.join(differ)}" if differ else ""
+        return f"no point measured on both sides{apart}{how}"
+    if not any(p.can_fail for p in out.points):
+        return (f"no matched point has repeats enough for the test to fail at p <= {ALPHA:g}: "
+                f"{out.points[0].label} needs {out.points[0].needs}")  # fmt: skip
+    return None
+
+
+def _keys_apart(before: list[dict], after: list[dict], dropped: tuple[str, ...]) -> list[str]:
+    """The identity keys (top level, then backend options) whose values no record of one side shares with the
+    other's."""
+
+    def values(records: list[dict]) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for record in records:
+            key = json.loads(_match_key(record, dropped))
+            options = key.pop("backend_options", None) or {}
+            for name, value in [*key.items(), *options.items()]:
+                found.setdefault(name, set()).add(json.dumps(value, sort_keys=True))
+        return found
+
+    left, right = values(before), values(after)
+    return sorted(k for k in left.keys() | right.keys() if not left.get(k, set()) & right.get(k, set()))
+
+
 def compare_command(baseline: str, candidate: str, results: str | Path = "results", metric: str = "wall",
-                    factor: float = 1.05, warn=None) -> Comparison:  # fmt: skip
+                    factor: float = 1.05, warn=None, across: tuple[str, ...] = ()) -> Comparison:  # fmt: skip
     """``cai-bench compare``: both sides loaded, then ``compare``."""
-    return compare(load_side(baseline, results, warn), load_side(candidate, results, warn), metric, factor)
+    return compare(load_side(baseline, results, warn), load_side(candidate, results, warn), metric, factor, across)

@@ -927,6 +927,8 @@ def _comparison_rows(done) -> list[list[str]]:
     rows = []
     for p in done.points:
         verdict = "WORSE" if p.regressed else ("worse, within noise" if p.worse_by > done.factor else "ok")
+        if not p.can_fail:
+            verdict = f"cannot fail: needs {p.needs}"
         rows.append([p.label, f"{statistics.median(p.baseline):,.4g} ({len(p.baseline)})",
                      f"{statistics.median(p.candidate):,.4g} ({len(p.candidate)})", f"{p.ratio:.3f}",
                      f"{p.p_value:.3g}", verdict])  # fmt: skip
@@ -956,8 +958,11 @@ def show_comparison(done, fmt: str) -> None:
     for side, labels in (("baseline", done.only_baseline), ("candidate", done.only_candidate)):
         for label in labels:
             say(f"only in the {side}: {label}")
+    blind = sum(not p.can_fail for p in done.points)
+    if blind:
+        say(f"{blind} matched point(s) with too few repeats for the test to fail: not counted as passes")
     failed = len(done.regressions)
     say(f"{failed} of {len(done.points)} matched point(s) worse than {done.factor:g}x beyond the noise "
         f"({TEST_NAME}, p <= {ALPHA:g})" if failed else
-        f"no matched point worse than {done.factor:g}x beyond the noise ({len(done.points)} compared; "
-        f"{TEST_NAME}, p <= {ALPHA:g})")  # fmt: skip
+        f"no matched point worse than {done.factor:g}x beyond the noise ({len(done.points) - blind} compared "
+        f"that could fail; {TEST_NAME}, p <= {ALPHA:g})")  # fmt: skip

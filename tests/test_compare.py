@@ -70,8 +70,9 @@ def test_points_on_one_side_are_listed_not_failed(cli, tmp_path):
 def test_commits_and_filters_pick_sides_from_one_store(cli, tmp_path):
     store = write_store(tmp_path / "r", runs(BASE, commit="aaaaaaa111", workers=1)
                         + runs([w * 1.2 for w in BASE], commit="bbbbbbb222", workers=2))  # fmt: skip
-    code, out, _ = cli("compare", "aaaaaaa", "bbbbbbb", "--results", store.parent, "--format", "json")
-    assert code == 0 and json.loads(out)["only_baseline"] and not json.loads(out)["points"]  # workers differ
+    code, _, err = cli("compare", "aaaaaaa", "bbbbbbb", "--results", store.parent, "--format", "json")
+    # nothing measured on both sides is not a pass: the key that keeps them apart is named
+    assert code == 2 and "the sides differ in workers" in err and "--across workers" in err
     code, out, _ = cli("compare", "workers=1", "workers=2", "--results", store.parent, "--format", "json")
     assert code == 1 and json.loads(out)["points"][0]["ratio"] == pytest.approx(1.2)  # matched without workers
     code, out, _ = cli("compare", "backend=hpc,workers=2", "workers=1", "--results", store.parent)
@@ -97,3 +98,76 @@ def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, args, says):
     named = [str(tmp_path / a) if a in ("a", "b") else a for a in args]
     code, _, err = cli("compare", *named, "--results", store.parent)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+
+
+def test_ties_get_the_exact_permutation_p_not_the_normal_approximation():
+    # 2 of the C(7, 3) = 35 ways to split the pooled values give a U this large: p = 0.057 (the approximation: 0.037)
+    assert p_greater([1.5, 1.6, 1.7], [1.0, 1.1, 1.2, 1.5]) == pytest.approx(2 / 35)
+    assert p_greater([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]) == pytest.approx(1.0)
+    assert p_greater([2.0, 2.0, 3.0], [1.0, 2.0, 1.0]) == pytest.approx(
+        p_by_enumeration([2.0, 2.0, 3.0], [1.0, 2.0, 1.0])
+    )
+
+
+def p_by_enumeration(xs, ys):
+    """Every split of the pooled values counted by brute force: the p the exact test must give."""
+    from itertools import combinations
+
+    pooled, n = xs + ys, len(xs)
+
+    def u(a, b):
+        return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in a for y in b)
+
+    seen = u(xs, ys)
+    splits = list(combinations(range(len(pooled)), n))
+    hits = sum(u([pooled[i] for i in c], [pooled[i] for i in range(len(pooled)) if i not in c]) >= seen for c in splits)
+    return hits / len(splits)
+
+
+def test_a_candidate_with_tied_repeats_is_not_called_regressed_by_the_approximation(cli, tmp_path):
+    before = write_store(tmp_path / "a", runs([1.0, 1.1, 1.2, 1.5]))
+    after = write_store(tmp_path / "b", runs([1.5, 1.6, 1.7]))
+    code, out, err = cli("compare", before.parent, after.parent, "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["points"][0]["p_value"] == pytest.approx(2 / 35)
+
+
+def test_too_few_repeats_to_ever_fail_is_refused_and_says_how_many_are_needed(cli, tmp_path):
+    # 1.49x slower with 2 repeats a side: the smallest p is 1/6, so the test can never fail
+    before = write_store(tmp_path / "a", runs([10.0, 10.1]))
+    after = write_store(tmp_path / "b", runs([14.9, 15.0]))
+    code, _, err = cli("compare", before.parent, after.parent)
+    assert code == 2 and "repeats enough for the test to fail" in err and "3 a side" in err
+    assert len(err.strip().splitlines()) == 1
+    # beside a point that can fail, it is listed as such and not counted as a pass
+    write_store(tmp_path / "a", runs([10.0, 10.1]) + runs(BASE, gb=2.0))
+    write_store(tmp_path / "b", runs([14.9, 15.0]) + runs(BASE, gb=2.0))
+    code, out, err = cli("compare", before.parent, after.parent)
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "1 matched point(s) with too few repeats" in flat and "1 compared that could fail" in flat
+    code, out, _ = cli("compare", before.parent, after.parent, "--format", "json")
+    blind = [p for p in json.loads(out)["points"] if not p["can_fail"]]
+    assert len(blind) == 1 and blind[0]["needs"].startswith("2 and 5 repeats, or 3 a side")
+
+
+def test_an_empty_side_or_a_filter_that_matches_nothing_is_refused(cli, tmp_path):
+    before = write_store(tmp_path / "a", runs(BASE))
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("compare", before.parent, tmp_path / "empty")
+    assert code == 2 and "nothing to compare" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("compare", "workers=1", "workers=3", "--results", before.parent)
+    assert code == 2 and "workers=1: no finished run" in err
+
+
+def test_two_machines_are_two_points_unless_compared_across_them(cli, tmp_path):
+    here = write_store(tmp_path / "a", runs(BASE))
+    there_runs = runs([w * 1.3 for w in BASE])
+    for record in there_runs:
+        record["environment"].update(host="beta", cpu_model="Xeon B")
+    there = write_store(tmp_path / "b", there_runs)
+    code, _, err = cli("compare", here.parent, there.parent)
+    assert code == 2 and "the sides differ in machine" in err and "--across machine" in err
+    code, out, err = cli("compare", here.parent, there.parent, "--across", "machine", "--format", "json")
+    assert code == 1, err
+    assert json.loads(out)["points"][0]["ratio"] == pytest.approx(1.3)

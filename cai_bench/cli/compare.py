@@ -19,21 +19,28 @@ Side = Annotated[
 Factor = Annotated[float, typer.Option(help="How much worse fails: 1.05 is 5% slower (or dearer, or fewer samples/s).")]
 Metric = Annotated[str, typer.Option(help="wall, samples_per_s or cost.")]
 Format = Annotated[str, typer.Option("--format", help="table, markdown or json.")]
+Across = Annotated[
+    str | None,
+    typer.Option(
+        help="Identity keys to match across, comma-separated: machine compares one point measured on two machines."
+    ),
+]
 
 
 @app.command()
 def compare(
     baseline: Side, candidate: Side, factor: Factor = 1.05, metric: Metric = "wall", fmt: Format = "table",
-    results: o.Results = Path("results"),
+    results: o.Results = Path("results"), across: Across = None,
 ) -> None:  # fmt: skip
     """Each point both sides measured: both medians, their ratio and whether the difference is beyond the noise of
     both (Mann-Whitney U, one-sided, p <= 0.05). Exit 1 when a point is worse than --factor beyond the noise;
-    points on one side only are listed, not failed."""
+    points on one side only are listed, not failed. Exit 2 where nothing was compared or nothing could fail."""
     if fmt not in ("table", "markdown", "json"):
         raise UserError(f"--format must be table, markdown or json, got {fmt!r}")
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    done = compare_command(baseline, candidate, results, metric, factor, warn=ui.warn)
+    keys = tuple(o.comma_list(across, "--across") or ())
+    done = compare_command(baseline, candidate, results, metric, factor, ui.warn, keys)
     ui.show_comparison(done, fmt)
     if done.regressions:
         raise typer.Exit(1)
