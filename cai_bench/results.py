@@ -95,6 +95,9 @@ def record_row(record: dict) -> dict:
         "partitions_planned": data["partitions"],
         "batch_size": plan["batch_size"],
         "precision": plan["precision"],
+        "precision_ran": ran_precision(record),
+        "runtime": _ran_runtime(record),
+        "engine": (record.get("backend_info") or {}).get("engine") or plan.get("engine"),
         "threads": record.get("backend_info", {}).get("threads", plan.get("threads")),
         "weights": (record.get("weights") or {}).get("weights"),
         **summary,
@@ -106,6 +109,12 @@ def record_row(record: dict) -> dict:
         "git_commit": env.get("git_commit"),
         "error": record.get("error"),
     }
+
+
+def _ran_runtime(record: dict) -> str:
+    """The runtime that ran a record's partitions: what the run resolved ``--runtime auto`` to, else the plan's."""
+    info, options = record.get("backend_info") or {}, (record.get("plan") or {}).get("backend_options") or {}
+    return str(info.get("runtime") or options.get("runtime") or "torch")
 
 
 # ---------------------------------------------------------------------------------------------- listings
@@ -133,9 +142,16 @@ def listed_rows(store: ResultsStore, backends: list[str] | None, last: int, warn
     return (rows[-last:] if last > 0 else rows), len(rows)
 
 
+def id_matches(record_id: str, given: str) -> bool:
+    """Whether ``given`` names ``record_id``: a prefix of the whole id (``20261205T205251Z-0007e297``) or of its
+    hash part (``0007e2``), which is what a table shows of it."""
+    return bool(given) and (record_id.startswith(given) or record_id.rpartition("-")[2].startswith(given))
+
+
 def find_record(store: ResultsStore, run_id: str, warn=None) -> dict:
-    """The one record whose id starts with ``run_id``; a UserError naming the trouble otherwise."""
-    found = [r for r in read_records(store, warn) if r.get("run_id", "").startswith(run_id)]
+    """The one record whose id, or the hash part of its id, starts with ``run_id``; a UserError naming the
+    trouble otherwise."""
+    found = [r for r in read_records(store, warn) if id_matches(r.get("run_id", ""), run_id)]
     if not found:
         raise UserError(f"{store.path}: no record with id {run_id!r}; cai-bench results list shows the ids")
     if len(found) > 1:

@@ -341,6 +341,8 @@ def show_runs(records: list[RunRecord], store_path: Path, as_json: bool) -> None
             noted = ", ".join(f"{path} ({value})" for path, value in record.non_finite.items())
             say(f"repeat {record.repeat}: not finite numbers, stored as null (the record notes them): {noted}")
     stdout.print(f"{len(records)} record(s) appended to {store_path}")
+    say(f"run id{'s' if len(records) > 1 else ''}: {', '.join(r.run_id for r in records)} (results show and plot "
+        f"--timeline take the id, or the start of its last part)")  # fmt: skip
 
 
 def comm_line(comm: dict | None) -> str | None:
@@ -419,6 +421,8 @@ def show_predict(outcome, as_json: bool) -> None:
     line = accuracy_line(outcome.accuracy)
     if line:
         say(line)
+    if outcome.records:
+        say(f"run id: {', '.join(r.run_id for r in outcome.records)}")
 
 
 # ---------------------------------------------------------------------------------------------- bench, sweep
@@ -548,7 +552,8 @@ def show_paths(paths) -> None:
 # ---------------------------------------------------------------------------------------------- results
 
 
-_LIST_HEADERS = ["run id", "status", "backend", "rep", "data GB", "part. MB", "batch", "prec.", "wall s", "samples/s"]
+_LIST_HEADERS = ["run id", "kind", "status", "backend", "rep", "data GB", "part. MB", "batch", "prec.", "wall s",
+                 "samples/s"]  # fmt: skip
 
 
 def show_record_list(rows: list[dict], total: int, store_path: Path) -> None:
@@ -558,9 +563,9 @@ def show_record_list(rows: list[dict], total: int, store_path: Path) -> None:
     for header in _LIST_HEADERS + (["machine"] if several_machines else []):
         table.add_column(header, justify="right" if header in ("rep", "data GB", "wall s", "samples/s") else "left")
     for r in rows:
-        cells = [r["run_id"], r["status"], r["backend"], f"{r['repeat']}/{r['repeats']}", f"{r['data_gb']:.3g}",
-                 f"{r['partition_mb']:g}", str(r["batch_size"]), r["precision"], f"{r['wall_s']:.2f}",
-                 f"{r['samples_per_s']:,.1f}"]  # fmt: skip
+        cells = [r["run_id"], r["kind"] or "run", r["status"], r["backend"], f"{r['repeat']}/{r['repeats']}",
+                 f"{r['data_gb']:.3g}", f"{r['partition_mb']:g}", str(r["batch_size"]), r["precision_ran"],
+                 f"{r['wall_s']:.2f}", f"{r['samples_per_s']:,.1f}"]  # fmt: skip
         table.add_row(*cells, *([r["machine"]] if several_machines else []))
     if not several_machines and rows:
         table.title += f" · {rows[0]['machine']}"

@@ -28,6 +28,7 @@ def test_run_prints_the_summary_and_appends_a_record(cli, tiny_data, tmp_path):
         assert text in out
     (record,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert record["summary"]["samples"] == 104 and record["plan"]["batch_size"] == 16
+    assert f"run id: {record['run_id']}" in out  # what results show and plot --timeline take
 
 
 @pytest.mark.probe

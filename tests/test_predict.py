@@ -138,6 +138,7 @@ def test_predict_command_and_its_plot(cli, tiny_data, tmp_path, scaled_weights):
     assert "104 objects" in stdout and "accuracy over 104 objects: MAE" in stdout
     (record,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert record["kind"] == "predict" and record["accuracy"]["meaningful"] is True
+    assert f"run id: {record['run_id']}" in stdout
     code, stdout, err = cli("plot", "--predictions", out, "--out-dir", tmp_path / "figs", "--format", "png")
     assert code == 0, err
     assert (tmp_path / "figs" / "p-vs-true.png").read_bytes()[:4] == b"\x89PNG"

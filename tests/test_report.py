@@ -235,3 +235,31 @@ def test_oversubscribed_points_are_marked(cli, tmp_path):
     assert [p.oversubscribed for p in points] == [False, True]
     code, out, _ = cli("report", "--results", tmp_path, "--format", "markdown")
     assert code == 0 and "64 OVERSUB" in out and "| 2 |" in out
+
+
+def test_a_record_is_found_by_the_start_of_its_id_or_of_its_hash_part(cli, tmp_path):
+    records = several_machines()[:3]
+    for record, suffix in zip(records, ("35599c21", "35599d00", "8a7f0001"), strict=True):
+        record["run_id"] = f"20261127T000000Z-{suffix}"
+    write_store(tmp_path, records)
+    code, out, err = cli("results", "show", "8a7f", "--results", tmp_path, "--json")
+    assert code == 0 and json.loads(out)["run_id"].endswith("8a7f0001"), err
+    code, out, _ = cli("results", "show", "35599c", "--results", tmp_path, "--json")
+    assert json.loads(out)["run_id"].endswith("35599c21")
+    code, _, err = cli("results", "show", "35599", "--results", tmp_path)
+    assert code == 2 and "2 records start with '35599'" in err
+
+
+def test_exports_and_listings_say_what_ran_and_what_kind_of_record(cli, tmp_path):
+    ran = _ran_as("bf16", 3.0)
+    ran["backend_info"] = {"runtime": "openvino", "engine": "exported"}
+    predicted = _ran_as("fp32", 2.0)  # planned auto, as predict plans it, resolved to fp32
+    predicted["kind"] = "predict"
+    write_store(tmp_path, [ran, predicted])
+    code, _, _ = cli("results", "export", "--csv", "--results", tmp_path, "--out", tmp_path / "all.csv")
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "all.csv").read_text())))
+    assert (rows[0]["runtime"], rows[0]["engine"], rows[0]["precision_ran"]) == ("openvino", "exported", "bf16")
+    assert rows[1]["runtime"] == "torch" and rows[1]["precision_ran"] == "fp32" and rows[1]["kind"] == "predict"
+    code, out, _ = cli("results", "list", "--results", tmp_path)
+    lines = [line for line in out.splitlines() if ran["run_id"][:12] in line or predicted["run_id"][:12] in line]
+    assert "bf16" in lines[0] and "auto" not in out and "predict" in out
