@@ -306,9 +306,9 @@ def resolve_runtime(plan: Plan, asked: dict | None = None) -> Plan:
         runtime, precision, probe = fixed_choice("the workers run on other machines than this probe", plan.precision)
     else:
         asked = {} if asked is None else asked
-        key = (plan.precision, layout, plan.weights, plan.seed)
+        key = (plan.precision, layout, plan.weights, plan.seed, plan.batch_size)
         if key not in asked:
-            asked[key] = choose_runtime(plan.weights, plan.seed, layout, plan.precision)
+            asked[key] = choose_runtime(plan.weights, plan.seed, layout, plan.precision, plan.batch_size)
         runtime, precision, probe = asked[key]
     options = {**plan.backend_options, "runtime": runtime}
     return dataclasses.replace(plan, backend_options=options, precision=precision, runtime_choice=probe)

@@ -1,6 +1,6 @@
 """``--runtime auto``: which installed runtime, at which precision, runs a worker of this machine fastest.
 
-The driver asks once, before its clock starts (a sweep once for all its points). Each candidate, a runtime at a
+The driver asks once, before its clock starts (a sweep once per batch size). Each candidate, a runtime at a
 precision it takes, is started as a worker would start it (the worker's lanes and threads, an export made into
 the cache first where it needs one) and runs the same probe partition through the worker's own ``run_partition``:
 one pass to warm up, then ``PROBE_PASSES`` timed passes, the candidates taking turns so a slow spell of the
@@ -8,9 +8,14 @@ machine hits each alike. Its time is the best of its timed passes, compute only.
 
 The rule (``decide_runtime``) is the precision probe's, widened to runtimes: torch in fp32 is where it starts,
 and a candidate takes over only where it is at least 10% faster than the choice it would replace and its
-predictions on the probe partition are within PRECISION_TOLERANCE of torch fp32's. Candidates are weighed from
-the slowest up, so a runtime a little faster than another never wins on noise. bf16 is a candidate only where
-the CPU has it natively (elsewhere it is emulated and never faster); int8 only by explicit choice, as before.
+predictions on the probe partition are within PRECISION_TOLERANCE of torch fp32's. That check always runs: where
+torch fp32 is not a candidate (``--precision bf16`` asked for), a torch fp32 pass is made for it alone; where torch
+cannot run the weights (an export given as ``--weights``), an fp32 candidate of the export's runtime stands in,
+and the probe says so; with no fp32 at all, no reduced precision can be checked and none is chosen. The probe
+batch is the run's batch size, up to PROBE_MAX_BATCH per lane (the probe's own time), and the record says which.
+Candidates are weighed from the slowest up, so a runtime a little faster than another never wins on noise. bf16
+is a candidate only where the CPU has it natively (elsewhere it is emulated and never faster); int8 only by
+explicit choice, as before.
 
 A runtime whose package is missing is skipped and named. FORCE_RUNTIME_ENV replaces the probe's answer (a
 runtime, or runtime:precision), so that tests can stand for a machine that answers either way.
@@ -34,7 +39,8 @@ from cai_bench.runtimes import RUNTIME_PACKAGES
 from cai_bench.worker import PRECISION_TOLERANCE, EngineOptions, probe_arrays, torch_threads
 
 FORCE_RUNTIME_ENV = "CAI_BENCH_FORCE_RUNTIME"
-PROBE_PER_LANE = 128  # galaxies per lane in the probe partition: one batch of each lane's share
+PROBE_PER_LANE = 128  # galaxies per lane in the probe partition where no batch size is given
+PROBE_MAX_BATCH = 512  # the largest batch per lane the probe times: 3 passes x each candidate, before the run
 PROBE_PASSES = 2  # timed passes after the warm-up
 MARGIN = 0.9  # a candidate must take at most this share of the time of the choice it replaces
 BASELINE = ("torch", "fp32")
@@ -47,6 +53,7 @@ class Candidate:
     seconds: float | None = None  # best timed pass over the probe partition, compute only
     max_difference: float | None = None  # largest |dz| from torch fp32's predictions on it
     skipped: str | None = None  # why it was not timed
+    checked_against: str | None = None  # what max_difference is measured from (torch fp32, else what stood in)
 
 
 @dataclass(frozen=True)
@@ -82,20 +89,23 @@ def candidates_for(precision: str, native_bf16: bool) -> list[tuple[str, str]]:
 
 
 def decide_runtime(candidates: list[Candidate], tolerance: float = PRECISION_TOLERANCE) -> tuple[Candidate, str]:
-    """The rule, apart from the timing: from the baseline (torch fp32, else the slowest timed candidate), each
-    faster candidate within ``tolerance`` replaces the choice where it takes at most MARGIN of its time."""
+    """The rule, apart from the timing: from the baseline (torch fp32, else the slowest timed candidate that
+    passed the check), each faster candidate within ``tolerance`` replaces the choice where it takes at most MARGIN
+    of its time. A candidate that could not be checked (no fp32 reference) is weighed only in fp32."""
     timed = [c for c in candidates if c.seconds is not None]
     if not timed:
         raise UserError("--runtime auto: no runtime could be started here: " + _skipped_text(candidates))
-    by_time = sorted(timed, key=lambda c: c.seconds, reverse=True)
-    base = next((c for c in timed if (c.runtime, c.precision) == BASELINE), by_time[0])
+    passed = [c for c in timed if (c.max_difference is None and c.precision == "fp32")
+              or (c.max_difference is not None and c.max_difference <= tolerance)]  # fmt: skip
+    if not passed:
+        unchecked = ", ".join(f"{c.runtime} {c.precision}" for c in timed if c.max_difference is None)
+        raise UserError(f"--runtime auto: no candidate passed the check against torch fp32 ({unchecked or 'none'}"
+                        f" could not be checked: no fp32 reference); give --runtime and --precision")  # fmt: skip
+    by_time = sorted(passed, key=lambda c: c.seconds, reverse=True)
+    base = next((c for c in passed if (c.runtime, c.precision) == BASELINE), by_time[0])
     choice, why = base, "the baseline: nothing else 10% faster within tolerance"
     for candidate in by_time:
-        if candidate.seconds >= choice.seconds:
-            continue
-        if candidate.max_difference is not None and not candidate.max_difference <= tolerance:
-            continue
-        if candidate.seconds <= MARGIN * choice.seconds:
+        if candidate.seconds < choice.seconds and candidate.seconds <= MARGIN * choice.seconds:
             choice = candidate
             why = f"at least 10% faster than the next choice and within {tolerance:g} of torch fp32"
     return choice, why
@@ -139,8 +149,32 @@ def _start(candidate: Candidate, options: EngineOptions, models: dict, seed: int
         from cai_bench import engine  # torch: only where torch is a candidate
 
         run = lambda partition, worker, wait_s: engine.run_partition(partition, worker, options)  # noqa: E731
-    samples = PROBE_PER_LANE * max(1, options.lanes)
+    samples = options.batch_size * max(1, options.lanes)  # one batch of each lane's share
     return _Started(candidate, start(), run, probe_partition(candidate.runtime, samples), [])
+
+
+def _reference(predictions: dict, options: EngineOptions, models: dict, seed: int) -> tuple[object, str]:
+    """torch fp32's predictions on the probe partition, and what they are: the timed candidate's; else a pass
+    made for the check alone; else, where torch cannot run the weights, an fp32 candidate's (the export's own
+    runtime); else None, with why."""
+    for candidate, predicted in predictions.items():
+        if (candidate.runtime, candidate.precision) == BASELINE:
+            return predicted, "torch fp32"
+    why = "torch cannot run these weights (an export)"
+    if "torch" in models:
+        try:
+            alone = _start(Candidate(*BASELINE), options, models, seed)
+            try:
+                result = alone.run(alone.partition, alone.worker, 0.0)
+            finally:
+                alone.worker.close()
+            return np.asarray(result.prediction, np.float64), "torch fp32 (a pass for the check alone)"
+        except Exception as exc:  # the check then falls back, and says why
+            why = f"torch fp32 did not run ({str(exc).splitlines()[0][:160]})"
+    stand_in = next(((c, p) for c, p in predictions.items() if c.precision == "fp32"), None)
+    if stand_in is not None:
+        return stand_in[1], f"{stand_in[0].runtime} fp32, standing in: {why}"
+    return None, f"no fp32 reference: {why}"
 
 
 def time_candidates(candidates: list[Candidate], options: EngineOptions, models: dict, seed: int) -> list[Candidate]:
@@ -165,10 +199,11 @@ def time_candidates(candidates: list[Candidate], options: EngineOptions, models:
     finally:
         for s in started:
             s.worker.close()
-    reference = predictions.get(next((c for c in predictions if (c.runtime, c.precision) == BASELINE), None))
+    reference, against = _reference(predictions, options, models, seed)
     for s in [s for s in started if s.candidate not in out]:
         difference = None if reference is None else float(np.abs(predictions[s.candidate] - reference).max())
-        out[s.candidate] = replace(s.candidate, seconds=min(s.passes[1:]), max_difference=difference)
+        out[s.candidate] = replace(s.candidate, seconds=min(s.passes[1:]), max_difference=difference,
+                                   checked_against=against)  # fmt: skip
     return [out[c] for c in candidates]
 
 
@@ -178,9 +213,10 @@ def fixed_choice(reason: str, precision: str) -> tuple[str, str, dict]:
     return "torch", precision, {"requested": "auto", "chose": "torch", "precision": precision, "why": reason}
 
 
-def choose_runtime(weights: str | None, seed: int, layout: Layout, precision: str = "auto") -> tuple[str, str, dict]:
+def choose_runtime(weights: str | None, seed: int, layout: Layout, precision: str = "auto",
+                   batch_size: int = PROBE_PER_LANE) -> tuple[str, str, dict]:  # fmt: skip
     """(runtime, precision, what the probe measured and why) for ``--runtime auto`` with ``precision`` requested,
-    on this machine, for a worker of ``layout``."""
+    on this machine, for a worker of ``layout`` running batches of ``batch_size``."""
     forced = forced_runtime()
     if forced:
         runtime, forced_precision = forced
@@ -202,8 +238,9 @@ def choose_runtime(weights: str | None, seed: int, layout: Layout, precision: st
             candidates.append(Candidate(runtime, wanted, skipped=str(exc)))
             continue
         candidates.append(Candidate(runtime, wanted))
-    options = EngineOptions(batch_size=PROBE_PER_LANE, lanes=layout.lanes,
-                            intra_threads=layout.intra_threads, verify_checksums=False)  # fmt: skip
+    batch = max(1, min(batch_size, PROBE_MAX_BATCH))
+    options = EngineOptions(batch_size=batch, lanes=layout.lanes, intra_threads=layout.intra_threads,
+                            verify_checksums=False)  # fmt: skip
     to_time = [c for c in candidates if c.skipped is None]
     with torch_threads(layout.intra_threads if any(c.runtime == "torch" for c in to_time) else None):
         timed = time_candidates(to_time, options, models, seed)
@@ -211,6 +248,9 @@ def choose_runtime(weights: str | None, seed: int, layout: Layout, precision: st
     choice, why = decide_runtime(weighed)
     probe = {"requested": "auto", "precision_requested": precision, "chose": choice.runtime,
              "precision": choice.precision, "why": why, "lanes": layout.lanes,
-             "intra_threads": layout.intra_threads, "samples": PROBE_PER_LANE * layout.lanes,
+             "intra_threads": layout.intra_threads, "samples": batch * layout.lanes, "batch": batch,
+             "batch_note": "the run's batch size" if batch == batch_size else
+             f"the run's batch size {batch_size} capped at {PROBE_MAX_BATCH} (the probe's own time)",
+             "checked_against": next((c.checked_against for c in weighed if c.checked_against), None),
              "candidates": [asdict(c) for c in weighed]}  # fmt: skip
     return choice.runtime, choice.precision, probe

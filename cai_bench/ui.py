@@ -371,7 +371,10 @@ def runtime_choice_line(choice: dict | None) -> str | None:
                                                f"skipped: {c['skipped']}")
         for c in choice.get("candidates") or []
     ]  # fmt: skip
-    probe = f"; probe ({choice['samples']} galaxies, best of the timed passes): {', '.join(timed)}" if timed else ""
+    batch = f" in batches of {choice['batch']}" if choice.get("batch") else ""
+    checked = f", checked against {choice['checked_against']}" if choice.get("checked_against") else ""
+    probe = (f"; probe ({choice['samples']} galaxies{batch}{checked}, best of the timed passes): {', '.join(timed)}"
+             if timed else "")  # fmt: skip
     return f"runtime auto ran as {choice['chose']} {choice['precision']} ({choice['why']}){probe}"
 
 
@@ -494,7 +497,7 @@ def show_sweep(done, as_json: bool) -> None:
             "whole sweep, so every repeat of a point runs the same precision"
         )
     for choice in outcome.runtime_choices:
-        say(f"{runtime_choice_line(choice)}; asked once for the whole sweep")
+        say(f"{runtime_choice_line(choice)}; asked once for the sweep's points of one batch size")
 
 
 def waiting_for(store_directory: Path):

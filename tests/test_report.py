@@ -261,5 +261,6 @@ def test_exports_and_listings_say_what_ran_and_what_kind_of_record(cli, tmp_path
     assert (rows[0]["runtime"], rows[0]["engine"], rows[0]["precision_ran"]) == ("openvino", "exported", "bf16")
     assert rows[1]["runtime"] == "torch" and rows[1]["precision_ran"] == "fp32" and rows[1]["kind"] == "predict"
     code, out, _ = cli("results", "list", "--results", tmp_path)
+    assert code == 0
     lines = [line for line in out.splitlines() if ran["run_id"][:12] in line or predicted["run_id"][:12] in line]
     assert "bf16" in lines[0] and "auto" not in out and "predict" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import TINY_GB, TINY_MB
 
@@ -147,8 +148,9 @@ def test_a_record_from_before_runtime_was_written_out_is_a_repeat_of_torch(cli, 
 
 
 def test_a_sweep_asks_once_and_resumes_by_what_ran(cli, tmp_path, monkeypatch, weights_file, exports):
-    """Two batch sizes under auto pinned to onnxruntime: one answer for both points; the same sweep again finds
-    them done; with the answer torch they are other points, measured anew."""
+    """Two batch sizes under auto pinned to onnxruntime: one question per batch size (the probe runs the run's
+    batch), one answer each; the same sweep again finds them done; with the answer torch they are other points,
+    measured anew."""
     asked = []
     real = runtime_choice.choose_runtime
 
@@ -162,8 +164,8 @@ def test_a_sweep_asks_once_and_resumes_by_what_ran(cli, tmp_path, monkeypatch, w
              "--threads", "1", "--weights", weights_file, "--results", tmp_path, "--quiet")  # fmt: skip
     code, out, err = cli(*sweep)
     assert code == 0, err
-    assert len(asked) == 1
-    assert "runtime auto ran as onnxruntime" in out and "asked once for the whole sweep" in out
+    assert sorted(a[4] for a in asked) == [16, 32]
+    assert "runtime auto ran as onnxruntime" in out and "asked once for the sweep's points of one batch" in out
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [r["plan"]["backend_options"]["runtime"] for r in records] == ["onnxruntime"] * 2
     code, out, err = cli(*sweep)
@@ -202,8 +204,9 @@ def test_the_probe_starts_each_runtime_as_the_backends_workers_run(tiny_data, mo
     monkeypatch.delenv(FORCE_RUNTIME_ENV)
     layouts = []
 
-    def probe(weights, seed, layout, precision):
+    def probe(weights, seed, layout, precision, batch_size):
         layouts.append(layout)
+        assert batch_size == 512  # the run's batch size: the probe times what the workers will run
         return "openvino", "bf16", {"requested": "auto", "chose": "openvino"}
 
     monkeypatch.setattr("cai_bench.runner.choose_runtime", probe)
@@ -229,3 +232,26 @@ def test_point_keys_ignore_the_probes_figures(tiny_data):
                             backend_options={"runtime": "openvino"}, runtime_choice={"candidates": [1, 2]})  # fmt: skip
     environment = {"host": "h", "cpu_model": "c"}
     assert point_key(plan.to_record(), environment) == point_key(with_choice.to_record(), environment)
+
+
+def test_the_accuracy_check_runs_where_torch_fp32_is_not_a_candidate():
+    """--precision bf16 asked for: no torch fp32 among the candidates, so a torch fp32 pass is made for the check
+    alone, and the bf16 candidate's difference is measured from it (before, it passed unchecked)."""
+    options = runtime_choice.EngineOptions(batch_size=32, lanes=1, intra_threads=1)
+    (timed,) = runtime_choice.time_candidates([Candidate("torch", "bf16")], options, {"torch": None}, seed=0)
+    assert timed.seconds > 0 and timed.checked_against == "torch fp32 (a pass for the check alone)"
+    assert timed.max_difference is not None and 0 < timed.max_difference < 0.05  # bf16 rounds; within reason
+
+
+def test_without_torch_an_fp32_export_stands_in_and_without_fp32_nothing_reduced_is_chosen():
+    predicted = np.linspace(0, 1, 8)
+    options = runtime_choice.EngineOptions(batch_size=8, lanes=1, intra_threads=1)
+    reference, against = runtime_choice._reference({Candidate("onnxruntime", "fp32"): predicted}, options, {}, 0)
+    assert reference is predicted and against.startswith("onnxruntime fp32, standing in: torch cannot run")
+    reference, against = runtime_choice._reference({Candidate("openvino", "bf16"): predicted}, options, {}, 0)
+    assert reference is None and against.startswith("no fp32 reference")
+    unchecked = Candidate("openvino", "bf16", seconds=0.5)  # fastest, but nothing to check it against
+    fp32 = Candidate("onnxruntime", "fp32", seconds=1.0)
+    assert decide_runtime([unchecked, fp32])[0] is fp32
+    with pytest.raises(UserError, match="no candidate passed the check against torch fp32"):
+        decide_runtime([unchecked])
