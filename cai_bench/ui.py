@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import shlex
 import statistics
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
+from rich.console import Console, Group
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,6 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from cai_bench.compare import ALPHA, TEST_NAME
 from cai_bench.errors import UserError
@@ -51,18 +54,23 @@ def _bar(*extra) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        # In a log or a pipe a bar cannot redraw, and each stop would print every bar again: RichRunProgress
+        # writes one line per finished run there instead
+        disable=not console.is_terminal,
     )
 
 
 class RichRunProgress:
     """Partitions done / total, samples/s so far and ETA, one bar per repeat; before them, a bar while synthetic
-    data is generated (``synthesizing``)."""
+    data is generated (``synthesizing``). The rate is the summary's: samples over the wall clock since the run
+    began. Where stderr is no terminal, one line per finished run instead of the bars."""
 
     def __init__(self):
         self._progress = _bar(TextColumn("{task.fields[rate]}"))
         self._task = None
         self._samples = 0
-        self._compute = 0.0
+        self._began = time.perf_counter()
+        self._done = (0, 0, "")  # partitions done, partitions in all, the run's label
         self._synth = None
 
     def synthesizing(self, done: int, total: int) -> None:
@@ -77,18 +85,31 @@ class RichRunProgress:
         if self._synth is not None:
             self._synth.__exit__()
             self._synth = None
-        self._samples, self._compute = 0, 0.0
+        self._restart(label, partitions)
         self._progress.start()
         self._task = self._progress.add_task(label, total=partitions, rate="")
 
+    def _restart(self, label: str, partitions: int) -> None:
+        self._samples, self._began, self._done = 0, time.perf_counter(), (0, partitions, label)
+
+    def _rate(self) -> str:
+        elapsed = time.perf_counter() - self._began
+        return f"{self._samples / elapsed:,.0f} samples/s (wall)" if elapsed > 0 and self._samples else ""
+
     def advance(self, record: WorkerRecord) -> None:
         self._samples += record.samples
-        self._compute += record.own_compute_s
-        rate = f"{self._samples / self._compute:,.0f} samples/s" if self._compute > 0 else ""
-        self._progress.update(self._task, advance=1, rate=rate)
+        self._done = (self._done[0] + 1, *self._done[1:])
+        self._progress.update(self._task, advance=1, rate=self._rate())
+
+    def _log_line(self) -> None:
+        done, total, label = self._done
+        if not console.is_terminal and total:
+            console.print(f"{label}: {done}/{total} partitions, {self._rate() or 'no samples'} over "
+                          f"{time.perf_counter() - self._began:,.1f} s", markup=False, highlight=False)  # fmt: skip
 
     def end(self) -> None:
         self._progress.stop()
+        self._log_line()
 
 
 class RichSweepProgress(RichRunProgress):
@@ -133,9 +154,9 @@ class RichSweepProgress(RichRunProgress):
             self._synth = None
 
     def begin(self, label: str, partitions: int, samples: int) -> None:
-        self._samples, self._compute = 0, 0.0
         if self._task is not None:
             self._progress.remove_task(self._task)
+        self._restart(f"{self._label}: {label}", partitions)
         self._task = self._progress.add_task(f"{self._label}: {label}", total=partitions, rate="")
 
     def advance(self, record: WorkerRecord) -> None:
@@ -143,7 +164,7 @@ class RichSweepProgress(RichRunProgress):
         self._progress.update(self._overall, advance=record.samples)
 
     def end(self) -> None:
-        pass
+        self._log_line()  # the bars stay up for the sweep's next run
 
 
 class RichCountProgress:
@@ -228,19 +249,69 @@ def run_summary_table(records: list[RunRecord]) -> Table:
     return table
 
 
-def report_table(points: list, title: str) -> Table:
-    """The report's rows; columns with nothing in any row are left out, and one machine goes in the title."""
+# The report's columns a narrow terminal loses first, in order; what stays answers "how fast, at what setting"
+NARROW_DROPS = ("Mbps Σw", "RSS MB", "Mbps", "min-max", "mem. MB", "thr.", "wkr.", "orch.", "Map s", "cost $",
+                "speedup", "engine")  # fmt: skip
+
+
+def report_table(points: list, title: str, width: int | None = None):
+    """The report's rows, then its notes; columns with nothing in any row are left out, and one machine goes in
+    the title. Where the table is wider than ``width`` (the terminal's; a pipe's is unbounded), it is narrowed,
+    never cut: several machines become one table each, columns with one value in every row go into the title,
+    and then columns are left out in NARROW_DROPS' order until it fits, the notes naming them."""
+    if width is None:
+        width = stdout.width if stdout.is_terminal else 1_000_000
+    tables, dropped = _fitted_tables(points, title, width)
+    left_out = (
+        f" Left out at {width} columns: {', '.join(dropped)} (--format markdown or csv has them)." if dropped else ""
+    )
+    return Group(*tables, Text(NOTES + left_out, style="dim"))
+
+
+def _fitted_tables(points: list, title: str, width: int) -> tuple[list[Table], list[str]]:
     columns = display_columns(points)
-    machines = {p.machine for p in points}
+    machines = sorted({p.machine for p in points})
     if len(machines) == 1:
         columns = [(h, cell) for h, cell in columns if h != "machine"]
-        title += f" · {machines.pop()}"
-    table = Table(title=title, title_justify="left", caption=NOTES, caption_justify="left")
+        title += f" · {machines[0]}"
+    if _natural_width(_report_rows(points, "", columns)) <= width:
+        return [_report_rows(points, title, columns)], []
+    if len(machines) > 1:
+        tables, dropped = [], []
+        for machine in machines:
+            more, gone = _fitted_tables([p for p in points if p.machine == machine], title, width)
+            tables += more
+            dropped += [name for name in gone if name not in dropped]
+        return tables, dropped
+    constant = [(h, cell) for h, cell in columns if len(points) > 1 and h not in ("backend", "machine")
+                and len({cell(p) for p in points}) == 1]  # fmt: skip
+    title += "".join(f" · {h} {cell(points[0])}" for h, cell in constant)
+    columns = [c for c in columns if c not in constant]
+    dropped: list[str] = []
+    for name in NARROW_DROPS:
+        if _natural_width(_report_rows(points, "", columns)) <= width:
+            break
+        if any(h == name for h, _ in columns):
+            columns = [(h, cell) for h, cell in columns if h != name]
+            dropped.append(name)
+    if _natural_width(_report_rows(points, "", columns)) > width:  # still too wide: each point stacked
+        return [key_value_table(title, [(h, cell(p)) for h, cell in columns]) for p in points], dropped
+    return [_report_rows(points, title, columns)], dropped
+
+
+def _report_rows(points: list, title: str, columns: list) -> Table:
+    table = Table(title=title, title_justify="left")
     for header, _ in columns:
-        table.add_column(header, justify="left" if header in ("backend", "engine", "prec.", "machine") else "right")
+        table.add_column(header, justify="left" if header in ("backend", "engine", "prec.", "machine") else "right",
+                         no_wrap=True)  # fmt: skip
     for p in points:
         table.add_row(*(cell(p) for _, cell in columns), style="yellow" if p.noisy else None)
     return table
+
+
+def _natural_width(table: Table) -> int:
+    """The width ``table`` takes with no cell wrapped or cut."""
+    return Measurement.get(stdout, stdout.options.update(width=10_000), table).maximum
 
 
 def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -483,7 +554,9 @@ def show_sweep(done, as_json: bool) -> None:
         return
     outcome, spec = done.outcome, done.spec
     skipped = sum(1 for s in outcome.points if s.todo == 0)
-    stdout.print(report_table(done.points, f"sweep {spec.name}: {len(outcome.points)} points on {spec.backend}"))
+    # soft_wrap off: the caption wraps to the table, which fits the terminal
+    stdout.print(report_table(done.points, f"sweep {spec.name}: {len(outcome.points)} points on {spec.backend}"),
+                 soft_wrap=False)  # fmt: skip
     stdout.print(
         f"{len(outcome.records)} record(s) appended to {done.store.path}"
         + (f"; {skipped} point(s) were already complete (--force reruns them)" if skipped else "")
@@ -510,7 +583,7 @@ def waiting_for(store_directory: Path):
 def show_report(points: list, store_path: Path, fmt: str, comm_points: list | None = None) -> None:
     if fmt == "table":
         if points:
-            stdout.print(report_table(points, f"{store_path}: {len(points)} points"))
+            stdout.print(report_table(points, f"{store_path}: {len(points)} points"), soft_wrap=False)
         for line in memory_lines(points):
             say(f"memory: {line}")
         if comm_points:

@@ -20,17 +20,26 @@ class State:
     debug = False
 
 
+# Help as click writes it (rich_markup_mode None), not in Rich's boxed table: at 80 columns the table left some
+# 20 columns for the text, broke choice lists inside a word and showed <bool> for flags; click's keeps a long
+# option on a line of its own, re-wraps each paragraph to the terminal, and shows a flag as a flag
+PLAIN_HELP = {"rich_markup_mode": None}
 app = typer.Typer(
     help="Benchmark pcm-AstroMAE galaxy-redshift inference across CPU, HPC, GPU and serverless backends.",
     pretty_exceptions_enable=False,
     add_completion=False,
+    **PLAIN_HELP,
 )
-data_app = typer.Typer(help="Make, re-partition, inspect, verify and upload partitioned galaxy data sets.")
-model_app = typer.Typer(help="Inspect, convert and export pcm-AstroMAE.")
-results_app = typer.Typer(help="List, show and export the records in the results store.")
-comm_app = typer.Typer(help="Collectives between workers: the direct channel's rendezvous server, channel latency.")
+data_app = typer.Typer(
+    help="Make, re-partition, inspect, verify and upload partitioned galaxy data sets.", **PLAIN_HELP
+)
+model_app = typer.Typer(help="Inspect, convert and export pcm-AstroMAE.", **PLAIN_HELP)
+results_app = typer.Typer(help="List, show and export the records in the results store.", **PLAIN_HELP)
+comm_app = typer.Typer(
+    help="Collectives between workers: the direct channel's rendezvous server, channel latency.", **PLAIN_HELP
+)
 lambda_app = typer.Typer(
-    help="The AWS Lambda backend's tools: the image and the function on AWS, the local emulator, costs."
+    help="The AWS Lambda backend's tools: the image and the function on AWS, the local emulator, costs.", **PLAIN_HELP
 )
 
 

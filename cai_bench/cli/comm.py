@@ -30,6 +30,11 @@ Warmup = Annotated[int, typer.Option(help="Untimed calls first.")]
 Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds a rank waits for any one operation.")]
 
 
+CommResults = Annotated[
+    Path, typer.Option("--results", help="Results directory; the points are appended to RESULTS/comm.jsonl.")
+]
+
+
 @comm_app.command("rendezvous")
 def comm_rendezvous(host: Host = "127.0.0.1", port: Port = 7077, ttl: Ttl = 600.0) -> None:
     """The rendezvous server of direct:// channels: runs until Ctrl-C."""
@@ -48,7 +53,7 @@ def comm_bench_command(
     repeats: Repeats = 20,
     warmup: Warmup = 3,
     timeout: Timeout = 30.0,
-    results: o.Results = Path("results"),
+    results: CommResults = Path("results"),
 ) -> None:
     """Latency of barrier, bcast and allreduce per world size and message size; ranks are local processes."""
     points = comm_bench(

@@ -30,7 +30,7 @@ Across = Annotated[
 @app.command()
 def compare(
     baseline: Side, candidate: Side, factor: Factor = 1.05, metric: Metric = "wall", fmt: Format = "table",
-    results: o.Results = Path("results"), across: Across = None,
+    results: o.ResultsRead = Path("results"), across: Across = None,
 ) -> None:  # fmt: skip
     """Each point both sides measured: both medians, their ratio and whether the difference is beyond the noise of
     both (Mann-Whitney U, one-sided, p <= 0.05). Exit 1 when a point is worse than --factor beyond the noise;

@@ -32,6 +32,8 @@ Backend = Annotated[BackendName, typer.Option(help="Where to run.")]
 Results = Annotated[
     Path, typer.Option("--results", help="Results directory; records are appended to RESULTS/runs.jsonl.")
 ]
+# What commands that only read a store say of it (report, plot, results, compare)
+ResultsRead = Annotated[Path, typer.Option("--results", help="Results directory whose RESULTS/runs.jsonl is read.")]
 DataDir = Annotated[
     Path | None, typer.Option("--data", help="A data set directory or s3:// prefix (data synth / import).")
 ]

@@ -22,7 +22,7 @@ ExportOut = Annotated[Path | None, typer.Option(help="Write to this file instead
 
 
 @results_app.command("list")
-def results_list(results: o.Results = Path("results"), backend: o.BackendList = None, last: Last = 30) -> None:
+def results_list(results: o.ResultsRead = Path("results"), backend: o.BackendList = None, last: Last = 30) -> None:
     """The records in the store, newest last: id, status, what ran and how fast, and where."""
     store = ResultsStore(results)
     rows, total = listed_rows(store, o.comma_list(backend, "--backend"), last, warn=ui.warn)
@@ -30,7 +30,7 @@ def results_list(results: o.Results = Path("results"), backend: o.BackendList = 
 
 
 @results_app.command("show")
-def results_show(run_id: RunId, results: o.Results = Path("results"), as_json: Whole = False) -> None:
+def results_show(run_id: RunId, results: o.ResultsRead = Path("results"), as_json: Whole = False) -> None:
     """One record: its summary, plan and environment (the whole record with --json)."""
     record = find_record(ResultsStore(results), run_id, warn=ui.warn)
     ui.show_record(record, record_row(record), as_json)
@@ -38,7 +38,7 @@ def results_show(run_id: RunId, results: o.Results = Path("results"), as_json: W
 
 @results_app.command("export")
 def results_export(
-    results: o.Results = Path("results"), csv_format: Csv = True, json_format: Json = False, out: ExportOut = None
+    results: o.ResultsRead = Path("results"), csv_format: Csv = True, json_format: Json = False, out: ExportOut = None
 ) -> None:
     """Every record, as CSV rows (the summary's figures, plan and machine) or as JSON."""
     ui.show_export(export_text(ResultsStore(results), json_format, warn=ui.warn), out)

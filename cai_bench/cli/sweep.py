@@ -99,7 +99,7 @@ def sweep(
 
 @app.command()
 def report(
-    results: o.Results = Path("results"),
+    results: o.ResultsRead = Path("results"),
     backend: o.BackendList = None,
     baseline: Baseline = "cpu",
     fmt: Format = o.ReportFormat.table,
@@ -121,7 +121,7 @@ Timeline = Annotated[
 
 @app.command()
 def plot(
-    results: o.Results = Path("results"), out_dir: OutDir = Path("results/figures"), reference: Reference = None,
+    results: o.ResultsRead = Path("results"), out_dir: OutDir = Path("results/figures"), reference: Reference = None,
     backend: o.BackendList = None, fmt: FigureFormats = "png", predictions: Predictions = None,
     timeline: Timeline = None,
 ) -> None:  # fmt: skip
