@@ -299,6 +299,20 @@ def _fitted_tables(points: list, title: str, width: int) -> tuple[list[Table], l
     return [_report_rows(points, title, columns)], dropped
 
 
+def print_fitted(renderable) -> None:
+    """A report on a terminal, its notes wrapped to it (the table fits it: ``report_table``); in a pipe or a log,
+    at its natural width, nothing wrapped or cut."""
+    if stdout.is_terminal:
+        stdout.print(renderable, soft_wrap=False)
+        return
+    width = stdout.width
+    stdout.width = 100_000  # print takes no width over the console's own
+    try:
+        stdout.print(renderable, soft_wrap=True)
+    finally:
+        stdout.width = width
+
+
 def _report_rows(points: list, title: str, columns: list) -> Table:
     table = Table(title=title, title_justify="left")
     for header, _ in columns:
@@ -554,9 +568,7 @@ def show_sweep(done, as_json: bool) -> None:
         return
     outcome, spec = done.outcome, done.spec
     skipped = sum(1 for s in outcome.points if s.todo == 0)
-    # soft_wrap off: the caption wraps to the table, which fits the terminal
-    stdout.print(report_table(done.points, f"sweep {spec.name}: {len(outcome.points)} points on {spec.backend}"),
-                 soft_wrap=False)  # fmt: skip
+    print_fitted(report_table(done.points, f"sweep {spec.name}: {len(outcome.points)} points on {spec.backend}"))
     stdout.print(
         f"{len(outcome.records)} record(s) appended to {done.store.path}"
         + (f"; {skipped} point(s) were already complete (--force reruns them)" if skipped else "")
@@ -583,7 +595,7 @@ def waiting_for(store_directory: Path):
 def show_report(points: list, store_path: Path, fmt: str, comm_points: list | None = None) -> None:
     if fmt == "table":
         if points:
-            stdout.print(report_table(points, f"{store_path}: {len(points)} points"), soft_wrap=False)
+            print_fitted(report_table(points, f"{store_path}: {len(points)} points"))
         for line in memory_lines(points):
             say(f"memory: {line}")
         if comm_points:

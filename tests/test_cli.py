@@ -237,11 +237,11 @@ def test_run_help_has_one_text_per_option_and_groups_each_backends_own(cli, monk
     monkeypatch.setenv("COLUMNS", "250")
     code, out, _ = cli("run", "--help")
     assert code == 0
-    flags = [line.split()[1] for line in out.splitlines() if line.startswith("│ --")]
+    flags = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
     assert flags.count("--retries") == 1 and len(flags) == len(set(flags))
     text = " ".join(out.split())
     assert "hpc, gpu, lambda: Times a partition whose worker was lost or that failed is tried again" in text
     for panel in ("Options of several backends", "--backend hpc", "--backend gpu", "--backend lambda"):
-        assert f"─ {panel} ─" in out
+        assert f"{panel}:" in out.splitlines()  # a section of its own
     code, out, _ = cli("sweep", "--help")
     assert "Comma-separated values: a sweep axis." in " ".join(out.split())

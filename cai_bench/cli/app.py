@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 from cai_bench import __version__, ui
 from cai_bench.backends.base import PartitionsFailed
@@ -24,7 +25,30 @@ class State:
 # 20 columns for the text, broke choice lists inside a word and showed <bool> for flags; click's keeps a long
 # option on a line of its own, re-wraps each paragraph to the terminal, and shows a flag as a flag
 PLAIN_HELP = {"rich_markup_mode": None}
-app = typer.Typer(
+
+
+class SectionedCommand(TyperCommand):
+    """Plain help whose options are grouped as the declarations group them (``rich_help_panel``): the common
+    options first, then each backend's own under its name, as the boxed layout did."""
+
+    def format_options(self, ctx: typer.Context, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            row = param.get_help_record(ctx)
+            if row is not None:
+                sections.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(row)
+        for name, rows in sections.items():
+            with formatter.section(name):
+                formatter.write_dl(rows)
+class _Commands(typer.Typer):
+    """The root's commands with sectioned plain help, whatever module adds them."""
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", SectionedCommand)
+        return super().command(*args, **kwargs)
+
+
+app = _Commands(
     help="Benchmark pcm-AstroMAE galaxy-redshift inference across CPU, HPC, GPU and serverless backends.",
     pretty_exceptions_enable=False,
     add_completion=False,
