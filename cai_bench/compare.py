@@ -32,6 +32,7 @@ from cai_bench.errors import UserError
 from cai_bench.report import engine_label
 from cai_bench.results import ran_precision, read_finished_runs, record_point_key
 from cai_bench.store import ResultsStore
+from cai_bench.validity import point_failures
 
 ALPHA = 0.05
 TEST_NAME = "Mann-Whitney U, one-sided"
@@ -60,6 +61,7 @@ class PointComparison:
     regressed: bool  # worse than the factor allows, beyond the noise
     can_fail: bool = True  # enough repeats for p to reach ALPHA at all
     needs: str | None = None  # where it cannot: the repeats it needs
+    invalid: list[str] = field(default_factory=list)  # "baseline: why", "candidate: why" (validity)
 
 
 @dataclass
@@ -232,7 +234,10 @@ def compare(baseline: Side, candidate: Side, metric: str = "wall", factor: float
         label = _label((group.get("baseline") or group["candidate"])[-1])
         before, after = _values(group.get("baseline", []), metric), _values(group.get("candidate", []), metric)
         if before and after:
-            out.points.append(compare_point(label, before, after, metric, factor))
+            point = compare_point(label, before, after, metric, factor)
+            point.invalid = [f"{side}: {why}" for side in ("baseline", "candidate")
+                             for why in point_failures(group[side])]  # fmt: skip
+            out.points.append(point)
         elif before:
             out.only_baseline.append(label)
         elif after:

@@ -7,6 +7,7 @@ it is (the paper mixes Step Functions wall time, profiler CPU time and profiler 
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,9 +153,10 @@ _ATTR_TEXT = {
     "batch_size": lambda p: f"batch {p.batch_size}",
     "precision": lambda p: "precision auto" if p.precision == "auto" else p.precision,
     "threads": lambda p: f"{p.threads} threads",
-    "workers": lambda p: f"{p.workers} workers",
-    "memory_mb": lambda p: "memory: the function's" if p.memory_mb is None else f"{p.memory_mb:,} MB",
-    "orchestrator": lambda p: f"{p.orchestrator or 'no'} orchestrator",
+    "workers": lambda p: f"{p.workers} worker{'s' if p.workers != 1 else ''}" if p.workers != 1 else "",
+    # Only what applies: a Lambda function's memory and orchestrator, nothing of either for cpu, hpc or gpu
+    "memory_mb": lambda p: "" if p.memory_mb is None else f"{p.memory_mb:,} MB",
+    "orchestrator": lambda p: "" if p.orchestrator is None else f"{p.orchestrator} orchestrator",
 }
 # A memory sweep's lines: the CPU share, and so threads and environments, follow memory; they do not split lines
 _MEMORY_SERIES = ("backend", "engine", "machine", "data_gb", "partition_mb", "batch_size", "precision", "orchestrator")
@@ -178,11 +180,12 @@ def _series(points: list[PointReport], x_attr: str, attrs: tuple[str, ...] = _SE
     out = []
     for group in groups.values():
         group.sort(key=lambda p: getattr(p, x_attr))
-        out.append(("ours: " + " · ".join(_ATTR_TEXT[a](group[0]) for a in shown), group))
+        texts = (_ATTR_TEXT[a](group[0]) for a in shown)
+        out.append(("ours: " + " · ".join(t for t in texts if t), group))
     out.sort(key=lambda item: item[0])
     any_group = next(iter(groups.values()))
     shared = [_ATTR_TEXT[a](any_group[0]) for a in attrs if a not in shown and a != "machine"]
-    return out, ", ".join(shared)
+    return out, ", ".join(t for t in shared if t)
 
 
 def _where(points: list[PointReport]) -> str:
@@ -194,11 +197,29 @@ def _where(points: list[PointReport]) -> str:
     return f"measured on {shown}, {when}"
 
 
-def _title(ax, what: str, points: list[PointReport], reference: bool, shared: str = "") -> None:
+TITLE_WIDTH = 105  # characters of a 9-point title line that fit an 11-inch figure
+
+
+def _title(ax, what: str, points: list[PointReport], reference: bool, shared: str = "", note: str = "") -> None:
+    """The figure's title and subtitle, each wrapped to fit the figure, naming only what applies."""
     lines = [what, _where(points) + (f"; all ours at {shared}" if shared else "")]
     if reference:
         lines.append("dashed: the paper's published times, each with its kind of time")
-    ax.set_title("\n".join(lines), fontsize=9, loc="left")
+    if note:
+        lines.append(note)
+    wrapped = [part for line in lines for part in textwrap.wrap(line, TITLE_WIDTH) or [""]]
+    ax.set_title("\n".join(wrapped), fontsize=9, loc="left")
+
+
+def _apart(points: list[PointReport], series: list[ReferenceSeries], x_attr: str, unit: str) -> str:
+    """A note where our points and the paper's lie in ranges that do not overlap (0.05 GB beside 12.6 GB)."""
+    ours = [getattr(p, x_attr) for p in points]
+    theirs = [point.x for line in series for point in line.points]
+    if not ours or not theirs or (min(ours) <= max(theirs) and min(theirs) <= max(ours)):
+        return ""
+    return (f"note: ours span {min(ours):.3g}-{max(ours):.3g} {unit}, the paper's {min(theirs):.3g}-"
+            f"{max(theirs):.3g} {unit}: the ranges do not overlap, so the lines are not the same measurement at the "
+            f"same size")  # fmt: skip
 
 
 def _draw_ours(ax, points: list[PointReport], x_attr: str, y: Callable) -> str:
@@ -208,7 +229,14 @@ def _draw_ours(ax, points: list[PointReport], x_attr: str, y: Callable) -> str:
         xs = [getattr(p, x_attr) for p in group]
         meds, lows, highs = zip(*(y(p) for p in group), strict=True)
         err = [[m - lo for m, lo in zip(meds, lows, strict=True)], [hi - m for m, hi in zip(meds, highs, strict=True)]]
-        ax.errorbar(xs, meds, yerr=err, marker="o", markersize=4, capsize=3, linewidth=1.5, label=label)
+        line = ax.errorbar(xs, meds, yerr=err, marker="o", markersize=4, capsize=3, linewidth=1.5, label=label)
+        invalid = [(x, m) for x, m, p in zip(xs, meds, group, strict=True) if not p.valid]
+        if invalid:  # drawn over the filled marker: hollow, in the line's colour
+            ax.plot(*zip(*invalid, strict=True), linestyle="none", marker="o", markersize=7, markerfacecolor="white",
+                    markeredgecolor=line[0].get_color(), zorder=3)  # fmt: skip
+    if any(not p.valid for p in points):
+        ax.plot([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="white", markeredgecolor="grey",
+                label="hollow: INVALID (too short, too few galaxies, or unchecked against fp32)")  # fmt: skip
     return shared
 
 
@@ -242,8 +270,10 @@ def _finish(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool = True, log_y
     if ylabel.startswith("throughput"):
         ax.yaxis.set_major_formatter(ticker.EngFormatter(unit="bps"))
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    handles = ax.get_legend_handles_labels()[0]
+    if handles:  # below the axes, across the figure's width: the plot keeps the width
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.13), borderaxespad=0, frameon=False,
+                  ncol=2 if len(handles) > 4 else 1)  # fmt: skip
     fig.tight_layout()
     return fig
 
@@ -285,13 +315,14 @@ def build_figures(points: list[PointReport], reference: list[dict] | None = None
     shared = _draw_ours(ax, points, "data_gb", _spread_of("wall_s"))
     _draw_reference(ax, _paper_vs_data_size(ref), _seconds)
     what = "Inference time vs data size (ours: wall clock, median and min-max over repeats)"
-    _title(ax, what, points, has_ref, shared)
+    _title(ax, what, points, has_ref, shared, _apart(points, _paper_vs_data_size(ref), "data_gb", "GB"))
     figures["wall-vs-data-size"] = _finish(fig, ax, "data size (GB)", "seconds")
 
     fig, ax = _figure()
     shared = _draw_ours(ax, points, "data_gb", _spread_of("throughput_bps"))
     _draw_reference(ax, _paper_vs_data_size(ref), _throughput)
-    _title(ax, "Throughput vs data size (ours: bits processed / wall s)", points, has_ref, shared)
+    _title(ax, "Throughput vs data size (ours: bits processed / wall s)", points, has_ref, shared,
+           _apart(points, _paper_vs_data_size(ref), "data_gb", "GB"))  # fmt: skip
     figures["throughput-vs-data-size"] = _finish(fig, ax, "data size (GB)", "throughput (bits per second)")
 
     fig, ax = _figure()

@@ -18,7 +18,7 @@ import numpy as np
 
 from cai_bench.metrics import percentiles, rate
 
-SCHEMA_VERSION = "1.2"  # 1.1: a unit's ended_epoch_s; 1.2: non_finite
+SCHEMA_VERSION = "1.3"  # 1.1: a unit's ended_epoch_s; 1.2: non_finite; 1.3: validity, a device unit's busy_s
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 RANDOM_INIT = "random-init"
 
@@ -130,6 +130,8 @@ class RunRecord:
     accuracy: dict | None = None  # with labelled data: metrics.accuracy, and whether the weights make it mean anything
     error: str | None = None
     kind: str = "run"  # "run": a timing run; "predict": a (possibly resumed) pass that writes predictions
+    # validity.verdict when the run ended: valid or not, each failed condition, the rules it was judged by
+    validity: dict | None = None
     schema_version: str = SCHEMA_VERSION
     # The record's note of numbers JSON cannot hold (inf, nan): where each was (a dotted path) and what it was;
     # each is stored as null, so that nothing else of what the run measured is lost with it

@@ -19,6 +19,7 @@ from cai_bench.metrics import Spread, spread
 from cai_bench.plan import data_gb
 from cai_bench.results import data_identity, ran_precision, read_records, record_point_key
 from cai_bench.store import ResultsStore
+from cai_bench.validity import DEFAULT_RULES, Rules, point_failures, start_kind
 
 BREAKDOWN = ("startup_s", "wait_s", "load_s", "compute_s")
 FORMATS = REPORT_FORMATS
@@ -59,10 +60,16 @@ class PointReport:
     memory_mb: int | None = None  # Lambda: the function's memory (which also sets its CPU share)
     orchestrator: str | None = None  # Lambda: who made the invocations (direct, stepfunctions)
     map_state_s: Spread | None = None  # Lambda under Step Functions: the Map state's time, from the history
+    start: str = "cold"  # validity.start_kind: warm Lambda runs are a point apart from cold ones
+    invalid: tuple[str, ...] = ()  # each validity condition a repeat failed; empty: a valid point
 
     @property
     def noisy(self) -> bool:
         return self.wall_s.noisy
+
+    @property
+    def valid(self) -> bool:
+        return not self.invalid
 
     def label(self) -> str:
         return f"{self.backend} · {self.data_gb:.3g} GB · {self.partition_mb:g} MB · batch {self.batch_size}"
@@ -84,15 +91,16 @@ def _worker_breakdown(record: dict) -> dict[str, float]:
     return {phase: sum(t[phase] for t in per_worker.values()) / n for phase in BREAKDOWN}
 
 
-def summarize_points(records: list[dict]) -> list[PointReport]:
-    """One PointReport per point, from finished run records (others are ignored)."""
-    groups: dict[str, list[dict]] = {}
+def summarize_points(records: list[dict], rules: Rules = DEFAULT_RULES) -> list[PointReport]:
+    """One PointReport per point, from finished run records (others are ignored), each judged valid or not by
+    ``rules`` (a point is valid when every repeat is); cold and warm runs are never pooled."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         if record.get("kind") != "run" or record.get("status") != "ok":
             continue
-        groups.setdefault(record_point_key(record), []).append(record)
+        groups.setdefault((record_point_key(record), start_kind(record)), []).append(record)
     points = []
-    for key, group in groups.items():
+    for (key, start), group in groups.items():
         group.sort(key=lambda r: r["created_utc"])
         plan, data, last = group[-1]["plan"], group[-1]["plan"]["data"], group[-1]
         sums = [r["summary"] for r in group]
@@ -134,6 +142,8 @@ def summarize_points(records: list[dict]) -> list[PointReport]:
                 memory_mb=info.get("memory_mb"),
                 orchestrator=info.get("orchestrator"),
                 map_state_s=spread(map_times) if map_times and None not in map_times else None,
+                start=start,
+                invalid=tuple(point_failures(group, rules)),
             )
         )
     points.sort(key=lambda p: (p.backend, p.engine, p.machine, p.precision, p.data_gb, p.partition_mb, p.batch_size))
@@ -176,23 +186,24 @@ def select(points: list[PointReport], backends: list[str] | None) -> list[PointR
 
 
 def read_points(
-    store: ResultsStore, backends: list[str] | None = None, baseline: str | None = None, warn=None
-) -> list[PointReport]:
+    store: ResultsStore, backends: list[str] | None = None, baseline: str | None = None, warn=None,
+    rules: Rules = DEFAULT_RULES,
+) -> list[PointReport]:  # fmt: skip
     """The store's points (``warn`` gets what a read skipped: a torn last line), each with its speedup over
     ``baseline`` where one is given, of ``backends`` only where they are given."""
-    points = summarize_points(read_records(store, warn))
+    points = summarize_points(read_records(store, warn), rules)
     if baseline:
         add_speedups(points, baseline)
     return select(points, backends)
 
 
 def report_points(
-    results: str, backends: list[str] | None, baseline: str, warn=None
+    results: str, backends: list[str] | None, baseline: str, warn=None, rules: Rules = DEFAULT_RULES
 ) -> tuple[list, ResultsStore, list[dict]]:
     """``cai-bench report``: the points to show and ``comm bench``'s (only without --backend), refused in one line
     where there are none."""
     store = ResultsStore(results)
-    points = read_points(store, backends, baseline, warn)
+    points = read_points(store, backends, baseline, warn, rules)
     comm_points = [] if backends else latest_points(store)
     if not points and not comm_points:
         which = f" for backend {','.join(backends)}" if backends else ""
@@ -220,6 +231,8 @@ DISPLAY_COLUMNS: list[tuple[str, Callable[[PointReport], str]]] = [
     ("thr.", lambda p: _num(p.threads, "d") + (" OVERSUB" if p.oversubscribed else "")),
     ("wkr.", lambda p: "-" if p.workers == 1 else str(p.workers)),
     ("n", lambda p: str(p.repeats)),
+    ("valid", lambda p: "VALID" if p.valid else "INVALID"),
+    ("start", lambda p: "warm" if p.start == "warm" else "-"),
     ("wall s", lambda p: f"{p.wall_s.median:,.2f}"),
     ("Map s", lambda p: "-" if p.map_state_s is None else f"{p.map_state_s.median:,.2f}"),
     ("min-max", lambda p: f"{p.wall_s.min:,.2f}-{p.wall_s.max:,.2f}" + (" NOISY" if p.noisy else "")),
@@ -240,7 +253,10 @@ NOTES = (
     "arrays); wkr.: worker processes, or array tasks. OVERSUB: more threads than the process could use "
     "(--oversubscribe), so they shared cores. mem. MB: a Lambda function's memory; orch.: who invoked it, and "
     "Map s: the Step Functions Map state's time, from the execution history (the paper's measure), beside the "
-    "driver's own wall s."
+    "driver's own wall s. valid: VALID where every repeat ran at least the minimum duration and galaxies "
+    "(--min-duration, --min-samples: 10 s and 10,000 unless given) and its predictions matched torch fp32 within "
+    "2e-3; INVALID names what failed below the table. start warm: a Lambda run whose invocations all found warm "
+    "environments, never pooled with cold ones."
 )
 
 
@@ -279,6 +295,9 @@ def export_row(p: PointReport) -> dict:
             "first_utc": p.first_utc,
             "last_utc": p.last_utc,
             "run_ids": " ".join(p.run_ids),
+            "valid": p.valid,
+            "invalid_why": "; ".join(p.invalid),
+            "start": p.start,
         }
     )
     return row
@@ -329,6 +348,8 @@ def to_markdown(points: list[PointReport]) -> str:
     columns = display_columns(points)
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(p) for _, cell in columns) + " |" for p in points]
+    invalid = "".join(f"- INVALID {p.label()}: {'; '.join(p.invalid)}\n" for p in points if not p.valid)
+    lines += ["", invalid.rstrip("\n")] if invalid else []
     memory = "".join(f"- {line}\n" for line in memory_lines(points))
     return "\n".join(lines) + "\n\n" + (f"Memory:\n\n{memory}\n" if memory else "") + NOTES + "\n"
 

@@ -108,6 +108,9 @@ def record_row(record: dict) -> dict:
         "torch": (env.get("packages") or {}).get("torch"),
         "git_commit": env.get("git_commit"),
         "error": record.get("error"),
+        # the verdict the record carries (validity.verdict; None for records from before schema 1.3)
+        "valid": (record.get("validity") or {}).get("valid"),
+        "invalid_why": "; ".join((record.get("validity") or {}).get("failed") or []),
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +27,7 @@ from cai_bench.preflight import Ready, check_run
 from cai_bench.records import RANDOM_INIT, PartitionResult, RunRecord, WorkerRecord, new_run_id, summarize_run, utc_now
 from cai_bench.runtime_choice import choose_runtime, fixed_choice
 from cai_bench.store import ResultsStore
+from cai_bench.validity import verdict
 
 
 class ProgressSink(Protocol):
@@ -200,7 +201,7 @@ def _record(
         extra["backend_info"] = {**{k: v for k, v in typed.items() if v is not None}, **run.info,
                                  **extra.get("backend_info", {})}  # fmt: skip
         extra["weights"] = run.weights.to_dict()
-    return RunRecord(
+    record = RunRecord(
         run_id=new_run_id(),
         created_utc=utc_now(),
         status=status,
@@ -214,6 +215,11 @@ def _record(
         accuracy=run_accuracy(plan, results, extra["weights"]),
         **extra,
     )
+    # What validity reads of a record, without turning every unit's record into a dict
+    light = {"backend": record.backend, "plan": record.plan, "summary": asdict(summary),
+             "backend_info": record.backend_info, "workers": [{"precision": w.precision} for w in workers]}  # fmt: skip
+    record.validity = verdict(light)
+    return record
 
 
 def run_repeat(

@@ -34,6 +34,7 @@ from cai_bench.metrics import spread
 from cai_bench.records import RunRecord, WorkerRecord
 from cai_bench.report import NOTES, display_columns, export_row, memory_lines, to_json, to_markdown
 from cai_bench.results import to_csv
+from cai_bench.validity import MIN_DURATION_S, MIN_SAMPLES, Rules, verdict_line
 
 # Progress and errors go to stderr, results to stdout. Messages are never wrapped (soft_wrap), so a path or
 # a figure stays on one line in logs and pipes.
@@ -425,6 +426,9 @@ def show_runs(records: list[RunRecord], store_path: Path, as_json: bool) -> None
         if record.non_finite:
             noted = ", ".join(f"{path} ({value})" for path, value in record.non_finite.items())
             say(f"repeat {record.repeat}: not finite numbers, stored as null (the record notes them): {noted}")
+    verdicts = {validity_line(r) for r in records}
+    for record in records if len(verdicts) > 1 else records[-1:]:
+        say(("" if len(verdicts) == 1 else f"repeat {record.repeat}: ") + validity_line(record))
     stdout.print(f"{len(records)} record(s) appended to {store_path}")
     say(f"run id{'s' if len(records) > 1 else ''}: {', '.join(r.run_id for r in records)} (results show and plot "
         f"--timeline take the id, or the start of its last part)")  # fmt: skip
@@ -461,6 +465,16 @@ def runtime_choice_line(choice: dict | None) -> str | None:
     probe = (f"; probe ({choice['samples']} galaxies{batch}{checked}, best of the timed passes): {', '.join(timed)}"
              if timed else "")  # fmt: skip
     return f"runtime auto ran as {choice['chose']} {choice['precision']} ({choice['why']}){probe}"
+
+
+def validity_line(record) -> str:
+    """A record's VALID or INVALID line, from the verdict it carries."""
+    found = record.validity or {}
+    rules = found.get("rules") or {}
+    return verdict_line(
+        found.get("failed") or [],
+        Rules(rules.get("min_duration_s", MIN_DURATION_S), rules.get("min_samples", MIN_SAMPLES)),
+    )
 
 
 def show_run(done, as_json: bool) -> None:
@@ -596,6 +610,9 @@ def show_report(points: list, store_path: Path, fmt: str, comm_points: list | No
     if fmt == "table":
         if points:
             print_fitted(report_table(points, f"{store_path}: {len(points)} points"))
+        for p in points:
+            if not p.valid:
+                say(f"INVALID {p.label()} · {p.precision} · {p.engine}: {'; '.join(p.invalid)}")
         for line in memory_lines(points):
             say(f"memory: {line}")
         if comm_points:
@@ -1022,6 +1039,8 @@ def _comparison_rows(done) -> list[list[str]]:
         verdict = "WORSE" if p.regressed else ("worse, within noise" if p.worse_by > done.factor else "ok")
         if not p.can_fail:
             verdict = f"cannot fail: needs {p.needs}"
+        if p.invalid:
+            verdict += " (INVALID)"
         rows.append([p.label, f"{statistics.median(p.baseline):,.4g} ({len(p.baseline)})",
                      f"{statistics.median(p.candidate):,.4g} ({len(p.candidate)})", f"{p.ratio:.3f}",
                      f"{p.p_value:.3g}", verdict])  # fmt: skip
@@ -1051,6 +1070,9 @@ def show_comparison(done, fmt: str) -> None:
     for side, labels in (("baseline", done.only_baseline), ("candidate", done.only_candidate)):
         for label in labels:
             say(f"only in the {side}: {label}")
+    for p in done.points:
+        for why in p.invalid:
+            say(f"INVALID {p.label}: {why}")
     blind = sum(not p.can_fail for p in done.points)
     if blind:
         say(f"{blind} matched point(s) with too few repeats for the test to fail: not counted as passes")

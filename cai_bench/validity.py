@@ -32,6 +32,9 @@ class Rules:
                 "tolerance": PRECISION_TOLERANCE}  # fmt: skip
 
 
+DEFAULT_RULES = Rules()
+
+
 def checked_difference(record: dict) -> tuple[float | None, str]:
     """The largest |dz| from torch fp32 that a check measured for what this record ran, and where it came from."""
     plan, info = record.get("plan") or {}, record.get("backend_info") or {}
@@ -66,7 +69,7 @@ def accuracy_failure(record: dict) -> str | None:
     return None
 
 
-def failures(record: dict, rules: Rules = Rules()) -> list[str]:
+def failures(record: dict, rules: Rules = DEFAULT_RULES) -> list[str]:
     """Each condition the record fails, as a short sentence; empty where it is valid."""
     summary = record.get("summary") or {}
     failed = []
@@ -81,13 +84,29 @@ def failures(record: dict, rules: Rules = Rules()) -> list[str]:
     return failed
 
 
-def verdict(record: dict, rules: Rules = Rules()) -> dict:
+def point_failures(records: list[dict], rules: Rules = DEFAULT_RULES) -> list[str]:
+    """Each condition a point's repeats fail, once: its shortest repeat, its fewest galaxies, any accuracy
+    failure."""
+    if not records:
+        return []
+    shortest = min(records, key=lambda r: (r.get("summary") or {}).get("wall_s") or 0.0)
+    fewest = min(records, key=lambda r: (r.get("summary") or {}).get("samples") or 0)
+    found = [f for f in failures(shortest, rules) if f.startswith("ran ")]
+    found += [f for f in failures(fewest, rules) if " galaxies, under " in f]
+    found += [
+        f for r in records for f in failures(r, rules) if not f.startswith("ran ") and " galaxies, under " not in f
+    ]
+    found = [f"the shortest repeat {f}" if f.startswith("ran ") and len(records) > 1 else f for f in found]
+    return list(dict.fromkeys(found))
+
+
+def verdict(record: dict, rules: Rules = DEFAULT_RULES) -> dict:
     """What a record carries: valid or not, each failed condition, the rules."""
     failed = failures(record, rules)
     return {"valid": not failed, "failed": failed, "rules": rules.to_dict()}
 
 
-def verdict_line(failed: list[str], rules: Rules = Rules()) -> str:
+def verdict_line(failed: list[str], rules: Rules = DEFAULT_RULES) -> str:
     """One line for a person: VALID with the rules it met, or INVALID with what failed."""
     if failed:
         return "INVALID: " + "; ".join(failed)

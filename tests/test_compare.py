@@ -38,6 +38,7 @@ def test_a_ten_percent_slowdown_beyond_the_noise_fails_at_factor_1_05(cli, tmp_p
     (point,) = done["points"]
     assert point["ratio"] == pytest.approx(1.1) and point["regressed"] and point["p_value"] == pytest.approx(1 / 252)
     assert done["regressions"] == 1 and done["test"].startswith("Mann-Whitney")
+    assert point["invalid"] == ["baseline: the shortest repeat ran 9.9 s, under 10 s"]  # compared, and marked
     code, _, err = cli("compare", before.parent, after.parent, "--factor", "1.2")
     assert code == 0, err  # within the factor: not a failure, however sure
     code, out, _ = cli("compare", after.parent, before.parent)

@@ -40,6 +40,8 @@ class SectionedCommand(TyperCommand):
         for name, rows in sections.items():
             with formatter.section(name):
                 formatter.write_dl(rows)
+
+
 class _Commands(typer.Typer):
     """The root's commands with sectioned plain help, whatever module adds them."""
 

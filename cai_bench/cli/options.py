@@ -32,6 +32,10 @@ Backend = Annotated[BackendName, typer.Option(help="Where to run.")]
 Results = Annotated[
     Path, typer.Option("--results", help="Results directory; records are appended to RESULTS/runs.jsonl.")
 ]
+MinDuration = Annotated[
+    float, typer.Option(help="A repeat shorter than this many seconds of wall clock is not a valid measurement.")
+]
+MinSamples = Annotated[int, typer.Option(help="A repeat over fewer galaxies than this is not a valid measurement.")]
 # What commands that only read a store say of it (report, plot, results, compare)
 ResultsRead = Annotated[Path, typer.Option("--results", help="Results directory whose RESULTS/runs.jsonl is read.")]
 DataDir = Annotated[

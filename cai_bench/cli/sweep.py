@@ -13,6 +13,7 @@ from cai_bench.cli import options as o
 from cai_bench.cli.app import app, measured
 from cai_bench.report import report_points
 from cai_bench.sweep import sweep_command
+from cai_bench.validity import MIN_DURATION_S, MIN_SAMPLES, Rules
 
 Config = Annotated[
     str | None, typer.Option(help="A preset by name (laptop-quick, paper) or a TOML file; options override it.")
@@ -103,10 +104,14 @@ def report(
     backend: o.BackendList = None,
     baseline: Baseline = "cpu",
     fmt: Format = o.ReportFormat.table,
+    min_duration: o.MinDuration = MIN_DURATION_S,
+    min_samples: o.MinSamples = MIN_SAMPLES,
 ) -> None:
     """One row per backend x data size x partition size x batch size (x precision, threads, machine): medians
-    over repeats, spread, speedup over the baseline on the same data, peak memory and cost where known."""
-    points, store, comm_points = report_points(results, o.comma_list(backend, "--backend"), baseline, warn=ui.warn)
+    over repeats, spread, speedup over the baseline on the same data, peak memory, cost where known, and whether
+    the point is a valid measurement."""
+    rules = Rules(min_duration, min_samples)
+    points, store, comm_points = report_points(results, o.comma_list(backend, "--backend"), baseline, ui.warn, rules)
     ui.show_report(points, store.path, fmt.value, comm_points)
 
 
