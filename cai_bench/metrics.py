@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import resource
 import sys
 from collections.abc import Sequence
@@ -143,3 +144,31 @@ def accuracy(predicted: Sequence[float], true: Sequence[float]) -> dict[str, flo
         "r2": float(1.0 - np.sum(error**2) / ss_tot) if ss_tot > 0 else None,
         "outlier_fraction": float(np.mean(np.abs(dz) > OUTLIER_DZ)),
     }
+
+
+def photoz_metrics(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float | int]:
+    """The point metrics photo-z papers give, of dz = (z' - z) / (1 + z): bias (median dz), sigma_IQR (the
+    interquartile range of dz / 1.349), NMAD (1.4826 median |dz - median dz|), and the outlier rate: the share with
+    |dz| > max(0.06, 3 sigma_IQR), whose bound is returned too."""
+    z_pred = np.asarray(predicted, dtype=np.float64).reshape(-1)
+    z = np.asarray(true, dtype=np.float64).reshape(-1)
+    if len(z) == 0 or len(z) != len(z_pred):
+        raise ValueError(f"photoz_metrics() needs two equally long, non-empty arrays, got {len(z_pred)} and {len(z)}")
+    dz = (z_pred - z) / (1.0 + z)
+    q25, q50, q75 = np.percentile(dz, [25, 50, 75])
+    sigma_iqr = float((q75 - q25) / 1.349)
+    bound = max(0.06, 3 * sigma_iqr)
+    return {"objects": len(z), "bias": float(q50), "sigma_iqr": sigma_iqr,
+            "nmad": float(1.4826 * np.median(np.abs(dz - q50))), "outlier_bound": bound,
+            "outlier_rate": float(np.mean(np.abs(dz) > bound))}  # fmt: skip
+
+
+def photoz_by_bin(predicted: Sequence[float], true: Sequence[float], edges: Sequence[float]) -> list[dict]:
+    """``photoz_metrics`` per bin of true redshift (``edges`` ascending), each with its bin; empty bins left out."""
+    z_pred, z = np.asarray(predicted, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    rows = []
+    for low, high in itertools.pairwise(edges):
+        inside = (z >= low) & (z < high)
+        if inside.any():
+            rows.append({"z_low": float(low), "z_high": float(high), **photoz_metrics(z_pred[inside], z[inside])})
+    return rows

@@ -22,9 +22,9 @@ from cai_bench.choices import FIGURE_FORMATS
 from cai_bench.comm_bench import latest_points
 from cai_bench.errors import UserError
 from cai_bench.machine import machine_label
-from cai_bench.metrics import accuracy, spread
+from cai_bench.metrics import accuracy, photoz_metrics, spread
 from cai_bench.plan import BITS_PER_SAMPLE, samples_for_gb
-from cai_bench.predict import read_predictions
+from cai_bench.predict import predictions_about, read_predictions
 from cai_bench.published import load_reference
 from cai_bench.report import BREAKDOWN, PointReport, read_points
 from cai_bench.results import find_record
@@ -459,9 +459,10 @@ def save_figures(figures: dict[str, Figure], out: str | Path, formats: list[str]
 # ---------------------------------------------------------------------------------------------- predictions
 
 
-def predictions_figure(columns: dict, title: str) -> Figure:
-    """Predicted against true redshift, each point coloured by how many objects share its neighbourhood, with the
-    y = x line and the accuracy figures in the legend."""
+def predictions_figure(columns: dict, title: str, about: dict | None = None) -> Figure:
+    """Predicted against true redshift (each point coloured by how many objects share its neighbourhood, the
+    y = x line, the accuracy figures in the legend) and beneath it the residual every photo-z figure shows:
+    dz/(1+z) against z with the outlier bounds, and the point metrics. Random-init weights say so on the figure."""
     z = np.asarray(columns["true_redshift"], dtype=np.float64)
     z_pred = np.asarray(columns["predicted_redshift"], dtype=np.float64)
     if len(z) == 0:
@@ -474,8 +475,8 @@ def predictions_figure(columns: dict, title: str) -> Figure:
     yi = np.clip(np.searchsorted(y_edges, z_pred, side="right") - 1, 0, counts.shape[1] - 1)
     density = counts[xi, yi]
     order = np.argsort(density, kind="stable")  # the densest points on top
-    fig = Figure(figsize=(7, 6.2), dpi=100)
-    ax = fig.subplots()
+    fig = Figure(figsize=(7, 9.5), dpi=100)
+    ax, residual = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1.4]})
     r2 = "-" if m["r2"] is None else f"{m['r2']:.4f}"
     label = (
         f"{m['samples']:,} objects\nMAE {m['mae']:.5f}\nMSE {m['mse']:.6f}\nbias {m['bias']:.5f}\n"
@@ -491,8 +492,31 @@ def predictions_figure(columns: dict, title: str) -> Figure:
     ax.set_ylabel("predicted redshift")
     ax.set_title(f"Predicted vs true redshift\n{title}", fontsize=9, loc="left")
     ax.legend(fontsize=8, loc="upper left", markerscale=4)
+    _residual_panel(residual, z, z_pred, (low, top))
+    if (about or {}).get("random_init"):
+        fig.text(0.5, 0.5, "RANDOM-INIT WEIGHTS\nthese redshifts mean nothing", ha="center", va="center",
+                 fontsize=22, color="red", alpha=0.35, rotation=30)  # fmt: skip
     fig.tight_layout()
     return fig
+
+
+def _residual_panel(ax, z: np.ndarray, z_pred: np.ndarray, limits: tuple[float, float]) -> None:
+    """dz/(1+z) against true z, the outlier bounds dashed, the point metrics in the legend."""
+    dz = (z_pred - z) / (1 + z)
+    m = photoz_metrics(z_pred, z)
+    ax.scatter(z, dz, s=2, color="#1f77b4", linewidths=0, alpha=0.5,
+               label=f"bias (median) {m['bias']:+.4f}, sigma_IQR {m['sigma_iqr']:.4f}, NMAD {m['nmad']:.4f}, "
+               f"outliers {m['outlier_rate']:.1%}")  # fmt: skip
+    for sign in (1, -1):
+        ax.axhline(sign * m["outlier_bound"], color="red", linestyle="--", linewidth=1,
+                   label=f"outlier bounds: |dz/(1+z)| > max(0.06, 3 sigma_IQR) = {m['outlier_bound']:.3f}"
+                   if sign > 0 else None)  # fmt: skip
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlim(*limits)
+    ax.set_xlabel("true redshift")
+    ax.set_ylabel("dz / (1 + z)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, alpha=0.3)
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -506,7 +530,7 @@ def plot_command(
     timeline of each backend's last run; with ``predictions`` the predicted-vs-true figure of a predictions file;
     with ``timeline`` (a run id) that run's timeline alone. The files written."""
     if predictions is not None:
-        figure = predictions_figure(read_predictions(predictions), str(predictions))
+        figure = predictions_figure(read_predictions(predictions), str(predictions), predictions_about(predictions))
         return save_figures({f"{Path(predictions).stem}-vs-true": figure}, out_dir, formats)
     store = ResultsStore(results)
     if timeline is not None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from cai_bench.errors import UserError
 from cai_bench.files import file_sha256, loads_json
-from cai_bench.metrics import accuracy
+from cai_bench.metrics import accuracy, photoz_by_bin, photoz_metrics
 from cai_bench.model.export_format import is_export, read_export
 from cai_bench.plan import PartitionRef, Plan, replace_plan
 from cai_bench.records import RANDOM_INIT, PartitionResult, RunRecord
@@ -130,15 +130,22 @@ def _iter_parts(parts: Path, refs: tuple[PartitionRef, ...]) -> Iterator[dict[st
         yield _read_part(_part_path(parts, ref.index), ref)
 
 
+Z_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0, 2.0, 6.0)  # true-redshift bins of the per-bin point metrics
+METADATA_KEY = b"cai_bench"  # the Parquet file's key-value metadata: what the predictions are
+
+
 @contextmanager
-def _table_writer(path: Path, fmt: str, columns: tuple[str, ...]) -> Iterator[Callable[[list[np.ndarray]], None]]:
-    """A function that appends columns of arrays to a Parquet or CSV file, one chunk at a time."""
+def _table_writer(path: Path, fmt: str, columns: tuple[str, ...],
+                  about: dict | None = None) -> Iterator[Callable[[list[np.ndarray]], None]]:  # fmt: skip
+    """A function that appends columns of arrays to a Parquet or CSV file, one chunk at a time; Parquet keeps
+    ``about`` (the weights, and whether the predictions mean anything) in its metadata."""
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         types = {"object_id": pa.int64(), "predicted_redshift": pa.float32(), "true_redshift": pa.float32()}
-        schema = pa.schema([(name, types[name]) for name in columns])
+        metadata = {METADATA_KEY: json.dumps(about).encode()} if about else None
+        schema = pa.schema([(name, types[name]) for name in columns], metadata=metadata)
         with pq.ParquetWriter(path, schema) as writer:
             yield lambda arrays: writer.write_table(pa.table(dict(zip(columns, arrays, strict=True)), schema=schema))
     else:
@@ -148,13 +155,14 @@ def _table_writer(path: Path, fmt: str, columns: tuple[str, ...]) -> Iterator[Ca
             yield lambda arrays: writer.writerows(zip(*(a.tolist() for a in arrays), strict=True))
 
 
-def _assemble(out: Path, parts: Path, refs: tuple[PartitionRef, ...], has_labels: bool) -> tuple[int, dict | None]:
+def _assemble(out: Path, parts: Path, refs: tuple[PartitionRef, ...], has_labels: bool,
+              about: dict | None = None) -> tuple[int, dict | None]:  # fmt: skip
     """Write ``out`` from the parts (one part in memory at a time), then rename it into place."""
     columns = COLUMNS if has_labels else COLUMNS[:2]
     predicted, true = [], []
 
     def write(tmp: Path) -> None:
-        with _table_writer(tmp, FORMATS[out.suffix], columns) as append:
+        with _table_writer(tmp, FORMATS[out.suffix], columns, about) as append:
             for part in _iter_parts(parts, refs):
                 append([part["object_id"], part["prediction"], part["redshift"]][: len(columns)])
                 predicted.append(part["prediction"])
@@ -162,7 +170,11 @@ def _assemble(out: Path, parts: Path, refs: tuple[PartitionRef, ...], has_labels
 
     _write_atomically(out, write)
     objects = sum(len(p) for p in predicted)
-    metrics = accuracy(np.concatenate(predicted), np.concatenate(true)) if has_labels else None
+    metrics = None
+    if has_labels:
+        z_pred, z = np.concatenate(predicted), np.concatenate(true)
+        metrics = {**accuracy(z_pred, z), "photoz": photoz_metrics(z_pred, z),
+                   "photoz_by_z": photoz_by_bin(z_pred, z, Z_BINS)}  # fmt: skip
     return objects, metrics
 
 
@@ -211,7 +223,12 @@ def predict(
         outcomes = execute(remaining, store, progress, on_result=lambda r: _write_part(parts, r), kind="predict")
         records = [o.record for o in outcomes]
     try:
-        objects, metrics = _assemble(out, parts, plan.partitions, plan.data.has_labels)
+        about = {
+            "weights": _job(plan).get("weights"),
+            "random_init": not plan.weights,
+            "meaning": "random-init weights: the redshifts mean nothing" if not plan.weights else "trained weights",
+        }
+        objects, metrics = _assemble(out, parts, plan.partitions, plan.data.has_labels, about)
     except OSError as exc:
         raise UserError(
             f"{out}: cannot write the predictions ({exc.strerror}); the parts in {parts} are kept"
@@ -227,6 +244,20 @@ def predict_command(request: RunRequest, out: str | Path, force: bool = False, p
     check_out(Path(out), force)
     ready = request.check()
     return predict(request.plan(ready), out, ready.store, force=force, progress=progress)
+
+
+def predictions_about(path: str | Path) -> dict:
+    """What a Parquet predictions file says of itself (its weights, whether they are random-init); {} for CSV or
+    a file that says nothing."""
+    if Path(path).suffix != ".parquet":
+        return {}
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata.get(METADATA_KEY, b"{}"))
+    except (OSError, ValueError):  # read_predictions reports an unreadable file
+        return {}
 
 
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:

@@ -520,11 +520,31 @@ def show_predict(outcome, as_json: bool) -> None:
         stdout.print(run_summary_table(outcome.records))
     reused = f" ({outcome.partitions_reused} partitions from an earlier run)" if outcome.partitions_reused else ""
     stdout.print(f"{outcome.out}: {outcome.objects:,} objects{reused}")
+    if outcome.accuracy is not None and not outcome.accuracy.get("meaningful", True):
+        say("weights: random-init (the timings are real; the predicted redshifts are not)")
     line = accuracy_line(outcome.accuracy)
     if line:
         say(line)
+    for line in photoz_lines(outcome.accuracy):
+        say(line)
     if outcome.records:
         say(f"run id: {', '.join(r.run_id for r in outcome.records)}")
+
+
+def photoz_lines(metrics: dict | None) -> list[str]:
+    """The photo-z point metrics of dz/(1+z), overall and per bin of true redshift, labelled as the accuracy is."""
+    if not metrics or "photoz" not in metrics:
+        return []
+    label = "" if metrics.get("meaningful", True) else "MEANINGLESS "
+
+    def text(m: dict) -> str:
+        return (f"bias {m['bias']:+.4f}, sigma_IQR {m['sigma_iqr']:.4f}, NMAD {m['nmad']:.4f}, outliers "
+                f"{m['outlier_rate']:.1%} (|dz/(1+z)| > {m['outlier_bound']:.3f}), "
+                f"{m['objects']:,} objects")  # fmt: skip
+
+    lines = [f"{label}photo-z metrics of dz/(1+z): {text(metrics['photoz'])}"]
+    lines += [f"  z {row['z_low']:g}-{row['z_high']:g}: {text(row)}" for row in metrics.get("photoz_by_z") or []]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- bench, sweep

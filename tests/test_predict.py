@@ -180,3 +180,37 @@ def test_predict_on_hpc_workers_writes_what_the_cpu_backend_writes(cli, tiny_dat
     records = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
     assert [r["backend"] for r in records] == ["cpu", "hpc"]
     assert records[1]["backend_info"]["workers"] == 2
+
+
+def test_the_photoz_point_metrics_by_hand():
+    from cai_bench.metrics import photoz_by_bin, photoz_metrics
+
+    # dz = z' - z at z = 0: -0.1, 0, 0.1, 0.2, 0.5; quartiles 0 and 0.2
+    m = photoz_metrics([-0.1, 0.0, 0.1, 0.2, 0.5], [0.0] * 5)
+    assert m["bias"] == pytest.approx(0.1) and m["sigma_iqr"] == pytest.approx(0.2 / 1.349)
+    assert m["nmad"] == pytest.approx(1.4826 * 0.1) and m["outlier_bound"] == pytest.approx(3 * 0.2 / 1.349)
+    assert m["outlier_rate"] == pytest.approx(0.2)  # only 0.5 is beyond 0.445
+    assert photoz_metrics([0.0, 0.01], [0.0, 0.0])["outlier_bound"] == 0.06  # the floor
+    rows = photoz_by_bin([0.1, 0.2, 1.5], [0.1, 0.25, 1.4], (0.0, 0.2, 0.4, 1.0, 2.0))
+    assert [(r["z_low"], r["objects"]) for r in rows] == [(0.0, 1), (0.2, 1), (1.0, 1)]  # the empty bin left out
+
+
+def test_random_init_predictions_say_so_in_the_output_the_file_and_the_figure(cli, tiny_data, tmp_path):
+    from cai_bench.plot import predictions_figure
+    from cai_bench.predict import predictions_about, read_predictions
+
+    out = tmp_path / "p.parquet"
+    code, stdout, err = cli("predict", "--data", tiny_data, "--out", out, "--precision", "fp32", "--results",
+                            tmp_path, "-q")  # fmt: skip
+    assert code == 0, err
+    assert "weights: random-init (the timings are real; the predicted redshifts are not)" in stdout
+    assert "MEANINGLESS photo-z metrics of dz/(1+z): bias" in stdout and "  z 0-0.1: " in stdout
+    about = predictions_about(out)
+    assert about["random_init"] is True and "mean nothing" in about["meaning"]
+    figure = predictions_figure(read_predictions(out), str(out), about)
+    assert any("RANDOM-INIT WEIGHTS" in t.get_text() for t in figure.texts)
+    (residual,) = [ax for ax in figure.axes if ax.get_ylabel() == "dz / (1 + z)"]  # the residual panel
+    assert residual.get_ylabel() == "dz / (1 + z)" and any("outlier bounds" in t for t in
+                                                           residual.get_legend_handles_labels()[1])  # fmt: skip
+    trained = predictions_figure(read_predictions(out), str(out), {"random_init": False})
+    assert not any("RANDOM-INIT" in t.get_text() for t in trained.texts)
