@@ -106,15 +106,29 @@ def report(
     fmt: Format = o.ReportFormat.table,
     min_duration: o.MinDuration = MIN_DURATION_S,
     min_samples: o.MinSamples = MIN_SAMPLES,
+    html_out: HtmlOut = None,
 ) -> None:
     """One row per backend x data size x partition size x batch size (x precision, threads, machine): medians
     over repeats, spread, speedup over the baseline on the same data, peak memory, cost where known, and whether
     the point is a valid measurement."""
     rules = Rules(min_duration, min_samples)
+    if html_out is not None:
+        from cai_bench.html_report import write_html  # matplotlib: only where a page is drawn
+
+        ui.say(f"wrote {write_html(results, html_out, rules, ui.warn)}")
+        return
     points, store, comm_points = report_points(results, o.comma_list(backend, "--backend"), baseline, ui.warn, rules)
     ui.show_report(points, store.path, fmt.value, comm_points)
 
 
+HtmlOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--html",
+        help="Write one self-contained page of the store (table, figures, machines, timelines, "
+        "commands) to this .html file instead.",
+    ),
+]
 Timeline = Annotated[
     str | None,
     typer.Option(
