@@ -103,3 +103,26 @@ def test_plot_errors(cli, tmp_path):
         bad = tmp_path / "bad.csv"
         bad.write_text("a,b\n1,2\n")
         load_reference(bad)
+
+
+def test_figures_read_at_a_glance_labels_that_apply_legends_below_and_a_note_where_sizes_do_not_overlap():
+    records = [hand_record("cpu", w, gb=gb) for gb in (0.02, 0.05) for w in (2.0, 2.2)]
+    figures = plot.build_figures(report.summarize_points(records), load_reference(PAPER))
+    ax = figures["wall-vs-data-size"].axes[0]
+    title = ax.get_title(loc="left")
+    labels = ax.get_legend_handles_labels()[1]
+    assert not any("1 workers" in text or "no orchestrator" in text or "the function's" in text
+                   for text in [title, *labels])  # fmt: skip
+    assert all(len(line) <= plot.TITLE_WIDTH for line in title.splitlines())  # wrapped, not cut at the edge
+    assert "the ranges do not overlap" in " ".join(title.split())  # ours at 0.02-0.05 GB, the paper's at 1-12.6
+    legend = ax.get_legend()
+    assert legend.get_bbox_to_anchor().y0 < ax.get_window_extent().y0  # below the axes, not beside them
+
+
+def test_the_estimate_figures_interval_band_has_a_legend_entry():
+    from cai_bench import estimate as est
+    from cai_bench.backends.aws_lambda import pricing
+
+    request = est.EstimateRequest(("lambda",), (1.0, 4.0), (25.0,), est.Prices(pricing.PRICES), "paper", trials=20)
+    figure = plot.estimate_figure(est.estimate_command(request))
+    assert "80% interval (model error)" in figure.axes[0].get_legend_handles_labels()[1]
