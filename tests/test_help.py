@@ -109,4 +109,4 @@ def test_in_a_log_each_finished_run_is_one_line_at_the_summarys_rate(cli, tiny_d
     assert [line.split(":")[0] for line in lines] == ["repeat 1/2", "repeat 2/2"]
     assert all("4/4 partitions" in line and "samples/s (wall)" in line for line in lines)
     assert "━" not in err  # no bar
-    assert "run id: " in out
+    assert "run ids: " in out  # two repeats, two records
