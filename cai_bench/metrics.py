@@ -163,12 +163,16 @@ def photoz_metrics(predicted: Sequence[float], true: Sequence[float]) -> dict[st
             "outlier_rate": float(np.mean(np.abs(dz) > bound))}  # fmt: skip
 
 
-def photoz_by_bin(predicted: Sequence[float], true: Sequence[float], edges: Sequence[float]) -> list[dict]:
-    """``photoz_metrics`` per bin of true redshift (``edges`` ascending), each with its bin; empty bins left out."""
+def photoz_by_bin(predicted: Sequence[float], true: Sequence[float], edges: Sequence[float],
+                  by: Sequence[float] | None = None, name: str = "z") -> list[dict]:  # fmt: skip
+    """``photoz_metrics`` per bin of ``by`` (the true redshift unless given: an r magnitude, say), ``edges``
+    ascending, each row with its bin as ``{name}_low`` and ``{name}_high``; empty bins left out."""
     z_pred, z = np.asarray(predicted, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    value = z if by is None else np.asarray(by, dtype=np.float64)
     rows = []
     for low, high in itertools.pairwise(edges):
-        inside = (z >= low) & (z < high)
+        inside = (value >= low) & (value < high)
         if inside.any():
-            rows.append({"z_low": float(low), "z_high": float(high), **photoz_metrics(z_pred[inside], z[inside])})
+            rows.append({f"{name}_low": float(low), f"{name}_high": float(high),
+                         **photoz_metrics(z_pred[inside], z[inside])})  # fmt: skip
     return rows

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cai_bench.data.partitions import read_partition_arrays
 from cai_bench.errors import UserError
 from cai_bench.files import file_sha256, loads_json
 from cai_bench.metrics import accuracy, photoz_by_bin, photoz_metrics
@@ -131,6 +132,8 @@ def _iter_parts(parts: Path, refs: tuple[PartitionRef, ...]) -> Iterator[dict[st
 
 
 Z_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0, 2.0, 6.0)  # true-redshift bins of the per-bin point metrics
+# r-band magnitude bins (SDSS's main galaxy sample ends at r = 17.77)
+R_BINS = (0.0, 14.0, 15.0, 16.0, 17.0, 17.77, 19.0, 30.0)
 METADATA_KEY = b"cai_bench"  # the Parquet file's key-value metadata: what the predictions are
 
 
@@ -159,14 +162,17 @@ def _assemble(out: Path, parts: Path, refs: tuple[PartitionRef, ...], has_labels
               about: dict | None = None) -> tuple[int, dict | None]:  # fmt: skip
     """Write ``out`` from the parts (one part in memory at a time), then rename it into place."""
     columns = COLUMNS if has_labels else COLUMNS[:2]
-    predicted, true = [], []
+    predicted, true, r_band = [], [], []
+    local = all(not str(ref.path).startswith("s3:") for ref in refs)
 
     def write(tmp: Path) -> None:
         with _table_writer(tmp, FORMATS[out.suffix], columns, about) as append:
-            for part in _iter_parts(parts, refs):
+            for part, ref in zip(_iter_parts(parts, refs), refs, strict=True):
                 append([part["object_id"], part["prediction"], part["redshift"]][: len(columns)])
                 predicted.append(part["prediction"])
                 true.append(part["redshift"])
+                if has_labels and local:  # the r magnitudes of the magnitude bins, one partition at a time
+                    r_band.append(read_partition_arrays(ref, verify=False)["magnitudes"][:, 2])
 
     _write_atomically(out, write)
     objects = sum(len(p) for p in predicted)
@@ -175,6 +181,8 @@ def _assemble(out: Path, parts: Path, refs: tuple[PartitionRef, ...], has_labels
         z_pred, z = np.concatenate(predicted), np.concatenate(true)
         metrics = {**accuracy(z_pred, z), "photoz": photoz_metrics(z_pred, z),
                    "photoz_by_z": photoz_by_bin(z_pred, z, Z_BINS)}  # fmt: skip
+        if r_band:
+            metrics["photoz_by_r"] = photoz_by_bin(z_pred, z, R_BINS, np.concatenate(r_band), "r")
     return objects, metrics
 
 

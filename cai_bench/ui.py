@@ -544,6 +544,7 @@ def photoz_lines(metrics: dict | None) -> list[str]:
 
     lines = [f"{label}photo-z metrics of dz/(1+z): {text(metrics['photoz'])}"]
     lines += [f"  z {row['z_low']:g}-{row['z_high']:g}: {text(row)}" for row in metrics.get("photoz_by_z") or []]
+    lines += [f"  r {row['r_low']:g}-{row['r_high']:g} mag: {text(row)}" for row in metrics.get("photoz_by_r") or []]
     return lines
 
 

@@ -193,6 +193,8 @@ def test_the_photoz_point_metrics_by_hand():
     assert photoz_metrics([0.0, 0.01], [0.0, 0.0])["outlier_bound"] == 0.06  # the floor
     rows = photoz_by_bin([0.1, 0.2, 1.5], [0.1, 0.25, 1.4], (0.0, 0.2, 0.4, 1.0, 2.0))
     assert [(r["z_low"], r["objects"]) for r in rows] == [(0.0, 1), (0.2, 1), (1.0, 1)]  # the empty bin left out
+    by_r = photoz_by_bin([0.1, 0.2, 1.5], [0.1, 0.25, 1.4], (10.0, 16.0, 20.0), by=[15.0, 17.0, 18.0], name="r")
+    assert [(r["r_low"], r["objects"]) for r in by_r] == [(10.0, 1), (16.0, 2)]
 
 
 def test_random_init_predictions_say_so_in_the_output_the_file_and_the_figure(cli, tiny_data, tmp_path):
@@ -205,6 +207,7 @@ def test_random_init_predictions_say_so_in_the_output_the_file_and_the_figure(cl
     assert code == 0, err
     assert "weights: random-init (the timings are real; the predicted redshifts are not)" in stdout
     assert "MEANINGLESS photo-z metrics of dz/(1+z): bias" in stdout and "  z 0-0.1: " in stdout
+    assert " mag: bias " in stdout  # per bin of r magnitude, read from the partitions
     about = predictions_about(out)
     assert about["random_init"] is True and "mean nothing" in about["meaning"]
     figure = predictions_figure(read_predictions(out), str(out), about)
