@@ -55,7 +55,7 @@ PAPER_CALIBRATION = (12.6, 25.0)  # data GB, partition MB: the run the per-funct
 WALL, COMPUTE = "wall", "compute"
 TIME_KINDS = {
     WALL: "wall clock: from the start of dispatch to the last result",
-    COMPUTE: "compute only (torch profiler): no start-up, no reading, no orchestration",
+    COMPUTE: "compute only (torch profiler): no start-up, no reading, no orchestration; not a wall-clock prediction",
 }
 # SLURM arrays, where the profile's runs cannot say: a one-node cluster reads its own disk, so a parallel file
 # system's bandwidth shared by every task at once is an assumption (a modest Lustre or GPFS); --shared-read-gbps
@@ -584,7 +584,7 @@ def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int
     array = is_array(target, source.array)
     cores = target.cores_per_task or source.cores_per_slot
     items = _median_trial(_cost_items(sim, target, memory, cores, array, prices), sim)
-    samples = int(np.sum(partition_sizes(samples_for_gb(target.gb), target.partition_mb)))
+    samples = samples_for_gb(target.gb)  # the partitions split exactly these
     if items["usd"] is not None:
         items["usd_per_million_galaxies"] = items["usd"] / samples * 1e6
     p10, p50, p90 = (float(np.percentile(sim.wall_s, q)) for q in (10, 50, 90))

@@ -219,8 +219,9 @@ def predict(
     out = Path(out)
     check_out(out, force)
     parts = parts_dir(out)
+    job = _job(plan)  # hashes the weights file: once, for the parts and for the file's metadata
     try:
-        _open_parts(parts, _job(plan), force)
+        _open_parts(parts, job, force)
     except (OSError, ValueError) as exc:  # ValueError: a job.json that is not JSON
         raise UserError(f"{parts}: cannot use the parts directory ({exc}); remove it or pass --force") from None
     done = _done(parts, plan.partitions)
@@ -232,7 +233,7 @@ def predict(
         records = [o.record for o in outcomes]
     try:
         about = {
-            "weights": _job(plan).get("weights"),
+            "weights": job.get("weights"),
             "random_init": not plan.weights,
             "meaning": "random-init weights: the redshifts mean nothing" if not plan.weights else "trained weights",
         }

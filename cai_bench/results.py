@@ -96,7 +96,7 @@ def record_row(record: dict) -> dict:
         "batch_size": plan["batch_size"],
         "precision": plan["precision"],
         "precision_ran": ran_precision(record),
-        "runtime": _ran_runtime(record),
+        "runtime": ran_runtime(record),
         "engine": (record.get("backend_info") or {}).get("engine") or plan.get("engine"),
         "threads": record.get("backend_info", {}).get("threads", plan.get("threads")),
         "weights": (record.get("weights") or {}).get("weights"),
@@ -114,7 +114,7 @@ def record_row(record: dict) -> dict:
     }
 
 
-def _ran_runtime(record: dict) -> str:
+def ran_runtime(record: dict) -> str:
     """The runtime that ran a record's partitions: what the run resolved ``--runtime auto`` to, else the plan's."""
     info, options = record.get("backend_info") or {}, (record.get("plan") or {}).get("backend_options") or {}
     return str(info.get("runtime") or options.get("runtime") or "torch")

@@ -29,6 +29,7 @@ from rich.text import Text
 
 from cai_bench.compare import ALPHA, TEST_NAME
 from cai_bench.errors import UserError
+from cai_bench.estimate import TIME_KINDS
 from cai_bench.machine import machine_label
 from cai_bench.metrics import spread
 from cai_bench.records import RunRecord, WorkerRecord
@@ -940,18 +941,13 @@ def _assumption_lines(estimates: list) -> list[str]:
             continue
         seen.add(e.backend)
         prices = ", ".join(f"{k} {_price_text(v)}" for k, v in e.prices.items())
-        lines += [f"{e.backend} time: {TIME_KIND_TEXT[e.time_kind]}", f"{e.backend} {e.interval}",
+        lines += [f"{e.backend} time: {TIME_KINDS[e.time_kind]}", f"{e.backend} {e.interval}",
                   f"{e.backend} prices: {prices}"]  # fmt: skip
     return lines
 
 
 def _price_text(value) -> str:
     return "not given (unpriced)" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-TIME_KIND_TEXT = {"wall": "wall clock, from the start of dispatch to the last result",
-                  "compute": "compute only (torch profiler): no start-up, no reading, no orchestration; not a "
-                  "wall-clock prediction"}  # fmt: skip
 
 
 def show_estimates(outcome, figure: Path | None, as_json: bool) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cai_bench.results import ran_precision
+from cai_bench.results import ran_precision, ran_runtime
 from cai_bench.worker import PRECISION_TOLERANCE
 
 MIN_DURATION_S = 10.0
@@ -38,8 +38,7 @@ DEFAULT_RULES = Rules()
 def checked_difference(record: dict) -> tuple[float | None, str]:
     """The largest |dz| from torch fp32 that a check measured for what this record ran, and where it came from."""
     plan, info = record.get("plan") or {}, record.get("backend_info") or {}
-    ran = ran_precision(record)
-    runtime = str((plan.get("backend_options") or {}).get("runtime") or info.get("runtime") or "torch")
+    ran, runtime = ran_precision(record), ran_runtime(record)
     for candidate in (plan.get("runtime_choice") or {}).get("candidates") or []:
         same = (candidate.get("runtime"), candidate.get("precision")) == (runtime, ran)
         if same and candidate.get("max_difference") is not None:
@@ -55,8 +54,7 @@ def checked_difference(record: dict) -> tuple[float | None, str]:
 
 def accuracy_failure(record: dict) -> str | None:
     """Why the record's predictions are not known to match fp32 (None: they are)."""
-    ran = ran_precision(record)
-    runtime = str(((record.get("plan") or {}).get("backend_options") or {}).get("runtime") or "torch")
+    ran, runtime = ran_precision(record), ran_runtime(record)
     if ran == "fp32" and runtime == "torch":
         return None  # the reference itself
     difference, where = checked_difference(record)
@@ -69,35 +67,34 @@ def accuracy_failure(record: dict) -> str | None:
     return None
 
 
+def _duration_failure(record: dict, rules: Rules) -> str | None:
+    wall = (record.get("summary") or {}).get("wall_s") or 0.0
+    return f"ran {wall:.1f} s, under {rules.min_duration_s:g} s" if wall < rules.min_duration_s else None
+
+
+def _samples_failure(record: dict, rules: Rules) -> str | None:
+    samples = (record.get("summary") or {}).get("samples") or 0
+    return f"{samples:,} galaxies, under {rules.min_samples:,}" if samples < rules.min_samples else None
+
+
 def failures(record: dict, rules: Rules = DEFAULT_RULES) -> list[str]:
     """Each condition the record fails, as a short sentence; empty where it is valid."""
-    summary = record.get("summary") or {}
-    failed = []
-    wall, samples = summary.get("wall_s") or 0.0, summary.get("samples") or 0
-    if wall < rules.min_duration_s:
-        failed.append(f"ran {wall:.1f} s, under {rules.min_duration_s:g} s")
-    if samples < rules.min_samples:
-        failed.append(f"{samples:,} galaxies, under {rules.min_samples:,}")
-    accuracy = accuracy_failure(record)
-    if accuracy:
-        failed.append(accuracy)
-    return failed
+    found = (_duration_failure(record, rules), _samples_failure(record, rules), accuracy_failure(record))
+    return [f for f in found if f]
 
 
 def point_failures(records: list[dict], rules: Rules = DEFAULT_RULES) -> list[str]:
-    """Each condition a point's repeats fail, once: its shortest repeat, its fewest galaxies, any accuracy
+    """Each condition a point's repeats fail, once: its shortest repeat, its fewest galaxies, each accuracy
     failure."""
     if not records:
         return []
     shortest = min(records, key=lambda r: (r.get("summary") or {}).get("wall_s") or 0.0)
     fewest = min(records, key=lambda r: (r.get("summary") or {}).get("samples") or 0)
-    found = [f for f in failures(shortest, rules) if f.startswith("ran ")]
-    found += [f for f in failures(fewest, rules) if " galaxies, under " in f]
-    found += [
-        f for r in records for f in failures(r, rules) if not f.startswith("ran ") and " galaxies, under " not in f
-    ]
-    found = [f"the shortest repeat {f}" if f.startswith("ran ") and len(records) > 1 else f for f in found]
-    return list(dict.fromkeys(found))
+    duration = _duration_failure(shortest, rules)
+    if duration and len(records) > 1:
+        duration = f"the shortest repeat {duration}"
+    found = [duration, _samples_failure(fewest, rules), *(accuracy_failure(r) for r in records)]
+    return list(dict.fromkeys(f for f in found if f))
 
 
 def verdict(record: dict, rules: Rules = DEFAULT_RULES) -> dict:
