@@ -1,5 +1,6 @@
 """Errors a user can cause and fix: the CLI prints them as one line and exits with code 2."""
 
+import importlib
 import re
 
 # Colour and cursor codes that other libraries put in their messages (Rich panels, some compilers' errors)
@@ -28,3 +29,11 @@ def describe(exc: BaseException) -> str:
     """One line for an error that happened elsewhere (a worker, an array task): a UserError's own message says
     all; anything else is named by its type, since its message alone may not say what went wrong."""
     return one_line(str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+
+
+def import_extra(module: str, extra: str, purpose: str):
+    """``module`` imported, or one line saying which extra installs it: an optional package a command needs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose} needs {module.split('.')[0]}: pip install 'cai-bench[{extra}]'") from None

@@ -783,6 +783,12 @@ def show_imported(out: Path, manifest, files: int, partition_mb: float) -> None:
         f"{out}: {manifest.samples:,} samples from {files} file(s) in {len(manifest.partitions)} partitions "
         f"of {partition_mb:g} MB; labels: {'yes' if manifest.has_labels else 'no'}"
     )
+    ids = manifest.objects
+    if ids is not None:
+        say(f"ids: {ids.id_type}, from column {ids.id_column}{', with ra and dec' if ids.has_position else ''}; "
+            f"kept in {out / ids.file}")  # fmt: skip
+    else:
+        say(f"ids: {manifest.source.get('ids', 'row numbers 0..N-1 in the order written')}")
 
 
 def show_data_info(directory: Path, info: dict, as_json: bool) -> None:
@@ -798,6 +804,7 @@ def show_data_info(directory: Path, info: dict, as_json: bool) -> None:
         ("partitions", f"{info['partitions']} x {info['partition_mb']:g} MB ({low:,}-{high:,} samples)"),
         ("on disk", f"{info['bytes_on_disk'] / 2**20:,.1f} MB"),
         ("labels", "yes" if info["has_labels"] else "no"),
+        ("ids", info["ids"]),
         ("created", info["created_utc"]),
     ]
     stdout.print(key_value_table(str(directory), rows))

@@ -1,8 +1,11 @@
 """The partition format: one safetensors file per partition plus a ``manifest.json``.
 
 A partition holds ``images`` f32 [N,5,32,32], ``magnitudes`` f64 [N,5], ``redshift`` f32 [N] and ``object_id``
-i64 [N]. The manifest lists every partition with its sample count, byte size and sha256, and says where the data
-came from. Data sets are written into a temporary sibling directory and renamed into place when complete, so a
+i64 [N], each object's position in the data set. The manifest lists every partition with its sample count, byte
+size and sha256, and says where the data came from; a data set imported from survey files also has an objects
+table (``objects.py``) with each position's survey id, ra and dec.
+
+Data sets are written into a temporary sibling directory and renamed into place when complete, so a
 directory with a manifest is always a whole data set.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +24,7 @@ import safetensors.numpy
 from safetensors import SafetensorError
 
 from cai_bench.data import synthetic
+from cai_bench.data.objects import ObjectsEntry, check_objects_bytes
 from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
 from cai_bench.errors import UserError
 from cai_bench.files import loads_json, staged_directory
@@ -38,7 +42,7 @@ from cai_bench.shapes import FLAG, INT, LIST, NUMBER, TABLE, TEXT, problem
 if TYPE_CHECKING:
     import torch
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: the optional objects table
 MAX_HEADER = 1 << 20  # a partition header is a few hundred bytes; more is not a partition
 FORMAT = "cai-bench-partition"
 # name -> (safetensors dtype, per-sample shape, numpy dtype)
@@ -75,6 +79,7 @@ class Manifest:
     schema_version: str = SCHEMA_VERSION
     created_utc: str = ""
     fields: dict = field(default_factory=lambda: {k: [v[0], list(v[1])] for k, v in FIELDS.items()})
+    objects: ObjectsEntry | None = None
 
 
 @dataclass
@@ -105,8 +110,26 @@ _MANIFEST_SHAPE = {
     "partitions": LIST,
 }
 _OPTIONAL_SHAPE = {"has_labels": FLAG, "bytes_per_sample": INT, "schema_version": TEXT, "created_utc": TEXT,
-                   "fields": TABLE}  # fmt: skip
+                   "fields": TABLE, "objects": TABLE}  # fmt: skip
 _ENTRY_SHAPE = {"file": TEXT, "samples": INT, "bytes": INT, "sha256": TEXT}
+_OBJECTS_SHAPE = {"file": TEXT, "rows": INT, "bytes": INT, "sha256": TEXT, "id_type": TEXT, "id_column": TEXT,
+                  "has_position": FLAG}  # fmt: skip
+
+
+def _check_objects(raw: object, samples: int, path: str, directory: str | Path) -> ObjectsEntry | None:
+    if raw is None:
+        return None
+    found = problem(raw, _OBJECTS_SHAPE, "objects.")
+    unknown = sorted(set(raw) - set(_OBJECTS_SHAPE))
+    if found or unknown:
+        raise UserError(f"{path}: malformed manifest ({found or 'unknown field(s) in objects: ' + ', '.join(unknown)})")
+    entry = ObjectsEntry(**raw)
+    if entry.id_type not in ("int64", "string"):
+        raise UserError(f"{path}: objects.id_type is {entry.id_type!r}; expected int64 or string")
+    if entry.rows != samples:
+        raise UserError(f"{path}: the objects table has {entry.rows} rows, the data set {samples} samples")
+    check_partition_name(entry.file, directory, path)
+    return entry
 
 
 def _check_entry(entry: object, number: int, path: str, directory: str | Path) -> PartitionEntry:
@@ -164,7 +187,8 @@ def load_manifest(directory: str | Path) -> Manifest:
     entries = [_check_entry(entry, n, path, directory) for n, entry in enumerate(raw.pop("partitions"))]
     if len({e.file for e in entries}) != len(entries):
         raise UserError(f"{path}: lists a partition file twice")
-    manifest = Manifest(partitions=entries, **raw)
+    objects = _check_objects(raw.pop("objects", None), raw["samples"], path, directory)
+    manifest = Manifest(partitions=entries, objects=objects, **raw)
     counted = sum(e.samples for e in manifest.partitions)
     if counted != manifest.samples:
         raise UserError(f"{path}: partition sample counts add up to {counted}, manifest says {manifest.samples}")
@@ -216,6 +240,12 @@ def dataset_info(directory: str | Path) -> dict:
         "partition_samples_max": max(sizes),
         "schema_version": manifest.schema_version,
         "created_utc": manifest.created_utc,
+        "ids": (
+            f"{manifest.objects.id_type} ids from column {manifest.objects.id_column}"
+            + (", with ra and dec" if manifest.objects.has_position else "")
+            if manifest.objects
+            else "object ids are positions (row numbers in the order written)"
+        ),
     }
 
 
@@ -321,8 +351,18 @@ def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:
             problems.append(f"{ref.path}: missing")
             continue
         try:
-            read_partition(ref, verify=True)
+            part = read_partition(ref, verify=True)
         except UserError as exc:
+            problems.append(str(exc))
+            continue
+        start = sum(e.samples for e in manifest.partitions[: ref.index])
+        if manifest.objects and not np.array_equal(part.object_id.numpy(), np.arange(start, start + ref.samples)):
+            problems.append(f"{ref.path}: its object positions are not {start}..{start + ref.samples - 1}")
+    if manifest.objects:
+        try:
+            name = manifest.objects.file
+            check_objects_bytes(storage.read(name), manifest.objects, storage.where(name))
+        except (UserError, OSError) as exc:
             problems.append(str(exc))
     return manifest, problems
 
@@ -341,6 +381,70 @@ def _dataset_id(entries: list[PartitionEntry]) -> str:
     return hashlib.sha256("\n".join(e.sha256 for e in entries).encode()).hexdigest()[:16]
 
 
+def rebatch(stream: Iterator[synthetic.GalaxyBatch]) -> Callable[[int], synthetic.GalaxyBatch]:
+    """A ``take(n)`` that cuts batches of any size, read from ``stream`` in order, into batches of ``n``: what
+    ``write_partitions`` asks for. Only what one partition needs is held."""
+    pending: list[synthetic.GalaxyBatch] = []
+    fields = ("images", "magnitudes", "redshift", "object_id")
+
+    def take(n: int) -> synthetic.GalaxyBatch:
+        held = sum(len(b) for b in pending)
+        while held < n:
+            batch = next(stream)
+            pending.append(batch)
+            held += len(batch)
+        merged = synthetic.GalaxyBatch(*(np.concatenate([getattr(b, f) for b in pending]) for f in fields))
+        rest = synthetic.GalaxyBatch(*(getattr(merged, f)[n:] for f in fields))
+        pending[:] = [rest] if len(rest) else []
+        return synthetic.GalaxyBatch(*(getattr(merged, f)[:n] for f in fields))
+
+    return take
+
+
+def write_partitions(staging: Path, sizes: list[int], take: Callable[[int], synthetic.GalaxyBatch],
+                     progress: Progress | None = None) -> list[PartitionEntry]:  # fmt: skip
+    """Write partitions of ``sizes`` samples into ``staging``, each from ``take(n)``, one in memory at a time."""
+    entries: list[PartitionEntry] = []
+    written, total = 0, sum(sizes)
+    digits = max(5, len(str(len(sizes) - 1)))
+    for index, size in enumerate(sizes):
+        batch = take(size)
+        if len(batch) != size:
+            raise RuntimeError(f"expected {size} samples for partition {index}, got {len(batch)}")
+        data = _serialize(batch)
+        name = f"part-{index:0{digits}d}.safetensors"
+        (staging / name).write_bytes(data)
+        entries.append(PartitionEntry(name, size, len(data), hashlib.sha256(data).hexdigest()))
+        written += size
+        del batch, data
+        if progress:
+            progress(written, total)
+    return entries
+
+
+def finish_manifest(staging: Path, entries: list[PartitionEntry], *, source: dict, partition_mb: float,
+                    has_labels: bool = True, objects: ObjectsEntry | None = None) -> Manifest:  # fmt: skip
+    """Write the manifest of the partitions in ``staging``: last, so that a manifest means a whole data set."""
+    total = sum(e.samples for e in entries)
+    manifest = Manifest(
+        dataset_id=_dataset_id(entries),
+        source=source,
+        samples=total,
+        data_gb=data_gb(total),
+        partition_mb=partition_mb,
+        samples_per_partition=samples_per_partition(partition_mb),
+        partitions=entries,
+        has_labels=has_labels,
+        created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        objects=objects,
+    )
+    raw = asdict(manifest)
+    if objects is None:
+        del raw["objects"]  # a data set without one reads as it did before the objects table existed
+    (staging / MANIFEST).write_text(json.dumps(raw, indent=1) + "\n")
+    return manifest
+
+
 def write_dataset(
     out: str | Path,
     sizes: list[int],
@@ -353,35 +457,9 @@ def write_dataset(
     progress: Progress | None = None,
 ) -> Manifest:
     """Write partitions of ``sizes`` samples, each from ``take(n)``; only one partition is in memory at a time."""
-    entries: list[PartitionEntry] = []
-    written, total = 0, sum(sizes)
-    digits = max(5, len(str(len(sizes) - 1)))
     with staged_directory(out, overwrite, "data set") as staging:
-        for index, size in enumerate(sizes):
-            batch = take(size)
-            if len(batch) != size:
-                raise RuntimeError(f"expected {size} samples for partition {index}, got {len(batch)}")
-            data = _serialize(batch)
-            name = f"part-{index:0{digits}d}.safetensors"
-            (staging / name).write_bytes(data)
-            entries.append(PartitionEntry(name, size, len(data), hashlib.sha256(data).hexdigest()))
-            written += size
-            del batch, data
-            if progress:
-                progress(written, total)
-        manifest = Manifest(
-            dataset_id=_dataset_id(entries),
-            source=source,
-            samples=total,
-            data_gb=data_gb(total),
-            partition_mb=partition_mb,
-            samples_per_partition=samples_per_partition(partition_mb),
-            partitions=entries,
-            has_labels=has_labels,
-            created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        )
-        (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1) + "\n")
-    return manifest
+        entries = write_partitions(staging, sizes, take, progress)
+        return finish_manifest(staging, entries, source=source, partition_mb=partition_mb, has_labels=has_labels)
 
 
 def synthesize(
@@ -418,42 +496,24 @@ def synthesize(
 def split(
     src: str | Path, partition_mb: float, out: str | Path, *, overwrite: bool = False, progress: Progress | None = None
 ) -> Manifest:
-    """Re-partition a data set without regenerating it: same samples, same order, new partition size."""
+    """Re-partition a data set without regenerating it: same samples, same order, new partition size; its
+    objects table, indexed by position, is copied as it is."""
     src = Path(src)
     if Path(out).resolve() == src.resolve():
         raise UserError(f"{out}: --out must differ from the source data set")
     manifest, _, refs = open_dataset(src)
-    stream = (read_partition(ref, verify=True) for ref in refs)  # one source partition read at a time
-    pending: list[synthetic.GalaxyBatch] = []
-    pending_n = 0
-
-    def take(n: int) -> synthetic.GalaxyBatch:
-        nonlocal pending_n
-        while pending_n < n:
-            part = next(stream)
-            pending.append(
-                synthetic.GalaxyBatch(
-                    part.images.numpy(), part.magnitudes.numpy(), part.redshift.numpy(), part.object_id.numpy()
-                )
-            )
-            pending_n += len(part)
-        fields = ("images", "magnitudes", "redshift", "object_id")
-        merged = synthetic.GalaxyBatch(*(np.concatenate([getattr(b, f) for b in pending]) for f in fields))
-        head = synthetic.GalaxyBatch(*(getattr(merged, f)[:n] for f in fields))
-        rest = synthetic.GalaxyBatch(*(getattr(merged, f)[n:] for f in fields))
-        pending[:] = [rest] if len(rest) else []
-        pending_n = len(rest)
-        return head
-
+    parts = (read_partition(ref, verify=True) for ref in refs)  # one source partition read at a time
+    stream = (
+        synthetic.GalaxyBatch(p.images.numpy(), p.magnitudes.numpy(), p.redshift.numpy(), p.object_id.numpy())
+        for p in parts
+    )
     lineage = {"dataset_id": manifest.dataset_id, "partition_mb": manifest.partition_mb}
     source = {**manifest.source, "split_from": [*manifest.source.get("split_from", []), lineage]}
-    return write_dataset(
-        out,
-        partition_sizes(manifest.samples, partition_mb),
-        take,
-        source=source,
-        partition_mb=partition_mb,
-        has_labels=manifest.has_labels,
-        overwrite=overwrite,
-        progress=progress,
-    )
+    with staged_directory(out, overwrite, "data set") as staging:
+        entries = write_partitions(staging, partition_sizes(manifest.samples, partition_mb), rebatch(stream), progress)
+        if manifest.objects:
+            data = storage_for(src).read(manifest.objects.file)
+            check_objects_bytes(data, manifest.objects, str(src / manifest.objects.file))
+            (staging / manifest.objects.file).write_bytes(data)
+        return finish_manifest(staging, entries, source=source, partition_mb=partition_mb,
+                               has_labels=manifest.has_labels, objects=manifest.objects)  # fmt: skip

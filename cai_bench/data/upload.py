@@ -49,6 +49,8 @@ def upload_dataset(
     target.check()
     there = target.objects()
     files = [(e.file, e.bytes, e.sha256) for e in manifest.partitions]
+    if manifest.objects:  # the ids, ra and dec a catalogue joins back by position
+        files.append((manifest.objects.file, manifest.objects.bytes, manifest.objects.sha256))
     files.append((MANIFEST, (directory / MANIFEST).stat().st_size, file_sha256(directory / MANIFEST)))
     config = TransferConfig(multipart_threshold=MULTIPART_MB << 20, multipart_chunksize=MULTIPART_MB << 20,
                             max_concurrency=4)  # fmt: skip

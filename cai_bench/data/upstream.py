@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cai_bench.data import synthetic
-from cai_bench.data.partitions import Manifest, Progress, write_dataset
+from cai_bench.data.partitions import Manifest, Progress, rebatch, write_dataset
 from cai_bench.errors import UserError
 from cai_bench.files import file_sha256
 from cai_bench.plan import partition_sizes
@@ -89,7 +89,8 @@ def _inspect(path: Path, tensors: tuple[torch.Tensor, ...]) -> UpstreamFile:
     return UpstreamFile(path, n, layout, len(tensors) == 3, file_sha256(path))
 
 
-def _slice(info: UpstreamFile, tensors: tuple[torch.Tensor, ...], start: int, stop: int) -> synthetic.GalaxyBatch:
+def _slice(info: UpstreamFile, tensors: tuple[torch.Tensor, ...], start: int, stop: int,
+           first_id: int) -> synthetic.GalaxyBatch:  # fmt: skip
     """Samples [start, stop) of one file in our layout and dtypes; only this slice is read from the file."""
     images = tensors[0][start:stop]
     if info.image_layout == "NHWC":
@@ -109,7 +110,8 @@ def _slice(info: UpstreamFile, tensors: tuple[torch.Tensor, ...], start: int, st
         if not np.isfinite(values).all():
             bad = start + int(np.nonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0][0])
             raise UserError(f"{info.path}: sample {bad} has NaN or inf in {name}")
-    return synthetic.GalaxyBatch(fields["images"], fields["magnitudes"], fields["redshift"], np.empty(0, np.int64))
+    ids = np.arange(first_id, first_id + stop - start, dtype=np.int64)
+    return synthetic.GalaxyBatch(fields["images"], fields["magnitudes"], fields["redshift"], ids)
 
 
 def import_upstream(
@@ -137,31 +139,18 @@ def import_upstream(
     total = sum(f.samples for f in files)
 
     def slices() -> Iterator[synthetic.GalaxyBatch]:
+        first_id = 0
         for info in files:
             tensors = _load(info.path)  # one input file open at a time
             for start in range(0, info.samples, 4096):
-                yield _slice(info, tensors, start, min(start + 4096, info.samples))
+                stop = min(start + 4096, info.samples)
+                yield _slice(info, tensors, start, stop, first_id)
+                first_id += stop - start
             del tensors
-
-    stream = slices()
-    pending: list[synthetic.GalaxyBatch] = []
-    next_id = 0
-
-    def take(n: int) -> synthetic.GalaxyBatch:
-        nonlocal next_id
-        while sum(len(b) for b in pending) < n:
-            pending.append(next(stream))
-        merged = [np.concatenate([getattr(b, f) for b in pending]) for f in ("images", "magnitudes", "redshift")]
-        pending[:] = []
-        if len(merged[2]) > n:
-            rest = [m[n:] for m in merged]
-            pending.append(synthetic.GalaxyBatch(*rest, np.empty(0, np.int64)))
-        ids = np.arange(next_id, next_id + n, dtype=np.int64)
-        next_id += n
-        return synthetic.GalaxyBatch(merged[0][:n], merged[1][:n], merged[2][:n], ids)
 
     source = {
         "kind": "upstream-tensordataset",
+        "ids": "row numbers 0..N-1 in the order of the files (upstream files carry no object ids)",
         "files": [
             {"name": f.path.name, "samples": f.samples, "image_layout": f.image_layout, "sha256": f.sha256}
             for f in files
@@ -170,7 +159,7 @@ def import_upstream(
     return write_dataset(
         out,
         partition_sizes(total, partition_mb),
-        take,
+        rebatch(slices()),
         source=source,
         partition_mb=partition_mb,
         has_labels=files[0].has_labels,

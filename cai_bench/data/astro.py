@@ -1,0 +1,368 @@
+"""Import survey cutouts from FITS and HDF5 files: images, magnitudes, ids, ra/dec and true redshifts.
+
+FITS: an image HDU of shape (N, 5, 32, 32) in ugriz order, or (N, 32, 32, 5), and a binary table HDU with the
+id column and the magnitudes (``dered_u..dered_z`` or ``u..z`` unless named), optionally ``ra``, ``dec`` and a
+true redshift. HDF5: datasets ``images``, ``magnitudes`` (N, 5), ``objid``, optionally ``ra``, ``dec`` and
+``redshift``. The first pass checks every file and reads the small columns (ids, magnitudes, positions,
+redshifts: about 70 bytes an object) and nothing is written unless all pass; the second reads the images a
+slice at a time (FITS without memory mapping, so only the slice is ever resident) into partitions, and writes
+each object's id, ra and dec into the data set's objects table. Cutouts of another size are refused: no
+resampling is done behind the user's back. astropy (FITS) and h5py (HDF5) come with the ``astro`` extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cai_bench.data import synthetic
+from cai_bench.data.objects import OBJECTS, objects_entry, objects_writer
+from cai_bench.data.partitions import Manifest, Progress, finish_manifest, rebatch, write_partitions
+from cai_bench.errors import UserError, import_extra
+from cai_bench.files import file_sha256, staged_directory
+from cai_bench.plan import partition_sizes
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".he5")
+SIZE = synthetic.IMAGE_SIZE
+BANDS = synthetic.BANDS
+SLICE = 1024  # cutouts read at a time: 20 MB of float32 images
+FITS_MAGS = (tuple(f"dered_{b}" for b in BANDS), BANDS)
+HDF5_MAGS = (("magnitudes",),)
+Z_NAMES = ("redshift", "z")
+
+
+@dataclass
+class Columns:
+    """What the input calls each thing; None: the defaults, the first that exists."""
+
+    id: str = "objid"
+    magnitudes: tuple[str, ...] | None = None  # one name of an (N, 5) column, or five of one band each
+    z: str | None = None
+    ra: str = "ra"
+    dec: str = "dec"
+    images: str | None = None  # FITS: HDU name or number; HDF5: dataset name (default images)
+
+
+@dataclass
+class SourceFile:
+    """One input file, checked, with its small columns read."""
+
+    path: Path
+    kind: str  # "fits" or "hdf5"
+    rows: int
+    layout: str  # "NCHW" or "NHWC"
+    images_key: int | str  # the HDU's number or the dataset's name
+    images_at: str  # the HDU or dataset, as errors name it
+    table_at: str
+    table: dict[str, np.ndarray] = field(repr=False)  # id, magnitudes [, redshift] [, ra, dec]
+    sha256: str = ""
+
+    @property
+    def id_type(self) -> str:
+        return "string" if self.table["id"].dtype.kind in "US" else "int64"
+
+
+def file_kind(paths: list[Path]) -> str:
+    """What ``data import`` was given, the same kind for every file: "pt", "fits" or "hdf5"."""
+    kinds = set()
+    for path in paths:
+        suffix = path.suffix.lower()
+        kinds_of = {".pt": "pt", **dict.fromkeys(FITS_SUFFIXES, "fits"), **dict.fromkeys(HDF5_SUFFIXES, "hdf5")}
+        kind = kinds_of.get(suffix)
+        if kind is None:
+            raise UserError(f"{path}: not a file data import reads (.pt, {', '.join(FITS_SUFFIXES + HDF5_SUFFIXES)})")
+        kinds.add(kind)
+    if len(kinds) > 1:
+        raise UserError(f"the files are of several kinds ({', '.join(sorted(kinds))}); import each kind separately")
+    return kinds.pop()
+
+
+def _layout(shape: tuple[int, ...], where: str) -> str:
+    if len(shape) == 4 and shape[1:] == (5, SIZE, SIZE):
+        return "NCHW"
+    if len(shape) == 4 and shape[1:] == (SIZE, SIZE, 5):
+        return "NHWC"
+    sizes = [s for s in shape[1:] if s != 5]
+    if len(shape) == 4 and 5 in shape[1:] and len(set(sizes)) == 1:
+        raise UserError(f"{where}: cutouts are {sizes[0]}x{sizes[0]} pixels; the model needs {SIZE}x{SIZE} "
+                        f"(cut them to the central {SIZE}x{SIZE}; nothing is resampled here)")  # fmt: skip
+    raise UserError(f"{where}: images have shape {list(shape)}; expected (N, 5, {SIZE}, {SIZE}) in ugriz order "
+                    f"or (N, {SIZE}, {SIZE}, 5)")  # fmt: skip
+
+
+def _column(names: tuple[str, ...], read, where: str) -> np.ndarray:
+    """Magnitudes as float64 (N, 5): from one (N, 5) column or from five, one band each."""
+    arrays = [np.asarray(read(n)) for n in names]
+    if len(arrays) == 1:
+        mags = arrays[0]
+        if mags.ndim != 2 or mags.shape[1] != 5:
+            raise UserError(f"{where}: magnitudes {names[0]} have shape {list(mags.shape)}; expected (N, 5), ugriz")
+    else:
+        mags = np.stack([a.reshape(-1) for a in arrays], axis=1)
+    if mags.dtype.kind not in "fiu":
+        raise UserError(f"{where}: magnitudes are {mags.dtype}; expected numbers")
+    return mags.astype(np.float64)
+
+
+def _ids(values: np.ndarray, where: str, name: str) -> np.ndarray:
+    if values.ndim != 1:
+        raise UserError(f"{where}: id column {name} has shape {list(values.shape)}; expected one id per row")
+    if values.dtype.kind in "iu":
+        if values.dtype.kind == "u" and values.size and int(values.max()) > np.iinfo(np.int64).max:
+            raise UserError(f"{where}: id column {name} holds ids beyond int64")
+        return values.astype(np.int64)
+    if values.dtype.kind in "SUO":
+        text = np.char.strip(np.asarray(values).astype(str))
+        if (text == "").any():
+            raise UserError(f"{where}: id column {name} has an empty id (row {int(np.argmax(text == ''))})")
+        return text
+    raise UserError(f"{where}: id column {name} is {values.dtype}; ids must be integers or strings")
+
+
+def _pick(available: set[str], wanted: tuple[tuple[str, ...], ...], given: tuple[str, ...] | None) -> tuple | None:
+    if given is not None:
+        return given if all(n in available for n in given) else None
+    return next((names for names in wanted if all(n in available for n in names)), None)
+
+
+def _small_columns(names: set[str], read, columns: Columns, where: str, defaults: tuple) -> dict[str, np.ndarray]:
+    """The id, magnitudes, redshift and position columns of one file, checked, by ``read(name)``."""
+    if columns.id not in names:
+        found = ", ".join(sorted(names))
+        raise UserError(f"{where}: no id column {columns.id!r} (--id-column names it; found {found})")
+    mags = _pick(names, defaults, columns.magnitudes)
+    if mags is None:
+        asked = ", ".join(columns.magnitudes) if columns.magnitudes else " or ".join(", ".join(d) for d in defaults)
+        raise UserError(f"{where}: no magnitude column(s) {asked} (--mag-columns names them)")
+    table = {"id": _ids(np.asarray(read(columns.id)), where, columns.id), "magnitudes": _column(mags, read, where)}
+    z_name = columns.z if columns.z is not None else next((n for n in Z_NAMES if n in names), None)
+    if z_name is not None:
+        if z_name not in names:
+            raise UserError(f"{where}: no redshift column {z_name!r} (--z-column)")
+        table["redshift"] = np.asarray(read(z_name), dtype=np.float64).reshape(-1)
+    if (columns.ra in names) != (columns.dec in names):
+        raise UserError(f"{where}: has {columns.ra if columns.ra in names else columns.dec} but not the other of "
+                        f"{columns.ra}, {columns.dec}")  # fmt: skip
+    if columns.ra in names:
+        table["ra"] = np.asarray(read(columns.ra), dtype=np.float64).reshape(-1)
+        table["dec"] = np.asarray(read(columns.dec), dtype=np.float64).reshape(-1)
+    return table
+
+
+def _check_table(table: dict[str, np.ndarray], rows: int, where: str) -> None:
+    for name, values in table.items():
+        if len(values) != rows:
+            raise UserError(f"{where}: {name} has {len(values)} rows, the images {rows}")
+        if name != "id" and not np.isfinite(values).all():
+            bad = int(np.argmin(np.isfinite(values.reshape(rows, -1)).all(axis=1)))
+            raise UserError(f"{where}: {name} holds NaN or inf (row {bad})")
+    if "ra" in table and ((np.abs(table["dec"]) > 90).any() or (table["ra"] < 0).any() or (table["ra"] >= 360).any()):
+        raise UserError(f"{where}: ra/dec out of range (ra in [0, 360), dec in [-90, 90] degrees)")
+
+
+def _fits_image_index(hdul, columns: Columns, path: Path) -> int:
+    if columns.images is not None:
+        missing = UserError(f"{path}: no HDU {columns.images!r} (--images names the image HDU, by name or number)")
+        if columns.images.isdigit():
+            if int(columns.images) >= len(hdul):
+                raise missing
+            return int(columns.images)
+        try:
+            return hdul.index_of(columns.images)
+        except KeyError:
+            raise missing from None
+    for index, hdu in enumerate(hdul):
+        if hdu.is_image and hdu.header.get("NAXIS", 0) == 4:
+            return index
+    raise UserError(f"{path}: no 4-dimensional image HDU (N, 5, {SIZE}, {SIZE}) of cutouts")
+
+
+def _inspect_fits(path: Path, columns: Columns) -> SourceFile:
+    fits = import_extra("astropy.io.fits", "astro", "reading FITS files")
+    try:
+        hdul = fits.open(path, memmap=True)
+        hdul.verify("exception")
+    except Exception as exc:  # astropy reports a damaged file in many ways (OSError, VerifyError, ValueError)
+        raise UserError(f"{path}: not a readable FITS file ({type(exc).__name__}: {exc})") from None
+    with hdul:
+        index = _fits_image_index(hdul, columns, path)
+        if index >= len(hdul) or not hdul[index].is_image:
+            raise UserError(f"{path}: HDU {columns.images} is not an image HDU")
+        name = hdul[index].name
+        images_at = f"{path} HDU {index}" + (f" ({name})" if name and name != "PRIMARY" else "")
+        layout = _layout(tuple(hdul[index].shape), images_at)
+        tables = [i for i, hdu in enumerate(hdul) if isinstance(hdu, fits.BinTableHDU)]
+        if not tables:
+            raise UserError(f"{path}: no binary table HDU with the ids and magnitudes")
+        table_hdu = hdul[tables[0]]
+        table_at = f"{path} HDU {tables[0]}" + (f" ({table_hdu.name})" if table_hdu.name else "")
+        names = set(table_hdu.columns.names)
+        table = _small_columns(names, lambda n: np.array(table_hdu.data[n]), columns, table_at, FITS_MAGS)
+        rows = int(hdul[index].shape[0])
+    _check_table(table, rows, table_at)
+    return SourceFile(path, "fits", rows, layout, index, images_at, table_at, table, file_sha256(path))
+
+
+def _inspect_hdf5(path: Path, columns: Columns) -> SourceFile:
+    h5py = import_extra("h5py", "astro", "reading HDF5 files")
+    try:
+        handle = h5py.File(path, "r")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable HDF5 file ({exc})") from None
+    with handle:
+        names = {name for name, item in handle.items() if isinstance(item, h5py.Dataset)}
+        image_name = columns.images or "images"
+        if image_name not in names:
+            raise UserError(f"{path}: no dataset {image_name!r} of cutouts (--images names it)")
+        images_at = f"{path} dataset {image_name}"
+        dataset = handle[image_name]
+        layout = _layout(tuple(dataset.shape), images_at)
+        if dataset.dtype.kind not in "fiu":
+            raise UserError(f"{images_at}: images are {dataset.dtype}; expected numbers")
+
+        def read(name: str) -> np.ndarray:
+            item = handle[name]
+            return item.asstr()[()] if h5py.check_string_dtype(item.dtype) else item[()]
+
+        table = _small_columns(names - {image_name}, read, columns, str(path), HDF5_MAGS)
+        rows = int(dataset.shape[0])
+    _check_table(table, rows, str(path))
+    return SourceFile(path, "hdf5", rows, layout, image_name, images_at, str(path), table, file_sha256(path))
+
+
+@contextmanager
+def _image_reader(source: SourceFile) -> Iterator:
+    """``read(start, stop)``: cutouts [start, stop) of one file, read from disk for that slice alone."""
+    if source.kind == "fits":
+        fits = import_extra("astropy.io.fits", "astro", "reading FITS files")
+        with fits.open(source.path, memmap=False) as hdul:  # a section then reads its bytes, not a mapping
+            hdu = hdul[source.images_key]
+            yield lambda start, stop: hdu.section[start:stop]
+    else:
+        h5py = import_extra("h5py", "astro", "reading HDF5 files")
+        with h5py.File(source.path, "r") as handle:
+            dataset = handle[source.images_key]
+            yield lambda start, stop: dataset[start:stop]
+
+
+def _images(raw: np.ndarray, source: SourceFile, start: int) -> np.ndarray:
+    images = np.asarray(raw, dtype=np.float32)
+    if source.layout == "NHWC":
+        images = images.transpose(0, 3, 1, 2)
+    images = np.ascontiguousarray(images)
+    finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    if not finite.all():
+        raise UserError(f"{source.images_at}: cutout {start + int(np.argmin(finite))} holds NaN or inf pixels")
+    return images
+
+
+def inspect_sources(paths: list[Path], kind: str, columns: Columns) -> list[SourceFile]:
+    """Every file checked and its small columns read; the files must agree and their ids be unique."""
+    inspect = _inspect_fits if kind == "fits" else _inspect_hdf5
+    files = []
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: file not found")
+        files.append(inspect(path, columns))
+    agree = {"string and integer ids": lambda f: f.id_type, "true redshifts": lambda f: "redshift" in f.table,
+             "ra and dec": lambda f: "ra" in f.table}  # fmt: skip
+    for what, of in agree.items():
+        if len({of(f) for f in files}) > 1:
+            raise UserError(f"some files have {what} and some do not; import them separately")
+    ids = np.concatenate([f.table["id"] for f in files])
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        twice = unique[counts > 1][0]
+        starts = np.cumsum([0] + [f.rows for f in files])
+        rows = [(files[k].path, int(p - starts[k])) for p in np.nonzero(ids == twice)[0][:2]
+                for k in [int(np.searchsorted(starts, p, side="right")) - 1]]  # fmt: skip
+        where = " and ".join(f"{path} row {row}" for path, row in rows)
+        raise UserError(f"id {twice} appears {int(counts.max())} times or more: {where} (ids must be unique)")
+    return files
+
+
+def _stream(files: list[SourceFile], add_objects) -> Iterator[synthetic.GalaxyBatch]:
+    """The galaxies in order, a slice at a time, their ids and positions appended to the objects table as read."""
+    position = 0
+    for index, source in enumerate(files):
+        table = source.table
+        with _image_reader(source) as read:
+            for start in range(0, source.rows, SLICE):
+                stop = min(start + SLICE, source.rows)
+                n = stop - start
+                objects = {"id": table["id"][start:stop], "file": np.full(n, index, np.int32),
+                           "row": np.arange(start, stop, dtype=np.int64)}  # fmt: skip
+                if "ra" in table:
+                    objects.update(ra=table["ra"][start:stop], dec=table["dec"][start:stop])
+                z = table["redshift"][start:stop] if "redshift" in table else np.zeros(n)
+                batch = synthetic.GalaxyBatch(
+                    _images(read(start, stop), source, start), table["magnitudes"][start:stop],
+                    z.astype(np.float32), np.arange(position, position + n, dtype=np.int64),
+                )  # fmt: skip
+                add_objects(objects)
+                position += n
+                yield batch
+
+
+def import_catalogue(
+    sources: list[str | Path],
+    out: str | Path,
+    partition_mb: float,
+    columns: Columns | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:
+    """FITS or HDF5 files, in the order given, into partitions, a manifest and the objects table."""
+    columns = columns or Columns()
+    paths = [Path(s) for s in sources]
+    if not paths:
+        raise UserError("give at least one FITS or HDF5 file")
+    kind = file_kind(paths)
+    if kind == "pt":
+        raise UserError("PyTorch .pt files are imported by import_upstream")
+    files = inspect_sources(paths, kind, columns)
+    first = files[0]
+    has_position = "ra" in first.table
+    described = [
+        {"name": f.path.name, "samples": f.rows, "image_layout": f.layout, "sha256": f.sha256,
+         "images": f.images_at.removeprefix(f"{f.path} "), "table": f.table_at.removeprefix(f"{f.path}").strip()}
+        for f in files
+    ]  # fmt: skip
+    source = {"kind": kind, "ids": f"{first.id_type} ids from {columns.id}", "files": described}
+    total = sum(f.rows for f in files)
+    with staged_directory(out, overwrite, "data set") as staging:
+        with objects_writer(staging / OBJECTS, first.id_type, has_position) as add_objects, ExitStack() as stack:
+            stream = _stream(files, add_objects)
+            stack.callback(stream.close)  # closes the last file even when the partitions end before the stream
+            entries = write_partitions(staging, partition_sizes(total, partition_mb), rebatch(stream), progress)
+        objects = objects_entry(staging / OBJECTS, first.id_type, columns.id, has_position)
+        return finish_manifest(staging, entries, source=source, partition_mb=partition_mb,
+                               has_labels="redshift" in first.table, objects=objects)  # fmt: skip
+
+
+OPTIONS = {"--id-column": "id", "--z-column": "z", "--ra-column": "ra", "--dec-column": "dec", "--images": "images"}
+
+
+def catalogue_columns(options: dict[str, str | None]) -> Columns:
+    """Columns from ``data import``'s options (None: the default); --mag-columns a comma list of one or five."""
+    given = {OPTIONS[k]: v for k, v in options.items() if v is not None and k in OPTIONS}
+    magnitudes = options.get("--mag-columns")
+    if magnitudes is not None:
+        names = tuple(n.strip() for n in magnitudes.split(","))
+        if len(names) not in (1, 5) or not all(names):
+            raise UserError(f"--mag-columns {magnitudes!r}: give five names (u,g,r,i,z) or one of shape (N, 5)")
+        given["magnitudes"] = names
+    return Columns(**given)
+
+
+def refuse_columns(options: dict[str, str | None]) -> None:
+    """Column options mean nothing to an upstream .pt file (a TensorDataset has no names): say so."""
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: only FITS and HDF5 files have named columns; a .pt file has none")
