@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 
+from cai_bench import __version__
 from cai_bench.records import utc_now
 
 _PACKAGES = (
@@ -96,6 +97,11 @@ def _git_commit() -> dict:
     if commit is None or dirty is None:
         return {}
     return {"git_commit": commit, "git_dirty": bool(dirty)}
+
+
+def tool_version() -> dict:
+    """cai-bench's version and, from a checkout, its commit: what a file it writes says made it."""
+    return {"cai_bench": __version__, **_git_commit()}
 
 
 def _versions() -> dict[str, str | None]:

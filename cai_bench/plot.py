@@ -463,8 +463,10 @@ def predictions_figure(columns: dict, title: str, about: dict | None = None) -> 
     """Predicted against true redshift (each point coloured by how many objects share its neighbourhood, the
     y = x line, the accuracy figures in the legend) and beneath it the residual every photo-z figure shows:
     dz/(1+z) against z with the outlier bounds, and the point metrics. Random-init weights say so on the figure."""
-    z = np.asarray(columns["true_redshift"], dtype=np.float64)
-    z_pred = np.asarray(columns["predicted_redshift"], dtype=np.float64)
+    z = np.asarray(columns["z_true"], dtype=np.float64)
+    z_pred = np.asarray(columns["z_pred"], dtype=np.float64)
+    known = np.isfinite(z) & np.isfinite(z_pred)  # a joined truth catalogue may lack some objects
+    z, z_pred = z[known], z_pred[known]
     if len(z) == 0:
         raise UserError(f"{title}: holds no predictions")
     m = accuracy(z_pred, z)

@@ -2,36 +2,50 @@
 
 Each finished partition's predictions go to ``<out>.parts/part-<index>.npz`` (temporary file + rename), so an
 interrupted or killed run keeps every partition it finished. A rerun predicts only the partitions without a
-part file, then writes ``<out>`` (Parquet or CSV) from the parts in partition order, renames it into place and
-removes the parts. ``job.json`` in the parts directory records which data, weights and precision the parts come
-from; parts of another job are never mixed in.
+part file, then writes the catalogue ``<out>`` (Parquet, FITS or CSV: ``catalogue.py``) from the parts in
+partition order, renames it into place and removes the parts. ``job.json`` in the parts directory records which
+data, weights and precision the parts come from; parts of another job are never mixed in. Each part also keeps
+the run, runtime and precision that made it, for the catalogue's provenance. Ids, ra and dec come from the data
+set's objects table, joined by position.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cai_bench.data.partitions import read_partition_arrays
+from cai_bench.catalogue import (
+    FORMATS,
+    MODEL_NAME,
+    Truth,
+    check_catalogue_path,
+    flag_counts,
+    flag_meanings,
+    join_truth,
+    load_truth,
+    object_flags,
+    read_catalogue,
+    write_catalogue,
+)
+from cai_bench.data.objects import iter_objects, rows_for
+from cai_bench.data.partitions import Manifest, load_manifest, read_partition_arrays
+from cai_bench.data.storage import storage_for
 from cai_bench.errors import UserError
 from cai_bench.files import file_sha256, loads_json
+from cai_bench.machine import tool_version
 from cai_bench.metrics import accuracy, photoz_by_bin, photoz_metrics
 from cai_bench.model.export_format import is_export, read_export
 from cai_bench.plan import PartitionRef, Plan, replace_plan
-from cai_bench.records import RANDOM_INIT, PartitionResult, RunRecord
-from cai_bench.runner import ProgressSink, RunRequest, execute, labelled_accuracy
+from cai_bench.records import RANDOM_INIT, PartitionResult, RunRecord, new_run_id, utc_now
+from cai_bench.runner import ProgressSink, RunRequest, execute, labelled_accuracy, resolve_runtime
 from cai_bench.store import ResultsStore
 
-FORMATS = {".parquet": "parquet", ".csv": "csv"}
-COLUMNS = ("object_id", "predicted_redshift", "true_redshift")
 JOB_FILE = "job.json"
 
 
@@ -43,6 +57,7 @@ class PredictOutcome:
     partitions_reused: int
     accuracy: dict | None
     records: list[RunRecord]
+    provenance: dict  # what the catalogue's metadata says, with how many objects carry each flag
 
 
 def parts_dir(out: Path) -> Path:
@@ -96,10 +111,14 @@ def _write_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_part(parts: Path, result: PartitionResult) -> None:
+def _write_part(parts: Path, result: PartitionResult, ran: dict[str, str]) -> None:
+    """One partition's predictions, with the run, runtime and precision that made them (for the provenance)."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(fh, object_id=result.object_id, prediction=result.prediction, redshift=result.redshift)
+            facts = {"precision": result.record.precision, **ran}
+            np.savez(fh, object_id=result.object_id, prediction=result.prediction, redshift=result.redshift,
+                     **{name: np.array(value) for name, value in facts.items()})  # fmt: skip
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -111,10 +130,15 @@ def _write_part(parts: Path, result: PartitionResult) -> None:
         ) from None
 
 
+PART_ARRAYS = ("object_id", "prediction", "redshift")
+PART_FACTS = ("run_id", "runtime", "precision")
+
+
 def _read_part(path: Path, ref: PartitionRef) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            part = {name: npz[name] for name in ("object_id", "prediction", "redshift")}
+            part = {name: npz[name] for name in PART_ARRAYS}
+            part.update({name: str(npz[name]) if name in npz.files else "" for name in PART_FACTS})
     except Exception as exc:  # a damaged part file fails in numpy's or zipfile's own ways
         raise UserError(f"{path}: unreadable part ({type(exc).__name__}); delete it and run again to redo it") from None
     if len(part["object_id"]) != ref.samples:
@@ -134,65 +158,105 @@ def _iter_parts(parts: Path, refs: tuple[PartitionRef, ...]) -> Iterator[dict[st
 Z_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0, 2.0, 6.0)  # true-redshift bins of the per-bin point metrics
 # r-band magnitude bins (SDSS's main galaxy sample ends at r = 17.77)
 R_BINS = (0.0, 14.0, 15.0, 16.0, 17.0, 17.77, 19.0, 30.0)
-METADATA_KEY = b"cai_bench"  # the Parquet file's key-value metadata: what the predictions are
 
 
-@contextmanager
-def _table_writer(path: Path, fmt: str, columns: tuple[str, ...],
-                  about: dict | None = None) -> Iterator[Callable[[list[np.ndarray]], None]]:  # fmt: skip
-    """A function that appends columns of arrays to a Parquet or CSV file, one chunk at a time; Parquet keeps
-    ``about`` (the weights, and whether the predictions mean anything) in its metadata."""
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        types = {"object_id": pa.int64(), "predicted_redshift": pa.float32(), "true_redshift": pa.float32()}
-        metadata = {METADATA_KEY: json.dumps(about).encode()} if about else None
-        schema = pa.schema([(name, types[name]) for name in columns], metadata=metadata)
-        with pq.ParquetWriter(path, schema) as writer:
-            yield lambda arrays: writer.write_table(pa.table(dict(zip(columns, arrays, strict=True)), schema=schema))
-    else:
-        with open(path, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(columns)
-            yield lambda arrays: writer.writerows(zip(*(a.tolist() for a in arrays), strict=True))
+def _objects_rows(plan: Plan, manifest: Manifest) -> Callable[[int, int], dict[str, np.ndarray]] | None:
+    if manifest.objects is None:
+        return None
+    storage = storage_for(plan.data.path)
+    where = storage.where(manifest.objects.file)
+    return rows_for(iter_objects(storage.read(manifest.objects.file), manifest.objects, where))
 
 
-def _assemble(out: Path, parts: Path, refs: tuple[PartitionRef, ...], has_labels: bool,
-              about: dict | None = None) -> tuple[int, dict | None]:  # fmt: skip
-    """Write ``out`` from the parts (one part in memory at a time), then rename it into place."""
-    columns = COLUMNS if has_labels else COLUMNS[:2]
-    predicted, true, r_band = [], [], []
+def _gather(parts: Path, plan: Plan, manifest: Manifest) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """The catalogue's columns from the parts (one part in memory at a time) and the data set's objects table;
+    the magnitudes where the partitions are local; the runs, runtimes and precisions the parts came from."""
+    refs = plan.partitions
     local = all(not str(ref.path).startswith("s3:") for ref in refs)
+    objects = _objects_rows(plan, manifest)
+    offsets = np.cumsum([0] + [e.samples for e in manifest.partitions])
+    chunks: dict[str, list[np.ndarray]] = {}
+    ran: dict[str, set[str]] = {name: set() for name in PART_FACTS}
+    for part, ref in zip(_iter_parts(parts, refs), refs, strict=True):
+        start, n = int(offsets[ref.index]), ref.samples
+        found = {"z_pred": part["prediction"], "z_true": part["redshift"]}
+        if objects is None:
+            found["id"] = part["object_id"]
+        elif not np.array_equal(part["object_id"], np.arange(start, start + n)):
+            raise UserError(f"{ref.path}: its objects are not at positions {start}..{start + n - 1} of the data "
+                            "set's objects table (a damaged data set? cai-bench data verify)")  # fmt: skip
+        else:
+            found.update(objects(start, n))
+        if local:  # for the flags and the magnitude bins, one partition at a time
+            found["magnitudes"] = read_partition_arrays(ref, verify=False)["magnitudes"]
+        for name, values in found.items():
+            chunks.setdefault(name, []).append(values)
+        for name in PART_FACTS:
+            ran[name].add(part[name])
+    columns = {name: np.concatenate(values) for name, values in chunks.items()}
+    return columns, {f"{name}s": sorted(values - {""}) for name, values in ran.items()}
 
-    def write(tmp: Path) -> None:
-        with _table_writer(tmp, FORMATS[out.suffix], columns, about) as append:
-            for part, ref in zip(_iter_parts(parts, refs), refs, strict=True):
-                append([part["object_id"], part["prediction"], part["redshift"]][: len(columns)])
-                predicted.append(part["prediction"])
-                true.append(part["redshift"])
-                if has_labels and local:  # the r magnitudes of the magnitude bins, one partition at a time
-                    r_band.append(read_partition_arrays(ref, verify=False)["magnitudes"][:, 2])
 
-    _write_atomically(out, write)
-    objects = sum(len(p) for p in predicted)
-    metrics = None
-    if has_labels:
-        z_pred, z = np.concatenate(predicted), np.concatenate(true)
-        metrics = {**accuracy(z_pred, z), "photoz": photoz_metrics(z_pred, z),
-                   "photoz_by_z": photoz_by_bin(z_pred, z, Z_BINS)}  # fmt: skip
-        if r_band:
-            metrics["photoz_by_r"] = photoz_by_bin(z_pred, z, R_BINS, np.concatenate(r_band), "r")
-    return objects, metrics
+def _metrics(columns: dict[str, np.ndarray]) -> dict | None:
+    """The point metrics over the objects with a known true redshift; None where none has one."""
+    if "z_true" not in columns:
+        return None
+    known = np.isfinite(columns["z_true"]) & np.isfinite(columns["z_pred"])
+    if not known.any():
+        return None
+    z_pred, z = columns["z_pred"][known], columns["z_true"][known]
+    metrics = {
+        **accuracy(z_pred, z),
+        "photoz": photoz_metrics(z_pred, z),
+        "photoz_by_z": photoz_by_bin(z_pred, z, Z_BINS),
+    }
+    if "magnitudes" in columns:
+        metrics["photoz_by_r"] = photoz_by_bin(z_pred, z, R_BINS, columns["magnitudes"][known, 2], "r")
+    return metrics
+
+
+def _provenance(plan: Plan, job: dict, manifest: Manifest, ran: dict[str, list[str]]) -> dict:
+    """Where the catalogue's numbers come from: the model, weights, runs, code and inputs."""
+    inputs = [{"name": f.get("name"), "sha256": f.get("sha256")} for f in manifest.source.get("files", [])]
+    return {
+        "model": MODEL_NAME,
+        "weights": job.get("weights"),
+        "weights_sha256": job.get("sha256"),
+        "random_init": not plan.weights,
+        "meaning": "random-init weights: the redshifts mean nothing" if not plan.weights else "trained weights",
+        **ran,
+        **tool_version(),
+        "dataset_id": manifest.dataset_id,
+        "data_source": {k: v for k, v in manifest.source.items() if k != "files"},
+        "inputs": inputs,
+        "created_utc": utc_now(),
+        "flags": flag_meanings(),
+    }
+
+
+def _assemble(out: Path, parts: Path, plan: Plan, job: dict, truth: Truth | None) -> tuple[int, dict | None, dict]:
+    """Write the catalogue ``out`` from the parts, then rename it into place; its metrics and provenance."""
+    manifest = load_manifest(plan.data.path)
+    columns, ran = _gather(parts, plan, manifest)
+    provenance = _provenance(plan, job, manifest, ran)
+    if truth is not None:
+        columns["z_true"], provenance["z_true"] = join_truth(columns["id"], truth)
+    elif plan.data.has_labels:
+        provenance["z_true"] = "the data set's labels"
+    else:
+        del columns["z_true"]
+    columns["flags"] = object_flags(columns["z_pred"], columns.get("magnitudes"), not plan.weights)
+    _write_atomically(out, lambda tmp: write_catalogue(tmp, FORMATS[out.suffix], columns, provenance))
+    provenance["flag_counts"] = flag_counts(columns["flags"])
+    return len(columns["z_pred"]), _metrics(columns), provenance
 
 
 def check_out(out: Path, force: bool) -> None:
-    """Refuse, before anything runs, an --out that cannot become the predictions file."""
+    """Refuse, before anything runs, an --out that cannot become the catalogue."""
     out = Path(out)
-    if out.suffix not in FORMATS:
-        raise UserError(f"{out}: --out must end in .parquet or .csv")
+    check_catalogue_path(out)
     if out.is_dir():
-        raise UserError(f"{out}: is a directory; --out names the predictions file to write")
+        raise UserError(f"{out}: is a directory; --out names the catalogue file to write")
     if out.exists() and not force:
         raise UserError(f"{out}: exists; pass --force to predict again, or choose another --out")
     parent = out.parent
@@ -207,6 +271,19 @@ def check_out(out: Path, force: bool) -> None:
         raise UserError(f"{out}: cannot write there ({exc.strerror})") from None
 
 
+def _run_missing(plan: Plan, parts: Path, store: ResultsStore | None, progress) -> tuple[list[RunRecord], int]:
+    """Predict the partitions without a part yet, each kept as it arrives; the records and how many were done."""
+    done = _done(parts, plan.partitions)
+    todo = tuple(ref for ref in plan.partitions if ref.index not in done)
+    if not todo:
+        return [], len(done)
+    remaining = resolve_runtime(replace_plan(plan, partitions=todo, repeats=1, warmup=0))
+    ran = {"run_id": new_run_id(), "runtime": remaining.backend_options.get("runtime") or "torch"}
+    outcomes = execute(remaining, store, progress, on_result=lambda r: _write_part(parts, r, ran), kind="predict",
+                       run_id=ran["run_id"])  # fmt: skip
+    return [o.record for o in outcomes], len(done)
+
+
 def predict(
     plan: Plan,
     out: str | Path,
@@ -214,8 +291,10 @@ def predict(
     *,
     force: bool = False,
     progress: ProgressSink | None = None,
+    truth: Truth | None = None,
 ) -> PredictOutcome:
-    """Predict every partition of ``plan`` that has no part yet, then write ``out`` from all parts."""
+    """Predict every partition of ``plan`` that has no part yet, then write the catalogue ``out`` from all
+    parts, its true redshifts joined from ``truth`` by id where given."""
     out = Path(out)
     check_out(out, force)
     parts = parts_dir(out)
@@ -224,20 +303,9 @@ def predict(
         _open_parts(parts, job, force)
     except (OSError, ValueError) as exc:  # ValueError: a job.json that is not JSON
         raise UserError(f"{parts}: cannot use the parts directory ({exc}); remove it or pass --force") from None
-    done = _done(parts, plan.partitions)
-    todo = tuple(ref for ref in plan.partitions if ref.index not in done)
-    records = []
-    if todo:
-        remaining = replace_plan(plan, partitions=todo, repeats=1, warmup=0)
-        outcomes = execute(remaining, store, progress, on_result=lambda r: _write_part(parts, r), kind="predict")
-        records = [o.record for o in outcomes]
+    records, reused = _run_missing(plan, parts, store, progress)
     try:
-        about = {
-            "weights": job.get("weights"),
-            "random_init": not plan.weights,
-            "meaning": "random-init weights: the redshifts mean nothing" if not plan.weights else "trained weights",
-        }
-        objects, metrics = _assemble(out, parts, plan.partitions, plan.data.has_labels, about)
+        objects, metrics, provenance = _assemble(out, parts, plan, job, truth)
     except OSError as exc:
         raise UserError(
             f"{out}: cannot write the predictions ({exc.strerror}); the parts in {parts} are kept"
@@ -245,51 +313,36 @@ def predict(
     shutil.rmtree(parts)
     if metrics is not None:
         metrics = labelled_accuracy(metrics, {"weights": plan.weights or RANDOM_INIT}, plan.data)
-    return PredictOutcome(out, objects, len(todo), len(done), metrics, records)
+    outcome = PredictOutcome(out, objects, len(plan.partitions) - reused, reused, metrics, records, provenance)
+    joined = provenance.get("z_true")
+    if truth is not None and not joined["matched"]:
+        raise UserError(f"{truth.path}: none of the {objects:,} ids is in its column {truth.on}: nothing was compared "
+                        f"(the catalogue {out} is written, without true redshifts)")  # fmt: skip
+    return outcome
 
 
-def predict_command(request: RunRequest, out: str | Path, force: bool = False, progress=None) -> PredictOutcome:
-    """``cai-bench predict``: the checks (``out`` first), then ``predict`` over the request's data set."""
+def predict_command(request: RunRequest, out: str | Path, force: bool = False, progress=None,
+                    truth: tuple[str, str, str | None] | None = None) -> PredictOutcome:  # fmt: skip
+    """``cai-bench predict``: the checks (``out`` and the truth catalogue first), then ``predict`` over the
+    request's data set. ``truth``: (catalogue, id column, redshift column or None)."""
     check_out(Path(out), force)
+    joined = load_truth(*truth) if truth else None
     ready = request.check()
-    return predict(request.plan(ready), out, ready.store, force=force, progress=progress)
+    return predict(request.plan(ready), out, ready.store, force=force, progress=progress, truth=joined)
 
 
 def predictions_about(path: str | Path) -> dict:
-    """What a Parquet predictions file says of itself (its weights, whether they are random-init); {} for CSV or
-    a file that says nothing."""
-    if Path(path).suffix != ".parquet":
-        return {}
-    import pyarrow.parquet as pq
-
+    """What a catalogue says of itself (weights, whether random-init, provenance); {} where it says nothing."""
     try:
-        metadata = pq.read_schema(path).metadata or {}
-        return json.loads(metadata.get(METADATA_KEY, b"{}"))
-    except (OSError, ValueError):  # read_predictions reports an unreadable file
+        return read_catalogue(path, "predictions file")[1]
+    except UserError:  # read_predictions reports an unreadable file
         return {}
 
 
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
-    """The columns of a predictions file (Parquet or CSV) as arrays."""
-    path = Path(path)
-    if path.suffix not in FORMATS:
-        raise UserError(f"{path}: expected a .parquet or .csv predictions file")
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            columns = {name: table.column(name).to_numpy() for name in table.column_names}
-        else:
-            with open(path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-            names = list(rows[0]) if rows else []
-            columns = {name: np.array([float(r[name]) for r in rows]) for name in names}
-    except Exception as exc:  # pyarrow and csv raise many kinds; any of them means the file is not readable
-        raise UserError(f"{path}: not a readable predictions file ({type(exc).__name__}: {exc})") from None
-    missing = [c for c in COLUMNS if c not in columns]
+    """The columns of a catalogue predict wrote (Parquet, FITS or CSV; older column names read as today's)."""
+    columns, _ = read_catalogue(path, "predictions file")
+    missing = [c for c in ("id", "z_pred", "z_true") if c not in columns]
     if missing:
         raise UserError(f"{path}: lacks column(s) {', '.join(missing)} (true redshifts are needed for this plot)")
     return columns

@@ -202,7 +202,7 @@ def _record(
                                  **extra.get("backend_info", {})}  # fmt: skip
         extra["weights"] = run.weights.to_dict()
     record = RunRecord(
-        run_id=new_run_id(),
+        run_id=extra.pop("run_id", None) or new_run_id(),
         created_utc=utc_now(),
         status=status,
         backend=plan.backend,
@@ -231,10 +231,11 @@ def run_repeat(
     on_result: Callable[[PartitionResult], None] | None = None,
     kind: str = "run",
     collect: Callable[[Plan, Callable[[PartitionResult], None]], BackendRun] | None = None,
+    run_id: str | None = None,
 ) -> RunOutcome:
     """One run of ``plan`` on its backend, appended to ``store`` (None: a warm-up, not recorded) as repeat
     number ``repeat``. ``collect`` stands in for the backend's ``run`` where the work was submitted earlier
-    and is followed now (``collect_job``)."""
+    and is followed now (``collect_job``). ``run_id``: the record's id, where the caller named it beforehand."""
     backend = get_backend(plan.backend)
     collected: list[PartitionResult] = []
 
@@ -269,10 +270,10 @@ def run_repeat(
     except KeyboardInterrupt as exc:
         if hasattr(exc, "collect"):  # detached work goes on without us, and ``collect`` records it whole
             raise
-        _record_unfinished(plan, repeat, store, collected, start, exc, kind)
+        _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id)
         raise
     except Exception as exc:
-        _record_unfinished(plan, repeat, store, collected, start, exc, kind)
+        _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id)
         raise
     finally:
         progress.end()
@@ -280,13 +281,13 @@ def run_repeat(
     if plan.cycle_to_gb is not None:  # the same for every backend: how often the data set was gone through
         info["partitions_processed"] = len(units)
         info["passes_over_data"] = len(units) / len(plan.partitions)
-    record = _record(plan, repeat, collected, run.wall_s, "ok", run=run, backend_info=info, kind=kind)
+    record = _record(plan, repeat, collected, run.wall_s, "ok", run=run, backend_info=info, kind=kind, run_id=run_id)
     if store is not None:
         store.append(record)
     return RunOutcome(record, collected)
 
 
-def _record_unfinished(plan, repeat, store, collected, start, exc, kind) -> None:
+def _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id=None) -> None:
     """What a run that stopped part-way finished, kept as a "failed" or "interrupted" record."""
     if store is None or not collected:
         return
@@ -294,7 +295,9 @@ def _record_unfinished(plan, repeat, store, collected, start, exc, kind) -> None
     weights = {"weights": plan.weights or RANDOM_INIT}
     elapsed = time.perf_counter() - start
     error = str(exc) or type(exc).__name__
-    store.append(_record(plan, repeat, collected, elapsed, status, weights=weights, error=error, kind=kind))
+    store.append(
+        _record(plan, repeat, collected, elapsed, status, weights=weights, error=error, kind=kind, run_id=run_id)
+    )
 
 
 def resolve_runtime(plan: Plan, asked: dict | None = None) -> Plan:
@@ -328,18 +331,22 @@ def execute(
     *,
     on_result: Callable[[PartitionResult], None] | None = None,
     kind: str = "run",
+    run_id: str | None = None,
 ) -> list[RunOutcome]:
     """Warm-up runs (not recorded), then measured repeats ``first_repeat``..``plan.repeats``, each appended to
     ``store`` as soon as it finishes. ``on_result`` sees each partition's result of the measured repeats as it
-    arrives (predict writes it out); the records are of ``kind``."""
+    arrives (predict writes it out); the records are of ``kind``. ``run_id`` names a single repeat's record
+    beforehand (predict writes it beside each partition's predictions)."""
     progress = progress or NoProgress()
     plan = resolve_runtime(plan)
     if plan.work_dir is None and store is not None:
         plan = dataclasses.replace(plan, work_dir=str(store.directory))
     for i in range(plan.warmup):
         run_repeat(plan, 0, None, progress, f"warm-up {i + 1}/{plan.warmup}")
+    if run_id is not None and plan.repeats - first_repeat > 0:
+        raise ValueError("a run id names one repeat's record")
     return [
-        run_repeat(plan, r, store, progress, f"repeat {r}/{plan.repeats}", on_result, kind)
+        run_repeat(plan, r, store, progress, f"repeat {r}/{plan.repeats}", on_result, kind, run_id=run_id)
         for r in range(first_repeat, plan.repeats + 1)
     ]
 

@@ -514,13 +514,15 @@ def show_predict(outcome, as_json: bool) -> None:
     if as_json:
         figures = {"out": str(outcome.out), "objects": outcome.objects, "partitions_run": outcome.partitions_run,
                    "partitions_reused": outcome.partitions_reused, "accuracy": outcome.accuracy,
-                   "run_ids": [r.run_id for r in outcome.records]}  # fmt: skip
+                   "run_ids": [r.run_id for r in outcome.records], "provenance": outcome.provenance}  # fmt: skip
         print(json.dumps(figures, indent=1))
         return
     if outcome.records:
         stdout.print(run_summary_table(outcome.records))
     reused = f" ({outcome.partitions_reused} partitions from an earlier run)" if outcome.partitions_reused else ""
     stdout.print(f"{outcome.out}: {outcome.objects:,} objects{reused}")
+    for line in catalogue_lines(outcome.provenance):
+        say(line)
     if outcome.accuracy is not None and not outcome.accuracy.get("meaningful", True):
         say("weights: random-init (the timings are real; the predicted redshifts are not)")
     line = accuracy_line(outcome.accuracy)
@@ -530,6 +532,20 @@ def show_predict(outcome, as_json: bool) -> None:
         say(line)
     if outcome.records:
         say(f"run id: {', '.join(r.run_id for r in outcome.records)}")
+
+
+def catalogue_lines(provenance: dict) -> list[str]:
+    """Where the true redshifts came from and how many objects carry each flag."""
+    lines = []
+    joined = provenance.get("z_true")
+    if isinstance(joined, dict):
+        lines.append(f"z_true: {joined['matched']:,} of {joined['objects']:,} ids found in {joined['catalogue']} "
+                     f"(column {joined['z_column']}, joined on {joined['on']})")  # fmt: skip
+    meanings = provenance.get("flags", {})
+    for bit, count in provenance.get("flag_counts", {}).items():
+        if count:
+            lines.append(f"flag {bit}: {count:,} objects: {meanings.get(bit, '')}")
+    return lines
 
 
 def photoz_lines(metrics: dict | None) -> list[str]:

@@ -17,7 +17,16 @@ CycleToGb = Annotated[
     float | None, typer.Option(help="Reuse the partitions in turn until this many GB have been processed.")
 ]
 Wait = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the run, or submit it and leave (hpc --slurm).")]
-PredictOut = Annotated[Path, typer.Option(help="predictions.parquet or predictions.csv")]
+PredictOut = Annotated[
+    Path, typer.Option(help="The catalogue to write: .parquet (VOParquet), .fits (astro extra) or .csv (ECSV).")
+]
+TruthCatalogue = Annotated[
+    Path | None, typer.Option(help="A catalogue (.parquet, .fits, .csv) of true redshifts, joined by id (--on).")
+]
+JoinOn = Annotated[str, typer.Option("--on", help="The truth catalogue's id column.")]
+TruthZ = Annotated[
+    str | None, typer.Option(help="The truth catalogue's redshift column. [default: z, redshift, zspec, ...]")
+]
 PredictForce = Annotated[bool, typer.Option("--force", help="Start again: replace OUT and any unfinished parts.")]
 JobId = Annotated[str, typer.Argument(help="The job id that run --no-wait printed (or the scheduler's id).")]
 
@@ -49,11 +58,13 @@ def predict(
     data: o.DataDir, out: PredictOut, weights: o.Weights = None, backend: o.Backend = o.BackendName.cpu,
     batch_size: o.BatchSize = None, precision: o.PrecisionOpt = o.Precision.auto, threads: o.Threads = None,
     oversubscribe: o.Oversubscribe = False, seed: o.Seed = 0, verify: o.Verify = True, force: PredictForce = False,
-    results: o.Results = Path("results"), as_json: o.AsJson = False, quiet: o.Quiet = False,
-    backend_options: dict | None = None,
+    truth: TruthCatalogue = None, on: JoinOn = "objid", truth_z: TruthZ = None, results: o.Results = Path("results"),
+    as_json: o.AsJson = False, quiet: o.Quiet = False, backend_options: dict | None = None,
 ) -> None:  # fmt: skip
-    """Predict the redshift of every object: object id, predicted and (where known) true redshift.
+    """Predict the redshift of every object into a catalogue: id, ra, dec, z_pred, z_true, flags.
 
+    Units and provenance (weights digest, runtime and precision that ran, run ids, code version, input files)
+    are in the file's metadata. With --truth, true redshifts are joined by id and the photo-z metrics computed.
     Resumable: each finished partition is kept, so rerunning after an interruption predicts only the rest and
     the file holds every object exactly once. The run is timed and recorded like any run (kind "predict").
     """
@@ -64,7 +75,8 @@ def predict(
     )  # fmt: skip
     progress = ui.run_progress(as_json or quiet)
     outcome = measured(
-        lambda: predicting.predict_command(request, out, force, progress), results,
+        lambda: predicting.predict_command(request, out, force, progress, (truth, on, truth_z) if truth else None),
+        results,
         interrupted="interrupted; finished partitions are kept. Run the same command again to continue.",
         again="; their predictions too: run the same command again to predict the rest",
     )  # fmt: skip
