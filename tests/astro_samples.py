@@ -35,9 +35,10 @@ def write_fits(path: Path, galaxies: dict[str, np.ndarray], *, nhwc: bool = Fals
     table["objid"] = [f"J{i:019d}" for i in galaxies["objid"]] if string_ids else galaxies["objid"]
     table["ra"], table["dec"] = galaxies["ra"], galaxies["dec"]
     for band, column in zip(synthetic.BANDS, galaxies["magnitudes"].T, strict=True):
-        table[f"dered_{band}" if mags == "dered" else band] = column
-    if z:
-        table["z"] = galaxies["redshift"]
+        if mags != "none":  # "dered": dered_u..dered_z; "plain": u..z
+            table[f"dered_{band}" if mags == "dered" else band] = column
+    if z:  # "z" is the z band where the magnitudes are plain u..z
+        table["z" if mags == "dered" else "redshift"] = galaxies["redshift"]
     hdus = [fits.PrimaryHDU(), fits.ImageHDU(np.ascontiguousarray(images), name="CUTOUTS"),
             fits.BinTableHDU(table, name="OBJECTS")]  # fmt: skip
     fits.HDUList(hdus).writeto(path, overwrite=True)
@@ -53,4 +54,31 @@ def write_hdf5(path: Path, galaxies: dict[str, np.ndarray], *, string_ids: bool 
         handle["objid"] = [f"J{i:019d}" for i in galaxies["objid"]] if string_ids else galaxies["objid"]
         handle["ra"], handle["dec"] = galaxies["ra"], galaxies["dec"]
         handle["redshift"] = galaxies["redshift"]
+    return path
+
+
+def write_large_fits(path: Path, n: int, seed: int = 5) -> Path:
+    """``n`` cutouts (20 KB each) in one FITS file, written a block at a time so the writer never holds the set:
+    512 synthetic galaxies repeated, each copy with its own ids."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    base = sample_galaxies(512, seed=seed)
+    repeat = -(-n // 512)
+    table = Table()
+    table["objid"] = (np.arange(n, dtype=np.int64) * 5)[::-1] + 1237648720693755000
+    for band, column in zip(synthetic.BANDS, np.tile(base["magnitudes"], (repeat, 1))[:n].T, strict=True):
+        table[f"dered_{band}"] = column
+    table["z"] = np.tile(base["redshift"], repeat)[:n]
+    header = fits.ImageHDU(np.zeros((1, 5, 32, 32), np.float32), name="CUTOUTS").header
+    header["NAXIS4"] = n
+    with open(path, "wb") as fh:
+        fits.PrimaryHDU().writeto(fh)
+        fh.write(header.tostring().encode())
+        block = base["images"].astype(">f4").tobytes()
+        for start in range(0, n, 512):
+            fh.write(block[: min(512, n - start) * 20480])
+        fh.write(b"\0" * (-(n * 20480) % 2880))  # FITS data fill to a whole block
+    objects = fits.BinTableHDU(table, name="OBJECTS")
+    fits.append(path, objects.data, objects.header)
     return path

@@ -145,7 +145,7 @@ CASES = {
     ),
     "--results that is a file": "cannot write results here",
     "predict --out under a file": "file is a file, not a directory",
-    "predict --out an existing directory with --force": "p.csv: is a directory; --out names the predictions file",
+    "predict --out an existing directory with --force": "p.csv: is a directory; --out names the catalogue file",
     "data synth --out an existing file": "f: exists and is not a directory",
     "model convert onto an existing file without --force": "w.safetensors: exists; pass --force to replace it",
     "--threads above the usable cores": "pass --oversubscribe",

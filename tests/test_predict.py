@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from cai_bench import plot, predict
+from cai_bench.catalogue import read_catalogue
 from cai_bench.data.partitions import open_dataset
 from cai_bench.metrics import accuracy
 from cai_bench.model.astromae import build_model
@@ -62,13 +63,13 @@ def test_predict_writes_every_object_once_with_labels(tiny_data, tmp_path, scale
     out = tmp_path / "p.parquet"
     outcome = predict.predict(plan_for(tiny_data, scaled_weights), out, None)
     columns = read_parquet(out)
-    assert list(columns) == ["object_id", "predicted_redshift", "true_redshift"]
-    assert sorted(columns["object_id"].tolist()) == list(range(104))
+    assert list(columns) == ["id", "z_pred", "z_true", "flags"]  # synthetic: no ra, dec; ids are positions
+    assert sorted(columns["id"].tolist()) == list(range(104))
     assert outcome.objects == 104 and outcome.partitions_run == 4 and outcome.partitions_reused == 0
     assert outcome.accuracy["meaningful"] is True and "synthetic" in outcome.accuracy["note"]
-    expected = accuracy(columns["predicted_redshift"], columns["true_redshift"])
+    expected = accuracy(columns["z_pred"], columns["z_true"])
     assert outcome.accuracy["mae"] == pytest.approx(expected["mae"])
-    assert columns["predicted_redshift"].min() > 0 and columns["predicted_redshift"].max() < 0.6
+    assert columns["z_pred"].min() > 0 and columns["z_pred"].max() < 0.6
     assert not predict.parts_dir(out).exists()
 
 
@@ -80,10 +81,10 @@ def test_predict_interrupted_then_rerun_writes_each_object_exactly_once(tiny_dat
     real_write = predict._write_part
     written = []
 
-    def write_two_then_stop(parts, result):
+    def write_two_then_stop(parts, result, ran):
         if len(written) == 2:
             raise KeyboardInterrupt
-        real_write(parts, result)
+        real_write(parts, result, ran)
         written.append(result.record.partition)
 
     monkeypatch.setattr(predict, "_write_part", write_two_then_stop)
@@ -98,19 +99,19 @@ def test_predict_interrupted_then_rerun_writes_each_object_exactly_once(tiny_dat
     outcome = predict.predict(plan_for(tiny_data), out, None)
     assert (outcome.partitions_run, outcome.partitions_reused) == (2, 2)
     got, want = read_parquet(out), read_parquet(clean)
-    assert got["object_id"].tolist() == want["object_id"].tolist() == list(range(104))
-    np.testing.assert_array_equal(got["predicted_redshift"], want["predicted_redshift"])
+    assert got["id"].tolist() == want["id"].tolist() == list(range(104))
+    np.testing.assert_array_equal(got["z_pred"], want["z_pred"])
     assert outcome.accuracy["meaningful"] is False
 
 
 def test_parts_of_another_job_are_not_mixed_in(tiny_data, tmp_path, monkeypatch, scaled_weights):
     out = tmp_path / "p.csv"
 
-    def stop(parts, result):
+    def stop(parts, result, ran):
         raise KeyboardInterrupt
 
     real_write = predict._write_part
-    monkeypatch.setattr(predict, "_write_part", lambda parts, result: (real_write(parts, result), stop(parts, result)))
+    monkeypatch.setattr(predict, "_write_part", lambda *a: (real_write(*a), stop(*a)))
     with pytest.raises(KeyboardInterrupt):
         predict.predict(plan_for(tiny_data), out, None)
     monkeypatch.setattr(predict, "_write_part", real_write)
@@ -122,8 +123,8 @@ def test_parts_of_another_job_are_not_mixed_in(tiny_data, tmp_path, monkeypatch,
         predict.predict(plan_for(tiny_data, precision="bf16"), out, None)
     outcome = predict.predict(plan_for(tiny_data, scaled_weights), out, None, force=True)
     assert outcome.partitions_reused == 0
-    rows = out.read_text().splitlines()
-    assert rows[0] == "object_id,predicted_redshift,true_redshift" and len(rows) == 105
+    rows = [row for row in out.read_text().splitlines() if not row.startswith("#")]  # under the ECSV header
+    assert rows[0] == "id,z_pred,z_true,flags" and len(rows) == 105
     with pytest.raises(UserError, match="exists; pass --force"):
         predict.predict(plan_for(tiny_data), out, None)
 
@@ -147,7 +148,7 @@ def test_predict_command_and_its_plot(cli, tiny_data, tmp_path, scaled_weights):
 
 
 def test_prediction_figure_shows_every_object_and_the_metrics(tiny_data, tmp_path):
-    columns = {"predicted_redshift": np.array(PREDICTED), "true_redshift": np.array(TRUE)}
+    columns = {"z_pred": np.array(PREDICTED), "z_true": np.array(TRUE)}
     fig = plot.predictions_figure(columns, "hand-made")
     ax = fig.axes[0]
     (points,) = ax.collections
@@ -174,9 +175,9 @@ def test_predict_on_hpc_workers_writes_what_the_cpu_backend_writes(cli, tiny_dat
         *common, "--backend", "hpc", "--workers", "2", "--out", tmp_path / "hpc.csv", "--results", tmp_path / "r"
     )
     assert code == 0, err
-    cpu, hpc = (np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1) for name in ("cpu", "hpc"))
-    assert hpc[:, 0].tolist() == cpu[:, 0].tolist() == list(range(104))  # every object once, in order
-    np.testing.assert_allclose(hpc[:, 1], cpu[:, 1], atol=1e-5)
+    cpu, hpc = (read_catalogue(tmp_path / f"{name}.csv")[0] for name in ("cpu", "hpc"))
+    assert hpc["id"].tolist() == cpu["id"].tolist() == list(range(104))  # every object once, in order
+    np.testing.assert_allclose(hpc["z_pred"], cpu["z_pred"], atol=1e-5)
     records = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
     assert [r["backend"] for r in records] == ["cpu", "hpc"]
     assert records[1]["backend_info"]["workers"] == 2

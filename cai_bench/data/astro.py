@@ -140,7 +140,8 @@ def _small_columns(names: set[str], read, columns: Columns, where: str, defaults
         asked = ", ".join(columns.magnitudes) if columns.magnitudes else " or ".join(", ".join(d) for d in defaults)
         raise UserError(f"{where}: no magnitude column(s) {asked} (--mag-columns names them)")
     table = {"id": _ids(np.asarray(read(columns.id)), where, columns.id), "magnitudes": _column(mags, read, where)}
-    z_name = columns.z if columns.z is not None else next((n for n in Z_NAMES if n in names), None)
+    # never the z band's magnitude as a redshift: "z" is both in SDSS tables
+    z_name = columns.z if columns.z is not None else next((n for n in Z_NAMES if n in names and n not in mags), None)
     if z_name is not None:
         if z_name not in names:
             raise UserError(f"{where}: no redshift column {z_name!r} (--z-column)")
