@@ -322,3 +322,25 @@ def test_a_fits_set_is_imported_a_slice_at_a_time(tmp_path):
     large = 16384 * 20480
     assert grew[16384] - grew[4096] < large / 4, grew
     assert grew[16384] < large / 2, grew
+
+
+def test_ids_reach_the_catalogue_from_lambda_functions_reading_s3(cli, s3, local_s3, imports, galaxies, tmp_path):
+    """A data set with string ids, uploaded with its objects table; emulated Lambda functions (AWS's runtime
+    client) read the partitions from S3 and the driver joins the ids back from the table in S3."""
+    from cai_bench.catalogue import MAGS_UNCHECKED
+    from cai_bench.data.upload import upload_dataset
+
+    done = upload_dataset(imports["hdf5"], f"s3://{s3}/astro")
+    assert "objects.parquet" in done.uploaded
+    common = ["predict", "--precision", "fp32", "-q", "--results", tmp_path / "r"]
+    code, _, err = cli(*common, "--data", imports["hdf5"], "--out", tmp_path / "here.parquet")
+    assert code == 0, err
+    code, _, err = cli(*common, "--data", f"s3://{s3}/astro", "--backend", "lambda", "--emulate", "--endpoint-url",
+                       local_s3, "--bucket", f"s3://{s3}", "--max-concurrency", "2",
+                       "--out", tmp_path / "far.parquet")  # fmt: skip
+    assert code == 0, err
+    here, far = (read_catalogue(tmp_path / f"{name}.parquet")[0] for name in ("here", "far"))
+    assert far["id"].tolist() == here["id"].tolist() == [f"J{i:019d}" for i in galaxies["objid"]]
+    np.testing.assert_allclose(far["z_pred"], here["z_pred"], atol=1e-5)
+    np.testing.assert_array_equal(far["dec"], galaxies["dec"])
+    assert (far["flags"] & MAGS_UNCHECKED).all() and not (here["flags"] & MAGS_UNCHECKED).any()

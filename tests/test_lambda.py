@@ -19,6 +19,7 @@ from cai_bench.backends.aws_lambda import handler
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Emulator, Faults, FunctionConfig, emulated_function_env
 from cai_bench.backends.base import PartitionsFailed
+from cai_bench.catalogue import read_catalogue
 from cai_bench.data.partitions import open_dataset
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.data.upload import upload_dataset
@@ -214,9 +215,9 @@ def test_predict_on_lambda_with_weights_from_s3_writes_what_the_cpu_backend_writ
                        "--endpoint-url", local_s3, "--bucket", f"s3://{s3}", "--max-concurrency", "2",
                        "--out", tmp_path / "lambda.csv")  # fmt: skip
     assert code == 0, err
-    cpu, far = (np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1) for name in ("cpu", "lambda"))
-    assert far[:, 0].tolist() == cpu[:, 0].tolist() == list(range(104))
-    np.testing.assert_allclose(far[:, 1], cpu[:, 1], atol=1e-5)
+    cpu, far = (read_catalogue(tmp_path / f"{name}.csv")[0] for name in ("cpu", "lambda"))
+    assert far["id"].tolist() == cpu["id"].tolist() == list(range(104))
+    np.testing.assert_allclose(far["z_pred"], cpu["z_pred"], atol=1e-5)
     local, remote = (r["weights"] for r in _records(tmp_path / "r"))
     assert remote == {"weights": f"s3://{s3}/models/w.safetensors", "sha256": local["sha256"]}
     code, _, err = cli(*common, "--weights", f"s3://{s3}/models/w.safetensors", "--out", tmp_path / "x.csv")
@@ -312,9 +313,9 @@ def test_a_torch_free_function_runs_an_export_staged_in_s3(cli, s3, local_s3, ti
                        f"s3://{s3}", "--max-concurrency", "2", "--runtime", "onnxruntime",
                        "--out", tmp_path / "lambda.csv")  # fmt: skip
     assert code == 0, err
-    cpu, far = (np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1) for name in ("cpu", "lambda"))
-    assert far[:, 0].tolist() == cpu[:, 0].tolist() == list(range(104))
-    np.testing.assert_allclose(far[:, 1], cpu[:, 1], atol=1e-5)
+    cpu, far = (read_catalogue(tmp_path / f"{name}.csv")[0] for name in ("cpu", "lambda"))
+    assert far["id"].tolist() == cpu["id"].tolist() == list(range(104))
+    np.testing.assert_allclose(far["z_pred"], cpu["z_pred"], atol=1e-5)
     torch_run, lambda_run = _records(tmp_path / "r")
     info = lambda_run["backend_info"]
     assert info["runtime"] == "onnxruntime" and info["torch_imported"] is False and info["export_made"] is False

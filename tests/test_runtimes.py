@@ -18,6 +18,7 @@ import torch
 from conftest import TinyAstroMAE
 
 from cai_bench import runtimes
+from cai_bench.catalogue import read_catalogue
 from cai_bench.data.partitions import open_dataset
 from cai_bench.engine import run_partition, start_worker
 from cai_bench.errors import UserError
@@ -305,9 +306,9 @@ def test_hpc_workers_run_an_export(cli, tiny_data, exports, weights_file, tmp_pa
     code, _, err = cli(*common, "--weights", exports["onnx"], "--backend", "hpc", "--workers", "2", "--runtime",
                        "onnxruntime", "--out", tmp_path / "ort.csv")  # fmt: skip
     assert code == 0, err
-    torch_out, ort_out = (np.loadtxt(tmp_path / f"{n}.csv", delimiter=",", skiprows=1) for n in ("torch", "ort"))
-    assert ort_out[:, 0].tolist() == torch_out[:, 0].tolist()
-    assert np.abs(ort_out[:, 1] - torch_out[:, 1]).max() <= FP32_TOLERANCE
+    torch_out, ort_out = (read_catalogue(tmp_path / f"{n}.csv")[0] for n in ("torch", "ort"))
+    assert ort_out["id"].tolist() == torch_out["id"].tolist()
+    assert np.abs(ort_out["z_pred"] - torch_out["z_pred"]).max() <= FP32_TOLERANCE
     records = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
     assert records[1]["backend_info"]["runtime"] == "onnxruntime" and records[1]["backend_info"]["workers"] == 2
 
