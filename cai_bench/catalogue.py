@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +224,8 @@ def _read_csv(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 def _read_fits(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     fits = import_extra("astropy.io.fits", "astro", "reading a FITS catalogue")
-    with fits.open(path, memmap=False) as hdul:
+    with warnings.catch_warnings(), fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+        warnings.filterwarnings("ignore", module="astropy")  # a header's slips are not the user's concern here
         table = next((hdu for hdu in hdul if isinstance(hdu, fits.BinTableHDU)), None)
         if table is None:
             raise ValueError("no binary table HDU")

@@ -47,6 +47,7 @@ from cai_bench.runner import ProgressSink, RunRequest, execute, labelled_accurac
 from cai_bench.store import ResultsStore
 
 JOB_FILE = "job.json"
+JOIN_ON = "objid"  # --on: the truth catalogue's id column, SDSS's name
 
 
 @dataclass
@@ -321,12 +322,14 @@ def predict(
     return outcome
 
 
-def predict_command(request: RunRequest, out: str | Path, force: bool = False, progress=None,
-                    truth: tuple[str, str, str | None] | None = None) -> PredictOutcome:  # fmt: skip
+def predict_command(request: RunRequest, out: str | Path, force: bool = False, progress=None, truth: Path | None = None,
+                    on: str = JOIN_ON, truth_z: str | None = None) -> PredictOutcome:  # fmt: skip
     """``cai-bench predict``: the checks (``out`` and the truth catalogue first), then ``predict`` over the
-    request's data set. ``truth``: (catalogue, id column, redshift column or None)."""
+    request's data set; ``truth``'s redshifts (column ``truth_z``) joined by its id column ``on``."""
     check_out(Path(out), force)
-    joined = load_truth(*truth) if truth else None
+    if truth is None and (on != JOIN_ON or truth_z is not None):
+        raise UserError("--on and --truth-z name columns of the --truth catalogue; give it too")
+    joined = load_truth(truth, on, truth_z) if truth else None
     ready = request.check()
     return predict(request.plan(ready), out, ready.store, force=force, progress=progress, truth=joined)
 

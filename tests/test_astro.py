@@ -260,6 +260,14 @@ def test_named_columns_and_hdus(cli, galaxies, tmp_path):
     assert "labels: no" in stdout and "ids: int64, from column objid, with ra and dec" in stdout
     manifest = load_manifest(out)
     assert manifest.has_labels is False
+    with fits.open(path) as hdul:  # an SDSS-style table: every column name in capitals
+        hdul[2].columns.change_name("objid", "OBJID")
+        hdul[2].columns.change_name("redshift" if "redshift" in hdul[2].columns.names else "u", "U")
+        hdul.writeto(tmp_path / "capitals.fits")
+    code, _, err = cli("data", "import", tmp_path / "capitals.fits", "--partition-mb", "1", "--out", tmp_path / "o1",
+                       "--mag-columns", "u,g,r,i,z", "-q")  # fmt: skip
+    assert code == 0, err
+    assert pq.read_table(tmp_path / "o1" / "objects.parquet").column("id").to_pylist() == few["objid"].tolist()
     code, _, err = cli("data", "import", path, "--partition-mb", "1", "--out", tmp_path / "o2", "--images", "9")
     assert code == 2 and "no HDU '9'" in err
     code, _, err = cli("data", "import", path, "--partition-mb", "1", "--out", tmp_path / "o3", "--z-column", "zz")

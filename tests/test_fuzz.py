@@ -101,7 +101,7 @@ def test_fuzzed_upstream_data_files_are_read_or_refused(tmp_path):
     def read(path: Path) -> None:
         tensors = upstream._load(path)
         info = upstream._inspect(path, tensors)
-        upstream._slice(info, tensors, 0, info.samples)
+        upstream._slice(info, tensors, 0, info.samples, 0)
 
     for case in range(600):
         data = _random_bytes(rng) if case % 10 == 0 else _flip(seed, rng)
@@ -165,3 +165,22 @@ def test_a_sample_of_fuzzed_files_through_the_command_line(cli, data_copy, tmp_p
         assert code in (0, 2), err
         if code == 2:
             assert "part-00001.safetensors" in one_error_line(err)
+
+
+@pytest.mark.parametrize("suffix", [".fits", ".h5"])
+def test_fuzzed_fits_and_hdf5_cutouts_are_imported_or_refused(tmp_path, suffix):
+    """Damaged survey files: astropy's and h5py's many failures all become one UserError, or the file imports."""
+    from astro_samples import sample_galaxies, write_fits, write_hdf5
+
+    from cai_bench.data.astro import import_catalogue
+
+    rng = random.Random(39)
+    write = write_fits if suffix == ".fits" else write_hdf5
+    seed = write(tmp_path / f"seed{suffix}", sample_galaxies(4)).read_bytes()
+
+    def read(path: Path) -> None:
+        import_catalogue([path], tmp_path / "out", 1.0, overwrite=True)
+
+    for case in range(300):
+        data = _random_bytes(rng) if case % 10 == 0 else _flip(seed, rng)
+        _accepts_or_refuses(read, tmp_path / f"cutouts{suffix}", data)

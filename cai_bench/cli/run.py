@@ -58,8 +58,9 @@ def predict(
     data: o.DataDir, out: PredictOut, weights: o.Weights = None, backend: o.Backend = o.BackendName.cpu,
     batch_size: o.BatchSize = None, precision: o.PrecisionOpt = o.Precision.auto, threads: o.Threads = None,
     oversubscribe: o.Oversubscribe = False, seed: o.Seed = 0, verify: o.Verify = True, force: PredictForce = False,
-    truth: TruthCatalogue = None, on: JoinOn = "objid", truth_z: TruthZ = None, results: o.Results = Path("results"),
-    as_json: o.AsJson = False, quiet: o.Quiet = False, backend_options: dict | None = None,
+    truth: TruthCatalogue = None, on: JoinOn = predicting.JOIN_ON, truth_z: TruthZ = None,
+    results: o.Results = Path("results"), as_json: o.AsJson = False, quiet: o.Quiet = False,
+    backend_options: dict | None = None,
 ) -> None:  # fmt: skip
     """Predict the redshift of every object into a catalogue: id, ra, dec, z_pred, z_true, flags.
 
@@ -75,8 +76,7 @@ def predict(
     )  # fmt: skip
     progress = ui.run_progress(as_json or quiet)
     outcome = measured(
-        lambda: predicting.predict_command(request, out, force, progress, (truth, on, truth_z) if truth else None),
-        results,
+        lambda: predicting.predict_command(request, out, force, progress, truth, on, truth_z), results,
         interrupted="interrupted; finished partitions are kept. Run the same command again to continue.",
         again="; their predictions too: run the same command again to predict the rest",
     )  # fmt: skip

@@ -12,6 +12,7 @@ resampling is done behind the user's back. astropy (FITS) and h5py (HDF5) come w
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -166,6 +167,13 @@ def _check_table(table: dict[str, np.ndarray], rows: int, where: str) -> None:
         raise UserError(f"{where}: ra/dec out of range (ra in [0, 360), dec in [-90, 90] degrees)")
 
 
+def _folded(columns: Columns) -> Columns:
+    """``columns`` with every name in lower case, for FITS tables."""
+    lower = {k: (v.lower() if isinstance(v, str) else v) for k, v in vars(columns).items() if k != "magnitudes"}
+    magnitudes = tuple(n.lower() for n in columns.magnitudes) if columns.magnitudes else None
+    return Columns(**{**lower, "magnitudes": magnitudes})
+
+
 def _fits_image_index(hdul, columns: Columns, path: Path) -> int:
     if columns.images is not None:
         missing = UserError(f"{path}: no HDU {columns.images!r} (--images names the image HDU, by name or number)")
@@ -186,8 +194,8 @@ def _fits_image_index(hdul, columns: Columns, path: Path) -> int:
 def _inspect_fits(path: Path, columns: Columns) -> SourceFile:
     fits = import_extra("astropy.io.fits", "astro", "reading FITS files")
     try:
-        hdul = fits.open(path, memmap=True)
-        hdul.verify("exception")
+        hdul = fits.open(path, memmap=True, lazy_load_hdus=False)
+        hdul.verify("silentfix+exception")  # the fixable slips of survey headers pass; the rest is refused
     except Exception as exc:  # astropy reports a damaged file in many ways (OSError, VerifyError, ValueError)
         raise UserError(f"{path}: not a readable FITS file ({type(exc).__name__}: {exc})") from None
     with hdul:
@@ -202,8 +210,9 @@ def _inspect_fits(path: Path, columns: Columns) -> SourceFile:
             raise UserError(f"{path}: no binary table HDU with the ids and magnitudes")
         table_hdu = hdul[tables[0]]
         table_at = f"{path} HDU {tables[0]}" + (f" ({table_hdu.name})" if table_hdu.name else "")
-        names = set(table_hdu.columns.names)
-        table = _small_columns(names, lambda n: np.array(table_hdu.data[n]), columns, table_at, FITS_MAGS)
+        # FITS column names are case-blind (astropy finds OBJID as objid): SDSS tables write them in capitals
+        names = {name.lower() for name in table_hdu.columns.names}
+        table = _small_columns(names, lambda n: np.array(table_hdu.data[n]), _folded(columns), table_at, FITS_MAGS)
         rows = int(hdul[index].shape[0])
     _check_table(table, rows, table_at)
     return SourceFile(path, "fits", rows, layout, index, images_at, table_at, table, file_sha256(path))
@@ -241,7 +250,9 @@ def _image_reader(source: SourceFile) -> Iterator:
     """``read(start, stop)``: cutouts [start, stop) of one file, read from disk for that slice alone."""
     if source.kind == "fits":
         fits = import_extra("astropy.io.fits", "astro", "reading FITS files")
-        with fits.open(source.path, memmap=False) as hdul:  # a section then reads its bytes, not a mapping
+        with _astropy_strict():
+            hdul = fits.open(source.path, memmap=False, lazy_load_hdus=False)  # sections read bytes, not a mapping
+        with hdul:
             hdu = hdul[source.images_key]
             yield lambda start, stop: hdu.section[start:stop]
     else:
@@ -251,8 +262,13 @@ def _image_reader(source: SourceFile) -> Iterator:
             yield lambda start, stop: dataset[start:stop]
 
 
-def _images(raw: np.ndarray, source: SourceFile, start: int) -> np.ndarray:
-    images = np.asarray(raw, dtype=np.float32)
+def _images(read, source: SourceFile, start: int, stop: int) -> np.ndarray:
+    try:
+        with _astropy_strict():
+            images = np.asarray(read(start, stop), dtype=np.float32)
+    except Exception as exc:  # damaged data past a sound header: astropy's and HDF5's own errors
+        raise UserError(f"{source.images_at}: cutouts {start}-{stop - 1} are unreadable ({type(exc).__name__}: "
+                        f"{exc})") from None  # fmt: skip
     if source.layout == "NHWC":
         images = images.transpose(0, 3, 1, 2)
     images = np.ascontiguousarray(images)
@@ -262,14 +278,30 @@ def _images(raw: np.ndarray, source: SourceFile, start: int) -> np.ndarray:
     return images
 
 
+@contextmanager
+def _astropy_strict() -> Iterator[None]:
+    """astropy's warnings kept off the user's screen, except that a truncated file is an error, not a warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="astropy")
+        warnings.filterwarnings("error", message="File may have been truncated")
+        yield
+
+
+def _inspect(path: Path, kind: str, columns: Columns) -> SourceFile:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with _astropy_strict():
+            return (_inspect_fits if kind == "fits" else _inspect_hdf5)(path, columns)
+    except UserError:
+        raise
+    except Exception as exc:  # a damaged file fails in astropy's and HDF5's own many ways, found by fuzzing
+        raise UserError(f"{path}: not a readable {kind.upper()} file ({type(exc).__name__}: {exc})") from None
+
+
 def inspect_sources(paths: list[Path], kind: str, columns: Columns) -> list[SourceFile]:
     """Every file checked and its small columns read; the files must agree and their ids be unique."""
-    inspect = _inspect_fits if kind == "fits" else _inspect_hdf5
-    files = []
-    for path in paths:
-        if not path.is_file():
-            raise UserError(f"{path}: file not found")
-        files.append(inspect(path, columns))
+    files = [_inspect(path, kind, columns) for path in paths]
     agree = {"string and integer ids": lambda f: f.id_type, "true redshifts": lambda f: "redshift" in f.table,
              "ra and dec": lambda f: "ra" in f.table}  # fmt: skip
     for what, of in agree.items():
@@ -302,7 +334,7 @@ def _stream(files: list[SourceFile], add_objects) -> Iterator[synthetic.GalaxyBa
                     objects.update(ra=table["ra"][start:stop], dec=table["dec"][start:stop])
                 z = table["redshift"][start:stop] if "redshift" in table else np.zeros(n)
                 batch = synthetic.GalaxyBatch(
-                    _images(read(start, stop), source, start), table["magnitudes"][start:stop],
+                    _images(read, source, start, stop), table["magnitudes"][start:stop],
                     z.astype(np.float32), np.arange(position, position + n, dtype=np.int64),
                 )  # fmt: skip
                 add_objects(objects)
