@@ -224,8 +224,10 @@ def _read_csv(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 def _read_fits(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     fits = import_extra("astropy.io.fits", "astro", "reading a FITS catalogue")
-    with warnings.catch_warnings(), fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="astropy")  # a header's slips are not the user's concern here
+        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+    with hdul:
         table = next((hdu for hdu in hdul if isinstance(hdu, fits.BinTableHDU)), None)
         if table is None:
             raise ValueError("no binary table HDU")
