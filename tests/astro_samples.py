@@ -57,16 +57,16 @@ def write_hdf5(path: Path, galaxies: dict[str, np.ndarray], *, string_ids: bool 
     return path
 
 
-def write_large_fits(path: Path, n: int, seed: int = 5) -> Path:
+def write_large_fits(path: Path, n: int, seed: int = 5, first: int = 0) -> Path:
     """``n`` cutouts (20 KB each) in one FITS file, written a block at a time so the writer never holds the set:
-    512 synthetic galaxies repeated, each copy with its own ids."""
+    512 synthetic galaxies repeated, each copy with its own ids (objects ``first`` to ``first + n - 1``)."""
     from astropy.io import fits
     from astropy.table import Table
 
     base = sample_galaxies(512, seed=seed)
     repeat = -(-n // 512)
     table = Table()
-    table["objid"] = (np.arange(n, dtype=np.int64) * 5)[::-1] + 1237648720693755000
+    table["objid"] = ((first + np.arange(n, dtype=np.int64)) * 5)[::-1] + 1237648720693755000
     for band, column in zip(synthetic.BANDS, np.tile(base["magnitudes"], (repeat, 1))[:n].T, strict=True):
         table[f"dered_{band}"] = column
     table["z"] = np.tile(base["redshift"], repeat)[:n]
