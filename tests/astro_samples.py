@@ -35,8 +35,10 @@ def write_fits(path: Path, galaxies: dict[str, np.ndarray], *, nhwc: bool = Fals
     table["objid"] = [f"J{i:019d}" for i in galaxies["objid"]] if string_ids else galaxies["objid"]
     table["ra"], table["dec"] = galaxies["ra"], galaxies["dec"]
     for band, column in zip(synthetic.BANDS, galaxies["magnitudes"].T, strict=True):
-        if mags != "none":  # "dered": dered_u..dered_z; "plain": u..z
-            table[f"dered_{band}" if mags == "dered" else band] = column
+        if mags in ("dered", "both"):
+            table[f"dered_{band}"] = column
+        if mags in ("plain", "both"):  # an SDSS PhotoObj table has both: dered_u..dered_z and u..z
+            table[band] = column + (0.05 if mags == "both" else 0.0)  # model magnitudes, not dereddened
     if z:  # "z" is the z band where the magnitudes are plain u..z
         table["z" if mags == "dered" else "redshift"] = galaxies["redshift"]
     hdus = [fits.PrimaryHDU(), fits.ImageHDU(np.ascontiguousarray(images), name="CUTOUTS"),

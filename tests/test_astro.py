@@ -260,6 +260,11 @@ def test_named_columns_and_hdus(cli, galaxies, tmp_path):
     assert "labels: no" in stdout and "ids: int64, from column objid, with ra and dec" in stdout
     manifest = load_manifest(out)
     assert manifest.has_labels is False
+    both = write_fits(tmp_path / "both.fits", few, mags="both", z=False)  # u..z beside dered_*: z is a band
+    code, stdout, err = cli("data", "import", both, "--partition-mb", "1", "--out", tmp_path / "both", "-q")
+    assert code == 0 and "labels: no" in stdout, err
+    magnitudes = read_partition(open_dataset(tmp_path / "both")[2][0]).magnitudes.numpy()
+    np.testing.assert_array_equal(magnitudes, few["magnitudes"])  # dered_* chosen first
     with fits.open(path) as hdul:  # an SDSS-style table: every column name in capitals
         hdul[2].columns.change_name("objid", "OBJID")
         hdul[2].columns.change_name("redshift" if "redshift" in hdul[2].columns.names else "u", "U")

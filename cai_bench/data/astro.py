@@ -70,11 +70,10 @@ class SourceFile:
 
 def file_kind(paths: list[Path]) -> str:
     """What ``data import`` was given, the same kind for every file: "pt", "fits" or "hdf5"."""
+    kinds_of = {".pt": "pt", **dict.fromkeys(FITS_SUFFIXES, "fits"), **dict.fromkeys(HDF5_SUFFIXES, "hdf5")}
     kinds = set()
     for path in paths:
-        suffix = path.suffix.lower()
-        kinds_of = {".pt": "pt", **dict.fromkeys(FITS_SUFFIXES, "fits"), **dict.fromkeys(HDF5_SUFFIXES, "hdf5")}
-        kind = kinds_of.get(suffix)
+        kind = kinds_of.get(path.suffix.lower())
         if kind is None:
             raise UserError(f"{path}: not a file data import reads (.pt, {', '.join(FITS_SUFFIXES + HDF5_SUFFIXES)})")
         kinds.add(kind)
@@ -103,6 +102,8 @@ def _column(names: tuple[str, ...], read, where: str) -> np.ndarray:
         mags = arrays[0]
         if mags.ndim != 2 or mags.shape[1] != 5:
             raise UserError(f"{where}: magnitudes {names[0]} have shape {list(mags.shape)}; expected (N, 5), ugriz")
+    elif len({a.size for a in arrays}) > 1:
+        raise UserError(f"{where}: magnitude columns {', '.join(names)} differ in length")
     else:
         mags = np.stack([a.reshape(-1) for a in arrays], axis=1)
     if mags.dtype.kind not in "fiu":
@@ -141,8 +142,10 @@ def _small_columns(names: set[str], read, columns: Columns, where: str, defaults
         asked = ", ".join(columns.magnitudes) if columns.magnitudes else " or ".join(", ".join(d) for d in defaults)
         raise UserError(f"{where}: no magnitude column(s) {asked} (--mag-columns names them)")
     table = {"id": _ids(np.asarray(read(columns.id)), where, columns.id), "magnitudes": _column(mags, read, where)}
-    # never the z band's magnitude as a redshift: "z" is both in SDSS tables
-    z_name = columns.z if columns.z is not None else next((n for n in Z_NAMES if n in names and n not in mags), None)
+    # never the z band's magnitude as a redshift: SDSS tables have u, g, r, i, z magnitudes beside dered_*
+    band = "z" in mags or all(b in names for b in BANDS[:4])
+    defaults = [n for n in Z_NAMES if n in names and not (n == "z" and band)]
+    z_name = columns.z if columns.z is not None else next(iter(defaults), None)
     if z_name is not None:
         if z_name not in names:
             raise UserError(f"{where}: no redshift column {z_name!r} (--z-column)")
