@@ -24,7 +24,7 @@ import safetensors.numpy
 from safetensors import SafetensorError
 
 from cai_bench.data import synthetic
-from cai_bench.data.objects import ObjectsEntry, check_objects_bytes
+from cai_bench.data.objects import ID_TYPES, ObjectsEntry, check_objects_bytes
 from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
 from cai_bench.errors import UserError
 from cai_bench.files import loads_json, staged_directory
@@ -124,7 +124,7 @@ def _check_objects(raw: object, samples: int, path: str, directory: str | Path) 
     if found or unknown:
         raise UserError(f"{path}: malformed manifest ({found or 'unknown field(s) in objects: ' + ', '.join(unknown)})")
     entry = ObjectsEntry(**raw)
-    if entry.id_type not in ("int64", "string"):
+    if entry.id_type not in ID_TYPES:
         raise UserError(f"{path}: objects.id_type is {entry.id_type!r}; expected int64 or string")
     if entry.rows != samples:
         raise UserError(f"{path}: the objects table has {entry.rows} rows, the data set {samples} samples")
