@@ -314,14 +314,11 @@ def load_truth(path: str | Path, on: str, z_column: str | None = None) -> Truth:
 
 def _comparable(ids: np.ndarray, truth: Truth) -> np.ndarray:
     """The truth's ids as the same kind of value as ours (integers or strings), or one line why not."""
-    ours_text = ids.dtype.kind in "OSU"
     theirs = truth.ids
-    if ours_text:
-        return theirs.astype(str) if theirs.dtype.kind not in "f" else theirs.astype(np.int64).astype(str)
-    if theirs.dtype.kind in "iu":
-        return theirs.astype(np.int64)
-    if theirs.dtype.kind == "f" and np.all(theirs == np.round(theirs)):
-        return theirs.astype(np.int64)
+    if theirs.dtype.kind == "f" and np.all(theirs == np.round(theirs)):  # integer ids that a CSV read as floats
+        theirs = theirs.astype(np.int64)
+    if ids.dtype.kind in "OSU":
+        return theirs.astype(str)
     try:
         return theirs.astype(np.int64)
     except ValueError:

@@ -346,6 +346,7 @@ def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:
     manifest = load_manifest(directory)
     problems = []
     storage = storage_for(directory)
+    offsets = np.cumsum([0] + [e.samples for e in manifest.partitions]).tolist()
     for ref, entry in zip(partition_refs(storage, manifest), manifest.partitions, strict=True):
         if storage.size(entry.file) is None:
             problems.append(f"{ref.path}: missing")
@@ -355,7 +356,7 @@ def verify_dataset(directory: str | Path) -> tuple[Manifest, list[str]]:
         except UserError as exc:
             problems.append(str(exc))
             continue
-        start = sum(e.samples for e in manifest.partitions[: ref.index])
+        start = offsets[ref.index]
         if manifest.objects and not np.array_equal(part.object_id.numpy(), np.arange(start, start + ref.samples)):
             problems.append(f"{ref.path}: its object positions are not {start}..{start + ref.samples - 1}")
     if manifest.objects:
