@@ -41,7 +41,7 @@ bench: $(STAMP)
 # One node two ways on 0.2 GB in 10 MB partitions, 3 repeats each (~5 min on 2 cores): the hpc-node preset with
 # one worker process and with one per core, then the cpu backend on the same data as the baseline
 HPC_BENCH := --results results/hpc-node --quiet
-CORES := $(shell $(BIN)/python -c "from cai_bench.machine import default_threads; print(default_threads())" 2>/dev/null)
+CORES := $(shell $(BIN)/python -c "from cai_bench.core.machine import default_threads; print(default_threads())" 2>/dev/null)
 bench-hpc: $(STAMP)
 	$(BIN)/cai-bench sweep --config hpc-node --workers 1,$(CORES) $(HPC_BENCH) > /dev/null
 	$(BIN)/cai-bench run --backend cpu --gb 0.2 --partition-mb 10 --precision fp32 --repeats 3 $(HPC_BENCH) > /dev/null
@@ -53,24 +53,24 @@ bench-hpc: $(STAMP)
 # lent for minutes may have no network, and a reinstall there would end the benchmark before it started.
 bench-gpu:
 	@test -x $(BIN)/python || { echo "bench-gpu: no $(VENV) here; make it first (make test) where there is a network"; exit 2; }
-	$(BIN)/python -m cai_bench.bench_gpu
+	$(BIN)/python -m cai_bench.benches.gpu
 
 # The same script on tiny data, on the CPU where there is no GPU: checks the script, measures nothing
 bench-gpu-dry: $(STAMP)
-	$(BIN)/python -m cai_bench.bench_gpu --shrink
+	$(BIN)/python -m cai_bench.benches.gpu --shrink
 
 # The Lambda fan-out machinery without the model: 1,000 invocations of the handler's no-model mode (read and verify
 # a partition, return its record) at concurrency 64 through the emulator and a local S3 (~1 min on 2 cores);
 # every unit exactly once, the wall and the driver's overhead per invocation, as JSON
 bench-lambda: $(STAMP)
-	$(BIN)/python -m cai_bench.bench_lambda --invocations 1000 --concurrency 64 --out results/lambda-fanout/bench.json
+	$(BIN)/python -m cai_bench.benches.lambda_fanout --invocations 1000 --concurrency 64 --out results/lambda-fanout/bench.json
 
 # A torch-free Lambda worker's cold start, emulated (~4 min on 2 cores): 8 fresh environments for each of ONNX
 # Runtime and OpenVINO, with the export fetched from S3 at the cold start and read from the image
 # (--export-in-image), one 5 MB partition each in fp32 at 3,538 MB (2 vCPUs); medians of the first invocation's
 # Duration and Max Memory Used, as JSON
 bench-coldstart: $(STAMP)
-	$(BIN)/python -m cai_bench.bench_coldstart --cold-starts 8 --out results/lambda-coldstart/bench.json
+	$(BIN)/python -m cai_bench.benches.coldstart --cold-starts 8 --out results/lambda-coldstart/bench.json
 
 # The estimator's own speed: 10,000 partitions of 25 MB (244.14 GB) through Lambda's default quota of 1,000, 200
 # simulated runs, from the paper's profile; the last line says how long the simulation took

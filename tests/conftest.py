@@ -14,15 +14,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from safetensors.torch import save_file
 
-from cai_bench import aws, runner
+from cai_bench.commands import runner
+from cai_bench.core import aws
+from cai_bench.core.files import exclusive
+from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset, synthesize
-from cai_bench.files import exclusive
+from cai_bench.inference.export import cached_export
+from cai_bench.inference.runtime_choice import FORCE_RUNTIME_ENV
+from cai_bench.inference.worker import FORCE_PROBE_ENV
 from cai_bench.model.astromae import InceptionBlock, NormalCell, build_model
-from cai_bench.model.export import cached_export
-from cai_bench.plan import make_plan
-from cai_bench.runtime_choice import FORCE_RUNTIME_ENV
-from cai_bench.store import ResultsStore
-from cai_bench.worker import FORCE_PROBE_ENV
+from cai_bench.store.jsonl import ResultsStore
 
 # The upstream model's state-dict keys, shapes and dtypes, as the upstream checkpoint holds them
 UPSTREAM_KEYS = Path(__file__).resolve().parent / "data" / "upstream-state-dict.tsv"
@@ -247,7 +248,7 @@ def hand_record(
     """
     from dataclasses import asdict
 
-    from cai_bench.plan import (
+    from cai_bench.core.plan import (
         BITS_PER_SAMPLE,
         DataSummary,
         PartitionRef,
@@ -256,7 +257,7 @@ def hand_record(
         partition_sizes,
         samples_for_gb,
     )
-    from cai_bench.records import RunRecord, WorkerRecord, new_run_id, summarize_run
+    from cai_bench.core.records import RunRecord, WorkerRecord, new_run_id, summarize_run
 
     samples = samples_for_gb(gb)
     sizes = partition_sizes(samples, partition_mb)
@@ -314,7 +315,7 @@ def s3(local_s3, monkeypatch, request):
     """This process pointed at the loopback S3, with throwaway credentials, and a fresh bucket: its name."""
     import re
 
-    from cai_bench import aws
+    from cai_bench.core import aws
 
     monkeypatch.setenv(aws.S3_ENDPOINT_ENV, local_s3)
     monkeypatch.setenv(aws.EMULATED_ENV, "1")
@@ -439,8 +440,8 @@ def check_timeline(record: dict, lanes: int | None = None, units_overlap: bool =
     per unit the record holds, each worker's units in the order they ended and never overlapping (but where a
     worker's batches span units: a GPU's stream), no more workers busy at once than there are lanes, and one drawn
     bar per piece. Returns the timeline for the caller's own checks (the backend's lanes, its failures)."""
-    from cai_bench.plot import timeline_figure
-    from cai_bench.timeline import timeline_of
+    from cai_bench.measure.timeline import timeline_of
+    from cai_bench.render.plot import timeline_figure
 
     line = timeline_of(record)
     drawn_units = [s.unit for lane in line.lanes for s in lane.segments if s.unit is not None]

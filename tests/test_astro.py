@@ -18,12 +18,12 @@ from astropy.io import fits
 from astropy.table import Table
 from torch.utils.data import TensorDataset
 
-from cai_bench import predict
-from cai_bench.catalogue import FLAGS, MAG_OUT_OF_RANGE, RANDOM_WEIGHTS, Z_OUT_OF_RANGE, read_catalogue
+from cai_bench.commands import predict
+from cai_bench.core.files import file_sha256
+from cai_bench.core.plan import make_plan
+from cai_bench.data.catalogue import FLAGS, MAG_OUT_OF_RANGE, RANDOM_WEIGHTS, Z_OUT_OF_RANGE, read_catalogue
 from cai_bench.data.partitions import load_manifest, open_dataset, read_partition
-from cai_bench.files import file_sha256
-from cai_bench.metrics import photoz_metrics
-from cai_bench.plan import make_plan
+from cai_bench.measure.metrics import photoz_metrics
 
 N = 90  # two FITS files of 50 and 40; partitions of 0.5 MB (26 objects) cut across them
 MB = "0.5"
@@ -340,7 +340,7 @@ def test_a_fits_set_is_imported_a_slice_at_a_time(tmp_path):
 def test_ids_reach_the_catalogue_from_lambda_functions_reading_s3(cli, s3, local_s3, imports, galaxies, tmp_path):
     """A data set with string ids, uploaded with its objects table; emulated Lambda functions (AWS's runtime
     client) read the partitions from S3 and the driver joins the ids back from the table in S3."""
-    from cai_bench.catalogue import MAGS_UNCHECKED
+    from cai_bench.data.catalogue import MAGS_UNCHECKED
     from cai_bench.data.upload import upload_dataset
 
     done = upload_dataset(imports["hdf5"], f"s3://{s3}/astro")

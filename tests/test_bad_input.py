@@ -218,7 +218,7 @@ def test_enumerated_options_show_their_choices_and_defaults_one_way(cli, monkeyp
 
 
 def test_oversubscribe_runs_and_the_record_says_so(cli, tiny_data, tmp_path):
-    from cai_bench.machine import allowed_cpus
+    from cai_bench.core.machine import allowed_cpus
 
     threads = str(allowed_cpus() + 1)
     code, out, err = cli("run", "--data", tiny_data, "--threads", threads, "--oversubscribe", "--precision", "fp32",

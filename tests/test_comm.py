@@ -241,7 +241,7 @@ def test_a_pair_that_cannot_connect_talks_through_the_fallback_and_the_record_sa
 
 
 def test_a_runs_record_of_its_collectives_names_the_pairs_that_fell_back(rendezvous_url, redis_url):
-    from cai_bench.gathering import CommConfig, finish_together, rank_account
+    from cai_bench.inference.gathering import CommConfig, finish_together, rank_account
 
     behind_nats = [_nat(rendezvous_url), _nat(rendezvous_url)]
     run_id, key = uuid.uuid4().hex[:12], comm.new_key()
@@ -348,8 +348,8 @@ def test_with_several_channels_each_operation_takes_the_one_the_policy_chose(ren
 def test_a_run_leaves_on_s3_only_what_its_purge_deletes_and_on_redis_only_keys_that_expire(s3, redis_url):
     import redis
 
-    from cai_bench import aws
     from cai_bench.comm.s3_channel import purge
+    from cai_bench.core import aws
 
     run_id, key = "cleanup-run", comm.new_key()
     for url in (f"s3://{s3}/comm", redis_url):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cai_bench.gathering import measured_models
-from cai_bench.store import COMM_FILE, ResultsStore
+from cai_bench.inference.gathering import measured_models
+from cai_bench.store.jsonl import COMM_FILE, ResultsStore
 
 
 def test_comm_bench_stores_a_point_per_op_world_and_size_that_report_and_plot_show(cli, redis_url, tmp_path):
@@ -36,7 +36,7 @@ def test_comm_bench_stores_a_point_per_op_world_and_size_that_report_and_plot_sh
 
 
 def test_measured_latency_replaces_the_policys_default_model_of_that_channel(tmp_path):
-    from cai_bench.machine import capture_environment
+    from cai_bench.core.machine import capture_environment
 
     store = ResultsStore(tmp_path)
     here = capture_environment(with_torch=False)
@@ -79,8 +79,8 @@ def test_bad_comm_bench_input_is_one_line_and_exit_2(cli, tmp_path, args, messag
 
 
 def test_a_runs_comm_configuration_carries_this_machines_measured_models_and_a_fresh_key(tmp_path):
-    from cai_bench.gathering import config_for_run
-    from cai_bench.machine import capture_environment
+    from cai_bench.core.machine import capture_environment
+    from cai_bench.inference.gathering import config_for_run
 
     here = capture_environment(with_torch=False)
     ResultsStore(tmp_path).append_comm({"run_id": "r", "channel": "s3", "op": "bcast", "world_size": 2, "nbytes": 8,

@@ -28,10 +28,10 @@ from cai_bench.comm import frames
 from cai_bench.comm.direct import DirectChannel
 from cai_bench.comm.redis_channel import RedisChannel
 from cai_bench.comm.seal import Sealer
+from cai_bench.core.plan import make_plan
+from cai_bench.core.records import decode_result
 from cai_bench.data.partitions import open_dataset
 from cai_bench.data.s3 import S3Prefix
-from cai_bench.plan import make_plan
-from cai_bench.records import decode_result
 
 redis = pytest.importorskip("redis")
 
@@ -74,7 +74,7 @@ def _redis_attacker(url: str, stop: threading.Event, pushed: Counter) -> None:
 def _s3_attacker(bucket: str, stop: threading.Event, pushed: Counter) -> None:
     """Another client of the same bucket: it lists the run's objects and writes junk and copies of what it finds
     under every name it can work out (the next numbers of each pair, and the names of a run without tags)."""
-    from cai_bench import aws
+    from cai_bench.core import aws
 
     client = aws.s3_client()
     while not stop.is_set():
@@ -426,8 +426,8 @@ def test_a_result_object_replaced_in_the_bucket_is_refused_and_its_unit_run_agai
     """Another client of the bucket replaces each unit's result as soon as it lands, once, with a forged one (the
     real object's metadata copied over): the driver reads none of them, the units are run again, and every
     result the run keeps is one its own invocations wrote."""
-    from cai_bench import aws
-    from cai_bench.records import PartitionResult, encode_result
+    from cai_bench.core import aws
+    from cai_bench.core.records import PartitionResult, encode_result
 
     plan = _plan(tiny_data, "lambda", emulate=True, endpoint_url=local_s3, bucket=f"s3://{s3}", max_concurrency=2,
                  partitions_per_invocation=2, memory_mb=512, retries=3)  # fmt: skip

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import hand_record, write_store
 
-from cai_bench.compare import p_greater
+from cai_bench.analysis.compare import p_greater
 
 BASE = [10.0, 10.1, 9.9, 10.05, 9.95]
 

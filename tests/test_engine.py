@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from cai_bench.backends import available_backends, get_backend
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import BITS_PER_SAMPLE, make_plan
 from cai_bench.data.partitions import open_dataset, read_partition
-from cai_bench.engine import EngineOptions, run_partition, start_worker
-from cai_bench.errors import UserError
-from cai_bench.plan import BITS_PER_SAMPLE, make_plan
+from cai_bench.inference.engine import EngineOptions, run_partition, start_worker
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import hand_record, write_store
 
-from cai_bench import estimate as est
+from cai_bench.analysis import estimate as est
 from cai_bench.backends.aws_lambda import pricing
-from cai_bench.errors import UserError
-from cai_bench.simulate import Profile, Scenario, simulate
+from cai_bench.core.errors import UserError
+from cai_bench.measure.simulate import Profile, Scenario, simulate
 
 PRICES = est.Prices(pricing.PRICES)
 
@@ -139,7 +139,7 @@ def test_less_memory_is_a_smaller_cpu_share_and_slower_and_beyond_the_quota_envi
 
 def hpc_run(gb, wall_s, per_sample=0.002, startup=1.0):
     """A one-worker hpc run whose partitions compute at ``per_sample`` s per sample after one start-up."""
-    from cai_bench.plan import partition_sizes, samples_for_gb
+    from cai_bench.core.plan import partition_sizes, samples_for_gb
 
     sizes = partition_sizes(samples_for_gb(gb), 2.0)
     phases = [(startup if i == 0 else 0.0, 0.0, 0.001 * n / 100, per_sample * n) for i, n in enumerate(sizes)]
@@ -298,7 +298,7 @@ def test_an_emulated_function_has_no_more_cpus_than_the_machine_shares_between_t
 
 
 def test_the_interval_factor_is_the_conformal_rank_of_the_scores_and_needs_enough_points():
-    from cai_bench import uncertainty as u
+    from cai_bench.measure import uncertainty as u
 
     scores = [0.1, 0.4, 0.2, 0.3]  # ceil(5 x 0.8) = 4th smallest: 0.4
     assert u.error_factor(scores) == pytest.approx(np.exp(0.4))
@@ -338,7 +338,7 @@ def test_the_papers_hpc_and_gpu_are_compute_time_and_an_hpc_task_is_priced_for_i
 
 
 def test_a_deadline_ranks_only_wall_clock_settings_by_cost_and_marks_the_frontier():
-    from cai_bench.decide import decide, frontier, parse_deadline
+    from cai_bench.analysis.decide import decide, frontier, parse_deadline
 
     request = est.EstimateRequest(("lambda", "gpu"), (100.0,), (25.0, 100.0), PRICES, "paper",
                                   memory_mbs=(2048, 10240), trials=20)  # fmt: skip

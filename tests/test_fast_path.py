@@ -7,15 +7,15 @@ import pytest
 import torch
 from conftest import TINY_GB, TINY_MB, TinyAstroMAE
 
-from cai_bench import engine
-from cai_bench.bench import bench_plans
+from cai_bench.benches.cpu_runtimes import bench_plans
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset
-from cai_bench.engine import EngineOptions, run_partition, run_reference, start_worker
-from cai_bench.errors import UserError
+from cai_bench.inference import engine
+from cai_bench.inference.engine import EngineOptions, run_partition, run_reference, start_worker
+from cai_bench.inference.runtime_choice import FORCE_RUNTIME_ENV
 from cai_bench.model.astromae import build_model
 from cai_bench.model.inference import fold_batchnorm, prepare_for_inference
-from cai_bench.plan import make_plan
-from cai_bench.runtime_choice import FORCE_RUNTIME_ENV
 
 TOLERANCE = 2e-3
 

@@ -14,10 +14,10 @@ import torch
 from conftest import check_timeline
 
 from cai_bench.backends.gpu import PinnedPool, parse_devices, run_devices
+from cai_bench.commands.runner import execute
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset
-from cai_bench.errors import UserError
-from cai_bench.plan import make_plan
-from cai_bench.runner import execute
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible here)")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens where no CUDA device is visible")
@@ -110,7 +110,7 @@ def test_bad_devices_are_one_clear_error(text):
 
 
 def test_the_gpu_benchmark_script_runs_end_to_end_shrunk_on_the_cpu(tmp_path, monkeypatch):
-    from cai_bench import bench_gpu
+    from cai_bench.benches import gpu as bench_gpu
 
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     disk_pass = []
@@ -186,7 +186,7 @@ def test_make_bench_gpu_runs_the_venv_as_it_is_even_where_its_install_stamp_is_s
     # -W: as if pyproject.toml had just changed, which makes the install stamp stale; -n: print, run nothing
     stale = subprocess.run(["make", "-n", "-W", "pyproject.toml", "bench-gpu"], cwd=root, capture_output=True,
                            text=True, check=True).stdout  # fmt: skip
-    assert "cai_bench.bench_gpu" in stale and "pip install" not in stale
+    assert "cai_bench.benches.gpu" in stale and "pip install" not in stale
     dry = subprocess.run(["make", "-n", "-W", "pyproject.toml", "bench-gpu-dry"], cwd=root, capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     assert "pip install" in dry  # the dry run, on a machine with a network, still installs first
@@ -194,7 +194,7 @@ def test_make_bench_gpu_runs_the_venv_as_it_is_even_where_its_install_stamp_is_s
 
 @pytest.mark.parametrize(("cuda", "says"), [(None, "is a CPU build"), ("12.8", "sees no CUDA device")])
 def test_where_bench_gpu_cannot_run_it_says_what_is_missing_in_one_line(monkeypatch, cuda, says):
-    from cai_bench import bench_gpu
+    from cai_bench.benches import gpu as bench_gpu
 
     monkeypatch.setattr(torch.version, "cuda", cuda)
     line = bench_gpu.no_cuda_line()
@@ -204,7 +204,7 @@ def test_where_bench_gpu_cannot_run_it_says_what_is_missing_in_one_line(monkeypa
 def test_a_gpu_runs_no_int8_neither_asked_for_nor_forced_on_the_probe(monkeypatch, tiny_data):
     from cai_bench.backends import gpu
     from cai_bench.backends.registry import check_precision
-    from cai_bench.worker import EngineOptions
+    from cai_bench.inference.worker import EngineOptions
 
     with pytest.raises(UserError, match="--backend gpu runs auto, fp32, tf32, bf16, fp16"):
         check_precision(gpu.create(), "int8")
@@ -218,7 +218,7 @@ def test_a_gpu_runs_no_int8_neither_asked_for_nor_forced_on_the_probe(monkeypatc
 
 def test_tf32_is_set_from_the_precision_of_the_worker_whose_partition_runs(tiny_data):
     from cai_bench.backends import gpu
-    from cai_bench.worker import EngineOptions
+    from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=16, precision="fp32", device="cpu")
@@ -268,7 +268,7 @@ def test_each_device_worker_sees_only_its_own_gpu(device, visible, environment, 
 
 def test_a_device_workers_records_name_the_device_as_the_run_does(tiny_data):
     from cai_bench.backends import gpu
-    from cai_bench.worker import EngineOptions
+    from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=16, precision="fp32", device="cpu")
@@ -298,8 +298,8 @@ def test_under_bf16_the_output_layer_computes_in_float32_on_the_same_weights():
 
 def test_a_bf16_device_worker_runs_its_output_layer_in_float32():
     from cai_bench.backends import gpu
+    from cai_bench.inference.worker import EngineOptions
     from cai_bench.model.inference import Float32Linear
-    from cai_bench.worker import EngineOptions
 
     bf16 = gpu.start_gpu_worker("w", EngineOptions(batch_size=16, precision="bf16", device="cpu"), None, 0, False)
     assert bf16.choices["float32_output_layer"] == "concat_block.2"
@@ -311,7 +311,7 @@ def test_a_bf16_device_worker_runs_its_output_layer_in_float32():
 def test_batches_span_partitions_and_give_each_its_outputs_once_in_order_equal_to_a_plain_forward(tiny_data):
     from cai_bench.backends import gpu
     from cai_bench.data.partitions import read_partition
-    from cai_bench.worker import EngineOptions
+    from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)  # 4 partitions of 26 galaxies
     units = [*refs, refs[0]]  # the first one twice, as --cycle-to-gb runs it
@@ -337,7 +337,7 @@ def test_batches_span_partitions_and_give_each_its_outputs_once_in_order_equal_t
 
 def test_where_a_batch_fails_every_partition_in_flight_fails_with_it(tiny_data, monkeypatch):
     from cai_bench.backends import gpu
-    from cai_bench.worker import EngineOptions
+    from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=32, precision="fp32", device="cpu")
@@ -408,8 +408,8 @@ def test_partitions_sharing_batches_split_the_devices_busy_time_and_their_parts_
     import time
 
     from cai_bench.backends import gpu
-    from cai_bench.records import summarize_run
-    from cai_bench.worker import EngineOptions
+    from cai_bench.core.records import summarize_run
+    from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)
     worker = gpu.start_gpu_worker("w", EngineOptions(batch_size=16, precision="fp32", device="cpu"), None, 0, False)
@@ -454,7 +454,7 @@ def test_the_gpu_precision_probe_times_its_candidates_taking_turns(monkeypatch):
 
 
 def test_bf16_is_native_on_a_gpu_only_without_emulation(monkeypatch):
-    from cai_bench import engine
+    from cai_bench.inference import engine
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(

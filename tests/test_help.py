@@ -10,9 +10,9 @@ import pytest
 from rich.console import Console
 from typer.main import get_command
 
-from cai_bench import ui
+from cai_bench.analysis.report import PointReport
 from cai_bench.cli import app
-from cai_bench.report import PointReport
+from cai_bench.render import ui
 
 
 def leaf_commands() -> list[tuple[str, click.Command]]:
@@ -61,7 +61,7 @@ def test_a_sentence_of_help_is_rewrapped_not_broken_where_the_source_broke_it(mo
 def points() -> list[PointReport]:
     from conftest import hand_record
 
-    from cai_bench.report import summarize_points
+    from cai_bench.analysis.report import summarize_points
 
     records = [hand_record("hpc", w, gb=gb) for gb in (0.02, 0.05) for w in (2.0, 2.2)]
     records += [hand_record("lambda", w, gb=0.02, host="beta", cpu="Xeon B") for w in (3.0, 3.1)]

@@ -17,12 +17,12 @@ from conftest import check_timeline
 
 from cai_bench.backends import get_backend
 from cai_bench.backends.base import PartitionsFailed
+from cai_bench.commands.runner import execute
+from cai_bench.core.errors import UserError
+from cai_bench.core.machine import this_machine
+from cai_bench.core.plan import make_plan, samples_for_gb, work_units
 from cai_bench.data.partitions import open_dataset
-from cai_bench.errors import UserError
-from cai_bench.machine import this_machine
-from cai_bench.plan import make_plan, samples_for_gb, work_units
-from cai_bench.runner import execute
-from cai_bench.store import ResultsStore
+from cai_bench.store.jsonl import ResultsStore
 
 pytest.importorskip("submitit")
 
@@ -390,7 +390,7 @@ def test_memory_sizes_read_as_sbatch_reads_them(text, gb):
 
 def test_partitions_failed_names_each_failure():
     from cai_bench.backends.base import BackendRun
-    from cai_bench.records import WeightsInfo
+    from cai_bench.core.records import WeightsInfo
 
     failed = [{"partition": i, "unit": i, "attempts": 3, "errors": [f"boom {i}"]} for i in range(5)]
     exc = PartitionsFailed(BackendRun(1.0, WeightsInfo("random-init", seed=0)), failed)
@@ -399,7 +399,7 @@ def test_partitions_failed_names_each_failure():
 
 
 def test_where_array_files_go_and_retries_are_not_part_of_what_is_measured(tiny_data):
-    from cai_bench.results import point_key
+    from cai_bench.analysis.results import point_key
 
     def key(work_dir="a", **options):
         plan = plan_for(tiny_data, backend_options={"slurm": True, "tasks": 2, **options}, work_dir=work_dir)

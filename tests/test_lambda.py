@@ -14,17 +14,18 @@ import numpy as np
 import pytest
 from conftest import check_timeline
 
-from cai_bench import aws, bench_coldstart
 from cai_bench.backends.aws_lambda import handler
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Emulator, Faults, FunctionConfig, emulated_function_env
 from cai_bench.backends.base import PartitionsFailed
-from cai_bench.catalogue import read_catalogue
+from cai_bench.benches import coldstart as bench_coldstart
+from cai_bench.core import aws
+from cai_bench.core.files import file_sha256
+from cai_bench.core.plan import make_plan
+from cai_bench.data.catalogue import read_catalogue
 from cai_bench.data.partitions import open_dataset
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.data.upload import upload_dataset
-from cai_bench.files import file_sha256
-from cai_bench.plan import make_plan
 
 ALL = [0, 1, 2, 3]  # tiny_data's partitions
 

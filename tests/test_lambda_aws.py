@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from cai_bench import aws
 from cai_bench.backends.aws_lambda import provision, stepfunctions
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Faults
 from cai_bench.backends.aws_lambda.image import DOCKERFILE, docker_reachable
 from cai_bench.backends.aws_lambda.provision import Account, set_memory
+from cai_bench.core import aws
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset
-from cai_bench.errors import UserError
-from cai_bench.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"

@@ -19,7 +19,7 @@ from cai_bench.backends.aws_lambda.report_log import (
     parse_reports,
     report_from_tail,
 )
-from cai_bench.errors import UserError
+from cai_bench.core.errors import UserError
 
 EXCERPT = Path(__file__).parent / "data" / "lambda-log-excerpt.txt"
 

@@ -18,7 +18,7 @@ from cai_bench.backends.aws_lambda import emulator as emulation
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import HANDLER, Emulator, FunctionConfig, emulated_function_env
 from cai_bench.backends.aws_lambda.image_python import DOCKERFILE, image_requirements, package_lists
-from cai_bench.errors import UserError
+from cai_bench.core.errors import UserError
 from tests.test_lambda import ALL, lambda_plan
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -128,7 +128,7 @@ def test_the_layers_contract_holds_and_fails_on_an_upward_import(tmp_path):
     plan.write_text(plan.read_text() + "\n\ndef _upward():\n    from cai_bench import runner  # noqa\n")
     broken = _lint_imports(tree)
     assert broken.returncode != 0
-    assert "cai_bench.plan -> cai_bench.runner" in broken.stdout
+    assert "cai_bench.core.plan -> cai_bench.commands.runner" in broken.stdout
 
 
 def _functions(package: Path):

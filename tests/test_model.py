@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from conftest import upstream_spec
 from safetensors.torch import save_file
 
-from cai_bench.errors import UserError
+from cai_bench.core.errors import UserError
+from cai_bench.core.records import RANDOM_INIT
 from cai_bench.model.astromae import PatchEmbed, build_model, flops_per_sample, trunc_normal_
 from cai_bench.model.checkpoint import load_weights
-from cai_bench.records import RANDOM_INIT
 
 DTYPES = {"torch.float32": torch.float32, "torch.int64": torch.int64}
 

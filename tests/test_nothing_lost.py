@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from conftest import hand_record, start_redis
 
-from cai_bench.records import PartitionResult, RunRecord, decode_result, encode_result
-from cai_bench.store import ResultsStore
+from cai_bench.core.records import PartitionResult, RunRecord, decode_result, encode_result
+from cai_bench.store.jsonl import ResultsStore
 
 HUGE_INT = "1" + "0" * 5000
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -342,7 +342,7 @@ def test_endpoint_url_carries_the_data_requests_of_an_emulated_run_too(cli, tiny
                                                                         no_credentials):  # fmt: skip
     """No AWS configuration at all: every S3 request (the manifest and partitions included) must go to the
     loopback endpoint, or the run fails for want of credentials or region."""
-    from cai_bench import aws
+    from cai_bench.core import aws
     from cai_bench.data.upload import upload_dataset
 
     with pytest.MonkeyPatch.context() as patch:

@@ -7,6 +7,8 @@ import pytest
 from conftest import TINY_GB, TINY_MB
 from safetensors.numpy import load_file, save_file
 
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import samples_for_gb
 from cai_bench.data.partitions import (
     MANIFEST,
     load_manifest,
@@ -16,8 +18,6 @@ from cai_bench.data.partitions import (
     synthesize,
     verify_dataset,
 )
-from cai_bench.errors import UserError
-from cai_bench.plan import samples_for_gb
 
 
 def rewrite_partition(directory, index, arrays):

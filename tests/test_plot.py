@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 from conftest import hand_record, write_store
 
-from cai_bench import plot, report
-from cai_bench.errors import UserError
-from cai_bench.published import load_reference
+from cai_bench.analysis import report
+from cai_bench.analysis.published import load_reference
+from cai_bench.core.errors import UserError
+from cai_bench.render import plot
 
 PAPER = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper-results.csv"
 
@@ -120,7 +121,7 @@ def test_figures_read_at_a_glance_labels_that_apply_legends_below_and_a_note_whe
 
 
 def test_the_estimate_figures_interval_band_has_a_legend_entry():
-    from cai_bench import estimate as est
+    from cai_bench.analysis import estimate as est
     from cai_bench.backends.aws_lambda import pricing
 
     request = est.EstimateRequest(("lambda",), (1.0, 4.0), (25.0,), est.Prices(pricing.PRICES), "paper", trials=20)

@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cai_bench import plot, predict
-from cai_bench.catalogue import read_catalogue
+from cai_bench.commands import predict
+from cai_bench.core.plan import make_plan
+from cai_bench.data.catalogue import read_catalogue
 from cai_bench.data.partitions import open_dataset
-from cai_bench.metrics import accuracy
+from cai_bench.measure.metrics import accuracy
 from cai_bench.model.astromae import build_model
-from cai_bench.plan import make_plan
+from cai_bench.render import plot
 
 # Five objects whose figures were worked out by hand (dz = (z' - z) / (1 + z)):
 #   errors 0.02, -0.02, 0.03, 0, 0.1;  dz = 0.0181818, -0.0166667, 0.0230769, 0, 0.0666667
@@ -115,7 +116,7 @@ def test_parts_of_another_job_are_not_mixed_in(tiny_data, tmp_path, monkeypatch,
     with pytest.raises(KeyboardInterrupt):
         predict.predict(plan_for(tiny_data), out, None)
     monkeypatch.setattr(predict, "_write_part", real_write)
-    from cai_bench.errors import UserError
+    from cai_bench.core.errors import UserError
 
     with pytest.raises(UserError, match="holds predictions of another job .different weights, sha256"):
         predict.predict(plan_for(tiny_data, scaled_weights), out, None)
@@ -184,7 +185,7 @@ def test_predict_on_hpc_workers_writes_what_the_cpu_backend_writes(cli, tiny_dat
 
 
 def test_the_photoz_point_metrics_by_hand():
-    from cai_bench.metrics import photoz_by_bin, photoz_metrics
+    from cai_bench.measure.metrics import photoz_by_bin, photoz_metrics
 
     # dz = z' - z at z = 0: -0.1, 0, 0.1, 0.2, 0.5; quartiles 0 and 0.2
     m = photoz_metrics([-0.1, 0.0, 0.1, 0.2, 0.5], [0.0] * 5)
@@ -199,8 +200,8 @@ def test_the_photoz_point_metrics_by_hand():
 
 
 def test_random_init_predictions_say_so_in_the_output_the_file_and_the_figure(cli, tiny_data, tmp_path):
-    from cai_bench.plot import predictions_figure
-    from cai_bench.predict import predictions_about, read_predictions
+    from cai_bench.commands.predict import predictions_about, read_predictions
+    from cai_bench.render.plot import predictions_figure
 
     out = tmp_path / "p.parquet"
     code, stdout, err = cli("predict", "--data", tiny_data, "--out", out, "--precision", "fp32", "--results",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from cai_bench import preflight
-from cai_bench.errors import UserError
+from cai_bench.commands import preflight
+from cai_bench.core.errors import UserError
 
 
 @pytest.fixture

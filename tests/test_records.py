@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import hand_record, write_store
 
-from cai_bench.records import (
+from cai_bench.core.records import (
     PartitionResult,
     RunRecord,
     WireFormatError,
@@ -78,8 +78,10 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_reading_the_store_imports_no_torch(tmp_path):
-    modules = _modules_after("import cai_bench.report, cai_bench.plot, cai_bench.results, cai_bench.records")
-    assert "torch" not in modules and "cai_bench.engine" not in modules
+    modules = _modules_after(
+        "import cai_bench.analysis.report, cai_bench.render.plot, cai_bench.analysis.results, cai_bench.core.records"
+    )
+    assert "torch" not in modules and "cai_bench.inference.engine" not in modules
     write_store(tmp_path / "r", [hand_record("cpu", 10.0), hand_record("hpc", 6.0)])
     commands = [
         ["report", "--results", str(tmp_path / "r")],
@@ -95,7 +97,7 @@ def test_reading_the_store_imports_no_torch(tmp_path):
 
 
 def test_the_store_loads_as_dataframes_of_runs_and_of_partitions(tmp_path):
-    from cai_bench.results import load
+    from cai_bench.analysis.results import load
 
     records = [hand_record("cpu", 10.0, gb=0.01, partition_mb=1), hand_record("hpc", 6.0, gb=0.01, partition_mb=1)]
     records[1]["status"] = "failed"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import hand_record, write_store
 
-from cai_bench import report, results
-from cai_bench.errors import UserError
-from cai_bench.metrics import spread
-from cai_bench.plan import BITS_PER_SAMPLE, samples_for_gb
-from cai_bench.store import ResultsStore
+from cai_bench.analysis import report, results
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import BITS_PER_SAMPLE, samples_for_gb
+from cai_bench.measure.metrics import spread
+from cai_bench.store.jsonl import ResultsStore
 
 CPU_WALLS = [100.0, 110.0, 130.0]
 GPU_WALLS = [10.0, 12.0, 11.0, 40.0]  # one slow repeat: max/min 4 > 1.5, so the point is noisy

@@ -3,13 +3,13 @@ import json
 import pytest
 from conftest import hand_record
 
-from cai_bench import runner
+from cai_bench.commands import runner
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import make_plan
+from cai_bench.core.records import SCHEMA_VERSION, summarize_run
 from cai_bench.data import datasets
 from cai_bench.data.partitions import MANIFEST, open_dataset
-from cai_bench.errors import UserError
-from cai_bench.plan import make_plan
-from cai_bench.records import SCHEMA_VERSION, summarize_run
-from cai_bench.store import ResultsStore
+from cai_bench.store.jsonl import ResultsStore
 
 
 def _plan(directory, **options):
@@ -55,7 +55,7 @@ def test_summary_is_derived_from_the_worker_records(tiny_data, tmp_path):
 
 @pytest.mark.probe
 def test_sum_of_worker_throughput_counts_each_worker_once(tiny_data):
-    from cai_bench.engine import EngineOptions, run_partition, start_worker
+    from cai_bench.inference.engine import EngineOptions, run_partition, start_worker
 
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=16)

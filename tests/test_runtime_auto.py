@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from conftest import TINY_GB, TINY_MB
 
-from cai_bench import runtime_choice
+from cai_bench.analysis.results import point_key, record_point_key
+from cai_bench.commands.runner import resolve_runtime
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset
-from cai_bench.errors import UserError
-from cai_bench.plan import make_plan
-from cai_bench.results import point_key, record_point_key
-from cai_bench.runner import resolve_runtime
-from cai_bench.runtime_choice import FORCE_RUNTIME_ENV, Candidate, Layout, candidates_for, decide_runtime
+from cai_bench.inference import runtime_choice
+from cai_bench.inference.runtime_choice import FORCE_RUNTIME_ENV, Candidate, Layout, candidates_for, decide_runtime
 
 
 def c(runtime: str, precision: str, seconds: float | None, difference: float = 0.0, skipped: str | None = None):
@@ -158,7 +158,7 @@ def test_a_sweep_asks_once_and_resumes_by_what_ran(cli, tmp_path, monkeypatch, w
         asked.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("cai_bench.runner.choose_runtime", counting)
+    monkeypatch.setattr("cai_bench.commands.runner.choose_runtime", counting)
     monkeypatch.setenv(FORCE_RUNTIME_ENV, "onnxruntime")
     sweep = ("sweep", "--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--batch-size", "16,32", "--repeats", "1",
              "--threads", "1", "--weights", weights_file, "--results", tmp_path, "--quiet")  # fmt: skip
@@ -184,7 +184,7 @@ def _plan(tiny_data, backend: str, **changes):
 
 def test_auto_is_torch_without_a_probe_where_the_probe_cannot_speak_for_the_workers(tiny_data, monkeypatch):
     monkeypatch.delenv(FORCE_RUNTIME_ENV)
-    monkeypatch.setattr("cai_bench.runner.choose_runtime", lambda *a, **k: pytest.fail("no probe expected"))
+    monkeypatch.setattr("cai_bench.commands.runner.choose_runtime", lambda *a, **k: pytest.fail("no probe expected"))
     cases = [
         (_plan(tiny_data, "cpu", engine="reference", backend_options={"runtime": "auto"}), "torch's"),
         (_plan(tiny_data, "hpc", backend_options={"runtime": "auto", "slurm": True, "executor": "local"}),
@@ -209,7 +209,7 @@ def test_the_probe_starts_each_runtime_as_the_backends_workers_run(tiny_data, mo
         assert batch_size == 512  # the run's batch size: the probe times what the workers will run
         return "openvino", "bf16", {"requested": "auto", "chose": "openvino"}
 
-    monkeypatch.setattr("cai_bench.runner.choose_runtime", probe)
+    monkeypatch.setattr("cai_bench.commands.runner.choose_runtime", probe)
     cpu = resolve_runtime(_plan(tiny_data, "cpu", backend_options={"runtime": "auto"}, threads=2))
     hpc = resolve_runtime(_plan(tiny_data, "hpc", backend_options={"runtime": "auto", "workers": 2}, threads=2))
     assert layouts == [Layout(lanes=2, intra_threads=1), Layout(lanes=1, intra_threads=1)]

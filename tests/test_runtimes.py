@@ -17,17 +17,17 @@ import pytest
 import torch
 from conftest import TinyAstroMAE
 
-from cai_bench import runtimes
-from cai_bench.catalogue import read_catalogue
+from cai_bench.core.errors import UserError
+from cai_bench.core.files import file_sha256
+from cai_bench.core.plan import make_plan
+from cai_bench.core.records import RANDOM_INIT, WeightsInfo
+from cai_bench.data.catalogue import read_catalogue
 from cai_bench.data.partitions import open_dataset
-from cai_bench.engine import run_partition, start_worker
-from cai_bench.errors import UserError
-from cai_bench.files import file_sha256
-from cai_bench.model import export as exporting
-from cai_bench.plan import make_plan
-from cai_bench.records import RANDOM_INIT, WeightsInfo
-from cai_bench.runtimes import openvino_runtime
-from cai_bench.worker import FORCE_PROBE_ENV, EngineOptions
+from cai_bench.inference import export as exporting
+from cai_bench.inference import runtimes
+from cai_bench.inference.engine import run_partition, start_worker
+from cai_bench.inference.runtimes import openvino_runtime
+from cai_bench.inference.worker import FORCE_PROBE_ENV, EngineOptions
 
 FP32_TOLERANCE = 1e-5  # the issue's: each runtime in fp32 against torch fp32
 
@@ -222,8 +222,8 @@ def test_a_worker_on_an_export_never_imports_torch(tiny_data, exports):
                     raise ImportError("refused: " + name)
         sys.meta_path.insert(0, Refuse())
         from cai_bench.data.partitions import open_dataset
-        from cai_bench.loop import model_worker, units_from, worker_loop
-        from cai_bench.worker import EngineOptions
+        from cai_bench.inference.loop import model_worker, units_from, worker_loop
+        from cai_bench.inference.worker import EngineOptions
         _, _, refs = open_dataset({str(tiny_data)!r})
         done = []
         for runtime, model in (("onnxruntime", {str(exports["onnx"])!r}), ("openvino", {str(exports["openvino"])!r})):

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cai_bench import aws
+from cai_bench.core import aws
+from cai_bench.core.errors import UserError
 from cai_bench.data.partitions import open_dataset, read_partition, synthesize, verify_dataset
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.data.storage import split_ref, storage_for
 from cai_bench.data.upload import upload_dataset
-from cai_bench.errors import UserError
 
 
 def test_a_data_set_uploaded_reads_back_the_same_through_the_storage_interface(s3, tiny_data):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cai_bench.data.partitions import synthesize
-from cai_bench.store import ResultsStore
+from cai_bench.store.jsonl import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 import pytest
 
-from cai_bench.errors import UserError
-from cai_bench.plan import (
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import (
     BITS_PER_SAMPLE,
     BYTES_PER_SAMPLE,
     partition_count,

@@ -20,10 +20,10 @@ import pytest
 from conftest import ROOT, default_sigint
 
 from cai_bench.backends import slurm
+from cai_bench.commands.runner import execute
+from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset
-from cai_bench.plan import make_plan
-from cai_bench.runner import execute
-from cai_bench.store import ResultsStore
+from cai_bench.store.jsonl import ResultsStore
 
 pytest.importorskip("submitit")
 pytestmark = pytest.mark.long

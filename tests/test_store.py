@@ -13,13 +13,13 @@ import pytest
 from conftest import TINY_GB, TINY_MB, hand_record, write_store
 from test_cli import one_error_line
 
-from cai_bench import runner
+from cai_bench.commands import runner
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import make_plan
+from cai_bench.core.records import RunRecord, summarize_run
 from cai_bench.data import datasets
 from cai_bench.data.partitions import open_dataset
-from cai_bench.errors import UserError
-from cai_bench.plan import make_plan
-from cai_bench.records import RunRecord, summarize_run
-from cai_bench.store import ResultsStore
+from cai_bench.store.jsonl import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from conftest import TINY_GB, TINY_MB, default_sigint, hand_record, write_store
 
+from cai_bench.analysis.results import point_key
+from cai_bench.commands.sweep import make_sweep, run_sweep, sweep_state
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import SweepPoint, load_sweep_config
 from cai_bench.data.datasets import synthetic_dir
-from cai_bench.errors import UserError
-from cai_bench.plan import SweepPoint, load_sweep_config
-from cai_bench.results import point_key
-from cai_bench.store import ResultsStore
-from cai_bench.sweep import make_sweep, run_sweep, sweep_state
+from cai_bench.store.jsonl import ResultsStore
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ROOT = CONFIGS.parent

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from cai_bench.timeline import Lane, Segment, Timeline, unit_segments
+from cai_bench.measure.timeline import Lane, Segment, Timeline, unit_segments
 
 
 def test_a_units_pieces_end_where_it_ended_and_its_read_ends_where_it_began():

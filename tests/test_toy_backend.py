@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from cai_bench.backends.base import BackendOption, dispatched_run
 from cai_bench.backends.dispatch import Dispatcher, Event, drive
 from cai_bench.backends.registry import register_backend
-from cai_bench.engine import plan_options, start_worker
-from cai_bench.loop import worker_loop
-from cai_bench.plan import work_units
+from cai_bench.core.plan import work_units
+from cai_bench.inference.engine import plan_options, start_worker
+from cai_bench.inference.loop import worker_loop
 
 # ---- the toy backend, all of it down to the end marker (under 60 lines)
 
@@ -80,10 +80,11 @@ class Toy:
 
 
 def test_a_toy_backend_runs_through_run_sweep_and_report(tiny_data, tmp_path):
-    from cai_bench import report, runner, sweep
+    from cai_bench.analysis import report
+    from cai_bench.commands import runner, sweep
+    from cai_bench.core.plan import make_plan
     from cai_bench.data.partitions import open_dataset
-    from cai_bench.plan import make_plan
-    from cai_bench.store import ResultsStore
+    from cai_bench.store.jsonl import ResultsStore
 
     register_backend("toy", Toy)
     _, summary, refs = open_dataset(tiny_data)
@@ -109,7 +110,7 @@ def test_a_toy_backend_runs_through_run_sweep_and_report(tiny_data, tmp_path):
 
 
 def test_an_hpc_sweep_over_workers_records_each_point_and_resumes(cli, tmp_path):
-    from cai_bench.store import ResultsStore
+    from cai_bench.store.jsonl import ResultsStore
 
     args = ["sweep", "--backend", "hpc", "--workers", "1,2", "--gb", "0.01", "--partition-mb", "1", "--repeats", "2"]
     args += ["--precision", "fp32", "--oversubscribe", "--results", tmp_path / "r", "--quiet"]

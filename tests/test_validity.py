@@ -9,7 +9,7 @@ import json
 
 from conftest import hand_record, write_store
 
-from cai_bench import report, validity
+from cai_bench.analysis import report, validity
 
 
 def long_run(wall: float = 30.0, gb: float = 1.0, precision: str = "fp32") -> dict:

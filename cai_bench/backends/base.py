@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from cai_bench.errors import UserError
-from cai_bench.files import loads_json
-from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo
+from cai_bench.core.errors import UserError
+from cai_bench.core.files import loads_json
+from cai_bench.core.records import RANDOM_INIT, PartitionResult, WeightsInfo
 
 Emit = Callable[[PartitionResult], None]
 

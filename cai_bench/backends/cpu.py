@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 from cai_bench.backends.base import BackendOption, BackendRun, Emit
 from cai_bench.backends.options import LANES, RUNTIME
-from cai_bench.choices import CPU_PRECISIONS
-from cai_bench.loop import model_worker, prepare_model, units_from, worker_loop
-from cai_bench.machine import default_threads
-from cai_bench.plan import Plan, work_units
-from cai_bench.runtime_choice import Layout
-from cai_bench.worker import plan_options, torch_threads
+from cai_bench.core.choices import CPU_PRECISIONS
+from cai_bench.core.machine import default_threads
+from cai_bench.core.plan import Plan, work_units
+from cai_bench.inference.loop import model_worker, prepare_model, units_from, worker_loop
+from cai_bench.inference.runtime_choice import Layout
+from cai_bench.inference.worker import plan_options, torch_threads
 
 MAX_LANES = 4  # each lane holds a batch of activations; more lanes cost memory for little gain
 
@@ -70,7 +70,7 @@ class CpuBackend:
         with torch_threads(intra if options.runtime == "torch" else None):
             start = time.perf_counter()
             if plan.engine == "reference":
-                from cai_bench.engine import run_reference, start_worker  # torch: only once the run starts
+                from cai_bench.inference.engine import run_reference, start_worker  # torch: only once the run starts
 
                 worker = start_worker("cpu-0", options, weights=plan.weights, seed=plan.seed)
                 emit(run_reference(refs, worker, options))

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cai_bench.records import UnitFailure
+from cai_bench.core.records import UnitFailure
 
 DEFAULT_RETRIES = 2
 

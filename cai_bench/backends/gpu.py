@@ -44,13 +44,19 @@ from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher
 from cai_bench.backends.hpc import NodeTransport, quiet_signals, serve_pipe, worker_context
 from cai_bench.backends.options import RETRIES
-from cai_bench.choices import GPU_PRECISIONS
+from cai_bench.core.choices import GPU_PRECISIONS
+from cai_bench.core.errors import UserError, describe
+from cai_bench.core.machine import allowed_cpus
+from cai_bench.core.plan import BITS_PER_SAMPLE, Plan, work_units
+from cai_bench.core.records import RANDOM_INIT, PartitionResult, WeightsInfo
 from cai_bench.data.partitions import read_partition
-from cai_bench.errors import UserError, describe
-from cai_bench.machine import allowed_cpus
-from cai_bench.plan import BITS_PER_SAMPLE, Plan, work_units
-from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo
-from cai_bench.worker import PRECISION_TOLERANCE, WorkerState, forced_precision, partition_record, plan_options
+from cai_bench.inference.worker import (
+    PRECISION_TOLERANCE,
+    WorkerState,
+    forced_precision,
+    partition_record,
+    plan_options,
+)
 
 DEFAULT_BATCH_SIZE = 4096
 PROBE_BATCH = 1024
@@ -282,7 +288,7 @@ def _probe_runner(model, image, magnitude, precision: str, graphs: bool) -> tupl
     plain launches are timed)."""
     import torch
 
-    from cai_bench.engine import set_tf32
+    from cai_bench.inference.engine import set_tf32
 
     device, why = image.device, None
     set_tf32(precision == "tf32")
@@ -304,7 +310,7 @@ def _time_once(run, device, precision: str) -> tuple[float, object]:
     """One pass of ``run`` under ``precision``, timed by CUDA events: seconds and the output."""
     import torch
 
-    from cai_bench.engine import set_tf32
+    from cai_bench.inference.engine import set_tf32
 
     set_tf32(precision == "tf32")
     began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -336,7 +342,7 @@ def choose_gpu_precision(model, device, channels_last: bool, batch: int = PROBE_
     (``_probe_seconds``); the fastest that is at least 10% faster and within PRECISION_TOLERANCE wins."""
     import torch
 
-    from cai_bench.engine import native_bf16, probe_inputs, set_tf32
+    from cai_bench.inference.engine import native_bf16, probe_inputs, set_tf32
 
     forced = forced_precision(GPU_PRECISIONS[1:])
     if forced:
@@ -385,7 +391,7 @@ def start_gpu_worker(worker_id: str, options, weights: str | None, seed: int, cu
     only visible GPU, ``cuda:0``)."""
     import torch
 
-    from cai_bench.engine import set_tf32
+    from cai_bench.inference.engine import set_tf32
     from cai_bench.model.astromae import build_model
     from cai_bench.model.checkpoint import load_weights
     from cai_bench.model.inference import output_in_float32, prepare_for_inference
@@ -597,7 +603,7 @@ class PartitionStream:
         """The filled slot's forward pass, its outputs copied back non-blocking; the other slot fills next."""
         import torch
 
-        from cai_bench.engine import set_tf32
+        from cai_bench.inference.engine import set_tf32
 
         pipeline, slot, worker, device = self.pipeline, self.slot, self.worker, self.pipeline.device
         batch, timers = self.filling, [_Timer(device), _Timer(device)]

@@ -41,16 +41,16 @@ from cai_bench.backends.base import BackendOption, BackendRun, Emit, Job, dispat
 from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drive
 from cai_bench.backends.options import COMM_OPTIONS, LANES, RETRIES, RUNTIME
-from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.comm import CommError
-from cai_bench.errors import UserError, describe
-from cai_bench.gathering import CommConfig, config_for_run, finish_together, read_aggregate, record_of
-from cai_bench.loop import model_worker, prepare_model, worker_loop
-from cai_bench.machine import default_threads
-from cai_bench.plan import Plan, work_units
-from cai_bench.records import decode_result, encode_result
-from cai_bench.runtime_choice import Layout
-from cai_bench.worker import EngineOptions, plan_options
+from cai_bench.core.choices import CPU_PRECISIONS
+from cai_bench.core.errors import UserError, describe
+from cai_bench.core.machine import default_threads
+from cai_bench.core.plan import Plan, work_units
+from cai_bench.core.records import decode_result, encode_result
+from cai_bench.inference.gathering import CommConfig, config_for_run, finish_together, read_aggregate, record_of
+from cai_bench.inference.loop import model_worker, prepare_model, worker_loop
+from cai_bench.inference.runtime_choice import Layout
+from cai_bench.inference.worker import EngineOptions, plan_options
 
 NODE_OPTIONS = (
     BackendOption("workers", int, "Worker processes on this node, --threads split between them.", 1, minimum=1),
@@ -82,7 +82,7 @@ def worker_context() -> tuple[multiprocessing.context.BaseContext, float]:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn"), 0.0
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["cai_bench.backends.hpc", "cai_bench.engine"])
+    context.set_forkserver_preload(["cai_bench.backends.hpc", "cai_bench.inference.engine"])
     started = time.perf_counter()
     # The first process through a new server waits for its imports; later ones take milliseconds
     probe = context.Process(target=_noop, daemon=True)

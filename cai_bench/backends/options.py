@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from cai_bench.backends.base import BackendOption
 from cai_bench.backends.dispatch import DEFAULT_RETRIES
-from cai_bench.choices import RUNTIMES
 from cai_bench.comm.policy import HINTS
+from cai_bench.core.choices import RUNTIMES
 
 RETRIES = BackendOption(
     "retries", int, "Times a partition whose worker was lost or that failed is tried again, on another worker "

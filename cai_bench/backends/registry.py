@@ -22,7 +22,7 @@ from functools import lru_cache
 from importlib import metadata
 
 from cai_bench.backends.base import Backend, BackendOption
-from cai_bench.errors import UserError
+from cai_bench.core.errors import UserError
 
 ENTRY_POINTS = "cai_bench.backends"
 # name -> module that defines ``create() -> Backend``, imported only when chosen; the order --backend shows

@@ -37,13 +37,20 @@ from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, apply, drive
 from cai_bench.backends.slurm_options import DEFAULT_TIME_MIN, groups_of
 from cai_bench.comm import CommError
-from cai_bench.errors import UserError, describe
-from cai_bench.gathering import CommConfig, config_for_run, finish_together, rank_account, read_aggregate, record_of
-from cai_bench.loop import model_worker, prepare_model, units_from, worker_loop
-from cai_bench.machine import capture_environment, default_threads
-from cai_bench.plan import PartitionRef, Plan, plan_from_dict, plan_to_dict, work_units
-from cai_bench.records import decode_result, encode_result, utc_now
-from cai_bench.worker import plan_options
+from cai_bench.core.errors import UserError, describe
+from cai_bench.core.machine import capture_environment, default_threads
+from cai_bench.core.plan import PartitionRef, Plan, plan_from_dict, plan_to_dict, work_units
+from cai_bench.core.records import decode_result, encode_result, utc_now
+from cai_bench.inference.gathering import (
+    CommConfig,
+    config_for_run,
+    finish_together,
+    rank_account,
+    read_aggregate,
+    record_of,
+)
+from cai_bench.inference.loop import model_worker, prepare_model, units_from, worker_loop
+from cai_bench.inference.worker import plan_options
 
 POLL_S = {"local": 0.5, "slurm": 10.0}  # squeue/sacct are shared by everyone on a cluster: ask them rarely
 

@@ -10,9 +10,9 @@ import socket
 import subprocess
 
 from cai_bench.backends.base import BackendOption
-from cai_bench.choices import SLURM_EXECUTORS
-from cai_bench.errors import UserError
-from cai_bench.machine import machine_id, this_machine
+from cai_bench.core.choices import SLURM_EXECUTORS
+from cai_bench.core.errors import UserError
+from cai_bench.core.machine import machine_id, this_machine
 
 DEFAULT_TIME_MIN = 60
 

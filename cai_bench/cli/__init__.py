@@ -11,7 +11,7 @@ import typer
 
 from cai_bench.cli import aws_lambda, bench, comm, compare, data, estimate, model, results, run, sweep  # noqa: F401 (they add the commands)
 from cai_bench.cli.app import State, Terminated, app, interrupt_exit_code
-from cai_bench.errors import UserError, one_line
+from cai_bench.core.errors import UserError, one_line
 
 __all__ = ["app", "main"]
 

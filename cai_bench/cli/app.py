@@ -10,9 +10,10 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from cai_bench import __version__, ui
+from cai_bench import __version__
 from cai_bench.backends.base import PartitionsFailed
-from cai_bench.store import ResultsStore
+from cai_bench.render import ui
+from cai_bench.store.jsonl import ResultsStore
 
 
 class State:

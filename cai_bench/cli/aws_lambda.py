@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import aws, ui
 from cai_bench.backends.aws_lambda import pricing, provision
 from cai_bench.backends.aws_lambda.emulator import FunctionConfig, serve_standalone
 from cai_bench.backends.aws_lambda.image import ImageBuild, build_where_docker_is
 from cai_bench.cli import options as o
 from cai_bench.cli.app import lambda_app
+from cai_bench.core import aws
+from cai_bench.render import ui
 
 Port = Annotated[int, typer.Option(min=0, max=65535, help="Loopback port of the Invoke API (0: any free one).")]
 Function = Annotated[str, typer.Option("--function", help="The emulated function's name.")]

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import ui
-from cai_bench.bench import bench_command
+from cai_bench.benches.cpu_runtimes import bench_command
 from cai_bench.cli import options as o
 from cai_bench.cli.app import app, measured
-from cai_bench.runner import RunRequest
+from cai_bench.commands.runner import RunRequest
+from cai_bench.render import ui
 
 Runtimes = Annotated[
     str | None,

@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import ui
+from cai_bench.benches.comm import OPS, comm_bench
 from cai_bench.cli import options as o
 from cai_bench.cli.app import comm_app
 from cai_bench.comm.rendezvous import serve
-from cai_bench.comm_bench import OPS, comm_bench
-from cai_bench.errors import UserError
+from cai_bench.core.errors import UserError
+from cai_bench.render import ui
 
 ALL_OPS = ",".join(OPS)
 Host = Annotated[str, typer.Option(help="Address to listen on (loopback by default; 0.0.0.0 for other machines).")]

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import ui
+from cai_bench.analysis.compare import METRICS, compare_command
 from cai_bench.cli import options as o
 from cai_bench.cli.app import app
-from cai_bench.compare import METRICS, compare_command
-from cai_bench.errors import UserError
+from cai_bench.core.errors import UserError
+from cai_bench.render import ui
 
 Side = Annotated[
     str, typer.Argument(help="A results directory, a git commit the records name, or a filter: backend=hpc,workers=2.")

@@ -8,13 +8,13 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import ui
 from cai_bench.cli import options as o
 from cai_bench.cli.app import data_app
+from cai_bench.core.plan import check_size
 from cai_bench.data.astro import catalogue_columns, file_kind, import_catalogue, refuse_columns
 from cai_bench.data.partitions import dataset_info, split, synthesize, verify_dataset
 from cai_bench.data.upload import upload
-from cai_bench.plan import check_size
+from cai_bench.render import ui
 
 SizeGb = Annotated[float, typer.Option("--gb", help="Data size in GB (GiB).")]
 SizeMb = Annotated[float, typer.Option("--partition-mb", help="Partition size in MB (MiB).")]

@@ -8,13 +8,8 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import ui
-from cai_bench.backends.aws_lambda import pricing
-from cai_bench.cli import options as o
-from cai_bench.cli.app import app
-from cai_bench.decide import decide, parse_budget, parse_deadline
-from cai_bench.errors import UserError
-from cai_bench.estimate import (
+from cai_bench.analysis.decide import decide, parse_budget, parse_deadline
+from cai_bench.analysis.estimate import (
     DEFAULT_QUOTA,
     EstimateRequest,
     Prices,
@@ -23,6 +18,11 @@ from cai_bench.estimate import (
     validate_paper,
     validate_store,
 )
+from cai_bench.backends.aws_lambda import pricing
+from cai_bench.cli import options as o
+from cai_bench.cli.app import app
+from cai_bench.core.errors import UserError
+from cai_bench.render import ui
 
 Backends = Annotated[str, typer.Option("--backend", help="Comma list of lambda, hpc, gpu.")]
 Gbs = Annotated[str | None, typer.Option("--gb", help="Data sizes in GB (GiB), comma-separated.")]
@@ -131,7 +131,7 @@ def estimate(
     if deciding:
         decision = decide(request, None if deadline is None else parse_deadline(deadline),
                           None if budget is None else parse_budget(budget), ui.warn)  # fmt: skip
-        from cai_bench.plot import save_decision_figure  # matplotlib: only where a figure is drawn
+        from cai_bench.render.plot import save_decision_figure  # matplotlib: only where a figure is drawn
 
         ui.show_decision(decision, save_decision_figure(decision, figure), as_json)
         return
@@ -142,7 +142,7 @@ def _estimates(request: EstimateRequest, figure: Path, as_json: bool) -> None:
     outcome = estimate_command(request, ui.warn)
     drawn = None
     if len(outcome.estimates) > 1:
-        from cai_bench.plot import save_estimate_figure  # matplotlib: only where a figure is drawn
+        from cai_bench.render.plot import save_estimate_figure  # matplotlib: only where a figure is drawn
 
         drawn = save_estimate_figure(outcome, figure)
     ui.show_estimates(outcome, drawn, as_json)

@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import ui
 from cai_bench.cli import options as o
 from cai_bench.cli.app import model_app
+from cai_bench.render import ui
 
 CheckWeights = Annotated[Path | None, typer.Option("--weights", help="Load these weights first (checks they fit).")]
 Source = Annotated[Path, typer.Argument(help="Upstream's pickled model (.pt), a plain state dict, or safetensors.")]
@@ -55,6 +55,6 @@ def model_export(
 
     Run it with --weights OUT; without an export, --runtime onnxruntime or openvino exports into the cache.
     """
-    from cai_bench.model.export import export_command  # torch: the model is exported with it
+    from cai_bench.inference.export import export_command  # torch: the model is exported with it
 
     ui.show_model_export(*export_command(weights, format.value, out, seed=seed, overwrite=force), as_json)

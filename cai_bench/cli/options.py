@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 
 from cai_bench.backends.registry import all_options, available_backends
-from cai_bench.choices import ENGINES, EXPORT_FORMATS, PRECISIONS, REPORT_FORMATS, choice
-from cai_bench.errors import UserError
+from cai_bench.core.choices import ENGINES, EXPORT_FORMATS, PRECISIONS, REPORT_FORMATS, choice
+from cai_bench.core.errors import UserError
 
 BackendName = choice("BackendName", available_backends())
 Precision = choice("Precision", PRECISIONS)

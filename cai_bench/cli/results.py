@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import ui
+from cai_bench.analysis.results import export_text, find_record, listed_rows, record_row
 from cai_bench.cli import options as o
 from cai_bench.cli.app import results_app
-from cai_bench.results import export_text, find_record, listed_rows, record_row
-from cai_bench.store import ResultsStore
+from cai_bench.render import ui
+from cai_bench.store.jsonl import ResultsStore
 
 Last = Annotated[int, typer.Option(help="Show the newest N records (0: all).")]
 RunId = Annotated[str, typer.Argument(help="A run id, or enough of its start to be unique.")]

@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import predict as predicting
-from cai_bench import runner, ui
 from cai_bench.cli import options as o
 from cai_bench.cli.app import app, measured
+from cai_bench.commands import predict as predicting
+from cai_bench.commands import runner
+from cai_bench.render import ui
 
 Repeats = Annotated[int, typer.Option(help="Measured runs, each saved as one record.")]
 CycleToGb = Annotated[

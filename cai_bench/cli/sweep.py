@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from cai_bench import ui
-from cai_bench.choices import FIGURE_FORMATS, PRECISIONS
+from cai_bench.analysis.report import report_points
+from cai_bench.analysis.validity import MIN_DURATION_S, MIN_SAMPLES, Rules
 from cai_bench.cli import options as o
 from cai_bench.cli.app import app, measured
-from cai_bench.report import report_points
-from cai_bench.sweep import sweep_command
-from cai_bench.validity import MIN_DURATION_S, MIN_SAMPLES, Rules
+from cai_bench.commands.sweep import sweep_command
+from cai_bench.core.choices import FIGURE_FORMATS, PRECISIONS
+from cai_bench.render import ui
 
 Config = Annotated[
     str | None, typer.Option(help="A preset by name (laptop-quick, paper) or a TOML file; options override it.")
@@ -113,7 +113,7 @@ def report(
     the point is a valid measurement."""
     rules = Rules(min_duration, min_samples)
     if html_out is not None:
-        from cai_bench.html_report import write_html  # matplotlib: only where a page is drawn
+        from cai_bench.render.html import write_html  # matplotlib: only where a page is drawn
 
         ui.say(f"wrote {write_html(results, html_out, rules, ui.warn)}")
         return
@@ -147,7 +147,7 @@ def plot(
     """Scaling figures: time and throughput vs data size, throughput vs batch size, time (and cost) vs partition
     size, the per-worker time breakdown, and the timeline of each backend's last run. With --predictions:
     predicted vs true redshift; with --timeline RUN_ID: that run's timeline."""
-    from cai_bench.plot import plot_command  # matplotlib: only for the command that draws
+    from cai_bench.render.plot import plot_command  # matplotlib: only for the command that draws
 
     formats = o.comma_list(fmt, "--format")
     backends = o.comma_list(backend, "--backend")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cai_bench.errors import UserError
+from cai_bench.core.errors import UserError
 
 _LENGTH = struct.Struct("!I")
 # Kinds of value, each back to what was sent

@@ -17,10 +17,10 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-from cai_bench import aws
 from cai_bench.comm.channel import Heartbeat, heartbeat_interval
 from cai_bench.comm.frames import CommError
-from cai_bench.errors import UserError
+from cai_bench.core import aws
+from cai_bench.core.errors import UserError
 
 _FIRST_POLL_S, _LONGEST_POLL_S = 0.002, 0.1
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from cai_bench import aws
 from cai_bench.comm.frames import CommError
-from cai_bench.errors import UserError, redact
+from cai_bench.core import aws
+from cai_bench.core.errors import UserError, redact
 
 SCHEMES = ("direct", "redis", "s3")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")

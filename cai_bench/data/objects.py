@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cai_bench.errors import UserError
+from cai_bench.core.errors import UserError
 
 OBJECTS = "objects.parquet"
 ID_TYPES = ("int64", "string")

@@ -23,12 +23,9 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from cai_bench.data import synthetic
-from cai_bench.data.objects import ID_TYPES, ObjectsEntry, check_objects_bytes
-from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
-from cai_bench.errors import UserError
-from cai_bench.files import loads_json, staged_directory
-from cai_bench.plan import (
+from cai_bench.core.errors import UserError
+from cai_bench.core.files import loads_json, staged_directory
+from cai_bench.core.plan import (
     BYTES_PER_SAMPLE,
     DataSummary,
     PartitionRef,
@@ -37,7 +34,10 @@ from cai_bench.plan import (
     samples_for_gb,
     samples_per_partition,
 )
-from cai_bench.shapes import FLAG, INT, LIST, NUMBER, TABLE, TEXT, problem
+from cai_bench.core.shapes import FLAG, INT, LIST, NUMBER, TABLE, TEXT, problem
+from cai_bench.data import synthetic
+from cai_bench.data.objects import ID_TYPES, ObjectsEntry, check_objects_bytes
+from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
 
 if TYPE_CHECKING:
     import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cai_bench import aws
+from cai_bench.core import aws
 
 
 @dataclass(frozen=True)

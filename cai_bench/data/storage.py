@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cai_bench.core.errors import UserError
 from cai_bench.data.s3 import S3Prefix
-from cai_bench.errors import UserError
 
 MANIFEST = "manifest.json"
 

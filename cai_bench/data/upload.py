@@ -11,12 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai_bench import aws
+from cai_bench.core import aws
+from cai_bench.core.errors import UserError
+from cai_bench.core.files import file_sha256
 from cai_bench.data.partitions import load_manifest
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.data.storage import MANIFEST
-from cai_bench.errors import UserError
-from cai_bench.files import file_sha256
 
 SHA256_METADATA = "sha256"  # x-amz-meta-sha256: what a rerun of upload compares to skip an identical object
 MULTIPART_MB = 8  # parts of this size above this size, as the AWS CLI does

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from cai_bench.core.errors import UserError
+from cai_bench.core.files import file_sha256
+from cai_bench.core.plan import partition_sizes
 from cai_bench.data import synthetic
 from cai_bench.data.partitions import Manifest, Progress, rebatch, write_dataset
-from cai_bench.errors import UserError
-from cai_bench.files import file_sha256
-from cai_bench.plan import partition_sizes
 
 CROP = 32
 

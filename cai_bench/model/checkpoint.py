@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from cai_bench import __version__
-from cai_bench.errors import UserError
-from cai_bench.files import file_sha256
+from cai_bench.core.errors import UserError
+from cai_bench.core.files import file_sha256
+from cai_bench.core.records import RANDOM_INIT, WeightsInfo
 from cai_bench.model.astromae import build_model, flops_per_sample
 from cai_bench.model.restricted_unpickler import Placeholder, load_pickled_model, module_state_dict
-from cai_bench.records import RANDOM_INIT, WeightsInfo
 
 # Prefixes that wrappers add to every key: DataParallel/DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai_bench.errors import UserError
-from cai_bench.files import loads_json
-from cai_bench.records import WeightsInfo
+from cai_bench.core.errors import UserError
+from cai_bench.core.files import loads_json
+from cai_bench.core.records import WeightsInfo
 
 EXPORT_META = "export.json"
 EXPORT_KIND = "cai-bench/model-export"

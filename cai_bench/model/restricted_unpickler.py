@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cai_bench.errors import UserError
+from cai_bench.core.errors import UserError
 
 # The upstream project's classes, as spec/model.md names them.
 UPSTREAM_CLASSES = {

@@ -15,7 +15,6 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-from cai_bench import aws
 from cai_bench.backends.aws_lambda import emulator as emulation
 from cai_bench.backends.aws_lambda import pricing
 from cai_bench.backends.aws_lambda.image import IMAGE_EXPORT_DIR
@@ -27,16 +26,17 @@ from cai_bench.backends.aws_lambda.wire import new_secret
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_run
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, drive
 from cai_bench.backends.options import COMM_OPTIONS, RETRIES, RUNTIME
-from cai_bench.choices import CPU_PRECISIONS
 from cai_bench.comm import check_urls, split_urls
+from cai_bench.core import aws
+from cai_bench.core.choices import CPU_PRECISIONS
+from cai_bench.core.errors import UserError
+from cai_bench.core.machine import allowed_cpus, machine_id, this_machine
+from cai_bench.core.plan import Plan, work_units
+from cai_bench.core.records import new_run_id
 from cai_bench.data.s3 import S3Prefix
-from cai_bench.errors import UserError
-from cai_bench.gathering import CommConfig, config_for_run
-from cai_bench.loop import prepare_model
-from cai_bench.machine import allowed_cpus, machine_id, this_machine
+from cai_bench.inference.gathering import CommConfig, config_for_run
+from cai_bench.inference.loop import prepare_model
 from cai_bench.model.export_format import read_export
-from cai_bench.plan import Plan, work_units
-from cai_bench.records import new_run_id
 
 DEFAULT_FUNCTION = "cai-bench"
 DEFAULT_CONCURRENCY = 1000  # an account's default concurrency limit

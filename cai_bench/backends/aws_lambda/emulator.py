@@ -57,11 +57,11 @@ from urllib.parse import unquote, urlsplit
 
 import psutil
 
-from cai_bench import aws
 from cai_bench.backends.aws_lambda.image_python import ImagePython, image_python
 from cai_bench.backends.aws_lambda.report_log import Report, format_report
 from cai_bench.backends.aws_lambda.runtime_api import Invocation, RuntimeAPI, refused_length
-from cai_bench.errors import UserError
+from cai_bench.core import aws
+from cai_bench.core.errors import UserError
 
 HANDLER = "cai_bench.backends.aws_lambda.handler.handler"
 MB_PER_VCPU = 1769  # Lambda: one vCPU's worth at 1,769 MB, up to 6 vCPUs at 10,240 MB

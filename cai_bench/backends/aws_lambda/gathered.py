@@ -7,7 +7,7 @@ import threading
 
 from cai_bench.backends.aws_lambda.wire import ForgedObject, aggregate_key, read_sealed
 from cai_bench.backends.dispatch import Unit
-from cai_bench.gathering import CommConfig, rank_account, read_aggregate, record_of
+from cai_bench.inference.gathering import CommConfig, rank_account, read_aggregate, record_of
 
 
 class Gathered:

@@ -24,16 +24,16 @@ import numpy as np
 
 from cai_bench.backends.aws_lambda.wire import aggregate_key, event_units, reply_key, result_key, write_sealed
 from cai_bench.comm import CommError
+from cai_bench.core.machine import allowed_cpus
+from cai_bench.core.plan import BITS_PER_SAMPLE, PartitionRef
+from cai_bench.core.records import RANDOM_INIT, PartitionResult, WeightsInfo, WorkerRecord, encode_result
 from cai_bench.data.partitions import read_partition_arrays
 from cai_bench.data.s3 import S3Prefix
-from cai_bench.gathering import CommConfig, finish_together
-from cai_bench.loop import loop_functions, model_worker, units_from, worker_loop
-from cai_bench.machine import allowed_cpus
-from cai_bench.metrics import peak_rss_bytes
+from cai_bench.inference.gathering import CommConfig, finish_together
+from cai_bench.inference.loop import loop_functions, model_worker, units_from, worker_loop
+from cai_bench.inference.worker import EngineOptions
+from cai_bench.measure.metrics import peak_rss_bytes
 from cai_bench.model.export_format import EXPORT_META, read_export
-from cai_bench.plan import BITS_PER_SAMPLE, PartitionRef
-from cai_bench.records import RANDOM_INIT, PartitionResult, WeightsInfo, WorkerRecord, encode_result
-from cai_bench.worker import EngineOptions
 
 ENVIRONMENT_ID = uuid.uuid4().hex[:12]  # this execution environment, for as long as it lives
 

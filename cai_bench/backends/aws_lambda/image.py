@@ -10,10 +10,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai_bench import aws
 from cai_bench.backends.aws_lambda.provision import ARCHITECTURES, MANAGED_TAG, Account
-from cai_bench.choices import RUNTIMES
-from cai_bench.errors import UserError
+from cai_bench.core import aws
+from cai_bench.core.choices import RUNTIMES
+from cai_bench.core.errors import UserError
 from cai_bench.model.export_format import read_export
 
 DOCKERFILE = Path("deploy/lambda/Dockerfile")

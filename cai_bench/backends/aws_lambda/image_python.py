@@ -23,8 +23,8 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from cai_bench.errors import UserError
-from cai_bench.files import cache_dir, exclusive
+from cai_bench.core.errors import UserError
+from cai_bench.core.files import cache_dir, exclusive
 
 # The checkout's Dockerfile; a package installed from a wheel has none, and its emulator runs this interpreter
 DOCKERFILE = Path(__file__).resolve().parents[3] / "deploy" / "lambda" / "Dockerfile"

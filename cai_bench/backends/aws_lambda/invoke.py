@@ -22,14 +22,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from cai_bench import aws
 from cai_bench.backends.aws_lambda.emulator import SERVICE_TIME_HEADER
 from cai_bench.backends.aws_lambda.gathered import Gathered
 from cai_bench.backends.aws_lambda.report_log import report_from_tail
 from cai_bench.backends.aws_lambda.wire import ForgedObject, error_text, read_result, unit_items
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
-from cai_bench.gathering import CommConfig
-from cai_bench.metrics import percentiles
+from cai_bench.core import aws
+from cai_bench.core.stats import percentiles
+from cai_bench.inference.gathering import CommConfig
 
 THROTTLE_RETRIES = 8
 BACKOFF_BASE_S = 0.1

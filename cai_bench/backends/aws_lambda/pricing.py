@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai_bench.backends.aws_lambda.report_log import parse_reports
-from cai_bench.errors import UserError
-from cai_bench.files import loads_json
+from cai_bench.core.errors import UserError
+from cai_bench.core.files import loads_json
 
 # AWS Lambda on-demand prices, us-east-1, first pricing tier (the tier every benchmark-sized run is in), as
 # published on aws.amazon.com/lambda/pricing and used by the CAI paper

@@ -14,8 +14,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from cai_bench import aws
-from cai_bench.errors import UserError
+from cai_bench.core import aws
+from cai_bench.core.errors import UserError
 
 MANAGED_TAG = ("managed-by", "cai-bench")
 ARCHITECTURES = ("x86_64", "arm64")

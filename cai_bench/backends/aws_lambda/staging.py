@@ -9,12 +9,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cai_bench import aws
+from cai_bench.core import aws
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import PartitionRef, Plan
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.data.upload import upload_dataset
-from cai_bench.errors import UserError
 from cai_bench.model.export_format import EXPORT_META, read_export
-from cai_bench.plan import PartitionRef, Plan
 
 
 def stage(refs: tuple[PartitionRef, ...], plan: Plan, target: str | None) -> tuple[tuple[PartitionRef, ...], str,

@@ -27,7 +27,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from cai_bench import aws
 from cai_bench.backends.aws_lambda.gathered import Gathered
 from cai_bench.backends.aws_lambda.provision import MAP_STATE
 from cai_bench.backends.aws_lambda.wire import (
@@ -39,9 +38,10 @@ from cai_bench.backends.aws_lambda.wire import (
     unit_items,
 )
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
+from cai_bench.core import aws
+from cai_bench.core.errors import UserError
 from cai_bench.data.s3 import S3Prefix
-from cai_bench.errors import UserError
-from cai_bench.gathering import CommConfig
+from cai_bench.inference.gathering import CommConfig
 
 DONE_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
 

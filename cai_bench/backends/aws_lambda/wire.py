@@ -40,10 +40,10 @@ import secrets
 from dataclasses import asdict
 
 from cai_bench.comm.seal import derive
+from cai_bench.core.errors import UserError
+from cai_bench.core.plan import PartitionRef
+from cai_bench.core.records import PartitionResult, WireFormatError, decode_result
 from cai_bench.data.s3 import S3Prefix
-from cai_bench.errors import UserError
-from cai_bench.plan import PartitionRef
-from cai_bench.records import PartitionResult, WireFormatError, decode_result
 
 SEAL_METADATA = "cai-bench-seal"  # x-amz-meta-cai-bench-seal: the object's tag
 

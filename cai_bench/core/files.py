@@ -1,0 +1,98 @@
+"""Where cai-bench keeps what it makes (the cache), output directories that appear whole or not at all, and the
+checksum files are named by."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock between processes
+    fcntl = None
+
+from cai_bench.core.errors import UserError
+
+
+def loads_json(data: bytes | str, where: str):
+    """JSON read from a file or a request: anything that is not JSON, a number of more digits than Python turns
+    into an int (4,300), or nesting deeper than the parser's recursion allows, is one UserError naming ``where``."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as exc:  # not JSON (JSONDecodeError, UnicodeDecodeError), or an integer past the digit limit
+        raise UserError(f"{where}: not valid JSON ({str(exc)[:200]})") from None
+
+
+def cache_dir() -> Path:
+    """Generated data sets and model exports: ``CAI_BENCH_CACHE``, else the user's cache directory."""
+    if os.environ.get("CAI_BENCH_CACHE"):
+        return Path(os.environ["CAI_BENCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cai-bench"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def exclusive(path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the lock file ``path`` (made where missing) for the block: another process asking for it waits until
+    this one is done (``on_wait`` is told first), so that two commands on one machine never make the same thing
+    at once (a point of a sweep, a data set or an export in the cache)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def staged_directory(out: str | Path, overwrite: bool, what: str) -> Iterator[Path]:
+    """A directory to fill, under a temporary name beside ``out``, renamed onto ``out`` when the block ends
+    without error: a reader never sees half of it, and a failure (or Ctrl-C) leaves nothing. ``what`` names it
+    in the errors ("data set", "export")."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; --out names the {what} directory to create")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty; pass --force to replace it, or choose another --out")
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the {what} there ({exc.strerror})") from None
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"{out}: cannot write the {what} ({exc.strerror})") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

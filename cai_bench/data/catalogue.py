@@ -1,0 +1,341 @@
+"""The redshift catalogue ``predict`` writes, and the catalogues it reads to join true redshifts by id.
+
+One row per object: ``id`` (as the input gave it, int64 or string; a row number where it gave none), ``ra`` and
+``dec`` in degrees where known, ``z_pred``, ``z_true`` where known and ``flags`` (bits, ``FLAGS``). Units and
+what each column is travel with the file: Parquet carries a VOTable of its fields in its key-value metadata
+(VOParquet 1.0) and the provenance as JSON under ``cai_bench``; FITS carries TUNITn and the provenance as header
+keywords; CSV carries an ECSV header of ``#`` lines (units, descriptions, provenance) that astropy reads and
+that ``pandas.read_csv(comment="#")`` skips.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cai_bench.core.errors import UserError, import_extra
+from cai_bench.core.files import file_sha256
+
+FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "csv"}
+MODEL_NAME = "pcm-AstroMAE"
+METADATA_KEY = "cai_bench"  # Parquet: the provenance, JSON; CSV: the ECSV meta key
+
+
+@dataclass(frozen=True)
+class Column:
+    unit: str | None
+    ucd: str
+    description: str
+
+
+COLUMNS = {
+    "id": Column(None, "meta.id;meta.main", "object id as the input gave it (a row number where it gave none)"),
+    "ra": Column("deg", "pos.eq.ra;meta.main", "right ascension as the input gave it"),
+    "dec": Column("deg", "pos.eq.dec;meta.main", "declination as the input gave it"),
+    "z_pred": Column(None, "src.redshift.phot", f"redshift predicted by {MODEL_NAME} from the cutout and magnitudes"),
+    "z_true": Column(None, "src.redshift", "true (spectroscopic) redshift where known; NaN where not"),
+    "flags": Column(None, "meta.code.qual", "bit flags; 0: none (see the flags in the file's provenance)"),
+}
+# The ranges of the training set (SDSS DR8 main galaxy sample, dereddened Petrosian ugriz; spectroscopic z)
+TRAINING_MAGNITUDES = {"u": (16.0, 22.0), "g": (15.0, 20.0), "r": (13.0, 17.8), "i": (13.0, 17.5), "z": (12.5, 17.3)}
+TRAINING_Z = (0.01, 0.55)
+MAG_OUT_OF_RANGE, Z_OUT_OF_RANGE, NOT_FINITE, MAGS_UNCHECKED, RANDOM_WEIGHTS = 1, 2, 4, 8, 16
+FLAGS = {
+    MAG_OUT_OF_RANGE: "a magnitude outside the training set's range ("
+    + ", ".join(f"{b} {lo:g}-{hi:g}" for b, (lo, hi) in TRAINING_MAGNITUDES.items())
+    + "): an extrapolation",
+    Z_OUT_OF_RANGE: f"z_pred outside the training set's redshifts {TRAINING_Z[0]:g}-{TRAINING_Z[1]:g}",
+    NOT_FINITE: "z_pred is NaN or infinite",
+    MAGS_UNCHECKED: "magnitudes not checked against the training range (the data set was read from S3)",
+    RANDOM_WEIGHTS: "random-init weights: z_pred means nothing",
+}
+
+
+def object_flags(z_pred: np.ndarray, magnitudes: np.ndarray | None, random_init: bool) -> np.ndarray:
+    """The ``flags`` column: the bits of ``FLAGS`` that hold for each object."""
+    flags = np.zeros(len(z_pred), np.int32)
+    if magnitudes is None:
+        flags |= MAGS_UNCHECKED
+    else:
+        low = np.array([lo for lo, _ in TRAINING_MAGNITUDES.values()])
+        high = np.array([hi for _, hi in TRAINING_MAGNITUDES.values()])
+        flags[((magnitudes < low) | (magnitudes > high)).any(axis=1)] |= MAG_OUT_OF_RANGE
+    finite = np.isfinite(z_pred)
+    flags[~finite] |= NOT_FINITE
+    with np.errstate(invalid="ignore"):
+        flags[finite & ((z_pred < TRAINING_Z[0]) | (z_pred > TRAINING_Z[1]))] |= Z_OUT_OF_RANGE
+    if random_init:
+        flags |= RANDOM_WEIGHTS
+    return flags
+
+
+# Each column's type, as VOTable, FITS (TFORM) and ECSV name it
+TYPES = {"int64": ("long", "K", "int64"), "int32": ("int", "J", "int32"), "float32": ("float", "E", "float32"),
+         "float64": ("double", "D", "float64"), "string": ("char", "A", "string")}  # fmt: skip
+
+
+def _type(values: np.ndarray) -> str:
+    return "string" if values.dtype.kind in "OUS" else str(values.dtype)
+
+
+def check_catalogue_path(path: Path) -> None:
+    if path.suffix not in FORMATS:
+        raise UserError(f"{path}: --out must end in {', '.join(FORMATS)}")
+    if FORMATS[path.suffix] == "fits":
+        import_extra("astropy.io.fits", "astro", "writing a FITS catalogue")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _votable(columns: dict[str, np.ndarray], provenance: dict) -> bytes:
+    """The VOTable that VOParquet keeps beside the data: each field's type, unit, UCD and description."""
+    ns = "http://www.ivoa.net/xml/VOTable/v1.3"
+    ET.register_namespace("", ns)
+    root = ET.Element(f"{{{ns}}}VOTABLE", version="1.4")
+    resource = ET.SubElement(root, f"{{{ns}}}RESOURCE", type="results")
+    for key in ("model", "weights", "weights_sha256", "runtimes", "precisions", "run_ids", "cai_bench", "created_utc"):
+        ET.SubElement(resource, f"{{{ns}}}INFO", name=key, value=json.dumps(provenance.get(key)))
+    table = ET.SubElement(resource, f"{{{ns}}}TABLE", name="redshifts")
+    ET.SubElement(table, f"{{{ns}}}DESCRIPTION").text = f"Redshifts predicted by {MODEL_NAME} (cai-bench predict)"
+    for name, values in columns.items():
+        column = COLUMNS[name]
+        attributes = {"name": name, "ucd": column.ucd, "datatype": TYPES[_type(values)][0]}
+        if _type(values) == "string":
+            attributes["arraysize"] = "*"
+        if column.unit:
+            attributes["unit"] = column.unit
+        field = ET.SubElement(table, f"{{{ns}}}FIELD", **attributes)
+        ET.SubElement(field, f"{{{ns}}}DESCRIPTION").text = column.description
+    ET.SubElement(table, f"{{{ns}}}PARQUET", type="Parquet-local-XML")
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _write_parquet(path: Path, columns: dict[str, np.ndarray], provenance: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields = []
+    for name, values in columns.items():
+        about = {"ucd": COLUMNS[name].ucd, "description": COLUMNS[name].description}
+        if COLUMNS[name].unit:
+            about["unit"] = COLUMNS[name].unit
+        kind = pa.string() if values.dtype.kind in "OUS" else pa.from_numpy_dtype(values.dtype)
+        fields.append(pa.field(name, kind, metadata=about))
+    metadata = {
+        "IVOA.VOTable-Parquet.version": "1.0",
+        "IVOA.VOTable-Parquet.content": _votable(columns, provenance),
+        METADATA_KEY: json.dumps(provenance),
+    }
+    schema = pa.schema(fields, metadata=metadata)
+    pq.write_table(pa.table({f.name: columns[f.name] for f in fields}, schema=schema), path)
+
+
+FITS_KEYS = {"model": "MODEL", "weights": "WEIGHTS", "weights_sha256": "WEIGHTSH", "random_init": "RANDINIT",
+             "cai_bench": "CAIVERS", "git_commit": "CAICOMMT", "dataset_id": "DATASET", "created_utc": "DATE",
+             "z_true": "ZTRUE"}  # fmt: skip
+
+
+def _write_fits(path: Path, columns: dict[str, np.ndarray], provenance: dict) -> None:
+    fits = import_extra("astropy.io.fits", "astro", "writing a FITS catalogue")
+    fits_columns = []
+    for name, values in columns.items():
+        code = TYPES[_type(values)][1]
+        if code == "A":
+            values = values.astype(str)
+            code = f"{max((len(v.encode()) for v in values), default=1)}A"
+        fits_columns.append(fits.Column(name=name, format=code, unit=COLUMNS[name].unit, array=values))
+    hdu = fits.BinTableHDU.from_columns(fits_columns, name="REDSHIFTS")
+    header = hdu.header
+    for key, keyword in FITS_KEYS.items():
+        value = provenance.get(key)
+        if value is not None:
+            header[keyword] = value if isinstance(value, (bool, int, float)) else str(value)
+    for prefix, values in (("RUNID", provenance.get("run_ids", [])), ("RUNTIME", provenance.get("runtimes", [])),
+                           ("PRECISN", provenance.get("precisions", []))):  # fmt: skip
+        for number, value in enumerate(values, 1):
+            header[f"{prefix}{number}"[:8]] = value
+    for number, source in enumerate(provenance.get("inputs", []), 1):
+        header[f"INFILE{number}"[:8]] = source["name"]
+        header[f"INSHA{number}"[:8]] = source.get("sha256") or "unknown"
+    for bit, meaning in FLAGS.items():
+        header.add_comment(f"flags bit {bit}: {meaning}")
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+
+
+def _write_csv(path: Path, columns: dict[str, np.ndarray], provenance: dict) -> None:
+    """CSV under an ECSV 1.0 header: every header line starts with ``#``; its YAML is written as JSON flow."""
+    lines = ["# %ECSV 1.0", "# ---", "# datatype:"]
+    for name, values in columns.items():
+        entry = {"name": name, "datatype": TYPES[_type(values)][2]}
+        if COLUMNS[name].unit:
+            entry["unit"] = COLUMNS[name].unit
+        entry["description"] = COLUMNS[name].description
+        lines.append(f"# - {json.dumps(entry)}")
+    lines += ["# delimiter: ','", f"# meta: {json.dumps({METADATA_KEY: provenance})}", "# schema: astropy-2.0"]
+    with open(path, "w", newline="") as fh:
+        fh.write("\n".join(lines) + "\n")
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(zip(*(v.tolist() for v in columns.values()), strict=True))
+
+
+def write_catalogue(path: Path, fmt: str, columns: dict[str, np.ndarray], provenance: dict) -> None:
+    """``columns`` (any of ``COLUMNS``, in that order) written in ``fmt`` (a value of ``FORMATS``) with
+    ``provenance``."""
+    ordered = {name: columns[name] for name in COLUMNS if name in columns}
+    {"parquet": _write_parquet, "fits": _write_fits, "csv": _write_csv}[fmt](path, ordered, provenance)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+# What predict wrote before its catalogue had these names
+OLD_NAMES = {"object_id": "id", "predicted_redshift": "z_pred", "true_redshift": "z_true"}
+
+
+def _read_csv(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A CSV with or without an ECSV header; numbers where a whole column parses as numbers."""
+    about: dict = {}
+    with open(path, newline="") as fh:
+        lines = [line for line in fh]
+    header = [line[2:] for line in lines if line.startswith("# ")]
+    meta = next((h[len("meta: ") :] for h in header if h.startswith("meta: ")), None)
+    if meta is not None:
+        about = json.loads(meta).get(METADATA_KEY, {})
+    rows = list(csv.reader(line for line in lines if not line.startswith("#")))
+    if not rows:
+        raise ValueError("no header row")
+    names, body = rows[0], rows[1:]
+    columns = {}
+    for number, name in enumerate(names):
+        text = np.array([row[number] for row in body], dtype=str)
+        try:
+            columns[name] = text.astype(np.int64) if name in ("id", "object_id", "flags") else text.astype(np.float64)
+        except ValueError:
+            columns[name] = text
+    return columns, about
+
+
+def _read_fits(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    fits = import_extra("astropy.io.fits", "astro", "reading a FITS catalogue")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="astropy")  # a header's slips are not the user's concern here
+        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+    with hdul:
+        table = next((hdu for hdu in hdul if isinstance(hdu, fits.BinTableHDU)), None)
+        if table is None:
+            raise ValueError("no binary table HDU")
+        columns = {}
+        for name in table.columns.names:
+            values = np.array(table.data[name])
+            columns[name] = np.char.strip(values.astype(str)) if values.dtype.kind in "SU" else values
+        about = {key.lower(): table.header[keyword] for key, keyword in FITS_KEYS.items() if keyword in table.header}
+    return columns, about
+
+
+def read_catalogue(path: str | Path, what: str = "catalogue") -> tuple[dict[str, np.ndarray], dict]:
+    """A catalogue's columns (Parquet, FITS or CSV) and what it says of itself; predict's older column names
+    read as today's."""
+    path = Path(path)
+    if path.suffix not in FORMATS:
+        raise UserError(f"{path}: expected a {what} in {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            columns = {n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}
+            about = json.loads((table.schema.metadata or {}).get(METADATA_KEY.encode(), b"{}"))
+        elif path.suffix == ".fits":
+            columns, about = _read_fits(path)
+        else:
+            columns, about = _read_csv(path)
+    except UserError:
+        raise
+    except Exception as exc:  # pyarrow, astropy and csv fail in many ways; each means the file is not readable
+        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
+    return {OLD_NAMES.get(name, name): values for name, values in columns.items()}, about
+
+
+def flag_meanings() -> dict[str, str]:
+    return {str(bit): meaning for bit, meaning in FLAGS.items()}
+
+
+def flag_counts(flags: np.ndarray) -> dict[str, int]:
+    """How many objects carry each flag: what predict prints."""
+    return {str(bit): int(((flags & bit) != 0).sum()) for bit in FLAGS}
+
+
+# ---------------------------------------------------------------------------------------------- truth
+
+Z_TRUTH_NAMES = ("z", "redshift", "zspec", "z_spec", "specz", "Z", "REDSHIFT", "z_true")
+
+
+@dataclass
+class Truth:
+    """A catalogue of true redshifts, checked, keyed by its id column."""
+
+    path: Path
+    on: str
+    z_column: str
+    ids: np.ndarray
+    z: np.ndarray
+    sha256: str
+
+
+def load_truth(path: str | Path, on: str, z_column: str | None = None) -> Truth:
+    """Read and check a truth catalogue before anything runs: the columns exist, ids are unique."""
+    path = Path(path)
+    columns, _ = read_catalogue(path, "truth catalogue")
+    found = ", ".join(columns)
+    if on not in columns:
+        raise UserError(f"{path}: no column {on!r} to join on (--on); found {found}")
+    z_column = z_column or next((n for n in Z_TRUTH_NAMES if n in columns and n != on), None)
+    if z_column is None or z_column not in columns:
+        raise UserError(f"{path}: no redshift column {z_column or 'z or redshift'} (--truth-z names it); found {found}")
+    z = columns[z_column]
+    if z.dtype.kind not in "fiu":
+        raise UserError(f"{path}: redshift column {z_column} holds {z.dtype}, not numbers")
+    ids = columns[on]
+    ids = np.char.strip(ids.astype(str)) if ids.dtype.kind in "OSU" else ids
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise UserError(f"{path}: id {unique[counts > 1][0]} appears {int(counts.max())} times in column {on}")
+    return Truth(path, on, z_column, ids, z.astype(np.float64), file_sha256(path))
+
+
+def _comparable(ids: np.ndarray, truth: Truth) -> np.ndarray:
+    """The truth's ids as the same kind of value as ours (integers or strings), or one line why not."""
+    theirs = truth.ids
+    if theirs.dtype.kind == "f" and np.all(theirs == np.round(theirs)):  # integer ids that a CSV read as floats
+        theirs = theirs.astype(np.int64)
+    if ids.dtype.kind in "OSU":
+        return theirs.astype(str)
+    try:
+        return theirs.astype(np.int64)
+    except ValueError:
+        raise UserError(f"{truth.path}: column {truth.on} holds text ids, the predictions integer ids") from None
+
+
+def join_truth(ids: np.ndarray, truth: Truth) -> tuple[np.ndarray, dict]:
+    """The true redshift of each of ``ids`` (NaN where the catalogue has none), and what was joined."""
+    theirs = _comparable(ids, truth)
+    ours = ids.astype(str) if ids.dtype.kind in "OSU" else ids
+    order = np.argsort(theirs, kind="stable")
+    ranked = theirs[order]
+    at = np.minimum(np.searchsorted(ranked, ours), len(ranked) - 1)
+    where = np.where(ranked[at] == ours, order[at], -1)
+    z = np.full(len(ids), np.nan, np.float64)
+    z[where >= 0] = truth.z[where[where >= 0]]
+    matched = int((where >= 0).sum())
+    note = {"catalogue": truth.path.name, "sha256": truth.sha256, "on": truth.on, "z_column": truth.z_column,
+            "matched": matched, "objects": len(ids)}  # fmt: skip
+    return z, note

@@ -1,0 +1,256 @@
+"""``--runtime auto``: which installed runtime, at which precision, runs a worker of this machine fastest.
+
+The driver asks once, before its clock starts (a sweep once per batch size). Each candidate, a runtime at a
+precision it takes, is started as a worker would start it (the worker's lanes and threads, an export made into
+the cache first where it needs one) and runs the same probe partition through the worker's own ``run_partition``:
+one pass to warm up, then ``PROBE_PASSES`` timed passes, the candidates taking turns so a slow spell of the
+machine hits each alike. Its time is the best of its timed passes, compute only.
+
+The rule (``decide_runtime``) is the precision probe's, widened to runtimes: torch in fp32 is where it starts,
+and a candidate takes over only where it is at least 10% faster than the choice it would replace and its
+predictions on the probe partition are within PRECISION_TOLERANCE of torch fp32's. That check always runs: where
+torch fp32 is not a candidate (``--precision bf16`` asked for), a torch fp32 pass is made for it alone; where torch
+cannot run the weights (an export given as ``--weights``), an fp32 candidate of the export's runtime stands in,
+and the probe says so; with no fp32 at all, no reduced precision can be checked and none is chosen. The probe
+batch is the run's batch size, up to PROBE_MAX_BATCH per lane (the probe's own time), and the record says which.
+Candidates are weighed from the slowest up, so a runtime a little faster than another never wins on noise. bf16
+is a candidate only where the CPU has it natively (elsewhere it is emulated and never faster); int8 only by
+explicit choice, as before.
+
+A runtime whose package is missing is skipped and named. FORCE_RUNTIME_ENV replaces the probe's answer (a
+runtime, or runtime:precision), so that tests can stand for a machine that answers either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from cai_bench.core.choices import RUNTIME_PRECISIONS, RUNTIMES
+from cai_bench.core.errors import UserError
+from cai_bench.core.machine import native_bf16_cpu
+from cai_bench.core.plan import PartitionRef
+from cai_bench.data.partitions import Partition
+from cai_bench.inference.loop import model_worker, prepare_model
+from cai_bench.inference.runtimes import RUNTIME_PACKAGES
+from cai_bench.inference.worker import PRECISION_TOLERANCE, EngineOptions, probe_arrays, torch_threads
+
+FORCE_RUNTIME_ENV = "CAI_BENCH_FORCE_RUNTIME"
+PROBE_PER_LANE = 128  # galaxies per lane in the probe partition where no batch size is given
+PROBE_MAX_BATCH = 512  # the largest batch per lane the probe times: 3 passes x each candidate, before the run
+PROBE_PASSES = 2  # timed passes after the warm-up
+MARGIN = 0.9  # a candidate must take at most this share of the time of the choice it replaces
+BASELINE = ("torch", "fp32")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    runtime: str
+    precision: str
+    seconds: float | None = None  # best timed pass over the probe partition, compute only
+    max_difference: float | None = None  # largest |dz| from torch fp32's predictions on it
+    skipped: str | None = None  # why it was not timed
+    checked_against: str | None = None  # what max_difference is measured from (torch fp32, else what stood in)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a worker of the run splits its threads: what the probe starts each candidate with."""
+
+    lanes: int
+    intra_threads: int
+
+
+def forced_runtime() -> tuple[str, str | None] | None:
+    """FORCE_RUNTIME_ENV's answer (runtime, precision or None), or None when it is not set."""
+    text = os.environ.get(FORCE_RUNTIME_ENV, "").strip().lower()
+    if not text:
+        return None
+    runtime, _, precision = text.partition(":")
+    if runtime not in RUNTIMES or (precision and precision not in RUNTIME_PRECISIONS[runtime]):
+        raise UserError(f"{FORCE_RUNTIME_ENV}={text!r}: give one of {', '.join(RUNTIMES)}[:precision], or unset it")
+    return runtime, precision or None
+
+
+def installed(runtime: str) -> bool:
+    return runtime == "torch" or importlib.util.find_spec(RUNTIME_PACKAGES[runtime][0]) is not None
+
+
+def candidates_for(precision: str, native_bf16: bool) -> list[tuple[str, str]]:
+    """Every (runtime, precision) the probe weighs for a requested ``precision``: under "auto" each runtime's
+    fp32, and bf16 where it is native; else each runtime that runs ``precision``."""
+    if precision != "auto":
+        return [(r, precision) for r in RUNTIMES if precision in RUNTIME_PRECISIONS[r]]
+    wanted = ("fp32", "bf16") if native_bf16 else ("fp32",)
+    return [(r, p) for r in RUNTIMES for p in RUNTIME_PRECISIONS[r] if p in wanted]
+
+
+def decide_runtime(candidates: list[Candidate], tolerance: float = PRECISION_TOLERANCE) -> tuple[Candidate, str]:
+    """The rule, apart from the timing: from the baseline (torch fp32, else the slowest timed candidate that
+    passed the check), each faster candidate within ``tolerance`` replaces the choice where it takes at most MARGIN
+    of its time. A candidate that could not be checked (no fp32 reference) is weighed only in fp32."""
+    timed = [c for c in candidates if c.seconds is not None]
+    if not timed:
+        raise UserError("--runtime auto: no runtime could be started here: " + _skipped_text(candidates))
+    passed = [c for c in timed if (c.max_difference is None and c.precision == "fp32")
+              or (c.max_difference is not None and c.max_difference <= tolerance)]  # fmt: skip
+    if not passed:
+        unchecked = ", ".join(f"{c.runtime} {c.precision}" for c in timed if c.max_difference is None)
+        raise UserError(f"--runtime auto: no candidate passed the check against torch fp32 ({unchecked or 'none'}"
+                        f" could not be checked: no fp32 reference); give --runtime and --precision")  # fmt: skip
+    by_time = sorted(passed, key=lambda c: c.seconds, reverse=True)
+    base = next((c for c in passed if (c.runtime, c.precision) == BASELINE), by_time[0])
+    choice, why = base, "the baseline: nothing else 10% faster within tolerance"
+    for candidate in by_time:
+        if candidate.seconds < choice.seconds and candidate.seconds <= MARGIN * choice.seconds:
+            choice = candidate
+            why = f"at least 10% faster than the next choice and within {tolerance:g} of torch fp32"
+    return choice, why
+
+
+def _skipped_text(candidates: list[Candidate]) -> str:
+    return "; ".join(f"{c.runtime} {c.precision}: {c.skipped}" for c in candidates if c.skipped) or "none tried"
+
+
+def probe_partition(runtime: str, samples: int) -> Partition:
+    """The probe's galaxies as the runtime's worker reads a partition: torch tensors for torch, numpy else."""
+    images, magnitudes = probe_arrays(samples)
+    ids, redshift = np.arange(samples, dtype=np.int64), np.zeros(samples, np.float32)
+    ref = PartitionRef(path="probe", index=-1, samples=samples, bytes=0, sha256="")
+    if runtime == "torch":
+        import torch  # the torch worker's partitions are tensors: only where torch is a candidate
+
+        tensors = [torch.from_numpy(a) for a in (images, magnitudes, redshift, ids)]
+        return Partition(ref, *tensors, load_s=0.0)
+    return Partition(ref, images, magnitudes, redshift, ids, load_s=0.0)
+
+
+@dataclass
+class _Started:
+    """A candidate started as a worker: its state, its ``run`` and its probe partition."""
+
+    candidate: Candidate
+    worker: object
+    run: object
+    partition: Partition
+    passes: list
+
+
+def _start(candidate: Candidate, options: EngineOptions, models: dict, seed: int) -> _Started:
+    options = replace(options, runtime=candidate.runtime, precision=candidate.precision)
+    if candidate.runtime == "torch":
+        options = replace(options, intra_threads=0)
+    start, _, run = model_worker(f"probe-{candidate.runtime}-{candidate.precision}", options,
+                                 models[candidate.runtime], seed)  # fmt: skip
+    if run is None:
+        from cai_bench.inference import engine  # torch: only where torch is a candidate
+
+        run = lambda partition, worker, wait_s: engine.run_partition(partition, worker, options)  # noqa: E731
+    samples = options.batch_size * max(1, options.lanes)  # one batch of each lane's share
+    return _Started(candidate, start(), run, probe_partition(candidate.runtime, samples), [])
+
+
+def _reference(predictions: dict, options: EngineOptions, models: dict, seed: int) -> tuple[object, str]:
+    """torch fp32's predictions on the probe partition, and what they are: the timed candidate's; else a pass
+    made for the check alone; else, where torch cannot run the weights, an fp32 candidate's (the export's own
+    runtime); else None, with why."""
+    for candidate, predicted in predictions.items():
+        if (candidate.runtime, candidate.precision) == BASELINE:
+            return predicted, "torch fp32"
+    why = "torch cannot run these weights (an export)"
+    if "torch" in models:
+        try:
+            alone = _start(Candidate(*BASELINE), options, models, seed)
+            try:
+                result = alone.run(alone.partition, alone.worker, 0.0)
+            finally:
+                alone.worker.close()
+            return np.asarray(result.prediction, np.float64), "torch fp32 (a pass for the check alone)"
+        except Exception as exc:  # the check then falls back, and says why
+            why = f"torch fp32 did not run ({str(exc).splitlines()[0][:160]})"
+    stand_in = next(((c, p) for c, p in predictions.items() if c.precision == "fp32"), None)
+    if stand_in is not None:
+        return stand_in[1], f"{stand_in[0].runtime} fp32, standing in: {why}"
+    return None, f"no fp32 reference: {why}"
+
+
+def time_candidates(candidates: list[Candidate], options: EngineOptions, models: dict, seed: int) -> list[Candidate]:
+    """Each candidate started and timed in turns; a candidate that cannot start is skipped with its error."""
+    started, out = [], {}
+    for candidate in candidates:
+        try:
+            started.append(_start(candidate, options, models, seed))
+        except Exception as exc:  # a runtime that fails here is left out of the choice, with why
+            out[candidate] = replace(candidate, skipped=f"did not start ({str(exc).splitlines()[0][:160]})")
+    predictions = {}
+    try:
+        for _ in range(1 + PROBE_PASSES):
+            for s in [s for s in started if s.candidate not in out]:
+                try:
+                    result = s.run(s.partition, s.worker, 0.0)
+                except Exception as exc:  # as above: out of the choice, with why
+                    out[s.candidate] = replace(s.candidate, skipped=f"failed ({str(exc).splitlines()[0][:160]})")
+                    continue
+                s.passes.append(result.record.compute_s)
+                predictions[s.candidate] = np.asarray(result.prediction, np.float64)
+    finally:
+        for s in started:
+            s.worker.close()
+    reference, against = _reference(predictions, options, models, seed)
+    for s in [s for s in started if s.candidate not in out]:
+        difference = None if reference is None else float(np.abs(predictions[s.candidate] - reference).max())
+        out[s.candidate] = replace(s.candidate, seconds=min(s.passes[1:]), max_difference=difference,
+                                   checked_against=against)  # fmt: skip
+    return [out[c] for c in candidates]
+
+
+def fixed_choice(reason: str, precision: str) -> tuple[str, str, dict]:
+    """Torch without a probe, where the probe cannot speak for the workers (the reference loop, torch.compile,
+    workers on other machines)."""
+    return "torch", precision, {"requested": "auto", "chose": "torch", "precision": precision, "why": reason}
+
+
+def choose_runtime(weights: str | None, seed: int, layout: Layout, precision: str = "auto",
+                   batch_size: int = PROBE_PER_LANE) -> tuple[str, str, dict]:  # fmt: skip
+    """(runtime, precision, what the probe measured and why) for ``--runtime auto`` with ``precision`` requested,
+    on this machine, for a worker of ``layout`` running batches of ``batch_size``."""
+    forced = forced_runtime()
+    if forced:
+        runtime, forced_precision = forced
+        chose = forced_precision or precision
+        if chose not in ("auto", *RUNTIME_PRECISIONS[runtime]):
+            raise UserError(f"{FORCE_RUNTIME_ENV}={runtime}: it runs no --precision {chose}")
+        return runtime, chose, {"requested": "auto", "chose": runtime, "precision": chose,
+                                "why": f"forced by {FORCE_RUNTIME_ENV}"}  # fmt: skip
+    candidates, models = [], {}
+    for runtime, wanted in candidates_for(precision, native_bf16_cpu()):
+        if not installed(runtime):
+            extra = RUNTIME_PACKAGES[runtime][1]
+            candidates.append(Candidate(runtime, wanted, skipped=f"not installed (pip install 'cai-bench[{extra}]')"))
+            continue
+        try:
+            if runtime not in models:
+                models[runtime] = prepare_model(weights, runtime, seed)[0]
+        except UserError as exc:  # torch beside an export given as --weights, or no torch to export with
+            candidates.append(Candidate(runtime, wanted, skipped=str(exc)))
+            continue
+        candidates.append(Candidate(runtime, wanted))
+    batch = max(1, min(batch_size, PROBE_MAX_BATCH))
+    options = EngineOptions(batch_size=batch, lanes=layout.lanes, intra_threads=layout.intra_threads,
+                            verify_checksums=False)  # fmt: skip
+    to_time = [c for c in candidates if c.skipped is None]
+    with torch_threads(layout.intra_threads if any(c.runtime == "torch" for c in to_time) else None):
+        timed = time_candidates(to_time, options, models, seed)
+    weighed = [next((t for t in timed if (t.runtime, t.precision) == (c.runtime, c.precision)), c) for c in candidates]
+    choice, why = decide_runtime(weighed)
+    probe = {"requested": "auto", "precision_requested": precision, "chose": choice.runtime,
+             "precision": choice.precision, "why": why, "lanes": layout.lanes,
+             "intra_threads": layout.intra_threads, "samples": batch * layout.lanes, "batch": batch,
+             "batch_note": "the run's batch size" if batch == batch_size else
+             f"the run's batch size {batch_size} capped at {PROBE_MAX_BATCH} (the probe's own time)",
+             "checked_against": next((c.checked_against for c in weighed if c.checked_against), None),
+             "candidates": [asdict(c) for c in weighed]}  # fmt: skip
+    return choice.runtime, choice.precision, probe

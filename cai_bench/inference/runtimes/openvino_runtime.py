@@ -1,0 +1,112 @@
+"""OpenVINO on the CPU: one compiled model with a stream per lane, and an infer request per lane.
+
+The precision is always set explicitly (``INFERENCE_PRECISION_HINT``), never left to OpenVINO: its own default
+picks bf16 from the CPU's flags alone, which was slower than f32 on CPUs without AMX, and under an AVX2-only
+limit failed to compile a Softmax. "auto" is decided by the same probe as torch's (``worker.decide_precision``:
+bf16 only with native bf16, at least 10% faster and within the tolerance), measured on this runtime; what the
+compiled model then reports back as its precision goes into the record.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import openvino as ov
+
+from cai_bench.core.machine import native_bf16_cpu
+from cai_bench.inference.runtimes import RuntimeModel, max_difference, probe_arrays
+from cai_bench.inference.worker import PRECISION_TOLERANCE, decide_precision, forced_precision
+from cai_bench.model.export_format import Export
+
+HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision names -> OpenVINO's inference precision hint
+
+
+def version() -> str:
+    return ov.get_version()
+
+
+def configuration(precision: str, lanes: int, threads: int) -> dict:
+    return {
+        "INFERENCE_PRECISION_HINT": HINTS[precision],
+        "PERFORMANCE_HINT": "THROUGHPUT",
+        "NUM_STREAMS": str(lanes),
+        "INFERENCE_NUM_THREADS": lanes * threads,
+    }
+
+
+def compile_model(core: ov.Core, model, precision: str, lanes: int, threads: int):
+    return core.compile_model(model, "CPU", configuration(precision, lanes, threads))
+
+
+def predictor(compiled):
+    request = compiled.create_infer_request()
+
+    def predict(images: np.ndarray, magnitudes: np.ndarray) -> np.ndarray:
+        request.infer([np.ascontiguousarray(images), np.ascontiguousarray(magnitudes)])
+        return request.get_output_tensor(0).data[:, 0].copy()
+
+    return predict
+
+
+def time_precisions(core: ov.Core, model, threads: int) -> dict:
+    """f32 and bf16 compiled alike (one stream), the probe batch through each: best of 2 after a warm-up,
+    alternated, and how far apart their predictions are."""
+    image, magnitude = probe_arrays()
+    predict = {p: predictor(compile_model(core, model, p, 1, threads)) for p in HINTS}
+    seconds: dict = {p: [] for p in HINTS}
+    outputs = {}
+    for _ in range(3):
+        for precision in HINTS:
+            start = time.perf_counter()
+            outputs[precision] = predict[precision](image, magnitude)
+            seconds[precision].append(time.perf_counter() - start)
+    return {
+        "fp32_s": min(seconds["fp32"][1:]),
+        "bf16_s": min(seconds["bf16"][1:]),
+        "max_difference": max_difference(outputs["bf16"], outputs["fp32"]),
+    }
+
+
+def choose_precision(core: ov.Core, model, threads: int) -> tuple[str, dict]:
+    """For "auto": FORCE_PROBE_ENV's answer where it is set, else the probe's rule on this CPU and runtime."""
+    forced = forced_precision(("fp32", "bf16"))
+    if forced:
+        return forced
+    native = native_bf16_cpu()
+    if not native:
+        return "fp32", {"chose": "fp32", "why": decide_precision(False, 0.0, 0.0, 0.0)[1]}
+    measured = time_precisions(core, model, threads)
+    chose, why = decide_precision(native, **measured, tolerance=PRECISION_TOLERANCE)
+    return chose, {"chose": chose, "why": why, **measured, "batch": len(probe_arrays()[0])}
+
+
+def auto_precision(export: Export, threads: int) -> tuple[str, dict]:
+    """``choose_precision`` on the export, as a worker with ``threads`` threads would probe it."""
+    core = ov.Core()
+    return choose_precision(core, core.read_model(export.model_file), threads)
+
+
+def compile_export(export: Export, precision: str, lanes: int, threads: int) -> RuntimeModel:
+    core = ov.Core()
+    model = core.read_model(export.model_file)
+    if precision == "auto":
+        chose, probe = choose_precision(core, model, threads)
+    else:
+        chose, probe = precision, {"chose": precision, "why": "asked for"}
+    compiled = compile_model(core, model, chose, lanes, threads)
+    threading = {
+        "streams": int(compiled.get_property("NUM_STREAMS")),
+        "infer_requests": lanes,
+        "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+        "performance_hint": str(compiled.get_property("PERFORMANCE_HINT")),
+    }
+    choices = {
+        "runtime_version": version(),
+        "threading": threading,
+        "precision_hint": HINTS[chose],
+        # what the compiled model says it runs: where the CPU lacks bf16, OpenVINO may run f32 whatever the hint
+        "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+        "precision_probe": probe,
+    }
+    return RuntimeModel([predictor(compiled) for _ in range(lanes)], chose, choices)
