@@ -12,7 +12,7 @@ from typer.main import get_command
 
 from cai_bench.analysis.report import PointReport
 from cai_bench.cli import app
-from cai_bench.render import ui
+from cai_bench.render import tables
 
 
 def leaf_commands() -> list[tuple[str, click.Command]]:
@@ -75,18 +75,18 @@ def rendered(table, width: int, terminal: bool) -> str:
 
 
 def test_the_report_fits_80_columns_by_stacking_and_leaving_out_columns_never_by_cutting_cells():
-    table = ui.report_table(points(), "store", width=80)
+    table = tables.report_table(points(), "store", width=80)
     text = rendered(table, 80, True)
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "…" not in text and "..." not in text  # no cell cut short
     assert "Xeon A" in text and "Xeon B" in text  # one table per machine, the machine in its title
-    wide = rendered(ui.report_table(points(), "store", width=1_000_000), 1_000, False)
+    wide = rendered(tables.report_table(points(), "store", width=1_000_000), 1_000, False)
     assert "Left out" not in wide and "RSS MB" in wide and "Mbps Σw" in wide  # a pipe gets every column
 
 
 @pytest.mark.parametrize("width", [60, 100, 140])
 def test_the_report_fits_whatever_the_terminal(width):
-    text = rendered(ui.report_table(points(), "store", width=width), width, True)
+    text = rendered(tables.report_table(points(), "store", width=width), width, True)
     assert max(len(line) for line in text.splitlines()) <= width and "…" not in text
 
 

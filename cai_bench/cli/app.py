@@ -12,7 +12,7 @@ from typer.core import TyperCommand
 
 from cai_bench import __version__
 from cai_bench.backends.base import PartitionsFailed
-from cai_bench.render import ui
+from cai_bench.render import run_views
 from cai_bench.store.jsonl import ResultsStore
 
 
@@ -122,8 +122,8 @@ def measured(work, results: str | Path, interrupted: str | None = None, again: s
     try:
         return work()
     except PartitionsFailed as exc:
-        ui.show_partitions_failed(exc, store_path, again)
+        run_views.show_partitions_failed(exc, store_path, again)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
-        ui.show_interrupted(exc, store_path, interrupted.format(store=store_path) if interrupted else None)
+        run_views.show_interrupted(exc, store_path, interrupted.format(store=store_path) if interrupted else None)
         raise typer.Exit(interrupt_exit_code(exc)) from None

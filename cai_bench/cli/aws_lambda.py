@@ -13,7 +13,7 @@ from cai_bench.backends.aws_lambda.image import ImageBuild, build_where_docker_i
 from cai_bench.cli import options as o
 from cai_bench.cli.app import lambda_app
 from cai_bench.core import aws
-from cai_bench.render import ui
+from cai_bench.render import console, tool_views
 
 Port = Annotated[int, typer.Option(min=0, max=65535, help="Loopback port of the Invoke API (0: any free one).")]
 Function = Annotated[str, typer.Option("--function", help="The emulated function's name.")]
@@ -70,7 +70,7 @@ def lambda_emulate(
     """Serve Lambda's Invoke API on loopback, the real handler behind it, until Ctrl-C; point runs at it with
     --lambda-endpoint-url and --endpoint-url."""
     config = FunctionConfig(name=aws.check_function_name(function), memory_mb=memory_mb, timeout_s=timeout_s)
-    serve_standalone(config, concurrency, endpoint_url, port, announce=ui.show_emulator)
+    serve_standalone(config, concurrency, endpoint_url, port, announce=tool_views.show_emulator)
 
 
 @lambda_app.command("build")
@@ -82,11 +82,11 @@ def lambda_build(
     """Build the function's container image (deploy/lambda/Dockerfile) and push it to ECR; where Docker is not
     reachable, print the exact commands instead."""
     image = ImageBuild(repository, tag, arch, context, runtime, export).check()
-    uri = build_where_docker_is(image, push, region, endpoint_url, ui.say)
+    uri = build_where_docker_is(image, push, region, endpoint_url, console.say)
     if uri is None:
-        ui.show_build_commands(image, region, push)
+        tool_views.show_build_commands(image, region, push)
     else:
-        ui.show_built(uri, push)
+        tool_views.show_built(uri, push)
 
 
 @lambda_app.command("deploy")
@@ -97,7 +97,7 @@ def lambda_deploy(
 ) -> None:  # fmt: skip
     """Create the function from the image, or update it (image, then configuration), and wait until it is active."""
     spec = provision.FunctionSpec(name, image_uri, role_arn, memory_mb, timeout_s, ephemeral_mb, arch).check()
-    ui.show_deployed(provision.deploy(provision.Account(region=region, endpoint_url=endpoint_url), spec))
+    tool_views.show_deployed(provision.deploy(provision.Account(region=region, endpoint_url=endpoint_url), spec))
 
 
 @lambda_app.command("status")
@@ -106,7 +106,7 @@ def lambda_status(
 ) -> None:
     """The function's state and configuration, and the state machines cai-bench made for it."""
     account = provision.Account(region=region, endpoint_url=endpoint_url)
-    ui.show_function_status(provision.status(account, aws.check_function_name(name)), as_json)
+    tool_views.show_function_status(provision.status(account, aws.check_function_name(name)), as_json)
 
 
 @lambda_app.command("destroy")
@@ -114,7 +114,7 @@ def lambda_destroy(name: Name = "cai-bench", region: Region = None, endpoint_url
     """Delete the function and what cai-bench made for it (state machines, log group); only what carries
     cai-bench's tag. Data and results in S3 stay: remove them with the aws CLI when you no longer need them."""
     account = provision.Account(region=region, endpoint_url=endpoint_url)
-    ui.show_destroyed(provision.destroy(account, aws.check_function_name(name)), name)
+    tool_views.show_destroyed(provision.destroy(account, aws.check_function_name(name)), name)
 
 
 @lambda_app.command("cost")
@@ -125,4 +125,4 @@ def lambda_cost(
     """What invocations cost: from per-function records (each one's time, rounded up to the millisecond, as its
     billed duration), from the REPORT lines of a log, or before a run from so many invocations of so long each."""
     billed = pricing.billed_from(workers, log, invocations, seconds_each, memory_mb)
-    ui.show_cost(pricing.price(billed, arch, price_file, transitions), billed, arch)
+    tool_views.show_cost(pricing.price(billed, arch, price_file, transitions), billed, arch)

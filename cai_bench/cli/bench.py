@@ -11,7 +11,7 @@ from cai_bench.benches.cpu_runtimes import bench_command
 from cai_bench.cli import options as o
 from cai_bench.cli.app import app, measured
 from cai_bench.commands.runner import RunRequest
-from cai_bench.render import ui
+from cai_bench.render import bars, run_views
 
 Runtimes = Annotated[
     str | None,
@@ -46,8 +46,8 @@ def bench(
         threads=threads, oversubscribe=oversubscribe, repeats=rounds, warmup=warmup, weights=weights, seed=seed,
         results=results,
     )  # fmt: skip
-    progress = ui.run_progress(as_json or quiet)
+    progress = bars.run_progress(as_json or quiet)
     arms = o.comma_list(runtimes, "--runtimes")
     done = measured(lambda: bench_command(request, arms, progress), results, "interrupted; the finished runs are in "
                     "{store}")  # fmt: skip
-    ui.show_bench(done, as_json)
+    run_views.show_bench(done, as_json)

@@ -13,7 +13,7 @@ from cai_bench.cli import options as o
 from cai_bench.cli.app import comm_app
 from cai_bench.comm.rendezvous import serve
 from cai_bench.core.errors import UserError
-from cai_bench.render import ui
+from cai_bench.render import console, run_views
 
 ALL_OPS = ",".join(OPS)
 Host = Annotated[str, typer.Option(help="Address to listen on (loopback by default; 0.0.0.0 for other machines).")]
@@ -39,7 +39,7 @@ CommResults = Annotated[
 def comm_rendezvous(host: Host = "127.0.0.1", port: Port = 7077, ttl: Ttl = 600.0) -> None:
     """The rendezvous server of direct:// channels: runs until Ctrl-C."""
     try:
-        asyncio.run(serve(host, port, ttl, ready=lambda bound: ui.say(f"rendezvous listening on {host}:{bound}")))
+        asyncio.run(serve(host, port, ttl, ready=lambda bound: console.say(f"rendezvous listening on {host}:{bound}")))
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
 
@@ -66,4 +66,4 @@ def comm_bench_command(
         timeout,
         results,
     )
-    ui.show_comm_points(points, Path(results))
+    run_views.show_comm_points(points, Path(results))

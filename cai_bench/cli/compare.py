@@ -11,7 +11,7 @@ from cai_bench.analysis.compare import METRICS, compare_command
 from cai_bench.cli import options as o
 from cai_bench.cli.app import app
 from cai_bench.core.errors import UserError
-from cai_bench.render import ui
+from cai_bench.render import console, estimate_views
 
 Side = Annotated[
     str, typer.Argument(help="A results directory, a git commit the records name, or a filter: backend=hpc,workers=2.")
@@ -40,7 +40,7 @@ def compare(
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     keys = tuple(o.comma_list(across, "--across") or ())
-    done = compare_command(baseline, candidate, results, metric, factor, ui.warn, keys)
-    ui.show_comparison(done, fmt)
+    done = compare_command(baseline, candidate, results, metric, factor, console.warn, keys)
+    estimate_views.show_comparison(done, fmt)
     if done.regressions:
         raise typer.Exit(1)

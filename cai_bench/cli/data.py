@@ -14,7 +14,7 @@ from cai_bench.core.plan import check_size
 from cai_bench.data.astro import catalogue_columns, file_kind, import_catalogue, refuse_columns
 from cai_bench.data.partitions import dataset_info, split, synthesize, verify_dataset
 from cai_bench.data.upload import upload
-from cai_bench.render import ui
+from cai_bench.render import bars, tool_views
 
 SizeGb = Annotated[float, typer.Option("--gb", help="Data size in GB (GiB).")]
 SizeMb = Annotated[float, typer.Option("--partition-mb", help="Partition size in MB (MiB).")]
@@ -58,18 +58,18 @@ def data_synth(
     check_size(gb, "--gb")
     check_size(partition_mb, "--partition-mb")
     started = time.perf_counter()
-    with ui.count_progress(f"synthesizing {gb:g} GB", "samples", quiet) as bar:
+    with bars.count_progress(f"synthesizing {gb:g} GB", "samples", quiet) as bar:
         manifest = synthesize(out, gb, partition_mb, seed, overwrite=force, progress=bar)
-    ui.show_synthesized(out, manifest, time.perf_counter() - started)
+    tool_views.show_synthesized(out, manifest, time.perf_counter() - started)
 
 
 @data_app.command("split")
 def data_split(src: Dataset, partition_mb: SizeMb, out: NewDir, force: Replace = False, quiet: o.Quiet = False) -> None:
     """Re-partition a data set without regenerating it (same samples, same order)."""
     check_size(partition_mb, "--partition-mb")
-    with ui.count_progress(f"splitting into {partition_mb:g} MB", "samples", quiet) as bar:
+    with bars.count_progress(f"splitting into {partition_mb:g} MB", "samples", quiet) as bar:
         manifest = split(src, partition_mb, out, overwrite=force, progress=bar)
-    ui.show_split(out, manifest, partition_mb)
+    tool_views.show_split(out, manifest, partition_mb)
 
 
 @data_app.command("import")
@@ -90,7 +90,7 @@ def data_import(
     options = {"--id-column": id_column, "--mag-columns": mag_columns, "--z-column": z_column,
                "--ra-column": ra_column, "--dec-column": dec_column, "--images": images}  # fmt: skip
     kind = file_kind(list(sources))
-    with ui.count_progress(f"importing into {partition_mb:g} MB partitions", "samples", quiet) as bar:
+    with bars.count_progress(f"importing into {partition_mb:g} MB partitions", "samples", quiet) as bar:
         if kind == "pt":
             refuse_columns(options)
             from cai_bench.data.upstream import import_upstream  # torch: reads the upstream files
@@ -99,19 +99,19 @@ def data_import(
         else:
             columns = catalogue_columns(options)
             manifest = import_catalogue(sources, out, partition_mb, columns, overwrite=force, progress=bar)
-    ui.show_imported(out, manifest, len(sources), partition_mb)
+    tool_views.show_imported(out, manifest, len(sources), partition_mb)
 
 
 @data_app.command("info")
 def data_info(directory: Dataset, as_json: o.AsJson = False) -> None:
     """What a data set holds, from its manifest (no partition is read)."""
-    ui.show_data_info(directory, dataset_info(directory), as_json)
+    tool_views.show_data_info(directory, dataset_info(directory), as_json)
 
 
 @data_app.command("verify")
 def data_verify(directory: Dataset) -> None:
     """Read every partition and compare sizes, sha256 checksums, format and values with the manifest."""
-    ui.show_verified(directory, *verify_dataset(directory))
+    tool_views.show_verified(directory, *verify_dataset(directory))
 
 
 @data_app.command("upload")
@@ -120,5 +120,5 @@ def data_upload(
 ) -> None:
     """Copy a data set to S3: parallel, multipart, checksummed; objects already there unchanged are skipped, so
     a rerun resumes. The manifest goes last: a prefix with a manifest holds a whole data set."""
-    with ui.count_progress(f"uploading to {destination}", "bytes", quiet) as bar:
-        ui.show_upload(upload(directory, destination, endpoint_url, jobs=jobs, progress=bar))
+    with bars.count_progress(f"uploading to {destination}", "bytes", quiet) as bar:
+        tool_views.show_upload(upload(directory, destination, endpoint_url, jobs=jobs, progress=bar))

@@ -22,7 +22,7 @@ from cai_bench.backends.aws_lambda import pricing
 from cai_bench.cli import options as o
 from cai_bench.cli.app import app
 from cai_bench.core.errors import UserError
-from cai_bench.render import ui
+from cai_bench.render import console, estimate_views
 
 Backends = Annotated[str, typer.Option("--backend", help="Comma list of lambda, hpc, gpu.")]
 Gbs = Annotated[str | None, typer.Option("--gb", help="Data sizes in GB (GiB), comma-separated.")]
@@ -130,28 +130,30 @@ def estimate(
     )  # fmt: skip
     if deciding:
         decision = decide(request, None if deadline is None else parse_deadline(deadline),
-                          None if budget is None else parse_budget(budget), ui.warn)  # fmt: skip
+                          None if budget is None else parse_budget(budget), console.warn)  # fmt: skip
         from cai_bench.render.plot import save_decision_figure  # matplotlib: only where a figure is drawn
 
-        ui.show_decision(decision, save_decision_figure(decision, figure), as_json)
+        estimate_views.show_decision(decision, save_decision_figure(decision, figure), as_json)
         return
     _estimates(request, figure, as_json)
 
 
 def _estimates(request: EstimateRequest, figure: Path, as_json: bool) -> None:
-    outcome = estimate_command(request, ui.warn)
+    outcome = estimate_command(request, console.warn)
     drawn = None
     if len(outcome.estimates) > 1:
         from cai_bench.render.plot import save_estimate_figure  # matplotlib: only where a figure is drawn
 
         drawn = save_estimate_figure(outcome, figure)
-    ui.show_estimates(outcome, drawn, as_json)
+    estimate_views.show_estimates(outcome, drawn, as_json)
 
 
 def _validate(source: str, trials: int, seed: int, hold_out: str, as_json: bool) -> None:
     checks, skipped = (validate_paper(trials, seed), []) if source == "paper" else validate_store(
-        source, trials, seed, ui.warn, hold_out)  # fmt: skip
-    ui.show_checks(checks, skipped, errors_by_backend(checks, _made_from(source, hold_out)), source, as_json)
+        source, trials, seed, console.warn, hold_out)  # fmt: skip
+    estimate_views.show_checks(
+        checks, skipped, errors_by_backend(checks, _made_from(source, hold_out)), source, as_json
+    )
 
 
 def _request(deciding: bool, **given) -> EstimateRequest:

@@ -12,7 +12,7 @@ import typer
 
 from cai_bench.cli import options as o
 from cai_bench.cli.app import model_app
-from cai_bench.render import ui
+from cai_bench.render import tool_views
 
 CheckWeights = Annotated[Path | None, typer.Option("--weights", help="Load these weights first (checks they fit).")]
 Source = Annotated[Path, typer.Argument(help="Upstream's pickled model (.pt), a plain state dict, or safetensors.")]
@@ -30,7 +30,7 @@ def model_info(weights: CheckWeights = None, as_json: o.AsJson = False) -> None:
     """Parameters (total, frozen, learnable), FLOPs per sample and the weights' source."""
     from cai_bench.model.checkpoint import model_info as facts  # torch: the model is built
 
-    ui.show_model_info(facts(weights), as_json)
+    tool_views.show_model_info(facts(weights), as_json)
 
 
 @model_app.command("convert")
@@ -42,7 +42,7 @@ def model_convert(src: Source, out: SafetensorsOut, force: o.Force = False) -> N
     """
     from cai_bench.model.checkpoint import convert_checkpoint  # torch: the tensors are rebuilt
 
-    ui.show_conversion(convert_checkpoint(src, out, overwrite=force))
+    tool_views.show_conversion(convert_checkpoint(src, out, overwrite=force))
 
 
 @model_app.command("export")
@@ -57,4 +57,4 @@ def model_export(
     """
     from cai_bench.inference.export import export_command  # torch: the model is exported with it
 
-    ui.show_model_export(*export_command(weights, format.value, out, seed=seed, overwrite=force), as_json)
+    tool_views.show_model_export(*export_command(weights, format.value, out, seed=seed, overwrite=force), as_json)

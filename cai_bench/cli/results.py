@@ -10,7 +10,7 @@ import typer
 from cai_bench.analysis.results import export_text, find_record, listed_rows, record_row
 from cai_bench.cli import options as o
 from cai_bench.cli.app import results_app
-from cai_bench.render import ui
+from cai_bench.render import console, tool_views
 from cai_bench.store.jsonl import ResultsStore
 
 Last = Annotated[int, typer.Option(help="Show the newest N records (0: all).")]
@@ -25,15 +25,15 @@ ExportOut = Annotated[Path | None, typer.Option(help="Write to this file instead
 def results_list(results: o.ResultsRead = Path("results"), backend: o.BackendList = None, last: Last = 30) -> None:
     """The records in the store, newest last: id, status, what ran and how fast, and where."""
     store = ResultsStore(results)
-    rows, total = listed_rows(store, o.comma_list(backend, "--backend"), last, warn=ui.warn)
-    ui.show_record_list(rows, total, store.path)
+    rows, total = listed_rows(store, o.comma_list(backend, "--backend"), last, warn=console.warn)
+    tool_views.show_record_list(rows, total, store.path)
 
 
 @results_app.command("show")
 def results_show(run_id: RunId, results: o.ResultsRead = Path("results"), as_json: Whole = False) -> None:
     """One record: its summary, plan and environment (the whole record with --json)."""
-    record = find_record(ResultsStore(results), run_id, warn=ui.warn)
-    ui.show_record(record, record_row(record), as_json)
+    record = find_record(ResultsStore(results), run_id, warn=console.warn)
+    tool_views.show_record(record, record_row(record), as_json)
 
 
 @results_app.command("export")
@@ -41,4 +41,4 @@ def results_export(
     results: o.ResultsRead = Path("results"), csv_format: Csv = True, json_format: Json = False, out: ExportOut = None
 ) -> None:
     """Every record, as CSV rows (the summary's figures, plan and machine) or as JSON."""
-    ui.show_export(export_text(ResultsStore(results), json_format, warn=ui.warn), out)
+    console.show_export(export_text(ResultsStore(results), json_format, warn=console.warn), out)

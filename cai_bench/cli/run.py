@@ -11,7 +11,7 @@ from cai_bench.cli import options as o
 from cai_bench.cli.app import app, measured
 from cai_bench.commands import predict as predicting
 from cai_bench.commands import runner
-from cai_bench.render import ui
+from cai_bench.render import bars, run_views
 
 Repeats = Annotated[int, typer.Option(help="Measured runs, each saved as one record.")]
 CycleToGb = Annotated[
@@ -49,8 +49,8 @@ def run(
         oversubscribe=oversubscribe, repeats=repeats, warmup=warmup, weights=weights, seed=seed, verify=verify,
         cycle_to_gb=cycle_to_gb, wait=wait, results=results,
     )  # fmt: skip
-    progress = ui.run_progress(as_json or quiet)
-    ui.show_run(measured(lambda: runner.run_command(request, progress), results), as_json)
+    progress = bars.run_progress(as_json or quiet)
+    run_views.show_run(measured(lambda: runner.run_command(request, progress), results), as_json)
 
 
 @app.command()
@@ -75,13 +75,13 @@ def predict(
         precision=precision.value, threads=threads, oversubscribe=oversubscribe, weights=weights, seed=seed,
         verify=verify, results=results,
     )  # fmt: skip
-    progress = ui.run_progress(as_json or quiet)
+    progress = bars.run_progress(as_json or quiet)
     outcome = measured(
         lambda: predicting.predict_command(request, out, force, progress, truth, on, truth_z), results,
         interrupted="interrupted; finished partitions are kept. Run the same command again to continue.",
         again="; their predictions too: run the same command again to predict the rest",
     )  # fmt: skip
-    ui.show_predict(outcome, as_json)
+    run_views.show_predict(outcome, as_json)
 
 
 @app.command()
@@ -89,5 +89,5 @@ def collect(
     job_id: JobId, results: o.Results = Path("results"), as_json: o.AsJson = False, quiet: o.Quiet = False
 ) -> None:
     """Follow work submitted with --no-wait (any backend that can detach) to its end and record it, once."""
-    progress = ui.run_progress(as_json or quiet)
-    ui.show_run(measured(lambda: runner.collect_run(job_id, results, progress), results), as_json)
+    progress = bars.run_progress(as_json or quiet)
+    run_views.show_run(measured(lambda: runner.collect_run(job_id, results, progress), results), as_json)

@@ -13,7 +13,7 @@ from cai_bench.cli import options as o
 from cai_bench.cli.app import app, measured
 from cai_bench.commands.sweep import sweep_command
 from cai_bench.core.choices import FIGURE_FORMATS, PRECISIONS
-from cai_bench.render import ui
+from cai_bench.render import bars, console, run_views
 
 Config = Annotated[
     str | None, typer.Option(help="A preset by name (laptop-quick, paper) or a TOML file; options override it.")
@@ -88,14 +88,14 @@ def sweep(
          "repeats": repeats, "warmup": warmup, "threads": threads, "seed": seed, "weights": weights, "engine": engine,
          "oversubscribe": oversubscribe, "backend_options": backend_options}
     )  # fmt: skip
-    progress = ui.sweep_progress(as_json or quiet)
+    progress = bars.sweep_progress(as_json or quiet)
     done = measured(
         lambda: sweep_command(config, overrides, results, force=force, keep_data=keep_data, progress=progress,
-                              on_wait=ui.waiting_for(Path(results)), warn=ui.warn),
+                              on_wait=run_views.waiting_for(Path(results)), warn=console.warn),
         results, interrupted="interrupted; every finished repeat is in {store}. Run the same command again to "
         "continue.", again="; every finished repeat is there too: run the same command again to continue",
     )  # fmt: skip
-    ui.show_sweep(done, as_json)
+    run_views.show_sweep(done, as_json)
 
 
 @app.command()
@@ -115,10 +115,12 @@ def report(
     if html_out is not None:
         from cai_bench.render.html import write_html  # matplotlib: only where a page is drawn
 
-        ui.say(f"wrote {write_html(results, html_out, rules, ui.warn)}")
+        console.say(f"wrote {write_html(results, html_out, rules, console.warn)}")
         return
-    points, store, comm_points = report_points(results, o.comma_list(backend, "--backend"), baseline, ui.warn, rules)
-    ui.show_report(points, store.path, fmt.value, comm_points)
+    points, store, comm_points = report_points(
+        results, o.comma_list(backend, "--backend"), baseline, console.warn, rules
+    )
+    run_views.show_report(points, store.path, fmt.value, comm_points)
 
 
 HtmlOut = Annotated[
@@ -151,5 +153,5 @@ def plot(
 
     formats = o.comma_list(fmt, "--format")
     backends = o.comma_list(backend, "--backend")
-    ui.show_paths(plot_command(results, out_dir, formats, reference, backends, predictions, warn=ui.warn,
+    console.show_paths(plot_command(results, out_dir, formats, reference, backends, predictions, warn=console.warn,
                                timeline=timeline))  # fmt: skip

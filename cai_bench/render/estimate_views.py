@@ -1,0 +1,224 @@
+"""What estimate, decide, the estimate's checks and compare print: each estimate with its kind of time,
+interval and cost, the decision, the checks against measured runs, the comparison's test."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from rich.table import Table
+
+from cai_bench.analysis.compare import ALPHA, TEST_NAME
+from cai_bench.analysis.estimate import TIME_KINDS
+from cai_bench.render.console import say, stdout
+
+# ---------------------------------------------------------------------------------------------- estimates
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.4f}" if value < 1 else f"{value:,.2f}"
+
+
+_KIND_SHORT = {"wall": "wall", "compute": "compute only"}
+
+
+def estimate_table(outcome) -> Table:
+    """``estimate``: per setting, partition size and data size, the units, the workers at once, the kind of time,
+    its median and its interval with the model's error, and the cost."""
+    names = sorted({e.profile for e in outcome.estimates})
+    table = Table(title=f"estimate from {'; '.join(names)}", title_justify="left")
+    headers = ("setting", "data GB", "part. MB", "units", "time", "s p50", "80% interval s", "US$ p50", "US$ high",
+               "US$/M gal.")  # fmt: skip
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("setting", "time") else "right")
+    for e in outcome.estimates:
+        table.add_row(e.label, f"{e.gb:g}", f"{e.partition_mb:g}", f"{e.units:,}", _KIND_SHORT[e.time_kind],
+                      f"{e.wall_s_p50:,.1f}", _interval(e), _usd(e.cost_usd_p50), _usd(e.cost_usd_high),
+                      _usd(e.cost.get("usd_per_million_galaxies")))  # fmt: skip
+    return table
+
+
+def _interval(e) -> str:
+    return "unbounded" if e.wall_s_low is None else f"{e.wall_s_low:,.1f}-{e.wall_s_high:,.1f}"
+
+
+def _cost_line(e) -> str:
+    """The itemised cost of one estimate (its median-cost trial)."""
+    c = e.cost
+    if e.backend == "lambda":
+        return (f"{c['billed_gb_s']:,.0f} GB-s ({e.prices['architecture']}) US$ {_usd(c['duration_usd'])}, "
+                f"{c['requests']:,.0f} requests US$ {_usd(c['request_usd'])}, {c['transitions']:,.0f} transitions "
+                f"US$ {_usd(c['transitions_usd'])}, S3 {c['s3_gets']:,.0f} GET + {c['s3_puts']:,.0f} PUT "
+                f"US$ {_usd(c['s3_usd'])}")  # fmt: skip
+    if e.backend == "hpc":
+        hours = "cores unknown" if c["core_hours"] is None else f"{c['core_hours']:,.1f} core-hours"
+        return f"{hours} at US$ {e.prices['core_hour_usd'] or '-'} per core-hour ({e.prices['billed']})"
+    return f"{c['gpu_hours']:,.2f} GPU-hours at US$ {e.prices['gpu_hour_usd'] or '-'} ({e.prices['billed']})"
+
+
+def _assumption_lines(estimates: list) -> list[str]:
+    """One line per backend: the kind of time, how its interval was made, and the prices assumed."""
+    lines, seen = [], set()
+    for e in estimates:
+        if e.backend in seen:
+            continue
+        seen.add(e.backend)
+        prices = ", ".join(f"{k} {_price_text(v)}" for k, v in e.prices.items())
+        lines += [f"{e.backend} time: {TIME_KINDS[e.time_kind]}", f"{e.backend} {e.interval}",
+                  f"{e.backend} prices: {prices}"]  # fmt: skip
+    return lines
+
+
+def _price_text(value) -> str:
+    return "not given (unpriced)" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def show_estimates(outcome, figure: Path | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({**outcome.to_dict(), "figure": str(figure) if figure else None}, indent=1))
+        return
+    stdout.print(estimate_table(outcome))
+    for line in _assumption_lines(outcome.estimates):
+        say(line)
+    if len(outcome.estimates) == 1:
+        say(f"cost: {_cost_line(outcome.estimates[0])}")
+    for backend, facts in outcome.profiles.items():
+        shown = {k: v for k, v in facts.items() if k not in ("name", "model_error") and v is not None}
+        say(f"{backend} profile {facts['name']}: " + ", ".join(f"{k} {_fact(v)}" for k, v in shown.items()))
+    took = sum(e.simulated_s for e in outcome.estimates)
+    units = sum(e.units for e in outcome.estimates)
+    trials = outcome.estimates[0].trials
+    say(f"simulated {units:,} units x {trials} trials (seed {outcome.estimates[0].seed}) in {took:.2f} s")
+    if figure:
+        say(f"figure: {figure}")
+
+
+def show_decision(decision, figure: Path | None, as_json: bool) -> None:
+    """``estimate --deadline/--budget``: the settings ranked, what each costs item by item, and the choice."""
+    if as_json:
+        print(json.dumps({**decision.to_dict(), "figure": str(figure) if figure else None}, indent=1))
+        return
+    goal = " and ".join(
+        x
+        for x in (
+            decision.deadline_s is not None and f"deadline {decision.deadline_s:,.0f} s",
+            decision.budget_usd is not None and f"budget US$ {decision.budget_usd:,.2f}",
+        )
+        if x
+    )
+    gb = decision.candidates[0].estimate.gb
+    table = Table(title=f"{gb:g} GB, {goal}: cheapest first among those that meet it, then the rest, fastest first",
+                  title_justify="left")  # fmt: skip
+    for header in ("#", "setting", "part. MB", "wall s p50", "upper s", "US$ p50", "US$/M gal.", "frontier", "verdict"):
+        table.add_column(header, justify="left" if header in ("setting", "verdict") else "right")
+    for rank, c in enumerate(decision.candidates[:25], 1):
+        e = c.estimate
+        table.add_row(str(rank), e.label, f"{e.partition_mb:g}", f"{e.wall_s_p50:,.0f}",
+                      "-" if e.wall_s_high is None else f"{e.wall_s_high:,.0f}", _usd(e.cost_usd_p50),
+                      _usd(e.cost.get("usd_per_million_galaxies")), "yes" if c.frontier else "",
+                      "meets" if c.meets else c.why_not)  # fmt: skip
+    stdout.print(table)
+    if len(decision.candidates) > 25:
+        say(f"{len(decision.candidates) - 25} more in --json")
+    chosen = decision.chosen
+    if chosen:
+        say(f"cheapest that meets it: {chosen.estimate.label}, {chosen.estimate.partition_mb:g} MB partitions; "
+            f"cost: {_cost_line(chosen.estimate)}")  # fmt: skip
+    else:
+        say("nothing meets it: the fastest are first in the table")
+    for line in _assumption_lines([c.estimate for c in decision.candidates]) + decision.left_out:
+        say(line)
+    say(f"every time is wall clock; each setting simulated {decision.trials} times")
+    if figure:
+        say(f"figure: {figure}")
+
+
+def _fact(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "; ".join(str(v) for v in value)
+    return str(value)
+
+
+def show_checks(checks: list, skipped: list[str], errors: dict, source: str, as_json: bool) -> None:
+    """``estimate --validate``: each measured run against its prediction, and per backend the median absolute
+    error and how often the 80% interval covered the points held out."""
+    if as_json:
+        print(json.dumps({"source": source, "checks": [c.to_dict() for c in checks], "skipped": skipped,
+                          "by_backend": {b: e.to_dict() for b, e in errors.items()}}, indent=1))  # fmt: skip
+        return
+    table = Table(title=f"{source}: predicted vs measured", title_justify="left")
+    for header in ("run", "runs of", "time", "data GB", "part. MB", "at once", "measured s", "predicted s p50",
+                   "p90", "error"):  # fmt: skip
+        table.add_column(header, justify="left" if header in ("run", "runs of", "time") else "right")
+    for c in checks:
+        error = "calibration" if c.calibration else f"{c.error * 100:+.0f}%"
+        table.add_row(c.what, c.group or c.backend, _KIND_SHORT[c.time_kind], f"{c.gb:.3g}",
+                      "-" if c.partition_mb is None else f"{c.partition_mb:g}", str(c.slots), f"{c.measured_s:,.2f}",
+                      f"{c.predicted_s_p50:,.2f}", f"{c.predicted_s_p90:,.2f}", error)  # fmt: skip
+    stdout.print(table)
+    for line in skipped:
+        say(f"not predicted: {line}")
+    for backend, error in errors.items():
+        if not error.points:
+            continue
+        covered, bounded = error.coverage()
+        coverage = f"{covered} of {bounded} ({covered / bounded:.0%})" if bounded else "none bounded (too few points)"
+        say(f"{backend}: median absolute error {error.median_abs_error * 100:.1f}% over {len(error.points)} points "
+            f"(calibration excluded); the {error.coverage_target:.0%} interval, made from the others, covered "
+            f"{coverage}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def _comparison_rows(done) -> list[list[str]]:
+    rows = []
+    for p in done.points:
+        verdict = "WORSE" if p.regressed else ("worse, within noise" if p.worse_by > done.factor else "ok")
+        if not p.can_fail:
+            verdict = f"cannot fail: needs {p.needs}"
+        if p.invalid:
+            verdict += " (INVALID)"
+        rows.append([p.label, f"{statistics.median(p.baseline):,.4g} ({len(p.baseline)})",
+                     f"{statistics.median(p.candidate):,.4g} ({len(p.candidate)})", f"{p.ratio:.3f}",
+                     f"{p.p_value:.3g}", verdict])  # fmt: skip
+    return rows
+
+
+def show_comparison(done, fmt: str) -> None:
+    """``compare``: a row per matched point (medians with their repeats, ratio, p-value, verdict), then the points
+    one side lacks, and one line of what failed."""
+    if fmt == "json":
+        print(json.dumps(done.to_dict(), indent=1))
+        return
+    columns = ["point", f"baseline {done.metric}", f"candidate {done.metric}", "ratio", "p", "verdict"]
+    rows = _comparison_rows(done)
+    if fmt == "markdown":
+        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        table = Table(title=f"{done.candidate} against {done.baseline}: {done.metric}, factor {done.factor:g}",
+                      title_justify="left")  # fmt: skip
+        for name in columns:
+            table.add_column(name, justify="left" if name in ("point", "verdict") else "right")
+        for row in rows:
+            table.add_row(*row, style="bold red" if row[-1] == "WORSE" else None)
+        stdout.print(table)
+    for side, labels in (("baseline", done.only_baseline), ("candidate", done.only_candidate)):
+        for label in labels:
+            say(f"only in the {side}: {label}")
+    for p in done.points:
+        for why in p.invalid:
+            say(f"INVALID {p.label}: {why}")
+    blind = sum(not p.can_fail for p in done.points)
+    if blind:
+        say(f"{blind} matched point(s) with too few repeats for the test to fail: not counted as passes")
+    failed = len(done.regressions)
+    say(f"{failed} of {len(done.points)} matched point(s) worse than {done.factor:g}x beyond the noise "
+        f"({TEST_NAME}, p <= {ALPHA:g})" if failed else
+        f"no matched point worse than {done.factor:g}x beyond the noise ({len(done.points) - blind} compared "
+        f"that could fail; {TEST_NAME}, p <= {ALPHA:g})")  # fmt: skip
