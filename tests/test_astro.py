@@ -23,7 +23,7 @@ from cai_bench.core.files import file_sha256
 from cai_bench.core.plan import make_plan
 from cai_bench.data.catalogue import FLAGS, MAG_OUT_OF_RANGE, RANDOM_WEIGHTS, Z_OUT_OF_RANGE, read_catalogue
 from cai_bench.data.partitions import load_manifest, open_dataset, read_partition
-from cai_bench.measure.metrics import photoz_metrics
+from cai_bench.measure.photoz import point_metrics
 
 N = 90  # two FITS files of 50 and 40; partitions of 0.5 MB (26 objects) cut across them
 MB = "0.5"
@@ -182,7 +182,7 @@ def test_truth_joined_by_id_gives_the_metrics_of_the_matched(cli, imports, galax
     matched = np.isfinite(columns["z_true"])
     assert matched.sum() == len(rows) and np.flatnonzero(matched).tolist() == rows.tolist()
     np.testing.assert_allclose(columns["z_true"][rows], galaxies["redshift"][rows] + 0.02, rtol=1e-6)
-    expected = photoz_metrics(columns["z_pred"][rows], columns["z_true"][rows])
+    expected = point_metrics(columns["z_pred"][rows], columns["z_true"][rows])
     assert figures["accuracy"]["photoz"] == pytest.approx(expected)
     joined = figures["provenance"]["z_true"]
     assert (joined["matched"], joined["objects"], joined["z_column"]) == (len(rows), N, "zspec")

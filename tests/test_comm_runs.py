@@ -17,7 +17,7 @@ from cai_bench.backends.aws_lambda.emulator import Faults
 from cai_bench.core.errors import UserError
 from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset
-from cai_bench.measure.metrics import accuracy
+from cai_bench.measure.photoz import upstream_paper_metrics
 
 pytest.importorskip("submitit")
 
@@ -32,7 +32,9 @@ def _by_partition(results) -> dict[int, tuple]:
 
 
 def _global(results) -> dict:
-    return accuracy(np.concatenate([r.prediction for r in results]), np.concatenate([r.redshift for r in results]))
+    return upstream_paper_metrics(
+        np.concatenate([r.prediction for r in results]), np.concatenate([r.redshift for r in results])
+    )
 
 
 def _same_accuracy(from_sums: dict, computed: dict) -> None:

@@ -12,7 +12,7 @@ from cai_bench.commands import predict
 from cai_bench.core.plan import make_plan
 from cai_bench.data.catalogue import read_catalogue
 from cai_bench.data.partitions import open_dataset
-from cai_bench.measure.metrics import accuracy
+from cai_bench.measure.photoz import point_metrics, point_metrics_by_bin, upstream_paper_metrics
 from cai_bench.model.astromae import build_model
 from cai_bench.render import plot
 
@@ -22,20 +22,20 @@ TRUE = [0.1, 0.2, 0.3, 0.4, 0.5]
 PREDICTED = [0.12, 0.18, 0.33, 0.40, 0.60]
 
 
-def test_accuracy_equals_the_hand_computed_figures():
-    m = accuracy(PREDICTED, TRUE)
+def test_the_upstream_papers_metrics_equal_the_hand_computed_figures():
+    m = upstream_paper_metrics(PREDICTED, TRUE)
     assert m["samples"] == 5
     assert m["mae"] == pytest.approx(0.17 / 5)  # (0.02 + 0.02 + 0.03 + 0 + 0.1) / 5
     assert m["mse"] == pytest.approx(0.0117 / 5)  # (0.0004 + 0.0004 + 0.0009 + 0 + 0.01) / 5
     assert m["bias"] == pytest.approx((0.02 / 1.1 - 0.02 / 1.2 + 0.03 / 1.3 + 0.1 / 1.5) / 5)
     # median dz = 0.0181818; |dz - median| = 0, 0.0348485, 0.0048951, 0.0181818, 0.0484848; their median 0.0181818
-    assert m["nmad"] == pytest.approx(1.48 * 0.02 / 1.1)
+    assert m["nmad"] == pytest.approx(1.4826 * 0.02 / 1.1)
     # SS_res = 0.0117, SS_tot = 0.1 (mean 0.3): R2 = 1 - 0.117
     assert m["r2"] == pytest.approx(0.883)
     assert m["outlier_fraction"] == pytest.approx(0.2)  # only |0.0667| > 0.05
-    assert accuracy([0.2, 0.2], [0.2, 0.2])["r2"] is None  # no spread in the truth: R2 undefined
+    assert upstream_paper_metrics([0.2, 0.2], [0.2, 0.2])["r2"] is None  # no spread in the truth: R2 undefined
     with pytest.raises(ValueError):
-        accuracy([0.1], [0.1, 0.2])
+        upstream_paper_metrics([0.1], [0.1, 0.2])
 
 
 def plan_for(directory, weights=None, precision="fp32"):
@@ -68,7 +68,7 @@ def test_predict_writes_every_object_once_with_labels(tiny_data, tmp_path, scale
     assert sorted(columns["id"].tolist()) == list(range(104))
     assert outcome.objects == 104 and outcome.partitions_run == 4 and outcome.partitions_reused == 0
     assert outcome.accuracy["meaningful"] is True and "synthetic" in outcome.accuracy["note"]
-    expected = accuracy(columns["z_pred"], columns["z_true"])
+    expected = upstream_paper_metrics(columns["z_pred"], columns["z_true"])
     assert outcome.accuracy["mae"] == pytest.approx(expected["mae"])
     assert columns["z_pred"].min() > 0 and columns["z_pred"].max() < 0.6
     assert not predict.parts_dir(out).exists()
@@ -155,7 +155,7 @@ def test_prediction_figure_shows_every_object_and_the_metrics(tiny_data, tmp_pat
     (points,) = ax.collections
     assert len(points.get_offsets()) == 5
     legend = "\n".join(t.get_text() for t in ax.get_legend().get_texts())
-    assert "MAE 0.03400" in legend and "outliers (|dz|>0.05) 20.00%" in legend and "y = x" in legend
+    assert "MAE 0.03400" in legend and "outliers (|dz/(1+z)| > 0.05) 20.00%" in legend and "y = x" in legend
 
 
 @pytest.mark.probe
@@ -185,17 +185,16 @@ def test_predict_on_hpc_workers_writes_what_the_cpu_backend_writes(cli, tiny_dat
 
 
 def test_the_photoz_point_metrics_by_hand():
-    from cai_bench.measure.metrics import photoz_by_bin, photoz_metrics
-
     # dz = z' - z at z = 0: -0.1, 0, 0.1, 0.2, 0.5; quartiles 0 and 0.2
-    m = photoz_metrics([-0.1, 0.0, 0.1, 0.2, 0.5], [0.0] * 5)
-    assert m["bias"] == pytest.approx(0.1) and m["sigma_iqr"] == pytest.approx(0.2 / 1.349)
-    assert m["nmad"] == pytest.approx(1.4826 * 0.1) and m["outlier_bound"] == pytest.approx(3 * 0.2 / 1.349)
-    assert m["outlier_rate"] == pytest.approx(0.2)  # only 0.5 is beyond 0.445
-    assert photoz_metrics([0.0, 0.01], [0.0, 0.0])["outlier_bound"] == 0.06  # the floor
-    rows = photoz_by_bin([0.1, 0.2, 1.5], [0.1, 0.25, 1.4], (0.0, 0.2, 0.4, 1.0, 2.0))
+    m = point_metrics([-0.1, 0.0, 0.1, 0.2, 0.5], [0.0] * 5)
+    assert m["point_bias"] == pytest.approx(0.1) and m["point_sigma_iqr"] == pytest.approx(0.2 / 1.349)
+    assert m["point_sigma_mad"] == pytest.approx(1.4826 * 0.1)
+    assert m["outlier_bound"] == pytest.approx(3 * 0.2 / 1.349)
+    assert m["point_outlier_rate"] == pytest.approx(0.2)  # only 0.5 is beyond 0.445
+    assert point_metrics([0.0, 0.01], [0.0, 0.0])["outlier_bound"] == 0.06  # the floor
+    rows = point_metrics_by_bin([0.1, 0.2, 1.5], [0.1, 0.25, 1.4], (0.0, 0.2, 0.4, 1.0, 2.0))
     assert [(r["z_low"], r["objects"]) for r in rows] == [(0.0, 1), (0.2, 1), (1.0, 1)]  # the empty bin left out
-    by_r = photoz_by_bin([0.1, 0.2, 1.5], [0.1, 0.25, 1.4], (10.0, 16.0, 20.0), by=[15.0, 17.0, 18.0], name="r")
+    by_r = point_metrics_by_bin([0.1, 0.2, 1.5], [0.1, 0.25, 1.4], (10.0, 16.0, 20.0), by=[15.0, 17.0, 18.0], name="r")
     assert [(r["r_low"], r["objects"]) for r in by_r] == [(10.0, 1), (16.0, 2)]
 
 
@@ -208,7 +207,7 @@ def test_random_init_predictions_say_so_in_the_output_the_file_and_the_figure(cl
                             tmp_path, "-q")  # fmt: skip
     assert code == 0, err
     assert "weights: random-init (the timings are real; the predicted redshifts are not)" in stdout
-    assert "MEANINGLESS photo-z metrics of dz/(1+z): bias" in stdout and "  z 0-0.1: " in stdout
+    assert "MEANINGLESS photo-z point metrics (RAIL's) of dz/(1+z): PointBias" in stdout and "  z 0-0.1: " in stdout
     assert " mag: bias " in stdout  # per bin of r magnitude, read from the partitions
     about = predictions_about(out)
     assert about["random_init"] is True and "mean nothing" in about["meaning"]

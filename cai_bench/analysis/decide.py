@@ -14,8 +14,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from cai_bench.analysis.estimate import WALL, Estimate, EstimateOutcome, EstimateRequest, estimate_command, load_sources
+from cai_bench.analysis.estimate import Estimate, EstimateOutcome, EstimateRequest, estimate_command, load_sources
 from cai_bench.core.errors import UserError
+from cai_bench.measure.time_kinds import WALL
 
 SCREEN_TRIALS = 50  # trials per candidate: the upper bound is mostly the model's error, not the trials' spread
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
@@ -43,7 +44,9 @@ def parse_budget(text: str) -> float:
 
 
 @dataclass
-class Candidate:
+class Setting:
+    """One setting the decision weighs: its estimate, whether it meets the deadline and the budget, and if not why."""
+
     estimate: Estimate
     meets: bool
     why_not: str | None  # what it misses: the deadline, the budget, no interval, no price
@@ -58,13 +61,13 @@ class Candidate:
 class Decision:
     deadline_s: float | None
     budget_usd: float | None
-    candidates: list[Candidate]  # the ones that meet both first, cheapest first; then the others, fastest first
+    candidates: list[Setting]  # the ones that meet both first, cheapest first; then the others, fastest first
     left_out: list[str]  # backends whose profile cannot answer a wall-clock deadline, and why
     outcome: EstimateOutcome
     trials: int
 
     @property
-    def chosen(self) -> Candidate | None:
+    def chosen(self) -> Setting | None:
         return self.candidates[0] if self.candidates and self.candidates[0].meets else None
 
     def to_dict(self) -> dict:
@@ -119,7 +122,7 @@ def decide(request: EstimateRequest, deadline_s: float | None, budget_usd: float
     screened = replace(request, backends=usable, trials=trials)
     outcome = estimate_command(screened, warn, {b: sources[b] for b in usable})
     on_frontier = {id(e) for e in frontier(outcome.estimates)}
-    candidates = [Candidate(e, why is None, why, id(e) in on_frontier)
+    candidates = [Setting(e, why is None, why, id(e) in on_frontier)
                   for e in outcome.estimates for why in [_why_not(e, deadline_s, budget_usd)]]  # fmt: skip
     meeting = sorted((c for c in candidates if c.meets),
                      key=lambda c: (c.estimate.cost_usd_p50, c.estimate.wall_s_high))  # fmt: skip

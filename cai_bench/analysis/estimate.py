@@ -39,6 +39,7 @@ from cai_bench.core.plan import (
     samples_per_partition,
 )
 from cai_bench.measure.simulate import Profile, Scenario, Simulated, simulate
+from cai_bench.measure.time_kinds import COMPUTE, TIME_KINDS, WALL
 from cai_bench.measure.uncertainty import ModelError, Point
 from cai_bench.measure.uncertainty import interval as uncertainty_interval
 from cai_bench.store.jsonl import ResultsStore
@@ -58,11 +59,6 @@ MAX_SIMULATED_UNITS = 20_000_000
 HOLD_OUTS = ("run", "point")  # --validate: what a run is predicted without
 PAPER_CALIBRATION = (12.6, 25.0)  # data GB, partition MB: the run the per-function records are of
 # The kinds of time a profile predicts: never two in one answer
-WALL, COMPUTE = "wall", "compute"
-TIME_KINDS = {
-    WALL: "wall clock: from the start of dispatch to the last result",
-    COMPUTE: "compute only (torch profiler): no start-up, no reading, no orchestration; not a wall-clock prediction",
-}
 # SLURM arrays, where the profile's runs cannot say: a one-node cluster reads its own disk, so a parallel file
 # system's bandwidth shared by every task at once is an assumption (a modest Lustre or GPFS); --shared-read-gbps
 DEFAULT_SHARED_READ_GBPS = 10.0
@@ -745,7 +741,7 @@ class EstimateOutcome:
 
     def to_dict(self) -> dict:
         return {"estimates": [e.to_dict() for e in self.estimates], "profiles": self.profiles,
-                "measured": self.measured, "time_kinds": TIME_KINDS}  # fmt: skip
+                "measured": self.measured, "time_kinds": {k: TIME_KINDS[k].text for k in (WALL, COMPUTE)}}  # fmt: skip
 
 
 def _settings(request: EstimateRequest, backend: str) -> list[dict]:

@@ -42,7 +42,7 @@ from cai_bench.data.catalogue import (
 from cai_bench.data.objects import iter_objects, rows_for
 from cai_bench.data.partitions import Manifest, load_manifest, read_partition_arrays
 from cai_bench.data.storage import storage_for
-from cai_bench.measure.metrics import accuracy, photoz_by_bin, photoz_metrics
+from cai_bench.measure.photoz import point_metrics, point_metrics_by_bin, upstream_paper_metrics
 from cai_bench.model.export_format import is_export, read_export
 from cai_bench.store.jsonl import ResultsStore
 
@@ -207,12 +207,12 @@ def _metrics(columns: dict[str, np.ndarray]) -> dict | None:
         return None
     z_pred, z = columns["z_pred"][known], columns["z_true"][known]
     metrics = {
-        **accuracy(z_pred, z),
-        "photoz": photoz_metrics(z_pred, z),
-        "photoz_by_z": photoz_by_bin(z_pred, z, Z_BINS),
+        **upstream_paper_metrics(z_pred, z),
+        "photoz": point_metrics(z_pred, z),
+        "photoz_by_z": point_metrics_by_bin(z_pred, z, Z_BINS),
     }
     if "magnitudes" in columns:
-        metrics["photoz_by_r"] = photoz_by_bin(z_pred, z, R_BINS, columns["magnitudes"][known, 2], "r")
+        metrics["photoz_by_r"] = point_metrics_by_bin(z_pred, z, R_BINS, columns["magnitudes"][known, 2], "r")
     return metrics
 
 

@@ -34,7 +34,8 @@ from cai_bench.core.records import (
 )
 from cai_bench.data.datasets import resolve_data
 from cai_bench.inference.runtime_choice import choose_runtime, fixed_choice
-from cai_bench.measure.metrics import accuracy, reset_peak_rss
+from cai_bench.measure.metrics import reset_peak_rss
+from cai_bench.measure.photoz import upstream_paper_metrics
 from cai_bench.store.jsonl import ResultsStore
 
 
@@ -163,7 +164,7 @@ def run_accuracy(plan: Plan, results: list[PartitionResult], weights: dict) -> d
         return None
     predicted = np.concatenate([r.prediction for r in results])
     true = np.concatenate([r.redshift for r in results])
-    return labelled_accuracy(accuracy(predicted, true), weights, plan.data)
+    return labelled_accuracy(upstream_paper_metrics(predicted, true), weights, plan.data)
 
 
 def run_environment(plan: Plan, ran_on: dict | None = None) -> dict:

@@ -21,7 +21,7 @@ from cai_bench import comm
 from cai_bench.comm.policy import ChannelModel, models_from
 from cai_bench.core.machine import capture_environment, machine_id
 from cai_bench.core.records import PartitionResult, decode_result, encode_result
-from cai_bench.measure.metrics import OUTLIER_DZ
+from cai_bench.measure.photoz import UPSTREAM_OUTLIER_EZ
 from cai_bench.store.jsonl import ResultsStore
 
 AGGREGATE_FORMAT = "cai-bench-aggregate/1"
@@ -60,7 +60,7 @@ def accuracy_sums(results: list[PartitionResult]) -> np.ndarray:
         z_pred, z = z_pred[keep], z[keep]
         error, dz = z_pred - z, (z_pred - z) / (1.0 + z)
         sums += [len(z), np.abs(error).sum(), (error**2).sum(), dz.sum(), z.sum(), (z**2).sum(),
-                 (np.abs(dz) > OUTLIER_DZ).sum()]  # fmt: skip
+                 (np.abs(dz) > UPSTREAM_OUTLIER_EZ).sum()]  # fmt: skip
     return sums
 
 

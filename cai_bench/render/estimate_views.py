@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from cai_bench.analysis.compare import ALPHA, TEST_NAME
-from cai_bench.analysis.estimate import TIME_KINDS
+from cai_bench.measure.time_kinds import TIME_KINDS
 from cai_bench.render.console import say, stdout
 
 # ---------------------------------------------------------------------------------------------- estimates
@@ -18,9 +18,6 @@ from cai_bench.render.console import say, stdout
 
 def _usd(value: float | None) -> str:
     return "-" if value is None else f"{value:,.4f}" if value < 1 else f"{value:,.2f}"
-
-
-_KIND_SHORT = {"wall": "wall", "compute": "compute only"}
 
 
 def estimate_table(outcome) -> Table:
@@ -33,7 +30,7 @@ def estimate_table(outcome) -> Table:
     for header in headers:
         table.add_column(header, justify="left" if header in ("setting", "time") else "right")
     for e in outcome.estimates:
-        table.add_row(e.label, f"{e.gb:g}", f"{e.partition_mb:g}", f"{e.units:,}", _KIND_SHORT[e.time_kind],
+        table.add_row(e.label, f"{e.gb:g}", f"{e.partition_mb:g}", f"{e.units:,}", TIME_KINDS[e.time_kind].short,
                       f"{e.wall_s_p50:,.1f}", _interval(e), _usd(e.cost_usd_p50), _usd(e.cost_usd_high),
                       _usd(e.cost.get("usd_per_million_galaxies")))  # fmt: skip
     return table
@@ -65,7 +62,7 @@ def _assumption_lines(estimates: list) -> list[str]:
             continue
         seen.add(e.backend)
         prices = ", ".join(f"{k} {_price_text(v)}" for k, v in e.prices.items())
-        lines += [f"{e.backend} time: {TIME_KINDS[e.time_kind]}", f"{e.backend} {e.interval}",
+        lines += [f"{e.backend} time: {TIME_KINDS[e.time_kind].text}", f"{e.backend} {e.interval}",
                   f"{e.backend} prices: {prices}"]  # fmt: skip
     return lines
 
@@ -155,7 +152,7 @@ def show_checks(checks: list, skipped: list[str], errors: dict, source: str, as_
         table.add_column(header, justify="left" if header in ("run", "runs of", "time") else "right")
     for c in checks:
         error = "calibration" if c.calibration else f"{c.error * 100:+.0f}%"
-        table.add_row(c.what, c.group or c.backend, _KIND_SHORT[c.time_kind], f"{c.gb:.3g}",
+        table.add_row(c.what, c.group or c.backend, TIME_KINDS[c.time_kind].short, f"{c.gb:.3g}",
                       "-" if c.partition_mb is None else f"{c.partition_mb:g}", str(c.slots), f"{c.measured_s:,.2f}",
                       f"{c.predicted_s_p50:,.2f}", f"{c.predicted_s_p90:,.2f}", error)  # fmt: skip
     stdout.print(table)

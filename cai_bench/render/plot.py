@@ -26,8 +26,11 @@ from cai_bench.core.choices import FIGURE_FORMATS
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_label
 from cai_bench.core.plan import BITS_PER_SAMPLE, samples_for_gb
-from cai_bench.measure.metrics import accuracy, photoz_metrics, spread
+from cai_bench.measure.metrics import spread
+from cai_bench.measure.photoz import point_metrics, upstream_paper_metrics
+from cai_bench.measure.time_kinds import COMPUTE, TIME_KINDS, WALL, kind_text
 from cai_bench.measure.timeline import timeline_of
+from cai_bench.render.labels import point_metrics_text, upstream_paper_text
 from cai_bench.store.jsonl import ResultsStore
 
 FIGURES = (
@@ -45,13 +48,6 @@ SYSTEMS = {
     "hpc-cpu": "HPC CPU",
     "hpc-gpu": "HPC GPU",
     "laptop-cpu": "laptop CPU",
-}
-TIME_KINDS = {
-    "map-state-wall": "Step Functions Map-state wall time",
-    "execution-wall": "Step Functions execution wall time",
-    "mean-worker-profiler-cpu": "mean per-function profiler CPU time",
-    "profiler-cpu": "torch profiler CPU time",
-    "profiler-gpu": "torch profiler GPU time",
 }
 # The paper's cost estimates for the whole 12.6 GB set on 10,240 MB functions, by partition size (MB -> US$)
 PAPER_COST_USD = {25.0: 0.16, 100.0: 0.38}
@@ -91,7 +87,7 @@ def _reference_series(
 def _paper_label(row: dict, with_partition: bool = True) -> str:
     system = SYSTEMS.get(row["system"], row["system"])
     part = f", {float(row['partition_mb']):g} MB" if with_partition and row["partition_mb"] else ""
-    return f"paper: {system}{part} ({TIME_KINDS.get(row['seconds_kind'], row['seconds_kind'])})"
+    return f"paper: {system}{part} ({kind_text(row['seconds_kind'])})"
 
 
 def _paper_vs_data_size(rows: list[dict]) -> list[ReferenceSeries]:
@@ -468,7 +464,7 @@ def predictions_figure(columns: dict, title: str, about: dict | None = None) -> 
     z, z_pred = z[known], z_pred[known]
     if len(z) == 0:
         raise UserError(f"{title}: holds no predictions")
-    m = accuracy(z_pred, z)
+    m = upstream_paper_metrics(z_pred, z)
     top = max(float(z.max()), float(z_pred.max()), 1e-3) * 1.05
     low = min(float(z.min()), float(z_pred.min()), 0.0)
     counts, x_edges, y_edges = np.histogram2d(z, z_pred, bins=120, range=[[low, top], [low, top]])
@@ -478,11 +474,7 @@ def predictions_figure(columns: dict, title: str, about: dict | None = None) -> 
     order = np.argsort(density, kind="stable")  # the densest points on top
     fig = Figure(figsize=(7, 9.5), dpi=100)
     ax, residual = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1.4]})
-    r2 = "-" if m["r2"] is None else f"{m['r2']:.4f}"
-    label = (
-        f"{m['samples']:,} objects\nMAE {m['mae']:.5f}\nMSE {m['mse']:.6f}\nbias {m['bias']:.5f}\n"
-        f"NMAD {m['nmad']:.5f}\nR$^2$ {r2}\noutliers (|dz|>0.05) {m['outlier_fraction']:.2%}"
-    )
+    label = f"{m['samples']:,} objects\n" + upstream_paper_text(m, sep="\n").replace(": ", ":\n", 1)
     points = ax.scatter(z[order], z_pred[order], c=density[order], s=3, cmap="viridis", linewidths=0, label=label)
     ax.plot([low, top], [low, top], color="black", linewidth=1, linestyle="--", label="y = x")
     fig.colorbar(points, ax=ax, label="objects in the same bin (1/120 of the range)")
@@ -504,10 +496,9 @@ def predictions_figure(columns: dict, title: str, about: dict | None = None) -> 
 def _residual_panel(ax, z: np.ndarray, z_pred: np.ndarray, limits: tuple[float, float]) -> None:
     """dz/(1+z) against true z, the outlier bounds dashed, the point metrics in the legend."""
     dz = (z_pred - z) / (1 + z)
-    m = photoz_metrics(z_pred, z)
+    m = point_metrics(z_pred, z)
     ax.scatter(z, dz, s=2, color="#1f77b4", linewidths=0, alpha=0.5,
-               label=f"bias (median) {m['bias']:+.4f}, sigma_IQR {m['sigma_iqr']:.4f}, NMAD {m['nmad']:.4f}, "
-               f"outliers {m['outlier_rate']:.1%}")  # fmt: skip
+               label=point_metrics_text(m))  # fmt: skip
     for sign in (1, -1):
         ax.axhline(sign * m["outlier_bound"], color="red", linestyle="--", linewidth=1,
                    label=f"outlier bounds: |dz/(1+z)| > max(0.06, 3 sigma_IQR) = {m['outlier_bound']:.3f}"
@@ -582,14 +573,11 @@ def _estimate_series(estimates: list) -> dict[str, list]:
     return {k: sorted(v, key=lambda e: e.gb) for k, v in series.items()}
 
 
-_KIND_AXIS = {"wall": "wall time (s)", "compute": "compute time only (s), torch profiler"}
-
-
 def estimate_figure(outcome) -> Figure:
     """Predicted time (and cost where priced) against data size per backend: the median as a line, the interval
     with the model's error as a band; the profile's measured points over it. Each kind of time on its own axes."""
     priced = any(e.cost_usd_p50 is not None for e in outcome.estimates)
-    kinds = [k for k in _KIND_AXIS if any(e.time_kind == k for e in outcome.estimates)]
+    kinds = [k for k in (WALL, COMPUTE) if any(e.time_kind == k for e in outcome.estimates)]
     rows = len(kinds) + priced
     fig = Figure(figsize=(12, 1.5 + 3.5 * rows), dpi=100)
     axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
@@ -623,8 +611,8 @@ def estimate_figure(outcome) -> Figure:
     if priced:
         _finish(fig, axes[-1], "data size (GB)", "cost (US$, median)")
     for kind, ax in list(time_axes.items())[1:]:
-        _finish(fig, ax, "data size (GB)", _KIND_AXIS[kind])
-    return _finish(fig, axes[0], "data size (GB)", _KIND_AXIS[kinds[0]])
+        _finish(fig, ax, "data size (GB)", TIME_KINDS[kind].axis)
+    return _finish(fig, axes[0], "data size (GB)", TIME_KINDS[kinds[0]].axis)
 
 
 def decision_figure(decision) -> Figure:

@@ -13,6 +13,7 @@ from cai_bench.analysis.results import to_csv
 from cai_bench.analysis.validity import MIN_DURATION_S, MIN_SAMPLES, Rules, verdict_line
 from cai_bench.core.records import RunRecord
 from cai_bench.render.console import console, print_fitted, say, stdout, tell
+from cai_bench.render.labels import point_metrics_text, upstream_paper_text
 from cai_bench.render.tables import bench_table, comm_table, report_table, run_summary_table
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -21,12 +22,7 @@ from cai_bench.render.tables import bench_table, comm_table, report_table, run_s
 def accuracy_line(metrics: dict | None, where: str = "") -> str | None:
     if not metrics:
         return None
-    r2 = "-" if metrics["r2"] is None else f"{metrics['r2']:.4f}"
-    line = (
-        f"accuracy over {metrics['samples']:,} objects{where}: MAE {metrics['mae']:.5f}, MSE {metrics['mse']:.6f}, "
-        f"bias {metrics['bias']:.5f}, NMAD {metrics['nmad']:.5f}, R2 {r2}, "
-        f"outliers {metrics['outlier_fraction']:.2%}"
-    )
+    line = f"accuracy over {metrics['samples']:,} objects{where}: {upstream_paper_text(metrics)}"
     if not metrics.get("meaningful", True):
         line = "MEANINGLESS " + line
     return line + (f" ({metrics['note']})" if metrics.get("note") else "")
@@ -195,11 +191,9 @@ def photoz_lines(metrics: dict | None) -> list[str]:
     label = "" if metrics.get("meaningful", True) else "MEANINGLESS "
 
     def text(m: dict) -> str:
-        return (f"bias {m['bias']:+.4f}, sigma_IQR {m['sigma_iqr']:.4f}, NMAD {m['nmad']:.4f}, outliers "
-                f"{m['outlier_rate']:.1%} (|dz/(1+z)| > {m['outlier_bound']:.3f}), "
-                f"{m['objects']:,} objects")  # fmt: skip
+        return f"{point_metrics_text(m)}, {m['objects']:,} objects"
 
-    lines = [f"{label}photo-z metrics of dz/(1+z): {text(metrics['photoz'])}"]
+    lines = [f"{label}photo-z point metrics (RAIL's) of dz/(1+z): {text(metrics['photoz'])}"]
     lines += [f"  z {row['z_low']:g}-{row['z_high']:g}: {text(row)}" for row in metrics.get("photoz_by_z") or []]
     lines += [f"  r {row['r_low']:g}-{row['r_high']:g} mag: {text(row)}" for row in metrics.get("photoz_by_r") or []]
     return lines
