@@ -441,7 +441,7 @@ def check_timeline(record: dict, lanes: int | None = None, units_overlap: bool =
     worker's batches span units: a GPU's stream), no more workers busy at once than there are lanes, and one drawn
     bar per piece. Returns the timeline for the caller's own checks (the backend's lanes, its failures)."""
     from cai_bench.measure.timeline import timeline_of
-    from cai_bench.render.plot import timeline_figure
+    from cai_bench.render.figures.timelines import timeline_figure
 
     line = timeline_of(record)
     drawn_units = [s.unit for lane in line.lanes for s in lane.segments if s.unit is not None]

@@ -8,7 +8,7 @@ from conftest import hand_record, write_store
 from cai_bench.analysis import report
 from cai_bench.analysis.published import load_reference
 from cai_bench.core.errors import UserError
-from cai_bench.render import plot
+from cai_bench.render.figures import common, estimates, scaling
 
 PAPER = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper-results.csv"
 
@@ -33,8 +33,8 @@ def lines_of(ax) -> dict[str, object]:
 
 def test_every_figure_is_drawn_with_our_series_and_the_papers_apart():
     points = report.summarize_points(sweep_like_records())
-    figures = plot.build_figures(points, load_reference(PAPER))
-    assert list(figures) == [f for f in plot.FIGURES if f != plot.MEMORY_FIGURE]  # no memory sweep here
+    figures = scaling.build_figures(points, load_reference(PAPER))
+    assert list(figures) == [f for f in scaling.FIGURES if f != scaling.MEMORY_FIGURE]  # no memory sweep here
 
     ax = figures["wall-vs-data-size"].axes[0]
     labels = lines_of(ax)
@@ -71,7 +71,7 @@ def test_every_figure_is_drawn_with_our_series_and_the_papers_apart():
 
 
 def test_without_reference_only_our_series_are_drawn():
-    figures = plot.build_figures(report.summarize_points(sweep_like_records()))
+    figures = scaling.build_figures(report.summarize_points(sweep_like_records()))
     for fig in figures.values():
         for ax in fig.axes:
             assert not any(label.startswith("paper:") for label in ax.get_legend_handles_labels()[1])
@@ -85,7 +85,7 @@ def test_plot_command_writes_every_figure_in_every_format(cli, tmp_path):
         "plot", "--results", tmp_path / "r", "--out-dir", out, "--reference", "paper", "--format", "png,svg"
     )
     assert code == 0
-    for name in (f for f in plot.FIGURES if f != plot.MEMORY_FIGURE):
+    for name in (f for f in scaling.FIGURES if f != scaling.MEMORY_FIGURE):
         png, svg = out / f"{name}.png", out / f"{name}.svg"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert b"<svg" in svg.read_bytes()[:500]
@@ -108,13 +108,13 @@ def test_plot_errors(cli, tmp_path):
 
 def test_figures_read_at_a_glance_labels_that_apply_legends_below_and_a_note_where_sizes_do_not_overlap():
     records = [hand_record("cpu", w, gb=gb) for gb in (0.02, 0.05) for w in (2.0, 2.2)]
-    figures = plot.build_figures(report.summarize_points(records), load_reference(PAPER))
+    figures = scaling.build_figures(report.summarize_points(records), load_reference(PAPER))
     ax = figures["wall-vs-data-size"].axes[0]
     title = ax.get_title(loc="left")
     labels = ax.get_legend_handles_labels()[1]
     assert not any("1 workers" in text or "no orchestrator" in text or "the function's" in text
                    for text in [title, *labels])  # fmt: skip
-    assert all(len(line) <= plot.TITLE_WIDTH for line in title.splitlines())  # wrapped, not cut at the edge
+    assert all(len(line) <= common.TITLE_WIDTH for line in title.splitlines())  # wrapped, not cut at the edge
     assert "the ranges do not overlap" in " ".join(title.split())  # ours at 0.02-0.05 GB, the paper's at 1-12.6
     legend = ax.get_legend()
     assert legend.get_bbox_to_anchor().y0 < ax.get_window_extent().y0  # below the axes, not beside them
@@ -125,5 +125,5 @@ def test_the_estimate_figures_interval_band_has_a_legend_entry():
     from cai_bench.backends.aws_lambda import pricing
 
     request = est.EstimateRequest(("lambda",), (1.0, 4.0), (25.0,), est.Prices(pricing.PRICES), "paper", trials=20)
-    figure = plot.estimate_figure(est.estimate_command(request))
+    figure = estimates.estimate_figure(est.estimate_command(request))
     assert "80% interval (model error)" in figure.axes[0].get_legend_handles_labels()[1]

@@ -14,7 +14,7 @@ from cai_bench.data.catalogue import read_catalogue
 from cai_bench.data.partitions import open_dataset
 from cai_bench.measure.photoz import point_metrics, point_metrics_by_bin, upstream_paper_metrics
 from cai_bench.model.astromae import build_model
-from cai_bench.render import plot
+from cai_bench.render.figures import predictions
 
 # Five objects whose figures were worked out by hand (dz = (z' - z) / (1 + z)):
 #   errors 0.02, -0.02, 0.03, 0, 0.1;  dz = 0.0181818, -0.0166667, 0.0230769, 0, 0.0666667
@@ -137,7 +137,7 @@ def test_predict_command_and_its_plot(cli, tiny_data, tmp_path, scaled_weights):
         "predict", "--data", tiny_data, "--weights", scaled_weights, "--out", out, "--results", tmp_path, "-q"
     )
     assert code == 0, err
-    assert "104 objects" in stdout and "accuracy over 104 objects: MAE" in stdout
+    assert "104 objects" in stdout and "accuracy over 104 objects (upstream paper's metrics): MAE" in stdout
     (record,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert record["kind"] == "predict" and record["accuracy"]["meaningful"] is True
     assert f"run id: {record['run_id']}" in stdout
@@ -150,7 +150,7 @@ def test_predict_command_and_its_plot(cli, tiny_data, tmp_path, scaled_weights):
 
 def test_prediction_figure_shows_every_object_and_the_metrics(tiny_data, tmp_path):
     columns = {"z_pred": np.array(PREDICTED), "z_true": np.array(TRUE)}
-    fig = plot.predictions_figure(columns, "hand-made")
+    fig = predictions.predictions_figure(columns, "hand-made")
     ax = fig.axes[0]
     (points,) = ax.collections
     assert len(points.get_offsets()) == 5
@@ -200,7 +200,7 @@ def test_the_photoz_point_metrics_by_hand():
 
 def test_random_init_predictions_say_so_in_the_output_the_file_and_the_figure(cli, tiny_data, tmp_path):
     from cai_bench.commands.predict import predictions_about, read_predictions
-    from cai_bench.render.plot import predictions_figure
+    from cai_bench.render.figures.predictions import predictions_figure
 
     out = tmp_path / "p.parquet"
     code, stdout, err = cli("predict", "--data", tiny_data, "--out", out, "--precision", "fp32", "--results",
@@ -208,7 +208,7 @@ def test_random_init_predictions_say_so_in_the_output_the_file_and_the_figure(cl
     assert code == 0, err
     assert "weights: random-init (the timings are real; the predicted redshifts are not)" in stdout
     assert "MEANINGLESS photo-z point metrics (RAIL's) of dz/(1+z): PointBias" in stdout and "  z 0-0.1: " in stdout
-    assert " mag: bias " in stdout  # per bin of r magnitude, read from the partitions
+    assert " mag: PointBias " in stdout  # per bin of r magnitude, read from the partitions
     about = predictions_about(out)
     assert about["random_init"] is True and "mean nothing" in about["meaning"]
     figure = predictions_figure(read_predictions(out), str(out), about)

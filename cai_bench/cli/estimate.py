@@ -131,7 +131,7 @@ def estimate(
     if deciding:
         decision = decide(request, None if deadline is None else parse_deadline(deadline),
                           None if budget is None else parse_budget(budget), console.warn)  # fmt: skip
-        from cai_bench.render.plot import save_decision_figure  # matplotlib: only where a figure is drawn
+        from cai_bench.render.figures.estimates import save_decision_figure
 
         estimate_views.show_decision(decision, save_decision_figure(decision, figure), as_json)
         return
@@ -142,7 +142,7 @@ def _estimates(request: EstimateRequest, figure: Path, as_json: bool) -> None:
     outcome = estimate_command(request, console.warn)
     drawn = None
     if len(outcome.estimates) > 1:
-        from cai_bench.render.plot import save_estimate_figure  # matplotlib: only where a figure is drawn
+        from cai_bench.render.figures.estimates import save_estimate_figure
 
         drawn = save_estimate_figure(outcome, figure)
     estimate_views.show_estimates(outcome, drawn, as_json)

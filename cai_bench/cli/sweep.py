@@ -149,7 +149,7 @@ def plot(
     """Scaling figures: time and throughput vs data size, throughput vs batch size, time (and cost) vs partition
     size, the per-worker time breakdown, and the timeline of each backend's last run. With --predictions:
     predicted vs true redshift; with --timeline RUN_ID: that run's timeline."""
-    from cai_bench.render.plot import plot_command  # matplotlib: only for the command that draws
+    from cai_bench.render.figures.scaling import plot_command
 
     formats = o.comma_list(fmt, "--format")
     backends = o.comma_list(backend, "--backend")

@@ -19,7 +19,8 @@ from cai_bench.analysis.results import read_records
 from cai_bench.analysis.validity import DEFAULT_RULES, Rules
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_label
-from cai_bench.render.plot import build_figures, timeline_figures
+from cai_bench.render.figures.scaling import build_figures
+from cai_bench.render.figures.timelines import timeline_figures
 from cai_bench.store.jsonl import ResultsStore
 
 _STYLE = """

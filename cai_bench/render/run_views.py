@@ -13,7 +13,7 @@ from cai_bench.analysis.results import to_csv
 from cai_bench.analysis.validity import MIN_DURATION_S, MIN_SAMPLES, Rules, verdict_line
 from cai_bench.core.records import RunRecord
 from cai_bench.render.console import console, print_fitted, say, stdout, tell
-from cai_bench.render.labels import point_metrics_text, upstream_paper_text
+from cai_bench.render.labels import UPSTREAM_LABEL, point_metrics_text, upstream_paper_text
 from cai_bench.render.tables import bench_table, comm_table, report_table, run_summary_table
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -22,7 +22,7 @@ from cai_bench.render.tables import bench_table, comm_table, report_table, run_s
 def accuracy_line(metrics: dict | None, where: str = "") -> str | None:
     if not metrics:
         return None
-    line = f"accuracy over {metrics['samples']:,} objects{where}: {upstream_paper_text(metrics)}"
+    line = f"accuracy over {metrics['samples']:,} objects{where} ({UPSTREAM_LABEL}): {upstream_paper_text(metrics)}"
     if not metrics.get("meaningful", True):
         line = "MEANINGLESS " + line
     return line + (f" ({metrics['note']})" if metrics.get("note") else "")
