@@ -78,12 +78,12 @@ class Decision:
 
 
 def _why_not(e: Estimate, deadline_s: float | None, budget_usd: float | None) -> str | None:
-    if e.wall_s_high is None:
+    if e.time_s_high is None:
         return "no upper bound (too few measured runs of its backend to bound the model's error)"
     if e.cost_usd_p50 is None:
         return "unpriced (give --core-hour-price or --gpu-hour-price, and an hpc task's cores)"
-    if deadline_s is not None and e.wall_s_high > deadline_s:
-        return f"upper bound {e.wall_s_high:,.0f} s is past the deadline"
+    if deadline_s is not None and e.time_s_high > deadline_s:
+        return f"upper bound {e.time_s_high:,.0f} s is past the deadline"
     if budget_usd is not None and e.cost_usd_high > budget_usd:
         return f"cost up to US$ {e.cost_usd_high:,.2f} is over the budget"
     return None
@@ -91,8 +91,8 @@ def _why_not(e: Estimate, deadline_s: float | None, budget_usd: float | None) ->
 
 def frontier(estimates: list[Estimate]) -> list[Estimate]:
     """The estimates that no other beats on both the upper bound of time and the median cost, fastest first."""
-    bounded = sorted((e for e in estimates if e.wall_s_high is not None and e.cost_usd_p50 is not None),
-                     key=lambda e: (e.wall_s_high, e.cost_usd_p50))  # fmt: skip
+    bounded = sorted((e for e in estimates if e.time_s_high is not None and e.cost_usd_p50 is not None),
+                     key=lambda e: (e.time_s_high, e.cost_usd_p50))  # fmt: skip
     kept, cheapest = [], float("inf")
     for e in bounded:
         if e.cost_usd_p50 < cheapest:
@@ -125,7 +125,7 @@ def decide(request: EstimateRequest, deadline_s: float | None, budget_usd: float
     candidates = [Setting(e, why is None, why, id(e) in on_frontier)
                   for e in outcome.estimates for why in [_why_not(e, deadline_s, budget_usd)]]  # fmt: skip
     meeting = sorted((c for c in candidates if c.meets),
-                     key=lambda c: (c.estimate.cost_usd_p50, c.estimate.wall_s_high))  # fmt: skip
+                     key=lambda c: (c.estimate.cost_usd_p50, c.estimate.time_s_high))  # fmt: skip
     others = sorted((c for c in candidates if not c.meets),
-                    key=lambda c: (c.estimate.wall_s_high is None, c.estimate.wall_s_high or 0.0))  # fmt: skip
+                    key=lambda c: (c.estimate.time_s_high is None, c.estimate.time_s_high or 0.0))  # fmt: skip
     return Decision(deadline_s, budget_usd, meeting + others, left_out, outcome, trials)

@@ -100,21 +100,25 @@ class Prices:
     gpu_hour_usd: float | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Estimate:
+    """One setting's simulated time and cost. Every time is of ``time_kind`` (WALL or COMPUTE), and the JSON names
+    its fields by that kind (``wall_s_p50`` or ``compute_s_p50``), so that a compute-only figure is never read as a
+    wall clock."""
+
     backend: str
     gb: float
     partition_mb: float
     units: int
     slots: int
-    time_kind: str  # WALL or COMPUTE: every time of this estimate is of this kind
-    wall_s_p50: float  # the simulation's median (of the kind above, which the names keep for the JSON's users)
-    wall_s_p90: float
-    wall_s_low: float | None  # the interval with the model's error (None: too few validation points)
-    wall_s_high: float | None
+    time_kind: str
+    time_s_p50: float  # the simulation's median
+    time_s_p90: float
+    time_s_low: float | None  # the interval with the model's error (None: too few validation points)
+    time_s_high: float | None
     interval: str  # how the interval was made and how often it covered
     cost_usd_p50: float | None
-    cost_usd_high: float | None  # the cost of a run as long as wall_s_high (the same factor on every duration)
+    cost_usd_high: float | None  # the cost of a run as long as time_s_high (the same factor on every duration)
     cost: dict  # the itemised cost of the median-cost trial
     prices: dict  # the price assumptions used
     billed_gb_s_p50: float | None
@@ -129,7 +133,7 @@ class Estimate:
     samples: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k.replace("time_s_", f"{self.time_kind}_s_", 1): v for k, v in asdict(self).items()}
 
     @property
     def label(self) -> str:
@@ -593,15 +597,38 @@ def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int
     error = source.error or ModelError((), "no validation")
     low, high = uncertainty_interval(p10, p50, p90, error.factor)
     usd = items["usd"]
+    usd_high = None if usd is None or high is None else usd * high / p50
     return Estimate(
-        target.backend, target.gb, target.partition_mb, sim.units, sim.slots, source.time_kind, p50, p90, low, high,
-        error.describe(), usd, None if usd is None or high is None else usd * high / p50, items,
-        price_assumptions(target, cores, prices, array), items.get("billed_gb_s"),
-        None if items.get("requests") is None else int(items["requests"]),
-        None if items.get("transitions") is None else int(items["transitions"]),
-        memory if target.backend == "lambda" else None, int(sim.created[0]) if array else None,
-        source.profile.name, trials, seed, took, samples,
-    )  # fmt: skip
+        backend=target.backend,
+        gb=target.gb,
+        partition_mb=target.partition_mb,
+        units=sim.units,
+        slots=sim.slots,
+        time_kind=source.time_kind,
+        time_s_p50=p50,
+        time_s_p90=p90,
+        time_s_low=low,
+        time_s_high=high,
+        interval=error.describe(),
+        cost_usd_p50=usd,
+        cost_usd_high=usd_high,
+        cost=items,
+        prices=price_assumptions(target, cores, prices, array),
+        billed_gb_s_p50=items.get("billed_gb_s"),
+        requests=_whole(items.get("requests")),
+        transitions=_whole(items.get("transitions")),
+        memory_mb=memory if target.backend == "lambda" else None,
+        array_tasks=int(sim.created[0]) if array else None,
+        profile=source.profile.name,
+        trials=trials,
+        seed=seed,
+        simulated_s=took,
+        samples=samples,
+    )
+
+
+def _whole(count: float | None) -> int | None:
+    return None if count is None else int(count)
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -31,13 +31,13 @@ def estimate_table(outcome) -> Table:
         table.add_column(header, justify="left" if header in ("setting", "time") else "right")
     for e in outcome.estimates:
         table.add_row(e.label, f"{e.gb:g}", f"{e.partition_mb:g}", f"{e.units:,}", TIME_KINDS[e.time_kind].short,
-                      f"{e.wall_s_p50:,.1f}", _interval(e), _usd(e.cost_usd_p50), _usd(e.cost_usd_high),
+                      f"{e.time_s_p50:,.1f}", _interval(e), _usd(e.cost_usd_p50), _usd(e.cost_usd_high),
                       _usd(e.cost.get("usd_per_million_galaxies")))  # fmt: skip
     return table
 
 
 def _interval(e) -> str:
-    return "unbounded" if e.wall_s_low is None else f"{e.wall_s_low:,.1f}-{e.wall_s_high:,.1f}"
+    return "unbounded" if e.time_s_low is None else f"{e.time_s_low:,.1f}-{e.time_s_high:,.1f}"
 
 
 def _cost_line(e) -> str:
@@ -111,8 +111,8 @@ def show_decision(decision, figure: Path | None, as_json: bool) -> None:
         table.add_column(header, justify="left" if header in ("setting", "verdict") else "right")
     for rank, c in enumerate(decision.candidates[:25], 1):
         e = c.estimate
-        table.add_row(str(rank), e.label, f"{e.partition_mb:g}", f"{e.wall_s_p50:,.0f}",
-                      "-" if e.wall_s_high is None else f"{e.wall_s_high:,.0f}", _usd(e.cost_usd_p50),
+        table.add_row(str(rank), e.label, f"{e.partition_mb:g}", f"{e.time_s_p50:,.0f}",
+                      "-" if e.time_s_high is None else f"{e.time_s_high:,.0f}", _usd(e.cost_usd_p50),
                       _usd(e.cost.get("usd_per_million_galaxies")), "yes" if c.frontier else "",
                       "meets" if c.meets else c.why_not)  # fmt: skip
     stdout.print(table)

@@ -38,12 +38,12 @@ def estimate_figure(outcome) -> Figure:
     banded = set()
     for label, group in _estimate_series(outcome.estimates).items():
         ax, xs = time_axes[group[0].time_kind], [e.gb for e in group]
-        line = ax.plot(xs, [e.wall_s_p50 for e in group], marker="o", markersize=3, label=label)[0]
-        if all(e.wall_s_low is not None for e in group):
+        line = ax.plot(xs, [e.time_s_p50 for e in group], marker="o", markersize=3, label=label)[0]
+        if all(e.time_s_low is not None for e in group):
             ax.fill_between(
                 xs,
-                [e.wall_s_low for e in group],
-                [e.wall_s_high for e in group],
+                [e.time_s_low for e in group],
+                [e.time_s_high for e in group],
                 alpha=0.15,
                 color=line.get_color(),
                 label=None if ax in banded else "80% interval (model error)",
@@ -75,14 +75,14 @@ def decision_figure(decision) -> Figure:
     for backend in dict.fromkeys(c.estimate.backend for c in decision.candidates):
         for meets in (True, False):
             shown = [c.estimate for c in decision.candidates if c.estimate.backend == backend and c.meets == meets
-                     and c.estimate.wall_s_high is not None and c.estimate.cost_usd_p50 is not None]  # fmt: skip
+                     and c.estimate.time_s_high is not None and c.estimate.cost_usd_p50 is not None]  # fmt: skip
             if shown:
-                ax.plot([e.wall_s_high for e in shown], [e.cost_usd_p50 for e in shown], linestyle="none",
+                ax.plot([e.time_s_high for e in shown], [e.cost_usd_p50 for e in shown], linestyle="none",
                         marker=markers[backend], color=colours[backend], markerfacecolor=None if meets else "none",
                         label=f"{backend}, {'meets' if meets else 'misses'}")  # fmt: skip
-    edge = sorted((c.estimate for c in decision.candidates if c.frontier), key=lambda e: e.wall_s_high)
+    edge = sorted((c.estimate for c in decision.candidates if c.frontier), key=lambda e: e.time_s_high)
     if edge:
-        ax.plot([e.wall_s_high for e in edge], [e.cost_usd_p50 for e in edge], color="grey", linewidth=1,
+        ax.plot([e.time_s_high for e in edge], [e.cost_usd_p50 for e in edge], color="grey", linewidth=1,
                 label="frontier (nothing faster and cheaper)")  # fmt: skip
     if decision.deadline_s is not None:
         ax.axvline(decision.deadline_s, color="red", linestyle="--", linewidth=1, label="deadline")
@@ -90,7 +90,7 @@ def decision_figure(decision) -> Figure:
         ax.axhline(decision.budget_usd, color="red", linestyle=":", linewidth=1, label="budget")
     if decision.chosen:
         chosen = decision.chosen.estimate
-        ax.plot([chosen.wall_s_high], [chosen.cost_usd_p50], marker="*", markersize=14, color="gold",
+        ax.plot([chosen.time_s_high], [chosen.cost_usd_p50], marker="*", markersize=14, color="gold",
                 markeredgecolor="black", linestyle="none", label=f"cheapest that meets: {chosen.label}")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
