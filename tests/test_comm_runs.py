@@ -27,7 +27,7 @@ def _plan(data, backend: str, **options):
     return make_plan(backend, summary, refs, precision="fp32", batch_size=16, threads=2, backend_options=options)
 
 
-def _by_partition(results) -> dict[int, tuple]:
+def by_partition(results) -> dict[int, tuple]:
     return {r.record.partition: (r.object_id.tolist(), r.prediction.tolist(), r.redshift.tolist()) for r in results}
 
 
@@ -55,7 +55,7 @@ def test_an_emulated_lambda_run_with_comm_gives_the_same_results_and_its_driver_
     run_lambda(type(plan)(**{**plan.__dict__, "weights": str(weights_file)}), alone.append)
     plan = _plan(tiny_data, "lambda", **base, comm=redis_url, comm_timeout_s=30.0)
     run = run_lambda(type(plan)(**{**plan.__dict__, "weights": str(weights_file)}), together.append)
-    assert _by_partition(together) == _by_partition(alone)
+    assert by_partition(together) == by_partition(alone)
     comm = run.info["comm"]
     assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0  # one object read, not one per unit
     assert comm["world_size"] == 2 and [r["rank"] for r in comm["ranks"]] == [0, 1]
@@ -74,7 +74,7 @@ def test_an_hpc_run_with_comm_gives_the_same_results_and_reads_one_aggregate(tin
     get_backend("hpc").run(_plan(tiny_data, "hpc", workers=2), alone.append)
     plan = _plan(tiny_data, "hpc", workers=2, comm=rendezvous_url, comm_timeout_s=30.0)
     run = get_backend("hpc").run(plan, together.append)
-    assert _by_partition(together) == _by_partition(alone)
+    assert by_partition(together) == by_partition(alone)
     comm = run.info["comm"]
     assert comm["aggregate_reads"] == 1 and comm["world_size"] == 2
     assert sorted(r["worker"] for r in comm["ranks"]) == ["hpc-0", "hpc-1"]
@@ -156,7 +156,7 @@ def test_a_slurm_array_with_comm_gives_the_same_results_and_its_driver_reads_one
     plan = _plan(tiny_data, "hpc", **slurm, comm=redis_url, comm_timeout_s=30.0)
     plan = type(plan)(**{**plan.__dict__, "weights": str(weights_file), "work_dir": str(tmp_path / "b")})
     run = get_backend("hpc").run(plan, together.append)
-    assert _by_partition(together) == _by_partition(alone)
+    assert by_partition(together) == by_partition(alone)
     comm = run.info["comm"]
     assert comm["aggregate_reads"] == 1 and comm["unit_reads"] == 0 and comm["world_size"] == 2
     assert [r["rank"] for r in comm["ranks"]] == [0, 1] and not any("error" in r for r in comm["ranks"])

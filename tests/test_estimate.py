@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from conftest import hand_record, write_store
 
-from cai_bench.analysis import estimate as est
+from cai_bench.analysis import estimate, estimate_checks, estimate_model, estimate_profiles
 from cai_bench.backends.aws_lambda import pricing
 from cai_bench.core.errors import UserError
 from cai_bench.measure.simulate import Profile, Scenario, simulate
 
-PRICES = est.Prices(pricing.PRICES)
+PRICES = estimate_model.Prices(pricing.PRICES)
 
 
 def flat_profile(rate=0.01, cold=2.0, excess=(0.0,), load=(0.0,), **kw) -> Profile:
@@ -110,25 +110,31 @@ def test_the_same_seed_gives_the_same_estimate_and_another_seed_other_draws():
 
 
 def test_the_paper_profile_is_calibrated_on_its_own_run_and_predicts_the_others():
-    profile = est.paper_profile("lambda")
+    profile = estimate_profiles.paper_profile("lambda")
     assert profile.profile.compute_excess_s.shape == (517,)
-    calibrated = est.estimate(profile, est.Target("lambda", 12.6, 25.0, orchestrator="stepfunctions"), PRICES)
+    calibrated = estimate.estimate(
+        profile, estimate_model.Target("lambda", 12.6, 25.0, orchestrator="stepfunctions"), PRICES
+    )
     assert calibrated.units == 517 and calibrated.time_s_p50 == pytest.approx(27.18)  # the median of its 3 runs
     assert calibrated.transitions == 518 and calibrated.requests == 517
     # Fewer, longer functions take longer: 259, 173 and 130 functions at 50, 75 and 100 MB
-    walls = [est.estimate(profile, est.Target("lambda", 12.6, mb), PRICES).time_s_p50 for mb in (50, 75, 100)]
+    walls = [
+        estimate.estimate(profile, estimate_model.Target("lambda", 12.6, mb), PRICES).time_s_p50 for mb in (50, 75, 100)
+    ]
     assert calibrated.time_s_p50 < walls[0] < walls[1] < walls[2]
-    checks = est.validate_paper(trials=50)
+    checks = estimate_checks.validate_paper(trials=50)
     assert sum(c.calibration for c in checks) == 3  # one per backend
     assert {(c.gb, c.partition_mb) for c in checks if c.backend == "lambda"} >= {(1.0, 25.0), (12.6, 100.0)}
 
 
 def test_less_memory_is_a_smaller_cpu_share_and_slower_and_beyond_the_quota_environments_are_reused():
-    profile = est.paper_profile("lambda")
-    full = est.estimate(profile, est.Target("lambda", 4, 25), PRICES)
-    small = est.estimate(profile, est.Target("lambda", 4, 25, memory_mb=1769), PRICES)  # 1 vCPU against 5.79
+    profile = estimate_profiles.paper_profile("lambda")
+    full = estimate.estimate(profile, estimate_model.Target("lambda", 4, 25), PRICES)
+    small = estimate.estimate(
+        profile, estimate_model.Target("lambda", 4, 25, memory_mb=1769), PRICES
+    )  # 1 vCPU against 5.79
     assert small.time_s_p50 > 3 * full.time_s_p50 and small.memory_mb == 1769
-    capped = est.estimate(profile, est.Target("lambda", 4, 25, concurrency=50), PRICES)
+    capped = estimate.estimate(profile, estimate_model.Target("lambda", 4, 25, concurrency=50), PRICES)
     # 164 functions through 50 environments: some run 4 units one after another, each at least the typical one
     typical_unit = profile.profile.unit_overhead_s + profile.profile.compute_s_per_sample * 1276
     assert capped.slots == 50 and capped.time_s_p50 >= 4 * typical_unit > full.time_s_p50
@@ -148,7 +154,7 @@ def hpc_run(gb, wall_s, per_sample=0.002, startup=1.0):
 
 def test_a_profile_from_records_holds_their_rates_and_calibrates_the_rest_of_the_wall_per_run():
     runs = [hpc_run(0.02, 5.0), hpc_run(0.05, 8.0)]
-    source = est.profile_from_records(runs, "hpc", "store")
+    source = estimate_profiles.profile_from_records(runs, "hpc", "store")
     assert source.profile.compute_s_per_sample == pytest.approx(0.002)
     assert list(source.profile.cold_s) == [1.0, 1.0] and source.slots == 1
     # Each run's own units take 1 s + 0.002 s x its samples; what is left of its wall is the run overhead
@@ -164,13 +170,13 @@ def test_each_stored_run_is_predicted_from_the_others():
         run["summary"]["wall_s"] = 2.0 + sum(w["startup_s"] + w["load_s"] + w["compute_s"] for w in run["workers"])
         runs.append(run)
     runs.append(hand_record("cpu", 3.0))  # not a backend the estimate simulates: left out
-    checks, skipped = est.validate_store_records(runs, "store")
+    checks, skipped = estimate_checks.validate_store_records(runs, "store")
     assert not skipped and [c.backend for c in checks] == ["hpc"] * 3
-    assert all(abs(c.error) < 1e-9 for c in checks) and est.median_abs_error(checks) < 1e-9
+    assert all(abs(c.error) < 1e-9 for c in checks) and estimate_checks.median_abs_error(checks) < 1e-9
     # A run whose machine was twice as slow is predicted at half its wall
     slow = hpc_run(0.05, 0.0, per_sample=0.004, startup=2.0)
     slow["summary"]["wall_s"] = 2 * runs[1]["summary"]["wall_s"]
-    checks, _ = est.validate_store_records([*runs[:3], slow], "store")
+    checks, _ = estimate_checks.validate_store_records([*runs[:3], slow], "store")
     assert checks[-1].error == pytest.approx(-0.5, abs=0.05)
 
 
@@ -183,7 +189,7 @@ def test_a_lambda_runs_invocations_give_the_cold_and_warm_time_beyond_the_handle
     sent = [(True, 2.1 + 0.5), (False, 1.1 + 0.25), (False, 1.1 + 0.35), (False, 1.1 + 0.3), (False, 1.1 + 0.3)]
     run["backend_info"] = {"max_concurrency": 1, "memory_mb": 3538, "invocations": [
         {"request_id": f"req-{i}", "client_s": s, "cold": cold} for i, (cold, s) in enumerate(sent)]}  # fmt: skip
-    source = est.profile_from_records([run], "lambda", "store")
+    source = estimate_profiles.profile_from_records([run], "lambda", "store")
     # start-up 1 s, and the cold invocation's 0.5 s beyond its records less the 0.3 s every invocation has
     assert list(source.profile.cold_s) == pytest.approx([1.2])
     assert source.profile.unit_overhead_s == pytest.approx(0.3)  # the warm invocations' median gap
@@ -247,41 +253,41 @@ def test_a_profile_with_no_usable_records_is_one_line_and_exit_2(cli, tmp_path):
 
 def test_holding_out_the_point_leaves_a_runs_own_repeats_out_of_its_profile():
     repeats = [hpc_run(0.05, 8.0), hpc_run(0.05, 9.0)]
-    checks, skipped = est.validate_store_records(repeats, "store", hold_out="run")
+    checks, skipped = estimate_checks.validate_store_records(repeats, "store", hold_out="run")
     assert len(checks) == 2 and not skipped
-    checks, skipped = est.validate_store_records(repeats, "store", hold_out="point")
+    checks, skipped = estimate_checks.validate_store_records(repeats, "store", hold_out="point")
     assert not checks and len(skipped) == 2 and "no other hpc point" in skipped[0]
-    checks, skipped = est.validate_store_records([*repeats, hpc_run(0.1, 12.0)], "store", hold_out="point")
+    checks, skipped = estimate_checks.validate_store_records([*repeats, hpc_run(0.1, 12.0)], "store", hold_out="point")
     assert len(checks) == 3 and not skipped
     with pytest.raises(UserError, match="--hold-out must be one of"):
-        est.validate_store_records(repeats, "store", hold_out="machine")
+        estimate_checks.validate_store_records(repeats, "store", hold_out="machine")
 
 
 def test_each_backend_may_have_its_own_profile():
-    assert est.profile_sources("paper", ("lambda", "hpc")) == {"lambda": "paper", "hpc": "paper"}
-    assert est.profile_sources("lambda=paper,hpc=r/hpc", ("lambda", "hpc")) == {"lambda": "paper", "hpc": "r/hpc"}
+    assert estimate.profile_sources("paper", ("lambda", "hpc")) == {"lambda": "paper", "hpc": "paper"}
+    assert estimate.profile_sources("lambda=paper,hpc=r/hpc", ("lambda", "hpc")) == {"lambda": "paper", "hpc": "r/hpc"}
     with pytest.raises(UserError, match="no source for gpu"):
-        est.profile_sources("lambda=paper", ("lambda", "gpu"))
+        estimate.profile_sources("lambda=paper", ("lambda", "gpu"))
     with pytest.raises(UserError, match="backend=source pairs"):
-        est.profile_sources("tpu=paper", ("lambda",))
+        estimate.profile_sources("tpu=paper", ("lambda",))
 
 
 def test_an_hpc_workers_lanes_split_its_partitions_and_its_threads_are_the_cpu_share_compute_scales_with():
     # One worker of 2 lanes x 1 thread computing at 0.002 s per sample; two workers of 1 thread at 0.004
     two_lanes = hpc_run(0.05, 4.0)
     two_lanes["backend_info"] = {"workers": 1, "lanes": 2, "threading": {"lanes": 2, "intra_op_threads": 1}}
-    assert est.run_slots(two_lanes) == 1 and est.run_cpu_share(two_lanes) == 2
+    assert estimate_profiles.run_slots(two_lanes) == 1 and estimate_profiles.run_cpu_share(two_lanes) == 2
     one_thread = hpc_run(0.05, 4.0, per_sample=0.004)
     one_thread["backend_info"] = {"workers": 2, "threads_per_worker": 1}
-    source = est.profile_from_records([two_lanes, one_thread], "hpc", "store")
+    source = estimate_profiles.profile_from_records([two_lanes, one_thread], "hpc", "store")
     # The share of the runs' median (1.5 threads): both runs' compute is the same work per thread
     assert source.profile.cpu_share == 1.5 and source.profile.compute_s_per_sample == pytest.approx(0.004 / 1.5)
     assert source.profile.compute_excess_s == pytest.approx(np.zeros(len(source.profile.compute_excess_s)))
-    one = est.estimate(source, est.Target("hpc", 10, 2, tasks=64, cores_per_task=1), PRICES)
-    two = est.estimate(source, est.Target("hpc", 10, 2, tasks=64, cores_per_task=2), PRICES)
+    one = estimate.estimate(source, estimate_model.Target("hpc", 10, 2, tasks=64, cores_per_task=1), PRICES)
+    two = estimate.estimate(source, estimate_model.Target("hpc", 10, 2, tasks=64, cores_per_task=2), PRICES)
     assert one.slots == 64 and two.time_s_p50 < 0.75 * one.time_s_p50  # compute halves; start-up and reads do not
-    priced = est.estimate(
-        source, est.Target("hpc", 10, 2, tasks=64, cores_per_task=2), replace(PRICES, core_hour_usd=1)
+    priced = estimate.estimate(
+        source, estimate_model.Target("hpc", 10, 2, tasks=64, cores_per_task=2), replace(PRICES, core_hour_usd=1)
     )
     assert priced.cost_usd_p50 > 0
 
@@ -290,11 +296,11 @@ def test_an_emulated_function_has_no_more_cpus_than_the_machine_shares_between_t
     run = hand_record("lambda", 5.0, gb=0.02, partition_mb=5.0)
     run["environment"]["cpu_affinity"] = 2
     run["backend_info"] = {"emulated": True, "cpu_share": 2, "max_concurrency": 2, "memory_mb": 10240}
-    assert est.run_cpu_share(run) == 1.0  # two environments at once on 2 CPUs
+    assert estimate_profiles.run_cpu_share(run) == 1.0  # two environments at once on 2 CPUs
     run["backend_info"]["max_concurrency"] = 1
-    assert est.run_cpu_share(run) == 2.0
+    assert estimate_profiles.run_cpu_share(run) == 2.0
     run["backend_info"]["emulated"] = False  # on AWS: the memory's share
-    assert est.run_cpu_share(run) == pytest.approx(10240 / 1769)
+    assert estimate_profiles.run_cpu_share(run) == pytest.approx(10240 / 1769)
 
 
 # ---------------------------------------------------------------------------------------------- honest answers
@@ -317,33 +323,35 @@ def test_the_interval_factor_is_the_conformal_rank_of_the_scores_and_needs_enoug
 
 
 def test_the_paper_profile_states_its_error_and_its_interval_covers_at_least_80_percent_held_out():
-    checks = [c for c in est.validate_paper(trials=50) if c.backend == "lambda"]
+    checks = [c for c in estimate_checks.validate_paper(trials=50) if c.backend == "lambda"]
     assert len(checks) == 28 and sum(c.calibration for c in checks) == 1
-    error = est.errors_by_backend(checks, "paper")["lambda"]
+    error = estimate_checks.errors_by_backend(checks, "paper")["lambda"]
     assert len(error.points) == 27  # the calibration point is not one of them
     covered, bounded = error.coverage()
     assert bounded == 27 and covered / bounded >= 0.8
-    source = est.load_profile("paper", "lambda")
-    e = est.estimate(source, est.Target("lambda", 1000, 100, orchestrator="stepfunctions"), PRICES)
+    source = estimate.load_profile("paper", "lambda")
+    e = estimate.estimate(source, estimate_model.Target("lambda", 1000, 100, orchestrator="stepfunctions"), PRICES)
     # No longer a band of 0.5%: the model has been 31% low and 53% high on the paper's own points
     assert e.time_s_low < e.time_s_p50 / 1.2 and e.time_s_high > e.time_s_p50 * 1.2
     assert "27 other published" in e.interval and e.time_kind == "wall"
 
 
 def test_the_papers_hpc_and_gpu_are_compute_time_and_an_hpc_task_is_priced_for_its_cores():
-    hpc = est.load_profile("paper", "hpc")
-    unpriced = est.estimate(hpc, est.Target("hpc", 100, 25), replace(PRICES, core_hour_usd=0.05))
+    hpc = estimate.load_profile("paper", "hpc")
+    unpriced = estimate.estimate(hpc, estimate_model.Target("hpc", 100, 25), replace(PRICES, core_hour_usd=0.05))
     assert unpriced.time_kind == "compute" and unpriced.cost_usd_p50 is None  # the paper gives no core count
-    node = est.estimate(hpc, est.Target("hpc", 100, 25, cores_per_task=40), replace(PRICES, core_hour_usd=0.05))
+    node = estimate.estimate(
+        hpc, estimate_model.Target("hpc", 100, 25, cores_per_task=40), replace(PRICES, core_hour_usd=0.05)
+    )
     assert node.cost_usd_p50 == pytest.approx(node.time_s_p50 / 3600 * 40 * 0.05, rel=1e-6)
     assert node.cost["core_hours"] == pytest.approx(node.time_s_p50 / 3600 * 40, rel=1e-6)
-    assert est.load_profile("paper", "gpu").time_kind == "compute"
+    assert estimate.load_profile("paper", "gpu").time_kind == "compute"
 
 
 def test_a_deadline_ranks_only_wall_clock_settings_by_cost_and_marks_the_frontier():
     from cai_bench.analysis.decide import decide, frontier, parse_deadline
 
-    request = est.EstimateRequest(("lambda", "gpu"), (100.0,), (25.0, 100.0), PRICES, "paper",
+    request = estimate.EstimateRequest(("lambda", "gpu"), (100.0,), (25.0, 100.0), PRICES, "paper",
                                   memory_mbs=(2048, 10240), trials=20)  # fmt: skip
     decision = decide(request, parse_deadline("2m"), None)
     assert decision.left_out and decision.left_out[0].startswith("gpu: its profile is compute time only")
@@ -404,23 +412,26 @@ def slurm_run(gb, wall_s, offsets, parallelism=2, per_task=3):
 
 def test_slurm_runs_make_an_array_profile_with_the_launch_rate_their_tasks_started_at():
     runs = [slurm_run(0.02, 6.0, [0.0, 0.25]), slurm_run(0.05, 9.0, [0.0, 0.75, 3.0]), slurm_run(0.05, 9.5, [0.0, 0.0])]
-    assert est.run_groups(runs[1]) == (3, 3, 3, 3, 3, 3, 3, 3, 2) and est.run_slots(runs[1]) == 2  # 26 units
-    assert [est.array_launch_rate(r) for r in runs] == [4.0, pytest.approx(1 / 0.75), None]
-    source = est.profile_from_records(runs, "hpc", "store")
+    assert (
+        estimate_profiles.run_groups(runs[1]) == (3, 3, 3, 3, 3, 3, 3, 3, 2)
+        and estimate_profiles.run_slots(runs[1]) == 2
+    )  # 26 units
+    assert [estimate_profiles.array_launch_rate(r) for r in runs] == [4.0, pytest.approx(1 / 0.75), None]
+    source = estimate_profiles.profile_from_records(runs, "hpc", "store")
     assert source.array.runs == 3 and source.array.launch_per_s == pytest.approx((4.0 + 1 / 0.75) / 2)
-    target = est.Target("hpc", 1, 2, tasks=8, array_tasks=64)
-    e = est.estimate(source, target, replace(PRICES, core_hour_usd=1.0))
+    target = estimate_model.Target("hpc", 1, 2, tasks=8, array_tasks=64)
+    e = estimate.estimate(source, target, replace(PRICES, core_hour_usd=1.0))
     assert e.array_tasks == 64 and e.slots == 8 and e.label == "hpc array 64 tasks, 8 at once"
-    slower = est.estimate(source, replace(target, shared_read_gbps=0.001), PRICES)
+    slower = estimate.estimate(source, replace(target, shared_read_gbps=0.001), PRICES)
     assert slower.time_s_p50 > 2 * e.time_s_p50  # 1 GB through 1 MB/s shared
-    checks, _ = est.validate_store_records(runs, "store", trials=20)
-    assert len(checks) == 3 and all(c.group == est.ARRAY_GROUP for c in checks)
+    checks, _ = estimate_checks.validate_store_records(runs, "store", trials=20)
+    assert len(checks) == 3 and all(c.group == estimate_profiles.ARRAY_GROUP for c in checks)
 
 
 def test_a_gpu_profile_takes_each_units_busy_time_not_its_overlapping_latency():
     run = hand_record("gpu", 5.0, gb=0.02, partition_mb=2.0)
     for worker in run["workers"]:
         worker["busy_s"] = worker["compute_s"] / 4  # batches shared with neighbours: 4 latencies per busy second
-    source = est.profile_from_records([run], "gpu", "store")
+    source = estimate_profiles.profile_from_records([run], "gpu", "store")
     per_sample = np.median([w["compute_s"] / 4 / w["samples"] for w in run["workers"]])
     assert source.profile.compute_s_per_sample == pytest.approx(per_sample)

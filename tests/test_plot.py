@@ -121,9 +121,11 @@ def test_figures_read_at_a_glance_labels_that_apply_legends_below_and_a_note_whe
 
 
 def test_the_estimate_figures_interval_band_has_a_legend_entry():
-    from cai_bench.analysis import estimate as est
+    from cai_bench.analysis import estimate, estimate_model
     from cai_bench.backends.aws_lambda import pricing
 
-    request = est.EstimateRequest(("lambda",), (1.0, 4.0), (25.0,), est.Prices(pricing.PRICES), "paper", trials=20)
-    figure = estimates.estimate_figure(est.estimate_command(request))
+    request = estimate.EstimateRequest(
+        ("lambda",), (1.0, 4.0), (25.0,), estimate_model.Prices(pricing.PRICES), "paper", trials=20
+    )
+    figure = estimates.estimate_figure(estimate.estimate_command(request))
     assert "80% interval (model error)" in figure.axes[0].get_legend_handles_labels()[1]

@@ -9,15 +9,9 @@ from typing import Annotated
 import typer
 
 from cai_bench.analysis.decide import decide, parse_budget, parse_deadline
-from cai_bench.analysis.estimate import (
-    DEFAULT_QUOTA,
-    EstimateRequest,
-    Prices,
-    errors_by_backend,
-    estimate_command,
-    validate_paper,
-    validate_store,
-)
+from cai_bench.analysis.estimate import EstimateRequest, estimate_command
+from cai_bench.analysis.estimate_checks import errors_by_backend, validate_paper, validate_store
+from cai_bench.analysis.estimate_model import DEFAULT_QUOTA, Prices
 from cai_bench.backends.aws_lambda import pricing
 from cai_bench.cli import options as o
 from cai_bench.cli.app import app
