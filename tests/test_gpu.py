@@ -13,7 +13,9 @@ import pytest
 import torch
 from conftest import check_timeline
 
-from cai_bench.backends.gpu import PinnedPool, parse_devices, run_devices
+from cai_bench.backends.gpu.backend import run_devices
+from cai_bench.backends.gpu.devices import parse_devices
+from cai_bench.backends.gpu.host_buffers import PinnedPool
 from cai_bench.commands.runner import execute
 from cai_bench.core.errors import UserError
 from cai_bench.core.plan import make_plan
@@ -114,13 +116,13 @@ def test_the_gpu_benchmark_script_runs_end_to_end_shrunk_on_the_cpu(tmp_path, mo
 
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     disk_pass = []
-    real_run_devices = bench_gpu.gpu.run_devices
+    real_run_devices = bench_gpu.backend.run_devices
 
     def spied(plan, emit, devices):
         disk_pass.append(plan.precision)
         return real_run_devices(plan, emit, devices)
 
-    monkeypatch.setattr(bench_gpu.gpu, "run_devices", spied)
+    monkeypatch.setattr(bench_gpu.backend, "run_devices", spied)
     figures = bench_gpu.main(["--shrink", "--work-dir", str(tmp_path / "work")])
     assert figures["device"] == "cpu" and figures["shrunk"] is True
     assert disk_pass == [figures["precision"]] and figures["precision"] != "auto"  # chosen once, run by both
@@ -202,34 +204,34 @@ def test_where_bench_gpu_cannot_run_it_says_what_is_missing_in_one_line(monkeypa
 
 
 def test_a_gpu_runs_no_int8_neither_asked_for_nor_forced_on_the_probe(monkeypatch, tiny_data):
-    from cai_bench.backends import gpu
+    from cai_bench.backends.gpu import backend, start
     from cai_bench.backends.registry import check_precision
     from cai_bench.inference.worker import EngineOptions
 
     with pytest.raises(UserError, match="--backend gpu runs auto, fp32, tf32, bf16, fp16"):
-        check_precision(gpu.create(), "int8")
+        check_precision(backend.create(), "int8")
     options = EngineOptions(batch_size=16, precision="int8", device="cpu")
     with pytest.raises(UserError, match="a device worker runs"):
-        gpu.start_gpu_worker("w", options, None, 0, False)
+        start.start_gpu_worker("w", options, None, 0, False)
     monkeypatch.setenv("CAI_BENCH_FORCE_PROBE", "int8")
     with pytest.raises(UserError, match="give fp32 or tf32 or bf16 or fp16"):
-        gpu.choose_gpu_precision(None, torch.device("cpu"), True)
+        start.choose_gpu_precision(None, torch.device("cpu"), True)
 
 
 def test_tf32_is_set_from_the_precision_of_the_worker_whose_partition_runs(tiny_data):
-    from cai_bench.backends import gpu
+    from cai_bench.backends.gpu import host_buffers, pipeline, start
     from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=16, precision="fp32", device="cpu")
-    labelled_tf32 = gpu.start_gpu_worker("a", options, None, 0, False)
+    labelled_tf32 = start.start_gpu_worker("a", options, None, 0, False)
     labelled_tf32.precision = "tf32"  # as a tf32 worker is on a GPU; the CPU device only stands in for one
-    fp32 = gpu.start_gpu_worker("b", options, None, 0, False)  # a later worker, as bench-gpu's reference
+    fp32 = start.start_gpu_worker("b", options, None, 0, False)  # a later worker, as bench-gpu's reference
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), labelled_tf32, 0.0)
+        pipeline.run_gpu_partition(host_buffers.read_into(None, refs[0], True), labelled_tf32, 0.0)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), fp32, 0.0)
+        pipeline.run_gpu_partition(host_buffers.read_into(None, refs[0], True), fp32, 0.0)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -239,7 +241,7 @@ def test_tf32_is_set_from_the_precision_of_the_worker_whose_partition_runs(tiny_
 def test_the_devices_busy_time_is_given_over_the_wall_too_gaps_between_partitions_included():
     from types import SimpleNamespace
 
-    from cai_bench.backends.gpu import DeviceTotals
+    from cai_bench.backends.gpu.backend import DeviceTotals
 
     totals = DeviceTotals()
     for busy, compute in ((0.8, 1.0), (0.9, 1.0)):  # two partitions, with a second's gap between them
@@ -261,19 +263,19 @@ def test_the_devices_busy_time_is_given_over_the_wall_too_gaps_between_partition
     ],
 )
 def test_each_device_worker_sees_only_its_own_gpu(device, visible, environment, local):
-    from cai_bench.backends.gpu import device_visibility
+    from cai_bench.backends.gpu.devices import device_visibility
 
     assert device_visibility(device, visible) == (environment, local)
 
 
 def test_a_device_workers_records_name_the_device_as_the_run_does(tiny_data):
-    from cai_bench.backends import gpu
+    from cai_bench.backends.gpu import host_buffers, pipeline, start
     from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=16, precision="fp32", device="cpu")
-    worker = gpu.start_gpu_worker("w", options, None, 0, False, label="cpu (as cuda:3)")
-    result = gpu.run_gpu_partition(gpu.read_into(None, refs[0], True), worker, 0.0)
+    worker = start.start_gpu_worker("w", options, None, 0, False, label="cpu (as cuda:3)")
+    result = pipeline.run_gpu_partition(host_buffers.read_into(None, refs[0], True), worker, 0.0)
     assert result.record.device == "cpu (as cuda:3)" == worker.choices["device"]
 
 
@@ -297,30 +299,30 @@ def test_under_bf16_the_output_layer_computes_in_float32_on_the_same_weights():
 
 
 def test_a_bf16_device_worker_runs_its_output_layer_in_float32():
-    from cai_bench.backends import gpu
+    from cai_bench.backends.gpu import start
     from cai_bench.inference.worker import EngineOptions
     from cai_bench.model.inference import Float32Linear
 
-    bf16 = gpu.start_gpu_worker("w", EngineOptions(batch_size=16, precision="bf16", device="cpu"), None, 0, False)
+    bf16 = start.start_gpu_worker("w", EngineOptions(batch_size=16, precision="bf16", device="cpu"), None, 0, False)
     assert bf16.choices["float32_output_layer"] == "concat_block.2"
     assert isinstance(bf16.model.concat_block[2], Float32Linear)
-    fp32 = gpu.start_gpu_worker("w", EngineOptions(batch_size=16, precision="fp32", device="cpu"), None, 0, False)
+    fp32 = start.start_gpu_worker("w", EngineOptions(batch_size=16, precision="fp32", device="cpu"), None, 0, False)
     assert "float32_output_layer" not in fp32.choices
 
 
 def test_batches_span_partitions_and_give_each_its_outputs_once_in_order_equal_to_a_plain_forward(tiny_data):
-    from cai_bench.backends import gpu
+    from cai_bench.backends.gpu import host_buffers, pipeline, start
     from cai_bench.data.partitions import read_partition
     from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)  # 4 partitions of 26 galaxies
     units = [*refs, refs[0]]  # the first one twice, as --cycle-to-gb runs it
     options = EngineOptions(batch_size=16, precision="fp32", device="cpu")
-    worker = gpu.start_gpu_worker("w", options, None, 0, False)
-    stream = gpu.PartitionStream(worker)
+    worker = start.start_gpu_worker("w", options, None, 0, False)
+    stream = pipeline.PartitionStream(worker)
     finished = []
     for position, ref in enumerate(units):
-        finished += stream.feed(position, gpu.read_into(None, ref, True), 0.0)
+        finished += stream.feed(position, host_buffers.read_into(None, ref, True), 0.0)
     # 130 rows in batches of 16: 8 launched while feeding; the last 2 rows, and the last unit, wait for the drain
     assert len(finished) == 4 and finished[-1][0] == 3
     finished += stream.drain()
@@ -336,28 +338,28 @@ def test_batches_span_partitions_and_give_each_its_outputs_once_in_order_equal_t
 
 
 def test_where_a_batch_fails_every_partition_in_flight_fails_with_it(tiny_data, monkeypatch):
-    from cai_bench.backends import gpu
+    from cai_bench.backends.gpu import host_buffers, pipeline, start
     from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)
     options = EngineOptions(batch_size=32, precision="fp32", device="cpu")
-    worker = gpu.start_gpu_worker("w", options, None, 0, False)
-    stream = gpu.PartitionStream(worker)
-    assert stream.feed(7, gpu.read_into(None, refs[0], True), 0.0) == []  # 26 rows: the batch is not full yet
+    worker = start.start_gpu_worker("w", options, None, 0, False)
+    stream = pipeline.PartitionStream(worker)
+    assert stream.feed(7, host_buffers.read_into(None, refs[0], True), 0.0) == []  # 26 rows: the batch is not full yet
 
     def broken(worker, slot):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(gpu, "_forward", broken)
-    failed = stream.feed(8, gpu.read_into(None, refs[1], True), 0.0)  # fills the batch, which fails
+    monkeypatch.setattr(pipeline, "forward_batch", broken)
+    failed = stream.feed(8, host_buffers.read_into(None, refs[1], True), 0.0)  # fills the batch, which fails
     assert [position for position, _ in failed] == [7, 8] and all("device lost" in m for _, m in failed)
     monkeypatch.undo()
-    again = stream.feed(9, gpu.read_into(None, refs[2], True), 0.0) + stream.drain()  # the stream starts empty
+    again = stream.feed(9, host_buffers.read_into(None, refs[2], True), 0.0) + stream.drain()  # the stream starts empty
     assert [position for position, _ in again] == [9] and not isinstance(again[0][1], str)
 
 
 def test_a_worker_checks_a_partitions_sha256_on_its_first_read_only(tiny_data):
-    from cai_bench.backends.gpu import once_checked
+    from cai_bench.backends.gpu.host_buffers import once_checked
 
     _, _, refs = open_dataset(tiny_data)
     reads = []
@@ -385,15 +387,15 @@ def test_a_worker_checks_a_partitions_sha256_on_its_first_read_only(tiny_data):
 
 
 def test_reader_threads_are_the_cores_shared_between_the_devices_two_to_eight(monkeypatch):
-    from cai_bench.backends import gpu
+    from cai_bench.backends.gpu import devices as gpu_devices
 
     for cores, devices, threads in ((2, 1, 2), (16, 1, 8), (16, 4, 4), (64, 8, 8), (4, 8, 2)):
-        monkeypatch.setattr(gpu, "allowed_cpus", lambda cores=cores: cores)
-        assert gpu.default_read_ahead(devices) == threads
+        monkeypatch.setattr(gpu_devices, "allowed_cpus", lambda cores=cores: cores)
+        assert gpu_devices.default_read_ahead(devices) == threads
 
 
 def test_a_union_of_intervals_grows_by_what_each_new_one_extends_it():
-    from cai_bench.backends.gpu import DeviceUnion
+    from cai_bench.backends.gpu.pipeline import DeviceUnion
 
     union = DeviceUnion()
     # [0, 2], [1, 3] overlapping, [3, 3.5] touching, [1.5, 2.5] inside, [5, 6] after a gap
@@ -407,13 +409,13 @@ def test_partitions_sharing_batches_split_the_devices_busy_time_and_their_parts_
     up to; their latencies add up to more."""
     import time
 
-    from cai_bench.backends import gpu
+    from cai_bench.backends.gpu import backend, host_buffers, pipeline, start
     from cai_bench.core.records import summarize_run
     from cai_bench.inference.worker import EngineOptions
 
     _, _, refs = open_dataset(tiny_data)
-    worker = gpu.start_gpu_worker("w", EngineOptions(batch_size=16, precision="fp32", device="cpu"), None, 0, False)
-    forwards, plain = [], gpu._forward
+    worker = start.start_gpu_worker("w", EngineOptions(batch_size=16, precision="fp32", device="cpu"), None, 0, False)
+    forwards, plain = [], pipeline.forward_batch
 
     def clocked(worker, slot):
         began = time.perf_counter()
@@ -421,13 +423,13 @@ def test_partitions_sharing_batches_split_the_devices_busy_time_and_their_parts_
         forwards.append(time.perf_counter() - began)
         return out
 
-    monkeypatch.setattr(gpu, "_forward", clocked)
-    stream, finished = gpu.PartitionStream(worker), []
+    monkeypatch.setattr(pipeline, "forward_batch", clocked)
+    stream, finished = pipeline.PartitionStream(worker), []
     for position, ref in enumerate(refs):
-        finished += stream.feed(position, gpu.read_into(None, ref, True), 0.0)
+        finished += stream.feed(position, host_buffers.read_into(None, ref, True), 0.0)
     finished += stream.drain()
     records = [result.record for _, result in finished]
-    totals = gpu.DeviceTotals()
+    totals = backend.DeviceTotals()
     for record in records:
         totals.add(record)
     parts = sum(r.busy_s for r in records)
@@ -444,12 +446,12 @@ def test_partitions_sharing_batches_split_the_devices_busy_time_and_their_parts_
 
 
 def test_the_gpu_precision_probe_times_its_candidates_taking_turns(monkeypatch):
-    from cai_bench.backends import gpu
+    from cai_bench.backends.gpu import start
 
     order = []
-    monkeypatch.setattr(gpu, "_time_once", lambda run, device, p: (order.append(p) or {"a": 2.0, "b": 1.0}[p],
+    monkeypatch.setattr(start, "_time_once", lambda run, device, p: (order.append(p) or {"a": 2.0, "b": 1.0}[p],
                                                                     torch.zeros(1)))  # fmt: skip
-    seconds, outputs = gpu._probe_seconds({"a": None, "b": None}, torch.device("cpu"), rounds=3)
+    seconds, outputs = start._probe_seconds({"a": None, "b": None}, torch.device("cpu"), rounds=3)
     assert order == ["a", "b", "a", "b", "a", "b"] and seconds == {"a": 2.0, "b": 1.0} and set(outputs) == {"a", "b"}
 
 

@@ -29,7 +29,7 @@ ENTRY_POINTS = "cai_bench.backends"
 BUILT_IN = {
     "cpu": "cai_bench.backends.cpu",
     "hpc": "cai_bench.backends.hpc",
-    "gpu": "cai_bench.backends.gpu",
+    "gpu": "cai_bench.backends.gpu.backend",
     "lambda": "cai_bench.backends.aws_lambda.driver",
 }
 _REGISTERED: dict[str, Callable[[], Backend]] = {}

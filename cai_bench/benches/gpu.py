@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cai_bench.backends import gpu
+from cai_bench.backends.gpu import backend, host_buffers, pipeline, start
 from cai_bench.core.machine import capture_environment
 from cai_bench.core.plan import BITS_PER_SAMPLE, make_plan, work_units
 from cai_bench.data.partitions import open_dataset, synthesize
@@ -80,28 +80,28 @@ def _chosen_against_fp32(refs, options: EngineOptions, cuda_graphs: bool):
     """The worker of the precision ``auto`` chooses, and its largest difference from fp32 on the first partition."""
     import torch  # the benchmark runs the device worker's own code, through torch
 
-    chosen = gpu.start_gpu_worker("bench", options, None, 0, cuda_graphs)
-    reference = gpu.start_gpu_worker("fp32", dataclasses.replace(options, precision="fp32"), None, 0, False)
-    first = gpu.read_into(None, refs[0], verify=True)
-    ours = gpu.run_gpu_partition(first, chosen, 0.0).prediction
-    theirs = gpu.run_gpu_partition(first, reference, 0.0).prediction
+    chosen = start.start_gpu_worker("bench", options, None, 0, cuda_graphs)
+    reference = start.start_gpu_worker("fp32", dataclasses.replace(options, precision="fp32"), None, 0, False)
+    first = host_buffers.read_into(None, refs[0], verify=True)
+    ours = pipeline.run_gpu_partition(first, chosen, 0.0).prediction
+    theirs = pipeline.run_gpu_partition(first, reference, 0.0).prediction
     del reference
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return chosen, float(np.abs(ours - theirs).max())
 
 
-def _from_host_memory(refs, units, chosen) -> tuple[float, gpu.DeviceTotals]:
+def _from_host_memory(refs, units, chosen) -> tuple[float, backend.DeviceTotals]:
     """Every partition pinned once, then the cycled units through one stream of the worker's batches, as a device
     worker runs them (batches spanning partitions): the wall clock to the last partition's outputs on the host."""
     import torch  # the benchmark runs the device worker's own code, through torch
 
-    resident = {ref.index: gpu.read_into(None, ref, verify=True) for ref in refs}
-    gpu.run_gpu_partition(resident[units[0].index], chosen, 0.0)  # the first full pass of the code path
+    resident = {ref.index: host_buffers.read_into(None, ref, verify=True) for ref in refs}
+    pipeline.run_gpu_partition(resident[units[0].index], chosen, 0.0)  # the first full pass of the code path
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    totals = gpu.DeviceTotals()
-    stream = gpu.PartitionStream(chosen)
+    totals = backend.DeviceTotals()
+    stream = pipeline.PartitionStream(chosen)
     began = time.perf_counter()
     finished = []
     for position, ref in enumerate(units):
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall_memory, totals = _from_host_memory(refs, units, chosen)
     del chosen
     emitted = []
-    run = gpu.run_devices(plan, emitted.append, [device])
+    run = backend.run_devices(plan, emitted.append, [device])
     ran = {r.record.precision for r in emitted}
     if ran != {precision}:
         raise SystemExit(f"bench-gpu: the disk pass ran {', '.join(sorted(ran))}, not the chosen {precision}")
