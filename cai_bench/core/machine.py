@@ -89,7 +89,7 @@ def _command_output(*args: str, timeout: float = 10) -> str | None:
 
 def _git_commit() -> dict:
     """The tool's own commit when it runs from a checkout; nothing otherwise."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: cai_bench/core/machine.py is two folders down
     if not (root / ".git").exists():
         return {}
     commit = _command_output("git", "-C", str(root), "rev-parse", "HEAD")

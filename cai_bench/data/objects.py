@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cai_bench.core.errors import UserError
+from cai_bench.data.rechunk import rechunk
 
 OBJECTS = "objects.parquet"
 ID_TYPES = ("int64", "string")
@@ -86,25 +87,16 @@ def iter_objects(data: bytes, entry: ObjectsEntry, where: str) -> Iterator[dict[
 
 
 def rows_for(batches: Iterator[dict[str, np.ndarray]]) -> Callable[[int, int], dict[str, np.ndarray]]:
-    """A function giving rows [start, start + n) of a table read front to back, for consecutive requests."""
-    pending: list[dict[str, np.ndarray]] = []
-    held, position = 0, 0
+    """A function giving rows [start, start + n) of a table read front to back (``rechunk``), for consecutive
+    requests only."""
+    take = rechunk(batches, ended=lambda row: UserError(f"the objects table ends at row {row}, before the rows the partitions hold"))
+    position = 0
 
-    def take(start: int, n: int) -> dict[str, np.ndarray]:
-        nonlocal held, position
+    def rows(start: int, n: int) -> dict[str, np.ndarray]:
+        nonlocal position
         if start != position:
             raise UserError(f"objects table read out of order: rows from {start} asked, {position} next")
-        while held < n:
-            batch = next(batches, None)
-            if batch is None:
-                raise UserError(f"the objects table ends before row {start + n}")
-            pending.append(batch)
-            held += len(next(iter(batch.values())))
-        merged = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
-        rest = {k: v[n:] for k, v in merged.items()}
-        pending[:] = [rest] if held > n else []
-        held -= n
         position += n
-        return {k: v[:n] for k, v in merged.items()}
+        return take(n)
 
-    return take
+    return rows

@@ -11,6 +11,7 @@ directory with a manifest is always a whole data set.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -37,6 +38,7 @@ from cai_bench.core.plan import (
 from cai_bench.core.shapes import FLAG, INT, LIST, NUMBER, TABLE, TEXT, problem
 from cai_bench.data import synthetic
 from cai_bench.data.objects import ID_TYPES, ObjectsEntry, check_objects_bytes
+from cai_bench.data.rechunk import rechunk
 from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
 
 if TYPE_CHECKING:
@@ -383,23 +385,10 @@ def _dataset_id(entries: list[PartitionEntry]) -> str:
 
 
 def rebatch(stream: Iterator[synthetic.GalaxyBatch]) -> Callable[[int], synthetic.GalaxyBatch]:
-    """A ``take(n)`` that cuts batches of any size, read from ``stream`` in order, into batches of ``n``: what
-    ``write_partitions`` asks for. Only what one partition needs is held."""
-    pending: list[synthetic.GalaxyBatch] = []
-    fields = ("images", "magnitudes", "redshift", "object_id")
-
-    def take(n: int) -> synthetic.GalaxyBatch:
-        held = sum(len(b) for b in pending)
-        while held < n:
-            batch = next(stream)
-            pending.append(batch)
-            held += len(batch)
-        merged = synthetic.GalaxyBatch(*(np.concatenate([getattr(b, f) for b in pending]) for f in fields))
-        rest = synthetic.GalaxyBatch(*(getattr(merged, f)[n:] for f in fields))
-        pending[:] = [rest] if len(rest) else []
-        return synthetic.GalaxyBatch(*(getattr(merged, f)[:n] for f in fields))
-
-    return take
+    """A ``take(n)`` that cuts galaxy batches of any size, read from ``stream`` in order, into batches of ``n``:
+    what ``write_partitions`` asks for (``rechunk`` over the batch's fields)."""
+    take = rechunk(dataclasses.asdict(batch) for batch in stream)
+    return lambda n: synthetic.GalaxyBatch(**take(n))
 
 
 def write_partitions(staging: Path, sizes: list[int], take: Callable[[int], synthetic.GalaxyBatch],
