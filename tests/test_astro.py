@@ -22,7 +22,8 @@ from cai_bench.commands import predict
 from cai_bench.core.files import file_sha256
 from cai_bench.core.plan import make_plan
 from cai_bench.data.catalogue import FLAGS, MAG_OUT_OF_RANGE, RANDOM_WEIGHTS, Z_OUT_OF_RANGE, read_catalogue
-from cai_bench.data.partitions import load_manifest, open_dataset, read_partition
+from cai_bench.data.manifest import load_manifest
+from cai_bench.data.partitions import open_dataset, read_partition
 from cai_bench.measure.photoz import point_metrics
 
 N = 90  # two FITS files of 50 and 40; partitions of 0.5 MB (26 objects) cut across them

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_cli import one_error_line
 
-from cai_bench.data.partitions import MANIFEST
+from cai_bench.data.storage import MANIFEST
 
 
 def _garbage(path: Path, size: int = 4096, seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai_bench.data.partitions import MANIFEST
+from cai_bench.data.storage import MANIFEST
 
 
 def one_error_line(err: str) -> str:

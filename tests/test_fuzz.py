@@ -20,7 +20,8 @@ from torch.utils.data import TensorDataset
 
 from cai_bench.core.errors import UserError
 from cai_bench.data import upstream
-from cai_bench.data.partitions import MANIFEST, open_dataset, read_partition
+from cai_bench.data.partitions import open_dataset, read_partition
+from cai_bench.data.storage import MANIFEST
 from cai_bench.model.astromae import build_model
 from cai_bench.model.checkpoint import _read_any_checkpoint, check_keys, filter_upstream_state_dict, load_weights
 

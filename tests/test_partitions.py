@@ -9,15 +9,9 @@ from safetensors.numpy import load_file, save_file
 
 from cai_bench.core.errors import UserError
 from cai_bench.core.plan import samples_for_gb
-from cai_bench.data.partitions import (
-    MANIFEST,
-    load_manifest,
-    open_dataset,
-    read_partition,
-    split,
-    synthesize,
-    verify_dataset,
-)
+from cai_bench.data.manifest import load_manifest
+from cai_bench.data.partitions import open_dataset, read_partition, split, synthesize, verify_dataset
+from cai_bench.data.storage import MANIFEST
 
 
 def rewrite_partition(directory, index, arrays):

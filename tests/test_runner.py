@@ -8,7 +8,8 @@ from cai_bench.core.errors import UserError
 from cai_bench.core.plan import make_plan
 from cai_bench.core.records import SCHEMA_VERSION, summarize_run
 from cai_bench.data import datasets
-from cai_bench.data.partitions import MANIFEST, open_dataset
+from cai_bench.data.partitions import open_dataset
+from cai_bench.data.storage import MANIFEST
 from cai_bench.store.jsonl import ResultsStore
 
 

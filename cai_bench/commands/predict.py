@@ -39,8 +39,9 @@ from cai_bench.data.catalogue import (
     read_catalogue,
     write_catalogue,
 )
+from cai_bench.data.manifest import Manifest, load_manifest
 from cai_bench.data.objects import iter_objects, rows_for
-from cai_bench.data.partitions import Manifest, load_manifest, read_partition_arrays
+from cai_bench.data.partitions import read_partition_arrays
 from cai_bench.data.storage import storage_for
 from cai_bench.measure.photoz import point_metrics, point_metrics_by_bin, upstream_paper_metrics
 from cai_bench.model.export_format import is_export, read_export

@@ -37,7 +37,7 @@ from cai_bench.core.plan import (
 from cai_bench.core.plan import make_sweep as make_sweep_spec
 from cai_bench.core.records import RunRecord
 from cai_bench.data.datasets import resolve_data, synthetic_dir
-from cai_bench.data.partitions import MANIFEST
+from cai_bench.data.storage import MANIFEST
 from cai_bench.data.synthetic import GENERATOR_VERSION
 from cai_bench.inference.loop import auto_precision
 from cai_bench.store.jsonl import ResultsStore

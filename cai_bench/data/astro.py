@@ -24,8 +24,9 @@ from cai_bench.core.errors import UserError, import_extra
 from cai_bench.core.files import file_sha256, staged_directory
 from cai_bench.core.plan import partition_sizes
 from cai_bench.data import synthetic
+from cai_bench.data.manifest import Manifest
 from cai_bench.data.objects import OBJECTS, objects_entry, objects_writer
-from cai_bench.data.partitions import Manifest, Progress, finish_manifest, rebatch, write_partitions
+from cai_bench.data.partitions import Progress, finish_manifest, rebatch, write_partitions
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".he5")

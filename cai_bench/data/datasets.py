@@ -9,7 +9,8 @@ from pathlib import Path
 from cai_bench.core.errors import UserError
 from cai_bench.core.files import cache_dir, exclusive
 from cai_bench.core.plan import DataSummary, PartitionRef
-from cai_bench.data.partitions import MANIFEST, open_dataset, synthesize
+from cai_bench.data.partitions import open_dataset, synthesize
+from cai_bench.data.storage import MANIFEST
 from cai_bench.data.synthetic import GENERATOR_VERSION
 
 DEFAULT_GB = 0.1  # 5,231 samples: 16-20 s of fp32 inference on a 2-core machine

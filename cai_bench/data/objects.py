@@ -89,7 +89,10 @@ def iter_objects(data: bytes, entry: ObjectsEntry, where: str) -> Iterator[dict[
 def rows_for(batches: Iterator[dict[str, np.ndarray]]) -> Callable[[int, int], dict[str, np.ndarray]]:
     """A function giving rows [start, start + n) of a table read front to back (``rechunk``), for consecutive
     requests only."""
-    take = rechunk(batches, ended=lambda row: UserError(f"the objects table ends at row {row}, before the rows the partitions hold"))
+    take = rechunk(
+        batches,
+        ended=lambda row: UserError(f"the objects table ends at row {row}, before the rows the partitions hold"),
+    )
     position = 0
 
     def rows(start: int, n: int) -> dict[str, np.ndarray]:

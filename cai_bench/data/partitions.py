@@ -1,8 +1,7 @@
-"""The partition format: one safetensors file per partition plus a ``manifest.json``.
+"""The partition format: one safetensors file per partition plus a ``manifest.json`` (``manifest.py``).
 
 A partition holds ``images`` f32 [N,5,32,32], ``magnitudes`` f64 [N,5], ``redshift`` f32 [N] and ``object_id``
-i64 [N], each object's position in the data set. The manifest lists every partition with its sample count, byte
-size and sha256, and says where the data came from; a data set imported from survey files also has an objects
+i64 [N], each object's position in the data set. A data set imported from survey files also has an objects
 table (``objects.py``) with each position's survey id, ra and dec.
 
 Data sets are written into a temporary sibling directory and renamed into place when complete, so a
@@ -16,7 +15,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,6 @@ from safetensors import SafetensorError
 from cai_bench.core.errors import UserError
 from cai_bench.core.files import loads_json, staged_directory
 from cai_bench.core.plan import (
-    BYTES_PER_SAMPLE,
     DataSummary,
     PartitionRef,
     data_gb,
@@ -35,53 +33,31 @@ from cai_bench.core.plan import (
     samples_for_gb,
     samples_per_partition,
 )
-from cai_bench.core.shapes import FLAG, INT, LIST, NUMBER, TABLE, TEXT, problem
 from cai_bench.data import synthetic
-from cai_bench.data.objects import ID_TYPES, ObjectsEntry, check_objects_bytes
+from cai_bench.data.objects import ObjectsEntry, check_objects_bytes
 from cai_bench.data.rechunk import rechunk
-from cai_bench.data.storage import MANIFEST, Storage, split_ref, storage_for
+from cai_bench.data.storage import MANIFEST, split_ref, storage_for
 
 if TYPE_CHECKING:
     import torch
+from cai_bench.data.manifest import (
+    FIELDS,
+    FLOAT_FIELDS,
+    SCHEMA_VERSION,
+    Manifest,
+    PartitionEntry,
+    data_summary,
+    load_manifest,
+    partition_refs,
+)
 
-SCHEMA_VERSION = "1.1"  # 1.1: the optional objects table
 MAX_HEADER = 1 << 20  # a partition header is a few hundred bytes; more is not a partition
+
+
 FORMAT = "cai-bench-partition"
-# name -> (safetensors dtype, per-sample shape, numpy dtype)
-FIELDS = {
-    "images": ("F32", (5, 32, 32), np.float32),
-    "magnitudes": ("F64", (5,), np.float64),
-    "redshift": ("F32", (), np.float32),
-    "object_id": ("I64", (), np.int64),
-}
-FLOAT_FIELDS = ("images", "magnitudes", "redshift")
+
 
 Progress = Callable[[int, int], None]  # (samples written so far, total samples)
-
-
-@dataclass
-class PartitionEntry:
-    file: str
-    samples: int
-    bytes: int
-    sha256: str
-
-
-@dataclass
-class Manifest:
-    dataset_id: str
-    source: dict
-    samples: int
-    data_gb: float
-    partition_mb: float
-    samples_per_partition: int
-    partitions: list[PartitionEntry]
-    has_labels: bool = True
-    bytes_per_sample: int = BYTES_PER_SAMPLE
-    schema_version: str = SCHEMA_VERSION
-    created_utc: str = ""
-    fields: dict = field(default_factory=lambda: {k: [v[0], list(v[1])] for k, v in FIELDS.items()})
-    objects: ObjectsEntry | None = None
 
 
 @dataclass
@@ -97,117 +73,6 @@ class Partition:
 
     def __len__(self) -> int:
         return int(self.object_id.shape[0])
-
-
-# ---------------------------------------------------------------------------------------------- manifest
-
-
-_MANIFEST_SHAPE = {
-    "dataset_id": TEXT,
-    "source": TABLE,
-    "samples": INT,
-    "data_gb": NUMBER,
-    "partition_mb": NUMBER,
-    "samples_per_partition": INT,
-    "partitions": LIST,
-}
-_OPTIONAL_SHAPE = {"has_labels": FLAG, "bytes_per_sample": INT, "schema_version": TEXT, "created_utc": TEXT,
-                   "fields": TABLE, "objects": TABLE}  # fmt: skip
-_ENTRY_SHAPE = {"file": TEXT, "samples": INT, "bytes": INT, "sha256": TEXT}
-_OBJECTS_SHAPE = {"file": TEXT, "rows": INT, "bytes": INT, "sha256": TEXT, "id_type": TEXT, "id_column": TEXT,
-                  "has_position": FLAG}  # fmt: skip
-
-
-def _check_objects(raw: object, samples: int, path: str, directory: str | Path) -> ObjectsEntry | None:
-    if raw is None:
-        return None
-    found = problem(raw, _OBJECTS_SHAPE, "objects.")
-    unknown = sorted(set(raw) - set(_OBJECTS_SHAPE))
-    if found or unknown:
-        raise UserError(f"{path}: malformed manifest ({found or 'unknown field(s) in objects: ' + ', '.join(unknown)})")
-    entry = ObjectsEntry(**raw)
-    if entry.id_type not in ID_TYPES:
-        raise UserError(f"{path}: objects.id_type is {entry.id_type!r}; expected int64 or string")
-    if entry.rows != samples:
-        raise UserError(f"{path}: the objects table has {entry.rows} rows, the data set {samples} samples")
-    check_partition_name(entry.file, directory, path)
-    return entry
-
-
-def _check_entry(entry: object, number: int, path: str, directory: str | Path) -> PartitionEntry:
-    where = f"partitions[{number}]"
-    if not isinstance(entry, dict):
-        raise UserError(f"{path}: {where} is not an object")
-    found = problem(entry, _ENTRY_SHAPE, f"{where}.")
-    if found:
-        raise UserError(f"{path}: {found}")
-    unknown = sorted(set(entry) - set(_ENTRY_SHAPE))
-    if unknown:
-        raise UserError(f"{path}: {where} has unknown field(s) {', '.join(unknown)}")
-    if entry["samples"] < 1 or entry["bytes"] < 8:
-        raise UserError(f"{path}: {where} has {entry['samples']} samples in {entry['bytes']} bytes")
-    if len(entry["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in entry["sha256"]):
-        raise UserError(f"{path}: {where}.sha256 is not a sha256 hex digest")
-    check_partition_name(entry["file"], directory, path)
-    return PartitionEntry(**entry)
-
-
-def check_partition_name(name: str, directory: str | Path, manifest: str) -> None:
-    """A partition is a plain file name inside its data set's directory: no path, no ``..``, and no symbolic
-    link that leads out of the directory, so that a manifest can never make cai-bench read elsewhere."""
-    plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-    if not plain or Path(name).is_absolute():
-        raise UserError(f"{manifest}: partition file {name!r} is not a plain file name inside the data set")
-    if storage_for(directory).leads_outside(name):
-        raise UserError(f"{manifest}: partition file {name!r} is a link that leads outside the data set")
-
-
-def load_manifest(directory: str | Path) -> Manifest:
-    storage = storage_for(directory)
-    storage.check()
-    path = storage.where(MANIFEST)
-    if storage.size(MANIFEST) is None:
-        raise UserError(f"{path}: manifest not found; is {directory} a cai-bench data set (cai-bench data synth)?")
-    raw = loads_json(storage.read(MANIFEST), str(path))
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: not a cai-bench manifest (expected a JSON object)")
-    version = str(raw.get("schema_version", ""))
-    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise UserError(
-            f"{path}: manifest schema version {version!r} is not supported (this cai-bench reads {SCHEMA_VERSION})"
-        )
-    found = problem(raw, _MANIFEST_SHAPE) or problem(raw, _OPTIONAL_SHAPE, optional=True)
-    if found:
-        raise UserError(f"{path}: malformed manifest ({found})")
-    unknown = sorted(set(raw) - set(_MANIFEST_SHAPE) - set(_OPTIONAL_SHAPE))
-    if unknown:
-        raise UserError(f"{path}: malformed manifest (unknown field(s) {', '.join(unknown)})")
-    if not raw["partitions"]:
-        raise UserError(f"{path}: the data set has no partitions")
-    if raw["partition_mb"] == 0:
-        raise UserError(f"{path}: malformed manifest (partition_mb is 0)")
-    entries = [_check_entry(entry, n, path, directory) for n, entry in enumerate(raw.pop("partitions"))]
-    if len({e.file for e in entries}) != len(entries):
-        raise UserError(f"{path}: lists a partition file twice")
-    objects = _check_objects(raw.pop("objects", None), raw["samples"], path, directory)
-    manifest = Manifest(partitions=entries, objects=objects, **raw)
-    counted = sum(e.samples for e in manifest.partitions)
-    if counted != manifest.samples:
-        raise UserError(f"{path}: partition sample counts add up to {counted}, manifest says {manifest.samples}")
-    return manifest
-
-
-def data_summary(location: str, manifest: Manifest) -> DataSummary:
-    return DataSummary(
-        path=location,
-        dataset_id=manifest.dataset_id,
-        source=manifest.source,
-        samples=manifest.samples,
-        data_gb=manifest.data_gb,
-        partition_mb=manifest.partition_mb,
-        partitions=len(manifest.partitions),
-        has_labels=manifest.has_labels,
-    )
 
 
 def open_dataset(directory: str | Path) -> tuple[Manifest, DataSummary, tuple[PartitionRef, ...]]:
@@ -249,13 +114,6 @@ def dataset_info(directory: str | Path) -> dict:
             else "object ids are positions (row numbers in the order written)"
         ),
     }
-
-
-def partition_refs(storage: Storage, manifest: Manifest) -> tuple[PartitionRef, ...]:
-    return tuple(
-        PartitionRef(storage.where(e.file), index, e.samples, e.bytes, e.sha256)
-        for index, e in enumerate(manifest.partitions)
-    )
 
 
 # ---------------------------------------------------------------------------------------------- reading

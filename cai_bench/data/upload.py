@@ -14,7 +14,7 @@ from pathlib import Path
 from cai_bench.core import aws
 from cai_bench.core.errors import UserError
 from cai_bench.core.files import file_sha256
-from cai_bench.data.partitions import load_manifest
+from cai_bench.data.manifest import load_manifest
 from cai_bench.data.s3 import S3Prefix
 from cai_bench.data.storage import MANIFEST
 

@@ -22,7 +22,8 @@ from cai_bench.core.errors import UserError
 from cai_bench.core.files import file_sha256
 from cai_bench.core.plan import partition_sizes
 from cai_bench.data import synthetic
-from cai_bench.data.partitions import Manifest, Progress, rebatch, write_dataset
+from cai_bench.data.manifest import Manifest
+from cai_bench.data.partitions import Progress, rebatch, write_dataset
 
 CROP = 32
 
