@@ -303,7 +303,7 @@ def write_store(directory: Path, records: list[dict]) -> Path:
 @pytest.fixture(scope="session")
 def local_s3():
     """moto's S3 server, in a process of its own on a loopback port: the real S3 HTTP API, for the session."""
-    from cai_bench.backends.aws_lambda.emulator import start_local_s3
+    from cai_bench.backends.aws_lambda.local_s3 import start_local_s3
 
     server = start_local_s3()
     yield server.url

@@ -13,7 +13,7 @@ import pytest
 
 from cai_bench.backends import get_backend
 from cai_bench.backends.aws_lambda.driver import run_lambda
-from cai_bench.backends.aws_lambda.emulator import Faults
+from cai_bench.backends.aws_lambda.environments import Faults
 from cai_bench.core.errors import UserError
 from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset

@@ -16,7 +16,8 @@ from conftest import check_timeline
 
 from cai_bench.backends.aws_lambda import handler
 from cai_bench.backends.aws_lambda.driver import run_lambda
-from cai_bench.backends.aws_lambda.emulator import Emulator, Faults, FunctionConfig, emulated_function_env
+from cai_bench.backends.aws_lambda.emulator import Emulator
+from cai_bench.backends.aws_lambda.environments import Faults, FunctionConfig, emulated_function_env
 from cai_bench.backends.base import PartitionsFailed
 from cai_bench.benches import coldstart as bench_coldstart
 from cai_bench.core import aws
@@ -272,7 +273,7 @@ def test_the_standalone_emulator_serves_runs_until_interrupted(cli, s3, local_s3
 
     from conftest import default_sigint
 
-    from cai_bench.backends.aws_lambda.emulator import free_port
+    from cai_bench.backends.aws_lambda.local_s3 import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "cai_bench", "lambda", "emulate", "--port", str(port), "--endpoint-url",

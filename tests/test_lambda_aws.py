@@ -17,7 +17,7 @@ import pytest
 
 from cai_bench.backends.aws_lambda import provision, stepfunctions
 from cai_bench.backends.aws_lambda.driver import run_lambda
-from cai_bench.backends.aws_lambda.emulator import Faults
+from cai_bench.backends.aws_lambda.environments import Faults
 from cai_bench.backends.aws_lambda.image import DOCKERFILE, docker_reachable
 from cai_bench.backends.aws_lambda.provision import Account, set_memory
 from cai_bench.core import aws
@@ -407,7 +407,7 @@ def test_one_memory_size_draws_no_memory_figure(cli, tmp_path):
 
 
 def test_the_emulated_cpu_share_follows_memory_as_lambdas_does():
-    from cai_bench.backends.aws_lambda.emulator import cpu_share
+    from cai_bench.backends.aws_lambda.environments import cpu_share
 
     # In proportion to memory: one vCPU's worth at 1,769 MB, 5.8 at the largest (spread over 6 vCPUs)
     assert cpu_share(1769, 64) == pytest.approx(1.0) and cpu_share(10240, 64) == pytest.approx(10240 / 1769)
@@ -423,7 +423,7 @@ def test_a_throttled_environment_gets_its_share_of_cpu_time():
 
     import psutil
 
-    from cai_bench.backends.aws_lambda.emulator import Environment
+    from cai_bench.backends.aws_lambda.environments import Environment
 
     def cpu_seconds(duty: float) -> float:
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])

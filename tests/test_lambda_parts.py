@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cai_bench.backends.aws_lambda import pricing
-from cai_bench.backends.aws_lambda.emulator import vcpus_for
+from cai_bench.backends.aws_lambda.environments import vcpus_for
 from cai_bench.backends.aws_lambda.invoke import BACKOFF_CAP_S, Invocation, backoff_s
 from cai_bench.backends.aws_lambda.report_log import (
     Report,

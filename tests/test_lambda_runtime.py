@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cai_bench.backends.aws_lambda import emulator as emulation
 from cai_bench.backends.aws_lambda.driver import run_lambda
-from cai_bench.backends.aws_lambda.emulator import HANDLER, Emulator, FunctionConfig, emulated_function_env
-from cai_bench.backends.aws_lambda.image_python import DOCKERFILE, image_requirements, package_lists
+from cai_bench.backends.aws_lambda.emulator import Emulator
+from cai_bench.backends.aws_lambda.environments import HANDLER, FunctionConfig, emulated_function_env
+from cai_bench.backends.aws_lambda.image_python import DOCKERFILE, image_python, image_requirements, package_lists
 from cai_bench.core.errors import UserError
 from tests.test_lambda import ALL, lambda_plan
 
@@ -118,7 +118,7 @@ def test_a_dependency_missing_from_the_dockerfile_fails_the_torch_free_function_
 
 
 def test_the_torch_free_image_cannot_import_torch_and_holds_only_its_own_packages():
-    image = emulation.image_python("onnxruntime")
+    image = image_python("onnxruntime")
     probe = "import importlib.util as u; print([m for m in ('torch', 'typer', 'rich', 'moto') if u.find_spec(m)])"
     found = subprocess.run([image.python, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert found.strip() == "[]"
@@ -137,7 +137,7 @@ def test_the_dockerfile_lists_are_read_and_bad_ones_are_one_line(tmp_path):
     unknown = tmp_path / "Dockerfile2"
     unknown.write_text('ARG HANDLER_PACKAGES="no-such-package-cai-bench>=1"\n')
     with pytest.raises(UserError, match="which this Python lacks"):
-        emulation.image_python("none", unknown)
+        image_python("none", unknown)
 
 
 # ---------------------------------------------------------------------------------------------- role policy
@@ -170,7 +170,7 @@ def _calls_in(module: Path) -> set[str]:
 
 def _handler_modules() -> list[Path]:
     """cai_bench's modules the handler imports in a torch-free image, read from the image's own interpreter."""
-    image = emulation.image_python("onnxruntime")
+    image = image_python("onnxruntime")
     probe = ("import sys, cai_bench.backends.aws_lambda.handler, cai_bench.comm.s3_channel, cai_bench.data.s3; "
              "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith('cai_bench') and "
              "getattr(m, '__file__', None)))")  # fmt: skip

@@ -267,7 +267,8 @@ def _raw_request(port: int, head: str, body: bytes = b"") -> bytes:
 
 
 def test_the_emulator_answers_bad_or_huge_lengths_with_an_error_and_goes_on_serving(capfd):
-    from cai_bench.backends.aws_lambda.emulator import Emulator, FunctionConfig
+    from cai_bench.backends.aws_lambda.emulator import Emulator
+    from cai_bench.backends.aws_lambda.environments import FunctionConfig
 
     emulator = Emulator(FunctionConfig(name="f", memory_mb=512, timeout_s=5), concurrency=1)
     port = int(emulator.serve().rsplit(":", 1)[1])

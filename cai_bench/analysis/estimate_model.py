@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cai_bench.backends.aws_lambda import pricing
-from cai_bench.backends.aws_lambda.emulator import MAX_VCPUS, cpu_share
+from cai_bench.backends.aws_lambda.environments import MAX_VCPUS, cpu_share
 from cai_bench.core.errors import UserError
 from cai_bench.core.plan import (
     BYTES_PER_SAMPLE,

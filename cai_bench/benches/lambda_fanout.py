@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cai_bench.backends.aws_lambda.driver import run_lambda
-from cai_bench.backends.aws_lambda.emulator import start_local_s3
+from cai_bench.backends.aws_lambda.local_s3 import start_local_s3
 from cai_bench.core import aws
 from cai_bench.core.machine import machine_id, this_machine
 from cai_bench.core.plan import make_plan

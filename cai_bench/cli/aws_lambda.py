@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from cai_bench.backends.aws_lambda import pricing, provision
-from cai_bench.backends.aws_lambda.emulator import FunctionConfig, serve_standalone
+from cai_bench.backends.aws_lambda.emulator import serve_standalone
+from cai_bench.backends.aws_lambda.environments import FunctionConfig
 from cai_bench.backends.aws_lambda.image import ImageBuild, build_where_docker_is
 from cai_bench.cli import options as o
 from cai_bench.cli.app import lambda_app

@@ -15,8 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-from cai_bench.backends.aws_lambda import emulator as emulation
-from cai_bench.backends.aws_lambda import pricing
+from cai_bench.backends.aws_lambda import emulator, environments, local_s3, pricing
 from cai_bench.backends.aws_lambda.image import IMAGE_EXPORT_DIR
 from cai_bench.backends.aws_lambda.invoke import InvokeTransport, invocation_summary, report_summary
 from cai_bench.backends.aws_lambda.provision import emulated_role, ensure_state_machine, set_memory
@@ -112,18 +111,18 @@ def start_services(options: dict, function: str, memory_mb: int | None, concurre
     saved = {name: os.environ.get(name) for name in (aws.S3_ENDPOINT_ENV, aws.EMULATED_ENV)}
     services.stop.append(lambda: _restore(saved))  # the process is as it was after the run
     try:
-        front = emulation.free_port() if state_machines else 0
+        front = local_s3.free_port() if state_machines else 0
         if state_machines or (emulated and s3_endpoint is None and not os.environ.get(aws.S3_ENDPOINT_ENV)):
-            local = emulation.start_local_s3(state_machines_via=front if state_machines else None)
+            local = local_s3.start_local_s3(state_machines_via=front if state_machines else None)
             services.stop.append(local.stop)
             s3_endpoint = services.upstream = local.url
         aws.use_endpoints(s3_endpoint, emulated)
         if emulated and lambda_endpoint is None:
-            config = emulation.FunctionConfig(name=function, memory_mb=memory_mb or 10240,
+            config = environments.FunctionConfig(name=function, memory_mb=memory_mb or 10240,
                                               timeout_s=float(options.get("timeout_s") or 900.0),
                                               image=options.get("runtime") or "torch")  # fmt: skip
-            extra = emulation.emulated_function_env(os.environ[aws.S3_ENDPOINT_ENV])
-            services.emulator = emulation.Emulator(config, concurrency=concurrency, faults=faults, extra_env=extra,
+            extra = environments.emulated_function_env(os.environ[aws.S3_ENDPOINT_ENV])
+            services.emulator = emulator.Emulator(config, concurrency=concurrency, faults=faults, extra_env=extra,
                                                    upstream=services.upstream if state_machines else None)  # fmt: skip
             services.stop.append(services.emulator.stop)
             services.lambda_endpoint = services.emulator.serve(port=front)
