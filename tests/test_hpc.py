@@ -376,14 +376,14 @@ def test_no_slurm_on_this_machine_is_said_plainly(cli, tiny_data, tmp_path, monk
     ("text", "minutes"), [("90", 90), ("1:30", 2), ("1:30:00", 90), ("2-00:00:00", 2880), ("1-2", 1560)]
 )
 def test_time_limits_read_as_sbatch_reads_them(text, minutes):
-    from cai_bench.backends.slurm_options import minutes as read_minutes
+    from cai_bench.backends.slurm.options import minutes as read_minutes
 
     assert read_minutes(text) == minutes
 
 
 @pytest.mark.parametrize(("text", "gb"), [("4G", 4.0), ("4GB", 4.0), ("3584M", 3.5), ("3584", 3.5), ("1T", 1024.0)])
 def test_memory_sizes_read_as_sbatch_reads_them(text, gb):
-    from cai_bench.backends.slurm_options import gigabytes
+    from cai_bench.backends.slurm.options import gigabytes
 
     assert gigabytes(text) == gb
 

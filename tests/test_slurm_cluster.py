@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, default_sigint
 
-from cai_bench.backends import slurm
+from cai_bench.backends.slurm import scheduler
 from cai_bench.commands.runner import execute
 from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.long
 @pytest.fixture(autouse=True)
 def _cluster(slurm_cluster, monkeypatch):
     # The driver asks sacct for its tasks every POLL_S (10 s on a shared cluster); this one is the tests' own
-    monkeypatch.setitem(slurm.POLL_S, "slurm", 1.0)
+    monkeypatch.setitem(scheduler.POLL_S, "slurm", 1.0)
     return slurm_cluster
 
 

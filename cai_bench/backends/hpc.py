@@ -36,11 +36,12 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from cai_bench import comm
-from cai_bench.backends import slurm, slurm_options
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, Job, dispatched_run
 from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drive
 from cai_bench.backends.options import COMM_OPTIONS, LANES, RETRIES, RUNTIME
+from cai_bench.backends.slurm import arrays
+from cai_bench.backends.slurm import options as slurm_options
 from cai_bench.comm import CommError
 from cai_bench.core.choices import CPU_PRECISIONS
 from cai_bench.core.errors import UserError, describe
@@ -118,7 +119,7 @@ def worker_main(
     serve_pipe(conn, start, options, load=load, run=run, together=together and {**together, "worker": worker_id})
 
 
-def _finish_together(together: dict, kept: list) -> None:
+def finish_together_in_task(together: dict, kept: list) -> None:
     """The closing collectives of a node worker (``gathering``), once the driver said stop: rank 0 writes the
     aggregate, each rank what it recorded of them, to the run's folder, where the driver reads them after."""
     folder = Path(together["folder"])
@@ -191,7 +192,7 @@ def serve_pipe(conn: Connection, start, options: EngineOptions, together: dict |
     if worker is not None:
         worker.close()
     if together is not None:
-        _finish_together(together, kept)
+        finish_together_in_task(together, kept)
 
 
 class _DriverGone(Exception):
@@ -444,7 +445,7 @@ class HpcBackend:
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         if plan.backend_options.get("slurm"):
-            return slurm.run_array(plan, emit)
+            return arrays.run_array(plan, emit)
         return run_node(plan, emit)
 
     def check_detach(self, options: dict) -> None:
@@ -452,10 +453,10 @@ class HpcBackend:
             raise UserError("--no-wait submits a SLURM array: add --slurm")
 
     def submit(self, plan: Plan) -> Job:
-        return slurm.submit(plan)
+        return arrays.submit(plan)
 
     def collect(self, job: Job, emit: Emit) -> BackendRun:
-        return slurm.collect(job, emit)
+        return arrays.collect(job, emit)
 
 
 def create() -> HpcBackend:

@@ -217,14 +217,14 @@ def handler(event: dict, context) -> dict:
         "timing": {"duration_ms": round((time.perf_counter() - entered) * 1000, 3)},
     }
     if event.get("comm"):
-        reply["comm"] = _finish_together(event, kept, results, units)
+        reply["comm"] = finish_together_in_task(event, kept, results, units)
     if event.get("replies"):
         write_sealed(results, reply_key(event["replies"], request_id), json.dumps(reply).encode(), event["secret"],
                      event["run_id"])  # fmt: skip
     return reply
 
 
-def _finish_together(event: dict, kept: list, results: S3Prefix, units: list) -> dict:
+def finish_together_in_task(event: dict, kept: list, results: S3Prefix, units: list) -> dict:
     """The run's closing collectives (``gathering``): rank 0 writes the aggregate. A failure is reported, not
     raised: every unit's own result is in S3 already, for the driver to read instead. Under Step Functions the
     Map's items carry no rank: an invocation's is its first unit's position over the units per invocation."""

@@ -1,157 +1,33 @@
-"""``hpc --slurm``: SLURM job arrays over groups of partitions, submitted through submitit, as one transport
-of the dispatcher.
-
-Each array task is one worker: it runs the engine's worker loop over the units it was given (reading one
-ahead) and appends what happens to its own JSON Lines file in the job's directory under the results directory,
-which must be on a filesystem the nodes share. One line per event: ``start`` (epoch time, host), ``ready``
-(weights, what the engine chose, the node's environment), ``unit`` (a finished unit, its PartitionResult in
-the wire format in a file of its own beside), ``unit_failed``, then ``end``, or ``failed`` when it could not
-start. A task that is killed keeps every unit it finished.
-
-The driver follows the task files and hands what they report to the dispatcher. Units of a task that died or
-failed go back to the queue; once no task of the array is left running, what waits is resubmitted as a
-smaller array, up to ``--retries`` times per unit. The run's wall clock is from the first task's start to the
-last task's end (the clocks of the nodes are taken to agree); the time from submission to the first start is
-reported apart as queue wait.
-
-``--slurm-executor local`` runs the same arrays with submitit's local executor: each task a process on this
-machine, at most ``--array-parallelism`` at once (default: one per ``--cpus-per-task`` cores).
-"""
+"""SLURM job arrays as a transport of the dispatcher: submission through submitit, the tasks followed through
+their files, a smaller array of what came back, ``--no-wait`` and ``collect``."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import psutil
 
 from cai_bench.backends.base import BackendRun, Emit, Job, dispatched_run, save_job
 from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, apply, drive
-from cai_bench.backends.slurm_options import DEFAULT_TIME_MIN, groups_of
-from cai_bench.comm import CommError
-from cai_bench.core.errors import UserError, describe
-from cai_bench.core.machine import capture_environment, default_threads
-from cai_bench.core.plan import PartitionRef, Plan, plan_from_dict, plan_to_dict, work_units
-from cai_bench.core.records import decode_result, encode_result, utc_now
+from cai_bench.backends.slurm.options import DEFAULT_TIME_MIN, groups_of
+from cai_bench.backends.slurm.scheduler import POLL_S, job_running, nodes_environment, scheduler_view, state_of
+from cai_bench.backends.slurm.task import TaskFile, TaskSpec, arrays_dir, run_task
+from cai_bench.core.errors import UserError
+from cai_bench.core.machine import default_threads
+from cai_bench.core.plan import Plan, plan_from_dict, plan_to_dict, work_units
+from cai_bench.core.records import decode_result, utc_now
 from cai_bench.inference.gathering import (
     CommConfig,
     config_for_run,
-    finish_together,
-    rank_account,
     read_aggregate,
     record_of,
 )
-from cai_bench.inference.loop import model_worker, prepare_model, units_from, worker_loop
+from cai_bench.inference.loop import prepare_model
 from cai_bench.inference.worker import plan_options
-
-POLL_S = {"local": 0.5, "slurm": 10.0}  # squeue/sacct are shared by everyone on a cluster: ask them rarely
-
-
-def arrays_dir(work_dir: str | Path) -> Path:
-    return Path(work_dir) / "hpc-jobs"
-
-
-# ---------------------------------------------------------------------------------------------- array task
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    task: str  # the worker's name: task-0, task-1, ...
-    units: tuple[tuple[int, PartitionRef], ...]  # (place in the run's work list, partition)
-    options: object  # EngineOptions
-    weights: str | None
-    seed: int
-    intra: int  # intra-op threads of each lane
-    directory: str  # the job's directory: tasks/<task>.jsonl and units/
-    together: dict | None = None  # --comm: its rank in the first round's closing collectives (gathering.py)
-
-
-def _append(path: Path, event: dict) -> None:
-    # One complete line per write, forced to disk: a reader never sees half an event except a torn last line
-    with open(path, "a") as fh:
-        fh.write(json.dumps(event, separators=(",", ":")) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def run_task(spec: TaskSpec) -> int:
-    """One array task, on whatever node the scheduler chose; returns how many units it finished."""
-    directory = Path(spec.directory)
-    out = directory / "tasks" / f"{spec.task}.jsonl"
-    job = next(
-        (os.environ[k] for k in ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID") if k in os.environ),
-        None,
-    )
-    here = {"host": socket.gethostname(), "pid": os.getpid(), "job": job}
-    rank = spec.together["rank"] if spec.together else None
-    _append(out, {"event": "start", "task": spec.task, "epoch": time.time(), "rank": rank, **here})
-    if spec.options.runtime == "torch":
-        import torch  # only in a task that runs the model through it
-
-        torch.set_num_threads(spec.intra)
-    finished = 0
-    kept: list = []
-    begin, load, run = model_worker(spec.task, spec.options, spec.weights, spec.seed)
-
-    def start():
-        worker = begin()
-        ready = {"event": "ready", "epoch": time.time(), "weights": asdict(worker.weights), "choices": worker.choices}
-        ready["environment"] = capture_environment(with_torch=spec.options.runtime == "torch")  # the node's
-        ready["cluster"] = os.environ.get("SLURM_CLUSTER_NAME")
-        _append(out, ready)
-        return worker
-
-    def on_done(position: int, result) -> None:
-        nonlocal finished
-        # The result's file first, then the line that names it: a reader never finds a line without its file.
-        # A unit run again (a retry) overwrites its own file, never adds a second.
-        name = f"unit-{position:06d}.npz"
-        temporary = directory / "units" / f".{name}.{spec.task}.tmp"
-        temporary.write_bytes(encode_result(result))
-        os.replace(temporary, directory / "units" / name)
-        _append(out, {"event": "unit", "unit": position, "epoch": time.time(), "file": name})
-        finished += 1
-        if spec.together:
-            kept.append((position, result))
-
-    def on_failed(position: int, error: str) -> None:
-        _append(out, {"event": "unit_failed", "unit": position, "epoch": time.time(), "error": error})
-
-    try:
-        worker = worker_loop(start, units_from(list(spec.units)), spec.options, on_done, on_failed, load=load, run=run)
-    except BaseException as exc:
-        _append(out, {"event": "failed", "epoch": time.time(), "error": describe(exc)})
-        raise
-    if worker is not None:
-        worker.close()
-    if spec.together:
-        _append(out, {"event": "together", "epoch": time.time(), **_finish_together(spec.together, kept, directory)})
-    _append(out, {"event": "end", "epoch": time.time()})
-    return finished
-
-
-def _finish_together(together: dict, kept: list, directory: Path) -> dict:
-    """A task's part in the closing collectives: rank 0 writes the aggregate beside the units' own files."""
-    config = CommConfig.from_dict(together)
-    try:
-        aggregate, info = finish_together(config, together["rank"], kept)
-    except CommError as exc:
-        return {"rank": together["rank"], "error": str(exc)}
-    if aggregate is not None:
-        name = f"aggregate-{config.run_id}.npz"
-        (directory / "units" / f".{name}.tmp").write_bytes(aggregate)
-        os.replace(directory / "units" / f".{name}.tmp", directory / "units" / name)
-        info["aggregate"] = name
-    return {**rank_account(info), "aggregate": info.get("aggregate")}
-
 
 # ---------------------------------------------------------------------------------------------- transport
 
@@ -177,28 +53,7 @@ def _parameters(options: dict, executor: str, cpus: int) -> dict:
 
 
 @dataclass
-class _TaskFile:
-    path: Path
-    offset: int = 0
-    events: list = field(default_factory=list)
-    ended: bool = False
-
-    def read_new(self) -> list[dict]:
-        """Complete lines appended since the last read (a line being written is left for next time)."""
-        if not self.path.exists():
-            return []
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            chunk = fh.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        events = [json.loads(line) for line in complete.splitlines() if line.strip()]
-        self.events += events
-        return events
-
-
-@dataclass
-class _ArrayGathered:
+class ArrayGathered:
     """The driver's side of --comm on an array: a ranked task's units wait for rank 0's aggregate, read once;
     where the collectives failed (or rank 0's task died) each waiting unit's own file is read instead. A ranked
     task's end is held back until its units are done, so the dispatcher never sees it leave holding them."""
@@ -261,16 +116,6 @@ class _ArrayGathered:
         return record_of(CommConfig.from_dict(config), ranks, self.summary, self.aggregate_reads, self.unit_reads)
 
 
-def _job_running(kind: str, job) -> bool:
-    if kind == "local" and getattr(job, "_process", None) is None:
-        # rebuilt after the driver left: the local job id is the pid of submitit's controller process
-        try:
-            return psutil.Process(int(job.job_id)).status() != psutil.STATUS_ZOMBIE
-        except (psutil.Error, ValueError):
-            return False
-    return not job.done()
-
-
 @dataclass
 class ArrayTransport:
     """Array tasks as workers: each wants its group of units at once, and every group wanted in one round is
@@ -282,11 +127,11 @@ class ArrayTransport:
     job: dict  # the job's state, saved in RESULTS/jobs/<job id>.json as it changes
     spec: dict  # what every task's TaskSpec shares: engine options, weights, seed, threads
     executor: object = None  # a submitit executor
-    files: dict = field(default_factory=dict)  # task -> _TaskFile, for every task created
+    files: dict = field(default_factory=dict)  # task -> TaskFile, for every task created
     jobs: dict = field(default_factory=dict)  # task -> submitit job, once submitted
     pending: list = field(default_factory=list)  # TaskSpecs wanted and not submitted yet
     events: list = field(default_factory=list)  # Events made here (want), handed out by the next poll
-    gathered: _ArrayGathered = field(default_factory=lambda: _ArrayGathered())
+    gathered: ArrayGathered = field(default_factory=lambda: ArrayGathered())
     planned: int = 0  # tasks of this round not created yet
     created: int = 0
 
@@ -317,7 +162,7 @@ class ArrayTransport:
             task = f"task-{self.created}"
             self.created += 1
             self.planned -= 1
-            self.files[task] = _TaskFile(self.directory / "tasks" / f"{task}.jsonl")
+            self.files[task] = TaskFile(self.directory / "tasks" / f"{task}.jsonl")
             dispatcher.join(task)
             self.events.append(Event("want", task, count=self.job["partitions_per_task"]))
 
@@ -399,7 +244,7 @@ class ArrayTransport:
                     if not self.files[task].ended:
                         self.files[task].ended = True
                         why = self._why(task, f"{task} ended without finishing (the scheduler says "
-                                                  f"{_state_of(self.jobs[task])})")  # fmt: skip
+                                                  f"{state_of(self.jobs[task])})")  # fmt: skip
                         out += self.gathered.ending(task, Event("lost", task, error=why), self)
                 return out
             time.sleep(POLL_S[self.kind])
@@ -419,7 +264,7 @@ class ArrayTransport:
             watcher = self.jobs[tasks[0]].watcher
             watcher.update()
             return {t: not watcher.is_done(self.jobs[t].job_id, mode="cache") for t in tasks}
-        return {t: _job_running(self.kind, self.jobs[t]) for t in tasks}
+        return {t: job_running(self.kind, self.jobs[t]) for t in tasks}
 
     def cancel(self, within_s: float = 120.0) -> list[str]:
         """Cancel every task still running or waiting (scancel on SLURM, in one call), and wait up to
@@ -441,7 +286,7 @@ class ArrayTransport:
 
     def _still_running(self, tasks: list[str], ids: list[str]) -> bool:
         if self.kind != "slurm":
-            return any(_job_running(self.kind, self.jobs[t]) for t in tasks)
+            return any(job_running(self.kind, self.jobs[t]) for t in tasks)
         # squeue, not sacct: a cancelled task is CANCELLED in the accounting at once, and COMPLETING in the
         # queue until its processes are gone
         try:
@@ -595,82 +440,13 @@ def collect(saved: Job, emit: Emit) -> BackendRun:
     dispatcher = Dispatcher(work_units(plan), emit, job["retries"])
     cls = submitit.SlurmJob if job["executor"] == "slurm" else submitit.LocalJob
     for task, held in job["tasks"].items():
-        transport.files[task] = _TaskFile(transport.directory / "tasks" / f"{task}.jsonl")
+        transport.files[task] = TaskFile(transport.directory / "tasks" / f"{task}.jsonl")
         transport.jobs[task] = cls(folder=transport.directory / "submitit", job_id=held["scheduler_id"])
         transport.created += 1
         dispatcher.join(task)
         dispatcher.hand_over(task, held["units"])
     drive(dispatcher, transport)
     return _finish(plan, job, dispatcher, transport)
-
-
-# ---------------------------------------------------------------------------------------------- the record
-
-
-def _state_of(job) -> str:
-    try:
-        return str(job.state)
-    except Exception as exc:  # the scheduler's own tools failing (sacct down) must not lose the run
-        return f"unknown ({type(exc).__name__})"
-
-
-_SACCT_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "Elapsed", "NodeList")
-
-
-_UNSETTLED = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
-
-
-def scheduler_view(kind: str, jobs: dict, settle_s: float = 30.0) -> dict:
-    """What the scheduler says of each task: on SLURM sacct's state, exit code, start, end and nodes (one call,
-    asked again for up to ``settle_s`` while a task is missing or still RUNNING there: the accounting hears of a
-    start and an end a moment after the task); with the local executor, submitit's state of the process."""
-    if kind != "slurm" or not jobs:
-        return {task: {"state": _state_of(job)} for task, job in sorted(jobs.items())}
-    deadline = time.monotonic() + settle_s
-    while True:
-        view = _sacct_view(jobs)
-        states = [v.get("state", "").split(" ")[0] for v in view.values() if isinstance(v, dict)]
-        # A task sacct does not list yet (an array's pending tasks are one row until they start) is unsettled too
-        settled = len(view) == len(jobs) and not any(s in _UNSETTLED for s in states)
-        if "error" in view or settled or time.monotonic() > deadline:
-            return view
-        time.sleep(min(POLL_S["slurm"], 2.0))  # sacct is everyone's on a cluster: not faster than this
-
-
-def _sacct_view(jobs: dict) -> dict:
-    by_id = {job.job_id: task for task, job in jobs.items()}
-    command = ["sacct", "-X", "-n", "--parsable2", "-o", ",".join(_SACCT_FIELDS), "-j", ",".join(by_id)]
-    try:
-        lines = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"error": f"sacct: {describe(exc)}"}
-    view = {}
-    for line in lines:
-        fields = dict(zip(_SACCT_FIELDS, line.split("|"), strict=False))
-        task = by_id.get(fields.get("JobID", ""))
-        if task is not None:
-            view[task] = {key.lower(): value for key, value in fields.items() if key != "JobID"}
-            view[task]["job_id"] = fields["JobID"]
-    return dict(sorted(view.items()))
-
-
-def _nodes_environment(ready: list[dict]) -> dict | None:
-    """The record's machine is the nodes the tasks ran on, not the login node that submitted them.
-
-    Its ``host`` is the cluster's name (stable from one array to the next, whichever nodes the scheduler
-    picked), else the one node all tasks ran on; the nodes themselves are listed apart.
-    """
-    if not ready:
-        return None
-    first = ready[0]["environment"]
-    nodes = sorted({e["environment"]["host"] for e in ready})
-    models = sorted({e["environment"]["cpu_model"] for e in ready})
-    out = {key: first[key] for key in ("os", "python", "packages", "cpu_physical_cores", "cpu_logical_cores")}
-    out |= {key: first[key] for key in ("cpu_affinity", "cpu_capability", "memory_total_bytes", "gpus", "gpu_driver")}
-    out["cpu_model"] = " + ".join(models)
-    out["host"] = ready[0].get("cluster") or (nodes[0] if len(nodes) == 1 else f"{len(nodes)} nodes")
-    out["nodes"] = nodes
-    return out
 
 
 def _finish(plan: Plan, job: dict, dispatcher: Dispatcher, transport: ArrayTransport) -> BackendRun:
@@ -705,7 +481,7 @@ def _finish(plan: Plan, job: dict, dispatcher: Dispatcher, transport: ArrayTrans
     if gathered is not None:
         info["comm"] = gathered
     wall_s = max(ends) - min(starts) if starts else 0.0
-    environment = _nodes_environment(list(dispatcher.ready.values()))
+    environment = nodes_environment(list(dispatcher.ready.values()))
     return dispatched_run(
         plan, dispatcher, wall_s, info, workers=len(job["tasks"]), threads=job["cpus_per_task"], environment=environment
     )
