@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-probes lint bench bench-hpc bench-gpu bench-gpu-dry bench-lambda bench-coldstart bench-estimate clean
+.PHONY: demo test test-full test-probes lint bench bench-hpc bench-gpu bench-gpu-dry bench-lambda bench-coldstart bench-estimate clean
 
 # Bytecode for the packages and cai_bench, compiled over all the cores: pip compiles one file at a time (40 of the
 # install's 115 s on 2 cores; about 20 s this way). Not left to first imports, which may never save it (with
@@ -28,7 +28,11 @@ demo: $(STAMP)
 # those under both (tests/conftest.py).
 XDIST := -n auto --dist worksteal
 test: $(STAMP)
-	CAI_BENCH_FORCE_PROBE=fp32 $(BIN)/python -m pytest $(XDIST)
+	CAI_BENCH_FORCE_PROBE=fp32 $(BIN)/python -m pytest $(XDIST) -m "not full"
+
+# What make test leaves out: the tests marked full (each says why); .ci/run runs both
+test-full: $(STAMP)
+	CAI_BENCH_FORCE_PROBE=fp32 $(BIN)/python -m pytest $(XDIST) -m full
 
 test-probes: $(STAMP)
 	CAI_BENCH_FORCE_PROBE=bf16 $(BIN)/python -m pytest $(XDIST) -m probe

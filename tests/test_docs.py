@@ -15,7 +15,10 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 CODE = re.compile(r"`([^`\s]+)`")
 # Top-level entries of the checkout a document may name: a path starting with one of them must exist
 TRACKED = ("cai_bench/", "docs/", "deploy/", "tests/", "configs/", "results/reference", ".ci/")
-PACKAGE_DIRS = ("backends/", "data/", "model/", "runtimes/", "cli/", "aws_lambda/")
+# The package's folders at every depth (``render/figures/``, ``aws_lambda/``): a path a document names from inside
+# the package starts with one of them and is looked for under each
+PACKAGES = sorted(p.parent for p in (ROOT / "cai_bench").rglob("__init__.py"))
+PACKAGE_DIRS = tuple(sorted({f"{p.name}/" for p in PACKAGES if p.name != "cai_bench"}))
 
 
 def _documents() -> list[Path]:
@@ -41,7 +44,7 @@ def _named_paths(text: str) -> list[str]:
 
 def _exists(document: Path, target: str) -> bool:
     target = target.split("#")[0]
-    bases = (document.parent, ROOT, ROOT / "cai_bench", ROOT / "cai_bench" / "backends")
+    bases = (document.parent, ROOT, *PACKAGES)
     return any((base / target).exists() for base in bases)
 
 

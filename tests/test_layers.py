@@ -117,18 +117,26 @@ def _lint_imports(tree: Path) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(shutil.which("lint-imports", path=str(Path(sys.executable).parent)) is None,
                     reason="import-linter (the dev extra) is not installed")  # fmt: skip
 def test_the_layers_contract_holds_and_fails_on_an_upward_import(tmp_path):
-    """``make lint``'s contract on a copy of the package: it passes as the package is, and fails once a module of
-    a low layer (the plan) imports one of a high layer (the runner)."""
+    """``make lint``'s contracts on a copy of the package: they pass as the package is, and fail once a module of
+    the lowest package (core's plan) imports one of a high one (the commands' runner), and once a module inside
+    inference imports above its own floor (the worker's vocabulary importing the torch engine)."""
     tree = tmp_path / "tree"
     shutil.copytree(PACKAGE, tree / "cai_bench", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
     kept = _lint_imports(tree)
     assert kept.returncode == 0, kept.stdout + kept.stderr
-    plan = tree / "cai_bench" / "plan.py"
-    plan.write_text(plan.read_text() + "\n\ndef _upward():\n    from cai_bench import runner  # noqa\n")
+    plan = tree / "cai_bench" / "core" / "plan.py"
+    kept_text = plan.read_text()
+    plan.write_text(kept_text + "\n\ndef _upward():\n    from cai_bench.commands import runner  # noqa\n")
     broken = _lint_imports(tree)
     assert broken.returncode != 0
     assert "cai_bench.core.plan -> cai_bench.commands.runner" in broken.stdout
+    plan.write_text(kept_text)
+    worker = tree / "cai_bench" / "inference" / "worker.py"
+    worker.write_text(worker.read_text() + "\n\ndef _upward():\n    from cai_bench.inference import engine  # noqa\n")
+    broken = _lint_imports(tree)
+    assert broken.returncode != 0
+    assert "cai_bench.inference.worker -> cai_bench.inference.engine" in broken.stdout
 
 
 def _functions(package: Path):

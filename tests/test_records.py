@@ -79,7 +79,8 @@ def _modules_after(code: str) -> set[str]:
 
 def test_reading_the_store_imports_no_torch(tmp_path):
     modules = _modules_after(
-        "import cai_bench.analysis.report, cai_bench.render.plot, cai_bench.analysis.results, cai_bench.core.records"
+        "import cai_bench.analysis.report, cai_bench.render.figures.scaling, cai_bench.analysis.results, "
+        "cai_bench.core.records"
     )
     assert "torch" not in modules and "cai_bench.inference.engine" not in modules
     write_store(tmp_path / "r", [hand_record("cpu", 10.0), hand_record("hpc", 6.0)])

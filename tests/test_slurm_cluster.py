@@ -113,12 +113,15 @@ def test_no_wait_then_collect_with_comm_over_the_array(cli, tiny_data, tmp_path,
     assert {s["state"] for s in record["backend_info"]["scheduler"].values()} == {"COMPLETED"}
 
 
+@pytest.mark.full
 def test_a_task_past_its_time_limit_and_one_killed_mid_unit_are_retried(tiny_data, tmp_path):
     """4 partitions in 2 tasks with a time limit of 1 minute; partitions 1 and 2 are FIFOs nobody writes (a read
     that never returns, as on a hung filesystem). Task 1 blocks on its first, so it runs into its limit; task 0
     finishes partition 0, blocks on 1 and is killed there (SIGKILL, mid-unit). The record says which timed out and
     which was killed, sacct's states beside, and a second array runs what they left (the partitions files again);
-    each partition once. Over a minute: SLURM's time limits are whole minutes."""
+    each partition once. Over a minute and a half, almost all of it waiting: SLURM's time limits are whole minutes,
+    so it runs in make test-full (a task killed mid-unit and resubmitted stays in make test, through the local
+    executor: tests/test_hpc.py)."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     options = {"slurm": True, "tasks": 2, "retries": 1, "time_min": 1, "array_parallelism": 2}
