@@ -244,10 +244,12 @@ def test_a_failed_unit_exits_1_and_every_finished_unit_is_recorded(cli, s3, loca
     assert record["summary"]["cost_usd"] > 0
 
 
-@pytest.mark.long
+@pytest.mark.full
 def test_an_emulated_sweep_resumes_and_plots_beside_the_papers_lambda_curves(cli, tmp_path):
-    """Over 30 s on 2 cores: two sweeps of two points each through the emulator, whose execution environments are
-    processes that import the handler cold, then a plot."""
+    """Over 20 s on 2 cores: two sweeps of two points each through the emulator, whose execution environments are
+    processes that import the handler cold, then a plot. In make test-full: make test sweeps and resumes on the
+    cpu, hpc and toy backends and runs the emulator in its other tests, and plots the paper's curves in
+    tests/test_plot.py."""
     sweep = ["sweep", "--backend", "lambda", "--emulate", "--gb", "0.002", "--partition-mb", "0.52,1.04",
              "--precision", "fp32", "--repeats", "1", "--max-concurrency", "2",
              "--results", tmp_path / "r"]  # fmt: skip

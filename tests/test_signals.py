@@ -57,12 +57,20 @@ def _terminated_run(data: Path, results: Path, backend: list[str], to_group: boo
     return process.returncode, err, _records(results / "runs.jsonl")
 
 
+CPU = ["--backend", "cpu", "--threads", "1"]
+HPC = ["--backend", "hpc", "--workers", "2", "--threads", "2"]
+
+
 @pytest.mark.parametrize(
-    "backend",
-    [["--backend", "cpu", "--threads", "1"], ["--backend", "hpc", "--workers", "2", "--threads", "2"]],
-    ids=["cpu", "hpc"],
+    "backend, to_group",
+    [
+        pytest.param(CPU, False, id="to-the-driver-cpu"),
+        pytest.param(HPC, True, id="to-every-process-hpc"),
+        # the other two ways: the same code, another mix; 20 s more on 2 cores, so make test-full runs them
+        pytest.param(CPU, True, id="to-every-process-cpu", marks=pytest.mark.full),
+        pytest.param(HPC, False, id="to-the-driver-hpc", marks=pytest.mark.full),
+    ],
 )
-@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-driver", "to-every-process"])
 def test_sigterm_records_what_finished_and_exits_143(twelve_partitions, tmp_path, backend, to_group):
     """Each try checks what a SIGTERM must leave, wherever it lands; a try whose signal came before any partition
     of the repeat had finished, or after the repeat, leaves nothing partial to check, so it is tried again nearer
