@@ -1,9 +1,9 @@
 """``estimate --deadline`` and ``--budget``: the cheapest way to run a data set that still meets a deadline.
 
 Every combination of the request (backend, partition size, Lambda memory and concurrency, hpc tasks, gpu devices)
-is estimated; a candidate meets the deadline when its interval's upper bound does (the model's own error
-included: ``uncertainty.py``), and the budget when its cost at that bound does. Those that meet both are ranked by
-their median cost; the frontier is the candidates no other beats on both the upper bound and the cost.
+is estimated; a setting meets the deadline when its interval's upper bound does (the model's own error
+included: ``measure/uncertainty.py``), and the budget when its cost at that bound does. Those that meet both are
+ranked by their median cost; the frontier is the settings no other beats on both the upper bound and the cost.
 
 Only wall-clock profiles answer a deadline: a profile of compute time alone (the paper's HPC CPU and GPU figures,
 torch-profiler time) is left out with a line saying what to measure instead.

@@ -1,4 +1,4 @@
-"""``estimate``: how long a run would take and what it would cost, simulated (``simulate.py``) from a measured
+"""``estimate``: how long a run would take and what it would cost, simulated (``measure/simulate.py``) from a measured
 profile: the per-partition records of runs in a results store, or the CAI paper's published run.
 
 A profile comes from one backend's finished runs. Its units give compute per sample, each unit's excess (a
@@ -7,7 +7,7 @@ straggler's delay), load per byte and cold starts; what the unit records do not 
 function for the paper (its published Map-state time of 12.6 GB in 25 MB partitions beyond the simulated one).
 
 Every estimate names its kind of time (wall clock, or compute only where a profile holds nothing else) and
-carries an interval made from the model's own error on measured runs of its backend (``uncertainty.py``).
+carries an interval made from the model's own error on measured runs of its backend (``measure/uncertainty.py``).
 ``docs/estimate.md`` says what the model assumes and where it stops being right.
 """
 

@@ -1,5 +1,5 @@
 """The estimate's model of a run: what to estimate (``Target``), the prices, and one target simulated
-(``simulate.py``) with its cost per trial. Constants are AWS's and SLURM's documented defaults."""
+(``measure/simulate.py``) with its cost per trial. Constants are AWS's and SLURM's documented defaults."""
 
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Prices:
-    """What the estimate prices time at: Lambda's table (``pricing.py``), and the other backends' hourly prices
-    (None: not priced)."""
+    """What the estimate prices time at: Lambda's table (``aws_lambda/pricing.py``), and the other backends' hourly
+    prices (None: not priced)."""
 
     lambda_table: dict
     architecture: str = "x86_64"

@@ -2,7 +2,7 @@
 backend declares what makes a measurement, the data, the precision that ran, the machine), a record as a flat
 row, and the whole store as DataFrames for notebooks (``load``).
 
-The store itself is ``store.py``; the record schemas are ``records.py``. Nothing here imports torch."""
+The store itself is ``store/jsonl.py``; the record schemas are ``core/records.py``. Nothing here imports torch."""
 
 from __future__ import annotations
 

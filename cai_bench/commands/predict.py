@@ -2,7 +2,7 @@
 
 Each finished partition's predictions go to ``<out>.parts/part-<index>.npz`` (temporary file + rename), so an
 interrupted or killed run keeps every partition it finished. A rerun predicts only the partitions without a
-part file, then writes the catalogue ``<out>`` (Parquet, FITS or CSV: ``catalogue.py``) from the parts in
+part file, then writes the catalogue ``<out>`` (Parquet, FITS or CSV: ``data/catalogue.py``) from the parts in
 partition order, renames it into place and removes the parts. ``job.json`` in the parts directory records which
 data, weights and precision the parts come from; parts of another job are never mixed in. Each part also keeps
 the run, runtime and precision that made it, for the catalogue's provenance. Ids, ra and dec come from the data

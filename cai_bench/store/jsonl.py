@@ -1,7 +1,7 @@
 """The append-only JSON Lines results store: one complete record per line of ``RESULTS/runs.jsonl``, locked,
 fsync'd, never rewritten; and what a line must hold to be a record reports can use.
 
-The record schemas are in ``records.py``; what identifies a measured point is in ``results.py``."""
+The record schemas are in ``core/records.py``; what identifies a measured point is in ``analysis/results.py``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The options of ``hpc --slurm`` and how they are read and checked: apart from ``slurm.py`` so that listing
+"""The options of ``hpc --slurm`` and how they are read and checked: apart from ``arrays.py`` so that listing
 them imports neither submitit nor torch."""
 
 from __future__ import annotations
