@@ -29,12 +29,25 @@ def results(tmp_path):
         ("hpc", [({}, "fp32")], {"detach": (1, 0)}, "--no-wait submits a SLURM array: add --slurm"),
         ("cpu", [({}, "fp32")], {"weights": "s3://models/w.pt"}, "s3:// weights are fetched by Lambda functions"),
         ("tpu", [({}, "fp32")], {}, "unknown backend 'tpu'; available: cpu, hpc, gpu, lambda"),
+        # what a plan is made of, checked here too (plan.check_settings), not once the data is there
+        ("cpu", [({}, "fp32")], {"repeats": 0}, "--repeats must be at least 1, got 0"),
+        ("cpu", [({}, "fp32")], {"warmup": -1}, "--warmup must be 0 or more, got -1"),
+        ("cpu", [({}, "fp32")], {"batch_size": -4}, "--batch-size must be at least 1, got -4"),
+        ("cpu", [({}, "bf16")], {"engine": "reference"}, "--engine reference is the eager float32 baseline"),
     ],
     ids=lambda v: v if isinstance(v, str) and v.startswith("-") else None,
 )
 def test_what_cannot_run_is_one_line_before_anything_is_made(results, backend, points, extra, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         preflight.check_run(backend, points, results=results, **extra)
+
+
+def test_a_run_asked_for_no_repeats_is_refused_before_its_data_is_generated(cli, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CAI_BENCH_CACHE", str(cache))
+    code, _, err = cli("run", "--gb", "0.01", "--repeats", "0", "--results", tmp_path / "results")
+    assert code == 2 and err.strip().endswith("--repeats must be at least 1, got 0")
+    assert not cache.exists() or not any(cache.rglob("manifest.json"))  # no synthetic set was made first
 
 
 def test_threads_over_what_this_process_may_use_are_refused_unless_oversubscribed(results, monkeypatch):

@@ -16,7 +16,7 @@ from cai_bench.backends.registry import check_options, check_precision, get_back
 from cai_bench.core import aws
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import allowed_cpus
-from cai_bench.core.plan import check_runtime, check_size
+from cai_bench.core.plan import check_settings, check_size
 from cai_bench.model.export_format import is_export, read_export
 from cai_bench.store.jsonl import ResultsStore
 
@@ -45,11 +45,14 @@ def check_run(
     sizes: dict[str, float | None] | None = None,
     engine: str = "fast",
     compile: bool = False,
+    repeats: int = 1,
+    warmup: int = 0,
     detach: tuple[int, int] | None = None,
 ) -> Ready:
     """Refuse, before anything runs, what ``backend`` cannot run. ``points`` are (backend options, precision)
     pairs: one for a run, every point of a sweep; ``sizes`` the size options given (``gb=``, ...); ``detach``
-    (repeats, warmup) where the work is to be submitted and left running (``--no-wait``)."""
+    (repeats, warmup) where the work is to be submitted and left running (``--no-wait``). What a plan is made of
+    is checked here (``plan.check_settings``), before any data is generated, not after."""
     chosen = get_backend(backend)
     checked = []
     for options, precision in points:
@@ -57,7 +60,11 @@ def check_run(
         check_precision(chosen, precision)
         if requested_runtime(chosen, options) == "auto":
             options["runtime"] = "auto"  # the backend's default, written out: the plan holds what is to resolve
-        check_runtime(options.get("runtime") or "torch", precision, engine, compile)
+        check_settings(
+            batch_size=batch_size or chosen.default_batch_size, precision=precision, threads=threads, repeats=repeats,
+            warmup=warmup, engine=engine, compile=compile, backend_options=options,
+            cycle_to_gb=(sizes or {}).get("cycle_to_gb"),
+        )  # fmt: skip
         checked.append(options)
     if detach is not None:
         check_detach(chosen, checked[0], *detach)

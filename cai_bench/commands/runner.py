@@ -111,7 +111,8 @@ class RunRequest:
         return check_run(
             self.backend, [(self.backend_options, self.precision)], results=self.results, threads=self.threads,
             oversubscribe=self.oversubscribe, weights=self.weights, batch_size=self.batch_size, sizes=sizes,
-            engine=self.engine, compile=self.compile, detach=None if self.wait else (self.repeats, self.warmup),
+            engine=self.engine, compile=self.compile, repeats=self.repeats, warmup=self.warmup,
+            detach=None if self.wait else (self.repeats, self.warmup),
         )  # fmt: skip
 
     def plan(self, ready: Ready, synthesizing: Callable[[int, int], None] | None = None) -> Plan:

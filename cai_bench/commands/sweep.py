@@ -278,7 +278,8 @@ def sweep_command(
     spec = sweep_spec(config, overrides)
     points = [(_point_options(p), p.precision) for p in spec.points()]
     ready = check_run(spec.backend, points, results=results, threads=spec.threads, oversubscribe=spec.oversubscribe,
-                      weights=spec.weights, engine=spec.engine, compile=spec.compile)  # fmt: skip
+                      weights=spec.weights, engine=spec.engine, compile=spec.compile, repeats=spec.repeats,
+                      warmup=spec.warmup)  # fmt: skip
     spec = dataclasses.replace(spec, weights=ready.weights)
     read_records(ready.store, warn)
     synthesizing = getattr(progress, "synthesizing", None)

@@ -164,28 +164,20 @@ def check_runtime(runtime: str, precision: str, engine: str, compile: bool) -> N
         raise UserError(f"--precision {precision}: --runtime {runtime} runs auto, {runs}{where}")
 
 
-def make_plan(
-    backend: str,
-    data: DataSummary,
-    partitions: tuple[PartitionRef, ...],
+def check_settings(
     *,
     batch_size: int = 512,
     precision: str = "auto",
     threads: int | None = None,
     repeats: int = 1,
     warmup: int = 0,
-    weights: str | None = None,
-    seed: int = 0,
-    verify_checksums: bool = True,
-    backend_options: dict | None = None,
     engine: str = "fast",
     compile: bool = False,
+    backend_options: dict | None = None,
     cycle_to_gb: float | None = None,
-    oversubscribe: bool = False,
-    work_dir: str | None = None,
-    runtime_choice: dict | None = None,
-) -> Plan:
-    """Validate options and build a Plan; every problem is a UserError naming the option."""
+) -> str:
+    """Refuse what a run cannot be asked, whatever its data: each problem one UserError naming the option. The
+    precision the run is to use (the reference loop's is fp32)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if precision not in PRECISIONS:
@@ -210,11 +202,41 @@ def make_plan(
         if cycle_to_gb is not None:
             raise UserError("--engine reference holds the whole data set in memory: it takes no --cycle-to-gb")
     check_runtime((backend_options or {}).get("runtime") or "torch", precision, engine, compile)
-    if not partitions:
-        raise UserError(f"{data.path}: the data set has no partitions")
     if cycle_to_gb is not None:
         check_size(cycle_to_gb, "--cycle-to-gb")
         samples_for_gb(cycle_to_gb)  # at least one sample
+    return precision
+
+
+def make_plan(
+    backend: str,
+    data: DataSummary,
+    partitions: tuple[PartitionRef, ...],
+    *,
+    batch_size: int = 512,
+    precision: str = "auto",
+    threads: int | None = None,
+    repeats: int = 1,
+    warmup: int = 0,
+    weights: str | None = None,
+    seed: int = 0,
+    verify_checksums: bool = True,
+    backend_options: dict | None = None,
+    engine: str = "fast",
+    compile: bool = False,
+    cycle_to_gb: float | None = None,
+    oversubscribe: bool = False,
+    work_dir: str | None = None,
+    runtime_choice: dict | None = None,
+) -> Plan:
+    """Build a Plan from options ``check_settings`` lets through (the commands check them before anything is
+    generated; a program that calls this directly gets the same one-line errors here)."""
+    precision = check_settings(
+        batch_size=batch_size, precision=precision, threads=threads, repeats=repeats, warmup=warmup, engine=engine,
+        compile=compile, backend_options=backend_options, cycle_to_gb=cycle_to_gb,
+    )  # fmt: skip
+    if not partitions:
+        raise UserError(f"{data.path}: the data set has no partitions")
     return Plan(
         backend=backend,
         data=data,

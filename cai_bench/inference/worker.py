@@ -44,7 +44,7 @@ class EngineOptions:
 def plan_options(plan: Plan, lanes: int = 1, device: str = "cpu", intra_threads: int = 0) -> EngineOptions:
     """What a worker needs to know of a plan, with where it runs, how many lanes it splits partitions into and
     (for the exported-model runtimes, which have no process-wide thread count) how many threads each lane has."""
-    runtime = plan.backend_options.get("runtime") or "torch"  # checked by make_plan (plan.check_runtime)
+    runtime = plan.backend_options.get("runtime") or "torch"  # checked before any plan (plan.check_settings)
     return EngineOptions(
         batch_size=plan.batch_size,
         precision=plan.precision,
