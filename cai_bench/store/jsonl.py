@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 try:
@@ -158,15 +159,7 @@ class ResultsStore:
         except OSError as exc:
             raise UserError(f"{path}: cannot read ({exc.strerror})") from None
         points = []
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                point = json.loads(raw)
-            except (ValueError, RecursionError):  # not JSON, an integer past the digit limit, too deep
-                if number == len(lines):
-                    continue  # torn by a writer that was killed
-                raise UserError(f"{path}:{number}: not a JSON record") from None
+        for number, point in _json_lines(path, lines, torn=lambda number, raw: None):
             found = problem(point, _COMM_SHAPE, "") if isinstance(point, dict) else "not an object"
             if found:
                 raise UserError(f"{path}:{number}: not a comm bench record: {found}")
@@ -245,17 +238,11 @@ class ResultsStore:
         except OSError as exc:
             raise UserError(f"{self.path}: cannot read the results store ({exc.strerror})") from None
         records = []
-        lines = data.split(b"\n")
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (ValueError, RecursionError):  # not JSON, an integer past the digit limit, too deep
-                if number == len(lines):  # the last line, with no newline after it: torn
-                    self.skipped.append(f"{self.path}:{number}: skipped a torn last line ({len(raw)} bytes)")
-                    continue
-                raise UserError(f"{self.path}:{number}: not a JSON record") from None
+
+        def torn(number: int, raw: bytes) -> None:
+            self.skipped.append(f"{self.path}:{number}: skipped a torn last line ({len(raw)} bytes)")
+
+        for number, record in _json_lines(self.path, data.split(b"\n"), torn):
             if not isinstance(record, dict):
                 raise UserError(f"{self.path}:{number}: not a JSON record")
             version = str(record.get("schema_version", ""))
@@ -299,3 +286,19 @@ def _unreportable(record: dict) -> str | None:
         if path in _REPORTED or in_a_worker:
             return f"{path} was {value}"
     return None
+
+
+def _json_lines(path: Path, lines: list[bytes], torn: Callable[[int, bytes], None]) -> Iterator[tuple[int, object]]:
+    """Each non-blank line parsed as JSON, with its number. The last line, where it does not parse, was torn by a
+    writer that was killed: it goes to ``torn`` and is skipped; any other that does not parse is a UserError."""
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, RecursionError):  # not JSON, an integer past the digit limit, too deep
+            if number == len(lines):
+                torn(number, raw)
+                continue
+            raise UserError(f"{path}:{number}: not a JSON record") from None
+        yield number, parsed
