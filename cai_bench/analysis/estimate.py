@@ -41,13 +41,9 @@ from cai_bench.analysis.estimate_profiles import (
     run_group,
     stored_records,
 )
-from cai_bench.analysis.published import (
-    PAPER_FUNCTION_MEMORY_MB,
-)
+from cai_bench.analysis.published import PAPER_FUNCTION_MEMORY_MB
 from cai_bench.core.errors import UserError
-from cai_bench.core.plan import (
-    samples_for_gb,
-)
+from cai_bench.core.plan import samples_for_gb
 from cai_bench.measure.time_kinds import COMPUTE, TIME_KINDS, WALL
 from cai_bench.measure.uncertainty import ModelError
 from cai_bench.measure.uncertainty import interval as uncertainty_interval

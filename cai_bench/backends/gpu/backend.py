@@ -25,9 +25,7 @@ from cai_bench.backends.options import RETRIES
 from cai_bench.core.choices import GPU_PRECISIONS
 from cai_bench.core.errors import UserError
 from cai_bench.core.plan import Plan, work_units
-from cai_bench.inference.worker import (
-    plan_options,
-)
+from cai_bench.inference.worker import plan_options
 
 OPTIONS = (
     BackendOption(

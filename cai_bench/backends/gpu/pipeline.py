@@ -12,9 +12,7 @@ from cai_bench.backends.gpu.host_buffers import HostPartition
 from cai_bench.core.errors import describe
 from cai_bench.core.plan import BITS_PER_SAMPLE
 from cai_bench.core.records import PartitionResult
-from cai_bench.inference.worker import (
-    partition_record,
-)
+from cai_bench.inference.worker import partition_record
 
 # ---------------------------------------------------------------------------------------------- device side
 
