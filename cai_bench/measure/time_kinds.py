@@ -1,6 +1,6 @@
 """The kinds of time a figure can be, one entry each: its name in records and JSON, the sentence that says what it
-covers, a short label for tables and the label of an axis. A figure, a table or an estimate names its kind, and
-nothing adds or compares two kinds.
+covers, and (for the kinds cai-bench draws) a short label for tables and the label of an axis. A figure, a table
+or an estimate names its kind, and nothing adds or compares two kinds.
 
 ``wall`` and ``compute`` are what cai-bench measures and predicts; the others are the kinds of the paper's
 published figures, which mixes them (Step Functions wall time, profiler CPU time, profiler GPU time)."""
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class TimeKind:
     text: str
-    short: str
-    axis: str
+    short: str | None = None  # table and axis labels: for the kinds cai-bench measures and predicts
+    axis: str | None = None
 
 
 WALL, COMPUTE = "wall", "compute"
@@ -25,13 +25,11 @@ TIME_KINDS: dict[str, TimeKind] = {
         "compute only",
         "compute time only (s), torch profiler",
     ),
-    "map-state-wall": TimeKind("Step Functions Map-state wall time", "Map state", "Map-state wall time (s)"),
-    "execution-wall": TimeKind("Step Functions execution wall time", "execution", "execution wall time (s)"),
-    "mean-worker-profiler-cpu": TimeKind(
-        "mean per-function profiler CPU time", "profiler CPU / fn", "mean profiler CPU time per function (s)"
-    ),
-    "profiler-cpu": TimeKind("torch profiler CPU time", "profiler CPU", "profiler CPU time (s)"),
-    "profiler-gpu": TimeKind("torch profiler GPU time", "profiler GPU", "profiler GPU time (s)"),
+    "map-state-wall": TimeKind("Step Functions Map-state wall time"),
+    "execution-wall": TimeKind("Step Functions execution wall time"),
+    "mean-worker-profiler-cpu": TimeKind("mean per-function profiler CPU time"),
+    "profiler-cpu": TimeKind("torch profiler CPU time"),
+    "profiler-gpu": TimeKind("torch profiler GPU time"),
 }
 
 

@@ -19,9 +19,7 @@ def point_metrics_text(m: dict) -> str:
 def upstream_paper_text(m: dict, sep: str = ", ") -> str:
     """``photoz.upstream_paper_metrics`` (or a record's ``accuracy``, which holds it) in one line, or one line a
     figure with ``sep="\\n"``; the caller names the set (UPSTREAM_LABEL)."""
-    r2 = "-" if m.get("r2") is None else f"{m['r2']:.4f}"
-    figures = [f"MAE {m['mae']:.5f}", f"MSE {m['mse']:.6f}", f"mean bias {m['bias']:.5f}"]
-    if "nmad" in m:  # a run gathered from sums across workers has no median, so no NMAD
-        figures.append(f"NMAD {m['nmad']:.5f}")
-    figures += [f"R2 {r2}", f"outliers (|dz/(1+z)| > 0.05) {m['outlier_fraction']:.2%}"]
+    r2 = "-" if m["r2"] is None else f"{m['r2']:.4f}"
+    figures = [f"MAE {m['mae']:.5f}", f"MSE {m['mse']:.6f}", f"mean bias {m['bias']:.5f}", f"NMAD {m['nmad']:.5f}",
+               f"R2 {r2}", f"outliers (|dz/(1+z)| > 0.05) {m['outlier_fraction']:.2%}"]  # fmt: skip
     return sep.join(figures)
