@@ -14,11 +14,13 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 from conftest import hand_record, start_redis
 
+from cai_bench.core.errors import redact
 from cai_bench.core.records import PartitionResult, RunRecord, decode_result, encode_result
 from cai_bench.store.jsonl import ResultsStore
 
@@ -198,11 +200,13 @@ def test_a_bad_price_file_is_one_line_before_any_partition_runs(cli, tiny_data, 
 # ---------------------------------------------------------------------------------------- secrets in URLs
 
 
-def test_a_redis_password_is_used_but_never_printed_nor_stored(cli, tiny_data, tmp_path, redis_url):
-    password = "hunter2-s3cret"
+@pytest.mark.parametrize("password", ["hunter2-s3cret", "Sup3r@S3cretPW"])
+def test_a_redis_password_is_used_but_never_printed_nor_stored(cli, tiny_data, tmp_path, redis_url, password):
+    """A password that holds "@" is given percent-encoded (as the error for a raw one says), used decoded, and
+    hidden whole: no piece of it before or after the "@" is stored or printed."""
     server, port = start_redis("--requirepass", password)
     try:
-        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        url = f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
         code, out, err = cli("run", "--backend", "hpc", "--workers", "2", "--threads", "2", "--precision", "fp32",
                              "--comm", url, "--comm-timeout-s", "20", "--data", tiny_data,
                              "--results", tmp_path)  # fmt: skip
@@ -217,18 +221,36 @@ def test_a_redis_password_is_used_but_never_printed_nor_stored(cli, tiny_data, t
         assert code == 0
         # A wrong one: the error says so, without the password it was given
         code, out2, err2 = cli("run", "--backend", "hpc", "--workers", "2", "--threads", "2", "--precision", "fp32",
-                               "--comm", url.replace(password, "wrong-pass"), "--comm-timeout-s", "5", "--data",
+                               "--comm", f"redis://:wrong-pass@127.0.0.1:{port}/0", "--comm-timeout-s", "5", "--data",
                                tiny_data, "--results", tmp_path)  # fmt: skip
         assert code == 0, err2  # the units were measured: the run stands on their own results
         failed = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])["backend_info"]["comm"]
         assert failed["collectives"] == "failed"
         assert "WRONGPASS" in json.dumps(failed) or "AuthenticationError" in json.dumps(failed), failed
         everything = stored + out + err + exported + out2 + err2 + (tmp_path / "runs.jsonl").read_text()
-        assert password not in everything and "wrong-pass" not in everything
+        pieces = [password, quote(password, safe=""), *password.split("@"), "wrong-pass"]
+        assert not [piece for piece in pieces if piece in everything]
         assert "Traceback" not in err + err2
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_raw_at_in_a_redis_password_is_one_line_that_shows_no_piece_of_it(cli, tiny_data, tmp_path):
+    code, out, err = cli("run", "--backend", "hpc", "--comm", "redis://:Sup3r@S3cretPW@127.0.0.1:6593/0", "--data",
+                         tiny_data, "--results", tmp_path)  # fmt: skip
+    line = _one_line_error(code, err)
+    assert "percent-encode it (@ as %40" in line and "redis://***@127.0.0.1:6593/0" in line, line
+    assert "Sup3r" not in out + err and "S3cretPW" not in out + err
+
+
+def test_redact_hides_the_whole_user_and_password_of_every_url_in_a_text():
+    assert redact("redis://:Sup3r@S3cretPW@127.0.0.1:6593/0") == "redis://***@127.0.0.1:6593/0"
+    assert redact("--comm 'redis://:pa/ss@h:1/0': x") == "--comm 'redis://***@h:1/0': x"  # "/" in it, not encoded
+    assert (
+        redact("a redis://u:p@h/0 and s3://bucket/key, direct://h:1")
+        == "a redis://***@h/0 and s3://bucket/key, direct://h:1"
+    )
 
 
 def test_a_killed_redis_fails_the_collectives_in_the_record_and_nothing_else(tiny_data, tmp_path, redis_url):

@@ -12,6 +12,8 @@ from cai_bench.core.errors import UserError, redact
 
 SCHEMES = ("direct", "redis", "s3")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+# A user and password as RFC 3986 allows them: unreserved, sub-delims, ":" and %XX; anything else is percent-encoded
+_USERINFO = re.compile(r"([A-Za-z0-9._~!$&'()*+,;=:-]|%[0-9A-Fa-f]{2})*")
 
 
 def _port(text: str, url: str) -> int:
@@ -39,8 +41,15 @@ def parse_direct_url(url: str) -> tuple[str, int]:
 
 
 def check_redis_url(url: str) -> None:
-    """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, DB a whole number."""
+    """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, DB a whole number; a password percent-encoded where it
+    holds "@", "/", "?", "#", "%" or a space (else the URL's host would be read from inside it)."""
     parts = urlsplit(url)
+    userinfo, after_host = parts.netloc.rpartition("@")[0], url.split(parts.netloc, 1)[1]
+    if "@" in after_host or not _USERINFO.fullmatch(userinfo):  # "@" past the host: a "/", "?" or "#" came first
+        raise CommError(
+            f"--comm {redact(url)!r}: the user or password holds a character a URL cannot carry as it is: "
+            "percent-encode it (@ as %40, / as %2F, # as %23, ? as %3F, % as %25, a space as %20)"
+        )
     try:
         port = parts.port
     except ValueError:

@@ -5,13 +5,20 @@ import re
 
 # Colour and cursor codes that other libraries put in their messages (Rich panels, some compilers' errors)
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-# The user (and password) part of a URL: redis://:PASSWORD@host, s3://KEY:SECRET@... never shown or stored
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+# A URL in free text: its scheme, then everything up to the next white space. Its user and password (redis://
+# :PASSWORD@host) are everything before the LAST "@" of that run, as urllib.parse takes the host after the last
+# one: a password holding "@" (or a "/" that ends the authority early) is hidden whole, never half.
+_URL = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)(\S*)")
+
+
+def _hide_userinfo(match: re.Match) -> str:
+    scheme, rest = match.groups()
+    return scheme + ("***@" + rest.rpartition("@")[2] if "@" in rest else rest)
 
 
 def redact(text: str) -> str:
     """``text`` with the user and password of every URL in it replaced: what may be printed or stored."""
-    return _USERINFO.sub(r"\1***@", text)
+    return _URL.sub(_hide_userinfo, text)
 
 
 class UserError(Exception):
