@@ -5,8 +5,10 @@ The record schemas are in ``core/records.py``; what identifies a measured point 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -98,17 +100,37 @@ def record_problem(record: dict) -> str | None:
     return None
 
 
-def _refuse_outside(path: Path) -> None:
-    """A store file that is a link to somewhere outside the store's directory is refused: appending (or cutting a
-    torn last line) would change a file that is not the store's."""
-    if not path.is_symlink():
-        return
-    target = path.resolve()
-    if target.parent != path.parent.resolve():
-        raise UserError(
-            f"{path} is a link to {target}, outside the results directory; cai-bench writes only its own files "
-            "there: remove the link or give another --results"
-        )
+# Never through a link (checked by the open itself, so nothing can swap the name between a check and the open),
+# never waiting on a FIFO; absent where the platform has no such flag
+_OWN_FILE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_own(path: Path, flags: int) -> int:
+    """A descriptor on the store's own file ``path``, or a UserError: a link, a FIFO or device, or a file with a
+    second name (a hard link to a file outside the store, which an append or a repair would change) is refused
+    from what the opened descriptor is, not from what the name was a moment before."""
+    refuse = "cai-bench keeps only plain files of its own in a results directory: remove it or give another --results"
+    try:
+        fd = os.open(path, flags | _OWN_FILE, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path} is a link; {refuse}") from None
+        raise
+    info = os.fstat(fd)
+    why = None if stat.S_ISREG(info.st_mode) else "not a regular file"
+    if why is None and info.st_nlink != 1:
+        why = f"one file with {info.st_nlink} names (a hard link)"
+    if why is not None:
+        os.close(fd)
+        raise UserError(f"{path} is {why}; {refuse}")
+    return fd
+
+
+def _read_own(path: Path) -> bytes:
+    """The whole of the store's file ``path`` (FileNotFoundError where there is none)."""
+    fd = _open_own(path, os.O_RDONLY)
+    with open(fd, "rb") as file:
+        return file.read()
 
 
 class ResultsStore:
@@ -126,13 +148,13 @@ class ResultsStore:
 
     def check_writable(self) -> None:
         """Refuse, before any work, a results directory that cannot take a record."""
-        for path in (self.path, self.directory / COMM_FILE):
-            _refuse_outside(path)
         probe = self.directory / f".writable-{os.getpid()}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            if self.path.exists():
-                os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
+            if os.path.lexists(self.directory / COMM_FILE):
+                os.close(_open_own(self.directory / COMM_FILE, os.O_RDWR | os.O_APPEND))
+            if os.path.lexists(self.path):
+                os.close(_open_own(self.path, os.O_RDWR | os.O_APPEND))
             else:  # nothing recorded yet: leave no empty store behind
                 probe.write_bytes(b"")
                 probe.unlink()
@@ -153,7 +175,7 @@ class ResultsStore:
         """The ``comm bench`` points, oldest first; a torn last line is skipped, a broken one is an error."""
         path = self.directory / COMM_FILE
         try:
-            lines = path.read_bytes().split(b"\n")
+            lines = _read_own(path).split(b"\n")
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -171,8 +193,7 @@ class ResultsStore:
         # a record from us, and concurrent writers do not interleave.
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _refuse_outside(path)
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = _open_own(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         except OSError as exc:
             self._keep_elsewhere(run_id, line, exc.strerror, path)
         except UserError as exc:
@@ -207,17 +228,21 @@ class ResultsStore:
             start = lo
         torn = os.pread(fd, size - start, start)
         aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
-        aside.write_bytes(torn)
-        os.ftruncate(fd, start)
+        with open(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OWN_FILE, 0o644), "wb") as kept:
+            kept.write(torn)
+            os.fsync(kept.fileno())
+        os.ftruncate(fd, start)  # the descriptor's own file, checked at its open: one name, the store's
         _warn(f"{path}: its last line was torn ({len(torn)} bytes, no record); moved aside to {aside}")
 
     def _keep_elsewhere(self, run_id: str, line: bytes, why: str, path: Path) -> None:
         """The store cannot take a record: print it, save it in a file of its own, and say where."""
         sys.stdout.write(line.decode())
         sys.stdout.flush()
-        fallback = Path(tempfile.gettempdir()) / f"cai-bench-unsaved-{run_id}.jsonl"
-        try:
-            fallback.write_bytes(line)
+        try:  # a new file only its user may read, never through a name someone else placed in /tmp first
+            fd, name = tempfile.mkstemp(prefix=f"cai-bench-unsaved-{run_id}-", suffix=".jsonl")
+            fallback = Path(name)
+            with open(fd, "wb") as file:
+                file.write(line)
             kept = f"printed above and saved in {fallback}; add it later with: cat {fallback} >> {path}"
         except OSError:
             kept = "printed above (no fallback file could be written either)"
@@ -232,7 +257,7 @@ class ResultsStore:
         """
         self.skipped = []
         try:
-            data = self.path.read_bytes()
+            data = _read_own(self.path)
         except FileNotFoundError:
             return []
         except OSError as exc:
