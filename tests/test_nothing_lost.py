@@ -261,6 +261,10 @@ def test_a_bad_comm_url_is_one_line_before_any_partition_runs(cli, tiny_data, tm
         ),
         ({"request_usd": True, "gb_second_usd": {"x86_64": 1.6e-5}}, "request_usd is true"),
         ({"request_usd": 2e-7, "gb_second_usd": {"x86_64": 1.6e-5}, "as_of": 2024}, "as_of is 2024"),
+        (
+            {"request_usd": 2e-7, "gb_second_usd": {"x86_64": 1.6e-5}, "as_of": "\x1b]0;pwned\x072024"},
+            'as_of is "\\u001b]0;pwned\\u00072024"',
+        ),
     ],
 )
 def test_a_bad_price_file_is_one_line_before_any_partition_runs(cli, tiny_data, tmp_path, table, says, s3, local_s3):

@@ -15,6 +15,8 @@ from cai_bench.core.errors import UserError, one_line
 
 __all__ = ["app", "main"]
 
+UNEXPECTED_EXIT = 3
+
 
 def _on_sigterm(signum, frame) -> None:
     raise Terminated()
@@ -52,8 +54,9 @@ def main() -> None:
     except Exception as exc:
         if State.debug:
             raise
-        # Not a mistake of the user's that we foresaw: say so on one line, and how to see more
-        _fail(f"unexpected {type(exc).__name__}: {exc} (cai-bench --debug ... shows the traceback)", 1)
+        # Not a mistake of the user's that we foresaw: say so on one line, and how to see more; exit 3, a code no
+        # command gives a verdict with (compare's 1 is "a regression")
+        _fail(f"unexpected {type(exc).__name__}: {exc} (cai-bench --debug ... shows the traceback)", UNEXPECTED_EXIT)
     finally:
         signal.signal(signal.SIGTERM, previous)
     sys.exit(code if isinstance(code, int) else 0)

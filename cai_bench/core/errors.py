@@ -3,6 +3,8 @@
 import importlib
 import re
 
+from cai_bench.core.text import clip, visible
+
 # Colour and cursor codes that other libraries put in their messages (Rich panels, some compilers' errors)
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 # A URL in free text: its scheme, then everything up to the next white space. Its user and password (redis://
@@ -27,9 +29,14 @@ class UserError(Exception):
     exit_code = 2
 
 
+ERROR_MAX = 2_000  # characters of an error line: one that quotes a whole file's worth is cut
+
+
 def one_line(text: str) -> str:
-    """``text`` on one line, without terminal escape codes or passwords in URLs: what an error line may hold."""
-    return " ".join(redact(_ANSI.sub("", text)).split())
+    """``text`` on one line, without other libraries' colour codes or passwords in URLs, any other control
+    character written as its escape (a message may quote a file or a record), cut to ERROR_MAX: what an error
+    line may hold."""
+    return clip(visible(" ".join(redact(_ANSI.sub("", text)).split())), ERROR_MAX)
 
 
 def describe(exc: BaseException) -> str:

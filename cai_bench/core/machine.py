@@ -18,6 +18,7 @@ import psutil
 
 from cai_bench import __version__
 from cai_bench.core.records import utc_now
+from cai_bench.core.text import shown
 
 _PACKAGES = (
     "cai-bench", "torch", "numpy", "safetensors", "typer", "rich", "psutil", "onnxruntime",
@@ -184,4 +185,5 @@ def machine_label(environment: dict) -> str:
     for noise in ("(R)", "(TM)", " Processor", " CPU"):
         what = what.replace(noise, "")
     cores = environment.get("cpu_physical_cores") or environment.get("cpu_logical_cores")
-    return f"{environment.get('host', '?')} ({' '.join(what.split())}{f', {cores} cores' if cores else ''})"
+    host, what = shown(environment.get("host", "?"), 64), shown(" ".join(what.split()), 64)
+    return f"{host} ({what}{f', {shown(cores, 12)} cores' if cores else ''})"

@@ -8,15 +8,30 @@ from pathlib import Path
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from cai_bench.core.errors import UserError
+from cai_bench.core.text import clip, visible
+
+LINE_MAX = 2_000  # characters of one line of one string printed; a field from a record is cut shorter first
+
+
+class _TextConsole(Console):
+    """A console that takes every string it is given as text: no markup (a "[/]" in a host name would end the
+    command, a "[link=...]" hide a hyperlink), no emoji codes, control characters written as escapes and no line
+    longer than LINE_MAX, whether the string is printed, a table's cell or its title."""
+
+    def render_str(self, text: str, **kwargs) -> Text:
+        lines = [clip(line, LINE_MAX) for line in visible(text).split("\n")]
+        return super().render_str("\n".join(lines), **{**kwargs, "markup": False, "emoji": False})
+
 
 # Progress and errors go to stderr, results to stdout. Messages are never wrapped (soft_wrap), so a path or
 # a figure stays on one line in logs and pipes.
-console = Console(stderr=True, soft_wrap=True)
+console = _TextConsole(stderr=True, soft_wrap=True)
 
 
-stdout = Console(soft_wrap=True)
+stdout = _TextConsole(soft_wrap=True)
 
 
 if not stdout.is_terminal:
@@ -79,9 +94,10 @@ def show_paths(paths) -> None:
 
 
 def show_export(text: str, out: Path | None) -> None:
-    """``results export``: on stdout, or into ``out``."""
+    """``results export``: on stdout (a terminal, maybe: control characters from the records written as escapes;
+    JSON has its own), or into ``out`` as it is."""
     if out is None:
-        print(text, end="")
+        print(visible(text), end="")
         return
     try:
         out.write_text(text)

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from cai_bench.analysis.compare import ALPHA, TEST_NAME
+from cai_bench.core.text import visible
 from cai_bench.measure.time_kinds import TIME_KINDS
 from cai_bench.render.console import say, stdout
 
@@ -196,7 +197,7 @@ def show_comparison(done, fmt: str) -> None:
     if fmt == "markdown":
         print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
         for row in rows:
-            print("| " + " | ".join(row) + " |")
+            print(visible("| " + " | ".join(row) + " |"))
     else:
         table = Table(title=f"{done.candidate} against {done.baseline}: {done.metric}, factor {done.factor:g}",
                       title_justify="left")  # fmt: skip

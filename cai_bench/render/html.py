@@ -19,9 +19,16 @@ from cai_bench.analysis.results import read_records
 from cai_bench.analysis.validity import DEFAULT_RULES, Rules
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_label
+from cai_bench.core.text import visible
 from cai_bench.render.figures.scaling import build_figures
 from cai_bench.render.figures.timelines import timeline_figures
 from cai_bench.store.jsonl import ResultsStore
+
+
+def _text(data: str) -> str:
+    """A string for the page: HTML's special characters as entities, control characters as visible escapes."""
+    return html.escape(visible(data))
+
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em; max-width: 1200px; color: #222; }
@@ -75,16 +82,16 @@ def command_of(record: dict) -> str:
 def _table(points: list) -> str:
     columns = display_columns(points)
     head = "".join(f'<th class="{"text" if h in ("backend", "engine", "machine", "valid") else ""}">'
-                   f"{html.escape(h)}</th>" for h, _ in columns)  # fmt: skip
+                   f"{_text(h)}</th>" for h, _ in columns)  # fmt: skip
     rows = []
     for p in points:
         cells = "".join(f'<td class="{"text" if h in ("backend", "engine", "machine", "valid") else ""}">'
-                        f"{html.escape(cell(p))}</td>" for h, cell in columns)  # fmt: skip
+                        f"{_text(cell(p))}</td>" for h, cell in columns)  # fmt: skip
         rows.append(f'<tr class="{"" if p.valid else "invalid"}">{cells}</tr>')
-    invalid = "".join(f"<li>INVALID {html.escape(p.label())}: {html.escape('; '.join(p.invalid))}</li>"
+    invalid = "".join(f"<li>INVALID {_text(p.label())}: {_text('; '.join(p.invalid))}</li>"
                       for p in points if not p.valid)  # fmt: skip
     return (f"<table><tr>{head}</tr>{''.join(rows)}</table>" + (f"<ul>{invalid}</ul>" if invalid else "")
-            + f'<p class="note">{html.escape(NOTES)}</p>')  # fmt: skip
+            + f'<p class="note">{_text(NOTES)}</p>')  # fmt: skip
 
 
 def _machines(records: list[dict]) -> str:
@@ -98,7 +105,7 @@ def _machines(records: list[dict]) -> str:
         facts = [f"CPU {env.get('cpu_model')}", f"{env.get('cpu_logical_cores')} logical cores",
                  f"{(env.get('memory_total_bytes') or 0) / 2**30:.0f} GiB", f"GPUs: {gpus}",
                  f"Python {env.get('python')}", f"torch {(env.get('packages') or {}).get('torch')}"]  # fmt: skip
-        items.append(f"<li><b>{html.escape(label)}</b>: {html.escape('; '.join(facts))}</li>")
+        items.append(f"<li><b>{_text(label)}</b>: {_text('; '.join(facts))}</li>")
     return f"<ul>{''.join(items)}</ul>"
 
 
@@ -113,20 +120,20 @@ def page(records: list[dict], title: str, rules: Rules = DEFAULT_RULES) -> str:
     timelines = timeline_figures(list(last.values()))
     commands = sorted({command_of(r) for r in runs if r.get("status") == "ok"})
     sections = [
-        f"<h1>{html.escape(title)}</h1>",
+        f"<h1>{_text(title)}</h1>",
         f"<p>{len(points)} points from {len(runs)} runs. {sum(p.valid for p in points)} of the points are VALID.</p>",
         "<h2>Report</h2>", _table(points), "<h2>Figures</h2>",
-        *(f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="{_png(fig)}">'
+        *(f'<h3>{_text(name)}</h3><img alt="{_text(name)}" src="{_png(fig)}">'
           for name, fig in figures.items()),
         "<h2>Machines</h2>", _machines(runs),
         "<h2>Each backend's last run</h2>",
-        *(f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="{_png(fig)}">'
+        *(f'<h3>{_text(name)}</h3><img alt="{_text(name)}" src="{_png(fig)}">'
           for name, fig in timelines.items()),
         "<h2>The commands that made these runs</h2>",
-        "<ul>" + "".join(f"<li><code>{html.escape(c)}</code></li>" for c in commands) + "</ul>",
+        "<ul>" + "".join(f"<li><code>{_text(c)}</code></li>" for c in commands) + "</ul>",
         '<p class="note" id="page-check">page check: not run (scripts off)</p>',
     ]  # fmt: skip
-    head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style>'
+    head = f'<meta charset="utf-8"><title>{_text(title)}</title><style>{_STYLE}</style>'
     return (f'<!DOCTYPE html><html lang="en"><head>{head}<script>{_SELF_CHECK}</script></head>'
             f"<body>{''.join(sections)}</body></html>")  # fmt: skip
 

@@ -12,6 +12,7 @@ from cai_bench.analysis.report import export_row, memory_lines, to_json, to_mark
 from cai_bench.analysis.results import to_csv
 from cai_bench.analysis.validity import MIN_DURATION_S, MIN_SAMPLES, Rules, verdict_line
 from cai_bench.core.records import RunRecord
+from cai_bench.core.text import visible
 from cai_bench.render.console import console, print_fitted, say, stdout, tell
 from cai_bench.render.labels import UPSTREAM_LABEL, point_metrics_text, upstream_paper_text
 from cai_bench.render.tables import bench_table, comm_table, report_table, run_summary_table
@@ -263,10 +264,10 @@ def show_report(points: list, store_path: Path, fmt: str, comm_points: list | No
             say(f"memory: {line}")
         if comm_points:
             stdout.print(comm_table(comm_points, f"{store_path.parent / 'comm.jsonl'}: {len(comm_points)} points"))
-    elif fmt == "markdown":
-        print(to_markdown(points), end="")
+    elif fmt == "markdown":  # text for people: control characters from the records written as escapes
+        print(visible(to_markdown(points)), end="")
     elif fmt == "csv":
-        print(to_csv([export_row(p) for p in points]), end="")
+        print(visible(to_csv([export_row(p) for p in points])), end="")
     else:
         print(to_json(points))
 

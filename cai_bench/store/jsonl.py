@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -25,6 +26,8 @@ from cai_bench.core.records import SCHEMA_MAJOR, RunRecord
 from cai_bench.core.shapes import INT, LIST, NUMBER, PARTITION, TABLE, TEXT, problem
 
 STORE_FILE = "runs.jsonl"
+# A run id as cai-bench makes them (20261207T144748Z-99677abf) or a plain name: what a record must carry to be read
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
 COMM_FILE = "comm.jsonl"  # comm bench's points: latency of one collective per channel, world size and size
 
 
@@ -283,6 +286,9 @@ class ResultsStore:
             problem = record_problem(record)
             if problem:
                 raise UserError(f"{self.path}:{number}: not a valid run record: {problem}")
+            if not RUN_ID.fullmatch(record["run_id"]):  # shown, matched and named everywhere: kept, not read
+                self.skipped.append(f"{self.path}:{number}: skipped a record whose run id is not one cai-bench makes")
+                continue
             records.append(record)
         return records
 

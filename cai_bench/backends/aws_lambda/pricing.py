@@ -103,9 +103,11 @@ def _price_table_problem(table) -> str | None:
     for name, value in prices.items():
         if not _price(value):
             return f"{name} is {json.dumps(value)[:40]}: a price in USD is a number from 0 to {MOST_USD:g}"
-    for name in ("as_of", "region"):
-        if name in table and not isinstance(table[name], str):
-            return f"{name} is {json.dumps(table[name])[:40]}: a text"
+    for name in ("as_of", "region"):  # shown beside every cost: a short line of printable text
+        if name in table and not (
+            isinstance(table[name], str) and len(table[name]) <= 40 and table[name].isprintable()
+        ):
+            return f"{name} is {json.dumps(table[name])[:40]}: a text of up to 40 printable characters"
     return None
 
 
