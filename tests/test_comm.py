@@ -371,3 +371,57 @@ def test_a_run_leaves_on_s3_only_what_its_purge_deletes_and_on_redis_only_keys_t
 def _allreduce_once(url: str, rank: int, run_id: str, key: str) -> None:
     with comm.connect([url], rank, 3, run_id, key, 10) as c:
         assert c.allreduce(np.ones(4) * rank).tolist() == [3.0] * 4
+
+
+def test_a_client_that_squats_run_ids_holds_a_few_and_loses_them_when_it_leaves(rendezvous_url):
+    """One unauthenticated client registering 1,000 runs and leaving once made every later run of every user
+    wait out the TTL: now a connection holds at most a few entries, and they go with it."""
+    from cai_bench.comm.rendezvous import MAX_ENTRIES_PER_CONNECTION
+
+    host, port = rendezvous_url[len("direct://") :].rsplit(":", 1)
+    squatter = socket.create_connection((host, int(port)))
+    runs = [uuid.uuid4().hex[:12] for _ in range(1000)]
+    answers = [_ask(rendezvous_url, {"op": "register", "run": r, "key": "squat", "rank": 0, "world": 2}, squatter)
+               for r in runs]  # fmt: skip
+    taken = [r for r, a in zip(runs, answers, strict=True) if "address" in a]
+    assert taken == runs[:MAX_ENTRIES_PER_CONNECTION]
+    assert all("at most" in a["error"] for a in answers[MAX_ENTRIES_PER_CONNECTION:])
+    # While it is connected its runs are its own; once it has gone, another key may have the same run id
+    mine = socket.create_connection((host, int(port)))
+    request = {"op": "register", "run": taken[0], "key": "mine", "rank": 0, "world": 1}
+    assert "belongs to another key" in _ask(rendezvous_url, request, mine)["error"]
+    squatter.close()
+    for _ in range(50):  # the server sees the close when its reader does
+        answer = _ask(rendezvous_url, request, mine)
+        if "address" in answer:
+            break
+        time.sleep(0.1)
+    assert "address" in answer, answer
+    peers = _ask(rendezvous_url, {"op": "peers", "run": taken[0], "key": "mine", "timeout": 2}, mine)["peers"]
+    assert peers == {"0": list(mine.getsockname()[:2])}
+    mine.close()
+
+
+def test_runs_expire_by_their_deadlines_without_walking_every_run():
+    """Runs that stay connected but idle go after the TTL; what is popped is the runs that are due, nothing else."""
+    import asyncio
+
+    from cai_bench.comm.rendezvous import Rendezvous
+
+    class Writer:  # the one thing register reads of a connection
+        def __init__(self, port: int):
+            self.port = port
+
+        def get_extra_info(self, name: str):
+            return ("127.0.0.1", self.port)
+
+    server = Rendezvous(ttl_s=0.2)
+    for number in range(300):
+        request = {"op": "register", "run": f"r{number}", "key": "k", "rank": 0, "world": 2}
+        assert "address" in server.register(request, Writer(number))
+    assert len(server.runs) == 300
+    time.sleep(0.3)
+    assert "address" in server.register({"op": "register", "run": "late", "key": "k", "rank": 0, "world": 1},
+                                        Writer(9999))  # fmt: skip
+    assert list(server.runs) == ["late"] and len(server._deadlines) == 1
+    asyncio.run(asyncio.sleep(0))  # (the runs' events belong to no loop until awaited)

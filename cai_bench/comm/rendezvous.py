@@ -6,7 +6,7 @@ those ports (``direct.py``).
 A run is its id and a key that its ranks share (a token derived from the run's secret, never the secret): the
 first rank to register sets the key (the server keeps its SHA-256), and a client without it can neither read the
 run's addresses nor register a rank in it; a rank registered by a connection still open cannot be taken over.
-Entries expire ``ttl_s`` after they were made.
+A rank's entry goes with the connection that made it; a run goes ``ttl_s`` after its last registration.
 
 Every request is checked field by field (a wrong type or size is an error answer, never a traceback); a client's
 wait is capped (``MAX_WAIT_S``), and so are the runs and the connections the server holds at once.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import hmac
 import json
 import math
@@ -33,6 +34,7 @@ MAX_LINE = 4096
 MAX_WAIT_S = 900.0  # a peers request waits at most this long, whatever it asks (Lambda's longest timeout)
 MAX_RUNS = 1000
 MAX_CONNECTIONS = 2048
+MAX_ENTRIES_PER_CONNECTION = 4  # a rank registers once, on its own connection; a little room for a retry
 MAX_WORLD = 100_000
 _TEXT_MAX = 128  # a run id or key longer than this is not one of ours
 
@@ -57,7 +59,6 @@ def _wait_s(request: dict) -> float | None:
 @dataclass
 class _Entry:
     address: tuple[str, int]
-    expires: float
     writer: asyncio.StreamWriter
 
 
@@ -65,22 +66,47 @@ class _Entry:
 class _Run:
     key_digest: bytes
     world: int
+    expires: float
     entries: dict[int, _Entry] = field(default_factory=dict)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
+    addresses: dict[str, list] | None = None  # every rank's, fixed once all came: what peers answers
 
 
 class Rendezvous:
+    """The runs the server holds. A rank's entry lives as long as the connection that registered it (a client
+    that leaves takes its entries along, so nobody squats run ids or the server's room by connecting once), a
+    connection holds at most MAX_ENTRIES_PER_CONNECTION, and a run goes ``ttl_s`` after its last registration;
+    expiry pops a heap of deadlines, so no request walks every run."""
+
     def __init__(self, ttl_s: float = 600.0):
         self.ttl_s = ttl_s
         self.runs: dict[str, _Run] = {}
         self.connections = 0
+        self._deadlines: list[tuple[float, str]] = []  # (when, run id); a run's older deadlines are popped as stale
+        self._held: dict[asyncio.StreamWriter, set[tuple[str, int]]] = {}
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for run_id, run in list(self.runs.items()):
-            run.entries = {r: e for r, e in run.entries.items() if e.expires > now}
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, run_id = heapq.heappop(self._deadlines)
+            run = self.runs.get(run_id)
+            if run is not None and run.expires <= now:
+                self._drop(run_id)
+
+    def _drop(self, run_id: str) -> None:
+        for rank, entry in self.runs.pop(run_id).entries.items():
+            self._held.get(entry.writer, set()).discard((run_id, rank))
+
+    def forget(self, writer: asyncio.StreamWriter) -> None:
+        """A connection ended: the entries it registered go, and a run goes with its last entry."""
+        for run_id, rank in self._held.pop(writer, ()):
+            run = self.runs.get(run_id)
+            entry = run.entries.get(rank) if run is not None else None
+            if entry is None or entry.writer is not writer:
+                continue
+            del run.entries[rank]
             if not run.entries:
-                del self.runs[run_id]
+                self._drop(run_id)
 
     def _run(self, request: dict, create: bool) -> _Run | str:
         run_id, key = _text(request, "run"), _text(request, "key")
@@ -96,26 +122,36 @@ class Rendezvous:
                 return f"world {request.get('world')!r:.40}: a run has 1 to {MAX_WORLD} ranks (a whole number)"
             if len(self.runs) >= MAX_RUNS:
                 return f"this server holds {MAX_RUNS} runs already; try again when some have ended"
-            run = self.runs[run_id] = _Run(digest, world)
+            run = self.runs[run_id] = _Run(digest, world, time.monotonic() + self.ttl_s)
         if not hmac.compare_digest(run.key_digest, digest):
             return f"run {run_id!r} belongs to another key"
         return run
 
     def register(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         self._expire()
+        held = self._held.setdefault(writer, set())
+        again = _text(request, "run"), _whole(request, "rank")
+        if len(held) >= MAX_ENTRIES_PER_CONNECTION and again not in held:
+            return {"error": f"a connection registers at most {MAX_ENTRIES_PER_CONNECTION} ranks"}
         run = self._run(request, create=True)
         if isinstance(run, str):
             return {"error": run}
-        rank = _whole(request, "rank")
+        run_id, rank = request["run"], _whole(request, "rank")
         if rank is None or not 0 <= rank < run.world or request.get("world", run.world) != run.world:
+            if not run.entries:  # made by this request: nothing of it stays
+                self._drop(run_id)
             return {"error": f"rank {request.get('rank')!r:.40} of world {request.get('world')!r:.40}: the run has "
                              f"{run.world} ranks"}  # fmt: skip
-        held = run.entries.get(rank)
-        if held is not None and held.writer is not writer and not held.writer.is_closing():
-            return {"error": f"rank {rank} of run {request['run']!r} is registered by another connection"}
+        there = run.entries.get(rank)
+        if there is not None and there.writer is not writer:
+            return {"error": f"rank {rank} of run {run_id!r} is registered by another connection"}
         host, port = writer.get_extra_info("peername")[:2]
-        run.entries[rank] = _Entry((host, port), time.monotonic() + self.ttl_s, writer)
-        if len(run.entries) == run.world:
+        run.entries[rank] = _Entry((host, port), writer)
+        held.add((run_id, rank))
+        run.expires = time.monotonic() + self.ttl_s
+        heapq.heappush(self._deadlines, (run.expires, run_id))
+        if len(run.entries) == run.world and run.addresses is None:
+            run.addresses = {str(r): list(e.address) for r, e in run.entries.items()}
             run.complete.set()
         return {"address": [host, port]}
 
@@ -133,7 +169,7 @@ class Rendezvous:
                 "error": f"{len(run.entries)} of {run.world} ranks registered; missing "
                 f"{sorted(set(range(run.world)) - set(run.entries))[:20]}"
             }
-        return {"peers": {str(r): list(e.address) for r, e in run.entries.items()}}
+        return {"peers": run.addresses}
 
     async def serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -155,6 +191,7 @@ class Rendezvous:
             print(f"rendezvous: dropped a client: {type(exc).__name__}: {exc}"[:300], file=sys.stderr, flush=True)
         finally:
             self.connections -= 1
+            self.forget(writer)
             writer.close()
 
     async def answer(self, line: bytes, writer: asyncio.StreamWriter) -> dict:
