@@ -358,3 +358,69 @@ def test_ids_reach_the_catalogue_from_lambda_functions_reading_s3(cli, s3, local
     np.testing.assert_allclose(far["z_pred"], here["z_pred"], atol=1e-5)
     np.testing.assert_array_equal(far["dec"], galaxies["dec"])
     assert (far["flags"] & MAGS_UNCHECKED).all() and not (here["flags"] & MAGS_UNCHECKED).any()
+
+
+def _hdf5_that_reads_elsewhere(root: Path, few: dict) -> dict[str, Path]:
+    """Files whose cutouts live in another file: what HDF5 would follow and cai-bench must not."""
+    import h5py
+
+    other = write_hdf5(root / "other.h5", few)
+    files = {}
+    for kind in ("external-link", "soft-link", "virtual", "external-storage"):
+        path = files[kind] = root / f"{kind}.h5"
+        with h5py.File(path, "w") as handle:
+            for name in ("magnitudes", "objid", "redshift"):
+                handle[name] = few[name]
+            if kind == "external-link":
+                handle["images"] = h5py.ExternalLink(str(other), "/images")
+            elif kind == "soft-link":
+                handle["pixels"] = few["images"]
+                handle["images"] = h5py.SoftLink("/pixels")
+            elif kind == "virtual":
+                layout = h5py.VirtualLayout(shape=few["images"].shape, dtype="f4")
+                layout[:] = h5py.VirtualSource(str(other), "images", shape=few["images"].shape)
+                handle.create_virtual_dataset("images", layout)
+            else:  # raw pixels "stored" in /etc/passwd: reading them used to echo its lines in the error
+                handle.create_dataset("images", shape=few["images"].shape, dtype="f4",
+                                      external=[("/etc/passwd", 0, h5py.h5f.UNLIMITED)])  # fmt: skip
+    return files
+
+
+def test_hdf5_links_virtual_datasets_and_external_storage_are_refused_before_they_are_read(cli, galaxies, tmp_path):
+    few = _part(galaxies, slice(0, 10))
+    for kind, path in _hdf5_that_reads_elsewhere(tmp_path, few).items():
+        code, _, err = cli("data", "import", path, "--partition-mb", "1", "--out", tmp_path / f"out-{kind}", "-q")
+        says = "is a link" if "link" in kind else "a virtual dataset" if kind == "virtual" else "external storage"
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (kind, err)
+        assert "root:" not in err and not (tmp_path / f"out-{kind}").exists(), (kind, err)
+
+
+def test_an_hdf5_file_that_claims_more_than_it_holds_is_refused_before_anything_is_read(cli, galaxies, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
+    """A sparse file claims 20 million cutouts (410 GB of partitions) in a few kB; a column claims more rows than
+    there are cutouts; a chunk is larger than any slice (decompressed again for each one)."""
+    import h5py
+
+    few = _part(galaxies, slice(0, 10))
+    claims = tmp_path / "claims.h5"
+    with h5py.File(claims, "w") as handle:
+        handle.create_dataset("images", shape=(20_000_000, 5, 32, 32), dtype="f4", chunks=(64, 5, 32, 32))
+        for name in ("magnitudes", "objid", "redshift"):
+            handle[name] = few[name]
+    monkeypatch.setattr("cai_bench.data.astro.free_bytes_at", lambda out: 100 * 10**9)  # whatever this disk has
+    code, _, err = cli("data", "import", claims, "--partition-mb", "1", "--out", tmp_path / "out-claims", "-q")
+    assert code == 2 and "20,000,000 cutouts would take 410.4 GB of partitions, and 100.0 GB are free" in err, err
+    column = tmp_path / "column.h5"
+    with h5py.File(column, "w") as handle:
+        handle["images"], handle["magnitudes"], handle["redshift"] = few["images"], few["magnitudes"], few["redshift"]
+        handle.create_dataset("objid", shape=(2_000_000_000,), dtype="i8", chunks=(1024,))
+    code, _, err = cli("data", "import", column, "--partition-mb", "1", "--out", tmp_path / "out-column", "-q")
+    assert code == 2 and "dataset objid: 2,000,000,000 rows, and 10 cutouts" in err, err
+    chunked = tmp_path / "chunked.h5"
+    with h5py.File(chunked, "w") as handle:
+        handle.create_dataset("images", data=few["images"], chunks=(10, 5, 32, 32), compression="gzip")
+        for name in ("magnitudes", "objid", "redshift"):
+            handle[name] = few[name]
+    monkeypatch.setattr("cai_bench.data.astro.CHUNK_MAX", 2**17)  # 128 KiB: the 200 KiB chunk is over it
+    code, _, err = cli("data", "import", chunked, "--partition-mb", "1", "--out", tmp_path / "out-chunked", "-q")
+    assert code == 2 and "chunks of 0.2 MiB (over 0.125 MiB); rechunk it: h5repack -l images:CHUNK=1024x5x32x32" in err

@@ -75,8 +75,9 @@ def test_a_record_that_cannot_be_written_is_printed_and_kept_in_a_fallback_file(
     store.path.mkdir(parents=True)  # the store's file is now a directory: opening it for appending fails
     with pytest.raises(UserError, match="cannot write the record of run lost-1") as info:
         store.append(_record("lost-1"))
-    (fallback,) = (tmp_path / "tmp").glob("cai-bench-unsaved-lost-1.jsonl")
+    (fallback,) = (tmp_path / "tmp").glob("cai-bench-unsaved-lost-1-*.jsonl")
     assert str(fallback) in str(info.value)
+    assert fallback.stat().st_mode & 0o077 == 0  # its user's alone, as the store's directory may not be
     saved = json.loads(fallback.read_text())
     assert saved["run_id"] == "lost-1"
     assert json.loads(capsys.readouterr().out)["run_id"] == "lost-1"

@@ -38,6 +38,14 @@ def cache_dir() -> Path:
     return Path(base) / "cai-bench"
 
 
+def free_bytes_at(out: str | Path) -> int:
+    """Bytes free on the file system where ``out`` is, or would be made (its nearest existing parent)."""
+    place = Path(out).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return shutil.disk_usage(place).free
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

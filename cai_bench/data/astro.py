@@ -12,6 +12,7 @@ resampling is done behind the user's back. astropy (FITS) and h5py (HDF5) come w
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -21,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from cai_bench.core.errors import UserError, import_extra
-from cai_bench.core.files import file_sha256, staged_directory
-from cai_bench.core.plan import partition_sizes
+from cai_bench.core.files import file_sha256, free_bytes_at, staged_directory
+from cai_bench.core.plan import BITS_PER_SAMPLE, partition_sizes
+from cai_bench.core.text import shown
 from cai_bench.data import synthetic
 from cai_bench.data.manifest import Manifest
 from cai_bench.data.objects import OBJECTS, objects_entry, objects_writer
@@ -33,6 +35,8 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".he5")
 SIZE = synthetic.IMAGE_SIZE
 BANDS = synthetic.BANDS
 SLICE = 1024  # cutouts read at a time: 20 MB of float32 images
+CHUNK_MAX = 64 * 2**20  # bytes of one HDF5 chunk of cutouts, at most: a chunk is decompressed whole for any slice
+CHUNK_CACHE = 2 * CHUNK_MAX  # the reader's chunk cache: the chunk a slice lies in is decompressed once, not per slice
 FITS_MAGS = (tuple(f"dered_{b}" for b in BANDS), BANDS)
 HDF5_MAGS = (("magnitudes",),)
 Z_NAMES = ("redshift", "z")
@@ -195,7 +199,7 @@ def _fits_image_index(hdul, columns: Columns, path: Path) -> int:
     raise UserError(f"{path}: no 4-dimensional image HDU (N, 5, {SIZE}, {SIZE}) of cutouts")
 
 
-def _inspect_fits(path: Path, columns: Columns) -> SourceFile:
+def _inspect_fits(path: Path, columns: Columns, free_bytes: int | None) -> SourceFile:
     fits = import_extra("astropy.io.fits", "astro", "reading FITS files")
     try:
         hdul = fits.open(path, memmap=True, lazy_load_hdus=False)
@@ -209,6 +213,7 @@ def _inspect_fits(path: Path, columns: Columns) -> SourceFile:
         name = hdul[index].name
         images_at = f"{path} HDU {index}" + (f" ({name})" if name and name != "PRIMARY" else "")
         layout = _layout(tuple(hdul[index].shape), images_at)
+        _room_for(int(hdul[index].shape[0]), images_at, free_bytes)
         tables = [i for i, hdu in enumerate(hdul) if isinstance(hdu, fits.BinTableHDU)]
         if not tables:
             raise UserError(f"{path}: no binary table HDU with the ids and magnitudes")
@@ -222,14 +227,55 @@ def _inspect_fits(path: Path, columns: Columns) -> SourceFile:
     return SourceFile(path, "fits", rows, layout, index, images_at, table_at, table, file_sha256(path))
 
 
-def _inspect_hdf5(path: Path, columns: Columns) -> SourceFile:
+def _room_for(rows: int, where: str, free_bytes: int | None) -> None:
+    """What a file claims to hold must fit where its partitions go: a sparse file can claim any number of cutouts
+    it has no bytes for, and would have them written out as zeros until the disk filled."""
+    need = rows * (BITS_PER_SAMPLE // 8)
+    if free_bytes is not None and need > free_bytes:
+        raise UserError(f"{where}: {rows:,} cutouts would take {need / 1e9:,.1f} GB of partitions, and "
+                        f"{free_bytes / 1e9:,.1f} GB are free where they go")  # fmt: skip
+
+
+def _hdf5_datasets(handle, h5py, path: Path) -> set[str]:
+    """The root group's datasets. Anything that would have HDF5 read another file is refused before it is opened
+    (its bytes would be imported, or echoed in an error, with no digest of that file in the manifest): a soft or
+    external link, a virtual dataset, raw data stored outside the file."""
+    names = set()
+    for name in handle:
+        link = handle.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise UserError(f"{path}: {shown(name, 60)!r} is a link ({type(link).__name__}); cai-bench reads only "
+                            "the data inside the files it is given: copy the data in (h5copy)")  # fmt: skip
+        item = handle[name]
+        if isinstance(item, h5py.Dataset) and (item.is_virtual or item.external):
+            kind = "a virtual dataset" if item.is_virtual else "stored in another file (external storage)"
+            raise UserError(f"{path} dataset {shown(name, 60)!r} is {kind}; cai-bench reads only the data inside "
+                            "the files it is given: copy the data in (h5repack)")  # fmt: skip
+        if isinstance(item, h5py.Dataset):
+            names.add(name)
+    return names
+
+
+def _check_chunks(dataset, images_at: str) -> None:
+    """HDF5 decompresses a whole chunk to read any slice of it: a chunk far larger than a slice would be
+    decompressed once per slice (a 1 GiB gzip chunk, again and again), so it is refused over CHUNK_MAX."""
+    if dataset.chunks is None:
+        return
+    chunk_bytes = math.prod(dataset.chunks) * dataset.dtype.itemsize
+    if chunk_bytes > CHUNK_MAX:
+        raise UserError(f"{images_at}: chunks of {chunk_bytes / 2**20:,.1f} MiB (over {CHUNK_MAX / 2**20:g} MiB); "
+                        f"rechunk it: h5repack -l {dataset.name.lstrip('/')}:CHUNK={SLICE}x"
+                        f"{'x'.join(str(n) for n in dataset.shape[1:])} IN OUT")  # fmt: skip
+
+
+def _inspect_hdf5(path: Path, columns: Columns, free_bytes: int | None) -> SourceFile:
     h5py = import_extra("h5py", "astro", "reading HDF5 files")
     try:
         handle = h5py.File(path, "r")
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable HDF5 file ({exc})") from None
     with handle:
-        names = {name for name, item in handle.items() if isinstance(item, h5py.Dataset)}
+        names = _hdf5_datasets(handle, h5py, path)
         image_name = columns.images or "images"
         if image_name not in names:
             raise UserError(f"{path}: no dataset {image_name!r} of cutouts (--images names it)")
@@ -238,9 +284,14 @@ def _inspect_hdf5(path: Path, columns: Columns) -> SourceFile:
         layout = _layout(tuple(dataset.shape), images_at)
         if dataset.dtype.kind not in "fiu":
             raise UserError(f"{images_at}: images are {dataset.dtype}; expected numbers")
+        _room_for(int(dataset.shape[0]), images_at, free_bytes)
+        _check_chunks(dataset, images_at)
 
         def read(name: str) -> np.ndarray:
             item = handle[name]
+            if item.shape[:1] != dataset.shape[:1]:  # checked before a byte is read: it may claim any size
+                raise UserError(f"{path} dataset {name}: {item.shape[0] if item.shape else 0:,} rows, and "
+                                f"{dataset.shape[0]:,} cutouts")  # fmt: skip
             return item.asstr()[()] if h5py.check_string_dtype(item.dtype) else item[()]
 
         table = _small_columns(names - {image_name}, read, columns, str(path), HDF5_MAGS)
@@ -261,7 +312,7 @@ def _image_reader(source: SourceFile) -> Iterator:
             yield lambda start, stop: hdu.section[start:stop]
     else:
         h5py = import_extra("h5py", "astro", "reading HDF5 files")
-        with h5py.File(source.path, "r") as handle:
+        with h5py.File(source.path, "r", rdcc_nbytes=CHUNK_CACHE) as handle:
             dataset = handle[source.images_key]
             yield lambda start, stop: dataset[start:stop]
 
@@ -291,21 +342,23 @@ def _astropy_strict() -> Iterator[None]:
         yield
 
 
-def _inspect(path: Path, kind: str, columns: Columns) -> SourceFile:
+def _inspect(path: Path, kind: str, columns: Columns, free_bytes: int | None) -> SourceFile:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
         with _astropy_strict():
-            return (_inspect_fits if kind == "fits" else _inspect_hdf5)(path, columns)
+            return (_inspect_fits if kind == "fits" else _inspect_hdf5)(path, columns, free_bytes)
     except UserError:
         raise
     except Exception as exc:  # a damaged file fails in astropy's and HDF5's own many ways, found by fuzzing
         raise UserError(f"{path}: not a readable {kind.upper()} file ({type(exc).__name__}: {exc})") from None
 
 
-def inspect_sources(paths: list[Path], kind: str, columns: Columns) -> list[SourceFile]:
-    """Every file checked and its small columns read; the files must agree and their ids be unique."""
-    files = [_inspect(path, kind, columns) for path in paths]
+def inspect_sources(paths: list[Path], kind: str, columns: Columns, free_bytes: int | None = None) -> list[SourceFile]:
+    """Every file checked and its small columns read; the files must agree, their ids be unique, and their
+    partitions fit in ``free_bytes`` (None: not checked)."""
+    files = [_inspect(path, kind, columns, free_bytes) for path in paths]
+    _room_for(sum(f.rows for f in files), f"{len(files)} file(s)", free_bytes)
     agree = {"string and integer ids": lambda f: f.id_type, "true redshifts": lambda f: "redshift" in f.table,
              "ra and dec": lambda f: "ra" in f.table}  # fmt: skip
     for what, of in agree.items():
@@ -363,7 +416,7 @@ def import_catalogue(
     kind = file_kind(paths)
     if kind == "pt":
         raise UserError("PyTorch .pt files are imported by import_upstream")
-    files = inspect_sources(paths, kind, columns)
+    files = inspect_sources(paths, kind, columns, free_bytes_at(out))
     first = files[0]
     has_position = "ra" in first.table
     described = [
