@@ -38,6 +38,23 @@ def cache_dir() -> Path:
     return Path(base) / "cai-bench"
 
 
+def write_secret_file(path: str | Path, value: dict) -> None:
+    """``value`` as JSON in a new file only its user may read: made with O_EXCL and O_NOFOLLOW, so nothing placed
+    at ``path`` first (a link, a file someone else can read) is written through."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    with open(os.open(path, flags, 0o600), "w") as file:
+        json.dump(value, file)
+
+
+def read_secret_file(path: str | Path) -> dict:
+    """What ``write_secret_file`` wrote: read without following a link, and refused where others may read it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with open(fd) as file:
+        if os.fstat(fd).st_mode & 0o077:
+            raise UserError(f"{path}: a secret file that others may read; it is not the one cai-bench wrote")
+        return json.load(file)
+
+
 def free_bytes_at(out: str | Path) -> int:
     """Bytes free on the file system where ``out`` is, or would be made (its nearest existing parent)."""
     place = Path(out).absolute()

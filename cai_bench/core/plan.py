@@ -134,8 +134,11 @@ class Plan:
 
 
 def plan_to_dict(plan: Plan) -> dict:
-    """The whole plan, partitions included, as JSON can hold it (a detached job saves it to collect it later)."""
-    return asdict(plan)
+    """The whole plan, partitions included, as JSON can hold it (a detached job saves it to collect it later),
+    with no password of a URL: what a job's workers need of --comm travels apart (``CommConfig.secret``)."""
+    out = asdict(plan)
+    out["backend_options"] = {k: redact(v) if isinstance(v, str) else v for k, v in plan.backend_options.items()}
+    return out
 
 
 def plan_from_dict(data: dict) -> Plan:

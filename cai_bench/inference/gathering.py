@@ -49,6 +49,19 @@ class CommConfig:
     def from_dict(cls, data: dict) -> CommConfig:
         return cls(**{**{k: v for k, v in data.items() if k in cls.__dataclass_fields__}, "urls": tuple(data["urls"])})
 
+    def public(self) -> dict:
+        """What may travel and be kept where others may read it (an event, an execution's input, a job's state, a
+        pickle): all but the key and the channels' URLs (a Redis URL may hold a password), shown redacted."""
+        return {**self.to_dict(), "key": None, "urls": [comm.redact(u) for u in self.urls]}
+
+    def secret(self) -> dict:
+        """What ``public`` leaves out: kept in memory, in a 0600 file, or in the run's secret in AWS."""
+        return {"key": self.key, "urls": list(self.urls)}
+
+    @classmethod
+    def joined(cls, public: dict, secret: dict) -> CommConfig:
+        return cls.from_dict({**public, "key": secret["key"], "urls": secret["urls"]})
+
 
 def accuracy_sums(results: list[PartitionResult]) -> np.ndarray:
     """The sums the run's accuracy is made of, over this worker's labelled samples."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cai_bench.comm import CommError
 from cai_bench.core.errors import describe
+from cai_bench.core.files import read_secret_file
 from cai_bench.core.machine import capture_environment
 from cai_bench.core.plan import PartitionRef
 from cai_bench.core.records import encode_result
@@ -23,6 +24,8 @@ from cai_bench.inference.gathering import (
 from cai_bench.inference.loop import model_worker, units_from, worker_loop
 
 # ---------------------------------------------------------------------------------------------- array task
+
+COMM_SECRET = "comm.secret"  # in the job's folder (0700): the comm key and URLs, 0600, removed at the job's end
 
 
 def arrays_dir(work_dir: str | Path) -> Path:
@@ -130,7 +133,7 @@ def run_task(spec: TaskSpec) -> int:
 
 def finish_together_in_task(together: dict, kept: list, directory: Path) -> dict:
     """A task's part in the closing collectives: rank 0 writes the aggregate beside the units' own files."""
-    config = CommConfig.from_dict(together)
+    config = CommConfig.joined(together, read_secret_file(together["secret_file"]))
     try:
         aggregate, info = finish_together(config, together["rank"], kept)
     except CommError as exc:

@@ -1,0 +1,103 @@
+"""No secret of a run at rest: after an hpc --slurm run and an emulated Step Functions run with --comm over a
+Redis with a password, none of the run's secrets (the comm key, the Redis password, the secret that seals the
+Lambda run's objects) is in any file the run leaves, any pickle, any execution's input or history, any log, or
+any process's argv; and what the run leaves that holds anything sealed is its user's alone."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+import pytest
+from conftest import start_redis
+
+pytest.importorskip("submitit")
+
+PASSWORD = "Pa55-w0rd@redis"
+
+
+class Secrets:
+    """Known values for the run's random secrets (the tests replace the generators), and every process's argv
+    seen while the run went on."""
+
+    def __init__(self, monkeypatch):
+        self.values = [f"SECRET-{n}-{os.urandom(8).hex()}" for n in range(8)]
+        self.issued: list[str] = []
+        names = iter(self.values)
+
+        def issue() -> str:
+            self.issued.append(next(names))
+            return self.issued[-1]
+
+        monkeypatch.setattr("cai_bench.inference.gathering.comm.new_key", issue)
+        monkeypatch.setattr("cai_bench.backends.aws_lambda.driver.new_secret", issue, raising=False)
+        self.argv: list[str] = []
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for child in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    self.argv.append(" ".join(child.cmdline()))
+            self._stop.wait(0.1)
+
+    def __enter__(self):
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._watcher.join()
+
+    def secrets(self) -> list[str]:
+        """The run's key (the comm run id is made of the first issue's start, so that one is public) and the
+        password, in the forms a file or a log could hold them."""
+        return [*self.issued[1:], PASSWORD, quote(PASSWORD, safe="")]
+
+    def found_in(self, text: str) -> list[str]:
+        return [s for s in self.secrets() if s in text]
+
+
+def _left_behind(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+def _others_can_reach(path: Path, root: Path) -> bool:
+    """Whether a user other than the owner can read ``path``: it is readable by them, and so is every folder
+    above it up to ``root`` (searchable)."""
+    if path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH) == 0:
+        return False
+    return all(p.stat().st_mode & (stat.S_IXGRP | stat.S_IXOTH) for p in path.parents if root in p.parents)
+
+
+def test_an_hpc_slurm_run_with_comm_leaves_no_secret_and_nothing_sealed_for_others(cli, tiny_data, tmp_path,
+                                                                                   monkeypatch, redis_url):  # fmt: skip
+    server, port = start_redis("--requirepass", PASSWORD)
+    try:
+        with Secrets(monkeypatch) as watched:
+            code, out, err = cli("run", "--backend", "hpc", "--slurm", "--slurm-executor", "local", "--tasks", "2",
+                                 "--array-parallelism", "2", "--precision", "fp32", "--threads", "1", "--comm",
+                                 f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0", "--comm-timeout-s", "30",
+                                 "--data", tiny_data, "--results", tmp_path)  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+    assert code == 0, err
+    assert "collectives over redis, 2 rank(s): done" in out + err  # the key and the password were used
+    files = _left_behind(tmp_path)
+    assert any(p.suffix == ".pkl" for p in files) and any(p.parent.name == "jobs" for p in files)  # searched
+    leaks = {str(p): watched.found_in(data.decode("latin-1")) for p, data in files.items()}
+    assert not {p: found for p, found in leaks.items() if found}
+    assert not watched.found_in("\n".join(watched.argv)) and watched.argv
+    assert not watched.found_in(out + err)
+    job_dirs = [p for p in (tmp_path / "hpc-jobs").iterdir() if p.is_dir()]
+    assert job_dirs and all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in job_dirs)
+    assert not list(tmp_path.rglob("comm.secret"))  # removed at the job's end
+    assert not [p for p in files if "hpc-jobs" in p.parts and _others_can_reach(p, tmp_path)]
