@@ -3,7 +3,7 @@
 import importlib
 import re
 
-from cai_bench.core.text import clip, visible
+from cai_bench.core.text import visible
 
 # Colour and cursor codes that other libraries put in their messages (Rich panels, some compilers' errors)
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
@@ -29,14 +29,18 @@ class UserError(Exception):
     exit_code = 2
 
 
-ERROR_MAX = 2_000  # characters of an error line: one that quotes a whole file's worth is cut
+ERROR_MAX = 2_000  # characters of an error line: one that quotes a whole file's worth is cut in its middle
 
 
 def one_line(text: str) -> str:
     """``text`` on one line, without other libraries' colour codes or passwords in URLs, any other control
-    character written as its escape (a message may quote a file or a record), cut to ERROR_MAX: what an error
-    line may hold."""
-    return clip(visible(" ".join(redact(_ANSI.sub("", text)).split())), ERROR_MAX)
+    character written as its escape (a message may quote a file or a record), and cut in the middle past
+    ERROR_MAX (what went wrong is said at its end): what an error line may hold."""
+    line = visible(" ".join(redact(_ANSI.sub("", text)).split()))
+    if len(line) <= ERROR_MAX:
+        return line
+    half = ERROR_MAX // 2
+    return f"{line[:half]} ... ({len(line) - 2 * half:,} characters left out) ... {line[-half:]}"
 
 
 def describe(exc: BaseException) -> str:
