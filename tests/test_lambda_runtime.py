@@ -65,7 +65,7 @@ def test_a_handler_error_and_a_stranger_on_the_runtime_api(tmp_path):
         (environment,) = emulator.every
         assert reply.headers["X-Amz-Function-Error"] == "Unhandled"
         error = json.loads(reply.body)
-        assert error["errorType"] == "KeyError" and error["errorMessage"] == "'results'"
+        assert error["errorType"] == "KeyError" and error["errorMessage"] == "'base'"
         assert error["requestId"] == reply.headers["x-amzn-RequestId"] and error["stackTrace"]
         assert "KeyError" in _log_tail(reply) and "REPORT RequestId" in _log_tail(reply)
         answered = [(m, p.split("/")[-1], s) for m, p, s in environment.api.requests]
@@ -76,7 +76,7 @@ def test_a_handler_error_and_a_stranger_on_the_runtime_api(tmp_path):
         answer = stranger.getresponse()
         assert answer.status == 403 and b"not this environment's runtime" in answer.read()
         stranger.close()
-        again = emulator.invoke("f", b'{"results": 1}', tail=False)  # the environment still serves its own
+        again = emulator.invoke("f", b'{"base": 1, "item": 1}', tail=False)  # the environment still serves its own
         assert json.loads(again.body)["errorType"] in ("AttributeError", "TypeError", "ValueError", "UserError")
     finally:
         emulator.stop()

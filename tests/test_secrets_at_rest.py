@@ -6,6 +6,7 @@ any process's argv; and what the run leaves that holds anything sealed is its us
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import threading
@@ -101,3 +102,62 @@ def test_an_hpc_slurm_run_with_comm_leaves_no_secret_and_nothing_sealed_for_othe
     assert job_dirs and all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in job_dirs)
     assert not list(tmp_path.rglob("comm.secret"))  # removed at the job's end
     assert not [p for p in files if "hpc-jobs" in p.parts and _others_can_reach(p, tmp_path)]
+
+
+def test_an_emulated_step_functions_run_with_comm_leaves_no_secret_in_inputs_histories_or_objects(
+    cli, tiny_data, tmp_path, monkeypatch, redis_url
+):
+    """The execution's input and history (what DescribeExecution and GetExecutionHistory give anyone who may read
+    the state machine, kept 90 days on AWS), every object in the run's buckets, the record, the output and every
+    process's argv: none holds the run's sealing secret, its comm key or the Redis password. The run's secret in
+    Secrets Manager is gone when the run ends."""
+    from cai_bench.backends.aws_lambda import run_secret, stepfunctions
+    from cai_bench.core import aws
+
+    seen: list[str] = []
+    history = stepfunctions.history_events
+
+    def and_everything_else(client, arn):  # read while the run's own moto server is up
+        events = history(client, arn)
+        seen.append(json.dumps(events, default=str) + client.describe_execution(executionArn=arn)["input"])
+        s3 = aws.s3_client()
+        for bucket in s3.list_buckets()["Buckets"]:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+                for item in page.get("Contents", []):
+                    body = s3.get_object(Bucket=bucket["Name"], Key=item["Key"])["Body"].read()
+                    seen.append(body.decode("latin-1"))
+        return events
+
+    gone = []
+    delete = run_secret.delete
+
+    def deleted(ref: str) -> bool:
+        done = delete(ref)
+        with contextlib.suppress(Exception):
+            run_secret.read(ref)
+            done = False
+        gone.append(done)
+        return done
+
+    monkeypatch.setattr(stepfunctions, "history_events", and_everything_else)
+    monkeypatch.setattr(run_secret, "delete", deleted)
+    server, port = start_redis("--requirepass", PASSWORD)
+    url = f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0"
+    try:
+        with Secrets(monkeypatch) as watched:
+            code, out, err = cli("run", "--backend", "lambda", "--emulate", "--orchestrator", "stepfunctions",
+                                 "--max-concurrency", "2", "--partitions-per-invocation", "2", "--memory-mb", "3008",
+                                 "--precision", "fp32", "--comm", url, "--comm-timeout-s", "60", "--data", tiny_data,
+                                 "--results", tmp_path)  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+    assert code == 0, err
+    (record,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert record["status"] == "ok" and record["backend_info"]["comm"]["collectives"] == "ok"  # all were used
+    assert len(watched.issued) == 3  # the comm run's name, its key, the sealing secret
+    assert seen and any("items-1.json" in text for text in seen)  # the inputs, histories and objects searched
+    assert not watched.found_in("\n".join(seen))
+    assert not watched.found_in("\n".join(watched.argv)) and watched.argv
+    assert not watched.found_in(out + err + json.dumps(record))
+    assert gone == [True]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cai_bench.core.errors import UserError
 from cai_bench.core.records import UnitFailure
 
 DEFAULT_RETRIES = 2
@@ -53,6 +54,9 @@ class Event:
     failed    worker, position, error (the unit raised; the worker goes on)
     lost      worker, error (it is gone: crashed, killed, timed out; whatever it held is returned)
     left      worker (it ended normally, holding nothing)
+
+    ``fatal`` (failed, lost): what the worker was given is not what the driver sent (forged input): the run
+    stops with the error, since a retry would run on what someone else wrote.
     """
 
     kind: str
@@ -63,6 +67,11 @@ class Event:
     count: int = 1
     ahead: bool = False
     info: dict | None = None
+    fatal: bool = False
+
+
+class ForgedRun(UserError):
+    """A worker was given, or returned, what the driver did not send it: the run stops here."""
 
 
 class Dispatcher:
@@ -173,6 +182,10 @@ class Dispatcher:
         if position in self.emitted:
             return False
         unit = self.units[position]
+        named = getattr(getattr(result, "record", None), "partition", None)
+        if named is not None and named != unit.partition:  # every backend's results, checked once here
+            raise ForgedRun(f"unit {position}'s result is of partition {named}, not the {unit.partition} it was "
+                            f"given ({worker}): its input was changed on the way")  # fmt: skip
         self.failed.pop(position, None)
         if unit in self.queue:
             self.queue.remove(unit)
@@ -328,6 +341,8 @@ def drive(dispatcher: Dispatcher, transport: Transport, unit_timeout_s: float | 
 def apply(dispatcher: Dispatcher, transport: Transport, event: Event) -> None:
     """One event's effect on the dispatcher, and the units it sends in answer to a request."""
     kind, worker = event.kind, event.worker
+    if event.fatal:
+        raise ForgedRun(event.error.removeprefix("function error: ").removeprefix("ForgedInput: "))
     if kind == "want":
         units = dispatcher.want(worker, event.count, event.ahead)
         if units or event.ahead:

@@ -19,6 +19,8 @@ from cai_bench.core.errors import UserError
 EMULATED_CREDENTIALS = {"aws_access_key_id": "emulated", "aws_secret_access_key": "emulated"}
 EMULATED_REGION = "us-east-1"
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # botocore's own name: also set for worker processes and handlers
+# botocore's own name too: where an emulated run's Secrets Manager is (moto's server, the same as its S3)
+SECRETS_ENDPOINT_ENV = "AWS_ENDPOINT_URL_SECRETS_MANAGER"
 EMULATED_ENV = "CAI_BENCH_EMULATED_AWS"  # "1": this process and its children talk to loopback services only
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -129,9 +131,18 @@ def s3_client():
     return client("s3", endpoint_url=endpoint, emulated=os.environ.get(EMULATED_ENV) == "1", pool=32)
 
 
+def secrets_client():
+    """The Secrets Manager client for this process's settings, as ``s3_client``: an emulated run's is moto's."""
+    endpoint = os.environ.get(SECRETS_ENDPOINT_ENV) or None
+    return client("secretsmanager", endpoint_url=endpoint, emulated=os.environ.get(EMULATED_ENV) == "1")
+
+
 def use_endpoints(s3_endpoint: str | None, emulated: bool) -> None:
-    """Point this process, and every process it starts, at ``s3_endpoint`` (and emulated credentials)."""
+    """Point this process, and every process it starts, at ``s3_endpoint`` (and emulated credentials; emulated,
+    its Secrets Manager is the same loopback server's)."""
     if s3_endpoint:
         os.environ[S3_ENDPOINT_ENV] = s3_endpoint
     if emulated:
         os.environ[EMULATED_ENV] = "1"
+        if s3_endpoint:
+            os.environ[SECRETS_ENDPOINT_ENV] = s3_endpoint

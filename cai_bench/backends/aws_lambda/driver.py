@@ -15,13 +15,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-from cai_bench.backends.aws_lambda import emulator, environments, local_s3, pricing
+from cai_bench.backends.aws_lambda import emulator, environments, local_s3, pricing, run_secret
 from cai_bench.backends.aws_lambda.image import IMAGE_EXPORT_DIR
 from cai_bench.backends.aws_lambda.invoke import InvokeTransport, invocation_summary, report_summary
 from cai_bench.backends.aws_lambda.provision import emulated_role, ensure_state_machine, set_memory
 from cai_bench.backends.aws_lambda.staging import create_bucket, stage, stage_export, stage_weights
 from cai_bench.backends.aws_lambda.stepfunctions import MapTransport, map_summary
-from cai_bench.backends.aws_lambda.wire import new_secret
+from cai_bench.backends.aws_lambda.wire import RunKeys, new_secret
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_run
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, drive
 from cai_bench.backends.options import COMM_OPTIONS, RETRIES, RUNTIME
@@ -108,7 +108,7 @@ def start_services(options: dict, function: str, memory_mb: int | None, concurre
     emulated = bool(options.get("emulate")) or lambda_endpoint is not None
     state_machines = emulated and options.get("orchestrator") == "stepfunctions"
     services = Services(lambda_endpoint, emulated)
-    saved = {name: os.environ.get(name) for name in (aws.S3_ENDPOINT_ENV, aws.EMULATED_ENV)}
+    saved = {name: os.environ.get(name) for name in (aws.S3_ENDPOINT_ENV, aws.SECRETS_ENDPOINT_ENV, aws.EMULATED_ENV)}
     services.stop.append(lambda: _restore(saved))  # the process is as it was after the run
     try:
         front = local_s3.free_port() if state_machines else 0
@@ -182,6 +182,7 @@ class _Staged:
     run_id: str
     results: S3Prefix
     export_weights: dict | None = None  # --export-in-image: the weights the image's export must be made from
+    staged: dict = field(default_factory=dict)  # {object name: sha256} of the weights or export staged in S3
 
 
 def _stage(plan: Plan, options: dict, services: Services, runtime: str, mode: str) -> _Staged:
@@ -192,26 +193,27 @@ def _stage(plan: Plan, options: dict, services: Services, runtime: str, mode: st
     refs, data_prefix, staging_s = stage(plan.partitions, plan, target)
     # An export the functions need is made here, where torch is, then staged like weights
     model, prepared = prepare_model(plan.weights, runtime, plan.seed) if mode == "model" else (plan.weights, {})
-    exported, expects = runtime != "torch" and mode == "model", None
+    exported, expects, digests = runtime != "torch" and mode == "model", None, {}
     if exported and options.get("export_in_image"):
         # In the image: no fetch at a cold start. Emulated, the image is this machine, so the export is local
         weights, expects = (model if services.emulated else IMAGE_EXPORT_DIR), asdict(read_export(model).weights)
     else:
-        weights = (stage_export if exported else stage_weights)(model, target or data_prefix)
+        weights, digests = (stage_export if exported else stage_weights)(model, target or data_prefix)
     if exported:
         prepared = {**prepared, "export_from": "image" if expects else "s3"}
     run_id = new_run_id()
     base = S3Prefix.parse(target or data_prefix)
     results = S3Prefix(base.bucket, base.key(f"runs/{run_id}"))
-    return _Staged(replace(plan, partitions=refs), data_prefix, staging_s, weights, prepared, run_id, results, expects)
+    return _Staged(replace(plan, partitions=refs), data_prefix, staging_s, weights, prepared, run_id, results, expects,
+                   digests)  # fmt: skip
 
 
 def _event_base(plan: Plan, staged: _Staged, runtime: str, mode: str, hold_s: float) -> dict:
     """What every invocation of the run is sent beside its units (``wire.py``)."""
     options = {"batch_size": plan.batch_size, "precision": plan.precision, "engine": plan.engine,
                "verify_checksums": plan.verify_checksums, "compile": plan.compile, "runtime": runtime}  # fmt: skip
-    return {"run_id": staged.run_id, "results": staged.results.location, "options": options, "secret": new_secret(),
-            "weights": staged.weights, "seed": plan.seed, "mode": mode, "hold_s": hold_s,
+    return {"run_id": staged.run_id, "results": staged.results.location, "options": options,
+            "weights": staged.weights, "staged": staged.staged, "seed": plan.seed, "mode": mode, "hold_s": hold_s,
             **({"export_weights": staged.export_weights} if staged.export_weights else {})}  # fmt: skip
 
 
@@ -226,9 +228,9 @@ class _Driven:
     billed_from: str
 
 
-def _direct(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event: dict, concurrency: int,
+def _direct(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event: dict, keys: RunKeys, concurrency: int,
             per_invocation: int, comm: CommConfig | None) -> _Driven:  # fmt: skip
-    transport = InvokeTransport(fn.client, fn.name, event, staged.results, concurrency, per_invocation,
+    transport = InvokeTransport(fn.client, fn.name, event, keys, staged.results, concurrency, per_invocation,
                                 staged.plan.seed, comm)  # fmt: skip
     drive(dispatcher, transport)
     billed = [i.report["billed_duration_ms"] for i in transport.invocations if i.report]
@@ -249,8 +251,8 @@ def _comm_config(plan: Plan, concurrency: int, per_invocation: int) -> CommConfi
     return config_for_run(plan.backend_options, world, plan.work_dir)
 
 
-def _through_a_map(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event: dict, concurrency: int,
-                   per_invocation: int, options: dict, services: Services,
+def _through_a_map(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event: dict, keys: RunKeys,
+                   concurrency: int, per_invocation: int, options: dict, services: Services,
                    comm: CommConfig | None) -> _Driven:  # fmt: skip
     """The state machine (created, updated or reused), and executions of it as the transport."""
     role = options.get("state_machine_role_arn")
@@ -259,7 +261,7 @@ def _through_a_map(dispatcher: Dispatcher, fn: _Function, staged: _Staged, event
     if services.emulated and role is None:
         role = emulated_role(endpoint, fn.region)
     arn, action = ensure_state_machine(client, fn.name, concurrency, role)
-    transport = MapTransport(client, arn, staged.run_id, event, staged.results, per_invocation,
+    transport = MapTransport(client, arn, event, keys, staged.results, per_invocation,
                              poll_s=0.25 if services.emulated else 1.0, comm=comm)  # fmt: skip
     drive(dispatcher, transport)
     for name, ready in transport.ready.items():  # an execution's output comes after its results
@@ -318,12 +320,16 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
         fn = _function(options, services, concurrency)
         staged = _stage(plan, options, services, runtime, mode)
         event = _event_base(plan, staged, runtime, mode, hold_s)
+        secret = new_secret()
+        keys = RunKeys(secret, run_secret.create(staged.run_id, {"seal": secret, "comm": comm and comm.secret()}),
+                       staged.run_id)  # fmt: skip
+        services.stop.append(lambda: run_secret.delete(keys.secret_ref))  # stopped last in, first out
         dispatcher = Dispatcher(work_units(staged.plan), emit, DEFAULT_RETRIES if retries is None else retries)
         if orchestrator == "stepfunctions":
-            driven = _through_a_map(dispatcher, fn, staged, event, concurrency, per_invocation, options, services,
-                                    comm)  # fmt: skip
+            driven = _through_a_map(dispatcher, fn, staged, event, keys, concurrency, per_invocation, options,
+                                    services, comm)  # fmt: skip
         else:
-            driven = _direct(dispatcher, fn, staged, event, concurrency, per_invocation, comm)
+            driven = _direct(dispatcher, fn, staged, event, keys, concurrency, per_invocation, comm)
         transitions = driven.orchestration.get("transitions", 0)
         spent = pricing.cost(driven.billed_ms, fn.memory_mb, fn.architecture, prices, transitions=transitions)
         info = _run_info(driven, fn, staged, services, spent, prices, concurrency, per_invocation, orchestrator)

@@ -91,7 +91,8 @@ MAX_PASSED_ON_BYTES = 1 << 30
 def _partitions_named(event) -> list[int]:
     """The partitions an event's units name (what injected faults are keyed by); -1 or none where it is not shaped
     as the driver's events are."""
-    units = event.get("units") if isinstance(event, dict) else None
+    item = event.get("item") if isinstance(event, dict) else None
+    units = item.get("units") if isinstance(item, dict) else None
     if not isinstance(units, list):
         return []
     found = []

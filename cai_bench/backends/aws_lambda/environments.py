@@ -50,8 +50,10 @@ _CREDENTIAL_ENV = (
 
 
 def emulated_function_env(s3_endpoint: str) -> dict:
-    """What an emulated function's environment adds: the loopback S3 and throwaway credentials."""
-    return {aws.S3_ENDPOINT_ENV: s3_endpoint, aws.EMULATED_ENV: "1", "AWS_ACCESS_KEY_ID": "emulated",
+    """What an emulated function's environment adds: the loopback S3 (whose server holds the run's secret too)
+    and throwaway credentials."""
+    return {aws.S3_ENDPOINT_ENV: s3_endpoint, aws.SECRETS_ENDPOINT_ENV: s3_endpoint, aws.EMULATED_ENV: "1",
+            "AWS_ACCESS_KEY_ID": "emulated",
             "AWS_SECRET_ACCESS_KEY": "emulated", "AWS_DEFAULT_REGION": aws.EMULATED_REGION}  # fmt: skip
 
 

@@ -12,6 +12,7 @@ The event, where results go and the reply are the wire protocol (``wire.py``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -22,7 +23,16 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from cai_bench.backends.aws_lambda.wire import aggregate_key, event_units, reply_key, result_key, write_sealed
+from cai_bench.backends.aws_lambda import run_secret
+from cai_bench.backends.aws_lambda.wire import (
+    ForgedInput,
+    aggregate_key,
+    event_units,
+    open_event,
+    reply_key,
+    result_key,
+    write_sealed,
+)
 from cai_bench.comm import CommError
 from cai_bench.core.machine import allowed_cpus
 from cai_bench.core.plan import BITS_PER_SAMPLE, PartitionRef
@@ -44,26 +54,45 @@ class _Warm:
 
     workers: dict = field(default_factory=dict)  # (options, weights, seed) -> engine.WorkerState
     weights_files: dict = field(default_factory=dict)  # s3:// weights -> the local copy in /tmp
+    secrets: dict = field(default_factory=dict)  # a run's secret's ARN -> its value, read once per environment
     invocations: int = 0
 
 
 _WARM = _Warm()
 
 
-def _weights_file(weights: str | None) -> str | None:
+def _run_secret(ref: str) -> dict:
+    if ref not in _WARM.secrets:
+        _WARM.secrets[ref] = run_secret.read(ref)
+    return _WARM.secrets[ref]
+
+
+def _fetched(folder: S3Prefix, name: str, staged: dict) -> bytes:
+    """An object the driver staged, checked against the digest the sealed event gives for it."""
+    data = folder.read(name)
+    expected = staged.get(name)
+    found = hashlib.sha256(data).hexdigest()
+    if expected is not None and found != expected:
+        raise ForgedInput(f"{folder.where(name)}: sha256 {found[:16]}..., not the {expected[:16]}... the driver "
+                          "staged: the object was replaced in the bucket; nothing was run with it")  # fmt: skip
+    return data
+
+
+def _weights_file(weights: str | None, staged: dict) -> str | None:
     """A local file of the weights: a path in the image as it is, an s3:// object fetched to /tmp once."""
     if not weights or not weights.startswith("s3:/"):
         return weights
     if weights not in _WARM.weights_files:
         folder, name = weights.rsplit("/", 1)
         local = f"/tmp/cai-bench-weights-{uuid.uuid4().hex[:8]}-{name}"
+        data = _fetched(S3Prefix.parse(folder), name, staged)
         with open(local, "wb") as fh:
-            fh.write(S3Prefix.parse(folder).read(name))
+            fh.write(data)
         _WARM.weights_files[weights] = local
     return _WARM.weights_files[weights]
 
 
-def _export_folder(weights: str) -> str:
+def _export_folder(weights: str, staged: dict) -> str:
     """A local copy of an export: a directory in the image as it is, an s3:// folder fetched to /tmp once."""
     if not weights.startswith("s3:/"):
         return weights
@@ -71,10 +100,10 @@ def _export_folder(weights: str) -> str:
         folder = S3Prefix.parse(weights)
         local = f"/tmp/cai-bench-export-{uuid.uuid4().hex[:8]}"
         os.makedirs(local)
-        meta = folder.read(EXPORT_META)
+        meta = _fetched(folder, EXPORT_META, staged)
         for name in json.loads(meta).get("files", []):
             with open(os.path.join(local, os.path.basename(name)), "wb") as fh:
-                fh.write(folder.read(name))
+                fh.write(_fetched(folder, name, staged))
         with open(os.path.join(local, EXPORT_META), "wb") as fh:  # last: a folder with it is whole
             fh.write(meta)
         _WARM.weights_files[weights] = local
@@ -86,7 +115,7 @@ def _checked_export(event: dict) -> tuple[str, dict]:
     names where it read it from the image; with where it came from and how long the fetch took."""
     weights = event.get("weights") or ""
     started = time.perf_counter()
-    folder = _export_folder(weights)
+    folder = _export_folder(weights, event.get("staged") or {})
     figures = {"export_from": "s3" if weights.startswith("s3:/") else "image", "fetch_s": time.perf_counter() - started}
     expected = event.get("export_weights")
     if expected:
@@ -110,7 +139,7 @@ def _model_worker(options, event: dict, request_id: str):
             import torch  # once per environment, and never where the model runs on another runtime
 
             torch.set_num_threads(allowed_cpus())  # what Lambda allots for the memory (the emulator pins as many)
-            model = _weights_file(event.get("weights"))
+            model = _weights_file(event.get("weights"), event.get("staged") or {})
         else:
             model, startup = _checked_export(event)
         start, _, _ = model_worker(request_id, options, model, key[2])
@@ -162,13 +191,13 @@ def _no_model_run(hold_s: float):
 
 def handler(event: dict, context) -> dict:
     entered = time.perf_counter()
-    if "base" in event:  # a Step Functions Map item
-        event = {**event["base"], "units": event["units"]}
+    fields, unit_list, secrets_ = open_event(event, _run_secret)  # ForgedInput: nothing is run
+    event, seal = {**fields, "units": unit_list, "comm_secret": secrets_.get("comm")}, secrets_["seal"]
     request_id = getattr(context, "aws_request_id", None) or uuid.uuid4().hex
     cold = _WARM.invocations == 0
     _WARM.invocations += 1
     results = S3Prefix.parse(event["results"])
-    units = event_units(event)
+    units = event_units(unit_list)
     for _, ref in units:
         if not ref.path.startswith("s3:/"):
             raise ValueError(f"{ref.path}: a Lambda function reads partitions from S3 only")
@@ -193,7 +222,7 @@ def handler(event: dict, context) -> dict:
         # compute, so the record names the invocation, not the environment that ran it.
         result.record.worker_id = request_id
         result.record.host = f"lambda:{ENVIRONMENT_ID}"
-        write_sealed(results, result_key(position), encode_result(result), event["secret"], event["run_id"])
+        write_sealed(results, result_key(position), encode_result(result), seal, event["run_id"])
         done.append({"position": position, "key": results.where(result_key(position)),
                      "record": asdict(result.record)})  # fmt: skip
         if event.get("comm"):
@@ -217,25 +246,25 @@ def handler(event: dict, context) -> dict:
         "timing": {"duration_ms": round((time.perf_counter() - entered) * 1000, 3)},
     }
     if event.get("comm"):
-        reply["comm"] = finish_together_in_task(event, kept, results, units)
+        reply["comm"] = finish_together_in_task(event, kept, results, units, seal)
     if event.get("replies"):
-        write_sealed(results, reply_key(event["replies"], request_id), json.dumps(reply).encode(), event["secret"],
+        write_sealed(results, reply_key(event["replies"], request_id), json.dumps(reply).encode(), seal,
                      event["run_id"])  # fmt: skip
     return reply
 
 
-def finish_together_in_task(event: dict, kept: list, results: S3Prefix, units: list) -> dict:
+def finish_together_in_task(event: dict, kept: list, results: S3Prefix, units: list, seal: str) -> dict:
     """The run's closing collectives (``gathering``): rank 0 writes the aggregate. A failure is reported, not
     raised: every unit's own result is in S3 already, for the driver to read instead. Under Step Functions the
     Map's items carry no rank: an invocation's is its first unit's position over the units per invocation."""
     fields = event["comm"]
-    config = CommConfig.from_dict(fields)
+    config = CommConfig.joined(fields, event["comm_secret"])
     rank = int(fields["rank"]) if "rank" in fields else units[0][0] // int(fields["per_invocation"])
     try:
         aggregate, info = finish_together(config, rank, kept)
     except CommError as exc:
         return {"rank": rank, "error": str(exc)}
     if aggregate is not None:
-        write_sealed(results, aggregate_key(config.run_id), aggregate, event["secret"], event["run_id"])
+        write_sealed(results, aggregate_key(config.run_id), aggregate, seal, event["run_id"])
         info["aggregate"] = results.where(aggregate_key(config.run_id))
     return info

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from cai_bench.backends.aws_lambda.emulator import SERVICE_TIME_HEADER
 from cai_bench.backends.aws_lambda.gathered import Gathered
 from cai_bench.backends.aws_lambda.report_log import report_from_tail
-from cai_bench.backends.aws_lambda.wire import ForgedObject, error_text, read_result, unit_items
+from cai_bench.backends.aws_lambda.wire import ForgedObject, RunKeys, error_text, is_forged, read_result, unit_items
 from cai_bench.backends.dispatch import Dispatcher, Event, Unit, drain
 from cai_bench.core import aws
 from cai_bench.core.stats import percentiles
@@ -82,11 +82,12 @@ class _Invoker:
 class InvokeTransport:
     """Invokers (threads) that each run one synchronous invocation at a time."""
 
-    def __init__(self, client, function: str, event_base: dict, results, invokers: int, per_invocation: int,
-                 seed: int = 0, comm: CommConfig | None = None):  # fmt: skip
+    def __init__(self, client, function: str, event_base: dict, keys: RunKeys, results, invokers: int,
+                 per_invocation: int, seed: int = 0, comm: CommConfig | None = None):  # fmt: skip
         self.client = client
         self.function = function
         self.event_base = event_base
+        self.keys = keys
         self.results = results  # S3Prefix of this run's unit results
         self.count = invokers
         self.per_invocation = per_invocation
@@ -100,7 +101,7 @@ class InvokeTransport:
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.rng = random.Random(seed)
-        self.sealing = (event_base["secret"], event_base["run_id"])  # what the handler seals its objects with
+        self.sealing = keys.sealing  # what the handler seals its objects with
         self.gathered = Gathered(comm, results, self.sealing)
 
     # -- Transport
@@ -154,11 +155,12 @@ class InvokeTransport:
     def _invoke(self, invoker: _Invoker, units: list[Unit]) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError  # the [aws] extra: only where a run invokes
 
-        event = {**self.event_base, "units": unit_items(units)}
+        fields = dict(self.event_base)
         rank = self.gathered.rank_of(units, self.per_invocation)
         if rank is not None:
-            event["comm"] = {**self.gathered.config.to_dict(), "rank": rank}
-        payload = json.dumps(event).encode()
+            fields["comm"] = {**self.gathered.config.public(), "rank": rank}
+        base = self.keys.base(fields)
+        payload = json.dumps({"base": base, "item": self.keys.item(base, unit_items(units))}).encode()
         sent = time.perf_counter()
         with self.lock:
             if self.first_sent is None:
@@ -205,7 +207,7 @@ class InvokeTransport:
                 event = self._done_event(invoker.name, {"position": unit.position}, {}, record.request_id)
                 if event.kind == "done":  # the rest are charged with the function's error
                     self.events.put(event)
-            self.events.put(Event("lost", invoker.name, error=f"function error: {error}"))
+            self.events.put(Event("lost", invoker.name, error=f"function error: {error}", fatal=is_forged(error)))
             return False
         try:
             reply = json.loads(body)
@@ -215,7 +217,8 @@ class InvokeTransport:
             for done in reply["done"]:
                 self.events.put(self._done_event(invoker.name, done, aggregate, reply["request_id"]))
             for failed in reply["failed"]:
-                self.events.put(Event("failed", invoker.name, int(failed["position"]), error=failed["error"]))
+                self.events.put(Event("failed", invoker.name, int(failed["position"]), error=failed["error"],
+                                      fatal=is_forged(failed["error"])))  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             self.events.put(Event("lost", invoker.name, error=f"the function's answer is not a handler reply ({exc})"))
             return False

@@ -198,7 +198,8 @@ def state_machine_name(function: str) -> str:
 
 def definition(function: str, max_concurrency: int) -> dict:
     """The state machine: a Distributed Map over the items file named in the execution's input
-    (``{"items": {"Bucket", "Key"}, "base": event fields shared by every invocation}``)."""
+    (``{"items": {"Bucket", "Key"}, "base": the sealed fields shared by every invocation}``); each invocation's
+    event is ``{"base", "item"}`` (``wire.py``)."""
     invoke = {
         "Type": "Task",
         "Resource": "arn:aws:states:::lambda:invoke",
@@ -208,7 +209,7 @@ def definition(function: str, max_concurrency: int) -> dict:
         "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Lost"}],
         "End": True,
     }
-    lost = {"Type": "Pass", "Parameters": {"lost.$": "$.units[*].position", "error.$": "$.error"}, "End": True}
+    lost = {"Type": "Pass", "Parameters": {"lost.$": "$.item.units[*].position", "error.$": "$.error"}, "End": True}
     return {
         "Comment": "cai-bench: one invocation of the function per item of the run's items file",
         "StartAt": MAP_STATE,
@@ -221,7 +222,7 @@ def definition(function: str, max_concurrency: int) -> dict:
                     "ReaderConfig": {"InputType": "JSON"},
                     "Parameters": {"Bucket.$": "$.items.Bucket", "Key.$": "$.items.Key"},
                 },
-                "ItemSelector": {"base.$": "$.base", "units.$": "$$.Map.Item.Value"},
+                "ItemSelector": {"base.$": "$.base", "item.$": "$$.Map.Item.Value"},
                 "ItemProcessor": {
                     "ProcessorConfig": {"Mode": "DISTRIBUTED", "ExecutionType": "STANDARD"},
                     "StartAt": "Invoke",

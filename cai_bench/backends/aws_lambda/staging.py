@@ -34,11 +34,27 @@ def stage(refs: tuple[PartitionRef, ...], plan: Plan, target: str | None) -> tup
     return staged, destination.location, time.perf_counter() - started
 
 
-def stage_weights(weights: str | None, target: str) -> str | None:
+def _put_once(folder: S3Prefix, name: str, data: bytes) -> str:
+    """``data`` at ``name``, written unless an object of the same bytes is there: one of the same size is read
+    back and compared by digest (a bucket others may write to can hold anything under a name we chose), and a
+    different one is refused, naming it. The sha256, for the handler to check what it fetches."""
+    digest = hashlib.sha256(data).hexdigest()
+    if folder.size(name) == len(data):
+        found = hashlib.sha256(folder.read(name)).hexdigest()
+        if found == digest:
+            return digest
+        raise UserError(f"{folder.where(name)}: the object there is not what cai-bench staged (sha256 {found[:16]}..., "
+                        f"expected {digest[:16]}...): someone else wrote it; delete it, or stage under another "
+                        "--bucket prefix")  # fmt: skip
+    folder.write(name, data)
+    return digest
+
+
+def stage_weights(weights: str | None, target: str) -> tuple[str | None, dict[str, str]]:
     """Weights where a function can read them: an s3:// key as given; a local file copied (once: it is named by
-    its sha256) to ``target``/weights/."""
+    its sha256) to ``target``/weights/. With {object name: sha256} of what was staged."""
     if not weights or weights.startswith("s3:/"):
-        return weights
+        return weights, {}
     path = Path(weights)
     try:
         data = path.read_bytes()
@@ -47,24 +63,20 @@ def stage_weights(weights: str | None, target: str) -> str | None:
     base = S3Prefix.parse(target)
     folder = S3Prefix(base.bucket, base.key("weights"))
     name = f"{hashlib.sha256(data).hexdigest()[:16]}-{path.name}"
-    if folder.size(name) != len(data):
-        folder.write(name, data)
-    return folder.where(name)
+    return folder.where(name), {name: _put_once(folder, name, data)}
 
 
-def stage_export(directory: str, target: str) -> str:
+def stage_export(directory: str, target: str) -> tuple[str, dict[str, str]]:
     """An export where a function can read it: its files copied (once: the folder is named by the export's
-    metadata, which names the weights and the check) to ``target``/weights/export-<sha>/."""
+    metadata, which names the weights and the check) to ``target``/weights/export-<sha>/. With {object name:
+    sha256} of every file staged."""
     export = read_export(directory)
     meta = (Path(directory) / EXPORT_META).read_bytes()
     base = S3Prefix.parse(target)
     folder = S3Prefix(base.bucket, base.key(f"weights/export-{hashlib.sha256(meta).hexdigest()[:16]}"))
-    for name in export.files:
-        path = Path(directory) / name
-        if folder.size(name) != path.stat().st_size:
-            folder.write(name, path.read_bytes())
-    folder.write(EXPORT_META, meta)  # last: the handler reads the files it names
-    return folder.location
+    digests = {name: _put_once(folder, name, (Path(directory) / name).read_bytes()) for name in export.files}
+    digests[EXPORT_META] = _put_once(folder, EXPORT_META, meta)  # last: the handler reads the files it names
+    return folder.location, digests
 
 
 def create_bucket(url: str) -> None:

@@ -31,7 +31,9 @@ from cai_bench.backends.aws_lambda.gathered import Gathered
 from cai_bench.backends.aws_lambda.provision import MAP_STATE
 from cai_bench.backends.aws_lambda.wire import (
     ForgedObject,
+    RunKeys,
     error_text,
+    is_forged,
     read_result,
     read_sealed,
     result_key,
@@ -129,12 +131,13 @@ class Execution:
 class MapTransport:
     """Executions of the state machine, one at a time, each a worker holding every unit it was given."""
 
-    def __init__(self, client, state_machine_arn: str, run_id: str, event_base: dict, results, per_invocation: int,
-                 poll_s: float = 1.0, comm: CommConfig | None = None):  # fmt: skip
+    def __init__(self, client, state_machine_arn: str, event_base: dict, keys: RunKeys, results,
+                 per_invocation: int, poll_s: float = 1.0, comm: CommConfig | None = None):  # fmt: skip
         self.client = client
         self.state_machine_arn = state_machine_arn
-        self.run_id = run_id
+        self.run_id = keys.run_id
         self.event_base = event_base
+        self.keys = keys
         self.results = results  # S3Prefix of this run's unit results (and its items files)
         self.per_invocation = per_invocation
         self.poll_s = poll_s
@@ -146,7 +149,7 @@ class MapTransport:
         self.stopping = threading.Event()
         self.first_start: float | None = None
         self.last_end: float | None = None
-        self.sealing = (event_base["secret"], event_base["run_id"])  # what the handler seals its objects with
+        self.sealing = keys.sealing  # what the handler seals its objects with
         self.gathered = Gathered(comm, results, self.sealing)
 
     # -- Transport
@@ -213,16 +216,17 @@ class MapTransport:
 
     def _run(self, execution: Execution, units: list[Unit]) -> None:
         groups = [units[i : i + self.per_invocation] for i in range(0, len(units), self.per_invocation)]
-        items = [unit_items(group) for group in groups]
         items_name = f"items-{len(self.executions)}.json"
-        self.results.write(items_name, json.dumps(items).encode())
-        execution.items, execution.units = len(items), [u.position for u in units]
         replies = f"replies/{execution.name}"
-        base = {**self.event_base, "replies": replies}
+        fields = {**self.event_base, "replies": replies, "items": self.results.where(items_name)}
         # --comm: the first execution's items are the ranks (each handler works its own out); a retry runs alone
         together = self.gathered.config is not None and all(u.attempts == 0 for u in units)
         if together:
-            base["comm"] = {**self.gathered.config.to_dict(), "per_invocation": self.per_invocation}
+            fields["comm"] = {**self.gathered.config.public(), "per_invocation": self.per_invocation}
+        base = self.keys.base(fields)  # the execution's input: sealed fields and the secret's ARN, no secret
+        items = [self.keys.item(base, unit_items(group)) for group in groups]
+        self.results.write(items_name, json.dumps(items).encode())
+        execution.items, execution.units = len(items), [u.position for u in units]
         payload = {"items": {"Bucket": self.results.bucket, "Key": self.results.key(items_name)}, "base": base}
         began = time.perf_counter()
         self.first_start = began if self.first_start is None else self.first_start
@@ -256,7 +260,7 @@ class MapTransport:
         for position in sorted(waiting):
             why = errors.get(position) or (f"execution {execution.status}: {described.get('error') or ''} "
                                            f"{described.get('cause') or ''}".strip())  # fmt: skip
-            self.events.put(Event("failed", execution.name, position, error=why))
+            self.events.put(Event("failed", execution.name, position, error=why, fatal=is_forged(why)))
         self.events.put(Event("left", execution.name))
 
     def _from_aggregate(self, execution: Execution, waiting: set[int]) -> set[int]:
