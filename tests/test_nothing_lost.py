@@ -136,7 +136,7 @@ def test_swapping_the_store_for_a_link_while_records_are_appended_puts_no_line_o
     store = ResultsStore(results)
     record = RunRecord.from_dict(json.loads(_any_record(tmp_path).read_text()))
     store.append(record)
-    seconds = float(os.environ.get("CAI_BENCH_RACE_S", "4"))
+    seconds = float(os.environ.get("CAI_BENCH_RACE_S", "2"))
     swapper = subprocess.Popen([sys.executable, "-c", _SWAPPER, str(results), str(outside), str(seconds)])
     appended = refused = 0
     try:
