@@ -68,9 +68,10 @@ def test_a_rewritten_items_file_stops_the_run_naming_it(tiny_data, s3, local_s3,
         write(self, name, data, metadata)
         if name.startswith("items-"):
             items = json.loads(data)
-            first = items[0]["units"][0]["ref"]
-            for item in items:
-                for unit in item["units"]:
+            groups = [item["units"] if isinstance(item, dict) else item for item in items]  # (before seals: lists)
+            first = groups[0][0]["ref"]
+            for units in groups:
+                for unit in units:
                     unit["ref"] = first
             write(self, name, json.dumps(items).encode(), metadata)
 

@@ -139,6 +139,18 @@ def test_an_emulated_step_functions_run_with_comm_leaves_no_secret_in_inputs_his
         gone.append(done)
         return done
 
+    from cai_bench.backends.aws_lambda.emulator import Emulator
+
+    stop = Emulator.stop
+
+    logs: list[Path] = []
+
+    def with_its_logs_read(self, *args, **kwargs):  # every environment's stdout and stderr, before they go
+        logs.extend(Path(self.log_dir).glob("*.log"))
+        seen.extend(p.read_text(errors="replace") for p in logs)
+        return stop(self, *args, **kwargs)
+
+    monkeypatch.setattr(Emulator, "stop", with_its_logs_read)
     monkeypatch.setattr(stepfunctions, "history_events", and_everything_else)
     monkeypatch.setattr(run_secret, "delete", deleted)
     server, port = start_redis("--requirepass", PASSWORD)
@@ -156,7 +168,7 @@ def test_an_emulated_step_functions_run_with_comm_leaves_no_secret_in_inputs_his
     (record,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert record["status"] == "ok" and record["backend_info"]["comm"]["collectives"] == "ok"  # all were used
     assert len(watched.issued) == 3  # the comm run's name, its key, the sealing secret
-    assert seen and any("items-1.json" in text for text in seen)  # the inputs, histories and objects searched
+    assert any("items-1.json" in text for text in seen) and logs  # inputs, histories, objects and logs searched
     assert not watched.found_in("\n".join(seen))
     assert not watched.found_in("\n".join(watched.argv)) and watched.argv
     assert not watched.found_in(out + err + json.dumps(record))
