@@ -4,7 +4,6 @@ their files, a smaller array of what came back, ``--no-wait`` and ``collect``.""
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import time
 import uuid
@@ -16,9 +15,8 @@ from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, apply, drive
 from cai_bench.backends.slurm.options import DEFAULT_TIME_MIN, groups_of
 from cai_bench.backends.slurm.scheduler import POLL_S, job_running, nodes_environment, scheduler_view, state_of
-from cai_bench.backends.slurm.task import COMM_SECRET, TaskFile, TaskSpec, arrays_dir, run_task
+from cai_bench.backends.slurm.task import TaskFile, TaskSpec, arrays_dir, forget_secret, make_job_folder, run_task
 from cai_bench.core.errors import UserError
-from cai_bench.core.files import write_secret_file
 from cai_bench.core.machine import default_threads
 from cai_bench.core.plan import Plan, plan_from_dict, plan_to_dict, work_units
 from cai_bench.core.records import decode_result, utc_now
@@ -360,14 +358,7 @@ def _new_job(plan: Plan, wait: bool) -> tuple[dict, Dispatcher]:
                         f"time (--array-parallelism): raise it, or --partitions-per-task")  # fmt: skip
     job_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     directory = arrays_dir(plan.work_dir).resolve() / job_id
-    directory.mkdir(parents=True)
-    # The job's own folder is its user's alone: the tasks' results, the aggregate, submitit's pickles and logs,
-    # and the comm key's file, which the tasks read (the nodes share the file system) and the job's end removes
-    os.chmod(directory, 0o700)
-    (directory / "tasks").mkdir()
-    (directory / "units").mkdir()
-    if together is not None:
-        write_secret_file(directory / COMM_SECRET, together.secret())
+    secret_file = make_job_folder(directory, together.secret() if together is not None else None)
     job = {
         "job_id": job_id,
         "results": plan.work_dir,
@@ -385,7 +376,7 @@ def _new_job(plan: Plan, wait: bool) -> tuple[dict, Dispatcher]:
         "rounds": 0,
         "tasks": {},
         "scheduler_ids": [],
-        "together": {**together.public(), "secret_file": str(directory / COMM_SECRET)} if together else None,
+        "together": {**together.public(), "secret_file": secret_file} if together else None,
     }
     return job, Dispatcher(units, lambda result: None, job["retries"])
 
@@ -400,12 +391,6 @@ def _transport(plan: Plan, job: dict) -> ArrayTransport:
     return transport
 
 
-def _forget_secret(job: dict) -> None:
-    """The job has ended (followed to its end, or cancelled): its comm key's file goes."""
-    if job.get("together"):
-        Path(job["together"]["secret_file"]).unlink(missing_ok=True)
-
-
 def run_array(plan: Plan, emit: Emit) -> BackendRun:
     job, dispatcher = _new_job(plan, wait=True)
     dispatcher.emit = emit
@@ -416,7 +401,7 @@ def run_array(plan: Plan, emit: Emit) -> BackendRun:
         _cancel_at_interrupt(plan, job, dispatcher, transport)
         raise
     finally:
-        _forget_secret(job)
+        forget_secret(job.get("together"))
     # Followed to its end here and recorded by the caller: a later collect of it is refused
     job["collected_utc"] = utc_now()
     save_job(plan.work_dir, _as_job(plan, job))
@@ -464,7 +449,7 @@ def collect(saved: Job, emit: Emit) -> BackendRun:
     try:
         drive(dispatcher, transport)
     finally:
-        _forget_secret(job)
+        forget_secret(job.get("together"))
     return _finish(plan, job, dispatcher, transport)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cai_bench.comm import CommError
 from cai_bench.core.errors import describe
-from cai_bench.core.files import read_secret_file
+from cai_bench.core.files import read_secret_file, write_secret_file
 from cai_bench.core.machine import capture_environment
 from cai_bench.core.plan import PartitionRef
 from cai_bench.core.records import encode_result
@@ -26,6 +26,26 @@ from cai_bench.inference.loop import model_worker, units_from, worker_loop
 # ---------------------------------------------------------------------------------------------- array task
 
 COMM_SECRET = "comm.secret"  # in the job's folder (0700): the comm key and URLs, 0600, removed at the job's end
+
+
+def make_job_folder(directory: Path, secret: dict | None) -> str | None:
+    """A job's folder, its user's alone (0700): the tasks' event files and results, the aggregate, submitit's
+    pickles and logs, and with --comm the file of its key and URLs (0600), which the tasks read where the nodes
+    share the file system. Returns that file's path."""
+    directory.mkdir(parents=True)
+    os.chmod(directory, 0o700)
+    (directory / "tasks").mkdir()
+    (directory / "units").mkdir()
+    if secret is None:
+        return None
+    write_secret_file(directory / COMM_SECRET, secret)
+    return str(directory / COMM_SECRET)
+
+
+def forget_secret(together: dict | None) -> None:
+    """The job has ended (followed to its end, collected, or cancelled): its comm secret's file goes."""
+    if together:
+        Path(together["secret_file"]).unlink(missing_ok=True)
 
 
 def arrays_dir(work_dir: str | Path) -> Path:
