@@ -96,6 +96,6 @@ def test_an_unexpected_error_in_compare_exits_3_never_its_regression_code(cli, h
         raise RuntimeError("\x1b]0;pwned\x07 a bug")
 
     monkeypatch.setattr("cai_bench.cli.compare.compare_command", broken)
-    code, out, err = cli("compare", base, other)
+    code, _, err = cli("compare", base, other)
     assert code == 3 and err.startswith("error: unexpected RuntimeError: \\x1b]0;pwned\\x07 a bug"), (code, err)
     assert "\x1b" not in err and len(err.strip().splitlines()) == 1
