@@ -131,10 +131,11 @@ def s3_client():
     return client("s3", endpoint_url=endpoint, emulated=os.environ.get(EMULATED_ENV) == "1", pool=32)
 
 
-def secrets_client():
-    """The Secrets Manager client for this process's settings, as ``s3_client``: an emulated run's is moto's."""
+def secrets_client(region: str | None = None):
+    """The Secrets Manager client for this process's settings, as ``s3_client`` (an emulated run's is moto's), in
+    ``region`` where given: the function's, whose role reads the run's secret there."""
     endpoint = os.environ.get(SECRETS_ENDPOINT_ENV) or None
-    return client("secretsmanager", endpoint_url=endpoint, emulated=os.environ.get(EMULATED_ENV) == "1")
+    return client("secretsmanager", endpoint_url=endpoint, region=region, emulated=os.environ.get(EMULATED_ENV) == "1")
 
 
 def use_endpoints(s3_endpoint: str | None, emulated: bool) -> None:

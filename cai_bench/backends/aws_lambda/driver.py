@@ -321,8 +321,8 @@ def run_lambda(plan: Plan, emit: Emit, mode: str = "model", hold_s: float = 0.0,
         staged = _stage(plan, options, services, runtime, mode)
         event = _event_base(plan, staged, runtime, mode, hold_s)
         secret = new_secret()
-        keys = RunKeys(secret, run_secret.create(staged.run_id, {"seal": secret, "comm": comm and comm.secret()}),
-                       staged.run_id)  # fmt: skip
+        value = {"seal": secret, "comm": comm and comm.secret()}
+        keys = RunKeys(secret, run_secret.create(staged.run_id, value, fn.region), staged.run_id)
         services.stop.append(lambda: run_secret.delete(keys.secret_ref))  # stopped last in, first out
         dispatcher = Dispatcher(work_units(staged.plan), emit, DEFAULT_RETRIES if retries is None else retries)
         if orchestrator == "stepfunctions":

@@ -16,17 +16,24 @@ from cai_bench.core import aws
 PREFIX = "cai-bench/run/"
 
 
-def create(run_id: str, value: dict) -> str:
-    """The run's secret, made: its ARN (what events carry)."""
+def create(run_id: str, value: dict, region: str | None = None) -> str:
+    """The run's secret, made in the function's ``region``: its ARN (what events carry, and what names the region
+    to the function that reads it)."""
     with aws.one_line_errors(f"AWS Secrets Manager: cannot create the run's secret {PREFIX}{run_id}"):
-        made = aws.secrets_client().create_secret(Name=f"{PREFIX}{run_id}", SecretString=json.dumps(value),
+        made = aws.secrets_client(region).create_secret(Name=f"{PREFIX}{run_id}", SecretString=json.dumps(value),
                                                   Tags=[{"Key": "cai-bench", "Value": "run"}])  # fmt: skip
     return made["ARN"]
 
 
+def _region(ref: str) -> str | None:
+    """The region an ARN names (arn:aws:secretsmanager:REGION:...), None for a bare name."""
+    parts = ref.split(":")
+    return parts[3] or None if len(parts) > 3 and parts[0] == "arn" else None
+
+
 def read(ref: str) -> dict:
     """The secret ``ref`` names (the function's side)."""
-    return json.loads(aws.secrets_client().get_secret_value(SecretId=ref)["SecretString"])
+    return json.loads(aws.secrets_client(_region(ref)).get_secret_value(SecretId=ref)["SecretString"])
 
 
 def delete(ref: str) -> bool:
@@ -34,6 +41,6 @@ def delete(ref: str) -> bool:
     record stands whatever this says, and ``aws secretsmanager list-secrets --filters Key=tag-key,Values=cai-bench``
     finds what is left."""
     with contextlib.suppress(Exception):
-        aws.secrets_client().delete_secret(SecretId=ref, ForceDeleteWithoutRecovery=True)
+        aws.secrets_client(_region(ref)).delete_secret(SecretId=ref, ForceDeleteWithoutRecovery=True)
         return True
     return False

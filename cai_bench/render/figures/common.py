@@ -4,6 +4,7 @@ seconds and dollars, and how a figure is written to a file."""
 from __future__ import annotations
 
 import textwrap
+import warnings
 from pathlib import Path
 
 from matplotlib import ticker
@@ -48,6 +49,14 @@ def apart(points: list[PointReport], series: list[ReferenceSeries], x_attr: str,
             f"same size")  # fmt: skip
 
 
+def tight_layout(fig: Figure) -> None:
+    """``fig.tight_layout()``, quietly: a long label from a record (a host, cut to 64 characters) can leave it no
+    room; the figure is written as it is, and matplotlib's warning would be a line nobody can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Tight layout not applied", category=UserWarning)
+        fig.tight_layout()
+
+
 def finish_axes(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool = True, log_y: bool = True) -> Figure:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -68,7 +77,7 @@ def finish_axes(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool = True, l
     if handles:  # below the axes, across the figure's width: the plot keeps the width
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.13), borderaxespad=0, frameon=False,
                   ncol=2 if len(handles) > 4 else 1)  # fmt: skip
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 

@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from cai_bench.core.errors import UserError
 from cai_bench.measure.photoz import point_metrics, upstream_paper_metrics
+from cai_bench.render.figures.common import tight_layout
 from cai_bench.render.labels import UPSTREAM_LABEL, point_metrics_text, upstream_paper_text
 
 # ---------------------------------------------------------------------------------------------- predictions
@@ -48,7 +49,7 @@ def predictions_figure(columns: dict, title: str, about: dict | None = None) -> 
     if (about or {}).get("random_init"):
         fig.text(0.5, 0.5, "RANDOM-INIT WEIGHTS\nthese redshifts mean nothing", ha="center", va="center",
                  fontsize=22, color="red", alpha=0.35, rotation=30)  # fmt: skip
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 

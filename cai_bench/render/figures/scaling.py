@@ -24,6 +24,7 @@ from cai_bench.render.figures.common import (
     new_figure,
     seconds_text,
     series_where,
+    tight_layout,
     usd_text,
 )
 from cai_bench.render.figures.predictions import predictions_figure
@@ -247,7 +248,7 @@ def _memory(points: list[PointReport]) -> Figure | None:
     ax.set_xlabel("function memory (MB); Lambda's CPU share grows with it: 1 vCPU at 1,769 MB, 6 at 10,240 MB")
     ax.set_ylabel("seconds (wall)")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 
@@ -274,7 +275,7 @@ def _breakdown(points: list[PointReport]) -> Figure:
     ax.set_xlabel("seconds per worker")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 

@@ -10,6 +10,7 @@ from matplotlib.patches import Patch
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_label
 from cai_bench.measure.timeline import timeline_of
+from cai_bench.render.figures.common import tight_layout
 
 # ---------------------------------------------------------------------------------------------- timelines
 
@@ -73,7 +74,7 @@ def timeline_figure(timeline, machine: str = "") -> Figure:
     busy.set_xlim(-0.01 * last, last * 1.02)  # room for the marks at the start
     if timeline.notes:
         fig.text(0.01, 0.005, "; ".join(timeline.notes)[:300], fontsize=7, color="red")
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 
