@@ -157,16 +157,24 @@ def test_swapping_the_store_for_a_link_while_records_are_appended_puts_no_line_o
     assert 1 < len(lines) <= 1 + appended and {json.loads(line)["run_id"] for line in lines} == {record.run_id}
 
 
-@pytest.mark.parametrize("command", [["run", "--threads", "1"], ["report"], ["results", "list"], ["plot"]])
-def test_a_fifo_named_like_the_store_is_one_line_not_a_hang(tmp_path, tiny_data, command):
+def test_a_fifo_named_like_the_store_is_one_line_not_a_hang(tmp_path, tiny_data):
+    """run, report, results list and plot, each in a process of its own (a hang would be a timeout, not a stuck
+    suite), all at once."""
     results = tmp_path / "results"
     results.mkdir()
     os.mkfifo(results / "runs.jsonl")
-    args = [*command, "--results", results, *(["--data", tiny_data] if command[0] == "run" else [])]
-    done = subprocess.run([sys.executable, "-m", "cai_bench", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    line = _one_line_error(done.returncode, done.stderr)
-    assert "runs.jsonl is not a regular file" in line, line
+    commands = [["run", "--threads", "1", "--data", tiny_data], ["report"], ["results", "list"], ["plot"]]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    started = [subprocess.Popen([sys.executable, "-m", "cai_bench", *map(str, [*c, "--results", results])], **pipes)
+               for c in commands]  # fmt: skip
+    try:
+        for command, process in zip(commands, started, strict=True):
+            _, err = process.communicate(timeout=120)
+            line = _one_line_error(process.returncode, err)
+            assert "runs.jsonl is not a regular file" in line, (command, line)
+    finally:
+        for process in started:
+            process.kill()
 
 
 def _any_record(tmp_path: Path) -> Path:
