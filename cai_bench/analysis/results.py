@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from cai_bench.backends.registry import declared_options
-from cai_bench.core.errors import UserError, redact
+from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_id, machine_label
+from cai_bench.core.plan import redacted_options
 from cai_bench.store.jsonl import ResultsStore
 
 # ---------------------------------------------------------------------------------------------- identities
@@ -23,7 +24,7 @@ def identity_options(backend: str, options: dict) -> dict:
     """The backend options that make a measurement what it is, as the backend declares them (workers: yes;
     retries, where files go: no). Options of a backend this cai-bench does not know all count."""
     declared = declared_options(backend)
-    options = {k: redact(v) if isinstance(v, str) else v for k, v in options.items()}  # as records keep them
+    options = redacted_options(options)  # as records keep them
     if declared is None:
         return dict(options)
     identity = {o.name: o for o in declared if o.identity}

@@ -38,17 +38,20 @@ def cache_dir() -> Path:
     return Path(base) / "cai-bench"
 
 
+# Never through a link, checked by the open itself (no check-then-open race); absent where the platform lacks them
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def write_secret_file(path: str | Path, value: dict) -> None:
     """``value`` as JSON in a new file only its user may read: made with O_EXCL and O_NOFOLLOW, so nothing placed
     at ``path`` first (a link, a file someone else can read) is written through."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    with open(os.open(path, flags, 0o600), "w") as file:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o600), "w") as file:
         json.dump(value, file)
 
 
 def read_secret_file(path: str | Path) -> dict:
     """What ``write_secret_file`` wrote: read without following a link, and refused where others may read it."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, os.O_RDONLY | NO_FOLLOW)
     with open(fd) as file:
         if os.fstat(fd).st_mode & 0o077:
             raise UserError(f"{path}: a secret file that others may read; it is not the one cai-bench wrote")

@@ -129,15 +129,20 @@ class Plan:
         """The plan as records keep it: everything but the per-partition list, and no password of a URL."""
         out = asdict(self)
         out.pop("partitions")
-        out["backend_options"] = {k: redact(v) if isinstance(v, str) else v for k, v in self.backend_options.items()}
+        out["backend_options"] = redacted_options(self.backend_options)
         return out
+
+
+def redacted_options(options: dict) -> dict:
+    """Backend options as records and saved jobs keep them: no password of a URL (``--comm redis://:PW@...``)."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in options.items()}
 
 
 def plan_to_dict(plan: Plan) -> dict:
     """The whole plan, partitions included, as JSON can hold it (a detached job saves it to collect it later),
     with no password of a URL: what a job's workers need of --comm travels apart (``CommConfig.secret``)."""
     out = asdict(plan)
-    out["backend_options"] = {k: redact(v) if isinstance(v, str) else v for k, v in plan.backend_options.items()}
+    out["backend_options"] = redacted_options(plan.backend_options)
     return out
 
 

@@ -22,6 +22,7 @@ except ImportError:  # Windows: appends are still single writes, without the loc
     fcntl = None
 
 from cai_bench.core.errors import UserError
+from cai_bench.core.files import NO_FOLLOW
 from cai_bench.core.records import SCHEMA_MAJOR, RunRecord
 from cai_bench.core.shapes import INT, LIST, NUMBER, PARTITION, TABLE, TEXT, problem
 
@@ -103,9 +104,8 @@ def record_problem(record: dict) -> str | None:
     return None
 
 
-# Never through a link (checked by the open itself, so nothing can swap the name between a check and the open),
-# never waiting on a FIFO; absent where the platform has no such flag
-_OWN_FILE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+# Never through a link (NO_FOLLOW), never waiting on a FIFO
+_OWN_FILE = NO_FOLLOW | getattr(os, "O_NONBLOCK", 0)
 
 
 def _open_own(path: Path, flags: int) -> int:
