@@ -11,6 +11,7 @@ from cai_bench.cli import options as o
 from cai_bench.cli.app import app, measured
 from cai_bench.commands import predict as predicting
 from cai_bench.commands import runner
+from cai_bench.data.truth import parse_missing
 from cai_bench.render import bars, run_views
 
 Repeats = Annotated[int, typer.Option(help="Measured runs, each saved as one record.")]
@@ -27,6 +28,9 @@ TruthCatalogue = Annotated[
 JoinOn = Annotated[str, typer.Option("--on", help="The truth catalogue's id column.")]
 TruthZ = Annotated[
     str | None, typer.Option(help="The truth catalogue's redshift column. [default: z, redshift, zspec, ...]")
+]
+TruthMissing = Annotated[
+    str, typer.Option(help="Redshift values that mean 'no redshift' in the --truth catalogue, comma-separated; none.")
 ]
 PredictForce = Annotated[bool, typer.Option("--force", help="Start again: replace OUT and any unfinished parts.")]
 JobId = Annotated[str, typer.Argument(help="The job id that run --no-wait printed (or the scheduler's id).")]
@@ -60,8 +64,8 @@ def predict(
     batch_size: o.BatchSize = None, precision: o.PrecisionOpt = o.Precision.auto, threads: o.Threads = None,
     oversubscribe: o.Oversubscribe = False, seed: o.Seed = 0, verify: o.Verify = True, force: PredictForce = False,
     truth: TruthCatalogue = None, on: JoinOn = predicting.JOIN_ON, truth_z: TruthZ = None,
-    results: o.Results = Path("results"), as_json: o.AsJson = False, quiet: o.Quiet = False,
-    backend_options: dict | None = None,
+    truth_missing: TruthMissing = "-9999,-99,-1,nan", results: o.Results = Path("results"), as_json: o.AsJson = False,
+    quiet: o.Quiet = False, backend_options: dict | None = None,
 ) -> None:  # fmt: skip
     """Predict the redshift of every object into a catalogue: id, ra, dec, z_pred, z_true, flags.
 
@@ -75,9 +79,10 @@ def predict(
         precision=precision.value, threads=threads, oversubscribe=oversubscribe, weights=weights, seed=seed,
         verify=verify, results=results,
     )  # fmt: skip
+    missing = parse_missing(truth_missing)
     progress = bars.run_progress(as_json or quiet)
     outcome = measured(
-        lambda: predicting.predict_command(request, out, force, progress, truth, on, truth_z), results,
+        lambda: predicting.predict_command(request, out, force, progress, truth, on, truth_z, missing), results,
         interrupted="interrupted; finished partitions are kept. Run the same command again to continue.",
         again="; their predictions too: run the same command again to predict the rest",
     )  # fmt: skip

@@ -26,15 +26,13 @@ from cai_bench.core.files import file_sha256, loads_json
 from cai_bench.core.machine import tool_version
 from cai_bench.core.plan import PartitionRef, Plan, replace_plan
 from cai_bench.core.records import RANDOM_INIT, PartitionResult, RunRecord, new_run_id, utc_now
+from cai_bench.core.text import shown
 from cai_bench.data.catalogue import (
     FORMATS,
     MODEL_NAME,
-    Truth,
     check_catalogue_path,
     flag_counts,
     flag_meanings,
-    join_truth,
-    load_truth,
     object_flags,
     read_catalogue,
     write_catalogue,
@@ -43,6 +41,7 @@ from cai_bench.data.manifest import Manifest, load_manifest
 from cai_bench.data.objects import iter_objects, rows_for
 from cai_bench.data.partitions import read_partition_arrays
 from cai_bench.data.storage import storage_for
+from cai_bench.data.truth import MISSING_DEFAULT, Truth, join_truth, load_truth
 from cai_bench.measure.photoz import point_metrics, point_metrics_by_bin, upstream_paper_metrics
 from cai_bench.model.export_format import is_export, read_export
 from cai_bench.store.jsonl import ResultsStore
@@ -86,10 +85,21 @@ def _job(plan: Plan) -> dict:
     return job
 
 
+def _ours(parts: Path) -> bool:
+    """Whether ``parts`` holds nothing but what predict puts there: its job file, parts and their temporaries."""
+    return all(p.is_file() and (p.name == JOB_FILE or p.name.startswith(("part-", ".part-", f".{JOB_FILE}.tmp-")))
+               for p in parts.iterdir())  # fmt: skip
+
+
 def _open_parts(parts: Path, job: dict, force: bool) -> None:
-    """Make sure ``parts`` holds parts of this job only (or none)."""
+    """Make sure ``parts`` holds parts of this job only (or none); another's directory is never removed."""
     job_file = parts / JOB_FILE
     if parts.is_dir() and (force or not job_file.is_file()):
+        if not _ours(parts):
+            raise UserError(f"{parts}: exists and is not a parts directory of predict; it is left as it is: move it "
+                            "away or choose another --out")  # fmt: skip
+        if not force and any(parts.iterdir()):
+            raise UserError(f"{parts}: holds parts without their job file; pass --force to remove them")
         shutil.rmtree(parts)
     if job_file.is_file():
         found = loads_json(job_file.read_bytes(), str(job_file))
@@ -104,7 +114,27 @@ def _open_parts(parts: Path, job: dict, force: bool) -> None:
     _write_atomically(job_file, lambda tmp: tmp.write_text(json.dumps(job, indent=1) + "\n"))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """The temporaries of ``path`` that a killed writer left (``.NAME.tmp-PID`` of a process no longer alive)."""
+    start = f".{path.name}.tmp-"
+    for found in path.parent.iterdir() if path.parent.is_dir() else ():
+        pid = found.name[len(start) :]
+        if found.name.startswith(start) and pid.isdigit() and not _pid_alive(int(pid)):
+            found.unlink(missing_ok=True)
+
+
 def _write_atomically(path: Path, write) -> None:
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -248,7 +278,11 @@ def _assemble(out: Path, parts: Path, plan: Plan, job: dict, truth: Truth | None
     else:
         del columns["z_true"]
     columns["flags"] = object_flags(columns["z_pred"], columns.get("magnitudes"), not plan.weights)
-    _write_atomically(out, lambda tmp: write_catalogue(tmp, FORMATS[out.suffix], columns, provenance))
+    try:
+        _write_atomically(out, lambda tmp: write_catalogue(tmp, FORMATS[out.suffix], columns, provenance))
+    except (ValueError, TypeError, UnicodeError) as exc:  # the writer's own refusal: the parts are still there
+        raise UserError(f"{out}: the {FORMATS[out.suffix]} writer refused the catalogue ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); the parts in {parts} are kept") from None  # fmt: skip
     provenance["flag_counts"] = flag_counts(columns["flags"])
     return len(columns["z_pred"]), _metrics(columns), provenance
 
@@ -323,16 +357,38 @@ def predict(
     return outcome
 
 
+def check_fits_ids(plan: Plan, out: Path) -> None:
+    """Before anything is predicted: a FITS catalogue holds ASCII text only, so text ids that are not ASCII are
+    refused now, not after the whole prediction."""
+    if FORMATS.get(out.suffix) != "fits":
+        return
+    manifest = load_manifest(plan.data.path)
+    if manifest.objects is None or manifest.objects.id_type != "string":
+        return
+    storage = storage_for(plan.data.path)
+    where = storage.where(manifest.objects.file)
+    for batch in iter_objects(storage.read(manifest.objects.file), manifest.objects, where):
+        ids = batch["id"].astype(str)
+        wide = np.char.str_len(np.char.encode(ids, "utf-8")) != np.char.str_len(ids)
+        if wide.any():
+            raise UserError(f"{out}: the data set's id {shown(ids[wide][0])} is not ASCII, which FITS text cannot "
+                            "hold; write .parquet or .csv (UTF-8) instead. Nothing was predicted")  # fmt: skip
+
+
 def predict_command(request: RunRequest, out: str | Path, force: bool = False, progress=None, truth: Path | None = None,
-                    on: str = JOIN_ON, truth_z: str | None = None) -> PredictOutcome:  # fmt: skip
+                    on: str = JOIN_ON, truth_z: str | None = None,
+                    missing: tuple[float, ...] = MISSING_DEFAULT) -> PredictOutcome:  # fmt: skip
     """``cai-bench predict``: the checks (``out`` and the truth catalogue first), then ``predict`` over the
-    request's data set; ``truth``'s redshifts (column ``truth_z``) joined by its id column ``on``."""
+    request's data set; ``truth``'s redshifts (column ``truth_z``; ``missing`` values are no redshift) joined by
+    its id column ``on``."""
     check_out(Path(out), force)
     if truth is None and (on != JOIN_ON or truth_z is not None):
         raise UserError("--on and --truth-z name columns of the --truth catalogue; give it too")
-    joined = load_truth(truth, on, truth_z) if truth else None
+    joined = load_truth(truth, on, truth_z, missing) if truth else None
     ready = request.check()
-    return predict(request.plan(ready), out, ready.store, force=force, progress=progress, truth=joined)
+    plan = request.plan(ready)
+    check_fits_ids(plan, Path(out))
+    return predict(plan, out, ready.store, force=force, progress=progress, truth=joined)
 
 
 def predictions_about(path: str | Path) -> dict:

@@ -97,15 +97,20 @@ def exclusive(path: str | Path, on_wait: Callable[[], None] | None = None) -> It
 
 
 @contextmanager
-def staged_directory(out: str | Path, overwrite: bool, what: str) -> Iterator[Path]:
+def staged_directory(out: str | Path, overwrite: bool, what: str, marker: str) -> Iterator[Path]:
     """A directory to fill, under a temporary name beside ``out``, renamed onto ``out`` when the block ends
     without error: a reader never sees half of it, and a failure (or Ctrl-C) leaves nothing. ``what`` names it
-    in the errors ("data set", "export")."""
+    in the errors ("data set", "export"); ``marker`` is the file that makes a directory one (its manifest), and
+    ``overwrite`` replaces only a directory that holds it: never a user's own directory."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; --out names the {what} directory to create")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty; pass --force to replace it, or choose another --out")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out}: exists and is not empty; pass --force to replace it, or choose another --out")
+        if not (out / marker).is_file() or (out / marker).is_symlink():
+            raise UserError(f"{out}: not a cai-bench {what} (no {marker}); --force replaces only a {what}, and "
+                            "this directory is left as it is: choose another --out")  # fmt: skip
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -114,13 +119,28 @@ def staged_directory(out: str | Path, overwrite: bool, what: str) -> Iterator[Pa
         raise UserError(f"{out}: cannot create the {what} there ({exc.strerror})") from None
     try:
         yield staging
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
+        _swap_in(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(f"{out}: cannot write the {what} ({exc.strerror})") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """``staging`` renamed onto ``out``: the old ``out`` first renamed aside and removed only once the new one is
+    in place, so that at every moment ``out`` is the old directory or the new one, whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(out, aside)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -29,6 +29,8 @@ from cai_bench.data import synthetic
 from cai_bench.data.manifest import Manifest
 from cai_bench.data.objects import OBJECTS, objects_entry, objects_writer
 from cai_bench.data.partitions import Progress, finish_manifest, rebatch, write_partitions
+from cai_bench.data.storage import MANIFEST
+from cai_bench.data.truth import usable_redshifts
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".he5")
@@ -124,7 +126,12 @@ def _ids(values: np.ndarray, where: str, name: str) -> np.ndarray:
             raise UserError(f"{where}: id column {name} holds ids beyond int64")
         return values.astype(np.int64)
     if values.dtype.kind in "SUO":
-        text = np.char.strip(np.asarray(values).astype(str))
+        try:  # HDF5 and FITS hand text over as bytes: UTF-8, of which ASCII is a part
+            text = np.char.strip(np.char.decode(values, "utf-8") if values.dtype.kind == "S" else values.astype(str))
+            if values.dtype.kind == "O":
+                text = np.char.strip(np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], str))
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: id column {name} holds bytes that are not UTF-8 text") from None
         if (text == "").any():
             raise UserError(f"{where}: id column {name} has an empty id (row {int(np.argmax(text == ''))})")
         return text
@@ -154,7 +161,8 @@ def _small_columns(names: set[str], read, columns: Columns, where: str, defaults
     if z_name is not None:
         if z_name not in names:
             raise UserError(f"{where}: no redshift column {z_name!r} (--z-column)")
-        table["redshift"] = np.asarray(read(z_name), dtype=np.float64).reshape(-1)
+        # -9999, NaN, ...: no redshift, as the truth catalogues of predict --truth read them; kept as NaN, not used
+        table["redshift"] = usable_redshifts(np.asarray(read(z_name), dtype=np.float64).reshape(-1))[0]
     if (columns.ra in names) != (columns.dec in names):
         raise UserError(f"{where}: has {columns.ra if columns.ra in names else columns.dec} but not the other of "
                         f"{columns.ra}, {columns.dec}")  # fmt: skip
@@ -168,7 +176,7 @@ def _check_table(table: dict[str, np.ndarray], rows: int, where: str) -> None:
     for name, values in table.items():
         if len(values) != rows:
             raise UserError(f"{where}: {name} has {len(values)} rows, the images {rows}")
-        if name != "id" and not np.isfinite(values).all():
+        if name not in ("id", "redshift") and not np.isfinite(values).all():
             bad = int(np.argmin(np.isfinite(values.reshape(rows, -1)).all(axis=1)))
             raise UserError(f"{where}: {name} holds NaN or inf (row {bad})")
     if "ra" in table and ((np.abs(table["dec"]) > 90).any() or (table["ra"] < 0).any() or (table["ra"] >= 360).any()):
@@ -292,7 +300,8 @@ def _inspect_hdf5(path: Path, columns: Columns, free_bytes: int | None) -> Sourc
             if item.shape[:1] != dataset.shape[:1]:  # checked before a byte is read: it may claim any size
                 raise UserError(f"{path} dataset {name}: {item.shape[0] if item.shape else 0:,} rows, and "
                                 f"{dataset.shape[0]:,} cutouts")  # fmt: skip
-            return item.asstr()[()] if h5py.check_string_dtype(item.dtype) else item[()]
+            # UTF-8, of which ASCII is a part: what h5py writes for str, and what a file declared ASCII holds
+            return item.asstr("utf-8")[()] if h5py.check_string_dtype(item.dtype) else item[()]
 
         table = _small_columns(names - {image_name}, read, columns, str(path), HDF5_MAGS)
         rows = int(dataset.shape[0])
@@ -425,8 +434,10 @@ def import_catalogue(
         for f in files
     ]  # fmt: skip
     source = {"kind": kind, "ids": f"{first.id_type} ids from {columns.id}", "files": described}
+    if "redshift" in first.table:
+        source["redshifts_not_used"] = sum(int(np.isnan(f.table["redshift"]).sum()) for f in files)
     total = sum(f.rows for f in files)
-    with staged_directory(out, overwrite, "data set") as staging:
+    with staged_directory(out, overwrite, "data set", MANIFEST) as staging:
         with objects_writer(staging / OBJECTS, first.id_type, has_position) as add_objects, ExitStack() as stack:
             stream = _stream(files, add_objects)
             stack.callback(stream.close)  # closes the last file even when the partitions end before the stream

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cai_bench.core.errors import UserError, import_extra
-from cai_bench.core.files import file_sha256
+from cai_bench.data.csv_table import TEXT_PREFIX, read_csv_table
 
 FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "csv"}
 MODEL_NAME = "pcm-AstroMAE"
@@ -140,6 +140,12 @@ def _write_parquet(path: Path, columns: dict[str, np.ndarray], provenance: dict)
 FITS_KEYS = {"model": "MODEL", "weights": "WEIGHTS", "weights_sha256": "WEIGHTSH", "random_init": "RANDINIT",
              "cai_bench": "CAIVERS", "git_commit": "CAICOMMT", "dataset_id": "DATASET", "created_utc": "DATE",
              "z_true": "ZTRUE"}  # fmt: skip
+PROVENANCE_KEY = "CAIPROV"  # FITS: the whole provenance as JSON, a long string (CONTINUE cards), never cut short
+
+
+def _fits_text(value) -> str:
+    """A header value in the ASCII a FITS header allows: anything else is escaped, not refused."""
+    return str(value).encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _write_fits(path: Path, columns: dict[str, np.ndarray], provenance: dict) -> None:
@@ -156,21 +162,39 @@ def _write_fits(path: Path, columns: dict[str, np.ndarray], provenance: dict) ->
     for key, keyword in FITS_KEYS.items():
         value = provenance.get(key)
         if value is not None:
-            header[keyword] = value if isinstance(value, (bool, int, float)) else str(value)
-    for prefix, values in (("RUNID", provenance.get("run_ids", [])), ("RUNTIME", provenance.get("runtimes", [])),
-                           ("PRECISN", provenance.get("precisions", []))):  # fmt: skip
+            header[keyword] = value if isinstance(value, (bool, int, float)) else _fits_text(value)
+    numbered = {"RUNID": provenance.get("run_ids", []), "RUNTIME": provenance.get("runtimes", []),
+                "PRECISN": provenance.get("precisions", []),
+                "INFILE": [s["name"] for s in provenance.get("inputs", [])],
+                "INSHA": [s.get("sha256") or "unknown" for s in provenance.get("inputs", [])]}  # fmt: skip
+    for prefix, values in numbered.items():
         for number, value in enumerate(values, 1):
-            header[f"{prefix}{number}"[:8]] = value
-    for number, source in enumerate(provenance.get("inputs", []), 1):
-        header[f"INFILE{number}"[:8]] = source["name"]
-        header[f"INSHA{number}"[:8]] = source.get("sha256") or "unknown"
+            if len(f"{prefix}{number}") <= 8:  # the rest (and these) are in PROVENANCE_KEY: a keyword is 8 at most
+                header[f"{prefix}{number}"] = _fits_text(value)
+    header[PROVENANCE_KEY] = json.dumps(provenance, ensure_ascii=True, default=str)
     for bit, meaning in FLAGS.items():
         header.add_comment(f"flags bit {bit}: {meaning}")
     fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", TEXT_PREFIX)
+
+
+def _spreadsheet_safe(values: np.ndarray) -> np.ndarray:
+    """Text cells that a spreadsheet would run as a formula, prefixed with ``TEXT_PREFIX`` (OWASP's advice for CSV
+    injection); a cell that already starts with it is prefixed too, so the reader takes exactly one off."""
+    if values.dtype.kind not in "OSU":
+        return values
+    text = values.astype(str)
+    risky = np.zeros(len(text), bool)
+    for start in FORMULA_STARTS:
+        risky |= np.char.startswith(text, start)
+    return np.where(risky, np.char.add(TEXT_PREFIX, text), text) if risky.any() else text
+
+
 def _write_csv(path: Path, columns: dict[str, np.ndarray], provenance: dict) -> None:
     """CSV under an ECSV 1.0 header: every header line starts with ``#``; its YAML is written as JSON flow."""
+    provenance = {**provenance, "csv_text_prefix": CSV_PREFIX_NOTE}
     lines = ["# %ECSV 1.0", "# ---", "# datatype:"]
     for name, values in columns.items():
         entry = {"name": name, "datatype": TYPES[_type(values)][2]}
@@ -183,7 +207,13 @@ def _write_csv(path: Path, columns: dict[str, np.ndarray], provenance: dict) -> 
         fh.write("\n".join(lines) + "\n")
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows(zip(*(v.tolist() for v in columns.values()), strict=True))
+        safe = [_spreadsheet_safe(v).tolist() for v in columns.values()]
+        writer.writerows(zip(*safe, strict=True))
+
+
+CSV_PREFIX_NOTE = (f"text cells that begin with = + - @, a tab, a carriage return or {TEXT_PREFIX} are written with "
+                   f"{TEXT_PREFIX} before them, so that a spreadsheet shows them as text and runs no formula; "
+                   "cai-bench's reader takes it off")  # fmt: skip
 
 
 def write_catalogue(path: Path, fmt: str, columns: dict[str, np.ndarray], provenance: dict) -> None:
@@ -197,29 +227,6 @@ def write_catalogue(path: Path, fmt: str, columns: dict[str, np.ndarray], proven
 
 # What predict wrote before its catalogue had these names
 OLD_NAMES = {"object_id": "id", "predicted_redshift": "z_pred", "true_redshift": "z_true"}
-
-
-def _read_csv(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """A CSV with or without an ECSV header; numbers where a whole column parses as numbers."""
-    about: dict = {}
-    with open(path, newline="") as fh:
-        lines = [line for line in fh]
-    header = [line[2:] for line in lines if line.startswith("# ")]
-    meta = next((h[len("meta: ") :] for h in header if h.startswith("meta: ")), None)
-    if meta is not None:
-        about = json.loads(meta).get(METADATA_KEY, {})
-    rows = list(csv.reader(line for line in lines if not line.startswith("#")))
-    if not rows:
-        raise ValueError("no header row")
-    names, body = rows[0], rows[1:]
-    columns = {}
-    for number, name in enumerate(names):
-        text = np.array([row[number] for row in body], dtype=str)
-        try:
-            columns[name] = text.astype(np.int64) if name in ("id", "object_id", "flags") else text.astype(np.float64)
-        except ValueError:
-            columns[name] = text
-    return columns, about
 
 
 def _read_fits(path: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -236,17 +243,24 @@ def _read_fits(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             values = np.array(table.data[name])
             columns[name] = np.char.strip(values.astype(str)) if values.dtype.kind in "SU" else values
         about = {key.lower(): table.header[keyword] for key, keyword in FITS_KEYS.items() if keyword in table.header}
+        if PROVENANCE_KEY in table.header:  # cai-bench's own: the whole provenance, as it was
+            whole = json.loads(str(table.header[PROVENANCE_KEY]))
+            about = whole if isinstance(whole, dict) else about
     return columns, about
 
 
-def read_catalogue(path: str | Path, what: str = "catalogue") -> tuple[dict[str, np.ndarray], dict]:
-    """A catalogue's columns (Parquet, FITS or CSV) and what it says of itself; predict's older column names
-    read as today's."""
+def read_catalogue(
+    path: str | Path, what: str = "catalogue", extra: tuple[str, ...] = ()
+) -> tuple[dict[str, np.ndarray], dict]:
+    """A catalogue's columns (Parquet, FITS, CSV, and the ``extra`` suffixes of CSV: ".ecsv") and what it says of
+    itself; predict's older column names read as today's."""
     path = Path(path)
-    if path.suffix not in FORMATS:
-        raise UserError(f"{path}: expected a {what} in {', '.join(FORMATS)}")
-    if not path.is_file():
+    if path.suffix not in FORMATS and path.suffix not in extra:
+        raise UserError(f"{path}: expected a {what} in {', '.join((*FORMATS, *extra))}")
+    if not path.exists():
         raise UserError(f"{path}: file not found")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file; a {what} is a file")
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -257,7 +271,7 @@ def read_catalogue(path: str | Path, what: str = "catalogue") -> tuple[dict[str,
         elif path.suffix == ".fits":
             columns, about = _read_fits(path)
         else:
-            columns, about = _read_csv(path)
+            columns, about = read_csv_table(path, METADATA_KEY)
     except UserError:
         raise
     except Exception as exc:  # pyarrow, astropy and csv fail in many ways; each means the file is not readable
@@ -272,70 +286,3 @@ def flag_meanings() -> dict[str, str]:
 def flag_counts(flags: np.ndarray) -> dict[str, int]:
     """How many objects carry each flag: what predict prints."""
     return {str(bit): int(((flags & bit) != 0).sum()) for bit in FLAGS}
-
-
-# ---------------------------------------------------------------------------------------------- truth
-
-Z_TRUTH_NAMES = ("z", "redshift", "zspec", "z_spec", "specz", "Z", "REDSHIFT", "z_true")
-
-
-@dataclass
-class Truth:
-    """A catalogue of true redshifts, checked, keyed by its id column."""
-
-    path: Path
-    on: str
-    z_column: str
-    ids: np.ndarray
-    z: np.ndarray
-    sha256: str
-
-
-def load_truth(path: str | Path, on: str, z_column: str | None = None) -> Truth:
-    """Read and check a truth catalogue before anything runs: the columns exist, ids are unique."""
-    path = Path(path)
-    columns, _ = read_catalogue(path, "truth catalogue")
-    found = ", ".join(columns)
-    if on not in columns:
-        raise UserError(f"{path}: no column {on!r} to join on (--on); found {found}")
-    z_column = z_column or next((n for n in Z_TRUTH_NAMES if n in columns and n != on), None)
-    if z_column is None or z_column not in columns:
-        raise UserError(f"{path}: no redshift column {z_column or 'z or redshift'} (--truth-z names it); found {found}")
-    z = columns[z_column]
-    if z.dtype.kind not in "fiu":
-        raise UserError(f"{path}: redshift column {z_column} holds {z.dtype}, not numbers")
-    ids = columns[on]
-    ids = np.char.strip(ids.astype(str)) if ids.dtype.kind in "OSU" else ids
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise UserError(f"{path}: id {unique[counts > 1][0]} appears {int(counts.max())} times in column {on}")
-    return Truth(path, on, z_column, ids, z.astype(np.float64), file_sha256(path))
-
-
-def _comparable(ids: np.ndarray, truth: Truth) -> np.ndarray:
-    """The truth's ids as the same kind of value as ours (integers or strings), or one line why not."""
-    theirs = truth.ids
-    if theirs.dtype.kind == "f" and np.all(theirs == np.round(theirs)):  # integer ids that a CSV read as floats
-        theirs = theirs.astype(np.int64)
-    if ids.dtype.kind in "OSU":
-        return theirs.astype(str)
-    try:
-        return theirs.astype(np.int64)
-    except ValueError:
-        raise UserError(f"{truth.path}: column {truth.on} holds text ids, the predictions integer ids") from None
-
-
-def join_truth(ids: np.ndarray, truth: Truth) -> tuple[np.ndarray, dict]:
-    """The true redshift of each of ``ids`` (NaN where the catalogue has none), and what was joined."""
-    theirs = _comparable(ids, truth)
-    ours = ids.astype(str) if ids.dtype.kind in "OSU" else ids
-    order = np.argsort(theirs, kind="stable")
-    ranked = theirs[order]
-    at = np.minimum(np.searchsorted(ranked, ours), len(ranked) - 1)
-    where = np.where(ranked[at] == ours, order[at], -1)
-    z = np.full(len(ids), np.nan, np.float64)
-    z[where >= 0] = truth.z[where[where >= 0]]
-    matched = int((where >= 0).sum())
-    note = {"catalogue": truth.path.name, "sha256": truth.sha256, "on": truth.on, "z_column": truth.z_column,
-            "matched": matched, "objects": len(ids)}  # fmt: skip
-    return z, note

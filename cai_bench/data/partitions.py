@@ -171,7 +171,11 @@ def _decoded(ref: PartitionRef, verify: bool, load: Callable, finite: Callable) 
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise UserError(f"{path}: corrupt partition ({exc})") from None
     for field_name in FLOAT_FIELDS:
-        ok = np.asarray(finite(fields[field_name]))
+        values = fields[field_name]
+        # a redshift may be NaN: unknown (data import's "no redshift"); never infinite
+        ok = np.asarray(finite(values))
+        if field_name == "redshift":
+            ok = ok | np.asarray(values != values)
         if not bool(ok.all()):
             bad = int(ok.reshape(ref.samples, -1).all(axis=1).argmin())
             raise UserError(f"{path}: {field_name} holds NaN or inf values (first at sample {bad})")
@@ -304,7 +308,7 @@ def write_dataset(
     progress: Progress | None = None,
 ) -> Manifest:
     """Write partitions of ``sizes`` samples, each from ``take(n)``; only one partition is in memory at a time."""
-    with staged_directory(out, overwrite, "data set") as staging:
+    with staged_directory(out, overwrite, "data set", MANIFEST) as staging:
         entries = write_partitions(staging, sizes, take, progress)
         return finish_manifest(staging, entries, source=source, partition_mb=partition_mb, has_labels=has_labels)
 
@@ -356,7 +360,7 @@ def split(
     )
     lineage = {"dataset_id": manifest.dataset_id, "partition_mb": manifest.partition_mb}
     source = {**manifest.source, "split_from": [*manifest.source.get("split_from", []), lineage]}
-    with staged_directory(out, overwrite, "data set") as staging:
+    with staged_directory(out, overwrite, "data set", MANIFEST) as staging:
         entries = write_partitions(staging, partition_sizes(manifest.samples, partition_mb), rebatch(stream), progress)
         if manifest.objects:
             data = storage_for(src).read(manifest.objects.file)

@@ -101,7 +101,8 @@ def export_model(
     started = time.perf_counter()
     if fmt not in FILES:
         raise UserError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}")
-    with staged_directory(out, overwrite, "export") as staging:  # refuses an unusable --out before any work
+    # refuses an unusable --out before any work
+    with staged_directory(out, overwrite, "export", EXPORT_META) as staging:
         model, info = _torch_model(weights, seed)
         image, magnitude = probe_arrays()
         with torch.inference_mode():

@@ -178,6 +178,13 @@ def catalogue_lines(provenance: dict) -> list[str]:
     if isinstance(joined, dict):
         lines.append(f"z_true: {joined['matched']:,} of {joined['objects']:,} ids found in {joined['catalogue']} "
                      f"(column {joined['z_column']}, joined on {joined['on']})")  # fmt: skip
+        if "used" in joined:  # catalogues written before these counts have none
+            low, high = joined["z_range"]
+            lines.append(f"z_true: {joined['used']:,} redshifts used; {joined['missing']:,} missing "
+                         f"({joined['missing_values']}), {joined['out_of_range']:,} outside {low:g} < z <= {high:g}: "
+                         "not used")  # fmt: skip
+        if joined.get("not_whole"):
+            lines.append(f"z_true: {joined['not_whole']:,} ids of the catalogue are not whole numbers and match none")
     meanings = provenance.get("flags", {})
     for bit, count in provenance.get("flag_counts", {}).items():
         if count:
