@@ -10,7 +10,7 @@ from conftest import hand_record, write_store
 
 from cai_bench.analysis.compare import p_greater
 
-BASE = [10.0, 10.1, 9.9, 10.05, 9.95]
+BASE = [20.0, 20.2, 19.8, 20.1, 19.9]  # each repeat over the 10 s a valid measurement needs
 
 
 def runs(walls: list[float], *, commit: str = "1111111aaaa", gb: float = 1.0, **options) -> list[dict]:
@@ -25,7 +25,7 @@ def runs(walls: list[float], *, commit: str = "1111111aaaa", gb: float = 1.0, **
 
 def test_the_exact_rank_test_counts_orderings():
     assert p_greater([11, 11.1, 11.2], [10, 10.1, 10.2]) == pytest.approx(1 / 20)  # 1 of C(6,3) orderings
-    assert p_greater([11, 11.1, 11.2, 11.3, 11.4], BASE) == pytest.approx(1 / 252)
+    assert p_greater([21, 21.1, 21.2, 21.3, 21.4], BASE) == pytest.approx(1 / 252)
     assert p_greater([10, 10.1, 10.2], [10.3, 10.4, 10.5]) == pytest.approx(1.0)
     assert 0.3 < p_greater([10.05, 10.3, 9.9], [10.0, 10.2, 9.8]) < 0.7
 
@@ -38,7 +38,7 @@ def test_a_ten_percent_slowdown_beyond_the_noise_fails_at_factor_1_05(cli, tmp_p
     (point,) = done["points"]
     assert point["ratio"] == pytest.approx(1.1) and point["regressed"] and point["p_value"] == pytest.approx(1 / 252)
     assert done["regressions"] == 1 and done["test"].startswith("Mann-Whitney")
-    assert point["invalid"] == ["baseline: the shortest repeat ran 9.9 s, under 10 s"]  # compared, and marked
+    assert point["invalid"] == [] and point["p_holm"] == pytest.approx(1 / 252)  # one point: Holm changes nothing
     code, _, err = cli("compare", before.parent, after.parent, "--factor", "1.2")
     assert code == 0, err  # within the factor: not a failure, however sure
     code, out, _ = cli("compare", after.parent, before.parent)
@@ -46,7 +46,7 @@ def test_a_ten_percent_slowdown_beyond_the_noise_fails_at_factor_1_05(cli, tmp_p
 
 
 def test_the_same_medians_with_overlapping_spreads_pass(cli, tmp_path):
-    noisy = [9.0, 11.5, 10.0, 8.7, 11.0]
+    noisy = [18.0, 23.0, 20.0, 17.4, 22.0]
     before, after = write_store(tmp_path / "a", runs(BASE)), write_store(tmp_path / "b", runs(noisy))
     code, out, err = cli("compare", before.parent, after.parent, "--format", "markdown")
     assert code == 0, err
@@ -59,10 +59,13 @@ def test_samples_per_s_fails_when_it_falls(cli, tmp_path):
     assert code == 1 and json.loads(out)["points"][0]["ratio"] == pytest.approx(1 / 1.1)
 
 
-def test_points_on_one_side_are_listed_not_failed(cli, tmp_path):
+def test_a_point_the_candidate_lacks_fails_unless_allowed_and_one_it_adds_is_listed(cli, tmp_path):
     before = write_store(tmp_path / "a", runs(BASE) + runs(BASE, gb=2.0))
     after = write_store(tmp_path / "b", runs(BASE) + runs(BASE, gb=4.0))
     code, out, err = cli("compare", before.parent, after.parent)
+    assert code == 1, err
+    assert "only in the baseline: hpc · 2 GB" in " ".join(out.split()) and "MISSING from the candidate" in out
+    code, out, err = cli("compare", before.parent, after.parent, "--allow-missing")
     assert code == 0, err
     assert "only in the baseline: hpc · 2 GB" in " ".join(out.split())
     assert "only in the candidate: hpc · 4 GB" in " ".join(out.split())
@@ -126,8 +129,8 @@ def p_by_enumeration(xs, ys):
 
 
 def test_a_candidate_with_tied_repeats_is_not_called_regressed_by_the_approximation(cli, tmp_path):
-    before = write_store(tmp_path / "a", runs([1.0, 1.1, 1.2, 1.5]))
-    after = write_store(tmp_path / "b", runs([1.5, 1.6, 1.7]))
+    before = write_store(tmp_path / "a", runs([10.0, 11.0, 12.0, 15.0]))
+    after = write_store(tmp_path / "b", runs([15.0, 16.0, 17.0]))
     code, out, err = cli("compare", before.parent, after.parent, "--format", "json")
     assert code == 0, err
     assert json.loads(out)["points"][0]["p_value"] == pytest.approx(2 / 35)
@@ -135,14 +138,14 @@ def test_a_candidate_with_tied_repeats_is_not_called_regressed_by_the_approximat
 
 def test_too_few_repeats_to_ever_fail_is_refused_and_says_how_many_are_needed(cli, tmp_path):
     # 1.49x slower with 2 repeats a side: the smallest p is 1/6, so the test can never fail
-    before = write_store(tmp_path / "a", runs([10.0, 10.1]))
-    after = write_store(tmp_path / "b", runs([14.9, 15.0]))
+    before = write_store(tmp_path / "a", runs([20.0, 20.2]))
+    after = write_store(tmp_path / "b", runs([29.8, 30.0]))
     code, _, err = cli("compare", before.parent, after.parent)
     assert code == 2 and "repeats enough for the test to fail" in err and "3 a side" in err
     assert len(err.strip().splitlines()) == 1
     # beside a point that can fail, it is listed as such and not counted as a pass
-    write_store(tmp_path / "a", runs([10.0, 10.1]) + runs(BASE, gb=2.0))
-    write_store(tmp_path / "b", runs([14.9, 15.0]) + runs(BASE, gb=2.0))
+    write_store(tmp_path / "a", runs([20.0, 20.2]) + runs(BASE, gb=2.0))
+    write_store(tmp_path / "b", runs([29.8, 30.0]) + runs(BASE, gb=2.0))
     code, out, err = cli("compare", before.parent, after.parent)
     assert code == 0, err
     flat = " ".join(out.split())
@@ -172,3 +175,62 @@ def test_two_machines_are_two_points_unless_compared_across_them(cli, tmp_path):
     code, out, err = cli("compare", here.parent, there.parent, "--across", "machine", "--format", "json")
     assert code == 1, err
     assert json.loads(out)["points"][0]["ratio"] == pytest.approx(1.3)
+
+
+def test_invalid_runs_are_not_compared_and_nothing_valid_is_exit_2(cli, tmp_path):
+    tiny = [1.0, 1.1, 0.9, 1.05, 0.95]  # too short to be a measurement
+    before = write_store(tmp_path / "a", runs(tiny))
+    after = write_store(tmp_path / "b", runs([w * 3 for w in tiny]))
+    code, _, err = cli("compare", before.parent, after.parent)
+    assert code == 2 and "no matched point is a valid measurement, so nothing was compared" in err, err
+    assert "under 10 s" in err and len(err.strip().splitlines()) == 1
+    # beside a valid point: listed as not compared, and neither a pass nor a failure
+    write_store(tmp_path / "a", runs(tiny) + runs(BASE, gb=2.0))
+    write_store(tmp_path / "b", runs([w * 3 for w in tiny]) + runs(BASE, gb=2.0))
+    code, out, err = cli("compare", before.parent, after.parent, "--format", "json")
+    assert code == 0, err
+    done = json.loads(out)
+    assert done["not_comparable"] == 1 and done["correction"] == "Holm over 1 point(s)"
+    (invalid,) = [p for p in done["points"] if not p["comparable"]]
+    assert not invalid["regressed"] and invalid["p_holm"] is None
+
+
+def test_a_zero_wall_gives_no_infinity_in_json(cli, tmp_path):
+    zero = runs([20.0, 20.0, 20.0])
+    for record in zero:
+        record["summary"]["wall_s"] = 0.0
+    before = write_store(tmp_path / "a", zero + runs(BASE, gb=2.0))
+    after = write_store(tmp_path / "b", runs([20.0, 20.1, 20.2]) + runs(BASE, gb=2.0))
+    code, out, err = cli("compare", before.parent, after.parent, "--format", "json")
+    assert code == 0, err
+    assert "Infinity" not in out and "NaN" not in out
+    (point,) = [p for p in json.loads(out)["points"] if not p["comparable"]]
+    assert point["ratio"] is None and "ran 0.0 s" in point["invalid"][0]
+
+
+def test_a_record_appended_twice_counts_once(cli, tmp_path):
+    before = write_store(tmp_path / "a", runs(BASE) + runs(BASE, gb=2.0))
+    # one slow run written three times over (merged stores): one measurement, not three repeats
+    after = write_store(tmp_path / "b", runs([26.0]) * 3 + runs(BASE, gb=2.0))
+    code, out, err = cli("compare", before.parent, after.parent, "--format", "json")
+    done = json.loads(out)
+    assert code == 0 and done["duplicates"] == 2 and done["regressions"] == 0, err
+    (once,) = [p for p in done["points"] if not p["can_fail"]]
+    assert once["candidate"] == [26.0]
+    code, out, _ = cli("compare", before.parent, after.parent)
+    assert "2 record(s) appeared twice (the same run id" in " ".join(out.split())
+
+
+def test_many_points_are_corrected_for_false_alarms(cli, tmp_path):
+    """Eight points each 1.1x slower with p = 1/20 (3 repeats a side): any one alone passes ALPHA by a hair, but
+    over eight Holm asks p <= 0.05 / 8 of the best, which three repeats cannot give: refused, not failed."""
+    before = write_store(tmp_path / "a", [r for gb in range(1, 9) for r in runs([20.0, 20.1, 20.2], gb=gb)])
+    after = write_store(tmp_path / "b", [r for gb in range(1, 9) for r in runs([22.0, 22.1, 22.2], gb=gb)])
+    code, _, err = cli("compare", before.parent, after.parent)
+    assert code == 2 and "Holm's correction asks p <= 0.0063" in err, err
+    before = write_store(tmp_path / "a", [r for gb in range(1, 9) for r in runs(BASE, gb=gb)])
+    after = write_store(tmp_path / "b", [r for gb in range(1, 9) for r in runs([w * 1.1 for w in BASE], gb=gb)])
+    code, out, _ = cli("compare", before.parent, after.parent, "--format", "json")
+    done = json.loads(out)
+    assert code == 1 and done["regressions"] == 8  # 1/252 each: 8/252 < 0.05 still
+    assert all(p["p_holm"] == pytest.approx(8 / 252) for p in done["points"])

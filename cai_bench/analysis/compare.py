@@ -15,7 +15,14 @@ A gate that cannot fail is not a pass: with n and m repeats the smallest p is 1 
 three a side can never reach ALPHA (1/20 at three). Such points are reported with the repeats they need; a
 comparison where no point matched, or none could fail, is refused (one line, exit 2) and says why: which side is
 empty, or which identity keys (the machine, a plan field) differ between the sides and how to match across them
-(``--across KEY``). Points on one side only are listed, never failed.
+(``--across KEY``).
+
+Only valid measurements are compared: a point whose repeats the validity rules call INVALID (too short, too few
+galaxies, unchecked accuracy) is listed as not comparable, and where no valid point is left the comparison is
+refused. With many points, some would pass ALPHA by chance alone: the p-values of the points that can fail are
+adjusted by Holm's step-down method, which keeps the chance of any false alarm at ALPHA. A point the baseline
+measured and the candidate did not fails the gate unless ``--allow-missing``; a point only the candidate has is
+listed. A record that appears twice (the same run id: merged stores) counts once, and is reported.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class Side:
     label: str
     records: list[dict]
     filtered: tuple[str, ...] = ()
+    duplicates: int = 0  # records dropped because another had their run id
 
 
 @dataclass
@@ -62,6 +70,11 @@ class PointComparison:
     can_fail: bool = True  # enough repeats for p to reach ALPHA at all
     needs: str | None = None  # where it cannot: the repeats it needs
     invalid: list[str] = field(default_factory=list)  # "baseline: why", "candidate: why" (validity)
+    p_holm: float | None = None  # p adjusted over the points that can fail (Holm); None where not compared
+
+    @property
+    def comparable(self) -> bool:
+        return not self.invalid
 
 
 @dataclass
@@ -73,17 +86,60 @@ class Comparison:
     points: list[PointComparison] = field(default_factory=list)
     only_baseline: list[str] = field(default_factory=list)
     only_candidate: list[str] = field(default_factory=list)
+    allow_missing: bool = False
+    duplicates: int = 0
 
     @property
     def regressions(self) -> list[PointComparison]:
         return [p for p in self.points if p.regressed]
 
+    @property
+    def missing(self) -> list[str]:
+        """The baseline's points the candidate lacks, where they fail the gate (without --allow-missing)."""
+        return [] if self.allow_missing else self.only_baseline
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.regressions or self.missing)
+
+    @property
+    def family(self) -> list[PointComparison]:
+        """The points whose p-values Holm's correction adjusts: valid, and with repeats enough to fail."""
+        return [p for p in self.points if p.comparable and p.can_fail]
+
     def to_dict(self) -> dict:
-        return {"baseline": self.baseline, "candidate": self.candidate, "metric": self.metric, "factor": self.factor,
-                "test": TEST_NAME, "alpha": ALPHA, "points": [vars(p) for p in self.points],
+        done = {"baseline": self.baseline, "candidate": self.candidate, "metric": self.metric, "factor": self.factor,
+                "test": TEST_NAME, "alpha": ALPHA, "correction": f"Holm over {len(self.family)} point(s)",
+                "points": [{**vars(p), "comparable": p.comparable} for p in self.points],
                 "cannot_fail": sum(not p.can_fail for p in self.points),
+                "not_comparable": sum(not p.comparable for p in self.points),
                 "only_baseline": self.only_baseline, "only_candidate": self.only_candidate,
-                "regressions": len(self.regressions)}  # fmt: skip
+                "missing_fail": bool(self.missing), "duplicates": self.duplicates,
+                "regressions": len(self.regressions), "failed": self.failed}  # fmt: skip
+        return finite_or_none(done)
+
+
+def finite_or_none(value):
+    """``value`` with every infinite or NaN float made None: JSON has no Infinity, and a reader must not guess."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def _once(records: list[dict]) -> tuple[list[dict], int]:
+    """Each run id's first record, and how many were dropped as copies of one before."""
+    seen, kept = set(), []
+    for record in records:
+        run_id = record.get("run_id")
+        if run_id in seen:
+            continue
+        seen.add(run_id)
+        kept.append(record)
+    return kept, len(records) - len(kept)
 
 
 def _filter(text: str) -> dict[str, str]:
@@ -113,16 +169,19 @@ def _matches(record: dict, pairs: dict[str, str]) -> bool:
 def load_side(spec: str, results: str | Path, warn=None) -> Side:
     """The finished timing runs ``spec`` names: a results directory, a git commit in ``results``, or a filter."""
     if Path(spec).is_dir():
-        return Side(spec, read_finished_runs(ResultsStore(spec), warn))
+        kept, copies = _once(read_finished_runs(ResultsStore(spec), warn))
+        return Side(spec, kept, duplicates=copies)
     finished = read_finished_runs(ResultsStore(results), warn)
     if "=" in spec:
         pairs = _filter(spec)
-        return Side(spec, [r for r in finished if _matches(r, pairs)], tuple(pairs))
+        kept, copies = _once([r for r in finished if _matches(r, pairs)])
+        return Side(spec, kept, tuple(pairs), copies)
     if _COMMIT.fullmatch(spec):
         named = [r for r in finished if str((r.get("environment") or {}).get("git_commit") or "").startswith(spec)]
         if not named:
             raise UserError(f"{spec}: no finished run in {results} names that git commit")
-        return Side(spec, named)
+        kept, copies = _once(named)
+        return Side(spec, kept, duplicates=copies)
     raise UserError(f"{spec}: not a results directory, a git commit (7+ hex digits) or a filter (KEY=VALUE,...)")
 
 
@@ -198,8 +257,21 @@ def repeats_needed(n: int, m: int) -> str:
 
 
 def _values(records: list[dict], metric: str) -> list[float]:
+    """The metric of each record that holds a finite number for it (a nulled or missing figure is no repeat)."""
     name = METRICS[metric][0]
-    return [float(r["summary"][name]) for r in records if r["summary"].get(name) is not None]
+    found = [(r.get("summary") or {}).get(name) for r in records]
+    return [float(v) for v in found if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _holm(points: list[PointComparison], factor: float) -> None:
+    """Each point's p adjusted by Holm's step-down over ``points``, and whether it regressed: worse than
+    ``factor`` with the adjusted p at most ALPHA."""
+    ranked = sorted(points, key=lambda p: p.p_value)
+    running = 0.0
+    for rank, point in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - rank) * point.p_value))  # adjusted p never falls
+        point.p_holm = running
+        point.regressed = point.worse_by > factor and running <= ALPHA
 
 
 def compare_point(label: str, baseline: list[float], candidate: list[float], metric: str,
@@ -217,7 +289,7 @@ def compare_point(label: str, baseline: list[float], candidate: list[float], met
 
 
 def compare(baseline: Side, candidate: Side, metric: str = "wall", factor: float = 1.05,
-            across: tuple[str, ...] = ()) -> Comparison:  # fmt: skip
+            across: tuple[str, ...] = (), allow_missing: bool = False) -> Comparison:  # fmt: skip
     """Every point of both sides, matched by identity (less what the filters name and ``across``), compared on
     ``metric``; refused where nothing was compared or nothing could fail (``_refusal``)."""
     if metric not in METRICS:
@@ -229,7 +301,8 @@ def compare(baseline: Side, candidate: Side, metric: str = "wall", factor: float
     for name, side in (("baseline", baseline), ("candidate", candidate)):
         for record in side.records:
             groups.setdefault(_match_key(record, dropped), {}).setdefault(name, []).append(record)
-    out = Comparison(baseline.label, candidate.label, metric, factor)
+    out = Comparison(baseline.label, candidate.label, metric, factor, allow_missing=allow_missing,
+                     duplicates=baseline.duplicates + candidate.duplicates)  # fmt: skip
     for group in groups.values():
         label = _label((group.get("baseline") or group["candidate"])[-1])
         before, after = _values(group.get("baseline", []), metric), _values(group.get("candidate", []), metric)
@@ -242,6 +315,9 @@ def compare(baseline: Side, candidate: Side, metric: str = "wall", factor: float
             out.only_baseline.append(label)
         elif after:
             out.only_candidate.append(label)
+    for point in out.points:
+        point.regressed = False  # decided below, over the family, never for a point not compared
+    _holm(out.family, factor)
     problem = _refusal(out, baseline, candidate, dropped)
     if problem:
         raise UserError(problem)
@@ -259,9 +335,19 @@ def _refusal(out: Comparison, baseline: Side, candidate: Side, dropped: tuple[st
         how = f"; to compare across them: --across {','.join(differ)}" if differ else ""
         apart = f": the sides differ in {', '.join(differ)}" if differ else ""
         return f"no point measured on both sides{apart}{how}"
-    if not any(p.can_fail for p in out.points):
+    valid = [p for p in out.points if p.comparable]
+    if not valid:
+        first = out.points[0]
+        return (f"no matched point is a valid measurement, so nothing was compared: {first.label}: "
+                f"{'; '.join(first.invalid)}")  # fmt: skip
+    if not any(p.can_fail for p in valid):
         return (f"no matched point has repeats enough for the test to fail at p <= {ALPHA:g}: "
-                f"{out.points[0].label} needs {out.points[0].needs}")  # fmt: skip
+                f"{valid[0].label} needs {valid[0].needs}")  # fmt: skip
+    if not any(smallest_p(len(p.baseline), len(p.candidate)) * len(out.family) <= ALPHA for p in out.family):
+        return (
+            f"with {len(out.family)} points, Holm's correction asks p <= {ALPHA / len(out.family):.2g} of the "
+            "best of them, which their repeats cannot reach: measure more repeats a side"
+        )
     return None
 
 
@@ -283,6 +369,8 @@ def _keys_apart(before: list[dict], after: list[dict], dropped: tuple[str, ...])
 
 
 def compare_command(baseline: str, candidate: str, results: str | Path = "results", metric: str = "wall",
-                    factor: float = 1.05, warn=None, across: tuple[str, ...] = ()) -> Comparison:  # fmt: skip
+                    factor: float = 1.05, warn=None, across: tuple[str, ...] = (),
+                    allow_missing: bool = False) -> Comparison:  # fmt: skip
     """``cai-bench compare``: both sides loaded, then ``compare``."""
-    return compare(load_side(baseline, results, warn), load_side(candidate, results, warn), metric, factor, across)
+    before, after = load_side(baseline, results, warn), load_side(candidate, results, warn)
+    return compare(before, after, metric, factor, across, allow_missing)

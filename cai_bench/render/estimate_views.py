@@ -178,11 +178,12 @@ def _comparison_rows(done) -> list[list[str]]:
         verdict = "WORSE" if p.regressed else ("worse, within noise" if p.worse_by > done.factor else "ok")
         if not p.can_fail:
             verdict = f"cannot fail: needs {p.needs}"
-        if p.invalid:
-            verdict += " (INVALID)"
+        if not p.comparable:
+            verdict = "INVALID: not compared"
+        shown_p = f"{p.p_value:.3g}" + (f" (Holm {p.p_holm:.3g})" if p.p_holm is not None else "")
         rows.append([p.label, f"{statistics.median(p.baseline):,.4g} ({len(p.baseline)})",
                      f"{statistics.median(p.candidate):,.4g} ({len(p.candidate)})", f"{p.ratio:.3f}",
-                     f"{p.p_value:.3g}", verdict])  # fmt: skip
+                     shown_p, verdict])  # fmt: skip
     return rows
 
 
@@ -190,7 +191,7 @@ def show_comparison(done, fmt: str) -> None:
     """``compare``: a row per matched point (medians with their repeats, ratio, p-value, verdict), then the points
     one side lacks, and one line of what failed."""
     if fmt == "json":
-        print(json.dumps(done.to_dict(), indent=1))
+        print(json.dumps(done.to_dict(), indent=1, allow_nan=False))
         return
     columns = ["point", f"baseline {done.metric}", f"candidate {done.metric}", "ratio", "p", "verdict"]
     rows = _comparison_rows(done)
@@ -206,17 +207,31 @@ def show_comparison(done, fmt: str) -> None:
         for row in rows:
             table.add_row(*row, style="bold red" if row[-1] == "WORSE" else None)
         stdout.print(table)
-    for side, labels in (("baseline", done.only_baseline), ("candidate", done.only_candidate)):
-        for label in labels:
-            say(f"only in the {side}: {label}")
+    _comparison_notes(done)
+
+
+def _comparison_notes(done) -> None:
+    """What was not compared and why, then one line of the verdict."""
+    for label in done.only_baseline:
+        say(
+            f"only in the baseline: {label}"
+            + ("" if done.allow_missing else ": MISSING from the candidate (fails; --allow-missing lets it pass)")
+        )
+    for label in done.only_candidate:
+        say(f"only in the candidate: {label}")
     for p in done.points:
         for why in p.invalid:
-            say(f"INVALID {p.label}: {why}")
-    blind = sum(not p.can_fail for p in done.points)
+            say(f"INVALID {p.label}: {why}: not compared")
+    if done.duplicates:
+        say(f"{done.duplicates} record(s) appeared twice (the same run id, e.g. merged stores): counted once")
+    blind = sum(not p.can_fail for p in done.points if p.comparable)
     if blind:
         say(f"{blind} matched point(s) with too few repeats for the test to fail: not counted as passes")
-    failed = len(done.regressions)
-    say(f"{failed} of {len(done.points)} matched point(s) worse than {done.factor:g}x beyond the noise "
-        f"({TEST_NAME}, p <= {ALPHA:g})" if failed else
-        f"no matched point worse than {done.factor:g}x beyond the noise ({len(done.points) - blind} compared "
-        f"that could fail; {TEST_NAME}, p <= {ALPHA:g})")  # fmt: skip
+    failed, family = len(done.regressions), len(done.family)
+    test = f"{TEST_NAME}, p <= {ALPHA:g} after Holm's correction over {family} point(s)"
+    if failed:
+        say(f"{failed} of {len(done.points)} matched point(s) worse than {done.factor:g}x beyond the noise ({test})")
+    else:
+        say(
+            f"no matched point worse than {done.factor:g}x beyond the noise ({family} compared that could fail; {test})"
+        )
