@@ -172,12 +172,43 @@ def test_each_stored_run_is_predicted_from_the_others():
     runs.append(hand_record("cpu", 3.0))  # not a backend the estimate simulates: left out
     checks, skipped = estimate_checks.validate_store_records(runs, "store")
     assert not skipped and [c.backend for c in checks] == ["hpc"] * 3
-    assert all(abs(c.error) < 1e-9 for c in checks) and estimate_checks.median_abs_error(checks) < 1e-9
+    assert all(abs(c.error) < 1e-9 for c in checks)
+    assert estimate_checks.errors_by_backend(checks, "store")["hpc"].median_abs_error < 1e-9
     # A run whose machine was twice as slow is predicted at half its wall
     slow = hpc_run(0.05, 0.0, per_sample=0.004, startup=2.0)
     slow["summary"]["wall_s"] = 2 * runs[1]["summary"]["wall_s"]
     checks, _ = estimate_checks.validate_store_records([*runs[:3], slow], "store")
     assert checks[-1].error == pytest.approx(-0.5, abs=0.05)
+
+
+def _repeats_that_sit_together() -> list[dict]:
+    """Three repeats of one point whose walls are their units plus 2 s, and one run of another point plus 6 s."""
+    runs = []
+    for gb, overhead in ((0.02, 2.0), (0.02, 2.0), (0.02, 2.0), (0.05, 6.0)):
+        run = hpc_run(gb, 0.0)
+        run["summary"]["wall_s"] = overhead + sum(w["startup_s"] + w["load_s"] + w["compute_s"] for w in run["workers"])
+        runs.append(run)
+    return runs
+
+
+def test_a_run_is_predicted_without_the_repeats_of_its_own_point():
+    runs = _repeats_that_sit_together()
+    by_run, _ = estimate_checks.validate_store_records(runs, "store", hold_out="run")
+    assert max(abs(c.error) for c in by_run[:3]) < 1e-9  # its own repeats told it its overhead: no error at all
+    by_point, _ = estimate_checks.validate_store_records(runs, "store")  # the default: its point held out
+    assert min(abs(c.error) for c in by_point[:3]) > 0.05  # predicted from the other point alone: the truth
+    # the estimate's interval is made from the same, honest, errors
+    profile = estimate.load_profile_from_records(runs, "hpc", "store")
+    assert "other points' runs" in profile.error.made_from
+    assert profile.error.median_abs_error > 0.05
+
+
+def test_a_profile_whose_runs_are_shorter_than_their_units_is_one_line():
+    runs = _repeats_that_sit_together()
+    for run in runs:
+        run["summary"]["wall_s"] = 0.5  # far below what its units add up to: a run overhead below zero
+    with pytest.raises(UserError, match="which is no time: its runs' walls are shorter than their units"):
+        estimate_checks.validate_store_records(runs, "store")
 
 
 def test_a_lambda_runs_invocations_give_the_cold_and_warm_time_beyond_the_handlers_records():
@@ -435,3 +466,22 @@ def test_a_gpu_profile_takes_each_units_busy_time_not_its_overlapping_latency():
     source = estimate_profiles.profile_from_records([run], "gpu", "store")
     per_sample = np.median([w["compute_s"] / 4 / w["samples"] for w in run["workers"]])
     assert source.profile.compute_s_per_sample == pytest.approx(per_sample)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "large"])
+def test_a_price_file_is_a_regular_file_of_bounded_size(cli, tmp_path, kind):
+    import os
+
+    path = {"device": "/dev/zero", "fifo": tmp_path / "prices", "large": tmp_path / "prices.json"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)  # no writer: a plain read would wait for ever
+    elif kind == "large":
+        path.write_bytes(b" " * (pricing.PRICE_FILE_MAX + 1))
+    code, _, err = cli("estimate", "--profile", "paper", "--backend", "lambda", "--gb", "1", "--price-file", path)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("not a regular file" if kind != "large" else "at most 1,048,576 are read") in err
+
+
+def test_a_negative_seed_is_one_line(cli):
+    code, _, err = cli("estimate", "--profile", "paper", "--backend", "hpc", "--gb", "1", "--seed", "-1")
+    assert code == 2 and "--seed" in err and "greater than or equal to 0" in err, err

@@ -19,6 +19,7 @@ from cai_bench.analysis.estimate_model import (
 )
 from cai_bench.analysis.estimate_profiles import (
     by_partition,
+    check_predicted,
     own_run,
     paper_profile,
     profile_from_records,
@@ -74,12 +75,8 @@ class Check:
 def _check(what: str, backend: str, gb: float, mb: float | None, sim: Simulated, measured_s: float,
            calibration: bool = False, kind: str = WALL, group: str = "") -> Check:  # fmt: skip
     p10, p50, p90 = (float(np.percentile(sim.wall_s, q)) for q in (10, 50, 90))
+    check_predicted(p50, what)
     return Check(what, backend, gb, mb, sim.slots, measured_s, p50, p90, calibration, p10, kind, group or backend)
-
-
-def median_abs_error(checks: list[Check]) -> float | None:
-    errors = [abs(c.error) for c in checks if not c.calibration]
-    return float(np.median(errors)) if errors else None
 
 
 def errors_by_backend(checks: list[Check], made_from: str) -> dict[str, ModelError]:
@@ -91,18 +88,18 @@ def errors_by_backend(checks: list[Check], made_from: str) -> dict[str, ModelErr
 
 
 def validate_store(source: str, trials: int = 200, seed: int = 0, warn=None,
-                   hold_out: str = "run") -> tuple[list[Check], list[str]]:  # fmt: skip
+                   hold_out: str = "point") -> tuple[list[Check], list[str]]:  # fmt: skip
     """``validate_store_records`` over the records of the results directory ``source``."""
     records = stored_records(source, "to validate", warn)
     return validate_store_records(records, str(source), trials, seed, hold_out)
 
 
-def validate_store_records(records: list[dict], where: str, trials: int = 200, seed: int = 0, hold_out: str = "run",
+def validate_store_records(records: list[dict], where: str, trials: int = 200, seed: int = 0, hold_out: str = "point",
                            backends: tuple[str, ...] = BACKENDS) -> tuple[list[Check], list[str]]:  # fmt: skip
     """Each finished lambda, hpc or gpu run predicted from the profile of the others of its group (``run_group``:
-    its backend, SLURM arrays apart): all the others (``hold_out="run"``), or those of other measured points only
-    (``"point"``: its own repeats left out too). The checks, and a line for each run that could not be
-    predicted."""
+    its backend, SLURM arrays apart): those of other measured points only (``hold_out="point"``: its own repeats
+    left out too, so an interval is not made narrow by repeats that sit together), or all the others (``"run"``).
+    The checks, and a line for each run that could not be predicted."""
     if hold_out not in HOLD_OUTS:
         raise UserError(f"--hold-out must be one of {', '.join(HOLD_OUTS)}, got {hold_out!r}")
     check_trials(trials)

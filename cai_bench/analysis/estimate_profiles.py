@@ -25,7 +25,7 @@ from cai_bench.analysis.published import (
     paper_function_records,
     published_seconds,
 )
-from cai_bench.analysis.results import read_records
+from cai_bench.analysis.results import measured_only, read_records
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_label
 from cai_bench.core.plan import (
@@ -56,8 +56,19 @@ class BackendProfile:
 
 
 def usable_runs(records: list[dict], backend: str) -> list[dict]:
+    """``backend``'s finished timing runs with a wall above zero and a unit that computed."""
     return [r for r in records if r.get("backend") == backend and r.get("status") == "ok"
-            and r.get("kind", "run") == "run" and any(_unit_ok(w) for w in r.get("workers") or [])]  # fmt: skip
+            and r.get("kind", "run") == "run" and (r.get("summary") or {}).get("wall_s", 0) > 0
+            and any(_unit_ok(w) for w in r.get("workers") or [])]  # fmt: skip
+
+
+def check_predicted(p50_s: float, what: str) -> None:
+    """A predicted wall that is not above zero is no prediction: the profile's calibrated run overhead is so far
+    below zero that it cancels the units' own time (runs whose walls are shorter than their units add up to)."""
+    if not p50_s > 0:
+        raise UserError(f"{what}: the profile predicts {p50_s:.3g} s, which is no time: its runs' walls are shorter "
+                        "than their units' own times add up to (a run overhead below zero); measure runs of 10 s "
+                        "or more, whole, to profile from")  # fmt: skip
 
 
 ARRAY_GROUP = "hpc (SLURM array)"
@@ -294,4 +305,4 @@ def stored_records(source: str, purpose: str, warn) -> list[dict]:
     store = ResultsStore(source)
     if not store.path.exists():
         raise UserError(f"{store.path}: no results store there {purpose}")
-    return read_records(store, warn)
+    return measured_only(read_records(store, warn), warn)

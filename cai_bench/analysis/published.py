@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from cai_bench.core.errors import UserError
+from cai_bench.core.files import read_small_file
 from cai_bench.core.plan import BITS_PER_SAMPLE
 
 PAPER_RESULTS = "paper-results.csv"
@@ -30,11 +31,18 @@ def _package_text(name: str) -> str:
     return resources.files("cai_bench.reference").joinpath(name).read_text()
 
 
+REFERENCE_FILE_MAX = 64 << 20  # a table of published figures: some kB; far more is not one
+
+
 def load_reference(path: str | Path) -> list[dict]:
     """Rows of a table of published results: ``paper`` names the CAI paper's, anything else is a CSV file of the
     same columns."""
     try:
-        text = _package_text(PAPER_RESULTS) if str(path) == "paper" else Path(path).read_text()
+        text = (
+            _package_text(PAPER_RESULTS)
+            if str(path) == "paper"
+            else read_small_file(path, REFERENCE_FILE_MAX, "reference table").decode()
+        )
         rows = list(csv.DictReader(io.StringIO(text)))
     except FileNotFoundError:
         raise UserError(f"{path}: no such reference file") from None

@@ -11,7 +11,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cai_bench.analysis.results import data_identity, latest_comm_points, ran_precision, read_records, record_point_key
+from cai_bench.analysis.results import (
+    data_identity,
+    latest_comm_points,
+    measured_only,
+    ran_precision,
+    read_records,
+    record_point_key,
+)
 from cai_bench.analysis.validity import DEFAULT_RULES, Rules, point_failures, start_kind
 from cai_bench.core.choices import REPORT_FORMATS
 from cai_bench.core.errors import UserError
@@ -190,7 +197,7 @@ def read_points(
 ) -> list[PointReport]:  # fmt: skip
     """The store's points (``warn`` gets what a read skipped: a torn last line), each with its speedup over
     ``baseline`` where one is given, of ``backends`` only where they are given."""
-    points = summarize_points(read_records(store, warn), rules)
+    points = summarize_points(measured_only(read_records(store, warn), warn), rules)
     if baseline:
         add_speedups(points, baseline)
     return select(points, backends)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 from cai_bench.backends.registry import declared_options
@@ -135,9 +136,28 @@ def read_records(store: ResultsStore, warn=None) -> list[dict]:
     return _reported(store.read(), store, warn)
 
 
+def nulled_figures(record: dict) -> list[str]:
+    """The measured figures of ``record`` that were not finite when measured and are stored as null (its
+    ``non_finite``): the run's summary and its workers' times."""
+    found = record.get("non_finite")
+    return [k for k in found if k.startswith(("summary.", "workers["))] if isinstance(found, dict) else []
+
+
+def measured_only(records: list[dict], warn=None) -> list[dict]:
+    """The records whose every measured figure is a number: a figure stored as null would be NaN in a median or a
+    None in a sum. ``warn`` is told how many were left out, and which figures; the store keeps them."""
+    kept = [r for r in records if not nulled_figures(r)]
+    if len(kept) < len(records):
+        names = sorted({re.sub(r"\[\d+\]", "[]", k) for r in records for k in nulled_figures(r)})
+        (warn or print)(f"{len(records) - len(kept)} record(s) left out: figures that were not finite numbers "
+                        f"(stored as null: {', '.join(names)}); cai-bench results show ID shows them")  # fmt: skip
+    return kept
+
+
 def read_finished_runs(store: ResultsStore, warn=None) -> list[dict]:
-    """``store.runs()``, the timing runs that finished; ``warn`` gets what the read skipped."""
-    return _reported(store.runs(), store, warn)
+    """``store.runs()``, the timing runs that finished with every figure a number; ``warn`` gets what the read
+    skipped."""
+    return measured_only(_reported(store.runs(), store, warn), warn)
 
 
 def listed_rows(store: ResultsStore, backends: list[str] | None, last: int, warn=None) -> tuple[list[dict], int]:

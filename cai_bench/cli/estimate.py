@@ -73,7 +73,9 @@ Deadline = Annotated[
 ]
 Budget = Annotated[str | None, typer.Option(help="US$: rank among those whose cost at the upper bound is within it.")]
 Trials = Annotated[int, typer.Option(help="Simulated runs; median and p90 over them.")]
-SimSeed = Annotated[int, typer.Option("--seed", help="Seed of the draws: the same seed, the same estimate.")]
+SimSeed = Annotated[
+    int, typer.Option("--seed", min=0, help="Seed of the draws (0 or more): the same seed, the same estimate.")
+]
 CoresPerTask = Annotated[
     int | None, typer.Option(help="hpc: cores each task computes on (and is priced for).", show_default="profile's")
 ]
@@ -86,7 +88,8 @@ Validate = Annotated[
     typer.Option(help="Predict each run of this results directory from the others (or the paper's times: paper)."),
 ]
 HoldOut = Annotated[
-    str, typer.Option(help="--validate: predict each run without itself (run) or without all repeats of its point.")
+    str,
+    typer.Option(help="--validate: predict each run without all repeats of its point (point) or without itself (run)."),
 ]
 Figure = Annotated[Path, typer.Option(help="Where the figure goes when there are several sizes or backends.")]
 
@@ -103,7 +106,7 @@ def estimate(
     shared_read_gbps: SharedReadGbps = None, orchestrator: Orchestrator = "direct", trials: Trials = 200,
     seed: SimSeed = 0, cores_per_task: CoresPerTask = None, core_hour_price: CoreHour = None,
     gpu_hour_price: GpuHour = None, architecture: Architecture = "x86_64", price_file: PriceFile = None,
-    deadline: Deadline = None, budget: Budget = None, validate: Validate = None, hold_out: HoldOut = "run",
+    deadline: Deadline = None, budget: Budget = None, validate: Validate = None, hold_out: HoldOut = "point",
     figure: Figure = Path("results/figures/estimate.png"), as_json: o.AsJson = False,
 ) -> None:  # fmt: skip
     """Time and cost of a run at any scale, simulated from a measured profile, with an interval that holds the

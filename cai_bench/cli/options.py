@@ -65,7 +65,9 @@ Weights = Annotated[
     Path | None,
     typer.Option(help="Weights (.safetensors or a .pt state dict), or an export.", show_default="random init"),
 ]
-Seed = Annotated[int, typer.Option(help="Seed of the synthetic data and of the random-init weights.")]
+Seed = Annotated[
+    int, typer.Option(min=0, help="Seed of the synthetic data and of the random-init weights (0 or more).")
+]
 Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="Compare each partition's sha256 as it is read.")]
 Warmup = Annotated[int, typer.Option(help="Unrecorded runs before the measured ones.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace what the command would otherwise refuse to overwrite.")]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,25 @@ def read_secret_file(path: str | Path) -> dict:
         if os.fstat(fd).st_mode & 0o077:
             raise UserError(f"{path}: a secret file that others may read; it is not the one cai-bench wrote")
         return json.load(file)
+
+
+def read_small_file(path: str | Path, limit: int, what: str) -> bytes:
+    """A regular file of at most ``limit`` bytes, whole: never a FIFO or a device (``/dev/zero`` reads forever, a
+    FIFO waits for a writer) and never more than it says, so a file that grows while read is cut at ``limit``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    with open(fd, "rb") as file:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise UserError(f"{path}: the {what} is not a regular file (a FIFO or a device reads without end)")
+        if found.st_size > limit:
+            raise UserError(f"{path}: the {what} is {found.st_size:,} bytes; at most {limit:,} are read")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{path}: the {what} grew past {limit:,} bytes while it was read")
+    return data
 
 
 def free_bytes_at(out: str | Path) -> int:

@@ -15,7 +15,7 @@ import io
 from pathlib import Path
 
 from cai_bench.analysis.report import NOTES, display_columns, summarize_points
-from cai_bench.analysis.results import read_records
+from cai_bench.analysis.results import measured_only, read_records
 from cai_bench.analysis.validity import DEFAULT_RULES, Rules
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_label
@@ -141,7 +141,7 @@ def page(records: list[dict], title: str, rules: Rules = DEFAULT_RULES) -> str:
 def write_html(results: str | Path, out: str | Path, rules: Rules = DEFAULT_RULES, warn=None) -> Path:
     """``report --html``: the page of ``results`` written to ``out``."""
     store = ResultsStore(results)
-    records = read_records(store, warn)
+    records = measured_only(read_records(store, warn), warn)
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise UserError(f"{out}: --html names an .html file to write")

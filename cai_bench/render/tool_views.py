@@ -19,6 +19,11 @@ _LIST_HEADERS = ["run id", "kind", "status", "backend", "rep", "data GB", "part.
                  "samples/s"]  # fmt: skip
 
 
+def _figure(value, spec: str) -> str:
+    """A figure as the table shows it; "null" where the record stored one that was not a finite number."""
+    return "null" if value is None else format(value, spec)
+
+
 def show_record_list(rows: list[dict], total: int, store_path: Path) -> None:
     """``results list``: one row per record, the machine in the title where all share one."""
     several_machines = len({r["machine"] for r in rows}) > 1
@@ -28,7 +33,7 @@ def show_record_list(rows: list[dict], total: int, store_path: Path) -> None:
     for r in rows:
         cells = [r["run_id"], r["kind"] or "run", r["status"], r["backend"], f"{r['repeat']}/{r['repeats']}",
                  f"{r['data_gb']:.3g}", f"{r['partition_mb']:g}", str(r["batch_size"]), r["precision_ran"],
-                 f"{r['wall_s']:.2f}", f"{r['samples_per_s']:,.1f}"]  # fmt: skip
+                 _figure(r["wall_s"], ".2f"), _figure(r["samples_per_s"], ",.1f")]  # fmt: skip
         table.add_row(*cells, *([r["machine"]] if several_machines else []))
     if not several_machines and rows:
         table.title += f" · {rows[0]['machine']}"

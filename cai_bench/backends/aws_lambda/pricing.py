@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cai_bench.backends.aws_lambda.report_log import parse_reports
 from cai_bench.core.errors import UserError
-from cai_bench.core.files import loads_json
+from cai_bench.core.files import loads_json, read_small_file
 
 # AWS Lambda on-demand prices, us-east-1, first pricing tier (the tier every benchmark-sized run is in), as
 # published on aws.amazon.com/lambda/pricing and used by the CAI paper
@@ -59,14 +59,14 @@ class Cost:
         }
 
 
+PRICE_FILE_MAX = 1 << 20  # a price table is a few hundred bytes
+
+
 def load_prices(path: str | Path | None = None) -> dict:
     """The price table: the built-in one, or a JSON file with the same keys (checked, one line when wrong)."""
     if path is None:
         return PRICES
-    try:
-        text = Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the price file ({exc.strerror})") from None
+    text = read_small_file(path, PRICE_FILE_MAX, "price file")
     table = loads_json(text, f"{path} (the price file)")
     problem = _price_table_problem(table)
     if problem:
