@@ -313,6 +313,35 @@ def test_a_peer_of_another_run_can_neither_read_nor_take_over_a_runs_entries(ren
     second.close()
 
 
+def test_both_ranks_of_a_pair_that_one_side_gave_up_on_fall_back_together(rendezvous_url):
+    """Rank 0 connected to rank 1, rank 1 gave up on rank 0 (its deadline came first): the server's answer to
+    both is the same pair, so neither talks directly while the other waits on the fallback."""
+    run = uuid.uuid4().hex[:12]
+    host, port = rendezvous_url[len("direct://") :].rsplit(":", 1)
+    ranks = [socket.create_connection((host, int(port))) for _ in range(3)]
+    for r, sock in enumerate(ranks):
+        assert "address" in _ask(rendezvous_url, {"op": "register", "run": run, "key": "k", "rank": r, "world": 3},
+                                 sock)  # fmt: skip
+    accounts = {0: [], 1: [0], 2: []}
+    answers = [None] * 3
+
+    def settle(r):
+        answers[r] = _ask(rendezvous_url, {"op": "settle", "run": run, "key": "k", "rank": r,
+                                           "missing": accounts[r], "timeout": 5}, ranks[r])  # fmt: skip
+
+    threads = [threading.Thread(target=settle, args=(r,)) for r in range(3)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert answers == [{"fallback": [[0, 1]]}] * 3
+    # a rank settles only for itself, on its own connection
+    other = _ask(rendezvous_url, {"op": "settle", "run": run, "key": "k", "rank": 0, "missing": [], "timeout": 1})
+    assert "settles on the connection that registered it" in other["error"]
+    bad = _ask(rendezvous_url, {"op": "settle", "run": run, "key": "k", "rank": 2, "missing": [7], "timeout": 1},
+               ranks[2])  # fmt: skip
+    assert "missing: the ranks of the run" in bad["error"]
+    [sock.close() for sock in ranks]
+
+
 def test_the_policy_picks_direct_when_fast_and_weighs_request_prices_when_cheap():
     models = default_models()
     schemes = ["s3", "redis", "direct"]

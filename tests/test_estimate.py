@@ -485,3 +485,14 @@ def test_a_price_file_is_a_regular_file_of_bounded_size(cli, tmp_path, kind):
 def test_a_negative_seed_is_one_line(cli):
     code, _, err = cli("estimate", "--profile", "paper", "--backend", "hpc", "--gb", "1", "--seed", "-1")
     assert code == 2 and "--seed" in err and "greater than or equal to 0" in err, err
+
+
+def test_the_cost_at_the_upper_bound_scales_durations_not_fees():
+    source = estimate.load_profile("paper", "lambda")
+    target = estimate_model.Target("lambda", 1.0, 25.0, orchestrator="stepfunctions")
+    done = estimate.estimate(source, target, estimate.Prices(pricing.load_prices(), "x86_64"))
+    fees = sum(done.cost[name] for name in ("request_usd", "transitions_usd", "s3_usd"))
+    assert fees > 0 and done.time_s_high > done.time_s_p50
+    scaled = done.cost["duration_usd"] * done.time_s_high / done.time_s_p50
+    assert done.cost_usd_high == pytest.approx(fees + scaled)
+    assert done.cost_usd_high < done.cost_usd_p50 * done.time_s_high / done.time_s_p50  # what it was before

@@ -73,3 +73,20 @@ def test_html_needs_an_html_file(cli, tmp_path):
     write_store(tmp_path / "r", [hand_record("cpu", 20.0)])
     code, _, err = cli("report", "--results", tmp_path / "r", "--html", tmp_path / "x.png")
     assert code == 2 and "--html names an .html file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_commands_on_the_page_are_typed_as_a_user_types_them():
+    from cai_bench.backends.registry import declared_options
+    from cai_bench.render.html import command_of
+
+    record = hand_record("hpc", 20.0)
+    record["plan"]["backend_options"] = {"slurm": True, "tasks": 4, "time_min": 90, "mem_gb": 4.0,
+                                         "slurm_options": {"constraint": "haswell", "qos": "low prio"}}  # fmt: skip
+    command = command_of(record)
+    assert "--slurm --slurm-option constraint=haswell --slurm-option 'qos=low prio' --tasks 4 --time 90" in command
+    assert "--mem 4G" in command
+    assert not any(name in command for name in ("--time-min", "--mem-gb", "--slurm-options"))
+    options = {o.name: o for o in declared_options("hpc")}
+    for name in ("time_min", "mem_gb"):  # each typed value reads back as the value the record holds
+        typed = options[name].as_typed(record["plan"]["backend_options"][name])[1]
+        assert options[name].parse(typed) == record["plan"]["backend_options"][name]

@@ -68,7 +68,7 @@ class Estimate:
     time_s_high: float | None
     interval: str  # how the interval was made and how often it covered
     cost_usd_p50: float | None
-    cost_usd_high: float | None  # the cost of a run as long as time_s_high (the same factor on every duration)
+    cost_usd_high: float | None  # the cost of a run as long as time_s_high (its durations scaled, fees as they are)
     cost: dict  # the itemised cost of the median-cost trial
     prices: dict  # the price assumptions used
     billed_gb_s_p50: float | None
@@ -120,6 +120,9 @@ def load_profile_from_records(records: list[dict], backend: str, source: str, se
     return replace(profile, error=model_error(checks, made_from))
 
 
+FIXED_FEES = ("request_usd", "transitions_usd", "s3_usd")  # the cost items a run's length does not change
+
+
 def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int = 200, seed: int = 0) -> Estimate:
     """``target`` simulated ``trials`` times from ``source``: the median, p90 and the interval with the model's
     error, and the itemised cost."""
@@ -140,7 +143,9 @@ def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int
     error = source.error or ModelError((), "no validation")
     low, high = uncertainty_interval(p10, p50, p90, error.factor)
     usd = items["usd"]
-    usd_high = None if usd is None or high is None else usd * high / p50
+    # a longer run bills more duration, not more requests, transitions or S3 calls: only durations scale
+    fixed = sum(items.get(name) or 0.0 for name in FIXED_FEES)
+    usd_high = None if usd is None or high is None else fixed + (usd - fixed) * high / p50
     return Estimate(
         backend=target.backend,
         gb=target.gb,

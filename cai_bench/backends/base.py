@@ -45,6 +45,7 @@ class BackendOption:
     sweepable: bool = True  # sweep takes a comma list of values
     parse: Callable[[str], Any] | None = None
     cli: str | None = None  # the flag, where it is not --name-with-dashes (--time for time_min)
+    typed: Callable[[Any], str] | None = None  # a value as the flag takes it, where str() is not (--mem 4G)
     # What a run without this option ran, where that is a value of it: a record holding it is a repeat of one
     # without it (records from before it was written out: --runtime torch, before auto resolved it)
     absent_as: Any = None
@@ -52,6 +53,14 @@ class BackendOption:
     @property
     def flag(self) -> str:
         return self.cli or "--" + self.name.replace("_", "-")
+
+    def as_typed(self, value: Any) -> list[str]:
+        """The words a user types for ``value``: the flag alone for True, once per KEY=VALUE for a table."""
+        if value is True:
+            return [self.flag]
+        if isinstance(value, dict):
+            return [word for key, item in value.items() for word in (self.flag, f"{key}={item}")]
+        return [self.flag, self.typed(value) if self.typed else str(value)]
 
     def check(self, value: Any) -> Any:
         """``value`` as this option holds it, or a UserError naming the flag."""

@@ -15,7 +15,9 @@ loopback), so no other interface hears it; ``bind`` (``--comm-bind``) names anot
 (a node whose fast network is not the one the server is on). The server sees a token derived from the secret.
 
 A pair that has not connected when ``connect_timeout_s`` runs out talks through the fallback channel instead
-(``info()["fallback_pairs"]`` says which); without one, that is an error. Once connected, the sockets are
+(``info()["fallback_pairs"]`` says which); without one, that is an error. Which pairs fall back is decided once
+for the run, by the rendezvous server from every rank's account (``settle``): where one side of a pair connected
+and the other gave up, both take the fallback, never one each. Once connected, the sockets are
 non-blocking and each rank's own thread reads and writes them (no reader threads: one less thread to wake per
 message); a peer whose connection ends without a goodbye is gone, and a rank waiting on it is told at once.
 """
@@ -38,6 +40,7 @@ from cai_bench.comm.seal import derive
 from cai_bench.comm.urls import parse_direct_url
 
 _LENGTH = struct.Struct("!I")
+SETTLE_LIST_MAX = 500  # peers a settle request names one by one; more is "all" (a request line is 4 KiB at most)
 _GOODBYE = b""
 _HELLO_MAX = 256  # bytes of a hello or a tag: all a connection may send before its peer has proved itself
 _CLOSE_S = 5.0  # how long a goodbye may take to leave
@@ -199,6 +202,7 @@ class DirectChannel:
                 server, self._control, {**base, "op": "register", "rank": rank, "world": world_size}, timeout_s
             )["address"]
             peers = rendezvous(server, self._control, {**base, "op": "peers", "timeout": timeout_s}, timeout_s)
+            self._settle_with = (server, base, timeout_s)
         except (OSError, CommError) as exc:
             for sock in (self._listener, self._control):
                 if sock is not None:
@@ -221,13 +225,32 @@ class DirectChannel:
         for thread in threads:
             thread.join()
         self._listener.close()
-        self.fallback_pairs = sorted(tuple(sorted((self.rank, r))) for r in others if r not in self._socks)
+        self.fallback_pairs = self._settle([r for r in others if r not in self._socks])
         if self.fallback_pairs and self.fallback is None:
             raise CommError(
                 f"rank {self.rank} could not connect directly to rank(s) "
                 f"{[p[0] if p[1] == self.rank else p[1] for p in self.fallback_pairs]} within "
                 f"{within_s:g} s, and no fallback channel was given (--comm direct://...,redis://...)"
             )
+
+    def _settle(self, unreached: list[int]) -> list[tuple[int, int]]:
+        """This rank's pairs that fall back, as the server decided from every rank's ``unreached``: a connection
+        this rank holds to a peer that gave up on it is closed, unused, since that peer takes the fallback."""
+        server, base, timeout_s = self._settle_with
+        missing = unreached if len(unreached) < SETTLE_LIST_MAX else "all"
+        answer = rendezvous(server, self._control, {**base, "op": "settle", "rank": self.rank, "missing": missing,
+                                                    "timeout": timeout_s}, timeout_s)  # fmt: skip
+        try:
+            pairs = {(int(a), int(b)) for a, b in answer["fallback"]}
+        except (KeyError, TypeError, ValueError):
+            raise CommError(f"{self.url}: the rendezvous server's settle answer is not a list of pairs") from None
+        mine = sorted(p for p in pairs if self.rank in p)
+        for pair in mine:
+            sock = self._socks.pop(pair[0] if pair[1] == self.rank else pair[1], None)
+            if sock is not None:
+                self._peer_of.pop(sock, None)
+                sock.close()
+        return mine
 
     def _accept_until(self, deadline: float) -> None:
         while time.monotonic() < deadline and len(self._socks) < self.world_size - 1:

@@ -13,7 +13,10 @@ wait is capped (``MAX_WAIT_S``), and so are the runs and the connections the ser
 
 The protocol: one JSON object per line each way. ``{"op": "register", "run", "key", "rank", "world"}`` answers
 ``{"address": [host, port]}``; ``{"op": "peers", "run", "key", "timeout"}`` answers ``{"peers": {rank: [host,
-port]}}`` once every rank has registered; an error answers ``{"error": "..."}``.
+port]}}`` once every rank has registered; ``{"op": "settle", "run", "key", "rank", "missing", "timeout"}`` (on
+the connection that registered the rank; ``missing``: the ranks it could not connect to, or ``"all"``) answers
+``{"fallback": [[a, b], ...]}`` once every rank has settled: each pair that either of its ranks could not
+connect, so that both ranks of a pair take the same channel; an error answers ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class _Run:
     entries: dict[int, _Entry] = field(default_factory=dict)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     addresses: dict[str, list] | None = None  # every rank's, fixed once all came: what peers answers
+    unreached: dict[int, frozenset | str] = field(default_factory=dict)  # rank -> peers it could not connect
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    fallback: list[list[int]] | None = None  # the pairs either rank could not connect: what settle answers
 
 
 class Rendezvous:
@@ -171,6 +177,44 @@ class Rendezvous:
             }
         return {"peers": run.addresses}
 
+    def _unreached(self, request: dict, writer: asyncio.StreamWriter, run: _Run) -> tuple[frozenset | str, str]:
+        """A settle request's peers that its rank (registered by this connection) could not connect, checked:
+        (the peers, or "all"; "") or (None, why not)."""
+        rank, missing = _whole(request, "rank"), request.get("missing")
+        if (request.get("run"), rank) not in self._held.get(writer, ()):
+            return None, "a rank settles on the connection that registered it"
+        if missing == "all":
+            return missing, ""
+        if not isinstance(missing, list) or not all(type(r) is int and 0 <= r < run.world for r in missing):
+            return None, 'missing: the ranks of the run this rank could not connect to, or "all"'
+        return frozenset(r for r in missing if r != rank), ""
+
+    async def settle(self, request: dict, writer: asyncio.StreamWriter) -> dict:
+        """Wait for every rank's unreached peers; answer the pairs that fall back, the same for every rank."""
+        run = self._run(request, create=False)
+        if isinstance(run, str):
+            return {"error": run}
+        wait_s = _wait_s(request)
+        if wait_s is None:
+            return {"error": f"timeout {request.get('timeout')!r:.40}: a number of seconds, 0 or more"}
+        unreached, problem = self._unreached(request, writer, run)
+        if unreached is None:
+            return {"error": problem}
+        run.unreached[request["rank"]] = unreached
+        if len(run.unreached) == run.world and run.fallback is None:
+            pairs = set()
+            for rank, peers in run.unreached.items():
+                pairs |= {
+                    tuple(sorted((rank, p))) for p in (range(run.world) if peers == "all" else peers) if p != rank
+                }
+            run.fallback = [list(p) for p in sorted(pairs)]
+            run.settled.set()
+        try:
+            await asyncio.wait_for(run.settled.wait(), timeout=wait_s)
+        except asyncio.TimeoutError:
+            return {"error": f"{len(run.unreached)} of {run.world} ranks settled which pairs connected"}
+        return {"fallback": run.fallback}
+
     async def serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
@@ -206,7 +250,9 @@ class Rendezvous:
             return self.register(request, writer)
         if op == "peers":
             return await self.peers(request)
-        return {"error": "unknown request: op is register or peers"}
+        if op == "settle":
+            return await self.settle(request, writer)
+        return {"error": "unknown request: op is register, peers or settle"}
 
 
 async def serve(host: str, port: int, ttl_s: float, ready=None) -> None:

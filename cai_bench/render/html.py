@@ -12,11 +12,14 @@ from __future__ import annotations
 import base64
 import html
 import io
+import shlex
 from pathlib import Path
 
 from cai_bench.analysis.report import NOTES, display_columns, summarize_points
 from cai_bench.analysis.results import measured_only, read_records
 from cai_bench.analysis.validity import DEFAULT_RULES, Rules
+from cai_bench.backends.base import BackendOption
+from cai_bench.backends.registry import declared_options
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_label
 from cai_bench.core.text import visible
@@ -72,11 +75,13 @@ def command_of(record: dict) -> str:
     else:
         parts += ["--data", str(data.get("directory") or data.get("dataset_id") or "DATA")]
     parts += ["--batch-size", str(plan["batch_size"]), "--precision", str(plan["precision"])]
+    declared = {option.name: option for option in declared_options(record["backend"]) or ()}
     for name, value in sorted((plan.get("backend_options") or {}).items()):
-        if value not in (None, False, "") and name not in ("endpoint_url",):
-            flag = "--" + name.replace("_", "-")
-            parts += [flag] if value is True else [flag, str(value)]
-    return " ".join([*parts, "--repeats", str(record.get("repeats", 1))])
+        if value in (None, False, "", {}) or name == "endpoint_url":
+            continue
+        option = declared.get(name) or BackendOption(name, type(value), "")  # not this cai-bench's: as named
+        parts += option.as_typed(value)
+    return shlex.join([*parts, "--repeats", str(record.get("repeats", 1))])
 
 
 def _table(points: list) -> str:

@@ -75,7 +75,8 @@ OPTIONS = (
         DEFAULT_TIME_MIN, minimum=1, identity=False, parse=minutes, cli="--time",
     ),
     BackendOption(
-        "mem_gb", float, "With --slurm: memory per task (4G, 3500M).", identity=False, parse=gigabytes, cli="--mem"
+        "mem_gb", float, "With --slurm: memory per task (4G, 3500M).", identity=False, parse=gigabytes, cli="--mem",
+        typed=lambda gb: f"{gb:g}G",
     ),
     BackendOption("cpus_per_task", int, "With --slurm: cores (threads) per task.", "--threads, else 1", minimum=1),
     BackendOption(
