@@ -227,10 +227,12 @@ def test_force_never_replaces_a_directory_that_is_not_a_data_set(cli, sdss, tmp_
         "import": ("data", "import", source, "--out", precious, "--partition-mb", "1", "--force"),
         "synth": ("data", "synth", "--gb", "0.001", "--out", precious, "--force"),
         "split": ("data", "split", sdss["data"], "--partition-mb", "0.5", "--out", precious, "--force"),
+        "export": ("model", "export", "--format", "onnx", "--out", precious, "--force"),
     }
     for name, args in commands.items():
         code, _, err = cli(*args)
-        assert code == 2 and "not a cai-bench data set (no manifest.json)" in err, (name, err)
+        what = "export (no export.json)" if name == "export" else "data set (no manifest.json)"
+        assert code == 2 and f"not a cai-bench {what}" in err, (name, err)
         assert [p.name for p in precious.iterdir()] == ["thesis.txt"], name
         assert (precious / "thesis.txt").read_text() == "four years"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".precious")]

@@ -129,8 +129,8 @@ def staged_directory(out: str | Path, overwrite: bool, what: str, marker: str) -
         if not overwrite:
             raise UserError(f"{out}: exists and is not empty; pass --force to replace it, or choose another --out")
         if not (out / marker).is_file() or (out / marker).is_symlink():
-            raise UserError(f"{out}: not a cai-bench {what} (no {marker}); --force replaces only a {what}, and "
-                            "this directory is left as it is: choose another --out")  # fmt: skip
+            raise UserError(f"{out}: not a cai-bench {what} (no {marker}); --force replaces only what cai-bench "
+                            "made, and this directory is left as it is: choose another --out")  # fmt: skip
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
