@@ -29,17 +29,20 @@ def _hostile(value, text: str):
 
 
 def _records(backend: str, walls: tuple[float, ...], huge: bool) -> list[dict]:
-    """Runs on 0.05 GB in two partitions; with ``huge`` the first holds 2 MB in each of its text fields."""
-    runs = [hand_record(backend, w, gb=0.05) for w in walls]
+    """Runs on 0.2 GB in two partitions, each a valid measurement (10 s, 10,000 galaxies at least); with ``huge``
+    the first holds 2 MB in each of its text fields."""
+    runs = [hand_record(backend, w, gb=0.2, partition_mb=100.0) for w in walls]
     return [_hostile(r, HUGE if huge and i == 0 else HOSTILE) for i, r in enumerate(runs)]
 
 
 @pytest.fixture(scope="module")
 def hostile_stores(tmp_path_factory):
     base, other = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("other")
-    walls = {"cpu": (10.0, 10.2, 9.9, 10.1), "hpc": (5.0, 5.1, 4.9, 5.05)}  # the first of base's: its own machine
+    walls = {"cpu": (20.0, 20.4, 19.8, 20.2, 20.1), "hpc": (12.0, 12.2, 11.8, 12.1, 12.05)}  # the first of base's: its own machine
     records = [r for b, ws in walls.items() for r in _records(b, ws, huge=True)]
-    forged = hand_record("cpu", 10.0, gb=0.05) | {"run_id": MARKUP}  # an id no cai-bench makes: skipped, said
+    forged = hand_record("cpu", 20.0, gb=0.2, partition_mb=100.0) | {
+        "run_id": MARKUP
+    }  # an id no cai-bench makes: skipped, said
     write_store(base, [*records, forged])
     write_store(other, [r for b, ws in walls.items() for r in _records(b, tuple(w * 1.01 for w in ws), huge=False)])
     return base, other, records[0]["run_id"]

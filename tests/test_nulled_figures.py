@@ -51,7 +51,7 @@ def test_the_list_marks_the_nulled_figures_and_show_shows_the_record(cli, tmp_pa
     code, out, err = cli("results", "list", "--results", store)
     assert code == 0, err
     row = next(line for line in out.splitlines() if run_id[:20] in line)
-    assert row.count("null") == 2
+    assert row.count("null") == 2 and "1 record(s) hold figures that were not finite numbers" in " ".join(out.split())
     code, out, err = cli("results", "show", run_id, "--results", store)
     assert code == 0 and run_id in out, err
 

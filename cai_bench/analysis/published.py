@@ -37,6 +37,8 @@ REFERENCE_FILE_MAX = 64 << 20  # a table of published figures: some kB; far more
 def load_reference(path: str | Path) -> list[dict]:
     """Rows of a table of published results: ``paper`` names the CAI paper's, anything else is a CSV file of the
     same columns."""
+    if str(path) != "paper" and not Path(path).exists():
+        raise UserError(f"{path}: no such reference file")
     try:
         text = (
             _package_text(PAPER_RESULTS)
@@ -44,8 +46,6 @@ def load_reference(path: str | Path) -> list[dict]:
             else read_small_file(path, REFERENCE_FILE_MAX, "reference table").decode()
         )
         rows = list(csv.DictReader(io.StringIO(text)))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such reference file") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: not a readable reference table ({exc})") from None
     if not rows or any(c not in rows[0] for c in REFERENCE_COLUMNS):

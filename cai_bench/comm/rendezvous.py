@@ -161,13 +161,21 @@ class Rendezvous:
             run.complete.set()
         return {"address": [host, port]}
 
-    async def peers(self, request: dict) -> dict:
+    def _waiting(self, request: dict) -> tuple[_Run, float] | dict:
+        """A waiting request's run and how long it may wait; the error answer where either is wrong."""
         run = self._run(request, create=False)
         if isinstance(run, str):
             return {"error": run}
         wait_s = _wait_s(request)
         if wait_s is None:
             return {"error": f"timeout {request.get('timeout')!r:.40}: a number of seconds, 0 or more"}
+        return run, wait_s
+
+    async def peers(self, request: dict) -> dict:
+        waiting = self._waiting(request)
+        if isinstance(waiting, dict):
+            return waiting
+        run, wait_s = waiting
         try:
             await asyncio.wait_for(run.complete.wait(), timeout=wait_s)
         except asyncio.TimeoutError:
@@ -191,12 +199,10 @@ class Rendezvous:
 
     async def settle(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         """Wait for every rank's unreached peers; answer the pairs that fall back, the same for every rank."""
-        run = self._run(request, create=False)
-        if isinstance(run, str):
-            return {"error": run}
-        wait_s = _wait_s(request)
-        if wait_s is None:
-            return {"error": f"timeout {request.get('timeout')!r:.40}: a number of seconds, 0 or more"}
+        waiting = self._waiting(request)
+        if isinstance(waiting, dict):
+            return waiting
+        run, wait_s = waiting
         unreached, problem = self._unreached(request, writer, run)
         if unreached is None:
             return {"error": problem}

@@ -26,6 +26,7 @@ Z_RANGE = (-1.0, 20.0)  # above -1 (1 + z > 0); at most 20, past any galaxy know
 EXACT_FLOAT = 2**53  # every whole number up to here is exactly a float64, and no further
 INT64 = np.iinfo(np.int64)
 USED, MISSING, OUT_OF_RANGE = 0, 1, 2
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 _NUMBER = re.compile(r"^$|^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(nan|inf)$", re.IGNORECASE)
 
 
@@ -73,11 +74,12 @@ def _checked_ids(path: Path, on: str, ids: np.ndarray) -> np.ndarray:
         ids = np.char.strip(ids.astype(str))
         if (empty := ids == "").any():
             raise UserError(f"{path}: row {_row_of(empty)} has no id in column {on}")
-        whole = np.char.isdigit(np.char.lstrip(ids, "+-"))
-        if whole.all() and (long := np.char.str_len(ids) > 18).any():
-            too_big = [v for v in ids[long] if not INT64.min <= int(v) <= INT64.max]
-            if too_big:
-                raise UserError(f"{path}: id {shown(too_big[0])} in column {on} does not fit a 64-bit integer")
+        # a column of integers that the reader kept as text because one of them is past int64
+        too_big = [
+            v for v in ids[np.char.str_len(ids) > 18] if _INTEGER.fullmatch(v) and not INT64.min <= int(v) <= INT64.max
+        ]
+        if too_big and all(_INTEGER.fullmatch(v) for v in ids):
+            raise UserError(f"{path}: id {shown(too_big[0])} in column {on} does not fit a 64-bit integer")
         return ids
     if ids.dtype.kind == "u":
         if len(ids) and ids.max() > INT64.max:

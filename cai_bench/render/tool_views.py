@@ -38,6 +38,9 @@ def show_record_list(rows: list[dict], total: int, store_path: Path) -> None:
     if not several_machines and rows:
         table.title += f" · {rows[0]['machine']}"
     stdout.print(table)
+    nulled = sum(r["wall_s"] is None or r["samples_per_s"] is None for r in rows)
+    if nulled:
+        say(f"{nulled} record(s) hold figures that were not finite numbers (null): left out of report and estimate")
 
 
 def show_record(record: dict, row: dict, as_json: bool) -> None:
