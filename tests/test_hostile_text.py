@@ -38,7 +38,8 @@ def _records(backend: str, walls: tuple[float, ...], huge: bool) -> list[dict]:
 @pytest.fixture(scope="module")
 def hostile_stores(tmp_path_factory):
     base, other = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("other")
-    walls = {"cpu": (20.0, 20.4, 19.8, 20.2, 20.1), "hpc": (12.0, 12.2, 11.8, 12.1, 12.05)}  # the first of base's: its own machine
+    # the first of base's: its own machine
+    walls = {"cpu": (20.0, 20.4, 19.8, 20.2, 20.1), "hpc": (12.0, 12.2, 11.8, 12.1, 12.05)}
     records = [r for b, ws in walls.items() for r in _records(b, ws, huge=True)]
     forged = hand_record("cpu", 20.0, gb=0.2, partition_mb=100.0) | {
         "run_id": MARKUP
