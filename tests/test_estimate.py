@@ -482,9 +482,17 @@ def test_a_price_file_is_a_regular_file_of_bounded_size(cli, tmp_path, kind):
     assert ("not a regular file" if kind != "large" else "at most 1,048,576 are read") in err
 
 
-def test_a_negative_seed_is_one_line(cli):
-    code, _, err = cli("estimate", "--profile", "paper", "--backend", "hpc", "--gb", "1", "--seed", "-1")
+@pytest.mark.parametrize(
+    "command",
+    [("estimate", "--profile", "paper", "--backend", "hpc", "--gb", "1"), ("run",), ("sweep", "--gb", "0.001"),
+     ("data", "synth", "--gb", "0.001", "--out", "never"), ("model", "export", "--format", "onnx", "--out", "never")],
+    ids=lambda c: " ".join(c[:2]),
+)  # fmt: skip
+def test_a_negative_seed_is_one_line_in_every_command_that_takes_one(cli, tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(*command, "--seed", "-1")
     assert code == 2 and "--seed" in err and "greater than or equal to 0" in err, err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was made
 
 
 def test_the_cost_at_the_upper_bound_scales_durations_not_fees():

@@ -46,7 +46,7 @@ Endpoint = Annotated[
     str | None, typer.Option(help="S3 endpoint (an S3-compatible store); default: AWS_ENDPOINT_URL_S3 or AWS.")
 ]
 Jobs = Annotated[int, typer.Option(min=1, help="Objects uploaded at once.")]
-SameSeed = Annotated[int, typer.Option(help="Random seed: the same seed gives the same bytes.")]
+SameSeed = Annotated[int, typer.Option(min=0, help="Random seed (0 or more): the same seed gives the same bytes.")]
 
 
 @data_app.command("synth")

@@ -22,7 +22,7 @@ Format = Annotated[
     o.ExportFormat, typer.Option("--format", help="onnx (for onnxruntime or openvino) or openvino (its IR).")
 ]
 ExportWeights = Annotated[Path | None, typer.Option("--weights", help="The weights to export (default: random-init).")]
-ExportSeed = Annotated[int, typer.Option(help="Random-init seed, without --weights.")]
+ExportSeed = Annotated[int, typer.Option(min=0, help="Random-init seed (0 or more), without --weights.")]
 
 
 @model_app.command("info")

@@ -34,7 +34,8 @@ SweepEngine = Annotated[o.Engine | None, typer.Option(help=o.ENGINE_HELP, show_d
 SweepRepeats = Annotated[int | None, typer.Option(help="Measured runs per point.", show_default="3")]
 SweepWarmup = Annotated[int | None, typer.Option(help="Unrecorded runs before each point's repeats.", show_default="0")]
 SweepSeed = Annotated[
-    int | None, typer.Option(help="Seed of the synthetic data and random-init weights.", show_default="0")
+    int | None,
+    typer.Option(min=0, help="Seed of the synthetic data and random-init weights (0 or more).", show_default="0"),
 ]
 Rerun = Annotated[bool, typer.Option("--force", help="Rerun points the store already holds.")]
 KeepData = Annotated[
