@@ -306,7 +306,8 @@ def test_slurm_submission_carries_every_option_to_sbatch(tiny_data, tmp_path, mo
     kept = tmp_path / "sbatch-script"
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {kept}\necho "Submitted batch job 4242"\n')
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    for name in ("sbatch", "srun"):
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "Slurmctld(primary) at stand-in is UP"\n')  # its ping
+    for name in ("sbatch", "srun", "scontrol"):
         (bin_dir / name).chmod(stat.S_IRWXU)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     options = {

@@ -166,6 +166,24 @@ def _matches(record: dict, pairs: dict[str, str]) -> bool:
     return all(str(_field(record, k)).lower() == v.lower() for k, v in pairs.items())
 
 
+def _filter_keys(records: list[dict]) -> list[str]:
+    """The keys a filter can name in ``records``: the backend, the plan's plain fields, the backend options."""
+    keys = {"backend"}
+    for record in records:
+        plan = record.get("plan") or {}
+        keys |= {k for k, v in plan.items() if k != "backend_options" and not isinstance(v, (dict, list))}
+        keys |= set(plan.get("backend_options") or {})
+    return sorted(keys)
+
+
+def _unknown_key(spec: str, pairs: dict[str, str], records: list[dict], results: str | Path) -> None:
+    """A filter key that no record holds is a mistake, not a side with no runs: name the keys there are."""
+    for key in pairs:
+        if all(_field(r, key) is None for r in records):
+            known = ", ".join(_filter_keys(records))
+            raise UserError(f"{spec}: no finished run in {results} has {key!r}; a filter names one of: {known}")
+
+
 def load_side(spec: str, results: str | Path, warn=None) -> Side:
     """The finished timing runs ``spec`` names: a results directory, a git commit in ``results``, or a filter."""
     if Path(spec).is_dir():
@@ -174,6 +192,7 @@ def load_side(spec: str, results: str | Path, warn=None) -> Side:
     finished = read_finished_runs(ResultsStore(results), warn)
     if "=" in spec:
         pairs = _filter(spec)
+        _unknown_key(spec, pairs, finished, results)
         kept, copies = _once([r for r in finished if _matches(r, pairs)])
         return Side(spec, kept, tuple(pairs), copies)
     if _COMMIT.fullmatch(spec):

@@ -12,6 +12,7 @@ from typer.core import TyperCommand
 
 from cai_bench import __version__
 from cai_bench.backends.base import PartitionsFailed
+from cai_bench.core.choices import UPSTREAM_WEIGHTS, UPSTREAM_WEIGHTS_WHERE
 from cai_bench.render import run_views
 from cai_bench.store.jsonl import ResultsStore
 
@@ -60,7 +61,11 @@ app = _Commands(
 data_app = typer.Typer(
     help="Make, re-partition, inspect, verify and upload partitioned galaxy data sets.", **PLAIN_HELP
 )
-model_app = typer.Typer(help="Inspect, convert and export pcm-AstroMAE.", **PLAIN_HELP)
+model_app = typer.Typer(
+    help=f"Inspect, convert and export pcm-AstroMAE. The fine-tuned weights are {UPSTREAM_WEIGHTS} in "
+    f"{UPSTREAM_WEIGHTS_WHERE}: download it, then cai-bench model convert PATH --out weights.safetensors.",
+    **PLAIN_HELP,
+)
 results_app = typer.Typer(help="List, show and export the records in the results store.", **PLAIN_HELP)
 comm_app = typer.Typer(
     help="Collectives between workers: the direct channel's rendezvous server, channel latency.", **PLAIN_HELP

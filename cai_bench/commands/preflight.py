@@ -54,6 +54,7 @@ def check_run(
     (repeats, warmup) where the work is to be submitted and left running (``--no-wait``). What a plan is made of
     is checked here (``plan.check_settings``), before any data is generated, not after."""
     chosen = get_backend(backend)
+    batch_size = chosen.default_batch_size if batch_size is None else batch_size  # 0 is checked, not defaulted
     checked = []
     for options, precision in points:
         options = check_options(chosen, dict(options))
@@ -61,7 +62,7 @@ def check_run(
         if requested_runtime(chosen, options) == "auto":
             options["runtime"] = "auto"  # the backend's default, written out: the plan holds what is to resolve
         check_settings(
-            batch_size=batch_size or chosen.default_batch_size, precision=precision, threads=threads, repeats=repeats,
+            batch_size=batch_size, precision=precision, threads=threads, repeats=repeats,
             warmup=warmup, engine=engine, compile=compile, backend_options=options,
             cycle_to_gb=(sizes or {}).get("cycle_to_gb"),
         )  # fmt: skip
@@ -74,7 +75,7 @@ def check_run(
     store = ResultsStore(results)
     store.check_writable()
     named = check_weights(weights, backend) if weights else None  # here, not by every worker once the run started
-    return Ready(chosen, tuple(checked), batch_size or chosen.default_batch_size, named, store)
+    return Ready(chosen, tuple(checked), batch_size, named, store)
 
 
 def check_sizes(**options: float | None) -> None:

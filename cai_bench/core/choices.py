@@ -29,3 +29,9 @@ FIGURE_FORMATS = ("png", "svg", "pdf")
 def choice(name: str, values) -> type[enum.Enum]:
     """A str-valued Enum of ``values``, which Typer shows and checks as the option's choices."""
     return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+# Where the fine-tuned pcm-AstroMAE weights come from: the CAI paper's code, as a whole pickled model that
+# `cai-bench model convert` recovers without running it
+UPSTREAM_WEIGHTS = "Mixed_Inception_z_VITAE_Base_Img_Full_New_Full.pt"
+UPSTREAM_WEIGHTS_WHERE = "github.com/UVA-MLSys/AI-for-Astronomy, folder 'Anomaly Detection/Fine_Tune_Model/'"

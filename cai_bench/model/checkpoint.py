@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cai_bench import __version__
+from cai_bench.core.choices import UPSTREAM_WEIGHTS, UPSTREAM_WEIGHTS_WHERE
 from cai_bench.core.errors import UserError
 from cai_bench.core.files import file_sha256
 from cai_bench.core.records import RANDOM_INIT, WeightsInfo
@@ -216,7 +217,9 @@ def convert_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False
 
     src, out = Path(src), Path(out)
     if not src.is_file():
-        raise UserError(f"{src}: file not found")
+        raise UserError(f"{src}: file not found; the fine-tuned weights are {UPSTREAM_WEIGHTS} in "
+                        f"{UPSTREAM_WEIGHTS_WHERE}: download it, then cai-bench model convert PATH --out "
+                        "weights.safetensors")  # fmt: skip
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: --out must end in .safetensors")
     if out.is_dir():

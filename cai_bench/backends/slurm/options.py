@@ -84,7 +84,7 @@ OPTIONS = (
         minimum=1,
     ),
     BackendOption(
-        "slurm_options", dict, "With --slurm: kEY=VALUE passed to sbatch as --KEY=VALUE; repeatable.",
+        "slurm_options", dict, "With --slurm: KEY=VALUE passed to sbatch as --KEY=VALUE; repeatable.",
         sweepable=False, parse=lambda text: key_values([text]), cli="--slurm-option",
     ),
 )  # fmt: skip
@@ -110,6 +110,28 @@ def check(options: dict) -> None:
         raise UserError(
             "--slurm: no SLURM here (sbatch/srun not found); run on a login node or add --slurm-executor local"
         )
+    if kind == "slurm":
+        check_controller()
+
+
+def check_controller() -> None:
+    """A SLURM controller answers (``scontrol ping``), before anything is submitted: without one, sbatch fails
+    with lines of its own after the data is made."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):
+        raise UserError(f"--slurm: SLURM_CONF names {conf}, which is not a file; set it to your cluster's "
+                        "slurm.conf, or add --slurm-executor local to run the array's tasks here")  # fmt: skip
+    try:  # a configless client looks the controller up in DNS: where nothing answers, that takes a while
+        done = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError) as exc:
+        problem = f"scontrol ping: {type(exc).__name__}"
+    else:
+        said = (done.stdout + done.stderr).strip().splitlines()
+        if done.returncode == 0 and any(" is UP" in line for line in said):
+            return
+        problem = next((line for line in said if "fatal" in line or "DOWN" in line), said[-1] if said else "no answer")
+    raise UserError(f"--slurm: no SLURM controller answers here ({problem.strip()[:160]}); set SLURM_CONF to your "
+                    "cluster's slurm.conf, or add --slurm-executor local to run the array's tasks here")  # fmt: skip
 
 
 def cluster_name() -> str:

@@ -21,9 +21,14 @@ def predictions_figure(columns: dict, title: str, about: dict | None = None) -> 
     z = np.asarray(columns["z_true"], dtype=np.float64)
     z_pred = np.asarray(columns["z_pred"], dtype=np.float64)
     known = np.isfinite(z) & np.isfinite(z_pred)  # a joined truth catalogue may lack some objects
+    predicted = bool(np.isfinite(z_pred).any())
     z, z_pred = z[known], z_pred[known]
     if len(z) == 0:
-        raise UserError(f"{title}: holds no predictions")
+        lacks = "true redshifts for its predictions" if predicted else "predictions"
+        raise UserError(
+            f"{title}: holds no {lacks}, so there is nothing to plot against the truth"
+            + (" (predict --truth CATALOGUE joins true redshifts by id)" if lacks != "predictions" else "")
+        )
     m = upstream_paper_metrics(z_pred, z)
     top = max(float(z.max()), float(z_pred.max()), 1e-3) * 1.05
     low = min(float(z.min()), float(z_pred.min()), 0.0)

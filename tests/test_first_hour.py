@@ -1,0 +1,51 @@
+"""What a new user meets in the first hour: mistakes answered in one line that says what to do (exit 2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from conftest import hand_record, write_store
+
+
+def test_a_batch_size_of_zero_is_refused_not_replaced(cli, tmp_path, tiny_data):
+    for command in (("run",), ("predict", "--data", tiny_data, "--out", tmp_path / "c.csv"), ("sweep",)):
+        code, _, err = cli(*command, "--batch-size", "0", "--results", tmp_path)
+        assert code == 2 and "at least 1, got 0" in err and len(err.strip().splitlines()) == 1, (command, err)
+    assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_slurm_without_a_controller_is_one_line_naming_what_to_do(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))
+    code, _, err = cli("run", "--backend", "hpc", "--slurm", "--gb", "0.001", "--partition-mb", "0.5",
+                       "--results", tmp_path)  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--slurm-executor local" in err and ("SLURM_CONF" in err or "sbatch/srun not found" in err), err
+    assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_a_catalogue_without_true_redshifts_says_that_is_what_it_lacks(cli, tmp_path):
+    pq.write_table(pa.table({"id": np.arange(4), "z_pred": np.full(4, 0.1), "z_true": np.full(4, np.nan)}),
+                   tmp_path / "z.parquet")  # fmt: skip
+    code, _, err = cli("plot", "--predictions", tmp_path / "z.parquet", "--out-dir", tmp_path / "figs")
+    assert code == 2 and "holds no true redshifts for its predictions" in err and "predict --truth" in err, err
+
+
+def test_a_compare_filter_key_no_record_has_names_the_keys_there_are(cli, tmp_path):
+    write_store(tmp_path, [hand_record("hpc", 20.0 + i / 10) for i in range(3)])
+    code, _, err = cli("compare", "partition_mb=1", "partition_mb=5", "--results", tmp_path)
+    assert code == 2 and "has 'partition_mb'; a filter names one of: backend, batch_size" in err, err
+
+
+def test_where_the_real_weights_come_from_is_said_where_a_user_looks(cli, tmp_path):
+    code, out, _ = cli("model", "--help")
+    flat = " ".join(out.split()).replace("- ", "-")  # the help wraps at a hyphen
+    assert code == 0 and "UVA-MLSys/AI-for-Astronomy" in flat and "Fine_Tune_Model" in flat
+    code, _, err = cli("model", "convert", tmp_path / "Mixed_Inception_z_VITAE_Base_Img_Full_New_Full.pt",
+                       "--out", tmp_path / "w.safetensors")  # fmt: skip
+    assert code == 2 and "file not found; the fine-tuned weights are" in err and "AI-for-Astronomy" in err, err
+
+
+def test_the_slurm_option_help_says_key_value(cli):
+    code, out, _ = cli("run", "--help")
+    assert code == 0 and "KEY=VALUE passed to sbatch" in " ".join(out.split())
