@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "$(BYTECODE)"
 	touch $(STAMP)
 
+# 0.3 GB: 15,694 galaxies, 15.3 s on a 2-vCPU AMD EPYC: a VALID measurement (10 s and 10,000 galaxies at least)
 demo: $(STAMP)
-	$(BIN)/cai-bench run --backend cpu
+	$(BIN)/cai-bench run --backend cpu --gb 0.3
 
 # The suite over the cores (pytest-xdist; a worker that runs out of tests takes some of another's queue instead
 # of idling while the other finishes), the long tests first, the model exports shared by the workers. The tests
