@@ -12,6 +12,7 @@ from conftest import TINY_GB, TINY_MB
 
 from cai_bench.analysis.results import point_key, record_point_key
 from cai_bench.commands.runner import resolve_runtime
+from cai_bench.core.choices import REPROBE_ENV
 from cai_bench.core.errors import UserError
 from cai_bench.core.plan import make_plan
 from cai_bench.data.partitions import open_dataset
@@ -204,7 +205,7 @@ def test_the_probe_starts_each_runtime_as_the_backends_workers_run(tiny_data, mo
     monkeypatch.delenv(FORCE_RUNTIME_ENV)
     layouts = []
 
-    def probe(weights, seed, layout, precision, batch_size):
+    def probe(weights, seed, layout, precision, batch_size, say=None):
         layouts.append(layout)
         assert batch_size == 512  # the run's batch size: the probe times what the workers will run
         return "openvino", "bf16", {"requested": "auto", "chose": "openvino"}
@@ -255,3 +256,50 @@ def test_without_torch_an_fp32_export_stands_in_and_without_fp32_nothing_reduced
     assert decide_runtime([unchecked, fp32])[0] is fp32
     with pytest.raises(UserError, match="no candidate passed the check against torch fp32"):
         decide_runtime([unchecked])
+
+
+def test_the_probes_answer_is_kept_for_the_same_question_and_asked_again_when_it_changes(
+    cli, tiny_data, tmp_path, monkeypatch
+):
+    """A first run probes (and says so while it does), a second identical run takes the kept answer at once with
+    when it was measured in its record; another batch size, or --reprobe, probes again."""
+    monkeypatch.delenv(FORCE_RUNTIME_ENV)
+    monkeypatch.setenv(REPROBE_ENV, "")  # --reprobe sets it for the process: undone when the test ends
+    monkeypatch.setenv("CAI_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime_choice, "installed", lambda runtime: runtime == "torch")  # one candidate: fast
+    probes = []
+    real = runtime_choice.time_candidates
+
+    def counted(*args, **kwargs):
+        probes.append(args[1].batch_size)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime_choice, "time_candidates", counted)
+
+    def run(*extra):
+        code, _, err = cli("run", "--data", tiny_data, "--batch-size", "16", "--threads", "1", "--precision",
+                             "fp32", "--results", tmp_path / "r", *extra)  # fmt: skip
+        assert code == 0, err
+        return err
+
+    first = run()
+    assert probes == [16] and "choosing the fastest runtime: torch fp32 each timed on 16 galaxies" in first
+    assert "runtime probe: torch fp32" in first
+    second = run()
+    assert probes == [16] and "as the probe of" in second  # the kept answer: no probe
+    from cai_bench.store.jsonl import ResultsStore
+
+    records = ResultsStore(tmp_path / "r").read()
+    assert "cached_from" not in records[0]["plan"]["runtime_choice"]
+    assert records[1]["plan"]["runtime_choice"]["cached_from"].startswith("20")
+    assert record_point_key(records[0]) == record_point_key(records[1])  # the same point: a repeat
+    run("--batch-size", "32")
+    assert probes == [16, 32]
+    run("--reprobe")
+    assert probes == [16, 32, 16]
+    monkeypatch.setenv(REPROBE_ENV, "")
+    # a file in the cache that is not an answer is no answer: the probe runs
+    for kept in (tmp_path / "cache" / "probes").iterdir():
+        kept.write_text("{not json")
+    run()
+    assert probes == [16, 32, 16, 16]

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cai_bench.backends.registry import all_options, available_backends
-from cai_bench.core.choices import ENGINES, EXPORT_FORMATS, PRECISIONS, REPORT_FORMATS, choice
+from cai_bench.core.choices import ENGINES, EXPORT_FORMATS, PRECISIONS, REPORT_FORMATS, REPROBE_ENV, choice
 from cai_bench.core.errors import UserError
 
 BackendName = choice("BackendName", available_backends())
@@ -55,6 +56,18 @@ Compile = Annotated[
     ),
 ]
 Threads = Annotated[int | None, typer.Option(help="Threads in all.", show_default="physical cores")]
+
+
+def reprobe_if(asked: bool) -> None:
+    """--reprobe: for this process and the workers it starts."""
+    if asked:
+        os.environ[REPROBE_ENV] = "1"
+
+
+Reprobe = Annotated[
+    bool,
+    typer.Option(help="--runtime auto: time the runtimes again instead of taking the answer kept for this machine."),
+]
 Oversubscribe = Annotated[
     bool,
     typer.Option(

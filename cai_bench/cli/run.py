@@ -42,11 +42,13 @@ def run(
     backend: o.Backend = o.BackendName.cpu, data: o.DataDir = None, gb: o.Gb = None, partition_mb: o.PartitionMb = None,
     batch_size: o.BatchSize = None, precision: o.PrecisionOpt = o.Precision.auto, engine: o.EngineOpt = o.Engine.fast,
     compile_model: o.Compile = False, threads: o.Threads = None, oversubscribe: o.Oversubscribe = False,
-    repeats: Repeats = 1, warmup: o.Warmup = 0, weights: o.Weights = None, seed: o.Seed = 0, verify: o.Verify = True,
-    cycle_to_gb: CycleToGb = None, wait: Wait = True, results: o.Results = Path("results"), as_json: o.AsJson = False,
-    quiet: o.Quiet = False, backend_options: dict | None = None,
+    reprobe: o.Reprobe = False, repeats: Repeats = 1, warmup: o.Warmup = 0, weights: o.Weights = None,
+    seed: o.Seed = 0, verify: o.Verify = True, cycle_to_gb: CycleToGb = None, wait: Wait = True,
+    results: o.Results = Path("results"), as_json: o.AsJson = False, quiet: o.Quiet = False,
+    backend_options: dict | None = None,
 ) -> None:  # fmt: skip
     """Run the model over a data set on one backend and record how long it took."""
+    o.reprobe_if(reprobe)
     request = runner.RunRequest(
         backend=backend.value, backend_options=backend_options, data=data, gb=gb, partition_mb=partition_mb,
         batch_size=batch_size, precision=precision.value, engine=engine.value, compile=compile_model, threads=threads,
@@ -62,7 +64,8 @@ def run(
 def predict(
     data: o.DataDir, out: PredictOut, weights: o.Weights = None, backend: o.Backend = o.BackendName.cpu,
     batch_size: o.BatchSize = None, precision: o.PrecisionOpt = o.Precision.auto, threads: o.Threads = None,
-    oversubscribe: o.Oversubscribe = False, seed: o.Seed = 0, verify: o.Verify = True, force: PredictForce = False,
+    oversubscribe: o.Oversubscribe = False, reprobe: o.Reprobe = False, seed: o.Seed = 0, verify: o.Verify = True,
+    force: PredictForce = False,
     truth: TruthCatalogue = None, on: JoinOn = predicting.JOIN_ON, truth_z: TruthZ = None,
     truth_missing: TruthMissing = "-9999,-99,-1,nan", results: o.Results = Path("results"), as_json: o.AsJson = False,
     quiet: o.Quiet = False, backend_options: dict | None = None,
@@ -74,6 +77,7 @@ def predict(
     Resumable: each finished partition is kept, so rerunning after an interruption predicts only the rest and
     the file holds every object exactly once. The run is timed and recorded like any run (kind "predict").
     """
+    o.reprobe_if(reprobe)
     request = runner.RunRequest(
         backend=backend.value, backend_options=backend_options, data=data, batch_size=batch_size,
         precision=precision.value, threads=threads, oversubscribe=oversubscribe, weights=weights, seed=seed,

@@ -74,7 +74,8 @@ def sweep(
     config: Config = None, backend: SweepBackend = None, gb: Gbs = None, partition_mb: PartitionMbs = None,
     batch_size: BatchSizes = None, precision: Precisions = None, engine: SweepEngine = None,
     repeats: SweepRepeats = None, warmup: SweepWarmup = None, threads: o.Threads = None,
-    oversubscribe: o.Oversubscribe = False, seed: SweepSeed = None, weights: o.Weights = None, force: Rerun = False,
+    oversubscribe: o.Oversubscribe = False, reprobe: o.Reprobe = False, seed: SweepSeed = None,
+    weights: o.Weights = None, force: Rerun = False,
     keep_data: KeepData = True, results: o.Results = Path("results"), as_json: o.AsJson = False,
     quiet: o.Quiet = False, backend_options: dict | None = None,
 ) -> None:  # fmt: skip
@@ -84,6 +85,7 @@ def sweep(
     Each finished repeat is appended to the store at once; rerunning the same sweep on the same machine runs only
     what is missing (--force reruns everything).
     """
+    o.reprobe_if(reprobe)
     overrides = _overrides(
         {"backend": backend, "gb": gb, "partition_mb": partition_mb, "batch_size": batch_size, "precision": precision,
          "repeats": repeats, "warmup": warmup, "threads": threads, "seed": seed, "weights": weights, "engine": engine,

@@ -313,7 +313,8 @@ def _run_missing(plan: Plan, parts: Path, store: ResultsStore | None, progress) 
     todo = tuple(ref for ref in plan.partitions if ref.index not in done)
     if not todo:
         return [], len(done)
-    remaining = resolve_runtime(replace_plan(plan, partitions=todo, repeats=1, warmup=0))
+    remaining = resolve_runtime(replace_plan(plan, partitions=todo, repeats=1, warmup=0),
+                                say=getattr(progress, "note", None))  # fmt: skip
     ran = {"run_id": new_run_id(), "runtime": remaining.backend_options.get("runtime") or "torch"}
     outcomes = execute(remaining, store, progress, on_result=lambda r: _write_part(parts, r, ran), kind="predict",
                        run_id=ran["run_id"])  # fmt: skip

@@ -43,6 +43,7 @@ class ProgressSink(Protocol):
     def begin(self, label: str, partitions: int, samples: int) -> None: ...
     def advance(self, record: WorkerRecord) -> None: ...
     def end(self) -> None: ...
+    def note(self, text: str) -> None: ...  # what is happening before the clock starts (the runtime probe)
 
 
 class SweepProgressSink(ProgressSink, Protocol):
@@ -53,6 +54,9 @@ class SweepProgressSink(ProgressSink, Protocol):
 
 
 class NoProgress:
+    def note(self, text: str) -> None:
+        pass
+
     def sweep_begin(self, points: int, samples: int) -> None:
         pass
 
@@ -310,11 +314,12 @@ def _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id=
     )
 
 
-def resolve_runtime(plan: Plan, asked: dict | None = None) -> Plan:
+def resolve_runtime(plan: Plan, asked: dict | None = None, say: Callable[[str], None] | None = None) -> Plan:
     """``plan`` with --runtime auto resolved: the runtime and precision the probe chose, with its figures in
     ``runtime_choice``. ``asked`` keeps the answers of earlier calls (a sweep asks once per distinct probe). Torch
     without a probe where the probe cannot speak for the workers: the reference loop and torch.compile are
-    torch's, and workers on other machines (SLURM tasks) are not this one; their precision stays as asked."""
+    torch's, and workers on other machines (SLURM tasks) are not this one; their precision stays as asked. ``say``
+    is told what the probe does while it runs."""
     backend = get_backend(plan.backend)
     if requested_runtime(backend, plan.backend_options) != "auto":
         return plan
@@ -327,7 +332,7 @@ def resolve_runtime(plan: Plan, asked: dict | None = None) -> Plan:
         asked = {} if asked is None else asked
         key = (plan.precision, layout, plan.weights, plan.seed, plan.batch_size)
         if key not in asked:
-            asked[key] = choose_runtime(plan.weights, plan.seed, layout, plan.precision, plan.batch_size)
+            asked[key] = choose_runtime(plan.weights, plan.seed, layout, plan.precision, plan.batch_size, say)
         runtime, precision, probe = asked[key]
     options = {**plan.backend_options, "runtime": runtime}
     return dataclasses.replace(plan, backend_options=options, precision=precision, runtime_choice=probe)
@@ -348,7 +353,7 @@ def execute(
     arrives (predict writes it out); the records are of ``kind``. ``run_id`` names a single repeat's record
     beforehand (predict writes it beside each partition's predictions)."""
     progress = progress or NoProgress()
-    plan = resolve_runtime(plan)
+    plan = resolve_runtime(plan, say=getattr(progress, "note", None))
     if plan.work_dir is None and store is not None:
         plan = dataclasses.replace(plan, work_dir=str(store.directory))
     for i in range(plan.warmup):

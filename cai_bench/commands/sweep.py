@@ -115,6 +115,7 @@ class AutoAnswers:
     (``runner.resolve_runtime``), then precision "auto" per runtime where the runtime's answer left it open."""
 
     spec: SweepSpec
+    say: Callable[[str], None] | None = None  # told what the runtime probe does while it runs
     runtimes: dict = field(default_factory=dict)  # resolve_runtime's answers
     precisions: dict = field(default_factory=dict)  # runtime -> (precision, the probe's figures)
 
@@ -122,7 +123,7 @@ class AutoAnswers:
         """The plan ``point`` will run (its data as expected, without generating it), "auto" resolved."""
         options = _plan_options(self.spec, point, point.precision)
         expected = Plan(self.spec.backend, _expected_summary(point, self.spec.seed), (), **options)
-        expected = resolve_runtime(expected, self.runtimes)
+        expected = resolve_runtime(expected, self.runtimes, self.say)
         if expected.precision == "auto":
             runtime = expected.backend_options.get("runtime") or "torch"
             if runtime not in self.precisions:
@@ -212,7 +213,7 @@ def run_sweep(
     generated is deleted after its last point (the paper's grid would otherwise keep about 175 GB).
     """
     progress = progress or NoProgress()
-    answers = AutoAnswers(spec)
+    answers = AutoAnswers(spec, getattr(progress, "note", None))
     states = sweep_state(spec, store, force, answers)
     probes, choices = answers.probes()
     outcome = SweepOutcome(states, auto_precision=probes.get("torch") or next(iter(probes.values()), None))

@@ -35,3 +35,6 @@ def choice(name: str, values) -> type[enum.Enum]:
 # `cai-bench model convert` recovers without running it
 UPSTREAM_WEIGHTS = "Mixed_Inception_z_VITAE_Base_Img_Full_New_Full.pt"
 UPSTREAM_WEIGHTS_WHERE = "github.com/UVA-MLSys/AI-for-Astronomy, folder 'Anomaly Detection/Fine_Tune_Model/'"
+
+# Set (by --reprobe): --runtime auto times the runtimes again instead of taking the answer kept in the cache
+REPROBE_ENV = "CAI_BENCH_REPROBE"

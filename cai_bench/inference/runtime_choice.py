@@ -19,26 +19,40 @@ explicit choice, as before.
 
 A runtime whose package is missing is skipped and named. FORCE_RUNTIME_ENV replaces the probe's answer (a
 runtime, or runtime:precision), so that tests can stand for a machine that answers either way.
+
+The answer belongs to the machine (host, CPU, its flags and the cores this process may use, the installed
+packages), the weights, the requested precision, the worker's layout and the probe batch: it is kept in the
+cache (``probes/``) under those, and a later run that asks the same question takes it at once, with when it was
+measured in its record. Anything of the key that changes asks again; ``--reprobe`` (REPROBE_ENV) always does.
+While the probe runs, ``say`` is told what it is doing and what it found.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
-from cai_bench.core.choices import RUNTIME_PRECISIONS, RUNTIMES
+from cai_bench import __version__
+from cai_bench.core.choices import REPROBE_ENV, RUNTIME_PRECISIONS, RUNTIMES
 from cai_bench.core.errors import UserError
-from cai_bench.core.machine import native_bf16_cpu
+from cai_bench.core.files import cache_dir, file_sha256, loads_json
+from cai_bench.core.machine import native_bf16_cpu, this_machine
 from cai_bench.core.plan import PartitionRef
+from cai_bench.core.records import utc_now
 from cai_bench.data.partitions import Partition
 from cai_bench.inference.loop import model_worker, prepare_model
 from cai_bench.inference.runtimes import RUNTIME_PACKAGES
 from cai_bench.inference.worker import PRECISION_TOLERANCE, EngineOptions, probe_arrays, torch_threads
 
 FORCE_RUNTIME_ENV = "CAI_BENCH_FORCE_RUNTIME"
+PROBE_CACHE_VERSION = 1
 PROBE_PER_LANE = 128  # galaxies per lane in the probe partition where no batch size is given
 PROBE_MAX_BATCH = 512  # the largest batch per lane the probe times: 3 passes x each candidate, before the run
 PROBE_PASSES = 2  # timed passes after the warm-up
@@ -207,6 +221,64 @@ def time_candidates(candidates: list[Candidate], options: EngineOptions, models:
     return [out[c] for c in candidates]
 
 
+# ---------------------------------------------------------------------------------------------- the cache
+
+
+def _weights_identity(weights: str | None, seed: int) -> str:
+    """What the probe's accuracy check depends on: the weights' bytes (a file's digest, an export's metadata),
+    an S3 address as given, or random-init's seed."""
+    if not weights:
+        return f"random-init seed {seed}"
+    path = Path(weights)
+    if path.is_dir() and (path / "export.json").is_file():
+        return "export " + file_sha256(path / "export.json")
+    return file_sha256(path) if path.is_file() else str(weights)
+
+
+def probe_key(weights: str | None, seed: int, layout: Layout, precision: str, batch: int) -> dict:
+    """Everything the probe's answer depends on: where any of it differs, the answer is measured again."""
+    machine = this_machine()
+    kept = ("host", "cpu_model", "cpu_logical_cores", "cpu_affinity", "cpu_flags", "packages")
+    return {"version": PROBE_CACHE_VERSION, "cai_bench": __version__, "machine": {k: machine.get(k) for k in kept},
+            "native_bf16": native_bf16_cpu(), "installed": [r for r in RUNTIMES if installed(r)],
+            "weights": _weights_identity(weights, seed), "precision": precision, "lanes": layout.lanes,
+            "intra_threads": layout.intra_threads, "batch": batch}  # fmt: skip
+
+
+def _probe_file(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_dir() / "probes" / f"{digest}.json"
+
+
+def cached_probe(key: dict) -> tuple[str, str, dict] | None:
+    """The answer kept for ``key``; None where there is none, it is for another key, or it cannot be read."""
+    path = _probe_file(key)
+    try:
+        kept = loads_json(path.read_bytes(), str(path))
+    except (OSError, UserError):
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != json.loads(json.dumps(key, default=str)):
+        return None
+    probe = kept.get("probe")
+    if not isinstance(probe, dict) or kept.get("runtime") not in RUNTIMES:
+        return None
+    return kept["runtime"], str(kept.get("precision")), {**probe, "cached_from": kept.get("probed_utc")}
+
+
+def keep_probe(key: dict, runtime: str, precision: str, probe: dict) -> None:
+    """The answer kept for the next run that asks the same (written whole or not at all; a cache that cannot be
+    written only means the next run probes again)."""
+    path = _probe_file(key)
+    kept = {"key": key, "runtime": runtime, "precision": precision, "probe": probe, "probed_utc": utc_now()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(kept, default=str))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def fixed_choice(reason: str, precision: str) -> tuple[str, str, dict]:
     """Torch without a probe, where the probe cannot speak for the workers (the reference loop, torch.compile,
     workers on other machines)."""
@@ -214,9 +286,11 @@ def fixed_choice(reason: str, precision: str) -> tuple[str, str, dict]:
 
 
 def choose_runtime(weights: str | None, seed: int, layout: Layout, precision: str = "auto",
-                   batch_size: int = PROBE_PER_LANE) -> tuple[str, str, dict]:  # fmt: skip
+                   batch_size: int = PROBE_PER_LANE, say: Callable[[str], None] | None = None,
+                   ) -> tuple[str, str, dict]:  # fmt: skip
     """(runtime, precision, what the probe measured and why) for ``--runtime auto`` with ``precision`` requested,
-    on this machine, for a worker of ``layout`` running batches of ``batch_size``."""
+    on this machine, for a worker of ``layout`` running batches of ``batch_size``: the cache's answer where it
+    holds one for the same question, else the probe's (kept for the next time)."""
     forced = forced_runtime()
     if forced:
         runtime, forced_precision = forced
@@ -225,6 +299,22 @@ def choose_runtime(weights: str | None, seed: int, layout: Layout, precision: st
             raise UserError(f"{FORCE_RUNTIME_ENV}={runtime}: it runs no --precision {chose}")
         return runtime, chose, {"requested": "auto", "chose": runtime, "precision": chose,
                                 "why": f"forced by {FORCE_RUNTIME_ENV}"}  # fmt: skip
+    say = say or (lambda text: None)
+    batch = max(1, min(batch_size, PROBE_MAX_BATCH))
+    key = probe_key(weights, seed, layout, precision, batch)
+    cached = None if os.environ.get(REPROBE_ENV) else cached_probe(key)
+    if cached is not None:
+        say(f"runtime auto: {cached[0]} {cached[1]}, as the probe of {cached[2]['cached_from']} found on this "
+            "machine for the same question (--reprobe measures again)")  # fmt: skip
+        return cached
+    runtime, chose, probe = _probe(weights, seed, layout, precision, batch_size, say)
+    keep_probe(key, runtime, chose, probe)
+    return runtime, chose, probe
+
+
+def _probe(weights: str | None, seed: int, layout: Layout, precision: str, batch_size: int,
+           say: Callable[[str], None]) -> tuple[str, str, dict]:  # fmt: skip
+    """The probe itself: each installed candidate started, timed and checked, then the rule."""
     candidates, models = [], {}
     for runtime, wanted in candidates_for(precision, native_bf16_cpu()):
         if not installed(runtime):
@@ -242,10 +332,16 @@ def choose_runtime(weights: str | None, seed: int, layout: Layout, precision: st
     options = EngineOptions(batch_size=batch, lanes=layout.lanes, intra_threads=layout.intra_threads,
                             verify_checksums=False)  # fmt: skip
     to_time = [c for c in candidates if c.skipped is None]
+    say(
+        f"choosing the fastest runtime: {', '.join(f'{c.runtime} {c.precision}' for c in to_time)} each timed on "
+        f"{batch * layout.lanes:,} galaxies (once for this machine, model and batch; kept for the next run)"
+    )
     with torch_threads(layout.intra_threads if any(c.runtime == "torch" for c in to_time) else None):
         timed = time_candidates(to_time, options, models, seed)
     weighed = [next((t for t in timed if (t.runtime, t.precision) == (c.runtime, c.precision)), c) for c in candidates]
     choice, why = decide_runtime(weighed)
+    say("runtime probe: " + ", ".join(f"{c.runtime} {c.precision} {c.seconds:.2f} s" for c in weighed
+                                      if c.seconds is not None) + f": {choice.runtime} {choice.precision}")  # fmt: skip
     probe = {"requested": "auto", "precision_requested": precision, "chose": choice.runtime,
              "precision": choice.precision, "why": why, "lanes": layout.lanes,
              "intra_threads": layout.intra_threads, "samples": batch * layout.lanes, "batch": batch,

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 
 from cai_bench.core.records import WorkerRecord
-from cai_bench.render.console import console
+from cai_bench.render.console import console, tell
 
 
 def _bar(*extra) -> Progress:
@@ -48,6 +48,10 @@ class RichRunProgress:
         self._began = time.perf_counter()
         self._done = (0, 0, "")  # partitions done, partitions in all, the run's label
         self._synth = None
+
+    def note(self, text: str) -> None:
+        """A line of what happens before the clock starts (the runtime probe), so that no minute is silent."""
+        tell(text)
 
     def synthesizing(self, done: int, total: int) -> None:
         if self._synth is None:
