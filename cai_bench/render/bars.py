@@ -74,7 +74,9 @@ class RichRunProgress:
 
     def _rate(self) -> str:
         elapsed = time.perf_counter() - self._began
-        return f"{self._samples / elapsed:,.0f} samples/s (wall)" if elapsed > 0 and self._samples else ""
+        # a live estimate on this line's own clock (the workers' start-up included): the table's figures are the
+        # run's, measured once; the bar never prints a second, different figure for the same repeat
+        return f"~{self._samples / elapsed:,.0f} samples/s so far" if elapsed > 0 and self._samples else ""
 
     def advance(self, record: WorkerRecord) -> None:
         self._samples += record.samples
@@ -83,9 +85,8 @@ class RichRunProgress:
 
     def _log_line(self) -> None:
         done, total, label = self._done
-        if not console.is_terminal and total:
-            console.print(f"{label}: {done}/{total} partitions, {self._rate() or 'no samples'} over "
-                          f"{time.perf_counter() - self._began:,.1f} s", markup=False, highlight=False)  # fmt: skip
+        if not console.is_terminal and total:  # the figures are the table's: one figure per measurement
+            console.print(f"{label}: {done}/{total} partitions done", markup=False, highlight=False)
 
     def end(self) -> None:
         self._progress.stop()
