@@ -65,3 +65,36 @@ def test_make_demo_runs_enough_galaxies_to_be_a_valid_measurement():
     given = re.search(r"--gb ([0-9.]+)", demo)
     gb = float(given.group(1)) if given else DEFAULT_AXES["gb"][0]
     assert samples_for_gb(gb) >= MIN_SAMPLES, (demo, samples_for_gb(gb))
+
+
+def test_the_notes_under_a_report_say_only_what_applies_to_its_rows(cli, tmp_path):
+    steady = tmp_path / "steady"
+    write_store(steady, [hand_record("hpc", 20.0 + i / 10) for i in range(3)])
+    for fmt in ("table", "markdown"):
+        code, out, err = cli("report", "--results", steady, "--format", fmt)
+        flat = " ".join(out.split())
+        assert code == 0 and "Medians over n repeats." in flat, err
+        for absent in ("NOISY", "INVALID", "speedup:", "OVERSUB", "Map s:", "mem. MB:"):
+            assert absent not in flat, (fmt, absent, flat)
+    shaky = tmp_path / "shaky"
+    write_store(shaky, [hand_record("hpc", w) for w in (20.0, 35.0, 5.0)])  # noisy, and one repeat too short
+    code, out, _ = cli("report", "--results", shaky, "--format", "markdown")
+    assert "NOISY: the slowest repeat" in out and "INVALID: what failed is named below the table" in out
+    assert "- INVALID" in out
+
+
+def test_figures_show_their_axis_label_and_no_curve_of_one_batch_size():
+    from test_plot import sweep_like_records
+
+    from cai_bench.analysis import report
+    from cai_bench.render.figures import scaling
+
+    points = report.summarize_points(sweep_like_records())
+    figure = scaling.build_figures(points)["wall-vs-data-size"]
+    figure.canvas.draw()
+    ax = figure.axes[0]
+    label, legend = ax.xaxis.label.get_window_extent(), ax.get_legend().get_window_extent()
+    assert not label.overlaps(legend), (label, legend)  # the legend sits below the x-axis label
+    one_batch = [r for r in sweep_like_records() if r["plan"]["batch_size"] == 512]
+    figures = scaling.build_figures(report.summarize_points(one_batch))
+    assert "throughput-vs-batch-size" not in figures and "wall-vs-data-size" in figures

@@ -251,19 +251,37 @@ DISPLAY_COLUMNS: list[tuple[str, Callable[[PointReport], str]]] = [
     ("machine", lambda p: p.machine),
 ]
 
-NOTES = (
-    "Medians over n repeats; min-max of wall s. NOISY: the slowest repeat took over 1.5x the fastest, so the "
-    "median is not to be trusted blindly. Mbps: bits / wall s, what a user gets. Mbps Σw: the sum over workers of "
-    "bits / own compute s, the paper's headline measure. speedup: the baseline's median wall s / this one's, on the "
-    "same data. RSS MB: the highest peak resident memory of any repeat. thr.: threads in all (per task for SLURM "
-    "arrays); wkr.: worker processes, or array tasks. OVERSUB: more threads than the process could use "
-    "(--oversubscribe), so they shared cores. mem. MB: a Lambda function's memory; orch.: who invoked it, and "
-    "Map s: the Step Functions Map state's time, from the execution history (the paper's measure), beside the "
-    "driver's own wall s. valid: VALID where every repeat ran at least the minimum duration and galaxies "
-    "(--min-duration, --min-samples: 10 s and 10,000 unless given) and its predictions matched torch fp32 within "
-    "2e-3; INVALID names what failed below the table. start warm: a Lambda run whose invocations all found warm "
-    "environments, never pooled with cold ones."
-)
+# What a column means, said under a table only where the column is shown
+COLUMN_NOTES = {
+    "min-max": "min-max: of wall s over the repeats.",
+    "Mbps": "Mbps: bits / wall s, what a user gets.",
+    "Mbps Σw": "Mbps Σw: the sum over workers of bits / own compute s, the paper's headline measure.",
+    "speedup": "speedup: the baseline's median wall s / this one's, on the same data.",
+    "RSS MB": "RSS MB: the highest peak resident memory of any repeat.",
+    "thr.": "thr.: threads in all (per task for SLURM arrays).",
+    "wkr.": "wkr.: worker processes, or array tasks.",
+    "mem. MB": "mem. MB: a Lambda function's memory.",
+    "orch.": "orch.: who invoked the functions.",
+    "Map s": "Map s: the Step Functions Map state's time, from the execution history (the paper's measure), beside "
+    "the driver's own wall s.",
+    "valid": "valid: VALID where every repeat ran at least the minimum duration and galaxies (--min-duration, "
+    "--min-samples: 10 s and 10,000 unless given) and its predictions matched torch fp32 within 2e-3.",
+    "start": "start warm: a Lambda run whose invocations all found warm environments, never pooled with cold ones.",
+}
+
+
+def notes_for(points: list[PointReport], shown: list[str]) -> str:
+    """The notes under a table of ``points`` whose columns ``shown`` are: each shown column's meaning, and only
+    the flags some row carries (NOISY, OVERSUB, INVALID)."""
+    notes = ["Medians over n repeats."] + [COLUMN_NOTES[h] for h in shown if h in COLUMN_NOTES]
+    if any(p.noisy for p in points) and "min-max" in shown:
+        notes.append("NOISY: the slowest repeat took over 1.5x the fastest, so the median is not to be trusted "
+                     "blindly.")  # fmt: skip
+    if any(p.oversubscribed for p in points) and "thr." in shown:
+        notes.append("OVERSUB: more threads than the process could use (--oversubscribe), so they shared cores.")
+    if any(not p.valid for p in points):
+        notes.append("INVALID: what failed is named below the table.")
+    return " ".join(notes)
 
 
 def export_row(p: PointReport) -> dict:
@@ -357,7 +375,8 @@ def to_markdown(points: list[PointReport]) -> str:
     invalid = "".join(f"- INVALID {p.label()}: {'; '.join(p.invalid)}\n" for p in points if not p.valid)
     lines += ["", invalid.rstrip("\n")] if invalid else []
     memory = "".join(f"- {line}\n" for line in memory_lines(points))
-    return "\n".join(lines) + "\n\n" + (f"Memory:\n\n{memory}\n" if memory else "") + NOTES + "\n"
+    notes = notes_for(points, [h for h, _ in columns])
+    return "\n".join(lines) + "\n\n" + (f"Memory:\n\n{memory}\n" if memory else "") + notes + "\n"
 
 
 def to_json(points: list[PointReport]) -> str:

@@ -15,7 +15,7 @@ import io
 import shlex
 from pathlib import Path
 
-from cai_bench.analysis.report import NOTES, display_columns, summarize_points
+from cai_bench.analysis.report import display_columns, notes_for, summarize_points
 from cai_bench.analysis.results import measured_only, read_records
 from cai_bench.analysis.validity import DEFAULT_RULES, Rules
 from cai_bench.backends.base import BackendOption
@@ -96,7 +96,7 @@ def _table(points: list) -> str:
     invalid = "".join(f"<li>INVALID {_text(p.label())}: {_text('; '.join(p.invalid))}</li>"
                       for p in points if not p.valid)  # fmt: skip
     return (f"<table><tr>{head}</tr>{''.join(rows)}</table>" + (f"<ul>{invalid}</ul>" if invalid else "")
-            + f'<p class="note">{_text(NOTES)}</p>')  # fmt: skip
+            + f'<p class="note">{_text(notes_for(points, [h for h, _ in columns]))}</p>')  # fmt: skip
 
 
 def _machines(records: list[dict]) -> str:

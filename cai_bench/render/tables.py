@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from cai_bench.analysis.report import NOTES, display_columns
+from cai_bench.analysis.report import display_columns, notes_for
 from cai_bench.core.machine import machine_label
 from cai_bench.core.records import RunRecord
 from cai_bench.measure.metrics import spread
@@ -83,7 +83,8 @@ def report_table(points: list, title: str, width: int | None = None):
     left_out = (
         f" Left out at {width} columns: {', '.join(dropped)} (--format markdown or csv has them)." if dropped else ""
     )
-    return Group(*tables, Text(NOTES + left_out, style="dim"))
+    shown = [h for h, _ in display_columns(points) if h not in dropped]
+    return Group(*tables, Text(notes_for(points, shown) + left_out, style="dim"))
 
 
 def _fitted_tables(points: list, title: str, width: int) -> tuple[list[Table], list[str]]:

@@ -74,8 +74,8 @@ def finish_axes(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool = True, l
         ax.yaxis.set_major_formatter(ticker.EngFormatter(unit="bps"))
     ax.grid(True, which="both", alpha=0.3)
     handles = ax.get_legend_handles_labels()[0]
-    if handles:  # below the axes, across the figure's width: the plot keeps the width
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.13), borderaxespad=0, frameon=False,
+    if handles:  # below the axis label, across the figure's width: the plot keeps the width, the label shows
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2), borderaxespad=0, frameon=False,
                   ncol=2 if len(handles) > 4 else 1)  # fmt: skip
     tight_layout(fig)
     return fig

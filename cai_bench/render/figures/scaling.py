@@ -169,15 +169,16 @@ def build_figures(points: list[PointReport], reference: list[dict] | None = None
            apart(points, _paper_vs_data_size(ref), "data_gb", "GB"))  # fmt: skip
     figures["throughput-vs-data-size"] = finish_axes(fig, ax, "data size (GB)", "throughput (bits per second)")
 
-    fig, ax = new_figure()
-    shared = _draw_ours(ax, points, "batch_size", _spread_of("throughput_bps"))
-    _draw_reference(ax, _paper_vs_batch_size(ref), _throughput)
-    figure_title(ax, "Throughput vs batch size (ours: bits processed / wall s)", points, has_ref, shared)
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    figures["throughput-vs-batch-size"] = finish_axes(
-        fig, ax, "batch size (samples)", "throughput (bits per second)", log_x=False
-    )
+    if len({p.batch_size for p in points}) > 1 or _paper_vs_batch_size(ref):  # one batch size: no curve to draw
+        fig, ax = new_figure()
+        shared = _draw_ours(ax, points, "batch_size", _spread_of("throughput_bps"))
+        _draw_reference(ax, _paper_vs_batch_size(ref), _throughput)
+        figure_title(ax, "Throughput vs batch size (ours: bits processed / wall s)", points, has_ref, shared)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        figures["throughput-vs-batch-size"] = finish_axes(
+            fig, ax, "batch size (samples)", "throughput (bits per second)", log_x=False
+        )
 
     with_cost = any(p.cost_usd is not None for p in points)
     fig = Figure(figsize=(11, 8 if with_cost else 5), dpi=100)
