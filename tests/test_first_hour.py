@@ -98,3 +98,17 @@ def test_figures_show_their_axis_label_and_no_curve_of_one_batch_size():
     one_batch = [r for r in sweep_like_records() if r["plan"]["batch_size"] == 512]
     figures = scaling.build_figures(report.summarize_points(one_batch))
     assert "throughput-vs-batch-size" not in figures and "wall-vs-data-size" in figures
+
+
+def test_a_sweep_names_each_point_it_took_from_the_store_with_when_and_which_command(cli, tmp_path):
+    common = ["--precision", "fp32", "--threads", "1", "--results", tmp_path, "--batch-size", "64"]
+    code, _, err = cli("run", "--gb", "0.002", "--partition-mb", "1", *common)
+    assert code == 0, err
+    code, out, err = cli("sweep", "--gb", "0.002", "--partition-mb", "1,2", "--repeats", "1", *common)
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "REUSED" in flat and "1 repeat(s) from the store" in flat and "by cai-bench run, not by this sweep" in flat
+    assert flat.count("REUSED") == 1  # the 2 MB point was measured here
+    from cai_bench.store.jsonl import ResultsStore
+
+    assert [r["command"] for r in ResultsStore(tmp_path).read()] == ["run", "sweep"]

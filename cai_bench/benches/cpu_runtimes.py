@@ -98,7 +98,7 @@ def run_bench(
             run_repeat(plans[arm], 0, None, progress, f"{arm}: warm-up {i + 1}/{warmup}")
     for number in range(1, rounds + 1):
         for arm in arms:
-            result = run_repeat(plans[arm], number, store, progress, f"{arm}: round {number}/{rounds}")
+            result = run_repeat(plans[arm], number, store, progress, f"{arm}: round {number}/{rounds}", command="bench")
             outcome.records[arm].append(result.record)
     return outcome
 

@@ -317,7 +317,7 @@ def _run_missing(plan: Plan, parts: Path, store: ResultsStore | None, progress) 
                                 say=getattr(progress, "note", None))  # fmt: skip
     ran = {"run_id": new_run_id(), "runtime": remaining.backend_options.get("runtime") or "torch"}
     outcomes = execute(remaining, store, progress, on_result=lambda r: _write_part(parts, r, ran), kind="predict",
-                       run_id=ran["run_id"])  # fmt: skip
+                       run_id=ran["run_id"], command="predict")  # fmt: skip
     return [o.record for o in outcomes], len(done)
 
 

@@ -246,6 +246,7 @@ def run_repeat(
     kind: str = "run",
     collect: Callable[[Plan, Callable[[PartitionResult], None]], BackendRun] | None = None,
     run_id: str | None = None,
+    command: str = "run",
 ) -> RunOutcome:
     """One run of ``plan`` on its backend, appended to ``store`` (None: a warm-up, not recorded) as repeat
     number ``repeat``. ``collect`` stands in for the backend's ``run`` where the work was submitted earlier
@@ -278,16 +279,17 @@ def run_repeat(
                 backend_info={"failed_partitions": exc.failed},
                 error=str(exc),
                 kind=kind,
+                command=command,
             )
             store.append(failed)
         raise
     except KeyboardInterrupt as exc:
         if hasattr(exc, "collect"):  # detached work goes on without us, and ``collect`` records it whole
             raise
-        _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id)
+        _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id, command)
         raise
     except Exception as exc:
-        _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id)
+        _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id, command)
         raise
     finally:
         progress.end()
@@ -295,13 +297,14 @@ def run_repeat(
     if plan.cycle_to_gb is not None:  # the same for every backend: how often the data set was gone through
         info["partitions_processed"] = len(units)
         info["passes_over_data"] = len(units) / len(plan.partitions)
-    record = _record(plan, repeat, collected, run.wall_s, "ok", run=run, backend_info=info, kind=kind, run_id=run_id)
+    record = _record(plan, repeat, collected, run.wall_s, "ok", run=run, backend_info=info, kind=kind, run_id=run_id,
+                     command=command)  # fmt: skip
     if store is not None:
         store.append(record)
     return RunOutcome(record, collected)
 
 
-def _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id=None) -> None:
+def _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id=None, command="run") -> None:
     """What a run that stopped part-way finished, kept as a "failed" or "interrupted" record."""
     if store is None or not collected:
         return
@@ -310,7 +313,18 @@ def _record_unfinished(plan, repeat, store, collected, start, exc, kind, run_id=
     elapsed = time.perf_counter() - start
     error = str(exc) or type(exc).__name__
     store.append(
-        _record(plan, repeat, collected, elapsed, status, weights=weights, error=error, kind=kind, run_id=run_id)
+        _record(
+            plan,
+            repeat,
+            collected,
+            elapsed,
+            status,
+            weights=weights,
+            error=error,
+            kind=kind,
+            run_id=run_id,
+            command=command,
+        )
     )
 
 
@@ -347,6 +361,7 @@ def execute(
     on_result: Callable[[PartitionResult], None] | None = None,
     kind: str = "run",
     run_id: str | None = None,
+    command: str = "run",
 ) -> list[RunOutcome]:
     """Warm-up runs (not recorded), then measured repeats ``first_repeat``..``plan.repeats``, each appended to
     ``store`` as soon as it finishes. ``on_result`` sees each partition's result of the measured repeats as it
@@ -361,7 +376,9 @@ def execute(
     if run_id is not None and plan.repeats - first_repeat > 0:
         raise ValueError("a run id names one repeat's record")
     return [
-        run_repeat(plan, r, store, progress, f"repeat {r}/{plan.repeats}", on_result, kind, run_id=run_id)
+        run_repeat(
+            plan, r, store, progress, f"repeat {r}/{plan.repeats}", on_result, kind, run_id=run_id, command=command
+        )
         for r in range(first_repeat, plan.repeats + 1)
     ]
 
@@ -388,7 +405,8 @@ def collect_job(job_id: str, store: ResultsStore, progress: ProgressSink | None 
     plan = plan_from_dict(job.plan)
     try:
         follow = lambda _, emit: backend.collect(job, emit)  # noqa: E731
-        outcome = run_repeat(plan, 1, store, progress or NoProgress(), f"job {job.job_id}", collect=follow)
+        outcome = run_repeat(plan, 1, store, progress or NoProgress(), f"job {job.job_id}", collect=follow,
+                             command="collect")  # fmt: skip
     except KeyboardInterrupt as exc:
         exc.collect = collect_command(job.job_id, store.directory)
         raise

@@ -66,6 +66,7 @@ class SweepPointState:
     todo: int  # repeats this sweep runs
     precision: str  # what the point runs: its precision, with "auto" resolved once for the whole sweep
     plan_options: dict = field(default_factory=dict)  # make_plan's options for the point, "auto" resolved
+    reused: list[dict] = field(default_factory=list)  # the repeats in the store it takes: run id, when, command
 
 
 @dataclass
@@ -151,11 +152,13 @@ def _expected_summary(point: SweepPoint, seed: int) -> DataSummary:
     )
 
 
-def _done_counts(store: ResultsStore) -> dict[str, int]:
-    done: dict[str, int] = {}
+def _done_records(store: ResultsStore) -> dict[str, list[dict]]:
+    """The finished repeats in the store by point: when each was measured and by which command."""
+    done: dict[str, list[dict]] = {}
     for record in store.runs():
-        key = record_point_key(record)
-        done[key] = done.get(key, 0) + 1
+        done.setdefault(record_point_key(record), []).append(
+            {"run_id": record.get("run_id"), "created_utc": record.get("created_utc"), "command": record.get("command")}
+        )
     return done
 
 
@@ -168,7 +171,7 @@ def sweep_state(
     another (in the order the grids first name that data), so each data set is needed during one stretch of the
     sweep only.
     """
-    done = _done_counts(store)
+    done = _done_records(store)
     answers = answers or AutoAnswers(spec)
     states = []
     points = spec.points()
@@ -179,10 +182,11 @@ def sweep_state(
     for point in points:
         expected = answers.plan(point)
         key = point_key(expected.to_record(), plan_machine(expected))
-        have = 0 if force else min(done.get(key, 0), spec.repeats)
+        have = 0 if force else min(len(done.get(key, [])), spec.repeats)
         options = {**_plan_options(spec, point, expected.precision), "backend_options": expected.backend_options,
                    "runtime_choice": expected.runtime_choice}  # fmt: skip
-        states.append(SweepPointState(point, key, have, spec.repeats - have, expected.precision, options))
+        states.append(SweepPointState(point, key, have, spec.repeats - have, expected.precision, options,
+                                      done.get(key, [])[:have]))  # fmt: skip
     return states
 
 
@@ -230,8 +234,9 @@ def run_sweep(
             point = state.point
             with point_lock(store, state.key, lambda point=point: on_wait and on_wait(point)):
                 if not force:  # another sweep may have measured it while this one waited or ran other points
-                    state.done = min(_done_counts(store).get(state.key, 0), spec.repeats)
-                    state.todo = spec.repeats - state.done
+                    found = _done_records(store).get(state.key, [])
+                    state.done = min(len(found), spec.repeats)
+                    state.todo, state.reused = spec.repeats - state.done, found[: state.done]
                 if state.todo == 0:
                     progress.point_end(skipped=True)
                     continue
@@ -242,7 +247,7 @@ def run_sweep(
                 plan = make_plan(spec.backend, summary, refs, **state.plan_options)
                 if point_key(plan.to_record(), plan_machine(plan)) != state.key:
                     raise RuntimeError(f"{summary.path}: the cached data set is not the one the sweep expected")
-                outcomes = execute(plan, store, progress, first_repeat=state.done + 1)
+                outcomes = execute(plan, store, progress, first_repeat=state.done + 1, command="sweep")
             outcome.records.extend(o.record for o in outcomes)
             progress.point_end(skipped=False)
             data = (point.gb, point.partition_mb)

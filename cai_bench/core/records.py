@@ -130,6 +130,7 @@ class RunRecord:
     accuracy: dict | None = None  # with labelled data: metrics.accuracy, and whether the weights make it mean anything
     error: str | None = None
     kind: str = "run"  # "run": a timing run; "predict": a (possibly resumed) pass that writes predictions
+    command: str | None = None  # the cai-bench command that measured it (run, sweep, predict, bench, collect)
     # validity.verdict when the run ended: valid or not, each failed condition, the rules it was judged by
     validity: dict | None = None
     schema_version: str = SCHEMA_VERSION

@@ -251,6 +251,20 @@ def show_sweep(done, as_json: bool) -> None:
         )
     for choice in outcome.runtime_choices:
         say(f"{runtime_choice_line(choice)}; asked once for the sweep's points of one batch size")
+    for state in outcome.points:
+        if state.reused:
+            say(reused_line(state))
+
+
+def reused_line(state) -> str:
+    """A point whose repeats this sweep took from the store: how many, when and by which command they were
+    measured (under whatever load the machine had then)."""
+    when = sorted(r["created_utc"] or "?" for r in state.reused)
+    span = when[0] if when[0] == when[-1] else f"{when[0]} to {when[-1]}"
+    commands = sorted({f"cai-bench {r['command']}" if r["command"] else "an earlier cai-bench" for r in state.reused})
+    ids = ", ".join(str(r["run_id"]).rpartition("-")[2] for r in state.reused)
+    return (f"REUSED {state.point.label()}: {len(state.reused)} repeat(s) from the store, measured {span} by "
+            f"{' and '.join(commands)}, not by this sweep (runs {ids})")  # fmt: skip
 
 
 def waiting_for(store_directory: Path):
