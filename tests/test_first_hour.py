@@ -112,3 +112,21 @@ def test_a_sweep_names_each_point_it_took_from_the_store_with_when_and_which_com
     from cai_bench.store.jsonl import ResultsStore
 
     assert [r["command"] for r in ResultsStore(tmp_path).read()] == ["run", "sweep"]
+
+
+def test_predict_with_truth_keeps_the_redshifts_the_data_set_carried(cli, tiny_data, tmp_path):
+    samples = 104
+    pq.write_table(
+        pa.table({"objid": np.arange(0, samples, 2), "z": np.full(samples // 2, 0.3)}), tmp_path / "t.parquet"
+    )
+    out = tmp_path / "c.parquet"
+    code, _, err = cli("predict", "--data", tiny_data, "--out", out, "--truth", tmp_path / "t.parquet",
+                       "--precision", "fp32", "--results", tmp_path, "-q")  # fmt: skip
+    assert code == 0, err
+    from cai_bench.data.catalogue import read_catalogue
+    from cai_bench.data.partitions import open_dataset, read_partition_arrays
+
+    columns, about = read_catalogue(out)
+    labels = np.concatenate([read_partition_arrays(ref)["redshift"] for ref in open_dataset(tiny_data)[2]])
+    np.testing.assert_allclose(columns["z_data"], labels, rtol=1e-6)  # the data set's own, all of them
+    assert np.isfinite(columns["z_true"]).sum() == samples // 2 and about["z_data"] == "the data set's labels"

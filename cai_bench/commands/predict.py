@@ -272,6 +272,9 @@ def _assemble(out: Path, parts: Path, plan: Plan, job: dict, truth: Truth | None
     columns, ran = _gather(parts, plan, manifest)
     provenance = _provenance(plan, job, manifest, ran)
     if truth is not None:
+        if plan.data.has_labels:  # the data set's own redshifts stay beside the catalogue's, never dropped
+            columns["z_data"] = columns["z_true"]
+            provenance["z_data"] = "the data set's labels"
         columns["z_true"], provenance["z_true"] = join_truth(columns["id"], truth)
     elif plan.data.has_labels:
         provenance["z_true"] = "the data set's labels"

@@ -40,6 +40,11 @@ COLUMNS = {
     "dec": Column("deg", "pos.eq.dec;meta.main", "declination as the input gave it"),
     "z_pred": Column(None, "src.redshift.phot", f"redshift predicted by {MODEL_NAME} from the cutout and magnitudes"),
     "z_true": Column(None, "src.redshift", "true (spectroscopic) redshift where known; NaN where not"),
+    "z_data": Column(
+        None,
+        "src.redshift",
+        "the data set's own true redshift, kept beside a --truth catalogue's z_true; NaN where it had none",
+    ),
     "flags": Column(None, "meta.code.qual", "bit flags; 0: none (see the flags in the file's provenance)"),
 }
 # The ranges of the training set (SDSS DR8 main galaxy sample, dereddened Petrosian ugriz; spectroscopic z)
