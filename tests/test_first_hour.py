@@ -76,6 +76,8 @@ def test_the_notes_under_a_report_say_only_what_applies_to_its_rows(cli, tmp_pat
         assert code == 0 and "Medians over n repeats." in flat, err
         for absent in ("NOISY", "INVALID", "speedup:", "OVERSUB", "Map s:", "mem. MB:"):
             assert absent not in flat, (fmt, absent, flat)
+        # one name per idea: the column says what ran (--runtime), torch's engine beside it, never "engine"
+        assert "runtime" in flat and "torch fast" in flat and "engine" not in flat.split("Medians")[0], flat
     shaky = tmp_path / "shaky"
     write_store(shaky, [hand_record("hpc", w) for w in (20.0, 35.0, 5.0)])  # noisy, and one repeat too short
     code, out, _ = cli("report", "--results", shaky, "--format", "markdown")

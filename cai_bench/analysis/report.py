@@ -20,7 +20,7 @@ from cai_bench.analysis.results import (
     record_point_key,
 )
 from cai_bench.analysis.validity import DEFAULT_RULES, Rules, point_failures, start_kind
-from cai_bench.core.choices import REPORT_FORMATS
+from cai_bench.core.choices import ENGINES, REPORT_FORMATS
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_id, machine_label
 from cai_bench.core.plan import data_gb
@@ -227,7 +227,8 @@ def _num(value: float | None, fmt: str) -> str:
 # (header, cell) for human-readable tables; the CSV and JSON exports keep full precision instead.
 DISPLAY_COLUMNS: list[tuple[str, Callable[[PointReport], str]]] = [
     ("backend", lambda p: p.backend),
-    ("engine", lambda p: p.engine),
+    # one name per idea: what ran (--runtime), with torch's engine (--engine fast|reference) beside it
+    ("runtime", lambda p: f"torch {p.engine}" if p.engine in ENGINES else p.engine),
     ("data GB", lambda p: f"{p.data_gb:.3g}"),
     ("part. MB", lambda p: f"{p.partition_mb:g} x{p.partitions}"),
     ("batch", lambda p: str(p.batch_size)),

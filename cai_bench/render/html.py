@@ -86,11 +86,11 @@ def command_of(record: dict) -> str:
 
 def _table(points: list) -> str:
     columns = display_columns(points)
-    head = "".join(f'<th class="{"text" if h in ("backend", "engine", "machine", "valid") else ""}">'
+    head = "".join(f'<th class="{"text" if h in ("backend", "runtime", "machine", "valid") else ""}">'
                    f"{_text(h)}</th>" for h, _ in columns)  # fmt: skip
     rows = []
     for p in points:
-        cells = "".join(f'<td class="{"text" if h in ("backend", "engine", "machine", "valid") else ""}">'
+        cells = "".join(f'<td class="{"text" if h in ("backend", "runtime", "machine", "valid") else ""}">'
                         f"{_text(cell(p))}</td>" for h, cell in columns)  # fmt: skip
         rows.append(f'<tr class="{"" if p.valid else "invalid"}">{cells}</tr>')
     invalid = "".join(f"<li>INVALID {_text(p.label())}: {_text('; '.join(p.invalid))}</li>"

@@ -69,7 +69,7 @@ def run_summary_table(records: list[RunRecord]) -> Table:
 
 # The report's columns a narrow terminal loses first, in order; what stays answers "how fast, at what setting"
 NARROW_DROPS = ("Mbps Σw", "RSS MB", "Mbps", "min-max", "mem. MB", "thr.", "wkr.", "orch.", "Map s", "cost $",
-                "speedup", "engine")  # fmt: skip
+                "speedup", "runtime")  # fmt: skip
 
 
 def report_table(points: list, title: str, width: int | None = None):
@@ -121,7 +121,7 @@ def _fitted_tables(points: list, title: str, width: int) -> tuple[list[Table], l
 def _report_rows(points: list, title: str, columns: list) -> Table:
     table = Table(title=title, title_justify="left")
     for header, _ in columns:
-        table.add_column(header, justify="left" if header in ("backend", "engine", "prec.", "machine") else "right",
+        table.add_column(header, justify="left" if header in ("backend", "runtime", "prec.", "machine") else "right",
                          no_wrap=True)  # fmt: skip
     for p in points:
         table.add_row(*(cell(p) for _, cell in columns), style="yellow" if p.noisy else None)

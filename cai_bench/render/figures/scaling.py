@@ -14,7 +14,7 @@ from cai_bench.analysis.published import load_reference
 from cai_bench.analysis.report import BREAKDOWN, PointReport, read_points
 from cai_bench.analysis.results import find_record, latest_comm_points
 from cai_bench.commands.predict import predictions_about, read_predictions
-from cai_bench.core.choices import FIGURE_FORMATS
+from cai_bench.core.choices import ENGINES, FIGURE_FORMATS
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_label
 from cai_bench.render.figures.common import (
@@ -74,7 +74,7 @@ _SERIES_ATTRS = (
 _ATTR_TEXT = {
     "machine": lambda p: f"on {p.machine}",
     "backend": lambda p: p.backend,
-    "engine": lambda p: f"{p.engine} engine",
+    "engine": lambda p: f"torch {p.engine}" if p.engine in ENGINES else p.engine,  # what ran: --runtime
     "data_gb": lambda p: f"{p.data_gb:.3g} GB",
     "partition_mb": lambda p: f"{p.partition_mb:g} MB",
     "batch_size": lambda p: f"batch {p.batch_size}",
