@@ -303,3 +303,29 @@ def test_the_probes_answer_is_kept_for_the_same_question_and_asked_again_when_it
         kept.write_text("{not json")
     run()
     assert probes == [16, 32, 16, 16]
+
+
+def test_a_rerun_of_a_sweep_with_auto_adds_no_record_though_the_machine_would_answer_otherwise(
+    cli, tmp_path, monkeypatch
+):
+    """Under load a second probe may time another runtime fastest: the kept answer makes the rerun ask the same
+    question with the same answer, so it resumes (nothing left to measure) instead of measuring new points."""
+    monkeypatch.delenv(FORCE_RUNTIME_ENV)
+    monkeypatch.setenv(REPROBE_ENV, "")
+    monkeypatch.setenv("CAI_BENCH_CACHE", str(tmp_path / "cache"))
+    answers = iter([("torch", "fp32"), ("torch", "bf16")])  # what two probes under different load would say
+
+    def probe(*args):
+        runtime, precision = next(answers)
+        return runtime, precision, {"requested": "auto", "chose": runtime, "precision": precision, "why": "test"}
+
+    monkeypatch.setattr(runtime_choice, "_probe", probe)
+    args = ["sweep", "--gb", "0.002", "--partition-mb", "1", "--batch-size", "64", "--threads", "1", "--repeats", "1",
+            "--results", tmp_path / "r", "--json"]  # fmt: skip
+    assert cli(*args)[0] == 0
+    from cai_bench.store.jsonl import ResultsStore
+
+    assert len(ResultsStore(tmp_path / "r").read()) == 1
+    code, _, err = cli(*args)
+    assert code == 0, err
+    assert len(ResultsStore(tmp_path / "r").read()) == 1  # resumed: the kept answer, the same point
