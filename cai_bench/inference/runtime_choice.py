@@ -29,6 +29,7 @@ While the probe runs, ``say`` is told what it is doing and what it found.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -269,14 +270,15 @@ def keep_probe(key: dict, runtime: str, precision: str, probe: dict) -> None:
     """The answer kept for the next run that asks the same (written whole or not at all; a cache that cannot be
     written only means the next run probes again)."""
     path = _probe_file(key)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     kept = {"key": key, "runtime": runtime, "precision": precision, "probe": probe, "probed_utc": utc_now()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(kept, default=str))
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except OSError:  # the next run probes again; no half-written answer stays behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def fixed_choice(reason: str, precision: str) -> tuple[str, str, dict]:
