@@ -6,14 +6,16 @@ the cache first where it needs one) and runs the same probe partition through th
 one pass to warm up, then ``PROBE_PASSES`` timed passes, the candidates taking turns so a slow spell of the
 machine hits each alike. Its time is the best of its timed passes, compute only.
 
-The rule (``decide_runtime``) is the precision probe's, widened to runtimes: torch in fp32 is where it starts,
-and a candidate takes over only where it is at least 10% faster than the choice it would replace and its
-predictions on the probe partition are within PRECISION_TOLERANCE of torch fp32's. That check always runs: where
+The rule (``decide_runtime``): of the candidates whose predictions on the probe partition are within
+PRECISION_TOLERANCE of torch fp32's, the fastest fp32 runtime, where candidates within TIE of each other are
+tied and the first in a fixed order (torch, onnxruntime, openvino) wins; a reduced precision (bf16) replaces it
+only where it is at least 10% faster (the precision probe's rule). That check always runs: where
 torch fp32 is not a candidate (``--precision bf16`` asked for), a torch fp32 pass is made for it alone; where torch
 cannot run the weights (an export given as ``--weights``), an fp32 candidate of the export's runtime stands in,
 and the probe says so; with no fp32 at all, no reduced precision can be checked and none is chosen. The probe
-batch is the run's batch size, up to PROBE_MAX_BATCH per lane (the probe's own time), and the record says which.
-Candidates are weighed from the slowest up, so a runtime a little faster than another never wins on noise. bf16
+batch is the run's batch size, up to PROBE_MAX_BATCH per lane (the probe's own time), and the record says which,
+with every candidate's time the choice was made from. A run that asks again takes the kept answer (below), so
+the choice does not follow the machine's noise from one run to the next. bf16
 is a candidate only where the CPU has it natively (elsewhere it is emulated and never faster); int8 only by
 explicit choice, as before.
 
@@ -57,7 +59,8 @@ PROBE_CACHE_VERSION = 1
 PROBE_PER_LANE = 128  # galaxies per lane in the probe partition where no batch size is given
 PROBE_MAX_BATCH = 512  # the largest batch per lane the probe times: 3 passes x each candidate, before the run
 PROBE_PASSES = 2  # timed passes after the warm-up
-MARGIN = 0.9  # a candidate must take at most this share of the time of the choice it replaces
+MARGIN = 0.9  # a reduced precision must take at most this share of the fp32 choice's time
+TIE = 0.03  # candidates this close to the fastest are tied: the first in ORDER wins, never the noise
 BASELINE = ("torch", "fp32")
 
 
@@ -103,10 +106,18 @@ def candidates_for(precision: str, native_bf16: bool) -> list[tuple[str, str]]:
     return [(r, p) for r in RUNTIMES for p in RUNTIME_PRECISIONS[r] if p in wanted]
 
 
+def _fastest(group: list[Candidate]) -> tuple[Candidate, bool]:
+    """The fastest of ``group``, the first in the fixed order among those within TIE of it; whether it was a tie."""
+    best = min(c.seconds for c in group)
+    tied = [c for c in group if c.seconds <= best * (1 + TIE)]
+    order = {(r, p): i for i, (r, p) in enumerate((r, p) for p in RUNTIME_PRECISIONS["torch"] for r in RUNTIMES)}
+    return min(tied, key=lambda c: (order.get((c.runtime, c.precision), len(order)), c.seconds)), len(tied) > 1
+
+
 def decide_runtime(candidates: list[Candidate], tolerance: float = PRECISION_TOLERANCE) -> tuple[Candidate, str]:
-    """The rule, apart from the timing: from the baseline (torch fp32, else the slowest timed candidate that
-    passed the check), each faster candidate within ``tolerance`` replaces the choice where it takes at most MARGIN
-    of its time. A candidate that could not be checked (no fp32 reference) is weighed only in fp32."""
+    """The rule, apart from the timing: of the candidates within ``tolerance``, the fastest in fp32 (``_fastest``),
+    replaced by the fastest reduced precision only where that takes at most MARGIN of its time. A candidate that
+    could not be checked (no fp32 reference) is weighed only in fp32."""
     timed = [c for c in candidates if c.seconds is not None]
     if not timed:
         raise UserError("--runtime auto: no runtime could be started here: " + _skipped_text(candidates))
@@ -116,13 +127,17 @@ def decide_runtime(candidates: list[Candidate], tolerance: float = PRECISION_TOL
         unchecked = ", ".join(f"{c.runtime} {c.precision}" for c in timed if c.max_difference is None)
         raise UserError(f"--runtime auto: no candidate passed the check against torch fp32 ({unchecked or 'none'}"
                         f" could not be checked: no fp32 reference); give --runtime and --precision")  # fmt: skip
-    by_time = sorted(passed, key=lambda c: c.seconds, reverse=True)
-    base = next((c for c in passed if (c.runtime, c.precision) == BASELINE), by_time[0])
-    choice, why = base, "the baseline: nothing else 10% faster within tolerance"
-    for candidate in by_time:
-        if candidate.seconds < choice.seconds and candidate.seconds <= MARGIN * choice.seconds:
-            choice = candidate
-            why = f"at least 10% faster than the next choice and within {tolerance:g} of torch fp32"
+    full = [c for c in passed if c.precision == "fp32"]
+    reduced = [c for c in passed if c.precision != "fp32"]
+    choice, tied = _fastest(full or reduced)
+    why = f"the fastest {choice.precision} runtime within {tolerance:g} of torch fp32"
+    if tied:
+        why += f" (others within {TIE:.0%} of it: tied, and the first of {', '.join(RUNTIMES)} taken)"
+    if full and reduced:
+        quick, _ = _fastest(reduced)
+        if quick.seconds <= MARGIN * choice.seconds:
+            choice = quick
+            why = f"{quick.precision}: at least 10% faster than the fastest fp32, within {tolerance:g} of torch fp32"
     return choice, why
 
 
