@@ -134,7 +134,6 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 
 def _write_atomically(path: Path, write) -> None:
-    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -282,6 +281,7 @@ def _assemble(out: Path, parts: Path, plan: Plan, job: dict, truth: Truth | None
         del columns["z_true"]
     columns["flags"] = object_flags(columns["z_pred"], columns.get("magnitudes"), not plan.weights)
     try:
+        _remove_stale_temporaries(out)  # once, for the catalogue: not beside every part, per partition
         _write_atomically(out, lambda tmp: write_catalogue(tmp, FORMATS[out.suffix], columns, provenance))
     except (ValueError, TypeError, UnicodeError) as exc:  # the writer's own refusal: the parts are still there
         raise UserError(f"{out}: the {FORMATS[out.suffix]} writer refused the catalogue ({type(exc).__name__}: "
