@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from cai_bench.backends.dispatch import Dispatcher, Event, drive
+from cai_bench.backends.dispatch import UNSTARTED_RETRIES, Dispatcher, Event, drive
 
 
 class FakeTransport:
@@ -156,7 +156,30 @@ def test_a_lost_worker_charges_only_the_unit_it_was_running():
     assert [f.unit for f in d.failures()] == [0]
     assert d.failures()[0].errors == ("killed",)
     assert [u.position for u in d.queue] == [1, 2, 3]
-    assert d.lost_workers == [{"worker": "x", "error": "killed", "unit": 0, "partition": 0}]
+    assert d.lost_workers == [{"worker": "x", "error": "killed", "unit": 0, "partition": 0, "started": True}]
+
+
+def test_a_worker_lost_before_it_started_returns_its_unit_uncharged_a_bounded_number_of_times():
+    """An environment that never came up (its init timed out twice, or it exited) did not run the unit: even
+    with no retries the unit goes back to the front, uncharged, UNSTARTED_RETRIES times; then it is charged, so
+    a worker that can never start ends the run."""
+    out = []
+    d = Dispatcher(list(range(3)), out.append, retries=0)
+    for n in range(UNSTARTED_RETRIES):
+        d.join(f"w{n}")
+        assert [u.position for u in d.want(f"w{n}", count=2)] == [0, 1]
+        d.lost(f"w{n}", "Runtime.ExitError: init", started=False)
+        assert [u.position for u in d.queue] == [0, 1, 2] and not d.failures()
+    d.join("ok")
+    (unit,) = d.want("ok")
+    d.done("ok", unit.position, "result 0")
+    assert out == ["result 0"] and d.summary()["units_returned_unstarted"] == UNSTARTED_RETRIES
+    assert d.summary()["retried_units"] == 0 and d.lost_workers[0]["started"] is False
+    for n in range(UNSTARTED_RETRIES + 1):  # unit 1 is returned as often, then fails for good
+        d.join(f"v{n}")
+        assert d.want(f"v{n}")[0].position == 1
+        d.lost(f"v{n}", "Sandbox.Timedout: init", started=False)
+    assert [f.unit for f in d.failures()] == [1] and d.failures()[0].errors == ("Sandbox.Timedout: init",)
 
 
 def test_read_ahead_is_refused_while_fewer_units_wait_than_there_are_workers():

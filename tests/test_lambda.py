@@ -19,6 +19,7 @@ from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Emulator
 from cai_bench.backends.aws_lambda.environments import Faults, FunctionConfig, emulated_function_env
 from cai_bench.backends.base import PartitionsFailed
+from cai_bench.backends.dispatch import UNSTARTED_RETRIES
 from cai_bench.benches import coldstart as bench_coldstart
 from cai_bench.core import aws
 from cai_bench.core.files import file_sha256
@@ -59,6 +60,32 @@ def test_an_environment_killed_mid_unit_costs_that_unit_one_attempt(s3, tiny_dat
     died = [i for i in run.info["invocations"] if i["function_error"]]
     assert len(died) == 1 and died[0]["function_error"].startswith("Runtime.ExitError")
     assert run.info["retried"][0]["partition"] == 1 and run.info["retried"][0]["attempts"] == 1
+
+
+def test_inits_past_lambdas_limit_run_again_in_the_invocation_and_the_record_says_so(s3, tiny_data, local_s3):
+    """Every init overruns a limit lowered to 10 ms: each runs again inside its first invocation, as on Lambda,
+    and the run finishes with nothing charged; the record counts the timed-out inits as cold starts."""
+    run, emitted = run_no_model(lambda_plan(tiny_data, s3, local_s3, retries=0), Faults(init_limit_s=0.01))
+    assert emitted == ALL and run.info["function_errors"] == 0 and run.info["retried_units"] == 0
+    timed_out = [i["report"] for i in run.info["invocations"] if i["report"]["init_timeouts"]]
+    assert timed_out and all(r["init_duration_ms"] is None and not r["init_failed"] for r in timed_out)
+    assert run.info["init_timeouts"] == len(timed_out) == run.info["cold_starts"]
+    assert run.info["emulator"]["cold_starts"] == 2 * len(timed_out)  # each dropped environment, and its fresh one
+
+
+def test_units_whose_environment_never_came_up_go_back_uncharged_then_fail(s3, tiny_data, local_s3):
+    """An init that overruns the function's timeout too (30 ms) never reaches the handler: with no retries, the
+    unit is still tried on fresh environments, uncharged, UNSTARTED_RETRIES times, then fails for good."""
+    plan = lambda_plan(tiny_data, s3, local_s3, retries=0, timeout_s=0.03, max_concurrency=1)
+    plan = replace(plan, partitions=plan.partitions[:1])
+    with pytest.raises(PartitionsFailed) as failed:
+        run_no_model(plan, Faults(init_limit_s=0.01))
+    info = failed.value.run.info
+    assert info["invocations_made"] == UNSTARTED_RETRIES + 1 and info["units_returned_unstarted"] == UNSTARTED_RETRIES
+    assert all(i["report"]["init_failed"] for i in info["invocations"])
+    assert [c["started"] for c in info["crashes"]] == [False] * (UNSTARTED_RETRIES + 1)
+    assert failed.value.failed[0]["errors"][-1].startswith("function error: Sandbox.Timedout")
+    assert failed.value.kind == "time"  # what a benchmark's last line then says to lower: the concurrency
 
 
 def test_the_timeline_of_a_lambda_run_marks_cold_starts_throttles_and_the_failed_invocation(s3, tiny_data, local_s3):
@@ -239,6 +266,7 @@ def test_a_failed_unit_exits_1_and_every_finished_unit_is_recorded(cli, s3, loca
                        "--results", tmp_path / "r", "-q")  # fmt: skip
     assert code == 1
     assert "partition 3" in err and "sha256 does not match" in err
+    assert "to finish:" not in err  # nothing to lower: the partition itself is wrong
     (record,) = _records(tmp_path / "r")
     assert record["status"] == "failed" and sorted(w["partition"] for w in record["workers"]) == [0, 1, 2]
     assert record["summary"]["cost_usd"] > 0

@@ -16,8 +16,9 @@ import pytest
 
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.emulator import Emulator
-from cai_bench.backends.aws_lambda.environments import HANDLER, FunctionConfig, emulated_function_env
+from cai_bench.backends.aws_lambda.environments import HANDLER, Faults, FunctionConfig, emulated_function_env
 from cai_bench.backends.aws_lambda.image_python import DOCKERFILE, image_python, image_requirements, package_lists
+from cai_bench.backends.aws_lambda.report_log import report_from_tail
 from cai_bench.core.errors import UserError
 from tests.test_lambda import ALL, lambda_plan
 
@@ -262,3 +263,32 @@ def test_the_runtime_api_refuses_a_wrong_request_id_a_bad_length_and_a_late_init
         assert call("POST", path, b"{}")[0] == 400  # answered once: the id is no longer current
     finally:
         api.close()
+
+
+def test_an_init_past_the_init_limit_runs_again_inside_the_invocation_under_the_functions_timeout():
+    """As on Lambda: an init that overruns its limit (here lowered to 10 ms, so that a real init overruns it) is
+    no error. The environment is dropped and the init runs again in a fresh one inside the first invocation,
+    whose Duration then holds it (no Init Duration); the log says so in an INIT_REPORT line. A re-run that
+    overruns the function's own timeout too (30 ms here) ends the invocation as a timeout that never reached the
+    handler."""
+    for timeout_s, reached in ((60.0, True), (0.03, False)):
+        config = FunctionConfig(name="f", memory_mb=512, image="none", timeout_s=timeout_s)
+        emulator = Emulator(config, concurrency=1, faults=Faults(init_limit_s=0.01))
+        try:
+            reply = emulator.invoke("f", b"{}", tail=True)
+            tail, error = _log_tail(reply), json.loads(reply.body)
+            report = report_from_tail(reply.headers["X-Amz-Log-Result"])
+            first, second = emulator.every
+            assert not first.alive and first.killed_for == "init_timeout"
+            assert "INIT_REPORT Init Duration: 10.00 ms\tPhase: init\tStatus: timeout" in tail
+            assert report.init_duration_ms is None and report.init_timeouts == (1 if reached else 2)
+            if reached:  # the handler ran, on the second environment, which stays warm
+                assert error["errorType"] == "KeyError" and not report.init_failed and second.alive
+                assert report.duration_ms >= (second.api.ready_at - second.spawned) * 1000
+                again = report_from_tail(emulator.invoke("f", b"{}", tail=True).headers["X-Amz-Log-Result"])
+                assert again.init_timeouts == 0 and len(emulator.every) == 2
+            else:
+                assert error["errorType"] == "Sandbox.Timedout" and report.init_failed and not second.alive
+                assert "Phase: invoke\tStatus: timeout" in tail and report.duration_ms == 30.0
+        finally:
+            emulator.stop()

@@ -27,6 +27,12 @@ from cai_bench.core.records import UnitFailure
 DEFAULT_RETRIES = 2
 
 
+# A unit whose worker was lost before the unit started (its environment never came up) did not fail: it goes back
+# uncharged, this many times; past that it is charged as a failure, so an environment that can never start ends
+# the run instead of taking every unit round for ever
+UNSTARTED_RETRIES = 3
+
+
 @dataclass(eq=False)  # a unit is itself: two are never equal by value
 class Unit:
     position: int  # place in the run's list of work units: its identity
@@ -34,6 +40,7 @@ class Unit:
     attempts: int = 0  # failed attempts so far
     errors: list[str] = field(default_factory=list)
     failed_on: list[str] = field(default_factory=list)  # the workers it failed on, to retry it elsewhere
+    unstarted: int = 0  # times its worker was lost before it started (not charged, up to UNSTARTED_RETRIES)
 
     @property
     def partition(self) -> int:
@@ -52,7 +59,8 @@ class Event:
     want      worker, count (units wanted at once), ahead (a read-ahead request: refused rather than parked)
     done      worker, position, result
     failed    worker, position, error (the unit raised; the worker goes on)
-    lost      worker, error (it is gone: crashed, killed, timed out; whatever it held is returned)
+    lost      worker, error (it is gone: crashed, killed, timed out; whatever it held is returned), started
+              (False: it died before it began its first unit, so that unit is not charged)
     left      worker (it ended normally, holding nothing)
 
     ``fatal`` (failed, lost): what the worker was given is not what the driver sent (forged input): the run
@@ -68,6 +76,7 @@ class Event:
     ahead: bool = False
     info: dict | None = None
     fatal: bool = False
+    started: bool = True
 
 
 class ForgedRun(UserError):
@@ -211,9 +220,10 @@ class Dispatcher:
         else:
             self.failed[unit.position] = unit
 
-    def lost(self, worker: str, error: str) -> None:
-        """``worker`` is gone. The unit it was running is charged an attempt; those it held to read ahead never
-        started and go back to the front of the queue as they were."""
+    def lost(self, worker: str, error: str, started: bool = True) -> None:
+        """``worker`` is gone. The unit it was running is charged an attempt (not when the worker never
+        ``started`` it, up to UNSTARTED_RETRIES times); those it held to read ahead never started and go back to
+        the front of the queue as they were."""
         holding = self.held.pop(worker, None)
         self.running_since.pop(worker, None)
         if worker in self.parked:
@@ -221,14 +231,18 @@ class Dispatcher:
         if holding is None:
             return
         pending = [u for u in holding if u.position not in self.emitted and u.position not in self.failed]
-        crash = {"worker": worker, "error": error, "unit": None, "partition": None}
+        crash = {"worker": worker, "error": error, "unit": None, "partition": None, "started": started}
         if pending:
             running, *ahead = pending
             crash["unit"], crash["partition"] = running.position, running.partition
             for unit in reversed(ahead):
                 if unit not in self.queue:
                     self.queue.appendleft(unit)
-            self._charge(running, worker, error)
+            if not started and running.unstarted < UNSTARTED_RETRIES:
+                running.unstarted += 1
+                self.queue.appendleft(running)
+            else:
+                self._charge(running, worker, error)
         self.lost_workers.append(crash)
 
     def left(self, worker: str) -> None:
@@ -273,6 +287,7 @@ class Dispatcher:
             "attempts": self.attempts,
             "workers_started": self.joined,
             "retried_units": len(retried),
+            "units_returned_unstarted": sum(u.unstarted for u in self.units),
             "retried": [u.failure().to_dict() for u in retried],
             "lost_workers": len(self.lost_workers),
             "crashes": list(self.lost_workers),
@@ -357,7 +372,7 @@ def apply(dispatcher: Dispatcher, transport: Transport, event: Event) -> None:
         if worker not in dispatcher.held:
             return  # already given up on (timed out): its exit changes nothing
         if kind == "lost":
-            dispatcher.lost(worker, event.error or f"worker {worker} was lost")
+            dispatcher.lost(worker, event.error or f"worker {worker} was lost", event.started)
         else:
             dispatcher.left(worker)
         transport.after_exit(dispatcher, worker)

@@ -12,6 +12,9 @@ The driver's boto3 client changes only its endpoint. What the emulator does as t
                       (runtime_api.py); a cold start's Init Duration is the time from spawn to its first
                       next; reused while warm, one invocation at a time; a timed-out or killed environment is
                       replaced by a cold one
+    init limit        an init past 10 s is dropped and run again in a fresh environment inside the first
+                      invocation, under the function's timeout, with an INIT_REPORT line in the log (Status:
+                      timeout); its time is then part of the invocation's Duration
     memory            each environment's resident memory watched; past the function's memory it is killed and
                       the invocation fails with Runtime.OutOfMemory, as on Lambda
     timeout           "Task timed out after N.00 seconds" (Sandbox.Timedout), and the environment is dropped
@@ -64,7 +67,7 @@ from cai_bench.backends.aws_lambda.environments import (
 )
 from cai_bench.backends.aws_lambda.image_python import image_python
 from cai_bench.backends.aws_lambda.local_s3 import start_local_s3
-from cai_bench.backends.aws_lambda.report_log import Report, format_report
+from cai_bench.backends.aws_lambda.report_log import Report, format_init_report, format_report, init_outcome
 from cai_bench.backends.aws_lambda.runtime_api import Invocation, refused_length
 
 SERVICE_TIME_HEADER = "X-Cai-Bench-Service-Ms"
@@ -169,25 +172,20 @@ class Emulator:
         except (ValueError, RecursionError):  # not JSON, an integer past the digit limit, nested too deep
             return _error(400, "InvalidRequestContentException", "Could not parse request body into json")
         partitions = _partitions_named(event)
-        init_ms = None
+        init_ms, started, init_lines = None, time.perf_counter(), ""
         if environment is None:
-            environment = Environment(self.config, self._next_cores(), self.log_dir, self.extra_env, self.cpu_share,
-                                      self.region, self.image)  # fmt: skip
-            with self.lock:
-                self.every.append(environment)
-                self.cold_starts += 1
-            try:
-                init_ms = environment.wait_ready()
-            except EnvironmentGone as gone:
-                return self._init_failed(request_id, gone, environment, tail)
+            cold = self._cold_start(request_id, tail)
+            if isinstance(cold, Reply):
+                return cold
+            environment, init_ms, started, init_lines = cold
         with self.lock:
             fault = self.faults.take(partitions)
         arn = self.config.to_api(self.region)["FunctionArn"]
-        invocation = Invocation(request_id, payload or b"{}", int((time.time() + self.config.timeout_s) * 1000), arn,
+        left_s = self.config.timeout_s - (time.perf_counter() - started)  # a re-run init took its share
+        invocation = Invocation(request_id, payload or b"{}", int((time.time() + left_s) * 1000), arn,
                                 f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Sampled=0")  # fmt: skip
-        started = time.perf_counter()
         try:
-            outcome = environment.invoke(invocation, self.config.timeout_s, fault, self.faults.kill_after_s)
+            outcome = environment.invoke(invocation, left_s, fault, self.faults.kill_after_s)
         except EnvironmentGone as gone:
             duration_ms = (time.perf_counter() - started) * 1000
             if gone.why == "timeout":
@@ -200,50 +198,95 @@ class Emulator:
             else:
                 what = ("Runtime.ExitError", f"RequestId: {request_id} Error: Runtime exited with error: "
                         "signal: killed")  # fmt: skip
-            return self._function_error(request_id, *what, duration_ms, init_ms, environment, tail)
+            return self._function_error(request_id, *what, duration_ms, init_ms, environment, tail, init_lines)
         duration_ms = (time.perf_counter() - started) * 1000
         with self.lock:
             self.idle.append(environment)
-        report = self._report(request_id, duration_ms, init_ms, environment.peak_rss_mb)
+        report = self._report(request_id, duration_ms, init_ms, environment.peak_rss_mb, init_lines)
         error = "Unhandled" if outcome.error_type is not None else None
-        return self._reply(outcome.payload, request_id, outcome.log, report, tail, error)
+        return self._reply(outcome.payload, request_id, outcome.log, report, tail, error, init_lines)
 
-    def _init_failed(self, request_id: str, gone: EnvironmentGone, environment: Environment, tail: bool) -> Reply:
-        """The runtime failed its init phase (Lambda's error as the runtime posted it) or exited without a word."""
-        if gone.init_error is None:
-            return self._function_error(request_id, "Runtime.ExitError", "Runtime exited without providing a "
-                                        "reason", 0.0, None, environment, tail)  # fmt: skip
-        kind, body = gone.init_error
+    def _spawn(self) -> Environment:
+        environment = Environment(self.config, self._next_cores(), self.log_dir, self.extra_env, self.cpu_share,
+                                  self.region, self.image)  # fmt: skip
+        with self.lock:
+            self.every.append(environment)
+            self.cold_starts += 1
+        return environment
+
+    def _cold_start(self, request_id: str, tail: bool) -> tuple[Environment, float | None, float, str] | Reply:
+        """A new environment through its init phase: (it, its Init Duration, when this invocation's Duration
+        starts, the INIT_REPORT lines of its log), or the reply of an init that failed.
+
+        As on Lambda: an init past the init limit is not an error; the environment is dropped and the init runs
+        again in a fresh one inside this invocation, under the function's timeout. Its time is then part of the
+        invocation's Duration (there is no Init Duration), and the log says so in an INIT_REPORT line."""
+        environment = self._spawn()
         try:
-            message = str(json.loads(body).get("errorMessage") or "")
-        except (ValueError, AttributeError, RecursionError):
-            message = body[:1000].decode(errors="replace")
+            return environment, environment.wait_ready(self.faults.init_limit_s), time.perf_counter(), ""
+        except EnvironmentGone as gone:
+            if gone.why != "init_timeout":
+                return self._init_failed(request_id, gone, environment, tail)
+        lines = format_init_report(self.faults.init_limit_s * 1000, "init", "timeout")
+        started = time.perf_counter()
+        environment = self._spawn()
+        try:
+            environment.wait_ready(self.config.timeout_s)
+        except EnvironmentGone as gone:
+            if gone.why != "init_timeout":
+                return self._init_failed(request_id, gone, environment, tail, lines, phase="invoke")
+            lines += format_init_report(self.config.timeout_s * 1000, "invoke", "timeout")
+            message = f"RequestId: {request_id} Error: Task timed out after {self.config.timeout_s:.2f} seconds"
+            return self._function_error(request_id, "Sandbox.Timedout", message, self.config.timeout_s * 1000, None,
+                                        environment, tail, lines)  # fmt: skip
+        return environment, None, started, lines
+
+    def _init_failed(self, request_id: str, gone: EnvironmentGone, environment: Environment, tail: bool,
+                     init_lines: str = "", phase: str = "init") -> Reply:  # fmt: skip
+        """The runtime failed its init phase (Lambda's error as the runtime posted it) or exited without a word."""
         init_ms = (time.perf_counter() - environment.spawned) * 1000
-        return self._function_error(request_id, kind, message, 0.0, init_ms, environment, tail)
+        if gone.init_error is None:
+            kind, message = "Runtime.ExitError", "Runtime exited without providing a reason"
+        else:
+            kind, body = gone.init_error
+            try:
+                message = str(json.loads(body).get("errorMessage") or "")
+            except (ValueError, AttributeError, RecursionError):
+                message = body[:1000].decode(errors="replace")
+        init_lines += format_init_report(init_ms, phase, "error", kind)
+        if phase == "invoke":  # a re-run init is part of the invocation's Duration
+            duration_ms, reported_init = init_ms, None
+        else:  # a runtime that died in its init phase reported none
+            duration_ms, reported_init = 0.0, (None if gone.init_error is None else init_ms)
+        return self._function_error(request_id, kind, message, duration_ms, reported_init, environment, tail,
+                                    init_lines)  # fmt: skip
 
     def _function_error(self, request_id: str, kind: str, message: str, duration_ms: float, init_ms: float | None,
-                        environment: Environment, tail: bool) -> Reply:  # fmt: skip
+                        environment: Environment, tail: bool, init_lines: str = "") -> Reply:  # fmt: skip
         used = self.config.memory_mb if kind == "Runtime.OutOfMemory" else environment.peak_rss_mb
-        report = self._report(request_id, duration_ms, init_ms, used)
+        report = self._report(request_id, duration_ms, init_ms, used, init_lines)
         body = json.dumps({"errorType": kind, "errorMessage": message}).encode()
-        return self._reply(body, request_id, f"{message}\n", report, tail, "Unhandled")
+        return self._reply(body, request_id, f"{message}\n", report, tail, "Unhandled", init_lines)
 
-    def _report(self, request_id: str, duration_ms: float, init_ms: float | None, used_mb: int) -> Report:
+    def _report(self, request_id: str, duration_ms: float, init_ms: float | None, used_mb: int,
+                init_lines: str = "") -> Report:  # fmt: skip
         billed = math.ceil(duration_ms + (init_ms or 0.0))  # an image's init phase is billed, as on Lambda
         init = None if init_ms is None else round(init_ms, 2)
         used = min(int(used_mb), self.config.memory_mb)
-        report = Report(request_id, round(duration_ms, 2), billed, self.config.memory_mb, used, init)
+        report = Report(request_id, round(duration_ms, 2), billed, self.config.memory_mb, used, init,
+                        *init_outcome(init_lines))  # fmt: skip
         with self.lock:
             self.reports.append(report)
         return report
 
-    def _reply(self, body: bytes, request_id: str, log: str, report: Report, tail: bool, error: str | None) -> Reply:
+    def _reply(self, body: bytes, request_id: str, log: str, report: Report, tail: bool, error: str | None,
+               init_lines: str = "") -> Reply:  # fmt: skip
         headers = {"Content-Type": "application/json", "X-Amz-Executed-Version": "$LATEST",
                    "x-amzn-RequestId": request_id}  # fmt: skip
         if error:
             headers["X-Amz-Function-Error"] = error
         if tail:
-            text = f"START RequestId: {request_id} Version: $LATEST\n{log}END RequestId: {request_id}\n"
+            text = f"{init_lines}START RequestId: {request_id} Version: $LATEST\n{log}END RequestId: {request_id}\n"
             text += format_report(report) + "\n"
             headers["X-Amz-Log-Result"] = base64.b64encode(text.encode()[-LOG_TAIL_BYTES:]).decode()
         return Reply(200, headers, body)

@@ -32,6 +32,11 @@ from cai_bench.core.stats import percentiles
 from cai_bench.inference.gathering import CommConfig
 
 THROTTLE_RETRIES = 8
+
+
+# The error types of an environment that was lost rather than of code that raised: it exited without a word, or
+# overran its time
+ENVIRONMENT_LOST = ("Runtime.ExitError", "Sandbox.Timedout")
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 20.0
 
@@ -207,7 +212,11 @@ class InvokeTransport:
                 event = self._done_event(invoker.name, {"position": unit.position}, {}, record.request_id)
                 if event.kind == "done":  # the rest are charged with the function's error
                     self.events.put(event)
-            self.events.put(Event("lost", invoker.name, error=f"function error: {error}", fatal=is_forged(error)))
+            # An environment that died or overran in its init never ran a unit: they go back uncharged. An init
+            # error the runtime posted (a missing module) is the function's own and is charged as any other
+            started = not (report and report.init_failed and error.split(":")[0] in ENVIRONMENT_LOST)
+            self.events.put(Event("lost", invoker.name, error=f"function error: {error}", fatal=is_forged(error),
+                                  started=started))  # fmt: skip
             return False
         try:
             reply = json.loads(body)
@@ -254,8 +263,11 @@ class InvokeTransport:
 def report_summary(reports: list[dict]) -> dict:
     """What REPORT lines (parsed) say in all: cold starts, their init time, the most memory used, billed time."""
     inits = [r["init_duration_ms"] for r in reports if r["init_duration_ms"] is not None]
+    timed_out = [r for r in reports if r.get("init_timeouts")]
     return {
-        "cold_starts": len(inits),
+        # an init past Lambda's limit ran again inside its invocation: a cold start with no Init Duration
+        "cold_starts": len(inits) + sum(1 for r in timed_out if r["init_duration_ms"] is None),
+        "init_timeouts": sum(r["init_timeouts"] for r in timed_out),
         "init_duration_ms_median": percentiles(inits, (50,))["p50"],
         "max_memory_used_mb": max((r["max_memory_used_mb"] for r in reports), default=None),
         "billed_duration_ms": sum(r["billed_duration_ms"] for r in reports),
