@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import hand_record, write_store
+
+from cai_bench.backends.base import failure_kind
+from cai_bench.benches import lambda_fanout
+from cai_bench.benches.ending import finish
+from cai_bench.core.errors import UserError
+from cai_bench.render.run_views import FAILURE_ADVICE
 
 
 def test_a_batch_size_of_zero_is_refused_not_replaced(cli, tmp_path, tiny_data):
@@ -132,3 +139,52 @@ def test_predict_with_truth_keeps_the_redshifts_the_data_set_carried(cli, tiny_d
     labels = np.concatenate([read_partition_arrays(ref)["redshift"] for ref in open_dataset(tiny_data)[2]])
     np.testing.assert_allclose(columns["z_data"], labels, rtol=1e-6)  # the data set's own, all of them
     assert np.isfinite(columns["z_true"]).sum() == samples // 2 and about["z_data"] == "the data set's labels"
+
+
+def test_the_lambda_benchmark_that_cannot_finish_ends_in_one_line_naming_what_to_change(capsys):
+    """make bench-lambda shrunk, at a memory no environment fits in (1 MB): every unit runs out of memory on a
+    fresh environment each try, and the script ends in one line, not a traceback, naming --memory-mb."""
+    assert lambda_fanout.main(["--invocations", "2", "--concurrency", "2", "--memory-mb", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("bench-lambda: could not finish: 2 partition(s) failed") and "Runtime.OutOfMemory" in err
+    assert err.endswith("raise --memory-mb (now 1) or lower --partition-mb (now 1)"), err
+
+
+def test_a_benchmark_ending_names_what_to_lower_for_each_kind_of_failure(capsys):
+    advice = {"memory": "lower --batch-size", "time": "lower --concurrency", "other": "see the errors"}
+
+    class OutOfMemoryError(RuntimeError):  # the name torch gives a CUDA allocation that failed
+        pass
+
+    def cuda_full() -> int:
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def bad_option() -> int:
+        raise UserError("--gb must be positive")
+
+    def a_bug() -> int:
+        raise RuntimeError("something else")
+
+    assert finish("bench-gpu", cuda_full, advice) == 1
+    assert capsys.readouterr().err == (
+        "bench-gpu: could not finish: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB; "
+        "lower --batch-size\n"
+    )
+    assert finish("bench-x", bad_option, advice) == 2
+    assert capsys.readouterr().err == "bench-x: --gb must be positive\n"
+    with pytest.raises(RuntimeError, match="something else"):  # not a failure of size: a bug shows itself
+        finish("bench-x", a_bug, advice)
+    assert failure_kind(["function error: Sandbox.Timedout: Task timed out after 3.00 seconds"]) == "time"
+    assert failure_kind(["worker w1 ran one unit for more than 60 s"]) == "time"
+    assert failure_kind(["sha256 does not match"]) == "other"
+
+
+def test_a_run_that_ran_out_of_memory_ends_naming_what_to_lower(cli, s3, local_s3, tiny_data, tmp_path):
+    """The emulated function at Lambda's least memory (128 MB) cannot hold torch: each unit runs out of memory,
+    and the last line says what to lower. A failure of another kind (a corrupted partition) gets no such line."""
+    code, _, err = cli("run", "--backend", "lambda", "--emulate", "--endpoint-url", local_s3, "--data", tiny_data,
+                       "--bucket", f"s3://{s3}", "--memory-mb", "128", "--retries", "0", "--max-concurrency", "2",
+                       "--precision", "fp32", "--results", tmp_path, "-q")  # fmt: skip
+    assert code == 1 and "Runtime.OutOfMemory" in err, err
+    assert err.strip().splitlines()[-1] == "to finish: " + FAILURE_ADVICE["memory"]

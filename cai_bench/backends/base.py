@@ -124,6 +124,27 @@ class PartitionsFailed(Exception):
         more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
         super().__init__(f"{len(failed)} partition(s) failed: {shown}{more}")
 
+    @property
+    def kind(self) -> str:
+        """Why they failed, as ``failure_kind`` names it."""
+        return failure_kind([error for f in self.failed for error in f["errors"]])
+
+
+# What an error's text says of why a unit could not finish: it ran out of memory, or out of time (its own limit,
+# or an environment that overran or died while the machine was oversubscribed); anything else is its own error
+_OUT_OF_MEMORY = ("outofmemory", "out of memory", "memoryerror", "cannot allocate memory")
+_OUT_OF_TIME = ("timedout", "timed out", "timeout", "ran one unit for more than", "runtime.exiterror")
+
+
+def failure_kind(errors: list[str]) -> str:
+    """``memory``, ``time`` or ``other``: the first of them that one of ``errors`` names."""
+    text = " ".join(errors).lower()
+    if any(word in text for word in _OUT_OF_MEMORY):
+        return "memory"
+    if any(word in text for word in _OUT_OF_TIME):
+        return "time"
+    return "other"
+
 
 class Backend(Protocol):
     name: str

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cai_bench.backends.aws_lambda.driver import run_lambda
 from cai_bench.backends.aws_lambda.local_s3 import start_local_s3
+from cai_bench.benches.ending import finish
 from cai_bench.core.machine import machine_label, this_machine, vector_flags
 from cai_bench.core.plan import make_plan
 from cai_bench.data.datasets import resolve_data
@@ -68,7 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--option", action="append", default=[], help="extra backend option KEY=VALUE (JSON value)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
+    advice = {
+        "memory": f"raise --memory-mb (now {args.memory_mb}) or lower --batch-size (now {args.batch_size})",
+        "time": f"lower --partition-mb (now {args.partition_mb:g}) or --batch-size (now {args.batch_size})",
+        "other": f"lower --cold-starts (now {args.cold_starts}) to one, and see the errors it names",
+    }
+    return finish("bench-coldstart", lambda: _cold_starts(args), advice)
 
+
+def _cold_starts(args: argparse.Namespace) -> int:
     summary, refs = resolve_data(None, args.partition_mb / 1024, args.partition_mb, seed=0)
     plan = make_plan(
         "lambda", summary, refs[:1], batch_size=args.batch_size, precision=args.precision, weights=args.weights

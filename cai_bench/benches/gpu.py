@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cai_bench.backends.gpu import backend, host_buffers, pipeline, start
+from cai_bench.benches.ending import finish
 from cai_bench.core.machine import capture_environment
 from cai_bench.core.plan import BITS_PER_SAMPLE, make_plan, work_units
 from cai_bench.data.partitions import open_dataset, synthesize
@@ -198,5 +199,21 @@ def _report(figures: dict, max_dz: float) -> dict:
     return json.loads(text)
 
 
+def exit_code(argv: list[str] | None = None) -> int:
+    """``main`` as ``make bench-gpu`` runs it: where it cannot finish, one line naming what to lower."""
+    args = _arguments(argv)
+    advice = {
+        "memory": f"lower --batch-size (now {args.batch_size}) or --partition-mb (now {args.partition_mb:g})",
+        "time": f"lower --partition-mb (now {args.partition_mb:g})",
+        "other": f"lower --batch-size (now {args.batch_size}) or add --no-cuda-graphs, and see the errors it names",
+    }
+
+    def work() -> int:
+        main(argv)
+        return 0
+
+    return finish("bench-gpu", work, advice)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code())

@@ -135,6 +135,15 @@ def show_partitions_failed(exc, store_path: Path, again: str = "") -> None:
         errors = " | ".join(failure["errors"])
         tell(f"  partition {failure['partition']} (unit {failure['unit']}), {failure['attempts']} attempt(s): {errors}")
     console.print(f"the partitions that finished are kept in a 'failed' record in {store_path}{again}")
+    if exc.kind in FAILURE_ADVICE:
+        tell(f"to finish: {FAILURE_ADVICE[exc.kind]}")
+
+
+# What a command that failed for want of memory or time can lower (the line under the failures)
+FAILURE_ADVICE = {
+    "memory": "lower --batch-size or --partition-mb (on Lambda, or raise --memory-mb)",
+    "time": "lower --partition-mb (each unit's time), or the workers or --max-concurrency sharing the machine",
+}
 
 
 def show_interrupted(exc, store_path: Path, interrupted: str | None = None) -> None:
