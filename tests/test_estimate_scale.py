@@ -1,0 +1,81 @@
+"""The mechanisms that grow with scale, each against a schedule worked out by hand: Lambda's scaling rate, a
+scheduler's launch rate, a start rate (a Distributed Map's child executions, S3 GETs on one prefix), a write rate
+(S3 PUTs on one prefix), and a straggler tail that grows with the number of units."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cai_bench.measure.simulate import Profile, Scenario, exponential_tail_scale, simulate
+
+
+def flat(cold=0.0, excess=(0.0,), **kw) -> Profile:
+    excess = np.array(excess, dtype=float)
+    return Profile("hand", 0.01, excess, np.zeros(len(excess)), np.array([cold]), **kw)
+
+
+def units(count: int, seconds: float) -> np.ndarray:
+    return np.full(count, round(seconds * 100))  # samples at 0.01 s each
+
+
+def test_ten_thousand_units_through_a_scaling_rate_of_1000_every_10_s():
+    """10,000 units of 100 s, room for 10,000 at once: environments come 1,000 every 10 s and none frees before
+    the ramp's last step at 90 s, so the last thousand start at 90 s and end at 190 s; their path says 90 s of
+    waiting for an environment and 100 s of compute."""
+    scenario = Scenario(units(10_000, 100.0), 1, slots=10_000, create_every=1000, create_s=10.0)
+    sim = simulate(flat(), scenario, 2, 0)
+    assert sim.wall_s == pytest.approx([190.0, 190.0]) and list(sim.created) == [10_000] * 2
+    assert sim.terms["waited_for_a_worker_s"] == pytest.approx([90.0] * 2)
+    assert sim.terms["compute_s"] == pytest.approx([100.0] * 2)
+    total = sum(sim.terms[name] for name in sim.terms)
+    assert total == pytest.approx(sim.wall_s)  # the terms are the wall, all of it
+
+
+def test_an_array_whose_tasks_start_2_per_second():
+    """10 tasks of one 5 s unit, all 10 may run at once, but the scheduler starts 2 a second: task j starts at
+    j / 2 s, the last at 4.5 s, and ends at 9.5 s."""
+    scenario = Scenario(units(10, 5.0), 1, slots=10, create_every=1, create_s=0.5, groups=(1,) * 10)
+    sim = simulate(flat(), scenario, 1, 0)
+    assert sim.wall_s == pytest.approx([9.5])
+    assert sim.terms["waited_for_a_worker_s"] == pytest.approx([4.5]) and sim.terms["compute_s"] == pytest.approx([5])
+
+
+def test_a_prefix_saturated_at_3500_puts_a_second():
+    """7,000 one-second units all at once: they all end at 1 s, and their 7,000 results are written one after
+    another at 3,500 a second, the last at 1 + 7,000 / 3,500 = 3 s."""
+    scenario = Scenario(units(7000, 1.0), 1, slots=7000, finish_per_s=3500.0)
+    sim = simulate(flat(), scenario, 1, 0)
+    assert sim.wall_s == pytest.approx([3.0])
+    assert sim.terms["results_write_s"] == pytest.approx([2.0])
+    # Units that end spread out are not held up: 700 units, one ending every 0.1 s
+    spread = Scenario(np.arange(1, 701) * 10, 1, slots=700, finish_per_s=3500.0)
+    assert simulate(flat(), spread, 1, 0).wall_s == pytest.approx([70.0 + 1 / 3500])
+
+
+def test_units_start_no_faster_than_the_start_rate():
+    """11,000 one-second units with room for all at once, released at 5,500 a second (the GETs of one prefix):
+    the last starts at 10,999 / 5,500 s. With workers reused, the rate holds too."""
+    scenario = Scenario(units(11_000, 1.0), 1, slots=11_000, start_per_s=5500.0)
+    sim = simulate(flat(), scenario, 1, 0)
+    assert sim.wall_s == pytest.approx([10_999 / 5500 + 1.0])
+    assert sim.terms["start_rate_s"] == pytest.approx([10_999 / 5500])
+    # 4 workers and 8 one-second units released 1 a second: each unit starts at its release, the last at 7 s
+    slow = Scenario(units(8, 1.0), 1, slots=4, start_per_s=1.0)
+    assert simulate(flat(), slow, 1, 0).wall_s == pytest.approx([8.0])
+
+
+def test_a_fitted_tail_lets_the_slowest_unit_grow_with_the_number_of_units():
+    """Measured excesses 0 to 1 s: drawn as measured, 10,000 units never take more than the slowest measured (1 s
+    beyond typical); with the exponential tail fitted past the p90, the slowest of 10,000 goes past it, and the
+    slowest of more units is slower."""
+    excess = np.linspace(0.0, 1.0, 101)
+    scale = exponential_tail_scale(excess)
+    assert scale == pytest.approx(np.mean(excess[excess > 0.9] - 0.9))
+    measured = flat(excess=excess)
+    tailed = flat(excess=excess, tail_scale_s=scale)
+    many = Scenario(units(10_000, 1.0), 1, slots=10_000)
+    assert simulate(measured, many, 20, 3).wall_s.max() <= 2.0 + 1e-9
+    walls = [np.median(simulate(tailed, Scenario(units(n, 1.0), 1, slots=n), 40, 3).wall_s) for n in (100, 10_000)]
+    assert walls[1] > 2.0 and walls[0] < walls[1]
+    assert exponential_tail_scale(np.zeros(20)) is None  # nothing past the p90: no tail to fit
