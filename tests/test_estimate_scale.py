@@ -4,6 +4,8 @@ scheduler's launch rate, a start rate (a Distributed Map's child executions, S3 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,24 @@ def test_a_fitted_tail_lets_the_slowest_unit_grow_with_the_number_of_units():
     walls = [np.median(simulate(tailed, Scenario(units(n, 1.0), 1, slots=n), 40, 3).wall_s) for n in (100, 10_000)]
     assert walls[1] > 2.0 and walls[0] < walls[1]
     assert exponential_tail_scale(np.zeros(20)) is None  # nothing past the p90: no tail to fit
+
+
+def test_a_distributed_maps_throttled_children_back_off_and_try_again():
+    """3,000 units of 50 s at a quota of 3,000: environments come 1,000 every 10 s, and every child of the Map
+    tries at once. 1,000 run at 0 s; the rest are throttled and try again after 1, 2, 4, 8, ... s: the tries at
+    1, 3 and 7 s find nothing, at 15 s a thousand get the environments created from 10 s, the last thousand wait
+    on to 15 + 16 = 31 s (20 s: their environments) and end at 81 s, not at the 20 + 50 s a unit taking each
+    environment the moment it may exist would."""
+    scenario = Scenario(units(3000, 50.0), 1, slots=3000, create_every=1000, create_s=10.0,
+                        retry_s=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0), in_flight=10_000)  # fmt: skip
+    sim = simulate(flat(), scenario, 1, 0)
+    assert sim.wall_s == pytest.approx([81.0]) and list(sim.created) == [3000]
+    assert sim.terms["throttled_s"] == pytest.approx([31.0]) and sim.terms["waited_for_a_worker_s"] == [0.0]
+    assert simulate(flat(), Scenario(units(3000, 50.0), 1, 3000, 1000, 10.0), 1, 0).wall_s == pytest.approx([70.0])
+    assert list(sim.exhausted) == [0]  # the last thousand got theirs at the 5th of 6 retries
+    one_retry = simulate(flat(), replace(scenario, retry_s=(1.0,)), 1, 0)
+    assert list(one_retry.exhausted) == [2000]  # on AWS their children fail: the estimate says so
+    # At most 2 children in flight: the third tries when the first ends, on its environment, warm
+    few = Scenario(units(3, 50.0), 1, slots=10, retry_s=(1.0,), in_flight=2)
+    sim = simulate(flat(cold=5.0), few, 1, 0)
+    assert sim.wall_s == pytest.approx([105.0]) and list(sim.created) == [2]

@@ -33,6 +33,7 @@ Pure numpy and heapq: it imports nothing of the tool, so any layer may use it.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -93,6 +94,10 @@ class Scenario:
     start_per_s: float | None = None  # units started per second at most (None: no limit)
     finish_per_s: float | None = None  # results written per second at most (None: no limit)
     fixed_s: float = 0.0  # the run's own time beyond its units: listing its input, the orchestrator's start and end
+    # A Distributed Map: its children (at most ``in_flight`` at once) all try at once, and one that finds no
+    # environment is throttled and tries again after these waits (the last repeated)
+    retry_s: tuple[float, ...] = ()
+    in_flight: int | None = None
 
     def __post_init__(self):
         if self.slots < 1:
@@ -114,6 +119,7 @@ class Scenario:
 # Where a trial's wall went, along the path of the unit that ended it (an array: of the task that did)
 TERMS = (
     "waited_for_a_worker_s",  # until a worker was there for it: the scaling or launch rate, the cap, earlier units
+    "throttled_s",  # a Map's child: from its first try to the try that found an environment (backing off)
     "start_rate_s",  # then until the start rate let it begin
     "cold_start_s",
     "compute_s",  # typical compute for its samples, at the target's CPU share
@@ -139,6 +145,7 @@ class Simulated:
     units: int
     slots: int
     terms: dict = field(default_factory=dict)  # TERMS -> per trial seconds
+    exhausted: np.ndarray | None = None  # per trial: a Map's children throttled past their last retry
 
 
 def creation_times(count: int, every: int, step_s: float) -> np.ndarray:
@@ -205,7 +212,11 @@ def simulate(profile: Profile, scenario: Scenario, trials: int, seed: int) -> Si
     cold = profile.cold_s[rng.integers(0, len(profile.cold_s), size=(trials, scenario.items))]
     create = creation_times(min(scenario.slots, scenario.items) if scenario.groups is None else scenario.items,
                             scenario.create_every, scenario.create_s)  # fmt: skip
-    if scenario.groups is None:
+    if scenario.groups is None and scenario.retry_s:
+        release = _released(len(durations[0]), scenario.start_per_s)
+        in_flight = scenario.in_flight or scenario.items
+        runs = [_mapped(durations[t], cold[t], create, in_flight, scenario.retry_s, release) for t in range(trials)]
+    elif scenario.groups is None:
         release = _released(len(durations[0]), scenario.start_per_s)
         runs = [_reused(durations[t], cold[t], create, release) for t in range(trials)]
     else:
@@ -221,8 +232,9 @@ def simulate(profile: Profile, scenario: Scenario, trials: int, seed: int) -> Si
     # up to 1 ms per unit); the cold starts are added rounded up together, within 1 ms a run of rounding each
     billed = np.ceil(durations * 1000.0).sum(axis=1) + np.ceil(cold_used * 1000.0)
     terms = _terms(paths, runs, parts, scenario, profile)
+    exhausted = np.array([run.exhausted for run in runs])
     return Simulated(ends + profile.run_overhead_s + scenario.fixed_s, busy, billed, created,
-                     len(scenario.unit_samples), min(scenario.slots, scenario.items), terms)  # fmt: skip
+                     len(scenario.unit_samples), min(scenario.slots, scenario.items), terms, exhausted)  # fmt: skip
 
 
 def _released(count: int, per_s: float | None) -> np.ndarray | None:
@@ -234,11 +246,13 @@ def _released(count: int, per_s: float | None) -> np.ndarray | None:
 class _Run:
     """One trial's schedule, per item handed out (a unit, or an array's task)."""
 
-    ready: np.ndarray  # when a worker was there for it
+    ready: np.ndarray  # when a worker was there for it (a Map's child: when it first tried)
     start: np.ndarray  # when it began (its cold start first, if it paid one)
     cold: np.ndarray  # the cold start it paid (0: warm)
     end: np.ndarray
     created: int
+    got: np.ndarray | None = None  # a Map's child: when a try found an environment (None: at ``ready``)
+    exhausted: int = 0  # a Map's children still throttled after their last retry: on AWS, they fail
 
 
 def _reused(durations: np.ndarray, cold: np.ndarray, create: np.ndarray, release: np.ndarray | None) -> _Run:
@@ -266,6 +280,58 @@ def _reused(durations: np.ndarray, cold: np.ndarray, create: np.ndarray, release
             push(free, begin + paid[index] + duration)
             created += 1
     return _Run(ready, start, paid, start + paid + durations, created)
+
+
+def _mapped(durations: np.ndarray, cold: np.ndarray, create: np.ndarray, in_flight: int, retry: tuple,
+            release: np.ndarray | None) -> _Run:  # fmt: skip
+    """One trial of a Distributed Map. Its first ``in_flight`` children try at once, and each that ends lets the
+    next one try. A try takes a free environment, or a new one where the scaling rate and the quota allow; else
+    it is throttled and tries again after the next of the ``retry`` waits, as the state machine's Retry does (a
+    try that would find nothing is skipped, not simulated: until an environment frees or may be created, every
+    try is throttled). Children that try together are served in order."""
+    n = len(durations)
+    ready, got, start, paid, end = (np.zeros(n) for _ in range(5))
+    exhausted: set[int] = set()
+    free: list[float] = []
+    created, limit, order = 0, len(create), itertools.count()
+    first = min(in_flight, n)
+    events = [(0.0, next(order), 0, list(range(first)))]
+    children = first
+    while events:
+        at, _, attempt, waiting = heapq.heappop(events)
+        for taken, unit in enumerate(waiting):
+            if free and free[0] <= at:
+                heapq.heappop(free)
+            elif created < limit and create[created] <= at:
+                paid[unit], created = float(cold[unit]), created + 1
+            else:
+                if _back_off(events, order, at, attempt, waiting[taken:], retry, free, create, created):
+                    exhausted.update(waiting[taken:])
+                break
+            got[unit] = at
+            start[unit] = max(at, release[unit]) if release is not None else at
+            end[unit] = start[unit] + paid[unit] + float(durations[unit])
+            heapq.heappush(free, end[unit])
+            if children < n:  # its end lets the next child try
+                ready[children] = end[unit]
+                heapq.heappush(events, (end[unit], next(order), 0, [children]))
+                children += 1
+    return _Run(ready, start, paid, end, created, got, len(exhausted))
+
+
+def _back_off(events: list, order, at: float, attempt: int, throttled: list, retry: tuple, free: list,
+              create: np.ndarray, created: int) -> bool:  # fmt: skip
+    """Schedule the throttled children's next try: the first of their retries at or after the moment an
+    environment frees or may be created (the tries before it would all be throttled). True where that is past
+    their last retry (they are simulated on, at the last wait, and counted)."""
+    room = min(free[0] if free else math.inf, create[created] if created < len(create) else math.inf)
+    while True:
+        at += retry[min(attempt, len(retry) - 1)]
+        attempt += 1
+        if at >= room:
+            break
+    heapq.heappush(events, (at, next(order), attempt, throttled))
+    return attempt > len(retry)
 
 
 def _array(per_task: np.ndarray, cold: np.ndarray, create: np.ndarray, slots: int) -> _Run:
@@ -302,8 +368,10 @@ def _terms(paths: list, runs: list[_Run], parts: _Parts, scenario: Scenario, pro
         units = slice(item, item + 1) if bounds is None else slice(bounds[item], bounds[item + 1])
         compute = parts.compute[units]
         excess = parts.excess[t, units]
+        got = run.ready if run.got is None else run.got
         out["waited_for_a_worker_s"][t] = run.ready[item]
-        out["start_rate_s"][t] = run.start[item] - run.ready[item]
+        out["throttled_s"][t] = got[item] - run.ready[item]
+        out["start_rate_s"][t] = run.start[item] - got[item]
         out["cold_start_s"][t] = run.cold[item]
         out["compute_s"][t] = compute.sum()
         out["straggler_s"][t] = (np.maximum(compute + excess, 0.0) - compute).sum()
