@@ -82,6 +82,8 @@ def _why_not(e: Estimate, deadline_s: float | None, budget_usd: float | None) ->
         return "no upper bound (too few measured runs of its backend to bound the model's error)"
     if e.cost_usd_p50 is None:
         return "unpriced (give --core-hour-price or --gpu-hour-price, and an hpc task's cores)"
+    if e.map_retries_exhausted:
+        return "its Map's throttled children run out of retries: on AWS they fail (--map-concurrency at most the quota)"
     if deadline_s is not None and e.time_s_high > deadline_s:
         return f"upper bound {e.time_s_high:,.0f} s is past the deadline"
     if budget_usd is not None and e.cost_usd_high > budget_usd:

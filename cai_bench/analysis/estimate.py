@@ -14,11 +14,11 @@ carries an interval made from the model's own error on measured runs of its back
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from cai_bench.analysis.estimate_checks import model_error, validate_paper, validate_store_records
+from cai_bench.analysis.estimate_checks import EXTRAPOLATE_FROM_GB, model_error, validate_paper, validate_store_records
 from cai_bench.analysis.estimate_model import (
     BACKENDS,
     DEFAULT_QUOTA,
@@ -46,7 +46,7 @@ from cai_bench.analysis.published import PAPER_FUNCTION_MEMORY_MB
 from cai_bench.core.errors import UserError
 from cai_bench.core.plan import samples_for_gb
 from cai_bench.measure.time_kinds import COMPUTE, TIME_KINDS, WALL
-from cai_bench.measure.uncertainty import ModelError
+from cai_bench.measure.uncertainty import ModelError, stretch
 from cai_bench.measure.uncertainty import interval as uncertainty_interval
 
 
@@ -81,6 +81,9 @@ class Estimate:
     seed: int
     simulated_s: float  # how long the simulation itself took
     samples: int = 0
+    extrapolation: float = 1.0  # its data size over the largest its profile was calibrated on
+    terms: dict = field(default_factory=dict)  # where the median trial's time went (simulate.TERMS), seconds
+    map_retries_exhausted: float = 0.0  # the median trial's Map children throttled past their last retry
 
     def to_dict(self) -> dict:
         return {k.replace("time_s_", f"{self.time_kind}_s_", 1): v for k, v in asdict(self).items()}
@@ -100,9 +103,11 @@ def load_profile(source: str, backend: str, seed: int = 0, warn=None, prefer_arr
     validation points: the paper's other published times of that backend, or each stored run predicted from the
     others of its group."""
     if source == "paper":
-        checks = [c for c in validate_paper(seed=seed, backends=(backend,)) if not c.calibration]
+        checks = validate_paper(seed=seed, backends=(backend,))
         system, kind = PAPER_SYSTEMS[backend]
-        made_from = f"the paper's {len(checks)} other published {system} times ({kind}), calibration excluded"
+        made_from = (f"{len(checks)} predictions of the paper's published {system} times ({kind}), each from the "
+                     f"profile calibrated without its size, or on the sizes up to {EXTRAPOLATE_FROM_GB:g} GB "
+                     "only")  # fmt: skip
         return replace(paper_profile(backend, seed), error=model_error(checks, made_from))
     records = stored_records(source, "to build a profile from (or use --profile paper)", warn)
     return load_profile_from_records(records, backend, str(source), seed, prefer_array)
@@ -141,7 +146,9 @@ def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int
     p10, p50, p90 = (float(np.percentile(sim.wall_s, q)) for q in (10, 50, 90))
     check_predicted(p50, f"{target.backend} {target.gb:g} GB")
     error = source.error or ModelError((), "no validation")
-    low, high = uncertainty_interval(p10, p50, p90, error.factor)
+    extrapolation = target.gb / source.largest_gb if source.largest_gb else 1.0
+    factor = None if error.factor is None else error.factor ** stretch(extrapolation)
+    low, high = uncertainty_interval(p10, p50, p90, factor)
     usd = items["usd"]
     # a longer run bills more duration, not more requests, transitions or S3 calls: only durations scale
     fixed = sum(items.get(name) or 0.0 for name in FIXED_FEES)
@@ -157,7 +164,7 @@ def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int
         time_s_p90=p90,
         time_s_low=low,
         time_s_high=high,
-        interval=error.describe(),
+        interval=error.describe(extrapolation),
         cost_usd_p50=usd,
         cost_usd_high=usd_high,
         cost=items,
@@ -172,7 +179,16 @@ def estimate(source: BackendProfile, target: Target, prices: Prices, trials: int
         seed=seed,
         simulated_s=took,
         samples=samples,
+        extrapolation=extrapolation,
+        terms=median_terms(sim),
+        map_retries_exhausted=float(np.median(sim.exhausted)) if sim.exhausted is not None else 0.0,
     )
+
+
+def median_terms(sim) -> dict:
+    """The terms of the trial whose wall is the median: where its time went."""
+    at = int(np.argsort(sim.wall_s)[(len(sim.wall_s) - 1) // 2])
+    return {name: float(values[at]) for name, values in sim.terms.items()}
 
 
 def _whole(count: float | None) -> int | None:
@@ -204,6 +220,7 @@ class EstimateRequest:
     array_tasks: int | None = None  # hpc: the array's size
     launch_per_s: float | None = None
     shared_read_gbps: float | None = None
+    terms: tuple[tuple[str, float], ...] = ()  # --term NAME=VALUE (estimate_terms)
 
 
 @dataclass
@@ -230,7 +247,7 @@ def _settings(request: EstimateRequest, backend: str) -> list[dict]:
 
 def _targets(request: EstimateRequest) -> list[Target]:
     targets = [Target(b, gb, mb, map_concurrency=request.map_concurrency, orchestrator=request.orchestrator,
-                      **setting)
+                      terms=request.terms, **setting)
                for b in request.backends for setting in _settings(request, b) for mb in request.partition_mbs
                for gb in request.gbs]  # fmt: skip
     for target in targets:

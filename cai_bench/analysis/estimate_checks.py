@@ -11,36 +11,32 @@ import numpy as np
 from cai_bench.analysis.estimate_model import (
     BACKENDS,
     HOLD_OUTS,
-    PAPER_CALIBRATION,
     PAPER_SYSTEMS,
     Target,
     check_trials,
     simulate_target,
 )
 from cai_bench.analysis.estimate_profiles import (
-    by_partition,
     check_predicted,
     own_run,
+    paper_points,
     paper_profile,
+    paper_target,
     profile_from_records,
     run_group,
     stored_records,
     usable_runs,
 )
-from cai_bench.analysis.published import (
-    load_reference,
-    published_seconds,
-)
 from cai_bench.analysis.results import record_point_key
 from cai_bench.core.errors import UserError
 from cai_bench.measure.simulate import Simulated
 from cai_bench.measure.time_kinds import WALL
-from cai_bench.measure.uncertainty import ModelError, Point
+from cai_bench.measure.uncertainty import ModelError, Point, interval, stretch
 
 
 def model_error(checks: list[Check], made_from: str) -> ModelError:
-    points = tuple(Point(c.measured_s, c.predicted_s_p10, c.predicted_s_p50, c.predicted_s_p90) for c in checks
-                   if not c.calibration)  # fmt: skip
+    points = tuple(Point(c.measured_s, c.predicted_s_p10, c.predicted_s_p50, c.predicted_s_p90,
+                         stretch(c.extrapolation)) for c in checks if not c.calibration)  # fmt: skip
     return ModelError(points, made_from)
 
 
@@ -63,6 +59,8 @@ class Check:
     predicted_s_p10: float | None = None
     time_kind: str = WALL
     group: str = ""  # which runs it was predicted from (run_group): its backend's by default
+    extrapolation: float = 1.0  # its data size over the largest its profile was calibrated on
+    held_out: str = ""  # how: its own point left out, its size left out, or only smaller sizes calibrated on
 
     @property
     def error(self) -> float:
@@ -73,10 +71,48 @@ class Check:
 
 
 def _check(what: str, backend: str, gb: float, mb: float | None, sim: Simulated, measured_s: float,
-           calibration: bool = False, kind: str = WALL, group: str = "") -> Check:  # fmt: skip
+           calibration: bool = False, kind: str = WALL, group: str = "", largest_gb: float | None = None,
+           held_out: str = "") -> Check:  # fmt: skip
     p10, p50, p90 = (float(np.percentile(sim.wall_s, q)) for q in (10, 50, 90))
     check_predicted(p50, what)
-    return Check(what, backend, gb, mb, sim.slots, measured_s, p50, p90, calibration, p10, kind, group or backend)
+    extrapolation = gb / largest_gb if largest_gb else 1.0
+    return Check(what, backend, gb, mb, sim.slots, measured_s, p50, p90, calibration, p10, kind, group or backend,
+                 extrapolation, held_out)  # fmt: skip
+
+
+# The extrapolation factors a check is counted under (size predicted over the largest calibrated)
+EXTRAPOLATION_BINS = ((0.0, 1.0, "within the range (x <= 1)"), (1.0, 2.0, "1-2x"), (2.0, 4.0, "2-4x"),
+                      (4.0, 10.0, "4-10x"), (10.0, float("inf"), "over 10x"))  # fmt: skip
+
+
+def by_extrapolation_summary(checks: list[Check]) -> list[dict]:
+    """``by_extrapolation`` of ``checks`` in one band, whatever their factors."""
+    return by_extrapolation(checks, ((0.0, float("inf"), "any"),))
+
+
+def by_extrapolation(checks: list[Check], bins: tuple = EXTRAPOLATION_BINS) -> list[dict]:
+    """Per band of extrapolation factor: the checks in it, their median absolute error, and how many of them the
+    80% interval covered, each made from the other checks' scores (normalised by their stretch)."""
+    rows = []
+    held = [c for c in checks if not c.calibration]
+    for low, high, name in bins:
+        inside = [i for i, c in enumerate(held) if low < c.extrapolation <= high or (low == 0 and c.extrapolation <= 1)]
+        if not inside:
+            continue
+        errors = sorted(abs(held[i].error) for i in inside)
+        covered = bounded = 0
+        for i in inside:
+            error = model_error(held[:i] + held[i + 1 :], "")
+            if error.factor is None:
+                continue
+            c = held[i]
+            low_s, high_s = interval(c.predicted_s_p10, c.predicted_s_p50, c.predicted_s_p90,
+                                     error.factor ** stretch(c.extrapolation))  # fmt: skip
+            bounded += 1
+            covered += low_s <= c.measured_s <= high_s
+        rows.append({"extrapolation": name, "checks": len(inside), "median_abs_error": statistics.median(errors),
+                     "covered": covered, "bounded": bounded})  # fmt: skip
+    return rows
 
 
 def errors_by_backend(checks: list[Check], made_from: str) -> dict[str, ModelError]:
@@ -117,26 +153,49 @@ def validate_store_records(records: list[dict], where: str, trials: int = 200, s
             launch = source.array.launch_per_s if source.array else None
             sim = own_run(source.profile, run, trials, seed, launch)
             data = run["plan"]["data"]
+            largest = max(r["plan"]["data"]["data_gb"] for r in others)
             checks.append(_check(run["run_id"], backend, data["data_gb"], data["partition_mb"], sim,
-                                 run["summary"]["wall_s"], group=group))  # fmt: skip
+                                 run["summary"]["wall_s"], group=group, largest_gb=largest,
+                                 held_out=f"its {hold_out} left out"))  # fmt: skip
     if not checks and not skipped and backends == BACKENDS:
         raise UserError(f"{where}: no finished lambda, hpc or gpu run with partition records to validate")
     return checks, skipped
 
 
+# --validate paper: the sizes calibrated on, and those predicted, when the model extrapolates
+EXTRAPOLATE_FROM_GB, EXTRAPOLATE_TO_GB = 4.0, 6.0
+
+
 def validate_paper(trials: int = 200, seed: int = 0, backends: tuple[str, ...] = BACKENDS) -> list[Check]:
-    """Every published time of the paper's data-size experiment at batch 512 predicted from the paper profile,
-    which is calibrated on one of them (marked)."""
+    """Every published time of the paper's data-size experiment at batch 512, predicted twice from the paper
+    profile calibrated without it: from the other sizes (each size left out in turn), and from the sizes up to
+    4 GB only (the sizes from 6 GB, extrapolated). Each check says how far it extrapolated."""
     check_trials(trials)
     checks = []
     for backend in backends:
-        system, kind = PAPER_SYSTEMS[backend]
-        source = paper_profile(backend, seed)
-        published = published_seconds(load_reference("paper"), system, kind)
-        for (gb, mb), seconds in by_partition(published):
-            target = Target(backend, gb, mb or 25.0, orchestrator="stepfunctions" if backend == "lambda" else "direct")
-            sim = simulate_target(source.profile, target, source.memory_mb, source.slots, trials, seed)
-            calibration = (gb, mb) == PAPER_CALIBRATION or (backend != "lambda" and gb == PAPER_CALIBRATION[0])
-            checks.append(_check(f"paper {system} ({kind}), median of {len(seconds)}", backend, gb, mb, sim,
-                                 statistics.median(seconds), calibration, source.time_kind))  # fmt: skip
+        published = paper_points(backend)
+        sizes = sorted({gb for gb, _ in published})
+        for size in sizes:
+            others = tuple(k for k in published if k[0] != size)
+            checks += _paper_checks(backend, published, others, [k for k in published if k[0] == size], trials,
+                                    seed, f"{size:g} GB left out")  # fmt: skip
+        small = tuple(k for k in published if k[0] <= EXTRAPOLATE_FROM_GB)
+        large = [k for k in published if k[0] >= EXTRAPOLATE_TO_GB]
+        checks += _paper_checks(backend, published, small, large, trials, seed,
+                                f"from <= {EXTRAPOLATE_FROM_GB:g} GB")  # fmt: skip
     return checks
+
+
+def _paper_checks(backend: str, published: dict, calibrate_on: tuple, predict: list, trials: int, seed: int,
+                  held_out: str) -> list[Check]:  # fmt: skip
+    system, kind = PAPER_SYSTEMS[backend]
+    source = paper_profile(backend, seed, calibrate_on)
+    out = []
+    for gb, mb in sorted(predict, key=lambda k: (k[1] or 0, k[0])):
+        target = paper_target(gb, mb) if backend == "lambda" else Target(backend, gb, mb or 25.0)
+        sim = simulate_target(source.profile, target, source.memory_mb, source.slots, trials, seed)
+        seconds = published[(gb, mb)]
+        out.append(_check(f"paper {system} ({kind}), median of {len(seconds)}", backend, gb, mb, sim,
+                          statistics.median(seconds), kind=source.time_kind, largest_gb=source.largest_gb,
+                          held_out=held_out))  # fmt: skip
+    return out

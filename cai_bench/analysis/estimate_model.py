@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from cai_bench.analysis.estimate_terms import fixed_seconds, lambda_rates, map_retry_waits, term_value
 from cai_bench.backends.aws_lambda import pricing
 from cai_bench.backends.aws_lambda.environments import MAX_VCPUS, cpu_share
 from cai_bench.core.errors import UserError
@@ -31,7 +32,8 @@ LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S = 1000, 10.0
 DEFAULT_QUOTA = 1000
 
 
-# A Distributed Map runs up to 10,000 child executions at once when its MaxConcurrency is not set
+# A Distributed Map runs up to 10,000 child executions at once when its MaxConcurrency is not set; cai-bench's
+# own state machine sets it to the run's concurrency, and so does the estimate unless --map-concurrency says
 MAP_DEFAULT_CONCURRENCY = 10_000
 
 
@@ -80,6 +82,7 @@ class Target:
     array_tasks: int | None = None  # hpc: the SLURM array's size (default: the profile's kind of run)
     launch_per_s: float | None = None  # hpc arrays: tasks the scheduler starts per second (default: measured)
     shared_read_gbps: float | None = None  # hpc arrays: what all tasks at once read together, GB/s
+    terms: tuple[tuple[str, float], ...] = ()  # --term NAME=VALUE: the mechanisms of scale changed (estimate_terms)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def target_slots(target: Target, default_slots: int) -> int:
     if target.backend != "lambda":
         return target.tasks or default_slots
     if target.orchestrator == "stepfunctions":
-        return min(target.concurrency, target.map_concurrency or MAP_DEFAULT_CONCURRENCY)
+        return min(target.concurrency, target.map_concurrency or target.concurrency, MAP_DEFAULT_CONCURRENCY)
     return target.concurrency
 
 
@@ -160,6 +163,33 @@ def _array_scenario(units: np.ndarray, target: Target, slots: int, array: ArrayF
                     compute_factor=factor, groups=groups, shared_read_bytes_per_s=shared)  # fmt: skip
 
 
+def with_terms(profile: Profile, given: tuple) -> Profile:
+    """``profile`` as the target's terms change it: its straggler tail off, or one cold start for all."""
+    if not term_value(given, "straggler_tail"):
+        profile = replace(profile, tail_scale_s=None)
+    cold = term_value(given, "cold_start_s")
+    return profile if cold is None else replace(profile, cold_s=np.array([cold]))
+
+
+def _lambda_scenario(units: np.ndarray, target: Target, slots: int, factor: float) -> Scenario:
+    """A Lambda run: environments at the scaling rate up to ``slots``; partitions started no faster than the
+    Map, the driver or S3's GETs allow, results written no faster than S3's PUTs; a Map's listing and own time.
+    With an ItemBatcher, each child execution runs its batch of partitions one after another."""
+    given, count = target.terms, len(units)
+    batch = int(term_value(given, "items_per_batch")) if target.orchestrator == "stepfunctions" else 1
+    if batch > 1:
+        units = np.add.reduceat(units, np.arange(0, count, batch))
+    start, finish = lambda_rates(given, target.orchestrator, target.partition_mb * batch)
+    ramp = int(term_value(given, "lambda_scaling_per_10s"))
+    mapped = {}
+    if target.orchestrator == "stepfunctions":  # the quota caps environments; the Map, its children in flight
+        slots = target.concurrency
+        mapped = {"retry_s": map_retry_waits(given), "in_flight": target.map_concurrency or target.concurrency}
+    fixed = fixed_seconds(given, target.orchestrator, count)
+    return Scenario(units, BYTES_PER_SAMPLE, slots, ramp, LAMBDA_RAMP_S, factor, start_per_s=start,
+                    finish_per_s=finish, fixed_s=fixed, **mapped)  # fmt: skip
+
+
 def simulate_target(profile: Profile, target: Target, memory_mb: int | None, default_slots: int, trials: int,
                      seed: int, array: ArrayFacts | None = None) -> Simulated:  # fmt: skip
     samples = samples_for_gb(target.gb)
@@ -169,13 +199,14 @@ def simulate_target(profile: Profile, target: Target, memory_mb: int | None, def
                         f"({MAX_SIMULATED_UNITS:,} units): use fewer --trials or a larger --partition-mb")  # fmt: skip
     units = np.array(partition_sizes(samples, target.partition_mb), dtype=np.int64)
     slots = target_slots(target, default_slots)
+    profile = with_terms(profile, target.terms)
     factor = 1.0
     if target.backend == "lambda" and profile.cpu_share and memory_mb:
         factor = profile.cpu_share / lambda_vcpus(memory_mb)
     elif target.backend == "hpc" and target.cores_per_task and profile.cpu_share:
         factor = profile.cpu_share / target.cores_per_task
     if target.backend == "lambda":
-        scenario = Scenario(units, BYTES_PER_SAMPLE, slots, LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S, factor)
+        scenario = _lambda_scenario(units, target, slots, factor)
     elif is_array(target, array):
         scenario = _array_scenario(units, target, slots, array, factor)
     else:

@@ -12,7 +12,6 @@ from cai_bench.analysis.estimate_model import (
     DEFAULT_QUOTA,
     LAMBDA_RAMP_EVERY,
     LAMBDA_RAMP_S,
-    PAPER_CALIBRATION,
     PAPER_SYSTEMS,
     ArrayFacts,
     Target,
@@ -32,7 +31,7 @@ from cai_bench.core.plan import (
     BYTES_PER_SAMPLE,
     samples_for_gb,
 )
-from cai_bench.measure.simulate import Profile, Scenario, Simulated, simulate
+from cai_bench.measure.simulate import Profile, Scenario, Simulated, exponential_tail_scale, simulate
 from cai_bench.measure.time_kinds import COMPUTE, WALL
 from cai_bench.measure.uncertainty import ModelError
 from cai_bench.store.jsonl import ResultsStore
@@ -53,6 +52,7 @@ class BackendProfile:
     time_kind: str = WALL
     array: ArrayFacts | None = None
     error: ModelError | None = None
+    largest_gb: float | None = None  # the largest data size it was calibrated on: how far an estimate extrapolates
 
 
 def usable_runs(records: list[dict], backend: str) -> list[dict]:
@@ -215,10 +215,11 @@ def profile_from_records(records: list[dict], backend: str, where: str, seed: in
     samples = np.array([u[0] for u in units], dtype=np.float64)
     compute = np.array([u[1] for u in units])
     typical = float(np.median(compute / samples))
+    excess = compute - typical * samples
     profile = Profile(
-        name=where, compute_s_per_sample=typical, compute_excess_s=compute - typical * samples,
+        name=where, compute_s_per_sample=typical, compute_excess_s=excess,
         load_s_per_byte=np.array([u[2] for u in units]), cold_s=np.array(colds or [0.0]),
-        unit_overhead_s=per_unit, cpu_share=share,
+        unit_overhead_s=per_unit, cpu_share=share, tail_scale_s=exponential_tail_scale(excess),
         facts={"runs": len(runs), "units": len(units), "cold_starts": len(colds),
                "machines": sorted({machine_label(r.get("environment") or {}) for r in runs})},
     )  # fmt: skip
@@ -232,7 +233,7 @@ def profile_from_records(records: list[dict], backend: str, where: str, seed: in
     memory = [(r.get("backend_info") or {}).get("memory_mb") for r in runs]
     return BackendProfile(profile, int(statistics.median(run_slots(r) for r in runs)), _cores_per_slot(runs),
                           next((m for m in memory if m), None), tuple(_measured_point(r) for r in runs),
-                          array=array)  # fmt: skip
+                          array=array, largest_gb=max(r["plan"]["data"]["data_gb"] for r in runs))  # fmt: skip
 
 
 def _cores_per_slot(runs: list[dict]) -> int:
@@ -267,38 +268,83 @@ def by_partition(published: dict) -> list:
     return sorted(published.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0]))
 
 
-def paper_profile(backend: str, seed: int = 0) -> BackendProfile:
-    """The CAI paper's profile of ``backend``. Lambda: the 517 per-function records of its 12.6 GB / 25 MB run
-    (compute only: the records hold no cold start or read), with one per-function overhead calibrated so that this
-    run's simulated Map-state time is the published median of its three runs. hpc and gpu: one worker at the
-    paper's samples/s over 12.6 GB (its HPC CPU node, its HPC GPU), from the same kind of calibration."""
+def paper_points(backend: str) -> dict:
+    """``{(data GB, partition MB or None): [seconds of each run]}``: the paper's published times of ``backend``."""
     system, kind = PAPER_SYSTEMS[backend]
-    published = published_seconds(load_reference("paper"), system, kind)
+    return published_seconds(load_reference("paper"), system, kind)
+
+
+def paper_profile(backend: str, seed: int = 0, calibrate_on: tuple | None = None) -> BackendProfile:
+    """The CAI paper's profile of ``backend``, calibrated on the published points ``calibrate_on`` ((data GB,
+    partition MB) pairs; default: all of them).
+
+    Lambda: the 517 per-function records of its 12.6 GB / 25 MB run give each function's compute and its
+    straggler's delay (compute only: the records hold no cold start or read). What they lack is calibrated as a
+    per-function overhead ``a + b x MB`` (start-up, and reading the partition), the least squares fit of the
+    published Map-state times (the median of each point's runs) beyond the simulated ones, in relative terms.
+    hpc and gpu: one worker at the paper's seconds per sample over the calibration points (the median)."""
+    system, kind = PAPER_SYSTEMS[backend]
+    published = paper_points(backend)
+    chosen = sorted(published if calibrate_on is None else (k for k in published if k in set(calibrate_on)))
+    if not chosen:
+        raise UserError(f"no published {system} point to calibrate on")
     measured = tuple({"backend": backend, "gb": gb, "partition_mb": mb, "wall_s": statistics.median(s),
                       "cost_usd": None, "run_id": f"paper {system} ({kind})"}
                      for (gb, mb), s in by_partition(published))  # fmt: skip
+    largest = max(gb for gb, _ in chosen)
     if backend != "lambda":
-        seconds = statistics.median(published[(PAPER_CALIBRATION[0], None)])
-        rate = seconds / samples_for_gb(PAPER_CALIBRATION[0])
-        profile = Profile(f"paper ({system})", rate, np.zeros(1), np.zeros(1), np.zeros(1),
-                          facts={"calibrated_on": f"{PAPER_CALIBRATION[0]} GB: {seconds} s ({kind})"})  # fmt: skip
+        rate = statistics.median(statistics.median(published[k]) / samples_for_gb(k[0]) for k in chosen)
+        facts = {"calibrated_on": _calibrated_on(chosen, kind), "largest_calibrated_gb": largest}
+        profile = Profile(f"paper ({system})", rate, np.zeros(1), np.zeros(1), np.zeros(1), facts=facts)
         # A worker is the paper's whole node or GPU, whose cores the paper does not give: priced only where
         # --cores-per-task says them; its times are the profiler's, so are its estimates
-        return BackendProfile(profile, 1, None, None, measured, COMPUTE)
+        return BackendProfile(profile, 1, None, None, measured, COMPUTE, largest_gb=largest)
+    base = _paper_lambda_records()
+    a, b = _fit_overhead(base, [(k, statistics.median(published[k])) for k in chosen], seed)
+    facts = {"functions": len(base.compute_excess_s), "calibrated_on": _calibrated_on(chosen, kind),
+             "unit_overhead_s": a, "unit_overhead_s_per_mb": b, "largest_calibrated_gb": largest,
+             "straggler_tail_scale_s": base.tail_scale_s}  # fmt: skip
+    profile = replace(base, unit_overhead_s=a, unit_overhead_s_per_mb=b, facts=facts)
+    return BackendProfile(profile, 1, 1, PAPER_FUNCTION_MEMORY_MB, measured, largest_gb=largest)
+
+
+def _calibrated_on(points: list, kind: str) -> str:
+    shown = ", ".join(f"{gb:g} GB" + (f" / {mb:g} MB" if mb else "") for gb, mb in points[:4])
+    more = f" and {len(points) - 4} more" if len(points) > 4 else ""
+    return f"{len(points)} published point(s) ({kind}, the median of each point's runs): {shown}{more}"
+
+
+def _paper_lambda_records() -> Profile:
     rows = paper_function_records()
     samples = np.array([s for s, _ in rows], dtype=np.float64)
     compute = np.array([t for _, t in rows])
     typical = float(np.median(compute / samples))
-    profile = Profile("paper (CAI on AWS Lambda)", typical, compute - typical * samples, np.zeros(len(rows)),
-                      np.zeros(1), cpu_share=lambda_vcpus(PAPER_FUNCTION_MEMORY_MB))  # fmt: skip
-    target = statistics.median(published[PAPER_CALIBRATION])
-    uncalibrated = simulate_target(profile, Target("lambda", *PAPER_CALIBRATION), PAPER_FUNCTION_MEMORY_MB, 1, 200,
-                                    seed)  # fmt: skip
-    overhead = target - float(np.median(uncalibrated.wall_s))
-    facts = {"functions": len(rows), "calibrated_on": f"{PAPER_CALIBRATION[0]} GB in {PAPER_CALIBRATION[1]:g} MB "
-             f"partitions: {target} s (Map state, median of 3 runs)", "unit_overhead_s": overhead}  # fmt: skip
-    profile = replace(profile, unit_overhead_s=overhead, facts=facts)
-    return BackendProfile(profile, 1, 1, PAPER_FUNCTION_MEMORY_MB, measured)
+    excess = compute - typical * samples
+    share = lambda_vcpus(PAPER_FUNCTION_MEMORY_MB)
+    return Profile("paper (CAI on AWS Lambda)", typical, excess, np.zeros(len(rows)), np.zeros(1), cpu_share=share,
+                   tail_scale_s=exponential_tail_scale(excess))  # fmt: skip
+
+
+def paper_target(gb: float, mb: float) -> Target:
+    """One of the paper's Lambda runs: a Distributed Map at the default quota, every function at once."""
+    return Target("lambda", gb, mb, orchestrator="stepfunctions")
+
+
+def _fit_overhead(base: Profile, points: list, seed: int) -> tuple[float, float]:
+    """``a`` and ``b`` of ``paper_profile``: every function of these runs starts at once, so an overhead per
+    function adds to the simulated wall as it is, and the fit is linear. One partition size among the points: no
+    ``b`` (0)."""
+    rows = []
+    for (gb, mb), seconds in points:
+        sim = simulate_target(base, paper_target(gb, mb), PAPER_FUNCTION_MEMORY_MB, 1, 200, seed)
+        rows.append((mb, seconds, seconds - float(np.median(sim.wall_s))))
+    weights = np.array([1.0 / seconds for _, seconds, _ in rows])
+    gap = np.array([g for _, _, g in rows]) * weights
+    if len({mb for mb, _, _ in rows}) < 2:
+        return float(np.sum(gap * weights) / np.sum(weights**2)), 0.0
+    design = np.array([[1.0, mb] for mb, _, _ in rows]) * weights[:, None]
+    (a, b), *_ = np.linalg.lstsq(design, gap, rcond=None)
+    return float(a), float(b)
 
 
 def stored_records(source: str, purpose: str, warn) -> list[dict]:

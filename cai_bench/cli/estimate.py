@@ -12,6 +12,7 @@ from cai_bench.analysis.decide import decide, parse_budget, parse_deadline
 from cai_bench.analysis.estimate import EstimateRequest, estimate_command
 from cai_bench.analysis.estimate_checks import errors_by_backend, validate_paper, validate_store
 from cai_bench.analysis.estimate_model import DEFAULT_QUOTA, Prices
+from cai_bench.analysis.estimate_terms import TERMS, parse_terms
 from cai_bench.backends.aws_lambda import pricing
 from cai_bench.cli import options as o
 from cai_bench.cli.app import app
@@ -92,6 +93,15 @@ HoldOut = Annotated[
     typer.Option(help="--validate: predict each run without all repeats of its point (point) or without itself (run)."),
 ]
 Figure = Annotated[Path, typer.Option(help="Where the figure goes when there are several sizes or backends.")]
+Terms = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--term",
+        help="NAME=VALUE (repeatable): change one mechanism of scale from its default: "
+        + ", ".join(TERMS)
+        + " (docs/estimate.md: what each is and where its default comes from).",
+    ),
+]
 
 
 def _ints(text: str | None, option: str) -> tuple:
@@ -107,7 +117,7 @@ def estimate(
     seed: SimSeed = 0, cores_per_task: CoresPerTask = None, core_hour_price: CoreHour = None,
     gpu_hour_price: GpuHour = None, architecture: Architecture = "x86_64", price_file: PriceFile = None,
     deadline: Deadline = None, budget: Budget = None, validate: Validate = None, hold_out: HoldOut = "point",
-    figure: Figure = Path("results/figures/estimate.png"), as_json: o.AsJson = False,
+    figure: Figure = Path("results/figures/estimate.png"), term: Terms = None, as_json: o.AsJson = False,
 ) -> None:  # fmt: skip
     """Time and cost of a run at any scale, simulated from a measured profile, with an interval that holds the
     model's own error on measured runs; --deadline and --budget rank the settings by cost.
@@ -123,7 +133,7 @@ def estimate(
         concurrency=concurrency, map_concurrency=map_concurrency, tasks=tasks, gpus=gpus, array_tasks=array_tasks,
         launch_per_s=launch_per_s, shared_read_gbps=shared_read_gbps, orchestrator=orchestrator, trials=trials,
         seed=seed, cores_per_task=cores_per_task, core_hour_price=core_hour_price, gpu_hour_price=gpu_hour_price,
-        architecture=architecture, price_file=price_file,
+        architecture=architecture, price_file=price_file, terms=parse_terms(term),
     )  # fmt: skip
     if deciding:
         decision = decide(request, None if deadline is None else parse_deadline(deadline),
@@ -170,11 +180,14 @@ def _request(deciding: bool, **given) -> EstimateRequest:
         tuple(o.comma_list(given["concurrency"], "--concurrency", int)), given["map_concurrency"],
         _ints(given["tasks"], "--tasks"), given["orchestrator"], given["trials"], given["seed"],
         given["cores_per_task"], _ints(given["gpus"], "--gpus"), given["array_tasks"], given["launch_per_s"],
-        given["shared_read_gbps"],
+        given["shared_read_gbps"], given["terms"],
     )  # fmt: skip
 
 
 def _made_from(source: str, hold_out: str) -> str:
     if source == "paper":
-        return "the paper's published times, each predicted from the profile calibrated on 12.6 GB / 25 MB"
+        return (
+            "the paper's published times, each predicted from the profile calibrated without its size, or on "
+            "the sizes up to 4 GB only"
+        )
     return f"the runs of {source}, each predicted from the others ({hold_out} held out)"

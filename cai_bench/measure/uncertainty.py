@@ -10,6 +10,12 @@ interval is made from the model's error on measured runs of the same backend, by
 - the interval is ``[min(p50 / F, p10), max(p50 * F, p90)]``: the model's error, widened where the trials spread
   further.
 
+Beyond the data the model was calibrated on, its error grows. So a point's score is divided by its stretch,
+``1 + ln(x)`` for an extrapolation factor ``x`` (the size predicted over the largest calibrated, 1 within the
+range), and an estimate at factor ``x`` gets ``F`` raised to its own stretch: split conformal on scores
+normalised by the extrapolation. That ``ln`` is a choice, not a fit: it says the error grows with each tenfold
+of extrapolation by what it was within the range.
+
 Where the points are exchangeable with the run estimated, such an interval covers it with probability at least
 ``c``. How often it did is measured too: each point against the interval made from the other points' scores
 (``leave_one_out_coverage``). Pure arithmetic: it imports nothing of the tool.
@@ -31,10 +37,16 @@ class Point:
     p10_s: float
     p50_s: float
     p90_s: float
+    stretch: float = 1.0  # 1 + ln of its extrapolation factor (1 within the calibrated range)
 
     @property
     def score(self) -> float:
-        return abs(math.log(self.measured_s / self.p50_s))
+        return abs(math.log(self.measured_s / self.p50_s)) / self.stretch
+
+
+def stretch(extrapolation: float | None) -> float:
+    """``1 + ln(x)`` for an extrapolation factor ``x`` above 1; 1 within the calibrated range (or unknown)."""
+    return 1.0 + math.log(extrapolation) if extrapolation and extrapolation > 1 else 1.0
 
 
 def error_factor(scores: list[float], coverage: float = TARGET_COVERAGE) -> float | None:
@@ -67,7 +79,7 @@ def leave_one_out_coverage(points: list[Point], coverage: float = TARGET_COVERAG
     covered = bounded = 0
     for i, point in enumerate(points):
         factor = error_factor(scores[:i] + scores[i + 1 :], coverage)
-        low, high = interval(point.p10_s, point.p50_s, point.p90_s, factor)
+        low, high = interval(point.p10_s, point.p50_s, point.p90_s, None if factor is None else factor**point.stretch)
         if low is None:
             continue
         bounded += 1
@@ -98,16 +110,21 @@ class ModelError:
     def coverage(self) -> tuple[int, int]:
         return leave_one_out_coverage(list(self.points), self.coverage_target)
 
-    def describe(self) -> str:
-        """One line: how the interval is made and how often it covered."""
+    def describe(self, extrapolation: float | None = None) -> str:
+        """One line: how the interval is made and how often it covered; at ``extrapolation`` (the size estimated
+        over the largest calibrated), its factor as stretched there."""
         n = len(self.points)
         if self.factor is None:
             return (f"no interval: {n} validation point(s) ({self.made_from}), at least "
                     f"{least_points(self.coverage_target)} needed for {self.coverage_target:.0%}")  # fmt: skip
         covered, bounded = self.coverage()
-        return (f"{self.coverage_target:.0%} interval: the model's error on {n} measured point(s) "
-                f"({self.made_from}), p50 divided and multiplied by {self.factor:.2f}; it covered {covered} of "
-                f"{bounded} points held out")  # fmt: skip
+        at = stretch(extrapolation)
+        how = f"{self.factor:.2f}"
+        if at != 1:
+            how = f"{self.factor**at:.2f} ({how} to the power 1 + ln {extrapolation:.3g}, the extrapolation)"
+        return (f"{self.coverage_target:.0%} interval: the model's error on {n} measured point(s) held out "
+                f"({self.made_from}), p50 divided and multiplied by {how}; it covered {covered} of {bounded} "
+                f"points held out")  # fmt: skip
 
     def to_dict(self) -> dict:
         covered, bounded = self.coverage()

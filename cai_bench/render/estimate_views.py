@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from cai_bench.analysis.compare import ALPHA, TEST_NAME
+from cai_bench.analysis.estimate_checks import by_extrapolation, by_extrapolation_summary
 from cai_bench.core.text import visible
 from cai_bench.measure.time_kinds import TIME_KINDS
 from cai_bench.render.console import say, stdout
@@ -72,11 +73,45 @@ def _price_text(value) -> str:
     return "not given (unpriced)" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+# The terms of a trial's wall (measure/simulate.TERMS), as a line names them
+TERM_NAMES = {"waited_for_a_worker_s": "waiting for a worker", "throttled_s": "throttled, backing off",
+              "start_rate_s": "start rate", "cold_start_s": "cold start", "compute_s": "compute",
+              "straggler_s": "straggler", "read_s": "read", "unit_overhead_s": "unit overhead",
+              "results_write_s": "results written", "run_overhead_s": "run overhead",
+              "fixed_s": "listing and orchestration"}  # fmt: skip
+TERM_LINES = 6  # estimates whose terms are printed (the rest are in --json)
+
+
+def terms_line(e) -> str:
+    """Where one estimate's time goes: its median trial's wall along the path of its last unit, term by term."""
+    parts = [f"{TERM_NAMES[k]} {v:,.1f}" for k, v in e.terms.items() if abs(v) >= 0.05]
+    return (f"where the time goes, {e.label}, {e.gb:g} GB in {e.partition_mb:g} MB (s, the last unit's path in "
+            f"the median trial): " + ", ".join(parts))  # fmt: skip
+
+
+def warning_lines(e) -> list[str]:
+    """What an estimate must say beside its figures: far beyond its profile, or a setting that fails on AWS."""
+    lines = []
+    if e.extrapolation > 10:
+        lines.append(f"{e.gb:g} GB is {e.extrapolation:,.0f}x the largest size its profile was calibrated on "
+                     f"({e.gb / e.extrapolation:g} GB): beyond 10x the interval is the model's error stretched to "
+                     "it, not measured there")  # fmt: skip
+    if e.map_retries_exhausted:
+        lines.append(f"{e.label}: {e.map_retries_exhausted:,.0f} children of the Map stay throttled past their "
+                     "last retry, and on AWS they fail: keep --map-concurrency at most --concurrency")  # fmt: skip
+    return lines
+
+
 def show_estimates(outcome, figure: Path | None, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**outcome.to_dict(), "figure": str(figure) if figure else None}, indent=1))
         return
     stdout.print(estimate_table(outcome))
+    for e in outcome.estimates:
+        for line in warning_lines(e):
+            say(line)
+    for e in outcome.estimates[:TERM_LINES]:
+        say(terms_line(e))
     for line in _assumption_lines(outcome.estimates):
         say(line)
     if len(outcome.estimates) == 1:
@@ -141,21 +176,26 @@ def _fact(value) -> str:
 
 
 def show_checks(checks: list, skipped: list[str], errors: dict, source: str, as_json: bool) -> None:
-    """``estimate --validate``: each measured run against its prediction, and per backend the median absolute
-    error and how often the 80% interval covered the points held out."""
+    """``estimate --validate``: each measured run against its prediction (how it was held out, how far it
+    extrapolated), per backend the median absolute error and how often the 80% interval covered the points held
+    out, and both again by extrapolation factor."""
+    groups = {g: [c for c in checks if (c.group or c.backend) == g] for g in errors}
+    bands = {g: by_extrapolation(group) for g, group in groups.items()}
     if as_json:
         print(json.dumps({"source": source, "checks": [c.to_dict() for c in checks], "skipped": skipped,
-                          "by_backend": {b: e.to_dict() for b, e in errors.items()}}, indent=1))  # fmt: skip
+                          "by_backend": {b: e.to_dict() for b, e in errors.items()},
+                          "by_extrapolation": bands}, indent=1))  # fmt: skip
         return
     table = Table(title=f"{source}: predicted vs measured", title_justify="left")
-    for header in ("run", "runs of", "time", "data GB", "part. MB", "at once", "measured s", "predicted s p50",
-                   "p90", "error"):  # fmt: skip
-        table.add_column(header, justify="left" if header in ("run", "runs of", "time") else "right")
+    for header in ("run", "runs of", "held out", "time", "data GB", "part. MB", "x", "at once", "measured s",
+                   "predicted s p50", "p90", "error"):  # fmt: skip
+        table.add_column(header, justify="left" if header in ("run", "runs of", "held out", "time") else "right")
     for c in checks:
         error = "calibration" if c.calibration else f"{c.error * 100:+.0f}%"
-        table.add_row(c.what, c.group or c.backend, TIME_KINDS[c.time_kind].short, f"{c.gb:.3g}",
-                      "-" if c.partition_mb is None else f"{c.partition_mb:g}", str(c.slots), f"{c.measured_s:,.2f}",
-                      f"{c.predicted_s_p50:,.2f}", f"{c.predicted_s_p90:,.2f}", error)  # fmt: skip
+        table.add_row(c.what, c.group or c.backend, c.held_out, TIME_KINDS[c.time_kind].short, f"{c.gb:.3g}",
+                      "-" if c.partition_mb is None else f"{c.partition_mb:g}", f"{c.extrapolation:.2g}",
+                      str(c.slots), f"{c.measured_s:,.2f}", f"{c.predicted_s_p50:,.2f}", f"{c.predicted_s_p90:,.2f}",
+                      error)  # fmt: skip
     stdout.print(table)
     for line in skipped:
         say(f"not predicted: {line}")
@@ -165,8 +205,17 @@ def show_checks(checks: list, skipped: list[str], errors: dict, source: str, as_
         covered, bounded = error.coverage()
         coverage = f"{covered} of {bounded} ({covered / bounded:.0%})" if bounded else "none bounded (too few points)"
         say(f"{backend}: median absolute error {error.median_abs_error * 100:.1f}% over {len(error.points)} points "
-            f"(calibration excluded); the {error.coverage_target:.0%} interval, made from the others, covered "
-            f"{coverage}")  # fmt: skip
+            f"held out; the {error.coverage_target:.0%} interval, made from the others (their errors divided by "
+            f"1 + ln x, x the extrapolation factor), covered {coverage}")  # fmt: skip
+        for band in bands[backend]:
+            say(f"  {backend} extrapolated {band['extrapolation']}: {band['checks']} point(s), median absolute "
+                f"error {band['median_abs_error'] * 100:.1f}%, the interval covered {band['covered']} of "
+                f"{band['bounded']}")  # fmt: skip
+        for how in sorted({c.held_out for c in groups[backend] if c.held_out.startswith("from")}):
+            (alone,) = by_extrapolation_summary([c for c in groups[backend] if c.held_out == how])
+            say(f"  {backend} calibrated {how} only, the larger sizes predicted: {alone['checks']} point(s), median "
+                f"absolute error {alone['median_abs_error'] * 100:.1f}%, the interval (from these points' errors "
+                f"alone) covered {alone['covered']} of {alone['bounded']}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- compare
