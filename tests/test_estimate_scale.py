@@ -9,7 +9,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from cai_bench.analysis import estimate
+from cai_bench.analysis.estimate_model import Prices, Target
+from cai_bench.analysis.estimate_profiles import BackendProfile
+from cai_bench.backends.aws_lambda import pricing
+from cai_bench.core.plan import samples_per_partition
 from cai_bench.measure.simulate import Profile, Scenario, exponential_tail_scale, simulate
+
+PRICES = Prices(pricing.PRICES)
 
 
 def flat(cold=0.0, excess=(0.0,), **kw) -> Profile:
@@ -102,3 +109,69 @@ def test_a_distributed_maps_throttled_children_back_off_and_try_again():
     few = Scenario(units(3, 50.0), 1, slots=10, retry_s=(1.0,), in_flight=2)
     sim = simulate(flat(cold=5.0), few, 1, 0)
     assert sim.wall_s == pytest.approx([105.0]) and list(sim.created) == [2]
+
+
+# ---------------------------------------------------------------------------------------------- the named terms
+
+
+def hand_source(**kw) -> BackendProfile:
+    return BackendProfile(flat(**kw), 1, 1, 10_240, (), largest_gb=1.0)
+
+
+def lambda_target(gb: float, mb: float, *terms, **kw) -> Target:
+    return Target("lambda", gb, mb, concurrency=10_000, orchestrator="stepfunctions", terms=tuple(terms), **kw)
+
+
+def test_each_term_changes_the_run_it_names_and_says_where_the_time_went():
+    """5 GB in 10 MB partitions: 512 units of 5.11 s (511 samples a MB at the hand profile's 0.01 s each).
+    Through a Map at 10,000 they all run at once, each reading in 2 GETs of 8 MB from a prefix that serves
+    5,500 a second: the last starts at 511 / 2,750 s. Then one unit's time, and one page of listing (50 ms)."""
+    source = hand_source()
+    base = estimate.estimate(source, lambda_target(5, 10), PRICES, trials=1)
+    unit_s = 0.01 * samples_per_partition(10)
+    assert base.units == 512 and base.terms["start_rate_s"] == pytest.approx(511 / 2750)
+    assert base.time_s_p50 == pytest.approx(511 / 2750 + unit_s + 0.05, abs=0.01)
+    # Results written at 100 a second (and GETs in 10 MB parts): from the first unit's end, one every 10 ms; the
+    # last unit ended 511 / 5,500 s after the first, and waited the rest
+    put = estimate.estimate(source, lambda_target(5, 10, ("s3_put_per_s", 100.0), ("s3_part_mb", 10.0)), PRICES,
+                            trials=1)  # fmt: skip
+    assert put.time_s_p50 == pytest.approx(unit_s + 512 / 100 + 0.05)
+    assert put.terms["results_write_s"] == pytest.approx(512 / 100 - 511 / 5500, abs=0.02)  # 510 or 511 samples
+    # The Map starting 50 children a second: the last starts at 511 / 50 s
+    start = estimate.estimate(source, lambda_target(5, 10, ("map_start_per_s", 50.0)), PRICES, trials=1)
+    assert start.terms["start_rate_s"] == pytest.approx(511 / 50)
+    # 4 partitions a child: 128 invocations of 4 units one after another; a GET and a PUT still per partition
+    batched = estimate.estimate(source, lambda_target(5, 10, ("items_per_batch", 4.0)), PRICES, trials=1)
+    assert batched.requests == 128 and batched.transitions == 129 and batched.cost["s3_puts"] == 512
+    assert batched.time_s_p50 == pytest.approx(127 / (5500 / 5) + 4 * unit_s + 0.05, abs=0.02)  # 5 GETs each
+    # A scaling rate of 100 every 10 s: children throttled, backing off to the environments the ramp adds
+    ramp = estimate.estimate(source, lambda_target(5, 10, ("lambda_scaling_per_10s", 100.0)), PRICES, trials=1)
+    assert ramp.terms["throttled_s"] > 30 and ramp.map_retries_exhausted == 0
+
+
+@pytest.mark.parametrize(
+    ("term", "says"),
+    [
+        ("no_such=1", "NAME one of lambda_scaling_per_10s"),
+        ("s3_put_per_s", "NAME=VALUE"),
+        ("s3_put_per_s=fast", "'fast' is not a number"),
+        ("s3_put_per_s=0", "must be a positive number"),
+        ("map_start_per_s=-5", "must be a positive number"),
+    ],
+)
+def test_a_bad_term_is_one_line_and_exit_2(cli, term, says):
+    code, _, err = cli("estimate", "--profile", "paper", "--gb", "10", "--term", term)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_command_prints_where_the_time_goes_and_warns_past_10x_and_of_a_failing_map(cli):
+    code, out, err = cli("estimate", "--profile", "paper", "--gb", "1000", "--partition-mb", "100",
+                         "--orchestrator", "stepfunctions", "--concurrency", "1000", "--map-concurrency", "10000",
+                         "--trials", "5")  # fmt: skip
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "1000 GB is 79x the largest size its profile was calibrated on (12.6 GB)" in text
+    assert "children of the Map stay throttled past their last retry" in text
+    assert (
+        "where the time goes, lambda 10,240 MB x1,000, 1000 GB in 100 MB" in text and "throttled, backing off" in text
+    )

@@ -231,10 +231,12 @@ def _lambda_items(sim: Simulated, target: Target, memory_mb: int, prices: Prices
     """Per trial: Lambda's GB-seconds at the architecture's price, requests, Step Functions transitions, and S3
     requests (a GET per partition and per environment's weights, a PUT per result)."""
     table = prices.lambda_table
+    # sim.units are invocations: with an ItemBatcher each runs a batch of partitions, with a GET and a PUT each
+    partitions = partition_count(samples_for_gb(target.gb), target.partition_mb)
     transitions = sim.units + 1 if target.orchestrator == "stepfunctions" else 0
     costs = [pricing.total_cost(ms, sim.units, memory_mb, prices.architecture, table, transitions)
              for ms in sim.billed_ms]  # fmt: skip
-    gets, puts = sim.units + sim.created, np.full(len(sim.wall_s), sim.units)
+    gets, puts = partitions + sim.created, np.full(len(sim.wall_s), partitions)
     s3_usd = gets * table.get("s3_get_usd", pricing.PRICES["s3_get_usd"]) + puts * table.get(
         "s3_put_usd", pricing.PRICES["s3_put_usd"])  # fmt: skip
     return {
