@@ -4,6 +4,7 @@ scheduler's launch rate, a start rate (a Distributed Map's child executions, S3 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -175,3 +176,19 @@ def test_the_command_prints_where_the_time_goes_and_warns_past_10x_and_of_a_fail
     assert (
         "where the time goes, lambda 10,240 MB x1,000, 1000 GB in 100 MB" in text and "throttled, backing off" in text
     )
+
+
+def test_validate_paper_prints_error_and_coverage_by_extrapolation_and_draws_them(cli, tmp_path):
+    figure = tmp_path / "validate.png"
+    code, out, err = cli("estimate", "--validate", "paper", "--trials", "20", "--figure", figure)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "lambda calibrated from <= 4 GB only, the larger sizes predicted: 16 point(s)" in text
+    for band in ("within the range (x <= 1)", "1-2x", "2-4x"):
+        assert f"lambda extrapolated {band}:" in text
+    assert figure.stat().st_size > 10_000
+    code, out, _ = cli("estimate", "--validate", "paper", "--trials", "20", "--figure", figure, "--json")
+    found = json.loads(out)
+    assert {c["held_out"] for c in found["checks"]} >= {"from <= 4 GB", "12.6 GB left out"}
+    assert [b["extrapolation"] for b in found["by_extrapolation"]["lambda"]] == ["within the range (x <= 1)", "1-2x",
+                                                                               "2-4x"]  # fmt: skip

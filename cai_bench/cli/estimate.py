@@ -92,7 +92,13 @@ HoldOut = Annotated[
     str,
     typer.Option(help="--validate: predict each run without all repeats of its point (point) or without itself (run)."),
 ]
-Figure = Annotated[Path, typer.Option(help="Where the figure goes when there are several sizes or backends.")]
+Figure = Annotated[
+    Path,
+    typer.Option(
+        help="Where the figure goes: several sizes or backends, a decision, or --validate's error against "
+        "extrapolation."
+    ),
+]
 Terms = Annotated[
     list[str] | None,
     typer.Option(
@@ -125,7 +131,7 @@ def estimate(
     Lambda: quota, scaling rate, memory, GB-s, requests, transitions, S3. hpc: tasks, or a SLURM array. gpu: devices.
     """
     if validate is not None:
-        _validate(validate, trials, seed, hold_out, as_json)
+        _validate(validate, trials, seed, hold_out, as_json, figure)
         return
     deciding = deadline is not None or budget is not None
     request = _request(
@@ -155,11 +161,16 @@ def _estimates(request: EstimateRequest, figure: Path, as_json: bool) -> None:
     estimate_views.show_estimates(outcome, drawn, as_json)
 
 
-def _validate(source: str, trials: int, seed: int, hold_out: str, as_json: bool) -> None:
+def _validate(source: str, trials: int, seed: int, hold_out: str, as_json: bool, figure: Path) -> None:
     checks, skipped = (validate_paper(trials, seed), []) if source == "paper" else validate_store(
         source, trials, seed, console.warn, hold_out)  # fmt: skip
+    drawn = None
+    if any(not c.calibration for c in checks):
+        from cai_bench.render.figures.estimates import save_validation_figure
+
+        drawn = save_validation_figure(checks, source, figure)
     estimate_views.show_checks(
-        checks, skipped, errors_by_backend(checks, _made_from(source, hold_out)), source, as_json
+        checks, skipped, errors_by_backend(checks, _made_from(source, hold_out)), source, as_json, drawn
     )
 
 

@@ -175,7 +175,8 @@ def _fact(value) -> str:
     return str(value)
 
 
-def show_checks(checks: list, skipped: list[str], errors: dict, source: str, as_json: bool) -> None:
+def show_checks(checks: list, skipped: list[str], errors: dict, source: str, as_json: bool,
+                figure: Path | None = None) -> None:  # fmt: skip
     """``estimate --validate``: each measured run against its prediction (how it was held out, how far it
     extrapolated), per backend the median absolute error and how often the 80% interval covered the points held
     out, and both again by extrapolation factor."""
@@ -184,7 +185,7 @@ def show_checks(checks: list, skipped: list[str], errors: dict, source: str, as_
     if as_json:
         print(json.dumps({"source": source, "checks": [c.to_dict() for c in checks], "skipped": skipped,
                           "by_backend": {b: e.to_dict() for b, e in errors.items()},
-                          "by_extrapolation": bands}, indent=1))  # fmt: skip
+                          "by_extrapolation": bands, "figure": str(figure) if figure else None}, indent=1))  # fmt: skip
         return
     table = Table(title=f"{source}: predicted vs measured", title_justify="left")
     for header in ("run", "runs of", "held out", "time", "data GB", "part. MB", "x", "at once", "measured s",
@@ -213,9 +214,13 @@ def show_checks(checks: list, skipped: list[str], errors: dict, source: str, as_
                 f"{band['bounded']}")  # fmt: skip
         for how in sorted({c.held_out for c in groups[backend] if c.held_out.startswith("from")}):
             (alone,) = by_extrapolation_summary([c for c in groups[backend] if c.held_out == how])
+            covered = (f"covered {alone['covered']} of {alone['bounded']}" if alone["bounded"] else
+                       "cannot be bounded from so few")  # fmt: skip
             say(f"  {backend} calibrated {how} only, the larger sizes predicted: {alone['checks']} point(s), median "
                 f"absolute error {alone['median_abs_error'] * 100:.1f}%, the interval (from these points' errors "
-                f"alone) covered {alone['covered']} of {alone['bounded']}")  # fmt: skip
+                f"alone) {covered}")  # fmt: skip
+    if figure:
+        say(f"figure: {figure}")
 
 
 # ---------------------------------------------------------------------------------------------- compare

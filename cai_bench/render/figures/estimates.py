@@ -139,3 +139,30 @@ def _measured_series(measured: list[dict], partitions: set) -> dict[str, list[di
 
 def save_estimate_figure(outcome, path: str | Path) -> Path:
     return save_figure(estimate_figure(outcome), path)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validation_figure(checks: list, source: str) -> Figure:
+    """``estimate --validate``: each point's error against how far its prediction extrapolated (its data size
+    over the largest its profile was calibrated on), one marker per way it was held out, per group of runs."""
+    fig, ax = new_figure()
+    for index, group in enumerate(dict.fromkeys(c.group or c.backend for c in checks)):
+        for c in (c for c in checks if (c.group or c.backend) == group and not c.calibration):
+            way = "from the smaller sizes only" if c.held_out.startswith("from") else "its size or point left out"
+            label = f"{group}, {way}"
+            held = way.startswith("its")
+            ax.plot([c.extrapolation], [c.error * 100], linestyle="none", color=f"C{index}", marker="o" if held
+                    else "s", markerfacecolor=None if held else "none",
+                    label=label if label not in ax.get_legend_handles_labels()[1] else None)  # fmt: skip
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.axvline(1, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_title(f"{source}: each published or measured point predicted without it; right of the dotted line the "
+                 "model extrapolates", fontsize=9, loc="left")  # fmt: skip
+    return finish_axes(fig, ax, "extrapolation factor: data size over the largest calibrated on",
+                       "error of the predicted median (%)", log_y=False)  # fmt: skip
+
+
+def save_validation_figure(checks: list, source: str, path: str | Path) -> Path:
+    return save_figure(validation_figure(checks, source), path)
