@@ -192,3 +192,15 @@ def test_validate_paper_prints_error_and_coverage_by_extrapolation_and_draws_the
     assert {c["held_out"] for c in found["checks"]} >= {"from <= 4 GB", "12.6 GB left out"}
     assert [b["extrapolation"] for b in found["by_extrapolation"]["lambda"]] == ["within the range (x <= 1)", "1-2x",
                                                                                "2-4x"]  # fmt: skip
+
+
+def test_an_arrays_tasks_at_once_are_held_to_the_free_cores():
+    """8 tasks of one 1 MB unit (0.51 s), 8 at once unless the cluster has only 4 free cores for tasks of 2:
+    then 2 at once, 4 rounds."""
+    source = hand_source()
+    target = Target("hpc", 8 / 1024, 1.0, tasks=8, array_tasks=8, cores_per_task=2)
+    alone = estimate.estimate(source, target, PRICES, trials=1)
+    held = estimate.estimate(source, replace(target, terms=(("free_cores", 4.0),)), PRICES, trials=1)
+    unit_s = alone.time_s_p50  # 51 samples, and under a millisecond of reading through the shared file system
+    assert unit_s == pytest.approx(0.51, abs=0.002) and held.time_s_p50 == pytest.approx(4 * unit_s, abs=0.004)
+    assert held.terms["waited_for_a_worker_s"] == pytest.approx(3 * unit_s, abs=0.003)

@@ -154,6 +154,9 @@ def _array_scenario(units: np.ndarray, target: Target, slots: int, array: ArrayF
                     factor: float) -> Scenario:  # fmt: skip
     """An array of ``--array-tasks`` tasks (default: one per task at once), each given an even group of units,
     ``slots`` at once, launched at the measured rate, reading through the shared bandwidth."""
+    free = term_value(target.terms, "free_cores")
+    if free:  # the cluster runs no more at once than its free cores hold
+        slots = min(slots, max(1, int(free // (target.cores_per_task or 1))))
     tasks = min(target.array_tasks or slots, len(units))
     per_task = math.ceil(len(units) / tasks)
     groups = tuple(min(per_task, len(units) - start) for start in range(0, len(units), per_task))

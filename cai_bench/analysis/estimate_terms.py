@@ -66,6 +66,9 @@ TERMS = {
              "one: cai-bench writes a run's partitions and results each under one prefix"),
         Term("s3_part_mb", 8, "MB", "lambda", "a partition is read in ranged GETs of this size",
              "boto3's TransferConfig default multipart_chunksize, 8 MB"),
+        Term("free_cores", None, "cores", "hpc as a SLURM array",
+             "the cluster's cores free for the array: its tasks at once are at most these over --cores-per-task",
+             "not known before a run (a queue's state): not limiting unless given; --tasks is the array's own cap"),
         Term("driver_invoke_per_s", None, "invocations/s", "lambda --orchestrator direct",
              "invocations the driver starts per second", "not limiting unless given (its threads, its network)"),
     )
