@@ -94,7 +94,7 @@ def warning_lines(e) -> list[str]:
     lines = []
     if e.extrapolation > 10:
         lines.append(f"{e.gb:g} GB is {e.extrapolation:,.0f}x the largest size its profile was calibrated on "
-                     f"({e.gb / e.extrapolation:g} GB): beyond 10x the interval is the model's error stretched to "
+                     f"({e.gb / e.extrapolation:.3g} GB): beyond 10x the interval is the model's error stretched to "
                      "it, not measured there")  # fmt: skip
     if e.map_retries_exhausted:
         lines.append(f"{e.label}: {e.map_retries_exhausted:,.0f} children of the Map stay throttled past their "
