@@ -3,6 +3,7 @@ delay, load per byte, cold starts, slots and SLURM arrays; and the CAI paper's p
 
 from __future__ import annotations
 
+import functools
 import statistics
 from dataclasses import dataclass, replace
 
@@ -274,6 +275,7 @@ def paper_points(backend: str) -> dict:
     return published_seconds(load_reference("paper"), system, kind)
 
 
+@functools.lru_cache(maxsize=64)  # the package's own figures: the same arguments, the same (frozen) profile
 def paper_profile(backend: str, seed: int = 0, calibrate_on: tuple | None = None) -> BackendProfile:
     """The CAI paper's profile of ``backend``, calibrated on the published points ``calibrate_on`` ((data GB,
     partition MB) pairs; default: all of them).
