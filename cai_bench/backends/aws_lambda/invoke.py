@@ -32,13 +32,13 @@ from cai_bench.core.stats import percentiles
 from cai_bench.inference.gathering import CommConfig
 
 THROTTLE_RETRIES = 8
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 20.0
 
 
 # The error types of an environment that was lost rather than of code that raised: it exited without a word, or
 # overran its time
 ENVIRONMENT_LOST = ("Runtime.ExitError", "Sandbox.Timedout")
-BACKOFF_BASE_S = 0.1
-BACKOFF_CAP_S = 20.0
 
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
