@@ -45,7 +45,11 @@ MemoryMb = Annotated[
 ]
 Concurrency = Annotated[str, typer.Option(help="Lambda: the account's concurrency quota, comma-separated.")]
 MapConcurrency = Annotated[
-    int | None, typer.Option(help="--orchestrator stepfunctions: the Map's MaxConcurrency.", show_default="10000")
+    int | None,
+    typer.Option(
+        help="--orchestrator stepfunctions: the Map's MaxConcurrency, its children in flight (throttled ones too).",
+        show_default="--concurrency, as cai-bench's state machine sets it",
+    ),
 ]
 Tasks = Annotated[
     str | None, typer.Option(help="hpc: tasks at once (array parallelism), comma-separated.", show_default="profile's")
