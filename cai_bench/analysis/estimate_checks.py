@@ -32,7 +32,7 @@ from cai_bench.analysis.results import record_point_key
 from cai_bench.core.errors import UserError
 from cai_bench.measure.simulate import Simulated
 from cai_bench.measure.time_kinds import WALL
-from cai_bench.measure.uncertainty import ModelError, Point, interval, stretch
+from cai_bench.measure.uncertainty import ModelError, Point, leave_one_out_coverage, stretch
 
 
 def model_error(checks: list[Check], made_from: str) -> ModelError:
@@ -96,21 +96,13 @@ def by_extrapolation(checks: list[Check], bins: tuple = EXTRAPOLATION_BINS) -> l
     80% interval covered, each made from the other checks' scores (normalised by their stretch)."""
     rows = []
     held = [c for c in checks if not c.calibration]
+    points = list(model_error(held, "").points)
     for low, high, name in bins:
         inside = [i for i, c in enumerate(held) if low < c.extrapolation <= high or (low == 0 and c.extrapolation <= 1)]
         if not inside:
             continue
         errors = sorted(abs(held[i].error) for i in inside)
-        covered = bounded = 0
-        for i in inside:
-            error = model_error(held[:i] + held[i + 1 :], "")
-            if error.factor is None:
-                continue
-            c = held[i]
-            low_s, high_s = interval(c.predicted_s_p10, c.predicted_s_p50, c.predicted_s_p90,
-                                     error.factor ** stretch(c.extrapolation))  # fmt: skip
-            bounded += 1
-            covered += low_s <= c.measured_s <= high_s
+        covered, bounded = leave_one_out_coverage(points, among=inside)
         rows.append({"extrapolation": name, "checks": len(inside), "median_abs_error": statistics.median(errors),
                      "covered": covered, "bounded": bounded})  # fmt: skip
     return rows

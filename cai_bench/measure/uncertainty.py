@@ -72,12 +72,14 @@ def interval(p10_s: float, p50_s: float, p90_s: float, factor: float | None) -> 
     return min(p50_s / factor, p10_s), max(p50_s * factor, p90_s)
 
 
-def leave_one_out_coverage(points: list[Point], coverage: float = TARGET_COVERAGE) -> tuple[int, int]:
-    """Of the points that could be bounded from the others' scores, how many their interval covered: (covered,
-    bounded)."""
+def leave_one_out_coverage(points: list[Point], coverage: float = TARGET_COVERAGE,
+                           among: list[int] | None = None) -> tuple[int, int]:  # fmt: skip
+    """Of the points (those at the indices ``among``, where given) that could be bounded from all the others'
+    scores, how many their interval covered: (covered, bounded)."""
     scores = [p.score for p in points]
     covered = bounded = 0
-    for i, point in enumerate(points):
+    for i in range(len(points)) if among is None else among:
+        point = points[i]
         factor = error_factor(scores[:i] + scores[i + 1 :], coverage)
         low, high = interval(point.p10_s, point.p50_s, point.p90_s, None if factor is None else factor**point.stretch)
         if low is None:
