@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cai_bench.analysis.estimate_terms import fixed_seconds, lambda_rates, map_retry_waits, term_value
+from cai_bench.analysis.estimate_terms import TERMS, fixed_seconds, lambda_rates, map_retry_waits, term_value
 from cai_bench.backends.aws_lambda import pricing
 from cai_bench.backends.aws_lambda.environments import MAX_VCPUS, cpu_share
 from cai_bench.core.errors import UserError
@@ -24,9 +24,9 @@ from cai_bench.measure.simulate import Profile, Scenario, Simulated, simulate
 BACKENDS = ("lambda", "hpc", "gpu")
 
 
-# AWS Lambda: each function scales by 1,000 execution environments every 10 seconds, up to the account's
-# concurrency quota (1,000 unless raised)
-LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S = 1000, 10.0
+# AWS Lambda: each function scales by 1,000 execution environments every 10 seconds (estimate_terms), up to the
+# account's concurrency quota (1,000 unless raised)
+LAMBDA_RAMP_EVERY, LAMBDA_RAMP_S = int(TERMS["lambda_scaling_per_10s"].default), 10.0
 
 
 DEFAULT_QUOTA = 1000
@@ -47,9 +47,6 @@ MAX_SIMULATED_UNITS = 20_000_000
 
 
 HOLD_OUTS = ("run", "point")  # --validate: what a run is predicted without
-
-
-PAPER_CALIBRATION = (12.6, 25.0)  # data GB, partition MB: the run the per-function records are of
 
 
 # SLURM arrays, where the profile's runs cannot say: a one-node cluster reads its own disk, so a parallel file
@@ -138,11 +135,7 @@ def check_target(target: Target) -> None:
 
 
 def target_slots(target: Target, default_slots: int) -> int:
-    if target.backend != "lambda":
-        return target.tasks or default_slots
-    if target.orchestrator == "stepfunctions":
-        return min(target.concurrency, target.map_concurrency or target.concurrency, MAP_DEFAULT_CONCURRENCY)
-    return target.concurrency
+    return target.concurrency if target.backend == "lambda" else target.tasks or default_slots
 
 
 def is_array(target: Target, array: ArrayFacts | None) -> bool:
@@ -186,8 +179,8 @@ def _lambda_scenario(units: np.ndarray, target: Target, slots: int, factor: floa
     ramp = int(term_value(given, "lambda_scaling_per_10s"))
     mapped = {}
     if target.orchestrator == "stepfunctions":  # the quota caps environments; the Map, its children in flight
-        slots = target.concurrency
-        mapped = {"retry_s": map_retry_waits(given), "in_flight": target.map_concurrency or target.concurrency}
+        in_flight = min(target.map_concurrency or target.concurrency, MAP_DEFAULT_CONCURRENCY)
+        mapped = {"retry_s": map_retry_waits(given), "in_flight": in_flight}
     fixed = fixed_seconds(given, target.orchestrator, count)
     return Scenario(units, BYTES_PER_SAMPLE, slots, ramp, LAMBDA_RAMP_S, factor, start_per_s=start,
                     finish_per_s=finish, fixed_s=fixed, **mapped)  # fmt: skip

@@ -196,11 +196,6 @@ def unit_parts(profile: Profile, scenario: Scenario, rng: np.random.Generator, t
     return _Parts(profile.compute_s_per_sample * samples * factor, excess, load, overhead)
 
 
-def unit_durations(profile: Profile, scenario: Scenario, rng: np.random.Generator, trials: int) -> np.ndarray:
-    """``[trials, units]`` warm durations: each unit's time from one measured unit drawn at random."""
-    return unit_parts(profile, scenario, rng, trials).durations
-
-
 def simulate(profile: Profile, scenario: Scenario, trials: int, seed: int) -> Simulated:
     """``trials`` runs of ``scenario``; the same seed gives the same draws, so the same answer, and the draws do
     not depend on the slots: two scenarios that differ only in them see the same units and cold starts."""
