@@ -16,10 +16,11 @@ from cai_bench.analysis.results import (
     latest_comm_points,
     measured_only,
     ran_precision,
+    ran_runtime,
     read_records,
     record_point_key,
 )
-from cai_bench.analysis.validity import DEFAULT_RULES, Rules, point_failures, start_kind
+from cai_bench.analysis.validity import DEFAULT_RULES, Rules, checked_difference, point_failures, start_kind
 from cai_bench.core.choices import ENGINES, REPORT_FORMATS
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import machine_id, machine_label
@@ -68,6 +69,9 @@ class PointReport:
     map_state_s: Spread | None = None  # Lambda under Step Functions: the Map state's time, from the history
     start: str = "cold"  # validity.start_kind: warm Lambda runs are a point apart from cold ones
     invalid: tuple[str, ...] = ()  # each validity condition a repeat failed; empty: a valid point
+    gflops: float | None = None  # median GFLOP/s over the wall (samples/s x the model's FLOPs per galaxy)
+    mfu: float | None = None  # median share of the machine's measured fp32 peak; None where none was measured
+    max_dz: float | None = None  # the largest |dz| from torch fp32 a check measured for what ran (0: torch fp32)
 
     @property
     def noisy(self) -> bool:
@@ -95,6 +99,25 @@ def _worker_breakdown(record: dict) -> dict[str, float]:
             totals[phase] += w.get(phase, 0.0)
     n = max(len(per_worker), 1)
     return {phase: sum(t[phase] for t in per_worker.values()) / n for phase in BREAKDOWN}
+
+
+def _median_of(values) -> float | None:
+    kept = [v for v in values if v is not None]
+    return spread(kept).median if kept else None
+
+
+def _largest_difference(group: list[dict]) -> float | None:
+    """The largest |dz| from torch fp32 measured for the point's repeats: the runtime or precision probe's, an
+    fp32 export's own check, 0 for torch fp32 itself; None where nothing was measured."""
+    found = []
+    for record in group:
+        difference, _ = checked_difference(record)
+        if difference is None and ran_precision(record) == "fp32":
+            export = (record.get("backend_info") or {}).get("export") or {}
+            difference = 0.0 if ran_runtime(record) == "torch" else export.get("max_abs_dz")
+        if difference is not None:
+            found.append(float(difference))
+    return max(found) if found else None
 
 
 def summarize_points(records: list[dict], rules: Rules = DEFAULT_RULES) -> list[PointReport]:
@@ -150,6 +173,9 @@ def summarize_points(records: list[dict], rules: Rules = DEFAULT_RULES) -> list[
                 map_state_s=spread(map_times) if map_times and None not in map_times else None,
                 start=start,
                 invalid=tuple(point_failures(group, rules)),
+                gflops=_median_of(s.get("gflops") for s in sums),
+                mfu=_median_of(s.get("mfu") for s in sums),
+                max_dz=_largest_difference(group),
             )
         )
     points.sort(key=lambda p: (p.backend, p.engine, p.machine, p.precision, p.data_gb, p.partition_mb, p.batch_size))
@@ -247,6 +273,9 @@ DISPLAY_COLUMNS: list[tuple[str, Callable[[PointReport], str]]] = [
     ("Mbps", lambda p: f"{p.throughput_bps.median / 1e6:,.1f}"),
     ("Mbps Σw", lambda p: f"{p.sum_worker_throughput_bps.median / 1e6:,.1f}"),
     ("speedup", lambda p: "-" if p.speedup is None else f"{p.speedup:.2f}x"),
+    ("GFLOP/s", lambda p: _num(p.gflops, ",.1f")),
+    ("MFU", lambda p: "-" if p.mfu is None else f"{p.mfu:.0%}"),
+    ("max |dz|", lambda p: _num(p.max_dz, ".1e")),
     ("RSS MB", lambda p: f"{p.peak_rss_bytes / 2**20:,.0f}"),
     ("cost $", lambda p: "-" if p.cost_usd is None else f"{p.cost_usd.median:.4f}"),
     ("machine", lambda p: p.machine),
@@ -259,6 +288,10 @@ COLUMN_NOTES = {
     "Mbps Σw": "Mbps Σw: the sum over workers of bits / own compute s, the paper's headline measure.",
     "speedup": "speedup: the baseline's median wall s / this one's, on the same data.",
     "RSS MB": "RSS MB: the highest peak resident memory of any repeat.",
+    "GFLOP/s": "GFLOP/s: samples/s x the model's FLOPs per galaxy (torch's FLOP counter).",
+    "MFU": "MFU: GFLOP/s as a share of the machine's fp32 peak, a large matrix product timed at the run's threads.",
+    "max |dz|": "max |dz|: the largest redshift difference from torch fp32 measured for what ran (its probe, or an "
+    "export's own check).",
     "thr.": "thr.: threads in all (per task for SLURM arrays).",
     "wkr.": "wkr.: worker processes, or array tasks.",
     "mem. MB": "mem. MB: a Lambda function's memory.",
@@ -312,6 +345,9 @@ def export_row(p: PointReport) -> dict:
             "speedup": p.speedup,
             "baseline": p.baseline,
             "peak_rss_bytes": p.peak_rss_bytes,
+            "gflops": p.gflops,
+            "mfu": p.mfu,
+            "max_abs_dz": p.max_dz,
             "cost_usd_median": None if p.cost_usd is None else p.cost_usd.median,
             "memory_mb": p.memory_mb,
             "orchestrator": p.orchestrator,

@@ -21,7 +21,7 @@ from cai_bench.backends.base import BackendRun, PartitionsFailed, collect_comman
 from cai_bench.backends.registry import get_backend, requested_runtime
 from cai_bench.commands.preflight import Ready, check_run
 from cai_bench.core.errors import UserError
-from cai_bench.core.machine import capture_environment, this_machine
+from cai_bench.core.machine import capture_environment, default_threads, machine_identity, this_machine
 from cai_bench.core.plan import DataSummary, Plan, make_plan, plan_from_dict, work_units
 from cai_bench.core.records import (
     RANDOM_INIT,
@@ -34,8 +34,10 @@ from cai_bench.core.records import (
 )
 from cai_bench.data.datasets import resolve_data
 from cai_bench.inference.runtime_choice import choose_runtime, fixed_choice
+from cai_bench.measure.efficiency import achieved_gflops, gemm_peak, mfu
 from cai_bench.measure.metrics import reset_peak_rss
 from cai_bench.measure.photoz import upstream_paper_metrics
+from cai_bench.model.flops import model_flops_per_sample
 from cai_bench.store.jsonl import ResultsStore
 
 
@@ -188,6 +190,24 @@ def plan_machine(plan: Plan) -> dict:
     return {"machine_id": machine} if machine else this_machine()
 
 
+# Backends whose workers run on this machine's CPU: the only ones a peak measured here speaks for
+PEAK_BACKENDS = ("cpu", "hpc")
+
+
+def add_efficiency(record: RunRecord, plan: Plan, threads: int | None) -> None:
+    """The record's FLOPs per galaxy and GFLOP/s, and where its workers ran on this machine's CPU and it finished,
+    the machine's fp32 peak at the run's threads (measured once, kept in the cache) and the MFU."""
+    summary = record.summary
+    summary.flops_per_sample = model_flops_per_sample()
+    summary.gflops = achieved_gflops(summary.samples_per_s, summary.flops_per_sample)
+    local = plan.backend in PEAK_BACKENDS and get_backend(plan.backend).machine(plan) is None
+    if record.status != "ok" or not local:
+        return
+    peak = gemm_peak(machine_identity(), threads or default_threads())
+    record.environment["fp32_peak"] = peak
+    summary.mfu = mfu(summary.gflops, peak)
+
+
 def _add_comm_seconds(workers: list, run: BackendRun | None) -> None:
     """--comm where results came before the collectives (hpc's pipes): each record gets its worker's seconds."""
     ranks = ((run.info.get("comm") or {}).get("ranks") or []) if run is not None else []
@@ -233,6 +253,7 @@ def _record(
     light = {"backend": record.backend, "plan": record.plan, "summary": asdict(summary),
              "backend_info": record.backend_info, "workers": [{"precision": w.precision} for w in workers]}  # fmt: skip
     record.validity = verdict(light)
+    add_efficiency(record, plan, run.threads if run is not None else None)
     return record
 
 

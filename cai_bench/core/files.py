@@ -3,6 +3,7 @@ checksum files are named by."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +38,22 @@ def cache_dir() -> Path:
         return Path(os.environ["CAI_BENCH_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "cai-bench"
+
+
+def write_json_atomic(path: str | Path, value) -> bool:
+    """``value`` as JSON at ``path``, written whole or not at all (a temporary file renamed onto it), for what the
+    cache keeps; False where it could not be written, which only means it is made again next time."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(value, default=str))
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
 
 
 # Never through a link, checked by the open itself (no check-then-open race); absent where the platform lacks them

@@ -22,7 +22,7 @@ from cai_bench.core.text import shown
 
 _PACKAGES = (
     "cai-bench", "torch", "numpy", "safetensors", "typer", "rich", "psutil", "onnxruntime",
-    "openvino",
+    "openvino", "nncf",
 )  # fmt: skip
 # The flags the runtimes' kernels are chosen by: what a record of CPU inference names of its machine
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "asimd")
@@ -64,6 +64,13 @@ def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, never faster."""
     flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def int8_dot_product_cpu() -> bool:
+    """Whether this CPU has int8 dot products (VNNI or AMX). Without them int8 runs on AVX2's multiply-adds: under
+    an AVX2 limit OpenVINO's int8 model ran 0.74x its fp32 and moved predictions 5x more (docs/performance.md)."""
+    flags = cpu_flags()
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -164,6 +171,14 @@ def capture_environment(with_torch: bool = True) -> dict:
 def this_machine() -> dict:
     """The environment fields that identify this machine (no timestamp), for comparing with records."""
     return _static_environment()
+
+
+def machine_identity() -> dict:
+    """What a measurement kept in the cache belongs to (the runtime probe's answer, the fp32 peak): host, CPU, its
+    flags, the cores this process may use and the installed packages."""
+    machine = this_machine()
+    return {k: machine.get(k) for k in ("host", "cpu_model", "cpu_logical_cores", "cpu_affinity", "cpu_flags",
+                                        "packages")}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- names

@@ -111,6 +111,10 @@ class RunSummary:
     peak_rss_bytes: int
     cost_usd: float | None = None  # what the run cost where the backend bills for it (Lambda); None elsewhere
     comm_s: float | None = None  # --comm: the longest any worker spent in the closing collectives; None without
+    flops_per_sample: int | None = None  # the model's, counted by torch's FLOP counter (model/flops.py)
+    gflops: float | None = None  # samples_per_s x flops_per_sample: what the run achieved over its wall
+    # gflops as a share of the machine's measured fp32 peak (environment.fp32_peak); None where none was measured
+    mfu: float | None = None
 
 
 @dataclass

@@ -16,8 +16,9 @@ and the probe says so; with no fp32 at all, no reduced precision can be checked 
 batch is the run's batch size, up to PROBE_MAX_BATCH per lane (the probe's own time), and the record says which,
 with every candidate's time the choice was made from. A run that asks again takes the kept answer (below), so
 the choice does not follow the machine's noise from one run to the next. bf16
-is a candidate only where the CPU has it natively (elsewhere it is emulated and never faster); int8 only by
-explicit choice, as before.
+is a candidate only where the CPU has it natively (elsewhere it is emulated and never faster); OpenVINO's int8
+only where the CPU has int8 dot products (VNNI, AMX: without them it was slower than fp32), and it starts only
+where it is within the tolerance on a held-out batch too; ONNX Runtime's int8 only by explicit choice.
 
 A runtime whose package is missing is skipped and named. FORCE_RUNTIME_ENV replaces the probe's answer (a
 runtime, or runtime:precision), so that tests can stand for a machine that answers either way.
@@ -31,7 +32,6 @@ While the probe runs, ``say`` is told what it is doing and what it found.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -45,8 +45,8 @@ import numpy as np
 from cai_bench import __version__
 from cai_bench.core.choices import REPROBE_ENV, RUNTIME_PRECISIONS, RUNTIMES
 from cai_bench.core.errors import UserError
-from cai_bench.core.files import cache_dir, file_sha256, loads_json
-from cai_bench.core.machine import native_bf16_cpu, this_machine
+from cai_bench.core.files import cache_dir, file_sha256, loads_json, write_json_atomic
+from cai_bench.core.machine import int8_dot_product_cpu, machine_identity, native_bf16_cpu
 from cai_bench.core.plan import PartitionRef
 from cai_bench.core.records import utc_now
 from cai_bench.data.partitions import Partition
@@ -97,13 +97,19 @@ def installed(runtime: str) -> bool:
     return runtime == "torch" or importlib.util.find_spec(RUNTIME_PACKAGES[runtime][0]) is not None
 
 
-def candidates_for(precision: str, native_bf16: bool) -> list[tuple[str, str]]:
+# The reduced precisions auto weighs, where the CPU computes them natively: (runtime, precision)
+AUTO_REDUCED = {("torch", "bf16"): "bf16", ("openvino", "bf16"): "bf16", ("openvino", "int8"): "int8"}
+
+
+def candidates_for(precision: str, native_bf16: bool, native_int8: bool = False) -> list[tuple[str, str]]:
     """Every (runtime, precision) the probe weighs for a requested ``precision``: under "auto" each runtime's
-    fp32, and bf16 where it is native; else each runtime that runs ``precision``."""
+    fp32, bf16 where it is native and OpenVINO's int8 where the CPU has int8 dot products; else each runtime that
+    runs ``precision``."""
     if precision != "auto":
         return [(r, precision) for r in RUNTIMES if precision in RUNTIME_PRECISIONS[r]]
-    wanted = ("fp32", "bf16") if native_bf16 else ("fp32",)
-    return [(r, p) for r in RUNTIMES for p in RUNTIME_PRECISIONS[r] if p in wanted]
+    native = {"bf16": native_bf16, "int8": native_int8}
+    return [(r, p) for r in RUNTIMES for p in RUNTIME_PRECISIONS[r]
+            if p == "fp32" or (AUTO_REDUCED.get((r, p)) and native[p])]  # fmt: skip
 
 
 def _fastest(group: list[Candidate]) -> tuple[Candidate, bool]:
@@ -253,10 +259,9 @@ def _weights_identity(weights: str | None, seed: int) -> str:
 
 def probe_key(weights: str | None, seed: int, layout: Layout, precision: str, batch: int) -> dict:
     """Everything the probe's answer depends on: where any of it differs, the answer is measured again."""
-    machine = this_machine()
-    kept = ("host", "cpu_model", "cpu_logical_cores", "cpu_affinity", "cpu_flags", "packages")
-    return {"version": PROBE_CACHE_VERSION, "cai_bench": __version__, "machine": {k: machine.get(k) for k in kept},
-            "native_bf16": native_bf16_cpu(), "installed": [r for r in RUNTIMES if installed(r)],
+    return {"version": PROBE_CACHE_VERSION, "cai_bench": __version__, "machine": machine_identity(),
+            "native_bf16": native_bf16_cpu(), "native_int8": int8_dot_product_cpu(),
+            "installed": [r for r in RUNTIMES if installed(r)],
             "weights": _weights_identity(weights, seed), "precision": precision, "lanes": layout.lanes,
             "intra_threads": layout.intra_threads, "batch": batch}  # fmt: skip
 
@@ -284,16 +289,8 @@ def cached_probe(key: dict) -> tuple[str, str, dict] | None:
 def keep_probe(key: dict, runtime: str, precision: str, probe: dict) -> None:
     """The answer kept for the next run that asks the same (written whole or not at all; a cache that cannot be
     written only means the next run probes again)."""
-    path = _probe_file(key)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    kept = {"key": key, "runtime": runtime, "precision": precision, "probe": probe, "probed_utc": utc_now()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(kept, default=str))
-        os.replace(tmp, path)
-    except OSError:  # the next run probes again; no half-written answer stays behind
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    write_json_atomic(_probe_file(key), {"key": key, "runtime": runtime, "precision": precision, "probe": probe,
+                                         "probed_utc": utc_now()})  # fmt: skip
 
 
 def fixed_choice(reason: str, precision: str) -> tuple[str, str, dict]:
@@ -333,7 +330,7 @@ def _probe(weights: str | None, seed: int, layout: Layout, precision: str, batch
            say: Callable[[str], None]) -> tuple[str, str, dict]:  # fmt: skip
     """The probe itself: each installed candidate started, timed and checked, then the rule."""
     candidates, models = [], {}
-    for runtime, wanted in candidates_for(precision, native_bf16_cpu()):
+    for runtime, wanted in candidates_for(precision, native_bf16_cpu(), int8_dot_product_cpu()):
         if not installed(runtime):
             extra = RUNTIME_PACKAGES[runtime][1]
             candidates.append(Candidate(runtime, wanted, skipped=f"not installed (pip install 'cai-bench[{extra}]')"))
