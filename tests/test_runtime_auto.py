@@ -55,7 +55,7 @@ def test_with_nothing_that_started_the_rule_says_what_was_skipped():
         decide_runtime([c("onnxruntime", "fp32", None, skipped="not installed")])
 
 
-def test_candidates_are_each_runtimes_precisions_bf16_only_where_native():
+def test_candidates_are_each_runtimes_precisions_reduced_ones_only_where_native():
     assert candidates_for("auto", native_bf16=False) == [
         ("torch", "fp32"),
         ("onnxruntime", "fp32"),
@@ -69,7 +69,11 @@ def test_candidates_are_each_runtimes_precisions_bf16_only_where_native():
         ("openvino", "bf16"),
     }
     assert candidates_for("bf16", native_bf16=False) == [("torch", "bf16"), ("openvino", "bf16")]
-    assert candidates_for("int8", native_bf16=True) == [("onnxruntime", "int8")]  # int8 only when asked for
+    # OpenVINO's int8 under auto only with int8 dot products; ONNX Runtime's only when asked for
+    assert ("openvino", "int8") not in candidates_for("auto", native_bf16=True, native_int8=False)
+    assert set(candidates_for("auto", native_bf16=False, native_int8=True)) == {
+        ("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "int8")}  # fmt: skip
+    assert candidates_for("int8", native_bf16=True) == [("onnxruntime", "int8"), ("openvino", "int8")]
 
 
 @pytest.mark.parametrize("bad", ["tensorflow", "onnxruntime:bf16", "torch:int8"])

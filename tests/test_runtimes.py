@@ -172,8 +172,9 @@ def test_what_a_runtime_cannot_run_is_refused_before_anything_runs(tiny_data):
     _, summary, refs = open_dataset(tiny_data)
     cases = [
         ({"runtime": "onnxruntime"}, {"precision": "bf16"}, "--precision bf16: --runtime onnxruntime runs auto, fp32"),
-        ({"runtime": "openvino"}, {"precision": "int8"}, "--runtime onnxruntime runs it"),
-        ({}, {"precision": "int8"}, "--precision int8: --runtime torch runs auto, fp32, bf16"),
+        ({"runtime": "onnxruntime"}, {"precision": "bf16"}, "--runtime torch or openvino runs it"),
+        ({}, {"precision": "int8"}, "--precision int8: --runtime torch runs auto, fp32, bf16; --runtime "
+                                    "onnxruntime or openvino runs it"),
         ({"runtime": "openvino"}, {"engine": "reference"}, "--engine reference is torch's eager loop"),
         ({"runtime": "onnxruntime"}, {"compile": True}, "--compile is torch.compile"),
         ({"runtime": "tvm"}, {}, "--runtime must be one of torch, onnxruntime, openvino"),

@@ -64,7 +64,7 @@ class CpuBackend:
             lanes, intra = lane_layout(threads, plan.backend_options.get("lanes"))
         options = plan_options(plan, lanes, intra_threads=intra)
         # An export the run needs is made before the clock starts, as the data set is: a one-off preparation
-        model, prepared = prepare_model(plan.weights, options.runtime, plan.seed)
+        model, prepared = prepare_model(plan.weights, options.runtime, plan.seed, options.precision)
         refs = work_units(plan)
         info = {"lanes": lanes, "intra_op_threads": intra, **prepared}
         with torch_threads(intra if options.runtime == "torch" else None):

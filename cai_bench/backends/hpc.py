@@ -359,7 +359,7 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
     dispatcher = Dispatcher(work_units(plan), emit, DEFAULT_RETRIES if retries is None else retries)
     context, server_s = worker_context()
     options = plan_options(plan, lanes, intra_threads=intra)
-    model, prepared = prepare_model(plan.weights, options.runtime, plan.seed)
+    model, prepared = prepare_model(plan.weights, options.runtime, plan.seed, options.precision)
     # The ranks are the processes that will start: no more than there are units (the transport starts no more)
     together = _together(plan, min(workers, dispatcher.outstanding()))
     transport = NodeTransport(plan, workers, context, args_for=lambda n: (options, model, plan.seed, intra,

@@ -24,8 +24,8 @@ ExportFormat = choice("ExportFormat", EXPORT_FORMATS)
 
 PRECISION_HELP = (
     "auto: the fastest a start-up probe finds 10% faster than fp32 and within 2e-3 of it (cpu, hpc, lambda: bf16 "
-    "on torch and openvino; gpu: tf32, bf16, fp16). int8: --runtime onnxruntime, kept only within 2e-3 on the "
-    "probe batch. tf32 and fp16 are for --backend gpu."
+    "on torch and openvino, openvino int8 where the CPU has int8 dot products; gpu: tf32, bf16, fp16). int8: "
+    "--runtime onnxruntime or openvino, kept only within 2e-3 of fp32. tf32 and fp16 are for --backend gpu."
 )
 ENGINE_HELP = "fast: the prepared model; reference: the upstream-style eager fp32 loop."
 

@@ -8,8 +8,9 @@ import enum
 
 # auto: the fastest precision a start-up probe finds at least 10% faster than fp32 and within 2e-3 of it.
 # tf32 and fp16 are CUDA's (a backend says which it takes: Backend.precisions)
-# int8 (dynamic quantization of the matrix products) is onnxruntime's, and only by explicit choice: it is kept
-# only where the probe batch stays within the same tolerance
+# int8: onnxruntime's (dynamic quantization of the matrix products, explicit only) and openvino's (NNCF's static
+# quantization of the transformer's products, weighed by auto where the CPU has int8 dot products); either is kept
+# only where it stays within the same tolerance
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "tf32", "fp16")
 CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # A GPU runs no int8 (its torch path has no quantized kernels here): an int8 run would be fp32 under int8's name
@@ -19,7 +20,7 @@ ENGINES = ("fast", "reference")
 # on ONNX Runtime or OpenVINO, in a worker that never imports torch
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 # The precisions each runtime runs, beside "auto" (which every runtime takes)
-RUNTIME_PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+RUNTIME_PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 EXPORT_FORMATS = ("onnx", "openvino")
 SLURM_EXECUTORS = ("slurm", "local")
 REPORT_FORMATS = ("table", "markdown", "csv", "json")

@@ -147,11 +147,20 @@ def units_from(units: list[LoopUnit]) -> Callable[[bool], list[LoopUnit]]:
     return lambda ahead: [remaining.pop()] if remaining else []
 
 
-def prepare_model(weights: str | None, runtime: str, seed: int) -> tuple[str | None, dict]:
+def prepare_model(weights: str | None, runtime: str, seed: int, precision: str = "fp32") -> tuple[str | None, dict]:
     """What the workers of ``runtime`` load, made ready by the driver before its clock starts: for torch the
     weights as given; for the others an export, ``weights`` itself where it is one, else the export of
-    ``weights`` (random-init from ``seed`` when None) from the cache, made there first with torch when missing.
-    Returns it with what was done, for the run record."""
+    ``weights`` (random-init from ``seed`` when None) from the cache, made there first with torch when missing;
+    for OpenVINO int8, that export's int8 export (made into the cache first, ``openvino_int8``). Returns it with
+    what was done, for the run record."""
+    model, done = _prepare_export(weights, runtime, seed)
+    if runtime == "openvino" and precision == "int8":
+        export, made = runtimes.int8_export(model)
+        return export.directory, {**done, **made}
+    return model, done
+
+
+def _prepare_export(weights: str | None, runtime: str, seed: int) -> tuple[str | None, dict]:
     if runtime == "torch":
         if is_export(weights):
             raise UserError(f"{weights}: an exported model; run it with --runtime onnxruntime or openvino")

@@ -229,6 +229,7 @@ def show_bench(done, as_json: bool) -> None:
     )
     rss = ", ".join(f"{arm} {outcome.peak_rss_bytes(arm) / 2**20:,.0f} MB" for arm in outcome.arms)
     stdout.print(f"peak RSS: {rss} (the reference holds the whole data set)")
+    stdout.print(efficiency_line(done.figures))
     for arm in others:
         chose = dict(done.figures["arms"][arm]["choices"])
         default = runtime_choice_line(chose.pop("runtime_choice", None))
@@ -237,6 +238,23 @@ def show_bench(done, as_json: bool) -> None:
             say(f"{arm} (what `cai-bench run` runs without flags): {default}")
     stdout.print(f"CPU flags: {' '.join(done.figures['cpu_flags']) or 'none read'}")
     stdout.print(f"{sum(len(r) for r in outcome.records.values())} record(s) appended to {done.store.path}")
+
+
+def efficiency_line(figures: dict) -> str:
+    """Each arm's GFLOP/s (forward passes), MFU and largest |dz| from the reference, with the peak they are of."""
+    peak = figures.get("fp32_peak") or {}
+
+    def arm_text(arm: str, f: dict) -> str:
+        share = "" if f.get("compute_mfu") is None else f" ({f['compute_mfu']:.0%} MFU)"
+        dz = "" if "max_abs_dz" not in f else f", max |dz| {f['max_abs_dz']:.1e}"
+        return f"{arm} {f['compute_gflops']:,.1f}{share}{dz}"
+
+    arms = "; ".join(arm_text(arm, f) for arm, f in figures["arms"].items())
+    of = (f"of a measured fp32 peak of {peak['gflops']:,.1f} GFLOP/s ({peak['how']}, {peak['threads']} threads)"
+          if peak else "no fp32 peak measured")  # fmt: skip
+    flops = figures.get("flops_per_sample") or 0
+    return (f"GFLOP/s over the forward passes, at {flops / 1e9:.3f} GFLOP a galaxy, {of}; max |dz| from the "
+            f"reference loop's predictions over every galaxy: {arms}")  # fmt: skip
 
 
 def show_sweep(done, as_json: bool) -> None:

@@ -192,7 +192,9 @@ def _stage(plan: Plan, options: dict, services: Services, runtime: str, mode: st
         create_bucket(target)
     refs, data_prefix, staging_s = stage(plan.partitions, plan, target)
     # An export the functions need is made here, where torch is, then staged like weights
-    model, prepared = prepare_model(plan.weights, runtime, plan.seed) if mode == "model" else (plan.weights, {})
+    model, prepared = (
+        prepare_model(plan.weights, runtime, plan.seed, plan.precision) if mode == "model" else (plan.weights, {})
+    )
     exported, expects, digests = runtime != "torch" and mode == "model", None, {}
     if exported and options.get("export_in_image"):
         # In the image: no fetch at a cold start. Emulated, the image is this machine, so the export is local

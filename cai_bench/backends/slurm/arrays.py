@@ -384,7 +384,7 @@ def _new_job(plan: Plan, wait: bool) -> tuple[dict, Dispatcher]:
 def _transport(plan: Plan, job: dict) -> ArrayTransport:
     options = plan_options(plan, job["lanes"], intra_threads=job["intra_op_threads"])
     # An export is made here, where torch is; the tasks read it where it lies (a filesystem the nodes share)
-    model, _ = prepare_model(plan.weights, options.runtime, plan.seed)
+    model, _ = prepare_model(plan.weights, options.runtime, plan.seed, options.precision)
     spec = {"options": options, "weights": model, "seed": plan.seed}
     transport = ArrayTransport(plan, job, {**spec, "intra": job["intra_op_threads"]})
     transport.executor = _executor(Path(job["directory"]), job["executor"], job["parameters"])

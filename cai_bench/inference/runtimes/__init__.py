@@ -70,6 +70,17 @@ def auto_precision(runtime: str, model: str, threads: int) -> tuple[str, dict]:
     return runtime_module(runtime).auto_precision(read_export(model, runtime), threads)
 
 
+def int8_export(model: str) -> tuple[Export, dict]:
+    """The OpenVINO int8 export of the export ``model`` (itself where it is one), made into the cache first
+    where missing, with what was done."""
+    export = read_export(model, "openvino")
+    if export.meta.get("precision") == "int8":
+        return export, {}
+    runtime_module("openvino")  # one line saying what to install, where openvino is missing
+    module = importlib.import_module("cai_bench.inference.runtimes.openvino_int8")
+    return module.cached_int8_export(export, allowed_cpus())
+
+
 def judge_explicit(precision: str, max_difference: float, tolerance: float | None = None) -> dict:
     """An explicitly chosen lower precision kept only within ``tolerance`` (default PRECISION_TOLERANCE, read
     when called) of fp32 on the probe batch."""

@@ -5,6 +5,10 @@ picks bf16 from the CPU's flags alone, which was slower than f32 on CPUs without
 limit failed to compile a Softmax. "auto" is decided by the same probe as torch's (``worker.decide_precision``:
 bf16 only with native bf16, at least 10% faster and within the tolerance), measured on this runtime; what the
 compiled model then reports back as its precision goes into the record.
+
+int8 (``openvino_int8``) is a model of its own, the transformer's matrix products quantized by NNCF, made once
+per export into the cache; at every start it is checked against fp32 on the probe batch and a held-out batch and
+refused, with both differences, where either is over the tolerance. Its inputs take magnitudes as float32.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import numpy as np
 import openvino as ov
 
 from cai_bench.core.machine import native_bf16_cpu
-from cai_bench.inference.runtimes import RuntimeModel, max_difference, probe_arrays
+from cai_bench.inference.runtimes import RuntimeModel, judge_explicit, max_difference, probe_arrays
+from cai_bench.inference.runtimes import openvino_int8 as int8
 from cai_bench.inference.worker import PRECISION_TOLERANCE, decide_precision, forced_precision
 from cai_bench.model.export_format import Export
 
-HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision names -> OpenVINO's inference precision hint
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # ours -> OpenVINO's hint (int8: the layers left in fp32)
 
 
 def version() -> str:
@@ -39,11 +44,11 @@ def compile_model(core: ov.Core, model, precision: str, lanes: int, threads: int
     return core.compile_model(model, "CPU", configuration(precision, lanes, threads))
 
 
-def predictor(compiled):
+def predictor(compiled, magnitude_dtype=np.float64):
     request = compiled.create_infer_request()
 
     def predict(images: np.ndarray, magnitudes: np.ndarray) -> np.ndarray:
-        request.infer([np.ascontiguousarray(images), np.ascontiguousarray(magnitudes)])
+        request.infer([np.ascontiguousarray(images), np.ascontiguousarray(magnitudes, dtype=magnitude_dtype)])
         return request.get_output_tensor(0).data[:, 0].copy()
 
     return predict
@@ -53,11 +58,11 @@ def time_precisions(core: ov.Core, model, threads: int) -> dict:
     """f32 and bf16 compiled alike (one stream), the probe batch through each: best of 2 after a warm-up,
     alternated, and how far apart their predictions are."""
     image, magnitude = probe_arrays()
-    predict = {p: predictor(compile_model(core, model, p, 1, threads)) for p in HINTS}
-    seconds: dict = {p: [] for p in HINTS}
+    predict = {p: predictor(compile_model(core, model, p, 1, threads)) for p in ("fp32", "bf16")}
+    seconds: dict = {p: [] for p in ("fp32", "bf16")}
     outputs = {}
     for _ in range(3):
-        for precision in HINTS:
+        for precision in predict:
             start = time.perf_counter()
             outputs[precision] = predict[precision](image, magnitude)
             seconds[precision].append(time.perf_counter() - start)
@@ -87,14 +92,34 @@ def auto_precision(export: Export, threads: int) -> tuple[str, dict]:
     return choose_precision(core, core.read_model(export.model_file), threads)
 
 
+def compile_int8(core: ov.Core, export: Export, lanes: int, threads: int):
+    """The int8 export of ``export`` (itself where it is one; else made into the cache first), compiled, and
+    checked on this machine: refused where the probe or the held-out batch is over the tolerance."""
+    made = {}
+    if export.meta.get("precision") != "int8":
+        export, made = int8.cached_int8_export(export, threads)
+    compiled = compile_model(core, core.read_model(export.model_file), "int8", lanes, threads)
+    differences = int8.check(export, compiled)
+    judged = judge_explicit("int8", max(differences.values()))
+    quantization = export.meta.get("quantization") or {}
+    probe = {"chose": "int8", **judged, "why": "within tolerance on the probe and a held-out batch",
+             "max_difference_by_batch": differences, **made,
+             "quantization": {k: quantization.get(k) for k in ("kept", "attempts", "quantized_products")}}  # fmt: skip
+    return compiled, probe
+
+
 def compile_export(export: Export, precision: str, lanes: int, threads: int) -> RuntimeModel:
     core = ov.Core()
-    model = core.read_model(export.model_file)
-    if precision == "auto":
-        chose, probe = choose_precision(core, model, threads)
+    if precision == "int8":
+        compiled, probe = compile_int8(core, export, lanes, threads)
+        chose = "int8"
     else:
-        chose, probe = precision, {"chose": precision, "why": "asked for"}
-    compiled = compile_model(core, model, chose, lanes, threads)
+        model = core.read_model(export.model_file)
+        if precision == "auto":
+            chose, probe = choose_precision(core, model, threads)
+        else:
+            chose, probe = precision, {"chose": precision, "why": "asked for"}
+        compiled = compile_model(core, model, chose, lanes, threads)
     threading = {
         "streams": int(compiled.get_property("NUM_STREAMS")),
         "infer_requests": lanes,
@@ -109,4 +134,5 @@ def compile_export(export: Export, precision: str, lanes: int, threads: int) -> 
         "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
         "precision_probe": probe,
     }
-    return RuntimeModel([predictor(compiled) for _ in range(lanes)], chose, choices)
+    dtype = np.float32 if chose == "int8" else np.float64  # the int8 export takes magnitudes as float32
+    return RuntimeModel([predictor(compiled, dtype) for _ in range(lanes)], chose, choices)
