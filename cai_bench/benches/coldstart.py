@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cold_starts(args: argparse.Namespace) -> int:
     summary, refs = resolve_data(None, args.partition_mb / 1024, args.partition_mb, seed=0)
-    plan = make_plan(
-        "lambda", summary, refs[:1], batch_size=args.batch_size, precision=args.precision, weights=args.weights
-    )
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.option)}
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    # Each trial sets its arm's runtime; the plan is checked with the first (a precision torch lacks, int8)
+    plan = make_plan("lambda", summary, refs[:1], batch_size=args.batch_size, precision=args.precision,
+                     weights=args.weights, backend_options={"runtime": runtimes[0]})  # fmt: skip
     arms = [(runtime, source) for runtime in runtimes for source in args.export_from.split(",")]
     trials: dict[str, list] = {f"{r} {source}": [] for r, source in arms}
     s3 = start_local_s3()

@@ -23,10 +23,10 @@ from cai_bench.commands.preflight import check_run
 from cai_bench.commands.runner import NoProgress, ProgressSink, RunRequest, resolve_runtime, run_repeat
 from cai_bench.core.choices import RUNTIME_PRECISIONS
 from cai_bench.core.errors import UserError
-from cai_bench.core.machine import machine_label, this_machine, vector_flags
+from cai_bench.core.machine import isa_limits, machine_label, this_machine, vector_flags
 from cai_bench.core.plan import BITS_PER_SAMPLE, Plan, replace_plan
 from cai_bench.core.records import RunRecord
-from cai_bench.measure.efficiency import achieved_gflops, isa_limits, mfu
+from cai_bench.measure.efficiency import achieved_gflops, mfu
 from cai_bench.measure.metrics import spread
 from cai_bench.store.jsonl import ResultsStore
 

@@ -60,17 +60,45 @@ def vector_flags() -> list[str]:
     return [f for f in VECTOR_FLAGS if f in flags]
 
 
+# What a limit on oneDNN's instruction sets (ONEDNN_MAX_CPU_ISA, which torch's and OpenVINO's oneDNN read) takes
+# away from the CPU's flags: the runtimes cannot use what is over the limit, so the probes must not count on it
+_OVER_LIMIT = {
+    "avx512_core_bf16": ("amx_bf16", "amx_int8"),
+    "avx512_core_vnni": ("avx512_bf16", "amx_bf16", "amx_int8"),
+    "avx512_core": ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"),
+    "avx2_vnni": ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"),
+    "avx2": ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8"),
+}
+_OVER_LIMIT.update(sse41=_OVER_LIMIT["avx2"] + ("avx2", "fma"), avx=_OVER_LIMIT["avx2"] + ("avx2", "fma"))
+
+
+# The variables that cap which instruction sets the runtimes' kernels use: oneDNN's (torch, OpenVINO), MKL's and
+# torch's own dispatch. A number measured under one is a number of a smaller CPU, and its record says so.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def isa_limits() -> dict[str, str]:
+    return {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
+
+
+def usable_cpu_flags() -> frozenset[str]:
+    """The CPU's flags less what ONEDNN_MAX_CPU_ISA forbids the runtimes (all of them where it is unset)."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower()
+    return cpu_flags() - frozenset(_OVER_LIMIT.get(limit, ()))
+
+
 def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, never faster."""
-    flags = cpu_flags()
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX) within any instruction-set limit set;
+    elsewhere bf16 is emulated, never faster."""
+    flags = usable_cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def int8_dot_product_cpu() -> bool:
-    """Whether this CPU has int8 dot products (VNNI or AMX). Without them int8 runs on AVX2's multiply-adds: under
-    an AVX2 limit OpenVINO's int8 model ran 0.74x its fp32 and moved predictions 5x more (docs/performance.md)."""
-    flags = cpu_flags()
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    """Whether this CPU has int8 dot products (VNNI or AMX) within any instruction-set limit set. Without them
+    int8 runs on AVX2's multiply-adds: under an AVX2 limit OpenVINO's int8 model ran 0.74x its fp32 and moved
+    predictions 5x more (docs/performance.md)."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & usable_cpu_flags())
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -149,6 +177,7 @@ def _static_environment(with_torch: bool = True) -> dict:
         "cpu_affinity": allowed_cpus(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability() if torch is not None else None,
         "cpu_flags": vector_flags(),
+        "isa_limits": isa_limits(),
         "memory_total_bytes": psutil.virtual_memory().total,
         "torch_cuda": torch.version.cuda if torch is not None else None,
         "gpus": gpus,
@@ -190,7 +219,8 @@ def machine_id(environment: dict) -> str:
     if environment.get("machine_id"):
         return str(environment["machine_id"])
     gpus = ",".join(environment.get("gpus") or [])
-    return " | ".join(x for x in (environment.get("host", "?"), environment.get("cpu_model", "?"), gpus) if x)
+    limits = ",".join(f"{k}={v}" for k, v in sorted((environment.get("isa_limits") or {}).items()))
+    return " | ".join(x for x in (environment.get("host", "?"), environment.get("cpu_model", "?"), gpus, limits) if x)
 
 
 def machine_label(environment: dict) -> str:
@@ -201,4 +231,6 @@ def machine_label(environment: dict) -> str:
         what = what.replace(noise, "")
     cores = environment.get("cpu_physical_cores") or environment.get("cpu_logical_cores")
     host, what = shown(environment.get("host", "?"), 64), shown(" ".join(what.split()), 64)
-    return f"{host} ({what}{f', {shown(cores, 12)} cores' if cores else ''})"
+    limit = (environment.get("isa_limits") or {}).get("ONEDNN_MAX_CPU_ISA")
+    limited = f", limited to {shown(limit, 20)}" if limit else ""
+    return f"{host} ({what}{f', {shown(cores, 12)} cores' if cores else ''}{limited})"

@@ -4,7 +4,7 @@ that as a share of this machine's measured fp32 peak (the MFU).
 The peak is measured, not read from a datasheet: a large fp32 matrix product (torch.mm, PEAK_SIZE square) timed
 at the run's thread count, the best of PEAK_REPEATS after a warm-up. It is kept in the cache (``peaks/``) per
 machine, thread count and instruction-set limit, so a run pays for it once per machine, after its clock stops.
-The instruction-set limits the runtimes read (``ISA_LIMITS``) are part of the key: a peak measured under
+The instruction-set limits the runtimes read (``machine.ISA_LIMITS``) are part of the key: a peak measured under
 ``ONEDNN_MAX_CPU_ISA=AVX2`` is AVX2's.
 """
 
@@ -13,17 +13,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 
 from cai_bench.core.errors import UserError
 from cai_bench.core.files import cache_dir, loads_json, write_json_atomic
+from cai_bench.core.machine import isa_limits
 from cai_bench.core.records import utc_now
 
 PEAK_SIZE = 2048  # 17 GFLOP a product: long enough to time, short enough to run at every new machine
 PEAK_REPEATS = 5
 PEAK_VERSION = 1
-ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
 def achieved_gflops(samples_per_s: float | None, flops_per_sample: int | None) -> float | None:
@@ -37,10 +36,6 @@ def mfu(gflops: float | None, peak: dict | None) -> float | None:
     if gflops is None or not peak or not peak.get("gflops"):
         return None
     return gflops / peak["gflops"]
-
-
-def isa_limits() -> dict[str, str]:
-    return {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
 
 
 def measure_gemm_peak(threads: int, size: int = PEAK_SIZE, repeats: int = PEAK_REPEATS) -> dict:

@@ -81,16 +81,18 @@ def int8_export(model: str) -> tuple[Export, dict]:
     return module.cached_int8_export(export, allowed_cpus())
 
 
-def judge_explicit(precision: str, max_difference: float, tolerance: float | None = None) -> dict:
+def judge_explicit(
+    precision: str, max_difference: float, tolerance: float | None = None, where: str = "the probe batch"
+) -> dict:
     """An explicitly chosen lower precision kept only within ``tolerance`` (default PRECISION_TOLERANCE, read
-    when called) of fp32 on the probe batch."""
+    when called) of fp32 on ``where``."""
     tolerance = PRECISION_TOLERANCE if tolerance is None else tolerance
     if not max_difference <= tolerance:
         raise UserError(
-            f"--precision {precision}: its predictions on the probe batch differ from fp32 by up to "
+            f"--precision {precision}: its predictions on {where} differ from fp32 by up to "
             f"{max_difference:.3g} in redshift, over the {tolerance:g} tolerance; run fp32 (or auto)"
         )
-    return {"max_difference": max_difference, "tolerance": tolerance, "why": "within tolerance on the probe batch"}
+    return {"max_difference": max_difference, "tolerance": tolerance, "why": f"within tolerance on {where}"}
 
 
 def max_difference(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,7 +22,9 @@ and the network converts magnitudes to float32 first in any case, so the answer 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import time
@@ -102,11 +104,13 @@ def quantize(model: ov.Model, kinds: tuple[str, ...], alpha: float | None, produ
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha))  # fmt: skip
     images, magnitudes = galaxies(CALIBRATION_SEED, CALIBRATION_SAMPLES)
     items = [(images[i : i + 64], magnitudes[i : i + 64]) for i in range(0, len(images), 64)]
-    return nncf.quantize(
-        model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=nncf.IgnoredScope(names=others, types=["ScaledDotProductAttention"], validate=False),
-        advanced_parameters=advanced,
-    )  # fmt: skip
+    # Its progress bars are printed on stdout, where --json's answer goes: kept out of it
+    with contextlib.redirect_stdout(io.StringIO()):
+        return nncf.quantize(
+            model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER,
+            ignored_scope=nncf.IgnoredScope(names=others, types=["ScaledDotProductAttention"], validate=False),
+            advanced_parameters=advanced,
+        )  # fmt: skip
 
 
 def predict_all(compiled, images: np.ndarray, magnitudes: np.ndarray, batch: int = 128) -> np.ndarray:
