@@ -73,8 +73,10 @@ def test_a_record_without_a_peak_has_no_mfu():
     assert point.mfu is None
 
 
-@pytest.mark.parametrize(("limit", "bf16", "int8"), [(None, True, True), ("AVX2", False, False),
-                                                     ("AVX512_CORE_VNNI", False, True), ("avx512_core", False, False)])  # fmt: skip
+LIMITS = [(None, True, True), ("AVX2", False, False), ("AVX512_CORE_VNNI", False, True), ("avx512_core", False, False)]
+
+
+@pytest.mark.parametrize(("limit", "bf16", "int8"), LIMITS)
 def test_an_instruction_set_limit_takes_reduced_precisions_from_the_probes(monkeypatch, limit, bf16, int8):
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_vnni",
                                                                  "avx512_bf16"}))  # fmt: skip
