@@ -98,7 +98,7 @@ def installed(runtime: str) -> bool:
 
 
 # The reduced precisions auto weighs, where the CPU computes them natively: (runtime, precision)
-AUTO_REDUCED = {("torch", "bf16"): "bf16", ("openvino", "bf16"): "bf16", ("openvino", "int8"): "int8"}
+AUTO_REDUCED = {("torch", "bf16"), ("openvino", "bf16"), ("openvino", "int8")}
 
 
 def candidates_for(precision: str, native_bf16: bool, native_int8: bool = False) -> list[tuple[str, str]]:
@@ -109,7 +109,7 @@ def candidates_for(precision: str, native_bf16: bool, native_int8: bool = False)
         return [(r, precision) for r in RUNTIMES if precision in RUNTIME_PRECISIONS[r]]
     native = {"bf16": native_bf16, "int8": native_int8}
     return [(r, p) for r in RUNTIMES for p in RUNTIME_PRECISIONS[r]
-            if p == "fp32" or (AUTO_REDUCED.get((r, p)) and native[p])]  # fmt: skip
+            if p == "fp32" or ((r, p) in AUTO_REDUCED and native[p])]  # fmt: skip
 
 
 def _fastest(group: list[Candidate]) -> tuple[Candidate, bool]:
