@@ -94,3 +94,23 @@ def test_a_limited_machine_is_another_machine_in_the_records(monkeypatch):
     assert "limited to AVX2" in machine.machine_label(limited)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert machine.isa_limits() == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def test_a_reduced_precision_carries_its_measured_error_into_report_rows_and_figure_labels():
+    from cai_bench.render.figures.scaling import _series
+
+    records = []
+    for gb, difference in ((0.5, 1.2e-3), (1.0, 1.7e-3)):
+        record = hand_record("cpu", 20.0 * gb, gb=gb)  # as OpenVINO int8 ran it
+        record["plan"].update(precision="int8", backend_options={"runtime": "openvino"})
+        for worker in record["workers"]:
+            worker["precision"] = "int8"
+        record["backend_info"].update(runtime="openvino", precision="int8",
+                                      precision_probe={"max_difference": difference})  # fmt: skip
+        records.append(record)
+    fp32 = [hand_record("cpu", 10.0 * gb, gb=gb) for gb in (0.5, 1.0)]
+    points = summarize_points(records + fp32)
+    assert sorted(p.max_dz for p in points if p.precision == "int8") == [1.2e-3, 1.7e-3]
+    labels = [label for label, _ in _series(points, "data_gb")[0]]
+    assert any("int8" in label and "max |dz| 1.7e-03" in label for label in labels)
+    assert not any("max |dz|" in label for label in labels if "int8" not in label)

@@ -91,6 +91,14 @@ _ATTR_TEXT = {
 _MEMORY_SERIES = ("backend", "engine", "machine", "data_gb", "partition_mb", "batch_size", "precision", "orchestrator")
 
 
+def _error_text(group: list[PointReport]) -> str:
+    """A reduced precision's measured error in its line's label: the largest |dz| from torch fp32 of its points."""
+    measured = [p.max_dz for p in group if p.max_dz is not None]
+    if group[0].precision in ("fp32", "auto") or not measured:
+        return ""
+    return f"max |dz| {max(measured):.1e}"
+
+
 def _series(points: list[PointReport], x_attr: str, attrs: tuple[str, ...] = _SERIES_ATTRS,
             ) -> tuple[list[tuple[str, list[PointReport]]], str]:  # fmt: skip
     """Points grouped into lines along ``x_attr``, and what all the lines share (for the title).
@@ -109,7 +117,7 @@ def _series(points: list[PointReport], x_attr: str, attrs: tuple[str, ...] = _SE
     out = []
     for group in groups.values():
         group.sort(key=lambda p: getattr(p, x_attr))
-        texts = (_ATTR_TEXT[a](group[0]) for a in shown)
+        texts = [_ATTR_TEXT[a](group[0]) for a in shown] + [_error_text(group)]
         out.append(("ours: " + " · ".join(t for t in texts if t), group))
     out.sort(key=lambda item: item[0])
     any_group = next(iter(groups.values()))
