@@ -97,3 +97,9 @@ def test_a_search_that_finds_nothing_within_the_tolerance_names_every_attempt(mo
     monkeypatch.setattr(int8, "ATTEMPTS", ((0.3, ("qkv",)),))
     with pytest.raises(UserError, match=r"no quantization of these weights stayed within .*\(alpha 0\.3 qkv: \d"):
         int8.cached_int8_export(read_export(exports["openvino"]), 1, tolerance=1e-9)
+
+
+@pytest.mark.parametrize("arm", ["openvino:fp16", "torch:int8", "tvm:int8"])
+def test_a_bench_arm_at_a_precision_its_runtime_lacks_is_one_clear_error(cli, arm):
+    code, _, err = cli("bench", "--runtimes", arm, "--gb", "0.01")
+    assert code == 2 and f"got {arm}" in err and "runtime:precision" in err

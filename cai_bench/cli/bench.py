@@ -17,7 +17,7 @@ Runtimes = Annotated[
     str | None,
     typer.Option(
         help="Comma list of torch, onnxruntime, openvino, and default (what run does without flags: --runtime "
-        "auto --precision auto, probed once).",
+        "auto --precision auto, probed once); runtime:precision pins an arm's precision (openvino:int8).",
         show_default="all installed, and default",
     ),
 ]
@@ -38,8 +38,9 @@ def bench(
     """The upstream-style reference loop against every runtime on the same data, alternating A B C D A B C D.
 
     Prints samples/s of each run, each arm's ratio to the reference of the same round and their median, peak
-    RSS and what each runtime chose (version, threading, precision), and the machine with its CPU flags; every
-    measured run is also a record in the store.
+    RSS, each arm's GFLOP/s and MFU (against this machine's measured fp32 peak) and largest |dz| from the
+    reference over every galaxy, what each runtime chose (version, threading, precision), and the machine with
+    its CPU flags; every measured run is also a record in the store.
     """
     request = RunRequest(
         data=data, gb=gb, partition_mb=partition_mb, batch_size=batch_size, precision=precision.value,
