@@ -115,7 +115,7 @@ def _largest_difference(group: list[dict]) -> float | None:
         if difference is None and ran_precision(record) == "fp32":
             export = (record.get("backend_info") or {}).get("export") or {}
             difference = 0.0 if ran_runtime(record) == "torch" else export.get("max_abs_dz")
-        if difference is not None:
+        if isinstance(difference, int | float) and not isinstance(difference, bool):
             found.append(float(difference))
     return max(found) if found else None
 

@@ -39,7 +39,10 @@ def _warn(message: str) -> None:
 
 _LATENCIES = ("batch_latency_p50_s", "batch_latency_p90_s", "batch_latency_p99_s")
 # Optional fields that may also be null
-_NULLABLE = {"threads", "cycle_to_gb", "cost_usd", *_LATENCIES, "accuracy", "error", "backend_info", "weights", "gpus"}
+_EFFICIENCY_SHAPE = {"flops_per_sample": INT, "gflops": NUMBER, "mfu": NUMBER}
+_EFFICIENCY = tuple(_EFFICIENCY_SHAPE)
+_NULLABLE = {"threads", "cycle_to_gb", "cost_usd", *_LATENCIES, *_EFFICIENCY, "accuracy", "error", "backend_info",
+             "weights", "gpus", "validity"}  # fmt: skip
 # What reports, plots and listings read of a record: each must be there with its type (None where allowed)
 _RECORD_SHAPE = {
     "run_id": TEXT,
@@ -53,7 +56,8 @@ _RECORD_SHAPE = {
     "summary": TABLE,
     "workers": LIST,
 }
-_OPTIONAL_SHAPE = {"kind": TEXT, "backend_info": TABLE, "weights": TABLE, "accuracy": TABLE, "error": TEXT}
+_OPTIONAL_SHAPE = {"kind": TEXT, "backend_info": TABLE, "weights": TABLE, "accuracy": TABLE, "error": TEXT,
+                   "validity": TABLE}  # fmt: skip
 _SUMMARY_COUNTS = ("samples", "bits", "partitions", "workers", "peak_rss_bytes")
 _SUMMARY_FIGURES = ("wall_s", "samples_per_s", "throughput_bps", "sum_worker_throughput_bps")
 _PHASES = ("compute_s", "load_s", "wait_s", "startup_s")
@@ -66,8 +70,9 @@ _SHAPES = (
     ("plan.data", {"samples": INT, "data_gb": NUMBER, "partition_mb": NUMBER, "partitions": INT}, False),
     ("plan.data", {"source": TABLE, "dataset_id": TEXT}, True),
     ("summary", {**dict.fromkeys(_SUMMARY_COUNTS, INT), **dict.fromkeys(_SUMMARY_FIGURES + _PHASES, NUMBER)}, False),
-    ("summary", {"cost_usd": NUMBER, **dict.fromkeys(_LATENCIES, NUMBER)}, True),
-    ("environment", {"host": TEXT, "cpu_model": TEXT, "gpus": LIST, "packages": TABLE}, True),
+    ("summary", {"cost_usd": NUMBER, **dict.fromkeys(_LATENCIES, NUMBER), **_EFFICIENCY_SHAPE}, True),
+    ("environment", {"host": TEXT, "cpu_model": TEXT, "gpus": LIST, "packages": TABLE, "isa_limits": TABLE}, True),
+    ("validity", {"failed": LIST}, True),
     ("backend_info", {"threads": INT, "workers": INT, "tasks": INT}, True),
 )
 _COMM_SHAPE = {"run_id": TEXT, "channel": TEXT, "op": TEXT, "world_size": INT, "nbytes": INT, "median_s": NUMBER,
@@ -91,6 +96,8 @@ def record_problem(record: dict) -> str | None:
             return found
     if not all(isinstance(g, str) for g in record["environment"].get("gpus") or []):
         return "environment.gpus must list names"
+    if not all(isinstance(f, str) for f in (record.get("validity") or {}).get("failed") or []):
+        return "validity.failed must list sentences"
     for number, worker in enumerate(record["workers"]):
         if not isinstance(worker, dict):
             return f"workers[{number}] is not an object"
