@@ -91,7 +91,7 @@ class BenchOutcome:
         records = self.records[arm]
         flops = records[-1].summary.flops_per_sample
         peak = records[-1].environment.get("fp32_peak")
-        wall = spread([achieved_gflops(r.summary.samples_per_s, flops) or 0.0 for r in records]).median
+        wall = spread([r.summary.gflops or 0.0 for r in records]).median  # each record's own
         compute = spread([achieved_gflops(s, flops) or 0.0 for s in self.compute_samples_per_s(arm)]).median
         return {"gflops": wall, "compute_gflops": compute, "mfu": mfu(wall, peak), "compute_mfu": mfu(compute, peak)}
 
