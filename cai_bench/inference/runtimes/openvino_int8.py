@@ -121,12 +121,17 @@ def predict_all(compiled, images: np.ndarray, magnitudes: np.ndarray, batch: int
     return np.concatenate(out).astype(np.float64)
 
 
-def search(core: ov.Core, fp32: ov.Model, threads: int, tolerance: float) -> tuple[ov.Model, dict]:
-    """The first of ATTEMPTS within SEARCH_SHARE of ``tolerance`` on the validation batch, and every attempt's
-    figures; a UserError with those figures where none is."""
-    config = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": threads}
+def one_stream(threads: int) -> dict:
+    """OpenVINO's configuration for the search and its checks: f32 where not quantized, one stream."""
+    return {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": threads}
+
+
+def search(core: ov.Core, fp32: ov.Model, compiled_fp32, threads: int, tolerance: float) -> tuple[ov.Model, dict]:
+    """The first of ATTEMPTS within SEARCH_SHARE of ``tolerance`` on the validation batch (``compiled_fp32``'s
+    predictions the reference), and every attempt's figures; a UserError with those figures where none is."""
+    config = one_stream(threads)
     images, magnitudes = galaxies(VALIDATION_SEED, VALIDATION_SAMPLES)
-    reference = predict_all(core.compile_model(fp32, "CPU", config), images, magnitudes)
+    reference = predict_all(compiled_fp32, images, magnitudes)
     products, tried = token_products(fp32), []
     for alpha, kinds in ATTEMPTS:
         started = time.perf_counter()
@@ -198,10 +203,10 @@ def cached_int8_export(export: Export, threads: int, tolerance: float | None = N
         started = time.perf_counter()
         core = ov.Core()
         source = magnitudes_as_f32(core.read_model(export.model_file))
-        model, found = search(core, source, threads, tolerance)
-        config = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": threads}
+        compiled = core.compile_model(source, "CPU", one_stream(threads))  # once: the search's and the checks' fp32
+        model, found = search(core, source, compiled, threads, tolerance)
         with staged_directory(directory, True, "int8 export", EXPORT_META) as staging:
-            _write_int8_export(staging, export, model, core.compile_model(source, "CPU", config), found, tolerance)
+            _write_int8_export(staging, export, model, compiled, found, tolerance)
         seconds = time.perf_counter() - started
     return read_export(directory, "openvino"), {"int8_made": True, "int8_s": round(seconds, 3)}
 
