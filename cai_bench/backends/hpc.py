@@ -39,7 +39,7 @@ from cai_bench import comm
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, Job, dispatched_run
 from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, Event, Unit, drive
-from cai_bench.backends.options import COMM_OPTIONS, LANES, RETRIES, RUNTIME
+from cai_bench.backends.options import COMM_OPTIONS, LANES, RETRIES, RUNTIME, WORKERS
 from cai_bench.backends.slurm import arrays
 from cai_bench.backends.slurm import options as slurm_options
 from cai_bench.comm import CommError
@@ -54,7 +54,7 @@ from cai_bench.inference.runtime_choice import Layout
 from cai_bench.inference.worker import EngineOptions, plan_options
 
 NODE_OPTIONS = (
-    BackendOption("workers", int, "Worker processes on this node, --threads split between them.", 1, minimum=1),
+    WORKERS,
     RETRIES,
     LANES,
     RUNTIME,

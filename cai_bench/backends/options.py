@@ -8,6 +8,11 @@ from cai_bench.backends.dispatch import DEFAULT_RETRIES
 from cai_bench.comm.policy import HINTS
 from cai_bench.core.choices import RUNTIMES
 
+WORKERS = BackendOption(
+    "workers", int, "Worker processes, --threads split between them: hpc, on this node (1 by default); dask, of "
+    "the embedded cluster (one per core by default) or the jobs --dask-jobqueue submits.", "1 (hpc); cores (dask)",
+    minimum=1,
+)  # fmt: skip
 RETRIES = BackendOption(
     "retries", int, "Times a partition whose worker was lost or that failed is tried again, on another worker "
     "where there is one (hpc --slurm: in a smaller array; lambda: in a fresh invocation).",

@@ -31,6 +31,7 @@ BUILT_IN = {
     "hpc": "cai_bench.backends.hpc",
     "gpu": "cai_bench.backends.gpu.backend",
     "lambda": "cai_bench.backends.aws_lambda.driver",
+    "dask": "cai_bench.backends.dask.backend",
 }
 _REGISTERED: dict[str, Callable[[], Backend]] = {}
 

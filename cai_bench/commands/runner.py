@@ -191,7 +191,7 @@ def plan_machine(plan: Plan) -> dict:
 
 
 # Backends whose workers run on this machine's CPU: the only ones a peak measured here speaks for
-PEAK_BACKENDS = ("cpu", "hpc")
+PEAK_BACKENDS = ("cpu", "hpc", "dask")
 
 
 def add_efficiency(record: RunRecord, plan: Plan, threads: int | None) -> None:

@@ -1,0 +1,158 @@
+"""The dask backend on real Dask clusters on loopback: the embedded LocalCluster (TLS, nanny-restarted worker
+processes, one killed for real), and a scheduler and workers started apart with Dask's own command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import check_timeline
+
+from cai_bench.backends import get_backend
+from cai_bench.commands.runner import execute
+from cai_bench.core.plan import make_plan, work_units
+from cai_bench.data.partitions import open_dataset
+
+pytest.importorskip("distributed")
+
+
+def plan_for(data: Path, backend: str = "dask", **options):
+    _, summary, refs = open_dataset(data)
+    backend_options = {"runtime": "torch", **(options.pop("backend_options", None) or {})}
+    return make_plan(backend, summary, refs, precision="fp32", backend_options=backend_options, **options)
+
+
+def predictions(outcome) -> dict[int, float]:
+    return {int(i): float(p) for r in outcome.results for i, p in zip(r.object_id, r.prediction, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def external_cluster(tmp_path_factory):
+    """``dask scheduler`` and two ``dask worker`` processes (no nanny: a killed one stays dead), started apart on
+    loopback as a user starts them, stopped at the end. Yields the scheduler's address and the workers' pids."""
+    folder = tmp_path_factory.mktemp("dask")
+    scheduler_file = folder / "scheduler.json"
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    started = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
+                                 str(scheduler_file)], **quiet)]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for n in range(2):
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--no-nanny",
+                 "--nthreads", "2", "--name", f"apart-{n}", "--no-dashboard"],
+                **quiet,
+            ))  # fmt: skip
+        yield {"address": address, "worker_pids": {p.pid for p in started[1:]}}
+    finally:
+        for process in reversed(started):
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_embedded_cluster_predicts_what_the_cpu_backend_predicts(tiny_data):
+    cpu = execute(plan_for(tiny_data, "cpu", threads=2), None)[0]
+    dask = execute(plan_for(tiny_data, threads=2, backend_options={"workers": 2}), None)[0]
+    ours, theirs = predictions(dask), predictions(cpu)
+    assert ours.keys() == theirs.keys()
+    np.testing.assert_allclose([ours[k] for k in sorted(ours)], [theirs[k] for k in sorted(theirs)], atol=1e-5)
+    record = dask.record
+    about = record.backend_info["dask"]
+    assert about["cluster"] == "embedded" and about["scheduler"].startswith("tls://127.0.0.1:")
+    assert sorted(w.partition for w in record.workers) == [0, 1, 2, 3]
+    assert {w.worker_id for w in record.workers} <= set(about["workers"])
+    assert all(w["address"].startswith("tls://127.0.0.1:") for w in about["workers"].values())
+    assert all(w.pid != os.getpid() for w in record.workers)  # the work ran in the worker processes
+    assert record.backend_info["threads_per_worker"] == 1
+    # the model started once per worker process: start-up is charged to each process's first unit only
+    for pid in {w.pid for w in record.workers}:
+        assert sum(w.startup_s > 0 for w in record.workers if w.pid == pid) == 1
+    line = check_timeline(asdict(record))
+    assert {lane.name for lane in line.lanes} == {w.worker_id for w in record.workers}
+
+
+def test_a_scheduler_started_apart_runs_the_partitions_on_its_own_workers(cli, tiny_data, external_cluster, tmp_path):
+    code, _, err = cli("run", "--backend", "dask", "--scheduler", external_cluster["address"], "--data",
+                          str(tiny_data), "--precision", "fp32", "--runtime", "torch", "--repeats", "1", "--warmup",
+                          "0", "--results", str(tmp_path / "r"))  # fmt: skip
+    assert code == 0, err
+    record = json.loads((tmp_path / "r" / "runs.jsonl").read_text().splitlines()[-1])
+    about = record["backend_info"]["dask"]
+    assert about["cluster"] == "scheduler" and about["scheduler"] == external_cluster["address"]
+    assert {w["name"] for w in about["workers"].values()} == {"apart-0", "apart-1"}
+    assert {w["pid"] for w in record["workers"]} <= external_cluster["worker_pids"]  # they ran the partitions
+    assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 2, 3]
+    assert record["status"] == "ok"
+
+
+@pytest.mark.long
+def test_a_killed_worker_loses_nothing_and_the_record_says_so(many_partitions):
+    """20 partitions on two embedded workers; once both have finished one, the other is killed for real (SIGKILL)
+    mid-partition, and its nanny starts another. Over 30 s on 2 cores: the cluster, three model start-ups."""
+    plan = plan_for(many_partitions, threads=2, batch_size=2, backend_options={"workers": 2, "retries": 1})
+    seen_pids: list[int] = []
+    killed: list[int] = []
+    emitted: list = []
+
+    def emit(result):
+        emitted.append(result)
+        pid = result.record.pid
+        if pid not in seen_pids:
+            seen_pids.append(pid)
+        if not killed and len(seen_pids) == 2:
+            victim = next(p for p in seen_pids if p != pid)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    run = get_backend("dask").run(plan, emit)
+    assert killed, "the test never saw both workers at work"
+    assert sorted(r.record.partition for r in emitted) == sorted(ref.index for ref in work_units(plan))
+    (crash,) = run.info["crashes"]
+    assert crash["partition"] is not None and "left the scheduler" in crash["error"]
+    (redo,) = [r for r in emitted if r.record.partition == crash["partition"]]
+    assert redo.record.pid != killed[0]
+    assert run.info["retried"][0]["partition"] == crash["partition"]
+    record = {"run_id": "r", "backend": "dask", "summary": {"wall_s": run.wall_s}, "backend_info": run.info,
+              "workers": [asdict(r.record) for r in emitted]}  # fmt: skip
+    line = check_timeline(record)
+    assert any("lost running partition" in note for note in line.notes)
+
+
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        ("http://127.0.0.1:8786", "give tcp://HOST:PORT or tls://HOST:PORT"),
+        ("tcp://10.1.2.3:8786", "plain tcp:// is neither encrypted nor authenticated"),
+        ("tls://user:secret@10.1.2.3:8786", "holds no credentials"),
+        ("tcp://127.0.0.1:9", "no Dask scheduler answered there"),
+    ],
+)
+def test_a_scheduler_address_it_cannot_use_is_one_line(cli, tiny_data, tmp_path, address, message):
+    code, out, err = cli("run", "--backend", "dask", "--scheduler", address, "--data", str(tiny_data),
+                          "--results", str(tmp_path / "r"), "--dask-wait-s", "2")  # fmt: skip
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "secret" not in out + err
+    assert "Traceback" not in err
+
+
+def test_workers_with_a_scheduler_is_refused(cli, tiny_data, tmp_path):
+    code, _, err = cli("run", "--backend", "dask", "--scheduler", "tcp://127.0.0.1:8786", "--workers", "2",
+                        "--data", str(tiny_data), "--results", str(tmp_path / "r"))  # fmt: skip
+    assert code == 2 and "a --scheduler's workers are those it has" in err
