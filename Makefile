@@ -14,7 +14,7 @@ BYTECODE := import compileall, sysconfig; \
 	[compileall.compile_dir(d, quiet=2, workers=0) for d in (sysconfig.get_paths()['purelib'], 'cai_bench')]
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev,hpc,aws,onnx,openvino,astro]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev,hpc,aws,onnx,openvino,astro,dask,dask-jobqueue]'
 	$(BIN)/python -c "$(BYTECODE)"
 	touch $(STAMP)
 

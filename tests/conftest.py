@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from safetensors.torch import save_file
 
+from cai_bench.backends.dask.cluster import close_clusters
 from cai_bench.commands import runner
 from cai_bench.core import aws
 from cai_bench.core.files import exclusive
@@ -558,3 +562,36 @@ def pytest_sessionfinish(session, exitstatus):
         return
     env = {**os.environ, "CAI_BENCH_SLURM_DIR": str(SLURM_DIR)}
     subprocess.run([str(ROOT / "scripts" / "slurm-local.sh"), "down"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def external_cluster(tmp_path_factory):
+    """``dask scheduler`` and two ``dask worker`` processes (no nanny: a killed one stays dead), started apart on
+    loopback as a user starts them, stopped at the end. Yields the scheduler's address and the workers' pids."""
+    folder = tmp_path_factory.mktemp("dask")
+    scheduler_file = folder / "scheduler.json"
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    started = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
+                                 str(scheduler_file)], **quiet)]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for n in range(2):
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--no-nanny",
+                 "--nthreads", "2", "--name", f"apart-{n}", "--no-dashboard"],
+                **quiet,
+            ))  # fmt: skip
+        yield {"address": address, "worker_pids": {p.pid for p in started[1:]}}
+    finally:
+        close_clusters()  # the clients the tests' runs left open to it, before it stops
+        for process in reversed(started):
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

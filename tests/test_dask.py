@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,38 +29,6 @@ def plan_for(data: Path, backend: str = "dask", **options):
 
 def predictions(outcome) -> dict[int, float]:
     return {int(i): float(p) for r in outcome.results for i, p in zip(r.object_id, r.prediction, strict=True)}
-
-
-@pytest.fixture(scope="module")
-def external_cluster(tmp_path_factory):
-    """``dask scheduler`` and two ``dask worker`` processes (no nanny: a killed one stays dead), started apart on
-    loopback as a user starts them, stopped at the end. Yields the scheduler's address and the workers' pids."""
-    folder = tmp_path_factory.mktemp("dask")
-    scheduler_file = folder / "scheduler.json"
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    started = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
-                                 str(scheduler_file)], **quiet)]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for n in range(2):
-            started.append(subprocess.Popen(
-                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--no-nanny",
-                 "--nthreads", "2", "--name", f"apart-{n}", "--no-dashboard"],
-                **quiet,
-            ))  # fmt: skip
-        yield {"address": address, "worker_pids": {p.pid for p in started[1:]}}
-    finally:
-        for process in reversed(started):
-            process.terminate()
-        for process in started:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def test_embedded_cluster_predicts_what_the_cpu_backend_predicts(tiny_data):

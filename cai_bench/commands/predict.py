@@ -2,7 +2,7 @@
 
 Each finished partition's predictions go to ``<out>.parts/part-<index>.npz`` (temporary file + rename), so an
 interrupted or killed run keeps every partition it finished. A rerun predicts only the partitions without a
-part file, then writes the catalogue ``<out>`` (Parquet, FITS or CSV: ``data/catalogue.py``) from the parts in
+part file, then writes the catalogue ``<out>`` (Parquet, FITS, CSV or HATS: ``data/catalogue.py``) from the parts in
 partition order, renames it into place and removes the parts. ``job.json`` in the parts directory records which
 data, weights and precision the parts come from; parts of another job are never mixed in. Each part also keeps
 the run, runtime and precision that made it, for the catalogue's provenance. Ids, ra and dec come from the data
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cai_bench.backends.registry import get_backend
 from cai_bench.commands.runner import ProgressSink, RunRequest, execute, labelled_accuracy, resolve_runtime
 from cai_bench.core.errors import UserError
 from cai_bench.core.files import file_sha256, loads_json
@@ -28,6 +29,7 @@ from cai_bench.core.plan import PartitionRef, Plan, replace_plan
 from cai_bench.core.records import RANDOM_INIT, PartitionResult, RunRecord, new_run_id, utc_now
 from cai_bench.core.text import shown
 from cai_bench.data.catalogue import (
+    DIRECTORY_FORMATS,
     FORMATS,
     MODEL_NAME,
     check_catalogue_path,
@@ -124,22 +126,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    """A file, or a directory catalogue (HATS) with everything in it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """The temporaries of ``path`` that a killed writer left (``.NAME.tmp-PID`` of a process no longer alive)."""
     start = f".{path.name}.tmp-"
     for found in path.parent.iterdir() if path.parent.is_dir() else ():
         pid = found.name[len(start) :]
         if found.name.startswith(start) and pid.isdigit() and not _pid_alive(int(pid)):
-            found.unlink(missing_ok=True)
+            _remove(found)
 
 
 def _write_atomically(path: Path, write) -> None:
+    """``write`` to a temporary beside ``path``, then renamed into place. A directory (a HATS catalogue) that
+    ``--force`` replaces is moved aside first and removed once the new one is in place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
     try:
         write(tmp)
+        if path.is_dir():
+            os.replace(path, old)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
+        _remove(old)
 
 
 def _write_part(parts: Path, result: PartitionResult, ran: dict[str, str]) -> None:
@@ -266,7 +282,8 @@ def _provenance(plan: Plan, job: dict, manifest: Manifest, ran: dict[str, list[s
 
 
 def _assemble(out: Path, parts: Path, plan: Plan, job: dict, truth: Truth | None) -> tuple[int, dict | None, dict]:
-    """Write the catalogue ``out`` from the parts, then rename it into place; its metrics and provenance."""
+    """Write the catalogue ``out`` from the parts, then rename it into place; its metrics and provenance. A
+    backend with a Dask cluster (``catalogue_computing``) writes a HATS catalogue's partitions on its workers."""
     manifest = load_manifest(plan.data.path)
     columns, ran = _gather(parts, plan, manifest)
     provenance = _provenance(plan, job, manifest, ran)
@@ -280,9 +297,12 @@ def _assemble(out: Path, parts: Path, plan: Plan, job: dict, truth: Truth | None
     else:
         del columns["z_true"]
     columns["flags"] = object_flags(columns["z_pred"], columns.get("magnitudes"), not plan.weights)
+    writes = getattr(get_backend(plan.backend), "catalogue_computing", None)
+    computing = writes(plan) if writes is not None and FORMATS[out.suffix] in DIRECTORY_FORMATS else None
     try:
         _remove_stale_temporaries(out)  # once, for the catalogue: not beside every part, per partition
-        _write_atomically(out, lambda tmp: write_catalogue(tmp, FORMATS[out.suffix], columns, provenance))
+        _write_atomically(out, lambda tmp: write_catalogue(tmp, FORMATS[out.suffix], columns, provenance,
+                                                           name=out.stem, computing=computing))  # fmt: skip
     except (ValueError, TypeError, UnicodeError) as exc:  # the writer's own refusal: the parts are still there
         raise UserError(f"{out}: the {FORMATS[out.suffix]} writer refused the catalogue ({type(exc).__name__}: "
                         f"{str(exc)[:200]}); the parts in {parts} are kept") from None  # fmt: skip
@@ -294,10 +314,14 @@ def check_out(out: Path, force: bool) -> None:
     """Refuse, before anything runs, an --out that cannot become the catalogue."""
     out = Path(out)
     check_catalogue_path(out)
-    if out.is_dir():
+    directory = FORMATS[out.suffix] in DIRECTORY_FORMATS
+    if out.is_dir() and not directory:
         raise UserError(f"{out}: is a directory; --out names the catalogue file to write")
     if out.exists() and not force:
         raise UserError(f"{out}: exists; pass --force to predict again, or choose another --out")
+    if directory and out.exists() and not (out.is_dir() and _is_hats(out)):
+        raise UserError(f"{out}: exists and is not a HATS catalogue; it is left as it is: move it away or choose "
+                        "another --out")  # fmt: skip
     parent = out.parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"{out}: {parent} is a file, not a directory")
@@ -361,6 +385,23 @@ def predict(
     return outcome
 
 
+def _is_hats(path: Path) -> bool:
+    """Whether ``path`` is a HATS catalogue or collection, which --force may replace (and nothing else)."""
+    return (path / "collection.properties").is_file() or (path / "properties").is_file()
+
+
+def check_positions(plan: Plan, out: Path) -> None:
+    """Before anything is predicted: a HATS catalogue is partitioned by position, so the data set must give
+    each object's ra and dec (an objects table from FITS or HDF5 with them)."""
+    if FORMATS.get(out.suffix) != "hats":
+        return
+    manifest = load_manifest(plan.data.path)
+    if manifest.objects is None or not manifest.objects.has_position:
+        raise UserError(f"{out}: a HATS catalogue is partitioned by sky position, and data set "
+                        f"{manifest.dataset_id} has no ra and dec (import FITS or HDF5 with them: cai-bench data "
+                        "import); write .parquet, .fits or .csv instead. Nothing was predicted")  # fmt: skip
+
+
 def check_fits_ids(plan: Plan, out: Path) -> None:
     """Before anything is predicted: a FITS catalogue holds ASCII text only, so text ids that are not ASCII are
     refused now, not after the whole prediction."""
@@ -392,6 +433,7 @@ def predict_command(request: RunRequest, out: str | Path, force: bool = False, p
     ready = request.check()
     plan = request.plan(ready)
     check_fits_ids(plan, Path(out))
+    check_positions(plan, Path(out))
     return predict(plan, out, ready.store, force=force, progress=progress, truth=joined)
 
 

@@ -22,7 +22,8 @@ import numpy as np
 from cai_bench.core.errors import UserError, import_extra
 from cai_bench.data.csv_table import TEXT_PREFIX, read_csv_table
 
-FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "csv"}
+FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "csv", ".hats": "hats"}
+DIRECTORY_FORMATS = ("hats",)  # written as a directory tree, not one file
 MODEL_NAME = "pcm-AstroMAE"
 METADATA_KEY = "cai_bench"  # Parquet: the provenance, JSON; CSV: the ECSV meta key
 
@@ -94,6 +95,8 @@ def check_catalogue_path(path: Path) -> None:
         raise UserError(f"{path}: --out must end in {', '.join(FORMATS)}")
     if FORMATS[path.suffix] == "fits":
         import_extra("astropy.io.fits", "astro", "writing a FITS catalogue")
+    if FORMATS[path.suffix] == "hats":
+        import_extra("lsdb", "dask", "writing a HATS catalogue")
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -221,10 +224,46 @@ CSV_PREFIX_NOTE = (f"text cells that begin with = + - @, a tab, a carriage retur
                    "cai-bench's reader takes it off")  # fmt: skip
 
 
-def write_catalogue(path: Path, fmt: str, columns: dict[str, np.ndarray], provenance: dict) -> None:
+def _properties_text(value: object) -> str:
+    """``value`` as JSON on one line of a HATS properties file, whose reader takes a backslash as an escape."""
+    return json.dumps(value).replace("\\", "\\\\")
+
+
+def _write_hats(path: Path, columns: dict[str, np.ndarray], provenance: dict, name: str, computing=None) -> None:
+    """A HATS catalogue (HEALPix-partitioned Parquet, its properties and partition info, and a margin cache for
+    cross-matching) written by lsdb. The columns' units, UCDs and descriptions and the provenance go into the
+    catalogue's properties as JSON. ``computing``: a context under which Dask computes the writing (a
+    distributed client's ``as_current()``: the cluster's workers write the partitions); by default threads of
+    this process."""
+    import dask
+    import pandas as pd
+
+    lsdb = import_extra("lsdb", "dask", "writing a HATS catalogue")
+    described = {name: {"unit": COLUMNS[name].unit, "ucd": COLUMNS[name].ucd,
+                        "description": COLUMNS[name].description} for name in columns}  # fmt: skip
+    properties = {
+        "obs_title": f"Redshifts predicted by {MODEL_NAME} (cai-bench predict)",
+        "cai_bench_columns": _properties_text(described),
+        f"{METADATA_KEY}_provenance": _properties_text(provenance),
+    }
+    frame = pd.DataFrame({name: values.astype(object) if _type(values) == "string" else values
+                          for name, values in columns.items()})  # fmt: skip
+    with computing if computing is not None else dask.config.set(scheduler="threads"):
+        catalog = lsdb.from_dataframe(frame, ra_column="ra", dec_column="dec", catalog_name=name)
+        catalog.write_catalog(path, catalog_name=name, addl_hats_properties=properties, progress_bar=False)
+
+
+def write_catalogue(
+    path: Path, fmt: str, columns: dict[str, np.ndarray], provenance: dict, *, name: str | None = None,
+    computing=None,
+) -> None:  # fmt: skip
     """``columns`` (any of ``COLUMNS``, in that order) written in ``fmt`` (a value of ``FORMATS``) with
-    ``provenance``."""
-    ordered = {name: columns[name] for name in COLUMNS if name in columns}
+    ``provenance``; a HATS catalogue is called ``name`` (``path``'s stem by default), written where
+    ``computing`` says (``_write_hats``)."""
+    ordered = {key: columns[key] for key in COLUMNS if key in columns}
+    if fmt == "hats":
+        _write_hats(path, ordered, provenance, name or path.stem, computing)
+        return
     {"parquet": _write_parquet, "fits": _write_fits, "csv": _write_csv}[fmt](path, ordered, provenance)
 
 
@@ -264,6 +303,8 @@ def read_catalogue(
         raise UserError(f"{path}: expected a {what} in {', '.join((*FORMATS, *extra))}")
     if not path.exists():
         raise UserError(f"{path}: file not found")
+    if path.suffix == ".hats":
+        return _read_hats(path, what)
     if not path.is_file():
         raise UserError(f"{path}: not a regular file; a {what} is a file")
     try:
@@ -282,6 +323,20 @@ def read_catalogue(
     except Exception as exc:  # pyarrow, astropy and csv fail in many ways; each means the file is not readable
         raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
     return {OLD_NAMES.get(name, name): values for name, values in columns.items()}, about
+
+
+def _read_hats(path: Path, what: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A HATS catalogue's columns, read by lsdb, and the provenance its properties keep."""
+    lsdb = import_extra("lsdb", "dask", f"reading a HATS {what}")
+    try:
+        catalog = lsdb.read_hats(path)
+        frame = catalog.compute()
+        kept = (catalog.hc_structure.catalog_info.model_extra or {}).get(f"{METADATA_KEY}_provenance", "{}")
+        about = json.loads(kept)
+    except Exception as exc:  # hats and lsdb fail in many ways on a directory that is not a catalogue
+        raise UserError(f"{path}: not a readable HATS {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+    columns = {name: frame[name].to_numpy() for name in frame.columns}
+    return columns, about if isinstance(about, dict) else {}
 
 
 def flag_meanings() -> dict[str, str]:

@@ -62,16 +62,23 @@ def _preload(runtime: str) -> tuple[str, ...]:
     return ("cai_bench.inference.engine",) if runtime == "torch" else ("cai_bench.inference.runtimes",)
 
 
+def _cluster(plan: Plan) -> Cluster:
+    """The run's cluster: the one this process already has open for the same options, or a new one."""
+    options = plan.backend_options
+    workers = options.get("workers") or default_threads()
+    preload = _preload(options.get("runtime") or "torch")
+    wait_s = options.get("dask_wait_s") or WAIT.default
+    return cluster_for({**options, "work_dir": plan.work_dir}, workers, preload, wait_s)
+
+
 def run_dask(plan: Plan, emit: Emit) -> BackendRun:
     from cai_bench.backends.dask import session  # distributed (the dask extra): only where a dask run starts
 
     if plan.engine == "reference":
         raise UserError("--engine reference is the one-process upstream loop: run it with --backend cpu")
     options = plan.backend_options
-    workers = options.get("workers") or default_threads()
-    runtime = options.get("runtime") or "torch"
-    wait_s = options.get("dask_wait_s") or WAIT.default
-    cluster = cluster_for({**options, "work_dir": plan.work_dir}, workers, _preload(runtime), wait_s)
+    workers, wait_s = options.get("workers") or default_threads(), options.get("dask_wait_s") or WAIT.default
+    cluster = _cluster(plan)
     present = cluster.client.scheduler_info(n_workers=-1)["workers"] if cluster.kind == "scheduler" else None
     per_worker = _threads_per_worker(plan, len(present) if present else workers, present)
     lanes, intra = (1, per_worker) if plan.compile else lane_layout(per_worker, options.get("lanes"))
@@ -157,6 +164,12 @@ class DaskBackend:
 
     def run(self, plan: Plan, emit: Emit) -> BackendRun:
         return run_dask(plan, emit)
+
+    def catalogue_computing(self, plan: Plan):
+        """Where predict's HATS catalogue is written: by the workers of the run's cluster, its client made the
+        current one while lsdb computes its writing tasks (the output directory must be one they see, as the data
+        set is)."""
+        return _cluster(plan).client.as_current()
 
 
 def create() -> DaskBackend:

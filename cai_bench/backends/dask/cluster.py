@@ -43,13 +43,14 @@ class Cluster:
 _OPEN: dict[str, Cluster] = {}  # the one open cluster of this process, kept for the command's later repeats
 
 
-def _close_open() -> None:
+def close_clusters() -> None:
+    """Close the cluster this process has open (at exit, or before its scheduler is stopped)."""
     for cluster in _OPEN.values():
         cluster.close()
     _OPEN.clear()
 
 
-atexit.register(_close_open)
+atexit.register(close_clusters)
 
 
 def check_address(address: str) -> str:
@@ -85,7 +86,7 @@ def cluster_for(options: dict, workers: int, preload: tuple[str, ...], wait_s: f
     if cluster is not None and cluster.key == key and cluster.client.status == "running":
         cluster.uses += 1
         return cluster
-    _close_open()
+    close_clusters()
     import_extra("distributed", "dask", "--backend dask")
     began = time.perf_counter()
     if scheduler:
@@ -112,14 +113,14 @@ def _embedded(workers: int, preload: tuple[str, ...]) -> tuple[Any, Any]:
         security=security, dashboard_address=None, scheduler_kwargs={"dashboard": False},
         silence_logs=logging.ERROR, preload=list(preload),
     )  # fmt: skip
-    return Client(cluster, security=security), cluster
+    return Client(cluster, security=security, set_as_default=False), cluster
 
 
 def _connect(address: str, wait_s: float) -> Any:
     from distributed import Client
 
     try:
-        client = Client(address, timeout=f"{max(1.0, min(wait_s, 30.0))}s")
+        client = Client(address, timeout=f"{max(1.0, min(wait_s, 30.0))}s", set_as_default=False)
     except (OSError, TimeoutError) as exc:
         raise UserError(f"--scheduler {address}: no Dask scheduler answered there ({type(exc).__name__}); start one "
                         "(dask scheduler --host 127.0.0.1) or give its address") from None  # fmt: skip
@@ -152,7 +153,7 @@ def _jobqueue(options: dict, workers: int, preload: tuple[str, ...], wait_s: flo
         name="cai-bench", shared_temp_directory=options.get("work_dir"), silence_logs=logging.ERROR,
     )  # fmt: skip
     cluster.scale(jobs=workers)
-    client = Client(cluster, security=security)
+    client = Client(cluster, security=security, set_as_default=False)
     _await_workers(client, cluster.scheduler_address, wait_s)
     return client, cluster
 
