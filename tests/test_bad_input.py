@@ -205,7 +205,7 @@ def test_enumerated_options_show_their_choices_and_defaults_one_way(cli, monkeyp
     assert code == 0
     text = " ".join(out.split())
     for choices in (
-        "<cpu|hpc|gpu|lambda>",
+        "<cpu|hpc|gpu|lambda|dask>",
         "<auto|fp32|bf16|int8|tf32|fp16>",
         "<fast|reference>",
         "<slurm|local>",

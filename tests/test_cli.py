@@ -79,7 +79,7 @@ def test_unknown_backend(cli, tiny_data):
     code, _, err = cli("run", "--backend", "quantum", "--data", tiny_data)
     assert code == 2
     assert one_error_line(err) == (
-        "error: Invalid value for '--backend': 'quantum' is not one of 'cpu', 'hpc', 'gpu', 'lambda'. "
+        "error: Invalid value for '--backend': 'quantum' is not one of 'cpu', 'hpc', 'gpu', 'lambda', 'dask'. "
         "(see: cai-bench run --help)"
     )
 
@@ -240,7 +240,7 @@ def test_run_help_has_one_text_per_option_and_groups_each_backends_own(cli, monk
     flags = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
     assert flags.count("--retries") == 1 and len(flags) == len(set(flags))
     text = " ".join(out.split())
-    assert "hpc, gpu, lambda: Times a partition whose worker was lost or that failed is tried again" in text
+    assert "hpc, gpu, lambda, dask: Times a partition whose worker was lost or that failed is tried again" in text
     for panel in ("Options of several backends", "--backend hpc", "--backend gpu", "--backend lambda"):
         assert f"{panel}:" in out.splitlines()  # a section of its own
     code, out, _ = cli("sweep", "--help")

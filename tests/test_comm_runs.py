@@ -206,3 +206,18 @@ def test_an_array_task_killed_after_its_unit_is_named_and_every_unit_is_read_fro
     by_rank = {r["rank"]: r for r in comm["ranks"]}  # second unit: its own, or a retry's)
     assert 1 not in by_rank  # it died before it could say anything
     assert "rank(s) 1 of run" in by_rank[0]["error"], by_rank[0]
+
+
+def test_a_dask_run_with_comm_gives_the_same_results_and_reads_one_aggregate(tiny_data, rendezvous_url):
+    pytest.importorskip("distributed")
+    alone, together = [], []
+    get_backend("dask").run(_plan(tiny_data, "dask", workers=2, runtime="torch"), alone.append)
+    plan = _plan(tiny_data, "dask", workers=2, runtime="torch", comm=rendezvous_url, comm_timeout_s=30.0)
+    run = get_backend("dask").run(plan, together.append)
+    assert by_partition(together) == by_partition(alone)
+    comm = run.info["comm"]
+    assert comm["aggregate_reads"] == 1 and comm["world_size"] == 2
+    assert sorted(r["worker"] for r in comm["ranks"]) == ["dask-0", "dask-1"]
+    assert all(r["comm_s"] > 0 and "error" not in r for r in comm["ranks"])
+    _same_accuracy(comm["accuracy"], _global(alone))
+    assert max(r["comm_s"] for r in comm["ranks"]) <= run.info["workers_stop_s"] + 0.05

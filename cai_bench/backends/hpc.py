@@ -361,7 +361,7 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
     options = plan_options(plan, lanes, intra_threads=intra)
     model, prepared = prepare_model(plan.weights, options.runtime, plan.seed, options.precision)
     # The ranks are the processes that will start: no more than there are units (the transport starts no more)
-    together = _together(plan, min(workers, dispatcher.outstanding()))
+    together = node_together(plan, min(workers, dispatcher.outstanding()))
     transport = NodeTransport(plan, workers, context, args_for=lambda n: (options, model, plan.seed, intra,
                                                                           together and together.rank(n)))  # fmt: skip
     if together is not None:
@@ -384,10 +384,10 @@ def run_node(plan: Plan, emit: Emit) -> BackendRun:
 
 
 @dataclass
-class _NodeTogether:
-    """The driver's side of --comm on a node: the first ``workers`` processes are ranks 0..workers-1 (a
-    replacement for one that died is none: the others name it missing and the units' own results stand), and
-    the folder where rank 0's aggregate lands."""
+class NodeTogether:
+    """The driver's side of --comm on a node: the first ``workers`` processes (the dask backend: workers) are
+    ranks 0..workers-1 (a replacement for one that died is none: the others name it missing and the units' own
+    results stand), and the folder where rank 0's aggregate lands."""
 
     config: CommConfig
     folder: Path
@@ -407,12 +407,13 @@ class _NodeTogether:
         return record_of(self.config, ranks, summary, aggregate_reads=int(summary is not None))
 
 
-def _together(plan: Plan, workers: int) -> _NodeTogether | None:
+def node_together(plan: Plan, workers: int) -> NodeTogether | None:
+    """The driver's side of --comm for ``workers`` ranks on this node (or any that see ``plan.work_dir``)."""
     config = config_for_run(plan.backend_options, workers, plan.work_dir)
     if config is None:
         return None
     folder = Path(tempfile.mkdtemp(prefix=f"cai-bench-{config.run_id}-", dir=plan.work_dir))
-    return _NodeTogether(config, folder)
+    return NodeTogether(config, folder)
 
 
 @dataclass

@@ -15,12 +15,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from cai_bench import comm
 from cai_bench.backends.base import BackendOption, BackendRun, Emit, dispatched_run
 from cai_bench.backends.cpu import lane_layout
 from cai_bench.backends.dask.cluster import Cluster, check_address, cluster_for
 from cai_bench.backends.dask.transport import DaskTransport
 from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, drive
-from cai_bench.backends.options import LANES, RETRIES, RUNTIME, WORKERS
+from cai_bench.backends.hpc import NodeTogether, node_together
+from cai_bench.backends.options import COMM_OPTIONS, LANES, RETRIES, RUNTIME, WORKERS
 from cai_bench.core.choices import CPU_PRECISIONS
 from cai_bench.core.errors import UserError
 from cai_bench.core.machine import default_threads
@@ -42,7 +44,7 @@ WAIT = BackendOption(
     "dask_wait_s", float, "dask: seconds to wait for a first worker to join, and for another when none is left.",
     60.0, minimum=1.0, identity=False, sweepable=False,
 )  # fmt: skip
-DASK_OPTIONS = (WORKERS, SCHEDULER, JOBQUEUE, WAIT, RETRIES, LANES, RUNTIME)
+DASK_OPTIONS = (WORKERS, SCHEDULER, JOBQUEUE, WAIT, RETRIES, LANES, RUNTIME, *COMM_OPTIONS)
 
 
 def _threads_per_worker(plan: Plan, workers: int, present: dict | None = None) -> int:
@@ -86,13 +88,18 @@ def run_dask(plan: Plan, emit: Emit) -> BackendRun:
     model, prepared = prepare_model(plan.weights, engine_options.runtime, plan.seed, engine_options.precision)
     retries = options.get("retries")
     dispatcher = Dispatcher(work_units(plan), emit, DEFAULT_RETRIES if retries is None else retries)
-    plugin = session.ModelPlugin(f"cai-bench-{uuid.uuid4().hex[:12]}", engine_options, model, plan.seed, intra)
+    # The ranks of --comm: the workers the run starts with (no more than there are units)
+    started_with = len(present) if present else workers
+    together = node_together(plan, min(started_with, dispatcher.outstanding()))
+    plugin = session.ModelPlugin(f"cai-bench-{uuid.uuid4().hex[:12]}", engine_options, model, plan.seed, intra,
+                                 keep=together is not None)  # fmt: skip
     transport = DaskTransport(cluster.client, plugin.name, session.run_unit, wait_s)
     start = time.perf_counter()
     try:
         cluster.client.register_plugin(plugin)
         drive(dispatcher, transport)
         wall_s = time.perf_counter() - start
+        stop_s = _finish_together(transport, session.finish_unit, together) if together is not None else 0.0
     finally:
         _unregister(cluster, plugin.name)
     info = {
@@ -101,10 +108,34 @@ def run_dask(plan: Plan, emit: Emit) -> BackendRun:
         "lanes": lanes,
         "intra_op_threads": intra,
         "prefetch_partitions": 1,
+        "workers_stop_s": round(stop_s, 6),
         **prepared,
+        **({"comm": together.read()} if together is not None else {}),
     }
     ran = len(transport.workers)
     return dispatched_run(plan, dispatcher, wall_s, info, workers=ran, threads=ran * per_worker)
+
+
+def _finish_together(transport: DaskTransport, task, together: NodeTogether) -> float:
+    """After the last result: each ranked worker still there joins the closing collectives (a task of its own);
+    the seconds they took, kept apart from the wall as an hpc node's workers' stop is. A rank that left is named
+    missing by the others, whose deadline ends the wait."""
+    began = time.perf_counter()
+    futures = []
+    for rank in range(together.config.world_size):
+        label = f"dask-{rank}"  # numbered as they joined: the first ones are the workers the run started with
+        address = transport.workers.get(label, {}).get("address")
+        if address in transport.labels:
+            futures.append(transport.client.submit(
+                task, transport.plugin_name, label, together.rank(rank),
+                workers=[address], allow_other_workers=False, pure=False,
+            ))  # fmt: skip
+    deadline = time.monotonic() + together.config.timeout_s + 30
+    for future in futures:
+        with contextlib.suppress(Exception):  # a rank that fails or dies: its account says so, or its absence does
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
+    transport.client.cancel([f for f in futures if not f.done()])
+    return time.perf_counter() - began
 
 
 def _unregister(cluster: Cluster, name: str) -> None:
@@ -136,6 +167,8 @@ class DaskBackend:
     default_batch_size: int = 512
 
     def check(self, options: dict) -> None:
+        if options.get("comm"):
+            comm.check_urls(comm.split_urls(options["comm"]))
         if options.get("scheduler") and options.get("dask_jobqueue"):
             raise UserError("--scheduler uses a running cluster and --dask-jobqueue starts one: give one of them")
         if options.get("scheduler") and options.get("workers"):

@@ -20,6 +20,7 @@ from typing import Any
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from cai_bench.backends.hpc import finish_together_in_task
 from cai_bench.core.errors import describe
 from cai_bench.core.plan import PartitionRef
 from cai_bench.core.records import encode_result
@@ -32,17 +33,20 @@ class ModelPlugin(WorkerPlugin):
     charged to that unit, as every worker's is) and every later unit of the run uses it; ``teardown`` (the driver
     unregisters the plugin when the run ends) closes it, so a long-lived cluster keeps no model between runs."""
 
-    def __init__(self, name: str, options: EngineOptions, model: str | None, seed: int, intra_threads: int):
+    def __init__(self, name: str, options: EngineOptions, model: str | None, seed: int, intra_threads: int,
+                 keep: bool = False):  # fmt: skip
         self.name = name  # a fresh name per run: a worker never mixes two runs' models
         self.options = options
         self.model = model
         self.seed = seed
         self.intra_threads = intra_threads
+        self.keep = keep  # --comm: each worker keeps its results for the closing collectives
         self._state: dict[str, Any] = {}
 
     def setup(self, worker) -> None:
         # Locks cannot travel with the pickled plugin: each worker process makes its own
-        self._state = {"start": threading.Lock(), "compute": threading.Lock(), "worker": None, "reported": False}
+        self._state = {"start": threading.Lock(), "compute": threading.Lock(), "worker": None, "reported": False,
+                       "kept": []}  # fmt: skip
 
     def teardown(self, worker) -> None:
         started = self._state.get("worker")
@@ -92,7 +96,7 @@ class ModelPlugin(WorkerPlugin):
                 start,
                 units_from([(position, ref)]),
                 self.options,
-                on_done=lambda _, result: outcome.append(("done", encode_result(result), self.ready_info())),
+                on_done=lambda unit, result: self._done(outcome, unit, result),
                 on_failed=lambda _, error: outcome.append(("failed", error)),
                 load=load,
                 run=run,
@@ -104,7 +108,21 @@ class ModelPlugin(WorkerPlugin):
                 compute.release()
         return outcome[0]
 
+    def _done(self, outcome: list, unit: int, result) -> None:
+        outcome.append(("done", encode_result(result), self.ready_info()))
+        if self.keep:
+            self._state["kept"].append((unit, result))
+
+    def finish(self, label: str, together: dict) -> None:
+        """This worker's part in the run's closing collectives (--comm), as an hpc node process takes it."""
+        finish_together_in_task({**together, "worker": label}, self._state.get("kept", []))
+
 
 def run_unit(plugin_name: str, label: str, position: int, ref: PartitionRef) -> tuple:
     """The task the driver submits for one unit, restricted to the worker it handed the unit to."""
     return get_worker().plugins[plugin_name].run(label, position, ref)
+
+
+def finish_unit(plugin_name: str, label: str, together: dict) -> None:
+    """The task each ranked worker gets once every unit is done: its closing collectives."""
+    get_worker().plugins[plugin_name].finish(label, together)
