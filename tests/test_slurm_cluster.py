@@ -211,3 +211,31 @@ def test_ctrl_c_cancels_the_array_and_keeps_the_finished_partitions(many_partiti
     code = subprocess.run([sys.executable, "-m", "cai_bench", "collect", job_id, "--results", str(results)],
                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert code.returncode == 2 and "cancelled" in code.stderr
+
+
+def test_dask_jobqueue_puts_the_workers_on_slurm_and_cancels_them_after(cli, tiny_data, tmp_path):
+    """``--dask-jobqueue slurm``: two Dask workers as SLURM jobs (dask-jobqueue's sbatch), TLS to a scheduler on
+    loopback; the jobs end with the command, and the certificates' folder goes with them."""
+    pytest.importorskip("dask_jobqueue")
+    from cai_bench.backends.dask.cluster import close_clusters
+
+    results = tmp_path / "r"
+    code, _, err = cli("run", "--backend", "dask", "--dask-jobqueue", "slurm", "--workers", "2", "--threads", "2",
+                       "--data", str(tiny_data), "--precision", "fp32", "--runtime", "torch", "--repeats", "1",
+                       "--warmup", "0", "--results", str(results), "--dask-wait-s", "120")  # fmt: skip
+    assert code == 0, err
+    record = json.loads((results / "runs.jsonl").read_text().splitlines()[-1])
+    about = record["backend_info"]["dask"]
+    assert about["cluster"] == "jobqueue-slurm" and about["scheduler"].startswith("tls://127.0.0.1:")
+    assert {w["name"] for w in about["workers"].values()} == {"cai-bench-0", "cai-bench-1"}
+    assert all(w["address"].startswith("tls://127.0.0.1:") for w in about["workers"].values())
+    assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 2, 3]
+    assert record["environment"]["machine_id"] == "dask-jobqueue | slurm"
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout
+    assert "dask-worker" in jobs  # the workers are SLURM jobs, held for the command's later repeats
+    (secrets,) = results.glob("cai-bench-dask-*")  # the certificates the jobs read, this user's alone
+    assert secrets.stat().st_mode & 0o077 == 0
+    close_clusters()  # what the command's exit does
+    _wait_for(lambda: "dask-worker" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True,
+                                                           text=True, check=True).stdout)  # fmt: skip
+    assert not list(results.glob("cai-bench-dask-*"))  # the run's certificates are gone

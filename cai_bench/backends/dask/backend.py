@@ -44,7 +44,11 @@ WAIT = BackendOption(
     "dask_wait_s", float, "dask: seconds to wait for a first worker to join, and for another when none is left.",
     60.0, minimum=1.0, identity=False, sweepable=False,
 )  # fmt: skip
-DASK_OPTIONS = (WORKERS, SCHEDULER, JOBQUEUE, WAIT, RETRIES, LANES, RUNTIME, *COMM_OPTIONS)
+HOST = BackendOption(
+    "dask_host", str, "dask --dask-jobqueue: the address the scheduler listens on, where the batch jobs reach it "
+    "(TLS); loopback by default, which only jobs on this node reach.", "127.0.0.1", identity=False, sweepable=False,
+)  # fmt: skip
+DASK_OPTIONS = (WORKERS, SCHEDULER, JOBQUEUE, HOST, WAIT, RETRIES, LANES, RUNTIME, *COMM_OPTIONS)
 
 
 def _threads_per_worker(plan: Plan, workers: int, present: dict | None = None) -> int:
@@ -70,7 +74,8 @@ def _cluster(plan: Plan) -> Cluster:
     workers = options.get("workers") or default_threads()
     preload = _preload(options.get("runtime") or "torch")
     wait_s = options.get("dask_wait_s") or WAIT.default
-    return cluster_for({**options, "work_dir": plan.work_dir}, workers, preload, wait_s)
+    per_job = max(1, plan.threads // workers) if plan.threads else 1  # jobqueue's: cores each job asks for
+    return cluster_for({**options, "work_dir": plan.work_dir, "threads_per_job": per_job}, workers, preload, wait_s)
 
 
 def run_dask(plan: Plan, emit: Emit) -> BackendRun:
@@ -81,7 +86,7 @@ def run_dask(plan: Plan, emit: Emit) -> BackendRun:
     options = plan.backend_options
     workers, wait_s = options.get("workers") or default_threads(), options.get("dask_wait_s") or WAIT.default
     cluster = _cluster(plan)
-    present = cluster.client.scheduler_info(n_workers=-1)["workers"] if cluster.kind == "scheduler" else None
+    present = cluster.client.scheduler_info(n_workers=-1)["workers"] if cluster.kind != "embedded" else None
     per_worker = _threads_per_worker(plan, len(present) if present else workers, present)
     lanes, intra = (1, per_worker) if plan.compile else lane_layout(per_worker, options.get("lanes"))
     engine_options = plan_options(plan, lanes, intra_threads=intra)
@@ -173,6 +178,8 @@ class DaskBackend:
             raise UserError("--scheduler uses a running cluster and --dask-jobqueue starts one: give one of them")
         if options.get("scheduler") and options.get("workers"):
             raise UserError("--workers: a --scheduler's workers are those it has; start more with dask worker")
+        if options.get("dask_host") and not options.get("dask_jobqueue"):
+            raise UserError("--dask-host is where a --dask-jobqueue scheduler listens: add --dask-jobqueue")
 
     def machine(self, plan: Plan) -> str | None:
         """Where the workers run, known before they run: this machine for an embedded cluster or a scheduler on

@@ -12,12 +12,14 @@ from __future__ import annotations
 import atexit
 import ipaddress
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from cai_bench.core.errors import UserError, import_extra
+from cai_bench.core.errors import UserError, describe, import_extra
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -81,7 +83,7 @@ def cluster_for(options: dict, workers: int, preload: tuple[str, ...], wait_s: f
     """The cluster for a run with ``options``: the one already open where it matches, else a new one (the old
     one closed). ``workers`` and ``preload`` shape an embedded cluster only."""
     scheduler, jobqueue = options.get("scheduler"), options.get("dask_jobqueue")
-    key = (scheduler, jobqueue, workers, preload, tuple(sorted((options.get("slurm_options") or {}).items())))
+    key = (scheduler, jobqueue, workers, preload, options.get("threads_per_job"), options.get("dask_host"))
     cluster = _OPEN.get("cluster")
     if cluster is not None and cluster.key == key and cluster.client.status == "running":
         cluster.uses += 1
@@ -128,36 +130,66 @@ def _connect(address: str, wait_s: float) -> Any:
     return client
 
 
-def _await_workers(client: Any, address: str, wait_s: float) -> None:
+def _await_workers(client: Any, address: str, wait_s: float, how: str | None = None) -> None:
     try:
         client.wait_for_workers(1, timeout=wait_s)
     except TimeoutError:
         client.close()
-        raise UserError(f"the Dask scheduler at {address} has no worker after {wait_s:g} s: start some (dask worker "
-                        f"{address}) or raise --dask-wait-s") from None  # fmt: skip
+        how = how or f"start some (dask worker {address})"
+        raise UserError(f"the Dask scheduler at {address} has no worker after {wait_s:g} s: {how}, or raise "
+                        "--dask-wait-s") from None  # fmt: skip
 
 
 def _jobqueue(options: dict, workers: int, preload: tuple[str, ...], wait_s: float) -> tuple[Any, Any]:
+    """``workers`` Dask workers as SLURM jobs through dask-jobqueue, one worker process a job, TLS between them
+    with certificates made for the run (the workers read them from a folder only this user can read, removed
+    with the cluster). The queue, account, memory and time limit come from dask-jobqueue's own configuration
+    (jobqueue.slurm.* in Dask's settings), as for any dask-jobqueue user; the scheduler listens on loopback
+    (a one-node cluster) unless --dask-host names the address the jobs reach it at."""
     jobqueue = import_extra("dask_jobqueue", "dask-jobqueue", "--dask-jobqueue slurm")
+    import dask
     from distributed import Client
-    from distributed.security import Security
 
-    security = Security.temporary()
-    threads = max(1, int(options.get("threads_per_worker") or 1))
-    cluster = jobqueue.SLURMCluster(
-        cores=threads, processes=1, memory=f"{options.get('mem_gb') or 4}GB", walltime=_walltime(options),
-        queue=options.get("slurm_partition"), security=security, protocol="tls://",
-        scheduler_options={"host": "127.0.0.1", "dashboard_address": None},
-        worker_extra_args=[f"--nthreads={2}", *(f"--preload={p}" for p in preload)],
-        job_extra_directives=[f"--{k}={v}" for k, v in (options.get("slurm_options") or {}).items()],
-        name="cai-bench", shared_temp_directory=options.get("work_dir"), silence_logs=logging.ERROR,
-    )  # fmt: skip
+    secrets = tempfile.mkdtemp(prefix="cai-bench-dask-", dir=options.get("work_dir"))  # mode 0700
+    cores = max(1, int(options.get("threads_per_job") or 1))
+    try:
+        cluster = jobqueue.SLURMCluster(
+            cores=cores, processes=1, memory=dask.config.get("jobqueue.slurm.memory", None) or "4GiB",
+            security=True, shared_temp_directory=secrets, protocol="tls://", silence_logs="error",
+            scheduler_options={"host": options.get("dask_host") or "127.0.0.1", "dashboard": False},
+            worker_extra_args=[*(f"--preload={module}" for module in preload), *_worker_host(options)],
+            name="cai-bench",
+        )  # fmt: skip
+    except Exception as exc:  # dask-jobqueue's own refusal of its configuration: one line, not a traceback
+        shutil.rmtree(secrets, ignore_errors=True)
+        raise UserError(f"--dask-jobqueue slurm: dask-jobqueue refused its settings ({describe(exc)})") from None
+    owned = _Owned(cluster, secrets)
     cluster.scale(jobs=workers)
-    client = Client(cluster, security=security, set_as_default=False)
-    _await_workers(client, cluster.scheduler_address, wait_s)
-    return client, cluster
+    client = Client(cluster, security=cluster.security, set_as_default=False)
+    try:
+        _await_workers(client, cluster.scheduler_address, wait_s, "see whether its jobs are pending (squeue)")
+    except UserError:
+        owned.close()  # its jobs cancelled, its certificates removed
+        raise
+    return client, owned
 
 
-def _walltime(options: dict) -> str:
-    minutes = int(options.get("time_min") or 30)
-    return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+def _worker_host(options: dict) -> list[str]:
+    """Where a job's worker listens: loopback beside a scheduler on loopback (the jobs run on this node)."""
+    return [] if options.get("dask_host") else ["--host", "127.0.0.1"]
+
+
+@dataclass
+class _Owned:
+    """A jobqueue cluster and the folder of its certificates, closed and removed together."""
+
+    cluster: Any
+    secrets: str
+
+    @property
+    def scheduler_address(self) -> str:
+        return self.cluster.scheduler_address
+
+    def close(self) -> None:
+        self.cluster.close()
+        shutil.rmtree(self.secrets, ignore_errors=True)
