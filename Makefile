@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-full test-probes lint bench bench-hpc bench-gpu bench-gpu-dry bench-lambda bench-coldstart bench-estimate clean
+.PHONY: demo test test-full test-probes lint bench bench-hpc bench-dask bench-gpu bench-gpu-dry bench-lambda bench-coldstart bench-estimate clean
 
 # Bytecode for the packages and cai_bench, compiled over all the cores: pip compiles one file at a time (40 of the
 # install's 115 s on 2 cores; about 20 s this way). Not left to first imports, which may never save it (with
@@ -51,6 +51,12 @@ bench-hpc: $(STAMP)
 	$(BIN)/cai-bench sweep --config hpc-node --workers 1,$(CORES) $(HPC_BENCH) > /dev/null
 	$(BIN)/cai-bench run --backend cpu --gb 0.2 --partition-mb 10 --precision fp32 --repeats 3 $(HPC_BENCH) > /dev/null
 	$(BIN)/cai-bench report --results results/hpc-node --baseline cpu
+
+# The dask backend against the hpc node backend (~4 min on 2 cores): 0.2 GB in 10 MB partitions, one worker per
+# core each, torch fp32, 5 repeats alternating after a warm-up of each; throughput, start-up, peak memory of the
+# process tree and the overhead per partition, as JSON (docs/dask.md)
+bench-dask: $(STAMP)
+	$(BIN)/python -m cai_bench.benches.dask_vs_hpc --out results/dask-vs-hpc/bench.json
 
 # The paper's 12.6 GB on one GPU (a 1 GB synthetic set cycled to 12.6 GB): correctness of the chosen precision,
 # then the wall with data in host memory and with disk reads; JSON on stdout and in $$OUT/bench-gpu.json. It runs

@@ -43,6 +43,8 @@ def test_embedded_cluster_predicts_what_the_cpu_backend_predicts(tiny_data):
     assert sorted(w.partition for w in record.workers) == [0, 1, 2, 3]
     assert {w.worker_id for w in record.workers} <= set(about["workers"])
     assert all(w["address"].startswith("tls://127.0.0.1:") for w in about["workers"].values())
+    # the nanny's MALLOC_TRIM_THRESHOLD_ (every large tensor a fresh mmap) is kept out, as from an hpc worker
+    assert all("MALLOC_TRIM_THRESHOLD_" not in w["environ"] for w in about["workers"].values())
     assert all(w.pid != os.getpid() for w in record.workers)  # the work ran in the worker processes
     assert record.backend_info["threads_per_worker"] == 1
     # the model started once per worker process: start-up is charged to each process's first unit only

@@ -22,6 +22,11 @@ from urllib.parse import urlsplit
 from cai_bench.core.errors import UserError, describe, import_extra
 
 LOOPBACK_NAMES = ("localhost",)
+# What Dask's nanny sets in a worker's environment before it starts it, and the workers this backend starts go
+# without, as an hpc node's do: MALLOC_TRIM_THRESHOLD_ turns off glibc's adaptive mmap threshold, so every large
+# tensor is a fresh mmap and its pages fault in again (the model ran 1.7x slower for it on the dev VM); the thread
+# counts are the run's own (--threads), set by each runtime
+NANNY_ENVIRON = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @dataclass
@@ -50,9 +55,6 @@ def close_clusters() -> None:
     for cluster in _OPEN.values():
         cluster.close()
     _OPEN.clear()
-
-
-atexit.register(close_clusters)
 
 
 def check_address(address: str) -> str:
@@ -90,6 +92,10 @@ def cluster_for(options: dict, workers: int, preload: tuple[str, ...], wait_s: f
         return cluster
     close_clusters()
     import_extra("distributed", "dask", "--backend dask")
+    # After distributed's own exit handlers, so that ours runs first (they run last in, first out): the cluster is
+    # closed while its event loop still runs, and its workers stop without a word
+    atexit.unregister(close_clusters)
+    atexit.register(close_clusters)
     began = time.perf_counter()
     if scheduler:
         client, owned, kind, address = _connect(scheduler, wait_s), None, "scheduler", scheduler
@@ -105,16 +111,19 @@ def cluster_for(options: dict, workers: int, preload: tuple[str, ...], wait_s: f
 
 
 def _embedded(workers: int, preload: tuple[str, ...]) -> tuple[Any, Any]:
+    import dask
     from distributed import Client, LocalCluster
     from distributed.security import Security
 
     security = Security.temporary()
+    unset = {f"distributed.nanny.pre-spawn-environ.{name}": None for name in NANNY_ENVIRON}
     # Two task threads a worker: the running unit and the one read ahead (the plugin's lock runs one at a time)
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=2, processes=True, host="127.0.0.1", protocol="tls://",
-        security=security, dashboard_address=None, scheduler_kwargs={"dashboard": False},
-        silence_logs=logging.ERROR, preload=list(preload),
-    )  # fmt: skip
+    with dask.config.set(unset):
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=2, processes=True, host="127.0.0.1", protocol="tls://",
+            security=security, dashboard_address=None, scheduler_kwargs={"dashboard": False},
+            silence_logs=logging.ERROR, preload=list(preload),
+        )  # fmt: skip
     return Client(cluster, security=security, set_as_default=False), cluster
 
 
@@ -158,7 +167,7 @@ def _jobqueue(options: dict, workers: int, preload: tuple[str, ...], wait_s: flo
             security=True, shared_temp_directory=secrets, protocol="tls://", silence_logs="error",
             scheduler_options={"host": options.get("dask_host") or "127.0.0.1", "dashboard": False},
             worker_extra_args=[*(f"--preload={module}" for module in preload), *_worker_host(options)],
-            name="cai-bench",
+            name="cai-bench", job_script_prologue=[f"export {_unset_in_job(name)}=None" for name in NANNY_ENVIRON],
         )  # fmt: skip
     except Exception as exc:  # dask-jobqueue's own refusal of its configuration: one line, not a traceback
         shutil.rmtree(secrets, ignore_errors=True)
@@ -172,6 +181,12 @@ def _jobqueue(options: dict, workers: int, preload: tuple[str, ...], wait_s: flo
         owned.close()  # its jobs cancelled, its certificates removed
         raise
     return client, owned
+
+
+def _unset_in_job(name: str) -> str:
+    """The variable that tells a job's nanny (Dask reads its settings from DASK_* variables) to leave ``name``
+    unset in its worker's environment."""
+    return f"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__{name}"
 
 
 def _worker_host(options: dict) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from cai_bench.backends.dask.cluster import NANNY_ENVIRON
 from cai_bench.backends.hpc import finish_together_in_task
 from cai_bench.core.errors import describe
 from cai_bench.core.plan import PartitionRef
@@ -72,7 +73,8 @@ class ModelPlugin(WorkerPlugin):
             return None
         self._state["reported"] = True
         worker = self._state["worker"]
-        return {"weights": asdict(worker.weights), "choices": worker.choices, "pid": os.getpid()}
+        environ = {name: os.environ[name] for name in NANNY_ENVIRON if name in os.environ}
+        return {"weights": asdict(worker.weights), "choices": worker.choices, "pid": os.getpid(), "environ": environ}
 
     def run(self, label: str, position: int, ref: PartitionRef) -> tuple:
         """One unit through the worker loop: ("done", wire bytes, ready info or None), ("failed", message), or

@@ -140,7 +140,9 @@ class DaskTransport:
             except Exception as exc:
                 self.broken = f"dask worker {worker} sent a malformed result for unit {position}: {describe(exc)}"
                 return
-            if outcome[2]:
+            if isinstance(outcome[2], dict):
+                # What the worker's nanny set that slows the model (cluster.NANNY_ENVIRON), kept per worker
+                self.workers[worker]["environ"] = outcome[2].get("environ") or {}
                 self.events.put(Event("ready", worker, info=outcome[2]))
             self.events.put(Event("done", worker, position=position, result=result))
         elif kind == "failed" and len(outcome) == 2:
