@@ -570,10 +570,10 @@ def external_cluster(tmp_path_factory):
     loopback as a user starts them, stopped at the end. Yields the scheduler's address and the workers' pids."""
     folder = tmp_path_factory.mktemp("dask")
     scheduler_file = folder / "scheduler.json"
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    dask = str(Path(sys.executable).with_name("dask"))  # Dask's own command line, as installed beside this Python
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    started = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
-                                 str(scheduler_file)], **quiet)]  # fmt: skip
+    started = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                 "--scheduler-file", str(scheduler_file)], **quiet)]  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() and time.monotonic() < deadline:
@@ -581,8 +581,8 @@ def external_cluster(tmp_path_factory):
         address = json.loads(scheduler_file.read_text())["address"]
         for n in range(2):
             started.append(subprocess.Popen(
-                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--no-nanny",
-                 "--nthreads", "2", "--name", f"apart-{n}", "--no-dashboard"],
+                [dask, "worker", address, "--host", "127.0.0.1", "--no-nanny", "--nthreads", "2", "--name",
+                 f"apart-{n}", "--no-dashboard"],
                 **quiet,
             ))  # fmt: skip
         yield {"address": address, "worker_pids": {p.pid for p in started[1:]}}

@@ -123,3 +123,28 @@ def test_workers_with_a_scheduler_is_refused(cli, tiny_data, tmp_path):
     code, _, err = cli("run", "--backend", "dask", "--scheduler", "tcp://127.0.0.1:8786", "--workers", "2",
                         "--data", str(tiny_data), "--results", str(tmp_path / "r"))  # fmt: skip
     assert code == 2 and "a --scheduler's workers are those it has" in err
+
+
+def test_the_side_by_side_bench_runs_both_backends_on_the_same_partitions(tiny_data, tmp_path, capsys):
+    """bench-dask's script on tiny data: it measures nothing worth keeping here, but its figures come from real
+    records of both backends, over the same partitions."""
+    from cai_bench.benches import dask_vs_hpc
+
+    code = dask_vs_hpc.main(["--gb", "0.002", "--partition-mb", "0.52", "--repeats", "1", "--workers", "2",
+                             "--results", str(tmp_path / "r"), "--out", str(tmp_path / "bench.json")])  # fmt: skip
+    assert code == 0
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    assert json.loads(capsys.readouterr().out) == figures
+    records = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
+    assert [r["backend"] for r in records] == ["hpc", "dask"]
+    for record in records:
+        side = figures["backends"][record["backend"]]
+        assert side["run_ids"] == [record["run_id"]]
+        assert side["samples_per_s"]["median"] == record["summary"]["samples_per_s"]
+        assert sorted(w["partition"] for w in record["workers"]) == [0, 1, 2, 3]
+        workers = len({w["worker_id"] for w in record["workers"]})
+        overhead = (workers * record["summary"]["wall_s"] - sum(w["total_s"] for w in record["workers"])) / 4
+        assert side["overhead_per_partition_s"]["median"] == pytest.approx(overhead)
+        assert side["peak_tree_pss_bytes"] > 0 and side["start_before_clock_s"] > 0
+    rates = {name: side["samples_per_s"]["median"] for name, side in figures["backends"].items()}
+    assert figures["dask_throughput_vs_hpc"] == pytest.approx(rates["dask"] / rates["hpc"])

@@ -24,7 +24,7 @@ from cai_bench.backends.dispatch import DEFAULT_RETRIES, Dispatcher, drive
 from cai_bench.backends.hpc import NodeTogether, node_together
 from cai_bench.backends.options import COMM_OPTIONS, LANES, RETRIES, RUNTIME, WORKERS
 from cai_bench.core.choices import CPU_PRECISIONS
-from cai_bench.core.errors import UserError
+from cai_bench.core.errors import UserError, describe
 from cai_bench.core.machine import default_threads
 from cai_bench.core.plan import Plan, work_units
 from cai_bench.inference.loop import prepare_model
@@ -101,7 +101,7 @@ def run_dask(plan: Plan, emit: Emit) -> BackendRun:
     transport = DaskTransport(cluster.client, plugin.name, session.run_unit, wait_s)
     start = time.perf_counter()
     try:
-        cluster.client.register_plugin(plugin)
+        _register(cluster, plugin)
         drive(dispatcher, transport)
         wall_s = time.perf_counter() - start
         stop_s = _finish_together(transport, session.finish_unit, together) if together is not None else 0.0
@@ -141,6 +141,14 @@ def _finish_together(transport: DaskTransport, task, together: NodeTogether) -> 
             future.result(timeout=max(0.0, deadline - time.monotonic()))
     transport.client.cancel([f for f in futures if not f.done()])
     return time.perf_counter() - began
+
+
+def _register(cluster: Cluster, plugin) -> None:
+    try:
+        cluster.client.register_plugin(plugin)
+    except Exception as exc:  # a worker without cai-bench, or of another version: it cannot unpickle the plugin
+        raise UserError(f"the Dask workers at {cluster.address} cannot take cai-bench's worker plugin "
+                        f"({describe(exc)}): install this cai-bench where they run") from None  # fmt: skip
 
 
 def _unregister(cluster: Cluster, name: str) -> None:

@@ -24,8 +24,8 @@ from cai_bench.core.errors import UserError, describe, import_extra
 LOOPBACK_NAMES = ("localhost",)
 # What Dask's nanny sets in a worker's environment before it starts it, and the workers this backend starts go
 # without, as an hpc node's do: MALLOC_TRIM_THRESHOLD_ turns off glibc's adaptive mmap threshold, so every large
-# tensor is a fresh mmap and its pages fault in again (the model ran 1.7x slower for it on the dev VM); the thread
-# counts are the run's own (--threads), set by each runtime
+# tensor is a fresh mmap whose pages fault in again (the model ran 1.7x slower for it on a 2-vCPU AMD EPYC); the
+# thread counts are the run's own (--threads), which each runtime sets
 NANNY_ENVIRON = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
