@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -564,11 +565,11 @@ def pytest_sessionfinish(session, exitstatus):
     subprocess.run([str(ROOT / "scripts" / "slurm-local.sh"), "down"], env=env, capture_output=True, timeout=120)
 
 
-@pytest.fixture(scope="session")
-def external_cluster(tmp_path_factory):
-    """``dask scheduler`` and two ``dask worker`` processes (no nanny: a killed one stays dead), started apart on
-    loopback as a user starts them, stopped at the end. Yields the scheduler's address and the workers' pids."""
-    folder = tmp_path_factory.mktemp("dask")
+@contextlib.contextmanager
+def dask_apart(folder: Path, workers: int = 2):
+    """``dask scheduler`` and ``workers`` ``dask worker`` processes (no nanny: a killed one stays dead), started
+    apart on loopback as a user starts them, stopped at the end. Yields the scheduler's address and the processes
+    (the scheduler first)."""
     scheduler_file = folder / "scheduler.json"
     dask = str(Path(sys.executable).with_name("dask"))  # Dask's own command line, as installed beside this Python
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
@@ -579,13 +580,13 @@ def external_cluster(tmp_path_factory):
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
-        for n in range(2):
+        for n in range(workers):
             started.append(subprocess.Popen(
                 [dask, "worker", address, "--host", "127.0.0.1", "--no-nanny", "--nthreads", "2", "--name",
                  f"apart-{n}", "--no-dashboard"],
                 **quiet,
             ))  # fmt: skip
-        yield {"address": address, "worker_pids": {p.pid for p in started[1:]}}
+        yield address, started
     finally:
         close_clusters()  # the clients the tests' runs left open to it, before it stops
         for process in reversed(started):
@@ -595,3 +596,11 @@ def external_cluster(tmp_path_factory):
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@pytest.fixture(scope="session")
+def external_cluster(tmp_path_factory):
+    """A scheduler and two workers started apart (``dask_apart``), for the session: its address and the workers'
+    pids."""
+    with dask_apart(tmp_path_factory.mktemp("dask")) as (address, started):
+        yield {"address": address, "worker_pids": {p.pid for p in started[1:]}}

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import check_timeline
+from conftest import check_timeline, dask_apart
 
 from cai_bench.backends import get_backend
 from cai_bench.commands.runner import execute
@@ -148,3 +151,30 @@ def test_the_side_by_side_bench_runs_both_backends_on_the_same_partitions(tiny_d
         assert side["peak_tree_pss_bytes"] > 0 and side["start_before_clock_s"] > 0
     rates = {name: side["samples_per_s"]["median"] for name, side in figures["backends"].items()}
     assert figures["dask_throughput_vs_hpc"] == pytest.approx(rates["dask"] / rates["hpc"])
+
+
+def test_a_scheduler_that_stops_mid_run_is_one_line_and_the_finished_partitions_are_kept(many_partitions, tmp_path):
+    """predict through a scheduler started apart, which is stopped once a partition's predictions are kept: one
+    error line and exit 2 (once the client gives up reconnecting: --dask-wait-s), and a failed record and the
+    parts keep what finished."""
+    out, results = tmp_path / "z.parquet", tmp_path / "r"
+    with dask_apart(tmp_path, workers=1) as (address, started):
+        run = subprocess.Popen(
+            [sys.executable, "-m", "cai_bench", "predict", "--backend", "dask", "--scheduler", address, "--data",
+             str(many_partitions), "--out", str(out), "--batch-size", "2", "--precision", "fp32", "--runtime",
+             "torch", "--dask-wait-s", "3", "--results", str(results)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        parts = tmp_path / "z.parquet.parts"
+        deadline = time.monotonic() + 120
+        while not list(parts.glob("part-*.npz")) and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        started[0].kill()  # the scheduler
+        _, err = run.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1, err
+    assert "the Dask scheduler stopped answering" in errors[0] and "Traceback" not in err
+    kept = sorted(int(p.stem.split("-")[1]) for p in parts.glob("part-*.npz"))
+    (record,) = [json.loads(line) for line in (results / "runs.jsonl").read_text().splitlines()]
+    assert record["status"] == "failed" and 0 < len(kept) < 20
+    assert sorted(w["partition"] for w in record["workers"]) == kept  # what the record keeps, the parts keep

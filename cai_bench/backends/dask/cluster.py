@@ -130,6 +130,9 @@ def _embedded(workers: int, preload: tuple[str, ...]) -> tuple[Any, Any]:
 def _connect(address: str, wait_s: float) -> Any:
     from distributed import Client
 
+    # A scheduler that goes away is said in one line of ours (transport.py), not in the client's own log lines
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+
     try:
         client = Client(address, timeout=f"{max(1.0, min(wait_s, 30.0))}s", set_as_default=False)
     except (OSError, TimeoutError) as exc:

@@ -48,8 +48,9 @@ class DaskTransport:
         try:
             return self.client.scheduler_info(n_workers=-1)["workers"]
         except Exception as exc:  # the scheduler gone, or a reply not of a scheduler: nothing more can run
-            raise UserError(f"the Dask scheduler stopped answering ({describe(exc)}); the partitions that finished "
-                            "are kept") from None  # fmt: skip
+            why = "the client gave up reconnecting" if self.client.status != "running" else describe(exc)
+            raise UserError(f"the Dask scheduler stopped answering ({why}); the partitions that finished are "
+                            "kept") from None  # fmt: skip
 
     def _join(self, address: str, info: dict) -> None:
         label = f"dask-{len(self.workers)}"  # numbered as they joined, a restarted worker under a new number
