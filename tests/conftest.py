@@ -4,6 +4,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -563,6 +564,27 @@ def pytest_sessionfinish(session, exitstatus):
         return
     env = {**os.environ, "CAI_BENCH_SLURM_DIR": str(SLURM_DIR)}
     subprocess.run([str(ROOT / "scripts" / "slurm-local.sh"), "down"], env=env, capture_output=True, timeout=120)
+
+
+def killing_the_other_worker():
+    """An ``emit`` for a backend's run of two workers that, once both have finished a partition (both are pulling
+    work), kills for real (SIGKILL) the one that did not just report, which is in the middle of its next partition;
+    with the list of what was emitted and the pid it killed."""
+    seen_pids: list[int] = []
+    killed: list[int] = []
+    emitted: list = []
+
+    def emit(result):
+        emitted.append(result)
+        pid = result.record.pid
+        if pid not in seen_pids:
+            seen_pids.append(pid)
+        if not killed and len(seen_pids) == 2:
+            victim = next(p for p in seen_pids if p != pid)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    return emit, emitted, killed
 
 
 @contextlib.contextmanager

@@ -69,15 +69,19 @@ def test_an_emulated_lambda_run_with_comm_gives_the_same_results_and_its_driver_
     assert all(r.record.comm_s is not None and r.record.comm_s > 0 for r in together)
 
 
-def test_an_hpc_run_with_comm_gives_the_same_results_and_reads_one_aggregate(tiny_data, rendezvous_url, tmp_path):
+@pytest.mark.parametrize("backend", ["hpc", "dask"])
+def test_a_node_run_with_comm_gives_the_same_results_and_reads_one_aggregate(tiny_data, rendezvous_url, backend):
+    """hpc's worker processes, and dask's embedded workers (each joins the collectives in a task of its own)."""
+    if backend == "dask":
+        pytest.importorskip("distributed")
     alone, together = [], []
-    get_backend("hpc").run(_plan(tiny_data, "hpc", workers=2), alone.append)
-    plan = _plan(tiny_data, "hpc", workers=2, comm=rendezvous_url, comm_timeout_s=30.0)
-    run = get_backend("hpc").run(plan, together.append)
+    get_backend(backend).run(_plan(tiny_data, backend, workers=2, runtime="torch"), alone.append)
+    plan = _plan(tiny_data, backend, workers=2, runtime="torch", comm=rendezvous_url, comm_timeout_s=30.0)
+    run = get_backend(backend).run(plan, together.append)
     assert by_partition(together) == by_partition(alone)
     comm = run.info["comm"]
     assert comm["aggregate_reads"] == 1 and comm["world_size"] == 2
-    assert sorted(r["worker"] for r in comm["ranks"]) == ["hpc-0", "hpc-1"]
+    assert sorted(r["worker"] for r in comm["ranks"]) == [f"{backend}-0", f"{backend}-1"]
     assert all(r["comm_s"] > 0 and "error" not in r for r in comm["ranks"])
     _same_accuracy(comm["accuracy"], _global(alone))
     assert comm["operations"]["barrier"]["channel"] == "direct"
@@ -206,18 +210,3 @@ def test_an_array_task_killed_after_its_unit_is_named_and_every_unit_is_read_fro
     by_rank = {r["rank"]: r for r in comm["ranks"]}  # second unit: its own, or a retry's)
     assert 1 not in by_rank  # it died before it could say anything
     assert "rank(s) 1 of run" in by_rank[0]["error"], by_rank[0]
-
-
-def test_a_dask_run_with_comm_gives_the_same_results_and_reads_one_aggregate(tiny_data, rendezvous_url):
-    pytest.importorskip("distributed")
-    alone, together = [], []
-    get_backend("dask").run(_plan(tiny_data, "dask", workers=2, runtime="torch"), alone.append)
-    plan = _plan(tiny_data, "dask", workers=2, runtime="torch", comm=rendezvous_url, comm_timeout_s=30.0)
-    run = get_backend("dask").run(plan, together.append)
-    assert by_partition(together) == by_partition(alone)
-    comm = run.info["comm"]
-    assert comm["aggregate_reads"] == 1 and comm["world_size"] == 2
-    assert sorted(r["worker"] for r in comm["ranks"]) == ["dask-0", "dask-1"]
-    assert all(r["comm_s"] > 0 and "error" not in r for r in comm["ranks"])
-    _same_accuracy(comm["accuracy"], _global(alone))
-    assert max(r["comm_s"] for r in comm["ranks"]) <= run.info["workers_stop_s"] + 0.05

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import check_timeline, dask_apart
+from conftest import check_timeline, dask_apart, killing_the_other_worker
 
 from cai_bench.backends import get_backend
 from cai_bench.commands.runner import execute
@@ -76,20 +75,7 @@ def test_a_killed_worker_loses_nothing_and_the_record_says_so(many_partitions):
     """20 partitions on two embedded workers; once both have finished one, the other is killed for real (SIGKILL)
     mid-partition, and its nanny starts another. Over 30 s on 2 cores: the cluster, three model start-ups."""
     plan = plan_for(many_partitions, threads=2, batch_size=2, backend_options={"workers": 2, "retries": 1})
-    seen_pids: list[int] = []
-    killed: list[int] = []
-    emitted: list = []
-
-    def emit(result):
-        emitted.append(result)
-        pid = result.record.pid
-        if pid not in seen_pids:
-            seen_pids.append(pid)
-        if not killed and len(seen_pids) == 2:
-            victim = next(p for p in seen_pids if p != pid)
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
-
+    emit, emitted, killed = killing_the_other_worker()
     run = get_backend("dask").run(plan, emit)
     assert killed, "the test never saw both workers at work"
     assert sorted(r.record.partition for r in emitted) == sorted(ref.index for ref in work_units(plan))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import check_timeline
+from conftest import check_timeline, killing_the_other_worker
 
 from cai_bench.backends import get_backend
 from cai_bench.backends.base import PartitionsFailed
@@ -69,22 +69,7 @@ def test_two_workers_predict_what_the_cpu_backend_predicts(tiny_data):
 
 def test_a_worker_killed_mid_partition_loses_nothing(many_partitions):
     plan = plan_for(many_partitions, threads=2, batch_size=2, backend_options={"workers": 2, "retries": 1})
-    seen_pids: list[int] = []
-    killed: list[int] = []
-    emitted: list = []
-
-    def emit(result):
-        emitted.append(result)
-        pid = result.record.pid
-        if pid not in seen_pids:
-            seen_pids.append(pid)
-        # once both workers have finished a partition, both are pulling work: kill the one that did not just
-        # report, which is in the middle of its next partition
-        if not killed and len(seen_pids) == 2:
-            victim = next(p for p in seen_pids if p != pid)
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
-
+    emit, emitted, killed = killing_the_other_worker()
     run = get_backend("hpc").run(plan, emit)
     units = work_units(plan)
     assert killed, "the test never saw both workers at work"

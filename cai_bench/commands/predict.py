@@ -150,9 +150,15 @@ def _write_atomically(path: Path, write) -> None:
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     try:
         write(tmp)
-        if path.is_dir():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        if not path.is_dir():
+            os.replace(tmp, path)
+            return
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(old, path)  # the catalogue that was there stays there
+            raise
     finally:
         _remove(tmp)
         _remove(old)

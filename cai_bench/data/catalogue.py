@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cai_bench.core.errors import UserError, import_extra
+from cai_bench.core.errors import UserError, describe, import_extra
 from cai_bench.data.csv_table import TEXT_PREFIX, read_csv_table
 
 FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "csv", ".hats": "hats"}
@@ -248,9 +248,14 @@ def _write_hats(path: Path, columns: dict[str, np.ndarray], provenance: dict, na
     }
     frame = pd.DataFrame({name: values.astype(object) if _type(values) == "string" else values
                           for name, values in columns.items()})  # fmt: skip
-    with computing if computing is not None else dask.config.set(scheduler="threads"):
-        catalog = lsdb.from_dataframe(frame, ra_column="ra", dec_column="dec", catalog_name=name)
-        catalog.write_catalog(path, catalog_name=name, addl_hats_properties=properties, progress_bar=False)
+    try:
+        with computing if computing is not None else dask.config.set(scheduler="threads"):
+            catalog = lsdb.from_dataframe(frame, ra_column="ra", dec_column="dec", catalog_name=name)
+            catalog.write_catalog(path, catalog_name=name, addl_hats_properties=properties, progress_bar=False)
+    except OSError:
+        raise
+    except Exception as exc:  # lsdb's, hats' or a Dask worker's own failure: the caller's one line, parts kept
+        raise ValueError(f"lsdb: {describe(exc)}") from None
 
 
 def write_catalogue(
