@@ -140,7 +140,7 @@ def test_a_backend_installed_from_another_package_is_a_choice_with_its_options_a
     text = " ".join(helped.stdout.split())
     assert "<cpu|hpc|gpu|lambda|dask|toy>" in text and "--toy-label" in text
     assert "--backend toy:" in helped.stdout.splitlines()  # its own section of the help
-    assert "cpu, hpc, toy: Partitions split between" in text  # a shared option: one text, naming all who take it
+    assert "cpu, hpc, dask, toy: Partitions split between" in text  # a shared option: one text, naming all who take it
     small = ["--gb", str(TINY_GB), "--partition-mb", str(TINY_MB), "--precision", "fp32", "--threads", "1", "-q"]
     swept = _run(installed, tmp_path, "sweep", "--backend", "toy", "--toy-label", "a,b", "--repeats", "1", *small)
     assert swept.returncode == 0, swept.stderr
