@@ -17,6 +17,7 @@ from conftest import check_timeline, dask_apart, killing_the_other_worker
 
 from cai_bench.backends import get_backend
 from cai_bench.commands.runner import execute
+from cai_bench.core.errors import UserError
 from cai_bench.core.plan import make_plan, work_units
 from cai_bench.data.partitions import open_dataset
 
@@ -164,3 +165,28 @@ def test_a_scheduler_that_stops_mid_run_is_one_line_and_the_finished_partitions_
     (record,) = [json.loads(line) for line in (results / "runs.jsonl").read_text().splitlines()]
     assert record["status"] == "failed" and 0 < len(kept) < 20
     assert sorted(w["partition"] for w in record["workers"]) == kept  # what the record keeps, the parts keep
+
+
+def test_a_worker_that_cannot_start_stops_the_run_with_its_reason(tiny_data, tmp_path):
+    weights = tmp_path / "bad.safetensors"
+    weights.write_text("not a weights file")  # past the command's own check: each worker's start says so
+    plan = plan_for(tiny_data, threads=2, weights=str(weights), backend_options={"workers": 2})
+    with pytest.raises(UserError, match=r"dask worker dask-\d+ could not start: .*bad.safetensors"):
+        get_backend("dask").run(plan, lambda result: None)
+
+
+def test_a_partition_that_keeps_failing_fails_alone_and_predict_keeps_the_rest(cli, data_copy, tmp_path):
+    manifest = json.loads((data_copy / "manifest.json").read_text())
+    path = data_copy / manifest["partitions"][1]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF  # its sha256 no longer matches: every read of it fails, on whichever worker
+    path.write_bytes(bytes(raw))
+    out = tmp_path / "p.csv"
+    code, _, err = cli("predict", "--backend", "dask", "--workers", "2", "--data", data_copy, "--out", out,
+                       "--precision", "fp32", "--runtime", "torch", "--results", tmp_path / "r", "--quiet")  # fmt: skip
+    assert code == 1 and "partition 1 (unit 1), 3 attempt(s)" in err and "Traceback" not in err
+    assert len(list(out.with_name("p.csv.parts").glob("part-*.npz"))) == 3
+    (record,) = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
+    assert record["status"] == "failed" and sorted(w["partition"] for w in record["workers"]) == [0, 2, 3]
+    (failure,) = record["backend_info"]["failed_partitions"]
+    assert failure["attempts"] == 3 and len(failure["errors"]) == 3  # --retries 2: tried three times, each said

@@ -39,6 +39,7 @@ class DaskTransport:
     lock: threading.Lock = field(default_factory=threading.Lock)  # inflight and futures: callbacks change them
     dispatcher: Dispatcher | None = None
     broken: str | None = None  # what makes the run stop: a worker whose model cannot start, a malformed reply
+    said_broken: bool = False
     refreshed: float = 0.0
     run_key: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
@@ -86,9 +87,12 @@ class DaskTransport:
         self._refresh()
 
     def poll(self, timeout_s: float | None) -> list[Event]:
-        events = drain(self.events, timeout_s, idle_s=REFRESH_S)
-        if self.broken:
+        if self.broken and self.said_broken:
             raise UserError(self.broken)
+        events = drain(self.events, timeout_s, idle_s=REFRESH_S)
+        if self.broken:  # what came back before it broke is applied (emitted) first; the next poll stops the run
+            self.said_broken = True
+            return events
         if time.monotonic() - self.refreshed >= REFRESH_S:
             self._refresh()
             events += drain(self.events, 0.0)
