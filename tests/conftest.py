@@ -500,7 +500,7 @@ def check_timeline(record: dict, lanes: int | None = None, units_overlap: bool =
     figure = timeline_figure(line)
     drawn = [c for c in figure.axes[0].collections if len(c.get_paths())]
     assert len(drawn) == sum(len(lane.segments) for lane in line.lanes)
-    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == [lane.name[:18] for lane in line.lanes]
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == [lane.label[:28] for lane in line.lanes]
     return line
 
 

@@ -55,6 +55,8 @@ def test_embedded_cluster_predicts_what_the_cpu_backend_predicts(tiny_data):
         assert sum(w.startup_s > 0 for w in record.workers if w.pid == pid) == 1
     line = check_timeline(asdict(record))
     assert {lane.name for lane in line.lanes} == {w.worker_id for w in record.workers}
+    for lane in line.lanes:  # each lane says where its Dask worker was
+        assert about["workers"][lane.name]["address"] == f"tls://{lane.where}" and lane.where in lane.label
 
 
 def test_a_scheduler_started_apart_runs_the_partitions_on_its_own_workers(cli, tiny_data, external_cluster, tmp_path):

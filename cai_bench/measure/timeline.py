@@ -38,6 +38,11 @@ class Lane:
     name: str
     segments: list[Segment] = field(default_factory=list)
     marks: list[tuple[float, str]] = field(default_factory=list)  # (seconds, "cold start" | "throttled x N")
+    where: str = ""  # where the worker ran, where the record names it apart (a Dask worker's address)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.where}" if self.where else self.name
 
 
 @dataclass
@@ -175,5 +180,15 @@ def _built(record: dict, units: list[tuple[int, dict]]) -> Timeline:
         for index, unit in sorted(units, key=lambda item: item[1]["ended_epoch_s"]):
             lane = lanes.setdefault(str(unit["worker_id"]), Lane(str(unit["worker_id"])))
             lane.segments += unit_segments(unit, origin, unit["partition"] in retried, index)
+    _place(lanes, info)
     ordered = _ordered(list(lanes.values()))
     return Timeline(record["run_id"], record["backend"], record["summary"]["wall_s"], ordered, _failure_notes(info))
+
+
+def _place(lanes: dict[str, Lane], info: dict) -> None:
+    """Each Dask worker's lane with its address (the record's ``dask.workers``), without its scheme."""
+    workers = (info.get("dask") or {}).get("workers") if isinstance(info.get("dask"), dict) else None
+    for name, lane in lanes.items():
+        about = workers.get(name) if isinstance(workers, dict) else None
+        if isinstance(about, dict) and isinstance(about.get("address"), str):
+            lane.where = about["address"].split("://")[-1]

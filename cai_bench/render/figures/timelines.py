@@ -59,7 +59,7 @@ def timeline_figure(timeline, machine: str = "") -> Figure:
             bars.plot([time_s], [row], marker="v" if what == "cold start" else "x", color="black", markersize=5)
     bars.legend(handles=_timeline_legend(timeline), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                 borderaxespad=0)  # fmt: skip
-    bars.set_yticks(range(rows), [lane.name[:18] for lane in timeline.lanes], fontsize=6 if rows > 12 else 8)
+    bars.set_yticks(range(rows), [lane.label[:28] for lane in timeline.lanes], fontsize=6 if rows > 12 else 8)
     bars.set_ylim(rows - 0.5, -0.7)
     bars.set_title(f"run {timeline.run_id} · {timeline.backend} · wall {timeline.wall_s:.2f} s"
                    + (f" · {machine}" if machine else ""), fontsize=9, loc="left")  # fmt: skip
