@@ -111,6 +111,11 @@ def test_a_scheduler_address_it_cannot_use_is_one_line(cli, tiny_data, tmp_path,
     assert "Traceback" not in err
 
 
+def test_a_scheduler_address_from_a_preset_is_checked_as_from_the_command_line():
+    with pytest.raises(UserError, match="plain tcp:// is neither encrypted nor authenticated"):
+        get_backend("dask").check({"scheduler": "tcp://10.1.2.3:8786"})
+
+
 def test_workers_with_a_scheduler_is_refused(cli, tiny_data, tmp_path):
     code, _, err = cli("run", "--backend", "dask", "--scheduler", "tcp://127.0.0.1:8786", "--workers", "2",
                         "--data", str(tiny_data), "--results", str(tmp_path / "r"))  # fmt: skip

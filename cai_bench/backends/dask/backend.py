@@ -182,6 +182,8 @@ class DaskBackend:
     def check(self, options: dict) -> None:
         if options.get("comm"):
             comm.check_urls(comm.split_urls(options["comm"]))
+        if options.get("scheduler"):  # a preset's too, which no command line parsed
+            check_address(options["scheduler"])
         if options.get("scheduler") and options.get("dask_jobqueue"):
             raise UserError("--scheduler uses a running cluster and --dask-jobqueue starts one: give one of them")
         if options.get("scheduler") and options.get("workers"):

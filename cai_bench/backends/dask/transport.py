@@ -11,6 +11,7 @@ restart, a new jobqueue job, a worker started by hand) is a new worker of the ru
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -42,6 +43,7 @@ class DaskTransport:
     said_broken: bool = False
     refreshed: float = 0.0
     run_key: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    handed: itertools.count = field(default_factory=itertools.count)
 
     # -- workers
 
@@ -110,7 +112,8 @@ class DaskTransport:
     def send(self, worker: str, units: list[Unit], ahead: bool) -> None:
         address = self.workers[worker]["address"]
         for unit in units:
-            key = f"cai-bench-{self.run_key}-unit-{unit.position}-{unit.attempts}-{unit.unstarted}"
+            # A key of its own each time: a unit handed out again (returned by a worker that left) is a new task
+            key = f"cai-bench-{self.run_key}-unit-{unit.position}-{next(self.handed)}"
             future = self.client.submit(
                 self.task, self.plugin_name, worker, unit.position, unit.item,
                 key=key, workers=[address], allow_other_workers=False, retries=0, pure=False,
