@@ -68,12 +68,17 @@ def _preload(runtime: str) -> tuple[str, ...]:
     return ("cai_bench.inference.engine",) if runtime == "torch" else ("cai_bench.inference.runtimes",)
 
 
+def _workers_and_wait(plan: Plan) -> tuple[int, float]:
+    """--workers (one per core by default) and --dask-wait-s as the run takes them."""
+    options = plan.backend_options
+    return options.get("workers") or default_threads(), options.get("dask_wait_s") or WAIT.default
+
+
 def _cluster(plan: Plan) -> Cluster:
     """The run's cluster: the one this process already has open for the same options, or a new one."""
     options = plan.backend_options
-    workers = options.get("workers") or default_threads()
+    workers, wait_s = _workers_and_wait(plan)
     preload = _preload(options.get("runtime") or "torch")
-    wait_s = options.get("dask_wait_s") or WAIT.default
     per_job = max(1, plan.threads // workers) if plan.threads else 1  # jobqueue's: cores each job asks for
     return cluster_for({**options, "work_dir": plan.work_dir, "threads_per_job": per_job}, workers, preload, wait_s)
 
@@ -84,7 +89,7 @@ def run_dask(plan: Plan, emit: Emit) -> BackendRun:
     if plan.engine == "reference":
         raise UserError("--engine reference is the one-process upstream loop: run it with --backend cpu")
     options = plan.backend_options
-    workers, wait_s = options.get("workers") or default_threads(), options.get("dask_wait_s") or WAIT.default
+    workers, wait_s = _workers_and_wait(plan)
     cluster = _cluster(plan)
     present = cluster.client.scheduler_info(n_workers=-1)["workers"] if cluster.kind != "embedded" else None
     per_worker = _threads_per_worker(plan, len(present) if present else workers, present)

@@ -77,11 +77,7 @@ class DaskTransport:
             del self.labels[address]
             if label not in self.dispatcher.held:
                 continue
-            with self.lock:
-                running = self.inflight.pop(label, {})
-                cancelled = [self.futures.pop(key) for key in running if key in self.futures]
-            self.client.cancel(cancelled)
-            kind = "lost" if running else "left"
+            kind = "lost" if self._cancel(label) else "left"
             self.events.put(Event(kind, label, error=f"dask worker {label} ({address}) left the scheduler"))
 
     def start(self, dispatcher: Dispatcher) -> None:
@@ -164,11 +160,16 @@ class DaskTransport:
         else:
             self.broken = f"dask worker {worker} sent an answer that is not cai-bench's for unit {position}"
 
-    def abandon(self, worker: str) -> None:
+    def _cancel(self, worker: str) -> dict[str, int]:
+        """Cancel the tasks ``worker`` still runs; which they were (task key -> unit position)."""
         with self.lock:
             running = self.inflight.pop(worker, {})
             cancelled = [self.futures.pop(key) for key in running if key in self.futures]
         self.client.cancel(cancelled)
+        return running
+
+    def abandon(self, worker: str) -> None:
+        self._cancel(worker)
 
     def stop(self, finished: bool) -> None:
         with self.lock:
