@@ -239,3 +239,4 @@ def test_dask_jobqueue_puts_the_workers_on_slurm_and_cancels_them_after(cli, tin
     _wait_for(lambda: "dask-worker" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True,
                                                            text=True, check=True).stdout)  # fmt: skip
     assert not list(results.glob("cai-bench-dask-*"))  # the run's certificates are gone
+    assert list((results / "dask-jobqueue-logs").glob("*.out"))  # the jobs' output beside the results

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -171,6 +172,8 @@ def _jobqueue(options: dict, workers: int, preload: tuple[str, ...], wait_s: flo
             scheduler_options={"host": options.get("dask_host") or "127.0.0.1", "dashboard": False},
             worker_extra_args=[*(f"--preload={module}" for module in preload), *_worker_host(options)],
             name="cai-bench", job_script_prologue=[f"export {_unset_in_job(name)}=None" for name in NANNY_ENVIRON],
+            # The jobs' own output beside the run's results, not in whatever directory the command ran from
+            log_directory=str(Path(options.get("work_dir") or tempfile.gettempdir()) / "dask-jobqueue-logs"),
         )  # fmt: skip
     except Exception as exc:  # dask-jobqueue's own refusal of its configuration: one line, not a traceback
         shutil.rmtree(secrets, ignore_errors=True)
